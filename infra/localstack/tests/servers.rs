@@ -1,0 +1,258 @@
+//! Starts the real servers (installed by `infra/install.sh`) and talks to them over raw TCP.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::time::Duration;
+
+use parley_localstack::{
+    LocalError, NatsOptions, NatsServer, RedisOptions, RedisServer, find_binary,
+};
+
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+fn connect(port: u16) -> std::io::Result<TcpStream> {
+    let stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    stream.set_write_timeout(Some(TIMEOUT))?;
+    Ok(stream)
+}
+
+fn port_from_url(url: &str, scheme: &str) -> u16 {
+    url.strip_prefix(scheme)
+        .and_then(|rest| rest.strip_prefix("127.0.0.1:"))
+        .and_then(|port| port.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected url {url}"))
+}
+
+fn nats_info(port: u16) -> serde_json::Value {
+    let mut line = String::new();
+    BufReader::new(connect(port).unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let json = line.strip_prefix("INFO ").expect("INFO line");
+    serde_json::from_str(json.trim()).unwrap()
+}
+
+/// A JetStream API request over the raw NATS protocol; returns the JSON reply.
+fn js_request(port: u16, subject: &str, body: &str) -> serde_json::Value {
+    let mut stream = connect(port).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.starts_with("INFO "), "{line}");
+    write!(
+        stream,
+        "CONNECT {{\"verbose\":false,\"pedantic\":false}}\r\nSUB reply.1 1\r\nPUB {subject} reply.1 {}\r\n{body}\r\n",
+        body.len()
+    )
+    .unwrap();
+    loop {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        if line.starts_with("PING") {
+            stream.write_all(b"PONG\r\n").unwrap();
+        } else if let Some(rest) = line.strip_prefix("MSG ") {
+            let len: usize = rest.split_whitespace().last().unwrap().parse().unwrap();
+            let mut payload = vec![0; len + 2];
+            reader.read_exact(&mut payload).unwrap();
+            return serde_json::from_slice(&payload[..len]).unwrap();
+        } else {
+            assert!(!line.starts_with("-ERR"), "{line}");
+        }
+    }
+}
+
+fn redis_ping(port: u16) -> String {
+    let mut stream = connect(port).unwrap();
+    stream.write_all(b"PING\r\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).unwrap();
+    line
+}
+
+fn assert_closed(port: u16) {
+    assert!(
+        TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "port {port} still accepts connections"
+    );
+}
+
+#[tokio::test]
+async fn nats_starts_with_jetstream_and_cleans_up_on_drop() {
+    let nats = NatsServer::start(NatsOptions::default()).unwrap();
+    let port = nats.port();
+    assert_eq!(nats.url(), format!("nats://127.0.0.1:{port}"));
+    assert_eq!(port_from_url(&nats.url(), "nats://"), port);
+    assert!(nats.version().starts_with("2."), "{}", nats.version());
+
+    let info = nats_info(port);
+    assert_eq!(info["jetstream"], true);
+    assert_eq!(info["max_payload"], 8 * 1024 * 1024);
+    assert_eq!(info["version"], nats.version());
+
+    let conf = std::fs::read_to_string(nats.dir().join("nats.conf")).unwrap();
+    assert!(conf.contains("sync_interval: always"), "{conf}");
+    assert!(!conf.contains("http"), "{conf}");
+
+    let dir = nats.dir().to_owned();
+    let store = nats.store_dir().to_owned();
+    assert!(store.starts_with(&dir));
+    assert!(dir.exists());
+    drop(nats);
+    assert_closed(port);
+    assert!(!dir.exists(), "{} left behind", dir.display());
+}
+
+#[tokio::test]
+async fn nats_without_jetstream() {
+    let nats = NatsServer::start(NatsOptions {
+        jetstream: false,
+        ..NatsOptions::default()
+    })
+    .unwrap();
+    let info = nats_info(nats.port());
+    assert_ne!(info["jetstream"], true);
+}
+
+#[tokio::test]
+async fn nats_restart_keeps_port_store_and_streams() {
+    let mut nats = NatsServer::start(NatsOptions::default()).unwrap();
+    let port = nats.port();
+    let store = nats.store_dir().to_owned();
+
+    let created = js_request(
+        port,
+        "$JS.API.STREAM.CREATE.EVENTS",
+        r#"{"name":"EVENTS","subjects":["ev.>"],"storage":"file","num_replicas":1}"#,
+    );
+    assert_eq!(created["config"]["name"], "EVENTS", "{created}");
+
+    nats.stop();
+    nats.stop(); // idempotent
+    assert_closed(port);
+    assert!(store.exists(), "stop must keep the store");
+
+    nats.restart().unwrap();
+    assert_eq!(nats.port(), port);
+    assert_eq!(nats.store_dir(), store);
+    let info = js_request(port, "$JS.API.STREAM.INFO.EVENTS", "");
+    assert_eq!(info["config"]["name"], "EVENTS", "{info}");
+
+    // Restarting a running server works too.
+    nats.restart().unwrap();
+    assert_eq!(nats_info(port)["jetstream"], true);
+}
+
+#[tokio::test]
+async fn nats_persistent_data_dir_is_kept() {
+    let parent = tempfile::tempdir().unwrap();
+    let data = parent.path().join("nats-data");
+    let nats = NatsServer::start(NatsOptions {
+        data_dir: Some(data.clone()),
+        ..NatsOptions::default()
+    })
+    .unwrap();
+    assert_eq!(nats.dir(), data);
+    js_request(
+        nats.port(),
+        "$JS.API.STREAM.CREATE.KEEP",
+        r#"{"name":"KEEP","subjects":["keep.>"],"storage":"file"}"#,
+    );
+    drop(nats);
+    assert!(data.join("nats.log").exists());
+
+    // A new server on the same directory (and a new port) finds the stream.
+    let nats = NatsServer::start(NatsOptions {
+        data_dir: Some(data.clone()),
+        ..NatsOptions::default()
+    })
+    .unwrap();
+    let info = js_request(nats.port(), "$JS.API.STREAM.INFO.KEEP", "");
+    assert_eq!(info["config"]["name"], "KEEP", "{info}");
+}
+
+#[tokio::test]
+async fn nats_on_a_taken_port_fails_with_the_log() {
+    let first = NatsServer::start(NatsOptions::default()).unwrap();
+    let err = NatsServer::start(NatsOptions {
+        port: Some(first.port()),
+        ..NatsOptions::default()
+    })
+    .unwrap_err();
+    match &err {
+        LocalError::Exited { log_tail, .. } => {
+            assert!(log_tail.contains("address already in use"), "{err}")
+        }
+        other => panic!("expected Exited, got {other}"),
+    }
+    // The first server is unharmed.
+    assert_eq!(nats_info(first.port())["jetstream"], true);
+}
+
+#[tokio::test]
+async fn nats_on_a_chosen_port() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let nats = NatsServer::start(NatsOptions {
+        port: Some(port),
+        ..NatsOptions::default()
+    })
+    .unwrap();
+    assert_eq!(nats.port(), port);
+    assert_eq!(nats_info(port)["port"], port);
+}
+
+#[tokio::test]
+async fn redis_answers_ping_and_cleans_up_on_drop() {
+    let redis = RedisServer::start(RedisOptions::default()).unwrap();
+    let port = redis.port();
+    assert_eq!(redis.url(), format!("redis://127.0.0.1:{port}"));
+    assert_eq!(port_from_url(&redis.url(), "redis://"), port);
+    assert_eq!(redis_ping(port).trim_end(), "+PONG");
+
+    let dir = redis.dir().to_owned();
+    assert!(dir.exists());
+    drop(redis);
+    assert_closed(port);
+    assert!(!dir.exists(), "{} left behind", dir.display());
+}
+
+#[tokio::test]
+async fn redis_stop_is_idempotent() {
+    let mut redis = RedisServer::start(RedisOptions::default()).unwrap();
+    let port = redis.port();
+    redis.stop();
+    redis.stop();
+    assert_closed(port);
+}
+
+#[tokio::test]
+async fn both_servers_side_by_side() {
+    let nats = NatsServer::start(NatsOptions::default()).unwrap();
+    let redis = RedisServer::start(RedisOptions::default()).unwrap();
+    assert_ne!(nats.port(), redis.port());
+    assert_eq!(nats_info(nats.port())["jetstream"], true);
+    assert_eq!(redis_ping(redis.port()).trim_end(), "+PONG");
+}
+
+#[test]
+fn missing_binary_points_to_install_script() {
+    let err = find_binary("definitely-not-a-binary").unwrap_err();
+    assert!(
+        matches!(&err, LocalError::BinaryNotFound { name, searched }
+            if name == "definitely-not-a-binary" && !searched.is_empty()),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("infra/install.sh"), "{err}");
+}
+
+#[test]
+fn installed_binaries_are_found() {
+    for name in ["nats-server", "redis-server"] {
+        let path = find_binary(name).unwrap();
+        assert!(Path::new(&path).is_file(), "{}", path.display());
+    }
+}

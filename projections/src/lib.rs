@@ -1,0 +1,22 @@
+//! Parley's read models: state derived from the event log, safe to delete and rebuild.
+//!
+//! Layout:
+//! - [`store`]: the [`ConversationStore`] trait every conversation store implements
+//!   (embedded SQLite here; ScyllaDB beside it), and the read types it returns.
+//! - [`sqlite`]: the embedded store, one file on one machine.
+//! - [`presence`]: online/offline/last-seen records in Redis, with expiry.
+//!
+//! Invariants: applying an event is idempotent and order-insensitive (a row only changes
+//! when the incoming event is newer than what it holds), and a store records its position in
+//! the log atomically with the rows, so the position never runs ahead of the data. This crate
+//! does not know NATS: the projector role in `parley-services` feeds it decoded events.
+
+pub mod presence;
+pub mod sqlite;
+pub mod store;
+
+pub use presence::{PresenceError, PresenceStore, UserPresence};
+pub use sqlite::SqliteStore;
+pub use store::{
+    ConversationStore, ConversationView, HistoryPage, InboxEntry, StoreError, StoreErrorKind,
+};

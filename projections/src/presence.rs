@@ -1,0 +1,107 @@
+//! Presence in Redis: which users have a live socket, and when each was last seen.
+//!
+//! Per user, a sorted set `parley:presence:{user}` holds one member per open connection,
+//! scored with the time that connection's record expires; the whole key also expires, so a
+//! gateway that dies without a word leaves nothing behind once its heartbeats stop. A
+//! second key, `parley:last_seen:{user}`, keeps the newest time the user was seen. The
+//! braces are Redis Cluster hash tags: both keys of a user live in one slot.
+//!
+//! Nothing here is precious: wiping Redis empties presence until the next heartbeat round
+//! (at most one heartbeat interval) rebuilds it from live connections.
+
+use parley_events::UserId;
+use parley_events::presence::{ConnectionState, PresenceUpdate};
+use redis::aio::ConnectionManager;
+
+#[derive(Debug, thiserror::Error)]
+#[error("presence store: {0}")]
+pub struct PresenceError(#[from] redis::RedisError);
+
+/// A user's presence as read from Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserPresence {
+    /// Number of connections whose record has not expired.
+    pub connections: u32,
+    /// Milliseconds since the Unix epoch; `None` if never seen (or Redis was wiped).
+    pub last_seen: Option<u64>,
+}
+
+impl UserPresence {
+    pub fn online(&self) -> bool {
+        self.connections > 0
+    }
+}
+
+#[derive(Clone)]
+pub struct PresenceStore {
+    conn: ConnectionManager,
+}
+
+fn connections_key(user: &UserId) -> String {
+    format!("parley:presence:{{{user}}}")
+}
+
+fn last_seen_key(user: &UserId) -> String {
+    format!("parley:last_seen:{{{user}}}")
+}
+
+impl PresenceStore {
+    /// Connect to Redis at `url` (`redis://host:port/db`, or `rediss://` for TLS).
+    pub async fn connect(url: &str) -> Result<Self, PresenceError> {
+        let client = redis::Client::open(url)?;
+        let conn = client.get_connection_manager().await?;
+        Ok(PresenceStore { conn })
+    }
+
+    /// Record one update. Updates may arrive late or twice; an open record only ever
+    /// extends a connection's expiry, and a close removes it.
+    pub async fn record(&self, update: &PresenceUpdate) -> Result<(), PresenceError> {
+        let key = connections_key(&update.user);
+        let ttl_ms = u64::from(update.ttl_secs) * 1000;
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        match update.state {
+            ConnectionState::Open => {
+                let expires = update.at + ttl_ms;
+                pipe.cmd("ZADD")
+                    .arg(&key)
+                    .arg("GT")
+                    .arg(expires)
+                    .arg(&update.connection)
+                    .ignore()
+                    .zrembyscore(&key, "-inf", format!("({}", update.at))
+                    .ignore()
+                    .pexpire(&key, i64::try_from(ttl_ms).unwrap_or(i64::MAX))
+                    .ignore();
+            }
+            ConnectionState::Closed => {
+                pipe.zrem(&key, &update.connection).ignore();
+            }
+        }
+        pipe.set(last_seen_key(&update.user), update.at).ignore();
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn).await?;
+        Ok(())
+    }
+
+    /// The user's presence as of `now_ms`.
+    pub async fn status(&self, user: &UserId, now_ms: u64) -> Result<UserPresence, PresenceError> {
+        let mut conn = self.conn.clone();
+        let (connections, last_seen): (u32, Option<u64>) = redis::pipe()
+            .zcount(connections_key(user), now_ms, "+inf")
+            .get(last_seen_key(user))
+            .query_async(&mut conn)
+            .await?;
+        Ok(UserPresence {
+            connections,
+            last_seen,
+        })
+    }
+
+    /// Cheap check that Redis answers, for readiness.
+    pub async fn check(&self) -> Result<(), PresenceError> {
+        let mut conn = self.conn.clone();
+        let _: String = redis::cmd("PING").query_async(&mut conn).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,473 @@
+//! The embedded conversation store: one SQLite file (WAL mode) on the machine running
+//! `parley up` or a single projector.
+//!
+//! One writer connection applies batches in a transaction that also records the position;
+//! a few reader connections serve gateways concurrently. Every call runs on tokio's blocking
+//! pool so SQLite never stalls the async runtime.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use async_trait::async_trait;
+use parley_events::protocol::HistoryMessage;
+use parley_events::{
+    ConversationId, ConversationKind, Event, EventId, Member, RecordedEvent, Role, UserId,
+};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use std::sync::Mutex;
+
+use crate::store::{
+    ConversationStore, ConversationView, HistoryPage, InboxEntry, StoreError, StoreErrorKind,
+};
+
+/// Schema version this build writes, kept in `PRAGMA user_version`.
+const SCHEMA_VERSION: i64 = 1;
+const READERS: usize = 4;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS conversations (
+    id TEXT PRIMARY KEY,
+    kind TEXT,                       -- NULL until conversation.created is applied
+    title TEXT,
+    created_seq INTEGER,
+    last_seq INTEGER NOT NULL DEFAULT 0,
+    last_activity_at INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS members (
+    conversation TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    role TEXT NOT NULL,
+    seq INTEGER NOT NULL,            -- the event that last set this row
+    PRIMARY KEY (conversation, user_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS members_by_user ON members (user_id, conversation);
+CREATE TABLE IF NOT EXISTS messages (
+    conversation TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    id TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    client_id TEXT NOT NULL,
+    body TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    PRIMARY KEY (conversation, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS position (
+    name TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL
+) WITHOUT ROWID;
+";
+
+pub struct SqliteStore {
+    writer: Arc<Mutex<Connection>>,
+    readers: Arc<[Mutex<Connection>]>,
+    next_reader: AtomicUsize,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::new(StoreErrorKind::Unavailable, e.to_string())
+}
+
+fn corrupt(e: impl std::fmt::Display) -> StoreError {
+    StoreError::new(StoreErrorKind::Corrupt, e.to_string())
+}
+
+impl SqliteStore {
+    /// Open (creating if needed) the store at `path` and bring its schema up to date.
+    /// Refuses a file whose schema is newer than this build.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| unavailable(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        let writer = Connection::open(path)
+            .map_err(|e| unavailable(format!("cannot open {}: {e}", path.display())))?;
+        configure(&writer)?;
+        migrate(&writer)?;
+        let readers = (0..READERS)
+            .map(|_| {
+                let reader = Connection::open_with_flags(
+                    path,
+                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )
+                .map_err(unavailable)?;
+                reader
+                    .busy_timeout(std::time::Duration::from_secs(5))
+                    .map_err(unavailable)?;
+                Ok(Mutex::new(reader))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        Ok(SqliteStore {
+            writer: Arc::new(Mutex::new(writer)),
+            readers: readers.into(),
+            next_reader: AtomicUsize::new(0),
+        })
+    }
+
+    async fn write<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let writer = Arc::clone(&self.writer);
+        tokio::task::spawn_blocking(move || {
+            let mut conn = writer
+                .lock()
+                .map_err(|_| unavailable("writer lock poisoned"))?;
+            work(&mut conn)
+        })
+        .await
+        .map_err(unavailable)?
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let readers = Arc::clone(&self.readers);
+        let index = self.next_reader.fetch_add(1, Ordering::Relaxed) % readers.len();
+        tokio::task::spawn_blocking(move || {
+            let conn = readers[index]
+                .lock()
+                .map_err(|_| unavailable("reader lock poisoned"))?;
+            work(&conn)
+        })
+        .await
+        .map_err(unavailable)?
+    }
+}
+
+fn configure(conn: &Connection) -> Result<(), StoreError> {
+    // WAL lets readers run beside the writer; NORMAL sync can lose the newest transactions
+    // on power loss, which is harmless here: the position is in the same transaction, so the
+    // projector re-applies whatever was lost from the log.
+    // The busy timeout comes first: switching to WAL takes a lock that another process
+    // opening the same file (a gateway beside the projector) may hold for a moment.
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(unavailable)?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(unavailable)?;
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .map_err(unavailable)?;
+    Ok(())
+}
+
+fn migrate(conn: &Connection) -> Result<(), StoreError> {
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .map_err(unavailable)?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::new(
+            StoreErrorKind::Schema,
+            format!(
+                "store schema version {version} is newer than this build understands ({SCHEMA_VERSION}); upgrade parley or rebuild the store"
+            ),
+        ));
+    }
+    conn.execute_batch(SCHEMA).map_err(|e| {
+        StoreError::new(StoreErrorKind::Schema, format!("cannot create schema: {e}"))
+    })?;
+    conn.pragma_update(None, "user_version", SCHEMA_VERSION)
+        .map_err(unavailable)?;
+    Ok(())
+}
+
+fn kind_str(kind: ConversationKind) -> &'static str {
+    match kind {
+        ConversationKind::Direct => "direct",
+        ConversationKind::Group => "group",
+    }
+}
+
+fn parse_kind(value: &str) -> Result<ConversationKind, StoreError> {
+    match value {
+        "direct" => Ok(ConversationKind::Direct),
+        "group" => Ok(ConversationKind::Group),
+        other => Err(corrupt(format!("unknown conversation kind {other:?}"))),
+    }
+}
+
+fn parse_role(value: &str) -> Result<Role, StoreError> {
+    Role::parse(value).ok_or_else(|| corrupt(format!("unknown role {value:?}")))
+}
+
+fn parse_user(value: String) -> Result<UserId, StoreError> {
+    UserId::parse(value).map_err(corrupt)
+}
+
+fn i64_of(seq: u64) -> i64 {
+    i64::try_from(seq).unwrap_or(i64::MAX)
+}
+
+fn u64_of(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
+fn apply_one(tx: &rusqlite::Transaction<'_>, recorded: &RecordedEvent) -> rusqlite::Result<()> {
+    let envelope = &recorded.envelope;
+    let conversation = envelope.conversation.to_string();
+    let seq = i64_of(recorded.seq);
+    let at = i64_of(envelope.at);
+    // Every event moves the conversation's activity forward, never back.
+    tx.prepare_cached(
+        "INSERT INTO conversations (id, last_seq, last_activity_at) VALUES (?1, ?2, ?3)
+         ON CONFLICT (id) DO UPDATE SET last_seq = excluded.last_seq,
+             last_activity_at = excluded.last_activity_at
+         WHERE excluded.last_seq > conversations.last_seq",
+    )?
+    .execute(params![conversation, seq, at])?;
+    match &envelope.event {
+        Event::ConversationCreated(created) => {
+            tx.prepare_cached(
+                "UPDATE conversations SET kind = ?2, title = ?3, created_seq = ?4 WHERE id = ?1",
+            )?
+            .execute(params![
+                conversation,
+                kind_str(created.kind),
+                created.title,
+                seq
+            ])?;
+            let mut upsert = tx.prepare_cached(
+                "INSERT INTO members (conversation, user_id, role, seq) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (conversation, user_id) DO UPDATE SET role = excluded.role,
+                     seq = excluded.seq
+                 WHERE excluded.seq > members.seq",
+            )?;
+            for member in &created.members {
+                upsert.execute(params![
+                    conversation,
+                    member.user.as_str(),
+                    member.role.as_str(),
+                    seq
+                ])?;
+            }
+        }
+        Event::MessagePosted(posted) => {
+            tx.prepare_cached(
+                "INSERT INTO messages (conversation, seq, id, sender, client_id, body, at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (conversation, seq) DO NOTHING",
+            )?
+            .execute(params![
+                conversation,
+                seq,
+                envelope.id.to_string(),
+                envelope.actor.as_str(),
+                posted.client_id.as_str(),
+                posted.body,
+                at
+            ])?;
+        }
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl ConversationStore for SqliteStore {
+    async fn apply(&self, events: &[RecordedEvent]) -> Result<(), StoreError> {
+        let Some(position) = events.iter().map(|e| e.seq).max() else {
+            return Ok(());
+        };
+        let events = events.to_vec();
+        self.write(move |conn| {
+            let tx = conn.transaction().map_err(unavailable)?;
+            for event in &events {
+                apply_one(&tx, event).map_err(unavailable)?;
+            }
+            tx.prepare_cached(
+                "INSERT INTO position (name, seq) VALUES ('conversations', ?1)
+                 ON CONFLICT (name) DO UPDATE SET seq = max(seq, excluded.seq)",
+            )
+            .and_then(|mut stmt| stmt.execute(params![i64_of(position)]))
+            .map_err(unavailable)?;
+            tx.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn position(&self) -> Result<u64, StoreError> {
+        self.read(|conn| {
+            conn.query_row(
+                "SELECT seq FROM position WHERE name = 'conversations'",
+                [],
+                |row| row.get::<_, i64>(0),
+            )
+            .optional()
+            .map(|seq| seq.map(u64_of).unwrap_or(0))
+            .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn conversation(
+        &self,
+        id: ConversationId,
+    ) -> Result<Option<ConversationView>, StoreError> {
+        self.read(move |conn| {
+            let row = conn
+                .prepare_cached(
+                    "SELECT kind, title, last_seq FROM conversations
+                     WHERE id = ?1 AND kind IS NOT NULL",
+                )
+                .and_then(|mut stmt| {
+                    stmt.query_row(params![id.to_string()], |row| {
+                        Ok((
+                            row.get::<_, String>(0)?,
+                            row.get::<_, Option<String>>(1)?,
+                            row.get::<_, i64>(2)?,
+                        ))
+                    })
+                    .optional()
+                })
+                .map_err(unavailable)?;
+            row.map(|(kind, title, last_seq)| {
+                Ok(ConversationView {
+                    id,
+                    kind: parse_kind(&kind)?,
+                    title,
+                    last_seq: u64_of(last_seq),
+                })
+            })
+            .transpose()
+        })
+        .await
+    }
+
+    async fn members(&self, id: ConversationId) -> Result<Vec<Member>, StoreError> {
+        self.read(move |conn| {
+            let rows = conn
+                .prepare_cached(
+                    "SELECT user_id, role FROM members WHERE conversation = ?1 ORDER BY user_id",
+                )
+                .and_then(|mut stmt| {
+                    stmt.query_map(params![id.to_string()], |row| {
+                        Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+                })
+                .map_err(unavailable)?;
+            rows.into_iter()
+                .map(|(user, role)| {
+                    Ok(Member {
+                        user: parse_user(user)?,
+                        role: parse_role(&role)?,
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn role_of(&self, id: ConversationId, user: &UserId) -> Result<Option<Role>, StoreError> {
+        let user = user.as_str().to_owned();
+        self.read(move |conn| {
+            let role = conn
+                .prepare_cached("SELECT role FROM members WHERE conversation = ?1 AND user_id = ?2")
+                .and_then(|mut stmt| {
+                    stmt.query_row(params![id.to_string(), user], |row| row.get::<_, String>(0))
+                        .optional()
+                })
+                .map_err(unavailable)?;
+            role.as_deref().map(parse_role).transpose()
+        })
+        .await
+    }
+
+    async fn inbox(&self, user: &UserId, limit: u32) -> Result<Vec<InboxEntry>, StoreError> {
+        let user = user.as_str().to_owned();
+        self.read(move |conn| {
+            let rows = conn
+                .prepare_cached(
+                    "SELECT c.id, c.kind, c.title, m.role, c.last_seq, c.last_activity_at
+                     FROM members m JOIN conversations c ON c.id = m.conversation
+                     WHERE m.user_id = ?1 AND c.kind IS NOT NULL
+                     ORDER BY c.last_seq DESC LIMIT ?2",
+                )
+                .and_then(|mut stmt| {
+                    stmt.query_map(params![user, limit], |row| {
+                        Ok((
+                            row.get::<_, String>(0)?,
+                            row.get::<_, String>(1)?,
+                            row.get::<_, Option<String>>(2)?,
+                            row.get::<_, String>(3)?,
+                            row.get::<_, i64>(4)?,
+                            row.get::<_, i64>(5)?,
+                        ))
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+                })
+                .map_err(unavailable)?;
+            rows.into_iter()
+                .map(|(id, kind, title, role, last_seq, last_activity_at)| {
+                    Ok(InboxEntry {
+                        conversation: id.parse().map_err(corrupt)?,
+                        kind: parse_kind(&kind)?,
+                        title,
+                        role: parse_role(&role)?,
+                        last_seq: u64_of(last_seq),
+                        last_activity_at: u64_of(last_activity_at),
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn history(
+        &self,
+        id: ConversationId,
+        before: Option<u64>,
+        limit: u32,
+    ) -> Result<HistoryPage, StoreError> {
+        let before = before.map(i64_of).unwrap_or(i64::MAX);
+        self.read(move |conn| {
+            // One row more than asked tells whether an older page exists.
+            let rows = conn
+                .prepare_cached(
+                    "SELECT seq, id, sender, client_id, body, at FROM messages
+                     WHERE conversation = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3",
+                )
+                .and_then(|mut stmt| {
+                    stmt.query_map(
+                        params![id.to_string(), before, i64::from(limit) + 1],
+                        |row| {
+                            Ok((
+                                row.get::<_, i64>(0)?,
+                                row.get::<_, String>(1)?,
+                                row.get::<_, String>(2)?,
+                                row.get::<_, String>(3)?,
+                                row.get::<_, String>(4)?,
+                                row.get::<_, i64>(5)?,
+                            ))
+                        },
+                    )?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+                })
+                .map_err(unavailable)?;
+            let has_more = rows.len() > limit as usize;
+            let messages = rows
+                .into_iter()
+                .take(limit as usize)
+                .map(|(seq, event_id, sender, client_id, body, at)| {
+                    Ok(HistoryMessage {
+                        seq: u64_of(seq),
+                        id: event_id.parse::<EventId>().map_err(corrupt)?,
+                        sender: parse_user(sender)?,
+                        client_id: parley_events::ClientMsgId::parse(client_id).map_err(corrupt)?,
+                        body,
+                        at: u64_of(at),
+                    })
+                })
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            Ok(HistoryPage { messages, has_more })
+        })
+        .await
+    }
+
+    async fn check(&self) -> Result<(), StoreError> {
+        self.read(|conn| {
+            conn.query_row("SELECT 1", [], |_| Ok(()))
+                .map_err(unavailable)
+        })
+        .await
+    }
+}

@@ -1,0 +1,634 @@
+//! Configuration: one typed struct, loaded once from a TOML file and the environment.
+//!
+//! Sources, later ones winning: built-in defaults, the file (`--config` or `PARLEY_CONFIG`),
+//! then environment variables `PARLEY_<SECTION>__<KEY>` (for example
+//! `PARLEY_AUTH__SECRET`, `PARLEY_NATS__URL`, `PARLEY_GATEWAY__LISTEN`). Every key is
+//! documented in `docs/configuration.md`. Unknown keys are errors, so a typo never silently
+//! falls back to a default. Secrets are wrapped in [`Secret`], whose `Debug` never prints
+//! them.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Format, Serialized, Toml};
+use figment::value::{Dict, Value};
+use serde::{Deserialize, Serialize};
+
+/// The prefix of every environment variable Parley reads.
+pub const ENV_PREFIX: &str = "PARLEY_";
+/// The environment variable naming the config file when `--config` is not given.
+pub const ENV_CONFIG_FILE: &str = "PARLEY_CONFIG";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub nats: NatsConfig,
+    pub redis: RedisConfig,
+    pub log: LogConfig,
+    pub intake: IntakeConfig,
+    pub auth: AuthConfig,
+    pub limits: LimitsConfig,
+    pub gateway: GatewayConfig,
+    pub handler: HandlerConfig,
+    pub projector: ProjectorConfig,
+    pub admin: AdminConfig,
+    pub local: LocalConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    /// Server URL(s), comma separated. Unset: `parley up` starts a local nats-server; the
+    /// single-role commands refuse to start.
+    pub url: Option<String>,
+    /// A NATS credentials file (`.creds`), for servers that require one.
+    pub credentials_file: Option<PathBuf>,
+    /// Client name shown in the server's connection list.
+    pub name: String,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        NatsConfig {
+            url: None,
+            credentials_file: None,
+            name: "parley".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// `redis://host:port/db` or `rediss://` for TLS. Unset: `parley up` starts a local
+    /// redis-server; the projector refuses to start.
+    pub url: Option<Secret>,
+}
+
+/// The event log stream. Fixed at creation: a running deployment that finds a different
+/// setting on the existing stream refuses to start rather than change it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub replicas: usize,
+    /// Number of shard subjects appends are ordered on.
+    pub shards: u32,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            replicas: 1,
+            shards: 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct IntakeConfig {
+    pub replicas: usize,
+    /// How long the intake remembers a client message id to drop a repeated send.
+    pub duplicate_window_secs: u64,
+    /// Most commands held before publishes are refused (backpressure on gateways).
+    pub max_messages: i64,
+    /// How long a handler may hold a command before it is redelivered.
+    pub ack_wait_secs: u64,
+    /// Deliveries of one command before it is given up (and its sender told).
+    pub max_deliver: i64,
+    /// Commands handed out to handlers and not yet acknowledged, across all instances.
+    pub max_ack_pending: i64,
+}
+
+impl Default for IntakeConfig {
+    fn default() -> Self {
+        IntakeConfig {
+            replicas: 1,
+            duplicate_window_secs: 120,
+            max_messages: 1_000_000,
+            ack_wait_secs: 30,
+            max_deliver: 5,
+            max_ack_pending: 4096,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// HS256 shared secret, at least 32 bytes. Unset: `parley up` creates a development
+    /// secret in its data directory; the gateway refuses to start.
+    pub secret: Option<Secret>,
+    /// Seconds of clock skew allowed when checking `exp` and `nbf`.
+    pub leeway_secs: u64,
+    /// Required `iss` claim, if set.
+    pub issuer: Option<String>,
+    /// Required `aud` claim, if set.
+    pub audience: Option<String>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            secret: None,
+            leeway_secs: 5,
+            issuer: None,
+            audience: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest WebSocket frame (and message) a client may send; larger closes with 1009.
+    pub max_frame_bytes: usize,
+    /// Largest message body in bytes; larger gets `message_too_large`.
+    pub max_message_bytes: usize,
+    /// Most members a group may have.
+    pub max_group_members: usize,
+    /// Longest group title in bytes.
+    pub max_title_bytes: usize,
+    /// Most messages one `history` page returns.
+    pub max_history_page: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_frame_bytes: 16 * 1024,
+            max_message_bytes: 4 * 1024,
+            max_group_members: 10_000,
+            max_title_bytes: 256,
+            max_history_page: 100,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    pub listen: SocketAddr,
+    /// Frames queued for one socket before it counts as too slow and is closed (1008).
+    pub send_queue: usize,
+    /// Seconds between server pings.
+    pub ping_interval_secs: u64,
+    /// Seconds without any frame from the client before the socket is closed.
+    pub idle_timeout_secs: u64,
+    /// Origins allowed to open sockets from a browser (`https://app.example.com`).
+    /// Empty: any origin. Requests without an `Origin` header (non-browser clients) pass.
+    pub allowed_origins: Vec<String>,
+    /// Seconds to wait for a handler's outcome before telling the client `timeout`.
+    pub command_timeout_secs: u64,
+    /// Most conversations of one user a gateway subscribes to at connect.
+    pub max_conversations_per_user: u32,
+    /// Most sockets one gateway holds.
+    pub max_connections: usize,
+    /// Seconds a presence record lives without a heartbeat; heartbeats go out every third.
+    pub presence_ttl_secs: u32,
+    /// Seconds given to open sockets to close when the gateway shuts down.
+    pub drain_secs: u64,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            send_queue: 256,
+            ping_interval_secs: 20,
+            idle_timeout_secs: 60,
+            allowed_origins: Vec::new(),
+            command_timeout_secs: 10,
+            max_conversations_per_user: 10_000,
+            max_connections: 100_000,
+            presence_ttl_secs: 60,
+            drain_secs: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HandlerConfig {
+    /// Commands processed concurrently by one instance (commands of one shard are serial).
+    pub lanes: usize,
+    /// Conflicting appends retried before a command is returned to the queue.
+    pub append_retries: u32,
+    /// Commands whose outcomes one instance remembers, to answer repeated sends.
+    pub remembered_commands: usize,
+}
+
+impl Default for HandlerConfig {
+    fn default() -> Self {
+        HandlerConfig {
+            lanes: 64,
+            append_retries: 10,
+            remembered_commands: 1_000_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProjectorConfig {
+    pub store: StoreConfig,
+    /// Most events applied in one store transaction.
+    pub batch: usize,
+}
+
+impl Default for ProjectorConfig {
+    fn default() -> Self {
+        ProjectorConfig {
+            store: StoreConfig::default(),
+            batch: 512,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum StoreConfig {
+    /// The embedded store: one SQLite file.
+    Sqlite { path: PathBuf },
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig::Sqlite {
+            path: PathBuf::from(".parley/data/conversations.db"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Health, readiness and `/metrics`.
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+        }
+    }
+}
+
+/// What `parley up` starts when no servers are configured.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocalConfig {
+    /// Where the local nats-server keeps its JetStream files, and the dev secret lives.
+    pub data_dir: PathBuf,
+    /// fsync every JetStream write (`sync_interval: always`): an acknowledged send survives
+    /// a machine crash, at a large cost in append rate. Off: NATS's default lazy fsync.
+    pub fsync_always: bool,
+}
+
+impl Default for LocalConfig {
+    fn default() -> Self {
+        LocalConfig {
+            data_dir: PathBuf::from(".parley/data"),
+            fsync_always: true,
+        }
+    }
+}
+
+/// A secret value: deserializes from a string, never shows in `Debug` output or logs.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+pub const MIN_SECRET_BYTES: usize = 32;
+
+impl Config {
+    /// Load from `file` (if any) and the given environment variables, then validate.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            if !file.is_file() {
+                return Err(ConfigError::Invalid(vec![format!(
+                    "config file {} does not exist",
+                    file.display()
+                )]));
+            }
+            figment = figment.merge(Toml::file(file));
+        }
+        figment = figment.merge(Serialized::defaults(env_dict(env)));
+        let config: Config = figment.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parse a TOML document over the defaults, then validate.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string(text))
+            .extract()
+            .map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Check what types alone cannot: ranges and relations between values.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        let mut require = |ok: bool, problem: &str| {
+            if !ok {
+                problems.push(problem.to_owned());
+            }
+        };
+        require(
+            parley_events::subjects::Shards::new(self.log.shards).is_some(),
+            "log.shards must be between 1 and 65536",
+        );
+        require(
+            (1..=5).contains(&self.log.replicas) && (1..=5).contains(&self.intake.replicas),
+            "log.replicas and intake.replicas must be between 1 and 5",
+        );
+        require(
+            self.intake.duplicate_window_secs >= 1,
+            "intake.duplicate_window_secs must be at least 1",
+        );
+        require(
+            self.intake.max_messages >= 1,
+            "intake.max_messages must be at least 1",
+        );
+        require(
+            self.intake.ack_wait_secs >= 1,
+            "intake.ack_wait_secs must be at least 1",
+        );
+        require(
+            self.intake.max_deliver >= 1,
+            "intake.max_deliver must be at least 1",
+        );
+        require(
+            self.intake.max_ack_pending >= 1,
+            "intake.max_ack_pending must be at least 1",
+        );
+        require(
+            self.auth
+                .secret
+                .as_ref()
+                .is_none_or(|s| s.expose().len() >= MIN_SECRET_BYTES),
+            "auth.secret must be at least 32 bytes",
+        );
+        let limits = &self.limits;
+        require(
+            limits.max_message_bytes >= 1,
+            "limits.max_message_bytes must be at least 1",
+        );
+        require(
+            limits.max_frame_bytes > limits.max_message_bytes,
+            "limits.max_frame_bytes must be larger than limits.max_message_bytes (a frame carries the message and its envelope)",
+        );
+        require(
+            limits.max_frame_bytes <= 1024 * 1024,
+            "limits.max_frame_bytes must be at most 1 MiB",
+        );
+        require(
+            limits.max_group_members >= 2,
+            "limits.max_group_members must be at least 2",
+        );
+        require(
+            (1..=1000).contains(&limits.max_history_page),
+            "limits.max_history_page must be between 1 and 1000",
+        );
+        let gateway = &self.gateway;
+        require(
+            gateway.send_queue >= 1,
+            "gateway.send_queue must be at least 1",
+        );
+        require(
+            gateway.ping_interval_secs >= 1,
+            "gateway.ping_interval_secs must be at least 1",
+        );
+        require(
+            gateway.idle_timeout_secs > gateway.ping_interval_secs,
+            "gateway.idle_timeout_secs must be longer than gateway.ping_interval_secs",
+        );
+        require(
+            gateway.command_timeout_secs >= 1,
+            "gateway.command_timeout_secs must be at least 1",
+        );
+        require(
+            gateway.max_connections >= 1,
+            "gateway.max_connections must be at least 1",
+        );
+        require(
+            gateway.presence_ttl_secs >= 3,
+            "gateway.presence_ttl_secs must be at least 3",
+        );
+        require(
+            gateway
+                .allowed_origins
+                .iter()
+                .all(|o| o.starts_with("http://") || o.starts_with("https://")),
+            "gateway.allowed_origins entries must start with http:// or https://",
+        );
+        require(self.handler.lanes >= 1, "handler.lanes must be at least 1");
+        require(
+            self.handler.remembered_commands >= 1,
+            "handler.remembered_commands must be at least 1",
+        );
+        require(
+            (1..=10_000).contains(&self.projector.batch),
+            "projector.batch must be between 1 and 10000",
+        );
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    pub fn ping_interval(&self) -> Duration {
+        Duration::from_secs(self.gateway.ping_interval_secs)
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.gateway.idle_timeout_secs)
+    }
+
+    pub fn command_timeout(&self) -> Duration {
+        Duration::from_secs(self.gateway.command_timeout_secs)
+    }
+}
+
+/// Turn `PARLEY_SECTION__KEY=value` pairs into a nested dictionary. Values are parsed like
+/// TOML scalars (numbers, booleans, arrays); anything else is a string.
+fn env_dict(env: impl IntoIterator<Item = (String, String)>) -> Dict {
+    let mut root = Dict::new();
+    for (key, value) in env {
+        let Some(path) = key.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        if key == ENV_CONFIG_FILE {
+            continue;
+        }
+        let parts: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
+        let parsed = value
+            .parse::<Value>()
+            .unwrap_or_else(|_| Value::from(value.clone()));
+        // Secrets and URLs must stay strings even when they look like numbers.
+        let leaf = match parsed {
+            Value::Dict(..) => Value::from(value),
+            other => other,
+        };
+        insert_path(&mut root, &parts, leaf);
+    }
+    root
+}
+
+fn insert_path(dict: &mut Dict, path: &[String], value: Value) {
+    match path {
+        [] => {}
+        [last] => {
+            dict.insert(last.clone(), value);
+        }
+        [first, rest @ ..] => {
+            let entry = dict
+                .entry(first.clone())
+                .or_insert_with(|| Value::from(Dict::new()));
+            if let Value::Dict(_, inner) = entry {
+                insert_path(inner, rest, value);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn environment_overrides_file_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("parley.toml");
+        std::fs::write(&file, "[gateway]\nsend_queue = 10\n[log]\nshards = 64\n").unwrap();
+        let config = Config::load(
+            Some(&file),
+            env(&[
+                ("PARLEY_GATEWAY__SEND_QUEUE", "20"),
+                ("PARLEY_NATS__URL", "nats://127.0.0.1:4333"),
+                ("PARLEY_AUTH__SECRET", "0123456789abcdef0123456789abcdef"),
+                ("UNRELATED", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.gateway.send_queue, 20);
+        assert_eq!(config.log.shards, 64);
+        assert_eq!(config.nats.url.as_deref(), Some("nats://127.0.0.1:4333"));
+        assert_eq!(
+            config.auth.secret.as_ref().map(Secret::expose),
+            Some("0123456789abcdef0123456789abcdef")
+        );
+    }
+
+    #[test]
+    fn numeric_looking_secret_stays_a_string() {
+        let config = Config::load(
+            None,
+            env(&[("PARLEY_AUTH__SECRET", "12345678901234567890123456789012345")]),
+        )
+        .unwrap();
+        assert_eq!(
+            config.auth.secret.unwrap().expose(),
+            "12345678901234567890123456789012345"
+        );
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug_output() {
+        let mut config = Config::default();
+        config.auth.secret = Some(Secret::new("super-secret-value-that-is-long-enough"));
+        config.redis.url = Some(Secret::new("redis://:password@host"));
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("super-secret"));
+        assert!(!shown.contains("password"));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = Config::from_toml("[gateway]\nsend_queu = 10\n").unwrap_err();
+        assert!(err.to_string().contains("send_queu"), "{err}");
+        let err = Config::load(None, env(&[("PARLEY_GATEWAY__LISTNE", "x")])).unwrap_err();
+        assert!(err.to_string().contains("listne"), "{err}");
+    }
+
+    #[test]
+    fn wrong_types_are_refused() {
+        let err = Config::from_toml("[gateway]\nsend_queue = \"many\"\n").unwrap_err();
+        assert!(err.to_string().contains("send_queue"), "{err}");
+        let err =
+            Config::load(None, env(&[("PARLEY_GATEWAY__LISTEN", "not-an-address")])).unwrap_err();
+        assert!(err.to_string().contains("listen"), "{err}");
+        let err = Config::from_toml("[projector.store]\nkind = \"oracle\"\n").unwrap_err();
+        assert!(err.to_string().contains("oracle"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused_with_every_problem_listed() {
+        let err = Config::from_toml(
+            "[log]\nshards = 0\n[limits]\nmax_frame_bytes = 100\nmax_message_bytes = 200\n[auth]\nsecret = \"short\"\n[gateway]\nallowed_origins = [\"example.com\"]\n",
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        for expected in [
+            "log.shards",
+            "limits.max_frame_bytes must be larger",
+            "auth.secret must be at least 32 bytes",
+            "allowed_origins",
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in {text}");
+        }
+    }
+
+    #[test]
+    fn missing_config_file_is_an_error() {
+        let err = Config::load(Some(Path::new("/nonexistent/parley.toml")), env(&[])).unwrap_err();
+        assert!(err.to_string().contains("does not exist"));
+    }
+}

@@ -1,0 +1,380 @@
+//! Live delivery inside one gateway: which sockets are open, which users they belong to,
+//! and which conversations they follow.
+//!
+//! A conversation with at least one local member socket has exactly one NATS subscription
+//! here, whatever the number of those sockets; each event is serialized once and fanned
+//! out to the sockets in process. The follower of a conversation delivers its events in
+//! log order: it drops what it has already delivered and, when an event's `prev` shows it
+//! missed some (the live path is at most once), fetches the missing ones from the log first.
+
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, Weak};
+
+use async_nats::jetstream::stream::Stream as LogStream;
+use axum::extract::ws::Utf8Bytes;
+use futures::StreamExt;
+use parley_events::protocol::{ServerFrame, close};
+use parley_events::subjects::live_subject;
+use parley_events::{ConversationId, EventEnvelope, RecordedEvent, UserId};
+use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::telemetry;
+
+/// Most events fetched from the log to fill one gap; a longer gap is left to the client's
+/// history request.
+const MAX_GAP_FILL: usize = 256;
+
+pub type ConnectionId = u64;
+
+/// Why and how a socket is being closed, set once by whoever closes it first.
+pub struct SocketControl {
+    kick: CancellationToken,
+    reason: Mutex<Option<(u16, &'static str)>>,
+}
+
+impl SocketControl {
+    pub fn new() -> Self {
+        SocketControl {
+            kick: CancellationToken::new(),
+            reason: Mutex::new(None),
+        }
+    }
+
+    /// Ask the socket to close with `code`; the first reason given wins.
+    pub fn close(&self, code: u16, reason: &'static str) {
+        let mut slot = self
+            .reason
+            .lock()
+            .expect("close reason lock is never poisoned");
+        if slot.is_none() {
+            *slot = Some((code, reason));
+            metrics::counter!(telemetry::GATEWAY_CLOSES_TOTAL, "code" => code.to_string())
+                .increment(1);
+        }
+        self.kick.cancel();
+    }
+
+    pub fn reason(&self) -> Option<(u16, &'static str)> {
+        *self
+            .reason
+            .lock()
+            .expect("close reason lock is never poisoned")
+    }
+
+    pub async fn closing(&self) {
+        self.kick.cancelled().await
+    }
+}
+
+/// The sending side of one socket: a bounded queue of serialized frames.
+#[derive(Clone)]
+pub struct Outbox {
+    tx: mpsc::Sender<Utf8Bytes>,
+    pub control: Arc<SocketControl>,
+}
+
+impl Outbox {
+    pub fn new(capacity: usize) -> (Outbox, mpsc::Receiver<Utf8Bytes>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        (
+            Outbox {
+                tx,
+                control: Arc::new(SocketControl::new()),
+            },
+            rx,
+        )
+    }
+
+    /// Queue a frame. A full queue means the client reads too slowly to keep up: it is
+    /// closed rather than allowed to make the process grow.
+    pub fn push(&self, frame: Utf8Bytes) {
+        match self.tx.try_send(frame) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                self.control
+                    .close(close::POLICY_VIOLATION, "slow consumer: send queue full");
+            }
+            Err(TrySendError::Closed(_)) => {}
+        }
+    }
+
+    pub fn send(&self, frame: &ServerFrame) {
+        self.push(Utf8Bytes::from(frame.to_json()));
+    }
+}
+
+struct SocketEntry {
+    user: UserId,
+    outbox: Outbox,
+    conversations: HashSet<ConversationId>,
+}
+
+struct ConversationRoute {
+    sockets: HashSet<ConnectionId>,
+    follower: JoinHandle<()>,
+}
+
+impl Drop for ConversationRoute {
+    fn drop(&mut self) {
+        // Dropping the follower drops its subscription, which unsubscribes from NATS.
+        self.follower.abort();
+    }
+}
+
+#[derive(Default)]
+struct Table {
+    sockets: HashMap<ConnectionId, SocketEntry>,
+    users: HashMap<UserId, HashSet<ConnectionId>>,
+    conversations: HashMap<ConversationId, ConversationRoute>,
+}
+
+/// The gateway's routing table.
+pub struct Routes {
+    table: Mutex<Table>,
+    client: async_nats::Client,
+    log: LogStream,
+}
+
+impl Routes {
+    pub fn new(client: async_nats::Client, log: LogStream) -> Arc<Routes> {
+        Arc::new(Routes {
+            table: Mutex::new(Table::default()),
+            client,
+            log,
+        })
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table
+            .lock()
+            .expect("routing table lock is never poisoned")
+    }
+
+    pub fn register(&self, conn: ConnectionId, user: UserId, outbox: Outbox) {
+        let mut table = self.table();
+        table.users.entry(user.clone()).or_default().insert(conn);
+        table.sockets.insert(
+            conn,
+            SocketEntry {
+                user,
+                outbox,
+                conversations: HashSet::new(),
+            },
+        );
+    }
+
+    /// Forget a socket; conversations left without local sockets are unsubscribed.
+    pub fn unregister(&self, conn: ConnectionId) {
+        let dropped: Vec<ConversationRoute> = {
+            let mut table = self.table();
+            let Some(entry) = table.sockets.remove(&conn) else {
+                return;
+            };
+            if let Some(conns) = table.users.get_mut(&entry.user) {
+                conns.remove(&conn);
+                if conns.is_empty() {
+                    table.users.remove(&entry.user);
+                }
+            }
+            entry
+                .conversations
+                .iter()
+                .filter_map(|conversation| {
+                    let route = table.conversations.get_mut(conversation)?;
+                    route.sockets.remove(&conn);
+                    if route.sockets.is_empty() {
+                        table.conversations.remove(conversation)
+                    } else {
+                        None
+                    }
+                })
+                .collect()
+        };
+        metrics::gauge!(telemetry::GATEWAY_CONVERSATION_SUBSCRIPTIONS)
+            .decrement(dropped.len() as f64);
+    }
+
+    pub fn connections_of(&self, user: &UserId) -> Vec<ConnectionId> {
+        self.table()
+            .users
+            .get(user)
+            .map(|conns| conns.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Every open socket with its user, for presence heartbeats.
+    pub fn snapshot(&self) -> Vec<(ConnectionId, UserId)> {
+        self.table()
+            .sockets
+            .iter()
+            .map(|(conn, entry)| (*conn, entry.user.clone()))
+            .collect()
+    }
+
+    /// Make `conns` follow `conversation`. `baseline` is the newest sequence the caller
+    /// knows these sockets have (or will have) seen; later events are delivered, and a
+    /// gap after it is filled from the log.
+    pub async fn follow(
+        self: &Arc<Self>,
+        conns: &[ConnectionId],
+        conversation: ConversationId,
+        baseline: u64,
+    ) -> Result<(), async_nats::SubscribeError> {
+        let needs_subscription = !self.table().conversations.contains_key(&conversation);
+        let subscription = if needs_subscription {
+            Some(self.client.subscribe(live_subject(conversation)).await?)
+        } else {
+            None
+        };
+        let mut table = self.table();
+        let table = &mut *table;
+        let conns: Vec<ConnectionId> = conns
+            .iter()
+            .copied()
+            .filter(|conn| table.sockets.contains_key(conn))
+            .collect();
+        if conns.is_empty() {
+            return Ok(());
+        }
+        let route = match table.conversations.entry(conversation) {
+            Entry::Occupied(route) => route.into_mut(),
+            Entry::Vacant(slot) => {
+                let Some(subscription) = subscription else {
+                    // Another caller created and then dropped the route between our checks;
+                    // the next event of this conversation will bring the socket back in.
+                    return Ok(());
+                };
+                let follower = tokio::spawn(follow_conversation(
+                    Arc::downgrade(self),
+                    conversation,
+                    subscription,
+                    baseline,
+                ));
+                metrics::gauge!(telemetry::GATEWAY_CONVERSATION_SUBSCRIPTIONS).increment(1.0);
+                slot.insert(ConversationRoute {
+                    sockets: HashSet::new(),
+                    follower,
+                })
+            }
+        };
+        for conn in conns {
+            route.sockets.insert(conn);
+            if let Some(entry) = table.sockets.get_mut(&conn) {
+                entry.conversations.insert(conversation);
+            }
+        }
+        Ok(())
+    }
+
+    /// Make sure the server has every subscription made so far before events that depend
+    /// on them are delivered to clients.
+    pub async fn flush(&self) {
+        if let Err(e) = self.client.flush().await {
+            debug!(error = %e, "flush after subscribing failed");
+        }
+    }
+
+    /// Queue `frame` on every local socket following `conversation`.
+    fn fan_out(&self, conversation: ConversationId, frame: &Utf8Bytes) {
+        let outboxes: Vec<Outbox> = {
+            let table = self.table();
+            let Some(route) = table.conversations.get(&conversation) else {
+                return;
+            };
+            route
+                .sockets
+                .iter()
+                .filter_map(|conn| table.sockets.get(conn).map(|entry| entry.outbox.clone()))
+                .collect()
+        };
+        for outbox in &outboxes {
+            outbox.push(frame.clone());
+        }
+        metrics::counter!(telemetry::GATEWAY_EVENTS_DELIVERED_TOTAL)
+            .increment(outboxes.len() as u64);
+    }
+
+    /// Queue `frame` on the given sockets only.
+    pub fn send_to(&self, conns: &[ConnectionId], frame: &Utf8Bytes) {
+        let table = self.table();
+        for conn in conns {
+            if let Some(entry) = table.sockets.get(conn) {
+                entry.outbox.push(frame.clone());
+            }
+        }
+    }
+
+    /// Read the events between `after` and `prev` (inclusive) from the log by walking the
+    /// `prev` chain backwards; oldest first.
+    async fn fill_gap(&self, after: u64, prev: u64) -> Vec<RecordedEvent> {
+        let mut missing = Vec::new();
+        let mut seq = prev;
+        while seq > after && missing.len() < MAX_GAP_FILL {
+            match self.log.direct_get(seq).await {
+                Ok(message) => match EventEnvelope::from_bytes(&message.payload) {
+                    Ok(envelope) => {
+                        let next = envelope.prev;
+                        missing.push(envelope.recorded(seq));
+                        seq = next;
+                    }
+                    Err(e) => {
+                        warn!(seq, error = %e, "cannot read an event while filling a gap");
+                        break;
+                    }
+                },
+                Err(e) => {
+                    warn!(seq, error = %e, "cannot fetch an event while filling a gap");
+                    break;
+                }
+            }
+        }
+        missing.reverse();
+        metrics::counter!(telemetry::GATEWAY_GAP_FILLS_TOTAL).increment(1);
+        missing
+    }
+}
+
+pub fn event_frame(event: RecordedEvent) -> Utf8Bytes {
+    Utf8Bytes::from(ServerFrame::Event { event }.to_json())
+}
+
+async fn follow_conversation(
+    routes: Weak<Routes>,
+    conversation: ConversationId,
+    mut subscription: async_nats::Subscriber,
+    mut last: u64,
+) {
+    while let Some(message) = subscription.next().await {
+        let event = match RecordedEvent::from_bytes(&message.payload) {
+            Ok(event) => event,
+            Err(e) => {
+                warn!(%conversation, error = %e, "unreadable live event");
+                continue;
+            }
+        };
+        if event.seq <= last {
+            continue;
+        }
+        let Some(routes) = routes.upgrade() else {
+            return;
+        };
+        let mut batch = if last > 0 && event.envelope.prev > last {
+            routes.fill_gap(last, event.envelope.prev).await
+        } else {
+            Vec::new()
+        };
+        batch.push(event);
+        for event in batch {
+            if event.seq <= last {
+                continue;
+            }
+            last = event.seq;
+            routes.fan_out(conversation, &event_frame(event));
+        }
+    }
+}

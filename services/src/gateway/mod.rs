@@ -1,0 +1,319 @@
+//! The gateway role: WebSocket endpoint, authentication at the upgrade, commands to the
+//! intake, live events to sockets, history from the conversation store, presence updates.
+//!
+//! Gateways hold connections, not state: anything a socket needs comes from the log, the
+//! store or the handlers, so any client may connect to any gateway.
+//!
+//! - [`socket`]: one connection's reader and writer.
+//! - [`commands`]: publishing commands and routing their outcomes back.
+//! - [`delivery`]: the routing table and the per-conversation followers.
+
+mod commands;
+mod delivery;
+mod socket;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::http::{HeaderMap, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use futures::StreamExt;
+use parley_events::presence::{ConnectionState, PresenceUpdate};
+use parley_events::protocol::HttpError;
+use parley_events::subjects::{LIVE_MEMBERSHIP_SUBJECT, PRESENCE_SUBJECT, outcome_subject};
+use parley_events::{ErrorCode, Event, Outcome, RecordedEvent, UserId};
+use parley_projections::ConversationStore;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::admin::Readiness;
+use crate::auth::{AuthError, Verifier};
+use crate::config::Config;
+use crate::topology::Topology;
+use crate::{telemetry, unix_millis};
+use delivery::{ConnectionId, Routes, event_frame};
+use socket::Session;
+
+const READY_CHECK: &str = "gateway";
+/// Socket read buffer; small, because idle connections dominate a gateway's memory.
+const READ_BUFFER_BYTES: usize = 4 * 1024;
+const WRITE_BUFFER_BYTES: usize = 4 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("auth.secret is not configured; the gateway cannot verify tokens")]
+    NoSecret,
+    #[error("cannot subscribe to {subject}: {cause}")]
+    Subscribe { subject: String, cause: String },
+    #[error("serving failed: {0}")]
+    Serve(#[from] std::io::Error),
+}
+
+pub struct Gateway {
+    shared: Arc<Shared>,
+    outcomes: async_nats::Subscriber,
+    membership: async_nats::Subscriber,
+}
+
+pub(crate) struct Shared {
+    config: Arc<Config>,
+    name: String,
+    outcome_subject: String,
+    client: async_nats::Client,
+    topology: Topology,
+    store: Arc<dyn ConversationStore>,
+    verifier: Verifier,
+    routes: Arc<Routes>,
+    pending: commands::Pending,
+    connections: Arc<Semaphore>,
+    next_connection: AtomicU64,
+    shutdown: CancellationToken,
+}
+
+impl Gateway {
+    pub async fn build(
+        config: Arc<Config>,
+        client: async_nats::Client,
+        topology: Topology,
+        store: Arc<dyn ConversationStore>,
+        readiness: Readiness,
+    ) -> Result<Gateway, GatewayError> {
+        let secret = config.auth.secret.clone().ok_or(GatewayError::NoSecret)?;
+        let name = format!("gw-{}", uuid::Uuid::new_v4().simple());
+        let outcome_subject = outcome_subject(&name);
+        let subscribe = |subject: String| {
+            let client = client.clone();
+            async move {
+                client
+                    .subscribe(subject.clone())
+                    .await
+                    .map_err(|e| GatewayError::Subscribe {
+                        subject,
+                        cause: e.to_string(),
+                    })
+            }
+        };
+        let outcomes = subscribe(outcome_subject.clone()).await?;
+        let membership = subscribe(LIVE_MEMBERSHIP_SUBJECT.to_owned()).await?;
+        let shared = Arc::new(Shared {
+            verifier: Verifier::new(&secret, &config.auth),
+            connections: Arc::new(Semaphore::new(config.gateway.max_connections)),
+            routes: Routes::new(client.clone(), topology.log.clone()),
+            config,
+            name,
+            outcome_subject,
+            client,
+            topology,
+            store,
+            pending: commands::Pending::default(),
+            next_connection: AtomicU64::new(1),
+            shutdown: CancellationToken::new(),
+        });
+        readiness.set(READY_CHECK, Ok(()));
+        Ok(Gateway {
+            shared,
+            outcomes,
+            membership,
+        })
+    }
+
+    /// The gateway's id, unique per process start; it names its outcome subject.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// Serve sockets on `listener` until `shutdown`, then ask every socket to close (1001)
+    /// and give them `gateway.drain_secs` to go.
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), GatewayError> {
+        let Gateway {
+            shared,
+            outcomes,
+            membership,
+        } = self;
+        let background = [
+            tokio::spawn(route_outcomes(Arc::clone(&shared), outcomes)),
+            tokio::spawn(follow_membership(Arc::clone(&shared), membership)),
+            tokio::spawn(heartbeat_presence(Arc::clone(&shared))),
+        ];
+        let app = Router::new()
+            .route("/ws", get(upgrade))
+            .with_state(Arc::clone(&shared));
+        let address = listener.local_addr()?;
+        info!(%address, gateway = %shared.name, "gateway listening");
+        let sockets_closing = shared.shutdown.clone();
+        let result = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                shutdown.cancelled().await;
+                sockets_closing.cancel();
+            })
+            .await;
+        // Upgraded sockets outlive the HTTP server; each holds a connection permit until it
+        // has closed, so holding every permit means every socket is gone.
+        let drain = Duration::from_secs(shared.config.gateway.drain_secs);
+        let all = u32::try_from(shared.config.gateway.max_connections).unwrap_or(u32::MAX);
+        if tokio::time::timeout(drain, shared.connections.acquire_many(all))
+            .await
+            .is_err()
+        {
+            warn!("sockets still open after the drain period");
+        }
+        for task in background {
+            task.abort();
+        }
+        result.map_err(GatewayError::from)
+    }
+}
+
+impl Shared {
+    fn connection_name(&self, conn: ConnectionId) -> String {
+        format!("{}-{conn}", self.name)
+    }
+
+    async fn publish_presence(&self, user: &UserId, conn: ConnectionId, state: ConnectionState) {
+        let update = PresenceUpdate {
+            user: user.clone(),
+            connection: self.connection_name(conn),
+            state,
+            at: unix_millis(),
+            ttl_secs: self.config.gateway.presence_ttl_secs,
+        };
+        if let Err(e) = self
+            .client
+            .publish(PRESENCE_SUBJECT, update.to_bytes().into())
+            .await
+        {
+            warn!(error = %e, "cannot publish presence");
+        }
+    }
+}
+
+fn refuse(status: StatusCode, code: ErrorCode, message: &str) -> Response {
+    metrics::counter!(telemetry::GATEWAY_UPGRADES_TOTAL, "result" => code.as_str()).increment(1);
+    (status, axum::Json(HttpError::new(code, message))).into_response()
+}
+
+/// The token from `Authorization: Bearer …`, else from the `access_token` query parameter.
+fn token_of<'a>(headers: &'a HeaderMap, uri: &'a Uri) -> Option<&'a str> {
+    let from_header = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "));
+    from_header.or_else(|| {
+        uri.query()?
+            .split('&')
+            .find_map(|pair| pair.strip_prefix("access_token="))
+    })
+}
+
+async fn upgrade(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    uri: Uri,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let allowed = &shared.config.gateway.allowed_origins;
+    if let Some(origin) = headers.get(header::ORIGIN)
+        && !allowed.is_empty()
+        && !allowed.iter().any(|a| origin.as_bytes() == a.as_bytes())
+    {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            ErrorCode::OriginNotAllowed,
+            "this origin may not open sockets",
+        );
+    }
+    let verified = token_of(&headers, &uri)
+        .ok_or(AuthError::Missing)
+        .and_then(|token| shared.verifier.verify(token));
+    let (user, claims) = match verified {
+        Ok(verified) => verified,
+        Err(e) => return refuse(StatusCode::UNAUTHORIZED, e.code(), &e.to_string()),
+    };
+    let Ok(permit) = Arc::clone(&shared.connections).try_acquire_owned() else {
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unavailable,
+            "this gateway is full; try another",
+        );
+    };
+    metrics::counter!(telemetry::GATEWAY_UPGRADES_TOTAL, "result" => "accepted").increment(1);
+    let remaining = Duration::from_secs(claims.exp.saturating_sub(unix_millis() / 1000));
+    let session = Session {
+        user,
+        conn: shared.next_connection.fetch_add(1, Ordering::Relaxed),
+        expires_at: tokio::time::Instant::now() + remaining,
+    };
+    let max_frame = shared.config.limits.max_frame_bytes;
+    ws.max_frame_size(max_frame)
+        .max_message_size(max_frame)
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .write_buffer_size(WRITE_BUFFER_BYTES)
+        .max_write_buffer_size(max_frame * 4)
+        .on_upgrade(move |socket| socket::serve(shared, socket, session, permit))
+}
+
+async fn route_outcomes(shared: Arc<Shared>, mut outcomes: async_nats::Subscriber) {
+    while let Some(message) = outcomes.next().await {
+        match Outcome::from_bytes(&message.payload) {
+            Ok(outcome) => shared.pending.resolve(outcome),
+            Err(e) => warn!(error = %e, "unreadable outcome"),
+        }
+    }
+}
+
+/// New conversations: subscribe the local sockets of their members, then hand them the
+/// creation event.
+async fn follow_membership(shared: Arc<Shared>, mut membership: async_nats::Subscriber) {
+    while let Some(message) = membership.next().await {
+        let event = match RecordedEvent::from_bytes(&message.payload) {
+            Ok(event) => event,
+            Err(e) => {
+                warn!(error = %e, "unreadable membership event");
+                continue;
+            }
+        };
+        let Event::ConversationCreated(created) = &event.envelope.event else {
+            continue;
+        };
+        let conns: Vec<ConnectionId> = created
+            .members
+            .iter()
+            .flat_map(|member| shared.routes.connections_of(&member.user))
+            .collect();
+        if conns.is_empty() {
+            continue;
+        }
+        let conversation = event.envelope.conversation;
+        if let Err(e) = shared.routes.follow(&conns, conversation, event.seq).await {
+            warn!(error = %e, "cannot subscribe to a new conversation");
+        }
+        shared.routes.flush().await;
+        shared.routes.send_to(&conns, &event_frame(event));
+    }
+}
+
+/// Refresh every open socket's presence record well before it expires.
+async fn heartbeat_presence(shared: Arc<Shared>) {
+    let period = Duration::from_secs(u64::from(shared.config.gateway.presence_ttl_secs) / 3);
+    let mut tick = tokio::time::interval(period);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        for (conn, user) in shared.routes.snapshot() {
+            shared
+                .publish_presence(&user, conn, ConnectionState::Open)
+                .await;
+        }
+    }
+}

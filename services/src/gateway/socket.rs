@@ -1,0 +1,380 @@
+//! One WebSocket: a reader loop that turns frames into commands and queries, and a writer
+//! task that drains the socket's bounded queue, pings, and sends the close frame.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures::stream::{SplitSink, SplitStream};
+use futures::{SinkExt, StreamExt};
+use parley_events::presence::ConnectionState;
+use parley_events::protocol::{ClientFrame, Limits, PROTOCOL_VERSION, ServerFrame, close};
+use parley_events::{Action, ClientMsgId, Command, ConversationId, ErrorCode, UserId};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::time::{Instant, MissedTickBehavior};
+use tracing::{Instrument, debug, info_span, warn};
+
+use super::Shared;
+use super::commands;
+use super::delivery::{ConnectionId, Outbox, SocketControl};
+use crate::{telemetry, unix_millis};
+
+/// Commands one socket may have in flight; past this, the reader stops reading, which
+/// pushes back on the client through TCP.
+const MAX_IN_FLIGHT: usize = 32;
+/// A write that takes longer than this means the peer stopped reading.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_HISTORY_PAGE: u32 = 50;
+
+pub struct Session {
+    pub user: UserId,
+    pub conn: ConnectionId,
+    /// When the token expires; the session ends then (close 1008).
+    pub expires_at: Instant,
+}
+
+pub async fn serve(
+    shared: Arc<Shared>,
+    socket: WebSocket,
+    session: Session,
+    _permit: OwnedSemaphorePermit,
+) {
+    let span = info_span!("socket", conn = session.conn);
+    async move {
+        metrics::gauge!(telemetry::GATEWAY_CONNECTIONS).increment(1.0);
+        let (outbox, queue) = Outbox::new(shared.config.gateway.send_queue);
+        let (sink, stream) = socket.split();
+        let writer = tokio::spawn(write_loop(
+            sink,
+            queue,
+            Arc::clone(&outbox.control),
+            shared.config.ping_interval(),
+        ));
+        outbox.send(&ServerFrame::Welcome {
+            protocol: PROTOCOL_VERSION,
+            user: session.user.clone(),
+            connection: shared.connection_name(session.conn),
+            limits: Limits {
+                max_frame_bytes: shared.config.limits.max_frame_bytes,
+                max_message_bytes: shared.config.limits.max_message_bytes,
+                max_history_page: shared.config.limits.max_history_page,
+            },
+        });
+        shared
+            .routes
+            .register(session.conn, session.user.clone(), outbox.clone());
+        shared
+            .publish_presence(&session.user, session.conn, ConnectionState::Open)
+            .await;
+        follow_inbox(&shared, &session).await;
+
+        read_loop(&shared, &session, stream, &outbox).await;
+
+        shared.routes.unregister(session.conn);
+        shared
+            .publish_presence(&session.user, session.conn, ConnectionState::Closed)
+            .await;
+        if tokio::time::timeout(WRITE_TIMEOUT, writer).await.is_err() {
+            debug!("writer did not finish in time");
+        }
+        metrics::gauge!(telemetry::GATEWAY_CONNECTIONS).decrement(1.0);
+    }
+    .instrument(span)
+    .await
+}
+
+/// Subscribe the socket to the conversations the store lists for its user.
+async fn follow_inbox(shared: &Arc<Shared>, session: &Session) {
+    let inbox = match shared
+        .store
+        .inbox(
+            &session.user,
+            shared.config.gateway.max_conversations_per_user,
+        )
+        .await
+    {
+        Ok(inbox) => inbox,
+        Err(e) => {
+            warn!(error = %e, "cannot read the user's conversations; live delivery starts with new ones");
+            return;
+        }
+    };
+    for entry in inbox {
+        if let Err(e) = shared
+            .routes
+            .follow(&[session.conn], entry.conversation, entry.last_seq)
+            .await
+        {
+            warn!(error = %e, "cannot subscribe to a conversation");
+        }
+    }
+    shared.routes.flush().await;
+}
+
+async fn read_loop(
+    shared: &Arc<Shared>,
+    session: &Session,
+    mut stream: SplitStream<WebSocket>,
+    outbox: &Outbox,
+) {
+    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let mut last_heard = Instant::now();
+    let mut idle_check = tokio::time::interval(shared.config.ping_interval());
+    idle_check.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let control = Arc::clone(&outbox.control);
+    loop {
+        let message = tokio::select! {
+            () = control.closing() => return,
+            () = shared.shutdown.cancelled() => {
+                control.close(close::GOING_AWAY, "server shutting down");
+                return;
+            }
+            () = tokio::time::sleep_until(session.expires_at) => {
+                control.close(close::POLICY_VIOLATION, "token expired");
+                return;
+            }
+            _ = idle_check.tick() => {
+                if last_heard.elapsed() > shared.config.idle_timeout() {
+                    control.close(close::NORMAL, "idle timeout");
+                    return;
+                }
+                continue;
+            }
+            message = stream.next() => message,
+        };
+        last_heard = Instant::now();
+        match message {
+            None => {
+                control.close(close::NORMAL, "connection lost");
+                return;
+            }
+            Some(Err(e)) => {
+                let (code, reason) = close_for(&e);
+                debug!(error = %e, code, "socket error");
+                control.close(code, reason);
+                return;
+            }
+            Some(Ok(Message::Text(text))) => {
+                handle_text(shared, session, outbox, &in_flight, &text).await;
+            }
+            Some(Ok(Message::Binary(_))) => {
+                control.close(close::UNSUPPORTED_DATA, "only text frames are accepted");
+                return;
+            }
+            Some(Ok(Message::Close(_))) => {
+                control.close(close::NORMAL, "closed by client");
+                return;
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+        }
+    }
+}
+
+/// Map a WebSocket read error to the RFC 6455 close code the client deserves.
+fn close_for(error: &axum::Error) -> (u16, &'static str) {
+    use std::error::Error as _;
+    let mut source: Option<&(dyn std::error::Error + 'static)> = error.source();
+    while let Some(cause) = source {
+        if let Some(ws) = cause.downcast_ref::<tungstenite::Error>() {
+            return match ws {
+                tungstenite::Error::Capacity(_) => (close::MESSAGE_TOO_BIG, "frame too large"),
+                tungstenite::Error::Utf8(_) => {
+                    (close::INVALID_PAYLOAD, "text frame is not valid UTF-8")
+                }
+                tungstenite::Error::Protocol(_) => (close::PROTOCOL_ERROR, "protocol error"),
+                _ => (close::INTERNAL_ERROR, "connection error"),
+            };
+        }
+        source = cause.source();
+    }
+    (close::INTERNAL_ERROR, "connection error")
+}
+
+async fn handle_text(
+    shared: &Arc<Shared>,
+    session: &Session,
+    outbox: &Outbox,
+    in_flight: &Arc<Semaphore>,
+    text: &str,
+) {
+    let frame = match ClientFrame::parse(text) {
+        Ok(frame) => frame,
+        Err(e) => {
+            metrics::counter!(telemetry::GATEWAY_FRAME_ERRORS_TOTAL, "code" => e.code().as_str())
+                .increment(1);
+            outbox.send(&ServerFrame::error(
+                e.request_id().cloned(),
+                e.code(),
+                e.to_string(),
+            ));
+            return;
+        }
+    };
+    let (frame_type, action) = match frame {
+        ClientFrame::Send {
+            id,
+            conversation,
+            body,
+        } => {
+            if let Some(error) = precheck_body(shared, &body) {
+                metrics::counter!(telemetry::GATEWAY_FRAME_ERRORS_TOTAL, "code" => error.0.as_str()).increment(1);
+                outbox.send(&ServerFrame::error(Some(id), error.0, error.1));
+                return;
+            }
+            (
+                "send",
+                Some((id, Action::PostMessage { conversation, body })),
+            )
+        }
+        ClientFrame::CreateDirect { id, peer } => {
+            ("create_direct", Some((id, Action::CreateDirect { peer })))
+        }
+        ClientFrame::CreateGroup { id, title, members } => (
+            "create_group",
+            Some((id, Action::CreateGroup { title, members })),
+        ),
+        ClientFrame::History {
+            id,
+            conversation,
+            before,
+            limit,
+        } => {
+            history(shared, session, outbox, id, conversation, before, limit).await;
+            ("history", None)
+        }
+        ClientFrame::Ping { id } => {
+            outbox.send(&ServerFrame::Pong { id });
+            ("ping", None)
+        }
+    };
+    metrics::counter!(telemetry::GATEWAY_FRAMES_RECEIVED_TOTAL, "type" => frame_type).increment(1);
+    let Some((client_id, action)) = action else {
+        return;
+    };
+    let Ok(permit) = Arc::clone(in_flight).acquire_owned().await else {
+        return;
+    };
+    let command = Command::new(
+        session.user.clone(),
+        client_id,
+        unix_millis(),
+        shared.outcome_subject.clone(),
+        action,
+    );
+    let span = info_span!("command", command = %command.id);
+    let submitted = commands::publish(shared, command)
+        .instrument(span.clone())
+        .await;
+    tokio::spawn(
+        {
+            let shared = Arc::clone(shared);
+            let outbox = outbox.clone();
+            async move {
+                commands::complete(shared, outbox, submitted).await;
+                drop(permit);
+            }
+        }
+        .instrument(span),
+    );
+}
+
+/// Refuse at the edge what the handler would refuse anyway, saving the round trip.
+fn precheck_body(shared: &Shared, body: &str) -> Option<(ErrorCode, String)> {
+    let max = shared.config.limits.max_message_bytes;
+    if body.len() > max {
+        Some((
+            ErrorCode::MessageTooLarge,
+            format!("a message body is at most {max} bytes"),
+        ))
+    } else if body.trim().is_empty() {
+        Some((ErrorCode::EmptyMessage, "a message needs a body".into()))
+    } else {
+        None
+    }
+}
+
+async fn history(
+    shared: &Arc<Shared>,
+    session: &Session,
+    outbox: &Outbox,
+    id: ClientMsgId,
+    conversation: ConversationId,
+    before: Option<u64>,
+    limit: Option<u32>,
+) {
+    let store = &shared.store;
+    let refuse =
+        |code: ErrorCode, message: &str| ServerFrame::error(Some(id.clone()), code, message);
+    let frame = match store.role_of(conversation, &session.user).await {
+        Ok(Some(_)) => {
+            let limit = limit
+                .unwrap_or(DEFAULT_HISTORY_PAGE)
+                .clamp(1, shared.config.limits.max_history_page);
+            match store.history(conversation, before, limit).await {
+                Ok(page) => ServerFrame::History {
+                    id: id.clone(),
+                    conversation,
+                    messages: page.messages,
+                    has_more: page.has_more,
+                },
+                Err(e) => {
+                    warn!(error = %e, "history read failed");
+                    refuse(ErrorCode::Unavailable, "history is temporarily unavailable")
+                }
+            }
+        }
+        Ok(None) => match store.conversation(conversation).await {
+            Ok(Some(_)) => refuse(
+                ErrorCode::NotMember,
+                "you are not a member of this conversation",
+            ),
+            Ok(None) => refuse(ErrorCode::ConversationNotFound, "no such conversation"),
+            Err(e) => {
+                warn!(error = %e, "conversation read failed");
+                refuse(ErrorCode::Unavailable, "history is temporarily unavailable")
+            }
+        },
+        Err(e) => {
+            warn!(error = %e, "membership read failed");
+            refuse(ErrorCode::Unavailable, "history is temporarily unavailable")
+        }
+    };
+    outbox.send(&frame);
+}
+
+async fn write_loop(
+    mut sink: SplitSink<WebSocket, Message>,
+    mut queue: mpsc::Receiver<Utf8Bytes>,
+    control: Arc<SocketControl>,
+    ping_interval: Duration,
+) {
+    let mut ping = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
+    loop {
+        let message = tokio::select! {
+            biased;
+            () = control.closing() => break,
+            frame = queue.recv() => match frame {
+                Some(frame) => Message::Text(frame),
+                None => break,
+            },
+            _ = ping.tick() => Message::Ping(bytes::Bytes::new()),
+        };
+        match tokio::time::timeout(WRITE_TIMEOUT, sink.send(message)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                control.close(close::INTERNAL_ERROR, "write failed");
+                return;
+            }
+            Err(_) => {
+                control.close(close::POLICY_VIOLATION, "slow consumer: write timed out");
+                return;
+            }
+        }
+    }
+    let (code, reason) = control.reason().unwrap_or((close::NORMAL, "closing"));
+    let close = Message::Close(Some(CloseFrame {
+        code,
+        reason: reason.into(),
+    }));
+    let _ = tokio::time::timeout(WRITE_TIMEOUT, sink.send(close)).await;
+}

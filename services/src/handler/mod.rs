@@ -1,0 +1,468 @@
+//! The handler role: takes commands from the intake stream, validates them against the
+//! write model, appends their events to the log with optimistic concurrency, publishes the
+//! live copy, and tells the originating gateway the outcome.
+//!
+//! Every instance shares one durable consumer on the intake, so any instance takes any
+//! command. Within an instance, commands are spread over lanes by shard: commands of one
+//! shard run one after another (their appends would conflict anyway), different shards in
+//! parallel. Across instances, a conflicting append fails its expected-sequence check, the
+//! instance waits until its log tail has caught up with the shard, and decides again.
+
+mod write_model;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::{AckKind, Message};
+use futures::StreamExt;
+use parley_events::command::OutcomeQuery;
+use parley_events::subjects::{
+    HANDLER_CONSUMER, HANDLER_QUEUE, LIVE_MEMBERSHIP_SUBJECT, OUTCOME_QUERY_SUBJECT, live_subject,
+    log_subject,
+};
+use parley_events::{
+    Command, ErrorCode, Event, EventEnvelope, Outcome, OutcomeResult, RecordedEvent,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use crate::admin::Readiness;
+use crate::config::Config;
+use crate::telemetry;
+use crate::topology::Topology;
+pub use write_model::{Accepted, Decision, WriteModel};
+
+/// How long a command waits for this instance's log tail to catch up after a conflict.
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Delay before a command that hit a transient failure is redelivered.
+const RETRY_DELAY: Duration = Duration::from_millis(500);
+const LANE_QUEUE: usize = 32;
+const READY_CHECK: &str = "handler";
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    #[error("cannot set up the intake consumer: {0}")]
+    Consumer(String),
+    #[error("cannot tail the event log: {0}")]
+    Tail(String),
+    #[error("cannot subscribe to outcome queries: {0}")]
+    Subscribe(String),
+    #[error("event at log sequence {seq} cannot be read: {cause}")]
+    Decode { seq: u64, cause: String },
+}
+
+/// A failure that says nothing about the command itself; retrying later can succeed.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Transient(String);
+
+pub struct Handler {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Arc<Config>,
+    client: async_nats::Client,
+    topology: Topology,
+    model: Mutex<WriteModel>,
+    /// The log tail's position, for waiting until it has caught up with an append.
+    position: watch::Sender<u64>,
+    readiness: Readiness,
+}
+
+impl Handler {
+    pub fn build(
+        config: Arc<Config>,
+        client: async_nats::Client,
+        topology: Topology,
+        readiness: Readiness,
+    ) -> Handler {
+        readiness.set(READY_CHECK, Err("catching up with the event log".into()));
+        let model = WriteModel::new(topology.shards, config.handler.remembered_commands);
+        Handler {
+            inner: Arc::new(Inner {
+                config,
+                client,
+                topology,
+                model: Mutex::new(model),
+                position: watch::channel(0).0,
+                readiness,
+            }),
+        }
+    }
+
+    /// Tail the log until caught up, then take commands until `shutdown`; commands already
+    /// taken are finished before this returns.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), HandlerError> {
+        let inner = self.inner;
+        let mut log = inner.topology.log.clone();
+        let end_at_start = log
+            .info()
+            .await
+            .map_err(|e| HandlerError::Tail(e.to_string()))?
+            .state
+            .last_sequence;
+        let tail = tokio::spawn(tail_log(Arc::clone(&inner), shutdown.clone()));
+        let mut caught_up = inner.position.subscribe();
+        tokio::select! {
+            reached = async { caught_up.wait_for(|position| *position >= end_at_start).await.map(|_| ()) } => {
+                if reached.is_err() {
+                    return tail.await.unwrap_or_else(|e| Err(HandlerError::Tail(e.to_string())));
+                }
+            }
+            () = shutdown.cancelled() => return Ok(()),
+        }
+        info!(
+            position = end_at_start,
+            "write model caught up with the event log"
+        );
+
+        let queries = inner
+            .client
+            .queue_subscribe(OUTCOME_QUERY_SUBJECT, HANDLER_QUEUE.into())
+            .await
+            .map_err(|e| HandlerError::Subscribe(e.to_string()))?;
+        let answering = tokio::spawn(answer_queries(
+            Arc::clone(&inner),
+            queries,
+            shutdown.clone(),
+        ));
+
+        let consumer = inner
+            .topology
+            .intake
+            .create_consumer(pull::Config {
+                durable_name: Some(HANDLER_CONSUMER.into()),
+                ack_policy: AckPolicy::Explicit,
+                deliver_policy: DeliverPolicy::All,
+                ack_wait: Duration::from_secs(inner.config.intake.ack_wait_secs),
+                max_deliver: inner.config.intake.max_deliver,
+                max_ack_pending: inner.config.intake.max_ack_pending,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| HandlerError::Consumer(e.to_string()))?;
+        let mut commands = consumer
+            .stream()
+            .max_messages_per_batch(256)
+            .messages()
+            .await
+            .map_err(|e| HandlerError::Consumer(e.to_string()))?;
+        inner.readiness.set(READY_CHECK, Ok(()));
+
+        let lanes: Vec<_> = (0..inner.config.handler.lanes)
+            .map(|_| {
+                let (tx, rx) = mpsc::channel::<(Command, Message)>(LANE_QUEUE);
+                (tx, tokio::spawn(run_lane(Arc::clone(&inner), rx)))
+            })
+            .collect();
+        loop {
+            let message = tokio::select! {
+                () = shutdown.cancelled() => break,
+                next = commands.next() => match next {
+                    Some(Ok(message)) => message,
+                    Some(Err(e)) => {
+                        warn!(error = %e, "intake consumer hiccup; continuing");
+                        continue;
+                    }
+                    None => break,
+                },
+            };
+            let command = match Command::from_bytes(&message.payload) {
+                Ok(command) => command,
+                Err(e) => {
+                    // Only a bug or a foreign publisher writes an unreadable command;
+                    // redelivering it cannot help.
+                    error!(error = %e, "unreadable command on the intake; terminating it");
+                    metrics::counter!(telemetry::HANDLER_COMMANDS_TOTAL, "action" => "unknown", "result" => "unreadable").increment(1);
+                    let _ = message.ack_with(AckKind::Term).await;
+                    continue;
+                }
+            };
+            let lane = inner.topology.shards.of(command.conversation()) as usize % lanes.len();
+            if lanes[lane].0.send((command, message)).await.is_err() {
+                break;
+            }
+        }
+        // Closing the lanes lets each finish what it holds; unacknowledged commands that
+        // were never taken are redelivered to another instance.
+        inner
+            .readiness
+            .set(READY_CHECK, Err("shutting down".into()));
+        for (tx, lane) in lanes {
+            drop(tx);
+            let _ = lane.await;
+        }
+        answering.abort();
+        tail.abort();
+        Ok(())
+    }
+}
+
+/// Follow the log from its start with an ordered consumer, applying every event to the
+/// write model.
+async fn tail_log(inner: Arc<Inner>, shutdown: CancellationToken) -> Result<(), HandlerError> {
+    let consumer = inner
+        .topology
+        .log
+        .create_consumer(pull::OrderedConfig {
+            deliver_policy: DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| HandlerError::Tail(e.to_string()))?;
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| HandlerError::Tail(e.to_string()))?;
+    loop {
+        let message = tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            next = messages.next() => match next {
+                Some(Ok(message)) => message,
+                Some(Err(e)) => {
+                    warn!(error = %e, "log tail hiccup; the ordered consumer recovers by itself");
+                    continue;
+                }
+                None => return Err(HandlerError::Tail("log tail ended".into())),
+            },
+        };
+        let seq = message
+            .info()
+            .map_err(|e| HandlerError::Tail(e.to_string()))?
+            .stream_sequence;
+        let envelope = EventEnvelope::from_bytes(&message.payload).map_err(|e| {
+            let error = HandlerError::Decode {
+                seq,
+                cause: e.to_string(),
+            };
+            inner.readiness.set(READY_CHECK, Err(error.to_string()));
+            error
+        })?;
+        inner
+            .model
+            .lock()
+            .expect("write model lock is never poisoned")
+            .apply(&envelope.recorded(seq), true);
+        inner.position.send_replace(seq);
+        metrics::gauge!(telemetry::HANDLER_LOG_POSITION).set(seq as f64);
+    }
+}
+
+async fn answer_queries(
+    inner: Arc<Inner>,
+    mut queries: async_nats::Subscriber,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let request = tokio::select! {
+            () = shutdown.cancelled() => return,
+            next = queries.next() => match next { Some(request) => request, None => return },
+        };
+        let Some(reply) = request.reply else { continue };
+        let Ok(query) = serde_json::from_slice::<OutcomeQuery>(&request.payload) else {
+            debug!("unreadable outcome query");
+            continue;
+        };
+        let decision = inner
+            .model
+            .lock()
+            .expect("write model lock is never poisoned")
+            .decide(&query.command, &inner.config.limits);
+        // An empty reply means "not known yet": the command may still be queued.
+        let payload = match decision {
+            Decision::Known(accepted) => accepted_outcome(query.command.id, accepted).to_bytes(),
+            Decision::Reject { code, message } => Outcome {
+                command: query.command.id,
+                result: OutcomeResult::Rejected { code, message },
+            }
+            .to_bytes(),
+            Decision::Append { .. } => Vec::new(),
+        };
+        if let Err(e) = inner.client.publish(reply, payload.into()).await {
+            debug!(error = %e, "cannot answer an outcome query");
+        }
+    }
+}
+
+fn accepted_outcome(command: parley_events::CommandId, accepted: Accepted) -> Outcome {
+    Outcome {
+        command,
+        result: OutcomeResult::Accepted {
+            conversation: accepted.conversation,
+            seq: accepted.seq,
+            event: accepted.event,
+        },
+    }
+}
+
+fn action_name(command: &Command) -> &'static str {
+    match command.action {
+        parley_events::Action::CreateDirect { .. } => "create_direct",
+        parley_events::Action::CreateGroup { .. } => "create_group",
+        parley_events::Action::PostMessage { .. } => "post_message",
+    }
+}
+
+async fn run_lane(inner: Arc<Inner>, mut rx: mpsc::Receiver<(Command, Message)>) {
+    while let Some((command, message)) = rx.recv().await {
+        let delivered = message.info().map(|info| info.delivered).unwrap_or(1);
+        let span =
+            info_span!("command", command = %command.id, action = action_name(&command), delivered);
+        handle_command(&inner, command, message, delivered)
+            .instrument(span)
+            .await;
+    }
+}
+
+async fn handle_command(inner: &Inner, command: Command, message: Message, delivered: i64) {
+    let started = Instant::now();
+    let action = action_name(&command);
+    let (result, ack) = match execute(inner, &command).await {
+        Ok(result) => (result, AckKind::Ack),
+        Err(Transient(cause)) if delivered < inner.config.intake.max_deliver => {
+            warn!(%cause, "command failed for now; it will be redelivered");
+            metrics::counter!(telemetry::HANDLER_COMMANDS_TOTAL, "action" => action, "result" => "retry").increment(1);
+            let _ = message.ack_with(AckKind::Nak(Some(RETRY_DELAY))).await;
+            return;
+        }
+        Err(Transient(cause)) => {
+            error!(%cause, "command failed on its last delivery; giving up");
+            let rejected = OutcomeResult::Rejected {
+                code: ErrorCode::Unavailable,
+                message: "the command could not be processed; retry with the same id".into(),
+            };
+            (rejected, AckKind::Term)
+        }
+    };
+    let label = match &result {
+        OutcomeResult::Accepted { .. } => "accepted",
+        OutcomeResult::Rejected { code, .. } if code.retryable() => "failed",
+        OutcomeResult::Rejected { .. } => "rejected",
+    };
+    metrics::counter!(telemetry::HANDLER_COMMANDS_TOTAL, "action" => action, "result" => label)
+        .increment(1);
+    metrics::histogram!(telemetry::HANDLER_COMMAND_SECONDS).record(started.elapsed().as_secs_f64());
+    let outcome = Outcome {
+        command: command.id,
+        result,
+    };
+    if command.reply_to.starts_with("parley.outcome.") {
+        if let Err(e) = inner
+            .client
+            .publish(command.reply_to.clone(), outcome.to_bytes().into())
+            .await
+        {
+            warn!(error = %e, "cannot send the outcome to the gateway");
+        }
+    } else {
+        warn!(reply_to = %command.reply_to, "command names no gateway outcome subject; outcome not sent");
+    }
+    if let Err(e) = message.ack_with(ack).await {
+        // The command will be redelivered and answered again from the write model.
+        warn!(error = %e, "cannot acknowledge the command");
+    }
+}
+
+/// Decide, append, retry on conflict; the outcome, or a transient failure.
+async fn execute(inner: &Inner, command: &Command) -> Result<OutcomeResult, Transient> {
+    for _ in 0..=inner.config.handler.append_retries {
+        let decision = inner
+            .model
+            .lock()
+            .expect("write model lock is never poisoned")
+            .decide(command, &inner.config.limits);
+        let (event, shard, expected) = match decision {
+            Decision::Known(accepted) => return Ok(accepted_outcome(command.id, accepted).result),
+            Decision::Reject { code, message } => {
+                return Ok(OutcomeResult::Rejected { code, message });
+            }
+            Decision::Append {
+                event,
+                shard,
+                expected_shard_seq,
+            } => (event, shard, expected_shard_seq),
+        };
+        let subject = log_subject(shard);
+        let started = Instant::now();
+        let publish = PublishMessage::build()
+            .payload(event.to_bytes().into())
+            .message_id(event.id.to_string())
+            .expected_last_subject_sequence(expected);
+        let ack = match inner
+            .topology
+            .js
+            .send_publish(subject.clone(), publish)
+            .await
+        {
+            Ok(pending) => pending.await,
+            Err(e) => return Err(Transient(format!("append failed: {e}"))),
+        };
+        metrics::histogram!(telemetry::HANDLER_APPEND_SECONDS)
+            .record(started.elapsed().as_secs_f64());
+        match ack {
+            Ok(ack) if ack.duplicate => {
+                // An earlier delivery of this command already appended its event; wait for
+                // the tail to bring it into the write model, then answer from there.
+                wait_for_tail(inner, ack.sequence).await?;
+            }
+            Ok(ack) => {
+                let recorded = event.recorded(ack.sequence);
+                inner
+                    .model
+                    .lock()
+                    .expect("write model lock is never poisoned")
+                    .apply(&recorded, false);
+                publish_live(inner, &recorded).await;
+                return Ok(OutcomeResult::Accepted {
+                    conversation: recorded.envelope.conversation,
+                    seq: recorded.seq,
+                    event: recorded.envelope.id,
+                });
+            }
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                metrics::counter!(telemetry::HANDLER_APPEND_CONFLICTS_TOTAL).increment(1);
+                let last = inner
+                    .topology
+                    .log
+                    .direct_get_last_for_subject(subject.as_str())
+                    .await
+                    .map_err(|e| Transient(format!("cannot read the shard's last event: {e}")))?
+                    .sequence;
+                debug!(expected, last, "append conflict; catching up");
+                wait_for_tail(inner, last).await?;
+            }
+            Err(e) => return Err(Transient(format!("append failed: {e}"))),
+        }
+    }
+    Err(Transient("too many conflicting appends".into()))
+}
+
+async fn wait_for_tail(inner: &Inner, seq: u64) -> Result<(), Transient> {
+    let mut position = inner.position.subscribe();
+    match tokio::time::timeout(CATCH_UP_TIMEOUT, position.wait_for(|p| *p >= seq)).await {
+        Ok(Ok(_)) => Ok(()),
+        _ => Err(Transient(format!(
+            "log tail did not reach sequence {seq} in time"
+        ))),
+    }
+}
+
+/// The live copy: best effort, at most once. Readers that miss it see a gap in `prev` on the
+/// next event and fill it from the log.
+async fn publish_live(inner: &Inner, recorded: &RecordedEvent) {
+    let payload: bytes::Bytes = recorded.to_bytes().into();
+    let conversation = live_subject(recorded.envelope.conversation);
+    if let Err(e) = inner.client.publish(conversation, payload.clone()).await {
+        debug!(error = %e, "live publish failed");
+    }
+    if matches!(recorded.envelope.event, Event::ConversationCreated(_))
+        && let Err(e) = inner.client.publish(LIVE_MEMBERSHIP_SUBJECT, payload).await
+    {
+        debug!(error = %e, "live membership publish failed");
+    }
+}

@@ -1,0 +1,504 @@
+//! The handlers' write model: what a handler must know to validate a command and append
+//! its event in order. Built by tailing the event log from its start, so any handler
+//! instance can take any command; nothing here is stored anywhere but the log.
+//!
+//! Per conversation it keeps the kind, the members and the sequence of the newest event
+//! (the next event's `prev`); per shard, the newest sequence (the append's expected last
+//! subject sequence); and a bounded memory of which commands already produced which event,
+//! so a repeated or redelivered command is answered with its original outcome.
+
+use std::collections::{HashMap, VecDeque};
+
+use parley_events::event::{ConversationCreated, MessagePosted};
+use parley_events::subjects::Shards;
+use parley_events::{
+    Action, Command, ConversationId, ConversationKind, ErrorCode, Event, EventEnvelope, EventId,
+    Member, RecordedEvent, Role, UserId,
+};
+
+use crate::config::LimitsConfig;
+
+/// What the write model says about a command.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// The command already took effect (a repeat, or a create of something that exists).
+    Known(Accepted),
+    /// Append `event` to the conversation's shard, expecting the shard's last sequence to be
+    /// `expected_shard_seq`.
+    Append {
+        event: EventEnvelope,
+        shard: u32,
+        expected_shard_seq: u64,
+    },
+    Reject {
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accepted {
+    pub conversation: ConversationId,
+    pub seq: u64,
+    pub event: EventId,
+}
+
+struct Aggregate {
+    members: HashMap<UserId, Role>,
+    last_seq: u64,
+    created: Accepted,
+}
+
+pub struct WriteModel {
+    shards: Shards,
+    conversations: HashMap<ConversationId, Aggregate>,
+    shard_last: Vec<u64>,
+    commands: HashMap<parley_events::CommandId, Accepted>,
+    command_order: VecDeque<parley_events::CommandId>,
+    remembered_commands: usize,
+    /// Highest sequence applied from the log tail.
+    position: u64,
+}
+
+fn reject(code: ErrorCode, message: impl Into<String>) -> Decision {
+    Decision::Reject {
+        code,
+        message: message.into(),
+    }
+}
+
+impl WriteModel {
+    pub fn new(shards: Shards, remembered_commands: usize) -> Self {
+        WriteModel {
+            shards,
+            conversations: HashMap::new(),
+            shard_last: vec![0; shards.count() as usize],
+            commands: HashMap::new(),
+            command_order: VecDeque::new(),
+            remembered_commands,
+            position: 0,
+        }
+    }
+
+    pub fn position(&self) -> u64 {
+        self.position
+    }
+
+    pub fn outcome_of(&self, command: parley_events::CommandId) -> Option<Accepted> {
+        self.commands.get(&command).copied()
+    }
+
+    /// Apply an event from the log tail, or one this handler just appended. Idempotent:
+    /// an event seen twice changes nothing the second time.
+    pub fn apply(&mut self, recorded: &RecordedEvent, from_tail: bool) {
+        let envelope = &recorded.envelope;
+        let seq = recorded.seq;
+        let shard = self.shards.of(envelope.conversation) as usize;
+        self.shard_last[shard] = self.shard_last[shard].max(seq);
+        if from_tail {
+            self.position = self.position.max(seq);
+        }
+        let accepted = Accepted {
+            conversation: envelope.conversation,
+            seq,
+            event: envelope.id,
+        };
+        match &envelope.event {
+            Event::ConversationCreated(created) => {
+                self.conversations
+                    .entry(envelope.conversation)
+                    .or_insert_with(|| Aggregate {
+                        members: created
+                            .members
+                            .iter()
+                            .map(|m| (m.user.clone(), m.role))
+                            .collect(),
+                        last_seq: seq,
+                        created: accepted,
+                    });
+            }
+            Event::MessagePosted(_) => {
+                if let Some(aggregate) = self.conversations.get_mut(&envelope.conversation) {
+                    aggregate.last_seq = aggregate.last_seq.max(seq);
+                }
+            }
+        }
+        self.remember(envelope.command, accepted);
+    }
+
+    fn remember(&mut self, command: parley_events::CommandId, accepted: Accepted) {
+        if self.commands.insert(command, accepted).is_none() {
+            self.command_order.push_back(command);
+            while self.command_order.len() > self.remembered_commands {
+                if let Some(oldest) = self.command_order.pop_front() {
+                    self.commands.remove(&oldest);
+                }
+            }
+        }
+    }
+
+    /// Validate `command` against the current state and say what to do with it.
+    pub fn decide(&self, command: &Command, limits: &LimitsConfig) -> Decision {
+        if let Some(accepted) = self.commands.get(&command.id) {
+            return Decision::Known(*accepted);
+        }
+        let conversation = command.conversation();
+        let event = match &command.action {
+            Action::CreateDirect { peer } => {
+                if *peer == command.actor {
+                    return reject(
+                        ErrorCode::InvalidRequest,
+                        "a direct conversation needs two different users",
+                    );
+                }
+                if let Some(existing) = self.conversations.get(&conversation) {
+                    return Decision::Known(existing.created);
+                }
+                let mut members = [command.actor.clone(), peer.clone()];
+                members.sort();
+                Event::ConversationCreated(ConversationCreated {
+                    kind: ConversationKind::Direct,
+                    title: None,
+                    members: members
+                        .into_iter()
+                        .map(|user| Member {
+                            user,
+                            role: Role::Member,
+                        })
+                        .collect(),
+                })
+            }
+            Action::CreateGroup { title, members } => {
+                if let Some(existing) = self.conversations.get(&conversation) {
+                    return Decision::Known(existing.created);
+                }
+                if let Some(title) = title {
+                    if title.trim().is_empty() {
+                        return reject(
+                            ErrorCode::InvalidRequest,
+                            "a group title must not be blank",
+                        );
+                    }
+                    if title.len() > limits.max_title_bytes {
+                        return reject(
+                            ErrorCode::InvalidRequest,
+                            format!("a group title is at most {} bytes", limits.max_title_bytes),
+                        );
+                    }
+                }
+                let mut others: Vec<UserId> = members
+                    .iter()
+                    .filter(|user| **user != command.actor)
+                    .cloned()
+                    .collect();
+                others.sort();
+                others.dedup();
+                if others.len() + 1 > limits.max_group_members {
+                    return reject(
+                        ErrorCode::InvalidRequest,
+                        format!("a group has at most {} members", limits.max_group_members),
+                    );
+                }
+                let owner = Member {
+                    user: command.actor.clone(),
+                    role: Role::Owner,
+                };
+                Event::ConversationCreated(ConversationCreated {
+                    kind: ConversationKind::Group,
+                    title: title.clone(),
+                    members: std::iter::once(owner)
+                        .chain(others.into_iter().map(|user| Member {
+                            user,
+                            role: Role::Member,
+                        }))
+                        .collect(),
+                })
+            }
+            Action::PostMessage { body, .. } => {
+                let Some(aggregate) = self.conversations.get(&conversation) else {
+                    return reject(ErrorCode::ConversationNotFound, "no such conversation");
+                };
+                if !aggregate.members.contains_key(&command.actor) {
+                    return reject(
+                        ErrorCode::NotMember,
+                        "you are not a member of this conversation",
+                    );
+                }
+                if body.trim().is_empty() {
+                    return reject(ErrorCode::EmptyMessage, "a message needs a body");
+                }
+                if body.len() > limits.max_message_bytes {
+                    return reject(
+                        ErrorCode::MessageTooLarge,
+                        format!(
+                            "a message body is at most {} bytes",
+                            limits.max_message_bytes
+                        ),
+                    );
+                }
+                Event::MessagePosted(MessagePosted {
+                    client_id: command.client_id.clone(),
+                    body: body.clone(),
+                })
+            }
+        };
+        let shard = self.shards.of(conversation);
+        Decision::Append {
+            event: EventEnvelope {
+                id: command.event_id(0),
+                conversation,
+                prev: self
+                    .conversations
+                    .get(&conversation)
+                    .map_or(0, |aggregate| aggregate.last_seq),
+                command: command.id,
+                actor: command.actor.clone(),
+                at: command.issued_at,
+                event,
+            },
+            shard,
+            expected_shard_seq: self.shard_last[shard as usize],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use parley_events::ClientMsgId;
+
+    fn user(name: &str) -> UserId {
+        UserId::parse(name).unwrap()
+    }
+
+    fn command(actor: &str, id: &str, action: Action) -> Command {
+        Command::new(
+            user(actor),
+            ClientMsgId::parse(id).unwrap(),
+            1_000,
+            "parley.outcome.gw".into(),
+            action,
+        )
+    }
+
+    /// Given the events of `commands` appended in order, starting at sequence 1.
+    fn given(commands: &[Command]) -> WriteModel {
+        let mut model = WriteModel::new(Shards::new(4).unwrap(), 100);
+        for (seq, command) in (1..).zip(commands) {
+            match model.decide(command, &LimitsConfig::default()) {
+                Decision::Append { event, .. } => model.apply(&event.recorded(seq), true),
+                other => panic!("setup command was not appended: {other:?}"),
+            }
+        }
+        model
+    }
+
+    fn direct(actor: &str, peer: &str) -> Command {
+        command(
+            actor,
+            &format!("dm-{peer}"),
+            Action::CreateDirect { peer: user(peer) },
+        )
+    }
+
+    fn post(actor: &str, id: &str, conversation: ConversationId, body: &str) -> Command {
+        command(
+            actor,
+            id,
+            Action::PostMessage {
+                conversation,
+                body: body.into(),
+            },
+        )
+    }
+
+    fn rejected_with(decision: Decision) -> ErrorCode {
+        match decision {
+            Decision::Reject { code, .. } => code,
+            other => panic!("expected a rejection, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn post_to_a_direct_conversation_chains_prev_and_expected_sequence() {
+        let model = given(&[direct("alice", "bob")]);
+        let conversation = ConversationId::direct(&user("alice"), &user("bob"));
+        match model.decide(
+            &post("bob", "m1", conversation, "hi"),
+            &LimitsConfig::default(),
+        ) {
+            Decision::Append {
+                event,
+                expected_shard_seq,
+                ..
+            } => {
+                assert_eq!(event.prev, 1);
+                assert_eq!(expected_shard_seq, 1);
+                assert_eq!(event.conversation, conversation);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn creating_a_direct_conversation_again_returns_the_original_from_either_side() {
+        let model = given(&[direct("alice", "bob")]);
+        let again = model.decide(&direct("bob", "alice"), &LimitsConfig::default());
+        assert!(
+            matches!(again, Decision::Known(Accepted { seq: 1, .. })),
+            "{again:?}"
+        );
+    }
+
+    #[test]
+    fn repeated_command_is_answered_with_its_original_outcome() {
+        let conversation = ConversationId::direct(&user("alice"), &user("bob"));
+        let send = post("alice", "m1", conversation, "hi");
+        let model = given(&[direct("alice", "bob"), send.clone()]);
+        assert_eq!(
+            model.decide(&send, &LimitsConfig::default()),
+            Decision::Known(Accepted {
+                conversation,
+                seq: 2,
+                event: send.event_id(0)
+            })
+        );
+    }
+
+    #[test]
+    fn invalid_commands_are_rejected_with_their_codes() {
+        let model = given(&[direct("alice", "bob")]);
+        let conversation = ConversationId::direct(&user("alice"), &user("bob"));
+        let limits = LimitsConfig::default();
+        let unknown = ConversationId::direct(&user("x"), &user("y"));
+        assert_eq!(
+            rejected_with(model.decide(&post("alice", "a", unknown, "hi"), &limits)),
+            ErrorCode::ConversationNotFound
+        );
+        assert_eq!(
+            rejected_with(model.decide(&post("mallory", "b", conversation, "hi"), &limits)),
+            ErrorCode::NotMember
+        );
+        assert_eq!(
+            rejected_with(model.decide(&post("alice", "c", conversation, "  "), &limits)),
+            ErrorCode::EmptyMessage
+        );
+        let long = "x".repeat(limits.max_message_bytes + 1);
+        assert_eq!(
+            rejected_with(model.decide(&post("alice", "d", conversation, &long), &limits)),
+            ErrorCode::MessageTooLarge
+        );
+        assert_eq!(
+            rejected_with(model.decide(&direct("alice", "alice"), &limits)),
+            ErrorCode::InvalidRequest
+        );
+        let crowd = (0..limits.max_group_members)
+            .map(|i| user(&format!("u{i}")))
+            .collect();
+        let big = command(
+            "alice",
+            "g",
+            Action::CreateGroup {
+                title: None,
+                members: crowd,
+            },
+        );
+        assert_eq!(
+            rejected_with(model.decide(&big, &limits)),
+            ErrorCode::InvalidRequest
+        );
+    }
+
+    #[test]
+    fn group_creator_is_owner_and_members_are_deduplicated() {
+        let model = given(&[]);
+        let create = command(
+            "alice",
+            "g1",
+            Action::CreateGroup {
+                title: Some("team".into()),
+                members: vec![user("bob"), user("bob"), user("alice")],
+            },
+        );
+        match model.decide(&create, &LimitsConfig::default()) {
+            Decision::Append {
+                event:
+                    EventEnvelope {
+                        event: Event::ConversationCreated(created),
+                        ..
+                    },
+                ..
+            } => {
+                assert_eq!(
+                    created.members,
+                    vec![
+                        Member {
+                            user: user("alice"),
+                            role: Role::Owner
+                        },
+                        Member {
+                            user: user("bob"),
+                            role: Role::Member
+                        }
+                    ]
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn applying_an_event_twice_changes_nothing() {
+        let mut model = given(&[direct("alice", "bob")]);
+        let conversation = ConversationId::direct(&user("alice"), &user("bob"));
+        let send = post("alice", "m1", conversation, "hi");
+        let Decision::Append { event, .. } = model.decide(&send, &LimitsConfig::default()) else {
+            panic!()
+        };
+        let recorded = event.recorded(2);
+        model.apply(&recorded, false);
+        model.apply(&recorded, true);
+        let next = post("alice", "m2", conversation, "again");
+        let Decision::Append {
+            event,
+            expected_shard_seq,
+            ..
+        } = model.decide(&next, &LimitsConfig::default())
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (event.prev, expected_shard_seq, model.position()),
+            (2, 2, 2)
+        );
+    }
+
+    #[test]
+    fn remembered_commands_are_bounded() {
+        let mut model = WriteModel::new(Shards::new(1).unwrap(), 2);
+        let create = direct("alice", "bob");
+        let Decision::Append { event, .. } = model.decide(&create, &LimitsConfig::default()) else {
+            panic!()
+        };
+        model.apply(&event.recorded(1), true);
+        let conversation = ConversationId::direct(&user("alice"), &user("bob"));
+        for (seq, id) in [(2, "m1"), (3, "m2")] {
+            let Decision::Append { event, .. } = model.decide(
+                &post("alice", id, conversation, "x"),
+                &LimitsConfig::default(),
+            ) else {
+                panic!()
+            };
+            model.apply(&event.recorded(seq), true);
+        }
+        assert!(
+            model.outcome_of(create.id).is_none(),
+            "the oldest command is forgotten"
+        );
+        assert!(
+            model
+                .outcome_of(post("alice", "m2", conversation, "x").id)
+                .is_some()
+        );
+    }
+}

@@ -1,0 +1,33 @@
+//! Parley's roles and the `parley` binary's logic.
+//!
+//! Layout:
+//! - [`config`]: the one configuration struct, loaded from file + environment.
+//! - [`topology`]: the JetStream streams, created and checked at start-up.
+//! - [`gateway`]: WebSocket endpoint; frames in, commands out, events back.
+//! - [`handler`]: validates commands and appends events with optimistic concurrency.
+//! - [`projector`]: feeds the conversation store and presence from the log and gateways.
+//! - [`node`]: runs any set of roles in one process, with admin endpoints.
+//! - [`local`]: `parley up`: local servers, a dev secret, every role in one process.
+//! - [`auth`], [`admin`], [`telemetry`]: tokens, health/readiness/metrics, metric names.
+//!
+//! Every role is built from the configuration and run with a listener (where it serves one)
+//! and a shutdown token, so tests start them in-process on port 0.
+
+pub mod admin;
+pub mod auth;
+pub mod config;
+pub mod gateway;
+pub mod handler;
+pub mod local;
+pub mod node;
+pub mod projector;
+pub mod telemetry;
+pub mod topology;
+
+/// Milliseconds since the Unix epoch by this machine's clock.
+pub fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}

@@ -1,0 +1,126 @@
+//! `parley up`: the whole platform on one machine. Starts nats-server and redis-server as
+//! child processes when none is configured, keeps a development secret so tokens survive
+//! restarts, and runs every role in this process.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parley_localstack::{LocalError, NatsOptions, NatsServer, RedisOptions, RedisServer};
+
+use crate::config::{Config, Secret};
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpError {
+    #[error("cannot start a local server: {0}")]
+    Server(#[from] LocalError),
+    #[error("development secret at {path}: {cause}")]
+    Secret {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
+}
+
+/// The servers `parley up` started, stopped when this is dropped, and the configuration
+/// that points at them.
+pub struct LocalPlatform {
+    pub config: Arc<Config>,
+    pub nats: Option<NatsServer>,
+    pub redis: Option<RedisServer>,
+    pub secret_file: Option<PathBuf>,
+}
+
+impl LocalPlatform {
+    /// Fill in what `config` leaves unset: NATS, Redis and the auth secret.
+    pub fn prepare(mut config: Config) -> Result<LocalPlatform, UpError> {
+        let data_dir = config.local.data_dir.clone();
+        let nats = match config.nats.url {
+            Some(_) => None,
+            None => {
+                let server = NatsServer::start(NatsOptions {
+                    jetstream: true,
+                    sync_always: config.local.fsync_always,
+                    data_dir: Some(data_dir.join("nats")),
+                    port: None,
+                })?;
+                config.nats.url = Some(server.url());
+                Some(server)
+            }
+        };
+        let redis = match config.redis.url {
+            Some(_) => None,
+            None => {
+                let server = RedisServer::start(RedisOptions::default())?;
+                config.redis.url = Some(Secret::new(server.url()));
+                Some(server)
+            }
+        };
+        let secret_file = match config.auth.secret {
+            Some(_) => None,
+            None => {
+                let path = data_dir.join("dev-secret");
+                config.auth.secret = Some(dev_secret(&path)?);
+                Some(path)
+            }
+        };
+        Ok(LocalPlatform {
+            config: Arc::new(config),
+            nats,
+            redis,
+            secret_file,
+        })
+    }
+}
+
+/// The development secret stored at `path`, created (readable by the owner only) if
+/// missing.
+pub fn dev_secret(path: &Path) -> Result<Secret, UpError> {
+    let fail = |cause| UpError::Secret {
+        path: path.to_owned(),
+        cause,
+    };
+    match std::fs::read_to_string(path) {
+        Ok(text) if !text.trim().is_empty() => return Ok(Secret::new(text.trim())),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(fail(e)),
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(fail)?;
+    }
+    let secret = format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    );
+    write_private(path, &secret).map_err(fail)?;
+    Ok(Secret::new(secret))
+}
+
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(text.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dev_secret_is_created_once_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/dev-secret");
+        let first = dev_secret(&path).unwrap();
+        assert!(first.expose().len() >= crate::config::MIN_SECRET_BYTES);
+        assert_eq!(dev_secret(&path).unwrap(), first);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+}

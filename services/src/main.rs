@@ -1,0 +1,190 @@
+//! `parley`: one binary, one subcommand per way to run it. Logic lives in the library.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use parley_events::UserId;
+use parley_services::config::{Config, ENV_CONFIG_FILE};
+use parley_services::local::{LocalPlatform, dev_secret};
+use parley_services::node::{self, Listeners, Roles};
+use parley_services::{auth, telemetry, unix_millis};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "parley",
+    version,
+    about = "Event-sourced chat on NATS JetStream"
+)]
+struct Cli {
+    /// Configuration file (TOML). Environment variables PARLEY_<SECTION>__<KEY> override it.
+    #[arg(long, global = true, env = ENV_CONFIG_FILE)]
+    config: Option<PathBuf>,
+    /// Log JSON lines instead of human-readable text.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Everything on one machine: local nats-server and redis-server unless configured,
+    /// and every role in this process.
+    Up,
+    /// Serve WebSockets.
+    Gateway,
+    /// Validate commands and append events.
+    Handler,
+    /// Materialize conversations and presence.
+    Projector,
+    /// Print a development token for USER, signed with the configured secret (or the
+    /// development secret `parley up` created).
+    Token {
+        user: String,
+        /// Validity in seconds.
+        #[arg(long, default_value_t = 86_400)]
+        ttl_secs: u64,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let config =
+        Config::load(cli.config.as_deref(), std::env::vars()).context("loading configuration")?;
+    match cli.command {
+        Command::Token { user, ttl_secs } => {
+            let user = UserId::parse(user).context("user id")?;
+            let secret = match &config.auth.secret {
+                Some(secret) => secret.clone(),
+                None => dev_secret(&config.local.data_dir.join("dev-secret"))?,
+            };
+            println!(
+                "{}",
+                auth::mint(&secret, &user, unix_millis() / 1000, ttl_secs)
+            );
+            Ok(())
+        }
+        Command::Up => {
+            telemetry::init_logging(cli.log_json);
+            let local = LocalPlatform::prepare(config).context("starting local servers")?;
+            let config = Arc::clone(&local.config);
+            let listeners = bind(&config, true).await?;
+            print_banner(&local, &listeners)?;
+            serve(config, Roles::ALL, listeners).await
+        }
+        role => {
+            telemetry::init_logging(cli.log_json);
+            let roles = match role {
+                Command::Gateway => Roles {
+                    gateway: true,
+                    ..Roles::default()
+                },
+                Command::Handler => Roles {
+                    handler: true,
+                    ..Roles::default()
+                },
+                _ => Roles {
+                    projector: true,
+                    ..Roles::default()
+                },
+            };
+            let config = Arc::new(config);
+            let listeners = bind(&config, roles.gateway).await?;
+            serve(config, roles, listeners).await
+        }
+    }
+}
+
+async fn bind(config: &Config, gateway: bool) -> anyhow::Result<Listeners> {
+    let admin = TcpListener::bind(config.admin.listen)
+        .await
+        .with_context(|| format!("binding admin.listen {}", config.admin.listen))?;
+    let gateway = if gateway {
+        Some(
+            TcpListener::bind(config.gateway.listen)
+                .await
+                .with_context(|| format!("binding gateway.listen {}", config.gateway.listen))?,
+        )
+    } else {
+        None
+    };
+    Ok(Listeners {
+        gateway,
+        admin: Some(admin),
+    })
+}
+
+async fn serve(config: Arc<Config>, roles: Roles, listeners: Listeners) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    node::run(config, roles, listeners, shutdown).await?;
+    Ok(())
+}
+
+async fn stop_on_signal(shutdown: CancellationToken) {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler succeeds");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down: draining sockets and in-flight commands");
+    shutdown.cancel();
+}
+
+fn print_banner(local: &LocalPlatform, listeners: &Listeners) -> anyhow::Result<()> {
+    let config = &local.config;
+    let gateway = listeners
+        .gateway
+        .as_ref()
+        .context("gateway listener")?
+        .local_addr()?;
+    let admin = listeners
+        .admin
+        .as_ref()
+        .context("admin listener")?
+        .local_addr()?;
+    let secret = config.auth.secret.as_ref().context("auth secret")?;
+    let alice = auth::mint(
+        secret,
+        &UserId::parse("alice")?,
+        unix_millis() / 1000,
+        86_400,
+    );
+    let durability = match &local.nats {
+        Some(_) if config.local.fsync_always => "local nats-server, JetStream fsync on every write",
+        Some(_) => {
+            "local nats-server, JetStream default (lazy) fsync: a machine crash can lose acknowledged sends"
+        }
+        None => "configured NATS: durability is that server's setting",
+    };
+    println!("Parley is up.");
+    println!("  WebSocket   ws://{gateway}/ws?access_token=<token>");
+    println!("  Admin       http://{admin}/healthz  /readyz  /metrics");
+    println!(
+        "  NATS        {} ({durability})",
+        config.nats.url.as_deref().unwrap_or("?")
+    );
+    println!(
+        "  Redis       {}",
+        if local.redis.is_some() {
+            "local redis-server"
+        } else {
+            "configured"
+        }
+    );
+    if let Some(file) = &local.secret_file {
+        println!(
+            "  Dev secret  {} (tokens: parley token <user>)",
+            file.display()
+        );
+    }
+    println!("  Token for alice (24 h):\n    {alice}");
+    println!("Press Ctrl-C to stop.");
+    Ok(())
+}

@@ -1,0 +1,206 @@
+//! One process running any set of roles: connects to NATS (and Redis, the store) once,
+//! makes sure the topology exists, serves the admin endpoints, runs the roles until
+//! shutdown, and stops them all when one fails.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use parley_projections::{ConversationStore, PresenceStore, SqliteStore};
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use crate::admin::{self, Readiness};
+use crate::config::{Config, StoreConfig};
+use crate::gateway::Gateway;
+use crate::handler::Handler;
+use crate::projector::{self, Projector};
+use crate::topology;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Roles {
+    pub gateway: bool,
+    pub handler: bool,
+    pub projector: bool,
+}
+
+impl Roles {
+    pub const ALL: Roles = Roles {
+        gateway: true,
+        handler: true,
+        projector: true,
+    };
+}
+
+/// Listeners the node serves on, bound by the caller (port 0 in tests).
+pub struct Listeners {
+    pub gateway: Option<TcpListener>,
+    pub admin: Option<TcpListener>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("nats.url is not configured")]
+    NoNatsUrl,
+    #[error("redis.url is not configured; the projector needs Redis for presence")]
+    NoRedisUrl,
+    #[error("the gateway role needs a listener")]
+    NoGatewayListener,
+    #[error("cannot connect to NATS: {0}")]
+    Nats(String),
+    #[error(transparent)]
+    Topology(#[from] topology::TopologyError),
+    #[error(transparent)]
+    Store(#[from] parley_projections::StoreError),
+    #[error(transparent)]
+    Presence(#[from] parley_projections::PresenceError),
+    #[error(transparent)]
+    Gateway(#[from] crate::gateway::GatewayError),
+    #[error(transparent)]
+    Handler(#[from] crate::handler::HandlerError),
+    #[error("{role} stopped: {cause}")]
+    RoleFailed { role: &'static str, cause: String },
+    #[error("admin endpoint: {0}")]
+    Admin(std::io::Error),
+}
+
+/// Connect to NATS as configured; retries the first connection for a while, so roles can
+/// start before the server does.
+pub async fn connect_nats(config: &Config) -> Result<async_nats::Client, NodeError> {
+    let url = config.nats.url.as_deref().ok_or(NodeError::NoNatsUrl)?;
+    let mut options = async_nats::ConnectOptions::new()
+        .name(&config.nats.name)
+        .retry_on_initial_connect()
+        .connection_timeout(Duration::from_secs(5))
+        .request_timeout(Some(Duration::from_secs(5)));
+    if let Some(creds) = &config.nats.credentials_file {
+        options = options
+            .credentials_file(creds)
+            .await
+            .map_err(|e| NodeError::Nats(format!("credentials file {}: {e}", creds.display())))?;
+    }
+    let client = options
+        .connect(url)
+        .await
+        .map_err(|e| NodeError::Nats(e.to_string()))?;
+    // retry_on_initial_connect returns at once; wait for the first connection, bounded.
+    let connected = async {
+        while client.connection_state() != async_nats::connection::State::Connected {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), connected)
+        .await
+        .map_err(|_| NodeError::Nats(format!("no connection to {url} within 30 s")))?;
+    Ok(client)
+}
+
+pub fn open_store(config: &Config) -> Result<Arc<dyn ConversationStore>, NodeError> {
+    match &config.projector.store {
+        StoreConfig::Sqlite { path } => Ok(Arc::new(SqliteStore::open(path)?)),
+    }
+}
+
+/// Run `roles` until `shutdown` is cancelled or one of them fails.
+pub async fn run(
+    config: Arc<Config>,
+    roles: Roles,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), NodeError> {
+    let readiness = Readiness::default();
+    readiness.set("nats", Err("connecting".into()));
+    let mut tasks: JoinSet<(&'static str, Result<(), String>)> = JoinSet::new();
+    if let Some(admin) = listeners.admin {
+        let app = admin::router(readiness.clone());
+        let stop = shutdown.clone();
+        info!(address = %admin.local_addr().map_err(NodeError::Admin)?, "admin endpoints listening");
+        tasks.spawn(async move {
+            let served = axum::serve(admin, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+            ("admin", served.map_err(|e| e.to_string()))
+        });
+    }
+    let client = connect_nats(&config).await?;
+    let topology = topology::ensure(async_nats::jetstream::new(client.clone()), &config)
+        .await
+        .inspect_err(|e| error!(error = %e, "cannot set up the JetStream topology"))?;
+    readiness.set("nats", Ok(()));
+    let store = if roles.gateway || roles.projector {
+        Some(open_store(&config)?)
+    } else {
+        None
+    };
+
+    if roles.handler {
+        let handler = Handler::build(
+            Arc::clone(&config),
+            client.clone(),
+            topology.clone(),
+            readiness.clone(),
+        );
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            (
+                "handler",
+                handler.run(stop).await.map_err(|e| e.to_string()),
+            )
+        });
+    }
+    if roles.projector {
+        let redis = config.redis.url.as_ref().ok_or(NodeError::NoRedisUrl)?;
+        let presence = PresenceStore::connect(redis.expose()).await?;
+        let store = store.clone().expect("opened for the projector");
+        let projector = Projector::build(
+            Arc::clone(&config),
+            topology.clone(),
+            store,
+            readiness.clone(),
+        );
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            projector.run(stop).await;
+            ("projector", Ok(()))
+        });
+        let stop = shutdown.clone();
+        let (client, readiness) = (client.clone(), readiness.clone());
+        tasks.spawn(async move {
+            let result = projector::run_presence(client, presence, readiness, stop).await;
+            ("presence", result.map_err(|e| e.to_string()))
+        });
+    }
+    if roles.gateway {
+        let listener = listeners.gateway.ok_or(NodeError::NoGatewayListener)?;
+        let store = store.clone().expect("opened for the gateway");
+        let gateway = Gateway::build(
+            Arc::clone(&config),
+            client.clone(),
+            topology.clone(),
+            store,
+            readiness.clone(),
+        )
+        .await?;
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            (
+                "gateway",
+                gateway.run(listener, stop).await.map_err(|e| e.to_string()),
+            )
+        });
+    }
+
+    let mut first_failure = None;
+    while let Some(joined) = tasks.join_next().await {
+        let (role, result) = joined.unwrap_or_else(|e| ("task", Err(e.to_string())));
+        if let Err(cause) = result {
+            error!(role, %cause, "role failed; stopping the node");
+            first_failure.get_or_insert(NodeError::RoleFailed { role, cause });
+            shutdown.cancel();
+        }
+    }
+    // Publishes still buffered in the client go out before the process ends.
+    let _ = client.flush().await;
+    first_failure.map_or(Ok(()), Err)
+}

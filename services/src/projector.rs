@@ -1,0 +1,245 @@
+//! The projector role: feeds the conversation store from the event log, and presence
+//! updates into Redis.
+//!
+//! The conversation projection reads the log through a durable consumer and applies events
+//! in batches; the store records the batch's last sequence with the rows, and the consumer
+//! is acknowledged only after the store has committed. A crash between the two re-applies
+//! the batch, which the store's idempotent writes make harmless. The store's position is
+//! the truth: when the consumer is ahead of it (the store was deleted to be rebuilt), the
+//! consumer is recreated at the store's position and the log is replayed from there.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+use futures::StreamExt;
+use parley_events::presence::{ConnectionState, PresenceUpdate};
+use parley_events::subjects::{PRESENCE_QUEUE, PRESENCE_SUBJECT, PROJECTOR_CONSUMER};
+use parley_events::{EventEnvelope, RecordedEvent};
+use parley_projections::{ConversationStore, PresenceStore};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, error, info, info_span, warn};
+
+use crate::admin::Readiness;
+use crate::config::Config;
+use crate::telemetry;
+use crate::topology::Topology;
+
+const READY_CHECK: &str = "projector";
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectorError {
+    #[error("conversation store: {0}")]
+    Store(#[from] parley_projections::StoreError),
+    #[error("event log consumer: {0}")]
+    Consumer(String),
+    #[error(
+        "event at log sequence {seq} cannot be read ({cause}); the projection stops here rather than skip it: deploy a build that understands it"
+    )]
+    Decode { seq: u64, cause: String },
+}
+
+impl ProjectorError {
+    fn kind(&self) -> &'static str {
+        match self {
+            ProjectorError::Store(e) => e.kind.as_str(),
+            ProjectorError::Consumer(_) => "consumer",
+            ProjectorError::Decode { .. } => "decode",
+        }
+    }
+}
+
+pub struct Projector {
+    config: Arc<Config>,
+    topology: Topology,
+    store: Arc<dyn ConversationStore>,
+    readiness: Readiness,
+}
+
+impl Projector {
+    pub fn build(
+        config: Arc<Config>,
+        topology: Topology,
+        store: Arc<dyn ConversationStore>,
+        readiness: Readiness,
+    ) -> Projector {
+        readiness.set(READY_CHECK, Err("starting".into()));
+        Projector {
+            config,
+            topology,
+            store,
+            readiness,
+        }
+    }
+
+    /// Project until `shutdown`, retrying with backoff whatever fails.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let attempt = self
+                .project(&shutdown)
+                .instrument(info_span!("projector"))
+                .await;
+            match attempt {
+                Ok(()) => return,
+                Err(e) => {
+                    metrics::counter!(telemetry::PROJECTOR_ERRORS_TOTAL, "kind" => e.kind())
+                        .increment(1);
+                    error!(error = %e, retry_in = ?backoff, "projection stopped");
+                    self.readiness.set(READY_CHECK, Err(e.to_string()));
+                }
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    async fn consumer(&self) -> Result<pull::Stream, ProjectorError> {
+        let position = self.store.position().await?;
+        let log = &self.topology.log;
+        if let Ok(info) = log.consumer_info(PROJECTOR_CONSUMER).await
+            && info.ack_floor.stream_sequence > position
+        {
+            warn!(
+                consumer = info.ack_floor.stream_sequence,
+                store = position,
+                "the store is behind its consumer (deleted or restored?); replaying the log from the store's position"
+            );
+            log.delete_consumer(PROJECTOR_CONSUMER)
+                .await
+                .map_err(|e| ProjectorError::Consumer(e.to_string()))?;
+        }
+        let batch = self.config.projector.batch;
+        let consumer = log
+            .get_or_create_consumer(
+                PROJECTOR_CONSUMER,
+                pull::Config {
+                    durable_name: Some(PROJECTOR_CONSUMER.into()),
+                    ack_policy: AckPolicy::All,
+                    deliver_policy: if position == 0 {
+                        DeliverPolicy::All
+                    } else {
+                        DeliverPolicy::ByStartSequence {
+                            start_sequence: position + 1,
+                        }
+                    },
+                    ack_wait: Duration::from_secs(60),
+                    max_ack_pending: i64::try_from(batch * 4).unwrap_or(i64::MAX),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| ProjectorError::Consumer(e.to_string()))?;
+        info!(position, "projecting from the event log");
+        consumer
+            .stream()
+            .max_messages_per_batch(batch)
+            .messages()
+            .await
+            .map_err(|e| ProjectorError::Consumer(e.to_string()))
+    }
+
+    async fn project(&self, shutdown: &CancellationToken) -> Result<(), ProjectorError> {
+        self.store.check().await?;
+        let mut messages = self
+            .consumer()
+            .await?
+            .ready_chunks(self.config.projector.batch);
+        self.readiness.set(READY_CHECK, Ok(()));
+        loop {
+            let chunk = tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                chunk = messages.next() => match chunk {
+                    Some(chunk) => chunk,
+                    None => return Err(ProjectorError::Consumer("consumer stream ended".into())),
+                },
+            };
+            let mut events = Vec::with_capacity(chunk.len());
+            let mut last = None;
+            for message in chunk {
+                let message = message.map_err(|e| ProjectorError::Consumer(e.to_string()))?;
+                let seq = message
+                    .info()
+                    .map_err(|e| ProjectorError::Consumer(e.to_string()))?
+                    .stream_sequence;
+                let envelope = EventEnvelope::from_bytes(&message.payload).map_err(|e| {
+                    ProjectorError::Decode {
+                        seq,
+                        cause: e.to_string(),
+                    }
+                })?;
+                events.push(envelope.recorded(seq));
+                last = Some(message);
+            }
+            let Some(last) = last else { continue };
+            self.apply(&events).await?;
+            // With AckPolicy::All, acknowledging the batch's last message acknowledges it all.
+            last.ack()
+                .await
+                .map_err(|e| ProjectorError::Consumer(e.to_string()))?;
+        }
+    }
+
+    async fn apply(&self, events: &[RecordedEvent]) -> Result<(), ProjectorError> {
+        let started = Instant::now();
+        self.store.apply(events).await?;
+        metrics::histogram!(telemetry::PROJECTOR_APPLY_SECONDS)
+            .record(started.elapsed().as_secs_f64());
+        metrics::histogram!(telemetry::PROJECTOR_BATCH_EVENTS).record(events.len() as f64);
+        metrics::counter!(telemetry::PROJECTOR_EVENTS_APPLIED_TOTAL).increment(events.len() as u64);
+        if let Some(last) = events.last() {
+            metrics::gauge!(telemetry::PROJECTOR_POSITION).set(last.seq as f64);
+        }
+        Ok(())
+    }
+}
+
+/// Record presence updates from every gateway until `shutdown`. Instances share a queue
+/// group, so each update is recorded once.
+pub async fn run_presence(
+    client: async_nats::Client,
+    store: PresenceStore,
+    readiness: Readiness,
+    shutdown: CancellationToken,
+) -> Result<(), async_nats::SubscribeError> {
+    const CHECK: &str = "presence";
+    let mut updates = client
+        .queue_subscribe(PRESENCE_SUBJECT, PRESENCE_QUEUE.into())
+        .await?;
+    readiness.set(CHECK, Ok(()));
+    loop {
+        let message = tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            message = updates.next() => match message { Some(message) => message, None => return Ok(()) },
+        };
+        let update = match PresenceUpdate::from_bytes(&message.payload) {
+            Ok(update) => update,
+            Err(e) => {
+                warn!(error = %e, "unreadable presence update");
+                metrics::counter!(telemetry::PRESENCE_ERRORS_TOTAL, "kind" => "decode")
+                    .increment(1);
+                continue;
+            }
+        };
+        let state = match update.state {
+            ConnectionState::Open => "open",
+            ConnectionState::Closed => "closed",
+        };
+        match store.record(&update).await {
+            Ok(()) => {
+                readiness.set(CHECK, Ok(()));
+                metrics::counter!(telemetry::PRESENCE_UPDATES_TOTAL, "state" => state).increment(1);
+            }
+            Err(e) => {
+                // Presence repairs itself with the next heartbeat; say so once per failure.
+                warn!(error = %e, "cannot record presence");
+                readiness.set(CHECK, Err(e.to_string()));
+                metrics::counter!(telemetry::PRESENCE_ERRORS_TOTAL, "kind" => "redis").increment(1);
+            }
+        }
+    }
+}

@@ -1,0 +1,84 @@
+//! Telemetry: every metric name Parley emits is declared here, with its unit in the name.
+//!
+//! Labels are bounded: frame types, error codes, results and close codes, never a user or
+//! conversation id. Counters are bumped once per batch where work is batched.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const GATEWAY_CONNECTIONS: &str = "parley_gateway_connections";
+pub const GATEWAY_UPGRADES_TOTAL: &str = "parley_gateway_upgrades_total";
+pub const GATEWAY_FRAMES_RECEIVED_TOTAL: &str = "parley_gateway_frames_received_total";
+pub const GATEWAY_FRAME_ERRORS_TOTAL: &str = "parley_gateway_frame_errors_total";
+pub const GATEWAY_CLOSES_TOTAL: &str = "parley_gateway_closes_total";
+pub const GATEWAY_EVENTS_DELIVERED_TOTAL: &str = "parley_gateway_events_delivered_total";
+pub const GATEWAY_GAP_FILLS_TOTAL: &str = "parley_gateway_gap_fills_total";
+pub const GATEWAY_CONVERSATION_SUBSCRIPTIONS: &str = "parley_gateway_conversation_subscriptions";
+pub const GATEWAY_COMMAND_SECONDS: &str = "parley_gateway_command_seconds";
+pub const GATEWAY_COMMAND_OUTCOMES_TOTAL: &str = "parley_gateway_command_outcomes_total";
+
+pub const HANDLER_COMMANDS_TOTAL: &str = "parley_handler_commands_total";
+pub const HANDLER_APPEND_CONFLICTS_TOTAL: &str = "parley_handler_append_conflicts_total";
+pub const HANDLER_APPEND_SECONDS: &str = "parley_handler_append_seconds";
+pub const HANDLER_COMMAND_SECONDS: &str = "parley_handler_command_seconds";
+pub const HANDLER_LOG_POSITION: &str = "parley_handler_log_position";
+
+pub const PROJECTOR_EVENTS_APPLIED_TOTAL: &str = "parley_projector_events_applied_total";
+pub const PROJECTOR_BATCH_EVENTS: &str = "parley_projector_batch_events";
+pub const PROJECTOR_APPLY_SECONDS: &str = "parley_projector_apply_seconds";
+pub const PROJECTOR_POSITION: &str = "parley_projector_position";
+pub const PROJECTOR_ERRORS_TOTAL: &str = "parley_projector_errors_total";
+pub const PRESENCE_UPDATES_TOTAL: &str = "parley_presence_updates_total";
+pub const PRESENCE_ERRORS_TOTAL: &str = "parley_presence_errors_total";
+
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
+];
+const BATCH_BUCKETS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+
+/// The process-wide Prometheus recorder, installed on first use. Every role in the process
+/// (one in production, several under `parley up` or in tests) reports through it.
+pub fn prometheus() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let handle = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS)
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full(PROJECTOR_BATCH_EVENTS.into()),
+                    &BATCH_BUCKETS,
+                )
+            })
+            .expect("bucket lists are non-empty")
+            .install_recorder()
+            .expect("no other metrics recorder is installed in this process");
+        let upkeep = handle.clone();
+        // Histograms are drained into their summaries by upkeep; without it they grow.
+        std::thread::Builder::new()
+            .name("metrics-upkeep".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(Duration::from_secs(5));
+                    upkeep.run_upkeep();
+                }
+            })
+            .expect("spawning a thread at start-up succeeds");
+        handle
+    })
+}
+
+/// Initialise structured logging for the binary. `RUST_LOG` filters; `json` picks JSON lines.
+pub fn init_logging(json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(true);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

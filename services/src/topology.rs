@@ -1,0 +1,194 @@
+//! The JetStream topology: the intake stream and the event log, created idempotently by
+//! whichever role starts first, and checked by every role that finds them already there.
+//!
+//! A stream whose existing configuration differs from what this deployment asks for is
+//! never changed silently: the role refuses to start and says which setting differs.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use parley_events::subjects::{
+    INTAKE_STREAM, INTAKE_SUBJECT, LOG_SHARDS_METADATA, LOG_STREAM, LOG_SUBJECTS, Shards,
+};
+
+use crate::config::Config;
+
+/// Largest message either stream accepts. A group creation listing 10,000 members is the
+/// largest event today (about 400 KB).
+pub const MAX_STREAM_MESSAGE_BYTES: i32 = 1024 * 1024;
+/// The log dedupes appends by event id within this window, which covers the time a
+/// redelivered command can race its first delivery.
+pub const LOG_DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    #[error("cannot create or read stream {stream}: {cause}")]
+    Unavailable { stream: &'static str, cause: String },
+    #[error(
+        "refusing to start: stream {stream} exists with {setting} = {found}, but this configuration needs {wanted}; \
+         change the configuration to match, or migrate the stream deliberately"
+    )]
+    Incompatible {
+        stream: &'static str,
+        setting: &'static str,
+        found: String,
+        wanted: String,
+    },
+}
+
+/// Handles to the two streams, checked against the configuration.
+#[derive(Clone)]
+pub struct Topology {
+    pub js: jetstream::Context,
+    pub log: stream::Stream,
+    pub intake: stream::Stream,
+    pub shards: Shards,
+}
+
+pub fn log_stream_config(config: &Config) -> stream::Config {
+    stream::Config {
+        name: LOG_STREAM.into(),
+        description: Some("Parley event log: the source of truth".into()),
+        subjects: vec![LOG_SUBJECTS.into()],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        num_replicas: config.log.replicas,
+        duplicate_window: LOG_DUPLICATE_WINDOW,
+        max_message_size: MAX_STREAM_MESSAGE_BYTES,
+        allow_direct: true,
+        deny_delete: true,
+        deny_purge: true,
+        metadata: HashMap::from([(
+            LOG_SHARDS_METADATA.to_owned(),
+            config.log.shards.to_string(),
+        )]),
+        ..Default::default()
+    }
+}
+
+pub fn intake_stream_config(config: &Config) -> stream::Config {
+    stream::Config {
+        name: INTAKE_STREAM.into(),
+        description: Some("Parley commands from gateways to handlers".into()),
+        subjects: vec![INTAKE_SUBJECT.into()],
+        retention: stream::RetentionPolicy::WorkQueue,
+        storage: stream::StorageType::File,
+        num_replicas: config.intake.replicas,
+        duplicate_window: Duration::from_secs(config.intake.duplicate_window_secs),
+        max_messages: config.intake.max_messages,
+        // A full intake refuses new commands instead of dropping queued ones.
+        discard: stream::DiscardPolicy::New,
+        max_message_size: MAX_STREAM_MESSAGE_BYTES,
+        ..Default::default()
+    }
+}
+
+/// Create both streams if missing, then check that what exists matches `config`.
+pub async fn ensure(js: jetstream::Context, config: &Config) -> Result<Topology, TopologyError> {
+    let shards = Shards::new(config.log.shards).expect("validated by Config::validate");
+    let log = ensure_stream(&js, LOG_STREAM, log_stream_config(config)).await?;
+    let intake = ensure_stream(&js, INTAKE_STREAM, intake_stream_config(config)).await?;
+    Ok(Topology {
+        js,
+        log,
+        intake,
+        shards,
+    })
+}
+
+async fn ensure_stream(
+    js: &jetstream::Context,
+    name: &'static str,
+    wanted: stream::Config,
+) -> Result<stream::Stream, TopologyError> {
+    let unavailable = |cause: String| TopologyError::Unavailable {
+        stream: name,
+        cause,
+    };
+    // Roles starting together race to create the stream; the loser's create fails, and the
+    // stream it then finds is checked like any existing one.
+    let mut stream = match js.get_or_create_stream(wanted.clone()).await {
+        Ok(stream) => stream,
+        Err(create_error) => js
+            .get_stream(name)
+            .await
+            .map_err(|_| unavailable(create_error.to_string()))?,
+    };
+    let found = stream
+        .info()
+        .await
+        .map_err(|e| unavailable(e.to_string()))?
+        .config
+        .clone();
+    check_compatible(name, &found, &wanted)?;
+    Ok(stream)
+}
+
+/// The settings that change what the stream means; anything else (descriptions, limits an
+/// operator raised by hand) is left to the operator.
+fn check_compatible(
+    stream: &'static str,
+    found: &stream::Config,
+    wanted: &stream::Config,
+) -> Result<(), TopologyError> {
+    let differ = |setting: &'static str, found: String, wanted: String| {
+        Err(TopologyError::Incompatible {
+            stream,
+            setting,
+            found,
+            wanted,
+        })
+    };
+    if found.subjects != wanted.subjects {
+        return differ(
+            "subjects",
+            format!("{:?}", found.subjects),
+            format!("{:?}", wanted.subjects),
+        );
+    }
+    if found.retention != wanted.retention {
+        return differ(
+            "retention",
+            format!("{:?}", found.retention),
+            format!("{:?}", wanted.retention),
+        );
+    }
+    if found.storage != wanted.storage {
+        return differ(
+            "storage",
+            format!("{:?}", found.storage),
+            format!("{:?}", wanted.storage),
+        );
+    }
+    if found.num_replicas != wanted.num_replicas {
+        return differ(
+            "replicas",
+            found.num_replicas.to_string(),
+            wanted.num_replicas.to_string(),
+        );
+    }
+    if found.allow_direct != wanted.allow_direct {
+        return differ(
+            "allow_direct",
+            found.allow_direct.to_string(),
+            wanted.allow_direct.to_string(),
+        );
+    }
+    if found.duplicate_window != wanted.duplicate_window {
+        return differ(
+            "duplicate_window",
+            format!("{:?}", found.duplicate_window),
+            format!("{:?}", wanted.duplicate_window),
+        );
+    }
+    let shards = |config: &stream::Config| config.metadata.get(LOG_SHARDS_METADATA).cloned();
+    if shards(found) != shards(wanted) {
+        return differ(
+            "metadata parley.shards",
+            shards(found).unwrap_or_else(|| "unset".into()),
+            shards(wanted).unwrap_or_else(|| "unset".into()),
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,226 @@
+//! Everything a client can get wrong gets its documented answer, and nothing is appended.
+
+mod support;
+
+use std::time::Duration;
+
+use parley_services::unix_millis;
+use serde_json::json;
+use support::{Client, Platform, SECRET};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{self, Message};
+
+/// The upgrade is refused with `status` and the JSON error `code`.
+async fn refused(request: tungstenite::handshake::client::Request, status: u16, code: &str) {
+    match Client::open(request).await {
+        Err(tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status().as_u16(), status);
+            let body: serde_json::Value =
+                serde_json::from_slice(response.body().as_deref().unwrap_or_default()).unwrap();
+            assert_eq!(body["code"], code, "{body}");
+            assert_eq!(body["retryable"], false);
+        }
+        Err(other) => panic!("expected an HTTP refusal, got {other}"),
+        Ok(_) => panic!("expected the upgrade to be refused"),
+    }
+}
+
+fn with_bearer(url: &str, token: &str) -> tungstenite::handshake::client::Request {
+    let mut request = url.into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("Authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_tokens_are_refused_at_the_upgrade() {
+    let platform = Platform::start(1).await;
+    let url = platform.url(0);
+    let now = unix_millis() / 1000;
+
+    refused(
+        url.clone().into_client_request().unwrap(),
+        401,
+        "token_missing",
+    )
+    .await;
+    let expired = platform.token_with(SECRET, "alice", now - 7200, 60);
+    refused(with_bearer(&url, &expired), 401, "token_expired").await;
+    let forged = platform.token_with("some-other-secret-some-other-secret", "alice", now, 60);
+    refused(with_bearer(&url, &forged), 401, "token_invalid").await;
+    refused(with_bearer(&url, "garbage"), 401, "token_invalid").await;
+    // The query parameter is checked just the same.
+    refused(
+        format!("{url}?access_token={forged}")
+            .into_client_request()
+            .unwrap(),
+        401,
+        "token_invalid",
+    )
+    .await;
+
+    // A browser-style connection with the token in the query string works.
+    let good = platform.token("alice");
+    let mut client = Client::open(
+        format!("{url}?access_token={good}")
+            .into_client_request()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(client.next_of(&["welcome"]).await["user"], "alice");
+    assert!(platform.log().await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disallowed_origins_are_refused() {
+    let platform = Platform::start_with(1, |c| {
+        c.gateway.allowed_origins = vec!["https://chat.example".into()]
+    })
+    .await;
+    let mut request = with_bearer(&platform.url(0), &platform.token("alice"));
+    request
+        .headers_mut()
+        .insert("Origin", "https://evil.example".parse().unwrap());
+    refused(request, 403, "origin_not_allowed").await;
+    let mut request = with_bearer(&platform.url(0), &platform.token("alice"));
+    request
+        .headers_mut()
+        .insert("Origin", "https://chat.example".parse().unwrap());
+    let mut client = Client::open(request).await.unwrap();
+    client.next_of(&["welcome"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_frames_and_commands_get_their_error_codes_and_append_nothing() {
+    let platform = Platform::start(1).await;
+    let mut alice = platform.connect(0, "alice").await;
+    let mut bob = platform.connect(0, "bob").await;
+    let conversation = platform.direct(&mut alice, &mut bob, "bob").await;
+    let max = platform.config.limits.max_message_bytes;
+    let unknown_conversation = "0191d2c4-0000-7000-8000-000000000000";
+
+    let cases: Vec<(String, &str, Option<&str>)> = vec![
+        ("{not json".into(), "bad_frame", None),
+        (json!(["not", "an", "object"]).to_string(), "bad_frame", None),
+        (json!({"type": "teleport", "id": "t"}).to_string(), "unknown_frame_type", None),
+        (json!({"type": "send", "id": "no-conv", "body": "x"}).to_string(), "bad_frame", Some("no-conv")),
+        (json!({"type": "send", "id": "bad id!", "conversation": conversation, "body": "x"}).to_string(), "bad_frame", None),
+        (json!({"type": "send", "id": "big", "conversation": conversation, "body": "x".repeat(max + 1)}).to_string(), "message_too_large", Some("big")),
+        (json!({"type": "send", "id": "empty", "conversation": conversation, "body": "   "}).to_string(), "empty_message", Some("empty")),
+        (json!({"type": "send", "id": "nowhere", "conversation": unknown_conversation, "body": "x"}).to_string(), "conversation_not_found", Some("nowhere")),
+        (json!({"type": "create_direct", "id": "self", "peer": "alice"}).to_string(), "invalid_request", Some("self")),
+    ];
+    for (frame, code, id) in cases {
+        alice.send_raw(Message::Text(frame.clone().into())).await;
+        let error = alice.next_of(&["error"]).await;
+        assert_eq!(error["code"], code, "for {frame}: {error}");
+        assert_eq!(error["retryable"], false);
+        assert!(!error["message"].as_str().unwrap().is_empty());
+        match id {
+            Some(id) => assert_eq!(error["id"], id),
+            None => assert!(error.get("id").is_none()),
+        }
+    }
+
+    let mut mallory = platform.connect(0, "mallory").await;
+    mallory
+        .send(json!({"type": "send", "id": "intrude", "conversation": conversation, "body": "hi"}))
+        .await;
+    let error = mallory.next_of(&["error"]).await;
+    assert_eq!(error["code"], "not_member");
+    assert_eq!(error["id"], "intrude");
+
+    // The socket survives all of that and still works.
+    alice
+        .send(json!({"type": "ping", "id": "still-there"}))
+        .await;
+    assert_eq!(alice.next_of(&["pong"]).await["id"], "still-there");
+    bob.expect_silence(Duration::from_millis(300)).await;
+    assert_eq!(
+        platform.log().await.len(),
+        1,
+        "only the conversation's creation is in the log"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_violations_close_with_rfc_6455_codes() {
+    let platform = Platform::start(1).await;
+    let max_frame = platform.config.limits.max_frame_bytes;
+
+    let mut client = platform.connect(0, "alice").await;
+    let oversized = json!({"type": "ping", "pad": "x".repeat(max_frame)}).to_string();
+    client.send_raw(Message::Text(oversized.into())).await;
+    assert_eq!(client.closed().await.code, 1009);
+
+    let mut client = platform.connect(0, "alice").await;
+    client.send_raw(Message::Binary(vec![1, 2, 3].into())).await;
+    assert_eq!(client.closed().await.code, 1003);
+
+    assert!(platform.log().await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sockets_are_pinged_and_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let platform = Platform::start_with(1, |c| {
+        c.gateway.ping_interval_secs = 1;
+        c.gateway.idle_timeout_secs = 2;
+    })
+    .await;
+    // A hand-made client that completes the upgrade and then never answers anything, not
+    // even pings (a WebSocket library would answer those by itself).
+    let mut tcp = tokio::net::TcpStream::connect(platform.gateways[0])
+        .await
+        .unwrap();
+    let request = format!(
+        "GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         Authorization: Bearer {}\r\n\r\n",
+        platform.token("alice")
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    // Server frames are unmasked: opcode in the low nibble of the first byte.
+    let (mut saw_ping, mut close) = (false, None);
+    while close.is_none() {
+        let read = tokio::time::timeout_at(deadline, tcp.read(&mut buffer))
+            .await
+            .expect("closed in time")
+            .unwrap();
+        assert!(read > 0, "connection ended without a close frame");
+        received.extend_from_slice(&buffer[..read]);
+        let Some(head_end) = received.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let mut frames = &received[head_end + 4..];
+        while frames.len() >= 4 {
+            let opcode = frames[0] & 0x0f;
+            let (header, length) = match frames[1] & 0x7f {
+                126 => (4, usize::from(u16::from_be_bytes([frames[2], frames[3]]))),
+                short => (2, usize::from(short)),
+            };
+            if frames.len() < header + length {
+                break;
+            }
+            let payload = &frames[header..header + length];
+            match opcode {
+                0x9 => saw_ping = true,
+                0x8 => {
+                    close = Some((
+                        u16::from_be_bytes([payload[0], payload[1]]),
+                        String::from_utf8_lossy(&payload[2..]).into_owned(),
+                    ))
+                }
+                _ => {}
+            }
+            frames = &frames[header + length..];
+        }
+    }
+    assert!(saw_ping, "the server pings before giving up");
+    assert_eq!(close, Some((1000, "idle timeout".to_owned())));
+}

@@ -1,0 +1,274 @@
+//! The message path end to end, on real NATS, Redis and SQLite, with real WebSocket clients.
+
+mod support;
+
+use std::time::Duration;
+
+use parley_events::{ConversationId, Event};
+use parley_projections::ConversationStore;
+use serde_json::json;
+use support::{Platform, eventually};
+
+fn conversation_of(frame: &serde_json::Value) -> ConversationId {
+    frame["conversation"].as_str().unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_message_is_delivered_once_logged_once_projected_and_presence_tracked() {
+    let platform = Platform::start(1).await;
+    let mut alice = platform.connect(0, "alice").await;
+    let mut bob = platform.connect(0, "bob").await;
+    let conversation = platform.direct(&mut alice, &mut bob, "bob").await;
+
+    alice
+        .send(
+            json!({"type": "send", "id": "m-1", "conversation": conversation, "body": "hello bob"}),
+        )
+        .await;
+    let ack = alice.reply_to("m-1").await;
+    assert_eq!(ack["type"], "ack");
+    let own_event = alice.next_of(&["event"]).await;
+    let seq = ack["seq"].as_u64().unwrap();
+    assert_eq!(
+        own_event["event"]["seq"], seq,
+        "the sender's other views get the event too"
+    );
+
+    let delivered = bob.next_of(&["event"]).await;
+    let event = &delivered["event"];
+    assert_eq!(event["seq"], seq);
+    assert_eq!(event["type"], "message.posted");
+    assert_eq!(event["actor"], "alice");
+    assert_eq!(event["data"]["body"], "hello bob");
+    assert_eq!(
+        event["prev"], 1,
+        "prev points at the conversation's creation"
+    );
+    bob.expect_silence(Duration::from_millis(300)).await;
+
+    let log = platform.log().await;
+    let posted: Vec<_> = log
+        .iter()
+        .filter(|e| matches!(e.envelope.event, Event::MessagePosted(_)))
+        .collect();
+    assert_eq!(posted.len(), 1, "exactly one event in the log");
+    assert_eq!(posted[0].seq, seq);
+
+    let store = platform.store();
+    let page = eventually(|| async {
+        let page = store.history(conversation, None, 10).await.unwrap();
+        (!page.messages.is_empty()).then_some(page)
+    })
+    .await;
+    assert_eq!(page.messages.len(), 1);
+    assert_eq!(page.messages[0].body, "hello bob");
+    assert_eq!(page.messages[0].seq, seq);
+
+    bob.send(json!({"type": "history", "id": "h-1", "conversation": conversation}))
+        .await;
+    let history = bob.next_of(&["history"]).await;
+    assert_eq!(history["id"], "h-1");
+    assert_eq!(history["messages"][0]["body"], "hello bob");
+    assert_eq!(history["messages"][0]["sender"], "alice");
+    assert_eq!(history["has_more"], false);
+
+    eventually(|| async {
+        (platform.presence("alice").await.online() && platform.presence("bob").await.online())
+            .then_some(())
+    })
+    .await;
+    bob.close().await;
+    let bob_presence = eventually(|| async {
+        let presence = platform.presence("bob").await;
+        (!presence.online()).then_some(presence)
+    })
+    .await;
+    assert!(
+        bob_presence.last_seen.is_some(),
+        "last seen is kept after going offline"
+    );
+    assert!(platform.presence("alice").await.online());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_works_the_same_across_two_gateways() {
+    let platform = Platform::start(2).await;
+    let mut alice = platform.connect(0, "alice").await;
+    let mut bob = platform.connect(1, "bob").await;
+    let conversation = platform.direct(&mut alice, &mut bob, "bob").await;
+
+    for i in 0..5 {
+        alice.send(json!({"type": "send", "id": format!("m-{i}"), "conversation": conversation, "body": format!("n{i}")})).await;
+    }
+    let mut seqs = Vec::new();
+    for i in 0..5 {
+        let frame = bob.next_of(&["event"]).await;
+        assert_eq!(frame["event"]["data"]["body"], format!("n{i}"), "in order");
+        seqs.push(frame["event"]["seq"].as_u64().unwrap());
+    }
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]));
+    bob.expect_silence(Duration::from_millis(300)).await;
+
+    // And back the other way.
+    bob.send(json!({"type": "send", "id": "r-1", "conversation": conversation, "body": "reply"}))
+        .await;
+    let reply = loop {
+        let frame = alice.next_of(&["ack", "event"]).await;
+        if frame["type"] == "event" && frame["event"]["actor"] == "bob" {
+            break frame;
+        }
+    };
+    assert_eq!(reply["event"]["data"]["body"], "reply");
+    assert_eq!(reply["event"]["prev"], seqs[4]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_client_message_id_twice_appends_once_and_acks_the_same() {
+    let platform = Platform::start(2).await;
+    let mut alice = platform.connect(0, "alice").await;
+    let mut bob = platform.connect(0, "bob").await;
+    let conversation = platform.direct(&mut alice, &mut bob, "bob").await;
+    let send = json!({"type": "send", "id": "same", "conversation": conversation, "body": "once"});
+
+    alice.send(send.clone()).await;
+    let first = alice.reply_to("same").await;
+    assert_eq!(first["type"], "ack");
+    bob.next_of(&["event"]).await;
+
+    alice.send(send.clone()).await;
+    let second = alice.reply_to("same").await;
+    assert_eq!(first, second);
+
+    // A retry from another device on another gateway after a reconnect: same answer.
+    let mut alice_phone = platform.connect(1, "alice").await;
+    alice_phone.send(send).await;
+    let third = alice_phone.reply_to("same").await;
+    assert_eq!(first, third);
+
+    bob.expect_silence(Duration::from_millis(300)).await;
+    let log = platform.log().await;
+    let posted = log
+        .iter()
+        .filter(|e| matches!(e.envelope.event, Event::MessagePosted(_)))
+        .count();
+    assert_eq!(posted, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creating_a_direct_conversation_twice_yields_the_same_one() {
+    let platform = Platform::start(1).await;
+    let mut alice = platform.connect(0, "alice").await;
+    let mut bob = platform.connect(0, "bob").await;
+    let conversation = platform.direct(&mut alice, &mut bob, "bob").await;
+    bob.send(json!({"type": "create_direct", "id": "other-id", "peer": "alice"}))
+        .await;
+    let ack = bob.reply_to("other-id").await;
+    assert_eq!(conversation_of(&ack), conversation);
+    assert_eq!(ack["seq"], 1);
+    assert_eq!(platform.log().await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_members_receive_messages_and_outsiders_are_refused() {
+    let platform = Platform::start(1).await;
+    let mut alice = platform.connect(0, "alice").await;
+    let mut bob = platform.connect(0, "bob").await;
+    let mut carol = platform.connect(0, "carol").await;
+    let mut mallory = platform.connect(0, "mallory").await;
+    alice.send(json!({"type": "create_group", "id": "g", "title": "team", "members": ["bob", "carol"]})).await;
+    let ack = alice.reply_to("g").await;
+    let group = conversation_of(&ack);
+    for member in [&mut bob, &mut carol] {
+        let created = member.next_of(&["event"]).await;
+        assert_eq!(created["event"]["data"]["kind"], "group");
+        assert_eq!(
+            created["event"]["data"]["members"][0],
+            json!({"user": "alice", "role": "owner"})
+        );
+    }
+    bob.send(json!({"type": "send", "id": "b1", "conversation": group, "body": "hi team"}))
+        .await;
+    assert_eq!(
+        carol.next_of(&["event"]).await["event"]["data"]["body"],
+        "hi team"
+    );
+
+    mallory
+        .send(json!({"type": "send", "id": "x", "conversation": group, "body": "let me in"}))
+        .await;
+    let refused = mallory.reply_to("x").await;
+    assert_eq!(refused["code"], "not_member");
+    eventually(|| async { platform.store().conversation(group).await.unwrap() }).await;
+    mallory
+        .send(json!({"type": "history", "id": "h", "conversation": group}))
+        .await;
+    let refused = mallory.reply_to("h").await;
+    assert_eq!(refused["code"], "not_member");
+    mallory.expect_silence(Duration::from_millis(200)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_pages_backwards_without_gaps_or_repeats() {
+    let platform = Platform::start(1).await;
+    let mut alice = platform.connect(0, "alice").await;
+    let mut bob = platform.connect(0, "bob").await;
+    let conversation = platform.direct(&mut alice, &mut bob, "bob").await;
+    for i in 0..7 {
+        alice.send(json!({"type": "send", "id": format!("p{i}"), "conversation": conversation, "body": format!("{i}")})).await;
+    }
+    for _ in 0..7 {
+        bob.next_of(&["event"]).await;
+    }
+    eventually(|| async {
+        let page = platform
+            .store()
+            .history(conversation, None, 10)
+            .await
+            .unwrap();
+        (page.messages.len() == 7).then_some(())
+    })
+    .await;
+    let mut bodies = Vec::new();
+    let mut before = None;
+    loop {
+        bob.send(json!({"type": "history", "id": "h", "conversation": conversation, "before": before, "limit": 3})).await;
+        let page = bob.next_of(&["history"]).await;
+        let messages = page["messages"].as_array().unwrap();
+        bodies.extend(
+            messages
+                .iter()
+                .map(|m| m["body"].as_str().unwrap().to_owned()),
+        );
+        before = messages.last().map(|m| m["seq"].as_u64().unwrap());
+        if page["has_more"] == false {
+            break;
+        }
+    }
+    assert_eq!(bodies, ["6", "5", "4", "3", "2", "1", "0"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_queued_while_the_handler_is_down_are_processed_when_it_returns() {
+    let mut platform = Platform::start_with(1, |c| c.gateway.command_timeout_secs = 60).await;
+    let mut alice = platform.connect(0, "alice").await;
+    let mut bob = platform.connect(0, "bob").await;
+    let conversation = platform.direct(&mut alice, &mut bob, "bob").await;
+
+    platform.stop_handler().await;
+    for i in 0..10 {
+        alice.send(json!({"type": "send", "id": format!("q{i}"), "conversation": conversation, "body": format!("queued {i}")})).await;
+    }
+    // The commands wait in the intake stream; nothing is appended meanwhile.
+    bob.expect_silence(Duration::from_millis(500)).await;
+    assert_eq!(platform.log().await.len(), 1);
+
+    platform.start_handler().await;
+    for i in 0..10 {
+        let frame = bob.next_of(&["event"]).await;
+        assert_eq!(frame["event"]["data"]["body"], format!("queued {i}"));
+    }
+    for i in 0..10 {
+        assert_eq!(alice.reply_to(&format!("q{i}")).await["type"], "ack");
+    }
+    assert_eq!(platform.log().await.len(), 11);
+}

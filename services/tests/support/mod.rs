@@ -1,0 +1,450 @@
+//! Test support: a whole platform on real servers, and a WebSocket client that reads like
+//! the protocol.
+//!
+//! Every test gets its own nats-server, redis-server, SQLite file and roles, on free
+//! loopback ports, all gone when the [`Platform`] drops.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use parley_events::{ConversationId, EventEnvelope, RecordedEvent, UserId};
+use parley_localstack::{NatsOptions, NatsServer, RedisOptions, RedisServer};
+use parley_projections::{PresenceStore, SqliteStore, UserPresence};
+use parley_services::config::{Config, Secret, StoreConfig};
+use parley_services::node::{self, Listeners, Roles};
+use parley_services::{auth, unix_millis};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_util::sync::CancellationToken;
+
+pub const SECRET: &str = "test-secret-test-secret-test-secret!";
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A role running in this process, stoppable on its own.
+struct Running {
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), node::NodeError>>,
+}
+
+impl Running {
+    async fn start(config: Arc<Config>, roles: Roles, gateway: Option<TcpListener>) -> Running {
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(node::run(
+            config,
+            roles,
+            Listeners {
+                gateway,
+                admin: None,
+            },
+            shutdown.clone(),
+        ));
+        Running { shutdown, task }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        let result = tokio::time::timeout(WAIT, self.task)
+            .await
+            .expect("role stops in time");
+        result
+            .expect("role task does not panic")
+            .expect("role stops cleanly");
+    }
+}
+
+pub struct Platform {
+    pub nats: NatsServer,
+    pub redis: RedisServer,
+    pub config: Arc<Config>,
+    pub gateways: Vec<SocketAddr>,
+    dir: tempfile::TempDir,
+    handler: Option<Running>,
+    others: Vec<Running>,
+}
+
+impl Platform {
+    /// NATS, Redis, one handler, one projector and `gateways` gateways.
+    pub async fn start(gateways: usize) -> Platform {
+        Self::start_with(gateways, |_| {}).await
+    }
+
+    pub async fn start_with(gateways: usize, adjust: impl FnOnce(&mut Config)) -> Platform {
+        // Role logs (warnings and up, or RUST_LOG) show under a failing test's output.
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            )
+            .try_init();
+        let nats = NatsServer::start(NatsOptions::default()).expect("nats-server starts");
+        let redis = RedisServer::start(RedisOptions::default()).expect("redis-server starts");
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::default();
+        config.nats.url = Some(nats.url());
+        config.redis.url = Some(Secret::new(redis.url()));
+        config.auth.secret = Some(Secret::new(SECRET));
+        config.log.shards = 16;
+        config.handler.lanes = 4;
+        config.projector.store = StoreConfig::Sqlite {
+            path: dir.path().join("conversations.db"),
+        };
+        config.gateway.command_timeout_secs = 5;
+        adjust(&mut config);
+        config.validate().expect("test configuration is valid");
+        let config = Arc::new(config);
+
+        let handler = Running::start(
+            Arc::clone(&config),
+            Roles {
+                handler: true,
+                ..Roles::default()
+            },
+            None,
+        )
+        .await;
+        let mut others = vec![
+            Running::start(
+                Arc::clone(&config),
+                Roles {
+                    projector: true,
+                    ..Roles::default()
+                },
+                None,
+            )
+            .await,
+        ];
+        let mut addresses = Vec::new();
+        for _ in 0..gateways {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            addresses.push(listener.local_addr().unwrap());
+            others.push(
+                Running::start(
+                    Arc::clone(&config),
+                    Roles {
+                        gateway: true,
+                        ..Roles::default()
+                    },
+                    Some(listener),
+                )
+                .await,
+            );
+        }
+        let platform = Platform {
+            nats,
+            redis,
+            config,
+            gateways: addresses,
+            dir,
+            handler: Some(handler),
+            others,
+        };
+        platform.wait_until_ready().await;
+        platform
+    }
+
+    /// Wait until every gateway accepts sockets and the handler answers commands: a probe
+    /// user asks for a direct conversation with itself, which only a handler refuses.
+    async fn wait_until_ready(&self) {
+        for index in 0..self.gateways.len() {
+            let mut probe = eventually(|| async {
+                self.assert_roles_running().await;
+                self.try_connect(index, "probe").await.ok()
+            })
+            .await;
+            probe.next_of(&["welcome"]).await;
+            probe
+                .send(json!({"type": "create_direct", "id": "ready", "peer": "probe"}))
+                .await;
+            let reply = probe.next_of(&["error"]).await;
+            assert_eq!(reply["code"], "invalid_request", "{reply}");
+        }
+    }
+
+    async fn assert_roles_running(&self) {
+        for running in self.others.iter().chain(&self.handler) {
+            if running.task.is_finished() {
+                running.shutdown.cancel();
+                panic!("a role stopped during start-up; see its log above");
+            }
+        }
+    }
+
+    pub async fn stop_handler(&mut self) {
+        self.handler
+            .take()
+            .expect("handler is running")
+            .stop()
+            .await;
+    }
+
+    pub async fn start_handler(&mut self) {
+        assert!(self.handler.is_none(), "handler is already running");
+        self.handler = Some(
+            Running::start(
+                Arc::clone(&self.config),
+                Roles {
+                    handler: true,
+                    ..Roles::default()
+                },
+                None,
+            )
+            .await,
+        );
+    }
+
+    pub fn token(&self, user: &str) -> String {
+        self.token_with(SECRET, user, unix_millis() / 1000, 3600)
+    }
+
+    pub fn token_with(&self, secret: &str, user: &str, now_secs: u64, ttl_secs: u64) -> String {
+        auth::mint(
+            &Secret::new(secret),
+            &UserId::parse(user).unwrap(),
+            now_secs,
+            ttl_secs,
+        )
+    }
+
+    pub fn url(&self, gateway: usize) -> String {
+        format!("ws://{}/ws", self.gateways[gateway])
+    }
+
+    pub async fn try_connect(
+        &self,
+        gateway: usize,
+        user: &str,
+    ) -> Result<Client, tungstenite::Error> {
+        let mut request = self.url(gateway).into_client_request().unwrap();
+        request.headers_mut().insert(
+            "Authorization",
+            format!("Bearer {}", self.token(user)).parse().unwrap(),
+        );
+        Client::open(request).await
+    }
+
+    /// Connect `user` to `gateway` and read the welcome.
+    pub async fn connect(&self, gateway: usize, user: &str) -> Client {
+        let mut client = self.try_connect(gateway, user).await.expect("connects");
+        let welcome = client.next_of(&["welcome"]).await;
+        assert_eq!(welcome["user"], user);
+        client
+    }
+
+    /// Every event in the log, in order.
+    pub async fn log(&self) -> Vec<RecordedEvent> {
+        let client = async_nats::connect(self.nats.url()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let mut stream = js
+            .get_stream(parley_events::subjects::LOG_STREAM)
+            .await
+            .unwrap();
+        let last = stream.info().await.unwrap().state.last_sequence;
+        let mut events = Vec::new();
+        for seq in 1..=last {
+            let message = stream.direct_get(seq).await.unwrap();
+            events.push(
+                EventEnvelope::from_bytes(&message.payload)
+                    .unwrap()
+                    .recorded(seq),
+            );
+        }
+        events
+    }
+
+    pub fn store(&self) -> SqliteStore {
+        let StoreConfig::Sqlite { path } = &self.config.projector.store;
+        SqliteStore::open(path).unwrap()
+    }
+
+    pub async fn presence(&self, user: &str) -> UserPresence {
+        let store = PresenceStore::connect(&self.redis.url()).await.unwrap();
+        store
+            .status(&UserId::parse(user).unwrap(), unix_millis())
+            .await
+            .unwrap()
+    }
+
+    /// A direct conversation between `a` and `b` (both connected), created by `a`; waits
+    /// until `b` has seen it, so `b`'s gateway follows it.
+    pub async fn direct(&self, a: &mut Client, b: &mut Client, b_name: &str) -> ConversationId {
+        a.send(json!({"type": "create_direct", "id": "dm", "peer": b_name}))
+            .await;
+        let ack = a.reply_to("dm").await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+        let conversation: ConversationId = ack["conversation"].as_str().unwrap().parse().unwrap();
+        let created = b.next_of(&["event"]).await;
+        assert_eq!(created["event"]["type"], "conversation.created");
+        let created = a.next_of(&["event"]).await;
+        assert_eq!(created["event"]["type"], "conversation.created");
+        conversation
+    }
+}
+
+impl Drop for Platform {
+    fn drop(&mut self) {
+        for running in self.others.drain(..).chain(self.handler.take()) {
+            running.shutdown.cancel();
+            running.task.abort();
+        }
+    }
+}
+
+/// Poll `probe` until it yields something, failing the test after a deadline.
+pub async fn eventually<T, F, Fut>(mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met within {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+pub struct Client {
+    socket: Socket,
+    /// Frames read while looking for a reply, handed out by later reads in order.
+    stash: std::collections::VecDeque<Value>,
+}
+
+fn is_reply(frame: &Value, id: &str) -> bool {
+    frame["id"] == id && frame["type"] != "event"
+}
+
+/// How a socket ended, as the client saw it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Closed {
+    pub code: u16,
+    pub reason: String,
+}
+
+impl Client {
+    pub async fn open(
+        request: tungstenite::handshake::client::Request,
+    ) -> Result<Client, tungstenite::Error> {
+        let (socket, _) = tokio_tungstenite::connect_async(request).await?;
+        Ok(Client {
+            socket,
+            stash: Default::default(),
+        })
+    }
+
+    pub async fn send(&mut self, frame: Value) {
+        self.send_raw(Message::Text(frame.to_string().into())).await;
+    }
+
+    pub async fn send_raw(&mut self, message: Message) {
+        self.socket.send(message).await.expect("send succeeds");
+    }
+
+    /// The next text frame, as JSON.
+    pub async fn next(&mut self) -> Value {
+        if let Some(frame) = self.stash.pop_front() {
+            return frame;
+        }
+        self.read().await
+    }
+
+    /// The reply (ack, error, history or pong) to request `id`; frames that arrive before
+    /// it (events, in any order relative to the ack) stay queued for `next`.
+    pub async fn reply_to(&mut self, id: &str) -> Value {
+        if let Some(at) = self.stash.iter().position(|f| is_reply(f, id)) {
+            return self.stash.remove(at).expect("position is in range");
+        }
+        loop {
+            let frame = self.read().await;
+            if is_reply(&frame, id) {
+                return frame;
+            }
+            self.stash.push_back(frame);
+        }
+    }
+
+    async fn read(&mut self) -> Value {
+        loop {
+            let message = tokio::time::timeout(WAIT, self.socket.next())
+                .await
+                .expect("a frame arrives in time")
+                .expect("socket is open")
+                .expect("frame is readable");
+            match message {
+                Message::Text(text) => {
+                    return serde_json::from_str(&text).expect("server sends JSON");
+                }
+                Message::Close(frame) => panic!("socket closed: {frame:?}"),
+                _ => continue,
+            }
+        }
+    }
+
+    /// The next frame whose type is one of `types`; others in between fail the test.
+    pub async fn next_of(&mut self, types: &[&str]) -> Value {
+        let frame = self.next().await;
+        let frame_type = frame["type"].as_str().unwrap_or_default();
+        assert!(
+            types.contains(&frame_type),
+            "expected one of {types:?}, got {frame}"
+        );
+        frame
+    }
+
+    /// No frame arrives within `within` (and none is queued).
+    pub async fn expect_silence(&mut self, within: Duration) {
+        assert!(self.stash.is_empty(), "unexpected frames: {:?}", self.stash);
+        if let Ok(Some(Ok(Message::Text(text)))) =
+            tokio::time::timeout(within, self.socket.next()).await
+        {
+            panic!("unexpected frame: {text}");
+        }
+    }
+
+    /// Read until the server closes the socket; its close code and reason.
+    pub async fn closed(&mut self) -> Closed {
+        loop {
+            let next = tokio::time::timeout(WAIT, self.socket.next())
+                .await
+                .expect("closes in time");
+            match next {
+                Some(Ok(Message::Close(Some(frame)))) => {
+                    return Closed {
+                        code: u16::from(frame.code),
+                        reason: frame.reason.to_string(),
+                    };
+                }
+                Some(Ok(Message::Close(None))) => {
+                    return Closed {
+                        code: u16::from(CloseCode::Status),
+                        reason: String::new(),
+                    };
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => panic!("socket failed before a close frame: {e}"),
+                None => panic!("socket ended without a close frame"),
+            }
+        }
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.socket.close(None).await;
+        while let Some(Ok(_)) = self.socket.next().await {}
+    }
+}

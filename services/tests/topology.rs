@@ -1,0 +1,89 @@
+//! The JetStream topology: created once by whoever starts first, refused when incompatible.
+
+use parley_localstack::{NatsOptions, NatsServer};
+use parley_services::config::Config;
+use parley_services::topology::{self, TopologyError};
+
+fn config_for(nats: &NatsServer) -> Config {
+    let mut config = Config::default();
+    config.nats.url = Some(nats.url());
+    config
+}
+
+async fn jetstream(nats: &NatsServer) -> async_nats::jetstream::Context {
+    async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roles_starting_together_all_get_the_same_topology() {
+    let nats = NatsServer::start(NatsOptions::default()).unwrap();
+    let config = config_for(&nats);
+    let mut starts = Vec::new();
+    for _ in 0..4 {
+        let js = jetstream(&nats).await;
+        let config = config.clone();
+        starts.push(tokio::spawn(async move {
+            topology::ensure(js, &config).await.map(|_| ())
+        }));
+    }
+    for start in starts {
+        start.await.unwrap().unwrap();
+    }
+    // And again, later, against the existing streams.
+    topology::ensure(jetstream(&nats).await, &config)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incompatible_existing_stream_is_refused_not_changed() {
+    let nats = NatsServer::start(NatsOptions::default()).unwrap();
+    let config = config_for(&nats);
+    topology::ensure(jetstream(&nats).await, &config)
+        .await
+        .unwrap();
+
+    let mut other_shards = config.clone();
+    other_shards.log.shards = 64;
+    let err = topology::ensure(jetstream(&nats).await, &other_shards)
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        matches!(
+            err,
+            TopologyError::Incompatible {
+                setting: "metadata parley.shards",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let message = err.to_string();
+    assert!(
+        message.contains("refusing to start") && message.contains("1024") && message.contains("64"),
+        "{message}"
+    );
+
+    let mut other_window = config.clone();
+    other_window.intake.duplicate_window_secs = 30;
+    let err = topology::ensure(jetstream(&nats).await, &other_window)
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        matches!(
+            err,
+            TopologyError::Incompatible {
+                setting: "duplicate_window",
+                ..
+            }
+        ),
+        "{err}"
+    );
+
+    // Nothing was changed: the original configuration still fits.
+    topology::ensure(jetstream(&nats).await, &config)
+        .await
+        .unwrap();
+}
