@@ -16,7 +16,7 @@ use crate::config::{Config, StoreConfig};
 use crate::gateway::Gateway;
 use crate::handler::Handler;
 use crate::projector::{self, Projector};
-use crate::topology;
+use crate::{telemetry, topology};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Roles {
@@ -109,6 +109,8 @@ pub async fn run(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), NodeError> {
+    // Installed before any role runs, so no early measurement is lost.
+    telemetry::prometheus();
     let readiness = Readiness::default();
     readiness.set("nats", Err("connecting".into()));
     let mut tasks: JoinSet<(&'static str, Result<(), String>)> = JoinSet::new();

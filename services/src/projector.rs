@@ -186,7 +186,13 @@ impl Projector {
 
     async fn apply(&self, events: &[RecordedEvent]) -> Result<(), ProjectorError> {
         let started = Instant::now();
-        self.store.apply(events).await?;
+        let span = tracing::debug_span!(
+            "apply",
+            events = events.len(),
+            first = events.first().map(|e| e.seq),
+            last = events.last().map(|e| e.seq)
+        );
+        self.store.apply(events).instrument(span).await?;
         metrics::histogram!(telemetry::PROJECTOR_APPLY_SECONDS)
             .record(started.elapsed().as_secs_f64());
         metrics::histogram!(telemetry::PROJECTOR_BATCH_EVENTS).record(events.len() as f64);

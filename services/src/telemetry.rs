@@ -54,6 +54,7 @@ pub fn prometheus() -> &'static PrometheusHandle {
             .expect("bucket lists are non-empty")
             .install_recorder()
             .expect("no other metrics recorder is installed in this process");
+        describe();
         let upkeep = handle.clone();
         // Histograms are drained into their summaries by upkeep; without it they grow.
         std::thread::Builder::new()
@@ -67,6 +68,121 @@ pub fn prometheus() -> &'static PrometheusHandle {
             .expect("spawning a thread at start-up succeeds");
         handle
     })
+}
+
+/// HELP text and units for every metric, so `/metrics` explains itself.
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(
+        GATEWAY_CONNECTIONS,
+        Unit::Count,
+        "Open WebSocket connections."
+    );
+    describe_counter!(
+        GATEWAY_UPGRADES_TOTAL,
+        Unit::Count,
+        "Upgrade requests by result (accepted or the refusal's error code)."
+    );
+    describe_counter!(
+        GATEWAY_FRAMES_RECEIVED_TOTAL,
+        Unit::Count,
+        "Valid client frames by type."
+    );
+    describe_counter!(
+        GATEWAY_FRAME_ERRORS_TOTAL,
+        Unit::Count,
+        "Client frames answered with an error, by error code."
+    );
+    describe_counter!(
+        GATEWAY_CLOSES_TOTAL,
+        Unit::Count,
+        "Sockets closed by the server or client, by close code."
+    );
+    describe_counter!(
+        GATEWAY_EVENTS_DELIVERED_TOTAL,
+        Unit::Count,
+        "Event frames queued to sockets."
+    );
+    describe_counter!(
+        GATEWAY_GAP_FILLS_TOTAL,
+        Unit::Count,
+        "Gaps in live delivery filled from the log."
+    );
+    describe_gauge!(
+        GATEWAY_CONVERSATION_SUBSCRIPTIONS,
+        Unit::Count,
+        "Conversations this gateway follows."
+    );
+    describe_histogram!(
+        GATEWAY_COMMAND_SECONDS,
+        Unit::Seconds,
+        "From a command frame to its ack or error."
+    );
+    describe_counter!(
+        GATEWAY_COMMAND_OUTCOMES_TOTAL,
+        Unit::Count,
+        "Command outcomes sent to clients, by outcome."
+    );
+    describe_counter!(
+        HANDLER_COMMANDS_TOTAL,
+        Unit::Count,
+        "Commands handled, by action and result."
+    );
+    describe_counter!(
+        HANDLER_APPEND_CONFLICTS_TOTAL,
+        Unit::Count,
+        "Appends refused by the expected-sequence check and retried."
+    );
+    describe_histogram!(
+        HANDLER_APPEND_SECONDS,
+        Unit::Seconds,
+        "One append to the event log, publish to ack."
+    );
+    describe_histogram!(
+        HANDLER_COMMAND_SECONDS,
+        Unit::Seconds,
+        "One command, taken to answered."
+    );
+    describe_gauge!(
+        HANDLER_LOG_POSITION,
+        Unit::Count,
+        "Last log sequence in this handler's write model."
+    );
+    describe_counter!(
+        PROJECTOR_EVENTS_APPLIED_TOTAL,
+        Unit::Count,
+        "Events applied to the conversation store."
+    );
+    describe_histogram!(
+        PROJECTOR_BATCH_EVENTS,
+        Unit::Count,
+        "Events per store transaction."
+    );
+    describe_histogram!(
+        PROJECTOR_APPLY_SECONDS,
+        Unit::Seconds,
+        "One store transaction."
+    );
+    describe_gauge!(
+        PROJECTOR_POSITION,
+        Unit::Count,
+        "Last log sequence in the conversation store."
+    );
+    describe_counter!(
+        PROJECTOR_ERRORS_TOTAL,
+        Unit::Count,
+        "Projection failures, by kind."
+    );
+    describe_counter!(
+        PRESENCE_UPDATES_TOTAL,
+        Unit::Count,
+        "Presence updates recorded, by state."
+    );
+    describe_counter!(
+        PRESENCE_ERRORS_TOTAL,
+        Unit::Count,
+        "Presence updates not recorded, by kind."
+    );
 }
 
 /// Initialise structured logging for the binary. `RUST_LOG` filters; `json` picks JSON lines.

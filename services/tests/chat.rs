@@ -272,3 +272,55 @@ async fn commands_queued_while_the_handler_is_down_are_processed_when_it_returns
     }
     assert_eq!(platform.log().await.len(), 11);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_event_the_gateway_missed_is_filled_from_the_log() {
+    use parley_events::subjects::Shards;
+    use parley_events::{ClientMsgId, CommandId, EventEnvelope, EventId, MessagePosted, UserId};
+
+    let platform = Platform::start(1).await;
+    let mut alice = platform.connect(0, "alice").await;
+    let mut bob = platform.connect(0, "bob").await;
+    let conversation = platform.direct(&mut alice, &mut bob, "bob").await;
+
+    // An event appended to the log whose live copy never went out, as when a core NATS
+    // publish is dropped.
+    let alice_id = UserId::parse("alice").unwrap();
+    let client_id = ClientMsgId::parse("lost").unwrap();
+    let command = CommandId::from_client(&alice_id, &client_id);
+    let lost = EventEnvelope {
+        id: EventId::derive(command, 0, 1),
+        conversation,
+        prev: 1,
+        command,
+        actor: alice_id,
+        at: 1,
+        event: Event::MessagePosted(MessagePosted {
+            client_id,
+            body: "lost on the live path".into(),
+        }),
+    };
+    let js = async_nats::jetstream::new(async_nats::connect(platform.nats.url()).await.unwrap());
+    let subject = Shards::new(platform.config.log.shards)
+        .unwrap()
+        .subject(conversation);
+    let lost_seq = js
+        .publish(subject, lost.to_bytes().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+        .sequence;
+
+    alice.send(json!({"type": "send", "id": "after", "conversation": conversation, "body": "next one"})).await;
+    let first = bob.next_of(&["event"]).await;
+    assert_eq!(first["event"]["seq"], lost_seq);
+    assert_eq!(first["event"]["data"]["body"], "lost on the live path");
+    let second = bob.next_of(&["event"]).await;
+    assert_eq!(second["event"]["data"]["body"], "next one");
+    assert_eq!(
+        second["event"]["prev"], lost_seq,
+        "the handler chained after the event it found in the log"
+    );
+    bob.expect_silence(Duration::from_millis(300)).await;
+}

@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{Instrument, debug, warn};
 
 use crate::telemetry;
 
@@ -363,18 +363,32 @@ async fn follow_conversation(
         let Some(routes) = routes.upgrade() else {
             return;
         };
-        let mut batch = if last > 0 && event.envelope.prev > last {
-            routes.fill_gap(last, event.envelope.prev).await
-        } else {
-            Vec::new()
-        };
-        batch.push(event);
-        for event in batch {
-            if event.seq <= last {
-                continue;
-            }
-            last = event.seq;
-            routes.fan_out(conversation, &event_frame(event));
-        }
+        let span = tracing::debug_span!("event", %conversation, seq = event.seq);
+        last = deliver(&routes, conversation, event, last)
+            .instrument(span)
+            .await;
     }
+}
+
+/// Deliver `event` after any events it shows were missed; the new newest sequence.
+async fn deliver(
+    routes: &Routes,
+    conversation: ConversationId,
+    event: RecordedEvent,
+    mut last: u64,
+) -> u64 {
+    let mut batch = if last > 0 && event.envelope.prev > last {
+        routes.fill_gap(last, event.envelope.prev).await
+    } else {
+        Vec::new()
+    };
+    batch.push(event);
+    for event in batch {
+        if event.seq <= last {
+            continue;
+        }
+        last = event.seq;
+        routes.fan_out(conversation, &event_frame(event));
+    }
+    last
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use parley_events::{ConversationId, EventEnvelope, RecordedEvent, UserId};
 use parley_localstack::{NatsOptions, NatsServer, RedisOptions, RedisServer};
-use parley_projections::{PresenceStore, SqliteStore, UserPresence};
+use parley_projections::{ConversationStore, PresenceStore, SqliteStore, UserPresence};
 use parley_services::config::{Config, Secret, StoreConfig};
 use parley_services::node::{self, Listeners, Roles};
 use parley_services::{auth, unix_millis};
@@ -67,6 +67,7 @@ pub struct Platform {
     pub gateways: Vec<SocketAddr>,
     dir: tempfile::TempDir,
     handler: Option<Running>,
+    projector: Option<Running>,
     others: Vec<Running>,
 }
 
@@ -111,17 +112,16 @@ impl Platform {
             None,
         )
         .await;
-        let mut others = vec![
-            Running::start(
-                Arc::clone(&config),
-                Roles {
-                    projector: true,
-                    ..Roles::default()
-                },
-                None,
-            )
-            .await,
-        ];
+        let projector = Running::start(
+            Arc::clone(&config),
+            Roles {
+                projector: true,
+                ..Roles::default()
+            },
+            None,
+        )
+        .await;
+        let mut others = Vec::new();
         let mut addresses = Vec::new();
         for _ in 0..gateways {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -145,6 +145,7 @@ impl Platform {
             gateways: addresses,
             dir,
             handler: Some(handler),
+            projector: Some(projector),
             others,
         };
         platform.wait_until_ready().await;
@@ -170,7 +171,12 @@ impl Platform {
     }
 
     async fn assert_roles_running(&self) {
-        for running in self.others.iter().chain(&self.handler) {
+        for running in self
+            .others
+            .iter()
+            .chain(&self.handler)
+            .chain(&self.projector)
+        {
             if running.task.is_finished() {
                 running.shutdown.cancel();
                 panic!("a role stopped during start-up; see its log above");
@@ -199,6 +205,36 @@ impl Platform {
             )
             .await,
         );
+    }
+
+    pub async fn stop_projector(&mut self) {
+        self.projector
+            .take()
+            .expect("projector is running")
+            .stop()
+            .await;
+    }
+
+    pub async fn start_projector(&mut self) {
+        assert!(self.projector.is_none(), "projector is already running");
+        self.projector = Some(
+            Running::start(
+                Arc::clone(&self.config),
+                Roles {
+                    projector: true,
+                    ..Roles::default()
+                },
+                None,
+            )
+            .await,
+        );
+    }
+
+    /// Wait until the store has applied everything in the log.
+    pub async fn projected(&self) {
+        let last = self.log().await.last().map_or(0, |e| e.seq);
+        eventually(|| async { (self.store().position().await.unwrap() >= last).then_some(()) })
+            .await;
     }
 
     pub fn token(&self, user: &str) -> String {
@@ -291,7 +327,12 @@ impl Platform {
 
 impl Drop for Platform {
     fn drop(&mut self) {
-        for running in self.others.drain(..).chain(self.handler.take()) {
+        for running in self
+            .others
+            .drain(..)
+            .chain(self.handler.take())
+            .chain(self.projector.take())
+        {
             running.shutdown.cancel();
             running.task.abort();
         }
