@@ -23,6 +23,9 @@ pub mod close {
     pub const PROTOCOL_ERROR: u16 = 1002;
     /// A binary frame: this protocol only accepts text frames.
     pub const UNSUPPORTED_DATA: u16 = 1003;
+    /// The connection ended without a close frame. Never sent (RFC 6455 reserves it); it
+    /// labels such endings in metrics.
+    pub const ABNORMAL: u16 = 1006;
     /// A text frame that is not valid UTF-8.
     pub const INVALID_PAYLOAD: u16 = 1007;
     /// Policy: the client reads too slowly to keep up with its conversations.

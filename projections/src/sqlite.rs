@@ -74,16 +74,27 @@ fn corrupt(e: impl std::fmt::Display) -> StoreError {
 
 impl SqliteStore {
     /// Open (creating if needed) the store at `path` and bring its schema up to date.
-    /// Refuses a file whose schema is newer than this build.
+    /// Refuses a file whose schema is newer than this build. Several processes may open the
+    /// same file at once (a projector and gateways on one machine): set-up that finds the
+    /// file locked by another's set-up waits for it, up to [`OPEN_TIMEOUT`].
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .map_err(|e| unavailable(format!("cannot create {}: {e}", dir.display())))?;
         }
-        let writer = Connection::open(path)
-            .map_err(|e| unavailable(format!("cannot open {}: {e}", path.display())))?;
-        configure(&writer)?;
-        migrate(&writer)?;
+        let started = std::time::Instant::now();
+        let writer = loop {
+            match open_writer(path) {
+                Err(SetupError::Sqlite(e)) if is_busy(&e) && started.elapsed() < OPEN_TIMEOUT => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(SetupError::Sqlite(e)) => {
+                    return Err(unavailable(format!("cannot open {}: {e}", path.display())));
+                }
+                Err(SetupError::Store(e)) => return Err(e),
+                Ok(writer) => break writer,
+            }
+        };
         let readers = (0..READERS)
             .map(|_| {
                 let reader = Connection::open_with_flags(
@@ -91,9 +102,7 @@ impl SqliteStore {
                     OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
                 )
                 .map_err(unavailable)?;
-                reader
-                    .busy_timeout(std::time::Duration::from_secs(5))
-                    .map_err(unavailable)?;
+                reader.busy_timeout(BUSY_TIMEOUT).map_err(unavailable)?;
                 Ok(Mutex::new(reader))
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
@@ -136,38 +145,58 @@ impl SqliteStore {
     }
 }
 
-fn configure(conn: &Connection) -> Result<(), StoreError> {
+/// How long opening waits for another process's set-up of the same file.
+pub const OPEN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+enum SetupError {
+    Sqlite(rusqlite::Error),
+    Store(StoreError),
+}
+
+impl From<rusqlite::Error> for SetupError {
+    fn from(e: rusqlite::Error) -> Self {
+        SetupError::Sqlite(e)
+    }
+}
+
+fn is_busy(error: &rusqlite::Error) -> bool {
+    matches!(
+        error.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
+}
+
+fn open_writer(path: &Path) -> Result<Connection, SetupError> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
     // WAL lets readers run beside the writer; NORMAL sync can lose the newest transactions
     // on power loss, which is harmless here: the position is in the same transaction, so the
     // projector re-applies whatever was lost from the log.
-    // The busy timeout comes first: switching to WAL takes a lock that another process
-    // opening the same file (a gateway beside the projector) may hold for a moment.
-    conn.busy_timeout(std::time::Duration::from_secs(5))
-        .map_err(unavailable)?;
-    conn.pragma_update(None, "journal_mode", "WAL")
-        .map_err(unavailable)?;
-    conn.pragma_update(None, "synchronous", "NORMAL")
-        .map_err(unavailable)?;
-    Ok(())
+    let mode: String = conn.pragma_query_value(None, "journal_mode", |row| row.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+    }
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    migrate(&conn)?;
+    Ok(conn)
 }
 
-fn migrate(conn: &Connection) -> Result<(), StoreError> {
-    let version: i64 = conn
-        .pragma_query_value(None, "user_version", |row| row.get(0))
-        .map_err(unavailable)?;
+/// Create the schema, or check an existing one; writes only when something is missing.
+fn migrate(conn: &Connection) -> Result<(), SetupError> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
     if version > SCHEMA_VERSION {
-        return Err(StoreError::new(
+        return Err(SetupError::Store(StoreError::new(
             StoreErrorKind::Schema,
             format!(
                 "store schema version {version} is newer than this build understands ({SCHEMA_VERSION}); upgrade parley or rebuild the store"
             ),
-        ));
+        )));
     }
-    conn.execute_batch(SCHEMA).map_err(|e| {
-        StoreError::new(StoreErrorKind::Schema, format!("cannot create schema: {e}"))
-    })?;
-    conn.pragma_update(None, "user_version", SCHEMA_VERSION)
-        .map_err(unavailable)?;
+    if version < SCHEMA_VERSION {
+        conn.execute_batch(SCHEMA)?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    }
     Ok(())
 }
 

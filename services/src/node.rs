@@ -96,9 +96,20 @@ pub async fn connect_nats(config: &Config) -> Result<async_nats::Client, NodeErr
     Ok(client)
 }
 
-pub fn open_store(config: &Config) -> Result<Arc<dyn ConversationStore>, NodeError> {
+/// Open the configured conversation store (on the blocking pool: opening may wait for
+/// another process's set-up of the same file).
+pub async fn open_store(config: &Config) -> Result<Arc<dyn ConversationStore>, NodeError> {
     match &config.projector.store {
-        StoreConfig::Sqlite { path } => Ok(Arc::new(SqliteStore::open(path)?)),
+        StoreConfig::Sqlite { path } => {
+            let path = path.clone();
+            let store = tokio::task::spawn_blocking(move || SqliteStore::open(&path))
+                .await
+                .map_err(|e| NodeError::RoleFailed {
+                    role: "store",
+                    cause: e.to_string(),
+                })??;
+            Ok(Arc::new(store))
+        }
     }
 }
 
@@ -111,8 +122,21 @@ pub async fn run(
 ) -> Result<(), NodeError> {
     // Installed before any role runs, so no early measurement is lost.
     telemetry::prometheus();
+    // Every check this node will have is registered now, so readiness never reports a node
+    // ready before all of its roles are.
     let readiness = Readiness::default();
     readiness.set("nats", Err("connecting".into()));
+    let starting = || Err("starting".to_owned());
+    if roles.gateway {
+        readiness.set(crate::gateway::READY_CHECK, starting());
+    }
+    if roles.handler {
+        readiness.set(crate::handler::READY_CHECK, starting());
+    }
+    if roles.projector {
+        readiness.set(projector::READY_CHECK, starting());
+        readiness.set(projector::PRESENCE_READY_CHECK, starting());
+    }
     let mut tasks: JoinSet<(&'static str, Result<(), String>)> = JoinSet::new();
     if let Some(admin) = listeners.admin {
         let app = admin::router(readiness.clone());
@@ -131,7 +155,7 @@ pub async fn run(
         .inspect_err(|e| error!(error = %e, "cannot set up the JetStream topology"))?;
     readiness.set("nats", Ok(()));
     let store = if roles.gateway || roles.projector {
-        Some(open_store(&config)?)
+        Some(open_store(&config).await?)
     } else {
         None
     };

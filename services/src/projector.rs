@@ -25,7 +25,8 @@ use crate::config::Config;
 use crate::telemetry;
 use crate::topology::Topology;
 
-const READY_CHECK: &str = "projector";
+pub(crate) const READY_CHECK: &str = "projector";
+pub(crate) const PRESENCE_READY_CHECK: &str = "presence";
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
@@ -212,11 +213,10 @@ pub async fn run_presence(
     readiness: Readiness,
     shutdown: CancellationToken,
 ) -> Result<(), async_nats::SubscribeError> {
-    const CHECK: &str = "presence";
     let mut updates = client
         .queue_subscribe(PRESENCE_SUBJECT, PRESENCE_QUEUE.into())
         .await?;
-    readiness.set(CHECK, Ok(()));
+    readiness.set(PRESENCE_READY_CHECK, Ok(()));
     loop {
         let message = tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
@@ -237,13 +237,13 @@ pub async fn run_presence(
         };
         match store.record(&update).await {
             Ok(()) => {
-                readiness.set(CHECK, Ok(()));
+                readiness.set(PRESENCE_READY_CHECK, Ok(()));
                 metrics::counter!(telemetry::PRESENCE_UPDATES_TOTAL, "state" => state).increment(1);
             }
             Err(e) => {
                 // Presence repairs itself with the next heartbeat; say so once per failure.
                 warn!(error = %e, "cannot record presence");
-                readiness.set(CHECK, Err(e.to_string()));
+                readiness.set(PRESENCE_READY_CHECK, Err(e.to_string()));
                 metrics::counter!(telemetry::PRESENCE_ERRORS_TOTAL, "kind" => "redis").increment(1);
             }
         }

@@ -162,46 +162,90 @@ async fn protocol_violations_close_with_rfc_6455_codes() {
     assert!(platform.log().await.is_empty());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn idle_sockets_are_pinged_and_closed() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let platform = Platform::start_with(1, |c| {
-        c.gateway.ping_interval_secs = 1;
-        c.gateway.idle_timeout_secs = 2;
-    })
-    .await;
-    // A hand-made client that completes the upgrade and then never answers anything, not
-    // even pings (a WebSocket library would answer those by itself).
-    let mut tcp = tokio::net::TcpStream::connect(platform.gateways[0])
-        .await
-        .unwrap();
-    let request = format!(
-        "GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
-         Authorization: Bearer {}\r\n\r\n",
-        platform.token("alice")
-    );
-    tcp.write_all(request.as_bytes()).await.unwrap();
-    let mut received = Vec::new();
-    let mut buffer = [0u8; 4096];
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    // Server frames are unmasked: opcode in the low nibble of the first byte.
-    let (mut saw_ping, mut close) = (false, None);
-    while close.is_none() {
-        let read = tokio::time::timeout_at(deadline, tcp.read(&mut buffer))
+/// A hand-made WebSocket client: completes the upgrade, then sends exactly the bytes a test
+/// wants and never answers anything, not even pings (a library would answer those itself).
+struct RawSocket {
+    tcp: tokio::net::TcpStream,
+    received: Vec<u8>,
+}
+
+/// What the server sent, frame by frame.
+#[derive(Debug, Default)]
+struct Seen {
+    pings: usize,
+    close: Option<(u16, String)>,
+}
+
+impl RawSocket {
+    async fn open(platform: &Platform) -> RawSocket {
+        use tokio::io::AsyncWriteExt;
+        let mut tcp = tokio::net::TcpStream::connect(platform.gateways[0])
             .await
-            .expect("closed in time")
             .unwrap();
-        assert!(read > 0, "connection ended without a close frame");
-        received.extend_from_slice(&buffer[..read]);
-        let Some(head_end) = received.windows(4).position(|w| w == b"\r\n\r\n") else {
-            continue;
+        let request = format!(
+            "GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+             Authorization: Bearer {}\r\n\r\n",
+            platform.token("alice")
+        );
+        tcp.write_all(request.as_bytes()).await.unwrap();
+        RawSocket {
+            tcp,
+            received: Vec::new(),
+        }
+    }
+
+    /// Send one final frame; `mask` as a client must, or not, as a broken client might.
+    async fn send_frame(&mut self, opcode: u8, payload: &[u8], mask: bool) {
+        use tokio::io::AsyncWriteExt;
+        assert!(payload.len() < 126);
+        let mut frame = vec![
+            0x80 | opcode,
+            payload.len() as u8 | if mask { 0x80 } else { 0 },
+        ];
+        let key = [0x12, 0x34, 0x56, 0x78];
+        if mask {
+            frame.extend_from_slice(&key);
+            frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        } else {
+            frame.extend_from_slice(payload);
+        }
+        self.tcp.write_all(&frame).await.unwrap();
+    }
+
+    /// Read until the server's close frame.
+    async fn until_close(&mut self) -> Seen {
+        use tokio::io::AsyncReadExt;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let mut buffer = [0u8; 4096];
+        loop {
+            let seen = self.parse();
+            if seen.close.is_some() {
+                return seen;
+            }
+            let read = tokio::time::timeout_at(deadline, self.tcp.read(&mut buffer))
+                .await
+                .expect("closed in time")
+                .unwrap();
+            assert!(read > 0, "connection ended without a close frame");
+            self.received.extend_from_slice(&buffer[..read]);
+        }
+    }
+
+    /// Server frames are unmasked: opcode in the low nibble of the first byte.
+    fn parse(&self) -> Seen {
+        let mut seen = Seen::default();
+        let Some(head_end) = self.received.windows(4).position(|w| w == b"\r\n\r\n") else {
+            return seen;
         };
-        let mut frames = &received[head_end + 4..];
-        while frames.len() >= 4 {
+        let mut frames = &self.received[head_end + 4..];
+        while frames.len() >= 2 {
             let opcode = frames[0] & 0x0f;
             let (header, length) = match frames[1] & 0x7f {
-                126 => (4, usize::from(u16::from_be_bytes([frames[2], frames[3]]))),
+                126 if frames.len() >= 4 => {
+                    (4, usize::from(u16::from_be_bytes([frames[2], frames[3]])))
+                }
+                126 => break,
                 short => (2, usize::from(short)),
             };
             if frames.len() < header + length {
@@ -209,18 +253,46 @@ async fn idle_sockets_are_pinged_and_closed() {
             }
             let payload = &frames[header..header + length];
             match opcode {
-                0x9 => saw_ping = true,
+                0x9 => seen.pings += 1,
                 0x8 => {
-                    close = Some((
-                        u16::from_be_bytes([payload[0], payload[1]]),
-                        String::from_utf8_lossy(&payload[2..]).into_owned(),
-                    ))
+                    let code = u16::from_be_bytes([payload[0], payload[1]]);
+                    seen.close = Some((code, String::from_utf8_lossy(&payload[2..]).into_owned()));
                 }
                 _ => {}
             }
             frames = &frames[header + length..];
         }
+        seen
     }
-    assert!(saw_ping, "the server pings before giving up");
-    assert_eq!(close, Some((1000, "idle timeout".to_owned())));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_utf8_and_unmasked_frames_close_the_socket() {
+    let platform = Platform::start(1).await;
+
+    let mut socket = RawSocket::open(&platform).await;
+    socket
+        .send_frame(0x1, &[b'{', 0xff, 0xfe, b'}'], true)
+        .await;
+    assert_eq!(socket.until_close().await.close.map(|c| c.0), Some(1007));
+
+    let mut socket = RawSocket::open(&platform).await;
+    socket.send_frame(0x1, br#"{"type":"ping"}"#, false).await;
+    assert_eq!(socket.until_close().await.close.map(|c| c.0), Some(1002));
+    assert!(platform.log().await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sockets_are_pinged_and_closed() {
+    let platform = Platform::start_with(1, |c| {
+        c.gateway.ping_interval_secs = 1;
+        c.gateway.idle_timeout_secs = 2;
+    })
+    .await;
+    let seen = RawSocket::open(&platform).await.until_close().await;
+    assert!(
+        seen.pings >= 1,
+        "the server pings before giving up: {seen:?}"
+    );
+    assert_eq!(seen.close, Some((1000, "idle timeout".to_owned())));
 }

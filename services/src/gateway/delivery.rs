@@ -302,11 +302,12 @@ impl Routes {
     /// Queue `frame` on the given sockets only.
     pub fn send_to(&self, conns: &[ConnectionId], frame: &Utf8Bytes) {
         let table = self.table();
-        for conn in conns {
-            if let Some(entry) = table.sockets.get(conn) {
-                entry.outbox.push(frame.clone());
-            }
+        let mut delivered = 0;
+        for entry in conns.iter().filter_map(|conn| table.sockets.get(conn)) {
+            entry.outbox.push(frame.clone());
+            delivered += 1;
         }
+        metrics::counter!(telemetry::GATEWAY_EVENTS_DELIVERED_TOTAL).increment(delivered);
     }
 
     /// Read the events between `after` and `prev` (inclusive) from the log by walking the

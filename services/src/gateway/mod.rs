@@ -41,7 +41,7 @@ use crate::{telemetry, unix_millis};
 use delivery::{ConnectionId, Routes, event_frame};
 use socket::Session;
 
-const READY_CHECK: &str = "gateway";
+pub(crate) const READY_CHECK: &str = "gateway";
 /// Socket read buffer; small, because idle connections dominate a gateway's memory.
 const READ_BUFFER_BYTES: usize = 4 * 1024;
 const WRITE_BUFFER_BYTES: usize = 4 * 1024;

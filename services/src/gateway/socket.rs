@@ -145,7 +145,7 @@ async fn read_loop(
         last_heard = Instant::now();
         match message {
             None => {
-                control.close(close::NORMAL, "connection lost");
+                control.close(close::ABNORMAL, "connection lost");
                 return;
             }
             Some(Err(e)) => {
@@ -177,6 +177,12 @@ fn close_for(error: &axum::Error) -> (u16, &'static str) {
     while let Some(cause) = source {
         if let Some(ws) = cause.downcast_ref::<tungstenite::Error>() {
             return match ws {
+                tungstenite::Error::Protocol(
+                    tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+                )
+                | tungstenite::Error::ConnectionClosed
+                | tungstenite::Error::AlreadyClosed
+                | tungstenite::Error::Io(_) => (close::ABNORMAL, "connection lost"),
                 tungstenite::Error::Capacity(_) => (close::MESSAGE_TOO_BIG, "frame too large"),
                 tungstenite::Error::Utf8(_) => {
                     (close::INVALID_PAYLOAD, "text frame is not valid UTF-8")

@@ -41,7 +41,7 @@ const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Delay before a command that hit a transient failure is redelivered.
 const RETRY_DELAY: Duration = Duration::from_millis(500);
 const LANE_QUEUE: usize = 32;
-const READY_CHECK: &str = "handler";
+pub(crate) const READY_CHECK: &str = "handler";
 
 #[derive(Debug, thiserror::Error)]
 pub enum HandlerError {

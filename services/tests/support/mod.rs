@@ -32,12 +32,15 @@ const WAIT: Duration = Duration::from_secs(10);
 struct Running {
     shutdown: CancellationToken,
     task: JoinHandle<Result<(), node::NodeError>>,
+    /// Why the role stopped by itself, if it did.
+    failure: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl Running {
     async fn start(config: Arc<Config>, roles: Roles, gateway: Option<TcpListener>) -> Running {
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(node::run(
+        let failure = Arc::new(std::sync::Mutex::new(None));
+        let run = node::run(
             config,
             roles,
             Listeners {
@@ -45,8 +48,20 @@ impl Running {
                 admin: None,
             },
             shutdown.clone(),
-        ));
-        Running { shutdown, task }
+        );
+        let record = Arc::clone(&failure);
+        let task = tokio::spawn(async move {
+            let result = run.await;
+            if let Err(e) = &result {
+                *record.lock().unwrap() = Some(e.to_string());
+            }
+            result
+        });
+        Running {
+            shutdown,
+            task,
+            failure,
+        }
     }
 
     async fn stop(self) {
@@ -179,7 +194,10 @@ impl Platform {
         {
             if running.task.is_finished() {
                 running.shutdown.cancel();
-                panic!("a role stopped during start-up; see its log above");
+                panic!(
+                    "a role stopped during start-up: {:?}",
+                    running.failure.lock().unwrap()
+                );
             }
         }
     }
