@@ -296,3 +296,35 @@ async fn idle_sockets_are_pinged_and_closed() {
     );
     assert_eq!(seen.close, Some((1000, "idle timeout".to_owned())));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_gateway_refuses_new_sockets_as_retryable() {
+    let platform = Platform::start_with(1, |c| c.gateway.max_connections = 1).await;
+    let _first = platform.connect(0, "alice").await;
+    match Client::open(with_bearer(&platform.url(0), &platform.token("bob"))).await {
+        Err(tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status().as_u16(), 503);
+            let body: serde_json::Value =
+                serde_json::from_slice(response.body().as_deref().unwrap_or_default()).unwrap();
+            assert_eq!(body["code"], "unavailable");
+            assert_eq!(body["retryable"], true);
+        }
+        other => panic!("expected a 503, got {:?}", other.map(|_| "a socket")),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_ends_when_its_token_expires() {
+    let platform = Platform::start_with(1, |c| c.auth.leeway_secs = 0).await;
+    let now = unix_millis() / 1000;
+    let token = platform.token_with(SECRET, "alice", now, 2);
+    let mut client = Client::open(with_bearer(&platform.url(0), &token))
+        .await
+        .unwrap();
+    client.next_of(&["welcome"]).await;
+    let closed = client.closed().await;
+    assert_eq!(
+        (closed.code, closed.reason.as_str()),
+        (1008, "token expired")
+    );
+}

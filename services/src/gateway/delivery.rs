@@ -393,3 +393,36 @@ async fn deliver(
     }
     last
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_full_send_queue_closes_the_socket_as_a_slow_consumer() {
+        let (outbox, mut queue) = Outbox::new(2);
+        outbox.push(Utf8Bytes::from_static("1"));
+        outbox.push(Utf8Bytes::from_static("2"));
+        assert_eq!(outbox.control.reason(), None);
+        outbox.push(Utf8Bytes::from_static("3"));
+        assert_eq!(
+            outbox.control.reason(),
+            Some((close::POLICY_VIOLATION, "slow consumer: send queue full"))
+        );
+        // The queue never grew past its bound.
+        assert_eq!(queue.recv().await.as_deref(), Some("1"));
+        assert_eq!(queue.recv().await.as_deref(), Some("2"));
+        assert!(queue.try_recv().is_err());
+    }
+
+    #[test]
+    fn the_first_close_reason_wins() {
+        let control = SocketControl::new();
+        control.close(close::GOING_AWAY, "server shutting down");
+        control.close(close::NORMAL, "idle timeout");
+        assert_eq!(
+            control.reason(),
+            Some((close::GOING_AWAY, "server shutting down"))
+        );
+    }
+}
