@@ -80,18 +80,9 @@ async fn main() -> anyhow::Result<()> {
         role => {
             telemetry::init_logging(cli.log_json);
             let roles = match role {
-                Command::Gateway => Roles {
-                    gateway: true,
-                    ..Roles::default()
-                },
-                Command::Handler => Roles {
-                    handler: true,
-                    ..Roles::default()
-                },
-                _ => Roles {
-                    projector: true,
-                    ..Roles::default()
-                },
+                Command::Gateway => Roles::GATEWAY,
+                Command::Handler => Roles::HANDLER,
+                _ => Roles::PROJECTOR,
             };
             let config = Arc::new(config);
             let listeners = bind(&config, roles.gateway).await?;

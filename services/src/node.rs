@@ -31,6 +31,21 @@ impl Roles {
         handler: true,
         projector: true,
     };
+    pub const GATEWAY: Roles = Roles {
+        gateway: true,
+        handler: false,
+        projector: false,
+    };
+    pub const HANDLER: Roles = Roles {
+        gateway: false,
+        handler: true,
+        projector: false,
+    };
+    pub const PROJECTOR: Roles = Roles {
+        gateway: false,
+        handler: false,
+        projector: true,
+    };
 }
 
 /// Listeners the node serves on, bound by the caller (port 0 in tests).

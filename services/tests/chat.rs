@@ -4,6 +4,8 @@ mod support;
 
 use std::time::Duration;
 
+use futures::StreamExt;
+
 use parley_events::{ConversationId, Event};
 use parley_projections::ConversationStore;
 use serde_json::json;
@@ -323,4 +325,66 @@ async fn a_live_event_the_gateway_missed_is_filled_from_the_log() {
         "the handler chained after the event it found in the log"
     );
     bob.expect_silence(Duration::from_millis(300)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_delivered_twice_appends_once_and_gets_the_same_outcome_twice() {
+    use parley_events::subjects::INTAKE_SUBJECT;
+    use parley_events::{Action, ClientMsgId, Command, Outcome, UserId};
+
+    let platform = Platform::start(1).await;
+    let mut alice = platform.connect(0, "alice").await;
+    let mut bob = platform.connect(0, "bob").await;
+    let conversation = platform.direct(&mut alice, &mut bob, "bob").await;
+
+    // The same command published twice under different intake ids, as a redelivery after
+    // the intake's duplicate window would arrive.
+    let client = async_nats::connect(platform.nats.url()).await.unwrap();
+    let mut outcomes = client.subscribe("parley.outcome.test").await.unwrap();
+    let command = Command::new(
+        UserId::parse("alice").unwrap(),
+        ClientMsgId::parse("redelivered").unwrap(),
+        parley_services::unix_millis(),
+        "parley.outcome.test".into(),
+        Action::PostMessage {
+            conversation,
+            body: "only once".into(),
+        },
+    );
+    let js = async_nats::jetstream::new(client);
+    for attempt in ["first", "second"] {
+        let message = async_nats::jetstream::message::PublishMessage::build()
+            .payload(command.to_bytes().into())
+            .message_id(attempt);
+        js.send_publish(INTAKE_SUBJECT, message)
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let mut results = Vec::new();
+    for _ in 0..2 {
+        let message = tokio::time::timeout(Duration::from_secs(10), outcomes.next())
+            .await
+            .unwrap()
+            .unwrap();
+        results.push(Outcome::from_bytes(&message.payload).unwrap());
+    }
+    assert_eq!(results[0], results[1]);
+    assert!(matches!(
+        results[0].result,
+        parley_events::OutcomeResult::Accepted { .. }
+    ));
+    assert_eq!(
+        bob.next_of(&["event"]).await["event"]["data"]["body"],
+        "only once"
+    );
+    bob.expect_silence(Duration::from_millis(300)).await;
+    let posted = platform
+        .log()
+        .await
+        .into_iter()
+        .filter(|e| matches!(e.envelope.event, Event::MessagePosted(_)))
+        .count();
+    assert_eq!(posted, 1);
 }

@@ -118,40 +118,14 @@ impl Platform {
         config.validate().expect("test configuration is valid");
         let config = Arc::new(config);
 
-        let handler = Running::start(
-            Arc::clone(&config),
-            Roles {
-                handler: true,
-                ..Roles::default()
-            },
-            None,
-        )
-        .await;
-        let projector = Running::start(
-            Arc::clone(&config),
-            Roles {
-                projector: true,
-                ..Roles::default()
-            },
-            None,
-        )
-        .await;
+        let handler = Running::start(Arc::clone(&config), Roles::HANDLER, None).await;
+        let projector = Running::start(Arc::clone(&config), Roles::PROJECTOR, None).await;
         let mut others = Vec::new();
         let mut addresses = Vec::new();
         for _ in 0..gateways {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             addresses.push(listener.local_addr().unwrap());
-            others.push(
-                Running::start(
-                    Arc::clone(&config),
-                    Roles {
-                        gateway: true,
-                        ..Roles::default()
-                    },
-                    Some(listener),
-                )
-                .await,
-            );
+            others.push(Running::start(Arc::clone(&config), Roles::GATEWAY, Some(listener)).await);
         }
         let platform = Platform {
             nats,
@@ -212,17 +186,7 @@ impl Platform {
 
     pub async fn start_handler(&mut self) {
         assert!(self.handler.is_none(), "handler is already running");
-        self.handler = Some(
-            Running::start(
-                Arc::clone(&self.config),
-                Roles {
-                    handler: true,
-                    ..Roles::default()
-                },
-                None,
-            )
-            .await,
-        );
+        self.handler = Some(Running::start(Arc::clone(&self.config), Roles::HANDLER, None).await);
     }
 
     pub async fn stop_projector(&mut self) {
@@ -235,17 +199,8 @@ impl Platform {
 
     pub async fn start_projector(&mut self) {
         assert!(self.projector.is_none(), "projector is already running");
-        self.projector = Some(
-            Running::start(
-                Arc::clone(&self.config),
-                Roles {
-                    projector: true,
-                    ..Roles::default()
-                },
-                None,
-            )
-            .await,
-        );
+        self.projector =
+            Some(Running::start(Arc::clone(&self.config), Roles::PROJECTOR, None).await);
     }
 
     /// Wait until the store has applied everything in the log.
