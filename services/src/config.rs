@@ -48,9 +48,9 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct NatsConfig {
-    /// Server URL(s), comma separated. Unset: `parley up` starts a local nats-server; the
-    /// single-role commands refuse to start.
-    pub url: Option<String>,
+    /// Server URL(s), comma separated; may carry credentials, so it is kept secret. Unset:
+    /// `parley up` starts a local nats-server; the single-role commands refuse to start.
+    pub url: Option<Secret>,
     /// A NATS credentials file (`.creds`), for servers that require one.
     pub credentials_file: Option<PathBuf>,
     /// Client name shown in the server's connection list.
@@ -560,7 +560,10 @@ mod tests {
         .unwrap();
         assert_eq!(config.gateway.send_queue, 20);
         assert_eq!(config.log.shards, 64);
-        assert_eq!(config.nats.url.as_deref(), Some("nats://127.0.0.1:4333"));
+        assert_eq!(
+            config.nats.url.as_ref().map(Secret::expose),
+            Some("nats://127.0.0.1:4333")
+        );
         assert_eq!(
             config.auth.secret.as_ref().map(Secret::expose),
             Some("0123456789abcdef0123456789abcdef")

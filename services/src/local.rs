@@ -42,7 +42,7 @@ impl LocalPlatform {
                     data_dir: Some(data_dir.join("nats")),
                     port: None,
                 })?;
-                config.nats.url = Some(server.url());
+                config.nats.url = Some(Secret::new(server.url()));
                 Some(server)
             }
         };

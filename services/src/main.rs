@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use parley_events::UserId;
-use parley_services::config::{Config, ENV_CONFIG_FILE};
+use parley_services::config::{Config, ENV_CONFIG_FILE, StoreConfig};
 use parley_services::local::{LocalPlatform, dev_secret};
 use parley_services::node::{self, Listeners, Roles};
 use parley_services::{auth, telemetry, unix_millis};
@@ -147,31 +147,33 @@ fn print_banner(local: &LocalPlatform, listeners: &Listeners) -> anyhow::Result<
         unix_millis() / 1000,
         86_400,
     );
-    let durability = match &local.nats {
-        Some(_) if config.local.fsync_always => "local nats-server, JetStream fsync on every write",
-        Some(_) => {
-            "local nats-server, JetStream default (lazy) fsync: a machine crash can lose acknowledged sends"
-        }
-        None => "configured NATS: durability is that server's setting",
+    let nats = match &local.nats {
+        Some(server) if config.local.fsync_always => format!(
+            "{} (local nats-server {}, JetStream fsync on every write)",
+            server.url(),
+            server.version()
+        ),
+        Some(server) => format!(
+            "{} (local nats-server {}, JetStream default lazy fsync: a machine crash can lose acknowledged sends)",
+            server.url(),
+            server.version()
+        ),
+        None => "configured (durability is that deployment's setting)".to_owned(),
     };
+    let redis = match &local.redis {
+        Some(server) => format!("{} (local redis-server {})", server.url(), server.version()),
+        None => "configured".to_owned(),
+    };
+    let StoreConfig::Sqlite { path } = &config.projector.store;
     println!("Parley is up.");
     println!("  WebSocket   ws://{gateway}/ws?access_token=<token>");
     println!("  Admin       http://{admin}/healthz  /readyz  /metrics");
-    println!(
-        "  NATS        {} ({durability})",
-        config.nats.url.as_deref().unwrap_or("?")
-    );
-    println!(
-        "  Redis       {}",
-        if local.redis.is_some() {
-            "local redis-server"
-        } else {
-            "configured"
-        }
-    );
+    println!("  NATS        {nats}");
+    println!("  Redis       {redis}");
+    println!("  Store       {} (embedded SQLite)", path.display());
     if let Some(file) = &local.secret_file {
         println!(
-            "  Dev secret  {} (tokens: parley token <user>)",
+            "  Dev secret  {} (more tokens: parley token <user>)",
             file.display()
         );
     }

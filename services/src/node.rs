@@ -83,7 +83,12 @@ pub enum NodeError {
 /// Connect to NATS as configured; retries the first connection for a while, so roles can
 /// start before the server does.
 pub async fn connect_nats(config: &Config) -> Result<async_nats::Client, NodeError> {
-    let url = config.nats.url.as_deref().ok_or(NodeError::NoNatsUrl)?;
+    let url = config
+        .nats
+        .url
+        .as_ref()
+        .ok_or(NodeError::NoNatsUrl)?
+        .expose();
     let mut options = async_nats::ConnectOptions::new()
         .name(&config.nats.name)
         .retry_on_initial_connect()

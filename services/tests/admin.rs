@@ -29,7 +29,7 @@ async fn every_role_reports_health_readiness_and_metrics_and_stops_on_shutdown()
     let redis = RedisServer::start(RedisOptions::default()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config::default();
-    config.nats.url = Some(nats.url());
+    config.nats.url = Some(Secret::new(nats.url()));
     config.redis.url = Some(Secret::new(redis.url()));
     config.auth.secret = Some(Secret::new("admin-test-secret-admin-test-secret"));
     config.projector.store = StoreConfig::Sqlite {

@@ -1,12 +1,12 @@
 //! The JetStream topology: created once by whoever starts first, refused when incompatible.
 
 use parley_localstack::{NatsOptions, NatsServer};
-use parley_services::config::Config;
+use parley_services::config::{Config, Secret};
 use parley_services::topology::{self, TopologyError};
 
 fn config_for(nats: &NatsServer) -> Config {
     let mut config = Config::default();
-    config.nats.url = Some(nats.url());
+    config.nats.url = Some(Secret::new(nats.url()));
     config
 }
 

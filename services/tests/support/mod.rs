@@ -105,7 +105,7 @@ impl Platform {
         let redis = RedisServer::start(RedisOptions::default()).expect("redis-server starts");
         let dir = tempfile::tempdir().unwrap();
         let mut config = Config::default();
-        config.nats.url = Some(nats.url());
+        config.nats.url = Some(Secret::new(nats.url()));
         config.redis.url = Some(Secret::new(redis.url()));
         config.auth.secret = Some(Secret::new(SECRET));
         config.log.shards = 16;
