@@ -36,12 +36,10 @@ pub enum ErrorCode {
     Timeout,
     /// A dependency is unavailable; retry with the same id.
     Unavailable,
-    /// An unexpected server error; retry with the same id.
-    Internal,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 14] = [
+    pub const ALL: [ErrorCode; 13] = [
         ErrorCode::BadFrame,
         ErrorCode::UnknownFrameType,
         ErrorCode::MessageTooLarge,
@@ -55,7 +53,6 @@ impl ErrorCode {
         ErrorCode::OriginNotAllowed,
         ErrorCode::Timeout,
         ErrorCode::Unavailable,
-        ErrorCode::Internal,
     ];
 
     /// The code as it appears on the wire.
@@ -74,16 +71,12 @@ impl ErrorCode {
             ErrorCode::OriginNotAllowed => "origin_not_allowed",
             ErrorCode::Timeout => "timeout",
             ErrorCode::Unavailable => "unavailable",
-            ErrorCode::Internal => "internal",
         }
     }
 
     /// Whether the same request, retried with the same id, can succeed.
     pub fn retryable(self) -> bool {
-        matches!(
-            self,
-            ErrorCode::Timeout | ErrorCode::Unavailable | ErrorCode::Internal
-        )
+        matches!(self, ErrorCode::Timeout | ErrorCode::Unavailable)
     }
 }
 

@@ -37,6 +37,11 @@ pub struct PresenceStore {
     conn: ConnectionManager,
 }
 
+/// Set KEYS[1] to ARGV[1] unless it already holds a larger number.
+const KEEP_NEWEST: &str = "local current = tonumber(redis.call('GET', KEYS[1]))
+if current == nil or current < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end
+return 0";
+
 fn connections_key(user: &UserId) -> String {
     format!("parley:presence:{{{user}}}")
 }
@@ -78,7 +83,13 @@ impl PresenceStore {
                 pipe.zrem(&key, &update.connection).ignore();
             }
         }
-        pipe.set(last_seen_key(&update.user), update.at).ignore();
+        // Updates from several gateways may arrive out of order: last seen only moves forward.
+        pipe.cmd("EVAL")
+            .arg(KEEP_NEWEST)
+            .arg(1)
+            .arg(last_seen_key(&update.user))
+            .arg(update.at)
+            .ignore();
         let mut conn = self.conn.clone();
         pipe.query_async::<()>(&mut conn).await?;
         Ok(())

@@ -55,6 +55,7 @@ impl Verifier {
     pub fn new(secret: &Secret, config: &AuthConfig) -> Self {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = config.leeway_secs;
+        validation.validate_nbf = true;
         let mut required = vec!["exp", "sub"];
         if let Some(issuer) = &config.issuer {
             validation.set_issuer(&[issuer]);
@@ -144,6 +145,22 @@ mod tests {
         ));
         assert!(matches!(
             verifier.verify("not.a.jwt"),
+            Err(AuthError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn a_token_not_yet_valid_is_refused() {
+        let verifier = Verifier::new(&secret(), &AuthConfig::default());
+        let claims = serde_json::json!({"sub": "alice", "exp": now() + 3600, "nbf": now() + 600});
+        let token = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(secret().expose().as_bytes()),
+        )
+        .unwrap();
+        assert!(matches!(
+            verifier.verify(&token),
             Err(AuthError::Invalid(_))
         ));
     }

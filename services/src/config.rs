@@ -490,12 +490,15 @@ impl Config {
 fn env_dict(env: impl IntoIterator<Item = (String, String)>) -> Dict {
     let mut root = Dict::new();
     for (key, value) in env {
-        let Some(path) = key.strip_prefix(ENV_PREFIX) else {
+        // Configuration keys always name a section and a key (`PARLEY_GATEWAY__LISTEN`);
+        // other PARLEY_ variables (PARLEY_CONFIG, PARLEY_HOME for the installed servers)
+        // belong to someone else.
+        let Some(path) = key
+            .strip_prefix(ENV_PREFIX)
+            .filter(|path| path.contains("__"))
+        else {
             continue;
         };
-        if key == ENV_CONFIG_FILE {
-            continue;
-        }
         let parts: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
         let parsed = value
             .parse::<Value>()
@@ -555,6 +558,8 @@ mod tests {
                 ("PARLEY_NATS__URL", "nats://127.0.0.1:4333"),
                 ("PARLEY_AUTH__SECRET", "0123456789abcdef0123456789abcdef"),
                 ("UNRELATED", "x"),
+                ("PARLEY_HOME", "/opt/parley"),
+                ("PARLEY_CONFIG", "/etc/parley.toml"),
             ]),
         )
         .unwrap();

@@ -18,6 +18,8 @@ use crate::handler::Handler;
 use crate::projector::{self, Projector};
 use crate::{telemetry, topology};
 
+const NATS_READY_CHECK: &str = "nats";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Roles {
     pub gateway: bool,
@@ -82,7 +84,10 @@ pub enum NodeError {
 
 /// Connect to NATS as configured; retries the first connection for a while, so roles can
 /// start before the server does.
-pub async fn connect_nats(config: &Config) -> Result<async_nats::Client, NodeError> {
+pub async fn connect_nats(
+    config: &Config,
+    readiness: &Readiness,
+) -> Result<async_nats::Client, NodeError> {
     let url = config
         .nats
         .url
@@ -93,7 +98,24 @@ pub async fn connect_nats(config: &Config) -> Result<async_nats::Client, NodeErr
         .name(&config.nats.name)
         .retry_on_initial_connect()
         .connection_timeout(Duration::from_secs(5))
-        .request_timeout(Some(Duration::from_secs(5)));
+        .request_timeout(Some(Duration::from_secs(5)))
+        .event_callback({
+            // Readiness follows the connection, so a node cut off from NATS is taken out of
+            // rotation until the client has reconnected.
+            let readiness = readiness.clone();
+            move |event| {
+                let readiness = readiness.clone();
+                async move {
+                    match event {
+                        async_nats::Event::Connected => readiness.set(NATS_READY_CHECK, Ok(())),
+                        async_nats::Event::Disconnected => {
+                            readiness.set(NATS_READY_CHECK, Err("disconnected from NATS".into()))
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        });
     if let Some(creds) = &config.nats.credentials_file {
         options = options
             .credentials_file(creds)
@@ -145,7 +167,7 @@ pub async fn run(
     // Every check this node will have is registered now, so readiness never reports a node
     // ready before all of its roles are.
     let readiness = Readiness::default();
-    readiness.set("nats", Err("connecting".into()));
+    readiness.set(NATS_READY_CHECK, Err("connecting".into()));
     let starting = || Err("starting".to_owned());
     if roles.gateway {
         readiness.set(crate::gateway::READY_CHECK, starting());
@@ -169,11 +191,10 @@ pub async fn run(
             ("admin", served.map_err(|e| e.to_string()))
         });
     }
-    let client = connect_nats(&config).await?;
+    let client = connect_nats(&config, &readiness).await?;
     let topology = topology::ensure(async_nats::jetstream::new(client.clone()), &config)
         .await
         .inspect_err(|e| error!(error = %e, "cannot set up the JetStream topology"))?;
-    readiness.set("nats", Ok(()));
     let store = if roles.gateway || roles.projector {
         Some(open_store(&config).await?)
     } else {

@@ -388,3 +388,42 @@ async fn a_command_delivered_twice_appends_once_and_gets_the_same_outcome_twice(
         .count();
     assert_eq!(posted, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_history_page_too_large_for_one_frame_is_trimmed_and_paging_continues() {
+    let platform = Platform::start_with(1, |c| c.limits.max_message_bytes = 12_000).await;
+    let mut alice = platform.connect(0, "alice").await;
+    let mut bob = platform.connect(0, "bob").await;
+    let conversation = platform.direct(&mut alice, &mut bob, "bob").await;
+    let count = 60; // 60 x 12 kB is more than one 512 KiB frame
+    for i in 0..count {
+        let body = format!("{i:03}{}", "x".repeat(11_990));
+        alice.send(json!({"type": "send", "id": format!("big{i}"), "conversation": conversation, "body": body})).await;
+    }
+    for i in 0..count {
+        assert_eq!(alice.reply_to(&format!("big{i}")).await["type"], "ack");
+    }
+    platform.projected().await;
+    let mut seen = Vec::new();
+    let mut before = None;
+    let mut pages = 0;
+    loop {
+        bob.send(json!({"type": "history", "id": "h", "conversation": conversation, "before": before, "limit": 100})).await;
+        let page = bob.reply_to("h").await;
+        assert!(page.to_string().len() <= 512 * 1024);
+        pages += 1;
+        let messages = page["messages"].as_array().unwrap();
+        seen.extend(
+            messages
+                .iter()
+                .map(|m| m["body"].as_str().unwrap()[..3].to_owned()),
+        );
+        before = messages.last().map(|m| m["seq"].as_u64().unwrap());
+        if page["has_more"] == false {
+            break;
+        }
+    }
+    assert!(pages > 1, "the page was trimmed");
+    let expected: Vec<String> = (0..count).rev().map(|i| format!("{i:03}")).collect();
+    assert_eq!(seen, expected);
+}

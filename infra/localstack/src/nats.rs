@@ -38,7 +38,8 @@ pub struct NatsOptions {
     pub jetstream: bool,
     /// `jetstream { sync_interval: always }`: fsync every write before acknowledging it
     /// (default `true`). Without it nats-server fsyncs every 2 minutes and an OS crash can
-    /// lose acknowledged events. Costs throughput (see FACTS.md).
+    /// lose acknowledged events. Costs throughput: measured on a 2-core machine, per-message
+    /// fsync cut raw async publish from about 178k/s to 6.5k/s.
     pub sync_always: bool,
     /// Where config, log and JetStream store live. `None` (default): a fresh temporary
     /// directory, removed when the server is dropped. `Some(dir)`: created if missing and

@@ -259,7 +259,7 @@ async fn upgrade(
         .max_message_size(max_frame)
         .read_buffer_size(READ_BUFFER_BYTES)
         .write_buffer_size(WRITE_BUFFER_BYTES)
-        .max_write_buffer_size(max_frame * 4)
+        .max_write_buffer_size(WRITE_BUFFER_BYTES + socket::MAX_SERVER_FRAME_BYTES * 2)
         .on_upgrade(move |socket| socket::serve(shared, socket, session, permit))
 }
 

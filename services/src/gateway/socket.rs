@@ -25,6 +25,9 @@ const MAX_IN_FLIGHT: usize = 32;
 /// A write that takes longer than this means the peer stopped reading.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_HISTORY_PAGE: u32 = 50;
+/// Largest frame the server sends: a history page is trimmed to fit, and the socket's write
+/// buffer is sized for one such frame.
+pub const MAX_SERVER_FRAME_BYTES: usize = 512 * 1024;
 
 pub struct Session {
     pub user: UserId,
@@ -317,12 +320,12 @@ async fn history(
                 .unwrap_or(DEFAULT_HISTORY_PAGE)
                 .clamp(1, shared.config.limits.max_history_page);
             match store.history(conversation, before, limit).await {
-                Ok(page) => ServerFrame::History {
+                Ok(page) => fit_history(ServerFrame::History {
                     id: id.clone(),
                     conversation,
                     messages: page.messages,
                     has_more: page.has_more,
-                },
+                }),
                 Err(e) => {
                     warn!(error = %e, "history read failed");
                     refuse(ErrorCode::Unavailable, "history is temporarily unavailable")
@@ -346,6 +349,25 @@ async fn history(
         }
     };
     outbox.send(&frame);
+}
+
+/// Trim a history page, oldest messages first, until its frame fits in
+/// [`MAX_SERVER_FRAME_BYTES`]; the client pages on from where it stops.
+fn fit_history(mut frame: ServerFrame) -> ServerFrame {
+    while frame.to_json().len() > MAX_SERVER_FRAME_BYTES {
+        let ServerFrame::History {
+            messages, has_more, ..
+        } = &mut frame
+        else {
+            break;
+        };
+        if messages.len() <= 1 {
+            break;
+        }
+        messages.pop();
+        *has_more = true;
+    }
+    frame
 }
 
 async fn write_loop(

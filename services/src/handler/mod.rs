@@ -106,14 +106,17 @@ impl Handler {
             .map_err(|e| HandlerError::Tail(e.to_string()))?
             .state
             .last_sequence;
-        let tail = tokio::spawn(tail_log(Arc::clone(&inner), shutdown.clone()));
+        let mut tail = tokio::spawn(tail_log(Arc::clone(&inner), shutdown.clone()));
         let mut caught_up = inner.position.subscribe();
+        // `inner` holds the position's sender, so waiting for it can only end by reaching it.
+        let reached = async {
+            let _ = caught_up
+                .wait_for(|position| *position >= end_at_start)
+                .await;
+        };
         tokio::select! {
-            reached = async { caught_up.wait_for(|position| *position >= end_at_start).await.map(|_| ()) } => {
-                if reached.is_err() {
-                    return tail.await.unwrap_or_else(|e| Err(HandlerError::Tail(e.to_string())));
-                }
-            }
+            () = reached => {}
+            stopped = &mut tail => return tail_ended(stopped),
             () = shutdown.cancelled() => return Ok(()),
         }
         info!(
@@ -160,9 +163,15 @@ impl Handler {
                 (tx, tokio::spawn(run_lane(Arc::clone(&inner), rx)))
             })
             .collect();
+        let mut failure = None;
         loop {
             let message = tokio::select! {
                 () = shutdown.cancelled() => break,
+                // Without its tail the write model goes stale: stop taking commands.
+                stopped = &mut tail => {
+                    failure = Some(tail_ended(stopped));
+                    break;
+                }
                 next = commands.next() => match next {
                     Some(Ok(message)) => message,
                     Some(Err(e)) => {
@@ -199,7 +208,18 @@ impl Handler {
         }
         answering.abort();
         tail.abort();
-        Ok(())
+        failure.unwrap_or(Ok(()))
+    }
+}
+
+/// What the handler reports when its log tail stopped before the handler did.
+fn tail_ended(
+    stopped: Result<Result<(), HandlerError>, tokio::task::JoinError>,
+) -> Result<(), HandlerError> {
+    match stopped {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e),
+        Err(e) => Err(HandlerError::Tail(e.to_string())),
     }
 }
 
