@@ -1,0 +1,72 @@
+//! The platform rides out a NATS restart: clients keep their sockets, and sends after the
+//! restart are appended, delivered and projected as before.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::json;
+use support::Platform;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_continues_after_nats_restarts() {
+    let mut platform = Platform::start(1).await;
+    let mut alice = platform.connect(0, "alice").await;
+    let mut bob = platform.connect(0, "bob").await;
+    let conversation = platform.direct(&mut alice, &mut bob, "bob").await;
+    alice
+        .send(
+            json!({"type": "send", "id": "before", "conversation": conversation, "body": "before"}),
+        )
+        .await;
+    assert_eq!(
+        bob.next_of(&["event"]).await["event"]["data"]["body"],
+        "before"
+    );
+
+    platform.nats.stop();
+    platform
+        .nats
+        .restart()
+        .expect("nats-server restarts on its port and store");
+
+    // Clients retry with the same id until the platform has reconnected; the id makes the
+    // retries safe.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let ack = loop {
+        alice.send(json!({"type": "send", "id": "after", "conversation": conversation, "body": "after"})).await;
+        let reply = alice.reply_to("after").await;
+        if reply["type"] == "ack" {
+            break reply;
+        }
+        assert_eq!(
+            reply["retryable"], true,
+            "only retryable errors while NATS is back: {reply}"
+        );
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no ack after the restart: {reply}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(ack["seq"].as_u64().unwrap() > 2);
+    let delivered = loop {
+        let frame = bob.next_of(&["event"]).await;
+        if frame["event"]["data"]["body"] == "after" {
+            break frame;
+        }
+    };
+    assert_eq!(delivered["event"]["prev"], 2);
+    bob.expect_silence(Duration::from_millis(300)).await;
+    platform.projected().await;
+    let bodies: Vec<_> = platform
+        .log()
+        .await
+        .into_iter()
+        .filter_map(|e| match e.envelope.event {
+            parley_events::Event::MessagePosted(posted) => Some(posted.body),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(bodies, ["before", "after"]);
+}
