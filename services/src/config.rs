@@ -20,6 +20,9 @@ use serde::{Deserialize, Serialize};
 pub const ENV_PREFIX: &str = "PARLEY_";
 /// The environment variable naming the config file when `--config` is not given.
 pub const ENV_CONFIG_FILE: &str = "PARLEY_CONFIG";
+/// Variables with Parley's prefix that are not configuration keys: the config file, and
+/// where `infra/install.sh` put the servers.
+const ENV_NOT_CONFIG: [&str; 2] = [ENV_CONFIG_FILE, "PARLEY_HOME"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -344,7 +347,7 @@ impl Config {
             }
             figment = figment.merge(Toml::file(file));
         }
-        figment = figment.merge(Serialized::defaults(env_dict(env)));
+        figment = figment.merge(Serialized::defaults(env_dict(env)?));
         let config: Config = figment.extract().map_err(Box::new)?;
         config.validate()?;
         Ok(config)
@@ -487,18 +490,23 @@ impl Config {
 
 /// Turn `PARLEY_SECTION__KEY=value` pairs into a nested dictionary. Values are parsed like
 /// TOML scalars (numbers, booleans, arrays); anything else is a string.
-fn env_dict(env: impl IntoIterator<Item = (String, String)>) -> Dict {
+fn env_dict(env: impl IntoIterator<Item = (String, String)>) -> Result<Dict, ConfigError> {
     let mut root = Dict::new();
+    let mut unknown = Vec::new();
     for (key, value) in env {
-        // Configuration keys always name a section and a key (`PARLEY_GATEWAY__LISTEN`);
-        // other PARLEY_ variables (PARLEY_CONFIG, PARLEY_HOME for the installed servers)
-        // belong to someone else.
-        let Some(path) = key
-            .strip_prefix(ENV_PREFIX)
-            .filter(|path| path.contains("__"))
-        else {
+        let Some(path) = key.strip_prefix(ENV_PREFIX) else {
             continue;
         };
+        // Configuration keys always name a section and a key (`PARLEY_GATEWAY__LISTEN`).
+        // A few other variables share the prefix; anything else is most likely a typo.
+        if !path.contains("__") {
+            if !ENV_NOT_CONFIG.contains(&key.as_str()) {
+                unknown.push(format!(
+                    "environment variable {key} is not a configuration key; they are named {ENV_PREFIX}<SECTION>__<KEY>"
+                ));
+            }
+            continue;
+        }
         let parts: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
         let parsed = value
             .parse::<Value>()
@@ -510,7 +518,11 @@ fn env_dict(env: impl IntoIterator<Item = (String, String)>) -> Dict {
         };
         insert_path(&mut root, &parts, leaf);
     }
-    root
+    if unknown.is_empty() {
+        Ok(root)
+    } else {
+        Err(ConfigError::Invalid(unknown))
+    }
 }
 
 fn insert_path(dict: &mut Dict, path: &[String], value: Value) {
@@ -604,6 +616,8 @@ mod tests {
         assert!(err.to_string().contains("send_queu"), "{err}");
         let err = Config::load(None, env(&[("PARLEY_GATEWAY__LISTNE", "x")])).unwrap_err();
         assert!(err.to_string().contains("listne"), "{err}");
+        let err = Config::load(None, env(&[("PARLEY_GATEWAY_LISTEN", "x")])).unwrap_err();
+        assert!(err.to_string().contains("PARLEY_GATEWAY_LISTEN"), "{err}");
     }
 
     #[test]
