@@ -19,6 +19,7 @@ use crate::projector::{self, Projector};
 use crate::{telemetry, topology};
 
 const NATS_READY_CHECK: &str = "nats";
+const SUBSCRIPTION_CAPACITY: usize = 4096;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Roles {
@@ -99,6 +100,9 @@ pub async fn connect_nats(
         .retry_on_initial_connect()
         .connection_timeout(Duration::from_secs(5))
         .request_timeout(Some(Duration::from_secs(5)))
+        // Messages buffered per subscription before the client drops them; a gateway holds
+        // one subscription per followed conversation, and gap fill repairs a drop.
+        .subscription_capacity(SUBSCRIPTION_CAPACITY)
         .event_callback({
             // Readiness follows the connection, so a node cut off from NATS is taken out of
             // rotation until the client has reconnected.

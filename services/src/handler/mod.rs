@@ -40,7 +40,6 @@ pub use write_model::{Accepted, Decision, WriteModel};
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Delay before a command that hit a transient failure is redelivered.
 const RETRY_DELAY: Duration = Duration::from_millis(500);
-const LANE_QUEUE: usize = 32;
 pub(crate) const READY_CHECK: &str = "handler";
 
 #[derive(Debug, thiserror::Error)]
@@ -157,9 +156,12 @@ impl Handler {
             .map_err(|e| HandlerError::Consumer(e.to_string()))?;
         inner.readiness.set(READY_CHECK, Ok(()));
 
+        // The consumer never hands out more than `max_ack_pending` commands, so a lane
+        // that can hold them all never blocks the others: a slow shard delays only itself.
+        let lane_queue = usize::try_from(inner.config.intake.max_ack_pending).unwrap_or(1);
         let lanes: Vec<_> = (0..inner.config.handler.lanes)
             .map(|_| {
-                let (tx, rx) = mpsc::channel::<(Command, Message)>(LANE_QUEUE);
+                let (tx, rx) = mpsc::channel::<(Command, Message)>(lane_queue);
                 (tx, tokio::spawn(run_lane(Arc::clone(&inner), rx)))
             })
             .collect();
