@@ -22,6 +22,9 @@ pub const LOG_SHARDS_METADATA: &str = "parley.shards";
 /// Durable consumer of the conversation projection.
 pub const PROJECTOR_CONSUMER: &str = "projector-conversations";
 
+/// Object store bucket holding the handlers' latest write-model snapshot.
+pub const HANDLER_SNAPSHOT_BUCKET: &str = "PARLEY_HANDLER_SNAPSHOTS";
+
 /// Core subject carrying live membership events (conversation created) to every gateway.
 pub const LIVE_MEMBERSHIP_SUBJECT: &str = "parley.live.membership";
 /// Core subject on which gateways publish presence updates for the presence projector.

@@ -229,6 +229,9 @@ pub struct HandlerConfig {
     pub append_retries: u32,
     /// Commands whose outcomes one instance remembers, to answer repeated sends.
     pub remembered_commands: usize,
+    /// Log events between write-model snapshots; a starting handler loads the latest and
+    /// replays only the log after it. 0: never snapshot, always replay the whole log.
+    pub snapshot_every_events: u64,
 }
 
 impl Default for HandlerConfig {
@@ -237,6 +240,7 @@ impl Default for HandlerConfig {
             lanes: 64,
             append_retries: 10,
             remembered_commands: 1_000_000,
+            snapshot_every_events: 100_000,
         }
     }
 }

@@ -24,6 +24,7 @@ pub const HANDLER_APPEND_CONFLICTS_TOTAL: &str = "parley_handler_append_conflict
 pub const HANDLER_APPEND_SECONDS: &str = "parley_handler_append_seconds";
 pub const HANDLER_COMMAND_SECONDS: &str = "parley_handler_command_seconds";
 pub const HANDLER_LOG_POSITION: &str = "parley_handler_log_position";
+pub const HANDLER_TAIL_EVENTS_TOTAL: &str = "parley_handler_tail_events_total";
 
 pub const PROJECTOR_EVENTS_APPLIED_TOTAL: &str = "parley_projector_events_applied_total";
 pub const PROJECTOR_BATCH_EVENTS: &str = "parley_projector_batch_events";
@@ -147,6 +148,11 @@ fn describe() {
         HANDLER_LOG_POSITION,
         Unit::Count,
         "Last log sequence in this handler's write model."
+    );
+    describe_counter!(
+        HANDLER_TAIL_EVENTS_TOTAL,
+        Unit::Count,
+        "Log events read by this handler's tail (after any snapshot it started from)."
     );
     describe_counter!(
         PROJECTOR_EVENTS_APPLIED_TOTAL,

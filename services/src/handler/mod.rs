@@ -8,8 +8,10 @@
 //! parallel. Across instances, a conflicting append fails its expected-sequence check, the
 //! instance waits until its log tail has caught up with the shard, and decides again.
 
+mod snapshots;
 mod write_model;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -105,6 +107,20 @@ impl Handler {
             .map_err(|e| HandlerError::Tail(e.to_string()))?
             .state
             .last_sequence;
+        let restored = snapshots::load(
+            &inner.topology.js,
+            inner.topology.shards,
+            inner.config.handler.remembered_commands,
+            end_at_start,
+        )
+        .await;
+        if let Some(model) = restored {
+            inner.position.send_replace(model.position());
+            *inner
+                .model
+                .lock()
+                .expect("write model lock is never poisoned") = model;
+        }
         let mut tail = tokio::spawn(tail_log(Arc::clone(&inner), shutdown.clone()));
         let mut caught_up = inner.position.subscribe();
         // `inner` holds the position's sender, so waiting for it can only end by reaching it.
@@ -225,14 +241,21 @@ fn tail_ended(
     }
 }
 
-/// Follow the log from its start with an ordered consumer, applying every event to the
-/// write model.
+/// Follow the log from the write model's position with an ordered consumer, applying every
+/// event to the write model and snapshotting it now and then.
 async fn tail_log(inner: Arc<Inner>, shutdown: CancellationToken) -> Result<(), HandlerError> {
+    let after = *inner.position.borrow();
     let consumer = inner
         .topology
         .log
         .create_consumer(pull::OrderedConfig {
-            deliver_policy: DeliverPolicy::All,
+            deliver_policy: if after == 0 {
+                DeliverPolicy::All
+            } else {
+                DeliverPolicy::ByStartSequence {
+                    start_sequence: after + 1,
+                }
+            },
             ..Default::default()
         })
         .await
@@ -241,6 +264,8 @@ async fn tail_log(inner: Arc<Inner>, shutdown: CancellationToken) -> Result<(), 
         .messages()
         .await
         .map_err(|e| HandlerError::Tail(e.to_string()))?;
+    let mut snapshotted = after;
+    let saving = Arc::new(AtomicBool::new(false));
     loop {
         let message = tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
@@ -272,7 +297,34 @@ async fn tail_log(inner: Arc<Inner>, shutdown: CancellationToken) -> Result<(), 
             .apply(&envelope.recorded(seq), true);
         inner.position.send_replace(seq);
         metrics::gauge!(telemetry::HANDLER_LOG_POSITION).set(seq as f64);
+        metrics::counter!(telemetry::HANDLER_TAIL_EVENTS_TOTAL).increment(1);
+        let every = inner.config.handler.snapshot_every_events;
+        if every > 0 && seq >= snapshotted + every && !saving.load(Ordering::Acquire) {
+            snapshotted = seq;
+            save_snapshot(&inner, &saving);
+        }
     }
+}
+
+/// Write a snapshot in the background; at most one write is in flight.
+fn save_snapshot(inner: &Arc<Inner>, saving: &Arc<AtomicBool>) {
+    let bytes = inner
+        .model
+        .lock()
+        .expect("write model lock is never poisoned")
+        .snapshot();
+    saving.store(true, Ordering::Release);
+    let (js, replicas, saving) = (
+        inner.topology.js.clone(),
+        inner.config.log.replicas,
+        Arc::clone(saving),
+    );
+    tokio::spawn(async move {
+        if let Err(e) = snapshots::save(&js, replicas, bytes).await {
+            warn!(error = %e, "cannot store a write-model snapshot; the next one will try again");
+        }
+        saving.store(false, Ordering::Release);
+    });
 }
 
 async fn answer_queries(

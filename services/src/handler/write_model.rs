@@ -9,6 +9,8 @@
 
 use std::collections::{HashMap, VecDeque};
 
+use serde::{Deserialize, Serialize};
+
 use parley_events::event::{ConversationCreated, MessagePosted};
 use parley_events::subjects::Shards;
 use parley_events::{
@@ -36,13 +38,14 @@ pub enum Decision {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Accepted {
     pub conversation: ConversationId,
     pub seq: u64,
     pub event: EventId,
 }
 
+#[derive(Serialize, Deserialize)]
 struct Aggregate {
     members: HashMap<UserId, Role>,
     last_seq: u64,
@@ -58,6 +61,29 @@ pub struct WriteModel {
     remembered_commands: usize,
     /// Highest sequence applied from the log tail.
     position: u64,
+}
+
+const SNAPSHOT_FORMAT: u32 = 1;
+
+#[derive(Serialize)]
+struct SnapshotRef<'a> {
+    format: u32,
+    shards: u32,
+    position: u64,
+    shard_last: &'a [u64],
+    conversations: &'a HashMap<ConversationId, Aggregate>,
+    /// Oldest first, so a restore forgets the same ones first.
+    commands: Vec<(parley_events::CommandId, Accepted)>,
+}
+
+#[derive(Deserialize)]
+struct Snapshot {
+    format: u32,
+    shards: u32,
+    position: u64,
+    shard_last: Vec<u64>,
+    conversations: HashMap<ConversationId, Aggregate>,
+    commands: Vec<(parley_events::CommandId, Accepted)>,
 }
 
 fn reject(code: ErrorCode, message: impl Into<String>) -> Decision {
@@ -82,6 +108,56 @@ impl WriteModel {
 
     pub fn position(&self) -> u64 {
         self.position
+    }
+
+    /// The model as of its tail position, for a later start to resume from instead of
+    /// replaying the whole log.
+    pub fn snapshot(&self) -> Vec<u8> {
+        let snapshot = SnapshotRef {
+            format: SNAPSHOT_FORMAT,
+            shards: self.shards.count(),
+            position: self.position,
+            shard_last: &self.shard_last,
+            conversations: &self.conversations,
+            commands: self
+                .command_order
+                .iter()
+                .filter_map(|command| Some((*command, *self.commands.get(command)?)))
+                .collect(),
+        };
+        serde_json::to_vec(&snapshot).expect("a write model always serializes")
+    }
+
+    /// A model restored from [`WriteModel::snapshot`] bytes, if they are of this format and
+    /// shard count.
+    pub fn restore(
+        bytes: &[u8],
+        shards: Shards,
+        remembered_commands: usize,
+    ) -> Result<Self, String> {
+        let snapshot: Snapshot = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        if snapshot.format != SNAPSHOT_FORMAT {
+            return Err(format!(
+                "snapshot format {} is not {SNAPSHOT_FORMAT}",
+                snapshot.format
+            ));
+        }
+        if snapshot.shards != shards.count() || snapshot.shard_last.len() != shards.count() as usize
+        {
+            return Err(format!(
+                "snapshot has {} shards, the log {}",
+                snapshot.shards,
+                shards.count()
+            ));
+        }
+        let mut model = WriteModel::new(shards, remembered_commands);
+        model.position = snapshot.position;
+        model.shard_last = snapshot.shard_last;
+        model.conversations = snapshot.conversations;
+        for (command, accepted) in snapshot.commands {
+            model.remember(command, accepted);
+        }
+        Ok(model)
     }
 
     pub fn outcome_of(&self, command: parley_events::CommandId) -> Option<Accepted> {
@@ -471,6 +547,33 @@ mod tests {
             (event.prev, expected_shard_seq, model.position()),
             (2, 2, 2)
         );
+    }
+
+    #[test]
+    fn a_restored_snapshot_decides_like_the_original() {
+        let conversation = ConversationId::direct(&user("alice"), &user("bob"));
+        let send = post("alice", "m1", conversation, "hi");
+        let model = given(&[direct("alice", "bob"), send.clone()]);
+        let restored =
+            WriteModel::restore(&model.snapshot(), Shards::new(4).unwrap(), 100).unwrap();
+        assert_eq!(restored.position(), 2);
+        let limits = LimitsConfig::default();
+        for command in [
+            send,
+            post("bob", "m2", conversation, "next"),
+            post("carol", "m3", conversation, "x"),
+            direct("bob", "alice"),
+        ] {
+            assert_eq!(
+                restored.decide(&command, &limits),
+                model.decide(&command, &limits)
+            );
+        }
+        let err = WriteModel::restore(&model.snapshot(), Shards::new(8).unwrap(), 100)
+            .err()
+            .unwrap();
+        assert!(err.contains("shards"), "{err}");
+        assert!(WriteModel::restore(b"{}", Shards::new(4).unwrap(), 100).is_err());
     }
 
     #[test]
