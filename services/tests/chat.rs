@@ -48,13 +48,11 @@ async fn direct_message_is_delivered_once_logged_once_projected_and_presence_tra
     );
     bob.expect_silence(Duration::from_millis(300)).await;
 
-    let log = platform.log().await;
-    let posted: Vec<_> = log
-        .iter()
-        .filter(|e| matches!(e.envelope.event, Event::MessagePosted(_)))
-        .collect();
-    assert_eq!(posted.len(), 1, "exactly one event in the log");
-    assert_eq!(posted[0].seq, seq);
+    assert_eq!(
+        platform.posted().await,
+        [(seq, "hello bob".to_owned())],
+        "exactly one event in the log"
+    );
 
     let store = platform.store();
     let page = eventually(|| async {
@@ -148,12 +146,7 @@ async fn the_same_client_message_id_twice_appends_once_and_acks_the_same() {
     assert_eq!(first, third);
 
     bob.expect_silence(Duration::from_millis(300)).await;
-    let log = platform.log().await;
-    let posted = log
-        .iter()
-        .filter(|e| matches!(e.envelope.event, Event::MessagePosted(_)))
-        .count();
-    assert_eq!(posted, 1);
+    assert_eq!(platform.posted().await.len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -380,13 +373,7 @@ async fn a_command_delivered_twice_appends_once_and_gets_the_same_outcome_twice(
         "only once"
     );
     bob.expect_silence(Duration::from_millis(300)).await;
-    let posted = platform
-        .log()
-        .await
-        .into_iter()
-        .filter(|e| matches!(e.envelope.event, Event::MessagePosted(_)))
-        .count();
-    assert_eq!(posted, 1);
+    assert_eq!(platform.posted().await.len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

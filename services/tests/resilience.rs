@@ -60,13 +60,10 @@ async fn chat_continues_after_nats_restarts() {
     bob.expect_silence(Duration::from_millis(300)).await;
     platform.projected().await;
     let bodies: Vec<_> = platform
-        .log()
+        .posted()
         .await
         .into_iter()
-        .filter_map(|e| match e.envelope.event {
-            parley_events::Event::MessagePosted(posted) => Some(posted.body),
-            _ => None,
-        })
+        .map(|(_, body)| body)
         .collect();
     assert_eq!(bodies, ["before", "after"]);
 }

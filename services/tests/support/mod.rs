@@ -269,6 +269,18 @@ impl Platform {
         events
     }
 
+    /// The `message.posted` events in the log, in order, as (sequence, body).
+    pub async fn posted(&self) -> Vec<(u64, String)> {
+        self.log()
+            .await
+            .into_iter()
+            .filter_map(|e| match e.envelope.event {
+                parley_events::Event::MessagePosted(posted) => Some((e.seq, posted.body)),
+                _ => None,
+            })
+            .collect()
+    }
+
     pub fn store(&self) -> SqliteStore {
         let StoreConfig::Sqlite { path } = &self.config.projector.store;
         SqliteStore::open(path).unwrap()
