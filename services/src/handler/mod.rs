@@ -40,6 +40,8 @@ pub use write_model::{Accepted, Decision, WriteModel};
 
 /// How long a command waits for this instance's log tail to catch up after a conflict.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the tail considers a snapshot even when no event arrives.
+const SNAPSHOT_CHECK: Duration = Duration::from_secs(1);
 /// Delay before a command that hit a transient failure is redelivered.
 const RETRY_DELAY: Duration = Duration::from_millis(500);
 pub(crate) const READY_CHECK: &str = "handler";
@@ -264,11 +266,20 @@ async fn tail_log(inner: Arc<Inner>, shutdown: CancellationToken) -> Result<(), 
         .messages()
         .await
         .map_err(|e| HandlerError::Tail(e.to_string()))?;
-    let mut snapshotted = after;
-    let saving = Arc::new(AtomicBool::new(false));
+    let mut snapshots = Snapshotter {
+        taken_at: after,
+        saving: Arc::new(AtomicBool::new(false)),
+    };
+    // Snapshots are also considered on a timer, so one skipped while another was being
+    // written is taken even if the log has gone quiet.
+    let mut snapshot_check = tokio::time::interval(SNAPSHOT_CHECK);
     loop {
         let message = tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
+            _ = snapshot_check.tick() => {
+                snapshots.consider(&inner);
+                continue;
+            }
             next = messages.next() => match next {
                 Some(Ok(message)) => message,
                 Some(Err(e)) => {
@@ -298,33 +309,50 @@ async fn tail_log(inner: Arc<Inner>, shutdown: CancellationToken) -> Result<(), 
         inner.position.send_replace(seq);
         metrics::gauge!(telemetry::HANDLER_LOG_POSITION).set(seq as f64);
         metrics::counter!(telemetry::HANDLER_TAIL_EVENTS_TOTAL).increment(1);
-        let every = inner.config.handler.snapshot_every_events;
-        if every > 0 && seq >= snapshotted + every && !saving.load(Ordering::Acquire) {
-            snapshotted = seq;
-            save_snapshot(&inner, &saving);
-        }
+        snapshots.consider(&inner);
     }
 }
 
-/// Write a snapshot in the background; at most one write is in flight.
-fn save_snapshot(inner: &Arc<Inner>, saving: &Arc<AtomicBool>) {
-    let bytes = inner
-        .model
-        .lock()
-        .expect("write model lock is never poisoned")
-        .snapshot();
-    saving.store(true, Ordering::Release);
-    let (js, replicas, saving) = (
-        inner.topology.js.clone(),
-        inner.config.log.replicas,
-        Arc::clone(saving),
-    );
-    tokio::spawn(async move {
-        if let Err(e) = snapshots::save(&js, replicas, bytes).await {
-            warn!(error = %e, "cannot store a write-model snapshot; the next one will try again");
+/// Decides when the tail snapshots the write model.
+struct Snapshotter {
+    /// Tail position of the last snapshot taken (or restored).
+    taken_at: u64,
+    /// Whether a snapshot is being written; at most one write is in flight.
+    saving: Arc<AtomicBool>,
+}
+
+impl Snapshotter {
+    /// Snapshot in the background if the tail has read `handler.snapshot_every_events`
+    /// events since the last one and no write is in flight.
+    fn consider(&mut self, inner: &Arc<Inner>) {
+        let every = inner.config.handler.snapshot_every_events;
+        if every == 0 || self.saving.load(Ordering::Acquire) {
+            return;
         }
-        saving.store(false, Ordering::Release);
-    });
+        let (position, bytes) = {
+            let model = inner
+                .model
+                .lock()
+                .expect("write model lock is never poisoned");
+            if model.position() < self.taken_at + every {
+                return;
+            }
+            (model.position(), model.snapshot())
+        };
+        self.taken_at = position;
+        self.saving.store(true, Ordering::Release);
+        let (js, replicas, saving) = (
+            inner.topology.js.clone(),
+            inner.config.log.replicas,
+            Arc::clone(&self.saving),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = snapshots::save(&js, replicas, bytes).await {
+                warn!(error = %e, "cannot store a write-model snapshot; the next one will try again");
+            }
+            saving.store(false, Ordering::Release);
+        });
+    }
 }
 
 async fn answer_queries(
