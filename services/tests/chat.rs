@@ -414,3 +414,32 @@ async fn a_history_page_too_large_for_one_frame_is_trimmed_and_paging_continues(
     let expected: Vec<String> = (0..count).rev().map(|i| format!("{i:03}")).collect();
     assert_eq!(seen, expected);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_connecting_before_the_store_has_a_new_conversation_still_follows_it() {
+    let mut platform = Platform::start(1).await;
+    // The store lags: nothing new reaches it while the projector is stopped.
+    platform.stop_projector().await;
+    let mut alice = platform.connect(0, "alice").await;
+    alice
+        .send(json!({"type": "create_direct", "id": "dm", "peer": "bob"}))
+        .await;
+    let conversation = conversation_of(&alice.reply_to("dm").await);
+    alice
+        .send(json!({"type": "send", "id": "early", "conversation": conversation, "body": "early"}))
+        .await;
+    assert_eq!(alice.reply_to("early").await["type"], "ack");
+
+    let mut bob = platform.connect(0, "bob").await;
+    alice
+        .send(json!({"type": "send", "id": "late", "conversation": conversation, "body": "late"}))
+        .await;
+    assert_eq!(alice.reply_to("late").await["type"], "ack");
+    // Bob follows the conversation, though the store does not list it for him yet. (What
+    // was sent before he connected is for history, or a resume, to bring.)
+    assert_eq!(
+        bob.next_of(&["event"]).await["event"]["data"]["body"],
+        "late"
+    );
+    bob.expect_silence(Duration::from_millis(300)).await;
+}

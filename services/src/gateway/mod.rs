@@ -10,6 +10,7 @@
 
 mod commands;
 mod delivery;
+mod recent;
 mod socket;
 
 use std::sync::Arc;
@@ -72,6 +73,7 @@ pub(crate) struct Shared {
     verifier: Verifier,
     routes: Arc<Routes>,
     pending: commands::Pending,
+    recent: recent::RecentCreations,
     connections: Arc<Semaphore>,
     next_connection: AtomicU64,
     shutdown: CancellationToken,
@@ -113,6 +115,7 @@ impl Gateway {
             topology,
             store,
             pending: commands::Pending::default(),
+            recent: recent::RecentCreations::default(),
             next_connection: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
         });
@@ -286,6 +289,11 @@ async fn follow_membership(shared: Arc<Shared>, mut membership: async_nats::Subs
         let Event::ConversationCreated(created) = &event.envelope.event else {
             continue;
         };
+        shared.recent.record(
+            event.envelope.conversation,
+            event.seq,
+            created.members.iter().map(|member| &member.user),
+        );
         let conns: Vec<ConnectionId> = created
             .members
             .iter()

@@ -1,6 +1,7 @@
 //! One WebSocket: a reader loop that turns frames into commands and queries, and a writer
 //! task that drains the socket's bounded queue, pings, and sends the close frame.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -86,26 +87,32 @@ pub async fn serve(
     .await
 }
 
-/// Subscribe the socket to the conversations the store lists for its user.
+/// Subscribe the socket to the conversations the store lists for its user, and to those
+/// created too recently for the store to have them yet.
 async fn follow_inbox(shared: &Arc<Shared>, session: &Session) {
-    let inbox = match shared
+    let limit = shared.config.gateway.max_conversations_per_user;
+    let inbox = shared
         .store
-        .inbox(
-            &session.user,
-            shared.config.gateway.max_conversations_per_user,
-        )
+        .inbox(&session.user, limit)
         .await
-    {
-        Ok(inbox) => inbox,
-        Err(e) => {
-            warn!(error = %e, "cannot read the user's conversations; live delivery starts with new ones");
-            return;
-        }
-    };
-    for entry in inbox {
+        .unwrap_or_else(|e| {
+            warn!(error = %e, "cannot read the user's conversations; following only new ones");
+            Vec::new()
+        });
+    let stored: HashSet<ConversationId> = inbox.iter().map(|entry| entry.conversation).collect();
+    let recent = shared
+        .recent
+        .of(&session.user)
+        .into_iter()
+        .filter(|(conversation, _)| !stored.contains(conversation));
+    let follows = inbox
+        .iter()
+        .map(|entry| (entry.conversation, entry.last_seq))
+        .chain(recent);
+    for (conversation, last_seq) in follows {
         if let Err(e) = shared
             .routes
-            .follow(&[session.conn], entry.conversation, entry.last_seq)
+            .follow(&[session.conn], conversation, last_seq)
             .await
         {
             warn!(error = %e, "cannot subscribe to a conversation");
