@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use parley_projections::{ConversationStore, PresenceStore, SqliteStore};
+use parley_projections::{ConversationStore, SqliteStore};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -71,8 +71,6 @@ pub enum NodeError {
     Topology(#[from] topology::TopologyError),
     #[error(transparent)]
     Store(#[from] parley_projections::StoreError),
-    #[error(transparent)]
-    Presence(#[from] parley_projections::PresenceError),
     #[error(transparent)]
     Gateway(#[from] crate::gateway::GatewayError),
     #[error(transparent)]
@@ -221,8 +219,7 @@ pub async fn run(
         });
     }
     if roles.projector {
-        let redis = config.redis.url.as_ref().ok_or(NodeError::NoRedisUrl)?;
-        let presence = PresenceStore::connect(redis.expose()).await?;
+        let redis = config.redis.url.clone().ok_or(NodeError::NoRedisUrl)?;
         let store = store.clone().expect("opened for the projector");
         let projector = Projector::build(
             Arc::clone(&config),
@@ -238,7 +235,7 @@ pub async fn run(
         let stop = shutdown.clone();
         let (client, readiness) = (client.clone(), readiness.clone());
         tasks.spawn(async move {
-            let result = projector::run_presence(client, presence, readiness, stop).await;
+            let result = projector::run_presence(client, redis, readiness, stop).await;
             ("presence", result.map_err(|e| e.to_string()))
         });
     }

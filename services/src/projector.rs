@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::admin::Readiness;
-use crate::config::Config;
+use crate::config::{Config, Secret};
 use crate::telemetry;
 use crate::topology::Topology;
 
@@ -207,12 +207,30 @@ impl Projector {
 
 /// Record presence updates from every gateway until `shutdown`. Instances share a queue
 /// group, so each update is recorded once.
+///
+/// Redis unreachable at start does not stop the node: presence is ephemeral and must not
+/// hold up the conversation projection, so this retries with backoff (not ready meanwhile).
 pub async fn run_presence(
     client: async_nats::Client,
-    store: PresenceStore,
+    redis_url: Secret,
     readiness: Readiness,
     shutdown: CancellationToken,
 ) -> Result<(), async_nats::SubscribeError> {
+    let mut backoff = Duration::from_millis(100);
+    let store = loop {
+        match PresenceStore::connect(redis_url.expose()).await {
+            Ok(store) => break store,
+            Err(e) => {
+                warn!(error = %e, retry_in = ?backoff, "cannot reach Redis for presence");
+                readiness.set(PRESENCE_READY_CHECK, Err(e.to_string()));
+                tokio::select! {
+                    () = shutdown.cancelled() => return Ok(()),
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    };
     let mut updates = client
         .queue_subscribe(PRESENCE_SUBJECT, PRESENCE_QUEUE.into())
         .await?;

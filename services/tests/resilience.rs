@@ -67,3 +67,47 @@ async fn chat_continues_after_nats_restarts() {
         .collect();
     assert_eq!(bodies, ["before", "after"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_at_start_holds_up_presence_only() {
+    use parley_localstack::{RedisOptions, RedisServer};
+    use parley_services::config::Secret;
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let platform = Platform::start_with(1, |c| {
+        c.redis.url = Some(Secret::new(format!("redis://127.0.0.1:{port}")));
+        c.gateway.presence_ttl_secs = 3;
+    })
+    .await;
+    let mut alice = platform.connect(0, "alice").await;
+    let mut bob = platform.connect(0, "bob").await;
+    let conversation = platform.direct(&mut alice, &mut bob, "bob").await;
+    alice
+        .send(json!({"type": "send", "id": "m", "conversation": conversation, "body": "no redis"}))
+        .await;
+    assert_eq!(
+        bob.next_of(&["event"]).await["event"]["data"]["body"],
+        "no redis"
+    );
+    // The conversation projection is not held up by presence.
+    platform.projected().await;
+
+    // Redis comes up: the presence projector connects, and the next heartbeat records Bob.
+    let redis = RedisServer::start(RedisOptions { port: Some(port) }).unwrap();
+    let store = parley_projections::PresenceStore::connect(&redis.url())
+        .await
+        .unwrap();
+    let bob_id = parley_events::UserId::parse("bob").unwrap();
+    support::eventually(|| async {
+        let status = store
+            .status(&bob_id, parley_services::unix_millis())
+            .await
+            .unwrap();
+        status.online().then_some(())
+    })
+    .await;
+}
