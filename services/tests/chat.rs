@@ -443,3 +443,32 @@ async fn a_member_connecting_before_the_store_has_a_new_conversation_still_follo
     );
     bob.expect_silence(Duration::from_millis(300)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_send_repeated_once_it_is_valid_is_accepted() {
+    use parley_events::UserId;
+
+    let platform = Platform::start(1).await;
+    let mut alice = platform.connect(0, "alice").await;
+    let mut bob = platform.connect(0, "bob").await;
+    // Direct conversation ids are known in advance; this one does not exist yet.
+    let conversation = ConversationId::direct(
+        &UserId::parse("alice").unwrap(),
+        &UserId::parse("bob").unwrap(),
+    );
+    let send =
+        json!({"type": "send", "id": "early-bird", "conversation": conversation, "body": "hi"});
+    alice.send(send.clone()).await;
+    assert_eq!(
+        alice.reply_to("early-bird").await["code"],
+        "conversation_not_found"
+    );
+
+    platform.direct(&mut alice, &mut bob, "bob").await;
+    // The same request again, inside the intake's duplicate window: it now succeeds.
+    alice.send(send).await;
+    let ack = alice.reply_to("early-bird").await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    assert_eq!(bob.next_of(&["event"]).await["event"]["data"]["body"], "hi");
+    assert_eq!(platform.posted().await.len(), 1);
+}

@@ -3,11 +3,12 @@
 //!
 //! The intake dedupes by command id. When a publish comes back as a duplicate, the original
 //! may have been sent from another socket or gateway, so its outcome may never arrive here:
-//! the gateway asks the handlers what became of the command instead.
+//! the gateway asks the handlers what became of the command, and queues a fresh copy when
+//! they do not know.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use async_nats::jetstream::context::PublishAckFuture;
 use async_nats::jetstream::message::PublishMessage;
@@ -21,8 +22,6 @@ use tracing::{debug, warn};
 use super::Shared;
 use super::delivery::Outbox;
 use crate::telemetry;
-
-const OUTCOME_POLL: Duration = Duration::from_millis(100);
 
 /// Commands waiting for their outcome, by id. Several sockets (a user's devices retrying
 /// the same send) may wait on one command.
@@ -51,10 +50,6 @@ impl Pending {
         }
     }
 
-    fn contains(&self, command: CommandId) -> bool {
-        self.waiting().contains_key(&command)
-    }
-
     pub fn resolve(&self, outcome: Outcome) {
         if let Some(sender) = self.waiting().remove(&outcome.command) {
             sender.send_replace(Some(outcome.result));
@@ -81,17 +76,7 @@ pub async fn publish(shared: &Shared, command: Command) -> Submitted {
     let started = Instant::now();
     let (outcome, first) = shared.pending.watch(command.id);
     let publish = if first {
-        let message = PublishMessage::build()
-            .payload(command.to_bytes().into())
-            .message_id(command.id.to_string());
-        Some(
-            shared
-                .topology
-                .js
-                .send_publish(INTAKE_SUBJECT, message)
-                .await
-                .map_err(|e| e.to_string()),
-        )
+        Some(to_intake(shared, &command, command.id.to_string()).await)
     } else {
         None
     };
@@ -120,7 +105,7 @@ pub async fn complete(shared: Arc<Shared>, outbox: Outbox, submitted: Submitted)
         };
         match acked {
             Ok(ack) if ack.duplicate => {
-                tokio::spawn(ask_handlers(Arc::clone(&shared), command.clone()));
+                tokio::spawn(resolve_duplicate(Arc::clone(&shared), command.clone()));
             }
             Ok(_) => {}
             Err(cause) => {
@@ -175,29 +160,59 @@ pub async fn complete(shared: Arc<Shared>, outbox: Outbox, submitted: Submitted)
     outbox.send(&frame);
 }
 
-/// Poll the handlers for the outcome of a command the intake had already seen, until it is
-/// known or nobody waits for it any more.
-async fn ask_handlers(shared: Arc<Shared>, command: Command) {
-    let id = command.id;
-    let query: bytes::Bytes = serde_json::to_vec(&OutcomeQuery { command })
-        .expect("a query always serializes")
-        .into();
-    while shared.pending.contains(id) {
-        match shared
-            .client
-            .request(OUTCOME_QUERY_SUBJECT, query.clone())
-            .await
-        {
-            Ok(reply) if !reply.payload.is_empty() => match Outcome::from_bytes(&reply.payload) {
-                Ok(outcome) => {
-                    shared.pending.resolve(outcome);
-                    return;
-                }
-                Err(e) => warn!(error = %e, "unreadable outcome from a handler"),
-            },
-            Ok(_) => {}
-            Err(e) => debug!(error = %e, "outcome query failed"),
-        }
-        tokio::time::sleep(OUTCOME_POLL).await;
+fn unavailable(command: CommandId) -> Outcome {
+    Outcome {
+        command,
+        result: OutcomeResult::Rejected {
+            code: ErrorCode::Unavailable,
+            message: "the service is temporarily unavailable; retry with the same id".into(),
+        },
+    }
+}
+
+/// Publish `command` to the intake under `message_id`, the intake's dedupe key.
+async fn to_intake(
+    shared: &Shared,
+    command: &Command,
+    message_id: String,
+) -> Result<PublishAckFuture, String> {
+    let message = PublishMessage::build()
+        .payload(command.to_bytes().into())
+        .message_id(message_id);
+    shared
+        .topology
+        .js
+        .send_publish(INTAKE_SUBJECT, message)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// The intake had already seen `command`. Ask the handlers what became of it; if they do
+/// not know it (it is still queued, or it was rejected before and would pass now), queue a
+/// fresh copy under a new intake id. That is safe: handlers answer a command they have
+/// already applied from their write model, so it never appends twice, and the answer comes
+/// back to this gateway.
+async fn resolve_duplicate(shared: Arc<Shared>, command: Command) {
+    let query: bytes::Bytes = serde_json::to_vec(&OutcomeQuery {
+        command: command.clone(),
+    })
+    .expect("a query always serializes")
+    .into();
+    match shared.client.request(OUTCOME_QUERY_SUBJECT, query).await {
+        Ok(reply) if !reply.payload.is_empty() => match Outcome::from_bytes(&reply.payload) {
+            Ok(outcome) => return shared.pending.resolve(outcome),
+            Err(e) => warn!(error = %e, "unreadable outcome from a handler"),
+        },
+        Ok(_) => {}
+        Err(e) => debug!(error = %e, "outcome query failed"),
+    }
+    let retry_id = format!("{}:{}", command.id, command.issued_at);
+    let queued = match to_intake(&shared, &command, retry_id).await {
+        Ok(pending) => pending.await.map(|_| ()).map_err(|e| e.to_string()),
+        Err(e) => Err(e),
+    };
+    if let Err(cause) = queued {
+        warn!(command = %command.id, %cause, "cannot queue a repeated command");
+        shared.pending.resolve(unavailable(command.id));
     }
 }
