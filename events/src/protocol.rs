@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::ErrorCode;
-use crate::event::RecordedEvent;
+use crate::event::{ConversationKind, RecordedEvent, Role};
 use crate::ids::{ClientMsgId, ConversationId, EventId, UserId};
 
 /// Version of the protocol described here, announced in `welcome`.
@@ -66,6 +66,15 @@ pub enum ClientFrame {
         #[serde(default)]
         limit: Option<u32>,
     },
+    /// The user's conversations, most recently active first; with `before` (a `last_seq`
+    /// from the previous page), the next page.
+    Conversations {
+        id: ClientMsgId,
+        #[serde(default)]
+        before: Option<u64>,
+        #[serde(default)]
+        limit: Option<u32>,
+    },
     /// Application-level keepalive for clients that cannot send WebSocket pings.
     Ping {
         #[serde(default)]
@@ -74,8 +83,14 @@ pub enum ClientFrame {
 }
 
 /// The `type` names [`ClientFrame`] accepts.
-pub const CLIENT_FRAME_TYPES: [&str; 5] =
-    ["send", "create_direct", "create_group", "history", "ping"];
+pub const CLIENT_FRAME_TYPES: [&str; 6] = [
+    "send",
+    "create_direct",
+    "create_group",
+    "history",
+    "conversations",
+    "ping",
+];
 
 /// Why a text frame is not a [`ClientFrame`].
 #[derive(Debug, thiserror::Error)]
@@ -176,10 +191,31 @@ pub enum ServerFrame {
         /// Whether older messages exist below the last one returned.
         has_more: bool,
     },
+    Conversations {
+        id: ClientMsgId,
+        conversations: Vec<ConversationSummary>,
+        /// Whether less recently active conversations exist beyond the last one returned.
+        has_more: bool,
+    },
     Pong {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<ClientMsgId>,
     },
+}
+
+/// One of the user's conversations in a `conversations` reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConversationSummary {
+    pub conversation: ConversationId,
+    pub kind: ConversationKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    /// The user's role in it.
+    pub role: Role,
+    /// Sequence of its newest event.
+    pub last_seq: u64,
+    /// Milliseconds since the Unix epoch of its newest event.
+    pub last_activity_at: u64,
 }
 
 impl ServerFrame {

@@ -401,18 +401,24 @@ impl ConversationStore for SqliteStore {
         .await
     }
 
-    async fn inbox(&self, user: &UserId, limit: u32) -> Result<Vec<InboxEntry>, StoreError> {
+    async fn inbox(
+        &self,
+        user: &UserId,
+        before: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<InboxEntry>, StoreError> {
         let user = user.as_str().to_owned();
+        let before = before.map(i64_of).unwrap_or(i64::MAX);
         self.read(move |conn| {
             let rows = conn
                 .prepare_cached(
                     "SELECT c.id, c.kind, c.title, m.role, c.last_seq, c.last_activity_at
                      FROM members m JOIN conversations c ON c.id = m.conversation
-                     WHERE m.user_id = ?1 AND c.kind IS NOT NULL
-                     ORDER BY c.last_seq DESC LIMIT ?2",
+                     WHERE m.user_id = ?1 AND c.kind IS NOT NULL AND c.last_seq < ?2
+                     ORDER BY c.last_seq DESC LIMIT ?3",
                 )
                 .and_then(|mut stmt| {
-                    stmt.query_map(params![user, limit], |row| {
+                    stmt.query_map(params![user, before, limit], |row| {
                         Ok((
                             row.get::<_, String>(0)?,
                             row.get::<_, String>(1)?,

@@ -94,8 +94,14 @@ pub trait ConversationStore: Send + Sync + 'static {
 
     async fn role_of(&self, id: ConversationId, user: &UserId) -> Result<Option<Role>, StoreError>;
 
-    /// The user's conversations, most recently active first, at most `limit`.
-    async fn inbox(&self, user: &UserId, limit: u32) -> Result<Vec<InboxEntry>, StoreError>;
+    /// The user's conversations, most recently active first, at most `limit`; with
+    /// `before`, only those whose newest event is older than that sequence (the next page).
+    async fn inbox(
+        &self,
+        user: &UserId,
+        before: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<InboxEntry>, StoreError>;
 
     /// Messages with a sequence below `before` (all when `None`), newest first, at most
     /// `limit`.

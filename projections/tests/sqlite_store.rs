@@ -111,7 +111,7 @@ async fn snapshot(store: &SqliteStore, events: &[RecordedEvent]) -> String {
         out += &format!("{:?}\n", store.history(id, None, 1000).await.unwrap());
     }
     for name in ["alice", "bob", "carol"] {
-        out += &format!("{:?}\n", store.inbox(&user(name), 100).await.unwrap());
+        out += &format!("{:?}\n", store.inbox(&user(name), None, 100).await.unwrap());
     }
     out
 }
@@ -137,7 +137,7 @@ async fn applies_conversations_members_messages_and_inbox() {
     );
     assert_eq!(store.role_of(direct, &user("carol")).await.unwrap(), None);
     assert_eq!(store.position().await.unwrap(), 14);
-    let inbox = store.inbox(&user("alice"), 10).await.unwrap();
+    let inbox = store.inbox(&user("alice"), None, 10).await.unwrap();
     assert_eq!(inbox.len(), 2);
     assert_eq!(
         inbox[0].title.as_deref(),
@@ -145,6 +145,16 @@ async fn applies_conversations_members_messages_and_inbox() {
         "most recently active first"
     );
     assert!(inbox[0].last_seq > inbox[1].last_seq);
+    let first_page = store.inbox(&user("alice"), None, 1).await.unwrap();
+    let next_page = store
+        .inbox(&user("alice"), Some(first_page[0].last_seq), 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        [first_page, next_page].concat(),
+        inbox,
+        "paging by last_seq"
+    );
 }
 
 #[tokio::test]

@@ -472,3 +472,40 @@ async fn a_rejected_send_repeated_once_it_is_valid_is_accepted() {
     assert_eq!(bob.next_of(&["event"]).await["event"]["data"]["body"], "hi");
     assert_eq!(platform.posted().await.len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conversations_lists_the_users_conversations_most_recent_first_in_pages() {
+    let platform = Platform::start(1).await;
+    let mut alice = platform.connect(0, "alice").await;
+    let mut bob = platform.connect(0, "bob").await;
+    let direct = platform.direct(&mut alice, &mut bob, "bob").await;
+    alice
+        .send(json!({"type": "create_group", "id": "g", "title": "team", "members": ["bob"]}))
+        .await;
+    let group = conversation_of(&alice.reply_to("g").await);
+    alice
+        .send(json!({"type": "send", "id": "m", "conversation": direct, "body": "bump"}))
+        .await;
+    alice.reply_to("m").await;
+    platform.projected().await;
+
+    bob.send(json!({"type": "conversations", "id": "c1", "limit": 1}))
+        .await;
+    let first = bob.reply_to("c1").await;
+    assert_eq!(
+        first["conversations"][0]["conversation"],
+        json!(direct),
+        "most recent first"
+    );
+    assert_eq!(first["conversations"][0]["kind"], "direct");
+    assert_eq!(first["has_more"], true);
+    let before = first["conversations"][0]["last_seq"].clone();
+    bob.send(json!({"type": "conversations", "id": "c2", "before": before}))
+        .await;
+    let second = bob.reply_to("c2").await;
+    assert_eq!(second["conversations"].as_array().unwrap().len(), 1);
+    assert_eq!(second["conversations"][0]["conversation"], json!(group));
+    assert_eq!(second["conversations"][0]["title"], "team");
+    assert_eq!(second["conversations"][0]["role"], "member");
+    assert_eq!(second["has_more"], false);
+}

@@ -20,7 +20,7 @@ async fn snapshot(store: &SqliteStore, conversations: &[ConversationId], users: 
         out += &format!(
             "{:?}\n",
             store
-                .inbox(&UserId::parse(*user).unwrap(), 100)
+                .inbox(&UserId::parse(*user).unwrap(), None, 100)
                 .await
                 .unwrap()
         );

@@ -9,7 +9,9 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use parley_events::presence::ConnectionState;
-use parley_events::protocol::{ClientFrame, Limits, PROTOCOL_VERSION, ServerFrame, close};
+use parley_events::protocol::{
+    ClientFrame, ConversationSummary, Limits, PROTOCOL_VERSION, ServerFrame, close,
+};
 use parley_events::{Action, ClientMsgId, Command, ConversationId, ErrorCode, UserId};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -26,6 +28,8 @@ const MAX_IN_FLIGHT: usize = 32;
 /// A write that takes longer than this means the peer stopped reading.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_HISTORY_PAGE: u32 = 50;
+const DEFAULT_CONVERSATIONS_PAGE: u32 = 100;
+const MAX_CONVERSATIONS_PAGE: u32 = 1000;
 /// Largest frame the server sends: a history page is trimmed to fit, and the socket's write
 /// buffer is sized for one such frame.
 pub const MAX_SERVER_FRAME_BYTES: usize = 512 * 1024;
@@ -93,7 +97,7 @@ async fn follow_inbox(shared: &Arc<Shared>, session: &Session) {
     let limit = shared.config.gateway.max_conversations_per_user;
     let inbox = shared
         .store
-        .inbox(&session.user, limit)
+        .inbox(&session.user, None, limit)
         .await
         .unwrap_or_else(|e| {
             warn!(error = %e, "cannot read the user's conversations; following only new ones");
@@ -258,6 +262,10 @@ async fn handle_text(
             history(shared, session, outbox, id, conversation, before, limit).await;
             ("history", None)
         }
+        ClientFrame::Conversations { id, before, limit } => {
+            conversations(shared, session, outbox, id, before, limit).await;
+            ("conversations", None)
+        }
         ClientFrame::Ping { id } => {
             outbox.send(&ServerFrame::Pong { id });
             ("ping", None)
@@ -327,7 +335,7 @@ async fn history(
                 .unwrap_or(DEFAULT_HISTORY_PAGE)
                 .clamp(1, shared.config.limits.max_history_page);
             match store.history(conversation, before, limit).await {
-                Ok(page) => fit_history(ServerFrame::History {
+                Ok(page) => fit_frame(ServerFrame::History {
                     id: id.clone(),
                     conversation,
                     messages: page.messages,
@@ -358,23 +366,77 @@ async fn history(
     outbox.send(&frame);
 }
 
-/// Trim a history page, oldest messages first, until its frame fits in
-/// [`MAX_SERVER_FRAME_BYTES`]; the client pages on from where it stops.
-fn fit_history(mut frame: ServerFrame) -> ServerFrame {
+/// Trim a list frame from its end (the oldest messages of a history page, the least recently
+/// active conversations) until it fits in [`MAX_SERVER_FRAME_BYTES`]. A trimmed page says
+/// `has_more`, so the client pages on from where it stops.
+fn fit_frame(mut frame: ServerFrame) -> ServerFrame {
     while frame.to_json().len() > MAX_SERVER_FRAME_BYTES {
-        let ServerFrame::History {
-            messages, has_more, ..
-        } = &mut frame
-        else {
-            break;
+        let trimmed = match &mut frame {
+            ServerFrame::History {
+                messages, has_more, ..
+            } if messages.len() > 1 => {
+                *has_more = true;
+                messages.pop().is_some()
+            }
+            ServerFrame::Conversations {
+                conversations,
+                has_more,
+                ..
+            } if conversations.len() > 1 => {
+                *has_more = true;
+                conversations.pop().is_some()
+            }
+            _ => false,
         };
-        if messages.len() <= 1 {
+        if !trimmed {
             break;
         }
-        messages.pop();
-        *has_more = true;
     }
     frame
+}
+
+async fn conversations(
+    shared: &Arc<Shared>,
+    session: &Session,
+    outbox: &Outbox,
+    id: ClientMsgId,
+    before: Option<u64>,
+    limit: Option<u32>,
+) {
+    let limit = limit
+        .unwrap_or(DEFAULT_CONVERSATIONS_PAGE)
+        .clamp(1, MAX_CONVERSATIONS_PAGE);
+    // One row more than asked tells whether another page exists.
+    let frame = match shared.store.inbox(&session.user, before, limit + 1).await {
+        Ok(mut inbox) => {
+            let has_more = inbox.len() > limit as usize;
+            inbox.truncate(limit as usize);
+            ServerFrame::Conversations {
+                id,
+                conversations: inbox
+                    .into_iter()
+                    .map(|entry| ConversationSummary {
+                        conversation: entry.conversation,
+                        kind: entry.kind,
+                        title: entry.title,
+                        role: entry.role,
+                        last_seq: entry.last_seq,
+                        last_activity_at: entry.last_activity_at,
+                    })
+                    .collect(),
+                has_more,
+            }
+        }
+        Err(e) => {
+            warn!(error = %e, "inbox read failed");
+            ServerFrame::error(
+                Some(id),
+                ErrorCode::Unavailable,
+                "conversations are temporarily unavailable",
+            )
+        }
+    };
+    outbox.send(&fit_frame(frame));
 }
 
 async fn write_loop(
