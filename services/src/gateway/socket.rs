@@ -20,6 +20,7 @@ use tracing::{Instrument, debug, info_span, warn};
 use super::Shared;
 use super::commands;
 use super::delivery::{ConnectionId, Outbox, SocketControl};
+use crate::handler::check_body;
 use crate::{telemetry, unix_millis};
 
 /// Commands one socket may have in flight; past this, the reader stops reading, which
@@ -236,9 +237,11 @@ async fn handle_text(
             conversation,
             body,
         } => {
-            if let Some(error) = precheck_body(shared, &body) {
-                metrics::counter!(telemetry::GATEWAY_FRAME_ERRORS_TOTAL, "code" => error.0.as_str()).increment(1);
-                outbox.send(&ServerFrame::error(Some(id), error.0, error.1));
+            // Refused here what the handler would refuse anyway, saving the round trip.
+            if let Err((code, message)) = check_body(&body, &shared.config.limits) {
+                metrics::counter!(telemetry::GATEWAY_FRAME_ERRORS_TOTAL, "code" => code.as_str())
+                    .increment(1);
+                outbox.send(&ServerFrame::error(Some(id), code, message));
                 return;
             }
             (
@@ -300,21 +303,6 @@ async fn handle_text(
         }
         .instrument(span),
     );
-}
-
-/// Refuse at the edge what the handler would refuse anyway, saving the round trip.
-fn precheck_body(shared: &Shared, body: &str) -> Option<(ErrorCode, String)> {
-    let max = shared.config.limits.max_message_bytes;
-    if body.len() > max {
-        Some((
-            ErrorCode::MessageTooLarge,
-            format!("a message body is at most {max} bytes"),
-        ))
-    } else if body.trim().is_empty() {
-        Some((ErrorCode::EmptyMessage, "a message needs a body".into()))
-    } else {
-        None
-    }
 }
 
 async fn history(

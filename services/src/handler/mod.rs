@@ -12,7 +12,7 @@ mod snapshots;
 mod write_model;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
@@ -36,7 +36,7 @@ use crate::admin::Readiness;
 use crate::config::Config;
 use crate::telemetry;
 use crate::topology::Topology;
-pub use write_model::{Accepted, Decision, WriteModel};
+pub use write_model::{Accepted, Decision, WriteModel, check_body};
 
 /// How long a command waits for this instance's log tail to catch up after a conflict.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -75,6 +75,14 @@ struct Inner {
     /// The log tail's position, for waiting until it has caught up with an append.
     position: watch::Sender<u64>,
     readiness: Readiness,
+}
+
+impl Inner {
+    fn model(&self) -> MutexGuard<'_, WriteModel> {
+        self.model
+            .lock()
+            .expect("write model lock is never poisoned")
+    }
 }
 
 impl Handler {
@@ -118,10 +126,7 @@ impl Handler {
         .await;
         if let Some(model) = restored {
             inner.position.send_replace(model.position());
-            *inner
-                .model
-                .lock()
-                .expect("write model lock is never poisoned") = model;
+            *inner.model() = model;
         }
         let mut tail = tokio::spawn(tail_log(Arc::clone(&inner), shutdown.clone()));
         let mut caught_up = inner.position.subscribe();
@@ -301,11 +306,7 @@ async fn tail_log(inner: Arc<Inner>, shutdown: CancellationToken) -> Result<(), 
             inner.readiness.set(READY_CHECK, Err(error.to_string()));
             error
         })?;
-        inner
-            .model
-            .lock()
-            .expect("write model lock is never poisoned")
-            .apply(&envelope.recorded(seq), true);
+        inner.model().apply(&envelope.recorded(seq), true);
         inner.position.send_replace(seq);
         metrics::gauge!(telemetry::HANDLER_LOG_POSITION).set(seq as f64);
         metrics::counter!(telemetry::HANDLER_TAIL_EVENTS_TOTAL).increment(1);
@@ -330,10 +331,7 @@ impl Snapshotter {
             return;
         }
         let (position, bytes) = {
-            let model = inner
-                .model
-                .lock()
-                .expect("write model lock is never poisoned");
+            let model = inner.model();
             if model.position() < self.taken_at + every {
                 return;
             }
@@ -370,11 +368,7 @@ async fn answer_queries(
             debug!("unreadable outcome query");
             continue;
         };
-        let decision = inner
-            .model
-            .lock()
-            .expect("write model lock is never poisoned")
-            .decide(&query.command, &inner.config.limits);
+        let decision = inner.model().decide(&query.command, &inner.config.limits);
         // An empty reply means "not known yet": the command may still be queued.
         let payload = match decision {
             Decision::Known(accepted) => accepted_outcome(query.command.id, accepted).to_bytes(),
@@ -473,11 +467,7 @@ async fn handle_command(inner: &Inner, command: Command, message: Message, deliv
 /// Decide, append, retry on conflict; the outcome, or a transient failure.
 async fn execute(inner: &Inner, command: &Command) -> Result<OutcomeResult, Transient> {
     for _ in 0..=inner.config.handler.append_retries {
-        let decision = inner
-            .model
-            .lock()
-            .expect("write model lock is never poisoned")
-            .decide(command, &inner.config.limits);
+        let decision = inner.model().decide(command, &inner.config.limits);
         let (event, shard, expected) = match decision {
             Decision::Known(accepted) => return Ok(accepted_outcome(command.id, accepted).result),
             Decision::Reject { code, message } => {
@@ -514,11 +504,7 @@ async fn execute(inner: &Inner, command: &Command) -> Result<OutcomeResult, Tran
             }
             Ok(ack) => {
                 let recorded = event.recorded(ack.sequence);
-                inner
-                    .model
-                    .lock()
-                    .expect("write model lock is never poisoned")
-                    .apply(&recorded, false);
+                inner.model().apply(&recorded, false);
                 publish_live(inner, &recorded).await;
                 return Ok(OutcomeResult::Accepted {
                     conversation: recorded.envelope.conversation,

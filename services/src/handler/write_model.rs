@@ -63,6 +63,22 @@ pub struct WriteModel {
     position: u64,
 }
 
+/// The checks a message body must pass, whoever makes them: the gateway refuses at the edge
+/// what the handler would refuse anyway.
+pub fn check_body(body: &str, limits: &LimitsConfig) -> Result<(), (ErrorCode, String)> {
+    if body.trim().is_empty() {
+        return Err((ErrorCode::EmptyMessage, "a message needs a body".into()));
+    }
+    let max = limits.max_message_bytes;
+    if body.len() > max {
+        return Err((
+            ErrorCode::MessageTooLarge,
+            format!("a message body is at most {max} bytes"),
+        ));
+    }
+    Ok(())
+}
+
 const SNAPSHOT_FORMAT: u32 = 1;
 
 #[derive(Serialize)]
@@ -300,17 +316,8 @@ impl WriteModel {
                         "you are not a member of this conversation",
                     );
                 }
-                if body.trim().is_empty() {
-                    return reject(ErrorCode::EmptyMessage, "a message needs a body");
-                }
-                if body.len() > limits.max_message_bytes {
-                    return reject(
-                        ErrorCode::MessageTooLarge,
-                        format!(
-                            "a message body is at most {} bytes",
-                            limits.max_message_bytes
-                        ),
-                    );
+                if let Err((code, message)) = check_body(body, limits) {
+                    return reject(code, message);
                 }
                 Event::MessagePosted(MessagePosted {
                     client_id: command.client_id.clone(),
