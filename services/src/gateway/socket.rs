@@ -13,6 +13,7 @@ use parley_events::protocol::{
     ClientFrame, ConversationSummary, Limits, PROTOCOL_VERSION, ServerFrame, close,
 };
 use parley_events::{Action, ClientMsgId, Command, ConversationId, ErrorCode, UserId};
+use parley_projections::StoreError;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{Instrument, debug, info_span, warn};
@@ -314,44 +315,53 @@ async fn history(
     before: Option<u64>,
     limit: Option<u32>,
 ) {
+    let limit = limit
+        .unwrap_or(DEFAULT_HISTORY_PAGE)
+        .clamp(1, shared.config.limits.max_history_page);
+    let page = history_page(shared, session, &id, conversation, before, limit).await;
+    outbox.send(&page.unwrap_or_else(|e| store_unavailable(id, "history", e)));
+}
+
+async fn history_page(
+    shared: &Shared,
+    session: &Session,
+    id: &ClientMsgId,
+    conversation: ConversationId,
+    before: Option<u64>,
+    limit: u32,
+) -> Result<ServerFrame, StoreError> {
     let store = &shared.store;
-    let refuse =
-        |code: ErrorCode, message: &str| ServerFrame::error(Some(id.clone()), code, message);
-    let frame = match store.role_of(conversation, &session.user).await {
-        Ok(Some(_)) => {
-            let limit = limit
-                .unwrap_or(DEFAULT_HISTORY_PAGE)
-                .clamp(1, shared.config.limits.max_history_page);
-            match store.history(conversation, before, limit).await {
-                Ok(page) => fit_frame(ServerFrame::History {
-                    id: id.clone(),
-                    conversation,
-                    messages: page.messages,
-                    has_more: page.has_more,
-                }),
-                Err(e) => {
-                    warn!(error = %e, "history read failed");
-                    refuse(ErrorCode::Unavailable, "history is temporarily unavailable")
-                }
-            }
-        }
-        Ok(None) => match store.conversation(conversation).await {
-            Ok(Some(_)) => refuse(
+    if store.role_of(conversation, &session.user).await?.is_none() {
+        return Ok(match store.conversation(conversation).await? {
+            Some(_) => ServerFrame::error(
+                Some(id.clone()),
                 ErrorCode::NotMember,
                 "you are not a member of this conversation",
             ),
-            Ok(None) => refuse(ErrorCode::ConversationNotFound, "no such conversation"),
-            Err(e) => {
-                warn!(error = %e, "conversation read failed");
-                refuse(ErrorCode::Unavailable, "history is temporarily unavailable")
-            }
-        },
-        Err(e) => {
-            warn!(error = %e, "membership read failed");
-            refuse(ErrorCode::Unavailable, "history is temporarily unavailable")
-        }
-    };
-    outbox.send(&frame);
+            None => ServerFrame::error(
+                Some(id.clone()),
+                ErrorCode::ConversationNotFound,
+                "no such conversation",
+            ),
+        });
+    }
+    let page = store.history(conversation, before, limit).await?;
+    Ok(fit_frame(ServerFrame::History {
+        id: id.clone(),
+        conversation,
+        messages: page.messages,
+        has_more: page.has_more,
+    }))
+}
+
+/// The answer to a read the conversation store could not serve; the cause goes to the log.
+fn store_unavailable(id: ClientMsgId, what: &str, cause: StoreError) -> ServerFrame {
+    warn!(error = %cause, what, "conversation store read failed");
+    ServerFrame::error(
+        Some(id),
+        ErrorCode::Unavailable,
+        format!("{what} is temporarily unavailable"),
+    )
 }
 
 /// Trim a list frame from its end (the oldest messages of a history page, the least recently
@@ -399,7 +409,7 @@ async fn conversations(
         Ok(mut inbox) => {
             let has_more = inbox.len() > limit as usize;
             inbox.truncate(limit as usize);
-            ServerFrame::Conversations {
+            fit_frame(ServerFrame::Conversations {
                 id,
                 conversations: inbox
                     .into_iter()
@@ -413,18 +423,11 @@ async fn conversations(
                     })
                     .collect(),
                 has_more,
-            }
+            })
         }
-        Err(e) => {
-            warn!(error = %e, "inbox read failed");
-            ServerFrame::error(
-                Some(id),
-                ErrorCode::Unavailable,
-                "conversations are temporarily unavailable",
-            )
-        }
+        Err(e) => store_unavailable(id, "the conversation list", e),
     };
-    outbox.send(&fit_frame(frame));
+    outbox.send(&frame);
 }
 
 async fn write_loop(
