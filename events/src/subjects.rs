@@ -45,9 +45,12 @@ pub fn live_subject(conversation: ConversationId) -> String {
     format!("parley.live.conv.{conversation}")
 }
 
+/// Prefix of every gateway's outcome subject.
+pub const OUTCOME_SUBJECT_PREFIX: &str = "parley.outcome.";
+
 /// Subject on which a gateway receives the outcomes of the commands it published.
 pub fn outcome_subject(gateway: &str) -> String {
-    format!("parley.outcome.{gateway}")
+    format!("{OUTCOME_SUBJECT_PREFIX}{gateway}")
 }
 
 /// The number of shards the event log is split into. Fixed when the log stream is created;

@@ -22,8 +22,8 @@ use async_nats::jetstream::{AckKind, Message};
 use futures::StreamExt;
 use parley_events::command::OutcomeQuery;
 use parley_events::subjects::{
-    HANDLER_CONSUMER, HANDLER_QUEUE, LIVE_MEMBERSHIP_SUBJECT, OUTCOME_QUERY_SUBJECT, live_subject,
-    log_subject,
+    HANDLER_CONSUMER, HANDLER_QUEUE, LIVE_MEMBERSHIP_SUBJECT, OUTCOME_QUERY_SUBJECT,
+    OUTCOME_SUBJECT_PREFIX, live_subject, log_subject,
 };
 use parley_events::{
     Command, ErrorCode, Event, EventEnvelope, Outcome, OutcomeResult, RecordedEvent,
@@ -369,30 +369,24 @@ async fn answer_queries(
             continue;
         };
         let decision = inner.model().decide(&query.command, &inner.config.limits);
-        // An empty reply means "not known yet": the command may still be queued.
-        let payload = match decision {
-            Decision::Known(accepted) => accepted_outcome(query.command.id, accepted).to_bytes(),
-            Decision::Reject { code, message } => Outcome {
-                command: query.command.id,
-                result: OutcomeResult::Rejected { code, message },
-            }
-            .to_bytes(),
-            Decision::Append { .. } => Vec::new(),
+        let result = match decision {
+            Decision::Known(accepted) => Some(accepted.into()),
+            Decision::Reject { code, message } => Some(OutcomeResult::Rejected { code, message }),
+            Decision::Append { .. } => None,
         };
+        // An empty reply means "not known yet": the command may still be queued.
+        let payload = result
+            .map(|result| {
+                Outcome {
+                    command: query.command.id,
+                    result,
+                }
+                .to_bytes()
+            })
+            .unwrap_or_default();
         if let Err(e) = inner.client.publish(reply, payload.into()).await {
             debug!(error = %e, "cannot answer an outcome query");
         }
-    }
-}
-
-fn accepted_outcome(command: parley_events::CommandId, accepted: Accepted) -> Outcome {
-    Outcome {
-        command,
-        result: OutcomeResult::Accepted {
-            conversation: accepted.conversation,
-            seq: accepted.seq,
-            event: accepted.event,
-        },
     }
 }
 
@@ -447,7 +441,7 @@ async fn handle_command(inner: &Inner, command: Command, message: Message, deliv
         command: command.id,
         result,
     };
-    if command.reply_to.starts_with("parley.outcome.") {
+    if command.reply_to.starts_with(OUTCOME_SUBJECT_PREFIX) {
         if let Err(e) = inner
             .client
             .publish(command.reply_to.clone(), outcome.to_bytes().into())
@@ -469,7 +463,7 @@ async fn execute(inner: &Inner, command: &Command) -> Result<OutcomeResult, Tran
     for _ in 0..=inner.config.handler.append_retries {
         let decision = inner.model().decide(command, &inner.config.limits);
         let (event, shard, expected) = match decision {
-            Decision::Known(accepted) => return Ok(accepted_outcome(command.id, accepted).result),
+            Decision::Known(accepted) => return Ok(accepted.into()),
             Decision::Reject { code, message } => {
                 return Ok(OutcomeResult::Rejected { code, message });
             }
@@ -506,11 +500,12 @@ async fn execute(inner: &Inner, command: &Command) -> Result<OutcomeResult, Tran
                 let recorded = event.recorded(ack.sequence);
                 inner.model().apply(&recorded, false);
                 publish_live(inner, &recorded).await;
-                return Ok(OutcomeResult::Accepted {
+                return Ok(Accepted {
                     conversation: recorded.envelope.conversation,
                     seq: recorded.seq,
                     event: recorded.envelope.id,
-                });
+                }
+                .into());
             }
             Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
                 metrics::counter!(telemetry::HANDLER_APPEND_CONFLICTS_TOTAL).increment(1);

@@ -15,7 +15,7 @@ use parley_events::event::{ConversationCreated, MessagePosted};
 use parley_events::subjects::Shards;
 use parley_events::{
     Action, Command, ConversationId, ConversationKind, ErrorCode, Event, EventEnvelope, EventId,
-    Member, RecordedEvent, Role, UserId,
+    Member, OutcomeResult, RecordedEvent, Role, UserId,
 };
 
 use crate::config::LimitsConfig;
@@ -77,6 +77,16 @@ pub fn check_body(body: &str, limits: &LimitsConfig) -> Result<(), (ErrorCode, S
         ));
     }
     Ok(())
+}
+
+impl From<Accepted> for OutcomeResult {
+    fn from(accepted: Accepted) -> Self {
+        OutcomeResult::Accepted {
+            conversation: accepted.conversation,
+            seq: accepted.seq,
+            event: accepted.event,
+        }
+    }
 }
 
 const SNAPSHOT_FORMAT: u32 = 1;
