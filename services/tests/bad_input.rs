@@ -95,9 +95,7 @@ async fn disallowed_origins_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_frames_and_commands_get_their_error_codes_and_append_nothing() {
     let platform = Platform::start(1).await;
-    let mut alice = platform.connect(0, "alice").await;
-    let mut bob = platform.connect(0, "bob").await;
-    let conversation = platform.direct(&mut alice, &mut bob, "bob").await;
+    let (mut alice, mut bob, conversation) = platform.alice_and_bob().await;
     let max = platform.config.limits.max_message_bytes;
     let unknown_conversation = "0191d2c4-0000-7000-8000-000000000000";
 

@@ -18,9 +18,7 @@ fn conversation_of(frame: &serde_json::Value) -> ConversationId {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_message_is_delivered_once_logged_once_projected_and_presence_tracked() {
     let platform = Platform::start(1).await;
-    let mut alice = platform.connect(0, "alice").await;
-    let mut bob = platform.connect(0, "bob").await;
-    let conversation = platform.direct(&mut alice, &mut bob, "bob").await;
+    let (mut alice, mut bob, conversation) = platform.alice_and_bob().await;
 
     alice
         .send(
@@ -125,9 +123,7 @@ async fn delivery_works_the_same_across_two_gateways() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_client_message_id_twice_appends_once_and_acks_the_same() {
     let platform = Platform::start(2).await;
-    let mut alice = platform.connect(0, "alice").await;
-    let mut bob = platform.connect(0, "bob").await;
-    let conversation = platform.direct(&mut alice, &mut bob, "bob").await;
+    let (mut alice, mut bob, conversation) = platform.alice_and_bob().await;
     let send = json!({"type": "send", "id": "same", "conversation": conversation, "body": "once"});
 
     alice.send(send.clone()).await;
@@ -152,9 +148,7 @@ async fn the_same_client_message_id_twice_appends_once_and_acks_the_same() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn creating_a_direct_conversation_twice_yields_the_same_one() {
     let platform = Platform::start(1).await;
-    let mut alice = platform.connect(0, "alice").await;
-    let mut bob = platform.connect(0, "bob").await;
-    let conversation = platform.direct(&mut alice, &mut bob, "bob").await;
+    let (_alice, mut bob, conversation) = platform.alice_and_bob().await;
     bob.send(json!({"type": "create_direct", "id": "other-id", "peer": "alice"}))
         .await;
     let ack = bob.reply_to("other-id").await;
@@ -205,9 +199,7 @@ async fn group_members_receive_messages_and_outsiders_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_pages_backwards_without_gaps_or_repeats() {
     let platform = Platform::start(1).await;
-    let mut alice = platform.connect(0, "alice").await;
-    let mut bob = platform.connect(0, "bob").await;
-    let conversation = platform.direct(&mut alice, &mut bob, "bob").await;
+    let (mut alice, mut bob, conversation) = platform.alice_and_bob().await;
     for i in 0..7 {
         alice.send(json!({"type": "send", "id": format!("p{i}"), "conversation": conversation, "body": format!("{i}")})).await;
     }
@@ -245,9 +237,7 @@ async fn history_pages_backwards_without_gaps_or_repeats() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_queued_while_the_handler_is_down_are_processed_when_it_returns() {
     let mut platform = Platform::start_with(1, |c| c.gateway.command_timeout_secs = 60).await;
-    let mut alice = platform.connect(0, "alice").await;
-    let mut bob = platform.connect(0, "bob").await;
-    let conversation = platform.direct(&mut alice, &mut bob, "bob").await;
+    let (mut alice, mut bob, conversation) = platform.alice_and_bob().await;
 
     platform.stop_handler().await;
     for i in 0..10 {
@@ -274,9 +264,7 @@ async fn a_live_event_the_gateway_missed_is_filled_from_the_log() {
     use parley_events::{ClientMsgId, CommandId, EventEnvelope, EventId, MessagePosted, UserId};
 
     let platform = Platform::start(1).await;
-    let mut alice = platform.connect(0, "alice").await;
-    let mut bob = platform.connect(0, "bob").await;
-    let conversation = platform.direct(&mut alice, &mut bob, "bob").await;
+    let (mut alice, mut bob, conversation) = platform.alice_and_bob().await;
 
     // An event appended to the log whose live copy never went out, as when a core NATS
     // publish is dropped.
@@ -326,9 +314,7 @@ async fn a_command_delivered_twice_appends_once_and_gets_the_same_outcome_twice(
     use parley_events::{Action, ClientMsgId, Command, Outcome, UserId};
 
     let platform = Platform::start(1).await;
-    let mut alice = platform.connect(0, "alice").await;
-    let mut bob = platform.connect(0, "bob").await;
-    let conversation = platform.direct(&mut alice, &mut bob, "bob").await;
+    let (_alice, mut bob, conversation) = platform.alice_and_bob().await;
 
     // The same command published twice under different intake ids, as a redelivery after
     // the intake's duplicate window would arrive.
@@ -379,9 +365,7 @@ async fn a_command_delivered_twice_appends_once_and_gets_the_same_outcome_twice(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_history_page_too_large_for_one_frame_is_trimmed_and_paging_continues() {
     let platform = Platform::start_with(1, |c| c.limits.max_message_bytes = 12_000).await;
-    let mut alice = platform.connect(0, "alice").await;
-    let mut bob = platform.connect(0, "bob").await;
-    let conversation = platform.direct(&mut alice, &mut bob, "bob").await;
+    let (mut alice, mut bob, conversation) = platform.alice_and_bob().await;
     let count = 60; // 60 x 12 kB is more than one 512 KiB frame
     for i in 0..count {
         let body = format!("{i:03}{}", "x".repeat(11_990));
@@ -476,9 +460,7 @@ async fn a_rejected_send_repeated_once_it_is_valid_is_accepted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conversations_lists_the_users_conversations_most_recent_first_in_pages() {
     let platform = Platform::start(1).await;
-    let mut alice = platform.connect(0, "alice").await;
-    let mut bob = platform.connect(0, "bob").await;
-    let direct = platform.direct(&mut alice, &mut bob, "bob").await;
+    let (mut alice, mut bob, direct) = platform.alice_and_bob().await;
     alice
         .send(json!({"type": "create_group", "id": "g", "title": "team", "members": ["bob"]}))
         .await;

@@ -31,9 +31,7 @@ async fn snapshot(store: &SqliteStore, conversations: &[ConversationId], users: 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_store_is_rebuilt_from_the_log_and_equals_the_live_one() {
     let mut platform = Platform::start(1).await;
-    let mut alice = platform.connect(0, "alice").await;
-    let mut bob = platform.connect(0, "bob").await;
-    let direct = platform.direct(&mut alice, &mut bob, "bob").await;
+    let (mut alice, _bob, direct) = platform.alice_and_bob().await;
     alice.send(json!({"type": "create_group", "id": "g", "title": "team", "members": ["bob", "carol"]})).await;
     let group: ConversationId = alice.reply_to("g").await["conversation"]
         .as_str()

@@ -11,9 +11,7 @@ use support::Platform;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_continues_after_nats_restarts() {
     let mut platform = Platform::start(1).await;
-    let mut alice = platform.connect(0, "alice").await;
-    let mut bob = platform.connect(0, "bob").await;
-    let conversation = platform.direct(&mut alice, &mut bob, "bob").await;
+    let (mut alice, mut bob, conversation) = platform.alice_and_bob().await;
     alice
         .send(
             json!({"type": "send", "id": "before", "conversation": conversation, "body": "before"}),
@@ -83,9 +81,7 @@ async fn redis_down_at_start_holds_up_presence_only() {
         c.gateway.presence_ttl_secs = 3;
     })
     .await;
-    let mut alice = platform.connect(0, "alice").await;
-    let mut bob = platform.connect(0, "bob").await;
-    let conversation = platform.direct(&mut alice, &mut bob, "bob").await;
+    let (mut alice, mut bob, conversation) = platform.alice_and_bob().await;
     alice
         .send(json!({"type": "send", "id": "m", "conversation": conversation, "body": "no redis"}))
         .await;

@@ -32,9 +32,7 @@ async fn snapshot_position(platform: &Platform) -> Option<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_handler_resumes_from_its_snapshot() {
     let mut platform = Platform::start_with(1, |c| c.handler.snapshot_every_events = 5).await;
-    let mut alice = platform.connect(0, "alice").await;
-    let mut bob = platform.connect(0, "bob").await;
-    let conversation = platform.direct(&mut alice, &mut bob, "bob").await;
+    let (mut alice, mut bob, conversation) = platform.alice_and_bob().await;
     for i in 0..12 {
         alice.send(json!({"type": "send", "id": format!("m{i}"), "conversation": conversation, "body": format!("{i}")})).await;
     }

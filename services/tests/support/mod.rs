@@ -294,6 +294,14 @@ impl Platform {
             .unwrap()
     }
 
+    /// Alice and Bob connected to the first gateway, with their direct conversation.
+    pub async fn alice_and_bob(&self) -> (Client, Client, ConversationId) {
+        let mut alice = self.connect(0, "alice").await;
+        let mut bob = self.connect(0, "bob").await;
+        let conversation = self.direct(&mut alice, &mut bob, "bob").await;
+        (alice, bob, conversation)
+    }
+
     /// A direct conversation between `a` and `b` (both connected), created by `a`; waits
     /// until `b` has seen it, so `b`'s gateway follows it.
     pub async fn direct(&self, a: &mut Client, b: &mut Client, b_name: &str) -> ConversationId {
