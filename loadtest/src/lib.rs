@@ -1,0 +1,1 @@
+//! Parley load-test harness (being built for issue 4).
