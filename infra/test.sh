@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # The project's test command: installs the local servers, then format check, clippy and
 # the whole workspace's tests (integration tests start real nats-server / redis-server
-# from .parley/bin through the parley-localstack crate).
+# from .parley/bin through the parley-localstack crate, and a local Cassandra node for the
+# CQL store's conformance suite and fault tests).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 start=$SECONDS
 
 infra/install.sh
+# The CQL store's tests must run in CI, never skip: cassandra.sh fails without Java, and
+# the tests fail instead of skipping.
+export PARLEY_REQUIRE_CQL=1
+infra/cassandra.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 if cargo nextest --version >/dev/null 2>&1; then

@@ -4,17 +4,22 @@
 //! - [`store`]: the [`ConversationStore`] trait every conversation store implements
 //!   (embedded SQLite here; ScyllaDB beside it), and the read types it returns.
 //! - [`sqlite`]: the embedded store, one file on one machine.
+//! - [`cql`]: the production store, ScyllaDB (or another CQL server) through the `scylla`
+//!   driver.
 //! - [`presence`]: online/offline/last-seen records in Redis, with expiry.
 //!
 //! Invariants: applying an event is idempotent and order-insensitive (a row only changes
-//! when the incoming event is newer than what it holds), and a store records its position in
-//! the log atomically with the rows, so the position never runs ahead of the data. This crate
+//! when the incoming event is newer than what it holds), and a store's position in the log
+//! never runs ahead of its rows: SQLite commits both in one transaction, the CQL store writes
+//! the position only after every row of the batch is acknowledged. This crate
 //! does not know NATS: the projector role in `parley-services` feeds it decoded events.
 
+pub mod cql;
 pub mod presence;
 pub mod sqlite;
 pub mod store;
 
+pub use cql::{Consistency, CqlOptions, CqlStore, Dialect};
 pub use presence::{PresenceError, PresenceStore, UserPresence};
 pub use sqlite::SqliteStore;
 pub use store::{

@@ -20,9 +20,16 @@ use serde::{Deserialize, Serialize};
 pub const ENV_PREFIX: &str = "PARLEY_";
 /// The environment variable naming the config file when `--config` is not given.
 pub const ENV_CONFIG_FILE: &str = "PARLEY_CONFIG";
-/// Variables with Parley's prefix that are not configuration keys: the config file, and
-/// where `infra/install.sh` put the servers.
-const ENV_NOT_CONFIG: [&str; 2] = [ENV_CONFIG_FILE, "PARLEY_HOME"];
+/// Variables with Parley's prefix that are not configuration keys: the config file, where
+/// `infra/install.sh` put the servers, and the test suite's CQL switches (which a `parley`
+/// process started by a test inherits).
+const ENV_NOT_CONFIG: [&str; 5] = [
+    ENV_CONFIG_FILE,
+    "PARLEY_HOME",
+    "PARLEY_REQUIRE_CQL",
+    "PARLEY_TEST_SCYLLA",
+    "PARLEY_TEST_SCYLLA_DC",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

@@ -23,6 +23,13 @@
 //! [`find_binary`] looks in `$PARLEY_HOME/bin`, then in `.parley/bin` of the current
 //! directory and its ancestors, then on `PATH`.
 //!
+//! `infra/cassandra.sh` adds a single-node Apache Cassandra (for the CQL conformance suite):
+//!
+//! ```text
+//!   bin/cassandra-node       launcher (infra/cassandra-node.sh): config, JVM flags, watchdog
+//!   cassandra/lib/           cassandra-all and its runtime jars, fetched with Maven
+//! ```
+//!
 //! # Server directories
 //!
 //! A [`NatsServer`]'s directory holds `nats.conf` (generated), `nats.log` and `store/` (the
@@ -43,12 +50,14 @@
 //! (NATS: the `server_name` in its INFO line; Redis: `process_id` in `INFO server`).
 
 mod binary;
+mod cassandra;
 mod error;
 mod nats;
 mod process;
 mod redis;
 
 pub use binary::find_binary;
+pub use cassandra::{CASSANDRA_MIN_VERSION, CassandraNode};
 pub use error::LocalError;
 pub use nats::{NATS_MAX_PAYLOAD, NATS_MIN_VERSION, NatsOptions, NatsServer};
 pub use redis::{REDIS_MIN_VERSION, RedisOptions, RedisServer};

@@ -126,10 +126,21 @@ pub(crate) fn wait_ready(
     name: &str,
     spawned: &mut Spawned,
     log_path: &Path,
+    probe: impl FnMut(Duration) -> bool,
+) -> Result<(), LocalError> {
+    wait_ready_within(name, spawned, log_path, READY_TIMEOUT, probe)
+}
+
+/// [`wait_ready`] with its own deadline, for servers that take longer than most to start.
+pub(crate) fn wait_ready_within(
+    name: &str,
+    spawned: &mut Spawned,
+    log_path: &Path,
+    timeout: Duration,
     mut probe: impl FnMut(Duration) -> bool,
 ) -> Result<(), LocalError> {
     let started = Instant::now();
-    let deadline = started + READY_TIMEOUT;
+    let deadline = started + timeout;
     loop {
         match spawned.child.try_wait() {
             Ok(Some(status)) => {

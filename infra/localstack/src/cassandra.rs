@@ -1,0 +1,181 @@
+//! A local single-node Apache Cassandra, the CQL server the ScyllaDB store's tests run on.
+//!
+//! The JVM is started by the `cassandra-node` launcher (`infra/cassandra-node.sh`, installed
+//! with the jars by `infra/cassandra.sh`), which also watches this process: a node that is
+//! never dropped (a test binary's shared node lives in a static) dies, and its directory is
+//! deleted, within a second of this process ending, however it ended.
+
+use std::ffi::OsStr;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use tempfile::TempDir;
+
+use crate::LocalError;
+use crate::binary::{binary_version, find_binary, require_version};
+use crate::process::{self, Spawned, free_port, kill_and_reap, probe_connect, temp_dir};
+
+/// The oldest Cassandra the launcher may run: 4.1 does not start on Java 17.
+pub const CASSANDRA_MIN_VERSION: &str = "5.0.0";
+
+const NAME: &str = "cassandra-node";
+const LOG_FILE: &str = "node.log";
+/// A cold JVM plus Cassandra's start-up is about 10 s here; on a loaded two-core CI
+/// machine several times that.
+const START_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// A running (or killed) single-node Cassandra on `127.0.0.1`, with its data in a temporary
+/// directory removed on drop together with the JVM.
+pub struct CassandraNode {
+    launcher: Option<Spawned>,
+    binary: PathBuf,
+    native_port: u16,
+    storage_port: u16,
+    version: String,
+    dir: PathBuf,
+    /// Declared last so it drops after the process is gone.
+    _temp: TempDir,
+}
+
+impl std::fmt::Debug for CassandraNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CassandraNode")
+            .field("contact_point", &self.contact_point())
+            .field("version", &self.version)
+            .field("dir", &self.dir)
+            .finish()
+    }
+}
+
+impl CassandraNode {
+    /// Finds `cassandra-node` (see [`find_binary`]) and starts a node on free ports,
+    /// returning once it answers a CQL `OPTIONS` request. Blocks for the start-up: about
+    /// 10 s on an idle machine, at most [`START_TIMEOUT`].
+    pub fn start() -> Result<CassandraNode, LocalError> {
+        let binary = find_binary(NAME)?;
+        let version = binary_version(&binary)?;
+        require_version(&binary, &version, CASSANDRA_MIN_VERSION)?;
+        let temp = temp_dir("parley-cassandra-")?;
+        let dir = temp.path().to_owned();
+        let native_port = free_port()?;
+        let storage_port = distinct_free_port(&[native_port])?;
+        let mut node = CassandraNode {
+            launcher: None,
+            binary,
+            native_port,
+            storage_port,
+            version,
+            dir,
+            _temp: temp,
+        };
+        node.run()?;
+        Ok(node)
+    }
+
+    /// Starts the node again on the same ports and data after [`kill`](Self::kill).
+    pub fn restart(&mut self) -> Result<(), LocalError> {
+        self.kill();
+        self.run()
+    }
+
+    fn run(&mut self) -> Result<(), LocalError> {
+        std::fs::create_dir_all(&self.dir)
+            .map_err(LocalError::io(format!("creating {}", self.dir.display())))?;
+        let log = self.log_path();
+        let (native, storage, owner) = (
+            self.native_port.to_string(),
+            self.storage_port.to_string(),
+            std::process::id().to_string(),
+        );
+        let args: [&OsStr; 5] = [
+            OsStr::new("run"),
+            self.dir.as_os_str(),
+            OsStr::new(&native),
+            OsStr::new(&storage),
+            OsStr::new(&owner),
+        ];
+        let mut spawned = process::spawn(&self.binary, &args, &self.dir, &log)?;
+        let port = self.native_port;
+        process::wait_ready_within(NAME, &mut spawned, &log, START_TIMEOUT, |left| {
+            answers_cql(port, left)
+        })?;
+        self.launcher = Some(spawned);
+        tracing::debug!(contact_point = %self.contact_point(), "cassandra ready");
+        Ok(())
+    }
+
+    /// `127.0.0.1:PORT`, the CQL (native protocol) address.
+    pub fn contact_point(&self) -> String {
+        format!("127.0.0.1:{}", self.native_port)
+    }
+
+    /// The datacenter name the node reports (Cassandra's `SimpleSnitch`).
+    pub fn datacenter(&self) -> &'static str {
+        "datacenter1"
+    }
+
+    /// The version the launcher reported, e.g. `5.0.6`.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// The node's log file (the launcher's and the JVM's output).
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join(LOG_FILE)
+    }
+
+    /// The node's directory (configuration, data, commit log); removed on drop.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// SIGKILLs the JVM, as a crash would, and waits for the launcher. The data stays for
+    /// [`restart`](Self::restart). Idempotent.
+    pub fn kill(&mut self) {
+        let Some(mut launcher) = self.launcher.take() else {
+            return;
+        };
+        if let Ok(pid) = std::fs::read_to_string(self.dir.join("java.pid")) {
+            let killed = Command::new("kill").args(["-9", pid.trim()]).status();
+            if let Err(err) = killed {
+                tracing::warn!(%err, "could not run kill -9 on the cassandra JVM");
+            }
+        }
+        kill_and_reap(&mut launcher.child);
+    }
+}
+
+/// A free port other than those in `taken` (the kernel may hand out a just-closed one again).
+fn distinct_free_port(taken: &[u16]) -> Result<u16, LocalError> {
+    loop {
+        let port = free_port()?;
+        if !taken.contains(&port) {
+            return Ok(port);
+        }
+    }
+}
+
+impl Drop for CassandraNode {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Ready when a CQL v4 `OPTIONS` request gets a `SUPPORTED` response: the native transport
+/// starts last, once the node can serve requests.
+fn answers_cql(port: u16, left: Duration) -> bool {
+    let Some(mut stream) = probe_connect(port, left) else {
+        return false;
+    };
+    // version 4 request, no flags, stream 0, opcode OPTIONS (0x05), empty body.
+    if stream
+        .write_all(&[0x04, 0, 0, 0, 0x05, 0, 0, 0, 0])
+        .is_err()
+    {
+        return false;
+    }
+    let mut header = [0u8; 9];
+    stream.read_exact(&mut header).is_ok() && header[0] == 0x84 && header[4] == 0x06
+}

@@ -1,0 +1,888 @@
+//! The production conversation store: ScyllaDB (or any CQL server) through the `scylla`
+//! driver. The data model and its reasons are in `docs/storage.md`.
+//!
+//! Every event-path write carries `USING TIMESTAMP <log sequence>`: a cell keeps the value
+//! of the newest event that wrote it whatever order events arrive in, so duplicates,
+//! reordering and replays converge without reading first, and without lightweight
+//! transactions. The position is written after all of a batch's rows have been
+//! acknowledged; a crash in between leaves the position behind the rows, and re-applying
+//! from it rewrites the same cells with the same timestamps.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt, TryStreamExt};
+use parley_events::protocol::HistoryMessage;
+use parley_events::{
+    ClientMsgId, ConversationId, ConversationKind, Event, EventId, Member, RecordedEvent, Role,
+    UserId,
+};
+use scylla::client::execution_profile::ExecutionProfile;
+use scylla::client::session::Session;
+use scylla::client::session_builder::SessionBuilder;
+use scylla::errors::{
+    DbError, ExecutionError, NewSessionError, PagerExecutionError, PrepareError,
+    RequestAttemptError,
+};
+use scylla::policies::load_balancing::DefaultPolicy;
+use scylla::policies::retry::DefaultRetryPolicy;
+use scylla::serialize::row::SerializeRow;
+use scylla::statement::batch::{Batch, BatchType};
+use scylla::statement::prepared::PreparedStatement;
+use uuid::Uuid;
+
+pub use scylla::statement::Consistency;
+
+use crate::store::{
+    ConversationStore, ConversationView, HistoryPage, InboxEntry, StoreError, StoreErrorKind,
+};
+
+/// Schema version this build writes, kept in the keyspace's `schema_version` table.
+pub const SCHEMA_VERSION: i32 = 1;
+
+/// Log sequences per history bucket. A `(conversation, bucket)` partition holds at most this
+/// many messages (every sequence in its range would have to be one of the conversation's
+/// messages), at most ~70 MB even if each is at the 4 KiB body limit: under the ~100 MB
+/// where wide partitions start to hurt compaction and repair.
+pub const DEFAULT_HISTORY_BUCKET_SEQS: u64 = 16_384;
+
+/// Rows of one partition sent in one unlogged batch.
+const BATCH_ROWS: usize = 64;
+const POSITION_NAME: &str = "conversations";
+
+/// Where and how to reach the CQL cluster.
+#[derive(Debug, Clone)]
+pub struct CqlOptions {
+    /// `host:port` of some nodes; the driver discovers the rest.
+    pub contact_points: Vec<String>,
+    pub keyspace: String,
+    /// The datacenter this process runs in: requests go to its replicas first, and
+    /// `LOCAL_*` consistencies count there. `None`: no preference (single-DC clusters).
+    pub local_datacenter: Option<String>,
+    /// Replicas per datacenter, for `NetworkTopologyStrategy` when the keyspace is created.
+    pub replication: BTreeMap<String, u32>,
+    /// ScyllaDB only: whether the keyspace uses tablets; `None` leaves the cluster default.
+    pub tablets: Option<bool>,
+    pub consistency: Consistency,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub request_timeout: Duration,
+    /// Statements of one batch in flight at once.
+    pub max_in_flight: usize,
+    /// See [`DEFAULT_HISTORY_BUCKET_SEQS`]; fixed when the keyspace is first set up.
+    pub history_bucket_seqs: u64,
+}
+
+impl CqlOptions {
+    /// Options for `keyspace` on `contact_points`, everything else at its default.
+    pub fn new(contact_points: Vec<String>, keyspace: impl Into<String>) -> Self {
+        CqlOptions {
+            contact_points,
+            keyspace: keyspace.into(),
+            local_datacenter: None,
+            replication: BTreeMap::from([("datacenter1".to_owned(), 1)]),
+            tablets: None,
+            consistency: Consistency::LocalQuorum,
+            username: None,
+            password: None,
+            request_timeout: Duration::from_secs(5),
+            max_in_flight: 128,
+            history_bucket_seqs: DEFAULT_HISTORY_BUCKET_SEQS,
+        }
+    }
+}
+
+/// Which CQL server answers: the DDL that differs between them is decided here only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Scylla,
+    Cassandra,
+}
+
+impl Dialect {
+    /// `AND ...` options of `CREATE KEYSPACE` beyond replication.
+    fn keyspace_options(self, tablets: Option<bool>) -> Result<String, StoreError> {
+        match (self, tablets) {
+            (_, None) => Ok(String::new()),
+            (Dialect::Scylla, Some(enabled)) => {
+                Ok(format!(" AND tablets = {{'enabled': {enabled}}}"))
+            }
+            (Dialect::Cassandra, Some(_)) => Err(schema(
+                "projector.store.tablets is a ScyllaDB option; this cluster is Apache Cassandra",
+            )),
+        }
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::new(StoreErrorKind::Unavailable, e.to_string())
+}
+
+fn schema(e: impl std::fmt::Display) -> StoreError {
+    StoreError::new(StoreErrorKind::Schema, e.to_string())
+}
+
+fn corrupt(e: impl std::fmt::Display) -> StoreError {
+    StoreError::new(StoreErrorKind::Corrupt, e.to_string())
+}
+
+/// Server answers that retrying cannot fix are schema problems (a table or column missing,
+/// no permission); everything else (timeouts, unavailable replicas, broken connections)
+/// may pass.
+fn from_attempt(error: &RequestAttemptError) -> StoreErrorKind {
+    match error {
+        RequestAttemptError::DbError(
+            DbError::Invalid | DbError::SyntaxError | DbError::Unauthorized | DbError::ConfigError,
+            _,
+        ) => StoreErrorKind::Schema,
+        _ => StoreErrorKind::Unavailable,
+    }
+}
+
+impl From<ExecutionError> for StoreError {
+    fn from(e: ExecutionError) -> Self {
+        let kind = match &e {
+            ExecutionError::LastAttemptError(attempt) => from_attempt(attempt),
+            ExecutionError::PrepareError(PrepareError::AllAttemptsFailed { first_attempt }) => {
+                from_attempt(first_attempt)
+            }
+            _ => StoreErrorKind::Unavailable,
+        };
+        StoreError::new(kind, e.to_string())
+    }
+}
+
+impl From<PrepareError> for StoreError {
+    fn from(e: PrepareError) -> Self {
+        let kind = match &e {
+            PrepareError::AllAttemptsFailed { first_attempt } => from_attempt(first_attempt),
+            _ => StoreErrorKind::Unavailable,
+        };
+        StoreError::new(kind, format!("preparing a statement: {e}"))
+    }
+}
+
+impl From<PagerExecutionError> for StoreError {
+    fn from(e: PagerExecutionError) -> Self {
+        let kind = match &e {
+            PagerExecutionError::PrepareError(p) => StoreError::from(p.clone()).kind,
+            _ => StoreErrorKind::Unavailable,
+        };
+        StoreError::new(kind, e.to_string())
+    }
+}
+
+impl From<NewSessionError> for StoreError {
+    fn from(e: NewSessionError) -> Self {
+        unavailable(format!("cannot connect to the CQL cluster: {e}"))
+    }
+}
+
+/// Every statement, prepared once when the store opens.
+struct Statements {
+    activity: PreparedStatement,
+    created: PreparedStatement,
+    member: PreparedStatement,
+    membership: PreparedStatement,
+    message: PreparedStatement,
+    bucket: PreparedStatement,
+    set_position: PreparedStatement,
+    position: PreparedStatement,
+    conversation: PreparedStatement,
+    members: PreparedStatement,
+    role_of: PreparedStatement,
+    memberships: PreparedStatement,
+    buckets: PreparedStatement,
+    history: PreparedStatement,
+    check: PreparedStatement,
+}
+
+pub struct CqlStore {
+    session: Arc<Session>,
+    statements: Statements,
+    dialect: Dialect,
+    bucket_seqs: u64,
+    max_in_flight: usize,
+}
+
+/// The keyspace name goes into DDL text, so only plain identifiers are accepted.
+fn check_keyspace_name(name: &str) -> Result<(), StoreError> {
+    let valid = !name.is_empty()
+        && name.len() <= 48
+        && name.starts_with(|c: char| c.is_ascii_alphabetic())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if valid {
+        Ok(())
+    } else {
+        Err(schema(format!(
+            "keyspace name {name:?} must be 1-48 letters, digits or underscores, starting with a letter"
+        )))
+    }
+}
+
+/// The tables of schema version 1, in creation order.
+fn schema_v1(ks: &str) -> Vec<String> {
+    vec![
+        format!(
+            "CREATE TABLE IF NOT EXISTS {ks}.schema_version (name text PRIMARY KEY, version int, history_bucket_seqs bigint)"
+        ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {ks}.conversations (id uuid PRIMARY KEY, kind text, title text, created_seq bigint, last_seq bigint, last_activity_at bigint)"
+        ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {ks}.members (conversation uuid, user_id text, role text, PRIMARY KEY (conversation, user_id))"
+        ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {ks}.conversations_by_user (user_id text, conversation uuid, role text, PRIMARY KEY (user_id, conversation))"
+        ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {ks}.messages (conversation uuid, bucket bigint, seq bigint, id uuid, sender text, client_id text, body text, at bigint, PRIMARY KEY ((conversation, bucket), seq)) WITH CLUSTERING ORDER BY (seq DESC)"
+        ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {ks}.message_buckets (conversation uuid, bucket bigint, PRIMARY KEY (conversation, bucket)) WITH CLUSTERING ORDER BY (bucket DESC)"
+        ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {ks}.projection_position (name text PRIMARY KEY, seq bigint)"
+        ),
+    ]
+}
+
+/// Migrations by version: entry `n` brings a keyspace from version `n` to `n + 1`.
+fn migrations(ks: &str) -> Vec<Vec<String>> {
+    vec![schema_v1(ks)]
+}
+
+fn i64_of(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+fn u64_of(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
+fn kind_str(kind: ConversationKind) -> &'static str {
+    match kind {
+        ConversationKind::Direct => "direct",
+        ConversationKind::Group => "group",
+    }
+}
+
+fn parse_kind(value: &str) -> Result<ConversationKind, StoreError> {
+    match value {
+        "direct" => Ok(ConversationKind::Direct),
+        "group" => Ok(ConversationKind::Group),
+        other => Err(corrupt(format!("unknown conversation kind {other:?}"))),
+    }
+}
+
+fn parse_role(value: &str) -> Result<Role, StoreError> {
+    Role::parse(value).ok_or_else(|| corrupt(format!("unknown role {value:?}")))
+}
+
+fn parse_user(value: String) -> Result<UserId, StoreError> {
+    UserId::parse(value).map_err(corrupt)
+}
+
+type ConversationRow = (Option<String>, Option<String>, Option<i64>, Option<i64>);
+type MessageRow = (i64, Uuid, String, String, String, i64);
+
+impl CqlStore {
+    /// Connect, create the keyspace if it does not exist, bring its schema up to date and
+    /// prepare every statement. Refuses, before writing anything, a keyspace that holds
+    /// tables that are not Parley's, a schema newer than this build, or a different
+    /// history bucket size.
+    pub async fn open(options: &CqlOptions) -> Result<Self, StoreError> {
+        let ks = options.keyspace.as_str();
+        check_keyspace_name(ks)?;
+        if options.contact_points.is_empty() {
+            return Err(unavailable("no contact points configured"));
+        }
+        if options.history_bucket_seqs == 0 || options.max_in_flight == 0 {
+            return Err(schema(
+                "history_bucket_seqs and max_in_flight must be at least 1",
+            ));
+        }
+        let mut policy = DefaultPolicy::builder().token_aware(true);
+        if let Some(dc) = &options.local_datacenter {
+            policy = policy
+                .prefer_datacenter(dc.clone())
+                .permit_dc_failover(false);
+        }
+        let profile = ExecutionProfile::builder()
+            .consistency(options.consistency)
+            .load_balancing_policy(policy.build())
+            // Retries only statements marked idempotent, which all of Parley's are.
+            .retry_policy(Arc::new(DefaultRetryPolicy::new()))
+            .request_timeout(Some(options.request_timeout))
+            .build();
+        let mut builder = SessionBuilder::new()
+            .known_nodes(&options.contact_points)
+            .connection_timeout(options.request_timeout)
+            .default_execution_profile_handle(profile.into_handle());
+        if let Some(user) = &options.username {
+            builder = builder.user(user, options.password.clone().unwrap_or_default());
+        }
+        let session = builder.build().await?;
+        let dialect = detect_dialect(&session).await?;
+        migrate(&session, options, dialect).await?;
+        let statements = prepare_all(&session, ks).await?;
+        Ok(CqlStore {
+            session: Arc::new(session),
+            statements,
+            dialect,
+            bucket_seqs: options.history_bucket_seqs,
+            max_in_flight: options.max_in_flight,
+        })
+    }
+
+    /// The server family this store is connected to.
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    fn bucket_of(&self, seq: u64) -> i64 {
+        i64_of(seq / self.bucket_seqs)
+    }
+
+    fn write(
+        &self,
+        statement: &PreparedStatement,
+        values: impl SerializeRow + Send + 'static,
+    ) -> BoxFuture<'static, Result<(), StoreError>> {
+        let (session, statement) = (Arc::clone(&self.session), statement.clone());
+        async move {
+            session.execute_unpaged(&statement, values).await?;
+            Ok(())
+        }
+        .boxed()
+    }
+
+    /// Rows of one partition as unlogged batches of at most [`BATCH_ROWS`]: one round trip
+    /// and one mutation per batch, with no batch log because nothing spans partitions.
+    fn partition_batches<V: SerializeRow + Send + Sync + 'static>(
+        &self,
+        statement: &PreparedStatement,
+        rows: Vec<V>,
+    ) -> Vec<BoxFuture<'static, Result<(), StoreError>>> {
+        let mut writes = Vec::new();
+        let mut rows = rows.into_iter().peekable();
+        while rows.peek().is_some() {
+            let chunk: Vec<V> = rows.by_ref().take(BATCH_ROWS).collect();
+            let mut batch = Batch::new(BatchType::Unlogged);
+            for _ in &chunk {
+                batch.append_statement(statement.clone());
+            }
+            batch.set_is_idempotent(true);
+            let session = Arc::clone(&self.session);
+            writes.push(
+                async move {
+                    session.batch(&batch, chunk).await?;
+                    Ok(())
+                }
+                .boxed(),
+            );
+        }
+        writes
+    }
+
+    /// Every row write a batch of events needs; the position is not among them.
+    fn row_writes(
+        &self,
+        events: &[RecordedEvent],
+    ) -> Vec<BoxFuture<'static, Result<(), StoreError>>> {
+        let s = &self.statements;
+        let mut writes = Vec::new();
+        // A conversation's activity cells only keep the newest event's values, so only
+        // the newest event of each conversation in the batch needs to write them.
+        let mut newest: HashMap<ConversationId, &RecordedEvent> = HashMap::new();
+        let mut messages: HashMap<(ConversationId, i64), Vec<_>> = HashMap::new();
+        for recorded in events {
+            let envelope = &recorded.envelope;
+            let conversation = envelope.conversation;
+            let id = *conversation.as_uuid();
+            let seq = i64_of(recorded.seq);
+            newest
+                .entry(conversation)
+                .and_modify(|e| {
+                    if recorded.seq > e.seq {
+                        *e = recorded;
+                    }
+                })
+                .or_insert(recorded);
+            match &envelope.event {
+                Event::ConversationCreated(created) => {
+                    writes.push(self.write(
+                        &s.created,
+                        (seq, kind_str(created.kind), created.title.clone(), seq, id),
+                    ));
+                    let members: Vec<_> = created
+                        .members
+                        .iter()
+                        .map(|m| (id, m.user.as_str().to_owned(), m.role.as_str(), seq))
+                        .collect();
+                    writes.extend(self.partition_batches(&s.member, members));
+                    for member in &created.members {
+                        writes.push(self.write(
+                            &s.membership,
+                            (
+                                member.user.as_str().to_owned(),
+                                id,
+                                member.role.as_str(),
+                                seq,
+                            ),
+                        ));
+                    }
+                }
+                Event::MessagePosted(posted) => {
+                    let bucket = self.bucket_of(recorded.seq);
+                    messages.entry((conversation, bucket)).or_default().push((
+                        id,
+                        bucket,
+                        seq,
+                        *envelope.id.as_uuid(),
+                        envelope.actor.as_str().to_owned(),
+                        posted.client_id.as_str().to_owned(),
+                        posted.body.clone(),
+                        i64_of(envelope.at),
+                        seq,
+                    ));
+                }
+            }
+        }
+        for recorded in newest.values() {
+            let seq = i64_of(recorded.seq);
+            writes.push(self.write(
+                &s.activity,
+                (
+                    seq,
+                    seq,
+                    i64_of(recorded.envelope.at),
+                    *recorded.envelope.conversation.as_uuid(),
+                ),
+            ));
+        }
+        for ((conversation, bucket), rows) in messages {
+            // The bucket index row is timestamped by the bucket's newest message of this
+            // batch; any timestamp works, it has no cells to compare.
+            let newest = rows.iter().map(|r| r.2).max().unwrap_or(0);
+            writes.push(self.write(&s.bucket, (*conversation.as_uuid(), bucket, newest)));
+            writes.extend(self.partition_batches(&s.message, rows));
+        }
+        writes
+    }
+
+    async fn memberships(&self, user: &UserId) -> Result<Vec<(Uuid, String)>, StoreError> {
+        self.session
+            .execute_iter(self.statements.memberships.clone(), (user.as_str(),))
+            .await?
+            .rows_stream::<(Uuid, String)>()
+            .map_err(corrupt)?
+            .map_err(unavailable)
+            .try_collect()
+            .await
+    }
+
+    async fn conversation_row(&self, id: Uuid) -> Result<Option<ConversationRow>, StoreError> {
+        let result = self
+            .session
+            .execute_unpaged(&self.statements.conversation, (id,))
+            .await?
+            .into_rows_result()
+            .map_err(corrupt)?;
+        result.maybe_first_row::<ConversationRow>().map_err(corrupt)
+    }
+}
+
+async fn detect_dialect(session: &Session) -> Result<Dialect, StoreError> {
+    let rows = session
+        .query_unpaged(
+            "SELECT table_name FROM system_schema.tables WHERE keyspace_name = 'system' AND table_name = 'scylla_local'",
+            (),
+        )
+        .await?
+        .into_rows_result()
+        .map_err(corrupt)?;
+    Ok(if rows.rows_num() > 0 {
+        Dialect::Scylla
+    } else {
+        Dialect::Cassandra
+    })
+}
+
+/// Check the keyspace before changing anything, then create what is missing.
+async fn migrate(
+    session: &Session,
+    options: &CqlOptions,
+    dialect: Dialect,
+) -> Result<(), StoreError> {
+    let ks = options.keyspace.as_str();
+    let keyspace_exists = session
+        .query_unpaged(
+            "SELECT keyspace_name FROM system_schema.keyspaces WHERE keyspace_name = ?",
+            (ks,),
+        )
+        .await?
+        .into_rows_result()
+        .map_err(corrupt)?
+        .rows_num()
+        > 0;
+    let tables: Vec<String> = session
+        .query_unpaged(
+            "SELECT table_name FROM system_schema.tables WHERE keyspace_name = ?",
+            (ks,),
+        )
+        .await?
+        .into_rows_result()
+        .map_err(corrupt)?
+        .rows::<(String,)>()
+        .map_err(corrupt)?
+        .map(|row| row.map(|(name,)| name).map_err(corrupt))
+        .collect::<Result<_, _>>()?;
+    let mut version = 0;
+    if tables.iter().any(|t| t == "schema_version") {
+        let row = session
+            .query_unpaged(
+                format!(
+                    "SELECT version, history_bucket_seqs FROM {ks}.schema_version WHERE name = ?"
+                ),
+                (POSITION_NAME,),
+            )
+            .await?
+            .into_rows_result()
+            .map_err(corrupt)?
+            .maybe_first_row::<(Option<i32>, Option<i64>)>()
+            .map_err(corrupt)?;
+        if let Some((found, buckets)) = row {
+            version = found.unwrap_or(0);
+            if version > SCHEMA_VERSION {
+                return Err(schema(format!(
+                    "keyspace {ks} has schema version {version}, newer than this build understands ({SCHEMA_VERSION}); upgrade parley or point it at another keyspace"
+                )));
+            }
+            let configured = i64_of(options.history_bucket_seqs);
+            if buckets.is_some_and(|b| b != configured) {
+                return Err(schema(format!(
+                    "keyspace {ks} stores history in buckets of {} log sequences, this store is configured with {configured}; the bucket size cannot change once history is written",
+                    buckets.unwrap_or_default()
+                )));
+            }
+        }
+    } else if !tables.is_empty() {
+        let mut shown = tables.clone();
+        shown.truncate(5);
+        return Err(schema(format!(
+            "keyspace {ks} holds tables that are not Parley's ({}); point projector.store.keyspace at Parley's keyspace or a new one",
+            shown.join(", ")
+        )));
+    }
+    if !keyspace_exists {
+        if options.replication.is_empty() {
+            return Err(schema(format!(
+                "keyspace {ks} does not exist and projector.store.replication is empty, so it cannot be created"
+            )));
+        }
+        let replication: Vec<String> = options
+            .replication
+            .iter()
+            .map(|(dc, n)| format!("'{}': {n}", dc.replace('\'', "''")))
+            .collect();
+        let ddl = format!(
+            "CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = {{'class': 'NetworkTopologyStrategy', {}}}{}",
+            replication.join(", "),
+            dialect.keyspace_options(options.tablets)?
+        );
+        session.query_unpaged(ddl, ()).await?;
+    }
+    let current = usize::try_from(version).unwrap_or(0);
+    for statements in migrations(ks).into_iter().skip(current) {
+        for ddl in statements {
+            session.query_unpaged(ddl, ()).await?;
+        }
+    }
+    if current < migrations(ks).len() {
+        session
+            .query_unpaged(
+                format!(
+                    "INSERT INTO {ks}.schema_version (name, version, history_bucket_seqs) VALUES (?, ?, ?)"
+                ),
+                (
+                    POSITION_NAME,
+                    SCHEMA_VERSION,
+                    i64_of(options.history_bucket_seqs),
+                ),
+            )
+            .await?;
+        tracing::info!(
+            keyspace = ks,
+            version = SCHEMA_VERSION,
+            "conversation store schema set up"
+        );
+    }
+    Ok(())
+}
+
+async fn prepare_all(session: &Session, ks: &str) -> Result<Statements, StoreError> {
+    let prepare = |cql: String| async move {
+        let mut statement = session.prepare(cql).await?;
+        // Every statement here is idempotent: writes carry explicit timestamps, reads have
+        // no effect. The driver retries only statements marked so.
+        statement.set_is_idempotent(true);
+        Ok::<_, StoreError>(statement)
+    };
+    Ok(Statements {
+        activity: prepare(format!(
+            "UPDATE {ks}.conversations USING TIMESTAMP ? SET last_seq = ?, last_activity_at = ? WHERE id = ?"
+        ))
+        .await?,
+        created: prepare(format!(
+            "UPDATE {ks}.conversations USING TIMESTAMP ? SET kind = ?, title = ?, created_seq = ? WHERE id = ?"
+        ))
+        .await?,
+        member: prepare(format!(
+            "INSERT INTO {ks}.members (conversation, user_id, role) VALUES (?, ?, ?) USING TIMESTAMP ?"
+        ))
+        .await?,
+        membership: prepare(format!(
+            "INSERT INTO {ks}.conversations_by_user (user_id, conversation, role) VALUES (?, ?, ?) USING TIMESTAMP ?"
+        ))
+        .await?,
+        message: prepare(format!(
+            "INSERT INTO {ks}.messages (conversation, bucket, seq, id, sender, client_id, body, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
+        ))
+        .await?,
+        bucket: prepare(format!(
+            "INSERT INTO {ks}.message_buckets (conversation, bucket) VALUES (?, ?) USING TIMESTAMP ?"
+        ))
+        .await?,
+        set_position: prepare(format!(
+            "INSERT INTO {ks}.projection_position (name, seq) VALUES (?, ?) USING TIMESTAMP ?"
+        ))
+        .await?,
+        position: prepare(format!(
+            "SELECT seq FROM {ks}.projection_position WHERE name = ?"
+        ))
+        .await?,
+        conversation: prepare(format!(
+            "SELECT kind, title, last_seq, last_activity_at FROM {ks}.conversations WHERE id = ?"
+        ))
+        .await?,
+        members: prepare(format!(
+            "SELECT user_id, role FROM {ks}.members WHERE conversation = ?"
+        ))
+        .await?,
+        role_of: prepare(format!(
+            "SELECT role FROM {ks}.members WHERE conversation = ? AND user_id = ?"
+        ))
+        .await?,
+        memberships: prepare(format!(
+            "SELECT conversation, role FROM {ks}.conversations_by_user WHERE user_id = ?"
+        ))
+        .await?,
+        buckets: prepare(format!(
+            "SELECT bucket FROM {ks}.message_buckets WHERE conversation = ? AND bucket <= ?"
+        ))
+        .await?,
+        history: prepare(format!(
+            "SELECT seq, id, sender, client_id, body, at FROM {ks}.messages WHERE conversation = ? AND bucket = ? AND seq < ? LIMIT ?"
+        ))
+        .await?,
+        check: prepare(format!(
+            "SELECT version FROM {ks}.schema_version WHERE name = ?"
+        ))
+        .await?,
+    })
+}
+
+#[async_trait]
+impl ConversationStore for CqlStore {
+    #[tracing::instrument(name = "cql_apply", skip_all, fields(events = events.len()))]
+    async fn apply(&self, events: &[RecordedEvent]) -> Result<(), StoreError> {
+        let Some(position) = events.iter().map(|e| e.seq).max() else {
+            return Ok(());
+        };
+        futures::stream::iter(self.row_writes(events))
+            .buffer_unordered(self.max_in_flight)
+            .try_collect::<()>()
+            .await?;
+        // Only after every row is acknowledged: the position never runs ahead of the data.
+        let position = i64_of(position);
+        self.session
+            .execute_unpaged(
+                &self.statements.set_position,
+                (POSITION_NAME, position, position),
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn position(&self) -> Result<u64, StoreError> {
+        let row = self
+            .session
+            .execute_unpaged(&self.statements.position, (POSITION_NAME,))
+            .await?
+            .into_rows_result()
+            .map_err(corrupt)?
+            .maybe_first_row::<(Option<i64>,)>()
+            .map_err(corrupt)?;
+        Ok(row.and_then(|(seq,)| seq).map(u64_of).unwrap_or(0))
+    }
+
+    async fn conversation(
+        &self,
+        id: ConversationId,
+    ) -> Result<Option<ConversationView>, StoreError> {
+        let Some((Some(kind), title, last_seq, _)) = self.conversation_row(*id.as_uuid()).await?
+        else {
+            return Ok(None);
+        };
+        Ok(Some(ConversationView {
+            id,
+            kind: parse_kind(&kind)?,
+            title,
+            last_seq: last_seq.map(u64_of).unwrap_or(0),
+        }))
+    }
+
+    async fn members(&self, id: ConversationId) -> Result<Vec<Member>, StoreError> {
+        let rows: Vec<(String, String)> = self
+            .session
+            .execute_iter(self.statements.members.clone(), (*id.as_uuid(),))
+            .await?
+            .rows_stream::<(String, String)>()
+            .map_err(corrupt)?
+            .map_err(unavailable)
+            .try_collect()
+            .await?;
+        rows.into_iter()
+            .map(|(user, role)| {
+                Ok(Member {
+                    user: parse_user(user)?,
+                    role: parse_role(&role)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn role_of(&self, id: ConversationId, user: &UserId) -> Result<Option<Role>, StoreError> {
+        let row = self
+            .session
+            .execute_unpaged(&self.statements.role_of, (*id.as_uuid(), user.as_str()))
+            .await?
+            .into_rows_result()
+            .map_err(corrupt)?
+            .maybe_first_row::<(String,)>()
+            .map_err(corrupt)?;
+        row.map(|(role,)| parse_role(&role)).transpose()
+    }
+
+    /// Computed at read time from the user's memberships and each conversation's newest
+    /// sequence: a materialized inbox would cost one write per member per message.
+    async fn inbox(
+        &self,
+        user: &UserId,
+        before: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<InboxEntry>, StoreError> {
+        let before = before.unwrap_or(u64::MAX);
+        let memberships = self.memberships(user).await?;
+        let rows: Vec<_> = futures::stream::iter(memberships)
+            .map(|(id, role)| async move {
+                Ok::<_, StoreError>((id, role, self.conversation_row(id).await?))
+            })
+            .buffer_unordered(self.max_in_flight)
+            .try_collect()
+            .await?;
+        let mut entries = Vec::new();
+        for (id, role, row) in rows {
+            let Some((Some(kind), title, last_seq, last_activity_at)) = row else {
+                continue;
+            };
+            let last_seq = last_seq.map(u64_of).unwrap_or(0);
+            if last_seq >= before {
+                continue;
+            }
+            entries.push(InboxEntry {
+                conversation: ConversationId::from_uuid(id),
+                kind: parse_kind(&kind)?,
+                title,
+                role: parse_role(&role)?,
+                last_seq,
+                last_activity_at: last_activity_at.map(u64_of).unwrap_or(0),
+            });
+        }
+        entries.sort_by_key(|e| std::cmp::Reverse(e.last_seq));
+        entries.truncate(limit as usize);
+        Ok(entries)
+    }
+
+    /// Walks the conversation's non-empty buckets newest first, reading each until the page
+    /// (plus one row, to know whether more exist) is full. Both reads page through the
+    /// driver, so short pages (ScyllaDB may return them) change nothing.
+    async fn history(
+        &self,
+        id: ConversationId,
+        before: Option<u64>,
+        limit: u32,
+    ) -> Result<HistoryPage, StoreError> {
+        let before = before.unwrap_or(u64::MAX);
+        let wanted = limit as usize + 1;
+        let mut rows: Vec<MessageRow> = Vec::with_capacity(wanted);
+        if before > 0 {
+            let uuid = *id.as_uuid();
+            let mut buckets = self
+                .session
+                .execute_iter(
+                    self.statements.buckets.clone(),
+                    (uuid, self.bucket_of(before - 1)),
+                )
+                .await?
+                .rows_stream::<(i64,)>()
+                .map_err(corrupt)?;
+            while rows.len() < wanted {
+                let Some(bucket) = buckets.next().await else {
+                    break;
+                };
+                let (bucket,) = bucket.map_err(unavailable)?;
+                let left = i32::try_from(wanted - rows.len()).unwrap_or(i32::MAX);
+                let mut page = self
+                    .session
+                    .execute_iter(
+                        self.statements.history.clone(),
+                        (uuid, bucket, i64_of(before), left),
+                    )
+                    .await?
+                    .rows_stream::<MessageRow>()
+                    .map_err(corrupt)?;
+                while let Some(row) = page.next().await {
+                    rows.push(row.map_err(unavailable)?);
+                }
+            }
+        }
+        let has_more = rows.len() > limit as usize;
+        let messages = rows
+            .into_iter()
+            .take(limit as usize)
+            .map(|(seq, event_id, sender, client_id, body, at)| {
+                Ok(HistoryMessage {
+                    seq: u64_of(seq),
+                    id: EventId::from_uuid(event_id),
+                    sender: parse_user(sender)?,
+                    client_id: ClientMsgId::parse(client_id).map_err(corrupt)?,
+                    body,
+                    at: u64_of(at),
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        Ok(HistoryPage { messages, has_more })
+    }
+
+    async fn check(&self) -> Result<(), StoreError> {
+        self.session
+            .execute_unpaged(&self.statements.check, (POSITION_NAME,))
+            .await?;
+        Ok(())
+    }
+}
