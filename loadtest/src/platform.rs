@@ -1,0 +1,311 @@
+//! `--spawn`: a whole platform on this machine, one process per role, so each process's
+//! CPU and memory can be read on its own and the first to saturate can be named.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use parley_events::protocol::{ClientFrame, ServerFrame};
+use parley_events::{ClientMsgId, UserId};
+use parley_localstack::{NatsOptions, NatsServer, RedisOptions, RedisServer};
+use parley_services::auth;
+use parley_services::config::Secret;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::LoadtestError;
+use crate::scenario::Durability;
+
+/// How long the spawned roles get to become ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone)]
+pub struct SpawnOptions {
+    /// The `parley` binary; found next to this program when not given.
+    pub parley: Option<PathBuf>,
+    pub gateways: usize,
+    pub durability: Durability,
+    /// Raised above the gateway's default when a scenario's group frames need it.
+    pub max_frame_bytes: Option<usize>,
+    /// Where each role's log goes.
+    pub log_dir: PathBuf,
+}
+
+struct Role {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+/// The platform `--spawn` started. Dropping it kills every process (also on a panic or an
+/// early return).
+pub struct SpawnedPlatform {
+    pub gateway_urls: Vec<String>,
+    pub secret: Secret,
+    pub nats_url: String,
+    pub nats_version: String,
+    pub durability: Durability,
+    roles: Vec<Role>,
+    nats: NatsServer,
+    redis: RedisServer,
+    _store: tempfile::TempDir,
+}
+
+impl Drop for SpawnedPlatform {
+    fn drop(&mut self) {
+        for role in &mut self.roles {
+            let _ = role.child.kill();
+            let _ = role.child.wait();
+        }
+        self.nats.stop();
+        self.redis.stop();
+    }
+}
+
+/// The `parley` binary next to `exe` (the release or debug directory of the target dir),
+/// or in its parent (test binaries live in `deps/`).
+pub fn locate_parley(exe: &Path) -> Result<PathBuf, LoadtestError> {
+    let dir = exe.parent().unwrap_or(Path::new("."));
+    let candidates = [dir.join("parley"), dir.join("../parley")];
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .map(|p| p.canonicalize().unwrap_or_else(|_| p.clone()))
+        .ok_or_else(|| LoadtestError::ParleyNotFound {
+            searched: candidates.to_vec(),
+        })
+}
+
+impl SpawnedPlatform {
+    pub async fn start(options: &SpawnOptions) -> Result<SpawnedPlatform, LoadtestError> {
+        let parley = match &options.parley {
+            Some(path) => path.clone(),
+            None => {
+                locate_parley(&std::env::current_exe().map_err(LoadtestError::io("current exe"))?)?
+            }
+        };
+        std::fs::create_dir_all(&options.log_dir).map_err(LoadtestError::io(format!(
+            "creating {}",
+            options.log_dir.display()
+        )))?;
+        let nats = NatsServer::start(NatsOptions {
+            jetstream: true,
+            sync_always: options.durability == Durability::Always,
+            data_dir: None,
+            port: None,
+        })?;
+        let redis = RedisServer::start(RedisOptions::default())?;
+        let store = tempfile::tempdir().map_err(LoadtestError::io("store directory"))?;
+        let secret = Secret::new(format!(
+            "{}{}",
+            uuid::Uuid::new_v4().simple(),
+            uuid::Uuid::new_v4().simple()
+        ));
+        let mut env = vec![
+            ("PARLEY_NATS__URL".to_owned(), nats.url()),
+            ("PARLEY_REDIS__URL".to_owned(), redis.url()),
+            ("PARLEY_AUTH__SECRET".to_owned(), secret.expose().to_owned()),
+            (
+                "PARLEY_PROJECTOR__STORE__PATH".to_owned(),
+                store.path().join("conversations.db").display().to_string(),
+            ),
+        ];
+        if let Some(bytes) = options.max_frame_bytes {
+            env.push((
+                "PARLEY_LIMITS__MAX_FRAME_BYTES".to_owned(),
+                bytes.to_string(),
+            ));
+        }
+        let mut platform = SpawnedPlatform {
+            gateway_urls: Vec::new(),
+            secret,
+            nats_url: nats.url(),
+            nats_version: nats.version().to_owned(),
+            durability: options.durability,
+            roles: Vec::new(),
+            nats,
+            redis,
+            _store: store,
+        };
+        // The projector creates the store the gateways read; the handler the streams.
+        let mut plan = vec![
+            ("projector".to_owned(), "projector", None),
+            ("handler".to_owned(), "handler", None),
+        ];
+        for i in 0..options.gateways {
+            plan.push((format!("gateway-{i}"), "gateway", Some(free_port()?)));
+        }
+        for (name, role, gateway_port) in plan {
+            let log = options.log_dir.join(format!("{name}.log"));
+            let file = File::create(&log)
+                .map_err(LoadtestError::io(format!("creating {}", log.display())))?;
+            let mut command = Command::new(&parley);
+            command
+                .arg(role)
+                .env_remove("PARLEY_CONFIG")
+                .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                .env(
+                    "PARLEY_ADMIN__LISTEN",
+                    format!("127.0.0.1:{}", free_port()?),
+                )
+                .env(
+                    "RUST_LOG",
+                    std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+                )
+                .stdin(Stdio::null())
+                .stdout(file.try_clone().map_err(LoadtestError::io("log file"))?)
+                .stderr(file);
+            if let Some(port) = gateway_port {
+                command.env("PARLEY_GATEWAY__LISTEN", format!("127.0.0.1:{port}"));
+                platform
+                    .gateway_urls
+                    .push(format!("ws://127.0.0.1:{port}/ws"));
+            }
+            let child = command.spawn().map_err(|source| LoadtestError::Spawn {
+                binary: parley.clone(),
+                source,
+            })?;
+            platform.roles.push(Role { name, child, log });
+        }
+        platform.wait_until_ready().await?;
+        Ok(platform)
+    }
+
+    /// `(name, pid)` of every process of the platform.
+    pub fn processes(&self) -> Vec<(String, u32)> {
+        let mut processes: Vec<(String, u32)> = self
+            .roles
+            .iter()
+            .map(|r| (r.name.clone(), r.child.id()))
+            .collect();
+        processes.extend(crate::resources::children_named(&[
+            "nats-server",
+            "redis-server",
+        ]));
+        processes
+    }
+
+    /// Every gateway accepts a socket and the handler answers: a probe user asks for a
+    /// direct conversation with itself, which only a handler refuses.
+    async fn wait_until_ready(&mut self) -> Result<(), LoadtestError> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let probe = UserId::parse("loadtest-probe").expect("valid id");
+        let token = auth::mint(&self.secret, &probe, crate::unix_secs(), 3600);
+        for url in self.gateway_urls.clone() {
+            loop {
+                self.check_running()?;
+                if probe_gateway(&url, &token, &probe).await {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(LoadtestError::NotReady {
+                        after: READY_TIMEOUT,
+                        logs: self.log_tails(),
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        Ok(())
+    }
+
+    fn check_running(&mut self) -> Result<(), LoadtestError> {
+        for i in 0..self.roles.len() {
+            if let Ok(Some(status)) = self.roles[i].child.try_wait() {
+                return Err(LoadtestError::RoleExited {
+                    role: self.roles[i].name.clone(),
+                    status: status.to_string(),
+                    log_tail: tail(&self.roles[i].log),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn log_tails(&self) -> String {
+        self.roles
+            .iter()
+            .map(|r| format!("--- {} ---\n{}", r.name, tail(&r.log)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+async fn probe_gateway(url: &str, token: &str, probe: &UserId) -> bool {
+    let attempt = async {
+        let (mut socket, _) =
+            tokio_tungstenite::connect_async(format!("{url}?access_token={token}"))
+                .await
+                .ok()?;
+        let frame = ClientFrame::CreateDirect {
+            id: ClientMsgId::parse("ready").expect("valid id"),
+            peer: probe.clone(),
+        };
+        socket
+            .send(Message::text(serde_json::to_string(&frame).ok()?))
+            .await
+            .ok()?;
+        while let Some(Ok(message)) = socket.next().await {
+            if let Message::Text(text) = message
+                && let Ok(ServerFrame::Error { code, .. }) = serde_json::from_str(&text)
+            {
+                let _ = socket.close(None).await;
+                return Some(code == parley_events::ErrorCode::InvalidRequest);
+            }
+        }
+        None
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), attempt).await,
+        Ok(Some(true))
+    )
+}
+
+fn free_port() -> Result<u16, LoadtestError> {
+    let listener =
+        TcpListener::bind("127.0.0.1:0").map_err(LoadtestError::io("finding a free port"))?;
+    listener
+        .local_addr()
+        .map(|a| a.port())
+        .map_err(LoadtestError::io("finding a free port"))
+}
+
+/// The last few KiB of a log file.
+fn tail(path: &Path) -> String {
+    let mut text = String::new();
+    if let Ok(mut file) = File::open(path) {
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = file.seek(SeekFrom::Start(len.saturating_sub(4096)));
+        let _ = file.read_to_string(&mut text);
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_parley_binary_says_how_to_build_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = locate_parley(&dir.path().join("parley-loadtest")).unwrap_err();
+        let message = err.to_string();
+        assert!(message.contains("cargo build"), "{message}");
+        assert!(
+            message.contains(&dir.path().display().to_string()),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn the_parley_binary_is_found_beside_or_above() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("deps")).unwrap();
+        std::fs::write(dir.path().join("parley"), "").unwrap();
+        let found = locate_parley(&dir.path().join("deps/test-binary")).unwrap();
+        assert_eq!(found, dir.path().join("parley").canonicalize().unwrap());
+    }
+}

@@ -1,0 +1,555 @@
+//! The run's report: every figure, as JSON and as a table for people.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use crate::baseline::Baselines;
+use crate::latency::Summary;
+use crate::ledger::LedgerReport;
+use crate::live::{Counters, TimelinePoint};
+use crate::resources::Machine;
+use crate::scenario::Scenario;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub scenario: Scenario,
+    pub environment: Environment,
+    pub connections: ConnectionFigures,
+    pub sends: SendFigures,
+    /// Seconds of the measured window (after warm-up, until sending ended).
+    pub measured_secs: f64,
+    pub throughput: Rates,
+    pub latency: Latencies,
+    /// Errors by code: `frame:<code>` (error frames), `close:<code>`, `connect:<code>`,
+    /// `connection:<kind>`, `send:<kind>`, `harness:<what>`.
+    pub errors: BTreeMap<String, u64>,
+    pub ledger: LedgerReport,
+    /// Spawned platform processes and the harness, over the measured window.
+    pub processes: Vec<ProcessFigures>,
+    /// The process using the most CPU over the measured window.
+    pub busiest_process: Option<String>,
+    /// Growth of the gateways' RSS while the clients connected, per connection.
+    pub gateway_rss_per_connection_bytes: Option<f64>,
+    pub ramp: Option<RampFigures>,
+    pub baselines: Option<Baselines>,
+    pub ratios: Option<Ratios>,
+    pub marks: Marks,
+    pub timeline: Vec<TimelinePoint>,
+    /// Ledger clean: nothing lost, duplicated, out of order or unacknowledged.
+    pub passed: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Environment {
+    pub machine: Machine,
+    /// Where the platform ran and its durability, in words.
+    pub platform: String,
+    pub durability: String,
+    pub harness_version: String,
+    pub started_at_unix: u64,
+    pub command: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ConnectionFigures {
+    pub planned: usize,
+    pub connected: u64,
+    /// From the scheduled connect time to the `welcome` frame.
+    pub connect: Summary,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SendFigures {
+    pub scheduled: usize,
+    pub sent: u64,
+    pub acked: u64,
+    pub send_errors: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Rates {
+    pub sent_per_sec: f64,
+    /// Acknowledged messages per second: the end-to-end message rate, since the ledger
+    /// checks each of them reached every member.
+    pub acked_per_sec: f64,
+    /// Events received per second, over all recipients.
+    pub delivered_per_sec: f64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Latencies {
+    pub send_to_ack: Summary,
+    pub send_to_delivery: Summary,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProcessFigures {
+    pub name: String,
+    pub rss_start_bytes: u64,
+    pub rss_peak_bytes: u64,
+    pub rss_end_bytes: u64,
+    /// Percent of one core; a multi-threaded process can exceed 100.
+    pub cpu_mean_percent: f64,
+    pub cpu_max_percent: f64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RampFigures {
+    pub steps: Vec<StepFigures>,
+    /// The highest step rate that met every threshold.
+    pub highest_rate_held: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepFigures {
+    pub target_per_sec: f64,
+    pub rates: Rates,
+    pub send_to_delivery: Summary,
+    pub errors: u64,
+    pub held: bool,
+    /// Why it did not hold.
+    pub reason: Option<String>,
+    pub busiest_process: Option<String>,
+}
+
+/// Result over baseline, measured in the same run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Ratios {
+    /// End-to-end acknowledged (and delivered) messages/s over raw JetStream publishes/s.
+    pub messages_vs_jetstream_publish: Option<f64>,
+    /// p99 send -> delivery over the JetStream publish-ack p99.
+    pub delivery_p99_vs_jetstream_ack_p99: Option<f64>,
+    /// p99 send -> ack over the WebSocket echo round-trip p99.
+    pub ack_p99_vs_websocket_echo_p99: Option<f64>,
+}
+
+/// Points in the run, seconds since its origin.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Marks {
+    pub connected_secs: f64,
+    pub sending_start_secs: f64,
+    pub measure_start_secs: f64,
+    pub sending_end_secs: f64,
+}
+
+/// The timeline points whose interval ends in `(from, to]`, seconds since the origin.
+pub fn window(timeline: &[TimelinePoint], from: f64, to: f64) -> &[TimelinePoint] {
+    let start = timeline.partition_point(|p| p.t_secs <= from);
+    let end = timeline.partition_point(|p| p.t_secs <= to + 1e-9);
+    &timeline[start..end.max(start)]
+}
+
+pub fn rates(points: &[TimelinePoint]) -> Rates {
+    let total = points.iter().fold(Counters::default(), |sum, p| Counters {
+        sent: sum.sent + p.counts.sent,
+        acked: sum.acked + p.counts.acked,
+        delivered: sum.delivered + p.counts.delivered,
+        errors: sum.errors + p.counts.errors,
+    });
+    let secs = match (points.first(), points.last()) {
+        // Each point covers the second before it.
+        (Some(first), Some(last)) => last.t_secs - first.t_secs + 1.0,
+        _ => return Rates::default(),
+    };
+    Rates {
+        sent_per_sec: total.sent as f64 / secs,
+        acked_per_sec: total.acked as f64 / secs,
+        delivered_per_sec: total.delivered as f64 / secs,
+    }
+}
+
+pub fn process_figures(points: &[TimelinePoint]) -> Vec<ProcessFigures> {
+    let mut by_name: BTreeMap<&str, Vec<(u64, f32)>> = BTreeMap::new();
+    for point in points {
+        for sample in &point.processes {
+            by_name
+                .entry(&sample.name)
+                .or_default()
+                .push((sample.rss_bytes, sample.cpu_percent));
+        }
+    }
+    by_name
+        .into_iter()
+        .map(|(name, samples)| ProcessFigures {
+            name: name.to_owned(),
+            rss_start_bytes: samples[0].0,
+            rss_peak_bytes: samples.iter().map(|s| s.0).max().unwrap_or(0),
+            rss_end_bytes: samples[samples.len() - 1].0,
+            cpu_mean_percent: samples.iter().map(|s| f64::from(s.1)).sum::<f64>()
+                / samples.len() as f64,
+            cpu_max_percent: samples.iter().map(|s| f64::from(s.1)).fold(0.0, f64::max),
+        })
+        .collect()
+}
+
+/// The process with the highest mean CPU, with its figure.
+pub fn busiest(processes: &[ProcessFigures]) -> Option<String> {
+    processes
+        .iter()
+        .max_by(|a, b| a.cpu_mean_percent.total_cmp(&b.cpu_mean_percent))
+        .map(|p| format!("{} ({:.0} % of a core)", p.name, p.cpu_mean_percent))
+}
+
+pub fn ratios(rates: &Rates, latency: &Latencies, baselines: &Baselines) -> Ratios {
+    let over = |a: f64, b: f64| (b > 0.0 && a > 0.0).then(|| a / b);
+    let js = baselines.jetstream.as_ref();
+    let echo = baselines.websocket_echo.as_ref();
+    Ratios {
+        messages_vs_jetstream_publish: js.and_then(|j| over(rates.acked_per_sec, j.per_sec)),
+        delivery_p99_vs_jetstream_ack_p99: js
+            .and_then(|j| over(latency.send_to_delivery.p99_ms, j.latency.p99_ms)),
+        ack_p99_vs_websocket_echo_p99: echo
+            .and_then(|e| over(latency.send_to_ack.p99_ms, e.latency.p99_ms)),
+    }
+}
+
+fn summary_row(out: &mut String, label: &str, s: &Summary) {
+    let _ = writeln!(
+        out,
+        "  {label:<22} {:>9} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
+        s.count, s.p50_ms, s.p90_ms, s.p99_ms, s.p999_ms, s.max_ms
+    );
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// The final table printed after a run.
+pub fn render_table(report: &Report) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "Scenario   {}", report.scenario.name);
+    let _ = writeln!(out, "Platform   {}", report.environment.platform);
+    let _ = writeln!(out, "Durability {}", report.environment.durability);
+    let m = &report.environment.machine;
+    let _ = writeln!(
+        out,
+        "Machine    {} cores, {:.1} GiB, {}",
+        m.cores,
+        mib(m.memory_bytes) / 1024.0,
+        m.os
+    );
+    let _ = writeln!(
+        out,
+        "Connections {} of {} connected; sends {} scheduled, {} sent, {} acked, {} errors; measured {:.1} s",
+        report.connections.connected,
+        report.connections.planned,
+        report.sends.scheduled,
+        report.sends.sent,
+        report.sends.acked,
+        report.sends.send_errors,
+        report.measured_secs
+    );
+    let t = &report.throughput;
+    let _ = writeln!(
+        out,
+        "Throughput  sent {:.0}/s, acked {:.0}/s (end-to-end messages), delivered {:.0}/s (events to recipients)",
+        t.sent_per_sec, t.acked_per_sec, t.delivered_per_sec
+    );
+    let _ = writeln!(
+        out,
+        "\n  {:<22} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "latency (ms)", "count", "p50", "p90", "p99", "p99.9", "max"
+    );
+    summary_row(&mut out, "connect + auth", &report.connections.connect);
+    summary_row(&mut out, "send -> ack", &report.latency.send_to_ack);
+    summary_row(
+        &mut out,
+        "send -> delivery",
+        &report.latency.send_to_delivery,
+    );
+    if let Some(baselines) = &report.baselines {
+        if let Some(js) = &baselines.jetstream {
+            summary_row(&mut out, "jetstream pub -> ack", &js.latency);
+        }
+        if let Some(echo) = &baselines.websocket_echo {
+            summary_row(&mut out, "websocket echo rtt", &echo.latency);
+        }
+    }
+    if !report.processes.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n  {:<14} {:>10} {:>10} {:>10} {:>9} {:>9}",
+            "process", "RSS start", "RSS peak", "RSS end", "CPU mean", "CPU max"
+        );
+        for p in &report.processes {
+            let _ = writeln!(
+                out,
+                "  {:<14} {:>7.1} MiB {:>6.1} MiB {:>6.1} MiB {:>8.0}% {:>8.0}%",
+                p.name,
+                mib(p.rss_start_bytes),
+                mib(p.rss_peak_bytes),
+                mib(p.rss_end_bytes),
+                p.cpu_mean_percent,
+                p.cpu_max_percent
+            );
+        }
+    }
+    if let Some(busiest) = &report.busiest_process {
+        let _ = writeln!(out, "Busiest process: {busiest}");
+    }
+    if let Some(per) = report.gateway_rss_per_connection_bytes {
+        let _ = writeln!(out, "Gateway RSS per connection: {:.1} KiB", per / 1024.0);
+    }
+    if let Some(ramp) = &report.ramp {
+        let _ = writeln!(
+            out,
+            "\n  {:>9} {:>9} {:>12} {:>8} {:>6}  busiest",
+            "target/s", "acked/s", "p99 deliv ms", "errors", "held"
+        );
+        for s in &ramp.steps {
+            let _ = writeln!(
+                out,
+                "  {:>9.0} {:>9.0} {:>12.2} {:>8} {:>6}  {}{}",
+                s.target_per_sec,
+                s.rates.acked_per_sec,
+                s.send_to_delivery.p99_ms,
+                s.errors,
+                if s.held { "yes" } else { "no" },
+                s.busiest_process.as_deref().unwrap_or("-"),
+                s.reason
+                    .as_deref()
+                    .map(|r| format!(" ({r})"))
+                    .unwrap_or_default()
+            );
+        }
+        match ramp.highest_rate_held {
+            Some(rate) => {
+                let _ = writeln!(out, "Highest rate held: {rate:.0} messages/s");
+            }
+            None => {
+                let _ = writeln!(out, "Highest rate held: none (the first step failed)");
+            }
+        }
+    }
+    if let Some(b) = &report.baselines {
+        let _ = writeln!(out);
+        for t in [&b.jetstream, &b.websocket_echo].into_iter().flatten() {
+            let _ = writeln!(out, "Baseline: {} = {:.0}/s", t.what, t.per_sec);
+        }
+    }
+    if let Some(r) = &report.ratios {
+        let show = |v: Option<f64>| v.map_or("n/a".to_owned(), |v| format!("{v:.3}"));
+        let _ = writeln!(
+            out,
+            "Ratios: messages/s = {} x JetStream publish rate; p99 send->delivery = {} x JetStream ack p99; p99 send->ack = {} x WebSocket echo p99",
+            show(r.messages_vs_jetstream_publish),
+            show(r.delivery_p99_vs_jetstream_ack_p99),
+            show(r.ack_p99_vs_websocket_echo_p99)
+        );
+    }
+    if !report.errors.is_empty() {
+        let codes: Vec<String> = report
+            .errors
+            .iter()
+            .map(|(c, n)| format!("{c} {n}"))
+            .collect();
+        let _ = writeln!(out, "Errors: {}", codes.join(", "));
+    }
+    let l = &report.ledger;
+    let _ = writeln!(
+        out,
+        "\nLedger {}: {} acked messages, {} expected deliveries; lost {}, duplicated {}, out of order {}, gaps {}, unacknowledged {}{}",
+        if l.clean() { "CLEAN" } else { "FAILED" },
+        l.acknowledged_messages,
+        l.expected_deliveries,
+        l.lost,
+        l.duplicated,
+        l.out_of_order,
+        l.gaps,
+        l.unacknowledged,
+        if l.excluded_connections > 0 {
+            format!(" ({} closed connections left out)", l.excluded_connections)
+        } else {
+            String::new()
+        }
+    );
+    for example in &l.examples {
+        let _ = writeln!(out, "  {example}");
+    }
+    out
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::baseline::Throughput;
+    use crate::live::ProcessSample;
+
+    pub(crate) fn point(t: f64, acked: u64, cpu: &[(&str, f32, u64)]) -> TimelinePoint {
+        TimelinePoint {
+            t_secs: t,
+            counts: Counters {
+                sent: acked,
+                acked,
+                delivered: 2 * acked,
+                errors: 0,
+            },
+            ack: Summary {
+                count: acked,
+                p99_ms: t,
+                ..Summary::default()
+            },
+            delivery: Summary {
+                count: 2 * acked,
+                p50_ms: t / 2.0,
+                p99_ms: 2.0 * t,
+                ..Summary::default()
+            },
+            processes: cpu
+                .iter()
+                .map(|(name, cpu, rss)| ProcessSample {
+                    name: (*name).to_owned(),
+                    rss_bytes: *rss,
+                    cpu_percent: *cpu,
+                })
+                .collect(),
+        }
+    }
+
+    pub(crate) fn sample_report() -> Report {
+        let timeline: Vec<_> = (1..=6)
+            .map(|t| {
+                point(
+                    t as f64,
+                    100 * t,
+                    &[
+                        ("handler", 90.0, 50 << 20),
+                        ("gateway-0", 40.0, (30 + t) << 20),
+                    ],
+                )
+            })
+            .collect();
+        let processes = process_figures(&timeline);
+        Report {
+            scenario: Scenario::parse(
+                "name = \"t\"\nusers = 2\nduration_secs = 1\n[conversations]\ndirect_pairs = 1\n[rate]\nmessages_per_sec = 1\n",
+                "t",
+            )
+            .unwrap(),
+            environment: Environment {
+                machine: Machine {
+                    host: "h".into(),
+                    os: "Linux".into(),
+                    cores: 2,
+                    memory_bytes: 1 << 30,
+                },
+                platform: "spawned".into(),
+                durability: "nats sync_interval: always (fsync per write)".into(),
+                harness_version: "0".into(),
+                started_at_unix: 0,
+                command: "parley-loadtest run".into(),
+            },
+            connections: ConnectionFigures::default(),
+            sends: SendFigures::default(),
+            measured_secs: 6.0,
+            throughput: rates(&timeline),
+            latency: Latencies::default(),
+            errors: BTreeMap::from([("frame:timeout".to_owned(), 1)]),
+            ledger: LedgerReport::default(),
+            busiest_process: busiest(&processes),
+            processes,
+            gateway_rss_per_connection_bytes: Some(10240.0),
+            ramp: None,
+            baselines: None,
+            ratios: None,
+            marks: Marks::default(),
+            timeline,
+            passed: true,
+        }
+    }
+
+    #[test]
+    fn windows_and_rates_come_from_the_timeline() {
+        let report = sample_report();
+        let w = window(&report.timeline, 2.0, 4.0);
+        assert_eq!(
+            w.iter().map(|p| p.t_secs).collect::<Vec<_>>(),
+            vec![3.0, 4.0]
+        );
+        let r = rates(w);
+        assert_eq!(r.acked_per_sec, 350.0);
+        assert_eq!(r.delivered_per_sec, 700.0);
+        assert_eq!(rates(&[]), Rates::default());
+    }
+
+    #[test]
+    fn process_figures_and_the_busiest_process() {
+        let report = sample_report();
+        let gw = report
+            .processes
+            .iter()
+            .find(|p| p.name == "gateway-0")
+            .unwrap();
+        assert_eq!(gw.rss_start_bytes, 31 << 20);
+        assert_eq!(gw.rss_peak_bytes, 36 << 20);
+        assert_eq!(gw.rss_end_bytes, 36 << 20);
+        assert!((gw.cpu_mean_percent - 40.0).abs() < 1e-6);
+        assert_eq!(
+            report.busiest_process.as_deref(),
+            Some("handler (90 % of a core)")
+        );
+    }
+
+    #[test]
+    fn ratios_divide_by_the_baselines() {
+        let baselines = Baselines {
+            jetstream: Some(Throughput {
+                what: "js".into(),
+                per_sec: 1000.0,
+                latency: Summary {
+                    p99_ms: 2.0,
+                    ..Summary::default()
+                },
+            }),
+            websocket_echo: None,
+        };
+        let latency = Latencies {
+            send_to_ack: Summary {
+                p99_ms: 3.0,
+                ..Summary::default()
+            },
+            send_to_delivery: Summary {
+                p99_ms: 5.0,
+                ..Summary::default()
+            },
+        };
+        let rates = Rates {
+            acked_per_sec: 420.0,
+            ..Rates::default()
+        };
+        let r = ratios(&rates, &latency, &baselines);
+        assert_eq!(r.messages_vs_jetstream_publish, Some(0.42));
+        assert_eq!(r.delivery_p99_vs_jetstream_ack_p99, Some(2.5));
+        assert_eq!(r.ack_p99_vs_websocket_echo_p99, None);
+    }
+
+    #[test]
+    fn the_table_and_the_json_carry_the_figures() {
+        let mut report = sample_report();
+        let table = render_table(&report);
+        assert!(table.contains("Ledger CLEAN"), "{table}");
+        assert!(table.contains("fsync per write"), "{table}");
+        assert!(
+            table.contains("Gateway RSS per connection: 10.0 KiB"),
+            "{table}"
+        );
+        assert!(table.contains("frame:timeout 1"), "{table}");
+        let json = serde_json::to_string(&report).unwrap();
+        let back: Report = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, report);
+        report.ledger.lost = 1;
+        report
+            .ledger
+            .examples
+            .push("connection 3: acknowledged seq 9 never arrived".into());
+        let table = render_table(&report);
+        assert!(
+            table.contains("Ledger FAILED") && table.contains("lost 1"),
+            "{table}"
+        );
+        assert!(table.contains("seq 9 never arrived"), "{table}");
+    }
+}

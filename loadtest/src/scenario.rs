@@ -1,0 +1,512 @@
+//! Scenarios: what load to offer, read from TOML and overridable by flags.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// How the NATS server of a spawned platform makes JetStream writes durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Durability {
+    /// `sync_interval: always`: every write is fsynced before it is acknowledged.
+    Always,
+    /// nats-server's default: fsync every 2 minutes; a machine crash can lose acknowledged
+    /// writes.
+    Lazy,
+}
+
+impl Durability {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Durability::Always => "nats sync_interval: always (fsync per write)",
+            Durability::Lazy => "nats default lazy fsync (every 2 min)",
+        }
+    }
+}
+
+/// One scenario file. Unknown keys are refused so a typo never silently runs the default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// Distinct users; those not needed by `conversations` stay connected and silent.
+    pub users: usize,
+    #[serde(default = "one")]
+    pub connections_per_user: usize,
+    /// Connections opened per second (open loop: each has a scheduled connect time).
+    #[serde(default = "default_connect_rate")]
+    pub connect_rate: f64,
+    /// Measured time, after the warm-up.
+    pub duration_secs: f64,
+    /// Sending before measuring: latencies of sends scheduled in it are not recorded (the
+    /// ledger still checks them).
+    #[serde(default)]
+    pub warmup_secs: f64,
+    /// Body size of every message, in bytes.
+    #[serde(default = "default_message_bytes")]
+    pub message_bytes: usize,
+    /// Applies to `--spawn`; an external platform's durability is its own.
+    #[serde(default = "default_durability")]
+    pub durability: Durability,
+    /// Gateways `--spawn` starts; clients are spread across them.
+    #[serde(default = "one")]
+    pub gateways: usize,
+    /// Measure the baselines in the same run and print ratios.
+    #[serde(default)]
+    pub baselines: bool,
+    #[serde(default)]
+    pub conversations: Conversations,
+    /// A steady open-loop rate. Exactly one of `rate` and `ramp` when there are
+    /// conversations.
+    #[serde(default)]
+    pub rate: Option<Rate>,
+    #[serde(default)]
+    pub ramp: Option<Ramp>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Conversations {
+    /// Direct conversations, each between two users of its own.
+    #[serde(default)]
+    pub direct_pairs: usize,
+    #[serde(default)]
+    pub groups: Vec<GroupSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupSpec {
+    /// Members, owner included.
+    pub size: usize,
+    #[serde(default = "one")]
+    pub count: usize,
+    /// How many of the members send (the first ones); all of them by default.
+    #[serde(default)]
+    pub senders: Option<usize>,
+}
+
+/// Messages per second, across the system or per sending user.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rate {
+    #[serde(default)]
+    pub messages_per_sec: Option<f64>,
+    #[serde(default)]
+    pub per_user_per_sec: Option<f64>,
+}
+
+/// Raise the system-wide rate in steps until a step breaks a threshold.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ramp {
+    pub start_per_sec: f64,
+    pub step_per_sec: f64,
+    pub step_secs: f64,
+    pub max_per_sec: f64,
+    /// A step fails when its p99 send -> delivery exceeds this.
+    pub max_p99_ms: f64,
+    /// ... or when errors exceed this fraction of its sends.
+    #[serde(default)]
+    pub max_error_ratio: f64,
+    /// ... or when fewer than this fraction of the step's scheduled messages are acknowledged
+    /// within it.
+    #[serde(default = "default_min_acked_ratio")]
+    pub min_acked_ratio: f64,
+}
+
+fn one() -> usize {
+    1
+}
+fn default_connect_rate() -> f64 {
+    500.0
+}
+fn default_message_bytes() -> usize {
+    128
+}
+fn default_durability() -> Durability {
+    Durability::Always
+}
+fn default_min_acked_ratio() -> f64 {
+    0.95
+}
+
+/// Flag values that replace the file's.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub users: Option<usize>,
+    pub connect_rate: Option<f64>,
+    pub duration_secs: Option<f64>,
+    pub warmup_secs: Option<f64>,
+    pub rate: Option<f64>,
+    pub message_bytes: Option<usize>,
+    pub durability: Option<Durability>,
+    pub gateways: Option<usize>,
+    pub baselines: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScenarioError {
+    #[error("cannot read scenario {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("scenario {path} is not valid TOML for a scenario: {message}")]
+    Parse { path: String, message: String },
+    #[error("scenario {name:?} is invalid:\n  - {}", problems.join("\n  - "))]
+    Invalid { name: String, problems: Vec<String> },
+}
+
+/// The largest body the platform accepts by default (`limits.max_message_bytes`).
+pub const MAX_MESSAGE_BYTES: usize = 4096;
+/// Room the harness needs in a body for the scheduled send time.
+pub const MIN_MESSAGE_BYTES: usize = 24;
+
+impl Scenario {
+    pub fn load(path: &Path) -> Result<Scenario, ScenarioError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ScenarioError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Scenario::parse(&text, &path.display().to_string())
+    }
+
+    pub fn parse(text: &str, origin: &str) -> Result<Scenario, ScenarioError> {
+        toml::from_str(text).map_err(|e| ScenarioError::Parse {
+            path: origin.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Apply flags, then check everything; every problem is listed at once.
+    pub fn with_overrides(mut self, o: &Overrides) -> Result<Scenario, ScenarioError> {
+        if let Some(v) = o.users {
+            self.users = v;
+        }
+        if let Some(v) = o.connect_rate {
+            self.connect_rate = v;
+        }
+        if let Some(v) = o.duration_secs {
+            self.duration_secs = v;
+        }
+        if let Some(v) = o.warmup_secs {
+            self.warmup_secs = v;
+        }
+        if let Some(v) = o.message_bytes {
+            self.message_bytes = v;
+        }
+        if let Some(v) = o.durability {
+            self.durability = v;
+        }
+        if let Some(v) = o.gateways {
+            self.gateways = v;
+        }
+        if let Some(v) = o.rate {
+            self.rate = Some(Rate {
+                messages_per_sec: Some(v),
+                per_user_per_sec: None,
+            });
+            self.ramp = None;
+        }
+        self.baselines |= o.baselines;
+        self.validate()?;
+        Ok(self)
+    }
+
+    pub fn validate(&self) -> Result<(), ScenarioError> {
+        let mut problems = Vec::new();
+        let mut check = |ok: bool, problem: &str| {
+            if !ok {
+                problems.push(problem.to_owned());
+            }
+        };
+        check(!self.name.trim().is_empty(), "name must not be empty");
+        check(self.users >= 1, "users must be at least 1");
+        check(
+            self.connections_per_user >= 1,
+            "connections_per_user must be at least 1",
+        );
+        check(
+            self.connect_rate.is_finite() && self.connect_rate > 0.0,
+            "connect_rate must be a positive number",
+        );
+        check(
+            self.duration_secs.is_finite() && self.duration_secs > 0.0,
+            "duration_secs must be a positive number",
+        );
+        check(
+            self.warmup_secs.is_finite() && self.warmup_secs >= 0.0,
+            "warmup_secs must be zero or more",
+        );
+        check(
+            (MIN_MESSAGE_BYTES..=MAX_MESSAGE_BYTES).contains(&self.message_bytes),
+            &format!("message_bytes must be between {MIN_MESSAGE_BYTES} and {MAX_MESSAGE_BYTES}"),
+        );
+        check(self.gateways >= 1, "gateways must be at least 1");
+        for (i, g) in self.conversations.groups.iter().enumerate() {
+            check(
+                (2..=10_000).contains(&g.size),
+                &format!("conversations.groups[{i}].size must be between 2 and 10000"),
+            );
+            check(
+                g.count >= 1,
+                &format!("conversations.groups[{i}].count must be at least 1"),
+            );
+            if let Some(s) = g.senders {
+                check(
+                    s >= 1 && s <= g.size,
+                    &format!("conversations.groups[{i}].senders must be between 1 and size"),
+                );
+            }
+        }
+        let needed = self.users_in_conversations();
+        check(
+            needed <= self.users,
+            &format!(
+                "the conversations need {needed} users but users = {}",
+                self.users
+            ),
+        );
+        let talking = self.conversation_count() > 0;
+        match (&self.rate, &self.ramp, talking) {
+            (Some(_), Some(_), _) => check(false, "set either [rate] or [ramp], not both"),
+            (None, None, true) => check(false, "conversations need a [rate] or a [ramp]"),
+            (Some(_), None, false) | (None, Some(_), false) => {
+                check(false, "[rate] and [ramp] need conversations to send in")
+            }
+            _ => {}
+        }
+        if let Some(rate) = &self.rate {
+            match (rate.messages_per_sec, rate.per_user_per_sec) {
+                (Some(r), None) | (None, Some(r)) => check(
+                    r.is_finite() && r > 0.0,
+                    "the rate must be a positive number",
+                ),
+                _ => check(
+                    false,
+                    "[rate] takes exactly one of messages_per_sec and per_user_per_sec",
+                ),
+            }
+        }
+        if let Some(ramp) = &self.ramp {
+            let positive = |v: f64| v.is_finite() && v > 0.0;
+            check(
+                positive(ramp.start_per_sec)
+                    && positive(ramp.step_per_sec)
+                    && positive(ramp.step_secs)
+                    && positive(ramp.max_p99_ms),
+                "ramp.start_per_sec, step_per_sec, step_secs and max_p99_ms must be positive",
+            );
+            check(
+                ramp.max_per_sec >= ramp.start_per_sec,
+                "ramp.max_per_sec must be at least start_per_sec",
+            );
+            check(
+                (0.0..=1.0).contains(&ramp.max_error_ratio)
+                    && (0.0..=1.0).contains(&ramp.min_acked_ratio),
+                "ramp.max_error_ratio and min_acked_ratio must be between 0 and 1",
+            );
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ScenarioError::Invalid {
+                name: self.name.clone(),
+                problems,
+            })
+        }
+    }
+
+    pub fn users_in_conversations(&self) -> usize {
+        2 * self.conversations.direct_pairs
+            + self
+                .conversations
+                .groups
+                .iter()
+                .map(|g| g.size * g.count)
+                .sum::<usize>()
+    }
+
+    pub fn conversation_count(&self) -> usize {
+        self.conversations.direct_pairs
+            + self
+                .conversations
+                .groups
+                .iter()
+                .map(|g| g.count)
+                .sum::<usize>()
+    }
+
+    pub fn connections(&self) -> usize {
+        self.users * self.connections_per_user
+    }
+
+    pub fn warmup(&self) -> Duration {
+        Duration::from_secs_f64(self.warmup_secs)
+    }
+
+    /// How long senders run: warm-up plus the measured time, or every ramp step.
+    pub fn sending_time(&self) -> Duration {
+        match &self.ramp {
+            Some(ramp) => Duration::from_secs_f64(ramp.step_secs * ramp.steps().len() as f64),
+            None => Duration::from_secs_f64(self.warmup_secs + self.duration_secs),
+        }
+    }
+}
+
+impl Ramp {
+    /// The system-wide rate of each step.
+    pub fn steps(&self) -> Vec<f64> {
+        let mut steps = Vec::new();
+        let mut rate = self.start_per_sec;
+        while rate <= self.max_per_sec + 1e-9 && steps.len() < 1000 {
+            steps.push(rate);
+            rate += self.step_per_sec;
+        }
+        steps
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DM: &str = r#"
+        name = "dm"
+        users = 100
+        duration_secs = 10
+        [conversations]
+        direct_pairs = 50
+        [rate]
+        messages_per_sec = 200
+    "#;
+
+    fn problems(text: &str) -> Vec<String> {
+        match Scenario::parse(text, "test").unwrap().validate() {
+            Err(ScenarioError::Invalid { problems, .. }) => problems,
+            other => panic!("expected problems, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_valid_scenario_gets_its_defaults() {
+        let s = Scenario::parse(DM, "test").unwrap();
+        s.validate().unwrap();
+        assert_eq!(s.connections_per_user, 1);
+        assert_eq!(s.message_bytes, 128);
+        assert_eq!(s.durability, Durability::Always);
+        assert_eq!(s.users_in_conversations(), 100);
+        assert_eq!(s.sending_time(), Duration::from_secs(10));
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_are_refused() {
+        let typo = DM.replace("duration_secs", "durration_secs");
+        let err = Scenario::parse(&typo, "typo.toml").unwrap_err().to_string();
+        assert!(
+            err.contains("typo.toml") && err.contains("durration_secs"),
+            "{err}"
+        );
+        let wrong = DM.replace("users = 100", "users = \"many\"");
+        assert!(matches!(
+            Scenario::parse(&wrong, "t"),
+            Err(ScenarioError::Parse { .. })
+        ));
+        let durability = format!("durability = \"sometimes\"\n{DM}");
+        assert!(Scenario::parse(&durability, "t").is_err());
+    }
+
+    #[test]
+    fn every_problem_is_listed() {
+        let text = DM
+            .replace("users = 100", "users = 10")
+            .replace("duration_secs = 10", "duration_secs = 0")
+            + "message_bytes = 5\n";
+        // `message_bytes` after a table would belong to it: put it first instead.
+        let text = format!(
+            "message_bytes = 5\n{}",
+            text.replace("message_bytes = 5\n", "")
+        );
+        let p = problems(&text);
+        assert!(p.iter().any(|p| p.contains("duration_secs")), "{p:?}");
+        assert!(p.iter().any(|p| p.contains("message_bytes")), "{p:?}");
+        assert!(p.iter().any(|p| p.contains("need 100 users")), "{p:?}");
+    }
+
+    #[test]
+    fn rate_and_ramp_are_exclusive_and_needed() {
+        let both = format!(
+            "{DM}\n[ramp]\nstart_per_sec = 1\nstep_per_sec = 1\nstep_secs = 1\nmax_per_sec = 2\nmax_p99_ms = 1\n"
+        );
+        assert!(problems(&both).iter().any(|p| p.contains("not both")));
+        let neither = DM.replace("[rate]\n        messages_per_sec = 200", "");
+        assert!(
+            problems(&neither)
+                .iter()
+                .any(|p| p.contains("need a [rate]"))
+        );
+        let two = DM.replace(
+            "messages_per_sec = 200",
+            "messages_per_sec = 2\nper_user_per_sec = 1",
+        );
+        assert!(problems(&two).iter().any(|p| p.contains("exactly one")));
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let s = Scenario::parse(DM, "t")
+            .unwrap()
+            .with_overrides(&Overrides {
+                duration_secs: Some(3.0),
+                rate: Some(50.0),
+                durability: Some(Durability::Lazy),
+                ..Overrides::default()
+            })
+            .unwrap();
+        assert_eq!(s.duration_secs, 3.0);
+        assert_eq!(s.rate.unwrap().messages_per_sec, Some(50.0));
+        assert_eq!(s.durability, Durability::Lazy);
+        let bad = Scenario::parse(DM, "t")
+            .unwrap()
+            .with_overrides(&Overrides {
+                users: Some(0),
+                ..Overrides::default()
+            });
+        assert!(matches!(bad, Err(ScenarioError::Invalid { .. })));
+    }
+
+    #[test]
+    fn ramp_steps_stop_at_the_maximum() {
+        let ramp = Ramp {
+            start_per_sec: 100.0,
+            step_per_sec: 50.0,
+            step_secs: 5.0,
+            max_per_sec: 260.0,
+            max_p99_ms: 100.0,
+            max_error_ratio: 0.0,
+            min_acked_ratio: 0.95,
+        };
+        assert_eq!(ramp.steps(), vec![100.0, 150.0, 200.0, 250.0]);
+    }
+
+    #[test]
+    fn shipped_scenarios_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            Scenario::load(&path)
+                .and_then(|s| s.validate())
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            seen += 1;
+        }
+        assert!(
+            seen >= 4,
+            "expected the four shipped scenarios, found {seen}"
+        );
+    }
+}

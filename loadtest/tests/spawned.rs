@@ -1,0 +1,75 @@
+//! A short run against a platform the harness starts itself: real nats-server, redis-server
+//! and `parley` role processes. Asserts a clean ledger, never a latency.
+
+use parley_loadtest::platform::locate_parley;
+use parley_loadtest::run::{self, RunOptions, Target};
+use parley_loadtest::{Overrides, Scenario};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_run_has_a_clean_ledger() {
+    // `cargo test --workspace` builds the `parley` binary next to the test binaries.
+    let parley = locate_parley(&std::env::current_exe().unwrap()).unwrap_or_else(|e| {
+        panic!("{e}; `cargo test --workspace` builds it, or run `cargo build -p parley-services --bin parley` first")
+    });
+    let scenario = Scenario::parse(
+        r#"
+        name = "e2e"
+        users = 40
+        connections_per_user = 1
+        connect_rate = 400
+        duration_secs = 3
+        message_bytes = 64
+        durability = "lazy"
+        gateways = 2
+        [conversations]
+        direct_pairs = 12
+        groups = [{ size = 8, count = 2, senders = 3 }]
+        [rate]
+        messages_per_sec = 150
+        "#,
+        "e2e",
+    )
+    .unwrap()
+    .with_overrides(&Overrides::default())
+    .unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let outcome = run::run(RunOptions {
+        scenario,
+        target: Target::Spawn {
+            parley: Some(parley),
+        },
+        out_dir: out.path().to_owned(),
+        progress: false,
+        command: "test".into(),
+    })
+    .await
+    .unwrap();
+    let report = &outcome.report;
+    assert!(report.passed, "ledger: {:?}", report.ledger);
+    assert_eq!(report.connections.connected, 40);
+    assert!(report.errors.is_empty(), "errors: {:?}", report.errors);
+    // 12 pairs with 2 senders each and 2 groups with 3: 30 slots sharing 150/s for 3 s.
+    assert_eq!(report.sends.scheduled, 450);
+    assert_eq!(report.sends.sent, 450);
+    assert_eq!(report.ledger.acknowledged_messages, 450);
+    // Every message reaches every member: pairs twice, groups of 8 eight times.
+    let expected = 450 / 30 * (24 * 2 + 6 * 8);
+    assert_eq!(report.ledger.expected_deliveries, expected as u64);
+    assert!(report.environment.durability.contains("lazy"));
+    for name in [
+        "gateway-0",
+        "gateway-1",
+        "handler",
+        "projector",
+        "nats-server",
+        "harness",
+    ] {
+        assert!(
+            report.processes.iter().any(|p| p.name == name),
+            "no figures for {name}: {:?}",
+            report.processes
+        );
+    }
+    assert!(outcome.dir.join("report.json").is_file());
+    assert!(outcome.dir.join("report.svg").is_file());
+}
