@@ -15,6 +15,7 @@ use parley_events::protocol::{ClientFrame, HttpError, ServerFrame};
 use parley_events::{ClientMsgId, ConversationId, Event, UserId};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
@@ -125,7 +126,10 @@ pub async fn run(
 }
 
 async fn connect(url: &str) -> Result<Socket, String> {
-    match tokio_tungstenite::connect_async(url).await {
+    // A 4 KiB read buffer instead of tungstenite's 128 KiB: messages are small, and ten
+    // thousand idle clients must not cost the harness over a gigabyte.
+    let config = WebSocketConfig::default().read_buffer_size(4096);
+    match tokio_tungstenite::connect_async_with_config(url, Some(config), true).await {
         Ok((socket, _)) => Ok(socket),
         Err(tungstenite::Error::Http(response)) => {
             let code = response

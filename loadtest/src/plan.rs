@@ -160,11 +160,15 @@ impl Plan {
             .collect()
     }
 
-    /// Messages the schedule offers in total.
-    pub fn scheduled_messages(&self) -> usize {
+    /// Messages the schedule offers in its first `until` (a ramp stops early).
+    pub fn scheduled_messages(&self, until: Duration) -> usize {
         self.slots
             .iter()
-            .map(|slot| schedule::slot_times(slot.share, &self.phases).count())
+            .map(|slot| {
+                schedule::slot_times(slot.share, &self.phases)
+                    .take_while(|t| *t < until)
+                    .count()
+            })
             .sum()
     }
 
@@ -220,7 +224,8 @@ mod tests {
         assert_eq!(plan.conversations[2].senders, vec![4, 5]);
         // Both users of each pair and two group members send: 6 slots sharing 60/s.
         assert_eq!(plan.slots.len(), 6);
-        assert_eq!(plan.scheduled_messages(), 120);
+        assert_eq!(plan.scheduled_messages(Duration::MAX), 120);
+        assert_eq!(plan.scheduled_messages(Duration::from_secs(1)), 60);
         // Users 9..12 are idle; members' connections come in pairs.
         assert_eq!(plan.member_connections(2)[0], vec![0, 1, 2, 3]);
     }
@@ -240,6 +245,6 @@ mod tests {
         );
         let plan = Plan::build(&s, "t", 1);
         assert_eq!(plan.phases[0].rate, 2.0);
-        assert_eq!(plan.scheduled_messages(), 20);
+        assert_eq!(plan.scheduled_messages(Duration::MAX), 20);
     }
 }

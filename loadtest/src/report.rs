@@ -106,6 +106,7 @@ pub struct RampFigures {
 pub struct StepFigures {
     pub target_per_sec: f64,
     pub rates: Rates,
+    pub send_to_ack: Summary,
     pub send_to_delivery: Summary,
     pub errors: u64,
     pub held: bool,
@@ -114,7 +115,8 @@ pub struct StepFigures {
     pub busiest_process: Option<String>,
 }
 
-/// Result over baseline, measured in the same run.
+/// Result over baseline, measured in the same run. For a ramp, the result is the highest
+/// step held.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Ratios {
     /// End-to-end acknowledged (and delivered) messages/s over raw JetStream publishes/s.
@@ -332,9 +334,13 @@ pub fn render_table(report: &Report) -> String {
     }
     if let Some(r) = &report.ratios {
         let show = |v: Option<f64>| v.map_or("n/a".to_owned(), |v| format!("{v:.3}"));
+        let at = match report.ramp.as_ref().and_then(|r| r.highest_rate_held) {
+            Some(rate) => format!(" (at the highest rate held, {rate:.0}/s)"),
+            None => String::new(),
+        };
         let _ = writeln!(
             out,
-            "Ratios: messages/s = {} x JetStream publish rate; p99 send->delivery = {} x JetStream ack p99; p99 send->ack = {} x WebSocket echo p99",
+            "Ratios{at}: messages/s = {} x JetStream publish rate; p99 send->delivery = {} x JetStream ack p99; p99 send->ack = {} x WebSocket echo p99",
             show(r.messages_vs_jetstream_publish),
             show(r.delivery_p99_vs_jetstream_ack_p99),
             show(r.ack_p99_vs_websocket_echo_p99)

@@ -17,7 +17,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::baseline::{self, Baselines};
 use crate::client::{self, ConnOutcome, Control, Create, SendSlot};
-use crate::latency::Latency;
 use crate::ledger::{self, ConvIndex, Delivery, LedgerInput};
 use crate::live::{Live, TimelinePoint, Window};
 use crate::plan::{ConvKind, Plan};
@@ -314,9 +313,18 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
         send_to_ack: window.ack.summary(),
         send_to_delivery: window.delivery.summary(),
     };
-    let ratios = baselines
-        .as_ref()
-        .map(|b| report::ratios(&throughput, &latency, b));
+    let held_step = ramp.as_ref().and_then(|r| r.steps.iter().rfind(|s| s.held));
+    let ratios = baselines.as_ref().map(|b| match held_step {
+        Some(step) => report::ratios(
+            &step.rates,
+            &report::Latencies {
+                send_to_ack: step.send_to_ack,
+                send_to_delivery: step.send_to_delivery,
+            },
+            b,
+        ),
+        None => report::ratios(&throughput, &latency, b),
+    });
     let sent: u64 = outcomes.iter().map(|o| o.sent).sum();
     let report = Report {
         environment: report::Environment {
@@ -333,7 +341,10 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
             connect: live.connect_latency().summary(),
         },
         sends: report::SendFigures {
-            scheduled: plan.scheduled_messages(),
+            scheduled: plan.scheduled_messages(
+                Duration::from_secs_f64(marks.sending_end_secs - marks.sending_start_secs)
+                    + Duration::from_millis(1),
+            ),
             sent,
             acked: outcomes.iter().map(|o| o.acks.len() as u64).sum(),
             send_errors: live.send_errors.load(Ordering::Relaxed),
@@ -487,16 +498,17 @@ async fn run_ramp(
         tokio::time::sleep_until((end + Duration::from_millis(1100)).into()).await;
         // The step's first second is its transition from the previous rate.
         let (from, to) = (secs_since(live, start) + 1.0, secs_since(live, end) + 1.0);
-        let (points, delivery) = {
+        let (points, latency) = {
             let r = recorded.lock().unwrap();
             let points = report::window(&r.timeline, from, to).to_vec();
             let first = r.timeline.partition_point(|p| p.t_secs <= from);
-            let mut delivery = Latency::default();
+            let mut latency = Window::default();
             for w in &r.windows[first..first + points.len()] {
-                delivery.merge(&w.delivery);
+                latency.merge(w);
             }
-            (points, delivery)
+            (points, latency)
         };
+        let delivery = latency.delivery;
         let rates = report::rates(&points);
         let errors: u64 = points.iter().map(|p| p.counts.errors).sum();
         let sent: u64 = points.iter().map(|p| p.counts.sent).sum();
@@ -518,6 +530,7 @@ async fn run_ramp(
         figures.steps.push(report::StepFigures {
             target_per_sec: target,
             rates,
+            send_to_ack: latency.ack.summary(),
             send_to_delivery: delivery.summary(),
             errors,
             held,
