@@ -121,7 +121,13 @@ pub async fn run(
     }
     let writer = tokio::spawn(write(Arc::clone(&live), sink, control, finish.clone()));
     let mut outcome = read(&live, stream, created, finish).await;
-    outcome.sent = writer.await.unwrap_or(0);
+    match writer.await {
+        Ok(sent) => outcome.sent = sent,
+        Err(_) => {
+            live.record_error("harness:writer_task_panicked");
+            outcome.closed = true;
+        }
+    }
     outcome
 }
 

@@ -28,8 +28,6 @@ pub use scenario::{Durability, Overrides, Scenario, ScenarioError};
 pub enum LoadtestError {
     #[error(transparent)]
     Scenario(#[from] ScenarioError),
-    #[error("invalid options: {0}")]
-    Options(String),
     #[error(
         "the `parley` binary was not found (looked for {}); build it first: \
          `cargo build --release -p parley-services --bin parley` (or without --release for a \

@@ -75,9 +75,10 @@ struct Recorded {
 
 pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
     let scenario = options.scenario.clone();
+    let started_at_unix = unix_secs();
     let dir = options
         .out_dir
-        .join(format!("{}-{}", scenario.name, unix_secs()));
+        .join(format!("{}-{started_at_unix}", scenario.name));
     std::fs::create_dir_all(&dir)
         .map_err(LoadtestError::io(format!("creating {}", dir.display())))?;
     raise_file_limit(scenario.connections())?;
@@ -277,7 +278,14 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
     drop(controls);
     let mut outcomes = Vec::with_capacity(tasks.len());
     for task in tasks {
-        outcomes.push(task.await.unwrap_or_default());
+        outcomes.push(task.await.unwrap_or_else(|_| {
+            // Its sends and deliveries are unknown: leave it out of the ledger, loudly.
+            live.record_error("harness:connection_task_panicked");
+            ConnOutcome {
+                closed: true,
+                ..ConnOutcome::default()
+            }
+        }));
     }
     sampler.abort();
     progress.finish();
@@ -332,7 +340,7 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
             platform: platform_text,
             durability,
             harness_version: env!("CARGO_PKG_VERSION").to_owned(),
-            started_at_unix: unix_secs(),
+            started_at_unix,
             command: options.command.clone(),
         },
         connections: report::ConnectionFigures {
