@@ -628,8 +628,8 @@ fn write_outputs(dir: &Path, report: &Report) -> Result<(), LoadtestError> {
     chart::draw(
         &dir.join("report.svg"),
         &format!(
-            "{}: {} ({})",
-            report.scenario.name, report.environment.platform, report.environment.durability
+            "{}, {}",
+            report.scenario.name, report.environment.durability
         ),
         &report.timeline,
     )
