@@ -133,15 +133,10 @@ struct CqlTarget {
     _node: Option<CassandraNode>,
 }
 
-fn cql_required() -> bool {
-    std::env::var_os("CI").is_some_and(|v| !v.is_empty())
-        || std::env::var_os("PARLEY_REQUIRE_CQL").is_some_and(|v| !v.is_empty())
-}
-
 /// The process-wide CQL target, started on first use. The node is never dropped (it lives
 /// in a static); its launcher kills it and deletes its data when this process ends.
-fn cql_target() -> Result<&'static CqlTarget, String> {
-    static TARGET: OnceLock<Result<CqlTarget, String>> = OnceLock::new();
+fn cql_target() -> Result<&'static CqlTarget, &'static str> {
+    static TARGET: OnceLock<Result<CqlTarget, &'static str>> = OnceLock::new();
     TARGET
         .get_or_init(|| {
             if let Ok(points) = std::env::var("PARLEY_TEST_SCYLLA") {
@@ -152,14 +147,8 @@ fn cql_target() -> Result<&'static CqlTarget, String> {
                     _node: None,
                 });
             }
-            let started = std::time::Instant::now();
-            let node = CassandraNode::start().map_err(|e| e.to_string())?;
-            eprintln!(
-                "started Cassandra {} at {} in {:.1} s",
-                node.version(),
-                node.contact_point(),
-                started.elapsed().as_secs_f64()
-            );
+            let node = CassandraNode::start_or_skip("the CQL conformance suite")
+                .ok_or("no local Cassandra node")?;
             Ok(CqlTarget {
                 contact_points: vec![node.contact_point()],
                 datacenter: node.datacenter().to_owned(),
@@ -167,7 +156,7 @@ fn cql_target() -> Result<&'static CqlTarget, String> {
             })
         })
         .as_ref()
-        .map_err(Clone::clone)
+        .map_err(|e| *e)
 }
 
 /// Stores of one test: `open(name)` opens (or reopens) the store called `name`.
@@ -196,11 +185,8 @@ impl Backend {
                     TESTS.fetch_add(1, Ordering::Relaxed)
                 ),
             }),
-            Err(e) if cql_required() => {
-                panic!("the CQL conformance suite must run here (CI / PARLEY_REQUIRE_CQL): {e}")
-            }
             Err(e) => {
-                eprintln!("skipped: CQL store test, no CQL server: {e}");
+                eprintln!("skipped: CQL store test ({e})");
                 None
             }
         }

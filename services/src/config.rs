@@ -269,17 +269,130 @@ impl Default for ProjectorConfig {
     }
 }
 
+/// The conversation store. One struct rather than an enum per kind, so that a file or the
+/// environment can switch `kind` over the defaults without tripping over the other kind's
+/// keys.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum StoreConfig {
-    /// The embedded store: one SQLite file.
-    Sqlite { path: PathBuf },
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    pub kind: StoreKind,
+    /// The embedded store's file (`kind = "sqlite"`).
+    pub path: PathBuf,
+    /// The CQL cluster (`kind = "scylla"`).
+    pub scylla: ScyllaConfig,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        StoreConfig::Sqlite {
+        StoreConfig {
+            kind: StoreKind::Sqlite,
             path: PathBuf::from(".parley/data/conversations.db"),
+            scylla: ScyllaConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreKind {
+    /// The embedded store: one SQLite file.
+    Sqlite,
+    /// ScyllaDB (or another CQL server).
+    Scylla,
+}
+
+impl StoreKind {
+    /// A bounded label for metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreKind::Sqlite => "sqlite",
+            StoreKind::Scylla => "scylla",
+        }
+    }
+}
+
+/// Where the ScyllaDB store lives and how it is written. See `docs/storage.md`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScyllaConfig {
+    /// `host:port` of some nodes; the driver discovers the others.
+    pub contact_points: Vec<String>,
+    pub keyspace: String,
+    /// The datacenter this process runs in: its replicas are tried first and `local_*`
+    /// consistencies count there. Unset: no preference (single-datacenter clusters).
+    pub local_datacenter: Option<String>,
+    /// Replicas per datacenter (`NetworkTopologyStrategy`), used when Parley creates the
+    /// keyspace; an existing keyspace is left as it is.
+    pub replication: std::collections::BTreeMap<String, u32>,
+    /// ScyllaDB only: create the keyspace with tablets on or off. Unset: the cluster default.
+    pub tablets: Option<bool>,
+    pub consistency: ConsistencyLevel,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    /// Client-side timeout of one request (retries of idempotent statements included).
+    pub request_timeout_secs: u64,
+    /// Statements of one projector batch in flight at once.
+    pub max_in_flight: usize,
+}
+
+impl Default for ScyllaConfig {
+    fn default() -> Self {
+        ScyllaConfig {
+            contact_points: Vec::new(),
+            keyspace: "parley".into(),
+            local_datacenter: None,
+            replication: std::collections::BTreeMap::new(),
+            tablets: None,
+            consistency: ConsistencyLevel::LocalQuorum,
+            username: None,
+            password: None,
+            request_timeout_secs: 5,
+            max_in_flight: 128,
+        }
+    }
+}
+
+impl ScyllaConfig {
+    /// The store's options; the history bucket size is not configurable (it is fixed once
+    /// history is written).
+    pub fn options(&self) -> parley_projections::CqlOptions {
+        let mut options =
+            parley_projections::CqlOptions::new(self.contact_points.clone(), &self.keyspace);
+        options.local_datacenter = self.local_datacenter.clone();
+        options.replication = self.replication.clone();
+        options.tablets = self.tablets;
+        options.consistency = self.consistency.cql();
+        options.username = self.username.clone();
+        options.password = self.password.as_ref().map(|p| p.expose().to_owned());
+        options.request_timeout = Duration::from_secs(self.request_timeout_secs);
+        options.max_in_flight = self.max_in_flight;
+        options
+    }
+}
+
+/// CQL consistency levels Parley accepts for its reads and writes. No `any` (a write
+/// acknowledged by a hint only) and no serial levels (no lightweight transactions).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ConsistencyLevel {
+    One,
+    LocalOne,
+    Quorum,
+    LocalQuorum,
+    EachQuorum,
+    All,
+}
+
+impl ConsistencyLevel {
+    fn cql(self) -> parley_projections::Consistency {
+        use parley_projections::Consistency;
+        match self {
+            ConsistencyLevel::One => Consistency::One,
+            ConsistencyLevel::LocalOne => Consistency::LocalOne,
+            ConsistencyLevel::Quorum => Consistency::Quorum,
+            ConsistencyLevel::LocalQuorum => Consistency::LocalQuorum,
+            ConsistencyLevel::EachQuorum => Consistency::EachQuorum,
+            ConsistencyLevel::All => Consistency::All,
         }
     }
 }
@@ -479,6 +592,25 @@ impl Config {
             (1..=10_000).contains(&self.projector.batch),
             "projector.batch must be between 1 and 10000",
         );
+        if self.projector.store.kind == StoreKind::Scylla {
+            let scylla = &self.projector.store.scylla;
+            require(
+                !scylla.contact_points.is_empty(),
+                "projector.store.scylla.contact_points must name at least one host:port when projector.store.kind is scylla",
+            );
+            require(
+                scylla.request_timeout_secs >= 1,
+                "projector.store.scylla.request_timeout_secs must be at least 1",
+            );
+            require(
+                (1..=4096).contains(&scylla.max_in_flight),
+                "projector.store.scylla.max_in_flight must be between 1 and 4096",
+            );
+            require(
+                scylla.password.is_none() || scylla.username.is_some(),
+                "projector.store.scylla.password needs projector.store.scylla.username",
+            );
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -498,6 +630,9 @@ impl Config {
         Duration::from_secs(self.gateway.command_timeout_secs)
     }
 }
+
+/// Keys whose environment values are taken as written, never parsed as TOML scalars.
+const VERBATIM_KEYS: [&str; 3] = ["secret", "password", "url"];
 
 /// Turn `PARLEY_SECTION__KEY=value` pairs into a nested dictionary. Values are parsed like
 /// TOML scalars (numbers, booleans, arrays); anything else is a string.
@@ -519,12 +654,17 @@ fn env_dict(env: impl IntoIterator<Item = (String, String)>) -> Result<Dict, Con
             continue;
         }
         let parts: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
+        // Secrets and URLs must stay strings even when they look like numbers (a password
+        // `0123` parsed as a number would lose its zero).
+        let verbatim = parts
+            .last()
+            .is_some_and(|key| VERBATIM_KEYS.contains(&key.as_str()));
         let parsed = value
             .parse::<Value>()
             .unwrap_or_else(|_| Value::from(value.clone()));
-        // Secrets and URLs must stay strings even when they look like numbers.
         let leaf = match parsed {
             Value::Dict(..) => Value::from(value),
+            _ if verbatim => Value::from(value),
             other => other,
         };
         insert_path(&mut root, &parts, leaf);
@@ -615,10 +755,12 @@ mod tests {
     fn secrets_never_show_in_debug_output() {
         let mut config = Config::default();
         config.auth.secret = Some(Secret::new("super-secret-value-that-is-long-enough"));
-        config.redis.url = Some(Secret::new("redis://:password@host"));
+        config.redis.url = Some(Secret::new("redis://:hunter2@host"));
+        config.projector.store.scylla.password = Some(Secret::new("correct-horse"));
         let shown = format!("{config:?}");
         assert!(!shown.contains("super-secret"));
-        assert!(!shown.contains("password"));
+        assert!(!shown.contains("hunter2"));
+        assert!(!shown.contains("correct-horse"));
     }
 
     #[test]
@@ -640,6 +782,9 @@ mod tests {
         assert!(err.to_string().contains("listen"), "{err}");
         let err = Config::from_toml("[projector.store]\nkind = \"oracle\"\n").unwrap_err();
         assert!(err.to_string().contains("oracle"), "{err}");
+        let err =
+            Config::from_toml("[projector.store.scylla]\nconsistency = \"any\"\n").unwrap_err();
+        assert!(err.to_string().contains("any"), "{err}");
     }
 
     #[test]
@@ -657,6 +802,45 @@ mod tests {
         ] {
             assert!(text.contains(expected), "missing {expected:?} in {text}");
         }
+    }
+
+    #[test]
+    fn the_scylla_store_is_chosen_from_the_environment_with_its_credentials() {
+        let config = Config::load(
+            None,
+            env(&[
+                ("PARLEY_PROJECTOR__STORE__KIND", "scylla"),
+                (
+                    "PARLEY_PROJECTOR__STORE__SCYLLA__CONTACT_POINTS",
+                    "[\"10.0.0.1:9042\", \"10.0.0.2:9042\"]",
+                ),
+                ("PARLEY_PROJECTOR__STORE__SCYLLA__LOCAL_DATACENTER", "eu1"),
+                ("PARLEY_PROJECTOR__STORE__SCYLLA__REPLICATION__EU1", "3"),
+                ("PARLEY_PROJECTOR__STORE__SCYLLA__CONSISTENCY", "local_one"),
+                ("PARLEY_PROJECTOR__STORE__SCYLLA__USERNAME", "parley"),
+                ("PARLEY_PROJECTOR__STORE__SCYLLA__PASSWORD", "012345"),
+            ]),
+        )
+        .unwrap();
+        let scylla = &config.projector.store.scylla;
+        assert_eq!(config.projector.store.kind, StoreKind::Scylla);
+        assert_eq!(scylla.contact_points, ["10.0.0.1:9042", "10.0.0.2:9042"]);
+        assert_eq!(scylla.replication.get("eu1"), Some(&3));
+        assert_eq!(scylla.consistency, ConsistencyLevel::LocalOne);
+        let options = scylla.options();
+        assert_eq!(
+            options.password.as_deref(),
+            Some("012345"),
+            "taken verbatim"
+        );
+        assert_eq!(options.local_datacenter.as_deref(), Some("eu1"));
+        assert!(
+            !format!("{config:?}").contains("12345"),
+            "the password is never shown"
+        );
+        let err =
+            Config::load(None, env(&[("PARLEY_PROJECTOR__STORE__KIND", "scylla")])).unwrap_err();
+        assert!(err.to_string().contains("contact_points"), "{err}");
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use parley_events::UserId;
-use parley_services::config::{Config, ENV_CONFIG_FILE, StoreConfig};
+use parley_services::config::{Config, ENV_CONFIG_FILE, StoreKind};
 use parley_services::local::{LocalPlatform, dev_secret};
 use parley_services::node::{self, Listeners, Roles};
 use parley_services::{auth, telemetry, unix_millis};
@@ -164,13 +164,22 @@ fn print_banner(local: &LocalPlatform, listeners: &Listeners) -> anyhow::Result<
         Some(server) => format!("{} (local redis-server {})", server.url(), server.version()),
         None => "configured".to_owned(),
     };
-    let StoreConfig::Sqlite { path } = &config.projector.store;
+    let store = &config.projector.store;
+    let store = match store.kind {
+        StoreKind::Sqlite => format!("{} (embedded SQLite)", store.path.display()),
+        StoreKind::Scylla => format!(
+            "ScyllaDB keyspace {} at {} ({:?})",
+            store.scylla.keyspace,
+            store.scylla.contact_points.join(", "),
+            store.scylla.consistency
+        ),
+    };
     println!("Parley is up.");
     println!("  WebSocket   ws://{gateway}/ws?access_token=<token>");
     println!("  Admin       http://{admin}/healthz  /readyz  /metrics");
     println!("  NATS        {nats}");
     println!("  Redis       {redis}");
-    println!("  Store       {} (embedded SQLite)", path.display());
+    println!("  Store       {store}");
     if let Some(file) = &local.secret_file {
         println!(
             "  Dev secret  {} (more tokens: parley token <user>)",

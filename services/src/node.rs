@@ -5,20 +5,23 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use parley_projections::{ConversationStore, SqliteStore};
+use parley_projections::{ConversationStore, CqlStore, SqliteStore, StoreErrorKind};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::admin::{self, Readiness};
-use crate::config::{Config, StoreConfig};
+use crate::config::{Config, StoreKind};
 use crate::gateway::Gateway;
 use crate::handler::Handler;
 use crate::projector::{self, Projector};
 use crate::{telemetry, topology};
 
 const NATS_READY_CHECK: &str = "nats";
+pub(crate) const STORE_READY_CHECK: &str = "store";
+/// How often a running node asks its conversation store whether it answers.
+const STORE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 const SUBSCRIPTION_CAPACITY: usize = 4096;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -140,12 +143,13 @@ pub async fn connect_nats(
     Ok(client)
 }
 
-/// Open the configured conversation store (on the blocking pool: opening may wait for
-/// another process's set-up of the same file).
+/// Open the configured conversation store once. SQLite opens on the blocking pool: opening
+/// may wait for another process's set-up of the same file.
 pub async fn open_store(config: &Config) -> Result<Arc<dyn ConversationStore>, NodeError> {
-    match &config.projector.store {
-        StoreConfig::Sqlite { path } => {
-            let path = path.clone();
+    let store = &config.projector.store;
+    match store.kind {
+        StoreKind::Sqlite => {
+            let path = store.path.clone();
             let store = tokio::task::spawn_blocking(move || SqliteStore::open(&path))
                 .await
                 .map_err(|e| NodeError::RoleFailed {
@@ -153,6 +157,63 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn ConversationStore>, N
                     cause: e.to_string(),
                 })??;
             Ok(Arc::new(store))
+        }
+        StoreKind::Scylla => Ok(Arc::new(CqlStore::open(&store.scylla.options()).await?)),
+    }
+}
+
+/// Open the store, waiting with backoff while it cannot be reached (the node is not ready
+/// meanwhile, and says why). A store that answers but is not Parley's, or is newer than
+/// this build, stops the node at once: waiting cannot fix it. `None` on shutdown.
+async fn open_store_patiently(
+    config: &Config,
+    readiness: &Readiness,
+    shutdown: &CancellationToken,
+) -> Result<Option<Arc<dyn ConversationStore>>, NodeError> {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match open_store(config).await {
+            Ok(store) => {
+                readiness.set(STORE_READY_CHECK, Ok(()));
+                return Ok(Some(store));
+            }
+            Err(NodeError::Store(e)) if e.kind == StoreErrorKind::Unavailable => {
+                warn!(error = %e, retry_in = ?backoff, "cannot reach the conversation store; not ready, retrying");
+                metrics::counter!(telemetry::STORE_ERRORS_TOTAL, "kind" => e.kind.as_str())
+                    .increment(1);
+                readiness.set(STORE_READY_CHECK, Err(e.to_string()));
+            }
+            Err(e) => {
+                error!(error = %e, "cannot use the conversation store");
+                return Err(e);
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(None),
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(projector::MAX_BACKOFF);
+    }
+}
+
+/// Keep the store's readiness check current while the node runs.
+async fn watch_store(
+    store: Arc<dyn ConversationStore>,
+    readiness: Readiness,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(STORE_CHECK_INTERVAL) => {}
+        }
+        match store.check().await {
+            Ok(()) => readiness.set(STORE_READY_CHECK, Ok(())),
+            Err(e) => {
+                metrics::counter!(telemetry::STORE_ERRORS_TOTAL, "kind" => e.kind.as_str())
+                    .increment(1);
+                readiness.set(STORE_READY_CHECK, Err(e.to_string()));
+            }
         }
     }
 }
@@ -181,6 +242,9 @@ pub async fn run(
         readiness.set(projector::READY_CHECK, starting());
         readiness.set(projector::PRESENCE_READY_CHECK, starting());
     }
+    if roles.projector || roles.gateway {
+        readiness.set(STORE_READY_CHECK, starting());
+    }
     let mut tasks: JoinSet<(&'static str, Result<(), String>)> = JoinSet::new();
     if let Some(admin) = listeners.admin {
         let app = admin::router(readiness.clone());
@@ -198,10 +262,20 @@ pub async fn run(
         .await
         .inspect_err(|e| error!(error = %e, "cannot set up the JetStream topology"))?;
     let store = if roles.gateway || roles.projector {
-        Some(open_store(&config).await?)
+        match open_store_patiently(&config, &readiness, &shutdown).await? {
+            Some(store) => Some(store),
+            None => return Ok(()),
+        }
     } else {
         None
     };
+    if let Some(store) = &store {
+        let (store, readiness, stop) = (Arc::clone(store), readiness.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            watch_store(store, readiness, stop).await;
+            ("store", Ok(()))
+        });
+    }
 
     if roles.handler {
         let handler = Handler::build(

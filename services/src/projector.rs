@@ -16,7 +16,7 @@ use futures::StreamExt;
 use parley_events::presence::{ConnectionState, PresenceUpdate};
 use parley_events::subjects::{PRESENCE_QUEUE, PRESENCE_SUBJECT, PROJECTOR_CONSUMER};
 use parley_events::{EventEnvelope, RecordedEvent};
-use parley_projections::{ConversationStore, PresenceStore};
+use parley_projections::{ConversationStore, PresenceStore, StoreErrorKind};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span, warn};
 
@@ -27,7 +27,13 @@ use crate::topology::Topology;
 
 pub(crate) const READY_CHECK: &str = "projector";
 pub(crate) const PRESENCE_READY_CHECK: &str = "presence";
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
+pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Longest pause between retries of a batch the store refused: a retry costs one batch of
+/// writes, and a store back from an outage should not wait long to be fed.
+const MAX_APPLY_BACKOFF: Duration = Duration::from_secs(5);
+/// How often the projector checks that the store still holds what it acknowledged: a store
+/// that lost writes, or was emptied for a rebuild, is noticed within this.
+const POSITION_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectorError {
@@ -39,6 +45,10 @@ pub enum ProjectorError {
         "event at log sequence {seq} cannot be read ({cause}); the projection stops here rather than skip it: deploy a build that understands it"
     )]
     Decode { seq: u64, cause: String },
+    #[error(
+        "the conversation store came back at log position {position}, behind the {acknowledged} this projector had acknowledged (it lost acknowledged writes, e.g. a single replica crashed before its commit log reached disk); replaying the log from the store's position"
+    )]
+    StoreBehind { position: u64, acknowledged: u64 },
 }
 
 impl ProjectorError {
@@ -47,6 +57,7 @@ impl ProjectorError {
             ProjectorError::Store(e) => e.kind.as_str(),
             ProjectorError::Consumer(_) => "consumer",
             ProjectorError::Decode { .. } => "decode",
+            ProjectorError::StoreBehind { .. } => "store_behind",
         }
     }
 }
@@ -99,7 +110,8 @@ impl Projector {
         }
     }
 
-    async fn consumer(&self) -> Result<pull::Stream, ProjectorError> {
+    /// The consumer's message stream, starting after the store's position (returned too).
+    async fn consumer(&self) -> Result<(pull::Stream, u64), ProjectorError> {
         let position = self.store.position().await?;
         let log = &self.topology.log;
         if let Ok(info) = log.consumer_info(PROJECTOR_CONSUMER).await
@@ -136,20 +148,20 @@ impl Projector {
             .await
             .map_err(|e| ProjectorError::Consumer(e.to_string()))?;
         info!(position, "projecting from the event log");
-        consumer
+        let messages = consumer
             .stream()
             .max_messages_per_batch(batch)
             .messages()
             .await
-            .map_err(|e| ProjectorError::Consumer(e.to_string()))
+            .map_err(|e| ProjectorError::Consumer(e.to_string()))?;
+        Ok((messages, position))
     }
 
     async fn project(&self, shutdown: &CancellationToken) -> Result<(), ProjectorError> {
         self.store.check().await?;
-        let mut messages = self
-            .consumer()
-            .await?
-            .ready_chunks(self.config.projector.batch);
+        let (messages, mut acknowledged) = self.consumer().await?;
+        let mut messages = messages.ready_chunks(self.config.projector.batch);
+        let mut checked = Instant::now();
         self.readiness.set(READY_CHECK, Ok(()));
         loop {
             let chunk = tokio::select! {
@@ -177,31 +189,94 @@ impl Projector {
                 last = Some(message);
             }
             let Some(last) = last else { continue };
-            self.apply(&events).await?;
+            let verify = checked.elapsed() >= POSITION_CHECK_INTERVAL;
+            if verify {
+                checked = Instant::now();
+            }
+            if !self.apply(&events, acknowledged, verify, shutdown).await? {
+                return Ok(());
+            }
             // With AckPolicy::All, acknowledging the batch's last message acknowledges it all.
             last.ack()
                 .await
                 .map_err(|e| ProjectorError::Consumer(e.to_string()))?;
+            acknowledged = acknowledged.max(events.iter().map(|e| e.seq).max().unwrap_or(0));
         }
     }
 
-    async fn apply(&self, events: &[RecordedEvent]) -> Result<(), ProjectorError> {
-        let started = Instant::now();
-        let span = tracing::debug_span!(
-            "apply",
-            events = events.len(),
-            first = events.first().map(|e| e.seq),
-            last = events.last().map(|e| e.seq)
-        );
-        self.store.apply(events).instrument(span).await?;
-        metrics::histogram!(telemetry::PROJECTOR_APPLY_SECONDS)
-            .record(started.elapsed().as_secs_f64());
+    /// Apply one batch, retrying with backoff while the store is unreachable: the batch
+    /// stays unacknowledged (so nothing is lost if this process dies meanwhile) and the
+    /// projector reports not ready. `false` when shutdown came first.
+    ///
+    /// With `verify`, and after any failure, the store's position is compared with
+    /// `acknowledged` (the log sequence already acknowledged to JetStream) first: a store
+    /// back from an outage may have lost writes it had acknowledged (a single replica
+    /// killed before its periodic commit-log sync), or been emptied for a rebuild, and
+    /// going on would leave a hole. That is an error, and the restarted projection replays
+    /// from the store's position.
+    async fn apply(
+        &self,
+        events: &[RecordedEvent],
+        acknowledged: u64,
+        mut verify: bool,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, ProjectorError> {
+        let store_kind = self.config.projector.store.kind.as_str();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let position = if verify {
+                self.store.position().await.map(Some)
+            } else {
+                Ok(None)
+            };
+            let started = Instant::now();
+            let span = tracing::debug_span!(
+                "apply",
+                store = store_kind,
+                events = events.len(),
+                first = events.first().map(|e| e.seq),
+                last = events.last().map(|e| e.seq)
+            );
+            let applied = match position {
+                Ok(Some(position)) if position < acknowledged => {
+                    return Err(ProjectorError::StoreBehind {
+                        position,
+                        acknowledged,
+                    });
+                }
+                Ok(_) => self.store.apply(events).instrument(span).await,
+                Err(e) => Err(e),
+            };
+            match applied {
+                Ok(()) => {
+                    metrics::histogram!(telemetry::PROJECTOR_APPLY_SECONDS, "store" => store_kind)
+                        .record(started.elapsed().as_secs_f64());
+                    break;
+                }
+                Err(e) if e.kind == StoreErrorKind::Unavailable => {
+                    metrics::counter!(telemetry::PROJECTOR_ERRORS_TOTAL, "kind" => e.kind.as_str())
+                        .increment(1);
+                    metrics::counter!(telemetry::PROJECTOR_APPLY_RETRIES_TOTAL, "store" => store_kind)
+                        .increment(1);
+                    warn!(error = %e, retry_in = ?backoff, "cannot write to the conversation store; the batch stays unacknowledged and is retried");
+                    self.readiness.set(READY_CHECK, Err(e.to_string()));
+                    verify = true;
+                }
+                Err(e) => return Err(e.into()),
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(false),
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(MAX_APPLY_BACKOFF);
+        }
+        self.readiness.set(READY_CHECK, Ok(()));
         metrics::histogram!(telemetry::PROJECTOR_BATCH_EVENTS).record(events.len() as f64);
         metrics::counter!(telemetry::PROJECTOR_EVENTS_APPLIED_TOTAL).increment(events.len() as u64);
         if let Some(last) = events.last() {
             metrics::gauge!(telemetry::PROJECTOR_POSITION).set(last.seq as f64);
         }
-        Ok(())
+        Ok(true)
     }
 }
 

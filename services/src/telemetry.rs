@@ -31,6 +31,8 @@ pub const PROJECTOR_BATCH_EVENTS: &str = "parley_projector_batch_events";
 pub const PROJECTOR_APPLY_SECONDS: &str = "parley_projector_apply_seconds";
 pub const PROJECTOR_POSITION: &str = "parley_projector_position";
 pub const PROJECTOR_ERRORS_TOTAL: &str = "parley_projector_errors_total";
+pub const PROJECTOR_APPLY_RETRIES_TOTAL: &str = "parley_projector_apply_retries_total";
+pub const STORE_ERRORS_TOTAL: &str = "parley_store_errors_total";
 pub const PRESENCE_UPDATES_TOTAL: &str = "parley_presence_updates_total";
 pub const PRESENCE_ERRORS_TOTAL: &str = "parley_presence_errors_total";
 
@@ -167,7 +169,7 @@ fn describe() {
     describe_histogram!(
         PROJECTOR_APPLY_SECONDS,
         Unit::Seconds,
-        "One store transaction."
+        "Writing one batch to the conversation store (one SQLite transaction, or every CQL write of the batch and then the position), by store."
     );
     describe_gauge!(
         PROJECTOR_POSITION,
@@ -178,6 +180,16 @@ fn describe() {
         PROJECTOR_ERRORS_TOTAL,
         Unit::Count,
         "Projection failures, by kind."
+    );
+    describe_counter!(
+        PROJECTOR_APPLY_RETRIES_TOTAL,
+        Unit::Count,
+        "Batches retried because the conversation store could not be reached, by store."
+    );
+    describe_counter!(
+        STORE_ERRORS_TOTAL,
+        Unit::Count,
+        "Failed opens and health checks of the conversation store, by kind."
     );
     describe_counter!(
         PRESENCE_UPDATES_TOTAL,

@@ -1,27 +1,16 @@
 //! Health, readiness and metrics on a node running every role, as `parley up` does.
 
+mod support;
+
 use std::sync::Arc;
 
 use parley_localstack::{NatsOptions, NatsServer, RedisOptions, RedisServer};
-use parley_services::config::{Config, Secret, StoreConfig};
+use parley_services::config::{Config, Secret};
 use parley_services::node::{self, Listeners, Roles};
+use support::http_get as get;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-
-async fn get(address: std::net::SocketAddr, path: &str) -> (u16, String) {
-    let mut tcp = tokio::net::TcpStream::connect(address).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-    tcp.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    tcp.read_to_string(&mut response).await.unwrap();
-    let status = response[9..12].parse().unwrap();
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_role_reports_health_readiness_and_metrics_and_stops_on_shutdown() {
@@ -32,9 +21,7 @@ async fn every_role_reports_health_readiness_and_metrics_and_stops_on_shutdown()
     config.nats.url = Some(Secret::new(nats.url()));
     config.redis.url = Some(Secret::new(redis.url()));
     config.auth.secret = Some(Secret::new("admin-test-secret-admin-test-secret"));
-    config.projector.store = StoreConfig::Sqlite {
-        path: dir.path().join("c.db"),
-    };
+    config.projector.store.path = dir.path().join("c.db");
     let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin_address = admin.local_addr().unwrap();
     let gateway = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -61,7 +48,14 @@ async fn every_role_reports_health_readiness_and_metrics_and_stops_on_shutdown()
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     };
     let checks: serde_json::Value = serde_json::from_str(&ready).unwrap();
-    for check in ["nats", "gateway", "handler", "projector", "presence"] {
+    for check in [
+        "nats",
+        "store",
+        "gateway",
+        "handler",
+        "projector",
+        "presence",
+    ] {
         assert_eq!(checks[check], "ok", "{ready}");
     }
     // An upgrade without a token is refused and counted.

@@ -7,7 +7,6 @@ use std::time::Duration;
 use futures::StreamExt;
 
 use parley_events::{ConversationId, Event};
-use parley_projections::ConversationStore;
 use serde_json::json;
 use support::{Platform, eventually};
 
@@ -52,7 +51,7 @@ async fn direct_message_is_delivered_once_logged_once_projected_and_presence_tra
         "exactly one event in the log"
     );
 
-    let store = platform.store();
+    let store = platform.store().await;
     let page = eventually(|| async {
         let page = store.history(conversation, None, 10).await.unwrap();
         (!page.messages.is_empty()).then_some(page)
@@ -187,7 +186,7 @@ async fn group_members_receive_messages_and_outsiders_are_refused() {
         .await;
     let refused = mallory.reply_to("x").await;
     assert_eq!(refused["code"], "not_member");
-    eventually(|| async { platform.store().conversation(group).await.unwrap() }).await;
+    eventually(|| async { platform.store().await.conversation(group).await.unwrap() }).await;
     mallory
         .send(json!({"type": "history", "id": "h", "conversation": group}))
         .await;
@@ -209,6 +208,7 @@ async fn history_pages_backwards_without_gaps_or_repeats() {
     eventually(|| async {
         let page = platform
             .store()
+            .await
             .history(conversation, None, 10)
             .await
             .unwrap();

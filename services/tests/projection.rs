@@ -4,12 +4,15 @@
 mod support;
 
 use parley_events::{ConversationId, UserId};
-use parley_projections::{ConversationStore, SqliteStore};
-use parley_services::config::StoreConfig;
+use parley_projections::ConversationStore;
 use serde_json::json;
 use support::Platform;
 
-async fn snapshot(store: &SqliteStore, conversations: &[ConversationId], users: &[&str]) -> String {
+async fn snapshot(
+    store: &dyn ConversationStore,
+    conversations: &[ConversationId],
+    users: &[&str],
+) -> String {
     let mut out = String::new();
     for id in conversations {
         out += &format!("{:?}\n", store.conversation(*id).await.unwrap());
@@ -48,11 +51,11 @@ async fn a_deleted_store_is_rebuilt_from_the_log_and_equals_the_live_one() {
     platform.projected().await;
     let conversations = [direct, group];
     let users = ["alice", "bob", "carol"];
-    let live = snapshot(&platform.store(), &conversations, &users).await;
+    let live = snapshot(&*platform.store().await, &conversations, &users).await;
     assert!(live.contains("message 19"));
 
     platform.stop_projector().await;
-    let StoreConfig::Sqlite { path } = &platform.config.projector.store;
+    let path = &platform.config.projector.store.path;
     for suffix in ["", "-wal", "-shm"] {
         let file = format!("{}{suffix}", path.display());
         let _ = std::fs::remove_file(file);
@@ -60,7 +63,7 @@ async fn a_deleted_store_is_rebuilt_from_the_log_and_equals_the_live_one() {
     platform.start_projector().await;
     platform.projected().await;
     assert_eq!(
-        snapshot(&platform.store(), &conversations, &users).await,
+        snapshot(&*platform.store().await, &conversations, &users).await,
         live
     );
 }

@@ -26,6 +26,14 @@ const LOG_FILE: &str = "node.log";
 /// machine several times that.
 const START_TIMEOUT: Duration = Duration::from_secs(180);
 
+/// Whether CQL tests must run rather than skip: `CI` or `PARLEY_REQUIRE_CQL` is set
+/// (`infra/test.sh` sets the latter).
+pub fn cql_required() -> bool {
+    ["CI", "PARLEY_REQUIRE_CQL"]
+        .iter()
+        .any(|name| std::env::var_os(name).is_some_and(|v| !v.is_empty()))
+}
+
 /// A running (or killed) single-node Cassandra on `127.0.0.1`, with its data in a temporary
 /// directory removed on drop together with the JVM.
 pub struct CassandraNode {
@@ -72,6 +80,31 @@ impl CassandraNode {
         };
         node.run()?;
         Ok(node)
+    }
+
+    /// [`start`](Self::start) for a test: `None` (after printing `skipped: ...`) when no node
+    /// can be started here, unless the CQL tests are required ([`cql_required`]): then it
+    /// panics, so CI never passes without having run them.
+    pub fn start_or_skip(what: &str) -> Option<CassandraNode> {
+        let started = std::time::Instant::now();
+        match CassandraNode::start() {
+            Ok(node) => {
+                eprintln!(
+                    "{what}: Cassandra {} at {} started in {:.1} s",
+                    node.version(),
+                    node.contact_point(),
+                    started.elapsed().as_secs_f64()
+                );
+                Some(node)
+            }
+            Err(e) if cql_required() => {
+                panic!("{what} must run here (CI or PARLEY_REQUIRE_CQL is set), but: {e}")
+            }
+            Err(e) => {
+                eprintln!("skipped: {what}: no local Cassandra node ({e})");
+                None
+            }
+        }
     }
 
     /// Starts the node again on the same ports and data after [`kill`](Self::kill).
@@ -141,6 +174,14 @@ impl CassandraNode {
             let killed = Command::new("kill").args(["-9", pid.trim()]).status();
             if let Err(err) = killed {
                 tracing::warn!(%err, "could not run kill -9 on the cassandra JVM");
+            }
+            // The launcher exits once it has reaped the JVM: only then are the ports free
+            // for a restart.
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while std::time::Instant::now() < deadline
+                && matches!(launcher.child.try_wait(), Ok(None))
+            {
+                std::thread::sleep(Duration::from_millis(20));
             }
         }
         kill_and_reap(&mut launcher.child);

@@ -13,11 +13,12 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use parley_events::{ConversationId, EventEnvelope, RecordedEvent, UserId};
 use parley_localstack::{NatsOptions, NatsServer, RedisOptions, RedisServer};
-use parley_projections::{ConversationStore, PresenceStore, SqliteStore, UserPresence};
-use parley_services::config::{Config, Secret, StoreConfig};
+use parley_projections::{ConversationStore, PresenceStore, UserPresence};
+use parley_services::config::{Config, Secret};
 use parley_services::node::{self, Listeners, Roles};
 use parley_services::{auth, unix_millis};
 use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -110,9 +111,7 @@ impl Platform {
         config.auth.secret = Some(Secret::new(SECRET));
         config.log.shards = 16;
         config.handler.lanes = 4;
-        config.projector.store = StoreConfig::Sqlite {
-            path: dir.path().join("conversations.db"),
-        };
+        config.projector.store.path = dir.path().join("conversations.db");
         config.gateway.command_timeout_secs = 5;
         adjust(&mut config);
         config.validate().expect("test configuration is valid");
@@ -206,8 +205,8 @@ impl Platform {
     /// Wait until the store has applied everything in the log.
     pub async fn projected(&self) {
         let last = self.log().await.last().map_or(0, |e| e.seq);
-        eventually(|| async { (self.store().position().await.unwrap() >= last).then_some(()) })
-            .await;
+        let store = self.store().await;
+        eventually(|| async { (store.position().await.unwrap() >= last).then_some(()) }).await;
     }
 
     pub fn token(&self, user: &str) -> String {
@@ -281,9 +280,9 @@ impl Platform {
             .collect()
     }
 
-    pub fn store(&self) -> SqliteStore {
-        let StoreConfig::Sqlite { path } = &self.config.projector.store;
-        SqliteStore::open(path).unwrap()
+    /// The configured conversation store, opened afresh (a test may have deleted it).
+    pub async fn store(&self) -> Arc<dyn ConversationStore> {
+        node::open_store(&self.config).await.unwrap()
     }
 
     pub async fn presence(&self, user: &str) -> UserPresence {
@@ -330,6 +329,21 @@ impl Drop for Platform {
             running.task.abort();
         }
     }
+}
+
+/// A plain HTTP GET, enough for the admin endpoints: (status, body).
+pub async fn http_get(address: SocketAddr, path: &str) -> (u16, String) {
+    let mut tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    tcp.read_to_string(&mut response).await.unwrap();
+    let status = response[9..12].parse().unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
 }
 
 /// Poll `probe` until it yields something, failing the test after a deadline.
