@@ -93,6 +93,9 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
 
     let (platform, gateways, secret, nats_url, platform_text) = match &options.target {
         Target::Spawn { parley } => {
+            if options.progress {
+                eprintln!("starting nats-server, redis-server and the parley roles ...");
+            }
             let spawned = SpawnedPlatform::start(&SpawnOptions {
                 parley: parley.clone(),
                 gateways: scenario.gateways,
@@ -138,6 +141,12 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
     };
 
     let baselines = if scenario.baselines {
+        if options.progress {
+            eprintln!(
+                "measuring the baselines ({} s each) ...",
+                BASELINE_TIME.as_secs()
+            );
+        }
         Some(measure_baselines(nats_url.as_deref(), scenario.message_bytes).await?)
     } else {
         None
