@@ -104,10 +104,27 @@ impl Default for LogConfig {
     }
 }
 
+/// Where the intake keeps queued commands.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum IntakeStorage {
+    /// No fsync on the command path. Safe because a client is acknowledged only once the
+    /// command's event is in the (file-stored) log: a command lost with a server restart
+    /// was never acknowledged, its sender gets `timeout`, and the retry under the same
+    /// client message id is deduped by the handlers.
+    Memory,
+    /// Queued commands survive a server restart, at the cost of a second fsync'd write
+    /// (and a fsync'd removal) per command when the server syncs every write.
+    File,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct IntakeConfig {
     pub replicas: usize,
+    pub storage: IntakeStorage,
+    /// Bytes of queued commands held before publishes are refused; bounds a memory intake.
+    pub max_bytes: i64,
     /// How long the intake remembers a client message id to drop a repeated send.
     pub duplicate_window_secs: u64,
     /// Most commands held before publishes are refused (backpressure on gateways).
@@ -124,6 +141,8 @@ impl Default for IntakeConfig {
     fn default() -> Self {
         IntakeConfig {
             replicas: 1,
+            storage: IntakeStorage::Memory,
+            max_bytes: 256 * 1024 * 1024,
             duplicate_window_secs: 120,
             max_messages: 1_000_000,
             ack_wait_secs: 30,
@@ -512,6 +531,10 @@ impl Config {
             "intake.max_messages must be at least 1",
         );
         require(
+            self.intake.max_bytes >= i64::from(crate::topology::MAX_STREAM_MESSAGE_BYTES),
+            "intake.max_bytes must be at least 1048576 (one largest command)",
+        );
+        require(
             self.intake.ack_wait_secs >= 1,
             "intake.ack_wait_secs must be at least 1",
         );
@@ -785,17 +808,20 @@ mod tests {
         let err =
             Config::from_toml("[projector.store.scylla]\nconsistency = \"any\"\n").unwrap_err();
         assert!(err.to_string().contains("any"), "{err}");
+        let err = Config::load(None, env(&[("PARLEY_INTAKE__STORAGE", "disk")])).unwrap_err();
+        assert!(err.to_string().contains("disk"), "{err}");
     }
 
     #[test]
     fn out_of_range_values_are_refused_with_every_problem_listed() {
         let err = Config::from_toml(
-            "[log]\nshards = 0\n[limits]\nmax_frame_bytes = 100\nmax_message_bytes = 200\n[auth]\nsecret = \"short\"\n[gateway]\nallowed_origins = [\"example.com\"]\n",
+            "[log]\nshards = 0\n[intake]\nmax_bytes = 4096\n[limits]\nmax_frame_bytes = 100\nmax_message_bytes = 200\n[auth]\nsecret = \"short\"\n[gateway]\nallowed_origins = [\"example.com\"]\n",
         )
         .unwrap_err();
         let text = err.to_string();
         for expected in [
             "log.shards",
+            "intake.max_bytes must be at least 1048576",
             "limits.max_frame_bytes must be larger",
             "auth.secret must be at least 32 bytes",
             "allowed_origins",

@@ -12,7 +12,7 @@ use parley_events::subjects::{
     INTAKE_STREAM, INTAKE_SUBJECT, LOG_SHARDS_METADATA, LOG_STREAM, LOG_SUBJECTS, Shards,
 };
 
-use crate::config::Config;
+use crate::config::{Config, IntakeStorage};
 
 /// Largest message either stream accepts. A group creation listing 10,000 members is the
 /// largest event today (about 400 KB).
@@ -73,10 +73,14 @@ pub fn intake_stream_config(config: &Config) -> stream::Config {
         description: Some("Parley commands from gateways to handlers".into()),
         subjects: vec![INTAKE_SUBJECT.into()],
         retention: stream::RetentionPolicy::WorkQueue,
-        storage: stream::StorageType::File,
+        storage: match config.intake.storage {
+            IntakeStorage::Memory => stream::StorageType::Memory,
+            IntakeStorage::File => stream::StorageType::File,
+        },
         num_replicas: config.intake.replicas,
         duplicate_window: Duration::from_secs(config.intake.duplicate_window_secs),
         max_messages: config.intake.max_messages,
+        max_bytes: config.intake.max_bytes,
         // A full intake refuses new commands instead of dropping queued ones.
         discard: stream::DiscardPolicy::New,
         max_message_size: MAX_STREAM_MESSAGE_BYTES,
@@ -88,13 +92,23 @@ pub fn intake_stream_config(config: &Config) -> stream::Config {
 pub async fn ensure(js: jetstream::Context, config: &Config) -> Result<Topology, TopologyError> {
     let shards = Shards::new(config.log.shards).expect("validated by Config::validate");
     let log = ensure_stream(&js, LOG_STREAM, log_stream_config(config)).await?;
-    let intake = ensure_stream(&js, INTAKE_STREAM, intake_stream_config(config)).await?;
+    let intake = ensure_intake(&js, config).await?;
     Ok(Topology {
         js,
         log,
         intake,
         shards,
     })
+}
+
+/// Create the intake if it is missing and check it. Also called by the handlers when their
+/// consumer is gone: a memory intake does not outlive a restart of a single server (or of a
+/// whole cluster), and only the stream's existence needs restoring, not its contents.
+pub async fn ensure_intake(
+    js: &jetstream::Context,
+    config: &Config,
+) -> Result<stream::Stream, TopologyError> {
+    ensure_stream(js, INTAKE_STREAM, intake_stream_config(config)).await
 }
 
 async fn ensure_stream(

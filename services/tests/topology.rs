@@ -1,7 +1,7 @@
 //! The JetStream topology: created once by whoever starts first, refused when incompatible.
 
 use parley_localstack::{NatsOptions, NatsServer};
-use parley_services::config::{Config, Secret};
+use parley_services::config::{Config, IntakeStorage, Secret};
 use parley_services::topology::{self, TopologyError};
 
 fn config_for(nats: &NatsServer) -> Config {
@@ -76,6 +76,25 @@ async fn an_incompatible_existing_stream_is_refused_not_changed() {
             err,
             TopologyError::Incompatible {
                 setting: "duplicate_window",
+                ..
+            }
+        ),
+        "{err}"
+    );
+
+    // The intake's storage is checked too: a file intake is not silently kept (or
+    // replaced) when the configuration asks for memory.
+    let mut other_storage = config.clone();
+    other_storage.intake.storage = IntakeStorage::File;
+    let err = topology::ensure(jetstream(&nats).await, &other_storage)
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        matches!(
+            err,
+            TopologyError::Incompatible {
+                setting: "storage",
                 ..
             }
         ),

@@ -35,13 +35,15 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 use crate::admin::Readiness;
 use crate::config::Config;
 use crate::telemetry;
-use crate::topology::Topology;
+use crate::topology::{self, Topology};
 pub use write_model::{Accepted, Decision, WriteModel, check_body};
 
 /// How long a command waits for this instance's log tail to catch up after a conflict.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the tail considers a snapshot even when no event arrives.
 const SNAPSHOT_CHECK: Duration = Duration::from_secs(1);
+/// Longest wait between attempts to set up the intake consumer again.
+const MAX_INTAKE_BACKOFF: Duration = Duration::from_secs(5);
 /// Delay before a command that hit a transient failure is redelivered.
 const RETRY_DELAY: Duration = Duration::from_millis(500);
 pub(crate) const READY_CHECK: &str = "handler";
@@ -157,26 +159,7 @@ impl Handler {
             shutdown.clone(),
         ));
 
-        let consumer = inner
-            .topology
-            .intake
-            .create_consumer(pull::Config {
-                durable_name: Some(HANDLER_CONSUMER.into()),
-                ack_policy: AckPolicy::Explicit,
-                deliver_policy: DeliverPolicy::All,
-                ack_wait: Duration::from_secs(inner.config.intake.ack_wait_secs),
-                max_deliver: inner.config.intake.max_deliver,
-                max_ack_pending: inner.config.intake.max_ack_pending,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| HandlerError::Consumer(e.to_string()))?;
-        let mut commands = consumer
-            .stream()
-            .max_messages_per_batch(256)
-            .messages()
-            .await
-            .map_err(|e| HandlerError::Consumer(e.to_string()))?;
+        let mut commands = intake_commands(&inner).await?;
         inner.readiness.set(READY_CHECK, Ok(()));
 
         // The consumer never hands out more than `max_ack_pending` commands, so a lane
@@ -199,6 +182,16 @@ impl Handler {
                 }
                 next = commands.next() => match next {
                     Some(Ok(message)) => message,
+                    Some(Err(e)) if intake_lost(&e) => {
+                        warn!(error = %e, "the intake consumer is gone or unreachable; setting it up again");
+                        inner.readiness.set(READY_CHECK, Err("setting up the intake consumer again".into()));
+                        match intake_commands_again(&inner, &shutdown).await {
+                            Some(again) => commands = again,
+                            None => break,
+                        }
+                        inner.readiness.set(READY_CHECK, Ok(()));
+                        continue;
+                    }
                     Some(Err(e)) => {
                         warn!(error = %e, "intake consumer hiccup; continuing");
                         continue;
@@ -234,6 +227,66 @@ impl Handler {
         answering.abort();
         tail.abort();
         failure.unwrap_or(Ok(()))
+    }
+}
+
+/// The handlers' durable consumer on the intake, set up with the intake itself: after a
+/// server restart has lost a memory intake, both are created again here.
+async fn intake_commands(inner: &Inner) -> Result<pull::Stream, HandlerError> {
+    let intake = topology::ensure_intake(&inner.topology.js, &inner.config)
+        .await
+        .map_err(|e| HandlerError::Consumer(e.to_string()))?;
+    let consumer = intake
+        .create_consumer(pull::Config {
+            durable_name: Some(HANDLER_CONSUMER.into()),
+            ack_policy: AckPolicy::Explicit,
+            deliver_policy: DeliverPolicy::All,
+            ack_wait: Duration::from_secs(inner.config.intake.ack_wait_secs),
+            max_deliver: inner.config.intake.max_deliver,
+            max_ack_pending: inner.config.intake.max_ack_pending,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| HandlerError::Consumer(e.to_string()))?;
+    consumer
+        .stream()
+        .max_messages_per_batch(256)
+        .messages()
+        .await
+        .map_err(|e| HandlerError::Consumer(e.to_string()))
+}
+
+/// Errors after which pulling from the current consumer cannot resume by itself.
+fn intake_lost(error: &pull::MessagesError) -> bool {
+    matches!(
+        error.kind(),
+        pull::MessagesErrorKind::ConsumerDeleted
+            | pull::MessagesErrorKind::NoResponders
+            | pull::MessagesErrorKind::Pull
+    )
+}
+
+/// Retry [`intake_commands`] with backoff until it succeeds; `None` on shutdown.
+async fn intake_commands_again(
+    inner: &Inner,
+    shutdown: &CancellationToken,
+) -> Option<pull::Stream> {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match intake_commands(inner).await {
+            Ok(commands) => {
+                info!("intake consumer set up again");
+                return Some(commands);
+            }
+            Err(e) => {
+                warn!(error = %e, retry_in = ?backoff, "cannot set up the intake consumer yet")
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return None,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(MAX_INTAKE_BACKOFF);
     }
 }
 
