@@ -203,7 +203,6 @@ struct Statements {
 pub struct CqlStore {
     session: Arc<Session>,
     statements: Statements,
-    dialect: Dialect,
     bucket_seqs: u64,
     max_in_flight: usize,
 }
@@ -332,15 +331,9 @@ impl CqlStore {
         Ok(CqlStore {
             session: Arc::new(session),
             statements,
-            dialect,
             bucket_seqs: options.history_bucket_seqs,
             max_in_flight: options.max_in_flight,
         })
-    }
-
-    /// The server family this store is connected to.
-    pub fn dialect(&self) -> Dialect {
-        self.dialect
     }
 
     fn bucket_of(&self, seq: u64) -> i64 {

@@ -19,7 +19,7 @@ pub mod presence;
 pub mod sqlite;
 pub mod store;
 
-pub use cql::{Consistency, CqlOptions, CqlStore, Dialect};
+pub use cql::{Consistency, CqlOptions, CqlStore};
 pub use presence::{PresenceError, PresenceStore, UserPresence};
 pub use sqlite::SqliteStore;
 pub use store::{

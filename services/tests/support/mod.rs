@@ -347,19 +347,28 @@ pub async fn http_get(address: SocketAddr, path: &str) -> (u16, String) {
 }
 
 /// Poll `probe` until it yields something, failing the test after a deadline.
-pub async fn eventually<T, F, Fut>(mut probe: F) -> T
+pub async fn eventually<T, F, Fut>(probe: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let deadline = tokio::time::Instant::now() + WAIT;
+    eventually_within(WAIT, probe).await
+}
+
+/// [`eventually`] with its own deadline, for what waits on retries with long backoffs.
+pub async fn eventually_within<T, F, Fut>(limit: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
     loop {
         if let Some(value) = probe().await {
             return value;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "condition not met within {WAIT:?}"
+            "condition not met within {limit:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
