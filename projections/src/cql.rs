@@ -17,8 +17,7 @@ use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt, TryStreamExt};
 use parley_events::protocol::HistoryMessage;
 use parley_events::{
-    ClientMsgId, ConversationId, ConversationKind, Event, EventId, Member, RecordedEvent, Role,
-    UserId,
+    ClientMsgId, ConversationId, Event, EventId, Member, RecordedEvent, Role, UserId,
 };
 use scylla::client::execution_profile::ExecutionProfile;
 use scylla::client::session::Session;
@@ -36,6 +35,9 @@ use uuid::Uuid;
 
 pub use scylla::statement::Consistency;
 
+use crate::columns::{
+    corrupt, i64_of, kind_str, parse_kind, parse_role, parse_user, schema, u64_of, unavailable,
+};
 use crate::store::{
     ConversationStore, ConversationView, HistoryPage, InboxEntry, StoreError, StoreErrorKind,
 };
@@ -115,18 +117,6 @@ impl Dialect {
             )),
         }
     }
-}
-
-fn unavailable(e: impl std::fmt::Display) -> StoreError {
-    StoreError::new(StoreErrorKind::Unavailable, e.to_string())
-}
-
-fn schema(e: impl std::fmt::Display) -> StoreError {
-    StoreError::new(StoreErrorKind::Schema, e.to_string())
-}
-
-fn corrupt(e: impl std::fmt::Display) -> StoreError {
-    StoreError::new(StoreErrorKind::Corrupt, e.to_string())
 }
 
 /// Server answers that retrying cannot fix are schema problems (a table or column missing,
@@ -252,37 +242,6 @@ fn schema_v1(ks: &str) -> Vec<String> {
 /// Migrations by version: entry `n` brings a keyspace from version `n` to `n + 1`.
 fn migrations(ks: &str) -> Vec<Vec<String>> {
     vec![schema_v1(ks)]
-}
-
-fn i64_of(value: u64) -> i64 {
-    i64::try_from(value).unwrap_or(i64::MAX)
-}
-
-fn u64_of(value: i64) -> u64 {
-    u64::try_from(value).unwrap_or(0)
-}
-
-fn kind_str(kind: ConversationKind) -> &'static str {
-    match kind {
-        ConversationKind::Direct => "direct",
-        ConversationKind::Group => "group",
-    }
-}
-
-fn parse_kind(value: &str) -> Result<ConversationKind, StoreError> {
-    match value {
-        "direct" => Ok(ConversationKind::Direct),
-        "group" => Ok(ConversationKind::Group),
-        other => Err(corrupt(format!("unknown conversation kind {other:?}"))),
-    }
-}
-
-fn parse_role(value: &str) -> Result<Role, StoreError> {
-    Role::parse(value).ok_or_else(|| corrupt(format!("unknown role {value:?}")))
-}
-
-fn parse_user(value: String) -> Result<UserId, StoreError> {
-    UserId::parse(value).map_err(corrupt)
 }
 
 type ConversationRow = (Option<String>, Option<String>, Option<i64>, Option<i64>);

@@ -14,6 +14,7 @@
 //! the position only after every row of the batch is acknowledged. This crate
 //! does not know NATS: the projector role in `parley-services` feeds it decoded events.
 
+mod columns;
 pub mod cql;
 pub mod presence;
 pub mod sqlite;

@@ -11,12 +11,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use async_trait::async_trait;
 use parley_events::protocol::HistoryMessage;
-use parley_events::{
-    ConversationId, ConversationKind, Event, EventId, Member, RecordedEvent, Role, UserId,
-};
+use parley_events::{ConversationId, Event, EventId, Member, RecordedEvent, Role, UserId};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use std::sync::Mutex;
 
+use crate::columns::{
+    corrupt, i64_of, kind_str, parse_kind, parse_role, parse_user, u64_of, unavailable,
+};
 use crate::store::{
     ConversationStore, ConversationView, HistoryPage, InboxEntry, StoreError, StoreErrorKind,
 };
@@ -62,14 +63,6 @@ pub struct SqliteStore {
     writer: Arc<Mutex<Connection>>,
     readers: Arc<[Mutex<Connection>]>,
     next_reader: AtomicUsize,
-}
-
-fn unavailable(e: impl std::fmt::Display) -> StoreError {
-    StoreError::new(StoreErrorKind::Unavailable, e.to_string())
-}
-
-fn corrupt(e: impl std::fmt::Display) -> StoreError {
-    StoreError::new(StoreErrorKind::Corrupt, e.to_string())
 }
 
 impl SqliteStore {
@@ -198,37 +191,6 @@ fn migrate(conn: &Connection) -> Result<(), SetupError> {
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     }
     Ok(())
-}
-
-fn kind_str(kind: ConversationKind) -> &'static str {
-    match kind {
-        ConversationKind::Direct => "direct",
-        ConversationKind::Group => "group",
-    }
-}
-
-fn parse_kind(value: &str) -> Result<ConversationKind, StoreError> {
-    match value {
-        "direct" => Ok(ConversationKind::Direct),
-        "group" => Ok(ConversationKind::Group),
-        other => Err(corrupt(format!("unknown conversation kind {other:?}"))),
-    }
-}
-
-fn parse_role(value: &str) -> Result<Role, StoreError> {
-    Role::parse(value).ok_or_else(|| corrupt(format!("unknown role {value:?}")))
-}
-
-fn parse_user(value: String) -> Result<UserId, StoreError> {
-    UserId::parse(value).map_err(corrupt)
-}
-
-fn i64_of(seq: u64) -> i64 {
-    i64::try_from(seq).unwrap_or(i64::MAX)
-}
-
-fn u64_of(value: i64) -> u64 {
-    u64::try_from(value).unwrap_or(0)
 }
 
 fn apply_one(tx: &rusqlite::Transaction<'_>, recorded: &RecordedEvent) -> rusqlite::Result<()> {

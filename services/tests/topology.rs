@@ -45,21 +45,7 @@ async fn an_incompatible_existing_stream_is_refused_not_changed() {
 
     let mut other_shards = config.clone();
     other_shards.log.shards = 64;
-    let err = topology::ensure(jetstream(&nats).await, &other_shards)
-        .await
-        .err()
-        .expect("refused");
-    assert!(
-        matches!(
-            err,
-            TopologyError::Incompatible {
-                setting: "metadata parley.shards",
-                ..
-            }
-        ),
-        "{err}"
-    );
-    let message = err.to_string();
+    let message = refused(&nats, &other_shards, "metadata parley.shards").await;
     assert!(
         message.contains("refusing to start") && message.contains("1024") && message.contains("64"),
         "{message}"
@@ -67,42 +53,30 @@ async fn an_incompatible_existing_stream_is_refused_not_changed() {
 
     let mut other_window = config.clone();
     other_window.intake.duplicate_window_secs = 30;
-    let err = topology::ensure(jetstream(&nats).await, &other_window)
-        .await
-        .err()
-        .expect("refused");
-    assert!(
-        matches!(
-            err,
-            TopologyError::Incompatible {
-                setting: "duplicate_window",
-                ..
-            }
-        ),
-        "{err}"
-    );
+    refused(&nats, &other_window, "duplicate_window").await;
 
-    // The intake's storage is checked too: a file intake is not silently kept (or
-    // replaced) when the configuration asks for memory.
+    // The intake's storage is checked too: a memory intake is neither kept nor replaced
+    // when the configuration asks for a file-stored one.
     let mut other_storage = config.clone();
     other_storage.intake.storage = IntakeStorage::File;
-    let err = topology::ensure(jetstream(&nats).await, &other_storage)
-        .await
-        .err()
-        .expect("refused");
-    assert!(
-        matches!(
-            err,
-            TopologyError::Incompatible {
-                setting: "storage",
-                ..
-            }
-        ),
-        "{err}"
-    );
+    refused(&nats, &other_storage, "storage").await;
 
     // Nothing was changed: the original configuration still fits.
     topology::ensure(jetstream(&nats).await, &config)
         .await
         .unwrap();
+}
+
+/// Ensure the topology with `config`, expect it refused over `setting`, and return the
+/// message the operator would see.
+async fn refused(nats: &NatsServer, config: &Config, setting: &str) -> String {
+    let err = topology::ensure(jetstream(nats).await, config)
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        matches!(&err, TopologyError::Incompatible { setting: found, .. } if *found == setting),
+        "{err}"
+    );
+    err.to_string()
 }

@@ -1,0 +1,51 @@
+//! How both stores turn read-model values into column values and back, and the errors they
+//! raise doing it: one definition, so the two stores cannot drift apart in what they accept.
+
+use parley_events::{ConversationKind, Role, UserId};
+
+use crate::store::{StoreError, StoreErrorKind};
+
+pub(crate) fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::new(StoreErrorKind::Unavailable, e.to_string())
+}
+
+pub(crate) fn schema(e: impl std::fmt::Display) -> StoreError {
+    StoreError::new(StoreErrorKind::Schema, e.to_string())
+}
+
+pub(crate) fn corrupt(e: impl std::fmt::Display) -> StoreError {
+    StoreError::new(StoreErrorKind::Corrupt, e.to_string())
+}
+
+/// Log sequences are stored as signed 64-bit integers, the widest both SQL and CQL have;
+/// JetStream sequences never come near the top of that range.
+pub(crate) fn i64_of(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+pub(crate) fn u64_of(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
+pub(crate) fn kind_str(kind: ConversationKind) -> &'static str {
+    match kind {
+        ConversationKind::Direct => "direct",
+        ConversationKind::Group => "group",
+    }
+}
+
+pub(crate) fn parse_kind(value: &str) -> Result<ConversationKind, StoreError> {
+    match value {
+        "direct" => Ok(ConversationKind::Direct),
+        "group" => Ok(ConversationKind::Group),
+        other => Err(corrupt(format!("unknown conversation kind {other:?}"))),
+    }
+}
+
+pub(crate) fn parse_role(value: &str) -> Result<Role, StoreError> {
+    Role::parse(value).ok_or_else(|| corrupt(format!("unknown role {value:?}")))
+}
+
+pub(crate) fn parse_user(value: String) -> Result<UserId, StoreError> {
+    UserId::parse(value).map_err(corrupt)
+}
