@@ -1,7 +1,7 @@
 //! How both stores turn read-model values into column values and back, and the errors they
 //! raise doing it: one definition, so the two stores cannot drift apart in what they accept.
 
-use parley_events::{ConversationKind, Role, UserId};
+use parley_events::{ConversationKind, Member, Role, UserId};
 
 use crate::store::{StoreError, StoreErrorKind};
 
@@ -48,4 +48,11 @@ pub(crate) fn parse_role(value: &str) -> Result<Role, StoreError> {
 
 pub(crate) fn parse_user(value: String) -> Result<UserId, StoreError> {
     UserId::parse(value).map_err(corrupt)
+}
+
+pub(crate) fn parse_member(user: String, role: &str) -> Result<Member, StoreError> {
+    Ok(Member {
+        user: parse_user(user)?,
+        role: parse_role(role)?,
+    })
 }

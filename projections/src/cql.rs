@@ -36,7 +36,8 @@ use uuid::Uuid;
 pub use scylla::statement::Consistency;
 
 use crate::columns::{
-    corrupt, i64_of, kind_str, parse_kind, parse_role, parse_user, schema, u64_of, unavailable,
+    corrupt, i64_of, kind_str, parse_kind, parse_member, parse_role, parse_user, schema, u64_of,
+    unavailable,
 };
 use crate::store::{
     ConversationStore, ConversationView, HistoryPage, InboxEntry, StoreError, StoreErrorKind,
@@ -709,12 +710,7 @@ impl ConversationStore for CqlStore {
             .try_collect()
             .await?;
         rows.into_iter()
-            .map(|(user, role)| {
-                Ok(Member {
-                    user: parse_user(user)?,
-                    role: parse_role(&role)?,
-                })
-            })
+            .map(|(user, role)| parse_member(user, &role))
             .collect()
     }
 

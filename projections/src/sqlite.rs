@@ -16,7 +16,8 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use std::sync::Mutex;
 
 use crate::columns::{
-    corrupt, i64_of, kind_str, parse_kind, parse_role, parse_user, u64_of, unavailable,
+    corrupt, i64_of, kind_str, parse_kind, parse_member, parse_role, parse_user, u64_of,
+    unavailable,
 };
 use crate::store::{
     ConversationStore, ConversationView, HistoryPage, InboxEntry, StoreError, StoreErrorKind,
@@ -337,12 +338,7 @@ impl ConversationStore for SqliteStore {
                 })
                 .map_err(unavailable)?;
             rows.into_iter()
-                .map(|(user, role)| {
-                    Ok(Member {
-                        user: parse_user(user)?,
-                        role: parse_role(&role)?,
-                    })
-                })
+                .map(|(user, role)| parse_member(user, &role))
                 .collect()
         })
         .await
