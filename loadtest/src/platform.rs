@@ -2,8 +2,6 @@
 //! CPU and memory can be read on its own and the first to saturate can be named.
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -11,7 +9,7 @@ use std::time::{Duration, Instant};
 use futures::{SinkExt, StreamExt};
 use parley_events::protocol::{ClientFrame, ServerFrame};
 use parley_events::{ClientMsgId, UserId};
-use parley_localstack::{NatsOptions, NatsServer, RedisOptions, RedisServer};
+use parley_localstack::{NatsOptions, NatsServer, RedisOptions, RedisServer, free_port, log_tail};
 use parley_services::auth;
 use parley_services::config::Secret;
 use tokio_tungstenite::tungstenite::Message;
@@ -218,7 +216,7 @@ impl SpawnedPlatform {
                 return Err(LoadtestError::RoleExited {
                     role: self.roles[i].name.clone(),
                     status: status.to_string(),
-                    log_tail: tail(&self.roles[i].log),
+                    log_tail: log_tail(&self.roles[i].log, 0),
                 });
             }
         }
@@ -228,7 +226,7 @@ impl SpawnedPlatform {
     fn log_tails(&self) -> String {
         self.roles
             .iter()
-            .map(|r| format!("--- {} ---\n{}", r.name, tail(&r.log)))
+            .map(|r| format!("--- {} ---\n{}", r.name, log_tail(&r.log, 0)))
             .collect::<Vec<_>>()
             .join("\n")
     }
@@ -262,26 +260,6 @@ async fn probe_gateway(url: &str, token: &str, probe: &UserId) -> bool {
         tokio::time::timeout(Duration::from_secs(5), attempt).await,
         Ok(Some(true))
     )
-}
-
-fn free_port() -> Result<u16, LoadtestError> {
-    let listener =
-        TcpListener::bind("127.0.0.1:0").map_err(LoadtestError::io("finding a free port"))?;
-    listener
-        .local_addr()
-        .map(|a| a.port())
-        .map_err(LoadtestError::io("finding a free port"))
-}
-
-/// The last few KiB of a log file.
-fn tail(path: &Path) -> String {
-    let mut text = String::new();
-    if let Ok(mut file) = File::open(path) {
-        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-        let _ = file.seek(SeekFrom::Start(len.saturating_sub(4096)));
-        let _ = file.read_to_string(&mut text);
-    }
-    text
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! How both stores turn read-model values into column values and back, and the errors they
 //! raise doing it: one definition, so the two stores cannot drift apart in what they accept.
 
-use parley_events::{ConversationKind, Member, Role, UserId};
+use parley_events::protocol::HistoryMessage;
+use parley_events::{ClientMsgId, ConversationKind, EventId, Member, Role, UserId};
 
 use crate::store::{StoreError, StoreErrorKind};
 
@@ -54,5 +55,20 @@ pub(crate) fn parse_member(user: String, role: &str) -> Result<Member, StoreErro
     Ok(Member {
         user: parse_user(user)?,
         role: parse_role(role)?,
+    })
+}
+
+/// A history row as both stores read it: sequence, event id, sender, client message id,
+/// body, time.
+pub(crate) fn history_message(
+    (seq, id, sender, client_id, body, at): (i64, EventId, String, String, String, i64),
+) -> Result<HistoryMessage, StoreError> {
+    Ok(HistoryMessage {
+        seq: u64_of(seq),
+        id,
+        sender: parse_user(sender)?,
+        client_id: ClientMsgId::parse(client_id).map_err(corrupt)?,
+        body,
+        at: u64_of(at),
     })
 }

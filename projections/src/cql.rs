@@ -15,10 +15,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt, TryStreamExt};
-use parley_events::protocol::HistoryMessage;
-use parley_events::{
-    ClientMsgId, ConversationId, Event, EventId, Member, RecordedEvent, Role, UserId,
-};
+use parley_events::{ConversationId, Event, EventId, Member, RecordedEvent, Role, UserId};
 use scylla::client::execution_profile::ExecutionProfile;
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
@@ -36,8 +33,8 @@ use uuid::Uuid;
 pub use scylla::statement::Consistency;
 
 use crate::columns::{
-    corrupt, i64_of, kind_str, parse_kind, parse_member, parse_role, parse_user, schema, u64_of,
-    unavailable,
+    corrupt, history_message, i64_of, kind_str, parse_kind, parse_member, parse_role, schema,
+    u64_of, unavailable,
 };
 use crate::store::{
     ConversationStore, ConversationView, HistoryPage, InboxEntry, StoreError, StoreErrorKind,
@@ -814,14 +811,14 @@ impl ConversationStore for CqlStore {
             .into_iter()
             .take(limit as usize)
             .map(|(seq, event_id, sender, client_id, body, at)| {
-                Ok(HistoryMessage {
-                    seq: u64_of(seq),
-                    id: EventId::from_uuid(event_id),
-                    sender: parse_user(sender)?,
-                    client_id: ClientMsgId::parse(client_id).map_err(corrupt)?,
+                history_message((
+                    seq,
+                    EventId::from_uuid(event_id),
+                    sender,
+                    client_id,
                     body,
-                    at: u64_of(at),
-                })
+                    at,
+                ))
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
         Ok(HistoryPage { messages, has_more })

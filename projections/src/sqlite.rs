@@ -10,13 +10,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use async_trait::async_trait;
-use parley_events::protocol::HistoryMessage;
 use parley_events::{ConversationId, Event, EventId, Member, RecordedEvent, Role, UserId};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use std::sync::Mutex;
 
 use crate::columns::{
-    corrupt, i64_of, kind_str, parse_kind, parse_member, parse_role, parse_user, u64_of,
+    corrupt, history_message, i64_of, kind_str, parse_kind, parse_member, parse_role, u64_of,
     unavailable,
 };
 use crate::store::{
@@ -441,14 +440,8 @@ impl ConversationStore for SqliteStore {
                 .into_iter()
                 .take(limit as usize)
                 .map(|(seq, event_id, sender, client_id, body, at)| {
-                    Ok(HistoryMessage {
-                        seq: u64_of(seq),
-                        id: event_id.parse::<EventId>().map_err(corrupt)?,
-                        sender: parse_user(sender)?,
-                        client_id: parley_events::ClientMsgId::parse(client_id).map_err(corrupt)?,
-                        body,
-                        at: u64_of(at),
-                    })
+                    let id = event_id.parse::<EventId>().map_err(corrupt)?;
+                    history_message((seq, id, sender, client_id, body, at))
                 })
                 .collect::<Result<Vec<_>, StoreError>>()?;
             Ok(HistoryPage { messages, has_more })

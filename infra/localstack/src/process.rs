@@ -29,7 +29,7 @@ pub(crate) const LOOPBACK: Ipv4Addr = Ipv4Addr::LOCALHOST;
 /// Asks the kernel for a free loopback port: binds `127.0.0.1:0`, reads the port, closes the
 /// listener. Another process may take the port before the server binds it; callers retry
 /// (see [`start_with_retry`]).
-pub(crate) fn free_port() -> Result<u16, LocalError> {
+pub fn free_port() -> Result<u16, LocalError> {
     let listener = TcpListener::bind((LOOPBACK, 0))
         .map_err(LocalError::io("binding 127.0.0.1:0 to find a free port"))?;
     let port = listener
@@ -201,7 +201,7 @@ pub(crate) fn kill_and_reap(child: &mut Child) {
 }
 
 /// The last lines the process wrote to its log since `offset`.
-pub(crate) fn log_tail(path: &Path, offset: u64) -> String {
+pub fn log_tail(path: &Path, offset: u64) -> String {
     let read = || -> std::io::Result<String> {
         let mut file = File::open(path)?;
         let len = file.metadata()?.len();
