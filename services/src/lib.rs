@@ -15,6 +15,7 @@
 
 pub mod admin;
 pub mod auth;
+mod backoff;
 pub mod config;
 pub mod gateway;
 pub mod handler;

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::admin::{self, Readiness};
+use crate::backoff::Backoff;
 use crate::config::{Config, StoreKind};
 use crate::gateway::Gateway;
 use crate::handler::Handler;
@@ -170,7 +171,7 @@ async fn open_store_patiently(
     readiness: &Readiness,
     shutdown: &CancellationToken,
 ) -> Result<Option<Arc<dyn ConversationStore>>, NodeError> {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(projector::MAX_BACKOFF);
     loop {
         match open_store(config).await {
             Ok(store) => {
@@ -178,7 +179,7 @@ async fn open_store_patiently(
                 return Ok(Some(store));
             }
             Err(NodeError::Store(e)) if e.kind == StoreErrorKind::Unavailable => {
-                warn!(error = %e, retry_in = ?backoff, "cannot reach the conversation store; not ready, retrying");
+                warn!(error = %e, retry_in = ?backoff.delay(), "cannot reach the conversation store; not ready, retrying");
                 metrics::counter!(telemetry::STORE_ERRORS_TOTAL, "kind" => e.kind.as_str())
                     .increment(1);
                 readiness.set(STORE_READY_CHECK, Err(e.to_string()));
@@ -188,11 +189,9 @@ async fn open_store_patiently(
                 return Err(e);
             }
         }
-        tokio::select! {
-            () = shutdown.cancelled() => return Ok(None),
-            () = tokio::time::sleep(backoff) => {}
+        if !backoff.wait(shutdown).await {
+            return Ok(None);
         }
-        backoff = (backoff * 2).min(projector::MAX_BACKOFF);
     }
 }
 

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::admin::Readiness;
+use crate::backoff::Backoff;
 use crate::config::{Config, Secret};
 use crate::telemetry;
 use crate::topology::Topology;
@@ -87,7 +88,7 @@ impl Projector {
 
     /// Project until `shutdown`, retrying with backoff whatever fails.
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(MAX_BACKOFF);
         loop {
             let attempt = self
                 .project(&shutdown)
@@ -98,15 +99,13 @@ impl Projector {
                 Err(e) => {
                     metrics::counter!(telemetry::PROJECTOR_ERRORS_TOTAL, "kind" => e.kind())
                         .increment(1);
-                    error!(error = %e, retry_in = ?backoff, "projection stopped");
+                    error!(error = %e, retry_in = ?backoff.delay(), "projection stopped");
                     self.readiness.set(READY_CHECK, Err(e.to_string()));
                 }
             }
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(backoff) => {}
+            if !backoff.wait(&shutdown).await {
+                return;
             }
-            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
 
@@ -222,7 +221,7 @@ impl Projector {
         shutdown: &CancellationToken,
     ) -> Result<bool, ProjectorError> {
         let store_kind = self.config.projector.store.kind.as_str();
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(MAX_APPLY_BACKOFF);
         loop {
             let position = if verify {
                 self.store.position().await.map(Some)
@@ -258,17 +257,15 @@ impl Projector {
                         .increment(1);
                     metrics::counter!(telemetry::PROJECTOR_APPLY_RETRIES_TOTAL, "store" => store_kind)
                         .increment(1);
-                    warn!(error = %e, retry_in = ?backoff, "cannot write to the conversation store; the batch stays unacknowledged and is retried");
+                    warn!(error = %e, retry_in = ?backoff.delay(), "cannot write to the conversation store; the batch stays unacknowledged and is retried");
                     self.readiness.set(READY_CHECK, Err(e.to_string()));
                     verify = true;
                 }
                 Err(e) => return Err(e.into()),
             }
-            tokio::select! {
-                () = shutdown.cancelled() => return Ok(false),
-                () = tokio::time::sleep(backoff) => {}
+            if !backoff.wait(shutdown).await {
+                return Ok(false);
             }
-            backoff = (backoff * 2).min(MAX_APPLY_BACKOFF);
         }
         self.readiness.set(READY_CHECK, Ok(()));
         metrics::histogram!(telemetry::PROJECTOR_BATCH_EVENTS).record(events.len() as f64);
@@ -291,18 +288,16 @@ pub async fn run_presence(
     readiness: Readiness,
     shutdown: CancellationToken,
 ) -> Result<(), async_nats::SubscribeError> {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(MAX_BACKOFF);
     let store = loop {
         match PresenceStore::connect(redis_url.expose()).await {
             Ok(store) => break store,
             Err(e) => {
-                warn!(error = %e, retry_in = ?backoff, "cannot reach Redis for presence");
+                warn!(error = %e, retry_in = ?backoff.delay(), "cannot reach Redis for presence");
                 readiness.set(PRESENCE_READY_CHECK, Err(e.to_string()));
-                tokio::select! {
-                    () = shutdown.cancelled() => return Ok(()),
-                    () = tokio::time::sleep(backoff) => {}
+                if !backoff.wait(&shutdown).await {
+                    return Ok(());
                 }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
     };

@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::admin::Readiness;
+use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::telemetry;
 use crate::topology::{self, Topology};
@@ -271,7 +272,7 @@ async fn intake_commands_again(
     inner: &Inner,
     shutdown: &CancellationToken,
 ) -> Option<pull::Stream> {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(MAX_INTAKE_BACKOFF);
     loop {
         match intake_commands(inner).await {
             Ok(commands) => {
@@ -279,14 +280,12 @@ async fn intake_commands_again(
                 return Some(commands);
             }
             Err(e) => {
-                warn!(error = %e, retry_in = ?backoff, "cannot set up the intake consumer yet")
+                warn!(error = %e, retry_in = ?backoff.delay(), "cannot set up the intake consumer yet")
             }
         }
-        tokio::select! {
-            () = shutdown.cancelled() => return None,
-            () = tokio::time::sleep(backoff) => {}
+        if !backoff.wait(shutdown).await {
+            return None;
         }
-        backoff = (backoff * 2).min(MAX_INTAKE_BACKOFF);
     }
 }
 
