@@ -5,7 +5,8 @@
 #   cassandra-node --version
 #   cassandra-node run DIR NATIVE_PORT STORAGE_PORT OWNER_PID
 #
-# `run` writes a loopback-only configuration into DIR, starts the JVM (1 GiB heap) in the
+# `run` writes a loopback-only configuration into DIR (plus DIR/conf/cassandra-extra.yaml,
+# when the caller wrote one), starts the JVM (1 GiB heap) in the
 # background and watches OWNER_PID, the test process: when the owner is gone without having
 # stopped the node (a test binary's process-wide node is never dropped; a test killed by
 # SIGKILL runs no destructor), it kills the JVM and deletes DIR, so no java process or data
@@ -59,6 +60,10 @@ hinted_handoff_enabled: false
 auto_snapshot: false
 diagnostic_events_enabled: false
 YAML
+# Settings the caller adds (client-to-node TLS for the TLS tests).
+if [ -f "$DIR/conf/cassandra-extra.yaml" ]; then
+    cat "$DIR/conf/cassandra-extra.yaml" >>"$DIR/conf/cassandra.yaml"
+fi
 
 cat >"$DIR/conf/logback.xml" <<'XML'
 <configuration>

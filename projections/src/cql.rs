@@ -36,6 +36,7 @@ use crate::columns::{
     corrupt, history_message, i64_of, kind_str, parse_kind, parse_member, parse_role, schema,
     u64_of, unavailable,
 };
+use crate::cql_tls::CqlTls;
 use crate::store::{
     ConversationStore, ConversationView, HistoryPage, InboxEntry, StoreError, StoreErrorKind,
 };
@@ -54,7 +55,7 @@ const BATCH_ROWS: usize = 64;
 const POSITION_NAME: &str = "conversations";
 
 /// Where and how to reach the CQL cluster.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct CqlOptions {
     /// `host:port` of some nodes; the driver discovers the rest.
     pub contact_points: Vec<String>,
@@ -69,11 +70,27 @@ pub struct CqlOptions {
     pub consistency: Consistency,
     pub username: Option<String>,
     pub password: Option<String>,
+    /// `None`: plaintext connections.
+    pub tls: Option<CqlTls>,
     pub request_timeout: Duration,
     /// Statements of one batch in flight at once.
     pub max_in_flight: usize,
     /// See [`DEFAULT_HISTORY_BUCKET_SEQS`]; fixed when the keyspace is first set up.
     pub history_bucket_seqs: u64,
+}
+
+/// Leaves the password out, so options can be logged.
+impl std::fmt::Debug for CqlOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CqlOptions")
+            .field("contact_points", &self.contact_points)
+            .field("keyspace", &self.keyspace)
+            .field("local_datacenter", &self.local_datacenter)
+            .field("consistency", &self.consistency)
+            .field("username", &self.username)
+            .field("tls", &self.tls)
+            .finish_non_exhaustive()
+    }
 }
 
 impl CqlOptions {
@@ -88,6 +105,7 @@ impl CqlOptions {
             consistency: Consistency::LocalQuorum,
             username: None,
             password: None,
+            tls: None,
             request_timeout: Duration::from_secs(5),
             max_in_flight: 128,
             history_bucket_seqs: DEFAULT_HISTORY_BUCKET_SEQS,
@@ -280,6 +298,9 @@ impl CqlStore {
             .default_execution_profile_handle(profile.into_handle());
         if let Some(user) = &options.username {
             builder = builder.user(user, options.password.clone().unwrap_or_default());
+        }
+        if let Some(tls) = &options.tls {
+            builder = builder.tls_context(Some(Arc::new(tls.client_config()?)));
         }
         let session = builder.build().await?;
         let dialect = detect_dialect(&session).await?;

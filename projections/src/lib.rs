@@ -5,7 +5,7 @@
 //!   (embedded SQLite here; ScyllaDB beside it), and the read types it returns.
 //! - [`sqlite`]: the embedded store, one file on one machine.
 //! - [`cql`]: the production store, ScyllaDB (or another CQL server) through the `scylla`
-//!   driver.
+//!   driver; [`cql_tls`] sets up its optional TLS.
 //! - [`presence`]: online/offline/last-seen records in Redis, with expiry.
 //!
 //! Invariants: applying an event is idempotent and order-insensitive (a row only changes
@@ -16,11 +16,13 @@
 
 mod columns;
 pub mod cql;
+pub mod cql_tls;
 pub mod presence;
 pub mod sqlite;
 pub mod store;
 
 pub use cql::{Consistency, CqlOptions, CqlStore};
+pub use cql_tls::{ClientCert, CqlTls};
 pub use presence::{PresenceError, PresenceStore, UserPresence};
 pub use sqlite::SqliteStore;
 pub use store::{

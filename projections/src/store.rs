@@ -13,6 +13,9 @@ pub enum StoreErrorKind {
     Schema,
     /// Stored data could not be read back.
     Corrupt,
+    /// The store's settings cannot work as given (an unreadable or invalid TLS file);
+    /// retrying cannot help.
+    Config,
 }
 
 impl StoreErrorKind {
@@ -22,6 +25,7 @@ impl StoreErrorKind {
             StoreErrorKind::Unavailable => "unavailable",
             StoreErrorKind::Schema => "schema",
             StoreErrorKind::Corrupt => "corrupt",
+            StoreErrorKind::Config => "config",
         }
     }
 }

@@ -12,14 +12,12 @@
 //! The CQL store runs with history buckets of 4 log sequences here, so every history test
 //! crosses bucket boundaries many times.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use parley_events::{
-    ClientMsgId, CommandId, ConversationCreated, ConversationId, ConversationKind, Event,
-    EventEnvelope, EventId, Member, MessagePosted, RecordedEvent, Role, UserId,
+    ConversationId, ConversationKind, Event, EventEnvelope, Member, RecordedEvent, Role,
 };
 use parley_localstack::CassandraNode;
 use parley_projections::{
@@ -28,96 +26,10 @@ use parley_projections::{
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 
+mod support;
+use support::{direct, group, log_with, user};
+
 const TEST_BUCKET_SEQS: u64 = 4;
-
-fn user(name: &str) -> UserId {
-    UserId::parse(name).unwrap()
-}
-
-fn direct() -> ConversationId {
-    ConversationId::direct(&user("alice"), &user("bob"))
-}
-
-fn group() -> ConversationId {
-    ConversationId::from_uuid(uuid::Uuid::from_u128(7))
-}
-
-fn envelope(
-    conversation: ConversationId,
-    actor: &str,
-    n: u64,
-    prev: u64,
-    event: Event,
-) -> EventEnvelope {
-    let command =
-        CommandId::from_client(&user(actor), &ClientMsgId::parse(format!("c{n}")).unwrap());
-    EventEnvelope {
-        id: EventId::derive(command, 0, 1_700_000_000_000 + n),
-        conversation,
-        prev,
-        command,
-        actor: user(actor),
-        at: 1_700_000_000_000 + n,
-        event,
-    }
-}
-
-/// A log of a direct conversation and a group, with `messages` interleaved messages each.
-fn log_with(messages: u32) -> Vec<RecordedEvent> {
-    let created = |kind, title: Option<&str>, members: &[(&str, Role)]| {
-        Event::ConversationCreated(ConversationCreated {
-            kind,
-            title: title.map(str::to_owned),
-            members: members
-                .iter()
-                .map(|(u, role)| Member {
-                    user: user(u),
-                    role: *role,
-                })
-                .collect(),
-        })
-    };
-    let posted = |n: u32, body: &str| {
-        Event::MessagePosted(MessagePosted {
-            client_id: ClientMsgId::parse(format!("m{n}")).unwrap(),
-            body: body.into(),
-        })
-    };
-    let mut events = Vec::new();
-    let mut last = HashMap::new();
-    let mut push = |conversation: ConversationId, actor: &str, event: Event| {
-        let seq = events.len() as u64 + 1;
-        let prev = last.insert(conversation, seq).unwrap_or(0);
-        events.push(envelope(conversation, actor, seq, prev, event).recorded(seq));
-    };
-    push(
-        direct(),
-        "alice",
-        created(
-            ConversationKind::Direct,
-            None,
-            &[("alice", Role::Member), ("bob", Role::Member)],
-        ),
-    );
-    push(
-        group(),
-        "carol",
-        created(
-            ConversationKind::Group,
-            Some("team"),
-            &[("carol", Role::Owner), ("alice", Role::Member)],
-        ),
-    );
-    for n in 0..messages {
-        push(
-            direct(),
-            if n % 2 == 0 { "alice" } else { "bob" },
-            posted(n, &format!("direct {n}")),
-        );
-        push(group(), "carol", posted(100_000 + n, &format!("group {n}")));
-    }
-    events
-}
 
 /// The small log most tests use: 14 events.
 fn log() -> Vec<RecordedEvent> {

@@ -348,6 +348,8 @@ pub struct ScyllaConfig {
     pub consistency: ConsistencyLevel,
     pub username: Option<String>,
     pub password: Option<Secret>,
+    /// TLS to every node; plaintext unless `tls.enabled`.
+    pub tls: CqlTlsConfig,
     /// Client-side timeout of one request (retries of idempotent statements included).
     pub request_timeout_secs: u64,
     /// Statements of one projector batch in flight at once.
@@ -365,6 +367,7 @@ impl Default for ScyllaConfig {
             consistency: ConsistencyLevel::LocalQuorum,
             username: None,
             password: None,
+            tls: CqlTlsConfig::default(),
             request_timeout_secs: 5,
             max_in_flight: 128,
         }
@@ -383,9 +386,67 @@ impl ScyllaConfig {
         options.consistency = self.consistency.cql();
         options.username = self.username.clone();
         options.password = self.password.as_ref().map(|p| p.expose().to_owned());
+        options.tls = self.tls.enabled.then(|| self.tls.options());
         options.request_timeout = Duration::from_secs(self.request_timeout_secs);
         options.max_in_flight = self.max_in_flight;
         options
+    }
+}
+
+/// TLS to the CQL cluster. The files are read when the store opens; one that is missing or
+/// malformed stops the node at start. See `docs/storage.md`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CqlTlsConfig {
+    pub enabled: bool,
+    /// PEM file of the CAs the nodes' certificates must chain to. Unset: the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// PEM certificate chain this client presents, for clusters that require client
+    /// certificates; goes with `key_file`.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`.
+    pub key_file: Option<PathBuf>,
+    /// The DNS name every node's certificate carries. Unset: each node's certificate must
+    /// carry that node's IP address.
+    pub server_name: Option<String>,
+}
+
+impl CqlTlsConfig {
+    fn options(&self) -> parley_projections::CqlTls {
+        parley_projections::CqlTls {
+            ca_file: self.ca_file.clone(),
+            client_cert: self.cert_file.clone().zip(self.key_file.clone()).map(
+                |(cert_file, key_file)| parley_projections::ClientCert {
+                    cert_file,
+                    key_file,
+                },
+            ),
+            server_name: self.server_name.clone(),
+        }
+    }
+
+    fn problems(&self, require: &mut impl FnMut(bool, &str)) {
+        let files = [&self.ca_file, &self.cert_file, &self.key_file];
+        require(
+            self.enabled || (files.iter().all(|f| f.is_none()) && self.server_name.is_none()),
+            "projector.store.scylla.tls settings are given but projector.store.scylla.tls.enabled is false: connections would be plaintext",
+        );
+        require(
+            self.cert_file.is_some() == self.key_file.is_some(),
+            "projector.store.scylla.tls.cert_file and projector.store.scylla.tls.key_file go together: set both or neither",
+        );
+        require(
+            files
+                .iter()
+                .all(|f| f.as_ref().is_none_or(|p| !p.as_os_str().is_empty())),
+            "projector.store.scylla.tls file paths must not be empty (leave a key out instead)",
+        );
+        require(
+            self.server_name
+                .as_deref()
+                .is_none_or(parley_projections::cql_tls::is_valid_server_name),
+            "projector.store.scylla.tls.server_name must be a DNS name such as scylla.example.internal",
+        );
     }
 }
 
@@ -633,6 +694,7 @@ impl Config {
                 scylla.password.is_none() || scylla.username.is_some(),
                 "projector.store.scylla.password needs projector.store.scylla.username",
             );
+            scylla.tls.problems(&mut require);
         }
         if problems.is_empty() {
             Ok(())
@@ -864,9 +926,86 @@ mod tests {
             !format!("{config:?}").contains("12345"),
             "the password is never shown"
         );
+        assert!(
+            !format!("{options:?}").contains("12345"),
+            "nor in the store's options"
+        );
         let err =
             Config::load(None, env(&[("PARLEY_PROJECTOR__STORE__KIND", "scylla")])).unwrap_err();
         assert!(err.to_string().contains("contact_points"), "{err}");
+    }
+
+    #[test]
+    fn cql_tls_is_configured_from_the_environment() {
+        let config = Config::load(
+            None,
+            env(&[
+                ("PARLEY_PROJECTOR__STORE__KIND", "scylla"),
+                (
+                    "PARLEY_PROJECTOR__STORE__SCYLLA__CONTACT_POINTS",
+                    "[\"10.0.0.1:9042\"]",
+                ),
+                ("PARLEY_PROJECTOR__STORE__SCYLLA__TLS__ENABLED", "true"),
+                (
+                    "PARLEY_PROJECTOR__STORE__SCYLLA__TLS__CA_FILE",
+                    "/etc/parley/cql-ca.pem",
+                ),
+                (
+                    "PARLEY_PROJECTOR__STORE__SCYLLA__TLS__CERT_FILE",
+                    "/etc/parley/cql.pem",
+                ),
+                (
+                    "PARLEY_PROJECTOR__STORE__SCYLLA__TLS__KEY_FILE",
+                    "/etc/parley/cql-key.pem",
+                ),
+                (
+                    "PARLEY_PROJECTOR__STORE__SCYLLA__TLS__SERVER_NAME",
+                    "scylla.internal",
+                ),
+            ]),
+        )
+        .unwrap();
+        let tls = config.projector.store.scylla.options().tls.unwrap();
+        assert_eq!(
+            tls.ca_file.as_deref(),
+            Some(Path::new("/etc/parley/cql-ca.pem"))
+        );
+        let client = tls.client_cert.unwrap();
+        assert_eq!(client.cert_file, Path::new("/etc/parley/cql.pem"));
+        assert_eq!(client.key_file, Path::new("/etc/parley/cql-key.pem"));
+        assert_eq!(tls.server_name.as_deref(), Some("scylla.internal"));
+
+        let plaintext = Config::from_toml(
+            "[projector.store]\nkind = \"scylla\"\n[projector.store.scylla]\ncontact_points = [\"10.0.0.1:9042\"]\n",
+        )
+        .unwrap();
+        assert_eq!(plaintext.projector.store.scylla.options().tls, None);
+    }
+
+    #[test]
+    fn wrong_cql_tls_settings_are_refused_with_every_problem_listed() {
+        let scylla = "[projector.store]\nkind = \"scylla\"\n[projector.store.scylla]\ncontact_points = [\"10.0.0.1:9042\"]\n[projector.store.scylla.tls]\n";
+        let err = Config::from_toml(&format!(
+            "{scylla}enabled = true\ncert_file = \"/etc/parley/cql.pem\"\nca_file = \"\"\nserver_name = \"not a name\"\n"
+        ))
+        .unwrap_err();
+        let text = err.to_string();
+        for expected in [
+            "tls.cert_file and projector.store.scylla.tls.key_file go together",
+            "tls file paths must not be empty",
+            "tls.server_name must be a DNS name",
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in {text}");
+        }
+
+        let err = Config::from_toml(&format!("{scylla}ca_file = \"/etc/parley/cql-ca.pem\"\n"))
+            .unwrap_err();
+        assert!(err.to_string().contains("tls.enabled is false"), "{err}");
+
+        let err = Config::from_toml(&format!("{scylla}enabled = \"yes\"\n")).unwrap_err();
+        assert!(err.to_string().contains("enabled"), "{err}");
+        let err = Config::from_toml(&format!("{scylla}verify = false\n")).unwrap_err();
+        assert!(err.to_string().contains("verify"), "{err}");
     }
 
     #[test]

@@ -85,6 +85,15 @@ pub enum NodeError {
     Admin(std::io::Error),
 }
 
+/// Makes ring the process's rustls crypto provider. rustls cannot pick one by itself here:
+/// ring and aws-lc-rs are both compiled in (the CQL driver's TLS brings the second), and
+/// async-nats builds its TLS configuration for `tls://` URLs from the process default. The
+/// CQL store names ring itself.
+fn install_tls_provider() {
+    // An error means a provider is installed already (by an earlier call); it stays.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// Connect to NATS as configured; retries the first connection for a while, so roles can
 /// start before the server does.
 pub async fn connect_nats(
@@ -122,6 +131,7 @@ pub async fn connect_nats(
                 }
             }
         });
+    install_tls_provider();
     if let Some(creds) = &config.nats.credentials_file {
         options = options
             .credentials_file(creds)
@@ -344,4 +354,16 @@ pub async fn run(
     // Publishes still buffered in the client go out before the process ends.
     let _ = client.flush().await;
     first_failure.map_or(Ok(()), Err)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tls_client_configurations_can_be_built_once_the_provider_is_installed() {
+        super::install_tls_provider();
+        super::install_tls_provider();
+        assert!(rustls::crypto::CryptoProvider::get_default().is_some());
+        // What async-nats does for a `tls://` URL; it panics without a process default.
+        drop(rustls::ClientConfig::builder());
+    }
 }

@@ -1,6 +1,6 @@
 //! The roles on the CQL store, on a local Cassandra node: a chat carried end to end, a wrong
-//! keyspace or schema refused at start, the store unreachable at start, and the node
-//! killed with `kill -9` in the middle of projecting.
+//! keyspace or schema refused at start, unusable TLS files refused at start, the store
+//! unreachable at start, and the node killed with `kill -9` in the middle of projecting.
 //!
 //! One node serves this test binary (starting one takes ~10 s); the tests take turns on it,
 //! each in its own keyspace. Without Java the tests print `skipped: ...`, unless CI or
@@ -173,6 +173,23 @@ async fn a_wrong_keyspace_or_a_newer_schema_stops_the_node_at_start_and_writes_n
         .unwrap()
         .rows_num();
     assert_eq!(position, 0, "nothing was projected");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unusable_cql_tls_files_stop_the_node_at_start() {
+    // No node needed: the files are read before any connection is tried.
+    let (_nats, _redis, mut config) = servers();
+    let store = &mut config.projector.store;
+    store.kind = StoreKind::Scylla;
+    store.scylla.contact_points = vec!["127.0.0.1:1".into()];
+    store.scylla.tls.enabled = true;
+    let missing = std::env::temp_dir().join("parley-no-such-cql-ca.pem");
+    store.scylla.tls.ca_file = Some(missing.clone());
+    let err = run_projector(config).await.unwrap_err().to_string();
+    assert!(
+        err.contains("config") && err.contains(&missing.display().to_string()),
+        "{err}"
+    );
 }
 
 async fn readyz(address: std::net::SocketAddr) -> (u16, serde_json::Value) {

@@ -22,6 +22,8 @@ pub const CASSANDRA_MIN_VERSION: &str = "5.0.0";
 
 const NAME: &str = "cassandra-node";
 const LOG_FILE: &str = "node.log";
+/// Appended by the launcher to the `cassandra.yaml` it writes (see `infra/cassandra-node.sh`).
+const EXTRA_CONFIG: &str = "conf/cassandra-extra.yaml";
 /// A cold JVM plus Cassandra's start-up is about 10 s here; on a loaded two-core CI
 /// machine several times that.
 const START_TIMEOUT: Duration = Duration::from_secs(180);
@@ -34,6 +36,33 @@ pub fn cql_required() -> bool {
         .any(|name| std::env::var_os(name).is_some_and(|v| !v.is_empty()))
 }
 
+/// Client-to-node TLS for a test node, through Cassandra's PEM-based SSL context: the native
+/// port then speaks TLS only.
+#[derive(Debug, Clone)]
+pub struct NodeTls {
+    /// PEM file with the node's unencrypted PKCS#8 private key followed by its certificate
+    /// chain, leaf first.
+    pub keystore: PathBuf,
+    /// PEM file of the CA certificates a client certificate must chain to.
+    pub truststore: PathBuf,
+    /// Whether clients must present a certificate signed by a CA of `truststore`.
+    pub require_client_auth: bool,
+}
+
+impl NodeTls {
+    fn yaml(&self) -> String {
+        format!(
+            "client_encryption_options:\n  enabled: true\n  optional: false\n  \
+             require_client_auth: {}\n  keystore: {}\n  truststore: {}\n  \
+             ssl_context_factory:\n    \
+             class_name: org.apache.cassandra.security.PEMBasedSslContextFactory\n",
+            self.require_client_auth,
+            self.keystore.display(),
+            self.truststore.display()
+        )
+    }
+}
+
 /// A running (or killed) single-node Cassandra on `127.0.0.1`, with its data in a temporary
 /// directory removed on drop together with the JVM.
 pub struct CassandraNode {
@@ -41,6 +70,7 @@ pub struct CassandraNode {
     binary: PathBuf,
     native_port: u16,
     storage_port: u16,
+    tls: bool,
     version: String,
     dir: PathBuf,
     /// Declared last so it drops after the process is gone.
@@ -58,10 +88,15 @@ impl std::fmt::Debug for CassandraNode {
 }
 
 impl CassandraNode {
-    /// Finds `cassandra-node` (see [`find_binary`]) and starts a node on free ports,
-    /// returning once it answers a CQL `OPTIONS` request. Blocks for the start-up: about
-    /// 10 s on an idle machine, at most [`START_TIMEOUT`].
+    /// Finds `cassandra-node` (see [`find_binary`]) and starts a plaintext node on free
+    /// ports, returning once it answers a CQL `OPTIONS` request. Blocks for the start-up:
+    /// about 10 s on an idle machine, at most [`START_TIMEOUT`].
     pub fn start() -> Result<CassandraNode, LocalError> {
+        CassandraNode::start_with(None)
+    }
+
+    /// [`start`](Self::start), with the native port speaking TLS only when `tls` is given.
+    pub fn start_with(tls: Option<&NodeTls>) -> Result<CassandraNode, LocalError> {
         let binary = find_binary(NAME)?;
         let version = binary_version(&binary)?;
         require_version(&binary, &version, CASSANDRA_MIN_VERSION)?;
@@ -74,10 +109,19 @@ impl CassandraNode {
             binary,
             native_port,
             storage_port,
+            tls: tls.is_some(),
             version,
             dir,
             _temp: temp,
         };
+        if let Some(tls) = tls {
+            let extra = node.dir.join(EXTRA_CONFIG);
+            let conf = extra.parent().unwrap_or(&node.dir);
+            std::fs::create_dir_all(conf)
+                .map_err(LocalError::io(format!("creating {}", conf.display())))?;
+            std::fs::write(&extra, tls.yaml())
+                .map_err(LocalError::io(format!("writing {}", extra.display())))?;
+        }
         node.run()?;
         Ok(node)
     }
@@ -86,8 +130,13 @@ impl CassandraNode {
     /// can be started here, unless the CQL tests are required ([`cql_required`]): then it
     /// panics, so CI never passes without having run them.
     pub fn start_or_skip(what: &str) -> Option<CassandraNode> {
+        CassandraNode::start_with_or_skip(what, None)
+    }
+
+    /// [`start_or_skip`](Self::start_or_skip) with [`start_with`](Self::start_with)'s TLS.
+    pub fn start_with_or_skip(what: &str, tls: Option<&NodeTls>) -> Option<CassandraNode> {
         let started = std::time::Instant::now();
-        match CassandraNode::start() {
+        match CassandraNode::start_with(tls) {
             Ok(node) => {
                 eprintln!(
                     "{what}: Cassandra {} at {} started in {:.1} s",
@@ -130,9 +179,15 @@ impl CassandraNode {
             OsStr::new(&owner),
         ];
         let mut spawned = process::spawn(&self.binary, &args, &self.dir, &log)?;
-        let port = self.native_port;
+        let (port, tls) = (self.native_port, self.tls);
         process::wait_ready_within(NAME, &mut spawned, &log, START_TIMEOUT, |left| {
-            answers_cql(port, left)
+            // The probe speaks no TLS; the native port opens last in start-up, so a port that
+            // accepts is a node that serves.
+            if tls {
+                probe_connect(port, left).is_some()
+            } else {
+                answers_cql(port, left)
+            }
         })?;
         self.launcher = Some(spawned);
         tracing::debug!(contact_point = %self.contact_point(), "cassandra ready");

@@ -57,7 +57,7 @@ mod process;
 mod redis;
 
 pub use binary::find_binary;
-pub use cassandra::{CASSANDRA_MIN_VERSION, CassandraNode, cql_required};
+pub use cassandra::{CASSANDRA_MIN_VERSION, CassandraNode, NodeTls, cql_required};
 pub use error::LocalError;
 pub use nats::{NATS_MAX_PAYLOAD, NATS_MIN_VERSION, NatsOptions, NatsServer};
 pub use process::{free_port, log_tail};
