@@ -92,8 +92,7 @@ impl SpawnedPlatform {
         let nats = NatsServer::start(NatsOptions {
             jetstream: true,
             sync_always: options.durability == Durability::Always,
-            data_dir: None,
-            port: None,
+            ..NatsOptions::default()
         })?;
         let redis = RedisServer::start(RedisOptions::default())?;
         let store = tempfile::tempdir().map_err(LoadtestError::io("store directory"))?;

@@ -36,10 +36,10 @@ use crate::columns::{
     corrupt, history_message, i64_of, kind_str, parse_kind, parse_member, parse_role, schema,
     u64_of, unavailable,
 };
-use crate::cql_tls::CqlTls;
 use crate::store::{
     ConversationStore, ConversationView, HistoryPage, InboxEntry, StoreError, StoreErrorKind,
 };
+use crate::tls::TlsClient;
 
 /// Schema version this build writes, kept in the keyspace's `schema_version` table.
 pub const SCHEMA_VERSION: i32 = 1;
@@ -71,7 +71,7 @@ pub struct CqlOptions {
     pub username: Option<String>,
     pub password: Option<String>,
     /// `None`: plaintext connections.
-    pub tls: Option<CqlTls>,
+    pub tls: Option<TlsClient>,
     pub request_timeout: Duration,
     /// Statements of one batch in flight at once.
     pub max_in_flight: usize,

@@ -5,8 +5,9 @@
 //!   (embedded SQLite here; ScyllaDB beside it), and the read types it returns.
 //! - [`sqlite`]: the embedded store, one file on one machine.
 //! - [`cql`]: the production store, ScyllaDB (or another CQL server) through the `scylla`
-//!   driver; [`cql_tls`] sets up its optional TLS.
+//!   driver.
 //! - [`presence`]: online/offline/last-seen records in Redis, with expiry.
+//! - [`tls`]: TLS client settings from PEM files, for the CQL cluster, Redis and NATS.
 //!
 //! Invariants: applying an event is idempotent and order-insensitive (a row only changes
 //! when the incoming event is newer than what it holds), and a store's position in the log
@@ -16,15 +17,15 @@
 
 mod columns;
 pub mod cql;
-pub mod cql_tls;
 pub mod presence;
 pub mod sqlite;
 pub mod store;
+pub mod tls;
 
 pub use cql::{Consistency, CqlOptions, CqlStore};
-pub use cql_tls::{ClientCert, CqlTls};
-pub use presence::{PresenceError, PresenceStore, UserPresence};
+pub use presence::{PresenceClient, PresenceError, PresenceStore, UserPresence};
 pub use sqlite::SqliteStore;
 pub use store::{
     ConversationStore, ConversationView, HistoryPage, InboxEntry, StoreError, StoreErrorKind,
 };
+pub use tls::{ClientCert, TlsClient, TlsError};

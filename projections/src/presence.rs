@@ -12,10 +12,19 @@
 use parley_events::UserId;
 use parley_events::presence::{ConnectionState, PresenceUpdate};
 use redis::aio::ConnectionManager;
+use redis::{ConnectionAddr, IntoConnectionInfo};
+
+use crate::tls::{self, TlsClient, TlsError};
 
 #[derive(Debug, thiserror::Error)]
-#[error("presence store: {0}")]
-pub struct PresenceError(#[from] redis::RedisError);
+pub enum PresenceError {
+    /// Redis did not answer, or answered with an error; retrying later can succeed.
+    #[error("presence store: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// The TLS settings cannot work; retrying cannot help.
+    #[error("presence store: {0}")]
+    Tls(#[from] TlsError),
+}
 
 /// A user's presence as read from Redis.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +40,10 @@ impl UserPresence {
         self.connections > 0
     }
 }
+
+/// Where Redis is and how to reach it, checked but not connected yet.
+#[derive(Debug, Clone)]
+pub struct PresenceClient(redis::Client);
 
 #[derive(Clone)]
 pub struct PresenceStore {
@@ -51,10 +64,49 @@ fn last_seen_key(user: &UserId) -> String {
 }
 
 impl PresenceStore {
-    /// Connect to Redis at `url` (`redis://host:port/db`, or `rediss://` for TLS).
-    pub async fn connect(url: &str) -> Result<Self, PresenceError> {
-        let client = redis::Client::open(url)?;
-        let conn = client.get_connection_manager().await?;
+    /// The Redis client for `url` (`redis://host:port/db`, or `rediss://` for TLS). With
+    /// `tls`, the URL must be `rediss://`, and the server is verified against `tls`'s CA
+    /// instead of the system's roots; without it, a `rediss://` URL uses the system's roots.
+    /// Every file is read here, so a bad one fails now rather than at each connection.
+    pub fn client(url: &str, tls: Option<&TlsClient>) -> Result<PresenceClient, PresenceError> {
+        // The redis client builds its TLS configuration from the process default.
+        tls::install_process_provider();
+        let Some(settings) = tls else {
+            return Ok(PresenceClient(redis::Client::open(url)?));
+        };
+        let info = url.into_connection_info()?;
+        if !matches!(info.addr(), ConnectionAddr::TcpTls { .. }) {
+            return Err(TlsError::new("TLS settings for Redis need a rediss:// URL").into());
+        }
+        if settings.server_name.is_some() {
+            return Err(TlsError::new(
+                "Redis is verified against the host of its URL; a server name cannot be set",
+            )
+            .into());
+        }
+        // Checks every file the way the other clients do, with the same messages.
+        settings.client_config()?;
+        let client_tls = match &settings.client_cert {
+            Some(cert) => Some(redis::ClientTlsConfig {
+                client_cert: tls::read(&cert.cert_file)?,
+                client_key: tls::read(&cert.key_file)?,
+            }),
+            None => None,
+        };
+        let root_cert = settings.ca_file.as_deref().map(tls::read).transpose()?;
+        let certificates = redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        };
+        Ok(PresenceClient(redis::Client::build_with_tls(
+            info,
+            certificates,
+        )?))
+    }
+
+    /// Connect with a client from [`client`](Self::client).
+    pub async fn connect(client: &PresenceClient) -> Result<Self, PresenceError> {
+        let conn = client.0.get_connection_manager().await?;
         Ok(PresenceStore { conn })
     }
 

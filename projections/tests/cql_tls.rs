@@ -1,107 +1,33 @@
 //! TLS to the CQL cluster.
 //!
 //! One local Cassandra node per test binary whose native port speaks TLS only and requires a
-//! client certificate, with a test CA made here: the node's certificate carries
-//! `127.0.0.1` and `cql.parley.test`. A second CA, which signed nothing the node trusts,
-//! stands for "the wrong CA". The node always runs locally, also when `PARLEY_TEST_SCYLLA`
+//! client certificate, with a throwaway CA (`parley_localstack::pki`): the node's
+//! certificate carries `127.0.0.1` and `localstack.parley.test`. A second CA, which signed
+//! nothing the node trusts, stands for "the wrong CA". The node always runs locally, also when `PARLEY_TEST_SCYLLA`
 //! names a cluster, because it must trust this test's CA. Without Java the node tests print
 //! `skipped: ...` unless `CI` or `PARLEY_REQUIRE_CQL` is set; the bad-file tests need no node.
 
-use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use parley_localstack::{CassandraNode, NodeTls};
+use parley_localstack::CassandraNode;
+use parley_localstack::pki::{Authority, SERVER_NAME, TestPki};
 use parley_projections::{
-    ClientCert, ConversationStore, CqlOptions, CqlStore, CqlTls, StoreError, StoreErrorKind,
+    ClientCert, ConversationStore, CqlOptions, CqlStore, StoreError, StoreErrorKind, TlsClient,
 };
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
-};
-use tempfile::TempDir;
 
 mod support;
 use support::{direct, group, log_with, user};
 
-const NODE_NAME: &str = "cql.parley.test";
-
-/// A CA and what it signed, as PEM files.
-struct Authority {
-    ca: PathBuf,
-    client: ClientCert,
+fn pki() -> &'static TestPki {
+    static PKI: OnceLock<TestPki> = OnceLock::new();
+    PKI.get_or_init(|| TestPki::new().unwrap())
 }
 
-struct Pki {
-    dir: TempDir,
-    trusted: Authority,
-    foreign: Authority,
-    /// The node's key and certificate chain, signed by `trusted`.
-    node_keystore: PathBuf,
-}
-
-impl Pki {
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
+fn client_cert(authority: &Authority) -> ClientCert {
+    ClientCert {
+        cert_file: authority.client_cert.clone(),
+        key_file: authority.client_key.clone(),
     }
-}
-
-fn write(path: &Path, contents: impl AsRef<[u8]>) {
-    std::fs::write(path, contents).unwrap();
-}
-
-fn ca_params(name: &str) -> CertificateParams {
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.distinguished_name.push(DnType::CommonName, name);
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    params
-}
-
-/// A CA called `name` with a client certificate it signed, written into `dir`; the CA's
-/// issuer is returned to sign more.
-fn authority(dir: &Path, name: &str) -> (Authority, CertifiedIssuer<'static, KeyPair>) {
-    let issuer =
-        CertifiedIssuer::self_signed(ca_params(name), KeyPair::generate().unwrap()).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, format!("parley projector ({name})"));
-    let cert = params.signed_by(&key, &issuer).unwrap();
-    let authority = Authority {
-        ca: dir.join(format!("{name}-ca.pem")),
-        client: ClientCert {
-            cert_file: dir.join(format!("{name}-client.pem")),
-            key_file: dir.join(format!("{name}-client-key.pem")),
-        },
-    };
-    write(&authority.ca, issuer.pem());
-    write(&authority.client.cert_file, cert.pem());
-    write(&authority.client.key_file, key.serialize_pem());
-    (authority, issuer)
-}
-
-fn pki() -> &'static Pki {
-    static PKI: OnceLock<Pki> = OnceLock::new();
-    PKI.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let (trusted, issuer) = authority(dir.path(), "trusted");
-        let (foreign, _) = authority(dir.path(), "foreign");
-        let key = KeyPair::generate().unwrap();
-        let params =
-            CertificateParams::new(vec![NODE_NAME.to_owned(), "127.0.0.1".to_owned()]).unwrap();
-        let cert = params.signed_by(&key, &issuer).unwrap();
-        let node_keystore = dir.path().join("node.pem");
-        write(
-            &node_keystore,
-            format!("{}{}{}", key.serialize_pem(), cert.pem(), issuer.pem()),
-        );
-        Pki {
-            dir,
-            trusted,
-            foreign,
-            node_keystore,
-        }
-    })
 }
 
 /// The process-wide TLS node, started on first use; its launcher kills it and deletes its
@@ -109,18 +35,12 @@ fn pki() -> &'static Pki {
 fn node() -> Option<&'static CassandraNode> {
     static NODE: OnceLock<Option<CassandraNode>> = OnceLock::new();
     NODE.get_or_init(|| {
-        let pki = pki();
-        let tls = NodeTls {
-            keystore: pki.node_keystore.clone(),
-            truststore: pki.trusted.ca.clone(),
-            require_client_auth: true,
-        };
-        CassandraNode::start_with_or_skip("the CQL TLS tests", Some(&tls))
+        CassandraNode::start_with_or_skip("the CQL TLS tests", Some(&pki().server_tls(true)))
     })
     .as_ref()
 }
 
-fn options(contact_point: String, keyspace: &str, tls: Option<CqlTls>) -> CqlOptions {
+fn options(contact_point: String, keyspace: &str, tls: Option<TlsClient>) -> CqlOptions {
     let mut options = CqlOptions::new(vec![contact_point], keyspace);
     options.tls = tls;
     options.request_timeout = std::time::Duration::from_secs(10);
@@ -128,16 +48,19 @@ fn options(contact_point: String, keyspace: &str, tls: Option<CqlTls>) -> CqlOpt
 }
 
 /// TLS that trusts the node's CA and presents the client certificate it signed.
-fn mutual() -> CqlTls {
+fn mutual() -> TlsClient {
     let pki = pki();
-    CqlTls {
+    TlsClient {
         ca_file: Some(pki.trusted.ca.clone()),
-        client_cert: Some(pki.trusted.client.clone()),
+        client_cert: Some(client_cert(&pki.trusted)),
         server_name: None,
     }
 }
 
-async fn open_on_node(keyspace: &str, tls: Option<CqlTls>) -> Option<Result<CqlStore, StoreError>> {
+async fn open_on_node(
+    keyspace: &str,
+    tls: Option<TlsClient>,
+) -> Option<Result<CqlStore, StoreError>> {
     let node = node()?;
     Some(CqlStore::open(&options(node.contact_point(), keyspace, tls)).await)
 }
@@ -174,11 +97,11 @@ async fn the_store_runs_over_mutual_tls() {
 
 #[tokio::test]
 async fn a_configured_server_name_is_what_the_node_certificate_must_carry() {
-    let named = |name: &str| CqlTls {
+    let named = |name: &str| TlsClient {
         server_name: Some(name.to_owned()),
         ..mutual()
     };
-    let Some(opened) = open_on_node("tls_named", Some(named(NODE_NAME))).await else {
+    let Some(opened) = open_on_node("tls_named", Some(named(SERVER_NAME))).await else {
         return;
     };
     opened.unwrap();
@@ -193,7 +116,7 @@ async fn a_configured_server_name_is_what_the_node_certificate_must_carry() {
 
 #[tokio::test]
 async fn a_node_whose_certificate_another_ca_signed_is_refused() {
-    let tls = CqlTls {
+    let tls = TlsClient {
         ca_file: Some(pki().foreign.ca.clone()),
         ..mutual()
     };
@@ -206,7 +129,7 @@ async fn a_node_whose_certificate_another_ca_signed_is_refused() {
 
 #[tokio::test]
 async fn the_node_refuses_a_client_without_a_certificate_it_trusts() {
-    let without = CqlTls {
+    let without = TlsClient {
         client_cert: None,
         ..mutual()
     };
@@ -215,8 +138,8 @@ async fn the_node_refuses_a_client_without_a_certificate_it_trusts() {
     };
     refused(opened);
 
-    let foreign_client = CqlTls {
-        client_cert: Some(pki().foreign.client.clone()),
+    let foreign_client = TlsClient {
+        client_cert: Some(client_cert(&pki().foreign)),
         ..mutual()
     };
     refused(
@@ -236,7 +159,7 @@ async fn a_plaintext_client_is_refused_by_a_tls_node() {
 
 // --- files that cannot work: refused before any connection, as configuration errors ---
 
-async fn config_error(tls: CqlTls) -> String {
+async fn config_error(tls: TlsClient) -> String {
     // Nothing listens on port 1: only an error found before connecting comes back as
     // `Config`.
     match CqlStore::open(&options("127.0.0.1:1".into(), "unused", Some(tls))).await {
@@ -251,7 +174,7 @@ async fn config_error(tls: CqlTls) -> String {
 #[tokio::test]
 async fn a_missing_ca_file_is_a_configuration_error() {
     let missing = pki().path("no-such-ca.pem");
-    let error = config_error(CqlTls {
+    let error = config_error(TlsClient {
         ca_file: Some(missing.clone()),
         ..mutual()
     })
@@ -262,8 +185,8 @@ async fn a_missing_ca_file_is_a_configuration_error() {
 #[tokio::test]
 async fn a_ca_file_without_certificates_is_a_configuration_error() {
     let empty = pki().path("not-a-ca.pem");
-    write(&empty, "this is not PEM\n");
-    let error = config_error(CqlTls {
+    std::fs::write(&empty, "this is not PEM\n").unwrap();
+    let error = config_error(TlsClient {
         ca_file: Some(empty),
         ..mutual()
     })
@@ -274,10 +197,10 @@ async fn a_ca_file_without_certificates_is_a_configuration_error() {
 #[tokio::test]
 async fn a_key_file_without_a_key_is_a_configuration_error() {
     let pki = pki();
-    let error = config_error(CqlTls {
+    let error = config_error(TlsClient {
         client_cert: Some(ClientCert {
-            cert_file: pki.trusted.client.cert_file.clone(),
-            key_file: pki.trusted.client.cert_file.clone(),
+            cert_file: pki.trusted.client_cert.clone(),
+            key_file: pki.trusted.client_cert.clone(),
         }),
         ..mutual()
     })
@@ -288,10 +211,10 @@ async fn a_key_file_without_a_key_is_a_configuration_error() {
 #[tokio::test]
 async fn a_key_that_does_not_match_the_certificate_is_a_configuration_error() {
     let pki = pki();
-    let error = config_error(CqlTls {
+    let error = config_error(TlsClient {
         client_cert: Some(ClientCert {
-            cert_file: pki.trusted.client.cert_file.clone(),
-            key_file: pki.foreign.client.key_file.clone(),
+            cert_file: pki.trusted.client_cert.clone(),
+            key_file: pki.foreign.client_key.clone(),
         }),
         ..mutual()
     })
@@ -301,7 +224,7 @@ async fn a_key_that_does_not_match_the_certificate_is_a_configuration_error() {
 
 #[tokio::test]
 async fn an_invalid_server_name_is_a_configuration_error() {
-    let error = config_error(CqlTls {
+    let error = config_error(TlsClient {
         server_name: Some("not a host name".into()),
         ..mutual()
     })

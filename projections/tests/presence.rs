@@ -1,9 +1,11 @@
-//! Presence in a real Redis: connections, expiry without a word from the gateway, last seen.
+//! Presence in a real Redis: connections, expiry without a word from the gateway, last seen;
+//! and the same over TLS, with a throwaway CA (`parley_localstack::pki`).
 
 use parley_events::UserId;
 use parley_events::presence::{ConnectionState, PresenceUpdate};
+use parley_localstack::pki::{Authority, TestPki};
 use parley_localstack::{RedisOptions, RedisServer};
-use parley_projections::PresenceStore;
+use parley_projections::{ClientCert, PresenceError, PresenceStore, TlsClient};
 
 fn update(user: &str, connection: &str, state: ConnectionState, at: u64) -> PresenceUpdate {
     PresenceUpdate {
@@ -18,7 +20,9 @@ fn update(user: &str, connection: &str, state: ConnectionState, at: u64) -> Pres
 #[tokio::test]
 async fn several_devices_expiry_and_last_seen() {
     let redis = RedisServer::start(RedisOptions::default()).unwrap();
-    let store = PresenceStore::connect(&redis.url()).await.unwrap();
+    let store = PresenceStore::connect(&PresenceStore::client(&redis.url(), None).unwrap())
+        .await
+        .unwrap();
     let alice = UserId::parse("alice").unwrap();
     let now = 1_800_000_000_000;
 
@@ -70,4 +74,110 @@ async fn several_devices_expiry_and_last_seen() {
         .await
         .unwrap();
     assert_eq!((never.online(), never.last_seen), (false, None));
+}
+
+/// TLS trusting `ca`'s CA, presenting `client`'s certificate.
+fn tls(ca: &Authority, client: Option<&Authority>) -> TlsClient {
+    TlsClient {
+        ca_file: Some(ca.ca.clone()),
+        client_cert: client.map(|a| ClientCert {
+            cert_file: a.client_cert.clone(),
+            key_file: a.client_key.clone(),
+        }),
+        server_name: None,
+    }
+}
+
+async fn connect(url: &str, tls: &TlsClient) -> Result<PresenceStore, PresenceError> {
+    PresenceStore::connect(&PresenceStore::client(url, Some(tls))?).await
+}
+
+/// A redis-server that speaks only TLS and requires a client certificate.
+fn tls_redis(pki: &TestPki) -> RedisServer {
+    let redis = RedisServer::start(RedisOptions {
+        tls: Some(pki.server_tls(true)),
+        ..RedisOptions::default()
+    })
+    .unwrap();
+    assert!(redis.url().starts_with("rediss://"), "{}", redis.url());
+    redis
+}
+
+#[tokio::test]
+async fn presence_runs_over_mutual_tls() {
+    let pki = TestPki::new().unwrap();
+    let redis = tls_redis(&pki);
+    let now = 1_800_000_000_000;
+    let store = connect(&redis.url(), &tls(&pki.trusted, Some(&pki.trusted)))
+        .await
+        .unwrap();
+    store
+        .record(&update("alice", "phone", ConnectionState::Open, now))
+        .await
+        .unwrap();
+    let status = store
+        .status(&UserId::parse("alice").unwrap(), now)
+        .await
+        .unwrap();
+    assert_eq!((status.connections, status.last_seen), (1, Some(now)));
+}
+
+/// Each refusal takes the redis client's own connection retries (about 6 s), so each case
+/// is a test of its own and they run side by side.
+async fn assert_refused(settings: impl FnOnce(&TestPki) -> TlsClient) {
+    let pki = TestPki::new().unwrap();
+    let redis = tls_redis(&pki);
+    match connect(&redis.url(), &settings(&pki)).await {
+        Err(PresenceError::Redis(_)) => {}
+        Err(e) => panic!("expected a refused connection, got {e}"),
+        Ok(_) => panic!("expected a refused connection, but it connected"),
+    }
+}
+
+#[tokio::test]
+async fn a_redis_server_the_ca_did_not_sign_is_refused() {
+    assert_refused(|pki| tls(&pki.foreign, Some(&pki.trusted))).await;
+}
+
+#[tokio::test]
+async fn redis_refuses_a_client_without_a_certificate() {
+    assert_refused(|pki| tls(&pki.trusted, None)).await;
+}
+
+#[tokio::test]
+async fn redis_refuses_a_client_certificate_from_a_foreign_ca() {
+    assert_refused(|pki| tls(&pki.trusted, Some(&pki.foreign))).await;
+}
+
+#[tokio::test]
+async fn redis_tls_settings_that_cannot_work_are_refused_before_connecting() {
+    let pki = TestPki::new().unwrap();
+    let mutual = tls(&pki.trusted, Some(&pki.trusted));
+    let refused = |url: &str, settings: &TlsClient| match PresenceStore::client(url, Some(settings))
+    {
+        Err(PresenceError::Tls(e)) => e.to_string(),
+        other => panic!("expected a TLS settings error, got {other:?}"),
+    };
+    // Nothing listens on port 1: these fail before any connection is tried.
+    let error = refused("redis://127.0.0.1:1", &mutual);
+    assert!(error.contains("rediss://"), "{error}");
+
+    let missing = pki.path("no-such-ca.pem");
+    let error = refused(
+        "rediss://127.0.0.1:1",
+        &TlsClient {
+            ca_file: Some(missing.clone()),
+            ..mutual.clone()
+        },
+    );
+    assert!(error.contains(&missing.display().to_string()), "{error}");
+
+    let error = refused(
+        "rediss://127.0.0.1:1",
+        &TlsClient {
+            server_name: Some("redis.internal".into()),
+            ..mutual.clone()
+        },
+    );
+    assert!(error.contains("server name"), "{error}");
 }

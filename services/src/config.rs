@@ -65,6 +65,8 @@ pub struct NatsConfig {
     pub credentials_file: Option<PathBuf>,
     /// Client name shown in the server's connection list.
     pub name: String,
+    /// TLS to the servers (required once enabled, whatever the URL's scheme).
+    pub tls: TlsConfig,
 }
 
 impl Default for NatsConfig {
@@ -73,6 +75,7 @@ impl Default for NatsConfig {
             url: None,
             credentials_file: None,
             name: "parley".into(),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -83,6 +86,9 @@ pub struct RedisConfig {
     /// `redis://host:port/db` or `rediss://` for TLS. Unset: `parley up` starts a local
     /// redis-server; the projector refuses to start.
     pub url: Option<Secret>,
+    /// TLS settings for a `rediss://` URL; without them a `rediss://` URL trusts the
+    /// system's roots.
+    pub tls: TlsConfig,
 }
 
 /// The event log stream. Fixed at creation: a running deployment that finds a different
@@ -349,7 +355,7 @@ pub struct ScyllaConfig {
     pub username: Option<String>,
     pub password: Option<Secret>,
     /// TLS to every node; plaintext unless `tls.enabled`.
-    pub tls: CqlTlsConfig,
+    pub tls: TlsConfig,
     /// Client-side timeout of one request (retries of idempotent statements included).
     pub request_timeout_secs: u64,
     /// Statements of one projector batch in flight at once.
@@ -367,7 +373,7 @@ impl Default for ScyllaConfig {
             consistency: ConsistencyLevel::LocalQuorum,
             username: None,
             password: None,
-            tls: CqlTlsConfig::default(),
+            tls: TlsConfig::default(),
             request_timeout_secs: 5,
             max_in_flight: 128,
         }
@@ -386,34 +392,36 @@ impl ScyllaConfig {
         options.consistency = self.consistency.cql();
         options.username = self.username.clone();
         options.password = self.password.as_ref().map(|p| p.expose().to_owned());
-        options.tls = self.tls.enabled.then(|| self.tls.options());
+        options.tls = self.tls.client();
         options.request_timeout = Duration::from_secs(self.request_timeout_secs);
         options.max_in_flight = self.max_in_flight;
         options
     }
 }
 
-/// TLS to the CQL cluster. The files are read when the store opens; one that is missing or
-/// malformed stops the node at start. See `docs/storage.md`.
+/// TLS to a server (`[nats.tls]`, `[redis.tls]`, `[projector.store.scylla.tls]`). The files
+/// are read when the process starts; one that is missing or malformed stops it there. See
+/// `docs/configuration.md`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
-pub struct CqlTlsConfig {
+pub struct TlsConfig {
     pub enabled: bool,
-    /// PEM file of the CAs the nodes' certificates must chain to. Unset: the system's roots.
+    /// PEM file of the CAs the server's certificate must chain to. Unset: the system's roots.
     pub ca_file: Option<PathBuf>,
-    /// PEM certificate chain this client presents, for clusters that require client
+    /// PEM certificate chain this client presents, for servers that require client
     /// certificates; goes with `key_file`.
     pub cert_file: Option<PathBuf>,
     /// PEM private key of `cert_file`.
     pub key_file: Option<PathBuf>,
-    /// The DNS name every node's certificate carries. Unset: each node's certificate must
-    /// carry that node's IP address.
+    /// The DNS name the server's certificate carries, when it is not the address connected
+    /// to (not for Redis).
     pub server_name: Option<String>,
 }
 
-impl CqlTlsConfig {
-    fn options(&self) -> parley_projections::CqlTls {
-        parley_projections::CqlTls {
+impl TlsConfig {
+    /// The client settings, `None` when TLS is off.
+    pub fn client(&self) -> Option<parley_projections::TlsClient> {
+        self.enabled.then(|| parley_projections::TlsClient {
             ca_file: self.ca_file.clone(),
             client_cert: self.cert_file.clone().zip(self.key_file.clone()).map(
                 |(cert_file, key_file)| parley_projections::ClientCert {
@@ -422,30 +430,33 @@ impl CqlTlsConfig {
                 },
             ),
             server_name: self.server_name.clone(),
-        }
+        })
     }
 
-    fn problems(&self, require: &mut impl FnMut(bool, &str)) {
+    /// Problems with the settings of section `section` (e.g. `nats.tls`).
+    fn problems(&self, section: &str, require: &mut impl FnMut(bool, &str)) {
         let files = [&self.ca_file, &self.cert_file, &self.key_file];
         require(
             self.enabled || (files.iter().all(|f| f.is_none()) && self.server_name.is_none()),
-            "projector.store.scylla.tls settings are given but projector.store.scylla.tls.enabled is false: connections would be plaintext",
+            &format!(
+                "{section} settings are given but {section}.enabled is false: connections would be plaintext"
+            ),
         );
         require(
             self.cert_file.is_some() == self.key_file.is_some(),
-            "projector.store.scylla.tls.cert_file and projector.store.scylla.tls.key_file go together: set both or neither",
+            &format!("{section}.cert_file and {section}.key_file go together: set both or neither"),
         );
         require(
             files
                 .iter()
                 .all(|f| f.as_ref().is_none_or(|p| !p.as_os_str().is_empty())),
-            "projector.store.scylla.tls file paths must not be empty (leave a key out instead)",
+            &format!("{section} file paths must not be empty (leave a key out instead)"),
         );
         require(
             self.server_name
                 .as_deref()
-                .is_none_or(parley_projections::cql_tls::is_valid_server_name),
-            "projector.store.scylla.tls.server_name must be a DNS name such as scylla.example.internal",
+                .is_none_or(parley_projections::tls::is_valid_server_name),
+            &format!("{section}.server_name must be a DNS name such as scylla.example.internal"),
         );
     }
 }
@@ -676,6 +687,25 @@ impl Config {
             (1..=10_000).contains(&self.projector.batch),
             "projector.batch must be between 1 and 10000",
         );
+        self.nats.tls.problems("nats.tls", &mut require);
+        require(
+            !self.nats.tls.enabled || self.nats.url.is_some(),
+            "nats.tls.enabled needs nats.url (the nats-server parley up starts speaks no TLS)",
+        );
+        self.redis.tls.problems("redis.tls", &mut require);
+        require(
+            !self.redis.tls.enabled
+                || self
+                    .redis
+                    .url
+                    .as_ref()
+                    .is_some_and(|url| url.expose().starts_with("rediss://")),
+            "redis.tls.enabled needs a rediss:// redis.url",
+        );
+        require(
+            self.redis.tls.server_name.is_none(),
+            "redis.tls.server_name cannot be set: Redis is verified against the host of redis.url",
+        );
         if self.projector.store.kind == StoreKind::Scylla {
             let scylla = &self.projector.store.scylla;
             require(
@@ -694,7 +724,9 @@ impl Config {
                 scylla.password.is_none() || scylla.username.is_some(),
                 "projector.store.scylla.password needs projector.store.scylla.username",
             );
-            scylla.tls.problems(&mut require);
+            scylla
+                .tls
+                .problems("projector.store.scylla.tls", &mut require);
         }
         if problems.is_empty() {
             Ok(())
@@ -1006,6 +1038,55 @@ mod tests {
         assert!(err.to_string().contains("enabled"), "{err}");
         let err = Config::from_toml(&format!("{scylla}verify = false\n")).unwrap_err();
         assert!(err.to_string().contains("verify"), "{err}");
+    }
+
+    #[test]
+    fn nats_and_redis_tls_are_configured_from_the_environment_and_checked() {
+        let config = Config::load(
+            None,
+            env(&[
+                ("PARLEY_NATS__URL", "nats://nats.internal:4222"),
+                ("PARLEY_NATS__TLS__ENABLED", "true"),
+                ("PARLEY_NATS__TLS__CA_FILE", "/etc/parley/nats-ca.pem"),
+                ("PARLEY_REDIS__URL", "rediss://redis.internal:6380"),
+                ("PARLEY_REDIS__TLS__ENABLED", "true"),
+                ("PARLEY_REDIS__TLS__CERT_FILE", "/etc/parley/redis.pem"),
+                ("PARLEY_REDIS__TLS__KEY_FILE", "/etc/parley/redis-key.pem"),
+            ]),
+        )
+        .unwrap();
+        let nats = config.nats.tls.client().unwrap();
+        assert_eq!(
+            nats.ca_file.as_deref(),
+            Some(Path::new("/etc/parley/nats-ca.pem"))
+        );
+        assert_eq!(nats.client_cert, None);
+        let redis = config.redis.tls.client().unwrap();
+        assert_eq!(redis.ca_file, None, "the system's roots");
+        assert_eq!(
+            redis.client_cert.unwrap().key_file,
+            Path::new("/etc/parley/redis-key.pem")
+        );
+
+        let err = Config::from_toml(
+            "[nats.tls]\nenabled = true\n[redis]\nurl = \"redis://redis.internal:6379\"\n[redis.tls]\nenabled = true\nserver_name = \"redis.internal\"\n",
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        for expected in [
+            "nats.tls.enabled needs nats.url",
+            "redis.tls.enabled needs a rediss:// redis.url",
+            "redis.tls.server_name cannot be set",
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in {text}");
+        }
+        let err =
+            Config::from_toml("[nats.tls]\nca_file = \"/etc/parley/nats-ca.pem\"\n").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("nats.tls settings are given but nats.tls.enabled is false"),
+            "{err}"
+        );
     }
 
     #[test]

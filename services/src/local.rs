@@ -40,7 +40,7 @@ impl LocalPlatform {
                     jetstream: true,
                     sync_always: config.local.fsync_always,
                     data_dir: Some(data_dir.join("nats")),
-                    port: None,
+                    ..NatsOptions::default()
                 })?;
                 config.nats.url = Some(Secret::new(server.url()));
                 Some(server)

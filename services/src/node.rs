@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use parley_projections::{ConversationStore, CqlStore, SqliteStore, StoreErrorKind};
+use parley_projections::{ConversationStore, CqlStore, PresenceStore, SqliteStore, StoreErrorKind};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -75,6 +75,8 @@ pub enum NodeError {
     Topology(#[from] topology::TopologyError),
     #[error(transparent)]
     Store(#[from] parley_projections::StoreError),
+    #[error("redis: {0}")]
+    Presence(#[from] parley_projections::PresenceError),
     #[error(transparent)]
     Gateway(#[from] crate::gateway::GatewayError),
     #[error(transparent)]
@@ -83,15 +85,6 @@ pub enum NodeError {
     RoleFailed { role: &'static str, cause: String },
     #[error("admin endpoint: {0}")]
     Admin(std::io::Error),
-}
-
-/// Makes ring the process's rustls crypto provider. rustls cannot pick one by itself here:
-/// ring and aws-lc-rs are both compiled in (the CQL driver's TLS brings the second), and
-/// async-nats builds its TLS configuration for `tls://` URLs from the process default. The
-/// CQL store names ring itself.
-fn install_tls_provider() {
-    // An error means a provider is installed already (by an earlier call); it stays.
-    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 /// Connect to NATS as configured; retries the first connection for a while, so roles can
@@ -106,6 +99,9 @@ pub async fn connect_nats(
         .as_ref()
         .ok_or(NodeError::NoNatsUrl)?
         .expose();
+    // async-nats builds its own TLS configuration for a `tls://` URL when `nats.tls` is off,
+    // from the process default.
+    parley_projections::tls::install_process_provider();
     let mut options = async_nats::ConnectOptions::new()
         .name(&config.nats.name)
         .retry_on_initial_connect()
@@ -126,12 +122,21 @@ pub async fn connect_nats(
                         async_nats::Event::Disconnected => {
                             readiness.set(NATS_READY_CHECK, Err("disconnected from NATS".into()))
                         }
+                        // A failed (re)connection attempt; the client keeps trying.
+                        async_nats::Event::ClientError(e) => {
+                            warn!(error = %e, "cannot connect to NATS yet");
+                        }
                         _ => {}
                     }
                 }
             }
         });
-    install_tls_provider();
+    if let Some(tls) = config.nats.tls.client() {
+        let tls = tls
+            .client_config()
+            .map_err(|e| NodeError::Nats(format!("nats.tls: {e}")))?;
+        options = options.require_tls(true).tls_client_config(tls);
+    }
     if let Some(creds) = &config.nats.credentials_file {
         options = options
             .credentials_file(creds)
@@ -236,6 +241,17 @@ pub async fn run(
 ) -> Result<(), NodeError> {
     // Installed before any role runs, so no early measurement is lost.
     telemetry::prometheus();
+    // Built (and its TLS files read) before anything connects, so a bad setting stops the
+    // node at once.
+    let presence = if roles.projector {
+        let url = config.redis.url.as_ref().ok_or(NodeError::NoRedisUrl)?;
+        Some(PresenceStore::client(
+            url.expose(),
+            config.redis.tls.client().as_ref(),
+        )?)
+    } else {
+        None
+    };
     // Every check this node will have is registered now, so readiness never reports a node
     // ready before all of its roles are.
     let readiness = Readiness::default();
@@ -302,7 +318,7 @@ pub async fn run(
         });
     }
     if roles.projector {
-        let redis = config.redis.url.clone().ok_or(NodeError::NoRedisUrl)?;
+        let presence = presence.expect("built for the projector");
         let store = store.clone().expect("opened for the projector");
         let projector = Projector::build(
             Arc::clone(&config),
@@ -318,7 +334,7 @@ pub async fn run(
         let stop = shutdown.clone();
         let (client, readiness) = (client.clone(), readiness.clone());
         tasks.spawn(async move {
-            let result = projector::run_presence(client, redis, readiness, stop).await;
+            let result = projector::run_presence(client, presence, readiness, stop).await;
             ("presence", result.map_err(|e| e.to_string()))
         });
     }
@@ -354,16 +370,4 @@ pub async fn run(
     // Publishes still buffered in the client go out before the process ends.
     let _ = client.flush().await;
     first_failure.map_or(Ok(()), Err)
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn tls_client_configurations_can_be_built_once_the_provider_is_installed() {
-        super::install_tls_provider();
-        super::install_tls_provider();
-        assert!(rustls::crypto::CryptoProvider::get_default().is_some());
-        // What async-nats does for a `tls://` URL; it panics without a process default.
-        drop(rustls::ClientConfig::builder());
-    }
 }

@@ -16,13 +16,13 @@ use futures::StreamExt;
 use parley_events::presence::{ConnectionState, PresenceUpdate};
 use parley_events::subjects::{PRESENCE_QUEUE, PRESENCE_SUBJECT, PROJECTOR_CONSUMER};
 use parley_events::{EventEnvelope, RecordedEvent};
-use parley_projections::{ConversationStore, PresenceStore, StoreErrorKind};
+use parley_projections::{ConversationStore, PresenceClient, PresenceStore, StoreErrorKind};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::admin::Readiness;
 use crate::backoff::Backoff;
-use crate::config::{Config, Secret};
+use crate::config::Config;
 use crate::telemetry;
 use crate::topology::Topology;
 
@@ -284,13 +284,13 @@ impl Projector {
 /// hold up the conversation projection, so this retries with backoff (not ready meanwhile).
 pub async fn run_presence(
     client: async_nats::Client,
-    redis_url: Secret,
+    redis: PresenceClient,
     readiness: Readiness,
     shutdown: CancellationToken,
 ) -> Result<(), async_nats::SubscribeError> {
     let mut backoff = Backoff::new(MAX_BACKOFF);
     let store = loop {
-        match PresenceStore::connect(redis_url.expose()).await {
+        match PresenceStore::connect(&redis).await {
             Ok(store) => break store,
             Err(e) => {
                 warn!(error = %e, retry_in = ?backoff.delay(), "cannot reach Redis for presence");

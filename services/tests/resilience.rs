@@ -93,10 +93,16 @@ async fn redis_down_at_start_holds_up_presence_only() {
     platform.projected().await;
 
     // Redis comes up: the presence projector connects, and the next heartbeat records Bob.
-    let redis = RedisServer::start(RedisOptions { port: Some(port) }).unwrap();
-    let store = parley_projections::PresenceStore::connect(&redis.url())
-        .await
-        .unwrap();
+    let redis = RedisServer::start(RedisOptions {
+        port: Some(port),
+        ..RedisOptions::default()
+    })
+    .unwrap();
+    let store = parley_projections::PresenceStore::connect(
+        &parley_projections::PresenceStore::client(&redis.url(), None).unwrap(),
+    )
+    .await
+    .unwrap();
     let bob_id = parley_events::UserId::parse("bob").unwrap();
     support::eventually(|| async {
         let status = store

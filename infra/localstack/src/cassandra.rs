@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use tempfile::TempDir;
 
-use crate::LocalError;
 use crate::binary::{binary_version, find_binary, require_version};
 use crate::process::{self, Spawned, free_port, kill_and_reap, probe_connect, temp_dir};
+use crate::{LocalError, ServerTls};
 
 /// The oldest Cassandra the launcher may run: 4.1 does not start on Java 17.
 pub const CASSANDRA_MIN_VERSION: &str = "5.0.0";
@@ -36,31 +36,24 @@ pub fn cql_required() -> bool {
         .any(|name| std::env::var_os(name).is_some_and(|v| !v.is_empty()))
 }
 
-/// Client-to-node TLS for a test node, through Cassandra's PEM-based SSL context: the native
-/// port then speaks TLS only.
-#[derive(Debug, Clone)]
-pub struct NodeTls {
-    /// PEM file with the node's unencrypted PKCS#8 private key followed by its certificate
-    /// chain, leaf first.
-    pub keystore: PathBuf,
-    /// PEM file of the CA certificates a client certificate must chain to.
-    pub truststore: PathBuf,
-    /// Whether clients must present a certificate signed by a CA of `truststore`.
-    pub require_client_auth: bool,
-}
-
-impl NodeTls {
-    fn yaml(&self) -> String {
-        format!(
-            "client_encryption_options:\n  enabled: true\n  optional: false\n  \
-             require_client_auth: {}\n  keystore: {}\n  truststore: {}\n  \
-             ssl_context_factory:\n    \
-             class_name: org.apache.cassandra.security.PEMBasedSslContextFactory\n",
-            self.require_client_auth,
-            self.keystore.display(),
-            self.truststore.display()
-        )
-    }
+/// `client_encryption_options` for Cassandra's PEM-based SSL context, which wants the key
+/// and the chain in one keystore file (written next to the configuration).
+fn client_encryption(tls: &ServerTls, keystore: &Path) -> Result<String, LocalError> {
+    let read = |path: &Path| {
+        std::fs::read_to_string(path).map_err(LocalError::io(format!("reading {}", path.display())))
+    };
+    let joined = format!("{}{}", read(&tls.key)?, read(&tls.cert_chain)?);
+    std::fs::write(keystore, joined)
+        .map_err(LocalError::io(format!("writing {}", keystore.display())))?;
+    Ok(format!(
+        "client_encryption_options:\n  enabled: true\n  optional: false\n  \
+         require_client_auth: {}\n  keystore: {}\n  truststore: {}\n  \
+         ssl_context_factory:\n    \
+         class_name: org.apache.cassandra.security.PEMBasedSslContextFactory\n",
+        tls.require_client_cert,
+        keystore.display(),
+        tls.client_ca.display()
+    ))
 }
 
 /// A running (or killed) single-node Cassandra on `127.0.0.1`, with its data in a temporary
@@ -96,7 +89,7 @@ impl CassandraNode {
     }
 
     /// [`start`](Self::start), with the native port speaking TLS only when `tls` is given.
-    pub fn start_with(tls: Option<&NodeTls>) -> Result<CassandraNode, LocalError> {
+    pub fn start_with(tls: Option<&ServerTls>) -> Result<CassandraNode, LocalError> {
         let binary = find_binary(NAME)?;
         let version = binary_version(&binary)?;
         require_version(&binary, &version, CASSANDRA_MIN_VERSION)?;
@@ -119,7 +112,8 @@ impl CassandraNode {
             let conf = extra.parent().unwrap_or(&node.dir);
             std::fs::create_dir_all(conf)
                 .map_err(LocalError::io(format!("creating {}", conf.display())))?;
-            std::fs::write(&extra, tls.yaml())
+            let yaml = client_encryption(tls, &conf.join("keystore.pem"))?;
+            std::fs::write(&extra, yaml)
                 .map_err(LocalError::io(format!("writing {}", extra.display())))?;
         }
         node.run()?;
@@ -134,7 +128,7 @@ impl CassandraNode {
     }
 
     /// [`start_or_skip`](Self::start_or_skip) with [`start_with`](Self::start_with)'s TLS.
-    pub fn start_with_or_skip(what: &str, tls: Option<&NodeTls>) -> Option<CassandraNode> {
+    pub fn start_with_or_skip(what: &str, tls: Option<&ServerTls>) -> Option<CassandraNode> {
         let started = std::time::Instant::now();
         match CassandraNode::start_with(tls) {
             Ok(node) => {

@@ -53,12 +53,16 @@ mod binary;
 mod cassandra;
 mod error;
 mod nats;
+#[cfg(feature = "pki")]
+pub mod pki;
 mod process;
 mod redis;
+mod tls;
 
 pub use binary::find_binary;
-pub use cassandra::{CASSANDRA_MIN_VERSION, CassandraNode, NodeTls, cql_required};
+pub use cassandra::{CASSANDRA_MIN_VERSION, CassandraNode, cql_required};
 pub use error::LocalError;
 pub use nats::{NATS_MAX_PAYLOAD, NATS_MIN_VERSION, NatsOptions, NatsServer};
 pub use process::{free_port, log_tail};
 pub use redis::{REDIS_MIN_VERSION, RedisOptions, RedisServer};
+pub use tls::ServerTls;

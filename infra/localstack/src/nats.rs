@@ -10,11 +10,11 @@ use std::time::Duration;
 
 use tempfile::TempDir;
 
-use crate::LocalError;
 use crate::binary::{binary_version, find_binary, require_version};
 use crate::process::{
     self, Spawned, kill_and_reap, prepare_dir, probe_connect, start_with_retry, temp_dir,
 };
+use crate::{LocalError, ServerTls};
 
 /// The oldest nats-server Parley accepts (atomic batch publish, current JetStream API).
 pub const NATS_MIN_VERSION: &str = "2.12.0";
@@ -47,6 +47,9 @@ pub struct NatsOptions {
     pub data_dir: Option<PathBuf>,
     /// Client port on 127.0.0.1. `None` (default): a free port chosen by the kernel.
     pub port: Option<u16>,
+    /// TLS for every client connection (the `INFO` line still comes in plaintext first,
+    /// as the protocol has it). `None` (default): plaintext.
+    pub tls: Option<ServerTls>,
 }
 
 impl Default for NatsOptions {
@@ -56,6 +59,7 @@ impl Default for NatsOptions {
             sync_always: true,
             data_dir: None,
             port: None,
+            tls: None,
         }
     }
 }
@@ -76,6 +80,7 @@ pub struct NatsServer {
     server_name: String,
     jetstream: bool,
     sync_always: bool,
+    tls: Option<ServerTls>,
     dir: PathBuf,
     store_dir: PathBuf,
     /// Removes the directory on drop when it is a temporary one; declared last so it drops
@@ -127,6 +132,7 @@ impl NatsServer {
             server_name,
             jetstream: opts.jetstream,
             sync_always: opts.sync_always,
+            tls: opts.tls,
             dir,
             store_dir,
             _temp: temp,
@@ -208,6 +214,15 @@ impl NatsServer {
             if self.sync_always {
                 let _ = writeln!(conf, "  sync_interval: always");
             }
+            let _ = writeln!(conf, "}}");
+        }
+        if let Some(tls) = &self.tls {
+            let path = |p: &Path| q(&p.to_string_lossy());
+            let _ = writeln!(conf, "tls {{");
+            let _ = writeln!(conf, "  cert_file: {}", path(&tls.cert_chain));
+            let _ = writeln!(conf, "  key_file: {}", path(&tls.key));
+            let _ = writeln!(conf, "  ca_file: {}", path(&tls.client_ca));
+            let _ = writeln!(conf, "  verify: {}", tls.require_client_cert);
             let _ = writeln!(conf, "}}");
         }
         conf

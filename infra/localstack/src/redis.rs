@@ -7,9 +7,11 @@ use std::time::Duration;
 
 use tempfile::TempDir;
 
-use crate::LocalError;
 use crate::binary::{binary_version, find_binary, require_version};
-use crate::process::{self, Spawned, kill_and_reap, probe_connect, start_with_retry, temp_dir};
+use crate::process::{
+    self, Spawned, free_port, kill_and_reap, probe_connect, start_with_retry, temp_dir,
+};
+use crate::{LocalError, ServerTls};
 
 /// The oldest redis-server Parley accepts.
 pub const REDIS_MIN_VERSION: &str = "6.0.0";
@@ -22,6 +24,10 @@ const LOG_FILE: &str = "redis.log";
 pub struct RedisOptions {
     /// Port on 127.0.0.1. `None` (default): a free port chosen by the kernel.
     pub port: Option<u16>,
+    /// Serve TLS on a second free port, which [`RedisServer::url`] then names (`rediss://`).
+    /// The plaintext port stays open on loopback for the readiness probe. `None` (default):
+    /// plaintext only.
+    pub tls: Option<ServerTls>,
 }
 
 /// A running (or stopped) `redis-server` child process on `127.0.0.1`, with no persistence
@@ -30,6 +36,7 @@ pub struct RedisOptions {
 pub struct RedisServer {
     child: Option<Spawned>,
     port: u16,
+    tls_port: Option<u16>,
     version: String,
     dir: PathBuf,
     /// Declared last so it drops after the process is gone.
@@ -60,9 +67,26 @@ impl RedisServer {
         let dir = temp.path().to_owned();
         let log = dir.join(LOG_FILE);
 
+        let tls_port = opts.tls.as_ref().map(|_| free_port()).transpose()?;
+        let tls_args: Vec<std::ffi::OsString> = match (&opts.tls, tls_port) {
+            (Some(tls), Some(tls_port)) => [
+                "--tls-port".into(),
+                tls_port.to_string().into(),
+                "--tls-cert-file".into(),
+                tls.cert_chain.clone().into_os_string(),
+                "--tls-key-file".into(),
+                tls.key.clone().into_os_string(),
+                "--tls-ca-cert-file".into(),
+                tls.client_ca.clone().into_os_string(),
+                "--tls-auth-clients".into(),
+                (if tls.require_client_cert { "yes" } else { "no" }).into(),
+            ]
+            .into(),
+            _ => Vec::new(),
+        };
         let (spawned, port) = start_with_retry(NAME, opts.port, |port| {
             let port_arg = port.to_string();
-            let args: [&OsStr; 14] = [
+            let plain: [&OsStr; 14] = [
                 OsStr::new("--port"),
                 OsStr::new(&port_arg),
                 OsStr::new("--bind"),
@@ -78,6 +102,10 @@ impl RedisServer {
                 OsStr::new("--daemonize"),
                 OsStr::new("no"),
             ];
+            let args: Vec<&OsStr> = plain
+                .into_iter()
+                .chain(tls_args.iter().map(|a| a.as_os_str()))
+                .collect();
             let mut spawned = process::spawn(&binary, &args, &dir, &log)?;
             let pid = spawned.child.id();
             process::wait_ready(NAME, &mut spawned, &log, |left| probe(port, pid, left))?;
@@ -86,6 +114,7 @@ impl RedisServer {
         let server = RedisServer {
             child: Some(spawned),
             port,
+            tls_port,
             version,
             dir,
             _temp: temp,
@@ -94,9 +123,13 @@ impl RedisServer {
         Ok(server)
     }
 
-    /// The client URL, `redis://127.0.0.1:PORT`.
+    /// The client URL: `redis://127.0.0.1:PORT`, or `rediss://127.0.0.1:TLS_PORT` when
+    /// started with TLS.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match self.tls_port {
+            Some(tls_port) => format!("rediss://127.0.0.1:{tls_port}"),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
     }
 
     /// The port on 127.0.0.1.

@@ -14,6 +14,7 @@ use futures::{SinkExt, StreamExt};
 use parley_events::{ConversationId, EventEnvelope, RecordedEvent, UserId};
 use parley_localstack::{NatsOptions, NatsServer, RedisOptions, RedisServer};
 use parley_projections::{ConversationStore, PresenceStore, UserPresence};
+use parley_services::admin::Readiness;
 use parley_services::config::{Config, Secret};
 use parley_services::node::{self, Listeners, Roles};
 use parley_services::{auth, unix_millis};
@@ -28,6 +29,8 @@ use tokio_util::sync::CancellationToken;
 
 pub const SECRET: &str = "test-secret-test-secret-test-secret!";
 const WAIT: Duration = Duration::from_secs(10);
+/// Longest one [`eventually`] probe may take before it is abandoned and tried again.
+const PROBE_LIMIT: Duration = Duration::from_secs(3);
 
 /// A role running in this process, stoppable on its own.
 struct Running {
@@ -94,6 +97,22 @@ impl Platform {
     }
 
     pub async fn start_with(gateways: usize, adjust: impl FnOnce(&mut Config)) -> Platform {
+        Self::start_on(
+            NatsOptions::default(),
+            RedisOptions::default(),
+            gateways,
+            adjust,
+        )
+        .await
+    }
+
+    /// [`start_with`](Self::start_with) on servers started with these options.
+    pub async fn start_on(
+        nats: NatsOptions,
+        redis: RedisOptions,
+        gateways: usize,
+        adjust: impl FnOnce(&mut Config),
+    ) -> Platform {
         // Role logs (warnings and up, or RUST_LOG) show under a failing test's output.
         let _ = tracing_subscriber::fmt()
             .with_test_writer()
@@ -102,8 +121,8 @@ impl Platform {
                     .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
             )
             .try_init();
-        let nats = NatsServer::start(NatsOptions::default()).expect("nats-server starts");
-        let redis = RedisServer::start(RedisOptions::default()).expect("redis-server starts");
+        let nats = NatsServer::start(nats).expect("nats-server starts");
+        let redis = RedisServer::start(redis).expect("redis-server starts");
         let dir = tempfile::tempdir().unwrap();
         let mut config = Config::default();
         config.nats.url = Some(Secret::new(nats.url()));
@@ -249,7 +268,9 @@ impl Platform {
 
     /// Every event in the log, in order.
     pub async fn log(&self) -> Vec<RecordedEvent> {
-        let client = async_nats::connect(self.nats.url()).await.unwrap();
+        let client = node::connect_nats(&self.config, &Readiness::default())
+            .await
+            .unwrap();
         let js = async_nats::jetstream::new(client);
         let mut stream = js
             .get_stream(parley_events::subjects::LOG_STREAM)
@@ -286,7 +307,10 @@ impl Platform {
     }
 
     pub async fn presence(&self, user: &str) -> UserPresence {
-        let store = PresenceStore::connect(&self.redis.url()).await.unwrap();
+        let client =
+            PresenceStore::client(&self.redis.url(), self.config.redis.tls.client().as_ref())
+                .unwrap();
+        let store = PresenceStore::connect(&client).await.unwrap();
         store
             .status(&UserId::parse(user).unwrap(), unix_millis())
             .await
@@ -363,7 +387,10 @@ where
 {
     let deadline = tokio::time::Instant::now() + limit;
     loop {
-        if let Some(value) = probe().await {
+        // A probe that hangs counts as "not yet" and is tried again: reading an object
+        // while the handler replaces it, for one, can wait for chunks that are gone.
+        let attempt = (tokio::time::Instant::now() + PROBE_LIMIT).min(deadline);
+        if let Ok(Some(value)) = tokio::time::timeout_at(attempt, probe()).await {
             return value;
         }
         assert!(
