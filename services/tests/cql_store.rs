@@ -16,7 +16,7 @@ use parley_localstack::{CassandraNode, NatsOptions, NatsServer, RedisOptions, Re
 use parley_services::config::{Config, Secret, StoreKind};
 use parley_services::node::{self, Listeners, Roles};
 use serde_json::json;
-use support::{Platform, eventually, eventually_within};
+use support::{Platform, eventually, eventually_within, run_refused_projector};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
@@ -108,21 +108,6 @@ fn servers() -> (NatsServer, RedisServer, Config) {
     (nats, redis, config)
 }
 
-async fn run_projector(config: Config) -> Result<(), node::NodeError> {
-    let run = node::run(
-        Arc::new(config),
-        Roles::PROJECTOR,
-        Listeners {
-            gateway: None,
-            admin: None,
-        },
-        CancellationToken::new(),
-    );
-    tokio::time::timeout(Duration::from_secs(30), run)
-        .await
-        .expect("a refused store stops the node at start")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_keyspace_or_a_newer_schema_stops_the_node_at_start_and_writes_nothing() {
     let Some(node) = node().await else { return };
@@ -141,7 +126,10 @@ async fn a_wrong_keyspace_or_a_newer_schema_stops_the_node_at_start_and_writes_n
         .await
         .unwrap();
     use_cql(&mut config, &node, "billing");
-    let err = run_projector(config.clone()).await.unwrap_err().to_string();
+    let err = run_refused_projector(config.clone())
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("not Parley's") && err.contains("invoices"),
         "{err}"
@@ -160,7 +148,7 @@ async fn a_wrong_keyspace_or_a_newer_schema_stops_the_node_at_start_and_writes_n
     )
     .await
     .unwrap();
-    let err = run_projector(config).await.unwrap_err().to_string();
+    let err = run_refused_projector(config).await.unwrap_err().to_string();
     assert!(
         err.contains("schema version 7") && err.contains("upgrade"),
         "{err}"
@@ -185,7 +173,7 @@ async fn unusable_cql_tls_files_stop_the_node_at_start() {
     store.scylla.tls.enabled = true;
     let missing = std::env::temp_dir().join("parley-no-such-cql-ca.pem");
     store.scylla.tls.ca_file = Some(missing.clone());
-    let err = run_projector(config).await.unwrap_err().to_string();
+    let err = run_refused_projector(config).await.unwrap_err().to_string();
     assert!(
         err.contains("config") && err.contains(&missing.display().to_string()),
         "{err}"

@@ -4,15 +4,11 @@
 
 mod support;
 
-use std::sync::Arc;
-
 use parley_localstack::pki::TestPki;
 use parley_localstack::{NatsOptions, RedisOptions};
 use parley_services::config::{Config, Secret, TlsConfig};
-use parley_services::node::{self, Listeners, Roles};
 use serde_json::json;
-use support::{Platform, eventually};
-use tokio_util::sync::CancellationToken;
+use support::{Platform, eventually, run_refused_projector};
 
 fn mutual(pki: &TestPki) -> TlsConfig {
     TlsConfig {
@@ -142,25 +138,13 @@ async fn unusable_tls_files_stop_the_node_at_start() {
         config
             .validate()
             .expect("the settings are well-formed; the files are not");
-        node::run(
-            Arc::new(config),
-            Roles::PROJECTOR,
-            Listeners {
-                gateway: None,
-                admin: None,
-            },
-            CancellationToken::new(),
-        )
+        run_refused_projector(config)
     };
     for (section, nats, redis) in [
         ("nats.tls", broken.clone(), TlsConfig::default()),
         ("redis", TlsConfig::default(), broken.clone()),
     ] {
-        let error = tokio::time::timeout(std::time::Duration::from_secs(10), run(nats, redis))
-            .await
-            .expect("a bad TLS file stops the node at once")
-            .unwrap_err()
-            .to_string();
+        let error = run(nats, redis).await.unwrap_err().to_string();
         assert!(
             error.contains(section) && error.contains(&missing.display().to_string()),
             "{error}"

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
+use parley_events::subjects::{HANDLER_CONSUMER, INTAKE_STREAM};
 use parley_events::{ConversationId, EventEnvelope, RecordedEvent, UserId};
 use parley_localstack::{NatsOptions, NatsServer, RedisOptions, RedisServer};
 use parley_projections::{ConversationStore, PresenceStore, UserPresence};
@@ -200,6 +201,21 @@ impl Platform {
             .expect("handler is running")
             .stop()
             .await;
+        // The stopped handler's pull requests outlive it on the server for a moment; a
+        // command published meanwhile would go to one and wait out the ack wait.
+        let client = node::connect_nats(&self.config, &Readiness::default())
+            .await
+            .unwrap();
+        let js = async_nats::jetstream::new(client);
+        eventually(|| async {
+            let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
+                .get_consumer_from_stream(HANDLER_CONSUMER, INTAKE_STREAM)
+                .await
+                .ok()?;
+            let waiting = consumer.info().await.ok()?.num_waiting;
+            (waiting == 0).then_some(())
+        })
+        .await;
     }
 
     pub async fn start_handler(&mut self) {
@@ -368,6 +384,23 @@ pub async fn http_get(address: SocketAddr, path: &str) -> (u16, String) {
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     (status, body)
+}
+
+/// Run a projector node that is expected to refuse its configuration and stop by itself;
+/// its result.
+pub async fn run_refused_projector(config: Config) -> Result<(), node::NodeError> {
+    let run = node::run(
+        Arc::new(config),
+        Roles::PROJECTOR,
+        Listeners {
+            gateway: None,
+            admin: None,
+        },
+        CancellationToken::new(),
+    );
+    tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("a refused node stops by itself at start")
 }
 
 /// Poll `probe` until it yields something, failing the test after a deadline.
