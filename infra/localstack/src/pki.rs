@@ -81,9 +81,38 @@ fn authority(
     Ok((authority, issuer))
 }
 
+/// Directories are named `parley-pki-<pid>-...` so that those of a process that ended
+/// without dropping its `TestPki` (one held in a `static`) can be told apart and removed.
+const DIR_PREFIX: &str = "parley-pki-";
+
+/// Removes the PKI directories of processes that are gone.
+fn remove_abandoned() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(DIR_PREFIX))
+            .and_then(|rest| rest.split('-').next())
+        else {
+            continue;
+        };
+        let alive = Path::new("/proc").join(pid).exists();
+        if !alive && pid.parse::<u32>().is_ok() {
+            // Another process may be removing it too; either way it goes.
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 impl TestPki {
+    /// Makes the CA and certificates in a fresh temporary directory (removed on drop, or by
+    /// a later `new` once this process has ended).
     pub fn new() -> Result<TestPki, LocalError> {
-        let dir = temp_dir("parley-pki-")?;
+        remove_abandoned();
+        let dir = temp_dir(&format!("{DIR_PREFIX}{}-", std::process::id()))?;
         let (trusted, issuer) = authority(dir.path(), "trusted")?;
         let (foreign, _) = authority(dir.path(), "foreign")?;
         let key = KeyPair::generate().map_err(failed("server key"))?;
