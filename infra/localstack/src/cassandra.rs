@@ -22,8 +22,9 @@ pub const CASSANDRA_MIN_VERSION: &str = "5.0.0";
 
 const NAME: &str = "cassandra-node";
 const LOG_FILE: &str = "node.log";
-/// Appended by the launcher to the `cassandra.yaml` it writes (see `infra/cassandra-node.sh`).
-const EXTRA_CONFIG: &str = "conf/cassandra-extra.yaml";
+/// In the node's `conf/`: appended by the launcher to the `cassandra.yaml` it writes (see
+/// `infra/cassandra-node.sh`).
+const EXTRA_CONFIG: &str = "cassandra-extra.yaml";
 /// A cold JVM plus Cassandra's start-up is about 10 s here; on a loaded two-core CI
 /// machine several times that.
 const START_TIMEOUT: Duration = Duration::from_secs(180);
@@ -108,10 +109,10 @@ impl CassandraNode {
             _temp: temp,
         };
         if let Some(tls) = tls {
-            let extra = node.dir.join(EXTRA_CONFIG);
-            let conf = extra.parent().unwrap_or(&node.dir);
-            std::fs::create_dir_all(conf)
+            let conf = node.dir.join("conf");
+            std::fs::create_dir_all(&conf)
                 .map_err(LocalError::io(format!("creating {}", conf.display())))?;
+            let extra = conf.join(EXTRA_CONFIG);
             let yaml = client_encryption(tls, &conf.join("keystore.pem"))?;
             std::fs::write(&extra, yaml)
                 .map_err(LocalError::io(format!("writing {}", extra.display())))?;

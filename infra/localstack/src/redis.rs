@@ -67,11 +67,14 @@ impl RedisServer {
         let dir = temp.path().to_owned();
         let log = dir.join(LOG_FILE);
 
-        let tls_port = opts.tls.as_ref().map(|_| free_port()).transpose()?;
-        let tls_args: Vec<std::ffi::OsString> = match (&opts.tls, tls_port) {
-            (Some(tls), Some(tls_port)) => [
+        let tls = opts
+            .tls
+            .map(|tls| free_port().map(|port| (port, tls)))
+            .transpose()?;
+        let tls_args: Vec<std::ffi::OsString> = match &tls {
+            Some((port, tls)) => [
                 "--tls-port".into(),
-                tls_port.to_string().into(),
+                port.to_string().into(),
                 "--tls-cert-file".into(),
                 tls.cert_chain.clone().into_os_string(),
                 "--tls-key-file".into(),
@@ -82,7 +85,7 @@ impl RedisServer {
                 (if tls.require_client_cert { "yes" } else { "no" }).into(),
             ]
             .into(),
-            _ => Vec::new(),
+            None => Vec::new(),
         };
         let (spawned, port) = start_with_retry(NAME, opts.port, |port| {
             let port_arg = port.to_string();
@@ -114,7 +117,7 @@ impl RedisServer {
         let server = RedisServer {
             child: Some(spawned),
             port,
-            tls_port,
+            tls_port: tls.map(|(port, _)| port),
             version,
             dir,
             _temp: temp,

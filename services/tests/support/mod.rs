@@ -203,10 +203,7 @@ impl Platform {
             .await;
         // The stopped handler's pull requests outlive it on the server for a moment; a
         // command published meanwhile would go to one and wait out the ack wait.
-        let client = node::connect_nats(&self.config, &Readiness::default())
-            .await
-            .unwrap();
-        let js = async_nats::jetstream::new(client);
+        let js = self.jetstream().await;
         eventually(|| async {
             let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
                 .get_consumer_from_stream(HANDLER_CONSUMER, INTAKE_STREAM)
@@ -282,12 +279,17 @@ impl Platform {
         client
     }
 
-    /// Every event in the log, in order.
-    pub async fn log(&self) -> Vec<RecordedEvent> {
+    /// JetStream on the platform's NATS, connected as its roles are (TLS included).
+    async fn jetstream(&self) -> async_nats::jetstream::Context {
         let client = node::connect_nats(&self.config, &Readiness::default())
             .await
             .unwrap();
-        let js = async_nats::jetstream::new(client);
+        async_nats::jetstream::new(client)
+    }
+
+    /// Every event in the log, in order.
+    pub async fn log(&self) -> Vec<RecordedEvent> {
+        let js = self.jetstream().await;
         let mut stream = js
             .get_stream(parley_events::subjects::LOG_STREAM)
             .await
