@@ -746,6 +746,14 @@ impl Config {
     pub fn command_timeout(&self) -> Duration {
         Duration::from_secs(self.gateway.command_timeout_secs)
     }
+
+    /// How long a gateway keeps following a command after its `timeout` for a late outcome:
+    /// as long as the handlers may still be trying it (every delivery the intake makes) and
+    /// one more command timeout for the answer to travel.
+    pub fn outcome_wait(&self) -> Duration {
+        let deliveries = u32::try_from(self.intake.max_deliver).unwrap_or(u32::MAX);
+        Duration::from_secs(self.intake.ack_wait_secs) * deliveries + self.command_timeout()
+    }
 }
 
 /// Keys whose environment values are taken as written, never parsed as TOML scalars.

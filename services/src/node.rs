@@ -7,11 +7,12 @@ use std::time::Duration;
 
 use parley_projections::{ConversationStore, CqlStore, PresenceStore, SqliteStore, StoreErrorKind};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::admin::{self, Readiness};
+use crate::admin::{self, Readiness, Reason};
 use crate::backoff::Backoff;
 use crate::config::{Config, StoreKind};
 use crate::gateway::Gateway;
@@ -87,12 +88,32 @@ pub enum NodeError {
     Admin(std::io::Error),
 }
 
+/// A NATS client and the count of its connections: 1 after the first, one more after each
+/// reconnect. Roles watch the count to set up again at once what a server restart may have
+/// lost (a memory intake, consumers, pull requests), instead of waiting for a timeout to
+/// show it.
+#[derive(Clone)]
+pub struct Nats {
+    pub client: async_nats::Client,
+    pub connections: watch::Receiver<u64>,
+}
+
+impl Nats {
+    /// The connection count as of now; `changed()` on it fires at the next reconnect.
+    pub fn reconnects(&self) -> watch::Receiver<u64> {
+        let mut connections = self.connections.clone();
+        connections.mark_unchanged();
+        connections
+    }
+}
+
+/// Longest pause between two attempts to reconnect to NATS. Short, so a restarted server is
+/// found again within this; attempts to a loopback or LAN address that refuses are cheap.
+const MAX_RECONNECT_DELAY: Duration = Duration::from_millis(250);
+
 /// Connect to NATS as configured; retries the first connection for a while, so roles can
 /// start before the server does.
-pub async fn connect_nats(
-    config: &Config,
-    readiness: &Readiness,
-) -> Result<async_nats::Client, NodeError> {
+pub async fn connect_nats(config: &Config, readiness: &Readiness) -> Result<Nats, NodeError> {
     let url = config
         .nats
         .url
@@ -102,6 +123,8 @@ pub async fn connect_nats(
     // async-nats builds its own TLS configuration for a `tls://` URL when `nats.tls` is off,
     // from the process default.
     parley_projections::tls::install_process_provider();
+    let (connections_tx, connections) = watch::channel(0);
+    let connections_tx = Arc::new(connections_tx);
     let mut options = async_nats::ConnectOptions::new()
         .name(&config.nats.name)
         .retry_on_initial_connect()
@@ -110,18 +133,28 @@ pub async fn connect_nats(
         // Messages buffered per subscription before the client drops them; a gateway holds
         // one subscription per followed conversation, and gap fill repairs a drop.
         .subscription_capacity(SUBSCRIPTION_CAPACITY)
+        .reconnect_delay_callback(|attempts| {
+            MAX_RECONNECT_DELAY.min(Duration::from_millis(25) * attempts as u32)
+        })
         .event_callback({
             // Readiness follows the connection, so a node cut off from NATS is taken out of
             // rotation until the client has reconnected.
             let readiness = readiness.clone();
+            let connections = Arc::clone(&connections_tx);
             move |event| {
                 let readiness = readiness.clone();
+                let connections = Arc::clone(&connections);
                 async move {
                     match event {
-                        async_nats::Event::Connected => readiness.set(NATS_READY_CHECK, Ok(())),
-                        async_nats::Event::Disconnected => {
-                            readiness.set(NATS_READY_CHECK, Err("disconnected from NATS".into()))
+                        async_nats::Event::Connected => {
+                            readiness.ready(NATS_READY_CHECK);
+                            connections.send_modify(|count| *count += 1);
                         }
+                        async_nats::Event::Disconnected => readiness.not_ready(
+                            NATS_READY_CHECK,
+                            Reason::Disconnected,
+                            "disconnected from NATS",
+                        ),
                         // A failed (re)connection attempt; the client keeps trying.
                         async_nats::Event::ClientError(e) => {
                             warn!(error = %e, "cannot connect to NATS yet");
@@ -156,7 +189,10 @@ pub async fn connect_nats(
     tokio::time::timeout(Duration::from_secs(30), connected)
         .await
         .map_err(|_| NodeError::Nats(format!("no connection to {url} within 30 s")))?;
-    Ok(client)
+    Ok(Nats {
+        client,
+        connections,
+    })
 }
 
 /// Open the configured conversation store once. SQLite opens on the blocking pool: opening
@@ -190,14 +226,14 @@ async fn open_store_patiently(
     loop {
         match open_store(config).await {
             Ok(store) => {
-                readiness.set(STORE_READY_CHECK, Ok(()));
+                readiness.ready(STORE_READY_CHECK);
                 return Ok(Some(store));
             }
             Err(NodeError::Store(e)) if e.kind == StoreErrorKind::Unavailable => {
                 warn!(error = %e, retry_in = ?backoff.delay(), "cannot reach the conversation store; not ready, retrying");
                 metrics::counter!(telemetry::STORE_ERRORS_TOTAL, "kind" => e.kind.as_str())
                     .increment(1);
-                readiness.set(STORE_READY_CHECK, Err(e.to_string()));
+                readiness.not_ready(STORE_READY_CHECK, Reason::StoreUnavailable, e.to_string());
             }
             Err(e) => {
                 error!(error = %e, "cannot use the conversation store");
@@ -222,11 +258,11 @@ async fn watch_store(
             () = tokio::time::sleep(STORE_CHECK_INTERVAL) => {}
         }
         match store.check().await {
-            Ok(()) => readiness.set(STORE_READY_CHECK, Ok(())),
+            Ok(()) => readiness.ready(STORE_READY_CHECK),
             Err(e) => {
                 metrics::counter!(telemetry::STORE_ERRORS_TOTAL, "kind" => e.kind.as_str())
                     .increment(1);
-                readiness.set(STORE_READY_CHECK, Err(e.to_string()));
+                readiness.not_ready(STORE_READY_CHECK, Reason::StoreUnavailable, e.to_string());
             }
         }
     }
@@ -255,20 +291,16 @@ pub async fn run(
     // Every check this node will have is registered now, so readiness never reports a node
     // ready before all of its roles are.
     let readiness = Readiness::default();
-    readiness.set(NATS_READY_CHECK, Err("connecting".into()));
-    let starting = || Err("starting".to_owned());
-    if roles.gateway {
-        readiness.set(crate::gateway::READY_CHECK, starting());
-    }
-    if roles.handler {
-        readiness.set(crate::handler::READY_CHECK, starting());
-    }
-    if roles.projector {
-        readiness.set(projector::READY_CHECK, starting());
-        readiness.set(projector::PRESENCE_READY_CHECK, starting());
-    }
-    if roles.projector || roles.gateway {
-        readiness.set(STORE_READY_CHECK, starting());
+    readiness.not_ready(NATS_READY_CHECK, Reason::Disconnected, "connecting");
+    let checks = [
+        (roles.gateway, crate::gateway::READY_CHECK),
+        (roles.handler, crate::handler::READY_CHECK),
+        (roles.projector, projector::READY_CHECK),
+        (roles.projector, projector::PRESENCE_READY_CHECK),
+        (roles.projector || roles.gateway, STORE_READY_CHECK),
+    ];
+    for (_, check) in checks.into_iter().filter(|(runs, _)| *runs) {
+        readiness.not_ready(check, Reason::Starting, "starting");
     }
     let mut tasks: JoinSet<(&'static str, Result<(), String>)> = JoinSet::new();
     if let Some(admin) = listeners.admin {
@@ -282,7 +314,8 @@ pub async fn run(
             ("admin", served.map_err(|e| e.to_string()))
         });
     }
-    let client = connect_nats(&config, &readiness).await?;
+    let nats = connect_nats(&config, &readiness).await?;
+    let client = nats.client.clone();
     let topology = topology::ensure(async_nats::jetstream::new(client.clone()), &config)
         .await
         .inspect_err(|e| error!(error = %e, "cannot set up the JetStream topology"))?;
@@ -305,7 +338,7 @@ pub async fn run(
     if roles.handler {
         let handler = Handler::build(
             Arc::clone(&config),
-            client.clone(),
+            nats.clone(),
             topology.clone(),
             readiness.clone(),
         );
@@ -322,6 +355,7 @@ pub async fn run(
         let store = store.clone().expect("opened for the projector");
         let projector = Projector::build(
             Arc::clone(&config),
+            nats.clone(),
             topology.clone(),
             store,
             readiness.clone(),
@@ -343,7 +377,7 @@ pub async fn run(
         let store = store.clone().expect("opened for the gateway");
         let gateway = Gateway::build(
             Arc::clone(&config),
-            client.clone(),
+            nats.clone(),
             topology.clone(),
             store,
             readiness.clone(),

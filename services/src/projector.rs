@@ -20,11 +20,12 @@ use parley_projections::{ConversationStore, PresenceClient, PresenceStore, Store
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span, warn};
 
-use crate::admin::Readiness;
+use crate::admin::{Readiness, Reason};
 use crate::backoff::Backoff;
 use crate::config::Config;
+use crate::node::Nats;
 use crate::telemetry;
-use crate::topology::Topology;
+use crate::topology::{self, Topology};
 
 pub(crate) const READY_CHECK: &str = "projector";
 pub(crate) const PRESENCE_READY_CHECK: &str = "presence";
@@ -32,6 +33,9 @@ pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Longest pause between retries of a batch the store refused: a retry costs one batch of
 /// writes, and a store back from an outage should not wait long to be fed.
 const MAX_APPLY_BACKOFF: Duration = Duration::from_secs(5);
+/// A store further behind the log than this many events when projection starts is
+/// replaying: it is reported not ready until it has caught up.
+const REPLAY_LAG: usize = 1000;
 /// How often the projector checks that the store still holds what it acknowledged: a store
 /// that lost writes, or was emptied for a rebuild, is noticed within this.
 const POSITION_CHECK_INTERVAL: Duration = Duration::from_secs(5);
@@ -52,7 +56,24 @@ pub enum ProjectorError {
     StoreBehind { position: u64, acknowledged: u64 },
 }
 
+/// Why a projection attempt ended without an error.
+enum Stopped {
+    Shutdown,
+    /// The NATS client reconnected: the server may have lost the pull request, so pull
+    /// again now rather than when the client's own recovery notices.
+    Reconnected,
+}
+
 impl ProjectorError {
+    fn reason(&self) -> Reason {
+        match self {
+            ProjectorError::Store(_) => Reason::StoreUnavailable,
+            ProjectorError::Consumer(_) => Reason::PullFailing,
+            ProjectorError::Decode { .. } => Reason::Failed,
+            ProjectorError::StoreBehind { .. } => Reason::Replaying,
+        }
+    }
+
     fn kind(&self) -> &'static str {
         match self {
             ProjectorError::Store(e) => e.kind.as_str(),
@@ -65,6 +86,7 @@ impl ProjectorError {
 
 pub struct Projector {
     config: Arc<Config>,
+    nats: Nats,
     topology: Topology,
     store: Arc<dyn ConversationStore>,
     readiness: Readiness,
@@ -73,13 +95,15 @@ pub struct Projector {
 impl Projector {
     pub fn build(
         config: Arc<Config>,
+        nats: Nats,
         topology: Topology,
         store: Arc<dyn ConversationStore>,
         readiness: Readiness,
     ) -> Projector {
-        readiness.set(READY_CHECK, Err("starting".into()));
+        readiness.not_ready(READY_CHECK, Reason::Starting, "starting");
         Projector {
             config,
+            nats,
             topology,
             store,
             readiness,
@@ -95,12 +119,18 @@ impl Projector {
                 .instrument(info_span!("projector"))
                 .await;
             match attempt {
-                Ok(()) => return,
+                Ok(Stopped::Shutdown) => return,
+                Ok(Stopped::Reconnected) => {
+                    info!("reconnected to NATS; pulling from the event log again");
+                    backoff = Backoff::new(MAX_BACKOFF);
+                    continue;
+                }
                 Err(e) => {
                     metrics::counter!(telemetry::PROJECTOR_ERRORS_TOTAL, "kind" => e.kind())
                         .increment(1);
                     error!(error = %e, retry_in = ?backoff.delay(), "projection stopped");
-                    self.readiness.set(READY_CHECK, Err(e.to_string()));
+                    self.readiness
+                        .not_ready(READY_CHECK, e.reason(), e.to_string());
                 }
             }
             if !backoff.wait(&shutdown).await {
@@ -150,21 +180,33 @@ impl Projector {
         let messages = consumer
             .stream()
             .max_messages_per_batch(batch)
+            .expires(topology::PULL_EXPIRES)
+            .heartbeat(topology::PULL_HEARTBEAT)
             .messages()
             .await
             .map_err(|e| ProjectorError::Consumer(e.to_string()))?;
         Ok((messages, position))
     }
 
-    async fn project(&self, shutdown: &CancellationToken) -> Result<(), ProjectorError> {
+    async fn project(&self, shutdown: &CancellationToken) -> Result<Stopped, ProjectorError> {
         self.store.check().await?;
+        let mut reconnects = self.nats.reconnects();
         let (messages, mut acknowledged) = self.consumer().await?;
         let mut messages = messages.ready_chunks(self.config.projector.batch);
         let mut checked = Instant::now();
-        self.readiness.set(READY_CHECK, Ok(()));
+        let mut replaying = self.replay_target(acknowledged).await?;
+        match replaying {
+            Some(end) => self.readiness.not_ready(
+                READY_CHECK,
+                Reason::Replaying,
+                format!("replaying the log into the store: at {acknowledged} of {end}"),
+            ),
+            None => self.readiness.ready(READY_CHECK),
+        }
         loop {
             let chunk = tokio::select! {
-                () = shutdown.cancelled() => return Ok(()),
+                () = shutdown.cancelled() => return Ok(Stopped::Shutdown),
+                Ok(()) = reconnects.changed() => return Ok(Stopped::Reconnected),
                 chunk = messages.next() => match chunk {
                     Some(chunk) => chunk,
                     None => return Err(ProjectorError::Consumer("consumer stream ended".into())),
@@ -193,14 +235,45 @@ impl Projector {
                 checked = Instant::now();
             }
             if !self.apply(&events, acknowledged, verify, shutdown).await? {
-                return Ok(());
+                return Ok(Stopped::Shutdown);
             }
             // With AckPolicy::All, acknowledging the batch's last message acknowledges it all.
             last.ack()
                 .await
                 .map_err(|e| ProjectorError::Consumer(e.to_string()))?;
             acknowledged = acknowledged.max(events.iter().map(|e| e.seq).max().unwrap_or(0));
+            if replaying.is_some_and(|end| acknowledged >= end) {
+                info!(
+                    position = acknowledged,
+                    "the store has caught up with the log"
+                );
+                replaying = None;
+            }
+            match replaying {
+                Some(end) => self.readiness.not_ready(
+                    READY_CHECK,
+                    Reason::Replaying,
+                    format!("replaying the log into the store: at {acknowledged} of {end}"),
+                ),
+                None => self.readiness.ready(READY_CHECK),
+            }
         }
+    }
+
+    /// The log's end, when the store at `position` is so far behind it that serving from
+    /// the store would show stale conversations: the projector is not ready until it has
+    /// replayed that far.
+    async fn replay_target(&self, position: u64) -> Result<Option<u64>, ProjectorError> {
+        let end = self
+            .topology
+            .log
+            .get_info()
+            .await
+            .map_err(|e| ProjectorError::Consumer(e.to_string()))?
+            .state
+            .last_sequence;
+        let lag = end.saturating_sub(position);
+        Ok((lag > REPLAY_LAG as u64).then_some(end))
     }
 
     /// Apply one batch, retrying with backoff while the store is unreachable: the batch
@@ -258,7 +331,8 @@ impl Projector {
                     metrics::counter!(telemetry::PROJECTOR_APPLY_RETRIES_TOTAL, "store" => store_kind)
                         .increment(1);
                     warn!(error = %e, retry_in = ?backoff.delay(), "cannot write to the conversation store; the batch stays unacknowledged and is retried");
-                    self.readiness.set(READY_CHECK, Err(e.to_string()));
+                    self.readiness
+                        .not_ready(READY_CHECK, Reason::StoreUnavailable, e.to_string());
                     verify = true;
                 }
                 Err(e) => return Err(e.into()),
@@ -267,7 +341,6 @@ impl Projector {
                 return Ok(false);
             }
         }
-        self.readiness.set(READY_CHECK, Ok(()));
         metrics::histogram!(telemetry::PROJECTOR_BATCH_EVENTS).record(events.len() as f64);
         metrics::counter!(telemetry::PROJECTOR_EVENTS_APPLIED_TOTAL).increment(events.len() as u64);
         if let Some(last) = events.last() {
@@ -294,7 +367,11 @@ pub async fn run_presence(
             Ok(store) => break store,
             Err(e) => {
                 warn!(error = %e, retry_in = ?backoff.delay(), "cannot reach Redis for presence");
-                readiness.set(PRESENCE_READY_CHECK, Err(e.to_string()));
+                readiness.not_ready(
+                    PRESENCE_READY_CHECK,
+                    Reason::RedisUnavailable,
+                    e.to_string(),
+                );
                 if !backoff.wait(&shutdown).await {
                     return Ok(());
                 }
@@ -304,7 +381,7 @@ pub async fn run_presence(
     let mut updates = client
         .queue_subscribe(PRESENCE_SUBJECT, PRESENCE_QUEUE.into())
         .await?;
-    readiness.set(PRESENCE_READY_CHECK, Ok(()));
+    readiness.ready(PRESENCE_READY_CHECK);
     loop {
         let message = tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
@@ -325,13 +402,17 @@ pub async fn run_presence(
         };
         match store.record(&update).await {
             Ok(()) => {
-                readiness.set(PRESENCE_READY_CHECK, Ok(()));
+                readiness.ready(PRESENCE_READY_CHECK);
                 metrics::counter!(telemetry::PRESENCE_UPDATES_TOTAL, "state" => state).increment(1);
             }
             Err(e) => {
                 // Presence repairs itself with the next heartbeat; say so once per failure.
                 warn!(error = %e, "cannot record presence");
-                readiness.set(PRESENCE_READY_CHECK, Err(e.to_string()));
+                readiness.not_ready(
+                    PRESENCE_READY_CHECK,
+                    Reason::RedisUnavailable,
+                    e.to_string(),
+                );
                 metrics::counter!(telemetry::PRESENCE_ERRORS_TOTAL, "kind" => "redis").increment(1);
             }
         }

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+pub const NOT_READY: &str = "parley_not_ready";
+
 pub const GATEWAY_CONNECTIONS: &str = "parley_gateway_connections";
 pub const GATEWAY_UPGRADES_TOTAL: &str = "parley_gateway_upgrades_total";
 pub const GATEWAY_FRAMES_RECEIVED_TOTAL: &str = "parley_gateway_frames_received_total";
@@ -18,6 +20,10 @@ pub const GATEWAY_GAP_FILLS_TOTAL: &str = "parley_gateway_gap_fills_total";
 pub const GATEWAY_CONVERSATION_SUBSCRIPTIONS: &str = "parley_gateway_conversation_subscriptions";
 pub const GATEWAY_COMMAND_SECONDS: &str = "parley_gateway_command_seconds";
 pub const GATEWAY_COMMAND_OUTCOMES_TOTAL: &str = "parley_gateway_command_outcomes_total";
+pub const GATEWAY_LATE_OUTCOMES_TOTAL: &str = "parley_gateway_late_outcomes_total";
+pub const GATEWAY_COMMANDS_RESUBMITTED_TOTAL: &str = "parley_gateway_commands_resubmitted_total";
+pub const GATEWAY_INTAKE_PUBLISH_RETRIES_TOTAL: &str =
+    "parley_gateway_intake_publish_retries_total";
 
 pub const HANDLER_COMMANDS_TOTAL: &str = "parley_handler_commands_total";
 pub const HANDLER_APPEND_CONFLICTS_TOTAL: &str = "parley_handler_append_conflicts_total";
@@ -77,6 +83,11 @@ pub fn prometheus() -> &'static PrometheusHandle {
 fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     describe_gauge!(
+        NOT_READY,
+        Unit::Count,
+        "1 while the readiness check `check` fails for `reason`, else 0."
+    );
+    describe_gauge!(
         GATEWAY_CONNECTIONS,
         Unit::Count,
         "Open WebSocket connections."
@@ -125,6 +136,21 @@ fn describe() {
         GATEWAY_COMMAND_OUTCOMES_TOTAL,
         Unit::Count,
         "Command outcomes sent to clients, by outcome."
+    );
+    describe_counter!(
+        GATEWAY_LATE_OUTCOMES_TOTAL,
+        Unit::Count,
+        "Outcomes sent to clients after they were told `timeout`."
+    );
+    describe_counter!(
+        GATEWAY_COMMANDS_RESUBMITTED_TOTAL,
+        Unit::Count,
+        "Commands published to the intake again under the same id while their outcome was missing, by trigger (reconnect, interval)."
+    );
+    describe_counter!(
+        GATEWAY_INTAKE_PUBLISH_RETRIES_TOTAL,
+        Unit::Count,
+        "Intake publishes retried, by failure kind (stream_not_found, timed_out, other)."
     );
     describe_counter!(
         HANDLER_COMMANDS_TOTAL,

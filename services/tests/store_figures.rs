@@ -118,6 +118,7 @@ async fn raw_consume_rate(topology: &topology::Topology, batch: usize, total: u6
 /// Replay the whole log into the configured (empty) store with the projector role: events/s.
 async fn projection_rate(
     config: &Arc<Config>,
+    nats: &node::Nats,
     topology: &topology::Topology,
     store: Arc<dyn ConversationStore>,
     last: u64,
@@ -125,6 +126,7 @@ async fn projection_rate(
     let shutdown = CancellationToken::new();
     let projector = Projector::build(
         Arc::clone(config),
+        nats.clone(),
         topology.clone(),
         Arc::clone(&store),
         Readiness::default(),
@@ -183,10 +185,15 @@ async fn projection_store_figures() {
     let mut config = Config::default();
     config.nats.url = Some(Secret::new(nats.url()));
     config.log.shards = 16;
-    let client = async_nats::connect(nats.url()).await.unwrap();
-    let topology = topology::ensure(async_nats::jetstream::new(client), &config)
+    let connection = node::connect_nats(&config, &Readiness::default())
         .await
         .unwrap();
+    let topology = topology::ensure(
+        async_nats::jetstream::new(connection.client.clone()),
+        &config,
+    )
+    .await
+    .unwrap();
 
     let conversation = ConversationId::direct(&user("alice"), &user("bob"));
     let subject = topology.shards.subject(conversation);
@@ -239,7 +246,7 @@ async fn projection_store_figures() {
         scylla.replication = [(cassandra.datacenter().to_owned(), 1)].into();
         let config = Arc::new(config);
         let store = node::open_store(&config).await.unwrap();
-        let rate = projection_rate(&config, &topology, Arc::clone(&store), last).await;
+        let rate = projection_rate(&config, &connection, &topology, Arc::clone(&store), last).await;
         let (p50, p99) = history_latency(&*store, conversation, last).await;
         results.push((kind, rate, p50, p99));
     }

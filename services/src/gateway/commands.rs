@@ -1,5 +1,22 @@
-//! Commands from sockets: publish to the intake, wait for the handler's outcome, answer the
-//! client with `ack` or `error`.
+//! Commands from sockets: publish to the intake, follow each until its outcome is known,
+//! answer the client with `ack` or `error`.
+//!
+//! Three rules make the answers ones a client can rely on:
+//!
+//! - **Per-sender order.** A socket's commands to one conversation form a line
+//!   ([`Sequencer`]): a command is published only once the one before it has its outcome
+//!   (appended, or rejected for good). So they reach the log in the order the socket sent
+//!   them, whatever the number of handler instances, and a redelivered command can never be
+//!   overtaken by a later one. Commands to different conversations do not wait for each
+//!   other.
+//! - **Late outcomes still arrive.** `timeout` (after `gateway.command_timeout_secs`) tells
+//!   the client that the outcome is not known yet, not that the command failed: the gateway
+//!   keeps following it for [`Config::outcome_wait`](crate::config::Config::outcome_wait)
+//!   and sends its `ack` (or `error`) on the same socket when it learns it.
+//! - **Nothing waits on what a server restart lost.** A command is published again under the
+//!   same id when the NATS client reconnects and every command timeout while its outcome is
+//!   missing: the intake dedupes a copy it still holds, a memory intake that lost it queues
+//!   it again, and handlers answer a command they already applied from their write model.
 //!
 //! The intake dedupes by command id. When a publish comes back as a duplicate, the original
 //! may have been sent from another socket or gateway, so its outcome may never arrive here:
@@ -8,20 +25,29 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::Duration;
 
-use async_nats::jetstream::context::PublishAckFuture;
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::publish::PublishAck;
 use parley_events::command::OutcomeQuery;
 use parley_events::protocol::ServerFrame;
 use parley_events::subjects::{INTAKE_SUBJECT, OUTCOME_QUERY_SUBJECT};
-use parley_events::{Command, CommandId, ErrorCode, Outcome, OutcomeResult};
-use tokio::sync::watch;
-use tracing::{debug, warn};
+use parley_events::{Command, CommandId, ConversationId, ErrorCode, Outcome, OutcomeResult};
+use tokio::sync::{OwnedSemaphorePermit, watch};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
 
 use super::Shared;
 use super::delivery::Outbox;
+use crate::admin::Reason;
 use crate::telemetry;
+
+/// How long a publish to the intake is retried before the client is told `unavailable`:
+/// long enough to ride out the intake being created again after a server restart.
+const PUBLISH_RETRY_WINDOW: Duration = Duration::from_secs(3);
+const FIRST_PUBLISH_RETRY: Duration = Duration::from_millis(25);
+const MAX_PUBLISH_RETRY: Duration = Duration::from_millis(250);
 
 /// Commands waiting for their outcome, by id. Several sockets (a user's devices retrying
 /// the same send) may wait on one command.
@@ -61,81 +87,119 @@ impl Pending {
     }
 }
 
-/// A command published (or joined, when the same command is already in flight here) whose
-/// outcome is still to come.
-pub struct Submitted {
+/// One socket's lines of commands, one line per conversation.
+#[derive(Default)]
+pub struct Sequencer {
+    /// Per conversation, the settlement of the newest command in its line.
+    newest: HashMap<ConversationId, watch::Receiver<bool>>,
+}
+
+/// Held while a command is followed; dropping it (however the command ends) lets the next
+/// command of its line go.
+pub struct Settled(watch::Sender<bool>);
+
+impl Drop for Settled {
+    fn drop(&mut self) {
+        self.0.send_replace(true);
+    }
+}
+
+/// Where a command stands in its line: what it waits for, and what it releases.
+pub struct Place {
+    after: Option<watch::Receiver<bool>>,
+    settled: Settled,
+}
+
+impl Sequencer {
+    /// Join the end of `conversation`'s line.
+    pub fn join(&mut self, conversation: ConversationId) -> Place {
+        // Lines whose newest command has settled are empty; forgetting them keeps the map
+        // as small as the socket's commands in flight.
+        self.newest.retain(|_, settled| !*settled.borrow());
+        let (settled, newest) = watch::channel(false);
+        Place {
+            after: self.newest.insert(conversation, newest),
+            settled: Settled(settled),
+        }
+    }
+}
+
+/// Follow `command` from its place in line to its outcome, answering on `outbox`. The
+/// `permit` (one of the socket's commands in flight) is held until the outcome is known.
+pub async fn run(
+    shared: Arc<Shared>,
+    outbox: Outbox,
     command: Command,
-    outcome: watch::Receiver<Option<OutcomeResult>>,
-    publish: Option<Result<PublishAckFuture, String>>,
-    started: Instant,
-}
-
-/// Hand `command` to the intake. Called in the socket's read order and awaited there, so
-/// one socket's commands reach the intake (and the log) in the order they were sent.
-pub async fn publish(shared: &Shared, command: Command) -> Submitted {
+    place: Place,
+    permit: OwnedSemaphorePermit,
+) {
+    let Place { after, settled } = place;
+    if let Some(mut before) = after {
+        // An error means the previous command's task is gone, which settles it too.
+        let _ = before.wait_for(|settled| *settled).await;
+    }
     let started = Instant::now();
-    let (outcome, first) = shared.pending.watch(command.id);
-    let publish = if first {
-        Some(to_intake(shared, &command, command.id.to_string()).await)
-    } else {
-        None
+    let (mut outcome, first) = shared.pending.watch(command.id);
+    let mut reconnects = shared.nats.reconnects();
+    if first {
+        submit(&shared, &command).await;
+    }
+    let answer_by = started + shared.config.command_timeout();
+    let give_up = started + shared.config.outcome_wait();
+    let mut resubmit = tokio::time::interval_at(answer_by, shared.config.command_timeout());
+    let mut timed_out = false;
+    let result = loop {
+        tokio::select! {
+            // An error means the first waiter gave up and forgot the command.
+            result = async { outcome.wait_for(Option::is_some).await.ok().and_then(|r| r.clone()) } => {
+                break result;
+            }
+            () = tokio::time::sleep_until(answer_by), if !timed_out => {
+                timed_out = true;
+                answer(&outbox, &command, started, timeout_result());
+            }
+            Ok(()) = reconnects.changed(), if first => {
+                metrics::counter!(telemetry::GATEWAY_COMMANDS_RESUBMITTED_TOTAL, "trigger" => "reconnect").increment(1);
+                submit(&shared, &command).await;
+            }
+            _ = resubmit.tick(), if first => {
+                metrics::counter!(telemetry::GATEWAY_COMMANDS_RESUBMITTED_TOTAL, "trigger" => "interval").increment(1);
+                submit(&shared, &command).await;
+            }
+            () = tokio::time::sleep_until(give_up) => {
+                if first {
+                    shared.pending.forget(command.id);
+                }
+                warn!(command = %command.id, "no outcome while the handlers could still have tried it; no longer following it");
+                break None;
+            }
+        }
     };
-    Submitted {
-        command,
-        outcome,
-        publish,
-        started,
+    match result {
+        Some(result) => {
+            if timed_out {
+                metrics::counter!(telemetry::GATEWAY_LATE_OUTCOMES_TOTAL).increment(1);
+            }
+            answer(&outbox, &command, started, result);
+        }
+        None if !timed_out => answer(&outbox, &command, started, timeout_result()),
+        None => {}
+    }
+    drop(settled);
+    drop(permit);
+}
+
+fn timeout_result() -> OutcomeResult {
+    OutcomeResult::Rejected {
+        code: ErrorCode::Timeout,
+        message: "no outcome yet; the command may still take effect: its ack follows on this \
+                  socket if it does, and a retry with the same id is always safe"
+            .into(),
     }
 }
 
-/// Wait for the intake's acknowledgement and the handler's outcome, then answer on
-/// `outbox`.
-pub async fn complete(shared: Arc<Shared>, outbox: Outbox, submitted: Submitted) {
-    let Submitted {
-        command,
-        mut outcome,
-        publish,
-        started,
-    } = submitted;
-    let first = publish.is_some();
-    if let Some(publish) = publish {
-        let acked = match publish {
-            Ok(pending) => pending.await.map_err(|e| e.to_string()),
-            Err(e) => Err(e),
-        };
-        match acked {
-            Ok(ack) if ack.duplicate => {
-                tokio::spawn(resolve_duplicate(Arc::clone(&shared), command.clone()));
-            }
-            Ok(_) => {}
-            Err(cause) => {
-                warn!(command = %command.id, %cause, "cannot publish a command to the intake");
-                shared.pending.resolve(Outcome {
-                    command: command.id,
-                    result: OutcomeResult::Rejected {
-                        code: ErrorCode::Unavailable,
-                        message: "the service is temporarily unavailable; retry with the same id"
-                            .into(),
-                    },
-                });
-            }
-        }
-    }
-    let timeout = shared.config.command_timeout();
-    let result = match tokio::time::timeout(timeout, outcome.wait_for(Option::is_some)).await {
-        Ok(Ok(result)) => result.clone().expect("waited for Some"),
-        _ => {
-            if first {
-                shared.pending.forget(command.id);
-            }
-            OutcomeResult::Rejected {
-                code: ErrorCode::Timeout,
-                message:
-                    "no outcome in time; the command may still take effect, retry with the same id"
-                        .into(),
-            }
-        }
-    };
+/// Send the client the `ack` or `error` for `command`.
+fn answer(outbox: &Outbox, command: &Command, started: Instant, result: OutcomeResult) {
     let (frame, label) = match result {
         OutcomeResult::Accepted {
             conversation,
@@ -143,7 +207,7 @@ pub async fn complete(shared: Arc<Shared>, outbox: Outbox, submitted: Submitted)
             event,
         } => (
             ServerFrame::Ack {
-                id: command.client_id,
+                id: command.client_id.clone(),
                 conversation,
                 seq,
                 event,
@@ -151,7 +215,7 @@ pub async fn complete(shared: Arc<Shared>, outbox: Outbox, submitted: Submitted)
             "accepted",
         ),
         OutcomeResult::Rejected { code, message } => (
-            ServerFrame::error(Some(command.client_id), code, message),
+            ServerFrame::error(Some(command.client_id.clone()), code, message),
             code.as_str(),
         ),
     };
@@ -170,12 +234,65 @@ fn unavailable(command: CommandId) -> Outcome {
     }
 }
 
-/// Publish `command` to the intake under `message_id`, the intake's dedupe key.
+/// Publish `command` to the intake under its id, retrying for [`PUBLISH_RETRY_WINDOW`]
+/// while the intake is missing (a server restart lost it: the gateway creates it again
+/// itself) or NATS does not answer. When it cannot get in, its waiters get `unavailable`;
+/// when it may have got in (the acknowledgement was lost), it stays followed.
+async fn submit(shared: &Arc<Shared>, command: &Command) {
+    let deadline = Instant::now() + PUBLISH_RETRY_WINDOW;
+    let mut delay = FIRST_PUBLISH_RETRY;
+    loop {
+        let error = match to_intake(shared, command, command.id.to_string()).await {
+            Ok(ack) => {
+                shared.readiness.ready(super::READY_CHECK);
+                if ack.duplicate {
+                    tokio::spawn(resolve_duplicate(Arc::clone(shared), command.clone()));
+                }
+                return;
+            }
+            Err(error) => error,
+        };
+        let kind = match error.kind() {
+            PublishErrorKind::StreamNotFound => {
+                shared.readiness.not_ready(
+                    super::READY_CHECK,
+                    Reason::NoIntake,
+                    "the intake stream is missing",
+                );
+                if let Err(e) =
+                    crate::topology::ensure_intake(&shared.topology.js, &shared.config).await
+                {
+                    debug!(error = %e, "cannot create the intake yet");
+                } else {
+                    info!("created the intake stream again");
+                }
+                "stream_not_found"
+            }
+            PublishErrorKind::TimedOut => "timed_out",
+            _ => "other",
+        };
+        metrics::counter!(telemetry::GATEWAY_INTAKE_PUBLISH_RETRIES_TOTAL, "kind" => kind)
+            .increment(1);
+        if Instant::now() + delay > deadline {
+            warn!(command = %command.id, cause = %error, "cannot publish a command to the intake");
+            // A lost acknowledgement may hide a command that did get in: keep following it.
+            if error.kind() != PublishErrorKind::TimedOut {
+                shared.pending.resolve(unavailable(command.id));
+            }
+            return;
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(MAX_PUBLISH_RETRY);
+    }
+}
+
+/// Publish `command` to the intake under `message_id`, the intake's dedupe key, and wait
+/// for the intake's acknowledgement.
 async fn to_intake(
     shared: &Shared,
     command: &Command,
     message_id: String,
-) -> Result<PublishAckFuture, String> {
+) -> Result<PublishAck, PublishError> {
     let message = PublishMessage::build()
         .payload(command.to_bytes().into())
         .message_id(message_id);
@@ -183,8 +300,8 @@ async fn to_intake(
         .topology
         .js
         .send_publish(INTAKE_SUBJECT, message)
+        .await?
         .await
-        .map_err(|e| e.to_string())
 }
 
 /// The intake had already seen `command`. Ask the handlers what became of it; if they do
@@ -207,12 +324,9 @@ async fn resolve_duplicate(shared: Arc<Shared>, command: Command) {
         Err(e) => debug!(error = %e, "outcome query failed"),
     }
     let retry_id = format!("{}:{}", command.id, command.issued_at);
-    let queued = match to_intake(&shared, &command, retry_id).await {
-        Ok(pending) => pending.await.map(|_| ()).map_err(|e| e.to_string()),
-        Err(e) => Err(e),
-    };
-    if let Err(cause) = queued {
+    if let Err(cause) = to_intake(&shared, &command, retry_id).await {
+        // The original may still be queued, so the command is not settled: the next
+        // resubmission asks again.
         warn!(command = %command.id, %cause, "cannot queue a repeated command");
-        shared.pending.resolve(unavailable(command.id));
     }
 }

@@ -37,6 +37,7 @@ use tracing::{info, warn};
 use crate::admin::Readiness;
 use crate::auth::{AuthError, Verifier};
 use crate::config::Config;
+use crate::node::Nats;
 use crate::topology::Topology;
 use crate::{telemetry, unix_millis};
 use delivery::{ConnectionId, Routes, event_frame};
@@ -68,6 +69,8 @@ pub(crate) struct Shared {
     name: String,
     outcome_subject: String,
     client: async_nats::Client,
+    nats: Nats,
+    readiness: Readiness,
     topology: Topology,
     store: Arc<dyn ConversationStore>,
     verifier: Verifier,
@@ -82,12 +85,13 @@ pub(crate) struct Shared {
 impl Gateway {
     pub async fn build(
         config: Arc<Config>,
-        client: async_nats::Client,
+        nats: Nats,
         topology: Topology,
         store: Arc<dyn ConversationStore>,
         readiness: Readiness,
     ) -> Result<Gateway, GatewayError> {
         let secret = config.auth.secret.clone().ok_or(GatewayError::NoSecret)?;
+        let client = nats.client.clone();
         let name = format!("gw-{}", uuid::Uuid::new_v4().simple());
         let outcome_subject = outcome_subject(&name);
         let subscribe = |subject: String| {
@@ -112,6 +116,8 @@ impl Gateway {
             name,
             outcome_subject,
             client,
+            nats,
+            readiness: readiness.clone(),
             topology,
             store,
             pending: commands::Pending::default(),
@@ -119,7 +125,7 @@ impl Gateway {
             next_connection: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
         });
-        readiness.set(READY_CHECK, Ok(()));
+        readiness.ready(READY_CHECK);
         Ok(Gateway {
             shared,
             outcomes,

@@ -134,6 +134,7 @@ async fn read_loop(
     outbox: &Outbox,
 ) {
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let mut sequencer = commands::Sequencer::default();
     let mut last_heard = Instant::now();
     let mut idle_check = tokio::time::interval(shared.config.ping_interval());
     idle_check.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -171,7 +172,7 @@ async fn read_loop(
                 return;
             }
             Some(Ok(Message::Text(text))) => {
-                handle_text(shared, session, outbox, &in_flight, &text).await;
+                handle_text(shared, session, outbox, &in_flight, &mut sequencer, &text).await;
             }
             Some(Ok(Message::Binary(_))) => {
                 control.close(close::UNSUPPORTED_DATA, "only text frames are accepted");
@@ -217,6 +218,7 @@ async fn handle_text(
     session: &Session,
     outbox: &Outbox,
     in_flight: &Arc<Semaphore>,
+    sequencer: &mut commands::Sequencer,
     text: &str,
 ) {
     let frame = match ClientFrame::parse(text) {
@@ -289,20 +291,12 @@ async fn handle_text(
         shared.outcome_subject.clone(),
         action,
     );
+    // Joining the line here, in read order, is what keeps the socket's commands to one
+    // conversation in the order it sent them.
+    let place = sequencer.join(command.conversation());
     let span = info_span!("command", command = %command.id);
-    let submitted = commands::publish(shared, command)
-        .instrument(span.clone())
-        .await;
     tokio::spawn(
-        {
-            let shared = Arc::clone(shared);
-            let outbox = outbox.clone();
-            async move {
-                commands::complete(shared, outbox, submitted).await;
-                drop(permit);
-            }
-        }
-        .instrument(span),
+        commands::run(Arc::clone(shared), outbox.clone(), command, place, permit).instrument(span),
     );
 }
 

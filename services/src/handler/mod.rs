@@ -29,12 +29,14 @@ use parley_events::{
     Command, ErrorCode, Event, EventEnvelope, Outcome, OutcomeResult, RecordedEvent,
 };
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use crate::admin::Readiness;
+use crate::admin::{Readiness, Reason};
 use crate::backoff::Backoff;
 use crate::config::Config;
+use crate::node::Nats;
 use crate::telemetry;
 use crate::topology::{self, Topology};
 pub use write_model::{Accepted, Decision, WriteModel, check_body};
@@ -73,6 +75,7 @@ pub struct Handler {
 struct Inner {
     config: Arc<Config>,
     client: async_nats::Client,
+    nats: Nats,
     topology: Topology,
     model: Mutex<WriteModel>,
     /// The log tail's position, for waiting until it has caught up with an append.
@@ -91,16 +94,21 @@ impl Inner {
 impl Handler {
     pub fn build(
         config: Arc<Config>,
-        client: async_nats::Client,
+        nats: Nats,
         topology: Topology,
         readiness: Readiness,
     ) -> Handler {
-        readiness.set(READY_CHECK, Err("catching up with the event log".into()));
+        readiness.not_ready(
+            READY_CHECK,
+            Reason::CatchingUp,
+            "catching up with the event log",
+        );
         let model = WriteModel::new(topology.shards, config.handler.remembered_commands);
         Handler {
             inner: Arc::new(Inner {
                 config,
-                client,
+                client: nats.client.clone(),
+                nats,
                 topology,
                 model: Mutex::new(model),
                 position: watch::channel(0).0,
@@ -160,75 +168,96 @@ impl Handler {
             shutdown.clone(),
         ));
 
+        // Counted from here: a reconnect before this point is covered by setting up now.
+        let mut reconnects = inner.nats.reconnects();
         let mut commands = intake_commands(&inner).await?;
-        inner.readiness.set(READY_CHECK, Ok(()));
+        inner.readiness.ready(READY_CHECK);
 
         // The consumer never hands out more than `max_ack_pending` commands, so a lane
         // that can hold them all never blocks the others: a slow shard delays only itself.
         let lane_queue = usize::try_from(inner.config.intake.max_ack_pending).unwrap_or(1);
-        let lanes: Vec<_> = (0..inner.config.handler.lanes)
+        let (lanes, lane_tasks): (Vec<Lane>, Vec<JoinHandle<()>>) = (0..inner.config.handler.lanes)
             .map(|_| {
-                let (tx, rx) = mpsc::channel::<(Command, Message)>(lane_queue);
+                let (tx, rx) = mpsc::channel(lane_queue);
                 (tx, tokio::spawn(run_lane(Arc::clone(&inner), rx)))
             })
-            .collect();
+            .unzip();
         let mut failure = None;
         loop {
-            let message = tokio::select! {
+            let lost = tokio::select! {
                 () = shutdown.cancelled() => break,
                 // Without its tail the write model goes stale: stop taking commands.
                 stopped = &mut tail => {
                     failure = Some(tail_ended(stopped));
                     break;
                 }
+                // A server restart loses a memory intake with its consumer, every pull
+                // request and the tail's ephemeral consumer; the client's own recovery of a
+                // pull notices that only after its retries (about 15 s). Set everything up
+                // again now instead.
+                Ok(()) = reconnects.changed() => {
+                    info!("reconnected to NATS; setting up the intake consumer and the log tail again");
+                    tail.abort();
+                    tail = tokio::spawn(tail_log(Arc::clone(&inner), shutdown.clone()));
+                    Some((Reason::NoIntake, "reconnected to NATS".to_owned()))
+                }
                 next = commands.next() => match next {
-                    Some(Ok(message)) => message,
-                    Some(Err(e)) if intake_lost(&e) => {
-                        warn!(error = %e, "the intake consumer is gone or unreachable; setting it up again");
-                        inner.readiness.set(READY_CHECK, Err("setting up the intake consumer again".into()));
-                        match intake_commands_again(&inner, &shutdown).await {
-                            Some(again) => commands = again,
-                            None => break,
-                        }
-                        inner.readiness.set(READY_CHECK, Ok(()));
-                        continue;
+                    Some(Ok(message)) => {
+                        self::dispatch(&inner, &lanes, message).await;
+                        None
                     }
+                    Some(Err(e)) if pull_lost(&e) => Some((Reason::PullFailing, e.to_string())),
                     Some(Err(e)) => {
                         warn!(error = %e, "intake consumer hiccup; continuing");
-                        continue;
+                        None
                     }
-                    None => break,
+                    None => Some((Reason::PullFailing, "the intake consumer's stream ended".to_owned())),
                 },
             };
-            let command = match Command::from_bytes(&message.payload) {
-                Ok(command) => command,
-                Err(e) => {
-                    // Only a bug or a foreign publisher writes an unreadable command;
-                    // redelivering it cannot help.
-                    error!(error = %e, "unreadable command on the intake; terminating it");
-                    metrics::counter!(telemetry::HANDLER_COMMANDS_TOTAL, "action" => "unknown", "result" => "unreadable").increment(1);
-                    let _ = message.ack_with(AckKind::Term).await;
-                    continue;
+            if let Some((reason, cause)) = lost {
+                warn!(%cause, "the intake consumer is gone or unreachable; setting it up again");
+                inner.readiness.not_ready(READY_CHECK, reason, cause);
+                match intake_commands_again(&inner, &shutdown).await {
+                    Some(again) => commands = again,
+                    None => break,
                 }
-            };
-            let lane = inner.topology.shards.of(command.conversation()) as usize % lanes.len();
-            if lanes[lane].0.send((command, message)).await.is_err() {
-                break;
+                inner.readiness.ready(READY_CHECK);
             }
         }
         // Closing the lanes lets each finish what it holds; unacknowledged commands that
         // were never taken are redelivered to another instance.
         inner
             .readiness
-            .set(READY_CHECK, Err("shutting down".into()));
-        for (tx, lane) in lanes {
-            drop(tx);
+            .not_ready(READY_CHECK, Reason::ShuttingDown, "shutting down");
+        drop(lanes);
+        for lane in lane_tasks {
             let _ = lane.await;
         }
         answering.abort();
         tail.abort();
         failure.unwrap_or(Ok(()))
     }
+}
+
+/// The queue of one lane: commands with the intake message that carried them.
+type Lane = mpsc::Sender<(Command, Message)>;
+
+/// Hand a command from the intake to the lane of its conversation's shard.
+async fn dispatch(inner: &Inner, lanes: &[Lane], message: Message) {
+    let command = match Command::from_bytes(&message.payload) {
+        Ok(command) => command,
+        Err(e) => {
+            // Only a bug or a foreign publisher writes an unreadable command; redelivering
+            // it cannot help.
+            error!(error = %e, "unreadable command on the intake; terminating it");
+            metrics::counter!(telemetry::HANDLER_COMMANDS_TOTAL, "action" => "unknown", "result" => "unreadable").increment(1);
+            let _ = message.ack_with(AckKind::Term).await;
+            return;
+        }
+    };
+    let lane = inner.topology.shards.of(command.conversation()) as usize % lanes.len();
+    // A lane ends only when its sender is dropped, at shutdown.
+    let _ = lanes[lane].send((command, message)).await;
 }
 
 /// The handlers' durable consumer on the intake, set up with the intake itself: after a
@@ -252,18 +281,22 @@ async fn intake_commands(inner: &Inner) -> Result<pull::Stream, HandlerError> {
     consumer
         .stream()
         .max_messages_per_batch(256)
+        .expires(topology::PULL_EXPIRES)
+        .heartbeat(topology::PULL_HEARTBEAT)
         .messages()
         .await
         .map_err(|e| HandlerError::Consumer(e.to_string()))
 }
 
-/// Errors after which pulling from the current consumer cannot resume by itself.
-fn intake_lost(error: &pull::MessagesError) -> bool {
+/// Errors after which pulling from the current consumer cannot resume by itself: the
+/// consumer is gone, or the pull request was lost (no heartbeat).
+fn pull_lost(error: &pull::MessagesError) -> bool {
     matches!(
         error.kind(),
         pull::MessagesErrorKind::ConsumerDeleted
             | pull::MessagesErrorKind::NoResponders
             | pull::MessagesErrorKind::Pull
+            | pull::MessagesErrorKind::MissingHeartbeat
     )
 }
 
@@ -355,7 +388,9 @@ async fn tail_log(inner: Arc<Inner>, shutdown: CancellationToken) -> Result<(), 
                 seq,
                 cause: e.to_string(),
             };
-            inner.readiness.set(READY_CHECK, Err(error.to_string()));
+            inner
+                .readiness
+                .not_ready(READY_CHECK, Reason::Failed, error.to_string());
             error
         })?;
         inner.model().apply(&envelope.recorded(seq), true);

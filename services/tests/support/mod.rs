@@ -281,10 +281,10 @@ impl Platform {
 
     /// JetStream on the platform's NATS, connected as its roles are (TLS included).
     async fn jetstream(&self) -> async_nats::jetstream::Context {
-        let client = node::connect_nats(&self.config, &Readiness::default())
+        let nats = node::connect_nats(&self.config, &Readiness::default())
             .await
             .unwrap();
-        async_nats::jetstream::new(client)
+        async_nats::jetstream::new(nats.client)
     }
 
     /// Every event in the log, in order.
