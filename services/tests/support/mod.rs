@@ -35,6 +35,8 @@ const PROBE_LIMIT: Duration = Duration::from_secs(3);
 
 /// A role running in this process, stoppable on its own.
 struct Running {
+    /// Where the role serves `/healthz`, `/readyz` and `/metrics`.
+    admin: SocketAddr,
     shutdown: CancellationToken,
     task: JoinHandle<Result<(), node::NodeError>>,
     /// Why the role stopped by itself, if it did.
@@ -45,12 +47,14 @@ impl Running {
     async fn start(config: Arc<Config>, roles: Roles, gateway: Option<TcpListener>) -> Running {
         let shutdown = CancellationToken::new();
         let failure = Arc::new(std::sync::Mutex::new(None));
+        let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = admin_listener.local_addr().unwrap();
         let run = node::run(
             config,
             roles,
             Listeners {
                 gateway,
-                admin: None,
+                admin: Some(admin_listener),
             },
             shutdown.clone(),
         );
@@ -63,6 +67,7 @@ impl Running {
             result
         });
         Running {
+            admin,
             shutdown,
             task,
             failure,
@@ -213,6 +218,23 @@ impl Platform {
             (waiting == 0).then_some(())
         })
         .await;
+    }
+
+    /// Start one more handler instance; it runs until the platform drops.
+    pub async fn add_handler(&mut self) {
+        self.others
+            .push(Running::start(Arc::clone(&self.config), Roles::HANDLER, None).await);
+    }
+
+    /// The admin address of every role running now: gateways, extra handlers, the handler,
+    /// the projector.
+    pub fn admin_addresses(&self) -> Vec<SocketAddr> {
+        self.others
+            .iter()
+            .chain(&self.handler)
+            .chain(&self.projector)
+            .map(|running| running.admin)
+            .collect()
     }
 
     pub async fn start_handler(&mut self) {
