@@ -45,8 +45,12 @@ pub use write_model::{Accepted, Decision, WriteModel, check_body};
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the tail considers a snapshot even when no event arrives.
 const SNAPSHOT_CHECK: Duration = Duration::from_secs(1);
-/// Longest wait between attempts to set up the intake consumer again.
-const MAX_INTAKE_BACKOFF: Duration = Duration::from_secs(5);
+/// Longest wait between attempts to set up the intake consumer or the log tail again.
+const MAX_SETUP_BACKOFF: Duration = Duration::from_secs(5);
+/// Events one pull of the log tail asks for.
+const TAIL_BATCH: usize = 500;
+/// How long the server keeps a log tail's consumer that nobody pulls from.
+const TAIL_INACTIVE_THRESHOLD: Duration = Duration::from_secs(30);
 /// Delay before a command that hit a transient failure is redelivered.
 const RETRY_DELAY: Duration = Duration::from_millis(500);
 pub(crate) const READY_CHECK: &str = "handler";
@@ -305,7 +309,7 @@ async fn intake_commands_again(
     inner: &Inner,
     shutdown: &CancellationToken,
 ) -> Option<pull::Stream> {
-    let mut backoff = Backoff::new(MAX_INTAKE_BACKOFF);
+    let mut backoff = Backoff::new(MAX_SETUP_BACKOFF);
     loop {
         match intake_commands(inner).await {
             Ok(commands) => {
@@ -333,14 +337,96 @@ fn tail_ended(
     }
 }
 
-/// Follow the log from the write model's position with an ordered consumer, applying every
-/// event to the write model and snapshotting it now and then.
+/// Follow the log from the write model's position, applying every event to the write model
+/// and snapshotting it now and then. Only an event that cannot be read ends it (with an
+/// error); anything wrong with the consumer is repaired by following the log again from
+/// the position reached.
 async fn tail_log(inner: Arc<Inner>, shutdown: CancellationToken) -> Result<(), HandlerError> {
-    let after = *inner.position.borrow();
+    let mut snapshots = Snapshotter {
+        taken_at: *inner.position.borrow(),
+        saving: Arc::new(AtomicBool::new(false)),
+    };
+    // Snapshots are also considered on a timer, so one skipped while another was being
+    // written is taken even if the log has gone quiet.
+    let mut snapshot_check = tokio::time::interval(SNAPSHOT_CHECK);
+    let mut backoff = Backoff::new(MAX_SETUP_BACKOFF);
+    'consumer: loop {
+        let after = *inner.position.borrow();
+        let mut messages = match tail_messages(&inner, after).await {
+            Ok(messages) => messages,
+            Err(e) => {
+                warn!(error = %e, retry_in = ?backoff.delay(), "cannot follow the event log yet");
+                if !backoff.wait(&shutdown).await {
+                    return Ok(());
+                }
+                continue;
+            }
+        };
+        backoff = Backoff::new(MAX_SETUP_BACKOFF);
+        // The consumer's own count of what it delivered: a message that does not follow
+        // the previous one means something was skipped, and only following the log again
+        // from the position reached is safe.
+        let mut delivered = 0;
+        loop {
+            let message = tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                _ = snapshot_check.tick() => {
+                    snapshots.consider(&inner);
+                    continue;
+                }
+                next = messages.next() => match next {
+                    Some(Ok(message)) => message,
+                    Some(Err(e)) if pull_lost(&e) => {
+                        warn!(error = %e, after = *inner.position.borrow(), "the log tail lost its consumer; following the log again");
+                        continue 'consumer;
+                    }
+                    Some(Err(e)) => {
+                        warn!(error = %e, "log tail hiccup; continuing");
+                        continue;
+                    }
+                    None => continue 'consumer,
+                },
+            };
+            let Ok(info) = message.info() else {
+                continue 'consumer;
+            };
+            if info.delivered != 1 || info.consumer_sequence != delivered + 1 {
+                warn!(
+                    expected = delivered + 1,
+                    got = info.consumer_sequence,
+                    "the log tail skipped a message; following the log again"
+                );
+                continue 'consumer;
+            }
+            delivered = info.consumer_sequence;
+            let seq = info.stream_sequence;
+            let envelope = EventEnvelope::from_bytes(&message.payload).map_err(|e| {
+                let error = HandlerError::Decode {
+                    seq,
+                    cause: e.to_string(),
+                };
+                inner
+                    .readiness
+                    .not_ready(READY_CHECK, Reason::Failed, error.to_string());
+                error
+            })?;
+            inner.model().apply(&envelope.recorded(seq), true);
+            inner.position.send_replace(seq);
+            metrics::gauge!(telemetry::HANDLER_LOG_POSITION).set(seq as f64);
+            metrics::counter!(telemetry::HANDLER_TAIL_EVENTS_TOTAL).increment(1);
+            snapshots.consider(&inner);
+        }
+    }
+}
+
+/// The log after `after`, through an ephemeral consumer in memory that goes away by itself
+/// once nobody pulls from it. Its pull requests carry idle heartbeats like the intake's, so
+/// a consumer lost with a server is noticed within seconds.
+async fn tail_messages(inner: &Inner, after: u64) -> Result<pull::Stream, HandlerError> {
     let consumer = inner
         .topology
         .log
-        .create_consumer(pull::OrderedConfig {
+        .create_consumer(pull::Config {
             deliver_policy: if after == 0 {
                 DeliverPolicy::All
             } else {
@@ -348,57 +434,23 @@ async fn tail_log(inner: Arc<Inner>, shutdown: CancellationToken) -> Result<(), 
                     start_sequence: after + 1,
                 }
             },
+            ack_policy: AckPolicy::None,
+            max_deliver: 1,
+            inactive_threshold: TAIL_INACTIVE_THRESHOLD,
+            num_replicas: 1,
+            memory_storage: true,
             ..Default::default()
         })
         .await
         .map_err(|e| HandlerError::Tail(e.to_string()))?;
-    let mut messages = consumer
+    consumer
+        .stream()
+        .max_messages_per_batch(TAIL_BATCH)
+        .expires(topology::PULL_EXPIRES)
+        .heartbeat(topology::PULL_HEARTBEAT)
         .messages()
         .await
-        .map_err(|e| HandlerError::Tail(e.to_string()))?;
-    let mut snapshots = Snapshotter {
-        taken_at: after,
-        saving: Arc::new(AtomicBool::new(false)),
-    };
-    // Snapshots are also considered on a timer, so one skipped while another was being
-    // written is taken even if the log has gone quiet.
-    let mut snapshot_check = tokio::time::interval(SNAPSHOT_CHECK);
-    loop {
-        let message = tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
-            _ = snapshot_check.tick() => {
-                snapshots.consider(&inner);
-                continue;
-            }
-            next = messages.next() => match next {
-                Some(Ok(message)) => message,
-                Some(Err(e)) => {
-                    warn!(error = %e, "log tail hiccup; the ordered consumer recovers by itself");
-                    continue;
-                }
-                None => return Err(HandlerError::Tail("log tail ended".into())),
-            },
-        };
-        let seq = message
-            .info()
-            .map_err(|e| HandlerError::Tail(e.to_string()))?
-            .stream_sequence;
-        let envelope = EventEnvelope::from_bytes(&message.payload).map_err(|e| {
-            let error = HandlerError::Decode {
-                seq,
-                cause: e.to_string(),
-            };
-            inner
-                .readiness
-                .not_ready(READY_CHECK, Reason::Failed, error.to_string());
-            error
-        })?;
-        inner.model().apply(&envelope.recorded(seq), true);
-        inner.position.send_replace(seq);
-        metrics::gauge!(telemetry::HANDLER_LOG_POSITION).set(seq as f64);
-        metrics::counter!(telemetry::HANDLER_TAIL_EVENTS_TOTAL).increment(1);
-        snapshots.consider(&inner);
-    }
+        .map_err(|e| HandlerError::Tail(e.to_string()))
 }
 
 /// Decides when the tail snapshots the write model.
