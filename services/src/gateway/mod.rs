@@ -268,6 +268,8 @@ async fn upgrade(
         .max_message_size(max_frame)
         .read_buffer_size(READ_BUFFER_BYTES)
         .write_buffer_size(WRITE_BUFFER_BYTES)
+        // A blocked socket leaves at most one frame beyond the write buffer in tungstenite's
+        // buffer; the rest is room for the close frame, queued behind it without waiting.
         .max_write_buffer_size(WRITE_BUFFER_BYTES + socket::MAX_SERVER_FRAME_BYTES * 2)
         .on_upgrade(move |socket| socket::serve(shared, socket, session, permit))
 }

@@ -2,12 +2,13 @@
 //! task that drains the socket's bounded queue, pings, and sends the close frame.
 
 use std::collections::HashSet;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures::stream::{SplitSink, SplitStream};
-use futures::{SinkExt, StreamExt};
+use futures::{Sink, SinkExt, StreamExt};
 use parley_events::presence::ConnectionState;
 use parley_events::protocol::{
     ClientFrame, ConversationSummary, Limits, PROTOCOL_VERSION, ServerFrame, close,
@@ -53,7 +54,7 @@ pub async fn serve(
     async move {
         metrics::gauge!(telemetry::GATEWAY_CONNECTIONS).increment(1.0);
         let (outbox, queue) = Outbox::new(shared.config.gateway.send_queue);
-        let (sink, stream) = socket.split();
+        let (sink, mut stream) = socket.split();
         let writer = tokio::spawn(write_loop(
             sink,
             queue,
@@ -78,14 +79,22 @@ pub async fn serve(
             .await;
         follow_inbox(&shared, &session).await;
 
-        read_loop(&shared, &session, stream, &outbox).await;
+        read_loop(&shared, &session, &mut stream, &outbox).await;
 
         shared.routes.unregister(session.conn);
         shared
             .publish_presence(&session.user, session.conn, ConnectionState::Closed)
             .await;
-        if tokio::time::timeout(WRITE_TIMEOUT, writer).await.is_err() {
-            debug!("writer did not finish in time");
+        // The writer stops as soon as the socket is closing, so this does not wait on a
+        // peer that stopped reading.
+        match writer.await {
+            Ok(sink) => {
+                let socket = sink
+                    .reunite(stream)
+                    .expect("the writer's sink and the reader's stream are one socket");
+                close_handshake(socket, &outbox.control).await;
+            }
+            Err(e) => warn!(error = %e, "socket writer failed"),
         }
         metrics::gauge!(telemetry::GATEWAY_CONNECTIONS).decrement(1.0);
     }
@@ -127,10 +136,11 @@ async fn follow_inbox(shared: &Arc<Shared>, session: &Session) {
     shared.routes.flush().await;
 }
 
+/// Read the client's frames until the socket is closing, for whatever reason.
 async fn read_loop(
     shared: &Arc<Shared>,
     session: &Session,
-    mut stream: SplitStream<WebSocket>,
+    stream: &mut SplitStream<WebSocket>,
     outbox: &Outbox,
 ) {
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
@@ -189,28 +199,35 @@ async fn read_loop(
 
 /// Map a WebSocket read error to the RFC 6455 close code the client deserves.
 fn close_for(error: &axum::Error) -> (u16, &'static str) {
+    match tungstenite_error(error) {
+        Some(
+            tungstenite::Error::Protocol(
+                tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+            )
+            | tungstenite::Error::ConnectionClosed
+            | tungstenite::Error::AlreadyClosed
+            | tungstenite::Error::Io(_),
+        ) => (close::ABNORMAL, "connection lost"),
+        Some(tungstenite::Error::Capacity(_)) => (close::MESSAGE_TOO_BIG, "frame too large"),
+        Some(tungstenite::Error::Utf8(_)) => {
+            (close::INVALID_PAYLOAD, "text frame is not valid UTF-8")
+        }
+        Some(tungstenite::Error::Protocol(_)) => (close::PROTOCOL_ERROR, "protocol error"),
+        _ => (close::INTERNAL_ERROR, "connection error"),
+    }
+}
+
+/// The tungstenite error behind an axum WebSocket error.
+fn tungstenite_error(error: &axum::Error) -> Option<&tungstenite::Error> {
     use std::error::Error as _;
     let mut source: Option<&(dyn std::error::Error + 'static)> = error.source();
     while let Some(cause) = source {
         if let Some(ws) = cause.downcast_ref::<tungstenite::Error>() {
-            return match ws {
-                tungstenite::Error::Protocol(
-                    tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
-                )
-                | tungstenite::Error::ConnectionClosed
-                | tungstenite::Error::AlreadyClosed
-                | tungstenite::Error::Io(_) => (close::ABNORMAL, "connection lost"),
-                tungstenite::Error::Capacity(_) => (close::MESSAGE_TOO_BIG, "frame too large"),
-                tungstenite::Error::Utf8(_) => {
-                    (close::INVALID_PAYLOAD, "text frame is not valid UTF-8")
-                }
-                tungstenite::Error::Protocol(_) => (close::PROTOCOL_ERROR, "protocol error"),
-                _ => (close::INTERNAL_ERROR, "connection error"),
-            };
+            return Some(ws);
         }
         source = cause.source();
     }
-    (close::INTERNAL_ERROR, "connection error")
+    None
 }
 
 async fn handle_text(
@@ -424,12 +441,16 @@ async fn conversations(
     outbox.send(&frame);
 }
 
+/// Send the socket's queued frames and pings until it is closing; the sink goes back to
+/// [`serve`] for the close handshake. Once closing, whatever is still queued is dropped: a
+/// slow consumer would never read it, and after the client's close frame nothing more may
+/// be sent.
 async fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
     mut queue: mpsc::Receiver<Utf8Bytes>,
     control: Arc<SocketControl>,
     ping_interval: Duration,
-) {
+) -> SplitSink<WebSocket, Message> {
     let mut ping = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
     loop {
         let message = tokio::select! {
@@ -441,22 +462,71 @@ async fn write_loop(
             },
             _ = ping.tick() => Message::Ping(bytes::Bytes::new()),
         };
-        match tokio::time::timeout(WRITE_TIMEOUT, sink.send(message)).await {
+        // A write blocked on a full socket is abandoned when the socket starts closing: the
+        // close frame must not wait behind it. The part of a frame tungstenite already holds
+        // stays whole in its buffer and goes out before the close frame.
+        let sent = tokio::select! {
+            biased;
+            () = control.closing() => break,
+            sent = tokio::time::timeout(WRITE_TIMEOUT, sink.send(message)) => sent,
+        };
+        match sent {
             Ok(Ok(())) => {}
+            // The client's close frame has just been read: the reader records it.
+            Ok(Err(e))
+                if matches!(
+                    tungstenite_error(&e),
+                    Some(tungstenite::Error::Protocol(
+                        tungstenite::error::ProtocolError::SendAfterClosing
+                    ))
+                ) =>
+            {
+                break;
+            }
             Ok(Err(_)) => {
                 control.close(close::INTERNAL_ERROR, "write failed");
-                return;
+                break;
             }
             Err(_) => {
                 control.close(close::POLICY_VIOLATION, "slow consumer: write timed out");
-                return;
+                break;
             }
         }
     }
+    sink
+}
+
+/// End the socket the way RFC 6455 asks: send our close frame (or the reply to the client's),
+/// then read until the client's reply, all within [`WRITE_TIMEOUT`].
+async fn close_handshake(mut socket: WebSocket, control: &SocketControl) {
     let (code, reason) = control.reason().unwrap_or((close::NORMAL, "closing"));
-    let close = Message::Close(Some(CloseFrame {
+    if code == close::ABNORMAL {
+        // The connection is gone; 1006 is never sent.
+        return;
+    }
+    // Queued directly rather than through `send`, whose readiness check waits until all
+    // that was written before has drained, which a slow consumer never does. tokio-tungstenite
+    // takes the frame even when the socket would block, into the write buffer's room kept
+    // for it (`max_write_buffer_size`). This fails when the client closed first; tungstenite
+    // has then already queued its reply, with the client's own code, which the flush sends.
+    let frame = Message::Close(Some(CloseFrame {
         code,
         reason: reason.into(),
     }));
-    let _ = tokio::time::timeout(WRITE_TIMEOUT, sink.send(close)).await;
+    if let Err(e) = Pin::new(&mut socket).start_send(frame) {
+        debug!(error = %e, "close frame not queued");
+    }
+    let handshake = async {
+        if socket.flush().await.is_ok() {
+            // Until the client's close frame: the server then drops the TCP connection first,
+            // as RFC 6455 recommends.
+            while let Some(Ok(_)) = socket.next().await {}
+        }
+    };
+    if tokio::time::timeout(WRITE_TIMEOUT, handshake)
+        .await
+        .is_err()
+    {
+        debug!("the client did not complete the close handshake in time");
+    }
 }

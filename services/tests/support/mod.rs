@@ -280,17 +280,48 @@ impl Platform {
         format!("ws://{}/ws", self.gateways[gateway])
     }
 
-    pub async fn try_connect(
-        &self,
-        gateway: usize,
-        user: &str,
-    ) -> Result<Client, tungstenite::Error> {
+    /// The upgrade request of `user` to `gateway`.
+    fn request(&self, gateway: usize, user: &str) -> tungstenite::handshake::client::Request {
         let mut request = self.url(gateway).into_client_request().unwrap();
         request.headers_mut().insert(
             "Authorization",
             format!("Bearer {}", self.token(user)).parse().unwrap(),
         );
-        Client::open(request).await
+        request
+    }
+
+    pub async fn try_connect(
+        &self,
+        gateway: usize,
+        user: &str,
+    ) -> Result<Client, tungstenite::Error> {
+        Client::open(self.request(gateway, user)).await
+    }
+
+    /// [`connect`](Self::connect) over a TCP socket whose receive buffer is about
+    /// `receive_buffer` bytes, so that a client that stops reading soon stops the server's
+    /// writes too.
+    pub async fn connect_with_receive_buffer(
+        &self,
+        gateway: usize,
+        user: &str,
+        receive_buffer: u32,
+    ) -> Client {
+        let tcp = tokio::net::TcpSocket::new_v4().unwrap();
+        tcp.set_recv_buffer_size(receive_buffer).unwrap();
+        let tcp = tcp.connect(self.gateways[gateway]).await.unwrap();
+        let (socket, _) = tokio_tungstenite::client_async(
+            self.request(gateway, user),
+            tokio_tungstenite::MaybeTlsStream::Plain(tcp),
+        )
+        .await
+        .expect("connects");
+        let mut client = Client {
+            socket,
+            stash: Default::default(),
+        };
+        assert_eq!(client.next_of(&["welcome"]).await["user"], user);
+        client
     }
 
     /// Connect `user` to `gateway` and read the welcome.
@@ -521,18 +552,44 @@ impl Client {
     }
 
     async fn read(&mut self) -> Value {
+        match self.read_or_close().await {
+            Ok(frame) => frame,
+            Err(closed) => panic!("socket closed: {closed:?}"),
+        }
+    }
+
+    /// The next text frame (queued ones first), or how the server closed the socket.
+    pub async fn next_or_close(&mut self) -> Result<Value, Closed> {
+        match self.stash.pop_front() {
+            Some(frame) => Ok(frame),
+            None => self.read_or_close().await,
+        }
+    }
+
+    async fn read_or_close(&mut self) -> Result<Value, Closed> {
         loop {
-            let message = tokio::time::timeout(WAIT, self.socket.next())
+            let next = tokio::time::timeout(WAIT, self.socket.next())
                 .await
-                .expect("a frame arrives in time")
-                .expect("socket is open")
-                .expect("frame is readable");
-            match message {
-                Message::Text(text) => {
-                    return serde_json::from_str(&text).expect("server sends JSON");
+                .expect("a frame arrives in time");
+            match next {
+                Some(Ok(Message::Text(text))) => {
+                    return Ok(serde_json::from_str(&text).expect("server sends JSON"));
                 }
-                Message::Close(frame) => panic!("socket closed: {frame:?}"),
-                _ => continue,
+                Some(Ok(Message::Close(Some(frame)))) => {
+                    return Err(Closed {
+                        code: u16::from(frame.code),
+                        reason: frame.reason.to_string(),
+                    });
+                }
+                Some(Ok(Message::Close(None))) => {
+                    return Err(Closed {
+                        code: u16::from(CloseCode::Status),
+                        reason: String::new(),
+                    });
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => panic!("socket failed before a close frame: {e}"),
+                None => panic!("socket ended without a close frame"),
             }
         }
     }
@@ -561,25 +618,8 @@ impl Client {
     /// Read until the server closes the socket; its close code and reason.
     pub async fn closed(&mut self) -> Closed {
         loop {
-            let next = tokio::time::timeout(WAIT, self.socket.next())
-                .await
-                .expect("closes in time");
-            match next {
-                Some(Ok(Message::Close(Some(frame)))) => {
-                    return Closed {
-                        code: u16::from(frame.code),
-                        reason: frame.reason.to_string(),
-                    };
-                }
-                Some(Ok(Message::Close(None))) => {
-                    return Closed {
-                        code: u16::from(CloseCode::Status),
-                        reason: String::new(),
-                    };
-                }
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => panic!("socket failed before a close frame: {e}"),
-                None => panic!("socket ended without a close frame"),
+            if let Err(closed) = self.read_or_close().await {
+                return closed;
             }
         }
     }
