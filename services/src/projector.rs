@@ -195,14 +195,7 @@ impl Projector {
         let mut messages = messages.ready_chunks(self.config.projector.batch);
         let mut checked = Instant::now();
         let mut replaying = self.replay_target(acknowledged).await?;
-        match replaying {
-            Some(end) => self.readiness.not_ready(
-                READY_CHECK,
-                Reason::Replaying,
-                format!("replaying the log into the store: at {acknowledged} of {end}"),
-            ),
-            None => self.readiness.ready(READY_CHECK),
-        }
+        self.report_replay(replaying, acknowledged);
         loop {
             let chunk = tokio::select! {
                 () = shutdown.cancelled() => return Ok(Stopped::Shutdown),
@@ -249,14 +242,19 @@ impl Projector {
                 );
                 replaying = None;
             }
-            match replaying {
-                Some(end) => self.readiness.not_ready(
-                    READY_CHECK,
-                    Reason::Replaying,
-                    format!("replaying the log into the store: at {acknowledged} of {end}"),
-                ),
-                None => self.readiness.ready(READY_CHECK),
-            }
+            self.report_replay(replaying, acknowledged);
+        }
+    }
+
+    /// Ready, or not while replaying up to the log end `replaying` (now at `position`).
+    fn report_replay(&self, replaying: Option<u64>, position: u64) {
+        match replaying {
+            Some(end) => self.readiness.not_ready(
+                READY_CHECK,
+                Reason::Replaying,
+                format!("replaying the log into the store: at {position} of {end}"),
+            ),
+            None => self.readiness.ready(READY_CHECK),
         }
     }
 

@@ -25,12 +25,19 @@ async fn final_reply(client: &mut Client, id: &str) -> (Value, usize) {
     loop {
         let reply = client.reply_to(id).await;
         if reply["type"] == "error" && reply["code"] == "timeout" {
-            assert_eq!(reply["retryable"], true, "{reply}");
+            assert_retryable(&reply, "timeout");
             timeouts += 1;
             continue;
         }
         return (reply, timeouts);
     }
+}
+
+/// `reply` is a retryable `error` with `code`.
+fn assert_retryable(reply: &Value, code: &str) {
+    assert_eq!(reply["type"], "error", "{reply}");
+    assert_eq!(reply["code"], code, "{reply}");
+    assert_eq!(reply["retryable"], true, "{reply}");
 }
 
 /// Every role's `/readyz` status.
@@ -89,12 +96,7 @@ async fn after_a_nats_restart_sends_succeed_at_once_and_no_role_was_ready_withou
     })
     .await;
 
-    let bodies: Vec<String> = platform
-        .posted()
-        .await
-        .into_iter()
-        .map(|(_, b)| b)
-        .collect();
+    let bodies = platform.posted_bodies().await;
     assert_eq!(bodies, ["before", "during", "after"]);
     for body in ["during", "after"] {
         loop {
@@ -132,12 +134,7 @@ async fn pipelined_sends_keep_their_order_with_three_handlers() {
         }
         sent.extend(ids);
     }
-    let logged: Vec<String> = platform
-        .posted()
-        .await
-        .into_iter()
-        .map(|(_, b)| b)
-        .collect();
+    let logged = platform.posted_bodies().await;
     assert_eq!(
         logged, sent,
         "the log holds the sends in the order the socket sent them"
@@ -150,10 +147,7 @@ async fn a_timeout_is_followed_by_the_late_ack_and_a_retry_gets_the_same_ack() {
     let (mut alice, _bob, conversation) = platform.alice_and_bob().await;
     platform.stop_handler().await;
     alice.send(send("slow", conversation, "slow")).await;
-    let timeout = alice.reply_to("slow").await;
-    assert_eq!(timeout["type"], "error", "{timeout}");
-    assert_eq!(timeout["code"], "timeout", "{timeout}");
-    assert_eq!(timeout["retryable"], true, "{timeout}");
+    assert_retryable(&alice.reply_to("slow").await, "timeout");
 
     platform.start_handler().await;
     let late = alice.reply_to("slow").await;
@@ -187,10 +181,7 @@ async fn a_full_intake_answers_unavailable_and_a_retry_succeeds_once_it_drains()
     // behind the first) is refused by it.
     alice.send(send("queued", with_bob, "queued")).await;
     alice.send(send("refused", with_carol, "refused")).await;
-    let refused = alice.reply_to("refused").await;
-    assert_eq!(refused["type"], "error", "{refused}");
-    assert_eq!(refused["code"], "unavailable", "{refused}");
-    assert_eq!(refused["retryable"], true, "{refused}");
+    assert_retryable(&alice.reply_to("refused").await, "unavailable");
 
     platform.start_handler().await;
     let (queued, _) = final_reply(&mut alice, "queued").await;
@@ -198,12 +189,7 @@ async fn a_full_intake_answers_unavailable_and_a_retry_succeeds_once_it_drains()
     alice.send(send("refused", with_carol, "refused")).await;
     let (retried, _) = final_reply(&mut alice, "refused").await;
     assert_eq!(retried["type"], "ack", "{retried}");
-    let bodies: Vec<String> = platform
-        .posted()
-        .await
-        .into_iter()
-        .map(|(_, b)| b)
-        .collect();
+    let bodies = platform.posted_bodies().await;
     assert_eq!(bodies, ["queued", "refused"]);
 }
 
@@ -280,12 +266,7 @@ async fn a_command_redelivered_after_a_crash_between_append_and_ack_gets_its_ori
             event: event.id,
         }
     );
-    let bodies: Vec<String> = platform
-        .posted()
-        .await
-        .into_iter()
-        .map(|(_, b)| b)
-        .collect();
+    let bodies = platform.posted_bodies().await;
     assert_eq!(bodies, ["appended before the crash"], "appended once");
 }
 

@@ -57,12 +57,7 @@ async fn chat_continues_after_nats_restarts() {
     assert_eq!(delivered["event"]["prev"], 2);
     bob.expect_silence(Duration::from_millis(300)).await;
     platform.projected().await;
-    let bodies: Vec<_> = platform
-        .posted()
-        .await
-        .into_iter()
-        .map(|(_, body)| body)
-        .collect();
+    let bodies = platform.posted_bodies().await;
     assert_eq!(bodies, ["before", "after"]);
 }
 

@@ -372,6 +372,15 @@ impl Platform {
             .collect()
     }
 
+    /// The bodies of the `message.posted` events in the log, in order.
+    pub async fn posted_bodies(&self) -> Vec<String> {
+        self.posted()
+            .await
+            .into_iter()
+            .map(|(_, body)| body)
+            .collect()
+    }
+
     /// The configured conversation store, opened afresh (a test may have deleted it).
     pub async fn store(&self) -> Arc<dyn ConversationStore> {
         node::open_store(&self.config).await.unwrap()
