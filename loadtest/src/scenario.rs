@@ -65,6 +65,110 @@ pub struct Scenario {
     pub rate: Option<Rate>,
     #[serde(default)]
     pub ramp: Option<Ramp>,
+    /// `--spawn` only: processes to kill (SIGKILL) and restart during the run.
+    #[serde(default)]
+    pub faults: Vec<Fault>,
+}
+
+/// A process of a spawned platform that a fault kills.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum FaultRole {
+    /// The first handler; the platform then runs two, so service continues.
+    Handler,
+    Projector,
+    /// `gateway-<i>` (`gateway` is `gateway-0`).
+    Gateway(usize),
+    /// The nats-server.
+    Nats,
+    /// The redis-server, flushed (`FLUSHALL`) before it is killed.
+    Redis,
+}
+
+impl std::fmt::Display for FaultRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FaultRole::Handler => f.write_str("handler"),
+            FaultRole::Projector => f.write_str("projector"),
+            FaultRole::Gateway(i) => write!(f, "gateway-{i}"),
+            FaultRole::Nats => f.write_str("nats"),
+            FaultRole::Redis => f.write_str("redis"),
+        }
+    }
+}
+
+impl std::str::FromStr for FaultRole {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<FaultRole, String> {
+        match s {
+            "handler" => Ok(FaultRole::Handler),
+            "projector" => Ok(FaultRole::Projector),
+            "gateway" => Ok(FaultRole::Gateway(0)),
+            "nats" => Ok(FaultRole::Nats),
+            "redis" => Ok(FaultRole::Redis),
+            _ => s
+                .strip_prefix("gateway-")
+                .and_then(|i| i.parse().ok())
+                .map(FaultRole::Gateway)
+                .ok_or_else(|| {
+                    format!(
+                        "unknown role {s:?}: one of handler, projector, gateway, gateway-<i>, nats, redis"
+                    )
+                }),
+        }
+    }
+}
+
+impl TryFrom<String> for FaultRole {
+    type Error = String;
+    fn try_from(s: String) -> Result<FaultRole, String> {
+        s.parse()
+    }
+}
+
+impl From<FaultRole> for String {
+    fn from(role: FaultRole) -> String {
+        role.to_string()
+    }
+}
+
+/// Kill `role` with SIGKILL `at_secs` after sending starts; start it again, with the same
+/// ports, configuration and data, `down_secs` later.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fault {
+    pub role: FaultRole,
+    pub at_secs: f64,
+    #[serde(default = "default_down_secs")]
+    pub down_secs: f64,
+}
+
+impl std::str::FromStr for Fault {
+    type Err = String;
+
+    /// `ROLE@SECS[:DOWN_SECS]`, e.g. `handler@4:2`.
+    fn from_str(s: &str) -> Result<Fault, String> {
+        let (role, times) = s
+            .split_once('@')
+            .ok_or_else(|| format!("{s:?}: expected ROLE@SECS[:DOWN_SECS]"))?;
+        let (at, down) = match times.split_once(':') {
+            Some((at, down)) => (at, Some(down)),
+            None => (times, None),
+        };
+        let number = |v: &str| {
+            v.parse::<f64>()
+                .map_err(|_| format!("{s:?}: {v:?} is not a number of seconds"))
+        };
+        Ok(Fault {
+            role: role.parse()?,
+            at_secs: number(at)?,
+            down_secs: down
+                .map(number)
+                .transpose()?
+                .unwrap_or_else(default_down_secs),
+        })
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -133,6 +237,9 @@ fn default_durability() -> Durability {
 fn default_min_acked_ratio() -> f64 {
     0.95
 }
+fn default_down_secs() -> f64 {
+    2.0
+}
 
 /// Flag values that replace the file's.
 #[derive(Debug, Clone, Default)]
@@ -146,6 +253,8 @@ pub struct Overrides {
     pub durability: Option<Durability>,
     pub gateways: Option<usize>,
     pub baselines: bool,
+    /// Added to the file's.
+    pub faults: Vec<Fault>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -213,6 +322,7 @@ impl Scenario {
             self.ramp = None;
         }
         self.baselines |= o.baselines;
+        self.faults.extend(o.faults.iter().copied());
         self.validate()?;
         Ok(self)
     }
@@ -310,6 +420,26 @@ impl Scenario {
                     && (0.0..=1.0).contains(&ramp.min_acked_ratio),
                 "ramp.max_error_ratio and min_acked_ratio must be between 0 and 1",
             );
+        }
+        let sending = self.sending_time().as_secs_f64();
+        for (i, fault) in self.faults.iter().enumerate() {
+            check(
+                fault.at_secs.is_finite() && (0.0..sending).contains(&fault.at_secs),
+                &format!("faults[{i}].at_secs must be within the sending time (0 to {sending} s)"),
+            );
+            check(
+                fault.down_secs.is_finite() && fault.down_secs >= 0.0,
+                &format!("faults[{i}].down_secs must be zero or more"),
+            );
+            if let FaultRole::Gateway(g) = fault.role {
+                check(
+                    g < self.gateways,
+                    &format!(
+                        "faults[{i}] names gateway-{g}, but there are {} gateways",
+                        self.gateways
+                    ),
+                );
+            }
         }
         if problems.is_empty() {
             Ok(())
