@@ -668,9 +668,53 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_faults_interruption_is_read_from_the_ack_times() {
+        let fault = |role: &str, at_us: u64, restarted_us: u64| FaultRecord {
+            fault: format!("{role}@1").parse().unwrap(),
+            killed_us: at_us,
+            restarted_us: Some(restarted_us),
+            presence_back_us: None,
+            error: None,
+        };
+        // Acks every 100 ms, none from 1.05 s to 3.5 s; a second fault at 5 s with no ack
+        // after it.
+        let acks: Vec<u64> = (0..=10)
+            .map(|i| i * 100_000)
+            .chain((35..=45).map(|i| i * 100_000))
+            .collect();
+        let figures = fault_figures(
+            &[
+                fault("handler", 1_050_000, 3_000_000),
+                fault("nats", 5_000_000, 6_000_000),
+            ],
+            &acks,
+            8_000_000,
+        );
+        assert_eq!(figures[0].first_ack_after_kill_ms, Some(2450.0));
+        assert_eq!(figures[0].first_ack_after_restart_ms, Some(500.0));
+        assert_eq!(figures[0].longest_ack_gap_ms, Some(2450.0));
+        assert_eq!(figures[0].killed_at_secs, 1.05);
+        assert_eq!(figures[1].first_ack_after_kill_ms, None);
+        assert_eq!(figures[1].longest_ack_gap_ms, None);
+    }
+
+    #[test]
     fn the_table_and_the_json_carry_the_figures() {
         let mut report = sample_report();
+        report.faults = fault_figures(
+            &[FaultRecord {
+                fault: "gateway-0@1:2".parse().unwrap(),
+                killed_us: 1_000_000,
+                restarted_us: Some(3_000_000),
+                presence_back_us: None,
+                error: None,
+            }],
+            &[500_000, 3_250_000],
+            6_000_000,
+        );
         let table = render_table(&report);
+        assert!(table.contains("gateway-0"), "{table}");
+        assert!(table.contains("2250"), "{table}");
         assert!(table.contains("Ledger CLEAN"), "{table}");
         assert!(table.contains("fsync per write"), "{table}");
         assert!(

@@ -624,6 +624,63 @@ mod tests {
     }
 
     #[test]
+    fn faults_come_from_the_file_and_the_flags_and_are_checked() {
+        let text = format!(
+            "{}\n[[faults]]\nrole = \"handler\"\nat_secs = 3\n",
+            DM.replace("users = 100", "users = 100\ngateways = 2")
+        );
+        let s = Scenario::parse(&text, "t")
+            .unwrap()
+            .with_overrides(&Overrides {
+                faults: vec![
+                    "gateway-1@4:0.5".parse().unwrap(),
+                    "redis@2".parse().unwrap(),
+                ],
+                ..Overrides::default()
+            })
+            .unwrap();
+        let roles: Vec<_> = s
+            .faults
+            .iter()
+            .map(|f| (f.role, f.at_secs, f.down_secs))
+            .collect();
+        assert_eq!(
+            roles,
+            vec![
+                (FaultRole::Handler, 3.0, 2.0),
+                (FaultRole::Gateway(1), 4.0, 0.5),
+                (FaultRole::Redis, 2.0, 2.0)
+            ]
+        );
+        assert_eq!(
+            "gateway@1".parse::<Fault>().unwrap().role,
+            FaultRole::Gateway(0)
+        );
+        for bad in ["cache@1", "handler", "handler@soon", "nats@1:x"] {
+            assert!(bad.parse::<Fault>().is_err(), "{bad}");
+        }
+        let late = Scenario::parse(DM, "t")
+            .unwrap()
+            .with_overrides(&Overrides {
+                faults: vec!["nats@10".parse().unwrap(), "gateway-3@1".parse().unwrap()],
+                ..Overrides::default()
+            });
+        let Err(ScenarioError::Invalid { problems, .. }) = late else {
+            panic!("{late:?}");
+        };
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("within the sending time")),
+            "{problems:?}"
+        );
+        assert!(
+            problems.iter().any(|p| p.contains("gateway-3")),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
     fn shipped_scenarios_are_valid() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
         let mut seen = 0;
