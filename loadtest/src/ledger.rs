@@ -10,7 +10,7 @@
 //! check runs once, after the drain, connection by connection, so it holds one connection's
 //! seen sets at a time.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 
 use parley_events::Event;
 use serde::{Deserialize, Serialize};
@@ -437,7 +437,7 @@ fn check_explained(
 }
 
 /// Counts of a report's problems by name, for the table.
-pub fn problems(report: &LedgerReport) -> BTreeMap<&'static str, u64> {
+pub fn problems(report: &LedgerReport) -> Vec<(&'static str, u64)> {
     [
         ("lost", report.lost),
         ("duplicated", report.duplicated),
@@ -451,8 +451,7 @@ pub fn problems(report: &LedgerReport) -> BTreeMap<&'static str, u64> {
         ("log chain breaks", report.log_chain_breaks),
         ("unclassified", report.unacknowledged_unclassified),
     ]
-    .into_iter()
-    .collect()
+    .into()
 }
 
 #[cfg(test)]

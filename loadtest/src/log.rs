@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use async_nats::jetstream::context::GetStreamErrorKind;
-use async_nats::jetstream::{self, ErrorCode};
+use async_nats::jetstream::{self, ErrorCode, stream};
 use futures::StreamExt;
 use parley_events::subjects::{INTAKE_STREAM, LOG_STREAM};
 use parley_events::{ConversationId, EventEnvelope};
@@ -24,7 +24,7 @@ pub struct LogReader {
     js: jetstream::Context,
 }
 
-fn fail(what: &str) -> impl FnOnce(String) -> LoadtestError + '_ {
+fn fail<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> LoadtestError + '_ {
     move |e| LoadtestError::Log(format!("{what}: {e}"))
 }
 
@@ -32,7 +32,7 @@ impl LogReader {
     pub async fn connect(nats_url: &str) -> Result<LogReader, LoadtestError> {
         let client = async_nats::connect(nats_url)
             .await
-            .map_err(|e| fail("connecting to NATS")(e.to_string()))?;
+            .map_err(fail("connecting to NATS"))?;
         Ok(LogReader {
             js: jetstream::new(client),
         })
@@ -40,46 +40,44 @@ impl LogReader {
 
     /// The log's last sequence now; 0 when the log does not exist yet.
     pub async fn last_sequence(&self) -> Result<u64, LoadtestError> {
-        match self.js.get_stream(LOG_STREAM).await {
-            Ok(mut stream) => Ok(stream
-                .info()
-                .await
-                .map_err(|e| fail("log stream info")(e.to_string()))?
-                .state
-                .last_sequence),
+        Ok(self
+            .state(LOG_STREAM)
+            .await?
+            .map_or(0, |state| state.last_sequence))
+    }
+
+    /// Commands in the intake now (queued, or taken by a handler and not yet done); 0 when
+    /// the intake does not exist: a nats-server restart loses an intake kept in memory (and
+    /// its commands), and the handlers create it again.
+    pub async fn intake_pending(&self) -> Result<u64, LoadtestError> {
+        Ok(self
+            .state(INTAKE_STREAM)
+            .await?
+            .map_or(0, |state| state.messages))
+    }
+
+    /// A stream's state; `None` when there is no such stream.
+    async fn state(&self, name: &str) -> Result<Option<stream::State>, LoadtestError> {
+        match self.js.get_stream(name).await {
+            Ok(mut stream) => Ok(Some(stream.info().await.map_err(fail(name))?.state.clone())),
             Err(e) => match e.kind() {
                 GetStreamErrorKind::JetStream(js)
                     if js.error_code() == ErrorCode::STREAM_NOT_FOUND =>
                 {
-                    Ok(0)
+                    Ok(None)
                 }
-                _ => Err(fail("log stream")(e.to_string())),
+                _ => Err(fail(name)(e)),
             },
         }
     }
 
-    /// Commands in the intake now (queued, or taken by a handler and not yet done).
-    pub async fn intake_pending(&self) -> Result<u64, LoadtestError> {
-        let mut stream = self
-            .js
-            .get_stream(INTAKE_STREAM)
-            .await
-            .map_err(|e| fail("intake stream")(e.to_string()))?;
-        Ok(stream
-            .info()
-            .await
-            .map_err(|e| fail("intake stream info")(e.to_string()))?
-            .state
-            .messages)
-    }
-
     /// Wait until the intake is empty, for at most `budget`; the commands left in it.
-    pub async fn wait_for_empty_intake(&self, budget: Duration) -> u64 {
+    pub async fn wait_for_empty_intake(&self, budget: Duration) -> Result<u64, LoadtestError> {
         let deadline = Instant::now() + budget;
         loop {
-            let pending = self.intake_pending().await.unwrap_or(u64::MAX);
+            let pending = self.intake_pending().await?;
             if pending == 0 || Instant::now() >= deadline {
-                return pending;
+                return Ok(pending);
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
@@ -104,7 +102,7 @@ impl LogReader {
             .js
             .get_stream(LOG_STREAM)
             .await
-            .map_err(|e| fail("log stream")(e.to_string()))?;
+            .map_err(fail("log stream"))?;
         let consumer = stream
             .create_consumer(pull::OrderedConfig {
                 deliver_policy: DeliverPolicy::ByStartSequence {
@@ -113,18 +111,12 @@ impl LogReader {
                 ..Default::default()
             })
             .await
-            .map_err(|e| fail("log consumer")(e.to_string()))?;
-        let mut messages = consumer
-            .messages()
-            .await
-            .map_err(|e| fail("log messages")(e.to_string()))?;
+            .map_err(fail("log consumer"))?;
+        let mut messages = consumer.messages().await.map_err(fail("log messages"))?;
         let reading = async {
             while let Some(message) = messages.next().await {
-                let message = message.map_err(|e| fail("reading the log")(e.to_string()))?;
-                let seq = message
-                    .info()
-                    .map_err(|e| fail("log message")(e.to_string()))?
-                    .stream_sequence;
+                let message = message.map_err(fail("reading the log"))?;
+                let seq = message.info().map_err(fail("log message"))?.stream_sequence;
                 let envelope = EventEnvelope::from_bytes(&message.payload)
                     .map_err(|e| fail("decoding the log")(format!("seq {seq}: {e}")))?;
                 if let Some(&conv) = index.get(&envelope.conversation) {

@@ -156,8 +156,9 @@ pub struct FaultFigures {
     pub first_ack_after_kill_ms: Option<f64>,
     pub first_ack_after_restart_ms: Option<f64>,
     /// The longest time without an `ack` from the kill until the next fault or the end of
-    /// sending (the kill itself counts as the start of the first gap).
-    pub longest_ack_gap_ms: Option<f64>,
+    /// sending (both count as edges of a gap, so an interruption still going on when sending
+    /// ended shows in full).
+    pub longest_ack_gap_ms: f64,
     /// Redis: from the restart until heartbeats had rebuilt a connected user's presence.
     pub presence_back_after_restart_ms: Option<f64>,
     /// The fault could not be applied as planned.
@@ -188,6 +189,7 @@ pub fn fault_figures(
             let to = acks_us.partition_point(|&a| a <= until);
             let longest = std::iter::once(r.killed_us)
                 .chain(acks_us[from..to].iter().copied())
+                .chain(std::iter::once(until.max(r.killed_us)))
                 .collect::<Vec<_>>()
                 .windows(2)
                 .map(|w| w[1] - w[0])
@@ -198,7 +200,7 @@ pub fn fault_figures(
                 restarted_at_secs: r.restarted_us.map(|t| t as f64 / 1e6),
                 first_ack_after_kill_ms: first_after(r.killed_us),
                 first_ack_after_restart_ms: r.restarted_us.and_then(first_after),
-                longest_ack_gap_ms: longest.map(ms),
+                longest_ack_gap_ms: ms(longest.unwrap_or_default()),
                 presence_back_after_restart_ms: r
                     .restarted_us
                     .zip(r.presence_back_us)
@@ -464,7 +466,7 @@ pub fn render_table(report: &Report) -> String {
                     .map_or("-".to_owned(), |t| format!("{t:.1}")),
                 show(f.first_ack_after_kill_ms),
                 show(f.first_ack_after_restart_ms),
-                show(f.longest_ack_gap_ms),
+                format!("{:.0}", f.longest_ack_gap_ms),
                 show(f.presence_back_after_restart_ms),
                 f.error
                     .as_deref()
@@ -692,10 +694,10 @@ pub(crate) mod tests {
         );
         assert_eq!(figures[0].first_ack_after_kill_ms, Some(2450.0));
         assert_eq!(figures[0].first_ack_after_restart_ms, Some(500.0));
-        assert_eq!(figures[0].longest_ack_gap_ms, Some(2450.0));
+        assert_eq!(figures[0].longest_ack_gap_ms, 2450.0);
         assert_eq!(figures[0].killed_at_secs, 1.05);
         assert_eq!(figures[1].first_ack_after_kill_ms, None);
-        assert_eq!(figures[1].longest_ack_gap_ms, None);
+        assert_eq!(figures[1].longest_ack_gap_ms, 3000.0);
     }
 
     #[test]

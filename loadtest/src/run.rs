@@ -350,7 +350,7 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
     let log = match (&nats_url, log_start) {
         (Some(url), Some(after)) => {
             *phase.lock().unwrap() = "reading the log";
-            match read_log(url, after, &conversations).await {
+            match read_log(url, after, &conversations, &live).await {
                 Ok(log) => Some(log),
                 Err(e) => {
                     live.record_error("harness:log_unreadable");
@@ -382,13 +382,7 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
     };
     drop(platform);
 
-    let ledger = ledger::check(&ledger_input(
-        &plan,
-        &members,
-        &conversations,
-        &outcomes,
-        log,
-    ));
+    let ledger = ledger::check(&ledger_input(&members, &conversations, &outcomes, log));
     let marks = report::Marks {
         connected_secs,
         sending_start_secs: secs_since(&live, sending_start),
@@ -682,7 +676,6 @@ async fn drain(live: &Live) {
 }
 
 fn ledger_input(
-    plan: &Plan,
     members: &[Vec<usize>],
     conversations: &[ConversationId],
     outcomes: &[ConnOutcome],
@@ -711,7 +704,6 @@ fn ledger_input(
             });
         }
     }
-    debug_assert_eq!(members.len(), plan.conversations.len());
     LedgerInput {
         members: members.to_vec(),
         connections: outcomes
@@ -759,9 +751,11 @@ async fn read_log(
     nats_url: &str,
     after: u64,
     conversations: &[ConversationId],
+    live: &Live,
 ) -> Result<LogRead, LoadtestError> {
     let reader = LogReader::connect(nats_url).await?;
-    let pending = reader.wait_for_empty_intake(INTAKE_WAIT).await;
+    let pending = reader.wait_for_empty_intake(INTAKE_WAIT).await?;
+    drain(live).await;
     reader
         .read(after, &conversation_index(conversations), pending)
         .await

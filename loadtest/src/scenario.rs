@@ -421,7 +421,7 @@ impl Scenario {
                 "ramp.max_error_ratio and min_acked_ratio must be between 0 and 1",
             );
         }
-        let sending = self.sending_time().as_secs_f64();
+        let sending = self.sending_secs();
         for (i, fault) in self.faults.iter().enumerate() {
             check(
                 fault.at_secs.is_finite() && (0.0..sending).contains(&fault.at_secs),
@@ -481,9 +481,15 @@ impl Scenario {
 
     /// How long senders run: warm-up plus the measured time, or every ramp step.
     pub fn sending_time(&self) -> Duration {
+        Duration::from_secs_f64(self.sending_secs())
+    }
+
+    /// [`sending_time`](Self::sending_time) in seconds, also for a scenario not yet
+    /// validated (where it may be negative).
+    fn sending_secs(&self) -> f64 {
         match &self.ramp {
-            Some(ramp) => Duration::from_secs_f64(ramp.step_secs * ramp.steps().len() as f64),
-            None => Duration::from_secs_f64(self.warmup_secs + self.duration_secs),
+            Some(ramp) => ramp.step_secs * ramp.steps().len() as f64,
+            None => self.warmup_secs + self.duration_secs,
         }
     }
 }

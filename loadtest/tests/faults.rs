@@ -75,11 +75,11 @@ fn run_with(fault: &str, gateways: usize) -> Report {
     for f in &report.faults {
         let _ = writeln!(
             std::io::stderr(),
-            "fault {}: kill -> first ack {}, restart -> first ack {}, longest gap between acks {}; {} of {} sends acked; unacknowledged: {} appended late, {} never applied",
+            "fault {}: kill -> first ack {}, restart -> first ack {}, longest gap between acks {:.0} ms; {} of {} sends acked; unacknowledged: {} appended late, {} never applied",
             f.role,
             show(f.first_ack_after_kill_ms),
             show(f.first_ack_after_restart_ms),
-            show(f.longest_ack_gap_ms),
+            f.longest_ack_gap_ms,
             report.sends.acked,
             report.sends.sent,
             report.ledger.unacknowledged_in_log,
@@ -91,9 +91,7 @@ fn run_with(fault: &str, gateways: usize) -> Report {
 }
 
 fn show(ms: Option<f64>) -> String {
-    ms.map_or("(none before the run ended)".to_owned(), |ms| {
-        format!("{ms:.0}")
-    })
+    ms.map_or("none within the run".to_owned(), |ms| format!("{ms:.0} ms"))
 }
 
 fn check_correctness(report: &Report) {
