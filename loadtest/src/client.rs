@@ -1,12 +1,13 @@
-//! One simulated WebSocket client: a reader task that logs everything the gateway sends,
-//! and a writer task that sends on the open-loop schedule.
+//! One simulated WebSocket client: a reader task that logs everything the gateway sends (and
+//! opens a new socket when it loses one), and a writer task that sends on the open-loop
+//! schedule.
 //!
 //! They are separate tasks because the gateway stops reading a socket with 32 commands in
 //! flight: a writer blocked on that back-pressure must not stop acks and events from being
 //! read, or the gateway would close the socket as a slow consumer.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::stream::{SplitSink, SplitStream};
@@ -20,6 +21,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 
+use crate::ledger::{Content, SendKey};
 use crate::live::Live;
 use crate::schedule::{self, Phase, SlotShare};
 
@@ -64,29 +66,94 @@ pub enum Control {
     },
 }
 
+/// One `event` frame as it arrived.
+#[derive(Debug, Clone, Copy)]
+pub struct Received {
+    pub conversation: ConversationId,
+    pub seq: u64,
+    pub prev: u64,
+    pub content: Content,
+}
+
+/// One `ack` of a send.
+#[derive(Debug, Clone, Copy)]
+pub struct Ack {
+    pub key: SendKey,
+    pub conversation: ConversationId,
+    pub seq: u64,
+    /// When it arrived, microseconds since the run's origin.
+    pub at_us: u64,
+}
+
 /// What one connection saw, for the ledger.
 #[derive(Debug, Default)]
 pub struct ConnOutcome {
-    /// `(conversation, seq, prev)` of every `event`, in arrival order.
-    pub deliveries: Vec<(ConversationId, u64, u64)>,
-    /// `(conversation, seq)` of every `ack` of a send.
-    pub acks: Vec<(ConversationId, u64)>,
-    pub sent: u64,
-    /// The socket closed (or never opened) before the run ended.
+    /// Per socket opened, every `event` received on it, in arrival order. A socket the run
+    /// ended while the client was reconnecting shows as a last, empty, session.
+    pub sessions: Vec<Vec<Received>>,
+    /// Every send that went out (or may have: a write that failed part way), in order.
+    pub sent: Vec<(SendKey, ConversationId)>,
+    pub acks: Vec<Ack>,
+    /// `(send, code)` of every `error` answering a send.
+    pub errors: Vec<(SendKey, String)>,
+    /// The first socket never opened.
     pub closed: bool,
 }
 
-/// Open the connection at `connect_at`, then serve it until `finish` is cancelled.
+type Sink = SplitSink<Socket, Message>;
+type Stream = SplitStream<Socket>;
+
+/// Which socket is current, and what was sent and answered on it: when it dies, the sends it
+/// left unanswered never will be, so the drain need not wait for them.
+#[derive(Debug, Default)]
+struct Sockets {
+    current: usize,
+    up: bool,
+    sent: u64,
+    answered: u64,
+}
+
+impl Sockets {
+    fn opened(&mut self, session: usize) {
+        *self = Sockets {
+            current: session,
+            up: true,
+            sent: 0,
+            answered: 0,
+        };
+    }
+
+    fn sent_on(&mut self, session: usize, live: &Live) {
+        if self.up && session == self.current {
+            self.sent += 1;
+        } else {
+            live.abandoned.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn lost(&mut self, live: &Live) {
+        if self.up {
+            self.up = false;
+            live.abandoned
+                .fetch_add(self.sent.saturating_sub(self.answered), Ordering::Relaxed);
+        }
+    }
+}
+
+/// Open the connection at `connect_at` to `urls[first]`, then serve it until `finish` is
+/// cancelled. A socket lost on the way is replaced: by one to the next gateway in `urls`
+/// (the same one again when there is only one), retried until it opens.
 pub async fn run(
     live: Arc<Live>,
-    url: String,
+    urls: Arc<[String]>,
+    first: usize,
     connect_at: Instant,
     control: mpsc::Receiver<Control>,
     created: mpsc::UnboundedSender<Created>,
     finish: CancellationToken,
 ) -> ConnOutcome {
     tokio::time::sleep_until(connect_at.into()).await;
-    let socket = match connect(&url).await {
+    let (sink, mut stream) = match open(&urls[first]).await {
         Ok(socket) => socket,
         Err(code) => {
             live.record_error(code);
@@ -97,30 +164,44 @@ pub async fn run(
             };
         }
     };
-    let (sink, mut stream) = socket.split();
-    match tokio::time::timeout(Duration::from_secs(30), stream.next()).await {
-        Ok(Some(Ok(Message::Text(text))))
-            if matches!(
-                serde_json::from_str::<ServerFrame>(&text),
-                Ok(ServerFrame::Welcome { .. })
-            ) =>
-        {
-            live.record_connect(
-                live.now_us()
-                    .saturating_sub(live.micros_since_origin(connect_at)),
-            );
+    live.record_connect(
+        live.now_us()
+            .saturating_sub(live.micros_since_origin(connect_at)),
+    );
+    let sockets = Arc::new(Mutex::new(Sockets::default()));
+    sockets.lock().unwrap().opened(0);
+    let (sinks_tx, sinks_rx) = mpsc::channel(1);
+    let _ = sinks_tx.send((0, sink)).await;
+    let writer = tokio::spawn(write(
+        Arc::clone(&live),
+        sinks_rx,
+        Arc::clone(&sockets),
+        control,
+        finish.clone(),
+    ));
+    let mut outcome = ConnOutcome::default();
+    let mut session = 0;
+    loop {
+        outcome.sessions.push(Vec::new());
+        read(&live, stream, &mut outcome, &created, &sockets, &finish).await;
+        if finish.is_cancelled() {
+            break;
         }
-        _ => {
-            live.record_error("connect:no_welcome");
-            live.connect_failed.fetch_add(1, Ordering::Relaxed);
-            return ConnOutcome {
-                closed: true,
-                ..ConnOutcome::default()
-            };
+        sockets.lock().unwrap().lost(&live);
+        match reconnect(&live, &urls, first + session + 1, &finish).await {
+            Some((sink, next)) => {
+                session += 1;
+                sockets.lock().unwrap().opened(session);
+                let _ = sinks_tx.send((session, sink)).await;
+                stream = next;
+            }
+            None => {
+                outcome.sessions.push(Vec::new());
+                break;
+            }
         }
     }
-    let writer = tokio::spawn(write(Arc::clone(&live), sink, control, finish.clone()));
-    let mut outcome = read(&live, stream, created, finish).await;
+    drop(sinks_tx);
     match writer.await {
         Ok(sent) => outcome.sent = sent,
         Err(_) => {
@@ -129,6 +210,53 @@ pub async fn run(
         }
     }
     outcome
+}
+
+/// Connect and wait for the `welcome`.
+async fn open(url: &str) -> Result<(Sink, Stream), String> {
+    let socket = connect(url).await?;
+    let (sink, mut stream) = socket.split();
+    match tokio::time::timeout(Duration::from_secs(30), stream.next()).await {
+        Ok(Some(Ok(Message::Text(text))))
+            if matches!(
+                serde_json::from_str::<ServerFrame>(&text),
+                Ok(ServerFrame::Welcome { .. })
+            ) =>
+        {
+            Ok((sink, stream))
+        }
+        _ => Err("connect:no_welcome".to_owned()),
+    }
+}
+
+/// Try the gateways in turn from `next`, waiting longer between rounds, until one lets the
+/// client in or the run ends.
+async fn reconnect(
+    live: &Live,
+    urls: &[String],
+    next: usize,
+    finish: &CancellationToken,
+) -> Option<(Sink, Stream)> {
+    let mut pause = Duration::from_millis(100);
+    for attempt in next.. {
+        let url = &urls[attempt % urls.len()];
+        tokio::select! {
+            _ = finish.cancelled() => return None,
+            opened = open(url) => match opened {
+                Ok(socket) => {
+                    live.reconnects.fetch_add(1, Ordering::Relaxed);
+                    return Some(socket);
+                }
+                Err(code) => live.record_error(format!("re{code}")),
+            },
+        }
+        tokio::select! {
+            _ = finish.cancelled() => return None,
+            () = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(Duration::from_secs(1));
+    }
+    None
 }
 
 async fn connect(url: &str) -> Result<Socket, String> {
@@ -160,42 +288,42 @@ fn error_kind(e: &tungstenite::Error) -> String {
     }
 }
 
+/// Read one socket until the run ends or the socket is lost, logging into the outcome's
+/// last session.
 async fn read(
     live: &Live,
-    mut stream: SplitStream<Socket>,
-    created: mpsc::UnboundedSender<Created>,
-    finish: CancellationToken,
-) -> ConnOutcome {
-    let mut outcome = ConnOutcome::default();
+    mut stream: Stream,
+    outcome: &mut ConnOutcome,
+    created: &mpsc::UnboundedSender<Created>,
+    sockets: &Mutex<Sockets>,
+    finish: &CancellationToken,
+) {
     loop {
         let message = tokio::select! {
             biased;
-            _ = finish.cancelled() => return outcome,
+            _ = finish.cancelled() => return,
             message = stream.next() => message,
         };
         // Once the run is over the harness closes the sockets itself: how they end is not
         // the platform's doing.
         if finish.is_cancelled() {
-            return outcome;
+            return;
         }
         let text = match message {
             Some(Ok(Message::Text(text))) => text,
             Some(Ok(Message::Close(frame))) => {
                 let code = frame.map_or(1005, |f| u16::from(f.code));
                 live.record_error(format!("close:{code}"));
-                outcome.closed = true;
-                return outcome;
+                return;
             }
             Some(Ok(_)) => continue,
             Some(Err(e)) => {
                 live.record_error(format!("connection:{}", error_kind(&e)));
-                outcome.closed = true;
-                return outcome;
+                return;
             }
             None => {
                 live.record_error("connection:ended");
-                outcome.closed = true;
-                return outcome;
+                return;
             }
         };
         let frame = match serde_json::from_str::<ServerFrame>(&text) {
@@ -212,9 +340,15 @@ async fn read(
                 seq,
                 ..
             } => match RequestId::parse(id.as_str()) {
-                Some(RequestId::Send { scheduled_us }) => {
+                Some(RequestId::Send { key, scheduled_us }) => {
                     live.record_ack(scheduled_us);
-                    outcome.acks.push((conversation, seq));
+                    sockets.lock().unwrap().answered += 1;
+                    outcome.acks.push(Ack {
+                        key,
+                        conversation,
+                        seq,
+                        at_us: live.now_us(),
+                    });
                 }
                 Some(RequestId::Create { conversation_index }) => {
                     let _ = created.send(Created {
@@ -227,8 +361,10 @@ async fn read(
             ServerFrame::Error { id, code, .. } => {
                 live.record_error(format!("frame:{code}"));
                 match id.as_ref().and_then(|id| RequestId::parse(id.as_str())) {
-                    Some(RequestId::Send { .. }) => {
+                    Some(RequestId::Send { key, .. }) => {
                         live.send_errors.fetch_add(1, Ordering::Relaxed);
+                        sockets.lock().unwrap().answered += 1;
+                        outcome.errors.push((key, code.as_str().to_owned()));
                     }
                     Some(RequestId::Create { conversation_index }) => {
                         let _ = created.send(Created {
@@ -240,11 +376,15 @@ async fn read(
                 }
             }
             ServerFrame::Event { event } => {
-                outcome.deliveries.push((
-                    event.envelope.conversation,
-                    event.seq,
-                    event.envelope.prev,
-                ));
+                let content = Content::of(&event.envelope.event);
+                if let Some(session) = outcome.sessions.last_mut() {
+                    session.push(Received {
+                        conversation: event.envelope.conversation,
+                        seq: event.seq,
+                        prev: event.envelope.prev,
+                        content,
+                    });
+                }
                 match &event.envelope.event {
                     Event::MessagePosted(posted) => match read_stamp(&posted.body) {
                         Some(scheduled_us) => live.record_delivery(scheduled_us),
@@ -260,13 +400,51 @@ async fn read(
     }
 }
 
+/// The socket the writer writes to, and its session number.
+struct Writing {
+    session: usize,
+    sink: Sink,
+    sinks: mpsc::Receiver<(usize, Sink)>,
+}
+
+impl Writing {
+    /// Switch to the newest socket the reader opened, if any.
+    fn catch_up(&mut self) {
+        while let Ok((session, sink)) = self.sinks.try_recv() {
+            self.session = session;
+            self.sink = sink;
+        }
+    }
+
+    /// Wait for a socket newer than this one; `false` when there will be none.
+    async fn next_socket(&mut self) -> bool {
+        match self.sinks.recv().await {
+            Some((session, sink)) => {
+                self.session = session;
+                self.sink = sink;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 async fn write(
     live: Arc<Live>,
-    mut sink: SplitSink<Socket, Message>,
+    mut sinks: mpsc::Receiver<(usize, Sink)>,
+    sockets: Arc<Mutex<Sockets>>,
     mut control: mpsc::Receiver<Control>,
     finish: CancellationToken,
-) -> u64 {
-    let mut sent = 0;
+) -> Vec<(SendKey, ConversationId)> {
+    let mut sent = Vec::new();
+    let Some((session, sink)) = sinks.recv().await else {
+        return sent;
+    };
+    let mut writing = Writing {
+        session,
+        sink,
+        sinks,
+    };
     loop {
         let command = tokio::select! {
             _ = finish.cancelled() => break,
@@ -294,37 +472,50 @@ async fn write(
                 start_us,
                 message_bytes,
             }) => {
+                let schedule = Schedule {
+                    slots: &slots,
+                    phases: &phases,
+                    start_us,
+                    message_bytes,
+                };
                 tokio::select! {
                     _ = finish.cancelled() => {}
-                    () = send_scheduled(&live, &mut sink, &slots, &phases, start_us, message_bytes, &mut sent) => {}
+                    () = send_scheduled(&live, &mut writing, &sockets, schedule, &mut sent) => {}
                 }
                 continue;
             }
         };
-        if let Err(e) = sink.send(Message::text(to_json(&frame))).await {
+        writing.catch_up();
+        if let Err(e) = writing.sink.send(Message::text(to_json(&frame))).await {
             live.record_error(format!("send:{}", error_kind(&e)));
         }
     }
-    let _ = sink.close().await;
+    let _ = writing.sink.close().await;
     sent
+}
+
+struct Schedule<'a> {
+    slots: &'a [SendSlot],
+    phases: &'a [Phase],
+    start_us: u64,
+    message_bytes: usize,
 }
 
 async fn send_scheduled(
     live: &Live,
-    sink: &mut SplitSink<Socket, Message>,
-    slots: &[SendSlot],
-    phases: &[Phase],
-    start_us: u64,
-    message_bytes: usize,
-    sent: &mut u64,
+    writing: &mut Writing,
+    sockets: &Mutex<Sockets>,
+    schedule: Schedule<'_>,
+    sent: &mut Vec<(SendKey, ConversationId)>,
 ) {
-    let mut due: Vec<_> = slots
+    let mut due: Vec<_> = schedule
+        .slots
         .iter()
         .map(|slot| {
             (
                 slot,
-                0u64,
-                schedule::slot_times(slot.share, phases).peekable(),
+                0u32,
+                schedule::slot_times(slot.share, schedule.phases).peekable(),
             )
         })
         .collect();
@@ -338,25 +529,37 @@ async fn send_scheduled(
             return;
         };
         let offset = times.next().expect("peeked");
-        let scheduled_us = start_us + u64::try_from(offset.as_micros()).unwrap_or(u64::MAX);
+        let scheduled_us =
+            schedule.start_us + u64::try_from(offset.as_micros()).unwrap_or(u64::MAX);
         tokio::time::sleep_until(live.at(scheduled_us).into()).await;
         if live.sending_stopped() {
             return;
         }
+        let key = SendKey {
+            slot: u32::try_from(slot.slot).expect("fewer than 2^32 slots"),
+            n: *n,
+        };
         let frame = ClientFrame::Send {
-            id: RequestId::send_id(slot.slot, *n, scheduled_us),
+            id: RequestId::send_id(key, scheduled_us),
             conversation: slot.conversation,
-            body: stamped_body(scheduled_us, message_bytes),
+            body: stamped_body(scheduled_us, schedule.message_bytes),
         };
         *n += 1;
-        match sink.send(Message::text(to_json(&frame))).await {
-            Ok(()) => {
-                *sent += 1;
-                live.sent.fetch_add(1, Ordering::Relaxed);
-            }
+        writing.catch_up();
+        // Counted before it goes: a write that fails part way may still have reached the
+        // gateway, and the log check will say.
+        sent.push((key, slot.conversation));
+        live.sent.fetch_add(1, Ordering::Relaxed);
+        match writing.sink.send(Message::text(to_json(&frame))).await {
+            Ok(()) => sockets.lock().unwrap().sent_on(writing.session, live),
             Err(e) => {
                 live.record_error(format!("send:{}", error_kind(&e)));
-                return;
+                live.abandoned.fetch_add(1, Ordering::Relaxed);
+                // The reader is reconnecting; later sends wait for its new socket (and
+                // count from their scheduled time).
+                if !writing.next_socket().await {
+                    return;
+                }
             }
         }
     }
@@ -366,12 +569,12 @@ fn to_json(frame: &ClientFrame) -> String {
     serde_json::to_string(frame).expect("a client frame always serializes")
 }
 
-/// What the harness encodes in its request ids, so that acks and errors can be attributed
-/// without a shared lookup table.
+/// What the harness encodes in its request ids, so that acks, errors and events can be
+/// attributed without a shared lookup table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RequestId {
     /// `m<slot>-<n>-<scheduled µs>`
-    Send { scheduled_us: u64 },
+    Send { key: SendKey, scheduled_us: u64 },
     /// `c<conversation index>`
     Create { conversation_index: usize },
 }
@@ -381,14 +584,21 @@ impl RequestId {
         ClientMsgId::parse(format!("c{conversation_index}")).expect("harness ids are valid")
     }
 
-    fn send_id(slot: usize, n: u64, scheduled_us: u64) -> ClientMsgId {
-        ClientMsgId::parse(format!("m{slot}-{n}-{scheduled_us}")).expect("harness ids are valid")
+    fn send_id(key: SendKey, scheduled_us: u64) -> ClientMsgId {
+        ClientMsgId::parse(format!("m{}-{}-{scheduled_us}", key.slot, key.n))
+            .expect("harness ids are valid")
     }
 
     pub fn parse(id: &str) -> Option<RequestId> {
         if let Some(rest) = id.strip_prefix('m') {
-            let scheduled_us = rest.rsplit('-').next()?.parse().ok()?;
-            Some(RequestId::Send { scheduled_us })
+            let mut parts = rest.splitn(3, '-');
+            let slot = parts.next()?.parse().ok()?;
+            let n = parts.next()?.parse().ok()?;
+            let scheduled_us = parts.next()?.parse().ok()?;
+            Some(RequestId::Send {
+                key: SendKey { slot, n },
+                scheduled_us,
+            })
         } else {
             let conversation_index = id.strip_prefix('c')?.parse().ok()?;
             Some(RequestId::Create { conversation_index })
@@ -417,11 +627,13 @@ mod tests {
 
     #[test]
     fn request_ids_round_trip() {
-        let id = RequestId::send_id(7, 42, 12_345_678);
+        let key = SendKey { slot: 7, n: 42 };
+        let id = RequestId::send_id(key, 12_345_678);
         assert_eq!(id.as_str(), "m7-42-12345678");
         assert_eq!(
             RequestId::parse(id.as_str()),
             Some(RequestId::Send {
+                key,
                 scheduled_us: 12_345_678
             })
         );
@@ -434,6 +646,7 @@ mod tests {
         );
         assert_eq!(RequestId::parse("ready"), None);
         assert_eq!(RequestId::parse("mx-y"), None);
+        assert_eq!(RequestId::parse("m1-2"), None);
     }
 
     #[test]

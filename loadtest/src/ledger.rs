@@ -1,24 +1,103 @@
-//! The correctness ledger: every acknowledged message reached every member connection
-//! exactly once, in the conversation's order.
+//! The correctness ledger: every acknowledged message is in the log exactly once and reached
+//! every member connection exactly once, in the conversation's order; every send without an
+//! acknowledgement is classified by the log; every delivery is explained by a send and by
+//! the log.
 //!
-//! Each connection logs the events it received, in arrival order; each acknowledgement
-//! names the message's conversation and sequence. The check runs once, after the drain,
-//! connection by connection, so it holds one connection's seen set at a time.
+//! Each connection logs the events it received, in arrival order, split into *sessions*
+//! (one per WebSocket it opened: a client whose socket dies reconnects and starts a new
+//! one). Each send is known by its [`SendKey`], which rides in the client id of the
+//! `message.posted` event, so deliveries and log entries name the send they carry. The
+//! check runs once, after the drain, connection by connection, so it holds one connection's
+//! seen sets at a time.
 
 use std::collections::{HashMap, HashSet};
 
+use parley_events::Event;
 use serde::{Deserialize, Serialize};
+
+use crate::client::RequestId;
 
 /// Index of a conversation in the run's plan.
 pub type ConvIndex = u32;
 
-/// One `event` frame as a connection received it.
+/// Which send a message is: the harness's send slot and the send's number within it. Unique
+/// within a run (a slot belongs to one connection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SendKey {
+    pub slot: u32,
+    pub n: u32,
+}
+
+/// What an event carries, as far as the ledger cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Delivery {
-    pub conversation: ConvIndex,
+pub enum Content {
+    Created,
+    /// A message the harness sent.
+    Message(SendKey),
+    /// A message whose client id is not one of the harness's.
+    Foreign,
+}
+
+impl Content {
+    pub fn of(event: &Event) -> Content {
+        match event {
+            Event::ConversationCreated(_) => Content::Created,
+            Event::MessagePosted(posted) => match RequestId::parse(posted.client_id.as_str()) {
+                Some(RequestId::Send { key, .. }) => Content::Message(key),
+                _ => Content::Foreign,
+            },
+        }
+    }
+}
+
+/// One event as a connection received it, or as the log holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Observed {
+    /// `None`: a conversation this run did not create.
+    pub conversation: Option<ConvIndex>,
     pub seq: u64,
     /// The sequence of the conversation's previous event, as the event states it.
     pub prev: u64,
+    pub content: Content,
+}
+
+/// What became of a send, as its connection saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    Acked {
+        seq: u64,
+    },
+    /// An `error` frame, by code (`timeout`, `unavailable`, ...).
+    Error(String),
+    /// Nothing before the drain ended (or the socket it went out on died).
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendRecord {
+    pub key: SendKey,
+    pub conversation: ConvIndex,
+    pub answer: Answer,
+}
+
+/// One connection's deliveries.
+#[derive(Debug, Clone, Default)]
+pub struct ConnRecord {
+    /// Per socket it opened, the events received on it in arrival order. More than one when
+    /// the client reconnected after losing its socket.
+    pub sessions: Vec<Vec<Observed>>,
+    /// Gave up (never connected, or could not reconnect): left out of the delivery check.
+    pub closed: bool,
+}
+
+/// The run's events, read back from the log after the run.
+#[derive(Debug, Clone, Default)]
+pub struct LogRead {
+    /// Events of the run's conversations, in log order.
+    pub events: Vec<Observed>,
+    /// Commands still in the intake when the log was read: while there are any, a send not
+    /// in the log may yet be appended, so it cannot be called never applied.
+    pub intake_pending: u64,
 }
 
 /// What the run knows, gathered after the drain.
@@ -26,31 +105,57 @@ pub struct Delivery {
 pub struct LedgerInput {
     /// Per conversation, the connections of its members.
     pub members: Vec<Vec<usize>>,
-    /// Per connection, the events it received in arrival order.
-    pub deliveries: Vec<Vec<Delivery>>,
-    /// Connections that closed during the run: they cannot be expected to receive
-    /// everything, and their closes are reported as errors instead.
-    pub closed: Vec<bool>,
-    /// Per conversation, the sequences of acknowledged messages (repeats allowed).
-    pub acked: Vec<Vec<u64>>,
-    /// Sends without an `ack` when the drain ended (errors included).
-    pub unacknowledged: u64,
+    pub connections: Vec<ConnRecord>,
+    /// Every send of the run.
+    pub sends: Vec<SendRecord>,
+    /// `None` when the log could not be read (an external platform without `--nats-url`).
+    pub log: Option<LogRead>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LedgerReport {
     pub acknowledged_messages: u64,
-    /// Acknowledged messages times the member connections that should have received them.
+    /// Events each member connection should have received (acknowledged, or in the log),
+    /// summed over connections.
     pub expected_deliveries: u64,
+    /// An acknowledged message, or an event in the log, that a connection that was up never
+    /// received.
     pub lost: u64,
     pub duplicated: u64,
     /// A delivery of an older sequence after a newer one of the same conversation.
     pub out_of_order: u64,
     /// A delivery whose `prev` names an event this connection never got before it.
     pub gaps: u64,
+    /// A delivery whose `prev` is older than the newest event this connection already had:
+    /// two events claim the same predecessor.
+    pub forks: u64,
+    /// A delivery of an event of a conversation this run did not create.
+    pub unknown_conversation: u64,
+    /// A delivery no send, acknowledgement or log entry explains: a message the harness did
+    /// not send, one acknowledged under another sequence (a second append), or one the log
+    /// does not hold.
+    pub unexplained: u64,
+    /// Whether the log was read; the fields below are zero when it was not.
+    pub log_checked: bool,
+    /// Acknowledged sends the log does not hold at the acknowledged sequence.
+    pub acked_not_in_log: u64,
+    /// Sends the log holds more than once.
+    pub appended_twice: u64,
+    /// Log events whose `prev` is not the conversation's previous event in the log.
+    pub log_chain_breaks: u64,
+    /// Sends with no `ack` (an `error`, or nothing).
     pub unacknowledged: u64,
-    /// Connections left out of the check because they closed during the run.
+    /// ... of which the log holds: timed out (or cut off) but appended.
+    pub unacknowledged_in_log: u64,
+    /// ... of which the log does not hold, with the intake empty: never applied.
+    pub unacknowledged_never_applied: u64,
+    /// ... that could not be classified (no log, or commands still queued in the intake).
+    pub unacknowledged_unclassified: u64,
+    /// Connections left out of the delivery check because they gave up.
     pub excluded_connections: u64,
+    /// Connections that lost their socket and reconnected: checked within each socket, and
+    /// for everything after their last reconnection.
+    pub reconnected_connections: u64,
     /// The first few problems, for finding them in logs.
     pub examples: Vec<String>,
 }
@@ -58,12 +163,24 @@ pub struct LedgerReport {
 const MAX_EXAMPLES: usize = 20;
 
 impl LedgerReport {
+    /// Nothing acknowledged went missing or twice, every delivery is in order and
+    /// explained, and every send without an ack is accounted for.
     pub fn clean(&self) -> bool {
-        self.lost == 0
-            && self.duplicated == 0
-            && self.out_of_order == 0
-            && self.gaps == 0
-            && self.unacknowledged == 0
+        [
+            self.lost,
+            self.duplicated,
+            self.out_of_order,
+            self.gaps,
+            self.forks,
+            self.unknown_conversation,
+            self.unexplained,
+            self.acked_not_in_log,
+            self.appended_twice,
+            self.log_chain_breaks,
+            self.unacknowledged_unclassified,
+        ]
+        .iter()
+        .all(|&n| n == 0)
     }
 
     fn note(&mut self, example: impl FnOnce() -> String) {
@@ -73,69 +190,212 @@ impl LedgerReport {
     }
 }
 
+/// The log, indexed for the checks.
+struct LogIndex {
+    /// Per conversation, the sequences of its events.
+    by_conversation: Vec<Vec<u64>>,
+    /// Every event by sequence.
+    by_seq: HashMap<u64, Observed>,
+    /// Per send, the sequences it was appended at.
+    by_key: HashMap<SendKey, Vec<u64>>,
+}
+
+impl LogIndex {
+    fn build(log: &LogRead, conversations: usize, report: &mut LedgerReport) -> LogIndex {
+        let mut index = LogIndex {
+            by_conversation: vec![Vec::new(); conversations],
+            by_seq: HashMap::new(),
+            by_key: HashMap::new(),
+        };
+        for event in &log.events {
+            let Some(conv) = event.conversation else {
+                continue;
+            };
+            let chain = &mut index.by_conversation[conv as usize];
+            let previous = chain.last().copied().unwrap_or(0);
+            let first_is_creation = !chain.is_empty() || event.content == Content::Created;
+            if event.prev != previous || !first_is_creation {
+                report.log_chain_breaks += 1;
+                report.note(|| {
+                    format!(
+                        "log: conversation {conv} seq {} has prev {}, but its previous event is {previous}",
+                        event.seq, event.prev
+                    )
+                });
+            }
+            chain.push(event.seq);
+            index.by_seq.insert(event.seq, *event);
+            if let Content::Message(key) = event.content {
+                index.by_key.entry(key).or_default().push(event.seq);
+            }
+        }
+        index
+    }
+}
+
 pub fn check(input: &LedgerInput) -> LedgerReport {
-    let mut report = LedgerReport {
-        unacknowledged: input.unacknowledged,
-        ..LedgerReport::default()
-    };
-    let acked: Vec<Vec<u64>> = input
-        .acked
-        .iter()
-        .map(|seqs| {
-            let mut seqs = seqs.clone();
+    let mut report = LedgerReport::default();
+    let conversations = input.members.len();
+    let log = input
+        .log
+        .as_ref()
+        .map(|log| (log, LogIndex::build(log, conversations, &mut report)));
+    report.log_checked = log.is_some();
+
+    // What each send became, and what every acknowledgement promises.
+    let mut acked_seqs: Vec<Vec<u64>> = vec![Vec::new(); conversations];
+    let mut acked_by_key: HashMap<SendKey, u64> = HashMap::new();
+    let mut sent: HashSet<SendKey> = HashSet::new();
+    for send in &input.sends {
+        sent.insert(send.key);
+        let in_log = log
+            .as_ref()
+            .map(|(_, index)| index.by_key.get(&send.key).map_or(&[][..], Vec::as_slice));
+        if let Some(seqs) = in_log
+            && seqs.len() > 1
+        {
+            report.appended_twice += 1;
+            report.note(|| format!("log: send {:?} appended at {seqs:?}", send.key));
+        }
+        match &send.answer {
+            Answer::Acked { seq } => {
+                report.acknowledged_messages += 1;
+                acked_seqs[send.conversation as usize].push(*seq);
+                acked_by_key.insert(send.key, *seq);
+                if let Some(seqs) = in_log
+                    && !seqs.contains(seq)
+                {
+                    report.acked_not_in_log += 1;
+                    report.note(|| {
+                        format!(
+                            "log: send {:?} acknowledged as seq {seq}, the log has it at {seqs:?}",
+                            send.key
+                        )
+                    });
+                }
+            }
+            Answer::Error(_) | Answer::None => {
+                report.unacknowledged += 1;
+                match (in_log, &log) {
+                    (Some(seqs), _) if !seqs.is_empty() => report.unacknowledged_in_log += 1,
+                    (Some(_), Some((read, _))) if read.intake_pending == 0 => {
+                        report.unacknowledged_never_applied += 1;
+                    }
+                    _ => report.unacknowledged_unclassified += 1,
+                }
+            }
+        }
+    }
+    if report.unacknowledged_unclassified > 0 {
+        let why = match &log {
+            None => "the log was not read".to_owned(),
+            Some((read, _)) => format!(
+                "{} commands were still in the intake when the log was read",
+                read.intake_pending
+            ),
+        };
+        let n = report.unacknowledged_unclassified;
+        report.note(|| format!("{n} unacknowledged sends not classified: {why}"));
+    }
+    // What each conversation's members must receive: every acknowledged message, and
+    // whatever else the log holds.
+    let expected: Vec<Vec<u64>> = acked_seqs
+        .into_iter()
+        .enumerate()
+        .map(|(conv, mut seqs)| {
+            if let Some((_, index)) = &log {
+                seqs.extend(&index.by_conversation[conv]);
+            }
             seqs.sort_unstable();
             seqs.dedup();
             seqs
         })
         .collect();
-    report.acknowledged_messages = acked.iter().map(|s| s.len() as u64).sum();
 
-    let mut conversations_of: Vec<Vec<ConvIndex>> = vec![Vec::new(); input.deliveries.len()];
+    let mut conversations_of: Vec<Vec<ConvIndex>> = vec![Vec::new(); input.connections.len()];
     for (conv, members) in input.members.iter().enumerate() {
         for &conn in members {
             conversations_of[conn].push(conv as ConvIndex);
         }
     }
 
-    for (conn, deliveries) in input.deliveries.iter().enumerate() {
-        if input.closed.get(conn).copied().unwrap_or(false) {
+    for (conn, record) in input.connections.iter().enumerate() {
+        if record.closed {
             report.excluded_connections += 1;
             continue;
         }
-        let mut seen: HashMap<ConvIndex, (u64, HashSet<u64>)> = HashMap::new();
-        for d in deliveries {
-            let (newest, set) = seen.entry(d.conversation).or_default();
-            if !set.insert(d.seq) {
-                report.duplicated += 1;
-                report.note(|| format!("connection {conn}: seq {} delivered again", d.seq));
-                continue;
-            }
-            if d.seq < *newest {
-                report.out_of_order += 1;
-                report.note(|| format!("connection {conn}: seq {} after {newest}", d.seq));
-            } else {
-                if *newest > 0 && d.prev > *newest {
-                    report.gaps += 1;
+        if record.sessions.len() > 1 {
+            report.reconnected_connections += 1;
+        }
+        let mut last_session: HashMap<ConvIndex, HashSet<u64>> = HashMap::new();
+        for (session, deliveries) in record.sessions.iter().enumerate() {
+            // A reconnected socket starts wherever the conversation is: without resume, the
+            // events of the time away are not expected.
+            let start = if session == 0 { Some(0) } else { None };
+            let mut seen: HashMap<ConvIndex, (Option<u64>, HashSet<u64>)> = HashMap::new();
+            for d in deliveries {
+                let Some(conv) = d.conversation else {
+                    report.unknown_conversation += 1;
                     report.note(|| {
                         format!(
-                            "connection {conn}: seq {} has prev {} but the last one seen was {newest}",
-                            d.seq, d.prev
+                            "connection {conn}: seq {} of a conversation this run did not create",
+                            d.seq
                         )
                     });
+                    continue;
+                };
+                check_explained(conn, conv, d, &sent, &acked_by_key, &log, &mut report);
+                let (newest, set) = seen.entry(conv).or_insert((start, HashSet::new()));
+                if !set.insert(d.seq) {
+                    report.duplicated += 1;
+                    report.note(|| format!("connection {conn}: seq {} delivered again", d.seq));
+                    continue;
                 }
-                *newest = d.seq;
+                match *newest {
+                    Some(n) if d.seq < n => {
+                        report.out_of_order += 1;
+                        report.note(|| format!("connection {conn}: seq {} after {n}", d.seq));
+                        continue;
+                    }
+                    Some(n) if d.prev > n => {
+                        report.gaps += 1;
+                        report.note(|| {
+                            format!(
+                                "connection {conn}: seq {} has prev {} but the last one seen was {n}",
+                                d.seq, d.prev
+                            )
+                        });
+                    }
+                    Some(n) if d.prev < n => {
+                        report.forks += 1;
+                        report.note(|| {
+                            format!(
+                                "connection {conn}: seq {} has prev {}, older than {n} already seen (a fork)",
+                                d.seq, d.prev
+                            )
+                        });
+                    }
+                    _ => {}
+                }
+                *newest = Some(d.seq);
             }
+            last_session = seen.into_iter().map(|(c, (_, set))| (c, set)).collect();
         }
+        // The last socket stayed up until the end: it must have everything from the first
+        // event it saw of each conversation (from the creation for a socket never lost).
+        let whole = record.sessions.len() <= 1;
         for &conv in &conversations_of[conn] {
-            let expected = &acked[conv as usize];
-            report.expected_deliveries += expected.len() as u64;
-            let got = seen.get(&conv).map(|(_, set)| set);
-            for seq in expected {
+            let got = last_session.get(&conv);
+            let from = match (whole, got.and_then(|set| set.iter().min())) {
+                (true, _) => 0,
+                (false, Some(&first)) => first,
+                (false, None) => continue,
+            };
+            for seq in expected[conv as usize].iter().filter(|&&s| s >= from) {
+                report.expected_deliveries += 1;
                 if !got.is_some_and(|set| set.contains(seq)) {
                     report.lost += 1;
-                    report.note(|| {
-                        format!("connection {conn}: acknowledged seq {seq} never arrived")
-                    });
+                    report.note(|| format!("connection {conn}: seq {seq} never arrived"));
                 }
             }
         }
@@ -143,82 +403,304 @@ pub fn check(input: &LedgerInput) -> LedgerReport {
     report
 }
 
+/// A delivered event must be one the run explains: a send of this run, acknowledged (if at
+/// all) at this sequence, and held by the log at this sequence.
+fn check_explained(
+    conn: usize,
+    conv: ConvIndex,
+    d: &Observed,
+    sent: &HashSet<SendKey>,
+    acked: &HashMap<SendKey, u64>,
+    log: &Option<(&LogRead, LogIndex)>,
+    report: &mut LedgerReport,
+) {
+    let why = match d.content {
+        Content::Foreign => Some("a message the harness did not send".to_owned()),
+        Content::Message(key) if !sent.contains(&key) => Some(format!("unknown send {key:?}")),
+        Content::Message(key) => match acked.get(&key) {
+            Some(&seq) if seq != d.seq => Some(format!("send {key:?} was acknowledged as {seq}")),
+            _ => None,
+        },
+        Content::Created => None,
+    };
+    let why = why.or_else(|| {
+        let (_, index) = log.as_ref()?;
+        match index.by_seq.get(&d.seq) {
+            Some(e) if e.conversation == Some(conv) && e.content == d.content => None,
+            _ => Some("the log does not hold it".to_owned()),
+        }
+    });
+    if let Some(why) = why {
+        report.unexplained += 1;
+        report.note(|| format!("connection {conn}: seq {} unexplained: {why}", d.seq));
+    }
+}
+
+/// Counts of a report's problems by name, for the table.
+pub fn problems(report: &LedgerReport) -> Vec<(&'static str, u64)> {
+    [
+        ("lost", report.lost),
+        ("duplicated", report.duplicated),
+        ("out of order", report.out_of_order),
+        ("gaps", report.gaps),
+        ("forks", report.forks),
+        ("unknown conversation", report.unknown_conversation),
+        ("unexplained", report.unexplained),
+        ("acked not in log", report.acked_not_in_log),
+        ("appended twice", report.appended_twice),
+        ("log chain breaks", report.log_chain_breaks),
+        ("unclassified", report.unacknowledged_unclassified),
+    ]
+    .into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn d(conversation: ConvIndex, seq: u64, prev: u64) -> Delivery {
-        Delivery {
-            conversation,
+    fn key(slot: u32, n: u32) -> SendKey {
+        SendKey { slot, n }
+    }
+
+    fn created(conversation: ConvIndex, seq: u64) -> Observed {
+        Observed {
+            conversation: Some(conversation),
             seq,
-            prev,
+            prev: 0,
+            content: Content::Created,
         }
     }
 
-    /// Conversation 0 has members 0 and 1; its events are created (1), then messages at
-    /// 3, 7 and 9 (other conversations share the log in between).
-    fn input(second: Vec<Delivery>) -> LedgerInput {
-        let full = vec![d(0, 1, 0), d(0, 3, 1), d(0, 7, 3), d(0, 9, 7)];
+    fn msg(conversation: ConvIndex, seq: u64, prev: u64, n: u32) -> Observed {
+        Observed {
+            conversation: Some(conversation),
+            seq,
+            prev,
+            content: Content::Message(key(conversation, n)),
+        }
+    }
+
+    fn acked(conversation: ConvIndex, n: u32, seq: u64) -> SendRecord {
+        SendRecord {
+            key: key(conversation, n),
+            conversation,
+            answer: Answer::Acked { seq },
+        }
+    }
+
+    /// Conversation 0 (members 0 and 1): created at 1, then messages at 3, 7 and 9 (other
+    /// conversations share the log in between).
+    fn history() -> Vec<Observed> {
+        vec![
+            created(0, 1),
+            msg(0, 3, 1, 0),
+            msg(0, 7, 3, 1),
+            msg(0, 9, 7, 2),
+        ]
+    }
+
+    fn input(second: Vec<Observed>) -> LedgerInput {
         LedgerInput {
             members: vec![vec![0, 1]],
-            deliveries: vec![full, second],
-            closed: vec![false, false],
-            acked: vec![vec![3, 7, 9, 7]],
-            unacknowledged: 0,
+            connections: vec![
+                ConnRecord {
+                    sessions: vec![history()],
+                    closed: false,
+                },
+                ConnRecord {
+                    sessions: vec![second],
+                    closed: false,
+                },
+            ],
+            sends: vec![acked(0, 0, 3), acked(0, 1, 7), acked(0, 2, 9)],
+            log: Some(LogRead {
+                events: history(),
+                intake_pending: 0,
+            }),
         }
     }
 
     #[test]
     fn a_complete_run_is_clean() {
-        let report = check(&input(vec![d(0, 1, 0), d(0, 3, 1), d(0, 7, 3), d(0, 9, 7)]));
+        let report = check(&input(history()));
         assert!(report.clean(), "{report:?}");
+        assert!(report.log_checked);
         assert_eq!(report.acknowledged_messages, 3);
-        assert_eq!(report.expected_deliveries, 6);
+        // The creation and three messages, to each of two connections.
+        assert_eq!(report.expected_deliveries, 8);
     }
 
     #[test]
     fn lost_duplicated_and_reordered_deliveries_are_flagged() {
         // Seq 3 never arrives, 9 arrives before 7, and 9 arrives twice.
-        let report = check(&input(vec![d(0, 1, 0), d(0, 9, 7), d(0, 7, 3), d(0, 9, 7)]));
+        let report = check(&input(vec![
+            created(0, 1),
+            msg(0, 9, 7, 2),
+            msg(0, 7, 3, 1),
+            msg(0, 9, 7, 2),
+        ]));
         assert!(!report.clean());
         assert_eq!(report.lost, 1, "{report:?}");
         assert_eq!(report.duplicated, 1, "{report:?}");
         assert_eq!(report.out_of_order, 1, "{report:?}");
         // 9 names 7 as its predecessor, which had not arrived.
         assert_eq!(report.gaps, 1, "{report:?}");
+        assert_eq!(report.forks, 0, "{report:?}");
         assert_eq!(report.examples.len(), 4);
     }
 
     #[test]
-    fn unacknowledged_sends_fail_the_run() {
-        let mut run = input(vec![d(0, 1, 0), d(0, 3, 1), d(0, 7, 3), d(0, 9, 7)]);
-        run.unacknowledged = 2;
+    fn a_fork_is_flagged() {
+        // 7 and 8 both name 3 as their predecessor: two appends raced on one conversation.
+        let mut run = input(vec![
+            created(0, 1),
+            msg(0, 3, 1, 0),
+            msg(0, 7, 3, 1),
+            msg(0, 8, 3, 3),
+            msg(0, 9, 7, 2),
+        ]);
+        run.sends.push(acked(0, 3, 8));
         let report = check(&run);
-        assert_eq!(report.unacknowledged, 2);
+        assert_eq!(report.forks, 2, "8 after 7, then 9 after 8: {report:?}");
+        assert_eq!(report.gaps, 0, "{report:?}");
         assert!(!report.clean());
     }
 
     #[test]
-    fn a_connection_that_closed_is_left_out_not_counted_as_lost() {
-        let mut run = input(vec![d(0, 1, 0)]);
-        run.closed[1] = true;
+    fn a_delivery_that_no_ack_explains_is_flagged() {
+        // A server-side double append: send 1 acknowledged as 7 arrives again as 8. Each
+        // sequence arrives once, so only the explanation catches it.
+        let mut run = input(vec![
+            created(0, 1),
+            msg(0, 3, 1, 0),
+            msg(0, 7, 3, 1),
+            msg(0, 8, 7, 1),
+            msg(0, 9, 8, 2),
+        ]);
+        run.log = None;
         let report = check(&run);
-        assert!(report.clean(), "{report:?}");
-        assert_eq!(report.excluded_connections, 1);
-        assert_eq!(report.expected_deliveries, 3);
+        assert_eq!(report.unexplained, 1, "{report:?}");
+        assert_eq!(report.duplicated, 0, "{report:?}");
+        assert!(!report.clean());
+        // A message nobody in the run sent is unexplained too.
+        let mut run = input(history());
+        run.connections[1].sessions[0].push(Observed {
+            content: Content::Foreign,
+            ..msg(0, 11, 9, 0)
+        });
+        assert_eq!(check(&run).unexplained, 1);
+    }
+
+    #[test]
+    fn events_of_unknown_conversations_are_flagged_not_dropped() {
+        let mut second = history();
+        second.insert(
+            2,
+            Observed {
+                conversation: None,
+                ..msg(5, 4, 0, 0)
+            },
+        );
+        let report = check(&input(second));
+        assert_eq!(report.unknown_conversation, 1, "{report:?}");
+        assert!(!report.clean());
     }
 
     #[test]
     fn events_of_other_conversations_do_not_interfere() {
         let mut run = input(vec![
-            d(0, 1, 0),
-            d(1, 2, 0),
-            d(0, 3, 1),
-            d(0, 7, 3),
-            d(0, 9, 7),
+            created(0, 1),
+            created(1, 2),
+            msg(0, 3, 1, 0),
+            msg(0, 7, 3, 1),
+            msg(0, 9, 7, 2),
         ]);
         run.members.push(vec![1]);
-        run.acked.push(vec![]);
-        assert!(check(&run).clean());
+        run.log.as_mut().unwrap().events.insert(1, created(1, 2));
+        let report = check(&run);
+        assert!(report.clean(), "{report:?}");
+    }
+
+    #[test]
+    fn unacknowledged_sends_are_classified_by_the_log() {
+        let mut run = input(history());
+        // Send 2 timed out although it was appended; send 3 was never applied.
+        run.sends[2].answer = Answer::Error("timeout".into());
+        run.sends.push(SendRecord {
+            key: key(0, 3),
+            conversation: 0,
+            answer: Answer::None,
+        });
+        let report = check(&run);
+        assert_eq!(report.unacknowledged, 2);
+        assert_eq!(report.unacknowledged_in_log, 1);
+        assert_eq!(report.unacknowledged_never_applied, 1);
+        // Neither is a loss: the client was never told the send succeeded.
+        assert!(report.clean(), "{report:?}");
+
+        // Commands still queued may yet be appended: not classified, the run fails.
+        run.log.as_mut().unwrap().intake_pending = 4;
+        let report = check(&run);
+        assert_eq!(report.unacknowledged_unclassified, 1);
+        assert!(!report.clean());
+        // Without the log nothing can be classified.
+        run.log = None;
+        let report = check(&run);
+        assert_eq!(report.unacknowledged_unclassified, 2);
+        assert!(!report.log_checked);
+    }
+
+    #[test]
+    fn the_log_must_hold_every_ack_once_in_an_unbroken_chain() {
+        let mut run = input(history());
+        // Send 2 is also appended at 11: a double append.
+        run.log.as_mut().unwrap().events.push(msg(0, 11, 9, 2));
+        let report = check(&run);
+        assert_eq!(report.appended_twice, 1, "{report:?}");
+        // Seq 11 is in the log and no connection got it.
+        assert_eq!(report.lost, 2, "{report:?}");
+
+        let mut run = input(history());
+        // Seq 7 is not in the log, though acknowledged; 9's prev then points at a hole.
+        run.log.as_mut().unwrap().events.remove(2);
+        let report = check(&run);
+        assert_eq!(report.acked_not_in_log, 1, "{report:?}");
+        assert_eq!(report.log_chain_breaks, 1, "{report:?}");
+        assert_eq!(report.unexplained, 2, "7 delivered to both: {report:?}");
+        assert!(!report.clean());
+    }
+
+    #[test]
+    fn a_connection_that_gave_up_is_left_out_not_counted_as_lost() {
+        let mut run = input(vec![created(0, 1)]);
+        run.connections[1].closed = true;
+        let report = check(&run);
+        assert!(report.clean(), "{report:?}");
+        assert_eq!(report.excluded_connections, 1);
+        assert_eq!(report.expected_deliveries, 4);
+    }
+
+    #[test]
+    fn a_reconnected_connection_is_checked_within_each_socket_and_after_the_last() {
+        // Lost its socket after 3, reconnected: 7 (sent while it was away) is not expected,
+        // and the new socket starts its chain at 9.
+        let mut run = input(vec![]);
+        run.connections[1].sessions =
+            vec![vec![created(0, 1), msg(0, 3, 1, 0)], vec![msg(0, 9, 7, 2)]];
+        let report = check(&run);
+        assert!(report.clean(), "{report:?}");
+        assert_eq!(report.reconnected_connections, 1);
+        assert_eq!(report.expected_deliveries, 4 + 1);
+
+        // After the reconnection everything must arrive: here 11 does not.
+        run.sends.push(acked(0, 3, 11));
+        run.log.as_mut().unwrap().events.push(msg(0, 11, 9, 3));
+        run.connections[0].sessions[0].push(msg(0, 11, 9, 3));
+        let report = check(&run);
+        assert_eq!(report.lost, 1, "{report:?}");
+        // A gap within the new socket is still a gap.
+        run.connections[1].sessions[1] = vec![msg(0, 7, 3, 1), msg(0, 11, 9, 3)];
+        let report = check(&run);
+        assert_eq!(report.gaps, 1, "{report:?}");
     }
 }

@@ -11,6 +11,7 @@ pub mod client;
 pub mod latency;
 pub mod ledger;
 pub mod live;
+pub mod log;
 pub mod plan;
 pub mod platform;
 pub mod report;
@@ -70,6 +71,10 @@ pub enum LoadtestError {
     },
     #[error("cannot read process statistics: {0}")]
     Resources(String),
+    #[error("reading the log back: {0}")]
+    Log(String),
+    #[error("fault injection: {0}")]
+    Fault(String),
     #[error("drawing the chart: {0}")]
     Chart(String),
 }

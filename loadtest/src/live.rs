@@ -40,6 +40,10 @@ pub struct Live {
     pub created_seen: AtomicU64,
     pub connected: AtomicU64,
     pub connect_failed: AtomicU64,
+    /// Sockets opened again after one was lost.
+    pub reconnects: AtomicU64,
+    /// Sends that went out on a socket that died before answering them: they never will be.
+    pub abandoned: AtomicU64,
     /// Set when senders must stop early (a failed ramp step, Ctrl-C).
     pub stop_sending: AtomicBool,
     interval: Mutex<Window>,
@@ -61,6 +65,8 @@ impl Live {
             created_seen: AtomicU64::new(0),
             connected: AtomicU64::new(0),
             connect_failed: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+            abandoned: AtomicU64::new(0),
             stop_sending: AtomicBool::new(false),
             interval: Mutex::new(Window::default()),
             measured: Mutex::new(Window::default()),

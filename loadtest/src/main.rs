@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use parley_loadtest::run::{self, RunOptions, Target};
+use parley_loadtest::scenario::Fault;
 use parley_loadtest::{Durability, Overrides, Scenario, report};
 use parley_services::config::Secret;
 
@@ -86,6 +87,10 @@ struct RunArgs {
     /// Gateways to start with --spawn.
     #[arg(long)]
     gateways_to_spawn: Option<usize>,
+    /// With --spawn: kill ROLE (handler, projector, gateway[-<i>], nats, redis) with SIGKILL
+    /// SECS after sending starts and restart it DOWN_SECS (default 2) later; repeatable.
+    #[arg(long = "fault", value_name = "ROLE@SECS[:DOWN_SECS]")]
+    faults: Vec<Fault>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -176,6 +181,7 @@ async fn run_scenario(args: RunArgs) -> anyhow::Result<ExitCode> {
         durability: args.durability.map(Into::into),
         gateways: args.gateways_to_spawn,
         baselines: args.baselines,
+        faults: args.faults,
     })?;
     let target = if args.spawn {
         Target::Spawn {

@@ -15,7 +15,7 @@ use parley_services::config::Secret;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::LoadtestError;
-use crate::scenario::Durability;
+use crate::scenario::{Durability, FaultRole};
 
 /// How long the spawned roles get to become ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -30,12 +30,21 @@ pub struct SpawnOptions {
     pub max_frame_bytes: Option<usize>,
     /// Where each role's log goes.
     pub log_dir: PathBuf,
+    /// Handler processes: two when one of them is to be killed, so service continues.
+    pub handlers: usize,
+    /// The gateways' `presence_ttl_secs` when not the default: shorter, so heartbeats
+    /// rebuild presence within a short run after Redis lost it.
+    pub presence_ttl_secs: Option<u32>,
 }
 
 struct Role {
     name: String,
     child: Child,
     log: PathBuf,
+    /// The `parley` subcommand.
+    command: &'static str,
+    /// Settings of this process alone (its listeners).
+    env: Vec<(String, String)>,
 }
 
 /// The platform `--spawn` started. Dropping it kills every process (also on a panic or an
@@ -49,6 +58,9 @@ pub struct SpawnedPlatform {
     roles: Vec<Role>,
     nats: NatsServer,
     redis: RedisServer,
+    /// What every role is started with: the binary and the shared settings.
+    parley: PathBuf,
+    env: Vec<(String, String)>,
     _store: tempfile::TempDir,
 }
 
@@ -116,6 +128,12 @@ impl SpawnedPlatform {
                 bytes.to_string(),
             ));
         }
+        if let Some(ttl) = options.presence_ttl_secs {
+            env.push((
+                "PARLEY_GATEWAY__PRESENCE_TTL_SECS".to_owned(),
+                ttl.to_string(),
+            ));
+        }
         let mut platform = SpawnedPlatform {
             gateway_urls: Vec::new(),
             secret,
@@ -125,50 +143,143 @@ impl SpawnedPlatform {
             roles: Vec::new(),
             nats,
             redis,
+            parley,
+            env,
             _store: store,
         };
         // The projector creates the store the gateways read; the handler the streams.
-        let mut plan = vec![
-            ("projector".to_owned(), "projector", None),
-            ("handler".to_owned(), "handler", None),
-        ];
+        let mut plan = vec![("projector".to_owned(), "projector", None)];
+        for i in 0..options.handlers.max(1) {
+            let name = if i == 0 {
+                "handler".to_owned()
+            } else {
+                format!("handler-{i}")
+            };
+            plan.push((name, "handler", None));
+        }
         for i in 0..options.gateways {
             plan.push((format!("gateway-{i}"), "gateway", Some(free_port()?)));
         }
-        for (name, role, gateway_port) in plan {
-            let log = options.log_dir.join(format!("{name}.log"));
-            let file = File::create(&log)
-                .map_err(LoadtestError::io(format!("creating {}", log.display())))?;
-            let mut command = Command::new(&parley);
-            command
-                .arg(role)
-                .env_remove("PARLEY_CONFIG")
-                .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-                .env(
-                    "PARLEY_ADMIN__LISTEN",
-                    format!("127.0.0.1:{}", free_port()?),
-                )
-                .env(
-                    "RUST_LOG",
-                    std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-                )
-                .stdin(Stdio::null())
-                .stdout(file.try_clone().map_err(LoadtestError::io("log file"))?)
-                .stderr(file);
+        for (name, command, gateway_port) in plan {
+            let mut env = vec![(
+                "PARLEY_ADMIN__LISTEN".to_owned(),
+                format!("127.0.0.1:{}", free_port()?),
+            )];
             if let Some(port) = gateway_port {
-                command.env("PARLEY_GATEWAY__LISTEN", format!("127.0.0.1:{port}"));
+                env.push((
+                    "PARLEY_GATEWAY__LISTEN".to_owned(),
+                    format!("127.0.0.1:{port}"),
+                ));
                 platform
                     .gateway_urls
                     .push(format!("ws://127.0.0.1:{port}/ws"));
             }
-            let child = command.spawn().map_err(|source| LoadtestError::Spawn {
-                binary: parley.clone(),
-                source,
-            })?;
-            platform.roles.push(Role { name, child, log });
+            let log = options.log_dir.join(format!("{name}.log"));
+            let child = platform.spawn_role(command, &env, &log, false)?;
+            platform.roles.push(Role {
+                name,
+                child,
+                log,
+                command,
+                env,
+            });
         }
         platform.wait_until_ready().await?;
         Ok(platform)
+    }
+
+    /// Start `parley <command>` with the shared settings and `env`, logging to `log`
+    /// (appended to when the role is started again).
+    fn spawn_role(
+        &self,
+        command: &str,
+        env: &[(String, String)],
+        log: &Path,
+        append: bool,
+    ) -> Result<Child, LoadtestError> {
+        let file = File::options()
+            .create(true)
+            .write(true)
+            .append(append)
+            .truncate(!append)
+            .open(log)
+            .map_err(LoadtestError::io(format!("opening {}", log.display())))?;
+        Command::new(&self.parley)
+            .arg(command)
+            .env_remove("PARLEY_CONFIG")
+            .envs(
+                self.env
+                    .iter()
+                    .chain(env)
+                    .map(|(k, v)| (k.as_str(), v.as_str())),
+            )
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().map_err(LoadtestError::io("log file"))?)
+            .stderr(file)
+            .spawn()
+            .map_err(|source| LoadtestError::Spawn {
+                binary: self.parley.clone(),
+                source,
+            })
+    }
+
+    /// Kill `role`'s process with SIGKILL, as a crash would, and reap it. Redis loses its
+    /// data (it has no persistence); nats-server keeps its store.
+    pub fn kill(&mut self, role: FaultRole) -> Result<(), LoadtestError> {
+        match role {
+            FaultRole::Nats => self.nats.stop(),
+            FaultRole::Redis => self.redis.stop(),
+            _ => {
+                let process = self.role_mut(role)?;
+                let _ = process.child.kill();
+                let _ = process.child.wait();
+            }
+        }
+        Ok(())
+    }
+
+    /// Start `role` again on the same ports with the same configuration and data; a role's
+    /// log continues in the same file.
+    pub fn restart(&mut self, role: FaultRole) -> Result<(), LoadtestError> {
+        match role {
+            FaultRole::Nats => self.nats.restart()?,
+            FaultRole::Redis => {
+                self.redis = RedisServer::start(RedisOptions {
+                    port: Some(self.redis.port()),
+                    ..RedisOptions::default()
+                })?;
+            }
+            _ => {
+                let index = self.role_index(role)?;
+                let Role {
+                    command, env, log, ..
+                } = &self.roles[index];
+                let child = self.spawn_role(command, env, log, true)?;
+                self.roles[index].child = child;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn redis_url(&self) -> String {
+        self.redis.url()
+    }
+
+    fn role_index(&self, role: FaultRole) -> Result<usize, LoadtestError> {
+        let name = role.to_string();
+        self.roles
+            .iter()
+            .position(|r| r.name == name)
+            .ok_or_else(|| LoadtestError::Fault(format!("no process {name} in this platform")))
+    }
+
+    fn role_mut(&mut self, role: FaultRole) -> Result<&mut Role, LoadtestError> {
+        let index = self.role_index(role)?;
+        Ok(&mut self.roles[index])
     }
 
     /// `(name, pid)` of every process of the platform.

@@ -7,10 +7,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::baseline::Baselines;
 use crate::latency::Summary;
-use crate::ledger::LedgerReport;
+use crate::ledger::{self, LedgerReport};
 use crate::live::{Counters, TimelinePoint};
 use crate::resources::Machine;
-use crate::scenario::Scenario;
+use crate::scenario::{Fault, FaultRole, Scenario};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Report {
@@ -33,11 +33,15 @@ pub struct Report {
     /// Growth of the gateways' RSS while the clients connected, per connection.
     pub gateway_rss_per_connection_bytes: Option<f64>,
     pub ramp: Option<RampFigures>,
+    /// Per fault of the plan, the interruption it caused.
+    #[serde(default)]
+    pub faults: Vec<FaultFigures>,
     pub baselines: Option<Baselines>,
     pub ratios: Option<Ratios>,
     pub marks: Marks,
     pub timeline: Vec<TimelinePoint>,
-    /// Ledger clean: nothing lost, duplicated, out of order or unacknowledged.
+    /// Ledger clean: nothing acknowledged lost or appended twice, no delivery duplicated,
+    /// out of order, forked or unexplained, every unacknowledged send classified.
     pub passed: bool,
 }
 
@@ -56,6 +60,9 @@ pub struct Environment {
 pub struct ConnectionFigures {
     pub planned: usize,
     pub connected: u64,
+    /// Sockets opened again after one was lost (a gateway that died).
+    #[serde(default)]
+    pub reconnects: u64,
     /// From the scheduled connect time to the `welcome` frame.
     pub connect: Summary,
 }
@@ -125,6 +132,87 @@ pub struct Ratios {
     pub delivery_p99_vs_jetstream_ack_p99: Option<f64>,
     /// p99 send -> ack over the WebSocket echo round-trip p99.
     pub ack_p99_vs_websocket_echo_p99: Option<f64>,
+}
+
+/// What the run did for one fault, in microseconds since the run's origin.
+#[derive(Debug, Clone)]
+pub struct FaultRecord {
+    pub fault: Fault,
+    pub killed_us: u64,
+    pub restarted_us: Option<u64>,
+    /// Redis only: when the watched user's presence was back.
+    pub presence_back_us: Option<u64>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FaultFigures {
+    pub role: FaultRole,
+    /// Seconds since the run's origin, like [`Marks`].
+    pub killed_at_secs: f64,
+    pub restarted_at_secs: Option<f64>,
+    /// From the kill to the first `ack` after it (none: no ack came before sending ended
+    /// and the drain was over).
+    pub first_ack_after_kill_ms: Option<f64>,
+    pub first_ack_after_restart_ms: Option<f64>,
+    /// The longest time without an `ack` from the kill until the next fault or the end of
+    /// sending (both count as edges of a gap, so an interruption still going on when sending
+    /// ended shows in full).
+    pub longest_ack_gap_ms: f64,
+    /// Redis: from the restart until heartbeats had rebuilt a connected user's presence.
+    pub presence_back_after_restart_ms: Option<f64>,
+    /// The fault could not be applied as planned.
+    pub error: Option<String>,
+}
+
+/// The interruption each fault caused, from the sorted arrival times of every ack.
+pub fn fault_figures(
+    records: &[FaultRecord],
+    acks_us: &[u64],
+    sending_end_us: u64,
+) -> Vec<FaultFigures> {
+    let mut kills: Vec<u64> = records.iter().map(|r| r.killed_us).collect();
+    kills.sort_unstable();
+    let first_after = |t: u64| {
+        let i = acks_us.partition_point(|&a| a <= t);
+        acks_us.get(i).map(|&a| ms(a - t))
+    };
+    records
+        .iter()
+        .map(|r| {
+            let until = kills
+                .iter()
+                .copied()
+                .find(|&k| k > r.killed_us)
+                .unwrap_or(sending_end_us);
+            let from = acks_us.partition_point(|&a| a <= r.killed_us);
+            let to = acks_us.partition_point(|&a| a <= until);
+            let longest = std::iter::once(r.killed_us)
+                .chain(acks_us[from..to].iter().copied())
+                .chain(std::iter::once(until.max(r.killed_us)))
+                .collect::<Vec<_>>()
+                .windows(2)
+                .map(|w| w[1] - w[0])
+                .max();
+            FaultFigures {
+                role: r.fault.role,
+                killed_at_secs: r.killed_us as f64 / 1e6,
+                restarted_at_secs: r.restarted_us.map(|t| t as f64 / 1e6),
+                first_ack_after_kill_ms: first_after(r.killed_us),
+                first_ack_after_restart_ms: r.restarted_us.and_then(first_after),
+                longest_ack_gap_ms: ms(longest.unwrap_or_default()),
+                presence_back_after_restart_ms: r
+                    .restarted_us
+                    .zip(r.presence_back_us)
+                    .map(|(restart, back)| ms(back.saturating_sub(restart))),
+                error: r.error.clone(),
+            }
+        })
+        .collect()
+}
+
+fn ms(micros: u64) -> f64 {
+    micros as f64 / 1000.0
 }
 
 /// Points in the run, seconds since its origin.
@@ -235,9 +323,10 @@ pub fn render_table(report: &Report) -> String {
     );
     let _ = writeln!(
         out,
-        "Connections {} of {} connected; sends {} scheduled, {} sent, {} acked, {} errors; measured {:.1} s",
+        "Connections {} of {} connected, {} reconnects; sends {} scheduled, {} sent, {} acked, {} errors; measured {:.1} s",
         report.connections.connected,
         report.connections.planned,
+        report.connections.reconnects,
         report.sends.scheduled,
         report.sends.sent,
         report.sends.acked,
@@ -354,24 +443,71 @@ pub fn render_table(report: &Report) -> String {
             .collect();
         let _ = writeln!(out, "Errors: {}", codes.join(", "));
     }
+    if !report.faults.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n  {:<10} {:>8} {:>10} {:>16} {:>19} {:>15} {:>15}",
+            "fault",
+            "kill s",
+            "restart s",
+            "kill->ack ms",
+            "restart->ack ms",
+            "longest gap ms",
+            "presence ms"
+        );
+        let show = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0}"));
+        for f in &report.faults {
+            let _ = writeln!(
+                out,
+                "  {:<10} {:>8.1} {:>10} {:>16} {:>19} {:>15} {:>15}{}",
+                f.role.to_string(),
+                f.killed_at_secs,
+                f.restarted_at_secs
+                    .map_or("-".to_owned(), |t| format!("{t:.1}")),
+                show(f.first_ack_after_kill_ms),
+                show(f.first_ack_after_restart_ms),
+                format!("{:.0}", f.longest_ack_gap_ms),
+                show(f.presence_back_after_restart_ms),
+                f.error
+                    .as_deref()
+                    .map(|e| format!("  ({e})"))
+                    .unwrap_or_default()
+            );
+        }
+    }
     let l = &report.ledger;
+    let problems: Vec<String> = ledger::problems(l)
+        .into_iter()
+        .map(|(name, n)| format!("{name} {n}"))
+        .collect();
     let _ = writeln!(
         out,
-        "\nLedger {}: {} acked messages, {} expected deliveries; lost {}, duplicated {}, out of order {}, gaps {}, unacknowledged {}{}",
+        "\nLedger {}: {} acked messages, {} expected deliveries; {}",
         if l.clean() { "CLEAN" } else { "FAILED" },
         l.acknowledged_messages,
         l.expected_deliveries,
-        l.lost,
-        l.duplicated,
-        l.out_of_order,
-        l.gaps,
+        problems.join(", ")
+    );
+    let _ = writeln!(
+        out,
+        "  unacknowledged {}: {} in the log (timed out but appended), {} never applied, {} unclassified{}",
         l.unacknowledged,
-        if l.excluded_connections > 0 {
-            format!(" ({} closed connections left out)", l.excluded_connections)
+        l.unacknowledged_in_log,
+        l.unacknowledged_never_applied,
+        l.unacknowledged_unclassified,
+        if l.log_checked {
+            ""
         } else {
-            String::new()
+            " (the log was not read: give --nats-url)"
         }
     );
+    if l.excluded_connections + l.reconnected_connections > 0 {
+        let _ = writeln!(
+            out,
+            "  {} connections left out (gave up), {} reconnected (checked per socket and after the last reconnection)",
+            l.excluded_connections, l.reconnected_connections
+        );
+    }
     for example in &l.examples {
         let _ = writeln!(out, "  {example}");
     }
@@ -459,6 +595,7 @@ pub(crate) mod tests {
             processes,
             gateway_rss_per_connection_bytes: Some(10240.0),
             ramp: None,
+            faults: Vec::new(),
             baselines: None,
             ratios: None,
             marks: Marks::default(),
@@ -533,9 +670,53 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_faults_interruption_is_read_from_the_ack_times() {
+        let fault = |role: &str, at_us: u64, restarted_us: u64| FaultRecord {
+            fault: format!("{role}@1").parse().unwrap(),
+            killed_us: at_us,
+            restarted_us: Some(restarted_us),
+            presence_back_us: None,
+            error: None,
+        };
+        // Acks every 100 ms, none from 1.05 s to 3.5 s; a second fault at 5 s with no ack
+        // after it.
+        let acks: Vec<u64> = (0..=10)
+            .map(|i| i * 100_000)
+            .chain((35..=45).map(|i| i * 100_000))
+            .collect();
+        let figures = fault_figures(
+            &[
+                fault("handler", 1_050_000, 3_000_000),
+                fault("nats", 5_000_000, 6_000_000),
+            ],
+            &acks,
+            8_000_000,
+        );
+        assert_eq!(figures[0].first_ack_after_kill_ms, Some(2450.0));
+        assert_eq!(figures[0].first_ack_after_restart_ms, Some(500.0));
+        assert_eq!(figures[0].longest_ack_gap_ms, 2450.0);
+        assert_eq!(figures[0].killed_at_secs, 1.05);
+        assert_eq!(figures[1].first_ack_after_kill_ms, None);
+        assert_eq!(figures[1].longest_ack_gap_ms, 3000.0);
+    }
+
+    #[test]
     fn the_table_and_the_json_carry_the_figures() {
         let mut report = sample_report();
+        report.faults = fault_figures(
+            &[FaultRecord {
+                fault: "gateway-0@1:2".parse().unwrap(),
+                killed_us: 1_000_000,
+                restarted_us: Some(3_000_000),
+                presence_back_us: None,
+                error: None,
+            }],
+            &[500_000, 3_250_000],
+            6_000_000,
+        );
         let table = render_table(&report);
+        assert!(table.contains("gateway-0"), "{table}");
+        assert!(table.contains("2250"), "{table}");
         assert!(table.contains("Ledger CLEAN"), "{table}");
         assert!(table.contains("fsync per write"), "{table}");
         assert!(

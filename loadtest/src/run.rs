@@ -1,5 +1,6 @@
 //! One run: start or reach the platform, measure baselines, connect, set up conversations,
-//! send on the schedule, drain, check the ledger and write the report.
+//! send on the schedule (killing and restarting processes as the fault plan says), drain,
+//! read the log back, check the ledger and write the report.
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
@@ -9,7 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use parley_events::ConversationId;
+use parley_events::{ConversationId, UserId};
+use parley_projections::presence::{PresenceError, PresenceStore};
 use parley_services::auth;
 use parley_services::config::Secret;
 use tokio::sync::mpsc;
@@ -17,13 +19,16 @@ use tokio_util::sync::CancellationToken;
 
 use crate::baseline::{self, Baselines};
 use crate::client::{self, ConnOutcome, Control, Create, SendSlot};
-use crate::ledger::{self, ConvIndex, Delivery, LedgerInput};
+use crate::ledger::{
+    self, Answer, ConnRecord, ConvIndex, LedgerInput, LogRead, Observed, SendKey, SendRecord,
+};
 use crate::live::{Live, TimelinePoint, Window};
+use crate::log::LogReader;
 use crate::plan::{ConvKind, Plan};
 use crate::platform::{SpawnOptions, SpawnedPlatform};
 use crate::report::{self, Report};
 use crate::resources::{Machine, Sampler};
-use crate::scenario::{Durability, Scenario};
+use crate::scenario::{Durability, Fault, FaultRole, Scenario};
 use crate::{LoadtestError, chart, unix_secs};
 
 /// The gateway's default `limits.max_frame_bytes`.
@@ -34,6 +39,13 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const BASELINE_TIME: Duration = Duration::from_secs(5);
 /// Creates in flight during set-up.
 const SETUP_CONCURRENCY: usize = 256;
+/// How long the log check waits for the intake to empty: a command held by a killed handler
+/// is redelivered after the intake's ack wait (30 s by default).
+const INTAKE_WAIT: Duration = Duration::from_secs(45);
+/// The gateways' presence TTL when Redis is to be flushed: heartbeats every 2 s.
+const PRESENCE_TTL_UNDER_FAULT: u32 = 6;
+/// How long presence may take to come back after Redis restarted.
+const PRESENCE_WAIT: Duration = Duration::from_secs(30);
 
 /// Where the load goes.
 #[derive(Debug, Clone)]
@@ -90,6 +102,14 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
     };
     let plan = Plan::build(&scenario, tag, gateway_count);
     let frame_needed = plan.largest_create_frame();
+    if !scenario.faults.is_empty() && !matches!(options.target, Target::Spawn { .. }) {
+        return Err(LoadtestError::Fault(
+            "a fault plan needs --spawn: the harness kills and restarts the processes it started"
+                .into(),
+        ));
+    }
+    let killed = |role: FaultRole| scenario.faults.iter().any(|f| f.role == role);
+    let handlers = if killed(FaultRole::Handler) { 2 } else { 1 };
 
     let (platform, gateways, secret, nats_url, platform_text) = match &options.target {
         Target::Spawn { parley } => {
@@ -103,10 +123,12 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
                 max_frame_bytes: (frame_needed > DEFAULT_MAX_FRAME_BYTES)
                     .then_some(frame_needed.next_power_of_two()),
                 log_dir: dir.join("logs"),
+                handlers,
+                presence_ttl_secs: killed(FaultRole::Redis).then_some(PRESENCE_TTL_UNDER_FAULT),
             })
             .await?;
             let text = format!(
-                "spawned on this machine: {} gateway(s), 1 handler, 1 projector, nats-server {}, redis",
+                "spawned on this machine: {} gateway(s), {handlers} handler(s), 1 projector, nats-server {}, redis",
                 scenario.gateways, spawned.nats_version
             );
             let (urls, secret, nats) = (
@@ -139,6 +161,9 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
         Some(p) => p.durability.describe().to_owned(),
         None => "external platform: its NATS server's own setting (not verified)".to_owned(),
     };
+    let mut processes = platform.as_ref().map(|p| p.processes()).unwrap_or_default();
+    // Shared with the fault plan while the run goes on.
+    let platform = platform.map(|p| Arc::new(Mutex::new(p)));
 
     let baselines = if scenario.baselines {
         if options.progress {
@@ -152,7 +177,6 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
         None
     };
 
-    let mut processes = platform.as_ref().map(|p| p.processes()).unwrap_or_default();
     processes.push(("harness".to_owned(), std::process::id()));
     let live = Arc::new(Live::new(Instant::now()));
     let recorded = Arc::new(Mutex::new(Recorded::default()));
@@ -180,14 +204,15 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
     for (i, conn) in plan.connections.iter().enumerate() {
         let (tx, rx) = mpsc::channel(16);
         controls.push(tx);
-        let url = format!(
-            "{}?access_token={}",
-            gateways[conn.gateway], tokens[conn.user]
-        );
+        let urls: Arc<[String]> = gateways
+            .iter()
+            .map(|gateway| format!("{gateway}?access_token={}", tokens[conn.user]))
+            .collect();
         let connect_at = live.origin + Duration::from_secs_f64(i as f64 / scenario.connect_rate);
         tasks.push(tokio::spawn(client::run(
             Arc::clone(&live),
-            url,
+            urls,
+            conn.gateway,
             connect_at,
             rx,
             created_tx.clone(),
@@ -214,6 +239,19 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
             _ => None,
         };
 
+    // The log is read back from here after the run.
+    let log_start = match &nats_url {
+        Some(url) => match log_position(url).await {
+            Ok(seq) => Some(seq),
+            Err(e) => {
+                eprintln!(
+                    "note: the log cannot be read, so unacknowledged sends stay unclassified: {e}"
+                );
+                None
+            }
+        },
+        None => None,
+    };
     *phase.lock().unwrap() = "setting up";
     let conversations = set_up(&plan, &controls, &mut created_rx).await?;
     let members = plan.member_connections(scenario.connections_per_user);
@@ -261,6 +299,22 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
     }
     let sending_start = live.at(start_us);
     let sending_end = sending_start + scenario.sending_time();
+    let faults: Vec<_> = match &platform {
+        Some(platform) => scenario
+            .faults
+            .iter()
+            .map(|&fault| {
+                tokio::spawn(inject(
+                    Arc::clone(platform),
+                    fault,
+                    sending_start,
+                    Arc::clone(&live),
+                    plan.users[0].clone(),
+                ))
+            })
+            .collect(),
+        None => Vec::new(),
+    };
     *phase.lock().unwrap() = if scenario.warmup_secs > 0.0 {
         "warming up"
     } else {
@@ -283,6 +337,30 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
 
     *phase.lock().unwrap() = "draining";
     drain(&live).await;
+    let mut fault_records = Vec::with_capacity(faults.len());
+    for fault in faults {
+        fault_records.push(
+            fault
+                .await
+                .map_err(|e| LoadtestError::Fault(format!("a fault task failed: {e}")))?,
+        );
+    }
+    // Clients stay connected while the log is read: what is appended late must still reach
+    // them.
+    let log = match (&nats_url, log_start) {
+        (Some(url), Some(after)) => {
+            *phase.lock().unwrap() = "reading the log";
+            match read_log(url, after, &conversations, &live).await {
+                Ok(log) => Some(log),
+                Err(e) => {
+                    live.record_error("harness:log_unreadable");
+                    eprintln!("note: {e}");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
     finish.cancel();
     drop(controls);
     let mut outcomes = Vec::with_capacity(tasks.len());
@@ -304,7 +382,7 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
     };
     drop(platform);
 
-    let ledger = ledger::check(&ledger_input(&plan, &members, &conversations, &outcomes));
+    let ledger = ledger::check(&ledger_input(&members, &conversations, &outcomes, log));
     let marks = report::Marks {
         connected_secs,
         sending_start_secs: secs_since(&live, sending_start),
@@ -342,7 +420,17 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
         ),
         None => report::ratios(&throughput, &latency, b),
     });
-    let sent: u64 = outcomes.iter().map(|o| o.sent).sum();
+    let sent = outcomes.iter().map(|o| o.sent.len() as u64).sum();
+    let mut acks_us: Vec<u64> = outcomes
+        .iter()
+        .flat_map(|o| o.acks.iter().map(|a| a.at_us))
+        .collect();
+    acks_us.sort_unstable();
+    let faults = report::fault_figures(
+        &fault_records,
+        &acks_us,
+        live.micros_since_origin(sending_end),
+    );
     let report = Report {
         environment: report::Environment {
             machine: Machine::describe(),
@@ -355,6 +443,7 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
         connections: report::ConnectionFigures {
             planned: plan.connections.len(),
             connected: live.connected.load(Ordering::Relaxed),
+            reconnects: live.reconnects.load(Ordering::Relaxed),
             connect: live.connect_latency().summary(),
         },
         sends: report::SendFigures {
@@ -376,6 +465,7 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
         processes,
         gateway_rss_per_connection_bytes: gateway_rss_per_connection,
         ramp,
+        faults,
         baselines,
         ratios,
         marks,
@@ -574,8 +664,9 @@ async fn drain(live: &Live) {
             last = delivered;
             quiet_since = Instant::now();
         }
-        let answered =
-            live.acked.load(Ordering::Relaxed) + live.send_errors.load(Ordering::Relaxed);
+        let answered = live.acked.load(Ordering::Relaxed)
+            + live.send_errors.load(Ordering::Relaxed)
+            + live.abandoned.load(Ordering::Relaxed);
         if answered >= live.sent.load(Ordering::Relaxed)
             && quiet_since.elapsed() >= Duration::from_secs(1)
         {
@@ -585,47 +676,175 @@ async fn drain(live: &Live) {
 }
 
 fn ledger_input(
-    plan: &Plan,
     members: &[Vec<usize>],
     conversations: &[ConversationId],
     outcomes: &[ConnOutcome],
+    log: Option<LogRead>,
 ) -> LedgerInput {
-    let index: HashMap<ConversationId, ConvIndex> = conversations
-        .iter()
-        .enumerate()
-        .map(|(i, id)| (*id, i as ConvIndex))
-        .collect();
-    let mut acked = vec![Vec::new(); plan.conversations.len()];
+    let index = conversation_index(conversations);
+    let conv = |id: &ConversationId| index.get(id).copied();
+    let mut sends = Vec::new();
     for outcome in outcomes {
-        for (conversation, seq) in &outcome.acks {
-            if let Some(&i) = index.get(conversation) {
-                acked[i as usize].push(*seq);
-            }
+        let mut answers: HashMap<SendKey, Answer> = HashMap::new();
+        for (key, code) in &outcome.errors {
+            answers.insert(*key, Answer::Error(code.clone()));
+        }
+        // An ack wins over an error for the same send.
+        for ack in &outcome.acks {
+            answers.insert(ack.key, Answer::Acked { seq: ack.seq });
+        }
+        for (key, conversation) in &outcome.sent {
+            let Some(conversation) = conv(conversation) else {
+                continue;
+            };
+            sends.push(SendRecord {
+                key: *key,
+                conversation,
+                answer: answers.remove(key).unwrap_or(Answer::None),
+            });
         }
     }
     LedgerInput {
         members: members.to_vec(),
-        deliveries: outcomes
+        connections: outcomes
             .iter()
-            .map(|o| {
-                o.deliveries
+            .map(|o| ConnRecord {
+                sessions: o
+                    .sessions
                     .iter()
-                    .filter_map(|(conversation, seq, prev)| {
-                        index.get(conversation).map(|&c| Delivery {
-                            conversation: c,
-                            seq: *seq,
-                            prev: *prev,
-                        })
+                    .map(|session| {
+                        session
+                            .iter()
+                            .map(|r| Observed {
+                                conversation: conv(&r.conversation),
+                                seq: r.seq,
+                                prev: r.prev,
+                                content: r.content,
+                            })
+                            .collect()
                     })
-                    .collect()
+                    .collect(),
+                closed: o.closed,
             })
             .collect(),
-        closed: outcomes.iter().map(|o| o.closed).collect(),
-        acked,
-        unacknowledged: outcomes
-            .iter()
-            .map(|o| o.sent.saturating_sub(o.acks.len() as u64))
-            .sum(),
+        sends,
+        log,
+    }
+}
+
+fn conversation_index(conversations: &[ConversationId]) -> HashMap<ConversationId, ConvIndex> {
+    conversations
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (*id, i as ConvIndex))
+        .collect()
+}
+
+/// The log's last sequence before the run creates anything.
+async fn log_position(nats_url: &str) -> Result<u64, LoadtestError> {
+    LogReader::connect(nats_url).await?.last_sequence().await
+}
+
+/// The run's events, once the intake is empty (or [`INTAKE_WAIT`] has passed) and
+/// deliveries have gone quiet again.
+async fn read_log(
+    nats_url: &str,
+    after: u64,
+    conversations: &[ConversationId],
+    live: &Live,
+) -> Result<LogRead, LoadtestError> {
+    let reader = LogReader::connect(nats_url).await?;
+    let pending = reader.wait_for_empty_intake(INTAKE_WAIT).await?;
+    drain(live).await;
+    reader
+        .read(after, &conversation_index(conversations), pending)
+        .await
+}
+
+/// Apply one fault: kill the process at its time, start it again after its down time, and
+/// for Redis (flushed first) wait until heartbeats have rebuilt one user's presence.
+async fn inject(
+    platform: Arc<Mutex<SpawnedPlatform>>,
+    fault: Fault,
+    sending_start: Instant,
+    live: Arc<Live>,
+    watched: UserId,
+) -> report::FaultRecord {
+    tokio::time::sleep_until((sending_start + Duration::from_secs_f64(fault.at_secs)).into()).await;
+    let mut record = report::FaultRecord {
+        fault,
+        killed_us: live.now_us(),
+        restarted_us: None,
+        presence_back_us: None,
+        error: None,
+    };
+    let redis_url = platform.lock().unwrap().redis_url();
+    let result = async {
+        if fault.role == FaultRole::Redis {
+            flush_redis(&redis_url).await?;
+        }
+        record.killed_us = live.now_us();
+        on_platform(&platform, move |p| p.kill(fault.role)).await?;
+        tokio::time::sleep(Duration::from_secs_f64(fault.down_secs)).await;
+        record.restarted_us = Some(live.now_us());
+        on_platform(&platform, move |p| p.restart(fault.role)).await?;
+        if fault.role == FaultRole::Redis {
+            presence_back(&redis_url, &watched).await?;
+            record.presence_back_us = Some(live.now_us());
+        }
+        Ok::<_, LoadtestError>(())
+    }
+    .await;
+    if let Err(e) = result {
+        eprintln!("fault {}: {e}", fault.role);
+        record.error = Some(e.to_string());
+    }
+    record
+}
+
+/// Run `action` on the platform off the runtime: restarting nats-server blocks until it is
+/// ready.
+async fn on_platform(
+    platform: &Arc<Mutex<SpawnedPlatform>>,
+    action: impl FnOnce(&mut SpawnedPlatform) -> Result<(), LoadtestError> + Send + 'static,
+) -> Result<(), LoadtestError> {
+    let platform = Arc::clone(platform);
+    tokio::task::spawn_blocking(move || action(&mut platform.lock().unwrap()))
+        .await
+        .map_err(|e| LoadtestError::Fault(e.to_string()))?
+}
+
+async fn flush_redis(url: &str) -> Result<(), LoadtestError> {
+    let fail = |e: redis::RedisError| LoadtestError::Fault(format!("FLUSHALL: {e}"));
+    let client = redis::Client::open(url).map_err(fail)?;
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(fail)?;
+    redis::cmd("FLUSHALL")
+        .query_async::<()>(&mut conn)
+        .await
+        .map_err(fail)
+}
+
+/// Wait until `user` shows online again in Redis.
+async fn presence_back(url: &str, user: &UserId) -> Result<(), LoadtestError> {
+    let fail = |e: PresenceError| LoadtestError::Fault(format!("reading presence: {e}"));
+    let store = PresenceStore::connect(&PresenceStore::client(url, None).map_err(fail)?)
+        .await
+        .map_err(fail)?;
+    let deadline = Instant::now() + PRESENCE_WAIT;
+    loop {
+        let status = store.status(user, parley_services::unix_millis()).await;
+        if status.is_ok_and(|s| s.online()) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(LoadtestError::Fault(format!(
+                "{user}'s presence did not come back within {PRESENCE_WAIT:?}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

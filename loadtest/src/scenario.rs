@@ -65,6 +65,110 @@ pub struct Scenario {
     pub rate: Option<Rate>,
     #[serde(default)]
     pub ramp: Option<Ramp>,
+    /// `--spawn` only: processes to kill (SIGKILL) and restart during the run.
+    #[serde(default)]
+    pub faults: Vec<Fault>,
+}
+
+/// A process of a spawned platform that a fault kills.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum FaultRole {
+    /// The first handler; the platform then runs two, so service continues.
+    Handler,
+    Projector,
+    /// `gateway-<i>` (`gateway` is `gateway-0`).
+    Gateway(usize),
+    /// The nats-server.
+    Nats,
+    /// The redis-server, flushed (`FLUSHALL`) before it is killed.
+    Redis,
+}
+
+impl std::fmt::Display for FaultRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FaultRole::Handler => f.write_str("handler"),
+            FaultRole::Projector => f.write_str("projector"),
+            FaultRole::Gateway(i) => write!(f, "gateway-{i}"),
+            FaultRole::Nats => f.write_str("nats"),
+            FaultRole::Redis => f.write_str("redis"),
+        }
+    }
+}
+
+impl std::str::FromStr for FaultRole {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<FaultRole, String> {
+        match s {
+            "handler" => Ok(FaultRole::Handler),
+            "projector" => Ok(FaultRole::Projector),
+            "gateway" => Ok(FaultRole::Gateway(0)),
+            "nats" => Ok(FaultRole::Nats),
+            "redis" => Ok(FaultRole::Redis),
+            _ => s
+                .strip_prefix("gateway-")
+                .and_then(|i| i.parse().ok())
+                .map(FaultRole::Gateway)
+                .ok_or_else(|| {
+                    format!(
+                        "unknown role {s:?}: one of handler, projector, gateway, gateway-<i>, nats, redis"
+                    )
+                }),
+        }
+    }
+}
+
+impl TryFrom<String> for FaultRole {
+    type Error = String;
+    fn try_from(s: String) -> Result<FaultRole, String> {
+        s.parse()
+    }
+}
+
+impl From<FaultRole> for String {
+    fn from(role: FaultRole) -> String {
+        role.to_string()
+    }
+}
+
+/// Kill `role` with SIGKILL `at_secs` after sending starts; start it again, with the same
+/// ports, configuration and data, `down_secs` later.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fault {
+    pub role: FaultRole,
+    pub at_secs: f64,
+    #[serde(default = "default_down_secs")]
+    pub down_secs: f64,
+}
+
+impl std::str::FromStr for Fault {
+    type Err = String;
+
+    /// `ROLE@SECS[:DOWN_SECS]`, e.g. `handler@4:2`.
+    fn from_str(s: &str) -> Result<Fault, String> {
+        let (role, times) = s
+            .split_once('@')
+            .ok_or_else(|| format!("{s:?}: expected ROLE@SECS[:DOWN_SECS]"))?;
+        let (at, down) = match times.split_once(':') {
+            Some((at, down)) => (at, Some(down)),
+            None => (times, None),
+        };
+        let number = |v: &str| {
+            v.parse::<f64>()
+                .map_err(|_| format!("{s:?}: {v:?} is not a number of seconds"))
+        };
+        Ok(Fault {
+            role: role.parse()?,
+            at_secs: number(at)?,
+            down_secs: down
+                .map(number)
+                .transpose()?
+                .unwrap_or_else(default_down_secs),
+        })
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -133,6 +237,9 @@ fn default_durability() -> Durability {
 fn default_min_acked_ratio() -> f64 {
     0.95
 }
+fn default_down_secs() -> f64 {
+    2.0
+}
 
 /// Flag values that replace the file's.
 #[derive(Debug, Clone, Default)]
@@ -146,6 +253,8 @@ pub struct Overrides {
     pub durability: Option<Durability>,
     pub gateways: Option<usize>,
     pub baselines: bool,
+    /// Added to the file's.
+    pub faults: Vec<Fault>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -213,6 +322,7 @@ impl Scenario {
             self.ramp = None;
         }
         self.baselines |= o.baselines;
+        self.faults.extend(o.faults.iter().copied());
         self.validate()?;
         Ok(self)
     }
@@ -311,6 +421,26 @@ impl Scenario {
                 "ramp.max_error_ratio and min_acked_ratio must be between 0 and 1",
             );
         }
+        let sending = self.sending_secs();
+        for (i, fault) in self.faults.iter().enumerate() {
+            check(
+                fault.at_secs.is_finite() && (0.0..sending).contains(&fault.at_secs),
+                &format!("faults[{i}].at_secs must be within the sending time (0 to {sending} s)"),
+            );
+            check(
+                fault.down_secs.is_finite() && fault.down_secs >= 0.0,
+                &format!("faults[{i}].down_secs must be zero or more"),
+            );
+            if let FaultRole::Gateway(g) = fault.role {
+                check(
+                    g < self.gateways,
+                    &format!(
+                        "faults[{i}] names gateway-{g}, but there are {} gateways",
+                        self.gateways
+                    ),
+                );
+            }
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -351,9 +481,15 @@ impl Scenario {
 
     /// How long senders run: warm-up plus the measured time, or every ramp step.
     pub fn sending_time(&self) -> Duration {
+        Duration::from_secs_f64(self.sending_secs())
+    }
+
+    /// [`sending_time`](Self::sending_time) in seconds, also for a scenario not yet
+    /// validated (where it may be negative).
+    fn sending_secs(&self) -> f64 {
         match &self.ramp {
-            Some(ramp) => Duration::from_secs_f64(ramp.step_secs * ramp.steps().len() as f64),
-            None => Duration::from_secs_f64(self.warmup_secs + self.duration_secs),
+            Some(ramp) => ramp.step_secs * ramp.steps().len() as f64,
+            None => self.warmup_secs + self.duration_secs,
         }
     }
 }
@@ -491,6 +627,63 @@ mod tests {
             min_acked_ratio: 0.95,
         };
         assert_eq!(ramp.steps(), vec![100.0, 150.0, 200.0, 250.0]);
+    }
+
+    #[test]
+    fn faults_come_from_the_file_and_the_flags_and_are_checked() {
+        let text = format!(
+            "{}\n[[faults]]\nrole = \"handler\"\nat_secs = 3\n",
+            DM.replace("users = 100", "users = 100\ngateways = 2")
+        );
+        let s = Scenario::parse(&text, "t")
+            .unwrap()
+            .with_overrides(&Overrides {
+                faults: vec![
+                    "gateway-1@4:0.5".parse().unwrap(),
+                    "redis@2".parse().unwrap(),
+                ],
+                ..Overrides::default()
+            })
+            .unwrap();
+        let roles: Vec<_> = s
+            .faults
+            .iter()
+            .map(|f| (f.role, f.at_secs, f.down_secs))
+            .collect();
+        assert_eq!(
+            roles,
+            vec![
+                (FaultRole::Handler, 3.0, 2.0),
+                (FaultRole::Gateway(1), 4.0, 0.5),
+                (FaultRole::Redis, 2.0, 2.0)
+            ]
+        );
+        assert_eq!(
+            "gateway@1".parse::<Fault>().unwrap().role,
+            FaultRole::Gateway(0)
+        );
+        for bad in ["cache@1", "handler", "handler@soon", "nats@1:x"] {
+            assert!(bad.parse::<Fault>().is_err(), "{bad}");
+        }
+        let late = Scenario::parse(DM, "t")
+            .unwrap()
+            .with_overrides(&Overrides {
+                faults: vec!["nats@10".parse().unwrap(), "gateway-3@1".parse().unwrap()],
+                ..Overrides::default()
+            });
+        let Err(ScenarioError::Invalid { problems, .. }) = late else {
+            panic!("{late:?}");
+        };
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("within the sending time")),
+            "{problems:?}"
+        );
+        assert!(
+            problems.iter().any(|p| p.contains("gateway-3")),
+            "{problems:?}"
+        );
     }
 
     #[test]

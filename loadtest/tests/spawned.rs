@@ -48,13 +48,26 @@ async fn a_short_run_has_a_clean_ledger() {
     assert!(report.passed, "ledger: {:?}", report.ledger);
     assert_eq!(report.connections.connected, 40);
     assert!(report.errors.is_empty(), "errors: {:?}", report.errors);
-    // 12 pairs with 2 senders each and 2 groups with 3: 30 slots sharing 150/s for 3 s.
-    assert_eq!(report.sends.scheduled, 450);
-    assert_eq!(report.sends.sent, 450);
-    assert_eq!(report.ledger.acknowledged_messages, 450);
-    // Every message reaches every member: pairs twice, groups of 8 eight times.
-    let expected = 450 / 30 * (24 * 2 + 6 * 8);
-    assert_eq!(report.ledger.expected_deliveries, expected as u64);
+    // 12 pairs with 2 senders each and 2 groups with 3: 30 slots sharing 150/s for 3 s. A
+    // late timer on a loaded machine may end sending before the last of them is due, so
+    // the counts are bounds; the ledger is what must be exact.
+    assert!(report.sends.scheduled <= 450, "{:?}", report.sends);
+    assert!(report.sends.sent > 0 && report.sends.sent <= 450);
+    let ledger = &report.ledger;
+    assert!(ledger.log_checked, "{ledger:?}");
+    assert_eq!(ledger.acknowledged_messages, report.sends.acked);
+    assert_eq!(
+        ledger.unacknowledged,
+        report.sends.sent - report.sends.acked,
+        "{ledger:?}"
+    );
+    assert_eq!(ledger.unacknowledged_unclassified, 0, "{ledger:?}");
+    // Every message reaches every member (pairs twice, groups of 8 eight times), and so do
+    // the 14 creations.
+    assert!(
+        ledger.expected_deliveries >= 2 * report.sends.acked + 24 * 2 + 2 * 8,
+        "{ledger:?}"
+    );
     assert!(report.environment.durability.contains("lazy"));
     for name in [
         "gateway-0",

@@ -1,0 +1,197 @@
+//! The fault suite: a short harness run per fault against a spawned platform, with one
+//! process killed (SIGKILL) a few seconds into sending and restarted two seconds later.
+//! Asserts correctness, never speed: no acknowledged message lost or appended twice, a
+//! clean ledger for the connections that stayed up (and, per socket, for those that
+//! reconnected), every unacknowledged send classified by the log. The measured interruption
+//! is printed for the CI log.
+//!
+//! The runs take turns (one platform at a time on a small CI machine); the whole file takes
+//! about two minutes.
+
+use std::io::Write as _;
+use std::sync::Mutex;
+
+use parley_loadtest::platform::locate_parley;
+use parley_loadtest::report::{FaultFigures, Report, render_table};
+use parley_loadtest::run::{self, RunOptions, Target};
+use parley_loadtest::scenario::{Fault, FaultRole};
+use parley_loadtest::{Overrides, Scenario};
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// 100 messages/s for 12 s over pairs and small groups; `fault` 4 s into sending, down 2 s.
+fn run_with(fault: &str, gateways: usize) -> Report {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let parley = locate_parley(&std::env::current_exe().unwrap()).unwrap_or_else(|e| {
+        panic!("{e}; `cargo test --workspace` builds it, or run `cargo build -p parley-services --bin parley` first")
+    });
+    let fault: Fault = fault.parse().unwrap();
+    let scenario = Scenario::parse(
+        &format!(
+            r#"
+            name = "fault-{role}"
+            users = 24
+            connect_rate = 400
+            duration_secs = 12
+            message_bytes = 64
+            gateways = {gateways}
+            [conversations]
+            direct_pairs = 8
+            groups = [{{ size = 4, count = 2, senders = 2 }}]
+            [rate]
+            messages_per_sec = 100
+            "#,
+            role = fault.role
+        ),
+        "faults",
+    )
+    .unwrap()
+    .with_overrides(&Overrides {
+        faults: vec![fault],
+        ..Overrides::default()
+    })
+    .unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let outcome = runtime
+        .block_on(run::run(RunOptions {
+            scenario,
+            target: Target::Spawn {
+                parley: Some(parley),
+            },
+            out_dir: out.path().to_owned(),
+            progress: false,
+            command: "faults test".into(),
+        }))
+        .unwrap();
+    let report = outcome.report;
+    // The whole table when a test fails; the interruption always (written past the test
+    // harness's capture, so passing runs show it in CI).
+    println!("{}", render_table(&report));
+    for f in &report.faults {
+        let _ = writeln!(
+            std::io::stderr(),
+            "fault {}: kill -> first ack {}, restart -> first ack {}, longest gap between acks {:.0} ms; {} of {} sends acked; unacknowledged: {} appended late, {} never applied",
+            f.role,
+            show(f.first_ack_after_kill_ms),
+            show(f.first_ack_after_restart_ms),
+            f.longest_ack_gap_ms,
+            report.sends.acked,
+            report.sends.sent,
+            report.ledger.unacknowledged_in_log,
+            report.ledger.unacknowledged_never_applied,
+        );
+    }
+    check_correctness(&report);
+    report
+}
+
+fn show(ms: Option<f64>) -> String {
+    ms.map_or("none within the run".to_owned(), |ms| format!("{ms:.0} ms"))
+}
+
+fn check_correctness(report: &Report) {
+    let ledger = &report.ledger;
+    assert!(ledger.log_checked, "the log was not read: {ledger:?}");
+    assert!(ledger.acknowledged_messages > 0, "{ledger:?}");
+    assert_eq!(ledger.acked_not_in_log, 0, "{:?}", ledger.examples);
+    assert_eq!(ledger.appended_twice, 0, "{:?}", ledger.examples);
+    assert_eq!(
+        ledger.unacknowledged,
+        ledger.unacknowledged_in_log + ledger.unacknowledged_never_applied,
+        "every unacknowledged send classified: {ledger:?}"
+    );
+    assert!(report.passed, "ledger: {ledger:?}");
+    assert_eq!(ledger.excluded_connections, 0, "{ledger:?}");
+    assert_eq!(report.faults.len(), 1);
+    let fault = &report.faults[0];
+    assert_eq!(fault.error, None, "{fault:?}");
+    assert!(fault.restarted_at_secs.is_some(), "{fault:?}");
+}
+
+/// The platform took sends again after the restart (or, for a role with a twin, after the
+/// kill) before the run ended.
+fn service_continued(fault: &FaultFigures) {
+    assert!(
+        fault.first_ack_after_restart_ms.is_some(),
+        "no ack after the restart: {fault:?}"
+    );
+}
+
+#[test]
+fn a_killed_handler_leaves_the_other_one_serving() {
+    let report = run_with("handler@4:2", 1);
+    service_continued(&report.faults[0]);
+    assert!(
+        report.processes.iter().any(|p| p.name == "handler-1"),
+        "a second handler runs when one is to be killed: {:?}",
+        report.processes
+    );
+}
+
+#[test]
+fn a_killed_projector_catches_up() {
+    let report = run_with("projector@4:2", 1);
+    service_continued(&report.faults[0]);
+}
+
+#[test]
+fn clients_of_a_killed_gateway_reconnect_to_the_other() {
+    let report = run_with("gateway-0@4:2", 2);
+    service_continued(&report.faults[0]);
+    assert!(
+        report.connections.reconnects > 0,
+        "{:?}",
+        report.connections
+    );
+    // Half the connections were on gateway-0.
+    assert_eq!(
+        report.ledger.reconnected_connections, 12,
+        "{:?}",
+        report.ledger
+    );
+}
+
+#[test]
+fn clients_of_the_only_gateway_reconnect_once_it_is_back() {
+    let report = run_with("gateway@4:2", 1);
+    service_continued(&report.faults[0]);
+    assert_eq!(
+        report.ledger.reconnected_connections, 24,
+        "{:?}",
+        report.ledger
+    );
+}
+
+#[test]
+fn a_killed_single_nats_server_loses_no_acknowledged_message() {
+    // Recovery after NATS returns is slow today (the roles set the intake up again only
+    // after their retries run out): no assertion on it, only on correctness.
+    let report = run_with("nats@4:2", 1);
+    assert_eq!(report.faults[0].role, FaultRole::Nats);
+}
+
+#[test]
+fn presence_comes_back_after_redis_is_flushed_and_restarted() {
+    let report = run_with("redis@4:2", 1);
+    let fault = &report.faults[0];
+    assert!(
+        fault.presence_back_after_restart_ms.is_some(),
+        "heartbeats rebuild presence: {fault:?}"
+    );
+    // Chat does not depend on Redis.
+    service_continued(fault);
+    assert_eq!(report.ledger.unacknowledged, 0, "{:?}", report.ledger);
+}
+
+#[test]
+#[ignore = "needs the 3-node NATS cluster (`--nats-cluster 3`, parley_localstack::NatsCluster) from the cluster branch"]
+fn one_killed_node_of_three_loses_no_acknowledged_message() {
+    // TODO: once `--nats-cluster 3` is merged, spawn on the cluster, kill one node (a
+    // `FaultRole` for a cluster node) and check as above.
+    unimplemented!("waiting for the cluster support")
+}
