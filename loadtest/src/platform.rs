@@ -269,6 +269,20 @@ impl SpawnedPlatform {
         self.redis.url()
     }
 
+    /// Every role process with the address of its admin endpoints.
+    pub fn admin_addresses(&self) -> Vec<(String, String)> {
+        self.roles
+            .iter()
+            .filter_map(|role| {
+                let (_, address) = role
+                    .env
+                    .iter()
+                    .find(|(key, _)| key == "PARLEY_ADMIN__LISTEN")?;
+                Some((role.name.clone(), address.clone()))
+            })
+            .collect()
+    }
+
     fn role_index(&self, role: FaultRole) -> Result<usize, LoadtestError> {
         let name = role.to_string();
         self.roles

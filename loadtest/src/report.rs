@@ -142,6 +142,11 @@ pub struct FaultRecord {
     pub restarted_us: Option<u64>,
     /// Redis only: when the watched user's presence was back.
     pub presence_back_us: Option<u64>,
+    /// NATS and Redis: the roles that depend on the server and answered `/readyz` with 200
+    /// while it was down.
+    pub ready_while_down: Vec<String>,
+    /// NATS and Redis: when every role answered `/readyz` with 200 again after the restart.
+    pub all_ready_us: Option<u64>,
     pub error: Option<String>,
 }
 
@@ -161,6 +166,13 @@ pub struct FaultFigures {
     pub longest_ack_gap_ms: f64,
     /// Redis: from the restart until heartbeats had rebuilt a connected user's presence.
     pub presence_back_after_restart_ms: Option<f64>,
+    /// NATS and Redis: roles that said they were ready (`/readyz` 200) while the server
+    /// they depend on was down; readiness that tells the truth leaves this empty.
+    #[serde(default)]
+    pub roles_ready_while_down: Vec<String>,
+    /// NATS and Redis: from the restart until every role said it was ready again.
+    #[serde(default)]
+    pub all_ready_after_restart_ms: Option<f64>,
     /// The fault could not be applied as planned.
     pub error: Option<String>,
 }
@@ -205,6 +217,11 @@ pub fn fault_figures(
                     .restarted_us
                     .zip(r.presence_back_us)
                     .map(|(restart, back)| ms(back.saturating_sub(restart))),
+                roles_ready_while_down: r.ready_while_down.clone(),
+                all_ready_after_restart_ms: r
+                    .restarted_us
+                    .zip(r.all_ready_us)
+                    .map(|(restart, ready)| ms(ready.saturating_sub(restart))),
                 error: r.error.clone(),
             }
         })
@@ -446,20 +463,21 @@ pub fn render_table(report: &Report) -> String {
     if !report.faults.is_empty() {
         let _ = writeln!(
             out,
-            "\n  {:<10} {:>8} {:>10} {:>16} {:>19} {:>15} {:>15}",
+            "\n  {:<10} {:>8} {:>10} {:>16} {:>19} {:>15} {:>15} {:>16}  ready while down",
             "fault",
             "kill s",
             "restart s",
             "kill->ack ms",
             "restart->ack ms",
             "longest gap ms",
-            "presence ms"
+            "presence ms",
+            "all ready ms"
         );
         let show = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0}"));
         for f in &report.faults {
             let _ = writeln!(
                 out,
-                "  {:<10} {:>8.1} {:>10} {:>16} {:>19} {:>15} {:>15}{}",
+                "  {:<10} {:>8.1} {:>10} {:>16} {:>19} {:>15} {:>15} {:>16}  {}{}",
                 f.role.to_string(),
                 f.killed_at_secs,
                 f.restarted_at_secs
@@ -468,6 +486,12 @@ pub fn render_table(report: &Report) -> String {
                 show(f.first_ack_after_restart_ms),
                 format!("{:.0}", f.longest_ack_gap_ms),
                 show(f.presence_back_after_restart_ms),
+                show(f.all_ready_after_restart_ms),
+                if f.roles_ready_while_down.is_empty() {
+                    "-".to_owned()
+                } else {
+                    f.roles_ready_while_down.join(",")
+                },
                 f.error
                     .as_deref()
                     .map(|e| format!("  ({e})"))
@@ -676,6 +700,8 @@ pub(crate) mod tests {
             killed_us: at_us,
             restarted_us: Some(restarted_us),
             presence_back_us: None,
+            ready_while_down: Vec::new(),
+            all_ready_us: None,
             error: None,
         };
         // Acks every 100 ms, none from 1.05 s to 3.5 s; a second fault at 5 s with no ack
@@ -709,6 +735,8 @@ pub(crate) mod tests {
                 killed_us: 1_000_000,
                 restarted_us: Some(3_000_000),
                 presence_back_us: None,
+                ready_while_down: Vec::new(),
+                all_ready_us: None,
                 error: None,
             }],
             &[500_000, 3_250_000],

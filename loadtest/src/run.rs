@@ -46,6 +46,14 @@ const INTAKE_WAIT: Duration = Duration::from_secs(45);
 const PRESENCE_TTL_UNDER_FAULT: u32 = 6;
 /// How long presence may take to come back after Redis restarted.
 const PRESENCE_WAIT: Duration = Duration::from_secs(30);
+/// How long a role may take to notice that a server it depends on went away before its
+/// readiness is held to say so: a client sees a dropped connection within milliseconds.
+const DISCONNECT_GRACE: Duration = Duration::from_millis(250);
+/// How often readiness is sampled around a fault, and how long one `/readyz` may take.
+const READYZ_POLL: Duration = Duration::from_millis(100);
+const READYZ_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long every role has to say it is ready again after a server came back.
+const READY_AGAIN_WAIT: Duration = Duration::from_secs(30);
 
 /// Where the load goes.
 #[derive(Debug, Clone)]
@@ -762,7 +770,9 @@ async fn read_log(
 }
 
 /// Apply one fault: kill the process at its time, start it again after its down time, and
-/// for Redis (flushed first) wait until heartbeats have rebuilt one user's presence.
+/// for Redis (flushed first) wait until heartbeats have rebuilt one user's presence. For a
+/// server the roles depend on (NATS: all of them; Redis: the projector, for presence), watch
+/// their readiness: which said ready while it was down, and when all were ready again.
 async fn inject(
     platform: Arc<Mutex<SpawnedPlatform>>,
     fault: Fault,
@@ -776,18 +786,44 @@ async fn inject(
         killed_us: live.now_us(),
         restarted_us: None,
         presence_back_us: None,
+        ready_while_down: Vec::new(),
+        all_ready_us: None,
         error: None,
     };
-    let redis_url = platform.lock().unwrap().redis_url();
+    let (redis_url, roles) = {
+        let platform = platform.lock().unwrap();
+        (platform.redis_url(), platform.admin_addresses())
+    };
+    let dependents: Option<Vec<(String, String)>> = match fault.role {
+        FaultRole::Nats => Some(roles.clone()),
+        FaultRole::Redis => Some(
+            roles
+                .iter()
+                .filter(|(name, _)| name == "projector")
+                .cloned()
+                .collect(),
+        ),
+        _ => None,
+    };
     let result = async {
         if fault.role == FaultRole::Redis {
             flush_redis(&redis_url).await?;
         }
         record.killed_us = live.now_us();
         on_platform(&platform, move |p| p.kill(fault.role)).await?;
-        tokio::time::sleep(Duration::from_secs_f64(fault.down_secs)).await;
+        let down = Duration::from_secs_f64(fault.down_secs);
+        let watching = dependents
+            .clone()
+            .map(|roles| tokio::spawn(ready_while_down(roles, Instant::now() + down)));
+        tokio::time::sleep(down).await;
+        if let Some(watching) = watching {
+            record.ready_while_down = watching.await.unwrap_or_default();
+        }
         record.restarted_us = Some(live.now_us());
         on_platform(&platform, move |p| p.restart(fault.role)).await?;
+        if dependents.is_some() && all_ready(&roles).await {
+            record.all_ready_us = Some(live.now_us());
+        }
         if fault.role == FaultRole::Redis {
             presence_back(&redis_url, &watched).await?;
             record.presence_back_us = Some(live.now_us());
@@ -800,6 +836,55 @@ async fn inject(
         record.error = Some(e.to_string());
     }
     record
+}
+
+/// The status of `GET /readyz` at `address`; `None` when it does not answer.
+async fn readyz(address: &str) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut tcp = tokio::net::TcpStream::connect(address).await.ok()?;
+        tcp.write_all(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        // "HTTP/1.1 200"
+        let mut head = [0u8; 12];
+        tcp.read_exact(&mut head).await.ok()?;
+        std::str::from_utf8(&head[9..]).ok()?.parse().ok()
+    };
+    tokio::time::timeout(READYZ_TIMEOUT, exchange).await.ok()?
+}
+
+/// The roles that answered `/readyz` with 200 at least once between a short grace after the
+/// kill (the time a client takes to see its connection drop) and `until`.
+async fn ready_while_down(roles: Vec<(String, String)>, until: Instant) -> Vec<String> {
+    tokio::time::sleep(DISCONNECT_GRACE).await;
+    let mut ready = Vec::new();
+    while Instant::now() < until {
+        for (name, address) in &roles {
+            if !ready.contains(name) && readyz(address).await == Some(200) {
+                ready.push(name.clone());
+            }
+        }
+        tokio::time::sleep(READYZ_POLL).await;
+    }
+    ready
+}
+
+/// Wait until every role answers `/readyz` with 200; `false` if they do not within
+/// [`READY_AGAIN_WAIT`].
+async fn all_ready(roles: &[(String, String)]) -> bool {
+    let deadline = Instant::now() + READY_AGAIN_WAIT;
+    while Instant::now() < deadline {
+        let mut every = true;
+        for (_, address) in roles {
+            every &= readyz(address).await == Some(200);
+        }
+        if every {
+            return true;
+        }
+        tokio::time::sleep(READYZ_POLL).await;
+    }
+    false
 }
 
 /// Run `action` on the platform off the runtime: restarting nats-server blocks until it is

@@ -75,11 +75,13 @@ fn run_with(fault: &str, gateways: usize) -> Report {
     for f in &report.faults {
         let _ = writeln!(
             std::io::stderr(),
-            "fault {}: kill -> first ack {}, restart -> first ack {}, longest gap between acks {:.0} ms; {} of {} sends acked; unacknowledged: {} appended late, {} never applied",
+            "fault {}: kill -> first ack {}, restart -> first ack {}, longest gap between acks {:.0} ms; roles ready while it was down: {:?}, restart -> all ready {}; {} of {} sends acked; unacknowledged: {} appended late, {} never applied",
             f.role,
             show(f.first_ack_after_kill_ms),
             show(f.first_ack_after_restart_ms),
             f.longest_ack_gap_ms,
+            f.roles_ready_while_down,
+            show(f.all_ready_after_restart_ms),
             report.sends.acked,
             report.sends.sent,
             report.ledger.unacknowledged_in_log,
@@ -168,11 +170,20 @@ fn clients_of_the_only_gateway_reconnect_once_it_is_back() {
 }
 
 #[test]
-fn a_killed_single_nats_server_loses_no_acknowledged_message() {
-    // Recovery after NATS returns is slow today (the roles set the intake up again only
-    // after their retries run out): no assertion on it, only on correctness.
+fn a_killed_single_nats_server_loses_no_acknowledged_message_and_no_role_claims_ready_without_it() {
     let report = run_with("nats@4:2", 1);
-    assert_eq!(report.faults[0].role, FaultRole::Nats);
+    let fault = &report.faults[0];
+    assert_eq!(fault.role, FaultRole::Nats);
+    service_continued(fault);
+    assert_eq!(
+        fault.roles_ready_while_down,
+        Vec::<String>::new(),
+        "every role depends on NATS: {fault:?}"
+    );
+    assert!(
+        fault.all_ready_after_restart_ms.is_some(),
+        "every role is ready again after the restart: {fault:?}"
+    );
 }
 
 #[test]

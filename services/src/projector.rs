@@ -33,6 +33,8 @@ pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Longest pause between retries of a batch the store refused: a retry costs one batch of
 /// writes, and a store back from an outage should not wait long to be fed.
 const MAX_APPLY_BACKOFF: Duration = Duration::from_secs(5);
+/// How often the presence projector asks Redis whether it answers.
+const REDIS_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// A store further behind the log than this many events when projection starts is
 /// replaying: it is reported not ready until it has caught up.
 const REPLAY_LAG: usize = 1000;
@@ -380,9 +382,19 @@ pub async fn run_presence(
         .queue_subscribe(PRESENCE_SUBJECT, PRESENCE_QUEUE.into())
         .await?;
     readiness.ready(PRESENCE_READY_CHECK);
+    // Updates alone would notice Redis gone only at the next one (a heartbeat may be
+    // seconds away); the check keeps readiness true meanwhile.
+    let mut redis_check = tokio::time::interval(REDIS_CHECK_INTERVAL);
     loop {
         let message = tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
+            _ = redis_check.tick() => {
+                match store.check().await {
+                    Ok(()) => readiness.ready(PRESENCE_READY_CHECK),
+                    Err(e) => readiness.not_ready(PRESENCE_READY_CHECK, Reason::RedisUnavailable, e.to_string()),
+                }
+                continue;
+            }
             message = updates.next() => match message { Some(message) => message, None => return Ok(()) },
         };
         let update = match PresenceUpdate::from_bytes(&message.payload) {
