@@ -30,6 +30,8 @@ use crate::topology::{self, Topology};
 pub(crate) const READY_CHECK: &str = "projector";
 pub(crate) const PRESENCE_READY_CHECK: &str = "presence";
 pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Longest wait before pulling again after the log's consumer or a pull failed.
+const MAX_PULL_BACKOFF: Duration = Duration::from_secs(1);
 /// Longest pause between retries of a batch the store refused: a retry costs one batch of
 /// writes, and a store back from an outage should not wait long to be fed.
 const MAX_APPLY_BACKOFF: Duration = Duration::from_secs(5);
@@ -112,30 +114,43 @@ impl Projector {
         }
     }
 
-    /// Project until `shutdown`, retrying with backoff whatever fails.
+    /// Project until `shutdown`, retrying with backoff whatever fails. A lost consumer or
+    /// pull is retried within a second (on a cluster the log answers again as soon as it
+    /// has a new leader); anything else backs off up to [`MAX_BACKOFF`]. An attempt that ran
+    /// for longer than that starts the backoff afresh.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut backoff = Backoff::new(MAX_BACKOFF);
+        let mut pull_backoff = Backoff::new(MAX_PULL_BACKOFF);
         loop {
+            let started = Instant::now();
             let attempt = self
                 .project(&shutdown)
                 .instrument(info_span!("projector"))
                 .await;
-            match attempt {
+            if started.elapsed() > MAX_BACKOFF {
+                backoff = Backoff::new(MAX_BACKOFF);
+                pull_backoff = Backoff::new(MAX_PULL_BACKOFF);
+            }
+            let waiting = match attempt {
                 Ok(Stopped::Shutdown) => return,
                 Ok(Stopped::Reconnected) => {
                     info!("reconnected to NATS; pulling from the event log again");
-                    backoff = Backoff::new(MAX_BACKOFF);
                     continue;
                 }
                 Err(e) => {
+                    let waiting = match e {
+                        ProjectorError::Consumer(_) => &mut pull_backoff,
+                        _ => &mut backoff,
+                    };
                     metrics::counter!(telemetry::PROJECTOR_ERRORS_TOTAL, "kind" => e.kind())
                         .increment(1);
-                    error!(error = %e, retry_in = ?backoff.delay(), "projection stopped");
+                    error!(error = %e, retry_in = ?waiting.delay(), "projection stopped");
                     self.readiness
                         .not_ready(READY_CHECK, e.reason(), e.to_string());
+                    waiting
                 }
-            }
-            if !backoff.wait(&shutdown).await {
+            };
+            if !waiting.wait(&shutdown).await {
                 return;
             }
         }

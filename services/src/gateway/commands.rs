@@ -48,6 +48,8 @@ use crate::telemetry;
 const PUBLISH_RETRY_WINDOW: Duration = Duration::from_secs(3);
 const FIRST_PUBLISH_RETRY: Duration = Duration::from_millis(25);
 const MAX_PUBLISH_RETRY: Duration = Duration::from_millis(250);
+/// How soon a command whose publish got no acknowledgement is published again.
+const UNCERTAIN_RESUBMIT: Duration = Duration::from_millis(500);
 
 /// Commands waiting for their outcome, by id. Several sockets (a user's devices retrying
 /// the same send) may wait on one command.
@@ -141,12 +143,13 @@ pub async fn run(
     let started = Instant::now();
     let (mut outcome, first) = shared.pending.watch(command.id);
     let mut reconnects = shared.nats.reconnects();
-    if first {
-        submit(&shared, &command).await;
-    }
+    let mut next_submit = if first {
+        submit(&shared, &command).await.next_attempt(&shared)
+    } else {
+        None
+    };
     let answer_by = started + shared.config.command_timeout();
     let give_up = started + shared.config.outcome_wait();
-    let mut resubmit = tokio::time::interval_at(answer_by, shared.config.command_timeout());
     let mut timed_out = false;
     let result = loop {
         tokio::select! {
@@ -160,11 +163,11 @@ pub async fn run(
             }
             Ok(()) = reconnects.changed(), if first => {
                 metrics::counter!(telemetry::GATEWAY_COMMANDS_RESUBMITTED_TOTAL, "trigger" => "reconnect").increment(1);
-                submit(&shared, &command).await;
+                next_submit = submit(&shared, &command).await.next_attempt(&shared);
             }
-            _ = resubmit.tick(), if first => {
+            () = sleep_until_some(next_submit) => {
                 metrics::counter!(telemetry::GATEWAY_COMMANDS_RESUBMITTED_TOTAL, "trigger" => "interval").increment(1);
-                submit(&shared, &command).await;
+                next_submit = submit(&shared, &command).await.next_attempt(&shared);
             }
             () = tokio::time::sleep_until(give_up) => {
                 if first {
@@ -234,11 +237,42 @@ fn unavailable(command: CommandId) -> Outcome {
     }
 }
 
+/// Where a publish left a command.
+enum Submitted {
+    /// The intake acknowledged it (or already held it).
+    InIntake,
+    /// The intake refused it; its waiters were told `unavailable`.
+    Refused,
+    /// No acknowledgement came: it may or may not be in the intake.
+    Unknown,
+}
+
+impl Submitted {
+    /// When to publish the command again while its outcome is missing: soon when nobody
+    /// knows whether the intake has it (a stream electing a new leader does not answer for
+    /// seconds), else once a command timeout; never when it was refused.
+    fn next_attempt(self, shared: &Shared) -> Option<Instant> {
+        match self {
+            Submitted::InIntake => Some(Instant::now() + shared.config.command_timeout()),
+            Submitted::Unknown => Some(Instant::now() + UNCERTAIN_RESUBMIT),
+            Submitted::Refused => None,
+        }
+    }
+}
+
+/// Sleep until `at`, or forever when there is no such time.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Publish `command` to the intake under its id, retrying for [`PUBLISH_RETRY_WINDOW`]
 /// while the intake is missing (a server restart lost it: the gateway creates it again
 /// itself) or NATS does not answer. When it cannot get in, its waiters get `unavailable`;
 /// when it may have got in (the acknowledgement was lost), it stays followed.
-async fn submit(shared: &Arc<Shared>, command: &Command) {
+async fn submit(shared: &Arc<Shared>, command: &Command) -> Submitted {
     let deadline = Instant::now() + PUBLISH_RETRY_WINDOW;
     let mut delay = FIRST_PUBLISH_RETRY;
     loop {
@@ -248,7 +282,7 @@ async fn submit(shared: &Arc<Shared>, command: &Command) {
                 if ack.duplicate {
                     tokio::spawn(resolve_duplicate(Arc::clone(shared), command.clone()));
                 }
-                return;
+                return Submitted::InIntake;
             }
             Err(error) => error,
         };
@@ -276,10 +310,11 @@ async fn submit(shared: &Arc<Shared>, command: &Command) {
         if Instant::now() + delay > deadline {
             warn!(command = %command.id, cause = %error, "cannot publish a command to the intake");
             // A lost acknowledgement may hide a command that did get in: keep following it.
-            if error.kind() != PublishErrorKind::TimedOut {
-                shared.pending.resolve(unavailable(command.id));
+            if error.kind() == PublishErrorKind::TimedOut {
+                return Submitted::Unknown;
             }
-            return;
+            shared.pending.resolve(unavailable(command.id));
+            return Submitted::Refused;
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(MAX_PUBLISH_RETRY);

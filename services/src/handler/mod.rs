@@ -45,8 +45,10 @@ pub use write_model::{Accepted, Decision, WriteModel, check_body};
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the tail considers a snapshot even when no event arrives.
 const SNAPSHOT_CHECK: Duration = Duration::from_secs(1);
-/// Longest wait between attempts to set up the intake consumer or the log tail again.
-const MAX_SETUP_BACKOFF: Duration = Duration::from_secs(5);
+/// Longest wait between attempts to set up the intake consumer or the log tail again: short,
+/// because on a cluster a stream answers again as soon as its new leader is elected, and
+/// an attempt costs one request.
+const MAX_SETUP_BACKOFF: Duration = Duration::from_secs(1);
 /// Events one pull of the log tail asks for.
 const TAIL_BATCH: usize = 500;
 /// How long the server keeps a log tail's consumer that nobody pulls from.
