@@ -30,10 +30,15 @@
 //!   cassandra/lib/           cassandra-all and its runtime jars, fetched with Maven
 //! ```
 //!
+//! [`NatsCluster::start`] runs several `nats-server` nodes (3 by default) routed to each
+//! other on loopback, for tests of replicated streams and of a node that dies: it returns
+//! once JetStream has a metadata leader, and can kill and restart single nodes.
+//!
 //! # Server directories
 //!
 //! A [`NatsServer`]'s directory holds `nats.conf` (generated), `nats.log` and `store/` (the
-//! JetStream store). A [`RedisServer`]'s holds `redis.log`; Redis runs without persistence.
+//! JetStream store); each node of a [`NatsCluster`] is such a server with a directory of its
+//! own. A [`RedisServer`]'s holds `redis.log`; Redis runs without persistence.
 //!
 //! # Blocking
 //!
@@ -51,6 +56,7 @@
 
 mod binary;
 mod cassandra;
+mod cluster;
 mod error;
 mod nats;
 #[cfg(feature = "pki")]
@@ -61,6 +67,7 @@ mod tls;
 
 pub use binary::find_binary;
 pub use cassandra::{CASSANDRA_MIN_VERSION, CassandraNode, cql_required};
+pub use cluster::{NatsCluster, NatsClusterOptions};
 pub use error::LocalError;
 pub use nats::{NATS_MAX_PAYLOAD, NATS_MIN_VERSION, NatsOptions, NatsServer};
 pub use process::{free_port, log_tail};

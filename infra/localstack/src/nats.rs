@@ -3,7 +3,7 @@
 use std::ffi::OsStr;
 use std::fmt::Write as _;
 use std::fs;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -24,12 +24,31 @@ pub const NATS_MIN_VERSION: &str = "2.12.0";
 /// the most nats-server accepts without warning. Clients learn it from the INFO line.
 pub const NATS_MAX_PAYLOAD: &str = "8MB";
 
-const NAME: &str = "nats-server";
+pub(crate) const NATS_NAME: &str = "nats-server";
 const CONFIG_FILE: &str = "nats.conf";
 const LOG_FILE: &str = "nats.log";
 const STORE_DIR: &str = "store";
 
 static SERVER_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// A name no other server started by this machine's tests has: `parley-local-<pid>-<n>`.
+/// Readiness checks it, and a cluster needs distinct server names.
+pub(crate) fn unique_name() -> String {
+    format!(
+        "parley-local-{}-{}",
+        std::process::id(),
+        SERVER_SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A node's place in a cluster: the cluster's name, its own route port, and the route
+/// ports of the other nodes.
+#[derive(Debug, Clone)]
+pub(crate) struct ClusterMembership {
+    pub(crate) name: String,
+    pub(crate) route_port: u16,
+    pub(crate) peers: Vec<u16>,
+}
 
 /// How to start a [`NatsServer`].
 #[derive(Debug, Clone)]
@@ -81,6 +100,7 @@ pub struct NatsServer {
     jetstream: bool,
     sync_always: bool,
     tls: Option<ServerTls>,
+    cluster: Option<ClusterMembership>,
     dir: PathBuf,
     store_dir: PathBuf,
     /// Removes the directory on drop when it is a temporary one; declared last so it drops
@@ -106,7 +126,24 @@ impl NatsServer {
     /// JetStream) announcing JetStream. Blocks for the startup, typically well under a
     /// second, at most about 10 s.
     pub fn start(opts: NatsOptions) -> Result<NatsServer, LocalError> {
-        let binary = find_binary(NAME)?;
+        let fixed_port = opts.port;
+        let mut server = NatsServer::prepare(opts, 0, None)?;
+        start_with_retry(NATS_NAME, fixed_port, |port| {
+            server.port = port;
+            server.write_config()?;
+            server.spawn_and_wait()
+        })?;
+        Ok(server)
+    }
+
+    /// Everything but the process: binary, version, directory, a unique server name; `port`
+    /// (0 when the caller sets it later, as [`start`](Self::start) does on each attempt).
+    pub(crate) fn prepare(
+        opts: NatsOptions,
+        port: u16,
+        cluster: Option<ClusterMembership>,
+    ) -> Result<NatsServer, LocalError> {
+        let binary = find_binary(NATS_NAME)?;
         let version = binary_version(&binary)?;
         require_version(&binary, &version, NATS_MIN_VERSION)?;
 
@@ -119,30 +156,20 @@ impl NatsServer {
             Some(dir) => (None, prepare_dir(dir)?),
         };
         let store_dir = dir.join(STORE_DIR);
-        let server_name = format!(
-            "parley-local-{}-{}",
-            std::process::id(),
-            SERVER_SEQ.fetch_add(1, Ordering::Relaxed)
-        );
-        let mut server = NatsServer {
+        Ok(NatsServer {
             child: None,
-            port: 0,
+            port,
             binary,
             version,
-            server_name,
+            server_name: unique_name(),
             jetstream: opts.jetstream,
             sync_always: opts.sync_always,
             tls: opts.tls,
+            cluster,
             dir,
             store_dir,
             _temp: temp,
-        };
-        start_with_retry(NAME, opts.port, |port| {
-            server.port = port;
-            server.write_config()?;
-            server.spawn_and_wait()
-        })?;
-        Ok(server)
+        })
     }
 
     /// The client URL, `nats://127.0.0.1:PORT`.
@@ -170,6 +197,12 @@ impl NatsServer {
         self.dir.join(LOG_FILE)
     }
 
+    /// The `server_name` it runs with, unique per server: what JetStream names in a stream's
+    /// cluster leader and replicas.
+    pub fn server_name(&self) -> &str {
+        &self.server_name
+    }
+
     /// The version `nats-server --version` reported, e.g. `2.15.1`.
     pub fn version(&self) -> &str {
         &self.version
@@ -191,6 +224,27 @@ impl NatsServer {
     pub fn restart(&mut self) -> Result<(), LocalError> {
         self.stop();
         self.spawn_and_wait()
+    }
+
+    /// An [`LocalError::Exited`] if the process has exited by itself since it was started.
+    pub(crate) fn check_running(&mut self) -> Result<(), LocalError> {
+        let log = self.log_path();
+        if let Some(spawned) = &mut self.child
+            && let Ok(Some(status)) = spawned.child.try_wait()
+        {
+            return Err(LocalError::Exited {
+                name: NATS_NAME.to_owned(),
+                status,
+                log_tail: process::log_tail(&log, spawned.log_offset),
+            });
+        }
+        Ok(())
+    }
+
+    /// The last lines of the log written by the current (or last) process.
+    pub(crate) fn log_tail(&self) -> String {
+        let offset = self.child.as_ref().map_or(0, |spawned| spawned.log_offset);
+        process::log_tail(&self.log_path(), offset)
     }
 
     fn config_text(&self) -> String {
@@ -216,6 +270,18 @@ impl NatsServer {
             }
             let _ = writeln!(conf, "}}");
         }
+        if let Some(cluster) = &self.cluster {
+            let routes: Vec<String> = cluster
+                .peers
+                .iter()
+                .map(|port| q(&format!("nats-route://127.0.0.1:{port}")))
+                .collect();
+            let _ = writeln!(conf, "cluster {{");
+            let _ = writeln!(conf, "  name: {}", q(&cluster.name));
+            let _ = writeln!(conf, "  listen: \"127.0.0.1:{}\"", cluster.route_port);
+            let _ = writeln!(conf, "  routes: [{}]", routes.join(", "));
+            let _ = writeln!(conf, "}}");
+        }
         if let Some(tls) = &self.tls {
             let path = |p: &Path| q(&p.to_string_lossy());
             let _ = writeln!(conf, "tls {{");
@@ -228,13 +294,13 @@ impl NatsServer {
         conf
     }
 
-    fn write_config(&self) -> Result<(), LocalError> {
+    pub(crate) fn write_config(&self) -> Result<(), LocalError> {
         let path = self.dir.join(CONFIG_FILE);
         fs::write(&path, self.config_text())
             .map_err(LocalError::io(format!("writing {}", path.display())))
     }
 
-    fn spawn_and_wait(&mut self) -> Result<(), LocalError> {
+    pub(crate) fn spawn_and_wait(&mut self) -> Result<(), LocalError> {
         let config = self.dir.join(CONFIG_FILE);
         let log = self.log_path();
         let mut spawned = process::spawn(
@@ -244,7 +310,7 @@ impl NatsServer {
             &log,
         )?;
         let (port, name, jetstream) = (self.port, self.server_name.as_str(), self.jetstream);
-        process::wait_ready(NAME, &mut spawned, &log, |left| {
+        process::wait_ready(NATS_NAME, &mut spawned, &log, |left| {
             probe(port, name, jetstream, left)
         })?;
         tracing::debug!(url = %self.url(), pid = spawned.child.id(), dir = %self.dir.display(), "nats-server ready");
@@ -272,6 +338,62 @@ fn probe(port: u16, server_name: &str, jetstream: bool, left: Duration) -> bool 
     let name_ok = info.get("server_name").and_then(|v| v.as_str()) == Some(server_name);
     let js_ok = !jetstream || info.get("jetstream").and_then(|v| v.as_bool()) == Some(true);
     name_ok && js_ok
+}
+
+/// Whether JetStream's API answers through the server on `port`: `$JS.API.INFO` gets an
+/// account info rather than an error or no reply. In a cluster only the metadata leader
+/// answers it, so this is true once the meta group has a leader this server reaches.
+pub(crate) fn jetstream_api_answers(port: u16, left: Duration) -> bool {
+    let Some(stream) = probe_connect(port, left) else {
+        return false;
+    };
+    let Ok(mut writer) = stream.try_clone() else {
+        return false;
+    };
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    if reader.read_line(&mut line).is_err() || !line.starts_with("INFO ") {
+        return false;
+    }
+    // `no_responders`: a request nobody takes is answered at once by a 503 status message
+    // instead of waiting out the read timeout.
+    let request = "CONNECT {\"verbose\":false,\"pedantic\":false,\"headers\":true,\"no_responders\":true}\r\n\
+                   SUB _INBOX.parley-probe 1\r\n\
+                   PUB $JS.API.INFO _INBOX.parley-probe 0\r\n\r\n";
+    if writer.write_all(request.as_bytes()).is_err() {
+        return false;
+    }
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).is_err() {
+            return false;
+        }
+        let mut words = line.split_whitespace();
+        match words.next() {
+            Some("PING") => {
+                if writer.write_all(b"PONG\r\n").is_err() {
+                    return false;
+                }
+            }
+            // MSG <subject> <sid> <bytes> / HMSG <subject> <sid> <header bytes> <bytes>
+            Some(kind @ ("MSG" | "HMSG")) => {
+                let numbers: Vec<usize> = words.filter_map(|w| w.parse().ok()).collect();
+                let (headers, total) = match (kind, numbers.as_slice()) {
+                    ("MSG", [.., total]) => (0, *total),
+                    ("HMSG", [.., headers, total]) => (*headers, *total),
+                    _ => return false,
+                };
+                let mut payload = vec![0; total + 2];
+                if reader.read_exact(&mut payload).is_err() || headers > total {
+                    return false;
+                }
+                let body = &payload[headers..total];
+                return serde_json::from_slice::<serde_json::Value>(body)
+                    .is_ok_and(|reply| reply.get("error").is_none());
+            }
+            _ => return false,
+        }
+    }
 }
 
 impl Drop for NatsServer {

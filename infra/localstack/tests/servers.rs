@@ -3,10 +3,11 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parley_localstack::{
-    LocalError, NatsOptions, NatsServer, RedisOptions, RedisServer, find_binary,
+    LocalError, NatsCluster, NatsClusterOptions, NatsOptions, NatsServer, RedisOptions,
+    RedisServer, find_binary,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -36,30 +37,58 @@ fn nats_info(port: u16) -> serde_json::Value {
 
 /// A JetStream API request over the raw NATS protocol; returns the JSON reply.
 fn js_request(port: u16, subject: &str, body: &str) -> serde_json::Value {
-    let mut stream = connect(port).unwrap();
+    try_js_request(port, subject, body)
+        .unwrap_or_else(|e| panic!("no reply to {subject} on port {port}: {e}"))
+}
+
+/// [`js_request`] that reports a missing reply (no responders, a timeout, a closed port)
+/// instead of failing, for requests that may need a retry while a cluster elects leaders.
+fn try_js_request(port: u16, subject: &str, body: &str) -> Result<serde_json::Value, String> {
+    let mut stream = connect(port).map_err(|e| e.to_string())?;
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
+    reader.read_line(&mut line).map_err(|e| e.to_string())?;
     assert!(line.starts_with("INFO "), "{line}");
     write!(
         stream,
-        "CONNECT {{\"verbose\":false,\"pedantic\":false}}\r\nSUB reply.1 1\r\nPUB {subject} reply.1 {}\r\n{body}\r\n",
+        "CONNECT {{\"verbose\":false,\"pedantic\":false,\"headers\":true,\"no_responders\":true}}\r\nSUB reply.1 1\r\nPUB {subject} reply.1 {}\r\n{body}\r\n",
         body.len()
     )
-    .unwrap();
+    .map_err(|e| e.to_string())?;
     loop {
         line.clear();
-        reader.read_line(&mut line).unwrap();
+        reader.read_line(&mut line).map_err(|e| e.to_string())?;
         if line.starts_with("PING") {
             stream.write_all(b"PONG\r\n").unwrap();
         } else if let Some(rest) = line.strip_prefix("MSG ") {
             let len: usize = rest.split_whitespace().last().unwrap().parse().unwrap();
             let mut payload = vec![0; len + 2];
             reader.read_exact(&mut payload).unwrap();
-            return serde_json::from_slice(&payload[..len]).unwrap();
+            return Ok(serde_json::from_slice(&payload[..len]).unwrap());
+        } else if line.starts_with("HMSG ") {
+            return Err(format!("status reply: {}", line.trim_end()));
         } else {
             assert!(!line.starts_with("-ERR"), "{line}");
         }
+    }
+}
+
+/// Retries `request` until it yields a reply without an `error`, for at most 30 s.
+fn until_answered(
+    mut request: impl FnMut() -> Result<serde_json::Value, String>,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let last = match request() {
+            Ok(reply) if reply.get("error").is_none() => return reply,
+            Ok(reply) => reply.to_string(),
+            Err(e) => e,
+        };
+        assert!(
+            Instant::now() < deadline,
+            "still failing after 30 s: {last}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -203,6 +232,69 @@ async fn nats_on_a_chosen_port() {
     .unwrap();
     assert_eq!(nats.port(), port);
     assert_eq!(nats_info(port)["port"], port);
+}
+
+#[tokio::test]
+async fn nats_cluster_keeps_an_r3_stream_writable_with_a_node_down() {
+    let mut cluster = NatsCluster::start(NatsClusterOptions::default()).unwrap();
+    let ports: Vec<u16> = cluster.nodes().iter().map(|n| n.port()).collect();
+    assert_eq!(ports.len(), 3);
+    assert_eq!(
+        cluster.url_list(),
+        ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    for node in cluster.nodes() {
+        let info = nats_info(node.port());
+        assert_eq!(info["cluster"], cluster.name(), "{info}");
+        assert_eq!(info["server_name"], node.server_name(), "{info}");
+        let conf = std::fs::read_to_string(node.dir().join("nats.conf")).unwrap();
+        assert!(conf.contains("sync_interval: always"), "{conf}");
+    }
+    let dirs: Vec<_> = cluster.nodes().iter().map(|n| n.dir().to_owned()).collect();
+
+    // `start` returned with a metadata leader and every node in the meta group: an R3
+    // stream is placed at once.
+    let created = js_request(
+        ports[0],
+        "$JS.API.STREAM.CREATE.R3",
+        r#"{"name":"R3","subjects":["r3.>"],"storage":"file","num_replicas":3}"#,
+    );
+    assert_eq!(created["config"]["num_replicas"], 3, "{created}");
+    let info = until_answered(|| try_js_request(ports[1], "$JS.API.STREAM.INFO.R3", ""));
+    let leader = info["cluster"]["leader"]
+        .as_str()
+        .expect("the stream has a leader");
+    let killed = cluster
+        .index_of(leader)
+        .expect("the leader is one of the nodes");
+    let survivor = ports[(killed + 1) % 3];
+    let ack = until_answered(|| try_js_request(survivor, "r3.before", "before"));
+    assert_eq!(ack["seq"], 1, "{ack}");
+
+    cluster.kill(killed);
+    assert_closed(ports[killed]);
+    // The two others elect a new stream leader and keep accepting writes.
+    let ack = until_answered(|| try_js_request(survivor, "r3.during", "during"));
+    assert_eq!(ack["seq"], 2, "{ack}");
+    let info = until_answered(|| try_js_request(survivor, "$JS.API.STREAM.INFO.R3", ""));
+    assert_ne!(info["cluster"]["leader"], leader, "{info}");
+
+    cluster.restart(killed).unwrap();
+    assert_eq!(cluster.nodes()[killed].port(), ports[killed]);
+    let ack = until_answered(|| try_js_request(ports[killed], "r3.after", "after"));
+    assert_eq!(ack["seq"], 3, "{ack}");
+    let info = until_answered(|| try_js_request(ports[killed], "$JS.API.STREAM.INFO.R3", ""));
+    assert_eq!(info["state"]["messages"], 3, "{info}");
+
+    drop(cluster);
+    for (port, dir) in ports.iter().zip(&dirs) {
+        assert_closed(*port);
+        assert!(!dir.exists(), "{} left behind", dir.display());
+    }
 }
 
 #[tokio::test]
