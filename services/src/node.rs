@@ -176,8 +176,14 @@ pub async fn connect_nats(config: &Config, readiness: &Readiness) -> Result<Nats
             .await
             .map_err(|e| NodeError::Nats(format!("credentials file {}: {e}", creds.display())))?;
     }
+    // async-nats takes a list of servers, not a comma-separated string.
+    let servers: Vec<&str> = url
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
     let client = options
-        .connect(url)
+        .connect(servers.as_slice())
         .await
         .map_err(|e| NodeError::Nats(e.to_string()))?;
     // retry_on_initial_connect returns at once; wait for the first connection, bounded.

@@ -1,8 +1,8 @@
 //! Test support: a whole platform on real servers, and a WebSocket client that reads like
 //! the protocol.
 //!
-//! Every test gets its own nats-server, redis-server, SQLite file and roles, on free
-//! loopback ports, all gone when the [`Platform`] drops.
+//! Every test gets its own nats-server (or cluster of them), redis-server, SQLite file and
+//! roles, on free loopback ports, all gone when the [`Platform`] drops.
 
 #![allow(dead_code)]
 
@@ -13,7 +13,9 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use parley_events::subjects::{HANDLER_CONSUMER, INTAKE_STREAM};
 use parley_events::{ConversationId, EventEnvelope, RecordedEvent, UserId};
-use parley_localstack::{NatsOptions, NatsServer, RedisOptions, RedisServer};
+use parley_localstack::{
+    NatsCluster, NatsClusterOptions, NatsOptions, NatsServer, RedisOptions, RedisServer,
+};
 use parley_projections::{ConversationStore, PresenceStore, UserPresence};
 use parley_services::admin::Readiness;
 use parley_services::config::{Config, Secret};
@@ -85,8 +87,10 @@ impl Running {
     }
 }
 
-pub struct Platform {
-    pub nats: NatsServer,
+/// The platform's roles on real servers. `N` is its NATS: one [`NatsServer`], or a
+/// [`NatsCluster`] from [`Platform::start_on_cluster`].
+pub struct Platform<N = NatsServer> {
+    pub nats: N,
     pub redis: RedisServer,
     pub config: Arc<Config>,
     pub gateways: Vec<SocketAddr>,
@@ -119,6 +123,41 @@ impl Platform {
         gateways: usize,
         adjust: impl FnOnce(&mut Config),
     ) -> Platform {
+        let nats = NatsServer::start(nats).expect("nats-server starts");
+        let url = nats.url();
+        Platform::launch(nats, url, redis, gateways, adjust).await
+    }
+}
+
+impl Platform<NatsCluster> {
+    /// [`start_with`](Platform::start_with) on a NATS cluster: the log and the intake are
+    /// replicated on every node, and the roles know every node's URL.
+    pub async fn start_on_cluster(
+        nats: NatsClusterOptions,
+        gateways: usize,
+        adjust: impl FnOnce(&mut Config),
+    ) -> Platform<NatsCluster> {
+        let replicas = nats.nodes;
+        let cluster = NatsCluster::start(nats).expect("the nats cluster starts");
+        let url = cluster.url_list();
+        Platform::launch(cluster, url, RedisOptions::default(), gateways, |config| {
+            config.log.replicas = replicas;
+            config.intake.replicas = replicas;
+            adjust(config);
+        })
+        .await
+    }
+}
+
+impl<N> Platform<N> {
+    /// Redis and the roles, on `nats` (reached at `nats_url`).
+    async fn launch(
+        nats: N,
+        nats_url: String,
+        redis: RedisOptions,
+        gateways: usize,
+        adjust: impl FnOnce(&mut Config),
+    ) -> Platform<N> {
         // Role logs (warnings and up, or RUST_LOG) show under a failing test's output.
         let _ = tracing_subscriber::fmt()
             .with_test_writer()
@@ -127,11 +166,10 @@ impl Platform {
                     .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
             )
             .try_init();
-        let nats = NatsServer::start(nats).expect("nats-server starts");
         let redis = RedisServer::start(redis).expect("redis-server starts");
         let dir = tempfile::tempdir().unwrap();
         let mut config = Config::default();
-        config.nats.url = Some(Secret::new(nats.url()));
+        config.nats.url = Some(Secret::new(nats_url));
         config.redis.url = Some(Secret::new(redis.url()));
         config.auth.secret = Some(Secret::new(SECRET));
         config.log.shards = 16;
@@ -333,7 +371,7 @@ impl Platform {
     }
 
     /// JetStream on the platform's NATS, connected as its roles are (TLS included).
-    async fn jetstream(&self) -> async_nats::jetstream::Context {
+    pub async fn jetstream(&self) -> async_nats::jetstream::Context {
         let nats = node::connect_nats(&self.config, &Readiness::default())
             .await
             .unwrap();
@@ -421,7 +459,7 @@ impl Platform {
     }
 }
 
-impl Drop for Platform {
+impl<N> Drop for Platform<N> {
     fn drop(&mut self) {
         for running in self
             .others
