@@ -91,6 +91,10 @@ struct RunArgs {
     /// SECS after sending starts and restart it DOWN_SECS (default 2) later; repeatable.
     #[arg(long = "fault", value_name = "ROLE@SECS[:DOWN_SECS]")]
     faults: Vec<Fault>,
+    /// With --spawn: start N nats-server nodes as one cluster, with the log and the intake
+    /// replicated on every node (3 for R3).
+    #[arg(long, value_name = "N", requires = "spawn")]
+    nats_cluster: Option<usize>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -180,6 +184,7 @@ async fn run_scenario(args: RunArgs) -> anyhow::Result<ExitCode> {
         message_bytes: args.message_bytes,
         durability: args.durability.map(Into::into),
         gateways: args.gateways_to_spawn,
+        nats_nodes: args.nats_cluster,
         baselines: args.baselines,
         faults: args.faults,
     })?;

@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 use futures::{SinkExt, StreamExt};
 use parley_events::protocol::{ClientFrame, ServerFrame};
 use parley_events::{ClientMsgId, UserId};
-use parley_localstack::{NatsOptions, NatsServer, RedisOptions, RedisServer, free_port, log_tail};
+use parley_localstack::{
+    NatsCluster, NatsClusterOptions, NatsOptions, NatsServer, RedisOptions, RedisServer, free_port,
+    log_tail,
+};
 use parley_services::auth;
 use parley_services::config::Secret;
 use tokio_tungstenite::tungstenite::Message;
@@ -26,6 +29,8 @@ pub struct SpawnOptions {
     pub parley: Option<PathBuf>,
     pub gateways: usize,
     pub durability: Durability,
+    /// NATS nodes: one server, or a cluster with the log and intake replicated on each.
+    pub nats_nodes: usize,
     /// Raised above the gateway's default when a scenario's group frames need it.
     pub max_frame_bytes: Option<usize>,
     /// Where each role's log goes.
@@ -52,16 +57,68 @@ struct Role {
 pub struct SpawnedPlatform {
     pub gateway_urls: Vec<String>,
     pub secret: Secret,
+    /// For the JetStream baseline: the server's URL, or the first node's of a cluster.
     pub nats_url: String,
     pub nats_version: String,
     pub durability: Durability,
     roles: Vec<Role>,
-    nats: NatsServer,
+    nats: Nats,
     redis: RedisServer,
     /// What every role is started with: the binary and the shared settings.
     parley: PathBuf,
     env: Vec<(String, String)>,
     _store: tempfile::TempDir,
+}
+
+/// The NATS `--spawn` started.
+enum Nats {
+    Server(Box<NatsServer>),
+    Cluster(NatsCluster),
+}
+
+impl Nats {
+    fn start(nodes: usize, durability: Durability) -> Result<Nats, LoadtestError> {
+        let sync_always = durability == Durability::Always;
+        Ok(if nodes == 1 {
+            Nats::Server(Box::new(NatsServer::start(NatsOptions {
+                jetstream: true,
+                sync_always,
+                ..NatsOptions::default()
+            })?))
+        } else {
+            Nats::Cluster(NatsCluster::start(NatsClusterOptions {
+                nodes,
+                sync_always,
+            })?)
+        })
+    }
+
+    /// The one nats-server of a platform without a cluster.
+    fn single(&mut self) -> Result<&mut NatsServer, LoadtestError> {
+        match self {
+            Nats::Server(server) => Ok(server),
+            _ => Err(LoadtestError::Fault(
+                "NATS is a cluster here: name a node (nats-<i>)".to_owned(),
+            )),
+        }
+    }
+
+    /// The cluster, if it has node `i`.
+    fn cluster(&mut self, i: usize) -> Result<&mut NatsCluster, LoadtestError> {
+        match self {
+            Nats::Cluster(cluster) if i < cluster.nodes().len() => Ok(cluster),
+            _ => Err(LoadtestError::Fault(format!(
+                "no nats-{i} in this platform (--nats-cluster starts a cluster)"
+            ))),
+        }
+    }
+
+    fn servers(&self) -> &[NatsServer] {
+        match self {
+            Nats::Server(server) => std::slice::from_ref(server),
+            Nats::Cluster(cluster) => cluster.nodes(),
+        }
+    }
 }
 
 impl Drop for SpawnedPlatform {
@@ -70,7 +127,7 @@ impl Drop for SpawnedPlatform {
             let _ = role.child.kill();
             let _ = role.child.wait();
         }
-        self.nats.stop();
+        // The NATS servers die with `nats`, after the roles.
         self.redis.stop();
     }
 }
@@ -101,11 +158,10 @@ impl SpawnedPlatform {
             "creating {}",
             options.log_dir.display()
         )))?;
-        let nats = NatsServer::start(NatsOptions {
-            jetstream: true,
-            sync_always: options.durability == Durability::Always,
-            ..NatsOptions::default()
-        })?;
+        let nats = Nats::start(options.nats_nodes, options.durability)?;
+        let servers = nats.servers();
+        let nats_urls: Vec<String> = servers.iter().map(NatsServer::url).collect();
+        let replicas = servers.len().to_string();
         let redis = RedisServer::start(RedisOptions::default())?;
         let store = tempfile::tempdir().map_err(LoadtestError::io("store directory"))?;
         let secret = Secret::new(format!(
@@ -114,7 +170,9 @@ impl SpawnedPlatform {
             uuid::Uuid::new_v4().simple()
         ));
         let mut env = vec![
-            ("PARLEY_NATS__URL".to_owned(), nats.url()),
+            ("PARLEY_NATS__URL".to_owned(), nats_urls.join(",")),
+            ("PARLEY_LOG__REPLICAS".to_owned(), replicas.clone()),
+            ("PARLEY_INTAKE__REPLICAS".to_owned(), replicas),
             ("PARLEY_REDIS__URL".to_owned(), redis.url()),
             ("PARLEY_AUTH__SECRET".to_owned(), secret.expose().to_owned()),
             (
@@ -137,8 +195,8 @@ impl SpawnedPlatform {
         let mut platform = SpawnedPlatform {
             gateway_urls: Vec::new(),
             secret,
-            nats_url: nats.url(),
-            nats_version: nats.version().to_owned(),
+            nats_url: nats_urls[0].clone(),
+            nats_version: servers[0].version().to_owned(),
             durability: options.durability,
             roles: Vec::new(),
             nats,
@@ -231,7 +289,8 @@ impl SpawnedPlatform {
     /// data (it has no persistence); nats-server keeps its store.
     pub fn kill(&mut self, role: FaultRole) -> Result<(), LoadtestError> {
         match role {
-            FaultRole::Nats => self.nats.stop(),
+            FaultRole::Nats => self.nats.single()?.stop(),
+            FaultRole::NatsNode(i) => self.nats.cluster(i)?.kill(i),
             FaultRole::Redis => self.redis.stop(),
             _ => {
                 let process = self.role_mut(role)?;
@@ -246,7 +305,8 @@ impl SpawnedPlatform {
     /// log continues in the same file.
     pub fn restart(&mut self, role: FaultRole) -> Result<(), LoadtestError> {
         match role {
-            FaultRole::Nats => self.nats.restart()?,
+            FaultRole::Nats => self.nats.single()?.restart()?,
+            FaultRole::NatsNode(i) => self.nats.cluster(i)?.restart(i)?,
             FaultRole::Redis => {
                 self.redis = RedisServer::start(RedisOptions {
                     port: Some(self.redis.port()),
@@ -296,18 +356,37 @@ impl SpawnedPlatform {
         Ok(&mut self.roles[index])
     }
 
-    /// `(name, pid)` of every process of the platform.
+    /// `(name, pid)` of every process of the platform; the nodes of a NATS cluster are
+    /// `nats-server-0`, `nats-server-1`, ...
     pub fn processes(&self) -> Vec<(String, u32)> {
         let mut processes: Vec<(String, u32)> = self
             .roles
             .iter()
             .map(|r| (r.name.clone(), r.child.id()))
             .collect();
-        processes.extend(crate::resources::children_named(&[
-            "nats-server",
-            "redis-server",
-        ]));
+        let servers = self.nats.servers();
+        for (i, server) in servers.iter().enumerate() {
+            let name = match servers.len() {
+                1 => "nats-server".to_owned(),
+                _ => format!("nats-server-{i}"),
+            };
+            processes.extend(server.pid().map(|pid| (name, pid)));
+        }
+        processes.extend(crate::resources::children_named(&["redis-server"]));
         processes
+    }
+
+    /// "nats-server 2.15.1", or "3-node nats cluster (nats-server 2.15.1)".
+    pub fn nats_text(&self) -> String {
+        match self.nats.servers().len() {
+            1 => format!("nats-server {}", self.nats_version),
+            n => format!("{n}-node nats cluster (nats-server {})", self.nats_version),
+        }
+    }
+
+    /// The durability the platform runs with, replicas included.
+    pub fn durability_text(&self) -> String {
+        self.durability.describe_on(self.nats.servers().len())
     }
 
     /// Every gateway accepts a socket and the handler answers: a probe user asks for a

@@ -128,6 +128,7 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
                 parley: parley.clone(),
                 gateways: scenario.gateways,
                 durability: scenario.durability,
+                nats_nodes: scenario.nats_nodes,
                 max_frame_bytes: (frame_needed > DEFAULT_MAX_FRAME_BYTES)
                     .then_some(frame_needed.next_power_of_two()),
                 log_dir: dir.join("logs"),
@@ -136,8 +137,9 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
             })
             .await?;
             let text = format!(
-                "spawned on this machine: {} gateway(s), {handlers} handler(s), 1 projector, nats-server {}, redis",
-                scenario.gateways, spawned.nats_version
+                "spawned on this machine: {} gateway(s), {handlers} handler(s), 1 projector, {}, redis",
+                scenario.gateways,
+                spawned.nats_text()
             );
             let (urls, secret, nats) = (
                 spawned.gateway_urls.clone(),
@@ -166,7 +168,7 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
         }
     };
     let durability = match &platform {
-        Some(p) => p.durability.describe().to_owned(),
+        Some(p) => p.durability_text(),
         None => "external platform: its NATS server's own setting (not verified)".to_owned(),
     };
     let mut processes = platform.as_ref().map(|p| p.processes()).unwrap_or_default();

@@ -23,6 +23,18 @@ impl Durability {
             Durability::Lazy => "nats default lazy fsync (every 2 min)",
         }
     }
+
+    /// The durability of a spawned platform on `nats_nodes` NATS nodes, whose streams have
+    /// one replica per node: e.g. "R3 on a 3-node nats cluster, nats sync_interval: always
+    /// (fsync per write)".
+    pub fn describe_on(self, nats_nodes: usize) -> String {
+        let servers = if nats_nodes == 1 {
+            "one nats-server".to_owned()
+        } else {
+            format!("a {nats_nodes}-node nats cluster")
+        };
+        format!("R{nats_nodes} on {servers}, {}", self.describe())
+    }
 }
 
 /// One scenario file. Unknown keys are refused so a typo never silently runs the default.
@@ -54,6 +66,10 @@ pub struct Scenario {
     /// Gateways `--spawn` starts; clients are spread across them.
     #[serde(default = "one")]
     pub gateways: usize,
+    /// NATS nodes `--spawn` starts: more than one makes a cluster, with the log and the
+    /// intake replicated on every node.
+    #[serde(default = "one")]
+    pub nats_nodes: usize,
     /// Measure the baselines in the same run and print ratios.
     #[serde(default)]
     pub baselines: bool,
@@ -79,8 +95,10 @@ pub enum FaultRole {
     Projector,
     /// `gateway-<i>` (`gateway` is `gateway-0`).
     Gateway(usize),
-    /// The nats-server.
+    /// The nats-server (of a platform with one).
     Nats,
+    /// `nats-<i>`: node `i` of a NATS cluster (`--nats-cluster`); the others keep serving.
+    NatsNode(usize),
     /// The redis-server, flushed (`FLUSHALL`) before it is killed.
     Redis,
 }
@@ -92,6 +110,7 @@ impl std::fmt::Display for FaultRole {
             FaultRole::Projector => f.write_str("projector"),
             FaultRole::Gateway(i) => write!(f, "gateway-{i}"),
             FaultRole::Nats => f.write_str("nats"),
+            FaultRole::NatsNode(i) => write!(f, "nats-{i}"),
             FaultRole::Redis => f.write_str("redis"),
         }
     }
@@ -107,15 +126,18 @@ impl std::str::FromStr for FaultRole {
             "gateway" => Ok(FaultRole::Gateway(0)),
             "nats" => Ok(FaultRole::Nats),
             "redis" => Ok(FaultRole::Redis),
-            _ => s
-                .strip_prefix("gateway-")
-                .and_then(|i| i.parse().ok())
-                .map(FaultRole::Gateway)
-                .ok_or_else(|| {
-                    format!(
-                        "unknown role {s:?}: one of handler, projector, gateway, gateway-<i>, nats, redis"
-                    )
-                }),
+            _ => {
+                let numbered = |prefix: &str| s.strip_prefix(prefix).and_then(|i| i.parse().ok());
+                numbered("gateway-")
+                    .map(FaultRole::Gateway)
+                    .or_else(|| numbered("nats-").map(FaultRole::NatsNode))
+                    .ok_or_else(|| {
+                        format!(
+                            "unknown role {s:?}: one of handler, projector, gateway, gateway-<i>, \
+                             nats, nats-<i>, redis"
+                        )
+                    })
+            }
         }
     }
 }
@@ -252,6 +274,7 @@ pub struct Overrides {
     pub message_bytes: Option<usize>,
     pub durability: Option<Durability>,
     pub gateways: Option<usize>,
+    pub nats_nodes: Option<usize>,
     pub baselines: bool,
     /// Added to the file's.
     pub faults: Vec<Fault>,
@@ -314,6 +337,9 @@ impl Scenario {
         if let Some(v) = o.gateways {
             self.gateways = v;
         }
+        if let Some(v) = o.nats_nodes {
+            self.nats_nodes = v;
+        }
         if let Some(v) = o.rate {
             self.rate = Some(Rate {
                 messages_per_sec: Some(v),
@@ -357,6 +383,10 @@ impl Scenario {
             &format!("message_bytes must be between {MIN_MESSAGE_BYTES} and {MAX_MESSAGE_BYTES}"),
         );
         check(self.gateways >= 1, "gateways must be at least 1");
+        check(
+            (1..=5).contains(&self.nats_nodes),
+            "nats_nodes must be between 1 and 5 (a stream has at most 5 replicas)",
+        );
         for (i, g) in self.conversations.groups.iter().enumerate() {
             check(
                 (2..=10_000).contains(&g.size),
@@ -431,14 +461,29 @@ impl Scenario {
                 fault.down_secs.is_finite() && fault.down_secs >= 0.0,
                 &format!("faults[{i}].down_secs must be zero or more"),
             );
-            if let FaultRole::Gateway(g) = fault.role {
-                check(
+            match fault.role {
+                FaultRole::Gateway(g) => check(
                     g < self.gateways,
                     &format!(
                         "faults[{i}] names gateway-{g}, but there are {} gateways",
                         self.gateways
                     ),
-                );
+                ),
+                FaultRole::NatsNode(n) => check(
+                    self.nats_nodes > 1 && n < self.nats_nodes,
+                    &format!(
+                        "faults[{i}] names nats-{n}, but there is no NATS cluster with that node \
+                         (nats_nodes = {})",
+                        self.nats_nodes
+                    ),
+                ),
+                FaultRole::Nats => check(
+                    self.nats_nodes == 1,
+                    &format!(
+                        "faults[{i}] names nats, but NATS is a cluster: name a node, nats-<i>"
+                    ),
+                ),
+                _ => {}
             }
         }
         if problems.is_empty() {
@@ -535,6 +580,7 @@ mod tests {
         assert_eq!(s.connections_per_user, 1);
         assert_eq!(s.message_bytes, 128);
         assert_eq!(s.durability, Durability::Always);
+        assert_eq!(s.nats_nodes, 1);
         assert_eq!(s.users_in_conversations(), 100);
         assert_eq!(s.sending_time(), Duration::from_secs(10));
     }
@@ -593,6 +639,18 @@ mod tests {
     }
 
     #[test]
+    fn durability_names_the_replicas() {
+        assert_eq!(
+            Durability::Always.describe_on(1),
+            "R1 on one nats-server, nats sync_interval: always (fsync per write)"
+        );
+        assert_eq!(
+            Durability::Lazy.describe_on(3),
+            "R3 on a 3-node nats cluster, nats default lazy fsync (every 2 min)"
+        );
+    }
+
+    #[test]
     fn flags_override_the_file() {
         let s = Scenario::parse(DM, "t")
             .unwrap()
@@ -600,12 +658,24 @@ mod tests {
                 duration_secs: Some(3.0),
                 rate: Some(50.0),
                 durability: Some(Durability::Lazy),
+                nats_nodes: Some(3),
                 ..Overrides::default()
             })
             .unwrap();
         assert_eq!(s.duration_secs, 3.0);
         assert_eq!(s.rate.unwrap().messages_per_sec, Some(50.0));
         assert_eq!(s.durability, Durability::Lazy);
+        assert_eq!(s.nats_nodes, 3);
+        let six = Scenario::parse(DM, "t")
+            .unwrap()
+            .with_overrides(&Overrides {
+                nats_nodes: Some(6),
+                ..Overrides::default()
+            });
+        assert!(
+            matches!(&six, Err(ScenarioError::Invalid { problems, .. }) if problems[0].contains("nats_nodes")),
+            "{six:?}"
+        );
         let bad = Scenario::parse(DM, "t")
             .unwrap()
             .with_overrides(&Overrides {
@@ -668,7 +738,11 @@ mod tests {
         let late = Scenario::parse(DM, "t")
             .unwrap()
             .with_overrides(&Overrides {
-                faults: vec!["nats@10".parse().unwrap(), "gateway-3@1".parse().unwrap()],
+                faults: vec![
+                    "nats@10".parse().unwrap(),
+                    "gateway-3@1".parse().unwrap(),
+                    "nats-1@1".parse().unwrap(),
+                ],
                 ..Overrides::default()
             });
         let Err(ScenarioError::Invalid { problems, .. }) = late else {
@@ -684,6 +758,22 @@ mod tests {
             problems.iter().any(|p| p.contains("gateway-3")),
             "{problems:?}"
         );
+        assert!(
+            problems.iter().any(|p| p.contains("nats-1")),
+            "{problems:?}"
+        );
+        assert_eq!(
+            "nats-2@1".parse::<Fault>().unwrap().role,
+            FaultRole::NatsNode(2)
+        );
+        let cluster = Scenario::parse(DM, "t")
+            .unwrap()
+            .with_overrides(&Overrides {
+                nats_nodes: Some(3),
+                faults: vec!["nats-2@1".parse().unwrap()],
+                ..Overrides::default()
+            });
+        assert!(cluster.is_ok(), "{cluster:?}");
     }
 
     #[test]

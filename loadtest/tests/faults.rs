@@ -21,6 +21,11 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 /// 100 messages/s for 12 s over pairs and small groups; `fault` 4 s into sending, down 2 s.
 fn run_with(fault: &str, gateways: usize) -> Report {
+    run_on(fault, gateways, 1)
+}
+
+/// [`run_with`] on `nats_nodes` NATS nodes (a cluster when more than one).
+fn run_on(fault: &str, gateways: usize, nats_nodes: usize) -> Report {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let parley = locate_parley(&std::env::current_exe().unwrap()).unwrap_or_else(|e| {
         panic!("{e}; `cargo test --workspace` builds it, or run `cargo build -p parley-services --bin parley` first")
@@ -35,6 +40,7 @@ fn run_with(fault: &str, gateways: usize) -> Report {
             duration_secs = 12
             message_bytes = 64
             gateways = {gateways}
+            nats_nodes = {nats_nodes}
             [conversations]
             direct_pairs = 8
             groups = [{{ size = 4, count = 2, senders = 2 }}]
@@ -200,9 +206,14 @@ fn presence_comes_back_after_redis_is_flushed_and_restarted() {
 }
 
 #[test]
-#[ignore = "needs the 3-node NATS cluster (`--nats-cluster 3`, parley_localstack::NatsCluster) from the cluster branch"]
 fn one_killed_node_of_three_loses_no_acknowledged_message() {
-    // TODO: once `--nats-cluster 3` is merged, spawn on the cluster, kill one node (a
-    // `FaultRole` for a cluster node) and check as above.
-    unimplemented!("waiting for the cluster support")
+    let report = run_on("nats-0@4:2", 1, 3);
+    let fault = &report.faults[0];
+    assert_eq!(fault.role, FaultRole::NatsNode(0));
+    service_continued(fault);
+    assert!(
+        report.environment.durability.starts_with("R3"),
+        "{}",
+        report.environment.durability
+    );
 }

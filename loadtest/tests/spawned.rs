@@ -86,3 +86,58 @@ async fn a_short_run_has_a_clean_ledger() {
     assert!(outcome.dir.join("report.json").is_file());
     assert!(outcome.dir.join("report.svg").is_file());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_on_a_three_node_cluster_is_clean_and_says_r3() {
+    let parley = locate_parley(&std::env::current_exe().unwrap())
+        .unwrap_or_else(|e| panic!("{e}; run `cargo build -p parley-services --bin parley` first"));
+    let scenario = Scenario::parse(
+        r#"
+        name = "e2e-cluster"
+        users = 8
+        duration_secs = 2
+        message_bytes = 64
+        nats_nodes = 3
+        [conversations]
+        direct_pairs = 4
+        [rate]
+        messages_per_sec = 40
+        "#,
+        "e2e-cluster",
+    )
+    .unwrap()
+    .with_overrides(&Overrides::default())
+    .unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let outcome = run::run(RunOptions {
+        scenario,
+        target: Target::Spawn {
+            parley: Some(parley),
+        },
+        out_dir: out.path().to_owned(),
+        progress: false,
+        command: "test".into(),
+    })
+    .await
+    .unwrap();
+    let report = &outcome.report;
+    assert!(report.passed, "ledger: {:?}", report.ledger);
+    assert_eq!(report.ledger.acknowledged_messages, 80);
+    let durability = &report.environment.durability;
+    assert!(
+        durability.starts_with("R3 on a 3-node nats cluster") && durability.contains("always"),
+        "{durability}"
+    );
+    assert!(
+        report.environment.platform.contains("3-node nats cluster"),
+        "{}",
+        report.environment.platform
+    );
+    for name in ["nats-server-0", "nats-server-1", "nats-server-2"] {
+        assert!(
+            report.processes.iter().any(|p| p.name == name),
+            "no figures for {name}: {:?}",
+            report.processes
+        );
+    }
+}

@@ -203,6 +203,11 @@ impl NatsServer {
         &self.server_name
     }
 
+    /// The process id while the server runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|spawned| spawned.child.id())
+    }
+
     /// The version `nats-server --version` reported, e.g. `2.15.1`.
     pub fn version(&self) -> &str {
         &self.version
