@@ -28,6 +28,9 @@ pub const LOG_DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 pub const PULL_EXPIRES: Duration = Duration::from_secs(10);
 pub const PULL_HEARTBEAT: Duration = Duration::from_secs(1);
 
+/// How many times a role looks for a stream whose creation it lost to another role.
+const FIND_ATTEMPTS: u32 = 3;
+
 #[derive(Debug, thiserror::Error)]
 pub enum TopologyError {
     #[error("cannot create or read stream {stream}: {cause}")]
@@ -131,10 +134,9 @@ async fn ensure_stream(
     // stream it then finds is checked like any existing one.
     let mut stream = match js.get_or_create_stream(wanted.clone()).await {
         Ok(stream) => stream,
-        Err(create_error) => js
-            .get_stream(name)
+        Err(create_error) => find_created(js, name)
             .await
-            .map_err(|_| unavailable(create_error.to_string()))?,
+            .ok_or_else(|| unavailable(create_error.to_string()))?,
     };
     let found = stream
         .info()
@@ -144,6 +146,22 @@ async fn ensure_stream(
         .clone();
     check_compatible(name, &found, &wanted)?;
     Ok(stream)
+}
+
+/// Looks for a stream another role is creating, [`FIND_ATTEMPTS`] times a second apart: on
+/// a cluster, the losing create of a race may get no reply at all (it times out), and the
+/// new stream may not answer at once.
+async fn find_created(js: &jetstream::Context, name: &'static str) -> Option<stream::Stream> {
+    for attempt in 1..=FIND_ATTEMPTS {
+        match js.get_stream(name).await {
+            Ok(stream) => return Some(stream),
+            Err(e) => tracing::debug!(stream = name, attempt, error = %e, "stream not found yet"),
+        }
+        if attempt < FIND_ATTEMPTS {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+    None
 }
 
 /// The settings that change what the stream means; anything else (descriptions, limits an
