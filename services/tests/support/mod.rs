@@ -32,6 +32,8 @@ use tokio_util::sync::CancellationToken;
 
 pub const SECRET: &str = "test-secret-test-secret-test-secret!";
 const WAIT: Duration = Duration::from_secs(10);
+/// Longest the roles may take to answer a first command after they start.
+const STARTUP: Duration = Duration::from_secs(30);
 /// Longest one [`eventually`] probe may take before it is abandoned and tried again.
 const PROBE_LIMIT: Duration = Duration::from_secs(3);
 
@@ -216,7 +218,17 @@ impl<N> Platform<N> {
             probe
                 .send(json!({"type": "create_direct", "id": "ready", "peer": "probe"}))
                 .await;
-            let reply = probe.next_of(&["error"]).await;
+            // A handler still starting (on a cluster, streams still electing leaders) answers
+            // late: `timeout` first, then the outcome on the same socket.
+            let reply = loop {
+                let reply = probe
+                    .reply_to_within("ready", STARTUP)
+                    .await
+                    .expect("the handler answers the probe");
+                if reply["code"] != "timeout" {
+                    break reply;
+                }
+            };
             assert_eq!(reply["code"], "invalid_request", "{reply}");
         }
     }
@@ -586,21 +598,44 @@ impl Client {
     /// The reply (ack, error, history or pong) to request `id`; frames that arrive before
     /// it (events, in any order relative to the ack) stay queued for `next`.
     pub async fn reply_to(&mut self, id: &str) -> Value {
+        self.reply_waiting(id, WAIT)
+            .await
+            .expect("a frame arrives in time")
+    }
+
+    /// [`reply_to`](Self::reply_to) for a reply that may take longer than usual (a cluster
+    /// electing a leader): `None` if it has not come within `limit`.
+    pub async fn reply_to_within(&mut self, id: &str, limit: Duration) -> Option<Value> {
+        tokio::time::timeout(limit, self.reply_waiting(id, limit))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// The reply to `id`; `None` when no frame at all comes within `frame_limit`.
+    async fn reply_waiting(&mut self, id: &str, frame_limit: Duration) -> Option<Value> {
         if let Some(at) = self.stash.iter().position(|f| is_reply(f, id)) {
-            return self.stash.remove(at).expect("position is in range");
+            return self.stash.remove(at);
         }
         loop {
-            let frame = self.read().await;
+            let frame = self.read_within(frame_limit).await?;
             if is_reply(&frame, id) {
-                return frame;
+                return Some(frame);
             }
             self.stash.push_back(frame);
         }
     }
 
     async fn read(&mut self) -> Value {
-        match self.read_or_close().await {
-            Ok(frame) => frame,
+        self.read_within(WAIT)
+            .await
+            .expect("a frame arrives in time")
+    }
+
+    /// The next text frame, or `None` when none comes within `limit`.
+    async fn read_within(&mut self, limit: Duration) -> Option<Value> {
+        match self.read_or_close(limit).await? {
+            Ok(frame) => Some(frame),
             Err(closed) => panic!("socket closed: {closed:?}"),
         }
     }
@@ -609,30 +644,33 @@ impl Client {
     pub async fn next_or_close(&mut self) -> Result<Value, Closed> {
         match self.stash.pop_front() {
             Some(frame) => Ok(frame),
-            None => self.read_or_close().await,
+            None => self
+                .read_or_close(WAIT)
+                .await
+                .expect("a frame arrives in time"),
         }
     }
 
-    async fn read_or_close(&mut self) -> Result<Value, Closed> {
+    /// The next text frame or the server's close; `None` when neither comes within
+    /// `limit`.
+    async fn read_or_close(&mut self, limit: Duration) -> Option<Result<Value, Closed>> {
         loop {
-            let next = tokio::time::timeout(WAIT, self.socket.next())
-                .await
-                .expect("a frame arrives in time");
+            let next = tokio::time::timeout(limit, self.socket.next()).await.ok()?;
             match next {
                 Some(Ok(Message::Text(text))) => {
-                    return Ok(serde_json::from_str(&text).expect("server sends JSON"));
+                    return Some(Ok(serde_json::from_str(&text).expect("server sends JSON")));
                 }
                 Some(Ok(Message::Close(Some(frame)))) => {
-                    return Err(Closed {
+                    return Some(Err(Closed {
                         code: u16::from(frame.code),
                         reason: frame.reason.to_string(),
-                    });
+                    }));
                 }
                 Some(Ok(Message::Close(None))) => {
-                    return Err(Closed {
+                    return Some(Err(Closed {
                         code: u16::from(CloseCode::Status),
                         reason: String::new(),
-                    });
+                    }));
                 }
                 Some(Ok(_)) => continue,
                 Some(Err(e)) => panic!("socket failed before a close frame: {e}"),
@@ -665,7 +703,7 @@ impl Client {
     /// Read until the server closes the socket; its close code and reason.
     pub async fn closed(&mut self) -> Closed {
         loop {
-            if let Err(closed) = self.read_or_close().await {
+            if let Err(closed) = self.read_or_close(WAIT).await.expect("closes in time") {
                 return closed;
             }
         }
