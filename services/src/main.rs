@@ -13,6 +13,12 @@ use parley_services::{auth, telemetry, unix_millis};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+/// jemalloc rather than glibc's malloc: after a storm of sockets has come and gone, glibc
+/// kept the pages they had used in its per-thread arenas, and jemalloc's background thread
+/// gives them back (docs/benchmarks.md, "Gateway memory after a connection storm").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "parley",

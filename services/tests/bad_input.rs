@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use parley_services::unix_millis;
 use serde_json::json;
-use support::{Client, Platform, SECRET};
+use support::{Client, Closed, Platform, SECRET};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{self, Message};
 
@@ -151,11 +151,23 @@ async fn protocol_violations_close_with_rfc_6455_codes() {
     let mut client = platform.connect(0, "alice").await;
     let oversized = json!({"type": "ping", "pad": "x".repeat(max_frame)}).to_string();
     client.send_raw(Message::Text(oversized.into())).await;
-    assert_eq!(client.closed().await.code, 1009);
+    assert_eq!(
+        client.closed().await,
+        Closed {
+            code: 1009,
+            reason: "frame too large".into()
+        }
+    );
 
     let mut client = platform.connect(0, "alice").await;
     client.send_raw(Message::Binary(vec![1, 2, 3].into())).await;
-    assert_eq!(client.closed().await.code, 1003);
+    assert_eq!(
+        client.closed().await,
+        Closed {
+            code: 1003,
+            reason: "only text frames are accepted".into()
+        }
+    );
 
     assert!(platform.log().await.is_empty());
 }
@@ -272,11 +284,17 @@ async fn invalid_utf8_and_unmasked_frames_close_the_socket() {
     socket
         .send_frame(0x1, &[b'{', 0xff, 0xfe, b'}'], true)
         .await;
-    assert_eq!(socket.until_close().await.close.map(|c| c.0), Some(1007));
+    assert_eq!(
+        socket.until_close().await.close,
+        Some((1007, "text frame is not valid UTF-8".to_owned()))
+    );
 
     let mut socket = RawSocket::open(&platform).await;
     socket.send_frame(0x1, br#"{"type":"ping"}"#, false).await;
-    assert_eq!(socket.until_close().await.close.map(|c| c.0), Some(1002));
+    assert_eq!(
+        socket.until_close().await.close,
+        Some((1002, "protocol error".to_owned()))
+    );
     assert!(platform.log().await.is_empty());
 }
 

@@ -79,7 +79,10 @@ async fn parley_up_serves_a_chat_and_stops_cleanly_on_sigterm() {
         .await
         .unwrap();
     match closing {
-        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(u16::from(frame.code), 1001),
+        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(
+            (u16::from(frame.code), frame.reason.as_str()),
+            (1001, "server shutting down")
+        ),
         other => panic!("expected a 1001 close, got {other:?}"),
     }
     let status = tokio::task::spawn_blocking(move || child.wait())

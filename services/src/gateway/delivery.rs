@@ -181,7 +181,7 @@ impl Routes {
                     table.users.remove(&entry.user);
                 }
             }
-            entry
+            let dropped = entry
                 .conversations
                 .iter()
                 .filter_map(|conversation| {
@@ -193,7 +193,11 @@ impl Routes {
                         None
                     }
                 })
-                .collect()
+                .collect();
+            shrink_if_sparse(&mut table.sockets);
+            shrink_if_sparse(&mut table.users);
+            shrink_if_sparse(&mut table.conversations);
+            dropped
         };
         metrics::gauge!(telemetry::GATEWAY_CONVERSATION_SUBSCRIPTIONS)
             .decrement(dropped.len() as f64);
@@ -340,6 +344,16 @@ impl Routes {
     }
 }
 
+/// Give back a table's memory once most of it is empty: a map keeps the capacity of its
+/// busiest moment, and a reconnect storm would otherwise leave it sized for the storm.
+/// Shrinking to twice the length when under a quarter full keeps the cost amortized.
+fn shrink_if_sparse<K: Eq + std::hash::Hash, V>(map: &mut HashMap<K, V>) {
+    const SMALLEST: usize = 64;
+    if map.capacity() > SMALLEST && map.len() < map.capacity() / 4 {
+        map.shrink_to((map.len() * 2).max(SMALLEST));
+    }
+}
+
 pub fn event_frame(event: RecordedEvent) -> Utf8Bytes {
     Utf8Bytes::from(ServerFrame::Event { event }.to_json())
 }
@@ -413,6 +427,27 @@ mod tests {
         assert_eq!(queue.recv().await.as_deref(), Some("1"));
         assert_eq!(queue.recv().await.as_deref(), Some("2"));
         assert!(queue.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_table_emptied_after_a_storm_gives_its_capacity_back() {
+        let mut map: HashMap<u64, u64> = (0..10_000).map(|n| (n, n)).collect();
+        let busiest = map.capacity();
+        for n in 0..10_000 {
+            map.remove(&n);
+            shrink_if_sparse(&mut map);
+        }
+        assert!(
+            map.capacity() < busiest / 100,
+            "{} of {busiest}",
+            map.capacity()
+        );
+        // A table that stays busy is not reallocated on every removal.
+        let mut map: HashMap<u64, u64> = (0..1000).map(|n| (n, n)).collect();
+        let capacity = map.capacity();
+        map.remove(&0);
+        shrink_if_sparse(&mut map);
+        assert_eq!(map.capacity(), capacity);
     }
 
     #[test]
