@@ -208,7 +208,8 @@ impl Projector {
     async fn project(&self, shutdown: &CancellationToken) -> Result<Stopped, ProjectorError> {
         self.store.check().await?;
         let mut reconnects = self.nats.reconnects();
-        let (messages, mut acknowledged) = self.consumer().await?;
+        let (messages, mut acknowledged) =
+            topology::attempt(self.consumer(), ProjectorError::Consumer).await?;
         let mut messages = messages.ready_chunks(self.config.projector.batch);
         let mut checked = Instant::now();
         let mut replaying = self.replay_target(acknowledged).await?;

@@ -27,6 +27,20 @@ pub const LOG_DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 /// is noticed within two heartbeats, not when it would have expired.
 pub const PULL_EXPIRES: Duration = Duration::from_secs(10);
 pub const PULL_HEARTBEAT: Duration = Duration::from_secs(1);
+/// Longest one attempt to set up a consumer again may take before it is abandoned and tried
+/// anew. While a cluster elects a stream leader, requests go unanswered until the client's
+/// request timeout (5 s); retrying sooner finds the new leader sooner.
+pub const SETUP_ATTEMPT: Duration = Duration::from_secs(2);
+
+/// `setup`, abandoned after [`SETUP_ATTEMPT`] with the error `unanswered` makes.
+pub async fn attempt<T, E>(
+    setup: impl Future<Output = Result<T, E>>,
+    unanswered: impl FnOnce(String) -> E,
+) -> Result<T, E> {
+    tokio::time::timeout(SETUP_ATTEMPT, setup)
+        .await
+        .unwrap_or_else(|_| Err(unanswered(format!("no answer within {SETUP_ATTEMPT:?}"))))
+}
 
 /// How many times a role looks for a stream whose creation it lost to another role.
 const FIND_ATTEMPTS: u32 = 3;

@@ -313,7 +313,7 @@ async fn intake_commands_again(
 ) -> Option<pull::Stream> {
     let mut backoff = Backoff::new(MAX_SETUP_BACKOFF);
     loop {
-        match intake_commands(inner).await {
+        match topology::attempt(intake_commands(inner), HandlerError::Consumer).await {
             Ok(commands) => {
                 info!("intake consumer set up again");
                 return Some(commands);
@@ -354,7 +354,9 @@ async fn tail_log(inner: Arc<Inner>, shutdown: CancellationToken) -> Result<(), 
     let mut backoff = Backoff::new(MAX_SETUP_BACKOFF);
     'consumer: loop {
         let after = *inner.position.borrow();
-        let mut messages = match tail_messages(&inner, after).await {
+        let mut messages = match topology::attempt(tail_messages(&inner, after), HandlerError::Tail)
+            .await
+        {
             Ok(messages) => messages,
             Err(e) => {
                 warn!(error = %e, retry_in = ?backoff.delay(), "cannot follow the event log yet");
