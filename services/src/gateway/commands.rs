@@ -288,17 +288,19 @@ async fn submit(shared: &Arc<Shared>, command: &Command) -> Submitted {
         };
         let kind = match error.kind() {
             PublishErrorKind::StreamNotFound => {
+                // Missing (a single server's restart lost it) or, on a cluster, without a
+                // leader for the moment; creating it is a no-op in the second case.
                 shared.readiness.not_ready(
                     super::READY_CHECK,
                     Reason::NoIntake,
-                    "the intake stream is missing",
+                    "no intake stream answers",
                 );
                 if let Err(e) =
                     crate::topology::ensure_intake(&shared.topology.js, &shared.config).await
                 {
-                    debug!(error = %e, "cannot create the intake yet");
+                    debug!(error = %e, "the intake stream does not answer yet");
                 } else {
-                    info!("created the intake stream again");
+                    info!("the intake stream answers again (created if it was missing)");
                 }
                 "stream_not_found"
             }
