@@ -15,7 +15,9 @@ use tokio_util::sync::CancellationToken;
 
 /// jemalloc rather than glibc's malloc: after a storm of sockets has come and gone, glibc
 /// kept the pages they had used in its per-thread arenas, and jemalloc's background thread
-/// gives them back (docs/benchmarks.md, "Gateway memory after a connection storm").
+/// gives them back; its thread caches are compiled out (`.cargo/config.toml`), since an idle
+/// worker's cache kept what was freed into it (docs/benchmarks.md, "Gateway memory after a
+/// connection storm").
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
