@@ -5,13 +5,35 @@ use parley_loadtest::platform::locate_parley;
 use parley_loadtest::run::{self, RunOptions, Target};
 use parley_loadtest::{Overrides, Scenario};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_short_run_has_a_clean_ledger() {
-    // `cargo test --workspace` builds the `parley` binary next to the test binaries.
+/// Run the scenario `toml` against a platform the harness spawns from the `parley` binary
+/// `cargo test --workspace` builds next to the test binaries; the run's directory lives as
+/// long as the returned `TempDir`.
+async fn spawned_run(toml: &str, name: &str) -> (run::RunOutcome, tempfile::TempDir) {
     let parley = locate_parley(&std::env::current_exe().unwrap()).unwrap_or_else(|e| {
         panic!("{e}; `cargo test --workspace` builds it, or run `cargo build -p parley-services --bin parley` first")
     });
-    let scenario = Scenario::parse(
+    let scenario = Scenario::parse(toml, name)
+        .unwrap()
+        .with_overrides(&Overrides::default())
+        .unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let outcome = run::run(RunOptions {
+        scenario,
+        target: Target::Spawn {
+            parley: Some(parley),
+        },
+        out_dir: out.path().to_owned(),
+        progress: false,
+        command: "test".into(),
+    })
+    .await
+    .unwrap();
+    (outcome, out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_run_has_a_clean_ledger() {
+    let (outcome, _out) = spawned_run(
         r#"
         name = "e2e"
         users = 40
@@ -29,21 +51,7 @@ async fn a_short_run_has_a_clean_ledger() {
         "#,
         "e2e",
     )
-    .unwrap()
-    .with_overrides(&Overrides::default())
-    .unwrap();
-    let out = tempfile::tempdir().unwrap();
-    let outcome = run::run(RunOptions {
-        scenario,
-        target: Target::Spawn {
-            parley: Some(parley),
-        },
-        out_dir: out.path().to_owned(),
-        progress: false,
-        command: "test".into(),
-    })
-    .await
-    .unwrap();
+    .await;
     let report = &outcome.report;
     assert!(report.passed, "ledger: {:?}", report.ledger);
     assert_eq!(report.connections.connected, 40);
@@ -89,9 +97,7 @@ async fn a_short_run_has_a_clean_ledger() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_on_a_three_node_cluster_is_clean_and_says_r3() {
-    let parley = locate_parley(&std::env::current_exe().unwrap())
-        .unwrap_or_else(|e| panic!("{e}; run `cargo build -p parley-services --bin parley` first"));
-    let scenario = Scenario::parse(
+    let (outcome, _out) = spawned_run(
         r#"
         name = "e2e-cluster"
         users = 8
@@ -105,21 +111,7 @@ async fn a_run_on_a_three_node_cluster_is_clean_and_says_r3() {
         "#,
         "e2e-cluster",
     )
-    .unwrap()
-    .with_overrides(&Overrides::default())
-    .unwrap();
-    let out = tempfile::tempdir().unwrap();
-    let outcome = run::run(RunOptions {
-        scenario,
-        target: Target::Spawn {
-            parley: Some(parley),
-        },
-        out_dir: out.path().to_owned(),
-        progress: false,
-        command: "test".into(),
-    })
-    .await
-    .unwrap();
+    .await;
     let report = &outcome.report;
     assert!(report.passed, "ledger: {:?}", report.ledger);
     assert_eq!(report.ledger.acknowledged_messages, 80);
