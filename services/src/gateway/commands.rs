@@ -24,6 +24,7 @@
 //! they do not know.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -41,7 +42,7 @@ use tracing::{debug, info, warn};
 use super::Shared;
 use super::delivery::Outbox;
 use crate::admin::Reason;
-use crate::telemetry;
+use crate::{telemetry, topology};
 
 /// How long a publish to the intake is retried before the client is told `unavailable`:
 /// long enough to ride out the intake being created again after a server restart.
@@ -295,13 +296,7 @@ async fn submit(shared: &Arc<Shared>, command: &Command) -> Submitted {
                     Reason::NoIntake,
                     "no intake stream answers",
                 );
-                if let Err(e) =
-                    crate::topology::ensure_intake(&shared.topology.js, &shared.config).await
-                {
-                    debug!(error = %e, "the intake stream does not answer yet");
-                } else {
-                    info!("the intake stream answers again (created if it was missing)");
-                }
+                ensure_intake_in_background(shared);
                 "stream_not_found"
             }
             PublishErrorKind::TimedOut => "timed_out",
@@ -321,6 +316,31 @@ async fn submit(shared: &Arc<Shared>, command: &Command) -> Submitted {
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(MAX_PUBLISH_RETRY);
     }
+}
+
+/// Create the intake if it is missing, beside the publishes that keep retrying: while a
+/// cluster elects the intake's leader the request waits out its timeout, and publishes
+/// must not wait with it. One attempt at a time per gateway.
+fn ensure_intake_in_background(shared: &Arc<Shared>) {
+    if shared.ensuring_intake.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let shared = Arc::clone(shared);
+    tokio::spawn(async move {
+        let ensured = topology::attempt(
+            topology::ensure_intake(&shared.topology.js, &shared.config),
+            |cause| topology::TopologyError::Unavailable {
+                stream: parley_events::subjects::INTAKE_STREAM,
+                cause,
+            },
+        )
+        .await;
+        match ensured {
+            Ok(_) => info!("the intake stream answers again (created if it was missing)"),
+            Err(e) => debug!(error = %e, "the intake stream does not answer yet"),
+        }
+        shared.ensuring_intake.store(false, Ordering::Release);
+    });
 }
 
 /// Publish `command` to the intake under `message_id`, the intake's dedupe key, and wait

@@ -14,7 +14,7 @@ mod recent;
 mod socket;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -79,6 +79,8 @@ pub(crate) struct Shared {
     recent: recent::RecentCreations,
     connections: Arc<Semaphore>,
     next_connection: AtomicU64,
+    /// Whether a task is creating (or finding) the intake after a publish found none.
+    ensuring_intake: AtomicBool,
     shutdown: CancellationToken,
 }
 
@@ -123,6 +125,7 @@ impl Gateway {
             pending: commands::Pending::default(),
             recent: recent::RecentCreations::default(),
             next_connection: AtomicU64::new(1),
+            ensuring_intake: AtomicBool::new(false),
             shutdown: CancellationToken::new(),
         });
         readiness.ready(READY_CHECK);
