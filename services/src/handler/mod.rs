@@ -53,8 +53,12 @@ const MAX_SETUP_BACKOFF: Duration = Duration::from_secs(1);
 const TAIL_BATCH: usize = 500;
 /// How long the server keeps a log tail's consumer that nobody pulls from.
 const TAIL_INACTIVE_THRESHOLD: Duration = Duration::from_secs(30);
-/// Delay before a command that hit a transient failure is redelivered.
+/// Delay before a command that hit a transient failure is redelivered the first time; it
+/// doubles with each delivery up to [`MAX_RETRY_DELAY`], so the default five deliveries
+/// span 7.5 s: long enough to ride out a cluster electing a stream's leader (4 to 9 s)
+/// rather than answer `unavailable` during it.
 const RETRY_DELAY: Duration = Duration::from_millis(500);
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(4);
 pub(crate) const READY_CHECK: &str = "handler";
 
 #[derive(Debug, thiserror::Error)]
@@ -552,6 +556,14 @@ async fn run_lane(inner: Arc<Inner>, mut rx: mpsc::Receiver<(Command, Message)>)
     }
 }
 
+/// How long a command that failed on its `delivered`-th delivery waits for the next.
+fn retry_delay(delivered: i64) -> Duration {
+    let doublings = u32::try_from(delivered.saturating_sub(1).max(0))
+        .unwrap_or(u32::MAX)
+        .min(16);
+    (RETRY_DELAY * 2u32.pow(doublings)).min(MAX_RETRY_DELAY)
+}
+
 async fn handle_command(inner: &Inner, command: Command, message: Message, delivered: i64) {
     let started = Instant::now();
     let action = action_name(&command);
@@ -560,7 +572,9 @@ async fn handle_command(inner: &Inner, command: Command, message: Message, deliv
         Err(Transient(cause)) if delivered < inner.config.intake.max_deliver => {
             warn!(%cause, "command failed for now; it will be redelivered");
             metrics::counter!(telemetry::HANDLER_COMMANDS_TOTAL, "action" => action, "result" => "retry").increment(1);
-            let _ = message.ack_with(AckKind::Nak(Some(RETRY_DELAY))).await;
+            let _ = message
+                .ack_with(AckKind::Nak(Some(retry_delay(delivered))))
+                .await;
             return;
         }
         Err(Transient(cause)) => {
@@ -690,5 +704,24 @@ async fn publish_live(inner: &Inner, recorded: &RecordedEvent) {
         && let Err(e) = inner.client.publish(LIVE_MEMBERSHIP_SUBJECT, payload).await
     {
         debug!(error = %e, "live membership publish failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redelivery_delays_double_up_to_the_maximum() {
+        let delays: Vec<_> = (1..=6).map(retry_delay).collect();
+        assert_eq!(
+            delays,
+            [500, 1000, 2000, 4000, 4000, 4000].map(Duration::from_millis)
+        );
+        // Five deliveries (the default) span more than a cluster's longest election.
+        let spanned: Duration = (1..5).map(retry_delay).sum();
+        assert_eq!(spanned, Duration::from_millis(7500));
+        assert_eq!(retry_delay(0), RETRY_DELAY);
+        assert_eq!(retry_delay(i64::MAX), MAX_RETRY_DELAY);
     }
 }
