@@ -325,6 +325,16 @@ pub async fn run(
     let topology = topology::ensure(async_nats::jetstream::new(client.clone()), &config)
         .await
         .inspect_err(|e| error!(error = %e, "cannot set up the JetStream topology"))?;
+    // Presence needs neither the store nor the log: it follows updates from the moment NATS
+    // answers, so sockets that open while the rest of the node starts are not missed.
+    if let Some(presence) = presence {
+        let stop = shutdown.clone();
+        let (client, readiness) = (client.clone(), readiness.clone());
+        tasks.spawn(async move {
+            let result = projector::run_presence(client, presence, readiness, stop).await;
+            ("presence", result.map_err(|e| e.to_string()))
+        });
+    }
     let store = if roles.gateway || roles.projector {
         match open_store_patiently(&config, &readiness, &shutdown).await? {
             Some(store) => Some(store),
@@ -357,7 +367,6 @@ pub async fn run(
         });
     }
     if roles.projector {
-        let presence = presence.expect("built for the projector");
         let store = store.clone().expect("opened for the projector");
         let projector = Projector::build(
             Arc::clone(&config),
@@ -370,12 +379,6 @@ pub async fn run(
         tasks.spawn(async move {
             projector.run(stop).await;
             ("projector", Ok(()))
-        });
-        let stop = shutdown.clone();
-        let (client, readiness) = (client.clone(), readiness.clone());
-        tasks.spawn(async move {
-            let result = projector::run_presence(client, presence, readiness, stop).await;
-            ("presence", result.map_err(|e| e.to_string()))
         });
     }
     if roles.gateway {

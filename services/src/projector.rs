@@ -377,6 +377,15 @@ pub async fn run_presence(
     readiness: Readiness,
     shutdown: CancellationToken,
 ) -> Result<(), async_nats::SubscribeError> {
+    // Subscribed before Redis is reached, so an update published meanwhile (a socket that
+    // opened while this projector was starting) waits in the subscription instead of being
+    // lost until that socket's next heartbeat.
+    let mut updates = client
+        .queue_subscribe(PRESENCE_SUBJECT, PRESENCE_QUEUE.into())
+        .await?;
+    if let Err(e) = client.flush().await {
+        warn!(error = %e, "cannot flush the presence subscription");
+    }
     let mut backoff = Backoff::new(MAX_BACKOFF);
     let store = loop {
         match PresenceStore::connect(&redis).await {
@@ -394,9 +403,6 @@ pub async fn run_presence(
             }
         }
     };
-    let mut updates = client
-        .queue_subscribe(PRESENCE_SUBJECT, PRESENCE_QUEUE.into())
-        .await?;
     readiness.ready(PRESENCE_READY_CHECK);
     // Updates alone would notice Redis gone only at the next one (a heartbeat may be
     // seconds away); the check keeps readiness true meanwhile.
