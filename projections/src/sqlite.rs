@@ -6,12 +6,13 @@
 //! pool so SQLite never stalls the async runtime.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use async_trait::async_trait;
 use parley_events::{ConversationId, Event, EventId, Member, RecordedEvent, Role, UserId};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
-use tokio::sync::Semaphore;
+use std::sync::Mutex;
 
 use crate::columns::{
     corrupt, history_message, i64_of, kind_str, parse_kind, parse_member, parse_role, u64_of,
@@ -60,27 +61,8 @@ CREATE TABLE IF NOT EXISTS position (
 
 pub struct SqliteStore {
     writer: Arc<Mutex<Connection>>,
-    /// Reader connections not in use. A read holds a permit of `reader_permits` while it
-    /// has one, so reads never occupy more of tokio's blocking threads than there are
-    /// readers: a burst of reads (a storm of sockets connecting) waits here instead of
-    /// starting hundreds of threads that would each wait for a connection, and whose
-    /// stacks the C library would keep cached afterwards.
-    readers: Arc<Mutex<Vec<Connection>>>,
-    reader_permits: Arc<Semaphore>,
-}
-
-/// A reader connection taken from the pool, put back when dropped (also on a panic).
-struct Lease {
-    conn: Option<Connection>,
-    pool: Arc<Mutex<Vec<Connection>>>,
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        if let (Some(conn), Ok(mut pool)) = (self.conn.take(), self.pool.lock()) {
-            pool.push(conn);
-        }
-    }
+    readers: Arc<[Mutex<Connection>]>,
+    next_reader: AtomicUsize,
 }
 
 impl SqliteStore {
@@ -114,13 +96,13 @@ impl SqliteStore {
                 )
                 .map_err(unavailable)?;
                 reader.busy_timeout(BUSY_TIMEOUT).map_err(unavailable)?;
-                Ok(reader)
+                Ok(Mutex::new(reader))
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
         Ok(SqliteStore {
             writer: Arc::new(Mutex::new(writer)),
-            readers: Arc::new(Mutex::new(readers)),
-            reader_permits: Arc::new(Semaphore::new(READERS)),
+            readers: readers.into(),
+            next_reader: AtomicUsize::new(0),
         })
     }
 
@@ -143,22 +125,13 @@ impl SqliteStore {
         &self,
         work: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let permit = Arc::clone(&self.reader_permits)
-            .acquire_owned()
-            .await
-            .map_err(unavailable)?;
-        let pool = Arc::clone(&self.readers);
+        let readers = Arc::clone(&self.readers);
+        let index = self.next_reader.fetch_add(1, Ordering::Relaxed) % readers.len();
         tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            let taken = pool
+            let conn = readers[index]
                 .lock()
-                .map_err(|_| unavailable("reader pool lock poisoned"))?
-                .pop();
-            let lease = Lease {
-                conn: Some(taken.ok_or_else(|| unavailable("no reader connection left"))?),
-                pool,
-            };
-            work(lease.conn.as_ref().expect("held until the lease drops"))
+                .map_err(|_| unavailable("reader lock poisoned"))?;
+            work(&conn)
         })
         .await
         .map_err(unavailable)?
