@@ -116,15 +116,6 @@ impl Readiness {
         !checks.is_empty() && checks.values().all(Option::is_none)
     }
 
-    /// Why `check` is not ready, if it is not (a check never set reads as ready here).
-    pub fn reason(&self, check: &str) -> Option<Reason> {
-        self.checks
-            .lock()
-            .expect("readiness lock is never poisoned")
-            .get(check)
-            .and_then(|state| state.as_ref().map(|s| s.reason))
-    }
-
     fn report(&self) -> serde_json::Value {
         let checks = self
             .checks

@@ -95,7 +95,7 @@ pub enum NodeError {
 #[derive(Clone)]
 pub struct Nats {
     pub client: async_nats::Client,
-    pub connections: watch::Receiver<u64>,
+    connections: watch::Receiver<u64>,
 }
 
 impl Nats {

@@ -42,6 +42,7 @@ use tracing::{debug, info, warn};
 use super::Shared;
 use super::delivery::Outbox;
 use crate::admin::Reason;
+use crate::backoff::Backoff;
 use crate::{telemetry, topology};
 
 /// How long a publish to the intake is retried before the client is told `unavailable`:
@@ -275,11 +276,14 @@ async fn sleep_until_some(at: Option<Instant>) {
 /// when it may have got in (the acknowledgement was lost), it stays followed.
 async fn submit(shared: &Arc<Shared>, command: &Command) -> Submitted {
     let deadline = Instant::now() + PUBLISH_RETRY_WINDOW;
-    let mut delay = FIRST_PUBLISH_RETRY;
+    let mut backoff = Backoff::starting_at(FIRST_PUBLISH_RETRY, MAX_PUBLISH_RETRY);
     loop {
         let error = match to_intake(shared, command, command.id.to_string()).await {
             Ok(ack) => {
-                shared.readiness.ready(super::READY_CHECK);
+                // Readiness changes only when the intake comes back, not on every publish.
+                if shared.intake_missing.swap(false, Ordering::AcqRel) {
+                    shared.readiness.ready(super::READY_CHECK);
+                }
                 if ack.duplicate {
                     tokio::spawn(resolve_duplicate(Arc::clone(shared), command.clone()));
                 }
@@ -291,11 +295,13 @@ async fn submit(shared: &Arc<Shared>, command: &Command) -> Submitted {
             PublishErrorKind::StreamNotFound => {
                 // Missing (a single server's restart lost it) or, on a cluster, without a
                 // leader for the moment; creating it is a no-op in the second case.
-                shared.readiness.not_ready(
-                    super::READY_CHECK,
-                    Reason::NoIntake,
-                    "no intake stream answers",
-                );
+                if !shared.intake_missing.swap(true, Ordering::AcqRel) {
+                    shared.readiness.not_ready(
+                        super::READY_CHECK,
+                        Reason::NoIntake,
+                        "no intake stream answers",
+                    );
+                }
                 ensure_intake_in_background(shared);
                 "stream_not_found"
             }
@@ -304,7 +310,7 @@ async fn submit(shared: &Arc<Shared>, command: &Command) -> Submitted {
         };
         metrics::counter!(telemetry::GATEWAY_INTAKE_PUBLISH_RETRIES_TOTAL, "kind" => kind)
             .increment(1);
-        if Instant::now() + delay > deadline {
+        if Instant::now() + backoff.delay() > deadline || !backoff.wait(&shared.shutdown).await {
             warn!(command = %command.id, cause = %error, "cannot publish a command to the intake");
             // A lost acknowledgement may hide a command that did get in: keep following it.
             if error.kind() == PublishErrorKind::TimedOut {
@@ -313,8 +319,6 @@ async fn submit(shared: &Arc<Shared>, command: &Command) -> Submitted {
             shared.pending.resolve(unavailable(command.id));
             return Submitted::Refused;
         }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(MAX_PUBLISH_RETRY);
     }
 }
 
@@ -372,7 +376,12 @@ async fn resolve_duplicate(shared: Arc<Shared>, command: Command) {
     })
     .expect("a query always serializes")
     .into();
-    match shared.client.request(OUTCOME_QUERY_SUBJECT, query).await {
+    match shared
+        .nats
+        .client
+        .request(OUTCOME_QUERY_SUBJECT, query)
+        .await
+    {
         Ok(reply) if !reply.payload.is_empty() => match Outcome::from_bytes(&reply.payload) {
             Ok(outcome) => return shared.pending.resolve(outcome),
             Err(e) => warn!(error = %e, "unreadable outcome from a handler"),

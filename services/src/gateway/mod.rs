@@ -68,7 +68,6 @@ pub(crate) struct Shared {
     config: Arc<Config>,
     name: String,
     outcome_subject: String,
-    client: async_nats::Client,
     nats: Nats,
     readiness: Readiness,
     topology: Topology,
@@ -81,6 +80,8 @@ pub(crate) struct Shared {
     next_connection: AtomicU64,
     /// Whether a task is creating (or finding) the intake after a publish found none.
     ensuring_intake: AtomicBool,
+    /// Whether the last publish found no intake (the gateway is not ready meanwhile).
+    intake_missing: AtomicBool,
     shutdown: CancellationToken,
 }
 
@@ -117,7 +118,6 @@ impl Gateway {
             config,
             name,
             outcome_subject,
-            client,
             nats,
             readiness: readiness.clone(),
             topology,
@@ -126,6 +126,7 @@ impl Gateway {
             recent: recent::RecentCreations::default(),
             next_connection: AtomicU64::new(1),
             ensuring_intake: AtomicBool::new(false),
+            intake_missing: AtomicBool::new(false),
             shutdown: CancellationToken::new(),
         });
         readiness.ready(READY_CHECK);
@@ -201,6 +202,7 @@ impl Shared {
             ttl_secs: self.config.gateway.presence_ttl_secs,
         };
         if let Err(e) = self
+            .nats
             .client
             .publish(PRESENCE_SUBJECT, update.to_bytes().into())
             .await

@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::admin::{Readiness, Reason};
-use crate::backoff::Backoff;
+use crate::backoff::{self, Backoff};
 use crate::config::Config;
 use crate::node::Nats;
 use crate::telemetry;
@@ -84,7 +84,6 @@ pub struct Handler {
 
 struct Inner {
     config: Arc<Config>,
-    client: async_nats::Client,
     nats: Nats,
     topology: Topology,
     model: Mutex<WriteModel>,
@@ -117,7 +116,6 @@ impl Handler {
         Handler {
             inner: Arc::new(Inner {
                 config,
-                client: nats.client.clone(),
                 nats,
                 topology,
                 model: Mutex::new(model),
@@ -168,6 +166,7 @@ impl Handler {
         );
 
         let queries = inner
+            .nats
             .client
             .queue_subscribe(OUTCOME_QUERY_SUBJECT, HANDLER_QUEUE.into())
             .await
@@ -201,14 +200,12 @@ impl Handler {
                     failure = Some(tail_ended(stopped));
                     break;
                 }
-                // A server restart loses a memory intake with its consumer, every pull
-                // request and the tail's ephemeral consumer; the client's own recovery of a
-                // pull notices that only after its retries (about 15 s). Set everything up
-                // again now instead.
+                // A server restart loses a memory intake with its consumer and every pull
+                // request; the client's own recovery of a pull notices that only after its
+                // retries (about 15 s). Set it up again now instead (the tail does the same
+                // for its consumer).
                 Ok(()) = reconnects.changed() => {
-                    info!("reconnected to NATS; setting up the intake consumer and the log tail again");
-                    tail.abort();
-                    tail = tokio::spawn(tail_log(Arc::clone(&inner), shutdown.clone()));
+                    info!("reconnected to NATS; setting up the intake consumer again");
                     Some((Reason::NoIntake, "reconnected to NATS".to_owned()))
                 }
                 next = commands.next() => match next {
@@ -356,6 +353,7 @@ async fn tail_log(inner: Arc<Inner>, shutdown: CancellationToken) -> Result<(), 
     // written is taken even if the log has gone quiet.
     let mut snapshot_check = tokio::time::interval(SNAPSHOT_CHECK);
     let mut backoff = Backoff::new(MAX_SETUP_BACKOFF);
+    let mut reconnects = inner.nats.reconnects();
     'consumer: loop {
         let after = *inner.position.borrow();
         let mut messages = match topology::attempt(tail_messages(&inner, after), HandlerError::Tail)
@@ -382,6 +380,9 @@ async fn tail_log(inner: Arc<Inner>, shutdown: CancellationToken) -> Result<(), 
                     snapshots.consider(&inner);
                     continue;
                 }
+                // A server restart loses the tail's ephemeral consumer: follow the log again
+                // now rather than after two missed heartbeats.
+                Ok(()) = reconnects.changed() => continue 'consumer,
                 next = messages.next() => match next {
                     Some(Ok(message)) => message,
                     Some(Err(e)) if pull_lost(&e) => {
@@ -531,7 +532,7 @@ async fn answer_queries(
                 .to_bytes()
             })
             .unwrap_or_default();
-        if let Err(e) = inner.client.publish(reply, payload.into()).await {
+        if let Err(e) = inner.nats.client.publish(reply, payload.into()).await {
             debug!(error = %e, "cannot answer an outcome query");
         }
     }
@@ -558,10 +559,8 @@ async fn run_lane(inner: Arc<Inner>, mut rx: mpsc::Receiver<(Command, Message)>)
 
 /// How long a command that failed on its `delivered`-th delivery waits for the next.
 fn retry_delay(delivered: i64) -> Duration {
-    let doublings = u32::try_from(delivered.saturating_sub(1).max(0))
-        .unwrap_or(u32::MAX)
-        .min(16);
-    (RETRY_DELAY * 2u32.pow(doublings)).min(MAX_RETRY_DELAY)
+    let retry = u32::try_from(delivered.saturating_sub(1).max(0)).unwrap_or(u32::MAX);
+    backoff::doubled(RETRY_DELAY, MAX_RETRY_DELAY, retry)
 }
 
 async fn handle_command(inner: &Inner, command: Command, message: Message, delivered: i64) {
@@ -600,6 +599,7 @@ async fn handle_command(inner: &Inner, command: Command, message: Message, deliv
     };
     if command.reply_to.starts_with(OUTCOME_SUBJECT_PREFIX) {
         if let Err(e) = inner
+            .nats
             .client
             .publish(command.reply_to.clone(), outcome.to_bytes().into())
             .await
@@ -697,11 +697,20 @@ async fn wait_for_tail(inner: &Inner, seq: u64) -> Result<(), Transient> {
 async fn publish_live(inner: &Inner, recorded: &RecordedEvent) {
     let payload: bytes::Bytes = recorded.to_bytes().into();
     let conversation = live_subject(recorded.envelope.conversation);
-    if let Err(e) = inner.client.publish(conversation, payload.clone()).await {
+    if let Err(e) = inner
+        .nats
+        .client
+        .publish(conversation, payload.clone())
+        .await
+    {
         debug!(error = %e, "live publish failed");
     }
     if matches!(recorded.envelope.event, Event::ConversationCreated(_))
-        && let Err(e) = inner.client.publish(LIVE_MEMBERSHIP_SUBJECT, payload).await
+        && let Err(e) = inner
+            .nats
+            .client
+            .publish(LIVE_MEMBERSHIP_SUBJECT, payload)
+            .await
     {
         debug!(error = %e, "live membership publish failed");
     }
