@@ -11,11 +11,11 @@
 use std::io::Write as _;
 use std::sync::Mutex;
 
-use parley_loadtest::platform::locate_parley;
 use parley_loadtest::report::{FaultFigures, Report, render_table};
-use parley_loadtest::run::{self, RunOptions, Target};
 use parley_loadtest::scenario::{Fault, FaultRole};
 use parley_loadtest::{Overrides, Scenario};
+
+mod support;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
@@ -27,9 +27,6 @@ fn run_with(fault: &str, gateways: usize) -> Report {
 /// [`run_with`] on `nats_nodes` NATS nodes (a cluster when more than one).
 fn run_on(fault: &str, gateways: usize, nats_nodes: usize) -> Report {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let parley = locate_parley(&std::env::current_exe().unwrap()).unwrap_or_else(|e| {
-        panic!("{e}; `cargo test --workspace` builds it, or run `cargo build -p parley-services --bin parley` first")
-    });
     let fault: Fault = fault.parse().unwrap();
     let scenario = Scenario::parse(
         &format!(
@@ -57,23 +54,12 @@ fn run_on(fault: &str, gateways: usize, nats_nodes: usize) -> Report {
         ..Overrides::default()
     })
     .unwrap();
-    let out = tempfile::tempdir().unwrap();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    let outcome = runtime
-        .block_on(run::run(RunOptions {
-            scenario,
-            target: Target::Spawn {
-                parley: Some(parley),
-            },
-            out_dir: out.path().to_owned(),
-            progress: false,
-            command: "faults test".into(),
-        }))
-        .unwrap();
+    let (outcome, _out) = runtime.block_on(support::spawned_run(scenario, "faults test"));
     let report = outcome.report;
     // The whole table when a test fails; the interruption always (written past the test
     // harness's capture, so passing runs show it in CI).

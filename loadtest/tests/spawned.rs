@@ -1,34 +1,18 @@
 //! A short run against a platform the harness starts itself: real nats-server, redis-server
 //! and `parley` role processes. Asserts a clean ledger, never a latency.
 
-use parley_loadtest::platform::locate_parley;
-use parley_loadtest::run::{self, RunOptions, Target};
+mod support;
+
+use parley_loadtest::run::RunOutcome;
 use parley_loadtest::{Overrides, Scenario};
 
-/// Run the scenario `toml` against a platform the harness spawns from the `parley` binary
-/// `cargo test --workspace` builds next to the test binaries; the run's directory lives as
-/// long as the returned `TempDir`.
-async fn spawned_run(toml: &str, name: &str) -> (run::RunOutcome, tempfile::TempDir) {
-    let parley = locate_parley(&std::env::current_exe().unwrap()).unwrap_or_else(|e| {
-        panic!("{e}; `cargo test --workspace` builds it, or run `cargo build -p parley-services --bin parley` first")
-    });
+/// Run the scenario `toml` against a spawned platform.
+async fn spawned_run(toml: &str, name: &str) -> (RunOutcome, tempfile::TempDir) {
     let scenario = Scenario::parse(toml, name)
         .unwrap()
         .with_overrides(&Overrides::default())
         .unwrap();
-    let out = tempfile::tempdir().unwrap();
-    let outcome = run::run(RunOptions {
-        scenario,
-        target: Target::Spawn {
-            parley: Some(parley),
-        },
-        out_dir: out.path().to_owned(),
-        progress: false,
-        command: "test".into(),
-    })
-    .await
-    .unwrap();
-    (outcome, out)
+    support::spawned_run(scenario, "test").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
