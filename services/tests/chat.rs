@@ -310,8 +310,8 @@ async fn a_live_event_the_gateway_missed_is_filled_from_the_log() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_delivered_twice_appends_once_and_gets_the_same_outcome_twice() {
+    use parley_events::Outcome;
     use parley_events::subjects::INTAKE_SUBJECT;
-    use parley_events::{Action, ClientMsgId, Command, Outcome, UserId};
 
     let platform = Platform::start(1).await;
     let (_alice, mut bob, conversation) = platform.alice_and_bob().await;
@@ -320,16 +320,7 @@ async fn a_command_delivered_twice_appends_once_and_gets_the_same_outcome_twice(
     // the intake's duplicate window would arrive.
     let client = async_nats::connect(platform.nats.url()).await.unwrap();
     let mut outcomes = client.subscribe("parley.outcome.test").await.unwrap();
-    let command = Command::new(
-        UserId::parse("alice").unwrap(),
-        ClientMsgId::parse("redelivered").unwrap(),
-        parley_services::unix_millis(),
-        "parley.outcome.test".into(),
-        Action::PostMessage {
-            conversation,
-            body: "only once".into(),
-        },
-    );
+    let command = support::alice_posts(conversation, "redelivered", "only once");
     let js = async_nats::jetstream::new(client);
     for attempt in ["first", "second"] {
         let message = async_nats::jetstream::message::PublishMessage::build()

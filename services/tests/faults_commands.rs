@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use parley_events::subjects::{INTAKE_SUBJECT, log_subject};
-use parley_events::{Action, ClientMsgId, Command, ConversationId, Outcome, UserId};
+use parley_events::{ConversationId, Outcome};
 use parley_services::handler::{Decision, WriteModel};
 use serde_json::{Value, json};
 use support::{Client, Platform, eventually, http_get};
@@ -203,16 +203,7 @@ async fn a_command_redelivered_after_a_crash_between_append_and_ack_gets_its_ori
 
     // What a handler that died right after its append left behind: the event in the log,
     // the command still on the intake.
-    let command = Command::new(
-        UserId::parse("alice").unwrap(),
-        ClientMsgId::parse("crashed").unwrap(),
-        parley_services::unix_millis(),
-        "parley.outcome.test".into(),
-        Action::PostMessage {
-            conversation,
-            body: "appended before the crash".into(),
-        },
-    );
+    let command = support::alice_posts(conversation, "crashed", "appended before the crash");
     let shards = parley_events::subjects::Shards::new(platform.config.log.shards).unwrap();
     let mut model = WriteModel::new(shards, 100);
     for event in platform.log().await {

@@ -485,6 +485,25 @@ impl<N> Drop for Platform<N> {
     }
 }
 
+/// A `send` of `body` by alice to `conversation` as a gateway would put it on the intake,
+/// with its outcome going to `parley.outcome.test`: for tests that play a gateway.
+pub fn alice_posts(
+    conversation: ConversationId,
+    client_id: &str,
+    body: &str,
+) -> parley_events::Command {
+    parley_events::Command::new(
+        UserId::parse("alice").unwrap(),
+        parley_events::ClientMsgId::parse(client_id).unwrap(),
+        unix_millis(),
+        "parley.outcome.test".into(),
+        parley_events::Action::PostMessage {
+            conversation,
+            body: body.into(),
+        },
+    )
+}
+
 /// A plain HTTP GET, enough for the admin endpoints: (status, body).
 pub async fn http_get(address: SocketAddr, path: &str) -> (u16, String) {
     let mut tcp = tokio::net::TcpStream::connect(address).await.unwrap();
