@@ -252,7 +252,7 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
     // The log is read back from here after the run.
     let log_start = match &nats_url {
         Some(url) => match log_position(url).await {
-            Ok(seq) => Some(seq),
+            Ok(start) => Some(start),
             Err(e) => {
                 eprintln!(
                     "note: the log cannot be read, so unacknowledged sends stay unclassified: {e}"
@@ -357,10 +357,10 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
     }
     // Clients stay connected while the log is read: what is appended late must still reach
     // them.
-    let log = match (&nats_url, log_start) {
-        (Some(url), Some(after)) => {
+    let log = match log_start {
+        Some((reader, after)) => {
             *phase.lock().unwrap() = "reading the log";
-            match read_log(url, after, &conversations, &live).await {
+            match read_log(&reader, after, &conversations, &live).await {
                 Ok(log) => Some(log),
                 Err(e) => {
                     live.record_error("harness:log_unreadable");
@@ -369,7 +369,7 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
                 }
             }
         }
-        _ => None,
+        None => None,
     };
     finish.cancel();
     drop(controls);
@@ -750,20 +750,21 @@ fn conversation_index(conversations: &[ConversationId]) -> HashMap<ConversationI
         .collect()
 }
 
-/// The log's last sequence before the run creates anything.
-async fn log_position(nats_url: &str) -> Result<u64, LoadtestError> {
-    LogReader::connect(nats_url).await?.last_sequence().await
+/// A reader of the log, and the log's last sequence before the run creates anything.
+async fn log_position(nats_url: &str) -> Result<(LogReader, u64), LoadtestError> {
+    let reader = LogReader::connect(nats_url).await?;
+    let last = reader.last_sequence().await?;
+    Ok((reader, last))
 }
 
 /// The run's events, once the intake is empty (or [`INTAKE_WAIT`] has passed) and
 /// deliveries have gone quiet again.
 async fn read_log(
-    nats_url: &str,
+    reader: &LogReader,
     after: u64,
     conversations: &[ConversationId],
     live: &Live,
 ) -> Result<LogRead, LoadtestError> {
-    let reader = LogReader::connect(nats_url).await?;
     let pending = reader.wait_for_empty_intake(INTAKE_WAIT).await?;
     drain(live).await;
     reader
