@@ -157,6 +157,14 @@ impl Event {
         current_version(self.type_name()).unwrap_or(1)
     }
 
+    /// The oldest client protocol version that knows this event type: sockets speaking an
+    /// older one are not sent it, so a client never meets a type its version did not list.
+    pub fn since_protocol(&self) -> u32 {
+        match self {
+            Event::ConversationCreated(_) | Event::MessagePosted(_) => 1,
+        }
+    }
+
     /// Decode the data of a stored event of any known version.
     pub fn decode(type_name: &str, version: u32, data: Value) -> Result<Self, DecodeError> {
         let data = upcast(type_name, version, data)?;

@@ -10,8 +10,27 @@ use crate::error::ErrorCode;
 use crate::event::{ConversationKind, RecordedEvent, Role};
 use crate::ids::{ClientMsgId, ConversationId, EventId, UserId};
 
-/// Version of the protocol described here, announced in `welcome`.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Newest version of the protocol described here. A client asks for it at the upgrade
+/// (`?protocol=2`); without asking it gets [`OLDEST_PROTOCOL_VERSION`], so clients written
+/// for version 1 keep working. `welcome` announces the version a socket speaks.
+pub const PROTOCOL_VERSION: u32 = 2;
+/// Oldest version still served, and the one a client gets when it does not ask.
+pub const OLDEST_PROTOCOL_VERSION: u32 = 1;
+
+/// The protocol version asked for by the value of the upgrade's `protocol` query parameter.
+pub fn protocol_version(asked: Option<&str>) -> Result<u32, String> {
+    let Some(asked) = asked else {
+        return Ok(OLDEST_PROTOCOL_VERSION);
+    };
+    match asked.parse::<u32>() {
+        Ok(version) if (OLDEST_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) => {
+            Ok(version)
+        }
+        _ => Err(format!(
+            "protocol {asked:?} is not served; ask for {OLDEST_PROTOCOL_VERSION} to {PROTOCOL_VERSION}"
+        )),
+    }
+}
 
 /// WebSocket close codes the server uses (RFC 6455 section 7.4.1, plus the 4000 range).
 pub mod close {
@@ -316,6 +335,17 @@ mod tests {
                 !matches!(err, Some(FrameError::UnknownType(_))),
                 "{frame_type} is declared but not parsed"
             );
+        }
+    }
+
+    #[test]
+    fn a_client_gets_the_version_it_asks_for_or_version_1() {
+        assert_eq!(protocol_version(None), Ok(1));
+        assert_eq!(protocol_version(Some("1")), Ok(1));
+        assert_eq!(protocol_version(Some("2")), Ok(2));
+        for wrong in ["0", "3", "two", "", "-1", "2.0"] {
+            let refused = protocol_version(Some(wrong)).unwrap_err();
+            assert!(refused.contains("not served"), "{wrong}: {refused}");
         }
     }
 

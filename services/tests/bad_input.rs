@@ -93,6 +93,25 @@ async fn disallowed_origins_are_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_protocol_version_not_served_is_refused_and_none_asked_means_version_1() {
+    let platform = Platform::start(1).await;
+    let token = platform.token("alice");
+    for wrong in ["0", "3", "two", ""] {
+        let url = format!("{}?protocol={wrong}", platform.url(0));
+        refused(with_bearer(&url, &token), 400, "invalid_request").await;
+    }
+    let mut plain = Client::open(with_bearer(&platform.url(0), &token))
+        .await
+        .unwrap();
+    assert_eq!(plain.next_of(&["welcome"]).await["protocol"], 1);
+    let url = format!("{}?access_token={token}&protocol=2", platform.url(0));
+    let mut newer = Client::open(url.into_client_request().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(newer.next_of(&["welcome"]).await["protocol"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_frames_and_commands_get_their_error_codes_and_append_nothing() {
     let platform = Platform::start(1).await;
     let (mut alice, mut bob, conversation) = platform.alice_and_bob().await;

@@ -110,6 +110,8 @@ impl Outbox {
 
 struct SocketEntry {
     user: UserId,
+    /// The protocol version the socket speaks: it is sent only what that version knows.
+    protocol: u32,
     outbox: Outbox,
     conversations: HashSet<ConversationId>,
 }
@@ -155,13 +157,14 @@ impl Routes {
             .expect("routing table lock is never poisoned")
     }
 
-    pub fn register(&self, conn: ConnectionId, user: UserId, outbox: Outbox) {
+    pub fn register(&self, conn: ConnectionId, user: UserId, protocol: u32, outbox: Outbox) {
         let mut table = self.table();
         table.users.entry(user.clone()).or_default().insert(conn);
         table.sockets.insert(
             conn,
             SocketEntry {
                 user,
+                protocol,
                 outbox,
                 conversations: HashSet::new(),
             },
@@ -283,8 +286,12 @@ impl Routes {
         }
     }
 
-    /// Queue `frame` on every local socket following `conversation`.
-    fn fan_out(&self, conversation: ConversationId, frame: &Utf8Bytes) {
+    /// Queue `event` on every local socket following its conversation that speaks a
+    /// protocol version knowing its type.
+    fn fan_out(&self, event: RecordedEvent) {
+        let since = event.envelope.event.since_protocol();
+        let conversation = event.envelope.conversation;
+        let frame = event_frame(event);
         let outboxes: Vec<Outbox> = {
             let table = self.table();
             let Some(route) = table.conversations.get(&conversation) else {
@@ -293,7 +300,9 @@ impl Routes {
             route
                 .sockets
                 .iter()
-                .filter_map(|conn| table.sockets.get(conn).map(|entry| entry.outbox.clone()))
+                .filter_map(|conn| table.sockets.get(conn))
+                .filter(|entry| entry.protocol >= since)
+                .map(|entry| entry.outbox.clone())
                 .collect()
         };
         for outbox in &outboxes {
@@ -379,19 +388,12 @@ async fn follow_conversation(
             return;
         };
         let span = tracing::debug_span!("event", %conversation, seq = event.seq);
-        last = deliver(&routes, conversation, event, last)
-            .instrument(span)
-            .await;
+        last = deliver(&routes, event, last).instrument(span).await;
     }
 }
 
 /// Deliver `event` after any events it shows were missed; the new newest sequence.
-async fn deliver(
-    routes: &Routes,
-    conversation: ConversationId,
-    event: RecordedEvent,
-    mut last: u64,
-) -> u64 {
+async fn deliver(routes: &Routes, event: RecordedEvent, mut last: u64) -> u64 {
     let mut batch = if last > 0 && event.envelope.prev > last {
         routes.fill_gap(last, event.envelope.prev).await
     } else {
@@ -403,7 +405,7 @@ async fn deliver(
             continue;
         }
         last = event.seq;
-        routes.fan_out(conversation, &event_frame(event));
+        routes.fan_out(event);
     }
     last
 }

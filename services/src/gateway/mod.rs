@@ -25,7 +25,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures::StreamExt;
 use parley_events::presence::{ConnectionState, PresenceUpdate};
-use parley_events::protocol::HttpError;
+use parley_events::protocol::{HttpError, protocol_version};
 use parley_events::subjects::{LIVE_MEMBERSHIP_SUBJECT, PRESENCE_SUBJECT, outcome_subject};
 use parley_events::{ErrorCode, Event, Outcome, RecordedEvent, UserId};
 use parley_projections::ConversationStore;
@@ -223,10 +223,14 @@ fn token_of<'a>(headers: &'a HeaderMap, uri: &'a Uri) -> Option<&'a str> {
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.strip_prefix("Bearer "));
-    from_header.or_else(|| {
-        uri.query()?
-            .split('&')
-            .find_map(|pair| pair.strip_prefix("access_token="))
+    from_header.or_else(|| query_param(uri, "access_token"))
+}
+
+/// A query parameter's value as it appears in the URI (not percent-decoded).
+fn query_param<'a>(uri: &'a Uri, name: &str) -> Option<&'a str> {
+    uri.query()?.split('&').find_map(|pair| {
+        pair.strip_prefix(name)
+            .and_then(|rest| rest.strip_prefix('='))
     })
 }
 
@@ -254,6 +258,12 @@ async fn upgrade(
         Ok(verified) => verified,
         Err(e) => return refuse(StatusCode::UNAUTHORIZED, e.code(), &e.to_string()),
     };
+    let protocol = match protocol_version(query_param(&uri, "protocol")) {
+        Ok(protocol) => protocol,
+        Err(refused) => {
+            return refuse(StatusCode::BAD_REQUEST, ErrorCode::InvalidRequest, &refused);
+        }
+    };
     let Ok(permit) = Arc::clone(&shared.connections).try_acquire_owned() else {
         return refuse(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -265,6 +275,7 @@ async fn upgrade(
     let remaining = Duration::from_secs(claims.exp.saturating_sub(unix_millis() / 1000));
     let session = Session {
         user,
+        protocol,
         conn: shared.next_connection.fetch_add(1, Ordering::Relaxed),
         expires_at: tokio::time::Instant::now() + remaining,
     };

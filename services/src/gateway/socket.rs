@@ -10,9 +10,7 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures::stream::{SplitSink, SplitStream};
 use futures::{Sink, SinkExt, StreamExt};
 use parley_events::presence::ConnectionState;
-use parley_events::protocol::{
-    ClientFrame, ConversationSummary, Limits, PROTOCOL_VERSION, ServerFrame, close,
-};
+use parley_events::protocol::{ClientFrame, ConversationSummary, Limits, ServerFrame, close};
 use parley_events::{Action, ClientMsgId, Command, ConversationId, ErrorCode, UserId};
 use parley_projections::StoreError;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
@@ -39,6 +37,8 @@ pub const MAX_SERVER_FRAME_BYTES: usize = 512 * 1024;
 
 pub struct Session {
     pub user: UserId,
+    /// The protocol version the socket speaks, chosen at the upgrade.
+    pub protocol: u32,
     pub conn: ConnectionId,
     /// When the token expires; the session ends then (close 1008).
     pub expires_at: Instant,
@@ -62,7 +62,7 @@ pub async fn serve(
             shared.config.ping_interval(),
         ));
         outbox.send(&ServerFrame::Welcome {
-            protocol: PROTOCOL_VERSION,
+            protocol: session.protocol,
             user: session.user.clone(),
             connection: shared.connection_name(session.conn),
             limits: Limits {
@@ -71,9 +71,12 @@ pub async fn serve(
                 max_history_page: shared.config.limits.max_history_page,
             },
         });
-        shared
-            .routes
-            .register(session.conn, session.user.clone(), outbox.clone());
+        shared.routes.register(
+            session.conn,
+            session.user.clone(),
+            session.protocol,
+            outbox.clone(),
+        );
         shared
             .publish_presence(&session.user, session.conn, ConnectionState::Open)
             .await;

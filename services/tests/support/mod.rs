@@ -330,9 +330,19 @@ impl<N> Platform<N> {
         format!("ws://{}/ws", self.gateways[gateway])
     }
 
-    /// The upgrade request of `user` to `gateway`.
+    /// The upgrade request of `user` to `gateway`, speaking protocol version 1.
     fn request(&self, gateway: usize, user: &str) -> tungstenite::handshake::client::Request {
-        let mut request = self.url(gateway).into_client_request().unwrap();
+        self.request_speaking(gateway, user, 1)
+    }
+
+    fn request_speaking(
+        &self,
+        gateway: usize,
+        user: &str,
+        protocol: u32,
+    ) -> tungstenite::handshake::client::Request {
+        let url = format!("{}?protocol={protocol}", self.url(gateway));
+        let mut request = url.into_client_request().unwrap();
         request.headers_mut().insert(
             "Authorization",
             format!("Bearer {}", self.token(user)).parse().unwrap(),
@@ -376,9 +386,21 @@ impl<N> Platform<N> {
 
     /// Connect `user` to `gateway` and read the welcome.
     pub async fn connect(&self, gateway: usize, user: &str) -> Client {
-        let mut client = self.try_connect(gateway, user).await.expect("connects");
+        self.connect_speaking(gateway, user, 1).await
+    }
+
+    /// Connect `user` to `gateway` speaking protocol version 2, and read the welcome.
+    pub async fn connect_v2(&self, gateway: usize, user: &str) -> Client {
+        self.connect_speaking(gateway, user, 2).await
+    }
+
+    async fn connect_speaking(&self, gateway: usize, user: &str, protocol: u32) -> Client {
+        let mut client = Client::open(self.request_speaking(gateway, user, protocol))
+            .await
+            .expect("connects");
         let welcome = client.next_of(&["welcome"]).await;
         assert_eq!(welcome["user"], user);
+        assert_eq!(welcome["protocol"], protocol);
         client
     }
 
