@@ -3,6 +3,8 @@
 //! The full description, with examples, is `docs/protocol.md`; this module is its source of
 //! truth for shapes and names.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -94,6 +96,17 @@ pub enum ClientFrame {
         #[serde(default)]
         limit: Option<u32>,
     },
+    /// (v2) Catch up after a reconnect: every event of the user's conversations after the
+    /// given points, then live delivery. A conversation named in `conversations` resumes
+    /// after that sequence; any other conversation after `cursor`, or, without a cursor,
+    /// from now (nothing old is sent for it).
+    Resume {
+        id: ClientMsgId,
+        #[serde(default)]
+        cursor: Option<ResumeCursor>,
+        #[serde(default)]
+        conversations: BTreeMap<ConversationId, u64>,
+    },
     /// Application-level keepalive for clients that cannot send WebSocket pings.
     Ping {
         #[serde(default)]
@@ -102,12 +115,13 @@ pub enum ClientFrame {
 }
 
 /// The `type` names [`ClientFrame`] accepts.
-pub const CLIENT_FRAME_TYPES: [&str; 6] = [
+pub const CLIENT_FRAME_TYPES: [&str; 7] = [
     "send",
     "create_direct",
     "create_group",
     "history",
     "conversations",
+    "resume",
     "ping",
 ];
 
@@ -220,6 +234,66 @@ pub enum ServerFrame {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<ClientMsgId>,
     },
+    /// (v2) The end of a resume's events. Conversations not listed are live and complete:
+    /// nothing was missed, and what follows arrives live.
+    Resumed {
+        id: ClientMsgId,
+        /// Where the user's conversations stand now; send it with the next `resume`.
+        cursor: ResumeCursor,
+        conversations: Vec<ResumeStatus>,
+    },
+}
+
+/// A position in the log, handed out by the server in `resumed` and sent back in `resume`.
+/// Opaque to clients: a string they store and return as it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ResumeCursor(pub u64);
+
+const CURSOR_PREFIX: &str = "c1-";
+
+impl Serialize for ResumeCursor {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&format!("{CURSOR_PREFIX}{:x}", self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for ResumeCursor {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.strip_prefix(CURSOR_PREFIX)
+            .filter(|hex| !hex.is_empty() && hex.len() <= 16)
+            .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+            .map(ResumeCursor)
+            .ok_or_else(|| serde::de::Error::custom("not a cursor this server issued"))
+    }
+}
+
+/// How one conversation stands at the end of a resume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumeStatus {
+    pub conversation: ConversationId,
+    pub state: ResumeState,
+    /// The sequence the client has now reached in this conversation: for `more`, where to
+    /// resume it from; for `truncated`, the newest one delivered.
+    pub seq: u64,
+    /// For `truncated`: the oldest sequence the log still holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_seq: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResumeState {
+    /// Caught up and followed live, after events that were sent by this resume.
+    Live,
+    /// Not caught up: the resume's bounds were reached. Nothing arrives live for it until a
+    /// later `resume` names it with `seq`.
+    More,
+    /// The point asked for is older than the log still holds; events from `first_seq` on
+    /// were sent, older ones are gone from the log (page `history` for what the store kept).
+    Truncated,
+    /// Named in the request, but not one of the user's conversations (or none at all).
+    NotMember,
 }
 
 /// One of the user's conversations in a `conversations` reply.
@@ -347,6 +421,45 @@ mod tests {
             let refused = protocol_version(Some(wrong)).unwrap_err();
             assert!(refused.contains("not served"), "{wrong}: {refused}");
         }
+    }
+
+    #[test]
+    fn a_cursor_is_an_opaque_string_that_round_trips() {
+        let json = serde_json::to_string(&ResumeCursor(0x1f4a)).unwrap();
+        assert_eq!(json, r#""c1-1f4a""#);
+        assert_eq!(
+            serde_json::from_str::<ResumeCursor>(&json).unwrap(),
+            ResumeCursor(0x1f4a)
+        );
+        for wrong in [
+            r#""1f4a""#,
+            r#""c1-""#,
+            r#""c1-xyz""#,
+            r#""c1-11111111111111111""#,
+            "7",
+        ] {
+            assert!(
+                serde_json::from_str::<ResumeCursor>(wrong).is_err(),
+                "{wrong}"
+            );
+        }
+        let conversation = ConversationId::from_uuid(uuid::Uuid::from_u128(7));
+        let frame = ClientFrame::parse(&format!(
+            r#"{{"type":"resume","id":"r","cursor":"c1-a","conversations":{{"{conversation}":4}}}}"#
+        ))
+        .unwrap();
+        assert_eq!(
+            frame,
+            ClientFrame::Resume {
+                id: ClientMsgId::parse("r").unwrap(),
+                cursor: Some(ResumeCursor(10)),
+                conversations: BTreeMap::from([(conversation, 4)]),
+            }
+        );
+        let frame = ClientFrame::parse(r#"{"type":"resume","id":"r","cursor":"c1-zz"}"#);
+        let refused = frame.unwrap_err();
+        assert_eq!(refused.code(), ErrorCode::BadFrame);
+        assert_eq!(refused.request_id().map(|id| id.as_str()), Some("r"));
     }
 
     #[test]
