@@ -229,6 +229,8 @@ pub struct GatewayConfig {
     pub max_conversations_per_user: u32,
     /// Most events one `resume` sends; the conversations left over are reported `more`.
     pub resume_max_events: u32,
+    /// Most bytes of event frames one `resume` sends.
+    pub resume_max_bytes: usize,
     /// Most sockets one gateway holds.
     pub max_connections: usize,
     /// Seconds a presence record lives without a heartbeat; heartbeats go out every third.
@@ -248,6 +250,7 @@ impl Default for GatewayConfig {
             command_timeout_secs: 10,
             max_conversations_per_user: 10_000,
             resume_max_events: 1000,
+            resume_max_bytes: 1 << 20,
             max_connections: 100_000,
             presence_ttl_secs: 60,
             drain_secs: 10,
@@ -675,6 +678,10 @@ impl Config {
             "gateway.resume_max_events must be between 1 and 100000",
         );
         require(
+            (64 * 1024..=64 << 20).contains(&gateway.resume_max_bytes),
+            "gateway.resume_max_bytes must be between 65536 and 67108864",
+        );
+        require(
             gateway.presence_ttl_secs >= 3,
             "gateway.presence_ttl_secs must be at least 3",
         );
@@ -924,7 +931,7 @@ mod tests {
     #[test]
     fn out_of_range_values_are_refused_with_every_problem_listed() {
         let err = Config::from_toml(
-            "[log]\nshards = 0\n[intake]\nmax_bytes = 4096\n[limits]\nmax_frame_bytes = 100\nmax_message_bytes = 200\n[auth]\nsecret = \"short\"\n[gateway]\nallowed_origins = [\"example.com\"]\nresume_max_events = 0\n",
+            "[log]\nshards = 0\n[intake]\nmax_bytes = 4096\n[limits]\nmax_frame_bytes = 100\nmax_message_bytes = 200\n[auth]\nsecret = \"short\"\n[gateway]\nallowed_origins = [\"example.com\"]\nresume_max_events = 0\nresume_max_bytes = 1000\n",
         )
         .unwrap_err();
         let text = err.to_string();
@@ -935,6 +942,7 @@ mod tests {
             "auth.secret must be at least 32 bytes",
             "allowed_origins",
             "gateway.resume_max_events must be between 1 and 100000",
+            "gateway.resume_max_bytes must be between 65536",
         ] {
             assert!(text.contains(expected), "missing {expected:?} in {text}");
         }

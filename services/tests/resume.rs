@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use parley_events::ConversationId;
 use serde_json::{Value, json};
-use support::{Client, Platform};
+use support::{Client, Closed, Platform};
 
 /// Send `resume` and read until its `resumed`: the events it brought, and the `resumed`.
 async fn resume(client: &mut Client, id: &str, point: Value) -> (Vec<Value>, Value) {
@@ -358,4 +358,88 @@ async fn reconnecting_while_messages_flow_sees_each_exactly_once_in_order() {
     assert_chain(&events, at);
     received.extend(seqs(&events));
     assert_eq!(received, sent, "every message once, in order");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_that_falls_too_far_behind_while_resuming_is_told_to_resume_again() {
+    // Bob's resume sends more than the socket buffers hold (about 4 MiB on loopback), so it
+    // waits on Bob, who does not read, while Alice keeps the conversation busy.
+    const BODY: usize = 60 * 1024;
+    let platform = Platform::start_with(1, |c| {
+        c.limits.max_message_bytes = BODY;
+        c.limits.max_frame_bytes = 2 * BODY;
+        c.gateway.resume_max_bytes = 64 << 20;
+        c.gateway.send_queue = 8;
+    })
+    .await;
+    let (mut alice, bob, conversation, created) = alice_and_resumed_bob(&platform).await;
+    bob.close().await;
+    for i in 0..150 {
+        alice
+            .send(json!({"type": "send", "id": format!("big-{i}"), "conversation": conversation, "body": "x".repeat(BODY)}))
+            .await;
+        assert_eq!(alice.reply_to(&format!("big-{i}")).await["type"], "ack");
+    }
+    let mut bob = platform
+        .connect_speaking_with_receive_buffer(0, "bob", 2, 4096)
+        .await;
+    bob.send(
+        json!({"type": "resume", "id": "r", "conversations": {conversation.to_string(): created}}),
+    )
+    .await;
+    // Alice's socket follows the conversation on the same gateway: once she has her own
+    // events, the follower is past them, far ahead of what Bob's resume read.
+    let busy = send_many(&mut alice, conversation, "busy", 500).await;
+    let mut seen = 0;
+    while seen < busy.len() {
+        if alice.next().await["type"] == "event" {
+            seen += 1;
+        }
+    }
+    let mut received = Vec::new();
+    let closed = loop {
+        match bob.next_or_close().await {
+            Ok(frame) if frame["type"] == "event" => {
+                received.push(frame["event"]["seq"].as_u64().unwrap());
+            }
+            Ok(_) => {}
+            Err(closed) => break closed,
+        }
+    };
+    assert_eq!(
+        closed,
+        Closed {
+            code: 1013,
+            reason: "fell behind a conversation: resume".into()
+        }
+    );
+    let log: Vec<u64> = platform
+        .log()
+        .await
+        .iter()
+        .filter(|e| e.envelope.conversation == conversation && e.seq > created)
+        .map(|e| e.seq)
+        .collect();
+    // What reached Bob is where he stands: the frames still queued at the close are
+    // dropped, and the resume may have read some of Alice's messages when it began.
+    assert!(!received.is_empty());
+    assert_eq!(received, log[..received.len()], "a prefix, in order");
+    // Resuming again from there gets the rest, exactly.
+    let mut bob = platform.connect_v2(0, "bob").await;
+    let mut at = *received.last().unwrap();
+    loop {
+        let (events, resumed) = resume(
+            &mut bob,
+            "again",
+            json!({"conversations": {conversation.to_string(): at}}),
+        )
+        .await;
+        received.extend(seqs(&events));
+        match resumed["conversations"].as_array().unwrap().first() {
+            Some(more) => at = more["seq"].as_u64().unwrap(),
+            None => break,
+        }
+    }
+    assert_eq!(received, log);
+    assert!(log.ends_with(&busy));
 }

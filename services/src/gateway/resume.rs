@@ -25,10 +25,9 @@ use super::Shared;
 use super::delivery::{Outbox, event_frame, is_sent_to};
 use super::log::LogError;
 use super::socket::{Session, WRITE_TIMEOUT};
+use crate::config::GatewayConfig;
 use crate::telemetry;
 
-/// Most bytes of event frames one resume sends.
-pub const MAX_RESUME_BYTES: usize = 1 << 20;
 /// Most events of one conversation read from the store at once.
 const STORE_PAGE: u32 = 200;
 /// How long a resume waits for the store to reach the log's head before reading what the
@@ -245,7 +244,7 @@ async fn resume_conversations(
             first_seq: None,
         })
         .collect();
-    let mut budget = Budget::new(shared.config.gateway.resume_max_events);
+    let mut budget = Budget::new(&shared.config.gateway);
     for &(conversation, last_seq) in &conversations {
         if !first && !named.contains_key(&conversation) {
             continue;
@@ -357,19 +356,21 @@ struct Budget {
     events: usize,
     bytes: usize,
     max_events: usize,
+    max_bytes: usize,
 }
 
 impl Budget {
-    fn new(max_events: u32) -> Self {
+    fn new(config: &GatewayConfig) -> Self {
         Budget {
             events: 0,
             bytes: 0,
-            max_events: max_events as usize,
+            max_events: config.resume_max_events as usize,
+            max_bytes: config.resume_max_bytes,
         }
     }
 
     fn spent(&self) -> bool {
-        self.events >= self.max_events || self.bytes >= MAX_RESUME_BYTES
+        self.events >= self.max_events || self.bytes >= self.max_bytes
     }
 
     /// Events that may still be sent.

@@ -367,11 +367,24 @@ impl<N> Platform<N> {
         user: &str,
         receive_buffer: u32,
     ) -> Client {
+        self.connect_speaking_with_receive_buffer(gateway, user, 1, receive_buffer)
+            .await
+    }
+
+    /// [`connect_with_receive_buffer`](Self::connect_with_receive_buffer) speaking
+    /// `protocol`.
+    pub async fn connect_speaking_with_receive_buffer(
+        &self,
+        gateway: usize,
+        user: &str,
+        protocol: u32,
+        receive_buffer: u32,
+    ) -> Client {
         let tcp = tokio::net::TcpSocket::new_v4().unwrap();
         tcp.set_recv_buffer_size(receive_buffer).unwrap();
         let tcp = tcp.connect(self.gateways[gateway]).await.unwrap();
         let (socket, _) = tokio_tungstenite::client_async(
-            self.request(gateway, user),
+            self.request_speaking(gateway, user, protocol),
             tokio_tungstenite::MaybeTlsStream::Plain(tcp),
         )
         .await
