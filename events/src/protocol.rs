@@ -76,12 +76,15 @@ pub enum ClientFrame {
         members: Vec<UserId>,
     },
     /// Page backwards through a conversation's messages, newest first, starting below
-    /// `before` (a sequence; omitted = from the newest).
+    /// `before` (a sequence; omitted = from the newest); or, with `after` (v2), forwards,
+    /// oldest first, starting above it. Not both.
     History {
         id: ClientMsgId,
         conversation: ConversationId,
         #[serde(default)]
         before: Option<u64>,
+        #[serde(default)]
+        after: Option<u64>,
         #[serde(default)]
         limit: Option<u32>,
     },
@@ -207,7 +210,8 @@ pub enum ServerFrame {
         id: ClientMsgId,
         conversation: ConversationId,
         messages: Vec<HistoryMessage>,
-        /// Whether older messages exist below the last one returned.
+        /// Whether more messages exist beyond the last one returned: older ones when paging
+        /// backwards, newer ones when paging forwards (`after`).
         has_more: bool,
     },
     Conversations {

@@ -211,6 +211,8 @@ struct Statements {
     memberships: PreparedStatement,
     buckets: PreparedStatement,
     history: PreparedStatement,
+    buckets_after: PreparedStatement,
+    history_after: PreparedStatement,
     event_buckets: PreparedStatement,
     events: PreparedStatement,
     check: PreparedStatement,
@@ -548,6 +550,26 @@ impl CqlStore {
     }
 }
 
+/// A page of history from rows read one beyond `limit`, to know whether more follow.
+fn history_page(rows: Vec<MessageRow>, limit: u32) -> Result<HistoryPage, StoreError> {
+    let has_more = rows.len() > limit as usize;
+    let messages = rows
+        .into_iter()
+        .take(limit as usize)
+        .map(|(seq, event_id, sender, client_id, body, at)| {
+            history_message((
+                seq,
+                EventId::from_uuid(event_id),
+                sender,
+                client_id,
+                body,
+                at,
+            ))
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    Ok(HistoryPage { messages, has_more })
+}
+
 async fn detect_dialect(session: &Session) -> Result<Dialect, StoreError> {
     let rows = session
         .query_unpaged(
@@ -749,6 +771,14 @@ async fn prepare_all(session: &Session, ks: &str) -> Result<Statements, StoreErr
             "SELECT seq, id, sender, client_id, body, at FROM {ks}.messages WHERE conversation = ? AND bucket = ? AND seq < ? LIMIT ?"
         ))
         .await?,
+        buckets_after: prepare(format!(
+            "SELECT bucket FROM {ks}.message_buckets WHERE conversation = ? AND bucket >= ? ORDER BY bucket ASC"
+        ))
+        .await?,
+        history_after: prepare(format!(
+            "SELECT seq, id, sender, client_id, body, at FROM {ks}.messages WHERE conversation = ? AND bucket = ? AND seq > ? ORDER BY seq ASC LIMIT ?"
+        ))
+        .await?,
         event_buckets: prepare(format!(
             "SELECT bucket FROM {ks}.event_buckets WHERE conversation = ? AND bucket >= ?"
         ))
@@ -907,22 +937,32 @@ impl ConversationStore for CqlStore {
             )
             .await?
         };
-        let has_more = rows.len() > limit as usize;
-        let messages = rows
-            .into_iter()
-            .take(limit as usize)
-            .map(|(seq, event_id, sender, client_id, body, at)| {
-                history_message((
-                    seq,
-                    EventId::from_uuid(event_id),
-                    sender,
-                    client_id,
-                    body,
-                    at,
-                ))
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        Ok(HistoryPage { messages, has_more })
+        history_page(rows, limit)
+    }
+
+    /// Walks the conversation's non-empty buckets oldest first, from the one holding
+    /// `after + 1`.
+    async fn history_after(
+        &self,
+        id: ConversationId,
+        after: u64,
+        limit: u32,
+    ) -> Result<HistoryPage, StoreError> {
+        let walk = BucketWalk {
+            index: &self.statements.buckets_after,
+            rows: &self.statements.history_after,
+        };
+        let first = self.bucket_of(after.saturating_add(1));
+        let rows = self
+            .walk(
+                walk,
+                *id.as_uuid(),
+                first,
+                i64_of(after),
+                limit as usize + 1,
+            )
+            .await?;
+        history_page(rows, limit)
     }
 
     /// Walks the conversation's event buckets oldest first, from the one holding `after + 1`.

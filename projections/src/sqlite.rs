@@ -269,6 +269,46 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, recorded: &RecordedEvent) -> rusqli
     Ok(())
 }
 
+/// A page of history read by `query` (conversation, sequence bound, row limit), one row
+/// beyond `limit` to know whether more follow.
+fn history_page(
+    conn: &Connection,
+    query: &str,
+    id: ConversationId,
+    bound: i64,
+    limit: u32,
+) -> Result<HistoryPage, StoreError> {
+    let rows = conn
+        .prepare_cached(query)
+        .and_then(|mut stmt| {
+            stmt.query_map(
+                params![id.to_string(), bound, i64::from(limit) + 1],
+                |row| {
+                    Ok((
+                        row.get::<_, i64>(0)?,
+                        row.get::<_, String>(1)?,
+                        row.get::<_, String>(2)?,
+                        row.get::<_, String>(3)?,
+                        row.get::<_, String>(4)?,
+                        row.get::<_, i64>(5)?,
+                    ))
+                },
+            )?
+            .collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .map_err(unavailable)?;
+    let has_more = rows.len() > limit as usize;
+    let messages = rows
+        .into_iter()
+        .take(limit as usize)
+        .map(|(seq, event_id, sender, client_id, body, at)| {
+            let id = event_id.parse::<EventId>().map_err(corrupt)?;
+            history_message((seq, id, sender, client_id, body, at))
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    Ok(HistoryPage { messages, has_more })
+}
+
 #[async_trait]
 impl ConversationStore for SqliteStore {
     async fn apply(&self, events: &[RecordedEvent]) -> Result<(), StoreError> {
@@ -429,39 +469,34 @@ impl ConversationStore for SqliteStore {
     ) -> Result<HistoryPage, StoreError> {
         let before = before.map(i64_of).unwrap_or(i64::MAX);
         self.read(move |conn| {
-            // One row more than asked tells whether an older page exists.
-            let rows = conn
-                .prepare_cached(
-                    "SELECT seq, id, sender, client_id, body, at FROM messages
-                     WHERE conversation = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3",
-                )
-                .and_then(|mut stmt| {
-                    stmt.query_map(
-                        params![id.to_string(), before, i64::from(limit) + 1],
-                        |row| {
-                            Ok((
-                                row.get::<_, i64>(0)?,
-                                row.get::<_, String>(1)?,
-                                row.get::<_, String>(2)?,
-                                row.get::<_, String>(3)?,
-                                row.get::<_, String>(4)?,
-                                row.get::<_, i64>(5)?,
-                            ))
-                        },
-                    )?
-                    .collect::<rusqlite::Result<Vec<_>>>()
-                })
-                .map_err(unavailable)?;
-            let has_more = rows.len() > limit as usize;
-            let messages = rows
-                .into_iter()
-                .take(limit as usize)
-                .map(|(seq, event_id, sender, client_id, body, at)| {
-                    let id = event_id.parse::<EventId>().map_err(corrupt)?;
-                    history_message((seq, id, sender, client_id, body, at))
-                })
-                .collect::<Result<Vec<_>, StoreError>>()?;
-            Ok(HistoryPage { messages, has_more })
+            history_page(
+                conn,
+                "SELECT seq, id, sender, client_id, body, at FROM messages
+                 WHERE conversation = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3",
+                id,
+                before,
+                limit,
+            )
+        })
+        .await
+    }
+
+    async fn history_after(
+        &self,
+        id: ConversationId,
+        after: u64,
+        limit: u32,
+    ) -> Result<HistoryPage, StoreError> {
+        let after = i64_of(after);
+        self.read(move |conn| {
+            history_page(
+                conn,
+                "SELECT seq, id, sender, client_id, body, at FROM messages
+                 WHERE conversation = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+                id,
+                after,
+                limit,
+            )
         })
         .await
     }

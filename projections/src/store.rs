@@ -68,11 +68,11 @@ pub struct InboxEntry {
     pub last_activity_at: u64,
 }
 
-/// A page of history, newest first.
+/// A page of history: newest first when paging backwards, oldest first when forwards.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HistoryPage {
     pub messages: Vec<HistoryMessage>,
-    /// Whether older messages exist below the last one returned.
+    /// Whether more messages exist beyond the last one returned, in the page's direction.
     pub has_more: bool,
 }
 
@@ -122,6 +122,14 @@ pub trait ConversationStore: Send + Sync + 'static {
         &self,
         id: ConversationId,
         before: Option<u64>,
+        limit: u32,
+    ) -> Result<HistoryPage, StoreError>;
+
+    /// Messages with a sequence above `after`, oldest first, at most `limit`.
+    async fn history_after(
+        &self,
+        id: ConversationId,
+        after: u64,
         limit: u32,
     ) -> Result<HistoryPage, StoreError>;
 

@@ -185,6 +185,7 @@ macro_rules! conformance {
 conformance!(
     applies_conversations_members_messages_and_inbox,
     history_pages_backwards_exactly_once_in_order_across_buckets,
+    history_pages_forwards_exactly_once_in_order_across_buckets,
     events_after_pages_forward_exactly_once_in_order_across_buckets,
     events_after_is_the_same_whatever_the_order_and_repeats_of_apply,
     position_only_moves_forward,
@@ -395,6 +396,58 @@ async fn history_pages_backwards_exactly_once_in_order_across_buckets(backend: B
         !exact.has_more,
         "exactly the whole history is not followed by more"
     );
+}
+
+async fn history_pages_forwards_exactly_once_in_order_across_buckets(backend: Backend) {
+    let events = log_with(40);
+    let store = backend.open("s").await;
+    store.apply(&events).await.unwrap();
+    let expected: Vec<u64> = events
+        .iter()
+        .filter(|e| {
+            e.envelope.conversation == direct()
+                && matches!(e.envelope.event, Event::MessagePosted(_))
+        })
+        .map(|e| e.seq)
+        .collect();
+    for page in [1, 3, 4, 7, 40, 100] {
+        let mut seqs = Vec::new();
+        let mut after = 0;
+        loop {
+            let got = store.history_after(direct(), after, page).await.unwrap();
+            assert!(got.messages.len() <= page as usize);
+            after = got.messages.last().map_or(after, |m| m.seq);
+            seqs.extend(got.messages.iter().map(|m| m.seq));
+            if !got.has_more {
+                break;
+            }
+        }
+        assert_eq!(seqs, expected, "page size {page}: oldest first, each once");
+    }
+    let oldest = store.history_after(direct(), 0, 2).await.unwrap();
+    let bodies: Vec<_> = oldest.messages.iter().map(|m| m.body.as_str()).collect();
+    assert_eq!(bodies, ["direct 0", "direct 1"]);
+    assert!(oldest.has_more);
+    // `after` in the middle of a bucket is exclusive; so is the newest message.
+    let page = store
+        .history_after(direct(), expected[10], 3)
+        .await
+        .unwrap();
+    assert_eq!(
+        page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        expected[11..14]
+    );
+    let newest = *expected.last().unwrap();
+    for after in [newest, u64::MAX] {
+        let empty = store.history_after(direct(), after, 10).await.unwrap();
+        assert!(
+            empty.messages.is_empty() && !empty.has_more,
+            "after {after}"
+        );
+    }
+    let exact = store.history_after(direct(), 0, 40).await.unwrap();
+    assert_eq!(exact.messages.len(), 40);
+    assert!(!exact.has_more);
 }
 
 async fn events_after_pages_forward_exactly_once_in_order_across_buckets(backend: Backend) {

@@ -11,7 +11,7 @@ use futures::stream::{SplitSink, SplitStream};
 use futures::{Sink, SinkExt, StreamExt};
 use parley_events::presence::ConnectionState;
 use parley_events::protocol::{ClientFrame, ConversationSummary, Limits, ServerFrame, close};
-use parley_events::{Action, ClientMsgId, Command, ConversationId, ErrorCode, UserId};
+use parley_events::{Action, ClientMsgId, Command, ConversationId, ErrorCode, Role, UserId};
 use parley_projections::StoreError;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -283,9 +283,22 @@ async fn handle_text(
             id,
             conversation,
             before,
+            after,
             limit,
         } => {
-            history(shared, session, outbox, id, conversation, before, limit).await;
+            let from = match (before, after) {
+                (Some(_), Some(_)) => {
+                    outbox.send(&ServerFrame::error(
+                        Some(id),
+                        ErrorCode::InvalidRequest,
+                        "`before` and `after` page in opposite directions; send one of them",
+                    ));
+                    return;
+                }
+                (before, None) => HistoryFrom::Before(before),
+                (None, Some(after)) => HistoryFrom::After(after),
+            };
+            history(shared, session, outbox, id, conversation, from, limit).await;
             ("history", None)
         }
         ClientFrame::Conversations { id, before, limit } => {
@@ -320,19 +333,28 @@ async fn handle_text(
     );
 }
 
+/// Where a history page starts, and so which way it goes.
+#[derive(Clone, Copy)]
+enum HistoryFrom {
+    /// Backwards, newest first, below the sequence (from the newest when `None`).
+    Before(Option<u64>),
+    /// Forwards, oldest first, above the sequence.
+    After(u64),
+}
+
 async fn history(
     shared: &Arc<Shared>,
     session: &Session,
     outbox: &Outbox,
     id: ClientMsgId,
     conversation: ConversationId,
-    before: Option<u64>,
+    from: HistoryFrom,
     limit: Option<u32>,
 ) {
     let limit = limit
         .unwrap_or(DEFAULT_HISTORY_PAGE)
         .clamp(1, shared.config.limits.max_history_page);
-    let page = history_page(shared, session, &id, conversation, before, limit).await;
+    let page = history_page(shared, session, &id, conversation, from, limit).await;
     outbox.send(&page.unwrap_or_else(|e| store_unavailable(id, "history", e)));
 }
 
@@ -341,30 +363,48 @@ async fn history_page(
     session: &Session,
     id: &ClientMsgId,
     conversation: ConversationId,
-    before: Option<u64>,
+    from: HistoryFrom,
     limit: u32,
 ) -> Result<ServerFrame, StoreError> {
-    let store = &shared.store;
-    if store.role_of(conversation, &session.user).await?.is_none() {
-        return Ok(match store.conversation(conversation).await? {
-            Some(_) => ServerFrame::error(
-                Some(id.clone()),
-                ErrorCode::NotMember,
-                "you are not a member of this conversation",
-            ),
-            None => ServerFrame::error(
-                Some(id.clone()),
-                ErrorCode::ConversationNotFound,
-                "no such conversation",
-            ),
-        });
+    if let Err(refused) = member_role(shared, session, id, conversation).await? {
+        return Ok(refused);
     }
-    let page = store.history(conversation, before, limit).await?;
+    let store = &shared.store;
+    let page = match from {
+        HistoryFrom::Before(before) => store.history(conversation, before, limit).await?,
+        HistoryFrom::After(after) => store.history_after(conversation, after, limit).await?,
+    };
     Ok(fit_frame(ServerFrame::History {
         id: id.clone(),
         conversation,
         messages: page.messages,
         has_more: page.has_more,
+    }))
+}
+
+/// The user's role in the conversation, or the error frame for a user who may not read it:
+/// `not_member`, or `conversation_not_found` when the store does not know it.
+async fn member_role(
+    shared: &Shared,
+    session: &Session,
+    id: &ClientMsgId,
+    conversation: ConversationId,
+) -> Result<Result<Role, ServerFrame>, StoreError> {
+    let store = &shared.store;
+    if let Some(role) = store.role_of(conversation, &session.user).await? {
+        return Ok(Ok(role));
+    }
+    Ok(Err(match store.conversation(conversation).await? {
+        Some(_) => ServerFrame::error(
+            Some(id.clone()),
+            ErrorCode::NotMember,
+            "you are not a member of this conversation",
+        ),
+        None => ServerFrame::error(
+            Some(id.clone()),
+            ErrorCode::ConversationNotFound,
+            "no such conversation",
+        ),
     }))
 }
 
@@ -378,8 +418,8 @@ fn store_unavailable(id: ClientMsgId, what: &str, cause: StoreError) -> ServerFr
     )
 }
 
-/// Trim a list frame from its end (the oldest messages of a history page, the least recently
-/// active conversations) until it fits in [`MAX_SERVER_FRAME_BYTES`]. A trimmed page says
+/// Trim a list frame from its end (the messages furthest from where a history page starts,
+/// the least recently active conversations) until it fits in [`MAX_SERVER_FRAME_BYTES`]. A trimmed page says
 /// `has_more`, so the client pages on from where it stops.
 fn fit_frame(mut frame: ServerFrame) -> ServerFrame {
     while frame.to_json().len() > MAX_SERVER_FRAME_BYTES {
