@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::ErrorCode;
-use crate::event::{ConversationKind, RecordedEvent, Role};
+use crate::event::{ConversationKind, Member, RecordedEvent, Role};
 use crate::ids::{ClientMsgId, ConversationId, EventId, UserId};
 
 /// Newest version of the protocol described here. A client asks for it at the upgrade
@@ -97,6 +97,16 @@ pub enum ClientFrame {
         #[serde(default)]
         limit: Option<u32>,
     },
+    /// (v2) A conversation's details and a page of its members, ordered by user id; with
+    /// `after` (a user id from the previous page), the next page.
+    Members {
+        id: ClientMsgId,
+        conversation: ConversationId,
+        #[serde(default)]
+        after: Option<UserId>,
+        #[serde(default)]
+        limit: Option<u32>,
+    },
     /// Application-level keepalive for clients that cannot send WebSocket pings.
     Ping {
         #[serde(default)]
@@ -105,12 +115,13 @@ pub enum ClientFrame {
 }
 
 /// The `type` names [`ClientFrame`] accepts.
-pub const CLIENT_FRAME_TYPES: [&str; 6] = [
+pub const CLIENT_FRAME_TYPES: [&str; 7] = [
     "send",
     "create_direct",
     "create_group",
     "history",
     "conversations",
+    "members",
     "ping",
 ];
 
@@ -147,6 +158,20 @@ impl FrameError {
 }
 
 impl ClientFrame {
+    /// The oldest protocol version that has this frame type: a socket speaking an older one
+    /// is answered `unknown_frame_type`, as a server of that version would.
+    pub fn since_protocol(&self) -> u32 {
+        match self {
+            ClientFrame::Members { .. } => 2,
+            ClientFrame::Send { .. }
+            | ClientFrame::CreateDirect { .. }
+            | ClientFrame::CreateGroup { .. }
+            | ClientFrame::History { .. }
+            | ClientFrame::Conversations { .. }
+            | ClientFrame::Ping { .. } => 1,
+        }
+    }
+
     /// Parse a text frame, telling malformed JSON, unknown types and invalid fields apart.
     pub fn parse(text: &str) -> Result<Self, FrameError> {
         let value: Value =
@@ -218,6 +243,23 @@ pub enum ServerFrame {
         id: ClientMsgId,
         conversations: Vec<ConversationSummary>,
         /// Whether less recently active conversations exist beyond the last one returned.
+        has_more: bool,
+    },
+    /// (v2) The answer to `members`.
+    Members {
+        id: ClientMsgId,
+        conversation: ConversationId,
+        kind: ConversationKind,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        title: Option<String>,
+        /// Milliseconds since the Unix epoch of its creation.
+        created_at: u64,
+        member_count: u64,
+        /// The requester's role in it.
+        role: Role,
+        /// Ordered by user id.
+        members: Vec<Member>,
+        /// Whether members with greater user ids exist beyond the last one returned.
         has_more: bool,
     },
     Pong {

@@ -33,12 +33,12 @@ use uuid::Uuid;
 pub use scylla::statement::Consistency;
 
 use crate::columns::{
-    corrupt, events_page, history_message, i64_of, kind_str, parse_kind, parse_member, parse_role,
-    schema, u64_of, unavailable,
+    corrupt, event_at, events_page, history_message, i64_of, kind_str, members_page, parse_kind,
+    parse_member, parse_role, schema, u64_of, unavailable,
 };
 use crate::store::{
-    ConversationStore, ConversationView, EventsPage, HistoryPage, InboxEntry, StoreError,
-    StoreErrorKind,
+    ConversationDetails, ConversationStore, ConversationView, EventsPage, HistoryPage, InboxEntry,
+    MembersPage, StoreError, StoreErrorKind,
 };
 use crate::tls::TlsClient;
 
@@ -207,6 +207,10 @@ struct Statements {
     position: PreparedStatement,
     conversation: PreparedStatement,
     members: PreparedStatement,
+    members_after: PreparedStatement,
+    member_count: PreparedStatement,
+    details: PreparedStatement,
+    event_at: PreparedStatement,
     role_of: PreparedStatement,
     memberships: PreparedStatement,
     buckets: PreparedStatement,
@@ -755,6 +759,22 @@ async fn prepare_all(session: &Session, ks: &str) -> Result<Statements, StoreErr
             "SELECT user_id, role FROM {ks}.members WHERE conversation = ?"
         ))
         .await?,
+        members_after: prepare(format!(
+            "SELECT user_id, role FROM {ks}.members WHERE conversation = ? AND user_id > ? LIMIT ?"
+        ))
+        .await?,
+        member_count: prepare(format!(
+            "SELECT COUNT(*) FROM {ks}.members WHERE conversation = ?"
+        ))
+        .await?,
+        details: prepare(format!(
+            "SELECT kind, title, last_seq, created_seq FROM {ks}.conversations WHERE id = ?"
+        ))
+        .await?,
+        event_at: prepare(format!(
+            "SELECT envelope FROM {ks}.events WHERE conversation = ? AND bucket = ? AND seq = ?"
+        ))
+        .await?,
         role_of: prepare(format!(
             "SELECT role FROM {ks}.members WHERE conversation = ? AND user_id = ?"
         ))
@@ -857,6 +877,75 @@ impl ConversationStore for CqlStore {
         rows.into_iter()
             .map(|(user, role)| parse_member(user, &role))
             .collect()
+    }
+
+    /// Three single-partition reads: the conversation, its creation event, its member count.
+    async fn details(&self, id: ConversationId) -> Result<Option<ConversationDetails>, StoreError> {
+        let uuid = *id.as_uuid();
+        let row = self
+            .session
+            .execute_unpaged(&self.statements.details, (uuid,))
+            .await?
+            .into_rows_result()
+            .map_err(corrupt)?
+            .maybe_first_row::<(Option<String>, Option<String>, Option<i64>, Option<i64>)>()
+            .map_err(corrupt)?;
+        let Some((Some(kind), title, last_seq, Some(created_seq))) = row else {
+            return Ok(None);
+        };
+        let created = self
+            .session
+            .execute_unpaged(
+                &self.statements.event_at,
+                (uuid, self.bucket_of(u64_of(created_seq)), created_seq),
+            )
+            .await?
+            .into_rows_result()
+            .map_err(corrupt)?
+            .maybe_first_row::<(Vec<u8>,)>()
+            .map_err(corrupt)?
+            .ok_or_else(|| corrupt("the creation event is missing"))?;
+        let (members,) = self
+            .session
+            .execute_unpaged(&self.statements.member_count, (uuid,))
+            .await?
+            .into_rows_result()
+            .map_err(corrupt)?
+            .first_row::<(i64,)>()
+            .map_err(corrupt)?;
+        Ok(Some(ConversationDetails {
+            view: ConversationView {
+                id,
+                kind: parse_kind(&kind)?,
+                title,
+                last_seq: last_seq.map(u64_of).unwrap_or(0),
+            },
+            created_at: event_at(&created.0)?,
+            member_count: u64_of(members),
+        }))
+    }
+
+    async fn members_page(
+        &self,
+        id: ConversationId,
+        after: Option<&UserId>,
+        limit: u32,
+    ) -> Result<MembersPage, StoreError> {
+        let after = after.map_or("", |u| u.as_str()).to_owned();
+        let wanted = i32::try_from(u64::from(limit) + 1).unwrap_or(i32::MAX);
+        let rows: Vec<(String, String)> = self
+            .session
+            .execute_iter(
+                self.statements.members_after.clone(),
+                (*id.as_uuid(), after, wanted),
+            )
+            .await?
+            .rows_stream::<(String, String)>()
+            .map_err(corrupt)?
+            .map_err(unavailable)
+            .try_collect()
+            .await?;
+        members_page(rows, limit)
     }
 
     async fn role_of(&self, id: ConversationId, user: &UserId) -> Result<Option<Role>, StoreError> {

@@ -15,12 +15,12 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use std::sync::Mutex;
 
 use crate::columns::{
-    corrupt, events_page, history_message, i64_of, kind_str, parse_kind, parse_member, parse_role,
-    u64_of, unavailable,
+    corrupt, event_at, events_page, history_message, i64_of, kind_str, members_page, parse_kind,
+    parse_member, parse_role, u64_of, unavailable,
 };
 use crate::store::{
-    ConversationStore, ConversationView, EventsPage, HistoryPage, InboxEntry, StoreError,
-    StoreErrorKind,
+    ConversationDetails, ConversationStore, ConversationView, EventsPage, HistoryPage, InboxEntry,
+    MembersPage, StoreError, StoreErrorKind,
 };
 
 /// Schema version this build writes, kept in `PRAGMA user_version`.
@@ -396,6 +396,74 @@ impl ConversationStore for SqliteStore {
             rows.into_iter()
                 .map(|(user, role)| parse_member(user, &role))
                 .collect()
+        })
+        .await
+    }
+
+    async fn details(&self, id: ConversationId) -> Result<Option<ConversationDetails>, StoreError> {
+        self.read(move |conn| {
+            let row = conn
+                .prepare_cached(
+                    "SELECT c.kind, c.title, c.last_seq, e.envelope,
+                         (SELECT count(*) FROM members m WHERE m.conversation = c.id)
+                     FROM conversations c
+                     LEFT JOIN events e ON e.conversation = c.id AND e.seq = c.created_seq
+                     WHERE c.id = ?1 AND c.kind IS NOT NULL",
+                )
+                .and_then(|mut stmt| {
+                    stmt.query_row(params![id.to_string()], |row| {
+                        Ok((
+                            row.get::<_, String>(0)?,
+                            row.get::<_, Option<String>>(1)?,
+                            row.get::<_, i64>(2)?,
+                            row.get::<_, Option<Vec<u8>>>(3)?,
+                            row.get::<_, i64>(4)?,
+                        ))
+                    })
+                    .optional()
+                })
+                .map_err(unavailable)?;
+            row.map(|(kind, title, last_seq, created, members)| {
+                let created = created.ok_or_else(|| corrupt("the creation event is missing"))?;
+                Ok(ConversationDetails {
+                    view: ConversationView {
+                        id,
+                        kind: parse_kind(&kind)?,
+                        title,
+                        last_seq: u64_of(last_seq),
+                    },
+                    created_at: event_at(&created)?,
+                    member_count: u64_of(members),
+                })
+            })
+            .transpose()
+        })
+        .await
+    }
+
+    async fn members_page(
+        &self,
+        id: ConversationId,
+        after: Option<&UserId>,
+        limit: u32,
+    ) -> Result<MembersPage, StoreError> {
+        // User ids are never empty, so "" is below every one of them.
+        let after = after.map_or_else(String::new, |u| u.as_str().to_owned());
+        self.read(move |conn| {
+            let rows = conn
+                .prepare_cached(
+                    "SELECT user_id, role FROM members WHERE conversation = ?1 AND user_id > ?2
+                     ORDER BY user_id LIMIT ?3",
+                )
+                .and_then(|mut stmt| {
+                    stmt.query_map(
+                        params![id.to_string(), after, i64::from(limit) + 1],
+                        |row| Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?)),
+                    )?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+                })
+                .map_err(unavailable)?;
+            members_page(rows, limit)
         })
         .await
     }

@@ -56,6 +56,23 @@ pub struct ConversationView {
     pub last_seq: u64,
 }
 
+/// What a conversation's detail view shows beyond [`ConversationView`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConversationDetails {
+    pub view: ConversationView,
+    /// Milliseconds since the Unix epoch of its `conversation.created`.
+    pub created_at: u64,
+    pub member_count: u64,
+}
+
+/// A page of a conversation's members, ordered by user id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MembersPage {
+    pub members: Vec<Member>,
+    /// Whether members with greater user ids exist beyond the last one returned.
+    pub has_more: bool,
+}
+
 /// One line of a user's inbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InboxEntry {
@@ -104,6 +121,18 @@ pub trait ConversationStore: Send + Sync + 'static {
     ) -> Result<Option<ConversationView>, StoreError>;
 
     async fn members(&self, id: ConversationId) -> Result<Vec<Member>, StoreError>;
+
+    /// The conversation with its creation time and member count; `None` when unknown.
+    async fn details(&self, id: ConversationId) -> Result<Option<ConversationDetails>, StoreError>;
+
+    /// Members with a user id greater than `after` (from the first when `None`), ordered by
+    /// user id, at most `limit`.
+    async fn members_page(
+        &self,
+        id: ConversationId,
+        after: Option<&UserId>,
+        limit: u32,
+    ) -> Result<MembersPage, StoreError>;
 
     async fn role_of(&self, id: ConversationId, user: &UserId) -> Result<Option<Role>, StoreError>;
 

@@ -188,6 +188,7 @@ conformance!(
     history_pages_forwards_exactly_once_in_order_across_buckets,
     events_after_pages_forward_exactly_once_in_order_across_buckets,
     events_after_is_the_same_whatever_the_order_and_repeats_of_apply,
+    details_and_members_in_pages,
     position_only_moves_forward,
     duplicates_and_reordering_within_and_across_conversations_converge,
     a_crash_in_the_middle_of_a_batch_resumes_from_the_position,
@@ -214,6 +215,7 @@ async fn snapshot(store: &dyn ConversationStore, events: &[RecordedEvent]) -> St
         );
         out += &format!("{:?}\n", store.history(id, None, 1000).await.unwrap());
         out += &format!("{:?}\n", store.events_after(id, 0, 1000).await.unwrap());
+        out += &format!("{:?}\n", store.details(id).await.unwrap());
     }
     for name in ["alice", "bob", "carol"] {
         out += &format!("{:?}\n", store.inbox(&user(name), None, 100).await.unwrap());
@@ -507,6 +509,60 @@ async fn events_after_is_the_same_whatever_the_order_and_repeats_of_apply(backen
             events_of(&events, id)
         );
     }
+}
+
+async fn details_and_members_in_pages(backend: Backend) {
+    let events = log();
+    let store = backend.open("s").await;
+    store.apply(&events).await.unwrap();
+    let details = store.details(group()).await.unwrap().unwrap();
+    assert_eq!(
+        details.view,
+        store.conversation(group()).await.unwrap().unwrap()
+    );
+    assert_eq!(
+        details.created_at, events[1].envelope.at,
+        "the time of its conversation.created"
+    );
+    assert_eq!(details.member_count, 2);
+    let unknown = ConversationId::from_uuid(uuid::Uuid::from_u128(99));
+    assert_eq!(store.details(unknown).await.unwrap(), None);
+
+    let first = store.members_page(group(), None, 1).await.unwrap();
+    assert_eq!(
+        first.members,
+        [Member {
+            user: user("alice"),
+            role: Role::Member
+        }]
+    );
+    assert!(first.has_more);
+    let rest = store
+        .members_page(group(), Some(&user("alice")), 1)
+        .await
+        .unwrap();
+    assert_eq!(
+        rest.members,
+        [Member {
+            user: user("carol"),
+            role: Role::Owner
+        }]
+    );
+    assert!(!rest.has_more, "exactly the remaining members");
+    let all = store.members_page(group(), None, 100).await.unwrap();
+    assert_eq!(all.members, store.members(group()).await.unwrap());
+    assert!(!all.has_more);
+    // `after` need not be a member; past the last one the page is empty.
+    let from_b = store
+        .members_page(group(), Some(&user("b")), 100)
+        .await
+        .unwrap();
+    assert_eq!(from_b.members, rest.members);
+    let past = store
+        .members_page(group(), Some(&user("zed")), 100)
+        .await
+        .unwrap();
+    assert!(past.members.is_empty() && !past.has_more);
 }
 
 async fn position_only_moves_forward(backend: Backend) {

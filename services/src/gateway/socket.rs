@@ -31,6 +31,8 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_HISTORY_PAGE: u32 = 50;
 const DEFAULT_CONVERSATIONS_PAGE: u32 = 100;
 const MAX_CONVERSATIONS_PAGE: u32 = 1000;
+const DEFAULT_MEMBERS_PAGE: u32 = 100;
+const MAX_MEMBERS_PAGE: u32 = 1000;
 /// Largest frame the server sends: a history page is trimmed to fit, and the socket's write
 /// buffer is sized for one such frame.
 pub const MAX_SERVER_FRAME_BYTES: usize = 512 * 1024;
@@ -254,6 +256,20 @@ async fn handle_text(
             return;
         }
     };
+    if frame.since_protocol() > session.protocol {
+        let code = ErrorCode::UnknownFrameType;
+        metrics::counter!(telemetry::GATEWAY_FRAME_ERRORS_TOTAL, "code" => code.as_str())
+            .increment(1);
+        outbox.send(&ServerFrame::error(
+            None,
+            code,
+            format!(
+                "this frame type needs protocol version {}; ask for it at the upgrade",
+                frame.since_protocol()
+            ),
+        ));
+        return;
+    }
     let (frame_type, action) = match frame {
         ClientFrame::Send {
             id,
@@ -304,6 +320,15 @@ async fn handle_text(
         ClientFrame::Conversations { id, before, limit } => {
             conversations(shared, session, outbox, id, before, limit).await;
             ("conversations", None)
+        }
+        ClientFrame::Members {
+            id,
+            conversation,
+            after,
+            limit,
+        } => {
+            members(shared, session, outbox, id, conversation, after, limit).await;
+            ("members", None)
         }
         ClientFrame::Ping { id } => {
             outbox.send(&ServerFrame::Pong { id });
@@ -408,6 +433,58 @@ async fn member_role(
     }))
 }
 
+async fn members(
+    shared: &Arc<Shared>,
+    session: &Session,
+    outbox: &Outbox,
+    id: ClientMsgId,
+    conversation: ConversationId,
+    after: Option<UserId>,
+    limit: Option<u32>,
+) {
+    let limit = limit
+        .unwrap_or(DEFAULT_MEMBERS_PAGE)
+        .clamp(1, MAX_MEMBERS_PAGE);
+    let page = members_page(shared, session, &id, conversation, after.as_ref(), limit).await;
+    outbox.send(&page.unwrap_or_else(|e| store_unavailable(id, "the member list", e)));
+}
+
+async fn members_page(
+    shared: &Shared,
+    session: &Session,
+    id: &ClientMsgId,
+    conversation: ConversationId,
+    after: Option<&UserId>,
+    limit: u32,
+) -> Result<ServerFrame, StoreError> {
+    let role = match member_role(shared, session, id, conversation).await? {
+        Ok(role) => role,
+        Err(refused) => return Ok(refused),
+    };
+    let store = &shared.store;
+    // A member of a conversation the store has no details of yet: its creation is being
+    // applied right now. Answered as when it is not there at all.
+    let Some(details) = store.details(conversation).await? else {
+        return Ok(ServerFrame::error(
+            Some(id.clone()),
+            ErrorCode::ConversationNotFound,
+            "no such conversation",
+        ));
+    };
+    let page = store.members_page(conversation, after, limit).await?;
+    Ok(fit_frame(ServerFrame::Members {
+        id: id.clone(),
+        conversation,
+        kind: details.view.kind,
+        title: details.view.title,
+        created_at: details.created_at,
+        member_count: details.member_count,
+        role,
+        members: page.members,
+        has_more: page.has_more,
+    }))
+}
+
 /// The answer to a read the conversation store could not serve; the cause goes to the log.
 fn store_unavailable(id: ClientMsgId, what: &str, cause: StoreError) -> ServerFrame {
     warn!(error = %cause, what, "conversation store read failed");
@@ -419,7 +496,7 @@ fn store_unavailable(id: ClientMsgId, what: &str, cause: StoreError) -> ServerFr
 }
 
 /// Trim a list frame from its end (the messages furthest from where a history page starts,
-/// the least recently active conversations) until it fits in [`MAX_SERVER_FRAME_BYTES`]. A trimmed page says
+/// the least recently active conversations, the greatest user ids of a member page) until it fits in [`MAX_SERVER_FRAME_BYTES`]. A trimmed page says
 /// `has_more`, so the client pages on from where it stops.
 fn fit_frame(mut frame: ServerFrame) -> ServerFrame {
     while frame.to_json().len() > MAX_SERVER_FRAME_BYTES {
@@ -437,6 +514,12 @@ fn fit_frame(mut frame: ServerFrame) -> ServerFrame {
             } if conversations.len() > 1 => {
                 *has_more = true;
                 conversations.pop().is_some()
+            }
+            ServerFrame::Members {
+                members, has_more, ..
+            } if members.len() > 1 => {
+                *has_more = true;
+                members.pop().is_some()
             }
             _ => false,
         };
