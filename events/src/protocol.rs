@@ -107,6 +107,12 @@ pub enum ClientFrame {
         #[serde(default)]
         limit: Option<u32>,
     },
+    /// (v2) Mark the conversation read up to `seq` (inclusive); markers only move forward.
+    MarkRead {
+        id: ClientMsgId,
+        conversation: ConversationId,
+        seq: u64,
+    },
     /// Application-level keepalive for clients that cannot send WebSocket pings.
     Ping {
         #[serde(default)]
@@ -115,13 +121,14 @@ pub enum ClientFrame {
 }
 
 /// The `type` names [`ClientFrame`] accepts.
-pub const CLIENT_FRAME_TYPES: [&str; 7] = [
+pub const CLIENT_FRAME_TYPES: [&str; 8] = [
     "send",
     "create_direct",
     "create_group",
     "history",
     "conversations",
     "members",
+    "mark_read",
     "ping",
 ];
 
@@ -162,7 +169,7 @@ impl ClientFrame {
     /// is answered `unknown_frame_type`, as a server of that version would.
     pub fn since_protocol(&self) -> u32 {
         match self {
-            ClientFrame::Members { .. } => 2,
+            ClientFrame::Members { .. } | ClientFrame::MarkRead { .. } => 2,
             ClientFrame::Send { .. }
             | ClientFrame::CreateDirect { .. }
             | ClientFrame::CreateGroup { .. }

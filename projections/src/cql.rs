@@ -38,7 +38,7 @@ use crate::columns::{
 };
 use crate::store::{
     ConversationDetails, ConversationStore, ConversationView, EventsPage, HistoryPage, InboxEntry,
-    MembersPage, StoreError, StoreErrorKind,
+    MembersPage, StoreError, StoreErrorKind, UNREAD_CAP,
 };
 use crate::tls::TlsClient;
 
@@ -203,6 +203,9 @@ struct Statements {
     bucket: PreparedStatement,
     event: PreparedStatement,
     event_bucket: PreparedStatement,
+    set_read: PreparedStatement,
+    read_marker: PreparedStatement,
+    senders_after: PreparedStatement,
     set_position: PreparedStatement,
     position: PreparedStatement,
     conversation: PreparedStatement,
@@ -271,7 +274,8 @@ fn schema_v1(ks: &str) -> Vec<String> {
     ]
 }
 
-/// Schema version 2: every event as recorded, for resuming clients, bucketed like history.
+/// Schema version 2: every event as recorded, for resuming clients, bucketed like history;
+/// read markers.
 fn schema_v2(ks: &str) -> Vec<String> {
     vec![
         format!(
@@ -279,6 +283,9 @@ fn schema_v2(ks: &str) -> Vec<String> {
         ),
         format!(
             "CREATE TABLE IF NOT EXISTS {ks}.event_buckets (conversation uuid, bucket bigint, PRIMARY KEY (conversation, bucket))"
+        ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {ks}.read_markers (conversation uuid, user_id text, seq bigint, PRIMARY KEY (conversation, user_id))"
         ),
     ]
 }
@@ -489,6 +496,13 @@ impl CqlStore {
                             ),
                         ));
                     }
+                }
+                Event::ConversationRead(read) => {
+                    let marker = i64_of(read.seq);
+                    writes.push(self.write(
+                        &s.set_read,
+                        (id, envelope.actor.as_str().to_owned(), marker, marker),
+                    ));
                 }
                 Event::MessagePosted(posted) => {
                     messages.entry((conversation, bucket)).or_default().push((
@@ -737,6 +751,20 @@ async fn prepare_all(session: &Session, ks: &str) -> Result<Statements, StoreErr
         .await?,
         event: prepare(format!(
             "INSERT INTO {ks}.events (conversation, bucket, seq, envelope) VALUES (?, ?, ?, ?) USING TIMESTAMP ?"
+        ))
+        .await?,
+        // Timestamped by the marker itself, not the event's sequence: the cell keeps the
+        // highest marker whatever order the events arrive in.
+        set_read: prepare(format!(
+            "INSERT INTO {ks}.read_markers (conversation, user_id, seq) VALUES (?, ?, ?) USING TIMESTAMP ?"
+        ))
+        .await?,
+        read_marker: prepare(format!(
+            "SELECT seq FROM {ks}.read_markers WHERE conversation = ? AND user_id = ?"
+        ))
+        .await?,
+        senders_after: prepare(format!(
+            "SELECT seq, sender FROM {ks}.messages WHERE conversation = ? AND bucket = ? AND seq > ? ORDER BY seq ASC LIMIT ?"
         ))
         .await?,
         event_bucket: prepare(format!(
@@ -993,6 +1021,9 @@ impl ConversationStore for CqlStore {
                 role: parse_role(&role)?,
                 last_seq,
                 last_activity_at: last_activity_at.map(u64_of).unwrap_or(0),
+                read_seq: 0,
+                unread: 0,
+                last_message: None,
             });
         }
         entries.sort_by_key(|e| std::cmp::Reverse(e.last_seq));
@@ -1076,6 +1107,47 @@ impl ConversationStore for CqlStore {
             )
             .await?;
         events_page(rows, limit)
+    }
+
+    async fn read_marker(&self, id: ConversationId, user: &UserId) -> Result<u64, StoreError> {
+        let row = self
+            .session
+            .execute_unpaged(&self.statements.read_marker, (*id.as_uuid(), user.as_str()))
+            .await?
+            .into_rows_result()
+            .map_err(corrupt)?
+            .maybe_first_row::<(Option<i64>,)>()
+            .map_err(corrupt)?;
+        Ok(row.and_then(|(seq,)| seq).map_or(0, u64_of))
+    }
+
+    /// Walks the message buckets after the marker like forward history, reading senders
+    /// only.
+    async fn unread(
+        &self,
+        id: ConversationId,
+        user: &UserId,
+        after: u64,
+    ) -> Result<u32, StoreError> {
+        let walk = BucketWalk {
+            index: &self.statements.buckets_after,
+            rows: &self.statements.senders_after,
+        };
+        let first = self.bucket_of(after.saturating_add(1));
+        let rows: Vec<(i64, String)> = self
+            .walk(
+                walk,
+                *id.as_uuid(),
+                first,
+                i64_of(after),
+                UNREAD_CAP as usize,
+            )
+            .await?;
+        let unread = rows
+            .into_iter()
+            .filter(|(_, sender)| sender != user.as_str())
+            .count();
+        Ok(u32::try_from(unread).unwrap_or(UNREAD_CAP))
     }
 
     async fn check(&self) -> Result<(), StoreError> {

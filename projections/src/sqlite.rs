@@ -20,7 +20,7 @@ use crate::columns::{
 };
 use crate::store::{
     ConversationDetails, ConversationStore, ConversationView, EventsPage, HistoryPage, InboxEntry,
-    MembersPage, StoreError, StoreErrorKind,
+    MembersPage, StoreError, StoreErrorKind, UNREAD_CAP,
 };
 
 /// Schema version this build writes, kept in `PRAGMA user_version`.
@@ -59,6 +59,12 @@ CREATE TABLE IF NOT EXISTS events (
     seq INTEGER NOT NULL,
     envelope BLOB NOT NULL,          -- the event as appended to the log (EventEnvelope::to_bytes)
     PRIMARY KEY (conversation, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS read_markers (
+    conversation TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,            -- read up to here; only ever raised
+    PRIMARY KEY (conversation, user_id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS position (
     name TEXT PRIMARY KEY,
@@ -248,6 +254,18 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, recorded: &RecordedEvent) -> rusqli
                     seq
                 ])?;
             }
+        }
+        Event::ConversationRead(read) => {
+            tx.prepare_cached(
+                "INSERT INTO read_markers (conversation, user_id, seq) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (conversation, user_id) DO UPDATE SET seq = excluded.seq
+                 WHERE excluded.seq > read_markers.seq",
+            )?
+            .execute(params![
+                conversation,
+                envelope.actor.as_str(),
+                i64_of(read.seq)
+            ])?;
         }
         Event::MessagePosted(posted) => {
             tx.prepare_cached(
@@ -522,6 +540,9 @@ impl ConversationStore for SqliteStore {
                         role: parse_role(&role)?,
                         last_seq: u64_of(last_seq),
                         last_activity_at: u64_of(last_activity_at),
+                        read_seq: 0,
+                        unread: 0,
+                        last_message: None,
                     })
                 })
                 .collect()
@@ -592,6 +613,46 @@ impl ConversationStore for SqliteStore {
                 })
                 .map_err(unavailable)?;
             events_page(rows, limit)
+        })
+        .await
+    }
+
+    async fn read_marker(&self, id: ConversationId, user: &UserId) -> Result<u64, StoreError> {
+        let user = user.as_str().to_owned();
+        self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT seq FROM read_markers WHERE conversation = ?1 AND user_id = ?2",
+            )
+            .and_then(|mut stmt| {
+                stmt.query_row(params![id.to_string(), user], |row| row.get::<_, i64>(0))
+                    .optional()
+            })
+            .map(|seq| seq.map_or(0, u64_of))
+            .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn unread(
+        &self,
+        id: ConversationId,
+        user: &UserId,
+        after: u64,
+    ) -> Result<u32, StoreError> {
+        let user = user.as_str().to_owned();
+        let after = i64_of(after);
+        self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT count(*) FROM (SELECT sender FROM messages
+                     WHERE conversation = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3)
+                 WHERE sender != ?4",
+            )
+            .and_then(|mut stmt| {
+                stmt.query_row(params![id.to_string(), after, UNREAD_CAP, user], |row| {
+                    row.get::<_, u32>(0)
+                })
+            })
+            .map_err(unavailable)
         })
         .await
     }

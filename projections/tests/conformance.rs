@@ -27,7 +27,7 @@ use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 
 mod support;
-use support::{direct, group, log_with, user};
+use support::{direct, group, log_with, then_read, user};
 
 const TEST_BUCKET_SEQS: u64 = 4;
 
@@ -189,6 +189,8 @@ conformance!(
     events_after_pages_forward_exactly_once_in_order_across_buckets,
     events_after_is_the_same_whatever_the_order_and_repeats_of_apply,
     details_and_members_in_pages,
+    read_markers_only_move_forward_and_drive_unread_counts,
+    unread_counts_look_at_a_bounded_number_of_messages,
     position_only_moves_forward,
     duplicates_and_reordering_within_and_across_conversations_converge,
     a_crash_in_the_middle_of_a_batch_resumes_from_the_position,
@@ -216,6 +218,9 @@ async fn snapshot(store: &dyn ConversationStore, events: &[RecordedEvent]) -> St
         out += &format!("{:?}\n", store.history(id, None, 1000).await.unwrap());
         out += &format!("{:?}\n", store.events_after(id, 0, 1000).await.unwrap());
         out += &format!("{:?}\n", store.details(id).await.unwrap());
+        for name in ["alice", "bob", "carol"] {
+            out += &format!("{}\n", store.read_marker(id, &user(name)).await.unwrap());
+        }
     }
     for name in ["alice", "bob", "carol"] {
         out += &format!("{:?}\n", store.inbox(&user(name), None, 100).await.unwrap());
@@ -563,6 +568,79 @@ async fn details_and_members_in_pages(backend: Backend) {
         .await
         .unwrap();
     assert!(past.members.is_empty() && !past.has_more);
+}
+
+async fn read_markers_only_move_forward_and_drive_unread_counts(backend: Backend) {
+    // Direct messages are at sequences 3, 5, ..., 21: alice sends the 1st, 3rd, ...
+    let mut events = log_with(10);
+    then_read(&mut events, direct(), "bob", 7);
+    then_read(&mut events, direct(), "alice", 21);
+    // Not something the handler appends (markers only move forward there), but the
+    // projection must not move back for it either.
+    then_read(&mut events, direct(), "bob", 5);
+    let expected = reference(&events).await;
+    let store = backend.open("s").await;
+    let reversed: Vec<_> = events.iter().rev().cloned().collect();
+    apply_in_batches(&*store, &reversed, 3).await;
+    assert_eq!(
+        snapshot(&*store, &events).await,
+        expected,
+        "order-insensitive"
+    );
+    assert_eq!(store.read_marker(direct(), &user("bob")).await.unwrap(), 7);
+    assert_eq!(
+        store.read_marker(direct(), &user("alice")).await.unwrap(),
+        21
+    );
+    assert_eq!(store.read_marker(group(), &user("alice")).await.unwrap(), 0);
+    assert_eq!(
+        store.unread(direct(), &user("bob"), 7).await.unwrap(),
+        3,
+        "alice's messages at 11, 15 and 19"
+    );
+    assert_eq!(
+        store.unread(direct(), &user("alice"), 0).await.unwrap(),
+        5,
+        "only others' messages count"
+    );
+    assert_eq!(store.unread(direct(), &user("alice"), 21).await.unwrap(), 0);
+
+    let mut inbox = store.inbox(&user("bob"), None, 10).await.unwrap();
+    assert_eq!(
+        (inbox[0].read_seq, inbox[0].unread),
+        (0, 0),
+        "inbox leaves them"
+    );
+    store.list_view(&user("bob"), &mut inbox).await.unwrap();
+    assert_eq!((inbox[0].read_seq, inbox[0].unread), (7, 3));
+    let last = inbox[0].last_message.as_ref().unwrap();
+    assert_eq!((last.seq, last.body.as_str()), (21, "direct 9"));
+    let mut inbox = store.inbox(&user("alice"), None, 10).await.unwrap();
+    store.list_view(&user("alice"), &mut inbox).await.unwrap();
+    let team = inbox.iter().find(|e| e.conversation == group()).unwrap();
+    assert_eq!((team.read_seq, team.unread), (0, 10));
+    let dm = inbox.iter().find(|e| e.conversation == direct()).unwrap();
+    assert_eq!((dm.read_seq, dm.unread), (21, 0));
+}
+
+async fn unread_counts_look_at_a_bounded_number_of_messages(backend: Backend) {
+    // 1,010 direct messages, half of them bob's: alice has 505 unread, of which the first
+    // 1,000 messages hold 500.
+    let events = log_with(1010);
+    let store = backend.open("s").await;
+    apply_in_batches(&*store, &events, 512).await;
+    assert_eq!(
+        store.unread(direct(), &user("alice"), 0).await.unwrap(),
+        500
+    );
+    let near_the_end = events[events.len() - 20].seq;
+    assert_eq!(
+        store
+            .unread(direct(), &user("alice"), near_the_end)
+            .await
+            .unwrap(),
+        5
+    );
 }
 
 async fn position_only_moves_forward(backend: Backend) {

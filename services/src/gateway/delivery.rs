@@ -291,6 +291,11 @@ impl Routes {
     fn fan_out(&self, event: RecordedEvent) {
         let since = event.envelope.event.since_protocol();
         let conversation = event.envelope.conversation;
+        let only_for = event
+            .envelope
+            .event
+            .only_for_actor()
+            .then(|| event.envelope.actor.clone());
         let frame = event_frame(event);
         let outboxes: Vec<Outbox> = {
             let table = self.table();
@@ -302,6 +307,7 @@ impl Routes {
                 .iter()
                 .filter_map(|conn| table.sockets.get(conn))
                 .filter(|entry| entry.protocol >= since)
+                .filter(|entry| only_for.as_ref().is_none_or(|actor| entry.user == *actor))
                 .map(|entry| entry.outbox.clone())
                 .collect()
         };

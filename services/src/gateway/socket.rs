@@ -330,6 +330,14 @@ async fn handle_text(
             members(shared, session, outbox, id, conversation, after, limit).await;
             ("members", None)
         }
+        ClientFrame::MarkRead {
+            id,
+            conversation,
+            seq,
+        } => (
+            "mark_read",
+            Some((id, Action::MarkRead { conversation, seq })),
+        ),
         ClientFrame::Ping { id } => {
             outbox.send(&ServerFrame::Pong { id });
             ("ping", None)
