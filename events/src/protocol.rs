@@ -288,6 +288,43 @@ pub struct ConversationSummary {
     pub last_seq: u64,
     /// Milliseconds since the Unix epoch of its newest event.
     pub last_activity_at: u64,
+    /// (v2) Its newest message, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_message: Option<MessagePreview>,
+    /// (v2) The user's read marker (0: never marked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_seq: Option<u64>,
+    /// (v2) Messages by others after the marker, counted among the first 1,000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unread: Option<u32>,
+}
+
+/// (v2) What a conversation list shows of a message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessagePreview {
+    pub seq: u64,
+    pub sender: UserId,
+    /// The body's first [`PREVIEW_CHARS`] characters.
+    pub body: String,
+    pub at: u64,
+}
+
+/// Characters (Unicode scalar values) of a body a [`MessagePreview`] keeps.
+pub const PREVIEW_CHARS: usize = 140;
+
+impl From<HistoryMessage> for MessagePreview {
+    fn from(message: HistoryMessage) -> Self {
+        let body = match message.body.char_indices().nth(PREVIEW_CHARS) {
+            Some((end, _)) => message.body[..end].to_owned(),
+            None => message.body,
+        };
+        MessagePreview {
+            seq: message.seq,
+            sender: message.sender,
+            body,
+            at: message.at,
+        }
+    }
 }
 
 impl ServerFrame {
@@ -400,6 +437,28 @@ mod tests {
             let refused = protocol_version(Some(wrong)).unwrap_err();
             assert!(refused.contains("not served"), "{wrong}: {refused}");
         }
+    }
+
+    #[test]
+    fn a_preview_keeps_the_first_140_characters_on_a_char_boundary() {
+        let message = |body: &str| HistoryMessage {
+            seq: 5,
+            id: EventId::from_uuid(uuid::Uuid::nil()),
+            sender: UserId::parse("bob").unwrap(),
+            client_id: ClientMsgId::parse("m").unwrap(),
+            body: body.into(),
+            at: 7,
+        };
+        let long = "é".repeat(200);
+        let preview = MessagePreview::from(message(&long));
+        assert_eq!(preview.body, "é".repeat(140));
+        assert_eq!(
+            (preview.seq, preview.at, preview.sender.as_str()),
+            (5, 7, "bob")
+        );
+        let exact = "x".repeat(140);
+        assert_eq!(MessagePreview::from(message(&exact)).body, exact);
+        assert_eq!(MessagePreview::from(message("hi")).body, "hi");
     }
 
     #[test]

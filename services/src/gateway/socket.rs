@@ -10,7 +10,9 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures::stream::{SplitSink, SplitStream};
 use futures::{Sink, SinkExt, StreamExt};
 use parley_events::presence::ConnectionState;
-use parley_events::protocol::{ClientFrame, ConversationSummary, Limits, ServerFrame, close};
+use parley_events::protocol::{
+    ClientFrame, ConversationSummary, Limits, MessagePreview, ServerFrame, close,
+};
 use parley_events::{Action, ClientMsgId, Command, ConversationId, ErrorCode, Role, UserId};
 use parley_projections::StoreError;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
@@ -549,30 +551,46 @@ async fn conversations(
     let limit = limit
         .unwrap_or(DEFAULT_CONVERSATIONS_PAGE)
         .clamp(1, MAX_CONVERSATIONS_PAGE);
-    // One row more than asked tells whether another page exists.
-    let frame = match shared.store.inbox(&session.user, before, limit + 1).await {
-        Ok(mut inbox) => {
-            let has_more = inbox.len() > limit as usize;
-            inbox.truncate(limit as usize);
-            fit_frame(ServerFrame::Conversations {
-                id,
-                conversations: inbox
-                    .into_iter()
-                    .map(|entry| ConversationSummary {
-                        conversation: entry.conversation,
-                        kind: entry.kind,
-                        title: entry.title,
-                        role: entry.role,
-                        last_seq: entry.last_seq,
-                        last_activity_at: entry.last_activity_at,
-                    })
-                    .collect(),
-                has_more,
-            })
-        }
-        Err(e) => store_unavailable(id, "the conversation list", e),
-    };
+    let frame = conversations_page(shared, session, &id, before, limit)
+        .await
+        .unwrap_or_else(|e| store_unavailable(id, "the conversation list", e));
     outbox.send(&frame);
+}
+
+async fn conversations_page(
+    shared: &Shared,
+    session: &Session,
+    id: &ClientMsgId,
+    before: Option<u64>,
+    limit: u32,
+) -> Result<ServerFrame, StoreError> {
+    // One row more than asked tells whether another page exists.
+    let mut inbox = shared.store.inbox(&session.user, before, limit + 1).await?;
+    let has_more = inbox.len() > limit as usize;
+    inbox.truncate(limit as usize);
+    // What a list view shows costs reads per entry: only for sockets that are sent it.
+    let list_view = session.protocol >= 2;
+    if list_view {
+        shared.store.list_view(&session.user, &mut inbox).await?;
+    }
+    Ok(fit_frame(ServerFrame::Conversations {
+        id: id.clone(),
+        conversations: inbox
+            .into_iter()
+            .map(|entry| ConversationSummary {
+                conversation: entry.conversation,
+                kind: entry.kind,
+                title: entry.title,
+                role: entry.role,
+                last_seq: entry.last_seq,
+                last_activity_at: entry.last_activity_at,
+                last_message: entry.last_message.map(MessagePreview::from),
+                read_seq: list_view.then_some(entry.read_seq),
+                unread: list_view.then_some(entry.unread),
+            })
+            .collect(),
+        has_more,
+    }))
 }
 
 /// Send the socket's queued frames and pings until it is closing; the sink goes back to
