@@ -35,6 +35,11 @@ pub enum Action {
         conversation: ConversationId,
         body: String,
     },
+    /// Move the actor's read marker in `conversation` forward to `seq`.
+    MarkRead {
+        conversation: ConversationId,
+        seq: u64,
+    },
 }
 
 impl Command {
@@ -60,7 +65,9 @@ impl Command {
         match &self.action {
             Action::CreateDirect { peer } => ConversationId::direct(&self.actor, peer),
             Action::CreateGroup { .. } => ConversationId::group(self.id),
-            Action::PostMessage { conversation, .. } => *conversation,
+            Action::PostMessage { conversation, .. } | Action::MarkRead { conversation, .. } => {
+                *conversation
+            }
         }
     }
 

@@ -25,7 +25,7 @@ pub mod subjects;
 pub use command::{Action, Command, Outcome, OutcomeResult};
 pub use error::ErrorCode;
 pub use event::{
-    ConversationCreated, ConversationKind, DecodeError, Event, EventEnvelope, Member,
-    MessagePosted, RecordedEvent, Role,
+    ConversationCreated, ConversationKind, ConversationRead, DecodeError, Event, EventEnvelope,
+    Member, MessagePosted, RecordedEvent, Role,
 };
 pub use ids::{ClientMsgId, CommandId, ConversationId, EventId, IdError, UserId};

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::ErrorCode;
-use crate::event::{ConversationKind, RecordedEvent, Role};
+use crate::event::{ConversationKind, Member, RecordedEvent, Role};
 use crate::ids::{ClientMsgId, ConversationId, EventId, UserId};
 
 /// Newest version of the protocol described here. A client asks for it at the upgrade
@@ -81,12 +81,15 @@ pub enum ClientFrame {
         members: Vec<UserId>,
     },
     /// Page backwards through a conversation's messages, newest first, starting below
-    /// `before` (a sequence; omitted = from the newest).
+    /// `before` (a sequence; omitted = from the newest); or, with `after` (v2), forwards,
+    /// oldest first, starting above it. Not both.
     History {
         id: ClientMsgId,
         conversation: ConversationId,
         #[serde(default)]
         before: Option<u64>,
+        #[serde(default)]
+        after: Option<u64>,
         #[serde(default)]
         limit: Option<u32>,
     },
@@ -110,6 +113,22 @@ pub enum ClientFrame {
         #[serde(default)]
         conversations: BTreeMap<ConversationId, u64>,
     },
+    /// (v2) A conversation's details and a page of its members, ordered by user id; with
+    /// `after` (a user id from the previous page), the next page.
+    Members {
+        id: ClientMsgId,
+        conversation: ConversationId,
+        #[serde(default)]
+        after: Option<UserId>,
+        #[serde(default)]
+        limit: Option<u32>,
+    },
+    /// (v2) Mark the conversation read up to `seq` (inclusive); markers only move forward.
+    MarkRead {
+        id: ClientMsgId,
+        conversation: ConversationId,
+        seq: u64,
+    },
     /// Application-level keepalive for clients that cannot send WebSocket pings.
     Ping {
         #[serde(default)]
@@ -118,13 +137,15 @@ pub enum ClientFrame {
 }
 
 /// The `type` names [`ClientFrame`] accepts.
-pub const CLIENT_FRAME_TYPES: [&str; 7] = [
+pub const CLIENT_FRAME_TYPES: [&str; 9] = [
     "send",
     "create_direct",
     "create_group",
     "history",
     "conversations",
     "resume",
+    "members",
+    "mark_read",
     "ping",
 ];
 
@@ -161,6 +182,37 @@ impl FrameError {
 }
 
 impl ClientFrame {
+    /// The request's `id` (a `ping` may have none).
+    pub fn id(&self) -> Option<&ClientMsgId> {
+        match self {
+            ClientFrame::Send { id, .. }
+            | ClientFrame::CreateDirect { id, .. }
+            | ClientFrame::CreateGroup { id, .. }
+            | ClientFrame::History { id, .. }
+            | ClientFrame::Conversations { id, .. }
+            | ClientFrame::Resume { id, .. }
+            | ClientFrame::Members { id, .. }
+            | ClientFrame::MarkRead { id, .. } => Some(id),
+            ClientFrame::Ping { id } => id.as_ref(),
+        }
+    }
+
+    /// The oldest protocol version that has this frame type: a socket speaking an older one
+    /// is answered `unknown_frame_type`, as a server of that version would.
+    pub fn since_protocol(&self) -> u32 {
+        match self {
+            ClientFrame::Resume { .. }
+            | ClientFrame::Members { .. }
+            | ClientFrame::MarkRead { .. } => 2,
+            ClientFrame::Send { .. }
+            | ClientFrame::CreateDirect { .. }
+            | ClientFrame::CreateGroup { .. }
+            | ClientFrame::History { .. }
+            | ClientFrame::Conversations { .. }
+            | ClientFrame::Ping { .. } => 1,
+        }
+    }
+
     /// Parse a text frame, telling malformed JSON, unknown types and invalid fields apart.
     pub fn parse(text: &str) -> Result<Self, FrameError> {
         let value: Value =
@@ -224,13 +276,31 @@ pub enum ServerFrame {
         id: ClientMsgId,
         conversation: ConversationId,
         messages: Vec<HistoryMessage>,
-        /// Whether older messages exist below the last one returned.
+        /// Whether more messages exist beyond the last one returned: older ones when paging
+        /// backwards, newer ones when paging forwards (`after`).
         has_more: bool,
     },
     Conversations {
         id: ClientMsgId,
         conversations: Vec<ConversationSummary>,
         /// Whether less recently active conversations exist beyond the last one returned.
+        has_more: bool,
+    },
+    /// (v2) The answer to `members`.
+    Members {
+        id: ClientMsgId,
+        conversation: ConversationId,
+        kind: ConversationKind,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        title: Option<String>,
+        /// Milliseconds since the Unix epoch of its creation.
+        created_at: u64,
+        member_count: u64,
+        /// The requester's role in it.
+        role: Role,
+        /// Ordered by user id.
+        members: Vec<Member>,
+        /// Whether members with greater user ids exist beyond the last one returned.
         has_more: bool,
     },
     Pong {
@@ -312,6 +382,43 @@ pub struct ConversationSummary {
     pub last_seq: u64,
     /// Milliseconds since the Unix epoch of its newest event.
     pub last_activity_at: u64,
+    /// (v2) Its newest message, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_message: Option<MessagePreview>,
+    /// (v2) The user's read marker (0: never marked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_seq: Option<u64>,
+    /// (v2) Messages by others after the marker, counted among the first 1,000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unread: Option<u32>,
+}
+
+/// (v2) What a conversation list shows of a message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessagePreview {
+    pub seq: u64,
+    pub sender: UserId,
+    /// The body's first [`PREVIEW_CHARS`] characters.
+    pub body: String,
+    pub at: u64,
+}
+
+/// Characters (Unicode scalar values) of a body a [`MessagePreview`] keeps.
+pub const PREVIEW_CHARS: usize = 140;
+
+impl From<HistoryMessage> for MessagePreview {
+    fn from(message: HistoryMessage) -> Self {
+        let body = match message.body.char_indices().nth(PREVIEW_CHARS) {
+            Some((end, _)) => message.body[..end].to_owned(),
+            None => message.body,
+        };
+        MessagePreview {
+            seq: message.seq,
+            sender: message.sender,
+            body,
+            at: message.at,
+        }
+    }
 }
 
 impl ServerFrame {
@@ -463,6 +570,28 @@ mod tests {
         let refused = frame.unwrap_err();
         assert_eq!(refused.code(), ErrorCode::BadFrame);
         assert_eq!(refused.request_id().map(|id| id.as_str()), Some("r"));
+    }
+
+    #[test]
+    fn a_preview_keeps_the_first_140_characters_on_a_char_boundary() {
+        let message = |body: &str| HistoryMessage {
+            seq: 5,
+            id: EventId::from_uuid(uuid::Uuid::nil()),
+            sender: UserId::parse("bob").unwrap(),
+            client_id: ClientMsgId::parse("m").unwrap(),
+            body: body.into(),
+            at: 7,
+        };
+        let long = "é".repeat(200);
+        let preview = MessagePreview::from(message(&long));
+        assert_eq!(preview.body, "é".repeat(140));
+        assert_eq!(
+            (preview.seq, preview.at, preview.sender.as_str()),
+            (5, 7, "bob")
+        );
+        let exact = "x".repeat(140);
+        assert_eq!(MessagePreview::from(message(&exact)).body, exact);
+        assert_eq!(MessagePreview::from(message("hi")).body, "hi");
     }
 
     #[test]

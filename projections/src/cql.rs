@@ -33,12 +33,12 @@ use uuid::Uuid;
 pub use scylla::statement::Consistency;
 
 use crate::columns::{
-    corrupt, events_page, history_message, i64_of, kind_str, parse_kind, parse_member, parse_role,
-    schema, u64_of, unavailable,
+    corrupt, event_at, events_page, history_message, i64_of, kind_str, members_page, parse_kind,
+    parse_member, parse_role, schema, u64_of, unavailable,
 };
 use crate::store::{
-    ConversationStore, ConversationView, EventsPage, HistoryPage, InboxEntry, StoreError,
-    StoreErrorKind,
+    ConversationDetails, ConversationStore, ConversationView, EventsPage, HistoryPage, InboxEntry,
+    MembersPage, StoreError, StoreErrorKind, UNREAD_CAP,
 };
 use crate::tls::TlsClient;
 
@@ -203,14 +203,23 @@ struct Statements {
     bucket: PreparedStatement,
     event: PreparedStatement,
     event_bucket: PreparedStatement,
+    set_read: PreparedStatement,
+    read_marker: PreparedStatement,
+    senders_after: PreparedStatement,
     set_position: PreparedStatement,
     position: PreparedStatement,
     conversation: PreparedStatement,
     members: PreparedStatement,
+    members_after: PreparedStatement,
+    member_count: PreparedStatement,
+    details: PreparedStatement,
+    event_at: PreparedStatement,
     role_of: PreparedStatement,
     memberships: PreparedStatement,
     buckets: PreparedStatement,
     history: PreparedStatement,
+    buckets_after: PreparedStatement,
+    history_after: PreparedStatement,
     event_buckets: PreparedStatement,
     events: PreparedStatement,
     check: PreparedStatement,
@@ -265,7 +274,8 @@ fn schema_v1(ks: &str) -> Vec<String> {
     ]
 }
 
-/// Schema version 2: every event as recorded, for resuming clients, bucketed like history.
+/// Schema version 2: every event as recorded, for resuming clients, bucketed like history;
+/// read markers.
 fn schema_v2(ks: &str) -> Vec<String> {
     vec![
         format!(
@@ -273,6 +283,9 @@ fn schema_v2(ks: &str) -> Vec<String> {
         ),
         format!(
             "CREATE TABLE IF NOT EXISTS {ks}.event_buckets (conversation uuid, bucket bigint, PRIMARY KEY (conversation, bucket))"
+        ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {ks}.read_markers (conversation uuid, user_id text, seq bigint, PRIMARY KEY (conversation, user_id))"
         ),
     ]
 }
@@ -484,6 +497,13 @@ impl CqlStore {
                         ));
                     }
                 }
+                Event::ConversationRead(read) => {
+                    let marker = i64_of(read.seq);
+                    writes.push(self.write(
+                        &s.set_read,
+                        (id, envelope.actor.as_str().to_owned(), marker, marker),
+                    ));
+                }
                 Event::MessagePosted(posted) => {
                     messages.entry((conversation, bucket)).or_default().push((
                         id,
@@ -546,6 +566,26 @@ impl CqlStore {
             .map_err(corrupt)?;
         result.maybe_first_row::<ConversationRow>().map_err(corrupt)
     }
+}
+
+/// A page of history from rows read one beyond `limit`, to know whether more follow.
+fn history_page(rows: Vec<MessageRow>, limit: u32) -> Result<HistoryPage, StoreError> {
+    let has_more = rows.len() > limit as usize;
+    let messages = rows
+        .into_iter()
+        .take(limit as usize)
+        .map(|(seq, event_id, sender, client_id, body, at)| {
+            history_message((
+                seq,
+                EventId::from_uuid(event_id),
+                sender,
+                client_id,
+                body,
+                at,
+            ))
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    Ok(HistoryPage { messages, has_more })
 }
 
 async fn detect_dialect(session: &Session) -> Result<Dialect, StoreError> {
@@ -713,6 +753,20 @@ async fn prepare_all(session: &Session, ks: &str) -> Result<Statements, StoreErr
             "INSERT INTO {ks}.events (conversation, bucket, seq, envelope) VALUES (?, ?, ?, ?) USING TIMESTAMP ?"
         ))
         .await?,
+        // Timestamped by the marker itself, not the event's sequence: the cell keeps the
+        // highest marker whatever order the events arrive in.
+        set_read: prepare(format!(
+            "INSERT INTO {ks}.read_markers (conversation, user_id, seq) VALUES (?, ?, ?) USING TIMESTAMP ?"
+        ))
+        .await?,
+        read_marker: prepare(format!(
+            "SELECT seq FROM {ks}.read_markers WHERE conversation = ? AND user_id = ?"
+        ))
+        .await?,
+        senders_after: prepare(format!(
+            "SELECT seq, sender FROM {ks}.messages WHERE conversation = ? AND bucket = ? AND seq > ? ORDER BY seq ASC LIMIT ?"
+        ))
+        .await?,
         event_bucket: prepare(format!(
             "INSERT INTO {ks}.event_buckets (conversation, bucket) VALUES (?, ?) USING TIMESTAMP ?"
         ))
@@ -733,6 +787,22 @@ async fn prepare_all(session: &Session, ks: &str) -> Result<Statements, StoreErr
             "SELECT user_id, role FROM {ks}.members WHERE conversation = ?"
         ))
         .await?,
+        members_after: prepare(format!(
+            "SELECT user_id, role FROM {ks}.members WHERE conversation = ? AND user_id > ? LIMIT ?"
+        ))
+        .await?,
+        member_count: prepare(format!(
+            "SELECT COUNT(*) FROM {ks}.members WHERE conversation = ?"
+        ))
+        .await?,
+        details: prepare(format!(
+            "SELECT kind, title, last_seq, created_seq FROM {ks}.conversations WHERE id = ?"
+        ))
+        .await?,
+        event_at: prepare(format!(
+            "SELECT envelope FROM {ks}.events WHERE conversation = ? AND bucket = ? AND seq = ?"
+        ))
+        .await?,
         role_of: prepare(format!(
             "SELECT role FROM {ks}.members WHERE conversation = ? AND user_id = ?"
         ))
@@ -747,6 +817,14 @@ async fn prepare_all(session: &Session, ks: &str) -> Result<Statements, StoreErr
         .await?,
         history: prepare(format!(
             "SELECT seq, id, sender, client_id, body, at FROM {ks}.messages WHERE conversation = ? AND bucket = ? AND seq < ? LIMIT ?"
+        ))
+        .await?,
+        buckets_after: prepare(format!(
+            "SELECT bucket FROM {ks}.message_buckets WHERE conversation = ? AND bucket >= ? ORDER BY bucket ASC"
+        ))
+        .await?,
+        history_after: prepare(format!(
+            "SELECT seq, id, sender, client_id, body, at FROM {ks}.messages WHERE conversation = ? AND bucket = ? AND seq > ? ORDER BY seq ASC LIMIT ?"
         ))
         .await?,
         event_buckets: prepare(format!(
@@ -829,6 +907,75 @@ impl ConversationStore for CqlStore {
             .collect()
     }
 
+    /// Three single-partition reads: the conversation, its creation event, its member count.
+    async fn details(&self, id: ConversationId) -> Result<Option<ConversationDetails>, StoreError> {
+        let uuid = *id.as_uuid();
+        let row = self
+            .session
+            .execute_unpaged(&self.statements.details, (uuid,))
+            .await?
+            .into_rows_result()
+            .map_err(corrupt)?
+            .maybe_first_row::<(Option<String>, Option<String>, Option<i64>, Option<i64>)>()
+            .map_err(corrupt)?;
+        let Some((Some(kind), title, last_seq, Some(created_seq))) = row else {
+            return Ok(None);
+        };
+        let created = self
+            .session
+            .execute_unpaged(
+                &self.statements.event_at,
+                (uuid, self.bucket_of(u64_of(created_seq)), created_seq),
+            )
+            .await?
+            .into_rows_result()
+            .map_err(corrupt)?
+            .maybe_first_row::<(Vec<u8>,)>()
+            .map_err(corrupt)?
+            .ok_or_else(|| corrupt("the creation event is missing"))?;
+        let (members,) = self
+            .session
+            .execute_unpaged(&self.statements.member_count, (uuid,))
+            .await?
+            .into_rows_result()
+            .map_err(corrupt)?
+            .first_row::<(i64,)>()
+            .map_err(corrupt)?;
+        Ok(Some(ConversationDetails {
+            view: ConversationView {
+                id,
+                kind: parse_kind(&kind)?,
+                title,
+                last_seq: last_seq.map(u64_of).unwrap_or(0),
+            },
+            created_at: event_at(&created.0)?,
+            member_count: u64_of(members),
+        }))
+    }
+
+    async fn members_page(
+        &self,
+        id: ConversationId,
+        after: Option<&UserId>,
+        limit: u32,
+    ) -> Result<MembersPage, StoreError> {
+        let after = after.map_or("", |u| u.as_str()).to_owned();
+        let wanted = i32::try_from(u64::from(limit) + 1).unwrap_or(i32::MAX);
+        let rows: Vec<(String, String)> = self
+            .session
+            .execute_iter(
+                self.statements.members_after.clone(),
+                (*id.as_uuid(), after, wanted),
+            )
+            .await?
+            .rows_stream::<(String, String)>()
+            .map_err(corrupt)?
+            .map_err(unavailable)
+            .try_collect()
+            .await?;
+        members_page(rows, limit)
+    }
+
     async fn role_of(&self, id: ConversationId, user: &UserId) -> Result<Option<Role>, StoreError> {
         let row = self
             .session
@@ -874,6 +1021,9 @@ impl ConversationStore for CqlStore {
                 role: parse_role(&role)?,
                 last_seq,
                 last_activity_at: last_activity_at.map(u64_of).unwrap_or(0),
+                read_seq: 0,
+                unread: 0,
+                last_message: None,
             });
         }
         entries.sort_by_key(|e| std::cmp::Reverse(e.last_seq));
@@ -907,22 +1057,32 @@ impl ConversationStore for CqlStore {
             )
             .await?
         };
-        let has_more = rows.len() > limit as usize;
-        let messages = rows
-            .into_iter()
-            .take(limit as usize)
-            .map(|(seq, event_id, sender, client_id, body, at)| {
-                history_message((
-                    seq,
-                    EventId::from_uuid(event_id),
-                    sender,
-                    client_id,
-                    body,
-                    at,
-                ))
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        Ok(HistoryPage { messages, has_more })
+        history_page(rows, limit)
+    }
+
+    /// Walks the conversation's non-empty buckets oldest first, from the one holding
+    /// `after + 1`.
+    async fn history_after(
+        &self,
+        id: ConversationId,
+        after: u64,
+        limit: u32,
+    ) -> Result<HistoryPage, StoreError> {
+        let walk = BucketWalk {
+            index: &self.statements.buckets_after,
+            rows: &self.statements.history_after,
+        };
+        let first = self.bucket_of(after.saturating_add(1));
+        let rows = self
+            .walk(
+                walk,
+                *id.as_uuid(),
+                first,
+                i64_of(after),
+                limit as usize + 1,
+            )
+            .await?;
+        history_page(rows, limit)
     }
 
     /// Walks the conversation's event buckets oldest first, from the one holding `after + 1`.
@@ -947,6 +1107,47 @@ impl ConversationStore for CqlStore {
             )
             .await?;
         events_page(rows, limit)
+    }
+
+    async fn read_marker(&self, id: ConversationId, user: &UserId) -> Result<u64, StoreError> {
+        let row = self
+            .session
+            .execute_unpaged(&self.statements.read_marker, (*id.as_uuid(), user.as_str()))
+            .await?
+            .into_rows_result()
+            .map_err(corrupt)?
+            .maybe_first_row::<(Option<i64>,)>()
+            .map_err(corrupt)?;
+        Ok(row.and_then(|(seq,)| seq).map_or(0, u64_of))
+    }
+
+    /// Walks the message buckets after the marker like forward history, reading senders
+    /// only.
+    async fn unread(
+        &self,
+        id: ConversationId,
+        user: &UserId,
+        after: u64,
+    ) -> Result<u32, StoreError> {
+        let walk = BucketWalk {
+            index: &self.statements.buckets_after,
+            rows: &self.statements.senders_after,
+        };
+        let first = self.bucket_of(after.saturating_add(1));
+        let rows: Vec<(i64, String)> = self
+            .walk(
+                walk,
+                *id.as_uuid(),
+                first,
+                i64_of(after),
+                UNREAD_CAP as usize,
+            )
+            .await?;
+        let unread = rows
+            .into_iter()
+            .filter(|(_, sender)| sender != user.as_str())
+            .count();
+        Ok(u32::try_from(unread).unwrap_or(UNREAD_CAP))
     }
 
     async fn check(&self) -> Result<(), StoreError> {

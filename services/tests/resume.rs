@@ -67,7 +67,7 @@ fn assert_chain(events: &[Value], after: u64) {
 /// opened with him; the creation's sequence.
 async fn alice_and_resumed_bob(platform: &Platform) -> (Client, Client, ConversationId, u64) {
     let mut alice = platform.connect(0, "alice").await;
-    let mut bob = platform.connect_v2(0, "bob").await;
+    let mut bob = platform.open_v2(0, "bob").await;
     let (events, resumed) = resume(&mut bob, "r0", json!({})).await;
     assert!(events.is_empty());
     assert_eq!(resumed["conversations"], json!([]));
@@ -89,7 +89,7 @@ async fn a_client_that_was_away_gets_what_it_missed_in_order_then_live() {
     bob.close().await;
 
     let missed = send_many(&mut alice, conversation, "away", 5).await;
-    let mut bob = platform.connect_v2(0, "bob").await;
+    let mut bob = platform.open_v2(0, "bob").await;
     bob.expect_silence(Duration::from_millis(200)).await;
     let (events, resumed) = resume(
         &mut bob,
@@ -113,7 +113,7 @@ async fn a_client_that_was_away_gets_what_it_missed_in_order_then_live() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cursor_brings_the_conversations_created_while_away_with_their_events() {
     let platform = Platform::start(1).await;
-    let mut bob = platform.connect_v2(0, "bob").await;
+    let mut bob = platform.open_v2(0, "bob").await;
     let (_, resumed) = resume(&mut bob, "r0", json!({})).await;
     let cursor = resumed["cursor"].clone();
     bob.close().await;
@@ -129,7 +129,7 @@ async fn a_cursor_brings_the_conversations_created_while_away_with_their_events(
         .unwrap();
     let sent = send_many(&mut carol, group, "while-away", 2).await;
 
-    let mut bob = platform.connect_v2(0, "bob").await;
+    let mut bob = platform.open_v2(0, "bob").await;
     let (events, resumed) = resume(&mut bob, "r1", json!({"cursor": cursor})).await;
     assert_eq!(events.len(), 3, "{events:?}");
     assert_eq!(events[0]["type"], "conversation.created");
@@ -147,7 +147,7 @@ async fn a_new_device_resumes_from_now_and_then_follows_live() {
     send_many(&mut alice, conversation, "old", 3).await;
     platform.projected().await;
 
-    let mut tablet = platform.connect_v2(0, "bob").await;
+    let mut tablet = platform.open_v2(0, "bob").await;
     let (events, resumed) = resume(&mut tablet, "r", json!({})).await;
     assert!(
         events.is_empty(),
@@ -165,7 +165,7 @@ async fn a_long_absence_is_resumed_in_bounded_rounds_without_gaps_or_repeats() {
     bob.close().await;
     let missed = send_many(&mut alice, conversation, "m", 12).await;
 
-    let mut bob = platform.connect_v2(0, "bob").await;
+    let mut bob = platform.open_v2(0, "bob").await;
     let key = conversation.to_string();
     let mut received = Vec::new();
     let mut at = created;
@@ -212,7 +212,7 @@ async fn a_long_absence_is_resumed_in_bounded_rounds_without_gaps_or_repeats() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resume_reads_what_the_store_has_not_projected_from_the_log() {
     let mut platform = Platform::start(1).await;
-    let mut bob = platform.connect_v2(0, "bob").await;
+    let mut bob = platform.open_v2(0, "bob").await;
     let (_, resumed) = resume(&mut bob, "r0", json!({})).await;
     let cursor = resumed["cursor"].clone();
     bob.close().await;
@@ -229,7 +229,7 @@ async fn a_resume_reads_what_the_store_has_not_projected_from_the_log() {
         .unwrap();
     let sent = send_many(&mut alice, conversation, "unprojected", 3).await;
 
-    let mut bob = platform.connect_v2(0, "bob").await;
+    let mut bob = platform.open_v2(0, "bob").await;
     let (events, resumed) = resume(&mut bob, "r1", json!({"cursor": cursor})).await;
     assert_eq!(events[0]["type"], "conversation.created");
     assert_eq!(seqs(&events[1..]), sent);
@@ -258,7 +258,7 @@ async fn a_point_older_than_the_log_holds_is_marked_truncated() {
     let first = log.info().await.unwrap().state.first_sequence;
     assert_eq!(first, sent[3]);
 
-    let mut bob = platform.connect_v2(0, "bob").await;
+    let mut bob = platform.open_v2(0, "bob").await;
     let (events, resumed) = resume(
         &mut bob,
         "r",
@@ -276,7 +276,7 @@ async fn a_point_older_than_the_log_holds_is_marked_truncated() {
 async fn resume_names_foreign_conversations_and_refuses_bad_input() {
     let platform = Platform::start(1).await;
     let (_alice, _bob, conversation, _) = alice_and_resumed_bob(&platform).await;
-    let mut carol = platform.connect_v2(0, "carol").await;
+    let mut carol = platform.open_v2(0, "carol").await;
     let (events, resumed) = resume(
         &mut carol,
         "r",
@@ -338,7 +338,7 @@ async fn reconnecting_while_messages_flow_sees_each_exactly_once_in_order() {
     let mut at = created;
     // Bob hops between the two gateways, resuming each time from what he has.
     for hop in 0..6 {
-        let mut bob = platform.connect_v2(hop % 2, "bob").await;
+        let mut bob = platform.open_v2(hop % 2, "bob").await;
         let (events, _) = resume(&mut bob, "r", json!({"conversations": {&key: at}})).await;
         assert_chain(&events, at);
         received.extend(seqs(&events));
@@ -353,7 +353,7 @@ async fn reconnecting_while_messages_flow_sees_each_exactly_once_in_order() {
         bob.close().await;
     }
     let sent = sender.await.unwrap();
-    let mut bob = platform.connect_v2(0, "bob").await;
+    let mut bob = platform.open_v2(0, "bob").await;
     let (events, _) = resume(&mut bob, "last", json!({"conversations": {&key: at}})).await;
     assert_chain(&events, at);
     received.extend(seqs(&events));
@@ -425,7 +425,7 @@ async fn a_socket_that_falls_too_far_behind_while_resuming_is_told_to_resume_aga
     assert!(!received.is_empty());
     assert_eq!(received, log[..received.len()], "a prefix, in order");
     // Resuming again from there gets the rest, exactly.
-    let mut bob = platform.connect_v2(0, "bob").await;
+    let mut bob = platform.open_v2(0, "bob").await;
     let mut at = *received.last().unwrap();
     loop {
         let (events, resumed) = resume(

@@ -487,7 +487,7 @@ impl Routes {
                 }
                 *sent = event.seq;
                 if let Some(entry) = sockets.get(conn)
-                    && is_sent_to(&event, entry.protocol)
+                    && is_sent_to(&event, &entry.user, entry.protocol)
                 {
                     outboxes.push(entry.outbox.clone());
                 }
@@ -558,7 +558,7 @@ impl Routes {
                 continue;
             }
             for event in chain.events.iter().filter(|e| e.seq > *sent) {
-                if is_sent_to(event, entry.protocol) {
+                if is_sent_to(event, &entry.user, entry.protocol) {
                     entry.outbox.push(event_frame(event.clone()));
                 }
             }
@@ -569,10 +569,12 @@ impl Routes {
     }
 }
 
-/// Whether a socket speaking `protocol` is sent `event` at all, live or by a resume: only
-/// event types its version knows.
-pub fn is_sent_to(event: &RecordedEvent, protocol: u32) -> bool {
-    event.envelope.event.since_protocol() <= protocol
+/// Whether a socket of `user` speaking `protocol` is sent `event` at all, live or by a
+/// resume: only event types its version knows, and a read marker only to its reader.
+pub fn is_sent_to(event: &RecordedEvent, user: &UserId, protocol: u32) -> bool {
+    let envelope = &event.envelope;
+    envelope.event.since_protocol() <= protocol
+        && (!envelope.event.only_for_actor() || envelope.actor == *user)
 }
 
 /// Give back a table's memory once most of it is empty: a map keeps the capacity of its

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parley_events::protocol::{ResumeCursor, ResumeState, ResumeStatus, ServerFrame};
-use parley_events::{ClientMsgId, ConversationId, ErrorCode, Event, RecordedEvent};
+use parley_events::{ClientMsgId, ConversationId, ErrorCode, Event, RecordedEvent, UserId};
 use parley_projections::{ConversationStore, StoreError};
 use tokio::sync::{Notify, watch};
 use tracing::{debug, warn};
@@ -271,6 +271,7 @@ async fn resume_conversations(
             send_events(
                 shared,
                 outbox,
+                &session.user,
                 session.protocol,
                 conversation,
                 from,
@@ -393,6 +394,7 @@ struct Sent {
 async fn send_events(
     shared: &Shared,
     outbox: &Outbox,
+    user: &UserId,
     protocol: u32,
     conversation: ConversationId,
     from: u64,
@@ -402,7 +404,7 @@ async fn send_events(
 ) -> Result<Sent, ResumeError> {
     let mut seq = from;
     let send = async |event: RecordedEvent, budget: &mut Budget, source: &'static str| {
-        if !is_sent_to(&event, protocol) {
+        if !is_sent_to(&event, user, protocol) {
             return true;
         }
         let frame = event_frame(event);

@@ -2,8 +2,10 @@
 //! its event in order. Built by tailing the event log from its start, so any handler
 //! instance can take any command; nothing here is stored anywhere but the log.
 //!
-//! Per conversation it keeps the kind, the members and the sequence of the newest event
-//! (the next event's `prev`); per shard, the newest sequence (the append's expected last
+//! Per conversation it keeps the kind, the members, the sequence of the newest event
+//! (the next event's `prev`) and each member's read marker (only for members who ever set
+//! one: at most one entry per member, ~100 bytes, so 1 MB for a 10,000-member group whose
+//! every member reads it); per shard, the newest sequence (the append's expected last
 //! subject sequence); and a bounded memory of which commands already produced which event,
 //! so a repeated or redelivered command is answered with its original outcome.
 
@@ -11,7 +13,7 @@ use std::collections::{HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use parley_events::event::{ConversationCreated, MessagePosted};
+use parley_events::event::{ConversationCreated, ConversationRead, MessagePosted};
 use parley_events::subjects::Shards;
 use parley_events::{
     Action, Command, ConversationId, ConversationKind, ErrorCode, Event, EventEnvelope, EventId,
@@ -50,6 +52,17 @@ struct Aggregate {
     members: HashMap<UserId, Role>,
     last_seq: u64,
     created: Accepted,
+    /// Each member's newest read marker. Absent from snapshots of builds before markers:
+    /// those builds could not have read a log holding any.
+    #[serde(default)]
+    read: HashMap<UserId, Marker>,
+}
+
+/// A member's read marker and the `conversation.read` event that set it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct Marker {
+    seq: u64,
+    set_by: Accepted,
 }
 
 pub struct WriteModel {
@@ -120,6 +133,24 @@ fn reject(code: ErrorCode, message: impl Into<String>) -> Decision {
 }
 
 impl WriteModel {
+    /// The conversation, if it exists and `user` is a member of it.
+    fn member_of(
+        &self,
+        conversation: ConversationId,
+        user: &UserId,
+    ) -> Result<&Aggregate, (ErrorCode, &'static str)> {
+        let Some(aggregate) = self.conversations.get(&conversation) else {
+            return Err((ErrorCode::ConversationNotFound, "no such conversation"));
+        };
+        if !aggregate.members.contains_key(user) {
+            return Err((
+                ErrorCode::NotMember,
+                "you are not a member of this conversation",
+            ));
+        }
+        Ok(aggregate)
+    }
+
     pub fn new(shards: Shards, remembered_commands: usize) -> Self {
         WriteModel {
             shards,
@@ -217,11 +248,27 @@ impl WriteModel {
                             .collect(),
                         last_seq: seq,
                         created: accepted,
+                        read: HashMap::new(),
                     });
             }
-            Event::MessagePosted(_) => {
+            Event::MessagePosted(_) | Event::ConversationRead(_) => {
                 if let Some(aggregate) = self.conversations.get_mut(&envelope.conversation) {
                     aggregate.last_seq = aggregate.last_seq.max(seq);
+                    if let Event::ConversationRead(read) = &envelope.event {
+                        let marker = Marker {
+                            seq: read.seq,
+                            set_by: accepted,
+                        };
+                        aggregate
+                            .read
+                            .entry(envelope.actor.clone())
+                            .and_modify(|m| {
+                                if read.seq > m.seq {
+                                    *m = marker;
+                                }
+                            })
+                            .or_insert(marker);
+                    }
                 }
             }
         }
@@ -317,14 +364,8 @@ impl WriteModel {
                 })
             }
             Action::PostMessage { body, .. } => {
-                let Some(aggregate) = self.conversations.get(&conversation) else {
-                    return reject(ErrorCode::ConversationNotFound, "no such conversation");
-                };
-                if !aggregate.members.contains_key(&command.actor) {
-                    return reject(
-                        ErrorCode::NotMember,
-                        "you are not a member of this conversation",
-                    );
+                if let Err((code, message)) = self.member_of(conversation, &command.actor) {
+                    return reject(code, message);
                 }
                 if let Err((code, message)) = check_body(body, limits) {
                     return reject(code, message);
@@ -333,6 +374,28 @@ impl WriteModel {
                     client_id: command.client_id.clone(),
                     body: body.clone(),
                 })
+            }
+            Action::MarkRead { seq, .. } => {
+                let aggregate = match self.member_of(conversation, &command.actor) {
+                    Ok(aggregate) => aggregate,
+                    Err((code, message)) => return reject(code, message),
+                };
+                if *seq == 0 || *seq > aggregate.last_seq {
+                    return reject(
+                        ErrorCode::InvalidRequest,
+                        format!(
+                            "seq must be between 1 and the conversation's newest event ({})",
+                            aggregate.last_seq
+                        ),
+                    );
+                }
+                // Markers only move forward: one at or past `seq` already says it.
+                if let Some(marker) = aggregate.read.get(&command.actor)
+                    && marker.seq >= *seq
+                {
+                    return Decision::Known(marker.set_by);
+                }
+                Event::ConversationRead(ConversationRead { seq: *seq })
             }
         };
         let shard = self.shards.of(conversation);
@@ -591,6 +654,57 @@ mod tests {
             .unwrap();
         assert!(err.contains("shards"), "{err}");
         assert!(WriteModel::restore(b"{}", Shards::new(4).unwrap(), 100).is_err());
+    }
+
+    #[test]
+    fn read_markers_only_move_forward_and_survive_a_snapshot() {
+        let conversation = ConversationId::direct(&user("alice"), &user("bob"));
+        let mark = |id: &str, seq| command("alice", id, Action::MarkRead { conversation, seq });
+        let limits = LimitsConfig::default();
+        let model = given(&[
+            direct("alice", "bob"),
+            post("bob", "m1", conversation, "hi"),
+            mark("r1", 2),
+        ]);
+        let marker = Accepted {
+            conversation,
+            seq: 3,
+            event: mark("r1", 2).event_id(0),
+        };
+        for behind in [mark("r2", 1), mark("r3", 2)] {
+            assert_eq!(model.decide(&behind, &limits), Decision::Known(marker));
+        }
+        assert!(
+            matches!(
+                model.decide(&mark("r4", 3), &limits),
+                Decision::Append { .. }
+            ),
+            "the marker's own event may be marked read"
+        );
+        for out_of_range in [mark("r5", 0), mark("r6", 4)] {
+            assert_eq!(
+                rejected_with(model.decide(&out_of_range, &limits)),
+                ErrorCode::InvalidRequest
+            );
+        }
+        let outsider = command(
+            "carol",
+            "r7",
+            Action::MarkRead {
+                conversation,
+                seq: 1,
+            },
+        );
+        assert_eq!(
+            rejected_with(model.decide(&outsider, &limits)),
+            ErrorCode::NotMember
+        );
+        let restored =
+            WriteModel::restore(&model.snapshot(), Shards::new(4).unwrap(), 100).unwrap();
+        assert_eq!(
+            restored.decide(&mark("r8", 1), &limits),
+            Decision::Known(marker)
+        );
     }
 
     #[test]

@@ -402,8 +402,21 @@ impl<N> Platform<N> {
         self.connect_speaking(gateway, user, 1).await
     }
 
-    /// Connect `user` to `gateway` speaking protocol version 2, and read the welcome.
+    /// Connect `user` to `gateway` speaking protocol version 2 and resume from now, as a
+    /// new device does: the socket is live when this returns.
     pub async fn connect_v2(&self, gateway: usize, user: &str) -> Client {
+        let mut client = self.open_v2(gateway, user).await;
+        client
+            .send(json!({"type": "resume", "id": "connect"}))
+            .await;
+        let resumed = client.reply_to("connect").await;
+        assert_eq!(resumed["type"], "resumed", "{resumed}");
+        client
+    }
+
+    /// Connect `user` to `gateway` speaking protocol version 2 and read the welcome; the
+    /// socket gets no events until it sends `resume`.
+    pub async fn open_v2(&self, gateway: usize, user: &str) -> Client {
         self.connect_speaking(gateway, user, 2).await
     }
 
