@@ -121,7 +121,10 @@ async fn bad_frames_and_commands_get_their_error_codes_and_append_nothing() {
     let cases: Vec<(String, &str, Option<&str>)> = vec![
         ("{not json".into(), "bad_frame", None),
         (json!(["not", "an", "object"]).to_string(), "bad_frame", None),
-        (json!({"type": "teleport", "id": "t"}).to_string(), "unknown_frame_type", None),
+        (json!({"type": "teleport", "id": "t"}).to_string(), "unknown_frame_type", Some("t")),
+        (json!({"type": "teleport", "id": "bad id!"}).to_string(), "unknown_frame_type", None),
+        (json!({"id": "untyped"}).to_string(), "bad_frame", Some("untyped")),
+        (json!({"type": 7, "id": "typed-7"}).to_string(), "bad_frame", Some("typed-7")),
         (json!({"type": "send", "id": "no-conv", "body": "x"}).to_string(), "bad_frame", Some("no-conv")),
         (json!({"type": "send", "id": "bad id!", "conversation": conversation, "body": "x"}).to_string(), "bad_frame", None),
         (json!({"type": "send", "id": "big", "conversation": conversation, "body": "x".repeat(max + 1)}).to_string(), "message_too_large", Some("big")),
