@@ -5,7 +5,8 @@
 //! Per conversation it keeps the kind, the members and the sequence of the newest event
 //! (the next event's `prev`); per shard, the newest sequence (the append's expected last
 //! subject sequence); and a bounded memory of which commands already produced which event,
-//! so a repeated or redelivered command is answered with its original outcome.
+//! so a repeated or redelivered command is answered with its original outcome, and a
+//! different request reusing a command's id (another [`Fingerprint`]) with `id_reused`.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -14,8 +15,8 @@ use serde::{Deserialize, Serialize};
 use parley_events::event::{ConversationCreated, MessagePosted};
 use parley_events::subjects::Shards;
 use parley_events::{
-    Action, Command, ConversationId, ConversationKind, ErrorCode, Event, EventEnvelope, EventId,
-    Member, OutcomeResult, RecordedEvent, Role, UserId,
+    Action, Command, CommandId, ConversationId, ConversationKind, ErrorCode, Event, EventEnvelope,
+    EventId, Fingerprint, Member, OutcomeResult, RecordedEvent, Role, UserId,
 };
 
 use crate::config::LimitsConfig;
@@ -45,19 +46,45 @@ pub struct Accepted {
     pub event: EventId,
 }
 
+/// What a command that appended an event is remembered by: its outcome, and what it asked
+/// for, to tell a repeat from a different request under the same id.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct Remembered {
+    accepted: Accepted,
+    fingerprint: Fingerprint,
+}
+
+impl Remembered {
+    /// The answer to `command`, which has this one's id (or, for a creation, names the
+    /// conversation this one created).
+    fn answer(&self, command: &Command) -> Decision {
+        if command.fingerprint() == self.fingerprint {
+            Decision::Known(self.accepted)
+        } else {
+            reject(
+                ErrorCode::IdReused,
+                format!(
+                    "id {:?} was already used for a different request; send this one with a fresh id",
+                    command.client_id.as_str()
+                ),
+            )
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 struct Aggregate {
     members: HashMap<UserId, Role>,
     last_seq: u64,
-    created: Accepted,
+    created: Remembered,
 }
 
 pub struct WriteModel {
     shards: Shards,
     conversations: HashMap<ConversationId, Aggregate>,
     shard_last: Vec<u64>,
-    commands: HashMap<parley_events::CommandId, Accepted>,
-    command_order: VecDeque<parley_events::CommandId>,
+    commands: HashMap<CommandId, Remembered>,
+    command_order: VecDeque<CommandId>,
     remembered_commands: usize,
     /// Highest sequence applied from the log tail.
     position: u64,
@@ -89,7 +116,9 @@ impl From<Accepted> for OutcomeResult {
     }
 }
 
-const SNAPSHOT_FORMAT: u32 = 1;
+/// Format 2 added the fingerprints; a format 1 snapshot is refused, which costs one replay
+/// of the whole log.
+const SNAPSHOT_FORMAT: u32 = 2;
 
 #[derive(Serialize)]
 struct SnapshotRef<'a> {
@@ -99,7 +128,7 @@ struct SnapshotRef<'a> {
     shard_last: &'a [u64],
     conversations: &'a HashMap<ConversationId, Aggregate>,
     /// Oldest first, so a restore forgets the same ones first.
-    commands: Vec<(parley_events::CommandId, Accepted)>,
+    commands: Vec<(CommandId, Remembered)>,
 }
 
 #[derive(Deserialize)]
@@ -109,7 +138,7 @@ struct Snapshot {
     position: u64,
     shard_last: Vec<u64>,
     conversations: HashMap<ConversationId, Aggregate>,
-    commands: Vec<(parley_events::CommandId, Accepted)>,
+    commands: Vec<(CommandId, Remembered)>,
 }
 
 fn reject(code: ErrorCode, message: impl Into<String>) -> Decision {
@@ -186,8 +215,10 @@ impl WriteModel {
         Ok(model)
     }
 
-    pub fn outcome_of(&self, command: parley_events::CommandId) -> Option<Accepted> {
-        self.commands.get(&command).copied()
+    pub fn outcome_of(&self, command: CommandId) -> Option<Accepted> {
+        self.commands
+            .get(&command)
+            .map(|remembered| remembered.accepted)
     }
 
     /// Apply an event from the log tail, or one this handler just appended. Idempotent:
@@ -200,10 +231,13 @@ impl WriteModel {
         if from_tail {
             self.position = self.position.max(seq);
         }
-        let accepted = Accepted {
-            conversation: envelope.conversation,
-            seq,
-            event: envelope.id,
+        let remembered = Remembered {
+            accepted: Accepted {
+                conversation: envelope.conversation,
+                seq,
+                event: envelope.id,
+            },
+            fingerprint: Fingerprint::of_event(envelope),
         };
         match &envelope.event {
             Event::ConversationCreated(created) => {
@@ -216,7 +250,7 @@ impl WriteModel {
                             .map(|m| (m.user.clone(), m.role))
                             .collect(),
                         last_seq: seq,
-                        created: accepted,
+                        created: remembered,
                     });
             }
             Event::MessagePosted(_) => {
@@ -225,11 +259,11 @@ impl WriteModel {
                 }
             }
         }
-        self.remember(envelope.command, accepted);
+        self.remember(envelope.command, remembered);
     }
 
-    fn remember(&mut self, command: parley_events::CommandId, accepted: Accepted) {
-        if self.commands.insert(command, accepted).is_none() {
+    fn remember(&mut self, command: CommandId, remembered: Remembered) {
+        if self.commands.insert(command, remembered).is_none() {
             self.command_order.push_back(command);
             while self.command_order.len() > self.remembered_commands {
                 if let Some(oldest) = self.command_order.pop_front() {
@@ -241,8 +275,8 @@ impl WriteModel {
 
     /// Validate `command` against the current state and say what to do with it.
     pub fn decide(&self, command: &Command, limits: &LimitsConfig) -> Decision {
-        if let Some(accepted) = self.commands.get(&command.id) {
-            return Decision::Known(*accepted);
+        if let Some(remembered) = self.commands.get(&command.id) {
+            return remembered.answer(command);
         }
         let conversation = command.conversation();
         let event = match &command.action {
@@ -253,8 +287,10 @@ impl WriteModel {
                         "a direct conversation needs two different users",
                     );
                 }
+                // Whoever asks, with any id, gets its creation: a direct conversation's
+                // fingerprint is its id.
                 if let Some(existing) = self.conversations.get(&conversation) {
-                    return Decision::Known(existing.created);
+                    return existing.created.answer(command);
                 }
                 let mut members = [command.actor.clone(), peer.clone()];
                 members.sort();
@@ -271,8 +307,10 @@ impl WriteModel {
                 })
             }
             Action::CreateGroup { title, members } => {
+                // A group's id derives from its creating command's: this id created it,
+                // which this catches even after the command memory forgot the command.
                 if let Some(existing) = self.conversations.get(&conversation) {
-                    return Decision::Known(existing.created);
+                    return existing.created.answer(command);
                 }
                 if let Some(title) = title {
                     if title.trim().is_empty() {
@@ -591,6 +629,99 @@ mod tests {
             .unwrap();
         assert!(err.contains("shards"), "{err}");
         assert!(WriteModel::restore(b"{}", Shards::new(4).unwrap(), 100).is_err());
+    }
+
+    #[test]
+    fn a_different_request_reusing_an_id_is_refused_by_the_model_the_snapshot_and_a_replay() {
+        let conversation = ConversationId::direct(&user("alice"), &user("bob"));
+        let send = post("alice", "m1", conversation, "hi");
+        let group = command(
+            "alice",
+            "g1",
+            Action::CreateGroup {
+                title: Some("team".into()),
+                members: vec![user("bob")],
+            },
+        );
+        let original = given(&[direct("alice", "bob"), send.clone(), group.clone()]);
+        let restored =
+            WriteModel::restore(&original.snapshot(), Shards::new(4).unwrap(), 100).unwrap();
+        let limits = LimitsConfig::default();
+        // Rebuilt from the log alone, with a memory too short to hold the group's command.
+        let mut replayed = WriteModel::new(Shards::new(4).unwrap(), 1);
+        let log = [
+            direct("alice", "bob"),
+            send.clone(),
+            group.clone(),
+            post("alice", "m9", conversation, "pushes g1 out"),
+        ];
+        for (seq, command) in (1..).zip(log) {
+            let Decision::Append { event, .. } = replayed.decide(&command, &limits) else {
+                panic!()
+            };
+            replayed.apply(&event.recorded(seq), true);
+        }
+        assert!(replayed.outcome_of(group.id).is_none());
+        let reused = [
+            post("alice", "m1", conversation, "another body"),
+            command(
+                "alice",
+                "m1",
+                Action::CreateDirect {
+                    peer: user("carol"),
+                },
+            ),
+            command(
+                "alice",
+                "g1",
+                Action::CreateGroup {
+                    title: Some("other team".into()),
+                    members: vec![user("bob")],
+                },
+            ),
+        ];
+        for (model, forgot_m1) in [(&original, false), (&restored, false), (&replayed, true)] {
+            for command in reused.iter().skip(if forgot_m1 { 2 } else { 0 }) {
+                assert_eq!(
+                    rejected_with(model.decide(command, &limits)),
+                    ErrorCode::IdReused,
+                    "{command:?}"
+                );
+            }
+            let same_group = command(
+                "alice",
+                "g1",
+                Action::CreateGroup {
+                    title: Some("team".into()),
+                    members: vec![user("bob"), user("alice"), user("bob")],
+                },
+            );
+            assert!(matches!(
+                model.decide(&same_group, &limits),
+                Decision::Known(Accepted { seq: 3, .. })
+            ));
+        }
+        for model in [&original, &restored] {
+            assert!(matches!(
+                model.decide(&send, &limits),
+                Decision::Known(Accepted { seq: 2, .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn a_snapshot_of_the_format_without_fingerprints_is_refused() {
+        let model = given(&[direct("alice", "bob")]);
+        let mut old: serde_json::Value = serde_json::from_slice(&model.snapshot()).unwrap();
+        old["format"] = 1.into();
+        let err = WriteModel::restore(
+            &serde_json::to_vec(&old).unwrap(),
+            Shards::new(4).unwrap(),
+            100,
+        )
+        .err()
+        .unwrap();
+        assert!(err.contains("format 1"), "{err}");
     }
 
     #[test]
