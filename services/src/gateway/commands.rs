@@ -172,7 +172,7 @@ pub async fn run(
         Watch::First(outcome) => (outcome, true),
         Watch::Joined(outcome) => (outcome, false),
         Watch::Reused => {
-            answer(&outbox, &command, started, id_reused(&command));
+            answer(&outbox, &command, started, id_reused(&command)).await;
             return;
         }
     };
@@ -193,7 +193,7 @@ pub async fn run(
             }
             () = tokio::time::sleep_until(answer_by), if !timed_out => {
                 timed_out = true;
-                answer(&outbox, &command, started, timeout_result());
+                answer(&outbox, &command, started, timeout_result()).await;
             }
             Ok(()) = reconnects.changed(), if first => {
                 metrics::counter!(telemetry::GATEWAY_COMMANDS_RESUBMITTED_TOTAL, "trigger" => "reconnect").increment(1);
@@ -217,9 +217,9 @@ pub async fn run(
             if timed_out {
                 metrics::counter!(telemetry::GATEWAY_LATE_OUTCOMES_TOTAL).increment(1);
             }
-            answer(&outbox, &command, started, result);
+            answer(&outbox, &command, started, result).await;
         }
-        None if !timed_out => answer(&outbox, &command, started, timeout_result()),
+        None if !timed_out => answer(&outbox, &command, started, timeout_result()).await,
         None => {}
     }
     drop(settled);
@@ -246,7 +246,7 @@ fn timeout_result() -> OutcomeResult {
 }
 
 /// Send the client the `ack` or `error` for `command`.
-fn answer(outbox: &Outbox, command: &Command, started: Instant, result: OutcomeResult) {
+async fn answer(outbox: &Outbox, command: &Command, started: Instant, result: OutcomeResult) {
     let (frame, label) = match result {
         OutcomeResult::Accepted {
             conversation,
@@ -268,7 +268,7 @@ fn answer(outbox: &Outbox, command: &Command, started: Instant, result: OutcomeR
     };
     metrics::histogram!(telemetry::GATEWAY_COMMAND_SECONDS).record(started.elapsed().as_secs_f64());
     metrics::counter!(telemetry::GATEWAY_COMMAND_OUTCOMES_TOTAL, "outcome" => label).increment(1);
-    outbox.send(&frame);
+    outbox.answer(&frame).await;
 }
 
 fn unavailable(command: CommandId) -> Outcome {

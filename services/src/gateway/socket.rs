@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures::stream::{SplitSink, SplitStream};
 use futures::{Sink, SinkExt, StreamExt};
 use parley_events::presence::ConnectionState;
@@ -19,7 +19,7 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use super::Shared;
 use super::commands;
-use super::delivery::{ConnectionId, Outbox, SocketControl};
+use super::delivery::{ConnectionId, Outbox, Queued, SocketControl};
 use crate::handler::check_body;
 use crate::{telemetry, unix_millis};
 
@@ -246,11 +246,13 @@ async fn handle_text(
         Err(e) => {
             metrics::counter!(telemetry::GATEWAY_FRAME_ERRORS_TOTAL, "code" => e.code().as_str())
                 .increment(1);
-            outbox.send(&ServerFrame::error(
-                e.request_id().cloned(),
-                e.code(),
-                e.to_string(),
-            ));
+            outbox
+                .answer(&ServerFrame::error(
+                    e.request_id().cloned(),
+                    e.code(),
+                    e.to_string(),
+                ))
+                .await;
             return;
         }
     };
@@ -264,7 +266,9 @@ async fn handle_text(
             if let Err((code, message)) = check_body(&body, &shared.config.limits) {
                 metrics::counter!(telemetry::GATEWAY_FRAME_ERRORS_TOTAL, "code" => code.as_str())
                     .increment(1);
-                outbox.send(&ServerFrame::error(Some(id), code, message));
+                outbox
+                    .answer(&ServerFrame::error(Some(id), code, message))
+                    .await;
                 return;
             }
             (
@@ -293,7 +297,7 @@ async fn handle_text(
             ("conversations", None)
         }
         ClientFrame::Ping { id } => {
-            outbox.send(&ServerFrame::Pong { id });
+            outbox.answer(&ServerFrame::Pong { id }).await;
             ("ping", None)
         }
     };
@@ -333,7 +337,9 @@ async fn history(
         .unwrap_or(DEFAULT_HISTORY_PAGE)
         .clamp(1, shared.config.limits.max_history_page);
     let page = history_page(shared, session, &id, conversation, before, limit).await;
-    outbox.send(&page.unwrap_or_else(|e| store_unavailable(id, "history", e)));
+    outbox
+        .answer(&page.unwrap_or_else(|e| store_unavailable(id, "history", e)))
+        .await;
 }
 
 async fn history_page(
@@ -441,7 +447,7 @@ async fn conversations(
         }
         Err(e) => store_unavailable(id, "the conversation list", e),
     };
-    outbox.send(&frame);
+    outbox.answer(&frame).await;
 }
 
 /// Send the socket's queued frames and pings until it is closing; the sink goes back to
@@ -450,7 +456,7 @@ async fn conversations(
 /// be sent.
 async fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
-    mut queue: mpsc::Receiver<Utf8Bytes>,
+    mut queue: mpsc::Receiver<Queued>,
     control: Arc<SocketControl>,
     ping_interval: Duration,
 ) -> SplitSink<WebSocket, Message> {
@@ -459,8 +465,9 @@ async fn write_loop(
         let message = tokio::select! {
             biased;
             () = control.closing() => break,
+            // An answer's slot is free once the writer has it.
             frame = queue.recv() => match frame {
-                Some(frame) => Message::Text(frame),
+                Some((frame, _answer_slot)) => Message::Text(frame),
                 None => break,
             },
             _ = ping.tick() => Message::Ping(bytes::Bytes::new()),
