@@ -366,6 +366,69 @@ async fn a_live_event_the_gateway_missed_is_filled_from_the_log() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_largest_legal_bodies_are_accepted_delivered_and_kept_byte_for_byte_however_escaped() {
+    let platform = Platform::start(1).await;
+    let (mut alice, mut bob, conversation) = platform.alice_and_bob().await;
+    let max = platform.config.limits.max_message_bytes;
+    // Control characters JSON escapes as `\u00XX` (6 bytes each: 24 KiB for the body, more
+    // than the old 16 KiB frame limit), 4-byte emoji sent as UTF-16 escape pairs (12 bytes each), quotes and backslashes.
+    let escaped_6: String = (0u8..0x20)
+        .filter(|b| !b"\x08\x09\x0a\x0c\x0d".contains(b))
+        .map(char::from)
+        .cycle()
+        .take(max)
+        .collect();
+    let emoji = "\u{1F600}".repeat(max / 4);
+    let quotes: String = "\"\\".repeat(max / 2);
+    let frames = [
+        ("controls", escaped_6.clone(), None),
+        (
+            "emoji",
+            emoji.clone(),
+            Some("\\ud83d\\ude00".repeat(max / 4)),
+        ),
+        ("quotes", quotes.clone(), None),
+    ];
+    for (id, body, written) in &frames {
+        assert_eq!(body.len(), max);
+        let mut text =
+            json!({"type": "send", "id": id, "conversation": conversation, "body": body})
+                .to_string();
+        if let Some(written) = written {
+            let encoded = serde_json::to_string(body).unwrap();
+            text = text.replace(&encoded, &format!("\"{written}\""));
+            assert_eq!(
+                serde_json::from_str::<serde_json::Value>(&text).unwrap()["body"],
+                *body
+            );
+        }
+        assert!(text.len() <= platform.config.limits.frame_bytes());
+        alice
+            .send_raw(tokio_tungstenite::tungstenite::Message::Text(text.into()))
+            .await;
+        let ack = alice.reply_to(id).await;
+        assert_eq!(ack["type"], "ack", "{id}: {ack}");
+        let event = bob.next_of(&["event"]).await;
+        assert_eq!(event["event"]["data"]["body"], *body, "{id}");
+    }
+
+    platform.projected().await;
+    bob.send(json!({"type": "history", "id": "h", "conversation": conversation}))
+        .await;
+    let history = bob.reply_to("h").await;
+    let bodies: Vec<&str> = history["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|message| message["body"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        bodies,
+        [quotes.as_str(), emoji.as_str(), escaped_6.as_str()]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_delivered_twice_appends_once_and_gets_the_same_outcome_twice() {
     use parley_events::Outcome;
     use parley_events::subjects::INTAKE_SUBJECT;

@@ -25,7 +25,6 @@ const MORE_THAN_BUFFERED: usize = 150;
 /// Limits that let a message carry [`BODY_BYTES`].
 fn large_messages(config: &mut Config) {
     config.limits.max_message_bytes = BODY_BYTES;
-    config.limits.max_frame_bytes = 2 * BODY_BYTES;
 }
 
 /// Send one message as `client` and read until its ack, dropping the events in between

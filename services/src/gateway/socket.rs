@@ -66,7 +66,7 @@ pub async fn serve(
             user: session.user.clone(),
             connection: shared.connection_name(session.conn),
             limits: Limits {
-                max_frame_bytes: shared.config.limits.max_frame_bytes,
+                max_frame_bytes: shared.config.limits.frame_bytes(),
                 max_message_bytes: shared.config.limits.max_message_bytes,
                 max_history_page: shared.config.limits.max_history_page,
             },
