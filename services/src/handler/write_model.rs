@@ -133,7 +133,6 @@ struct SnapshotRef<'a> {
 
 #[derive(Deserialize)]
 struct Snapshot {
-    format: u32,
     shards: u32,
     position: u64,
     shard_last: Vec<u64>,
@@ -190,13 +189,16 @@ impl WriteModel {
         shards: Shards,
         remembered_commands: usize,
     ) -> Result<Self, String> {
-        let snapshot: Snapshot = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
-        if snapshot.format != SNAPSHOT_FORMAT {
-            return Err(format!(
-                "snapshot format {} is not {SNAPSHOT_FORMAT}",
-                snapshot.format
-            ));
+        // The format first: another format's fields need not parse as this one's.
+        #[derive(Deserialize)]
+        struct Format {
+            format: u32,
         }
+        let Format { format } = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        if format != SNAPSHOT_FORMAT {
+            return Err(format!("snapshot format {format} is not {SNAPSHOT_FORMAT}"));
+        }
+        let snapshot: Snapshot = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
         if snapshot.shards != shards.count() || snapshot.shard_last.len() != shards.count() as usize
         {
             return Err(format!(
@@ -713,7 +715,14 @@ mod tests {
     fn a_snapshot_of_the_format_without_fingerprints_is_refused() {
         let model = given(&[direct("alice", "bob")]);
         let mut old: serde_json::Value = serde_json::from_slice(&model.snapshot()).unwrap();
+        // Format 1 remembered a command's outcome alone.
         old["format"] = 1.into();
+        for remembered in old["commands"].as_array_mut().unwrap() {
+            remembered[1] = remembered[1]["accepted"].clone();
+        }
+        for aggregate in old["conversations"].as_object_mut().unwrap().values_mut() {
+            aggregate["created"] = aggregate["created"]["accepted"].clone();
+        }
         let err = WriteModel::restore(
             &serde_json::to_vec(&old).unwrap(),
             Shards::new(4).unwrap(),
