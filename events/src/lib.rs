@@ -22,7 +22,7 @@ pub mod presence;
 pub mod protocol;
 pub mod subjects;
 
-pub use command::{Action, Command, Outcome, OutcomeResult};
+pub use command::{Action, Command, Fingerprint, Outcome, OutcomeResult};
 pub use error::ErrorCode;
 pub use event::{
     ConversationCreated, ConversationKind, ConversationRead, DecodeError, Event, EventEnvelope,

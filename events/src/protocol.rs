@@ -151,33 +151,34 @@ pub const CLIENT_FRAME_TYPES: [&str; 9] = [
 
 /// Why a text frame is not a [`ClientFrame`].
 #[derive(Debug, thiserror::Error)]
-pub enum FrameError {
+#[error("{problem}")]
+pub struct FrameError {
+    /// The frame's `id`, when it was a JSON object with a valid one, so the error can name
+    /// the request.
+    pub id: Option<ClientMsgId>,
+    pub problem: FrameProblem,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrameProblem {
     #[error("frame is not a JSON object with a string \"type\": {0}")]
     Malformed(String),
     #[error("unknown frame type {0:?}")]
     UnknownType(String),
     #[error("invalid {frame_type} frame: {reason}")]
-    Invalid {
-        frame_type: String,
-        reason: String,
-        /// The frame's `id`, when it had a readable one, so the error can name the request.
-        id: Option<ClientMsgId>,
-    },
+    Invalid { frame_type: String, reason: String },
 }
 
 impl FrameError {
     pub fn code(&self) -> ErrorCode {
-        match self {
-            FrameError::UnknownType(_) => ErrorCode::UnknownFrameType,
-            FrameError::Malformed(_) | FrameError::Invalid { .. } => ErrorCode::BadFrame,
+        match self.problem {
+            FrameProblem::UnknownType(_) => ErrorCode::UnknownFrameType,
+            FrameProblem::Malformed(_) | FrameProblem::Invalid { .. } => ErrorCode::BadFrame,
         }
     }
 
     pub fn request_id(&self) -> Option<&ClientMsgId> {
-        match self {
-            FrameError::Invalid { id, .. } => id.as_ref(),
-            _ => None,
-        }
+        self.id.as_ref()
     }
 }
 
@@ -215,23 +216,32 @@ impl ClientFrame {
 
     /// Parse a text frame, telling malformed JSON, unknown types and invalid fields apart.
     pub fn parse(text: &str) -> Result<Self, FrameError> {
-        let value: Value =
-            serde_json::from_str(text).map_err(|e| FrameError::Malformed(e.to_string()))?;
-        let frame_type = match value.get("type") {
-            Some(Value::String(t)) => t.clone(),
-            _ => return Err(FrameError::Malformed("missing \"type\"".into())),
-        };
-        if !CLIENT_FRAME_TYPES.contains(&frame_type.as_str()) {
-            return Err(FrameError::UnknownType(frame_type));
-        }
+        let value: Value = serde_json::from_str(text).map_err(|e| FrameError {
+            id: None,
+            problem: FrameProblem::Malformed(e.to_string()),
+        })?;
+        // Read before anything else is checked: every error about an object names the
+        // request when it can.
         let id = value
             .get("id")
             .and_then(Value::as_str)
             .and_then(|id| ClientMsgId::parse(id).ok());
-        serde_json::from_value(value).map_err(|e| FrameError::Invalid {
-            frame_type,
-            reason: e.to_string(),
-            id,
+        let fail = |problem| FrameError {
+            id: id.clone(),
+            problem,
+        };
+        let frame_type = match value.get("type") {
+            Some(Value::String(t)) => t.clone(),
+            _ => return Err(fail(FrameProblem::Malformed("missing \"type\"".into()))),
+        };
+        if !CLIENT_FRAME_TYPES.contains(&frame_type.as_str()) {
+            return Err(fail(FrameProblem::UnknownType(frame_type)));
+        }
+        serde_json::from_value(value).map_err(|e| {
+            fail(FrameProblem::Invalid {
+                frame_type,
+                reason: e.to_string(),
+            })
         })
     }
 }
@@ -490,20 +500,22 @@ mod tests {
 
     #[test]
     fn tells_bad_frames_apart() {
-        assert!(matches!(
-            ClientFrame::parse("{not json"),
-            Err(FrameError::Malformed(_))
-        ));
-        assert!(matches!(
-            ClientFrame::parse("[1,2]"),
-            Err(FrameError::Malformed(_))
-        ));
-        assert!(matches!(
-            ClientFrame::parse(r#"{"type":7}"#),
-            Err(FrameError::Malformed(_))
-        ));
+        for malformed in ["{not json", "[1,2]", r#"{"type":7}"#] {
+            assert!(matches!(
+                ClientFrame::parse(malformed),
+                Err(FrameError {
+                    problem: FrameProblem::Malformed(_),
+                    id: None
+                })
+            ));
+        }
         let unknown = ClientFrame::parse(r#"{"type":"teleport"}"#).unwrap_err();
         assert_eq!(unknown.code(), ErrorCode::UnknownFrameType);
+        let named = ClientFrame::parse(r#"{"type":"teleport","id":"t1"}"#).unwrap_err();
+        assert_eq!(named.request_id().map(|id| id.as_str()), Some("t1"));
+        let untyped = ClientFrame::parse(r#"{"id":"t2"}"#).unwrap_err();
+        assert_eq!(untyped.code(), ErrorCode::BadFrame);
+        assert_eq!(untyped.request_id().map(|id| id.as_str()), Some("t2"));
         let invalid = ClientFrame::parse(r#"{"type":"send","id":"m2","body":"x"}"#).unwrap_err();
         assert_eq!(invalid.code(), ErrorCode::BadFrame);
         assert_eq!(invalid.request_id().map(|id| id.as_str()), Some("m2"));
@@ -516,7 +528,13 @@ mod tests {
         for frame_type in CLIENT_FRAME_TYPES {
             let err = ClientFrame::parse(&format!(r#"{{"type":"{frame_type}"}}"#)).err();
             assert!(
-                !matches!(err, Some(FrameError::UnknownType(_))),
+                !matches!(
+                    err,
+                    Some(FrameError {
+                        problem: FrameProblem::UnknownType(_),
+                        ..
+                    })
+                ),
                 "{frame_type} is declared but not parsed"
             );
         }

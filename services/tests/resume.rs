@@ -367,7 +367,6 @@ async fn a_socket_that_falls_too_far_behind_while_resuming_is_told_to_resume_aga
     const BODY: usize = 60 * 1024;
     let platform = Platform::start_with(1, |c| {
         c.limits.max_message_bytes = BODY;
-        c.limits.max_frame_bytes = 2 * BODY;
         c.gateway.resume_max_bytes = 64 << 20;
         c.gateway.send_queue = 8;
     })

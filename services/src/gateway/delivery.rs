@@ -16,7 +16,6 @@
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
 use futures::StreamExt;
@@ -24,7 +23,7 @@ use parley_events::protocol::{ServerFrame, close};
 use parley_events::subjects::live_subject;
 use parley_events::{ConversationId, Event, RecordedEvent, UserId};
 use tokio::sync::mpsc::error::TrySendError;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, warn};
@@ -81,54 +80,76 @@ impl SocketControl {
     }
 }
 
-/// The sending side of one socket: a bounded queue of serialized frames.
+/// Answers to a socket's own requests that may wait in its queue; past this, whoever answers
+/// waits, and the socket's reader with it, which pushes back on the client through TCP.
+pub const MAX_QUEUED_ANSWERS: usize = 32;
+
+/// A frame waiting for its socket; an answer holds one of the socket's answer slots until
+/// the writer takes it.
+pub type Queued = (Utf8Bytes, Option<OwnedSemaphorePermit>);
+
+/// The sending side of one socket: a bounded queue of serialized frames, with room for
+/// `capacity` frames pushed to it (events) beside [`MAX_QUEUED_ANSWERS`] answers.
 #[derive(Clone)]
 pub struct Outbox {
-    tx: mpsc::Sender<Utf8Bytes>,
+    tx: mpsc::Sender<Queued>,
+    answers: Arc<Semaphore>,
     pub control: Arc<SocketControl>,
 }
 
 impl Outbox {
-    pub fn new(capacity: usize) -> (Outbox, mpsc::Receiver<Utf8Bytes>) {
-        let (tx, rx) = mpsc::channel(capacity);
+    pub fn new(capacity: usize) -> (Outbox, mpsc::Receiver<Queued>) {
+        let (tx, rx) = mpsc::channel(capacity + MAX_QUEUED_ANSWERS);
         (
             Outbox {
                 tx,
+                answers: Arc::new(Semaphore::new(MAX_QUEUED_ANSWERS)),
                 control: Arc::new(SocketControl::new()),
             },
             rx,
         )
     }
 
-    /// Queue a frame. A full queue means the client reads too slowly to keep up: it is
-    /// closed rather than allowed to make the process grow.
+    /// Queue a frame the server pushes. A full queue means the client reads too slowly to
+    /// keep up with its conversations: it is closed rather than allowed to make the process
+    /// grow.
     pub fn push(&self, frame: Utf8Bytes) {
-        match self.tx.try_send(frame) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                self.control
-                    .close(close::POLICY_VIOLATION, "slow consumer: send queue full");
-            }
-            Err(TrySendError::Closed(_)) => {}
-        }
+        self.queue((frame, None));
     }
 
     pub fn send(&self, frame: &ServerFrame) {
         self.push(Utf8Bytes::from(frame.to_json()));
     }
 
-    /// Queue a frame the socket's own request produced, waiting for room rather than
-    /// closing the socket: a client is not slow for reading its answers one at a time. A
-    /// queue that has no room for `timeout` does mean a client that stopped reading.
-    pub async fn push_waiting(&self, frame: Utf8Bytes, timeout: Duration) -> bool {
-        match tokio::time::timeout(timeout, self.tx.send(frame)).await {
-            Ok(Ok(())) => true,
-            Ok(Err(_)) => false,
-            Err(_) => {
+    /// Queue the answer to one of the client's requests, once one of its answer slots is
+    /// free: a client that sends requests faster than it reads their answers is slowed
+    /// down, not closed. Answers always find room: the queue is full only when pushed
+    /// frames overflowed it, which closes the socket.
+    pub async fn answer(&self, frame: &ServerFrame) {
+        self.answer_with(Utf8Bytes::from(frame.to_json())).await;
+    }
+
+    /// [`answer`](Self::answer) with a frame already serialized (the events a resume
+    /// sends are its answer); false when the socket is closing.
+    pub async fn answer_with(&self, frame: Utf8Bytes) -> bool {
+        let slot = tokio::select! {
+            () = self.control.closing() => return false,
+            slot = Arc::clone(&self.answers).acquire_owned() => {
+                slot.expect("the answer slots are never closed")
+            }
+        };
+        self.queue((frame, Some(slot)));
+        true
+    }
+
+    fn queue(&self, queued: Queued) {
+        match self.tx.try_send(queued) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
                 self.control
                     .close(close::POLICY_VIOLATION, "slow consumer: send queue full");
-                false
             }
+            Err(TrySendError::Closed(_)) => {}
         }
     }
 }
@@ -653,18 +674,39 @@ mod tests {
     #[tokio::test]
     async fn a_full_send_queue_closes_the_socket_as_a_slow_consumer() {
         let (outbox, mut queue) = Outbox::new(2);
-        outbox.push(Utf8Bytes::from_static("1"));
-        outbox.push(Utf8Bytes::from_static("2"));
+        let pushed = 2 + MAX_QUEUED_ANSWERS;
+        for n in 0..pushed {
+            outbox.push(Utf8Bytes::from(n.to_string()));
+        }
         assert_eq!(outbox.control.reason(), None);
-        outbox.push(Utf8Bytes::from_static("3"));
+        outbox.push(Utf8Bytes::from_static("one too many"));
         assert_eq!(
             outbox.control.reason(),
             Some((close::POLICY_VIOLATION, "slow consumer: send queue full"))
         );
         // The queue never grew past its bound.
-        assert_eq!(queue.recv().await.as_deref(), Some("1"));
-        assert_eq!(queue.recv().await.as_deref(), Some("2"));
+        for n in 0..pushed {
+            assert_eq!(queue.recv().await.unwrap().0.as_str(), n.to_string());
+        }
         assert!(queue.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn answers_wait_for_room_instead_of_closing_the_socket() {
+        let (outbox, mut queue) = Outbox::new(2);
+        let pong = ServerFrame::Pong { id: None };
+        for _ in 0..MAX_QUEUED_ANSWERS {
+            outbox.answer(&pong).await;
+        }
+        let mut waiting = std::pin::pin!(outbox.answer(&pong));
+        assert!(futures::poll!(waiting.as_mut()).is_pending());
+        // Pushed frames still have their own room.
+        outbox.push(Utf8Bytes::from_static("event"));
+        outbox.push(Utf8Bytes::from_static("event"));
+        assert_eq!(outbox.control.reason(), None);
+        drop(queue.recv().await);
+        waiting.await;
+        assert_eq!(outbox.control.reason(), None);
     }
 
     #[test]

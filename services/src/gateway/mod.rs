@@ -289,7 +289,7 @@ async fn upgrade(
         conn: shared.next_connection.fetch_add(1, Ordering::Relaxed),
         expires_at: tokio::time::Instant::now() + remaining,
     };
-    let max_frame = shared.config.limits.max_frame_bytes;
+    let max_frame = shared.config.limits.frame_bytes();
     ws.max_frame_size(max_frame)
         .max_message_size(max_frame)
         .read_buffer_size(READ_BUFFER_BYTES)

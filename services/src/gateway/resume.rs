@@ -24,7 +24,7 @@ use tracing::{debug, warn};
 use super::Shared;
 use super::delivery::{Outbox, event_frame, is_sent_to};
 use super::log::LogError;
-use super::socket::{Session, WRITE_TIMEOUT};
+use super::socket::Session;
 use crate::config::GatewayConfig;
 use crate::telemetry;
 
@@ -141,9 +141,7 @@ pub async fn answer(
             )
         }
     };
-    outbox
-        .push_waiting(frame.to_json().into(), WRITE_TIMEOUT)
-        .await;
+    outbox.answer(&frame).await;
 }
 
 /// A version 1 socket's connect: the events of the user's conversations since
@@ -411,7 +409,7 @@ async fn send_events(
         budget.events += 1;
         budget.bytes += frame.len();
         metrics::counter!(telemetry::GATEWAY_RESUMED_EVENTS_TOTAL, "source" => source).increment(1);
-        outbox.push_waiting(frame, WRITE_TIMEOUT).await
+        outbox.answer_with(frame).await
     };
     if seq < store_position {
         loop {

@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures::stream::{SplitSink, SplitStream};
 use futures::{Sink, SinkExt, StreamExt};
 use parley_events::presence::ConnectionState;
@@ -19,7 +19,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{Instrument, debug, info_span, warn};
 
 use super::Shared;
-use super::delivery::{ConnectionId, Outbox, SocketControl};
+use super::delivery::{ConnectionId, Outbox, Queued, SocketControl};
 use super::{commands, resume};
 use crate::handler::check_body;
 use crate::{telemetry, unix_millis};
@@ -76,7 +76,7 @@ pub async fn serve(
             user: session.user.clone(),
             connection: shared.connection_name(session.conn),
             limits: Limits {
-                max_frame_bytes: shared.config.limits.max_frame_bytes,
+                max_frame_bytes: shared.config.limits.frame_bytes(),
                 max_message_bytes: shared.config.limits.max_message_bytes,
                 max_history_page: shared.config.limits.max_history_page,
             },
@@ -224,11 +224,13 @@ async fn handle_text(
         Err(e) => {
             metrics::counter!(telemetry::GATEWAY_FRAME_ERRORS_TOTAL, "code" => e.code().as_str())
                 .increment(1);
-            outbox.send(&ServerFrame::error(
-                e.request_id().cloned(),
-                e.code(),
-                e.to_string(),
-            ));
+            outbox
+                .answer(&ServerFrame::error(
+                    e.request_id().cloned(),
+                    e.code(),
+                    e.to_string(),
+                ))
+                .await;
             return;
         }
     };
@@ -236,14 +238,16 @@ async fn handle_text(
         let code = ErrorCode::UnknownFrameType;
         metrics::counter!(telemetry::GATEWAY_FRAME_ERRORS_TOTAL, "code" => code.as_str())
             .increment(1);
-        outbox.send(&ServerFrame::error(
-            frame.id().cloned(),
-            code,
-            format!(
-                "this frame type needs protocol version {}; ask for it at the upgrade",
-                frame.since_protocol()
-            ),
-        ));
+        outbox
+            .answer(&ServerFrame::error(
+                frame.id().cloned(),
+                code,
+                format!(
+                    "this frame type needs protocol version {}; ask for it at the upgrade",
+                    frame.since_protocol()
+                ),
+            ))
+            .await;
         return;
     }
     let (frame_type, action) = match frame {
@@ -256,7 +260,9 @@ async fn handle_text(
             if let Err((code, message)) = check_body(&body, &shared.config.limits) {
                 metrics::counter!(telemetry::GATEWAY_FRAME_ERRORS_TOTAL, "code" => code.as_str())
                     .increment(1);
-                outbox.send(&ServerFrame::error(Some(id), code, message));
+                outbox
+                    .answer(&ServerFrame::error(Some(id), code, message))
+                    .await;
                 return;
             }
             (
@@ -280,11 +286,13 @@ async fn handle_text(
         } => {
             let from = match (before, after) {
                 (Some(_), Some(_)) => {
-                    outbox.send(&ServerFrame::error(
-                        Some(id),
-                        ErrorCode::InvalidRequest,
-                        "`before` and `after` page in opposite directions; send one of them",
-                    ));
+                    outbox
+                        .answer(&ServerFrame::error(
+                            Some(id),
+                            ErrorCode::InvalidRequest,
+                            "`before` and `after` page in opposite directions; send one of them",
+                        ))
+                        .await;
                     return;
                 }
                 (before, None) => HistoryFrom::Before(before),
@@ -327,7 +335,7 @@ async fn handle_text(
             Some((id, Action::MarkRead { conversation, seq })),
         ),
         ClientFrame::Ping { id } => {
-            outbox.send(&ServerFrame::Pong { id });
+            outbox.answer(&ServerFrame::Pong { id }).await;
             ("ping", None)
         }
     };
@@ -376,7 +384,9 @@ async fn history(
         .unwrap_or(DEFAULT_HISTORY_PAGE)
         .clamp(1, shared.config.limits.max_history_page);
     let page = history_page(shared, session, &id, conversation, from, limit).await;
-    outbox.send(&page.unwrap_or_else(|e| store_unavailable(id, "history", e)));
+    outbox
+        .answer(&page.unwrap_or_else(|e| store_unavailable(id, "history", e)))
+        .await;
 }
 
 async fn history_page(
@@ -442,7 +452,9 @@ async fn members(
         .unwrap_or(DEFAULT_MEMBERS_PAGE)
         .clamp(1, MAX_MEMBERS_PAGE);
     let page = members_page(shared, session, &id, conversation, after.as_ref(), limit).await;
-    outbox.send(&page.unwrap_or_else(|e| store_unavailable(id, "the member list", e)));
+    outbox
+        .answer(&page.unwrap_or_else(|e| store_unavailable(id, "the member list", e)))
+        .await;
 }
 
 async fn members_page(
@@ -540,7 +552,7 @@ async fn conversations(
     let frame = conversations_page(shared, session, &id, before, limit)
         .await
         .unwrap_or_else(|e| store_unavailable(id, "the conversation list", e));
-    outbox.send(&frame);
+    outbox.answer(&frame).await;
 }
 
 async fn conversations_page(
@@ -585,7 +597,7 @@ async fn conversations_page(
 /// be sent.
 async fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
-    mut queue: mpsc::Receiver<Utf8Bytes>,
+    mut queue: mpsc::Receiver<Queued>,
     control: Arc<SocketControl>,
     ping_interval: Duration,
 ) -> SplitSink<WebSocket, Message> {
@@ -594,8 +606,9 @@ async fn write_loop(
         let message = tokio::select! {
             biased;
             () = control.closing() => break,
+            // An answer's slot is free once the writer has it.
             frame = queue.recv() => match frame {
-                Some(frame) => Message::Text(frame),
+                Some((frame, _answer_slot)) => Message::Text(frame),
                 None => break,
             },
             _ = ping.tick() => Message::Ping(bytes::Bytes::new()),
