@@ -324,6 +324,10 @@ pub enum ServerFrame {
         /// Where the user's conversations stand now; send it with the next `resume`.
         cursor: ResumeCursor,
         conversations: Vec<ResumeStatus>,
+        /// Read markers and unread counts of the conversations this resume sent events of
+        /// (at most [`MAX_RESUME_UNREAD`], the most recently active), as the conversation
+        /// store knows them.
+        unread: Vec<UnreadCount>,
     },
 }
 
@@ -349,6 +353,19 @@ impl<'de> Deserialize<'de> for ResumeCursor {
             .map(ResumeCursor)
             .ok_or_else(|| serde::de::Error::custom("not a cursor this server issued"))
     }
+}
+
+/// Most conversations a `resumed` frame reports unread counts for.
+pub const MAX_RESUME_UNREAD: usize = 100;
+
+/// A conversation's read marker and unread count, in `resumed`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnreadCount {
+    pub conversation: ConversationId,
+    /// The user's read marker: 0 when never set.
+    pub read_seq: u64,
+    /// Messages by others after the marker, counted among the first 1,000.
+    pub unread: u32,
 }
 
 /// How one conversation stands at the end of a resume.

@@ -101,6 +101,11 @@ async fn a_client_that_was_away_gets_what_it_missed_in_order_then_live() {
     assert_chain(&events, created);
     assert_eq!(events[0]["data"]["body"], "away 0");
     assert_eq!(resumed["conversations"], json!([]));
+    assert_eq!(
+        resumed["unread"],
+        json!([{"conversation": conversation, "read_seq": 0, "unread": 5}]),
+        "bob never marked it read: alice's five are unread"
+    );
     assert!(resumed["cursor"].as_str().unwrap().starts_with("c1-"));
 
     let live = send_many(&mut alice, conversation, "back", 1).await;

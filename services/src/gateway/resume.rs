@@ -11,13 +11,15 @@
 //! A version 1 socket resumes once, at connect, from now: nothing old is sent, it just
 //! follows its conversations from their newest events.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parley_events::protocol::{ResumeCursor, ResumeState, ResumeStatus, ServerFrame};
+use parley_events::protocol::{
+    MAX_RESUME_UNREAD, ResumeCursor, ResumeState, ResumeStatus, ServerFrame, UnreadCount,
+};
 use parley_events::{ClientMsgId, ConversationId, ErrorCode, Event, RecordedEvent, UserId};
-use parley_projections::{ConversationStore, StoreError};
+use parley_projections::{ConversationStore, InboxEntry, StoreError};
 use tokio::sync::{Notify, watch};
 use tracing::{debug, warn};
 
@@ -115,6 +117,7 @@ pub struct ResumePoint {
 pub struct Resumed {
     pub cursor: ResumeCursor,
     pub conversations: Vec<ResumeStatus>,
+    pub unread: Vec<UnreadCount>,
 }
 
 /// Answer a version 2 socket's `resume` frame: the events, then `resumed` (or an error).
@@ -130,6 +133,7 @@ pub async fn answer(
             id,
             cursor: resumed.cursor,
             conversations: resumed.conversations,
+            unread: resumed.unread,
         },
         Err(ResumeError::Closed) => return,
         Err(e) => {
@@ -228,7 +232,7 @@ async fn resume_conversations(
     } else {
         shared.log.range(position, head).await?
     };
-    let conversations = conversations_at_head(shared, session, &window).await?;
+    let (conversations, mut inbox) = conversations_at_head(shared, session, &window).await?;
 
     let cursor = point.cursor.filter(|_| first);
     let named = point.conversations;
@@ -243,6 +247,7 @@ async fn resume_conversations(
         })
         .collect();
     let mut budget = Budget::new(&shared.config.gateway);
+    let mut touched = HashSet::new();
     for &(conversation, last_seq) in &conversations {
         if !first && !named.contains_key(&conversation) {
             continue;
@@ -279,6 +284,9 @@ async fn resume_conversations(
             )
             .await?
         };
+        if sent.seq > from {
+            touched.insert(conversation);
+        }
         if sent.complete {
             attach(shared, session, conversation, sent.seq).await;
         } else if session.protocol < 2 {
@@ -311,20 +319,35 @@ async fn resume_conversations(
         .filter(|status| status.state == ResumeState::More)
         .map(|status| status.seq)
         .min();
+    // The inbox is most recently active first: the counts kept are those of the
+    // conversations a client shows on top.
+    inbox.retain(|entry| touched.contains(&entry.conversation));
+    inbox.truncate(MAX_RESUME_UNREAD);
+    if session.protocol >= 2 && !inbox.is_empty() {
+        shared.store.list_view(&session.user, &mut inbox).await?;
+    }
     Ok(Resumed {
         cursor: ResumeCursor(behind.map_or(head, |seq| seq.min(head))),
         conversations: statuses,
+        unread: inbox
+            .into_iter()
+            .map(|entry| UnreadCount {
+                conversation: entry.conversation,
+                read_seq: entry.read_seq,
+                unread: entry.unread,
+            })
+            .collect(),
     })
 }
 
 /// The user's conversations as of the log's head, most recently active first, each with
 /// its newest sequence: the store's list, with what the log `window` (the part the store
-/// has not projected) adds.
+/// has not projected) adds. And the store's list itself.
 async fn conversations_at_head(
     shared: &Shared,
     session: &Session,
     window: &[RecordedEvent],
-) -> Result<Vec<(ConversationId, u64)>, StoreError> {
+) -> Result<(Vec<(ConversationId, u64)>, Vec<InboxEntry>), StoreError> {
     let inbox = shared
         .store
         .inbox(
@@ -347,7 +370,7 @@ async fn conversations_at_head(
     }
     let mut conversations: Vec<(ConversationId, u64)> = newest.into_iter().collect();
     conversations.sort_unstable_by_key(|&(_, last_seq)| std::cmp::Reverse(last_seq));
-    Ok(conversations)
+    Ok((conversations, inbox))
 }
 
 /// How far a resume has gone through its bounds.
