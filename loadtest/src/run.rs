@@ -35,6 +35,11 @@ use crate::{LoadtestError, chart, unix_secs};
 const DEFAULT_MAX_FRAME_BYTES: usize = 16_384;
 /// How long the drain waits for outstanding acks and deliveries.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How a device that lost its socket comes back.
+const RECONNECT_BACKOFF: client::Backoff = client::Backoff {
+    base: Duration::from_millis(100),
+    cap: Duration::from_secs(1),
+};
 /// How long baselines run, each.
 pub const BASELINE_TIME: Duration = Duration::from_secs(5);
 /// Creates in flight during set-up.
@@ -210,22 +215,29 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
         .map(|user| auth::mint(&secret, user, unix_secs(), token_ttl))
         .collect();
     let mut controls = Vec::with_capacity(plan.connections.len());
+    let mut disconnects = Vec::with_capacity(plan.connections.len());
     let mut tasks = Vec::with_capacity(plan.connections.len());
     for (i, conn) in plan.connections.iter().enumerate() {
         let (tx, rx) = mpsc::channel(16);
         controls.push(tx);
+        let (disconnect_tx, disconnect_rx) = mpsc::channel(1);
+        disconnects.push(disconnect_tx);
         let urls: Arc<[String]> = gateways
             .iter()
-            .map(|gateway| format!("{gateway}?access_token={}", tokens[conn.user]))
+            .map(|gateway| format!("{gateway}?protocol=2&access_token={}", tokens[conn.user]))
             .collect();
-        let connect_at = live.origin + Duration::from_secs_f64(i as f64 / scenario.connect_rate);
-        tasks.push(tokio::spawn(client::run(
-            Arc::clone(&live),
+        let device = client::Device {
+            live: Arc::clone(&live),
             urls,
-            conn.gateway,
-            connect_at,
+            first: conn.gateway,
+            connect_at: live.origin + Duration::from_secs_f64(i as f64 / scenario.connect_rate),
+            backoff: RECONNECT_BACKOFF,
+        };
+        tasks.push(tokio::spawn(client::run(
+            device,
             rx,
             created_tx.clone(),
+            disconnect_rx,
             finish.clone(),
         )));
     }
@@ -373,6 +385,7 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
     };
     finish.cancel();
     drop(controls);
+    drop(disconnects);
     let mut outcomes = Vec::with_capacity(tasks.len());
     for task in tasks {
         outcomes.push(task.await.unwrap_or_else(|_| {
@@ -662,7 +675,8 @@ async fn run_ramp(
     figures
 }
 
-/// Wait until every send has its answer and deliveries have stopped arriving for a second.
+/// Wait until every device that lost its socket is back and resumed, every send has its
+/// answer, and deliveries have stopped arriving for a second.
 async fn drain(live: &Live) {
     let deadline = Instant::now() + DRAIN_TIMEOUT;
     let mut last = live.delivered.load(Ordering::Relaxed);
@@ -678,6 +692,7 @@ async fn drain(live: &Live) {
             + live.send_errors.load(Ordering::Relaxed)
             + live.abandoned.load(Ordering::Relaxed);
         if answered >= live.sent.load(Ordering::Relaxed)
+            && live.down.load(Ordering::Relaxed) == 0
             && quiet_since.elapsed() >= Duration::from_secs(1)
         {
             return;
@@ -730,6 +745,7 @@ fn ledger_input(
                                 seq: r.seq,
                                 prev: r.prev,
                                 content: r.content,
+                                resumed: r.resumed,
                             })
                             .collect()
                     })
