@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::baseline::{self, Baselines};
-use crate::client::{self, ConnOutcome, Control, Create, SendSlot};
+use crate::client::{self, ConnOutcome, Control, Create, Disconnect, SendSlot};
 use crate::ledger::{
     self, Answer, ConnRecord, ConvIndex, LedgerInput, LogRead, Observed, SendKey, SendRecord,
 };
@@ -28,18 +28,13 @@ use crate::plan::{ConvKind, Plan};
 use crate::platform::{SpawnOptions, SpawnedPlatform};
 use crate::report::{self, Report};
 use crate::resources::{Machine, Sampler};
-use crate::scenario::{Durability, Fault, FaultRole, Scenario};
+use crate::scenario::{Durability, Fault, FaultRole, Reconnects, Scenario};
 use crate::{LoadtestError, chart, unix_secs};
 
 /// The gateway's default `limits.max_frame_bytes`.
 const DEFAULT_MAX_FRAME_BYTES: usize = 16_384;
 /// How long the drain waits for outstanding acks and deliveries.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
-/// How a device that lost its socket comes back.
-const RECONNECT_BACKOFF: client::Backoff = client::Backoff {
-    base: Duration::from_millis(100),
-    cap: Duration::from_secs(1),
-};
 /// How long baselines run, each.
 pub const BASELINE_TIME: Duration = Duration::from_secs(5);
 /// Creates in flight during set-up.
@@ -214,6 +209,10 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
         .iter()
         .map(|user| auth::mint(&secret, user, unix_secs(), token_ttl))
         .collect();
+    let backoff = client::Backoff {
+        base: Duration::from_millis(scenario.reconnects.backoff_base_ms),
+        cap: Duration::from_millis(scenario.reconnects.backoff_cap_ms),
+    };
     let mut controls = Vec::with_capacity(plan.connections.len());
     let mut disconnects = Vec::with_capacity(plan.connections.len());
     let mut tasks = Vec::with_capacity(plan.connections.len());
@@ -231,7 +230,7 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
             urls,
             first: conn.gateway,
             connect_at: live.origin + Duration::from_secs_f64(i as f64 / scenario.connect_rate),
-            backoff: RECONNECT_BACKOFF,
+            backoff,
         };
         tasks.push(tokio::spawn(client::run(
             device,
@@ -309,6 +308,10 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
                 share: slot.share,
             });
     }
+    // Connections that only receive: an outage drops them.
+    let silent: Vec<usize> = (0..plan.connections.len())
+        .filter(|conn| !slots_by_conn.contains_key(conn))
+        .collect();
     for (conn, slots) in slots_by_conn {
         let _ = controls[conn]
             .send(Control::Start {
@@ -337,6 +340,13 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
             .collect(),
         None => Vec::new(),
     };
+    let churn = tokio::spawn(churn(
+        scenario.reconnects.clone(),
+        disconnects.clone(),
+        silent,
+        sending_start,
+        sending_end,
+    ));
     *phase.lock().unwrap() = if scenario.warmup_secs > 0.0 {
         "warming up"
     } else {
@@ -356,6 +366,7 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
     };
     let sending_end_secs = secs_since(&live, Instant::now().min(sending_end));
     live.stop_sending.store(true, Ordering::Relaxed);
+    churn.abort();
 
     *phase.lock().unwrap() = "draining";
     drain(&live).await;
@@ -454,6 +465,7 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
         &acks_us,
         live.micros_since_origin(sending_end),
     );
+    let resume = resume_figures(&live, &ledger, &outcomes, baselines.as_ref());
     let report = Report {
         environment: report::Environment {
             machine: Machine::describe(),
@@ -489,6 +501,7 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
         gateway_rss_per_connection_bytes: gateway_rss_per_connection,
         ramp,
         faults,
+        resume,
         baselines,
         ratios,
         marks,
@@ -526,16 +539,21 @@ async fn measure_baselines(
     nats_url: Option<&str>,
     message_bytes: usize,
 ) -> Result<Baselines, LoadtestError> {
-    let jetstream = match nats_url {
-        Some(url) => Some(baseline::jetstream(url, message_bytes, BASELINE_TIME).await?),
+    let (jetstream, jetstream_consume) = match nats_url {
+        Some(url) => {
+            let (published, consumed) =
+                baseline::jetstream(url, message_bytes, BASELINE_TIME).await?;
+            (Some(published), Some(consumed))
+        }
         None => {
             eprintln!("note: no NATS URL (--nats-url), so no JetStream baseline");
-            None
+            (None, None)
         }
     };
     let websocket_echo = Some(baseline::websocket_echo(message_bytes, BASELINE_TIME).await?);
     Ok(Baselines {
         jetstream,
+        jetstream_consume,
         websocket_echo,
     })
 }
@@ -673,6 +691,84 @@ async fn run_ramp(
         figures.highest_rate_held = Some(target);
     }
     figures
+}
+
+/// Drop sockets while sending: random connections at `drops_per_sec` (Poisson arrivals),
+/// and, for an outage, every silent connection at once.
+async fn churn(
+    reconnects: Reconnects,
+    disconnects: Vec<mpsc::Sender<Disconnect>>,
+    silent: Vec<usize>,
+    sending_start: Instant,
+    sending_end: Instant,
+) {
+    let outage = reconnects.outage.map(|outage| async move {
+        tokio::time::sleep_until((sending_start + Duration::from_secs_f64(outage.at_secs)).into())
+            .await;
+        outage
+    });
+    let outage = async {
+        if let Some(outage) = outage {
+            let outage = outage.await;
+            for &conn in &silent {
+                let _ = disconnects[conn].try_send(Disconnect {
+                    clean: false,
+                    down: Duration::from_secs_f64(outage.down_secs),
+                });
+            }
+        }
+    };
+    let random = async {
+        if reconnects.drops_per_sec <= 0.0 || disconnects.is_empty() {
+            return;
+        }
+        tokio::time::sleep_until(sending_start.into()).await;
+        loop {
+            // Exponential gaps between drops: a Poisson process.
+            let gap = -(1.0 - fastrand::f64()).ln() / reconnects.drops_per_sec;
+            tokio::time::sleep(Duration::from_secs_f64(gap)).await;
+            if Instant::now() >= sending_end {
+                return;
+            }
+            let _ = disconnects[fastrand::usize(..disconnects.len())].try_send(Disconnect {
+                clean: fastrand::f64() < reconnects.clean_ratio,
+                down: Duration::ZERO,
+            });
+        }
+    };
+    tokio::join!(outage, random);
+}
+
+fn resume_figures(
+    live: &Live,
+    ledger: &ledger::LedgerReport,
+    outcomes: &[ConnOutcome],
+    baselines: Option<&Baselines>,
+) -> report::ResumeFigures {
+    let connected = live.connected.load(Ordering::Relaxed);
+    let outage: Vec<(u64, u64, u64)> = outcomes
+        .iter()
+        .flat_map(|o| &o.resumes)
+        .filter(|r| r.after_outage)
+        .map(|r| (r.start_us, r.end_us, r.events))
+        .collect();
+    let consume = baselines
+        .and_then(|b| b.jetstream_consume.as_ref())
+        .map(|c| c.per_sec);
+    report::ResumeFigures {
+        drops_clean: live.drops_clean.load(Ordering::Relaxed),
+        drops_abrupt: live.drops_abrupt.load(Ordering::Relaxed),
+        reconnected_connections: ledger.reconnected_connections,
+        reconnected_fraction: if connected > 0 {
+            ledger.reconnected_connections as f64 / connected as f64
+        } else {
+            0.0
+        },
+        resume_frames: live.resume_frames.load(Ordering::Relaxed),
+        more_rounds: live.more_rounds.load(Ordering::Relaxed),
+        resumed_events: live.resumed_events.load(Ordering::Relaxed),
+        outage: report::OutageFigures::of(&outage, consume),
+    }
 }
 
 /// Wait until every device that lost its socket is back and resumed, every send has its
