@@ -166,6 +166,9 @@ struct Sockets {
     up: bool,
     sent: u64,
     answered: u64,
+    /// The last socket the run told the device to drop: a write failing on it is no error
+    /// of the platform's.
+    dropped: Option<usize>,
 }
 
 impl Sockets {
@@ -175,7 +178,15 @@ impl Sockets {
             up: true,
             sent: 0,
             answered: 0,
+            dropped: self.dropped,
         };
+    }
+
+    /// Count a failed write on `session` as an error, unless the device dropped it.
+    fn write_failed(&self, session: usize, live: &Live, e: &tungstenite::Error) {
+        if self.dropped != Some(session) {
+            live.record_error(format!("send:{}", error_kind(e)));
+        }
     }
 
     fn sent_on(&mut self, session: usize, live: &Live) {
@@ -210,6 +221,8 @@ struct Wire {
     sink: Sink,
     stream: Stream,
     tcp: Option<std::net::TcpStream>,
+    /// When its `welcome` arrived (before the resume).
+    welcomed: Instant,
 }
 
 /// What a device is given to connect with.
@@ -253,7 +266,7 @@ pub async fn run(
         }
     };
     live.record_connect(
-        live.now_us()
+        live.micros_since_origin(wire.welcomed)
             .saturating_sub(live.micros_since_origin(connect_at)),
     );
     let sockets = Arc::new(Mutex::new(Sockets::default()));
@@ -343,13 +356,19 @@ async fn open(
             ) => {}
         _ => return Err("connect:no_welcome".to_owned()),
     }
+    let welcomed = Instant::now();
     outcome.sessions.push(Vec::new());
     let record = resume(live, &mut sink, &mut stream, position, outcome).await?;
     outcome.resumes.push(ResumeRecord {
         after_outage,
         ..record
     });
-    Ok(Wire { sink, stream, tcp })
+    Ok(Wire {
+        sink,
+        stream,
+        tcp,
+        welcomed,
+    })
 }
 
 /// Send `resume` from `position` and read its events up to `resumed`; follow every `more`
@@ -591,6 +610,7 @@ async fn read(
         sink,
         mut stream,
         tcp,
+        ..
     } = wire;
     // An order to drop that came while the device was away is stale.
     while disconnects.try_recv().is_ok() {}
@@ -603,6 +623,10 @@ async fn read(
             order = disconnects.recv(), if orders_open && dropping.is_none() => {
                 match order {
                     Some(order) => {
+                        {
+                            let mut sockets = sockets.lock().unwrap();
+                            sockets.dropped = Some(sockets.current);
+                        }
                         cut(live, order, &sink, tcp.as_ref());
                         dropping = Some(order);
                     }
@@ -800,7 +824,10 @@ async fn write(
         };
         writing.catch_up();
         if let Err(e) = writing.send(&frame).await {
-            live.record_error(format!("send:{}", error_kind(&e)));
+            sockets
+                .lock()
+                .unwrap()
+                .write_failed(writing.session, &live, &e);
         }
     }
     let _ = writing.sink.lock().await.close().await;
@@ -866,7 +893,10 @@ async fn send_scheduled(
         match writing.send(&frame).await {
             Ok(()) => sockets.lock().unwrap().sent_on(writing.session, live),
             Err(e) => {
-                live.record_error(format!("send:{}", error_kind(&e)));
+                sockets
+                    .lock()
+                    .unwrap()
+                    .write_failed(writing.session, live, &e);
                 live.abandoned.fetch_add(1, Ordering::Relaxed);
                 // The reader is reconnecting; later sends wait for its new socket (and
                 // count from their scheduled time).
