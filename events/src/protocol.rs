@@ -55,6 +55,9 @@ pub mod close {
     pub const MESSAGE_TOO_BIG: u16 = 1009;
     /// The server hit an unexpected condition.
     pub const INTERNAL_ERROR: u16 = 1011;
+    /// (v2) The socket fell too far behind one of its conversations to be caught up in
+    /// place: reconnect and resume.
+    pub const TRY_AGAIN_LATER: u16 = 1013;
 }
 
 /// A frame from the client.

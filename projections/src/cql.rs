@@ -33,16 +33,17 @@ use uuid::Uuid;
 pub use scylla::statement::Consistency;
 
 use crate::columns::{
-    corrupt, history_message, i64_of, kind_str, parse_kind, parse_member, parse_role, schema,
-    u64_of, unavailable,
+    corrupt, events_page, history_message, i64_of, kind_str, parse_kind, parse_member, parse_role,
+    schema, u64_of, unavailable,
 };
 use crate::store::{
-    ConversationStore, ConversationView, HistoryPage, InboxEntry, StoreError, StoreErrorKind,
+    ConversationStore, ConversationView, EventsPage, HistoryPage, InboxEntry, StoreError,
+    StoreErrorKind,
 };
 use crate::tls::TlsClient;
 
 /// Schema version this build writes, kept in the keyspace's `schema_version` table.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// Log sequences per history bucket. A `(conversation, bucket)` partition holds at most this
 /// many messages (every sequence in its range would have to be one of the conversation's
@@ -53,6 +54,11 @@ pub const DEFAULT_HISTORY_BUCKET_SEQS: u64 = 16_384;
 /// Rows of one partition sent in one unlogged batch.
 const BATCH_ROWS: usize = 64;
 const POSITION_NAME: &str = "conversations";
+/// The position's row. Schema 2 added the events table, empty for events applied before:
+/// a keyspace upgraded from schema 1 has no position under this name, so the projector
+/// replays the log into it. (Deleting the old row instead would leave a tombstone newer
+/// than every `USING TIMESTAMP <seq>` write that follows.)
+const POSITION_ROW: &str = "conversations.2";
 
 /// Where and how to reach the CQL cluster.
 #[derive(Clone)]
@@ -195,6 +201,8 @@ struct Statements {
     membership: PreparedStatement,
     message: PreparedStatement,
     bucket: PreparedStatement,
+    event: PreparedStatement,
+    event_bucket: PreparedStatement,
     set_position: PreparedStatement,
     position: PreparedStatement,
     conversation: PreparedStatement,
@@ -203,6 +211,8 @@ struct Statements {
     memberships: PreparedStatement,
     buckets: PreparedStatement,
     history: PreparedStatement,
+    event_buckets: PreparedStatement,
+    events: PreparedStatement,
     check: PreparedStatement,
 }
 
@@ -255,13 +265,34 @@ fn schema_v1(ks: &str) -> Vec<String> {
     ]
 }
 
+/// Schema version 2: every event as recorded, for resuming clients, bucketed like history.
+fn schema_v2(ks: &str) -> Vec<String> {
+    vec![
+        format!(
+            "CREATE TABLE IF NOT EXISTS {ks}.events (conversation uuid, bucket bigint, seq bigint, envelope blob, PRIMARY KEY ((conversation, bucket), seq))"
+        ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {ks}.event_buckets (conversation uuid, bucket bigint, PRIMARY KEY (conversation, bucket))"
+        ),
+    ]
+}
+
 /// Migrations by version: entry `n` brings a keyspace from version `n` to `n + 1`.
 fn migrations(ks: &str) -> Vec<Vec<String>> {
-    vec![schema_v1(ks)]
+    vec![schema_v1(ks), schema_v2(ks)]
 }
 
 type ConversationRow = (Option<String>, Option<String>, Option<i64>, Option<i64>);
 type MessageRow = (i64, Uuid, String, String, String, i64);
+
+/// Reading rows of one conversation across its buckets: the bucket index query
+/// (conversation, first bucket) returns buckets in the order to read them, the row query
+/// (conversation, bucket, sequence bound, limit) a bucket's rows beyond the bound, in the
+/// same order.
+struct BucketWalk<'a> {
+    index: &'a PreparedStatement,
+    rows: &'a PreparedStatement,
+}
 
 impl CqlStore {
     /// Connect, create the keyspace if it does not exist, bring its schema up to date and
@@ -318,6 +349,46 @@ impl CqlStore {
         i64_of(seq / self.bucket_seqs)
     }
 
+    /// Up to `wanted` rows of conversation `id` beyond sequence `bound`, from bucket `first`
+    /// on, reading each bucket the index lists until enough are in hand. Both reads page
+    /// through the driver, so short pages (ScyllaDB may return them) change nothing.
+    async fn walk<R>(
+        &self,
+        walk: BucketWalk<'_>,
+        id: Uuid,
+        first: i64,
+        bound: i64,
+        wanted: usize,
+    ) -> Result<Vec<R>, StoreError>
+    where
+        R: for<'f, 'm> scylla::deserialize::row::DeserializeRow<'f, 'm>,
+    {
+        let mut rows = Vec::with_capacity(wanted);
+        let mut buckets = self
+            .session
+            .execute_iter(walk.index.clone(), (id, first))
+            .await?
+            .rows_stream::<(i64,)>()
+            .map_err(corrupt)?;
+        while rows.len() < wanted {
+            let Some(bucket) = buckets.next().await else {
+                break;
+            };
+            let (bucket,) = bucket.map_err(unavailable)?;
+            let left = i32::try_from(wanted - rows.len()).unwrap_or(i32::MAX);
+            let mut page = self
+                .session
+                .execute_iter(walk.rows.clone(), (id, bucket, bound, left))
+                .await?
+                .rows_stream::<R>()
+                .map_err(corrupt)?;
+            while let Some(row) = page.next().await {
+                rows.push(row.map_err(unavailable)?);
+            }
+        }
+        Ok(rows)
+    }
+
     fn write(
         &self,
         statement: &PreparedStatement,
@@ -370,11 +441,17 @@ impl CqlStore {
         // the newest event of each conversation in the batch needs to write them.
         let mut newest: HashMap<ConversationId, &RecordedEvent> = HashMap::new();
         let mut messages: HashMap<(ConversationId, i64), Vec<_>> = HashMap::new();
+        let mut recorded_events: HashMap<(ConversationId, i64), Vec<_>> = HashMap::new();
         for recorded in events {
             let envelope = &recorded.envelope;
             let conversation = envelope.conversation;
             let id = *conversation.as_uuid();
             let seq = i64_of(recorded.seq);
+            let bucket = self.bucket_of(recorded.seq);
+            recorded_events
+                .entry((conversation, bucket))
+                .or_default()
+                .push((id, bucket, seq, envelope.to_bytes(), seq));
             newest
                 .entry(conversation)
                 .and_modify(|e| {
@@ -408,7 +485,6 @@ impl CqlStore {
                     }
                 }
                 Event::MessagePosted(posted) => {
-                    let bucket = self.bucket_of(recorded.seq);
                     messages.entry((conversation, bucket)).or_default().push((
                         id,
                         bucket,
@@ -441,6 +517,11 @@ impl CqlStore {
             let newest = rows.iter().map(|r| r.2).max().unwrap_or(0);
             writes.push(self.write(&s.bucket, (*conversation.as_uuid(), bucket, newest)));
             writes.extend(self.partition_batches(&s.message, rows));
+        }
+        for ((conversation, bucket), rows) in recorded_events {
+            let newest = rows.iter().map(|r| r.2).max().unwrap_or(0);
+            writes.push(self.write(&s.event_bucket, (*conversation.as_uuid(), bucket, newest)));
+            writes.extend(self.partition_batches(&s.event, rows));
         }
         writes
     }
@@ -628,6 +709,14 @@ async fn prepare_all(session: &Session, ks: &str) -> Result<Statements, StoreErr
             "INSERT INTO {ks}.message_buckets (conversation, bucket) VALUES (?, ?) USING TIMESTAMP ?"
         ))
         .await?,
+        event: prepare(format!(
+            "INSERT INTO {ks}.events (conversation, bucket, seq, envelope) VALUES (?, ?, ?, ?) USING TIMESTAMP ?"
+        ))
+        .await?,
+        event_bucket: prepare(format!(
+            "INSERT INTO {ks}.event_buckets (conversation, bucket) VALUES (?, ?) USING TIMESTAMP ?"
+        ))
+        .await?,
         set_position: prepare(format!(
             "INSERT INTO {ks}.projection_position (name, seq) VALUES (?, ?) USING TIMESTAMP ?"
         ))
@@ -660,6 +749,14 @@ async fn prepare_all(session: &Session, ks: &str) -> Result<Statements, StoreErr
             "SELECT seq, id, sender, client_id, body, at FROM {ks}.messages WHERE conversation = ? AND bucket = ? AND seq < ? LIMIT ?"
         ))
         .await?,
+        event_buckets: prepare(format!(
+            "SELECT bucket FROM {ks}.event_buckets WHERE conversation = ? AND bucket >= ?"
+        ))
+        .await?,
+        events: prepare(format!(
+            "SELECT seq, envelope FROM {ks}.events WHERE conversation = ? AND bucket = ? AND seq > ? LIMIT ?"
+        ))
+        .await?,
         check: prepare(format!(
             "SELECT version FROM {ks}.schema_version WHERE name = ?"
         ))
@@ -683,7 +780,7 @@ impl ConversationStore for CqlStore {
         self.session
             .execute_unpaged(
                 &self.statements.set_position,
-                (POSITION_NAME, position, position),
+                (POSITION_ROW, position, position),
             )
             .await?;
         Ok(())
@@ -692,7 +789,7 @@ impl ConversationStore for CqlStore {
     async fn position(&self) -> Result<u64, StoreError> {
         let row = self
             .session
-            .execute_unpaged(&self.statements.position, (POSITION_NAME,))
+            .execute_unpaged(&self.statements.position, (POSITION_ROW,))
             .await?
             .into_rows_result()
             .map_err(corrupt)?
@@ -785,8 +882,7 @@ impl ConversationStore for CqlStore {
     }
 
     /// Walks the conversation's non-empty buckets newest first, reading each until the page
-    /// (plus one row, to know whether more exist) is full. Both reads page through the
-    /// driver, so short pages (ScyllaDB may return them) change nothing.
+    /// (plus one row, to know whether more exist) is full.
     async fn history(
         &self,
         id: ConversationId,
@@ -794,39 +890,23 @@ impl ConversationStore for CqlStore {
         limit: u32,
     ) -> Result<HistoryPage, StoreError> {
         let before = before.unwrap_or(u64::MAX);
-        let wanted = limit as usize + 1;
-        let mut rows: Vec<MessageRow> = Vec::with_capacity(wanted);
-        if before > 0 {
-            let uuid = *id.as_uuid();
-            let mut buckets = self
-                .session
-                .execute_iter(
-                    self.statements.buckets.clone(),
-                    (uuid, self.bucket_of(before - 1)),
-                )
-                .await?
-                .rows_stream::<(i64,)>()
-                .map_err(corrupt)?;
-            while rows.len() < wanted {
-                let Some(bucket) = buckets.next().await else {
-                    break;
-                };
-                let (bucket,) = bucket.map_err(unavailable)?;
-                let left = i32::try_from(wanted - rows.len()).unwrap_or(i32::MAX);
-                let mut page = self
-                    .session
-                    .execute_iter(
-                        self.statements.history.clone(),
-                        (uuid, bucket, i64_of(before), left),
-                    )
-                    .await?
-                    .rows_stream::<MessageRow>()
-                    .map_err(corrupt)?;
-                while let Some(row) = page.next().await {
-                    rows.push(row.map_err(unavailable)?);
-                }
-            }
-        }
+        let rows: Vec<MessageRow> = if before == 0 {
+            Vec::new()
+        } else {
+            let walk = BucketWalk {
+                index: &self.statements.buckets,
+                rows: &self.statements.history,
+            };
+            let first = self.bucket_of(before - 1);
+            self.walk(
+                walk,
+                *id.as_uuid(),
+                first,
+                i64_of(before),
+                limit as usize + 1,
+            )
+            .await?
+        };
         let has_more = rows.len() > limit as usize;
         let messages = rows
             .into_iter()
@@ -843,6 +923,30 @@ impl ConversationStore for CqlStore {
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
         Ok(HistoryPage { messages, has_more })
+    }
+
+    /// Walks the conversation's event buckets oldest first, from the one holding `after + 1`.
+    async fn events_after(
+        &self,
+        id: ConversationId,
+        after: u64,
+        limit: u32,
+    ) -> Result<EventsPage, StoreError> {
+        let walk = BucketWalk {
+            index: &self.statements.event_buckets,
+            rows: &self.statements.events,
+        };
+        let first = self.bucket_of(after.saturating_add(1));
+        let rows: Vec<(i64, Vec<u8>)> = self
+            .walk(
+                walk,
+                *id.as_uuid(),
+                first,
+                i64_of(after),
+                limit as usize + 1,
+            )
+            .await?;
+        events_page(rows, limit)
     }
 
     async fn check(&self) -> Result<(), StoreError> {

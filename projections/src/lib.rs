@@ -26,6 +26,7 @@ pub use cql::{Consistency, CqlOptions, CqlStore};
 pub use presence::{PresenceClient, PresenceError, PresenceStore, UserPresence};
 pub use sqlite::SqliteStore;
 pub use store::{
-    ConversationStore, ConversationView, HistoryPage, InboxEntry, StoreError, StoreErrorKind,
+    ConversationStore, ConversationView, EventsPage, HistoryPage, InboxEntry, StoreError,
+    StoreErrorKind,
 };
 pub use tls::{ClientCert, TlsClient, TlsError};

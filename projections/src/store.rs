@@ -76,6 +76,15 @@ pub struct HistoryPage {
     pub has_more: bool,
 }
 
+/// A page of a conversation's events, oldest first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventsPage {
+    /// Exactly as recorded in the log, every type.
+    pub events: Vec<RecordedEvent>,
+    /// Whether newer events exist after the last one returned.
+    pub has_more: bool,
+}
+
 /// A materialized view of conversations, fed by the projector, read by gateways.
 ///
 /// `apply` must be idempotent and order-insensitive: applying any permutation of a set of
@@ -115,6 +124,17 @@ pub trait ConversationStore: Send + Sync + 'static {
         before: Option<u64>,
         limit: u32,
     ) -> Result<HistoryPage, StoreError>;
+
+    /// Every event of the conversation with a sequence above `after`, oldest first, at most
+    /// `limit`: the resume index. Only what the store has applied; an event still on its way
+    /// through the projector is not there yet, so a caller that must not miss one reads the
+    /// log above [`position`](Self::position).
+    async fn events_after(
+        &self,
+        id: ConversationId,
+        after: u64,
+        limit: u32,
+    ) -> Result<EventsPage, StoreError>;
 
     /// Cheap check that the store answers, for readiness.
     async fn check(&self) -> Result<(), StoreError>;

@@ -185,6 +185,8 @@ macro_rules! conformance {
 conformance!(
     applies_conversations_members_messages_and_inbox,
     history_pages_backwards_exactly_once_in_order_across_buckets,
+    events_after_pages_forward_exactly_once_in_order_across_buckets,
+    events_after_is_the_same_whatever_the_order_and_repeats_of_apply,
     position_only_moves_forward,
     duplicates_and_reordering_within_and_across_conversations_converge,
     a_crash_in_the_middle_of_a_batch_resumes_from_the_position,
@@ -210,6 +212,7 @@ async fn snapshot(store: &dyn ConversationStore, events: &[RecordedEvent]) -> St
             store.members(id).await.unwrap()
         );
         out += &format!("{:?}\n", store.history(id, None, 1000).await.unwrap());
+        out += &format!("{:?}\n", store.events_after(id, 0, 1000).await.unwrap());
     }
     for name in ["alice", "bob", "carol"] {
         out += &format!("{:?}\n", store.inbox(&user(name), None, 100).await.unwrap());
@@ -244,6 +247,37 @@ async fn all_history(store: &dyn ConversationStore, id: ConversationId, page: u3
             return seqs;
         }
     }
+}
+
+/// Every event of conversation `id` after `after`, read in pages of `page`.
+async fn all_events_after(
+    store: &dyn ConversationStore,
+    id: ConversationId,
+    mut after: u64,
+    page: u32,
+) -> Vec<RecordedEvent> {
+    let mut events = Vec::new();
+    loop {
+        let got = store.events_after(id, after, page).await.unwrap();
+        assert!(got.events.len() <= page as usize);
+        assert!(
+            got.events.iter().all(|e| e.seq > after),
+            "`after` is exclusive"
+        );
+        after = got.events.last().map_or(after, |e| e.seq);
+        events.extend(got.events);
+        if !got.has_more {
+            return events;
+        }
+    }
+}
+
+fn events_of(events: &[RecordedEvent], id: ConversationId) -> Vec<RecordedEvent> {
+    events
+        .iter()
+        .filter(|e| e.envelope.conversation == id)
+        .cloned()
+        .collect()
 }
 
 // --- the test bodies -------------------------------------------------------------------
@@ -361,6 +395,65 @@ async fn history_pages_backwards_exactly_once_in_order_across_buckets(backend: B
         !exact.has_more,
         "exactly the whole history is not followed by more"
     );
+}
+
+async fn events_after_pages_forward_exactly_once_in_order_across_buckets(backend: Backend) {
+    // As for history: each conversation's events are spread over every bucket.
+    let events = log_with(40);
+    let store = backend.open("s").await;
+    store.apply(&events).await.unwrap();
+    let expected = events_of(&events, direct());
+    assert_eq!(expected.len(), 41, "the creation and 40 messages");
+    for page in [1, 3, 4, 7, 41, 100] {
+        assert_eq!(
+            all_events_after(&*store, direct(), 0, page).await,
+            expected,
+            "page size {page}: every event as recorded, oldest first"
+        );
+    }
+    // `after` in the middle of a bucket, and limits that end in one.
+    let middle = expected[10].seq;
+    let page = store.events_after(direct(), middle, 3).await.unwrap();
+    assert_eq!(page.events, expected[11..14]);
+    assert!(page.has_more);
+    assert_eq!(
+        all_events_after(&*store, group(), expected[20].seq, 5).await,
+        events_of(&events, group())
+            .into_iter()
+            .filter(|e| e.seq > expected[20].seq)
+            .collect::<Vec<_>>(),
+        "`after` need not be one of the conversation's sequences"
+    );
+    let exact = store.events_after(direct(), 0, 41).await.unwrap();
+    assert_eq!(exact.events.len(), 41);
+    assert!(
+        !exact.has_more,
+        "exactly the remaining events are not followed by more"
+    );
+    let newest = expected.last().unwrap().seq;
+    for after in [newest, newest + 1, u64::MAX] {
+        let empty = store.events_after(direct(), after, 10).await.unwrap();
+        assert!(empty.events.is_empty() && !empty.has_more, "after {after}");
+    }
+    let unknown = ConversationId::from_uuid(uuid::Uuid::from_u128(99));
+    let none = store.events_after(unknown, 0, 10).await.unwrap();
+    assert!(none.events.is_empty() && !none.has_more);
+}
+
+async fn events_after_is_the_same_whatever_the_order_and_repeats_of_apply(backend: Backend) {
+    let events = log_with(12);
+    let store = backend.open("s").await;
+    // Newest first, then a redelivered overlap, then everything again.
+    let reversed: Vec<_> = events.iter().rev().cloned().collect();
+    apply_in_batches(&*store, &reversed, 5).await;
+    apply_in_batches(&*store, &events[3..9], 2).await;
+    apply_in_batches(&*store, &events, 7).await;
+    for id in [direct(), group()] {
+        assert_eq!(
+            all_events_after(&*store, id, 0, 4).await,
+            events_of(&events, id)
+        );
+    }
 }
 
 async fn position_only_moves_forward(backend: Backend) {
@@ -518,7 +611,7 @@ async fn a_store_from_a_newer_build_is_refused(backend: Backend) {
     let err = backend.try_open("s").await.err().expect("refused");
     assert_eq!(err.kind, StoreErrorKind::Schema);
     assert!(err.to_string().contains("99"), "{err}");
-    backend.set_schema_version("s", 1).await;
+    backend.set_schema_version("s", 2).await;
     let store = backend.open("s").await;
     assert_eq!(
         store.position().await.unwrap(),
@@ -615,4 +708,39 @@ async fn cql_the_history_bucket_size_cannot_change_under_existing_history() {
     let err = CqlStore::open(&options).await.err().expect("refused");
     assert_eq!(err.kind, StoreErrorKind::Schema);
     assert!(err.to_string().contains("bucket"), "{err}");
+}
+
+// --- SQLite only ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn sqlite_a_store_from_schema_1_starts_over_so_the_log_fills_the_new_tables() {
+    let events = log();
+    let backend = Backend::sqlite();
+    let store = backend.open("s").await;
+    store.apply(&events).await.unwrap();
+    drop(store);
+    let Backend::Sqlite(dir) = &backend else {
+        unreachable!()
+    };
+    // What schema 1 left: no events table, the position at the end of the log.
+    let conn = rusqlite::Connection::open(dir.path().join("s.db")).unwrap();
+    conn.execute_batch("DROP TABLE events").unwrap();
+    conn.pragma_update(None, "user_version", 1).unwrap();
+    drop(conn);
+    let store = backend.open("s").await;
+    assert_eq!(
+        store.position().await.unwrap(),
+        0,
+        "the projector replays from the start"
+    );
+    assert!(
+        store
+            .events_after(direct(), 0, 10)
+            .await
+            .unwrap()
+            .events
+            .is_empty()
+    );
+    apply_in_batches(&*store, &events, 4).await;
+    assert_eq!(snapshot(&*store, &events).await, reference(&events).await);
 }

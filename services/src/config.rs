@@ -227,6 +227,8 @@ pub struct GatewayConfig {
     pub command_timeout_secs: u64,
     /// Most conversations of one user a gateway subscribes to at connect.
     pub max_conversations_per_user: u32,
+    /// Most events one `resume` sends; the conversations left over are reported `more`.
+    pub resume_max_events: u32,
     /// Most sockets one gateway holds.
     pub max_connections: usize,
     /// Seconds a presence record lives without a heartbeat; heartbeats go out every third.
@@ -245,6 +247,7 @@ impl Default for GatewayConfig {
             allowed_origins: Vec::new(),
             command_timeout_secs: 10,
             max_conversations_per_user: 10_000,
+            resume_max_events: 1000,
             max_connections: 100_000,
             presence_ttl_secs: 60,
             drain_secs: 10,
@@ -668,6 +671,10 @@ impl Config {
             "gateway.max_connections must be at least 1",
         );
         require(
+            (1..=100_000).contains(&gateway.resume_max_events),
+            "gateway.resume_max_events must be between 1 and 100000",
+        );
+        require(
             gateway.presence_ttl_secs >= 3,
             "gateway.presence_ttl_secs must be at least 3",
         );
@@ -917,7 +924,7 @@ mod tests {
     #[test]
     fn out_of_range_values_are_refused_with_every_problem_listed() {
         let err = Config::from_toml(
-            "[log]\nshards = 0\n[intake]\nmax_bytes = 4096\n[limits]\nmax_frame_bytes = 100\nmax_message_bytes = 200\n[auth]\nsecret = \"short\"\n[gateway]\nallowed_origins = [\"example.com\"]\n",
+            "[log]\nshards = 0\n[intake]\nmax_bytes = 4096\n[limits]\nmax_frame_bytes = 100\nmax_message_bytes = 200\n[auth]\nsecret = \"short\"\n[gateway]\nallowed_origins = [\"example.com\"]\nresume_max_events = 0\n",
         )
         .unwrap_err();
         let text = err.to_string();
@@ -927,6 +934,7 @@ mod tests {
             "limits.max_frame_bytes must be larger",
             "auth.secret must be at least 32 bytes",
             "allowed_origins",
+            "gateway.resume_max_events must be between 1 and 100000",
         ] {
             assert!(text.contains(expected), "missing {expected:?} in {text}");
         }

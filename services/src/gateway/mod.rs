@@ -7,10 +7,13 @@
 //! - [`socket`]: one connection's reader and writer.
 //! - [`commands`]: publishing commands and routing their outcomes back.
 //! - [`delivery`]: the routing table and the per-conversation followers.
+//! - [`resume`]: bringing a socket up to date before it goes live.
+//! - [`log`]: single events read from the log.
 
 mod commands;
 mod delivery;
-mod recent;
+mod log;
+mod resume;
 mod socket;
 
 use std::sync::Arc;
@@ -27,7 +30,7 @@ use futures::StreamExt;
 use parley_events::presence::{ConnectionState, PresenceUpdate};
 use parley_events::protocol::{HttpError, protocol_version};
 use parley_events::subjects::{LIVE_MEMBERSHIP_SUBJECT, PRESENCE_SUBJECT, outcome_subject};
-use parley_events::{ErrorCode, Event, Outcome, RecordedEvent, UserId};
+use parley_events::{ErrorCode, Outcome, RecordedEvent, UserId};
 use parley_projections::ConversationStore;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -40,7 +43,9 @@ use crate::config::Config;
 use crate::node::Nats;
 use crate::topology::Topology;
 use crate::{telemetry, unix_millis};
-use delivery::{ConnectionId, Routes, event_frame};
+use delivery::{ConnectionId, Routes};
+use log::LogReader;
+use resume::StoreProgress;
 use socket::Session;
 
 pub(crate) const READY_CHECK: &str = "gateway";
@@ -72,10 +77,12 @@ pub(crate) struct Shared {
     readiness: Readiness,
     topology: Topology,
     store: Arc<dyn ConversationStore>,
+    /// The store's position, watched while resumes wait for it.
+    progress: Arc<StoreProgress>,
+    log: LogReader,
     verifier: Verifier,
     routes: Arc<Routes>,
     pending: commands::Pending,
-    recent: recent::RecentCreations,
     connections: Arc<Semaphore>,
     next_connection: AtomicU64,
     /// Whether a task is creating (or finding) the intake after a publish found none.
@@ -111,10 +118,13 @@ impl Gateway {
         };
         let outcomes = subscribe(outcome_subject.clone()).await?;
         let membership = subscribe(LIVE_MEMBERSHIP_SUBJECT.to_owned()).await?;
+        let log = LogReader::new(topology.log.clone(), topology.shards);
         let shared = Arc::new(Shared {
             verifier: Verifier::new(&secret, &config.auth),
             connections: Arc::new(Semaphore::new(config.gateway.max_connections)),
-            routes: Routes::new(client.clone(), topology.log.clone()),
+            routes: Routes::new(client.clone(), log.clone()),
+            progress: StoreProgress::new(Arc::clone(&store)),
+            log,
             config,
             name,
             outcome_subject,
@@ -123,7 +133,6 @@ impl Gateway {
             topology,
             store,
             pending: commands::Pending::default(),
-            recent: recent::RecentCreations::default(),
             next_connection: AtomicU64::new(1),
             ensuring_intake: AtomicBool::new(false),
             intake_missing: AtomicBool::new(false),
@@ -158,6 +167,7 @@ impl Gateway {
             tokio::spawn(route_outcomes(Arc::clone(&shared), outcomes)),
             tokio::spawn(follow_membership(Arc::clone(&shared), membership)),
             tokio::spawn(heartbeat_presence(Arc::clone(&shared))),
+            tokio::spawn(Arc::clone(&shared.progress).run()),
         ];
         let app = Router::new()
             .route("/ws", get(upgrade))
@@ -299,39 +309,13 @@ async fn route_outcomes(shared: Arc<Shared>, mut outcomes: async_nats::Subscribe
     }
 }
 
-/// New conversations: subscribe the local sockets of their members, then hand them the
-/// creation event.
+/// New conversations: the local sockets of their members follow them.
 async fn follow_membership(shared: Arc<Shared>, mut membership: async_nats::Subscriber) {
     while let Some(message) = membership.next().await {
-        let event = match RecordedEvent::from_bytes(&message.payload) {
-            Ok(event) => event,
-            Err(e) => {
-                warn!(error = %e, "unreadable membership event");
-                continue;
-            }
-        };
-        let Event::ConversationCreated(created) = &event.envelope.event else {
-            continue;
-        };
-        shared.recent.record(
-            event.envelope.conversation,
-            event.seq,
-            created.members.iter().map(|member| &member.user),
-        );
-        let conns: Vec<ConnectionId> = created
-            .members
-            .iter()
-            .flat_map(|member| shared.routes.connections_of(&member.user))
-            .collect();
-        if conns.is_empty() {
-            continue;
+        match RecordedEvent::from_bytes(&message.payload) {
+            Ok(event) => shared.routes.on_created(event).await,
+            Err(e) => warn!(error = %e, "unreadable membership event"),
         }
-        let conversation = event.envelope.conversation;
-        if let Err(e) = shared.routes.follow(&conns, conversation, event.seq).await {
-            warn!(error = %e, "cannot subscribe to a new conversation");
-        }
-        shared.routes.flush().await;
-        shared.routes.send_to(&conns, &event_frame(event));
     }
 }
 

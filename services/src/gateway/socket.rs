@@ -1,7 +1,6 @@
 //! One WebSocket: a reader loop that turns frames into commands and queries, and a writer
 //! task that drains the socket's bounded queue, pings, and sends the close frame.
 
-use std::collections::HashSet;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,8 +17,8 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{Instrument, debug, info_span, warn};
 
 use super::Shared;
-use super::commands;
 use super::delivery::{ConnectionId, Outbox, SocketControl};
+use super::{commands, resume};
 use crate::handler::check_body;
 use crate::{telemetry, unix_millis};
 
@@ -27,7 +26,7 @@ use crate::{telemetry, unix_millis};
 /// pushes back on the client through TCP.
 const MAX_IN_FLIGHT: usize = 32;
 /// A write that takes longer than this means the peer stopped reading.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_HISTORY_PAGE: u32 = 50;
 const DEFAULT_CONVERSATIONS_PAGE: u32 = 100;
 const MAX_CONVERSATIONS_PAGE: u32 = 1000;
@@ -80,7 +79,9 @@ pub async fn serve(
         shared
             .publish_presence(&session.user, session.conn, ConnectionState::Open)
             .await;
-        follow_inbox(&shared, &session).await;
+        if session.protocol < 2 {
+            resume::connect_v1(&shared, &session, &outbox).await;
+        }
 
         read_loop(&shared, &session, &mut stream, &outbox).await;
 
@@ -103,40 +104,6 @@ pub async fn serve(
     }
     .instrument(span)
     .await
-}
-
-/// Subscribe the socket to the conversations the store lists for its user, and to those
-/// created too recently for the store to have them yet.
-async fn follow_inbox(shared: &Arc<Shared>, session: &Session) {
-    let limit = shared.config.gateway.max_conversations_per_user;
-    let inbox = shared
-        .store
-        .inbox(&session.user, None, limit)
-        .await
-        .unwrap_or_else(|e| {
-            warn!(error = %e, "cannot read the user's conversations; following only new ones");
-            Vec::new()
-        });
-    let stored: HashSet<ConversationId> = inbox.iter().map(|entry| entry.conversation).collect();
-    let recent = shared
-        .recent
-        .of(&session.user)
-        .into_iter()
-        .filter(|(conversation, _)| !stored.contains(conversation));
-    let follows = inbox
-        .iter()
-        .map(|entry| (entry.conversation, entry.last_seq))
-        .chain(recent);
-    for (conversation, last_seq) in follows {
-        if let Err(e) = shared
-            .routes
-            .follow(&[session.conn], conversation, last_seq)
-            .await
-        {
-            warn!(error = %e, "cannot subscribe to a conversation");
-        }
-    }
-    shared.routes.flush().await;
 }
 
 /// Read the client's frames until the socket is closing, for whatever reason.
@@ -291,6 +258,26 @@ async fn handle_text(
         ClientFrame::Conversations { id, before, limit } => {
             conversations(shared, session, outbox, id, before, limit).await;
             ("conversations", None)
+        }
+        ClientFrame::Resume {
+            id,
+            cursor,
+            conversations,
+        } => {
+            if session.protocol < 2 {
+                outbox.send(&ServerFrame::error(
+                    Some(id),
+                    ErrorCode::UnknownFrameType,
+                    "resume needs protocol version 2",
+                ));
+                return;
+            }
+            let point = resume::ResumePoint {
+                cursor,
+                conversations,
+            };
+            resume::answer(shared, session, outbox, id, point).await;
+            ("resume", None)
         }
         ClientFrame::Ping { id } => {
             outbox.send(&ServerFrame::Pong { id });

@@ -628,6 +628,14 @@ impl Client {
         self.socket.send(message).await.expect("send succeeds");
     }
 
+    /// The next text frame (queued ones first), or `None` when none comes within `limit`.
+    pub async fn next_within(&mut self, limit: Duration) -> Option<Value> {
+        match self.stash.pop_front() {
+            Some(frame) => Some(frame),
+            None => self.read_within(limit).await,
+        }
+    }
+
     /// The next text frame, as JSON.
     pub async fn next(&mut self) -> Value {
         if let Some(frame) = self.stash.pop_front() {
