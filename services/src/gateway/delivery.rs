@@ -32,9 +32,9 @@ use tracing::{Instrument, warn};
 use super::log::LogReader;
 use crate::telemetry;
 
-/// Most events fetched from the log to fill one gap or catch one socket up. A socket further
-/// behind than this is closed (1013) to resume again; a version 1 socket sees the gap and
-/// reads it with `history`.
+/// Most events fetched from the log to fill one gap or catch one socket up. A version 2
+/// socket further behind than this is closed (1013) to resume again; a version 1 socket
+/// sees the gap and reads it with `history`.
 pub const MAX_GAP_FILL: usize = 256;
 /// Most creations kept for a socket while it resumes; more, and the oldest are dropped.
 const MAX_CREATIONS_WHILE_RESUMING: usize = 1024;
@@ -546,7 +546,9 @@ impl Routes {
                 continue;
             };
             let reachable = chain.complete || first_prev.is_some_and(|prev| *sent >= prev);
-            if !reachable {
+            // A version 2 client resumes exactly; a version 1 client never could, and
+            // reads the gap with `history` as it always has.
+            if !reachable && entry.protocol >= 2 {
                 metrics::counter!(telemetry::GATEWAY_CATCH_UPS_TOTAL, "result" => "closed")
                     .increment(1);
                 entry

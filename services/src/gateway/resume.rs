@@ -126,7 +126,7 @@ pub async fn answer(
     id: ClientMsgId,
     point: ResumePoint,
 ) {
-    let frame = match resume(shared, session, outbox, Some(point)).await {
+    let frame = match resume(shared, session, outbox, point).await {
         Ok(resumed) => ServerFrame::Resumed {
             id,
             cursor: resumed.cursor,
@@ -147,10 +147,21 @@ pub async fn answer(
         .await;
 }
 
-/// A version 1 socket's connect: follow the user's conversations from now. When the store
-/// is too far behind for that, follow what it lists.
-pub async fn connect_v1(shared: &Arc<Shared>, session: &Session, outbox: &Outbox) {
-    match resume(shared, session, outbox, None).await {
+/// A version 1 socket's connect: the events of the user's conversations since
+/// `connected_at` (the log's head read before the socket was registered, so nothing that
+/// happened after the client connected is missed), then live. When the store is too far
+/// behind for that, follow what it lists.
+pub async fn connect_v1(
+    shared: &Arc<Shared>,
+    session: &Session,
+    outbox: &Outbox,
+    connected_at: Option<u64>,
+) {
+    let point = ResumePoint {
+        cursor: connected_at.map(ResumeCursor),
+        conversations: BTreeMap::new(),
+    };
+    match resume(shared, session, outbox, point).await {
         Ok(_) | Err(ResumeError::Closed) => {}
         Err(e) => {
             warn!(error = %e, "cannot resume a new socket; following what the store lists");
@@ -172,13 +183,13 @@ pub async fn connect_v1(shared: &Arc<Shared>, session: &Session, outbox: &Outbox
     }
 }
 
-/// Send the socket what it lacks after `point` (a version 1 connect has none: from now),
-/// within the resume's bounds, and make it live in each conversation that caught up.
+/// Send the socket what it lacks after `point`, within the resume's bounds, and make it
+/// live in each conversation that caught up.
 async fn resume(
     shared: &Arc<Shared>,
     session: &Session,
     outbox: &Outbox,
-    point: Option<ResumePoint>,
+    point: ResumePoint,
 ) -> Result<Resumed, ResumeError> {
     let started = Instant::now();
     let first = shared.routes.begin_resume(session.conn);
@@ -205,7 +216,7 @@ async fn resume_conversations(
     shared: &Arc<Shared>,
     session: &Session,
     outbox: &Outbox,
-    point: Option<ResumePoint>,
+    point: ResumePoint,
     first: bool,
 ) -> Result<Resumed, ResumeError> {
     let bounds = shared.log.bounds().await?;
@@ -222,10 +233,8 @@ async fn resume_conversations(
     };
     let conversations = conversations_at_head(shared, session, &window).await?;
 
-    let (cursor, named) = match point {
-        Some(point) => (point.cursor.filter(|_| first), point.conversations),
-        None => (None, BTreeMap::new()),
-    };
+    let cursor = point.cursor.filter(|_| first);
+    let named = point.conversations;
     let mut statuses: Vec<ResumeStatus> = named
         .keys()
         .filter(|conversation| !conversations.iter().any(|(c, _)| c == *conversation))
@@ -274,6 +283,10 @@ async fn resume_conversations(
         };
         if sent.complete {
             attach(shared, session, conversation, sent.seq).await;
+        } else if session.protocol < 2 {
+            // A version 1 client cannot pull the rest: it follows from the newest event and
+            // reads the gap with `history`, as it always has.
+            attach(shared, session, conversation, last_seq).await;
         } else {
             statuses.push(ResumeStatus {
                 conversation,

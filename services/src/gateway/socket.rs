@@ -60,6 +60,13 @@ pub async fn serve(
             Arc::clone(&outbox.control),
             shared.config.ping_interval(),
         ));
+        // Where "from now" starts for a version 1 socket: before its welcome, so whatever
+        // happens once the client holds the welcome reaches it, by its resume or live.
+        let connected_at = if session.protocol < 2 {
+            shared.log.bounds().await.ok().map(|bounds| bounds.last)
+        } else {
+            None
+        };
         outbox.send(&ServerFrame::Welcome {
             protocol: session.protocol,
             user: session.user.clone(),
@@ -80,7 +87,7 @@ pub async fn serve(
             .publish_presence(&session.user, session.conn, ConnectionState::Open)
             .await;
         if session.protocol < 2 {
-            resume::connect_v1(&shared, &session, &outbox).await;
+            resume::connect_v1(&shared, &session, &outbox, connected_at).await;
         }
 
         read_loop(&shared, &session, &mut stream, &outbox).await;
