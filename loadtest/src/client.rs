@@ -21,7 +21,7 @@ use futures::{SinkExt, StreamExt};
 use parley_events::protocol::{ClientFrame, HttpError, ResumeCursor, ResumeState, ServerFrame};
 use parley_events::{ClientMsgId, ConversationId, Event, UserId};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -271,8 +271,7 @@ pub async fn run(
     );
     let sockets = Arc::new(Mutex::new(Sockets::default()));
     sockets.lock().unwrap().opened(0);
-    let (sinks_tx, sinks_rx) = mpsc::channel(1);
-    let _ = sinks_tx.send((0, Arc::clone(&wire.sink))).await;
+    let (sinks_tx, sinks_rx) = watch::channel((0, Arc::clone(&wire.sink)));
     let writer = tokio::spawn(write(
         Arc::clone(&live),
         sinks_rx,
@@ -312,7 +311,7 @@ pub async fn run(
                 live.down.fetch_sub(1, Ordering::Relaxed);
                 session += 1;
                 sockets.lock().unwrap().opened(session);
-                let _ = sinks_tx.send((session, Arc::clone(&next.sink))).await;
+                sinks_tx.send_replace((session, Arc::clone(&next.sink)));
                 wire = next;
             }
             None => break,
@@ -729,58 +728,42 @@ fn cut(live: &Live, order: Disconnect, sink: &Sink, tcp: Option<&std::net::TcpSt
     }
 }
 
-/// The socket the writer writes to, and its session number.
+/// The newest socket the reader opened, and its session number. A watch, not a queue: a
+/// writer that has nothing to send (a silent device) never takes the sockets, and the
+/// reader must never wait for it to.
+type Latest = watch::Receiver<(usize, Sink)>;
+
+/// The socket the writer last wrote to.
 struct Writing {
     session: usize,
-    sink: Sink,
-    sinks: mpsc::Receiver<(usize, Sink)>,
+    sockets: Latest,
 }
 
 impl Writing {
-    /// Switch to the newest socket the reader opened, if any.
-    fn catch_up(&mut self) {
-        while let Ok((session, sink)) = self.sinks.try_recv() {
-            self.session = session;
-            self.sink = sink;
-        }
+    /// Send on the newest socket; its session goes to `self.session`.
+    async fn send(&mut self, frame: &ClientFrame) -> Result<(), tungstenite::Error> {
+        let (session, sink) = self.sockets.borrow_and_update().clone();
+        self.session = session;
+        sink.lock().await.send(Message::text(to_json(frame))).await
     }
 
-    async fn send(&self, frame: &ClientFrame) -> Result<(), tungstenite::Error> {
-        self.sink
-            .lock()
-            .await
-            .send(Message::text(to_json(frame)))
-            .await
-    }
-
-    /// Wait for a socket newer than this one; `false` when there will be none.
+    /// Wait for a socket newer than the last one written to; `false` when there will be none.
     async fn next_socket(&mut self) -> bool {
-        match self.sinks.recv().await {
-            Some((session, sink)) => {
-                self.session = session;
-                self.sink = sink;
-                true
-            }
-            None => false,
-        }
+        self.sockets.changed().await.is_ok()
     }
 }
 
 async fn write(
     live: Arc<Live>,
-    mut sinks: mpsc::Receiver<(usize, Sink)>,
+    sockets_rx: Latest,
     sockets: Arc<Mutex<Sockets>>,
     mut control: mpsc::Receiver<Control>,
     finish: CancellationToken,
 ) -> Vec<(SendKey, ConversationId)> {
     let mut sent = Vec::new();
-    let Some((session, sink)) = sinks.recv().await else {
-        return sent;
-    };
     let mut writing = Writing {
-        session,
-        sink,
-        sinks,
+        session: 0,
+        sockets: sockets_rx,
     };
     loop {
         let command = tokio::select! {
@@ -822,7 +805,6 @@ async fn write(
                 continue;
             }
         };
-        writing.catch_up();
         if let Err(e) = writing.send(&frame).await {
             sockets
                 .lock()
@@ -830,7 +812,8 @@ async fn write(
                 .write_failed(writing.session, &live, &e);
         }
     }
-    let _ = writing.sink.lock().await.close().await;
+    let sink = Arc::clone(&writing.sockets.borrow().1);
+    let _ = sink.lock().await.close().await;
     sent
 }
 
@@ -885,7 +868,6 @@ async fn send_scheduled(
             body: stamped_body(scheduled_us, schedule.message_bytes),
         };
         *n += 1;
-        writing.catch_up();
         // Counted before it goes: a write that fails part way may still have reached the
         // gateway, and the log check will say.
         sent.push((key, slot.conversation));
