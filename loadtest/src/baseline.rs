@@ -1,9 +1,11 @@
 //! Baselines measured in the same run, so results can be quoted as ratios that hold on a
-//! noisy machine: raw JetStream async publish with acks on the same NATS server, and a bare
-//! WebSocket echo round trip on the same machine.
+//! noisy machine: raw JetStream async publish with acks on the same NATS server, reading
+//! those messages back through an ordered consumer, and a bare WebSocket echo round trip on
+//! the same machine.
 
 use std::time::{Duration, Instant};
 
+use async_nats::jetstream::consumer::pull;
 use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
 use futures::stream::FuturesUnordered;
@@ -25,6 +27,9 @@ const ECHO_CLIENTS: usize = 16;
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Baselines {
     pub jetstream: Option<Throughput>,
+    /// Reading back what the publish baseline stored (no latency: one stream of reads).
+    #[serde(default)]
+    pub jetstream_consume: Option<Throughput>,
     pub websocket_echo: Option<Throughput>,
 }
 
@@ -37,12 +42,14 @@ pub struct Throughput {
 }
 
 /// JetStream async publish of `message_bytes` payloads to a file stream on `nats_url`, at
-/// most [`IN_FLIGHT`] unacknowledged, for `duration`. The stream is deleted afterwards.
+/// most [`IN_FLIGHT`] unacknowledged, for `duration`; then those messages read back from the
+/// start through an ordered pull consumer (as a resume reads the log), for at most
+/// `duration`. The stream is deleted afterwards. Publish first, consume second.
 pub async fn jetstream(
     nats_url: &str,
     message_bytes: usize,
     duration: Duration,
-) -> Result<Throughput, LoadtestError> {
+) -> Result<(Throughput, Throughput), LoadtestError> {
     let fail = |e: &dyn std::fmt::Display| LoadtestError::Baseline(format!("jetstream: {e}"));
     let client = async_nats::connect(nats_url).await.map_err(|e| fail(&e))?;
     let js = jetstream::new(client);
@@ -88,15 +95,55 @@ pub async fn jetstream(
     }
     let elapsed = start.elapsed();
     drop(pending);
+    let consumed = match result {
+        Ok(()) => consume(&js, acked, duration).await,
+        Err(e) => Err(e),
+    };
     let _ = js.delete_stream(STREAM).await;
-    result?;
-    Ok(Throughput {
-        what: format!(
-            "JetStream async publish, {message_bytes} B, {IN_FLIGHT} in flight, file storage, R1"
-        ),
-        per_sec: acked as f64 / elapsed.as_secs_f64(),
-        latency: latency.summary(),
-    })
+    let consumed = consumed?;
+    Ok((
+        Throughput {
+            what: format!(
+                "JetStream async publish, {message_bytes} B, {IN_FLIGHT} in flight, file storage, R1"
+            ),
+            per_sec: acked as f64 / elapsed.as_secs_f64(),
+            latency: latency.summary(),
+        },
+        Throughput {
+            what: format!(
+                "JetStream ordered consume of those {message_bytes} B messages, from the stream's start"
+            ),
+            per_sec: consumed,
+            latency: Summary::default(),
+        },
+    ))
+}
+
+/// Messages per second read from the start of the baseline stream, up to `stored` of them
+/// or for `duration`.
+async fn consume(
+    js: &jetstream::Context,
+    stored: u64,
+    duration: Duration,
+) -> Result<f64, LoadtestError> {
+    let fail =
+        |e: &dyn std::fmt::Display| LoadtestError::Baseline(format!("jetstream consume: {e}"));
+    let stream = js.get_stream(STREAM).await.map_err(|e| fail(&e))?;
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig::default())
+        .await
+        .map_err(|e| fail(&e))?;
+    let mut messages = consumer.messages().await.map_err(|e| fail(&e))?;
+    let start = Instant::now();
+    let mut read = 0u64;
+    while read < stored && start.elapsed() < duration {
+        match tokio::time::timeout(duration, messages.next()).await {
+            Ok(Some(Ok(_))) => read += 1,
+            Ok(Some(Err(e))) => return Err(fail(&e)),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    Ok(read as f64 / start.elapsed().as_secs_f64())
 }
 
 /// Round trips of `message_bytes` text frames through an in-process echo server over
@@ -188,10 +235,11 @@ mod tests {
             ..Default::default()
         })
         .unwrap();
-        let js = jetstream(&nats.url(), 64, Duration::from_millis(500))
+        let (published, consumed) = jetstream(&nats.url(), 64, Duration::from_millis(500))
             .await
             .unwrap();
-        assert!(js.latency.count > 0);
-        assert!(js.per_sec > 0.0);
+        assert!(published.latency.count > 0);
+        assert!(published.per_sec > 0.0);
+        assert!(consumed.per_sec > 0.0);
     }
 }

@@ -1,21 +1,27 @@
-//! One simulated WebSocket client: a reader task that logs everything the gateway sends (and
-//! opens a new socket when it loses one), and a writer task that sends on the open-loop
-//! schedule.
+//! One simulated device: a reader task that logs everything the gateway sends (and opens a
+//! new socket when it loses one, or drops one when the run tells it to), and a writer task
+//! that sends on the open-loop schedule.
 //!
 //! They are separate tasks because the gateway stops reading a socket with 32 commands in
 //! flight: a writer blocked on that back-pressure must not stop acks and events from being
 //! read, or the gateway would close the socket as a slow consumer.
+//!
+//! Every socket speaks protocol 2 and starts with `resume` (docs/protocol.md, "Resume"): the
+//! device keeps its cursor and the last sequence of each conversation it received an event in
+//! since, across its sockets, so a reconnect delivers exactly what it missed.
 
+use std::collections::BTreeMap;
+use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
-use parley_events::protocol::{ClientFrame, HttpError, ServerFrame};
+use parley_events::protocol::{ClientFrame, HttpError, ResumeCursor, ResumeState, ServerFrame};
 use parley_events::{ClientMsgId, ConversationId, Event, UserId};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -29,6 +35,11 @@ type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// Digits of the scheduled time at the start of every body.
 const STAMP_DIGITS: usize = 20;
+/// How long a socket may take to say `welcome`, and then each frame of a resume.
+const FRAME_WAIT: Duration = Duration::from_secs(30);
+/// Pause before asking again when a resume is refused as `unavailable`, and how many times.
+const RESUME_RETRY: Duration = Duration::from_millis(250);
+const RESUME_ATTEMPTS: u32 = 40;
 
 /// The frame that asks for a conversation, answered with an `ack` naming it.
 #[derive(Debug, Clone)]
@@ -73,6 +84,47 @@ pub struct Received {
     pub seq: u64,
     pub prev: u64,
     pub content: Content,
+    /// Sent by a resume (before its `resumed`), not on the live path.
+    pub resumed: bool,
+}
+
+/// One resume of a socket: its `resume` frames and what they brought.
+#[derive(Debug, Clone, Copy)]
+pub struct ResumeRecord {
+    /// Microseconds since the run's origin, from the first `resume` to the last `resumed`.
+    pub start_us: u64,
+    pub end_us: u64,
+    /// `resume` frames sent: one, plus one per round that followed `more`.
+    pub frames: u32,
+    pub events: u64,
+    /// The socket it resumed was dropped for an outage (see [`Disconnect::down`]).
+    pub after_outage: bool,
+}
+
+/// How the run tells a device to drop its socket.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Disconnect {
+    /// With a close frame (and waiting for the gateway's), or by cutting the TCP
+    /// connection without one (the gateway sees 1006).
+    pub clean: bool,
+    /// How long to stay away before reconnecting (the backoff comes on top).
+    pub down: Duration,
+}
+
+/// Exponential backoff with full jitter: before reconnect attempt `n` (from 0) a random
+/// pause between zero and `min(cap, base * 2^n)`, so clients that lost their sockets together
+/// do not come back together.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Backoff {
+    pub base: Duration,
+    pub cap: Duration,
+}
+
+impl Backoff {
+    pub fn pause(&self, attempt: u32) -> Duration {
+        let ceiling = self.base.saturating_mul(1 << attempt.min(20)).min(self.cap);
+        ceiling.mul_f64(fastrand::f64())
+    }
 }
 
 /// One `ack` of a send.
@@ -96,11 +148,14 @@ pub struct ConnOutcome {
     pub acks: Vec<Ack>,
     /// `(send, code)` of every `error` answering a send.
     pub errors: Vec<(SendKey, String)>,
+    pub resumes: Vec<ResumeRecord>,
     /// The first socket never opened.
     pub closed: bool,
 }
 
-type Sink = SplitSink<Socket, Message>;
+/// The write half of a socket, shared by the writer (sends) and the reader (a clean drop's
+/// close frame).
+type Sink = Arc<tokio::sync::Mutex<SplitSink<Socket, Message>>>;
 type Stream = SplitStream<Socket>;
 
 /// Which socket is current, and what was sent and answered on it: when it dies, the sends it
@@ -111,6 +166,9 @@ struct Sockets {
     up: bool,
     sent: u64,
     answered: u64,
+    /// The last socket the run told the device to drop: a write failing on it is no error
+    /// of the platform's.
+    dropped: Option<usize>,
 }
 
 impl Sockets {
@@ -120,7 +178,15 @@ impl Sockets {
             up: true,
             sent: 0,
             answered: 0,
+            dropped: self.dropped,
         };
+    }
+
+    /// Count a failed write on `session` as an error, unless the device dropped it.
+    fn write_failed(&self, session: usize, live: &Live, e: &tungstenite::Error) {
+        if self.dropped != Some(session) {
+            live.record_error(format!("send:{}", error_kind(e)));
+        }
     }
 
     fn sent_on(&mut self, session: usize, live: &Live) {
@@ -140,38 +206,72 @@ impl Sockets {
     }
 }
 
-/// Open the connection at `connect_at` to `urls[first]`, then serve it until `finish` is
-/// cancelled. A socket lost on the way is replaced: by one to the next gateway in `urls`
-/// (the same one again when there is only one), retried until it opens.
+/// Where the device stands in the log, kept across its sockets: what its next `resume` says.
+#[derive(Debug, Default)]
+struct Position {
+    /// The `cursor` of the last first-round `resumed`.
+    cursor: Option<ResumeCursor>,
+    /// The last sequence of every conversation the device received an event in since that
+    /// cursor was issued, and of those still `more`.
+    since_cursor: BTreeMap<ConversationId, u64>,
+}
+
+/// One open socket: its halves, and a second handle on its TCP connection to cut it with.
+struct Wire {
+    sink: Sink,
+    stream: Stream,
+    tcp: Option<std::net::TcpStream>,
+    /// When its `welcome` arrived (before the resume).
+    welcomed: Instant,
+}
+
+/// What a device is given to connect with.
+pub struct Device {
+    pub live: Arc<Live>,
+    /// The gateways' URLs (token included); the first socket goes to `urls[first]`.
+    pub urls: Arc<[String]>,
+    pub first: usize,
+    pub connect_at: Instant,
+    pub backoff: Backoff,
+}
+
+/// Open the connection at `connect_at` to `urls[first]` and resume, then serve it until
+/// `finish` is cancelled. A socket lost on the way (or dropped as `disconnects` says) is
+/// replaced after a backoff: by one to the next gateway in `urls` (the same one again when
+/// there is only one), retried until it opens, and resumed.
 pub async fn run(
-    live: Arc<Live>,
-    urls: Arc<[String]>,
-    first: usize,
-    connect_at: Instant,
+    device: Device,
     control: mpsc::Receiver<Control>,
     created: mpsc::UnboundedSender<Created>,
+    mut disconnects: mpsc::Receiver<Disconnect>,
     finish: CancellationToken,
 ) -> ConnOutcome {
+    let Device {
+        live,
+        urls,
+        first,
+        connect_at,
+        backoff,
+    } = device;
     tokio::time::sleep_until(connect_at.into()).await;
-    let (sink, mut stream) = match open(&urls[first]).await {
-        Ok(socket) => socket,
+    let mut outcome = ConnOutcome::default();
+    let mut position = Position::default();
+    let mut wire = match open(&live, &urls[first], &mut position, &mut outcome, false).await {
+        Ok(wire) => wire,
         Err(code) => {
             live.record_error(code);
             live.connect_failed.fetch_add(1, Ordering::Relaxed);
-            return ConnOutcome {
-                closed: true,
-                ..ConnOutcome::default()
-            };
+            outcome.closed = true;
+            return outcome;
         }
     };
     live.record_connect(
-        live.now_us()
+        live.micros_since_origin(wire.welcomed)
             .saturating_sub(live.micros_since_origin(connect_at)),
     );
     let sockets = Arc::new(Mutex::new(Sockets::default()));
     sockets.lock().unwrap().opened(0);
-    let (sinks_tx, sinks_rx) = mpsc::channel(1);
-    let _ = sinks_tx.send((0, sink)).await;
+    let (sinks_tx, sinks_rx) = watch::channel((0, Arc::clone(&wire.sink)));
     let writer = tokio::spawn(write(
         Arc::clone(&live),
         sinks_rx,
@@ -179,26 +279,42 @@ pub async fn run(
         control,
         finish.clone(),
     ));
-    let mut outcome = ConnOutcome::default();
     let mut session = 0;
     loop {
-        outcome.sessions.push(Vec::new());
-        read(&live, stream, &mut outcome, &created, &sockets, &finish).await;
+        let down = read(
+            &live,
+            wire,
+            &mut outcome,
+            &mut position,
+            &created,
+            &sockets,
+            &mut disconnects,
+            &finish,
+        )
+        .await;
         if finish.is_cancelled() {
             break;
         }
         sockets.lock().unwrap().lost(&live);
-        match reconnect(&live, &urls, first + session + 1, &finish).await {
-            Some((sink, next)) => {
+        live.down.fetch_add(1, Ordering::Relaxed);
+        let reconnect = Reconnect {
+            urls: &urls,
+            next: first + session + 1,
+            down,
+            backoff,
+        };
+        match reconnect
+            .run(&live, &mut position, &mut outcome, &finish)
+            .await
+        {
+            Some(next) => {
+                live.down.fetch_sub(1, Ordering::Relaxed);
                 session += 1;
                 sockets.lock().unwrap().opened(session);
-                let _ = sinks_tx.send((session, sink)).await;
-                stream = next;
+                sinks_tx.send_replace((session, Arc::clone(&next.sink)));
+                wire = next;
             }
-            None => {
-                outcome.sessions.push(Vec::new());
-                break;
-            }
+            None => break,
         }
     }
     drop(sinks_tx);
@@ -212,51 +328,242 @@ pub async fn run(
     outcome
 }
 
-/// Connect and wait for the `welcome`.
-async fn open(url: &str) -> Result<(Sink, Stream), String> {
+/// Connect, wait for the `welcome`, and resume from `position`. The socket's deliveries go
+/// to a new session of `outcome`, also when it fails part way through the resume.
+async fn open(
+    live: &Live,
+    url: &str,
+    position: &mut Position,
+    outcome: &mut ConnOutcome,
+    after_outage: bool,
+) -> Result<Wire, String> {
     let socket = connect(url).await?;
+    let tcp = socket
+        .get_ref()
+        .get_ref()
+        .as_fd()
+        .try_clone_to_owned()
+        .ok()
+        .map(std::net::TcpStream::from);
     let (sink, mut stream) = socket.split();
-    match tokio::time::timeout(Duration::from_secs(30), stream.next()).await {
+    let mut sink = Arc::new(tokio::sync::Mutex::new(sink));
+    match tokio::time::timeout(FRAME_WAIT, stream.next()).await {
         Ok(Some(Ok(Message::Text(text))))
             if matches!(
                 serde_json::from_str::<ServerFrame>(&text),
                 Ok(ServerFrame::Welcome { .. })
-            ) =>
-        {
-            Ok((sink, stream))
+            ) => {}
+        _ => return Err("connect:no_welcome".to_owned()),
+    }
+    let welcomed = Instant::now();
+    outcome.sessions.push(Vec::new());
+    let record = resume(live, &mut sink, &mut stream, position, outcome).await?;
+    outcome.resumes.push(ResumeRecord {
+        after_outage,
+        ..record
+    });
+    Ok(Wire {
+        sink,
+        stream,
+        tcp,
+        welcomed,
+    })
+}
+
+/// Send `resume` from `position` and read its events up to `resumed`; follow every `more`
+/// with another `resume` naming those conversations, until all are live.
+async fn resume(
+    live: &Live,
+    sink: &mut Sink,
+    stream: &mut Stream,
+    position: &mut Position,
+    outcome: &mut ConnOutcome,
+) -> Result<ResumeRecord, String> {
+    let mut record = ResumeRecord {
+        start_us: live.now_us(),
+        end_us: 0,
+        frames: 0,
+        events: 0,
+        after_outage: false,
+    };
+    // The first round names the cursor and every conversation touched since; later rounds
+    // only the conversations still `more` (the gateway ignores their cursor).
+    let mut cursor = position.cursor;
+    let mut named = position.since_cursor.clone();
+    let mut refused = 0;
+    loop {
+        let first_round = record.frames == 0;
+        let id = RequestId::resume_id(record.frames);
+        let frame = ClientFrame::Resume {
+            id: id.clone(),
+            cursor,
+            conversations: named.clone(),
+        };
+        sink.lock()
+            .await
+            .send(Message::text(to_json(&frame)))
+            .await
+            .map_err(|e| format!("connection:{}", error_kind(&e)))?;
+        record.frames += 1;
+        live.resume_frames.fetch_add(1, Ordering::Relaxed);
+        let outcome_of_round = loop {
+            let text = match tokio::time::timeout(FRAME_WAIT, stream.next()).await {
+                Ok(Some(Ok(Message::Text(text)))) => text,
+                Ok(Some(Ok(Message::Close(frame)))) => {
+                    return Err(format!(
+                        "close:{}",
+                        frame.map_or(1005, |f| u16::from(f.code))
+                    ));
+                }
+                Ok(Some(Ok(_))) => continue,
+                Ok(Some(Err(e))) => return Err(format!("connection:{}", error_kind(&e))),
+                Ok(None) => return Err("connection:ended".to_owned()),
+                Err(_) => return Err("harness:resume_timed_out".to_owned()),
+            };
+            match serde_json::from_str::<ServerFrame>(&text) {
+                Ok(ServerFrame::Event { event }) => {
+                    record.events += 1;
+                    live.resumed_events.fetch_add(1, Ordering::Relaxed);
+                    deliver(live, outcome, position, &event, true);
+                }
+                Ok(ServerFrame::Resumed {
+                    id: answered,
+                    cursor: reached,
+                    conversations,
+                    ..
+                }) if answered == id => break Ok((reached, conversations)),
+                Ok(ServerFrame::Error {
+                    id: Some(answered),
+                    code,
+                    retryable,
+                    ..
+                }) if answered == id => break Err((code, retryable)),
+                Ok(_) => live.record_error("harness:unexpected_frame_in_resume"),
+                Err(_) => live.record_error("harness:unreadable_frame"),
+            }
+        };
+        let (reached, statuses) = match outcome_of_round {
+            Ok(answer) => answer,
+            Err((code, retryable)) => {
+                live.record_error(format!("frame:{code}"));
+                refused += 1;
+                if !retryable || refused >= RESUME_ATTEMPTS {
+                    return Err(format!("resume:{code}"));
+                }
+                tokio::time::sleep(RESUME_RETRY).await;
+                continue;
+            }
+        };
+        let mut more = BTreeMap::new();
+        for status in statuses {
+            match status.state {
+                ResumeState::More => {
+                    more.insert(status.conversation, status.seq);
+                }
+                ResumeState::Live => {}
+                // The harness's log keeps everything and its devices name only their own
+                // conversations: either state means the resume went wrong.
+                ResumeState::Truncated => live.record_error("resume:truncated"),
+                ResumeState::NotMember => live.record_error("resume:not_member"),
+            }
         }
-        _ => Err("connect:no_welcome".to_owned()),
+        if first_round {
+            // Everything up to the new cursor was sent, except what is still `more`.
+            position.cursor = Some(reached);
+            position.since_cursor = more.clone();
+        } else {
+            position.since_cursor.extend(more.iter());
+        }
+        if more.is_empty() {
+            record.end_us = live.now_us();
+            return Ok(record);
+        }
+        live.more_rounds.fetch_add(1, Ordering::Relaxed);
+        cursor = None;
+        named = more;
     }
 }
 
-/// Try the gateways in turn from `next`, waiting longer between rounds, until one lets the
-/// client in or the run ends.
-async fn reconnect(
+/// Log an `event` frame's event into the outcome's last session and the device's position.
+fn deliver(
     live: &Live,
-    urls: &[String],
-    next: usize,
-    finish: &CancellationToken,
-) -> Option<(Sink, Stream)> {
-    let mut pause = Duration::from_millis(100);
-    for attempt in next.. {
-        let url = &urls[attempt % urls.len()];
-        tokio::select! {
-            _ = finish.cancelled() => return None,
-            opened = open(url) => match opened {
-                Ok(socket) => {
-                    live.reconnects.fetch_add(1, Ordering::Relaxed);
-                    return Some(socket);
-                }
-                Err(code) => live.record_error(format!("re{code}")),
-            },
-        }
-        tokio::select! {
-            _ = finish.cancelled() => return None,
-            () = tokio::time::sleep(pause) => {}
-        }
-        pause = (pause * 2).min(Duration::from_secs(1));
+    outcome: &mut ConnOutcome,
+    position: &mut Position,
+    event: &parley_events::RecordedEvent,
+    resumed: bool,
+) {
+    let conversation = event.envelope.conversation;
+    position.since_cursor.insert(conversation, event.seq);
+    if let Some(session) = outcome.sessions.last_mut() {
+        session.push(Received {
+            conversation,
+            seq: event.seq,
+            prev: event.envelope.prev,
+            content: Content::of(&event.envelope.event),
+            resumed,
+        });
     }
-    None
+    match &event.envelope.event {
+        Event::MessagePosted(posted) => match read_stamp(&posted.body) {
+            // Latency is the live path's: a resumed message waited for its device to come back.
+            Some(scheduled_us) if !resumed => live.record_delivery(scheduled_us),
+            Some(_) => {
+                live.delivered.fetch_add(1, Ordering::Relaxed);
+            }
+            None => live.record_error("harness:unstamped_message"),
+        },
+        Event::ConversationCreated(_) => {
+            live.created_seen.fetch_add(1, Ordering::Relaxed);
+        }
+        // The ledger counts it as foreign; nothing to time.
+        Event::ConversationRead(_) => {}
+    }
+}
+
+/// Replacing a lost socket.
+struct Reconnect<'a> {
+    urls: &'a [String],
+    /// The gateway to try first; later attempts move on through `urls`.
+    next: usize,
+    /// Stay away this long first (a planned outage).
+    down: Duration,
+    backoff: Backoff,
+}
+
+impl Reconnect<'_> {
+    /// Try the gateways in turn, pausing by the backoff before each attempt, until one lets
+    /// the device in and it resumed, or the run ends.
+    async fn run(
+        &self,
+        live: &Live,
+        position: &mut Position,
+        outcome: &mut ConnOutcome,
+        finish: &CancellationToken,
+    ) -> Option<Wire> {
+        let outage = !self.down.is_zero();
+        tokio::select! {
+            _ = finish.cancelled() => return None,
+            () = tokio::time::sleep(self.down) => {}
+        }
+        for attempt in 0.. {
+            tokio::select! {
+                _ = finish.cancelled() => return None,
+                () = tokio::time::sleep(self.backoff.pause(attempt)) => {}
+            }
+            let url = &self.urls[(self.next + attempt as usize) % self.urls.len()];
+            tokio::select! {
+                _ = finish.cancelled() => return None,
+                opened = open(live, url, position, outcome, outage) => match opened {
+                    Ok(wire) => {
+                        live.reconnects.fetch_add(1, Ordering::Relaxed);
+                        return Some(wire);
+                    }
+                    Err(code) => live.record_error(format!("reconnect:{code}")),
+                },
+            }
+        }
+        None
+    }
 }
 
 async fn connect(url: &str) -> Result<Socket, String> {
@@ -288,43 +595,69 @@ fn error_kind(e: &tungstenite::Error) -> String {
     }
 }
 
-/// Read one socket until the run ends or the socket is lost, logging into the outcome's
-/// last session.
+/// Read one socket until the run ends, the socket is lost, or the run told the device to
+/// drop it; how long to stay away before reconnecting (zero unless told otherwise).
+#[allow(clippy::too_many_arguments)]
 async fn read(
     live: &Live,
-    mut stream: Stream,
+    wire: Wire,
     outcome: &mut ConnOutcome,
+    position: &mut Position,
     created: &mpsc::UnboundedSender<Created>,
     sockets: &Mutex<Sockets>,
+    disconnects: &mut mpsc::Receiver<Disconnect>,
     finish: &CancellationToken,
-) {
+) -> Duration {
+    let Wire {
+        sink,
+        mut stream,
+        tcp,
+        ..
+    } = wire;
+    // An order to drop that came while the device was away is stale.
+    while disconnects.try_recv().is_ok() {}
+    let mut dropping: Option<Disconnect> = None;
+    let mut orders_open = true;
     loop {
         let message = tokio::select! {
             biased;
-            _ = finish.cancelled() => return,
+            _ = finish.cancelled() => return Duration::ZERO,
+            order = disconnects.recv(), if orders_open && dropping.is_none() => {
+                match order {
+                    Some(order) => {
+                        {
+                            let mut sockets = sockets.lock().unwrap();
+                            sockets.dropped = Some(sockets.current);
+                        }
+                        cut(live, order, &sink, tcp.as_ref());
+                        dropping = Some(order);
+                    }
+                    None => orders_open = false,
+                }
+                continue;
+            }
             message = stream.next() => message,
         };
         // Once the run is over the harness closes the sockets itself: how they end is not
-        // the platform's doing.
+        // the platform's doing; nor is the end of a socket the device dropped.
         if finish.is_cancelled() {
-            return;
+            return Duration::ZERO;
         }
+        let ended = |what: String| {
+            if dropping.is_none() {
+                live.record_error(what);
+            }
+            dropping.map_or(Duration::ZERO, |order| order.down)
+        };
         let text = match message {
             Some(Ok(Message::Text(text))) => text,
             Some(Ok(Message::Close(frame))) => {
                 let code = frame.map_or(1005, |f| u16::from(f.code));
-                live.record_error(format!("close:{code}"));
-                return;
+                return ended(format!("close:{code}"));
             }
             Some(Ok(_)) => continue,
-            Some(Err(e)) => {
-                live.record_error(format!("connection:{}", error_kind(&e)));
-                return;
-            }
-            None => {
-                live.record_error("connection:ended");
-                return;
-            }
+            Some(Err(e)) => return ended(format!("connection:{}", error_kind(&e))),
+            None => return ended("connection:ended".to_owned()),
         };
         let frame = match serde_json::from_str::<ServerFrame>(&text) {
             Ok(frame) => frame,
@@ -356,7 +689,7 @@ async fn read(
                         result: Ok(conversation),
                     });
                 }
-                None => live.record_error("harness:unknown_ack"),
+                _ => live.record_error("harness:unknown_ack"),
             },
             ServerFrame::Error { id, code, .. } => {
                 live.record_error(format!("frame:{code}"));
@@ -372,80 +705,68 @@ async fn read(
                             result: Err(code.as_str().to_owned()),
                         });
                     }
-                    None => {}
+                    _ => {}
                 }
             }
-            ServerFrame::Event { event } => {
-                let content = Content::of(&event.envelope.event);
-                if let Some(session) = outcome.sessions.last_mut() {
-                    session.push(Received {
-                        conversation: event.envelope.conversation,
-                        seq: event.seq,
-                        prev: event.envelope.prev,
-                        content,
-                    });
-                }
-                match &event.envelope.event {
-                    Event::MessagePosted(posted) => match read_stamp(&posted.body) {
-                        Some(scheduled_us) => live.record_delivery(scheduled_us),
-                        None => live.record_error("harness:unstamped_message"),
-                    },
-                    Event::ConversationCreated(_) => {
-                        live.created_seen.fetch_add(1, Ordering::Relaxed);
-                    }
-                    // The ledger counts it as foreign; nothing to time.
-                    Event::ConversationRead(_) => {}
-                }
-            }
+            ServerFrame::Event { event } => deliver(live, outcome, position, &event, false),
             _ => {}
         }
     }
 }
 
-/// The socket the writer writes to, and its session number.
+/// Drop the socket as `order` says: a close frame (sent off the reader, which goes on
+/// reading until the gateway's answer), or the TCP connection shut down under both halves.
+fn cut(live: &Live, order: Disconnect, sink: &Sink, tcp: Option<&std::net::TcpStream>) {
+    if order.clean {
+        live.drops_clean.fetch_add(1, Ordering::Relaxed);
+        let sink = Arc::clone(sink);
+        tokio::spawn(async move {
+            let _ = sink.lock().await.close().await;
+        });
+    } else {
+        live.drops_abrupt.fetch_add(1, Ordering::Relaxed);
+        if let Some(tcp) = tcp {
+            let _ = tcp.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// The newest socket the reader opened, and its session number. A watch, not a queue: a
+/// writer that has nothing to send (a silent device) never takes the sockets, and the
+/// reader must never wait for it to.
+type Latest = watch::Receiver<(usize, Sink)>;
+
+/// The socket the writer last wrote to.
 struct Writing {
     session: usize,
-    sink: Sink,
-    sinks: mpsc::Receiver<(usize, Sink)>,
+    sockets: Latest,
 }
 
 impl Writing {
-    /// Switch to the newest socket the reader opened, if any.
-    fn catch_up(&mut self) {
-        while let Ok((session, sink)) = self.sinks.try_recv() {
-            self.session = session;
-            self.sink = sink;
-        }
+    /// Send on the newest socket; its session goes to `self.session`.
+    async fn send(&mut self, frame: &ClientFrame) -> Result<(), tungstenite::Error> {
+        let (session, sink) = self.sockets.borrow_and_update().clone();
+        self.session = session;
+        sink.lock().await.send(Message::text(to_json(frame))).await
     }
 
-    /// Wait for a socket newer than this one; `false` when there will be none.
+    /// Wait for a socket newer than the last one written to; `false` when there will be none.
     async fn next_socket(&mut self) -> bool {
-        match self.sinks.recv().await {
-            Some((session, sink)) => {
-                self.session = session;
-                self.sink = sink;
-                true
-            }
-            None => false,
-        }
+        self.sockets.changed().await.is_ok()
     }
 }
 
 async fn write(
     live: Arc<Live>,
-    mut sinks: mpsc::Receiver<(usize, Sink)>,
+    sockets_rx: Latest,
     sockets: Arc<Mutex<Sockets>>,
     mut control: mpsc::Receiver<Control>,
     finish: CancellationToken,
 ) -> Vec<(SendKey, ConversationId)> {
     let mut sent = Vec::new();
-    let Some((session, sink)) = sinks.recv().await else {
-        return sent;
-    };
     let mut writing = Writing {
-        session,
-        sink,
-        sinks,
+        session: 0,
+        sockets: sockets_rx,
     };
     loop {
         let command = tokio::select! {
@@ -487,12 +808,15 @@ async fn write(
                 continue;
             }
         };
-        writing.catch_up();
-        if let Err(e) = writing.sink.send(Message::text(to_json(&frame))).await {
-            live.record_error(format!("send:{}", error_kind(&e)));
+        if let Err(e) = writing.send(&frame).await {
+            sockets
+                .lock()
+                .unwrap()
+                .write_failed(writing.session, &live, &e);
         }
     }
-    let _ = writing.sink.close().await;
+    let sink = Arc::clone(&writing.sockets.borrow().1);
+    let _ = sink.lock().await.close().await;
     sent
 }
 
@@ -547,15 +871,17 @@ async fn send_scheduled(
             body: stamped_body(scheduled_us, schedule.message_bytes),
         };
         *n += 1;
-        writing.catch_up();
         // Counted before it goes: a write that fails part way may still have reached the
         // gateway, and the log check will say.
         sent.push((key, slot.conversation));
         live.sent.fetch_add(1, Ordering::Relaxed);
-        match writing.sink.send(Message::text(to_json(&frame))).await {
+        match writing.send(&frame).await {
             Ok(()) => sockets.lock().unwrap().sent_on(writing.session, live),
             Err(e) => {
-                live.record_error(format!("send:{}", error_kind(&e)));
+                sockets
+                    .lock()
+                    .unwrap()
+                    .write_failed(writing.session, live, &e);
                 live.abandoned.fetch_add(1, Ordering::Relaxed);
                 // The reader is reconnecting; later sends wait for its new socket (and
                 // count from their scheduled time).
@@ -579,11 +905,17 @@ pub enum RequestId {
     Send { key: SendKey, scheduled_us: u64 },
     /// `c<conversation index>`
     Create { conversation_index: usize },
+    /// `r<round>`: the resume rounds of one socket.
+    Resume { round: u32 },
 }
 
 impl RequestId {
     fn create_id(conversation_index: usize) -> ClientMsgId {
         ClientMsgId::parse(format!("c{conversation_index}")).expect("harness ids are valid")
+    }
+
+    fn resume_id(round: u32) -> ClientMsgId {
+        ClientMsgId::parse(format!("r{round}")).expect("harness ids are valid")
     }
 
     fn send_id(key: SendKey, scheduled_us: u64) -> ClientMsgId {
@@ -600,6 +932,10 @@ impl RequestId {
             Some(RequestId::Send {
                 key: SendKey { slot, n },
                 scheduled_us,
+            })
+        } else if let Some(round) = id.strip_prefix('r') {
+            Some(RequestId::Resume {
+                round: round.parse().ok()?,
             })
         } else {
             let conversation_index = id.strip_prefix('c')?.parse().ok()?;
@@ -645,6 +981,11 @@ mod tests {
             Some(RequestId::Create {
                 conversation_index: 9
             })
+        );
+        let id = RequestId::resume_id(3);
+        assert_eq!(
+            RequestId::parse(id.as_str()),
+            Some(RequestId::Resume { round: 3 })
         );
         assert_eq!(RequestId::parse("ready"), None);
         assert_eq!(RequestId::parse("mx-y"), None);

@@ -3,9 +3,11 @@
 //! acknowledgement is classified by the log; every delivery is explained by a send and by
 //! the log.
 //!
-//! Each connection logs the events it received, in arrival order, split into *sessions*
-//! (one per WebSocket it opened: a client whose socket dies reconnects and starts a new
-//! one). Each send is known by its [`SendKey`], which rides in the client id of the
+//! Each connection (a device) logs the events it received, in arrival order, split into
+//! *sessions* (one per WebSocket it opened: a device whose socket dies reconnects, resumes
+//! and starts a new one). Resume makes its sessions one stream: every event of its
+//! conversations exactly once, live or by resume, with an unbroken `prev` chain across
+//! reconnects. Each send is known by its [`SendKey`], which rides in the client id of the
 //! `message.posted` event, so deliveries and log entries name the send they carry. The
 //! check runs once, after the drain, connection by connection, so it holds one connection's
 //! seen sets at a time.
@@ -61,6 +63,8 @@ pub struct Observed {
     /// The sequence of the conversation's previous event, as the event states it.
     pub prev: u64,
     pub content: Content,
+    /// Delivered by a resume rather than live (always `false` for the log's own events).
+    pub resumed: bool,
 }
 
 /// What became of a send, as its connection saw it.
@@ -85,8 +89,8 @@ pub struct SendRecord {
 /// One connection's deliveries.
 #[derive(Debug, Clone, Default)]
 pub struct ConnRecord {
-    /// Per socket it opened, the events received on it in arrival order. More than one when
-    /// the client reconnected after losing its socket.
+    /// Per socket it opened, the events received on it in arrival order, by its resume and
+    /// then live. More than one when the device reconnected after losing its socket.
     pub sessions: Vec<Vec<Observed>>,
     /// Gave up (never connected, or could not reconnect): left out of the delivery check.
     pub closed: bool,
@@ -120,8 +124,8 @@ pub struct LedgerReport {
     /// Events each member connection should have received (acknowledged, or in the log),
     /// summed over connections.
     pub expected_deliveries: u64,
-    /// An acknowledged message, or an event in the log, that a connection that was up never
-    /// received.
+    /// An acknowledged message, or an event in the log, that a connection never received,
+    /// live or by resume.
     pub lost: u64,
     pub duplicated: u64,
     /// A delivery of an older sequence after a newer one of the same conversation.
@@ -155,8 +159,8 @@ pub struct LedgerReport {
     pub unacknowledged_unclassified: u64,
     /// Connections left out of the delivery check because they gave up.
     pub excluded_connections: u64,
-    /// Connections that lost their socket and reconnected: checked within each socket, and
-    /// for everything after their last reconnection.
+    /// Connections that lost their socket and reconnected (and resumed): checked like the
+    /// others, across their sockets.
     pub reconnected_connections: u64,
     /// The first few problems, for finding them in logs.
     pub examples: Vec<String>,
@@ -329,71 +333,59 @@ pub fn check(input: &LedgerInput) -> LedgerReport {
         if record.sessions.len() > 1 {
             report.reconnected_connections += 1;
         }
-        let mut last_session: HashMap<ConvIndex, HashSet<u64>> = HashMap::new();
-        for (session, deliveries) in record.sessions.iter().enumerate() {
-            // A reconnected socket starts wherever the conversation is: without resume, the
-            // events of the time away are not expected.
-            let start = if session == 0 { Some(0) } else { None };
-            let mut seen: HashMap<ConvIndex, (Option<u64>, HashSet<u64>)> = HashMap::new();
-            for d in deliveries {
-                let Some(conv) = d.conversation else {
-                    report.unknown_conversation += 1;
-                    report.note(|| {
-                        format!(
-                            "connection {conn}: seq {} of a conversation this run did not create",
-                            d.seq
-                        )
-                    });
-                    continue;
-                };
-                check_explained(conn, conv, d, &sent, &acked_by_key, &log, &mut report);
-                let (newest, set) = seen.entry(conv).or_insert((start, HashSet::new()));
-                if !set.insert(d.seq) {
-                    report.duplicated += 1;
-                    report.note(|| format!("connection {conn}: seq {} delivered again", d.seq));
-                    continue;
-                }
-                match *newest {
-                    Some(n) if d.seq < n => {
-                        report.out_of_order += 1;
-                        report.note(|| format!("connection {conn}: seq {} after {n}", d.seq));
-                        continue;
-                    }
-                    Some(n) if d.prev > n => {
-                        report.gaps += 1;
-                        report.note(|| {
-                            format!(
-                                "connection {conn}: seq {} has prev {} but the last one seen was {n}",
-                                d.seq, d.prev
-                            )
-                        });
-                    }
-                    Some(n) if d.prev < n => {
-                        report.forks += 1;
-                        report.note(|| {
-                            format!(
-                                "connection {conn}: seq {} has prev {}, older than {n} already seen (a fork)",
-                                d.seq, d.prev
-                            )
-                        });
-                    }
-                    _ => {}
-                }
-                *newest = Some(d.seq);
-            }
-            last_session = seen.into_iter().map(|(c, (_, set))| (c, set)).collect();
-        }
-        // The last socket stayed up until the end: it must have everything from the first
-        // event it saw of each conversation (from the creation for a socket never lost).
-        let whole = record.sessions.len() <= 1;
-        for &conv in &conversations_of[conn] {
-            let got = last_session.get(&conv);
-            let from = match (whole, got.and_then(|set| set.iter().min())) {
-                (true, _) => 0,
-                (false, Some(&first)) => first,
-                (false, None) => continue,
+        // A device resumes where it stood on its last socket, so its sockets' deliveries
+        // form one stream per conversation, from the creation on.
+        let mut seen: HashMap<ConvIndex, (u64, HashSet<u64>)> = HashMap::new();
+        for d in record.sessions.iter().flatten() {
+            let Some(conv) = d.conversation else {
+                report.unknown_conversation += 1;
+                report.note(|| {
+                    format!(
+                        "connection {conn}: seq {} of a conversation this run did not create",
+                        d.seq
+                    )
+                });
+                continue;
             };
-            for seq in expected[conv as usize].iter().filter(|&&s| s >= from) {
+            check_explained(conn, conv, d, &sent, &acked_by_key, &log, &mut report);
+            let path = if d.resumed { "by resume" } else { "live" };
+            let (newest, set) = seen.entry(conv).or_insert((0, HashSet::new()));
+            let n = *newest;
+            if !set.insert(d.seq) {
+                report.duplicated += 1;
+                report
+                    .note(|| format!("connection {conn}: seq {} delivered again ({path})", d.seq));
+                continue;
+            }
+            if d.seq < n {
+                report.out_of_order += 1;
+                report.note(|| format!("connection {conn}: seq {} after {n} ({path})", d.seq));
+                continue;
+            }
+            if d.prev > n {
+                report.gaps += 1;
+                report.note(|| {
+                    format!(
+                        "connection {conn}: seq {} ({path}) has prev {} but the last one seen was {n}",
+                        d.seq, d.prev
+                    )
+                });
+            } else if d.prev < n {
+                report.forks += 1;
+                report.note(|| {
+                    format!(
+                        "connection {conn}: seq {} ({path}) has prev {}, older than {n} already seen (a fork)",
+                        d.seq, d.prev
+                    )
+                });
+            }
+            *newest = d.seq;
+        }
+        // Everything of its conversations, whether its sockets stayed up or not: the run
+        // brings every device back and resumes it before the check.
+        for &conv in &conversations_of[conn] {
+            let got = seen.get(&conv).map(|(_, set)| set);
+            for seq in &expected[conv as usize] {
                 report.expected_deliveries += 1;
                 if !got.is_some_and(|set| set.contains(seq)) {
                     report.lost += 1;
@@ -470,6 +462,7 @@ mod tests {
             seq,
             prev: 0,
             content: Content::Created,
+            resumed: false,
         }
     }
 
@@ -479,6 +472,7 @@ mod tests {
             seq,
             prev,
             content: Content::Message(key(conversation, n)),
+            resumed: false,
         }
     }
 
@@ -682,27 +676,66 @@ mod tests {
         assert_eq!(report.expected_deliveries, 4);
     }
 
+    fn resumed(o: Observed) -> Observed {
+        Observed { resumed: true, ..o }
+    }
+
     #[test]
-    fn a_reconnected_connection_is_checked_within_each_socket_and_after_the_last() {
-        // Lost its socket after 3, reconnected: 7 (sent while it was away) is not expected,
-        // and the new socket starts its chain at 9.
+    fn a_clean_reconnect_passes() {
+        // Lost its socket after 3; the new socket's resume brought 7, then 9 came live.
         let mut run = input(vec![]);
-        run.connections[1].sessions =
-            vec![vec![created(0, 1), msg(0, 3, 1, 0)], vec![msg(0, 9, 7, 2)]];
+        run.connections[1].sessions = vec![
+            vec![created(0, 1), msg(0, 3, 1, 0)],
+            vec![resumed(msg(0, 7, 3, 1)), msg(0, 9, 7, 2)],
+        ];
         let report = check(&run);
         assert!(report.clean(), "{report:?}");
         assert_eq!(report.reconnected_connections, 1);
-        assert_eq!(report.expected_deliveries, 4 + 1);
+        assert_eq!(report.expected_deliveries, 8);
+        // A resume that needed `more` rounds, across two reconnects, is one stream too.
+        run.connections[1].sessions = vec![
+            vec![created(0, 1)],
+            vec![resumed(msg(0, 3, 1, 0))],
+            vec![resumed(msg(0, 7, 3, 1)), resumed(msg(0, 9, 7, 2))],
+        ];
+        assert!(check(&run).clean());
+    }
 
-        // After the reconnection everything must arrive: here 11 does not.
-        run.sends.push(acked(0, 3, 11));
-        run.log.as_mut().unwrap().events.push(msg(0, 11, 9, 3));
-        run.connections[0].sessions[0].push(msg(0, 11, 9, 3));
+    #[test]
+    fn a_delivery_duplicated_across_live_and_resume_is_flagged() {
+        // 7 arrived live just before the socket died; the resume sent it again.
+        let mut run = input(vec![]);
+        run.connections[1].sessions = vec![
+            vec![created(0, 1), msg(0, 3, 1, 0), msg(0, 7, 3, 1)],
+            vec![resumed(msg(0, 7, 3, 1)), msg(0, 9, 7, 2)],
+        ];
+        let report = check(&run);
+        assert_eq!(report.duplicated, 1, "{report:?}");
+        assert!(report.examples[0].contains("by resume"), "{report:?}");
+        assert!(!report.clean());
+    }
+
+    #[test]
+    fn a_delivery_the_resume_missed_is_lost_and_breaks_the_chain() {
+        // The resume started after 7 although the device had only 3.
+        let mut run = input(vec![]);
+        run.connections[1].sessions = vec![
+            vec![created(0, 1), msg(0, 3, 1, 0)],
+            vec![resumed(msg(0, 9, 7, 2))],
+        ];
         let report = check(&run);
         assert_eq!(report.lost, 1, "{report:?}");
-        // A gap within the new socket is still a gap.
-        run.connections[1].sessions[1] = vec![msg(0, 7, 3, 1), msg(0, 11, 9, 3)];
-        let report = check(&run);
         assert_eq!(report.gaps, 1, "{report:?}");
+        assert!(!report.clean());
+    }
+
+    #[test]
+    fn a_device_still_away_at_the_end_is_not_excused() {
+        // Its last socket never opened (the run ended while it was reconnecting).
+        let mut run = input(vec![]);
+        run.connections[1].sessions = vec![vec![created(0, 1), msg(0, 3, 1, 0)], vec![]];
+        let report = check(&run);
+        assert_eq!(report.lost, 2, "7 and 9: {report:?}");
+        assert!(!report.clean());
     }
 }

@@ -44,6 +44,16 @@ pub struct Live {
     pub reconnects: AtomicU64,
     /// Sends that went out on a socket that died before answering them: they never will be.
     pub abandoned: AtomicU64,
+    /// Devices between losing a socket and having resumed on a new one.
+    pub down: AtomicU64,
+    /// `resume` frames sent, rounds that followed a `more`, and events a resume delivered
+    /// (also counted in `delivered`).
+    pub resume_frames: AtomicU64,
+    pub more_rounds: AtomicU64,
+    pub resumed_events: AtomicU64,
+    /// Sockets the run told their devices to drop, with a close frame or without.
+    pub drops_clean: AtomicU64,
+    pub drops_abrupt: AtomicU64,
     /// Set when senders must stop early (a failed ramp step, Ctrl-C).
     pub stop_sending: AtomicBool,
     interval: Mutex<Window>,
@@ -67,6 +77,12 @@ impl Live {
             connect_failed: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
             abandoned: AtomicU64::new(0),
+            down: AtomicU64::new(0),
+            resume_frames: AtomicU64::new(0),
+            more_rounds: AtomicU64::new(0),
+            resumed_events: AtomicU64::new(0),
+            drops_clean: AtomicU64::new(0),
+            drops_abrupt: AtomicU64::new(0),
             stop_sending: AtomicBool::new(false),
             interval: Mutex::new(Window::default()),
             measured: Mutex::new(Window::default()),

@@ -125,6 +125,7 @@ impl LogReader {
                         seq,
                         prev: envelope.prev,
                         content: Content::of(&envelope.event),
+                        resumed: false,
                     });
                 }
                 if seq >= last {

@@ -149,20 +149,27 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let (baselines, durability) =
                 run::baselines(nats_url, durability.into(), message_bytes).await?;
             println!("Durability: {durability}");
-            for t in [&baselines.jetstream, &baselines.websocket_echo]
-                .into_iter()
-                .flatten()
+            for t in [
+                &baselines.jetstream,
+                &baselines.jetstream_consume,
+                &baselines.websocket_echo,
+            ]
+            .into_iter()
+            .flatten()
             {
-                println!(
-                    "{}: {:.0}/s; latency ms p50 {:.2} p90 {:.2} p99 {:.2} p99.9 {:.2} max {:.2}",
-                    t.what,
-                    t.per_sec,
-                    t.latency.p50_ms,
-                    t.latency.p90_ms,
-                    t.latency.p99_ms,
-                    t.latency.p999_ms,
-                    t.latency.max_ms
-                );
+                let latency = if t.latency.count == 0 {
+                    String::new()
+                } else {
+                    format!(
+                        "; latency ms p50 {:.2} p90 {:.2} p99 {:.2} p99.9 {:.2} max {:.2}",
+                        t.latency.p50_ms,
+                        t.latency.p90_ms,
+                        t.latency.p99_ms,
+                        t.latency.p999_ms,
+                        t.latency.max_ms
+                    )
+                };
+                println!("{}: {:.0}/s{latency}", t.what, t.per_sec);
             }
             Ok(ExitCode::SUCCESS)
         }

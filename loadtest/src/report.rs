@@ -36,6 +36,9 @@ pub struct Report {
     /// Per fault of the plan, the interruption it caused.
     #[serde(default)]
     pub faults: Vec<FaultFigures>,
+    /// Drops, reconnects and resumes.
+    #[serde(default)]
+    pub resume: ResumeFigures,
     pub baselines: Option<Baselines>,
     pub ratios: Option<Ratios>,
     pub marks: Marks,
@@ -132,6 +135,60 @@ pub struct Ratios {
     pub delivery_p99_vs_jetstream_ack_p99: Option<f64>,
     /// p99 send -> ack over the WebSocket echo round-trip p99.
     pub ack_p99_vs_websocket_echo_p99: Option<f64>,
+}
+
+/// How often devices lost their sockets, came back and resumed.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ResumeFigures {
+    /// Sockets the run dropped: with a close frame, and by cutting the TCP connection.
+    pub drops_clean: u64,
+    pub drops_abrupt: u64,
+    /// Connections that reconnected at least once, and their share of those connected.
+    pub reconnected_connections: u64,
+    pub reconnected_fraction: f64,
+    /// `resume` frames sent (one per socket opened, plus the `more` rounds), the rounds that
+    /// followed a `more`, and the events the resumes delivered.
+    pub resume_frames: u64,
+    pub more_rounds: u64,
+    pub resumed_events: u64,
+    pub outage: Option<OutageFigures>,
+}
+
+/// The devices an outage dropped, resuming together once it ended.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct OutageFigures {
+    pub devices: u64,
+    /// Events their resumes delivered.
+    pub events: u64,
+    /// From the first of their resumes starting to the last one ending.
+    pub secs: f64,
+    pub events_per_sec: f64,
+    /// `events_per_sec` over the raw JetStream consume baseline of the same run.
+    pub vs_jetstream_consume: Option<f64>,
+}
+
+impl OutageFigures {
+    /// From every `(start_us, end_us, events)` of the outage's resumes.
+    pub fn of(resumes: &[(u64, u64, u64)], consume_per_sec: Option<f64>) -> Option<OutageFigures> {
+        let start = resumes.iter().map(|r| r.0).min()?;
+        let end = resumes.iter().map(|r| r.1).max()?;
+        let events: u64 = resumes.iter().map(|r| r.2).sum();
+        let secs = end.saturating_sub(start) as f64 / 1e6;
+        let events_per_sec = if secs > 0.0 {
+            events as f64 / secs
+        } else {
+            0.0
+        };
+        Some(OutageFigures {
+            devices: resumes.len() as u64,
+            events,
+            secs,
+            events_per_sec,
+            vs_jetstream_consume: consume_per_sec
+                .filter(|&c| c > 0.0 && events_per_sec > 0.0)
+                .map(|c| events_per_sec / c),
+        })
+    }
 }
 
 /// What the run did for one fault, in microseconds since the run's origin.
@@ -434,7 +491,10 @@ pub fn render_table(report: &Report) -> String {
     }
     if let Some(b) = &report.baselines {
         let _ = writeln!(out);
-        for t in [&b.jetstream, &b.websocket_echo].into_iter().flatten() {
+        for t in [&b.jetstream, &b.jetstream_consume, &b.websocket_echo]
+            .into_iter()
+            .flatten()
+        {
             let _ = writeln!(out, "Baseline: {} = {:.0}/s", t.what, t.per_sec);
         }
     }
@@ -450,6 +510,34 @@ pub fn render_table(report: &Report) -> String {
             show(r.messages_vs_jetstream_publish),
             show(r.delivery_p99_vs_jetstream_ack_p99),
             show(r.ack_p99_vs_websocket_echo_p99)
+        );
+    }
+    let r = &report.resume;
+    if r.reconnected_connections > 0 || r.drops_clean + r.drops_abrupt > 0 {
+        let _ = writeln!(
+            out,
+            "Reconnects: {} drops ({} clean, {} cut), {} connections reconnected ({:.0} %); {} resume frames, {} more rounds, {} events resumed",
+            r.drops_clean + r.drops_abrupt,
+            r.drops_clean,
+            r.drops_abrupt,
+            r.reconnected_connections,
+            r.reconnected_fraction * 100.0,
+            r.resume_frames,
+            r.more_rounds,
+            r.resumed_events
+        );
+    }
+    if let Some(o) = &r.outage {
+        let _ = writeln!(
+            out,
+            "Outage: {} devices resumed {} events in {:.2} s = {:.0} events/s{}",
+            o.devices,
+            o.events,
+            o.secs,
+            o.events_per_sec,
+            o.vs_jetstream_consume
+                .map(|v| format!(" = {v:.3} x raw JetStream consume"))
+                .unwrap_or_default()
         );
     }
     if !report.errors.is_empty() {
@@ -528,7 +616,7 @@ pub fn render_table(report: &Report) -> String {
     if l.excluded_connections + l.reconnected_connections > 0 {
         let _ = writeln!(
             out,
-            "  {} connections left out (gave up), {} reconnected (checked per socket and after the last reconnection)",
+            "  {} connections left out (gave up), {} reconnected (and resumed: checked across their sockets)",
             l.excluded_connections, l.reconnected_connections
         );
     }
@@ -620,6 +708,7 @@ pub(crate) mod tests {
             gateway_rss_per_connection_bytes: Some(10240.0),
             ramp: None,
             faults: Vec::new(),
+            resume: ResumeFigures::default(),
             baselines: None,
             ratios: None,
             marks: Marks::default(),
@@ -671,6 +760,7 @@ pub(crate) mod tests {
                     ..Summary::default()
                 },
             }),
+            jetstream_consume: None,
             websocket_echo: None,
         };
         let latency = Latencies {
@@ -766,5 +856,25 @@ pub(crate) mod tests {
             "{table}"
         );
         assert!(table.contains("seq 9 never arrived"), "{table}");
+    }
+
+    #[test]
+    fn an_outage_resume_rate_spans_its_first_start_to_its_last_end() {
+        assert_eq!(OutageFigures::of(&[], Some(1.0)), None);
+        // Three devices resume 600 events between 1.0 s and 1.5 s.
+        let o = OutageFigures::of(
+            &[
+                (1_000_000, 1_200_000, 200),
+                (1_100_000, 1_500_000, 300),
+                (1_050_000, 1_100_000, 100),
+            ],
+            Some(2400.0),
+        )
+        .unwrap();
+        assert_eq!(o.devices, 3);
+        assert_eq!(o.events, 600);
+        assert!((o.secs - 0.5).abs() < 1e-9, "{o:?}");
+        assert!((o.events_per_sec - 1200.0).abs() < 1e-6, "{o:?}");
+        assert_eq!(o.vs_jetstream_consume, Some(0.5));
     }
 }

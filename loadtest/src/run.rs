@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::baseline::{self, Baselines};
-use crate::client::{self, ConnOutcome, Control, Create, SendSlot};
+use crate::client::{self, ConnOutcome, Control, Create, Disconnect, SendSlot};
 use crate::ledger::{
     self, Answer, ConnRecord, ConvIndex, LedgerInput, LogRead, Observed, SendKey, SendRecord,
 };
@@ -28,7 +28,7 @@ use crate::plan::{ConvKind, Plan};
 use crate::platform::{SpawnOptions, SpawnedPlatform};
 use crate::report::{self, Report};
 use crate::resources::{Machine, Sampler};
-use crate::scenario::{Durability, Fault, FaultRole, Scenario};
+use crate::scenario::{Durability, Fault, FaultRole, Reconnects, Scenario};
 use crate::{LoadtestError, chart, unix_secs};
 
 /// The gateway's default frame limit: derived from the default `limits.max_message_bytes`
@@ -210,23 +210,34 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
         .iter()
         .map(|user| auth::mint(&secret, user, unix_secs(), token_ttl))
         .collect();
+    let backoff = client::Backoff {
+        base: Duration::from_millis(scenario.reconnects.backoff_base_ms),
+        cap: Duration::from_millis(scenario.reconnects.backoff_cap_ms),
+    };
     let mut controls = Vec::with_capacity(plan.connections.len());
+    let mut disconnects = Vec::with_capacity(plan.connections.len());
     let mut tasks = Vec::with_capacity(plan.connections.len());
     for (i, conn) in plan.connections.iter().enumerate() {
         let (tx, rx) = mpsc::channel(16);
         controls.push(tx);
+        let (disconnect_tx, disconnect_rx) = mpsc::channel(1);
+        disconnects.push(disconnect_tx);
         let urls: Arc<[String]> = gateways
             .iter()
-            .map(|gateway| format!("{gateway}?access_token={}", tokens[conn.user]))
+            .map(|gateway| format!("{gateway}?protocol=2&access_token={}", tokens[conn.user]))
             .collect();
-        let connect_at = live.origin + Duration::from_secs_f64(i as f64 / scenario.connect_rate);
-        tasks.push(tokio::spawn(client::run(
-            Arc::clone(&live),
+        let device = client::Device {
+            live: Arc::clone(&live),
             urls,
-            conn.gateway,
-            connect_at,
+            first: conn.gateway,
+            connect_at: live.origin + Duration::from_secs_f64(i as f64 / scenario.connect_rate),
+            backoff,
+        };
+        tasks.push(tokio::spawn(client::run(
+            device,
             rx,
             created_tx.clone(),
+            disconnect_rx,
             finish.clone(),
         )));
     }
@@ -298,6 +309,10 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
                 share: slot.share,
             });
     }
+    // Connections that only receive: an outage drops them.
+    let silent: Vec<usize> = (0..plan.connections.len())
+        .filter(|conn| !slots_by_conn.contains_key(conn))
+        .collect();
     for (conn, slots) in slots_by_conn {
         let _ = controls[conn]
             .send(Control::Start {
@@ -326,6 +341,13 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
             .collect(),
         None => Vec::new(),
     };
+    let churn = tokio::spawn(churn(
+        scenario.reconnects.clone(),
+        disconnects.clone(),
+        silent,
+        sending_start,
+        sending_end,
+    ));
     *phase.lock().unwrap() = if scenario.warmup_secs > 0.0 {
         "warming up"
     } else {
@@ -345,6 +367,7 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
     };
     let sending_end_secs = secs_since(&live, Instant::now().min(sending_end));
     live.stop_sending.store(true, Ordering::Relaxed);
+    churn.abort();
 
     *phase.lock().unwrap() = "draining";
     drain(&live).await;
@@ -374,6 +397,7 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
     };
     finish.cancel();
     drop(controls);
+    drop(disconnects);
     let mut outcomes = Vec::with_capacity(tasks.len());
     for task in tasks {
         outcomes.push(task.await.unwrap_or_else(|_| {
@@ -442,6 +466,7 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
         &acks_us,
         live.micros_since_origin(sending_end),
     );
+    let resume = resume_figures(&live, &ledger, &outcomes, baselines.as_ref());
     let report = Report {
         environment: report::Environment {
             machine: Machine::describe(),
@@ -477,6 +502,7 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
         gateway_rss_per_connection_bytes: gateway_rss_per_connection,
         ramp,
         faults,
+        resume,
         baselines,
         ratios,
         marks,
@@ -514,16 +540,21 @@ async fn measure_baselines(
     nats_url: Option<&str>,
     message_bytes: usize,
 ) -> Result<Baselines, LoadtestError> {
-    let jetstream = match nats_url {
-        Some(url) => Some(baseline::jetstream(url, message_bytes, BASELINE_TIME).await?),
+    let (jetstream, jetstream_consume) = match nats_url {
+        Some(url) => {
+            let (published, consumed) =
+                baseline::jetstream(url, message_bytes, BASELINE_TIME).await?;
+            (Some(published), Some(consumed))
+        }
         None => {
             eprintln!("note: no NATS URL (--nats-url), so no JetStream baseline");
-            None
+            (None, None)
         }
     };
     let websocket_echo = Some(baseline::websocket_echo(message_bytes, BASELINE_TIME).await?);
     Ok(Baselines {
         jetstream,
+        jetstream_consume,
         websocket_echo,
     })
 }
@@ -663,7 +694,86 @@ async fn run_ramp(
     figures
 }
 
-/// Wait until every send has its answer and deliveries have stopped arriving for a second.
+/// Drop sockets while sending: random connections at `drops_per_sec` (Poisson arrivals),
+/// and, for an outage, every silent connection at once.
+async fn churn(
+    reconnects: Reconnects,
+    disconnects: Vec<mpsc::Sender<Disconnect>>,
+    silent: Vec<usize>,
+    sending_start: Instant,
+    sending_end: Instant,
+) {
+    let outage = reconnects.outage.map(|outage| async move {
+        tokio::time::sleep_until((sending_start + Duration::from_secs_f64(outage.at_secs)).into())
+            .await;
+        outage
+    });
+    let outage = async {
+        if let Some(outage) = outage {
+            let outage = outage.await;
+            for &conn in &silent {
+                let _ = disconnects[conn].try_send(Disconnect {
+                    clean: false,
+                    down: Duration::from_secs_f64(outage.down_secs),
+                });
+            }
+        }
+    };
+    let random = async {
+        if reconnects.drops_per_sec <= 0.0 || disconnects.is_empty() {
+            return;
+        }
+        tokio::time::sleep_until(sending_start.into()).await;
+        loop {
+            // Exponential gaps between drops: a Poisson process.
+            let gap = -(1.0 - fastrand::f64()).ln() / reconnects.drops_per_sec;
+            tokio::time::sleep(Duration::from_secs_f64(gap)).await;
+            if Instant::now() >= sending_end {
+                return;
+            }
+            let _ = disconnects[fastrand::usize(..disconnects.len())].try_send(Disconnect {
+                clean: fastrand::f64() < reconnects.clean_ratio,
+                down: Duration::ZERO,
+            });
+        }
+    };
+    tokio::join!(outage, random);
+}
+
+fn resume_figures(
+    live: &Live,
+    ledger: &ledger::LedgerReport,
+    outcomes: &[ConnOutcome],
+    baselines: Option<&Baselines>,
+) -> report::ResumeFigures {
+    let connected = live.connected.load(Ordering::Relaxed);
+    let outage: Vec<(u64, u64, u64)> = outcomes
+        .iter()
+        .flat_map(|o| &o.resumes)
+        .filter(|r| r.after_outage)
+        .map(|r| (r.start_us, r.end_us, r.events))
+        .collect();
+    let consume = baselines
+        .and_then(|b| b.jetstream_consume.as_ref())
+        .map(|c| c.per_sec);
+    report::ResumeFigures {
+        drops_clean: live.drops_clean.load(Ordering::Relaxed),
+        drops_abrupt: live.drops_abrupt.load(Ordering::Relaxed),
+        reconnected_connections: ledger.reconnected_connections,
+        reconnected_fraction: if connected > 0 {
+            ledger.reconnected_connections as f64 / connected as f64
+        } else {
+            0.0
+        },
+        resume_frames: live.resume_frames.load(Ordering::Relaxed),
+        more_rounds: live.more_rounds.load(Ordering::Relaxed),
+        resumed_events: live.resumed_events.load(Ordering::Relaxed),
+        outage: report::OutageFigures::of(&outage, consume),
+    }
+}
+
+/// Wait until every device that lost its socket is back and resumed, every send has its
+/// answer, and deliveries have stopped arriving for a second.
 async fn drain(live: &Live) {
     let deadline = Instant::now() + DRAIN_TIMEOUT;
     let mut last = live.delivered.load(Ordering::Relaxed);
@@ -679,6 +789,7 @@ async fn drain(live: &Live) {
             + live.send_errors.load(Ordering::Relaxed)
             + live.abandoned.load(Ordering::Relaxed);
         if answered >= live.sent.load(Ordering::Relaxed)
+            && live.down.load(Ordering::Relaxed) == 0
             && quiet_since.elapsed() >= Duration::from_secs(1)
         {
             return;
@@ -731,6 +842,7 @@ fn ledger_input(
                                 seq: r.seq,
                                 prev: r.prev,
                                 content: r.content,
+                                resumed: r.resumed,
                             })
                             .collect()
                     })

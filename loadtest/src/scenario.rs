@@ -84,6 +84,54 @@ pub struct Scenario {
     /// `--spawn` only: processes to kill (SIGKILL) and restart during the run.
     #[serde(default)]
     pub faults: Vec<Fault>,
+    /// Devices dropping their sockets during sending, and how every lost socket comes back.
+    #[serde(default)]
+    pub reconnects: Reconnects,
+}
+
+/// Sockets the run drops on purpose while sending, and the backoff of every reconnect.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reconnects {
+    /// Drops per second across the system, each of a connection picked at random (Poisson
+    /// arrivals), while sending.
+    #[serde(default)]
+    pub drops_per_sec: f64,
+    /// The fraction of drops that close with a close frame; the others cut the TCP
+    /// connection without one.
+    #[serde(default = "default_clean_ratio")]
+    pub clean_ratio: f64,
+    /// Before reconnect attempt `n` a device waits a random time up to
+    /// `min(backoff_cap_ms, backoff_base_ms * 2^n)` (full jitter).
+    #[serde(default = "default_backoff_base_ms")]
+    pub backoff_base_ms: u64,
+    #[serde(default = "default_backoff_cap_ms")]
+    pub backoff_cap_ms: u64,
+    /// Every connection without a send slot drops at once and stays away, then all come
+    /// back and resume together: the resume cost figure.
+    #[serde(default)]
+    pub outage: Option<Outage>,
+}
+
+impl Default for Reconnects {
+    fn default() -> Reconnects {
+        Reconnects {
+            drops_per_sec: 0.0,
+            clean_ratio: default_clean_ratio(),
+            backoff_base_ms: default_backoff_base_ms(),
+            backoff_cap_ms: default_backoff_cap_ms(),
+            outage: None,
+        }
+    }
+}
+
+/// `at_secs` after sending starts, the silent connections drop (without a close frame) and
+/// reconnect `down_secs` later.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Outage {
+    pub at_secs: f64,
+    pub down_secs: f64,
 }
 
 /// A process of a spawned platform that a fault kills.
@@ -261,6 +309,15 @@ fn default_min_acked_ratio() -> f64 {
 }
 fn default_down_secs() -> f64 {
     2.0
+}
+fn default_clean_ratio() -> f64 {
+    0.25
+}
+fn default_backoff_base_ms() -> u64 {
+    100
+}
+fn default_backoff_cap_ms() -> u64 {
+    1000
 }
 
 /// Flag values that replace the file's.
@@ -486,6 +543,31 @@ impl Scenario {
                 _ => {}
             }
         }
+        let r = &self.reconnects;
+        check(
+            r.drops_per_sec.is_finite() && r.drops_per_sec >= 0.0,
+            "reconnects.drops_per_sec must be zero or more",
+        );
+        check(
+            (0.0..=1.0).contains(&r.clean_ratio),
+            "reconnects.clean_ratio must be between 0 and 1",
+        );
+        check(
+            r.backoff_base_ms >= 1 && r.backoff_cap_ms >= r.backoff_base_ms,
+            "reconnects.backoff_base_ms must be at least 1 and backoff_cap_ms at least that",
+        );
+        if let Some(outage) = &r.outage {
+            check(
+                outage.at_secs.is_finite() && (0.0..sending).contains(&outage.at_secs),
+                &format!(
+                    "reconnects.outage.at_secs must be within the sending time (0 to {sending} s)"
+                ),
+            );
+            check(
+                outage.down_secs.is_finite() && outage.down_secs > 0.0,
+                "reconnects.outage.down_secs must be positive",
+            );
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -683,6 +765,26 @@ mod tests {
                 ..Overrides::default()
             });
         assert!(matches!(bad, Err(ScenarioError::Invalid { .. })));
+    }
+
+    #[test]
+    fn reconnects_have_defaults_and_are_checked() {
+        let s = Scenario::parse(DM, "t").unwrap();
+        assert_eq!(s.reconnects, Reconnects::default());
+        assert_eq!(s.reconnects.backoff_cap_ms, 1000);
+        let text = format!(
+            "{DM}\n[reconnects]\ndrops_per_sec = -1\nclean_ratio = 2\nbackoff_base_ms = 500\nbackoff_cap_ms = 100\noutage = {{ at_secs = 20, down_secs = 0 }}\n"
+        );
+        let p = problems(&text);
+        for field in [
+            "drops_per_sec",
+            "clean_ratio",
+            "backoff_cap_ms",
+            "outage.at_secs",
+            "outage.down_secs",
+        ] {
+            assert!(p.iter().any(|p| p.contains(field)), "{field}: {p:?}");
+        }
     }
 
     #[test]

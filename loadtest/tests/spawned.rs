@@ -1,5 +1,5 @@
-//! A short run against a platform the harness starts itself: real nats-server, redis-server
-//! and `parley` role processes. Asserts a clean ledger, never a latency.
+//! Short runs against a platform the harness starts itself: real nats-server, redis-server
+//! and `parley` role processes. Assert a clean ledger, never a latency.
 
 mod support;
 
@@ -116,4 +116,44 @@ async fn a_run_on_a_three_node_cluster_is_clean_and_says_r3() {
             report.processes
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_dropped_at_random_and_in_an_outage_resume_everything() {
+    let (outcome, _out) = spawned_run(
+        r#"
+        name = "e2e-reconnects"
+        users = 30
+        duration_secs = 8
+        message_bytes = 64
+        durability = "lazy"
+        [conversations]
+        direct_pairs = 10
+        groups = [{ size = 10, count = 1, senders = 2 }]
+        [rate]
+        messages_per_sec = 120
+        [reconnects]
+        drops_per_sec = 3
+        clean_ratio = 0.5
+        backoff_base_ms = 50
+        backoff_cap_ms = 500
+        outage = { at_secs = 2, down_secs = 3 }
+        "#,
+        "e2e-reconnects",
+    )
+    .await;
+    let report = &outcome.report;
+    assert!(report.passed, "ledger: {:?}", report.ledger);
+    let resume = &report.resume;
+    // The silent members of the group (8, less any that were away when it began).
+    let outage = resume.outage.as_ref().expect("the outage's resumes");
+    assert!((1..=8).contains(&outage.devices), "{resume:?}");
+    assert!(outage.events > 0, "{resume:?}");
+    assert!(
+        resume.drops_clean > 0 && resume.drops_abrupt > 0,
+        "{resume:?}"
+    );
+    assert!(resume.reconnected_fraction >= 0.2, "{resume:?}");
+    assert!(resume.resumed_events >= outage.events, "{resume:?}");
+    assert_eq!(report.ledger.excluded_connections, 0, "{:?}", report.ledger);
 }
