@@ -9,6 +9,8 @@ use serde_json::Value;
 use crate::error::ErrorCode;
 use crate::event::{ConversationKind, RecordedEvent, Role};
 use crate::ids::{ClientMsgId, ConversationId, EventId, UserId};
+use crate::presence::UserStatus;
+use crate::typing::{TypingNotice, TypingState};
 
 /// Newest version of the protocol described here. A client asks for it at the upgrade
 /// (`?protocol=2`); without asking it gets [`OLDEST_PROTOCOL_VERSION`], so clients written
@@ -99,16 +101,36 @@ pub enum ClientFrame {
         #[serde(default)]
         id: Option<ClientMsgId>,
     },
+    /// (v2) The sender started or stopped typing in `conversation`. Not answered; `id` only
+    /// names the request in an `error`.
+    Typing {
+        #[serde(default)]
+        id: Option<ClientMsgId>,
+        conversation: ConversationId,
+        state: TypingState,
+    },
+    /// (v2) The current presence of `users`, and their changes from now on.
+    Presence { id: ClientMsgId, users: Vec<UserId> },
+    /// (v2) Stop the changes of `users`. Not answered; `id` only names the request in an
+    /// `error`.
+    PresenceUnsubscribe {
+        #[serde(default)]
+        id: Option<ClientMsgId>,
+        users: Vec<UserId>,
+    },
 }
 
 /// The `type` names [`ClientFrame`] accepts.
-pub const CLIENT_FRAME_TYPES: [&str; 6] = [
+pub const CLIENT_FRAME_TYPES: [&str; 9] = [
     "send",
     "create_direct",
     "create_group",
     "history",
     "conversations",
     "ping",
+    "typing",
+    "presence",
+    "presence_unsubscribe",
 ];
 
 /// Why a text frame is not a [`ClientFrame`].
@@ -144,6 +166,47 @@ impl FrameError {
 }
 
 impl ClientFrame {
+    /// The first protocol version with this frame; a socket speaking an older one treats
+    /// it as an unknown type.
+    pub fn since_protocol(&self) -> u32 {
+        match self {
+            ClientFrame::Typing { .. }
+            | ClientFrame::Presence { .. }
+            | ClientFrame::PresenceUnsubscribe { .. } => 2,
+            _ => 1,
+        }
+    }
+
+    /// The frame's `type` name, as on the wire.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            ClientFrame::Send { .. } => "send",
+            ClientFrame::CreateDirect { .. } => "create_direct",
+            ClientFrame::CreateGroup { .. } => "create_group",
+            ClientFrame::History { .. } => "history",
+            ClientFrame::Conversations { .. } => "conversations",
+            ClientFrame::Ping { .. } => "ping",
+            ClientFrame::Typing { .. } => "typing",
+            ClientFrame::Presence { .. } => "presence",
+            ClientFrame::PresenceUnsubscribe { .. } => "presence_unsubscribe",
+        }
+    }
+
+    /// The request `id`, when the frame has one.
+    pub fn request_id(&self) -> Option<&ClientMsgId> {
+        match self {
+            ClientFrame::Send { id, .. }
+            | ClientFrame::CreateDirect { id, .. }
+            | ClientFrame::CreateGroup { id, .. }
+            | ClientFrame::History { id, .. }
+            | ClientFrame::Conversations { id, .. }
+            | ClientFrame::Presence { id, .. } => Some(id),
+            ClientFrame::Ping { id }
+            | ClientFrame::Typing { id, .. }
+            | ClientFrame::PresenceUnsubscribe { id, .. } => id.as_ref(),
+        }
+    }
+
     /// Parse a text frame, telling malformed JSON, unknown types and invalid fields apart.
     pub fn parse(text: &str) -> Result<Self, FrameError> {
         let value: Value =
@@ -220,6 +283,18 @@ pub enum ServerFrame {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<ClientMsgId>,
     },
+    /// (v2) Another member started or stopped typing.
+    Typing(TypingNotice),
+    /// (v2) The answer to a `presence` request.
+    Presence {
+        id: ClientMsgId,
+        users: Vec<UserStatus>,
+        /// Users asked for who share no conversation with the requester: not watched.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        not_visible: Vec<UserId>,
+    },
+    /// (v2) A watched user came online or went offline.
+    PresenceChanged(UserStatus),
 }
 
 /// One of the user's conversations in a `conversations` reply.
@@ -336,6 +411,56 @@ mod tests {
                 "{frame_type} is declared but not parsed"
             );
         }
+    }
+
+    #[test]
+    fn version_2_frames_say_so() {
+        let conversation = ConversationId::from_uuid(uuid::Uuid::nil());
+        let typing = ClientFrame::parse(&format!(
+            r#"{{"type":"typing","conversation":"{conversation}","state":"started"}}"#
+        ))
+        .unwrap();
+        assert_eq!((typing.since_protocol(), typing.request_id()), (2, None));
+        let presence =
+            ClientFrame::parse(r#"{"type":"presence","id":"p1","users":["bob"]}"#).unwrap();
+        assert_eq!(presence.since_protocol(), 2);
+        assert_eq!(presence.request_id().map(|id| id.as_str()), Some("p1"));
+        assert_eq!(presence.type_name(), "presence");
+        let ping = ClientFrame::parse(r#"{"type":"ping"}"#).unwrap();
+        assert_eq!(ping.since_protocol(), 1);
+        for frame_type in CLIENT_FRAME_TYPES {
+            let wrong = format!(r#"{{"type":"{frame_type}","id":"x","surprise":1}}"#);
+            let Err(FrameError::Invalid {
+                frame_type: named, ..
+            }) = ClientFrame::parse(&wrong)
+            else {
+                panic!("{wrong} parses");
+            };
+            assert_eq!(named, frame_type);
+        }
+    }
+
+    #[test]
+    fn typing_and_presence_frames_are_flat() {
+        let notice = ServerFrame::Typing(TypingNotice {
+            conversation: ConversationId::from_uuid(uuid::Uuid::nil()),
+            user: UserId::parse("bob").unwrap(),
+            state: TypingState::Started,
+            expires_in_ms: 6000,
+        });
+        assert_eq!(
+            notice.to_json(),
+            r#"{"type":"typing","conversation":"00000000-0000-0000-0000-000000000000","user":"bob","state":"started","expires_in_ms":6000}"#
+        );
+        let changed = ServerFrame::PresenceChanged(UserStatus {
+            user: UserId::parse("bob").unwrap(),
+            online: false,
+            last_seen: Some(7),
+        });
+        assert_eq!(
+            changed.to_json(),
+            r#"{"type":"presence_changed","user":"bob","online":false,"last_seen":7}"#
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //! (at most one heartbeat interval) rebuilds it from live connections.
 
 use parley_events::UserId;
-use parley_events::presence::{ConnectionState, PresenceUpdate};
+use parley_events::presence::{ConnectionState, PresenceUpdate, UserStatus};
 use redis::aio::ConnectionManager;
 use redis::{ConnectionAddr, IntoConnectionInfo};
 
@@ -38,6 +38,31 @@ pub struct UserPresence {
 impl UserPresence {
     pub fn online(&self) -> bool {
         self.connections > 0
+    }
+
+    /// As gateways and clients see it.
+    pub fn of(self, user: UserId) -> UserStatus {
+        UserStatus {
+            user,
+            online: self.online(),
+            last_seen: self.last_seen,
+        }
+    }
+}
+
+/// What recording one update did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recorded {
+    /// Whether the user had a live connection just before the update.
+    pub was_online: bool,
+    /// The user's presence just after it.
+    pub now: UserPresence,
+}
+
+impl Recorded {
+    /// Whether the update brought the user online or took them offline.
+    pub fn changed(&self) -> bool {
+        self.was_online != self.now.online()
     }
 }
 
@@ -110,13 +135,18 @@ impl PresenceStore {
         Ok(PresenceStore { conn })
     }
 
-    /// Record one update. Updates may arrive late or twice; an open record only ever
-    /// extends a connection's expiry, and a close removes it.
-    pub async fn record(&self, update: &PresenceUpdate) -> Result<(), PresenceError> {
+    /// Record one update; whether it brought the user online or offline. Updates may
+    /// arrive late or twice; an open record only ever extends a connection's expiry, and a
+    /// close removes it.
+    ///
+    /// The connections alive at `update.at` are counted before and after, in the same
+    /// transaction as the change, so of several projector instances recording updates of
+    /// one user at once exactly one sees each transition.
+    pub async fn record(&self, update: &PresenceUpdate) -> Result<Recorded, PresenceError> {
         let key = connections_key(&update.user);
         let ttl_ms = u64::from(update.ttl_secs) * 1000;
         let mut pipe = redis::pipe();
-        pipe.atomic();
+        pipe.atomic().zcount(&key, update.at, "+inf");
         match update.state {
             ConnectionState::Open => {
                 let expires = update.at + ttl_ms;
@@ -141,24 +171,51 @@ impl PresenceStore {
             .arg(1)
             .arg(last_seen_key(&update.user))
             .arg(update.at)
-            .ignore();
+            .ignore()
+            .zcount(&key, update.at, "+inf")
+            .get(last_seen_key(&update.user));
         let mut conn = self.conn.clone();
-        pipe.query_async::<()>(&mut conn).await?;
-        Ok(())
+        let (before, connections, last_seen): (u32, u32, Option<u64>) =
+            pipe.query_async(&mut conn).await?;
+        Ok(Recorded {
+            was_online: before > 0,
+            now: UserPresence {
+                connections,
+                last_seen,
+            },
+        })
     }
 
     /// The user's presence as of `now_ms`.
     pub async fn status(&self, user: &UserId, now_ms: u64) -> Result<UserPresence, PresenceError> {
+        let mut statuses = self.statuses(std::slice::from_ref(user), now_ms).await?;
+        Ok(statuses.remove(0))
+    }
+
+    /// The presence of each of `users` as of `now_ms`, in order, in one round trip.
+    pub async fn statuses(
+        &self,
+        users: &[UserId],
+        now_ms: u64,
+    ) -> Result<Vec<UserPresence>, PresenceError> {
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for user in users {
+            pipe.zcount(connections_key(user), now_ms, "+inf")
+                .get(last_seen_key(user));
+        }
         let mut conn = self.conn.clone();
-        let (connections, last_seen): (u32, Option<u64>) = redis::pipe()
-            .zcount(connections_key(user), now_ms, "+inf")
-            .get(last_seen_key(user))
-            .query_async(&mut conn)
-            .await?;
-        Ok(UserPresence {
-            connections,
-            last_seen,
-        })
+        // Flat: each user's connection count, then its last seen (nil when never seen).
+        let values: Vec<Option<u64>> = pipe.query_async(&mut conn).await?;
+        Ok(values
+            .chunks(2)
+            .map(|pair| UserPresence {
+                connections: u32::try_from(pair[0].unwrap_or(0)).unwrap_or(u32::MAX),
+                last_seen: pair.get(1).copied().flatten(),
+            })
+            .collect())
     }
 
     /// Cheap check that Redis answers, for readiness.

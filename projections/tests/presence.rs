@@ -76,6 +76,70 @@ async fn several_devices_expiry_and_last_seen() {
     assert_eq!((never.online(), never.last_seen), (false, None));
 }
 
+#[tokio::test]
+async fn recording_tells_when_a_user_comes_online_or_goes_offline() {
+    let redis = RedisServer::start(RedisOptions::default()).unwrap();
+    let store = PresenceStore::connect(&PresenceStore::client(&redis.url(), None).unwrap())
+        .await
+        .unwrap();
+    let now = 1_800_000_000_000;
+    let record = |connection: &'static str, state, at| {
+        let store = store.clone();
+        async move {
+            store
+                .record(&update("bob", connection, state, at))
+                .await
+                .unwrap()
+        }
+    };
+    let first = record("phone", ConnectionState::Open, now).await;
+    assert!(first.changed() && first.now.online());
+    // A second device, heartbeats, and closing one of two devices change nothing.
+    assert!(
+        !record("laptop", ConnectionState::Open, now + 1)
+            .await
+            .changed()
+    );
+    assert!(
+        !record("phone", ConnectionState::Open, now + 2)
+            .await
+            .changed()
+    );
+    assert!(
+        !record("phone", ConnectionState::Closed, now + 3)
+            .await
+            .changed()
+    );
+    let last = record("laptop", ConnectionState::Closed, now + 4).await;
+    assert!(last.changed() && !last.now.online());
+    assert_eq!(last.now.last_seen, Some(now + 4));
+    // A late close of a connection already gone is no change either.
+    assert!(
+        !record("phone", ConnectionState::Closed, now + 5)
+            .await
+            .changed()
+    );
+
+    let statuses = store
+        .statuses(
+            &[
+                UserId::parse("bob").unwrap(),
+                UserId::parse("nobody").unwrap(),
+            ],
+            now + 6,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        statuses
+            .iter()
+            .map(|s| (s.online(), s.last_seen))
+            .collect::<Vec<_>>(),
+        vec![(false, Some(now + 5)), (false, None)]
+    );
+    assert!(store.statuses(&[], now).await.unwrap().is_empty());
+}
+
 /// TLS trusting `ca`'s CA, presenting `client`'s certificate.
 fn tls(ca: &Authority, client: Option<&Authority>) -> TlsClient {
     TlsClient {

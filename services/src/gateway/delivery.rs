@@ -23,6 +23,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, warn};
 
+use super::typing;
 use crate::telemetry;
 
 /// Most events fetched from the log to fill one gap; a longer gap is left to the client's
@@ -291,36 +292,48 @@ impl Routes {
     fn fan_out(&self, event: RecordedEvent) {
         let since = event.envelope.event.since_protocol();
         let conversation = event.envelope.conversation;
-        let frame = event_frame(event);
+        let delivered = self.push_to_followers(conversation, &event_frame(event), |_, protocol| {
+            protocol >= since
+        });
+        metrics::counter!(telemetry::GATEWAY_EVENTS_DELIVERED_TOTAL).increment(delivered);
+    }
+
+    /// Queue `frame` on the local sockets following `conversation` that `wants`, given the
+    /// socket's user and protocol version; how many.
+    pub fn push_to_followers(
+        &self,
+        conversation: ConversationId,
+        frame: &Utf8Bytes,
+        wants: impl Fn(&UserId, u32) -> bool,
+    ) -> u64 {
         let outboxes: Vec<Outbox> = {
             let table = self.table();
             let Some(route) = table.conversations.get(&conversation) else {
-                return;
+                return 0;
             };
             route
                 .sockets
                 .iter()
                 .filter_map(|conn| table.sockets.get(conn))
-                .filter(|entry| entry.protocol >= since)
+                .filter(|entry| wants(&entry.user, entry.protocol))
                 .map(|entry| entry.outbox.clone())
                 .collect()
         };
         for outbox in &outboxes {
             outbox.push(frame.clone());
         }
-        metrics::counter!(telemetry::GATEWAY_EVENTS_DELIVERED_TOTAL)
-            .increment(outboxes.len() as u64);
+        outboxes.len() as u64
     }
 
-    /// Queue `frame` on the given sockets only.
-    pub fn send_to(&self, conns: &[ConnectionId], frame: &Utf8Bytes) {
+    /// Queue `frame` on the given sockets only; how many are still open.
+    pub fn send_to(&self, conns: &[ConnectionId], frame: &Utf8Bytes) -> u64 {
         let table = self.table();
         let mut delivered = 0;
         for entry in conns.iter().filter_map(|conn| table.sockets.get(conn)) {
             entry.outbox.push(frame.clone());
             delivered += 1;
         }
-        metrics::counter!(telemetry::GATEWAY_EVENTS_DELIVERED_TOTAL).increment(delivered);
+        delivered
     }
 
     /// Read the events between `after` and `prev` (inclusive) from the log by walking the
@@ -374,6 +387,12 @@ async fn follow_conversation(
     mut last: u64,
 ) {
     while let Some(message) = subscription.next().await {
+        if typing::is_ephemeral(&message) {
+            if let Some(routes) = routes.upgrade() {
+                typing::deliver(&routes, conversation, &message);
+            }
+            continue;
+        }
         let event = match RecordedEvent::from_bytes(&message.payload) {
             Ok(event) => event,
             Err(e) => {

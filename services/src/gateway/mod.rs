@@ -7,11 +7,15 @@
 //! - [`socket`]: one connection's reader and writer.
 //! - [`commands`]: publishing commands and routing their outcomes back.
 //! - [`delivery`]: the routing table and the per-conversation followers.
+//! - [`typing`]: typing indicators, carried on the conversations' live subjects.
+//! - [`presence`]: presence pushed to the sockets that asked for it.
 
 mod commands;
 mod delivery;
+mod presence;
 mod recent;
 mod socket;
+mod typing;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -74,6 +78,7 @@ pub(crate) struct Shared {
     store: Arc<dyn ConversationStore>,
     verifier: Verifier,
     routes: Arc<Routes>,
+    watchers: Arc<presence::Watchers>,
     pending: commands::Pending,
     recent: recent::RecentCreations,
     connections: Arc<Semaphore>,
@@ -111,10 +116,12 @@ impl Gateway {
         };
         let outcomes = subscribe(outcome_subject.clone()).await?;
         let membership = subscribe(LIVE_MEMBERSHIP_SUBJECT.to_owned()).await?;
+        let routes = Routes::new(client.clone(), topology.log.clone());
         let shared = Arc::new(Shared {
             verifier: Verifier::new(&secret, &config.auth),
             connections: Arc::new(Semaphore::new(config.gateway.max_connections)),
-            routes: Routes::new(client.clone(), topology.log.clone()),
+            watchers: presence::Watchers::new(client.clone(), Arc::clone(&routes)),
+            routes,
             config,
             name,
             outcome_subject,
@@ -278,6 +285,7 @@ async fn upgrade(
         protocol,
         conn: shared.next_connection.fetch_add(1, Ordering::Relaxed),
         expires_at: tokio::time::Instant::now() + remaining,
+        typing: Default::default(),
     };
     let max_frame = shared.config.limits.max_frame_bytes;
     ws.max_frame_size(max_frame)
@@ -331,7 +339,8 @@ async fn follow_membership(shared: Arc<Shared>, mut membership: async_nats::Subs
             warn!(error = %e, "cannot subscribe to a new conversation");
         }
         shared.routes.flush().await;
-        shared.routes.send_to(&conns, &event_frame(event));
+        let delivered = shared.routes.send_to(&conns, &event_frame(event));
+        metrics::counter!(telemetry::GATEWAY_EVENTS_DELIVERED_TOTAL).increment(delivered);
     }
 }
 

@@ -20,6 +20,7 @@ use tracing::{Instrument, debug, info_span, warn};
 use super::Shared;
 use super::commands;
 use super::delivery::{ConnectionId, Outbox, SocketControl};
+use super::{presence, typing};
 use crate::handler::check_body;
 use crate::{telemetry, unix_millis};
 
@@ -42,6 +43,7 @@ pub struct Session {
     pub conn: ConnectionId,
     /// When the token expires; the session ends then (close 1008).
     pub expires_at: Instant,
+    pub typing: typing::SocketTyping,
 }
 
 pub async fn serve(
@@ -85,6 +87,7 @@ pub async fn serve(
         read_loop(&shared, &session, &mut stream, &outbox).await;
 
         shared.routes.unregister(session.conn);
+        shared.watchers.unwatch(session.conn, None);
         shared
             .publish_presence(&session.user, session.conn, ConnectionState::Closed)
             .await;
@@ -254,6 +257,21 @@ async fn handle_text(
             return;
         }
     };
+    if frame.since_protocol() > session.protocol {
+        let code = ErrorCode::UnknownFrameType;
+        metrics::counter!(telemetry::GATEWAY_FRAME_ERRORS_TOTAL, "code" => code.as_str())
+            .increment(1);
+        outbox.send(&ServerFrame::error(
+            frame.request_id().cloned(),
+            code,
+            format!(
+                "unknown frame type {:?} in protocol version {}",
+                frame.type_name(),
+                session.protocol
+            ),
+        ));
+        return;
+    }
     let (frame_type, action) = match frame {
         ClientFrame::Send {
             id,
@@ -295,6 +313,22 @@ async fn handle_text(
         ClientFrame::Ping { id } => {
             outbox.send(&ServerFrame::Pong { id });
             ("ping", None)
+        }
+        ClientFrame::Typing {
+            id,
+            conversation,
+            state,
+        } => {
+            typing::handle(shared, session, outbox, id, conversation, state).await;
+            ("typing", None)
+        }
+        ClientFrame::Presence { id, users } => {
+            presence::handle_watch(shared, session, outbox, id, users).await;
+            ("presence", None)
+        }
+        ClientFrame::PresenceUnsubscribe { users, .. } => {
+            shared.watchers.unwatch(session.conn, Some(&users));
+            ("presence_unsubscribe", None)
         }
     };
     metrics::counter!(telemetry::GATEWAY_FRAMES_RECEIVED_TOTAL, "type" => frame_type).increment(1);
