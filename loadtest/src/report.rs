@@ -9,6 +9,7 @@ use crate::baseline::Baselines;
 use crate::latency::Summary;
 use crate::ledger::{self, LedgerReport};
 use crate::live::{Counters, TimelinePoint};
+use crate::presence::PresenceFigures;
 use crate::resources::Machine;
 use crate::scenario::{Fault, FaultRole, Scenario};
 
@@ -36,6 +37,9 @@ pub struct Report {
     /// Per fault of the plan, the interruption it caused.
     #[serde(default)]
     pub faults: Vec<FaultFigures>,
+    /// The presence probe's figures, when the scenario has one.
+    #[serde(default)]
+    pub presence: Option<PresenceFigures>,
     pub baselines: Option<Baselines>,
     pub ratios: Option<Ratios>,
     pub marks: Marks,
@@ -460,6 +464,15 @@ pub fn render_table(report: &Report) -> String {
             .collect();
         let _ = writeln!(out, "Errors: {}", codes.join(", "));
     }
+    if let Some(p) = &report.presence {
+        let _ = writeln!(
+            out,
+            "\nPresence probe: {} pairs; missed online {}, missed offline {}, failed {:?}",
+            p.pairs, p.missed_online, p.missed_offline, p.failed
+        );
+        summary_row(&mut out, "open -> seen online", &p.open_to_seen_online);
+        summary_row(&mut out, "close -> seen offline", &p.close_to_seen_offline);
+    }
     if !report.faults.is_empty() {
         let _ = writeln!(
             out,
@@ -620,6 +633,7 @@ pub(crate) mod tests {
             gateway_rss_per_connection_bytes: Some(10240.0),
             ramp: None,
             faults: Vec::new(),
+            presence: None,
             baselines: None,
             ratios: None,
             marks: Marks::default(),

@@ -215,6 +215,15 @@ impl Routes {
             .unwrap_or_default()
     }
 
+    /// Whether socket `conn` follows `conversation`: then its user is a member, as the
+    /// store or a live creation said.
+    pub fn follows(&self, conn: ConnectionId, conversation: ConversationId) -> bool {
+        self.table()
+            .sockets
+            .get(&conn)
+            .is_some_and(|entry| entry.conversations.contains(&conversation))
+    }
+
     /// Every open socket with its user, for presence heartbeats.
     pub fn snapshot(&self) -> Vec<(ConnectionId, UserId)> {
         self.table()

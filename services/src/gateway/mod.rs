@@ -27,6 +27,7 @@ use axum::extract::ws::WebSocketUpgrade;
 use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use futures::StreamExt;
 use parley_events::presence::{ConnectionState, PresenceUpdate};
 use parley_events::protocol::{HttpError, protocol_version};
@@ -36,7 +37,7 @@ use parley_projections::ConversationStore;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::admin::Readiness;
 use crate::auth::{AuthError, Verifier};
@@ -172,6 +173,13 @@ impl Gateway {
         let address = listener.local_addr()?;
         info!(%address, gateway = %shared.name, "gateway listening");
         let sockets_closing = shared.shutdown.clone();
+        // Without TCP_NODELAY, a frame written within 40 ms of the previous one waits for the
+        // client's delayed ACK of that one (a presence push right after its answer did).
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                debug!(error = %e, "cannot set TCP_NODELAY on a socket");
+            }
+        });
         let result = axum::serve(listener, app)
             .with_graceful_shutdown(async move {
                 shutdown.cancelled().await;

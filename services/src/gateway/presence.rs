@@ -1,7 +1,8 @@
 //! Presence to clients (protocol version 2), subscribed on demand.
 //!
 //! A socket asks for the presence of some users (`presence`); the gateway keeps those that
-//! share a conversation with the socket's user (one store query per request), answers their
+//! share a conversation with the socket's user (one store query per request, plus the
+//! creations of the last minutes the store may not hold yet), answers their
 //! current status and pushes their changes from then on, until `presence_unsubscribe` or
 //! the socket closes. A user with 10,000 contacts is sent only the changes of the users its
 //! client asked about.
@@ -24,7 +25,7 @@ use futures::StreamExt;
 use parley_events::presence::{PresenceAnswer, PresenceQuery, UserStatus};
 use parley_events::protocol::ServerFrame;
 use parley_events::subjects::{PRESENCE_QUERY_SUBJECT, presence_user_subject};
-use parley_events::{ClientMsgId, ErrorCode, UserId};
+use parley_events::{ClientMsgId, ConversationId, ErrorCode, UserId};
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
@@ -310,15 +311,32 @@ async fn answer(
             "a socket watches at most {MAX_WATCHED_PER_SOCKET} users; unsubscribe some first"
         )));
     }
-    let visible: HashSet<UserId> = shared
+    let stored = shared
         .store
         .co_members(&session.user, &new)
         .await
         .map_err(|e| {
             warn!(error = %e, "conversation store read failed");
             Refusal::Unavailable("the conversation store cannot say who may be watched")
-        })?
+        })?;
+    // Conversations created too recently for the store to have them yet count too.
+    let recent: HashSet<ConversationId> = shared
+        .recent
+        .of(&session.user)
         .into_iter()
+        .map(|(conversation, _)| conversation)
+        .collect();
+    let recently_met = new.iter().filter(|user| {
+        !recent.is_empty()
+            && shared
+                .recent
+                .of(user)
+                .iter()
+                .any(|(conversation, _)| recent.contains(conversation))
+    });
+    let visible: HashSet<UserId> = stored
+        .into_iter()
+        .chain(recently_met.cloned())
         .chain(already)
         .collect();
     let (watched, not_visible): (Vec<UserId>, Vec<UserId>) =

@@ -1,8 +1,9 @@
 //! Typing indicators (protocol version 2): ephemeral, never logged.
 //!
-//! A `typing` frame is checked against the conversation's members (cached per socket, so a
-//! typist costs one store read per conversation, not one per keystroke) and a rate limit
-//! per socket, then published once on the conversation's live subject, marked with the
+//! A `typing` frame is checked against the conversation's members (a conversation the
+//! socket follows needs no look-up; otherwise the store's answer is cached per socket, so a
+//! typist costs at most one store read per conversation, not one per keystroke) and a rate
+//! limit per socket, then published once on the conversation's live subject, marked with the
 //! [`EPHEMERAL_HEADER`]. Every gateway with a local member socket already holds that
 //! subscription for the conversation's events, so typing needs no subscription of its own:
 //! the conversation's follower hands the notice to its version 2 sockets, except the
@@ -32,8 +33,10 @@ pub const EXPIRES_IN: Duration = Duration::from_secs(6);
 const MIN_REFRESH: Duration = Duration::from_secs(1);
 /// Typing frames one socket may have forwarded per second, over all its conversations.
 const MAX_PER_SECOND: u32 = 10;
-/// How long a socket's membership answer is trusted.
-const MEMBERSHIP_TTL: Duration = Duration::from_secs(60);
+/// How long a socket's membership answer from the store is trusted; a "no" only briefly,
+/// since the store may not hold a conversation created a moment ago yet.
+const MEMBER_TTL: Duration = Duration::from_secs(60);
+const NOT_MEMBER_TTL: Duration = Duration::from_secs(5);
 /// Conversations a socket remembers typing state and membership for; past this it
 /// forgets them all, which costs one store read per conversation typed in afterwards.
 const MAX_REMEMBERED: usize = 256;
@@ -81,7 +84,10 @@ impl SocketTyping {
         self.remembered()
             .members
             .get(&conversation)
-            .filter(|(_, read)| now.duration_since(*read) < MEMBERSHIP_TTL)
+            .filter(|(member, read)| {
+                let ttl = if *member { MEMBER_TTL } else { NOT_MEMBER_TTL };
+                now.duration_since(*read) < ttl
+            })
             .map(|(member, _)| *member)
     }
 
@@ -137,7 +143,12 @@ pub async fn handle(
     state: TypingState,
 ) {
     let now = Instant::now();
-    let member = match session.typing.cached_membership(conversation, now) {
+    let known = if shared.routes.follows(session.conn, conversation) {
+        Some(true)
+    } else {
+        session.typing.cached_membership(conversation, now)
+    };
+    let member = match known {
         Some(member) => member,
         None => match shared.store.role_of(conversation, &session.user).await {
             Ok(role) => {
