@@ -6,6 +6,9 @@
 //! second key, `parley:last_seen:{user}`, keeps the newest time the user was seen. The
 //! braces are Redis Cluster hash tags: both keys of a user live in one slot.
 //!
+//! A third key, `parley:presence:expiring`, lists every user with an open record by its
+//! latest expiry, so a sweep finds the users whose records all expired without a close.
+//!
 //! Nothing here is precious: wiping Redis empties presence until the next heartbeat round
 //! (at most one heartbeat interval) rebuilds it from live connections.
 
@@ -79,6 +82,11 @@ pub struct PresenceStore {
 const KEEP_NEWEST: &str = "local current = tonumber(redis.call('GET', KEYS[1]))
 if current == nil or current < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end
 return 0";
+
+/// Every user with an open connection record, scored with the latest expiry among them: the
+/// expiry sweep's work list. One key for all users, written outside each user's
+/// transaction, so it never shares a transaction with keys of another Redis Cluster slot.
+const EXPIRING_KEY: &str = "parley:presence:expiring";
 
 fn connections_key(user: &UserId) -> String {
     format!("parley:presence:{{{user}}}")
@@ -181,13 +189,77 @@ impl PresenceStore {
         let mut conn = self.conn.clone();
         let (before, connections, last_seen): (u32, u32, Option<u64>) =
             pipe.query_async(&mut conn).await?;
-        Ok(Recorded {
+        let recorded = Recorded {
             was_online: before > 0,
             now: UserPresence {
                 connections,
                 last_seen,
             },
-        })
+        };
+        // Keep the sweep's list: each open extends the user's latest expiry; a user gone
+        // offline by a close needs no sweeping.
+        match update.state {
+            ConnectionState::Open => {
+                redis::cmd("ZADD")
+                    .arg(EXPIRING_KEY)
+                    .arg("GT")
+                    .arg(update.at + ttl_ms)
+                    .arg(update.user.as_str())
+                    .query_async::<()>(&mut conn)
+                    .await?;
+            }
+            ConnectionState::Closed if !recorded.now.online() => {
+                redis::cmd("ZREM")
+                    .arg(EXPIRING_KEY)
+                    .arg(update.user.as_str())
+                    .query_async::<()>(&mut conn)
+                    .await?;
+            }
+            ConnectionState::Closed => {}
+        }
+        Ok(recorded)
+    }
+
+    /// Users whose every connection record has expired by `now_ms` without a close (their
+    /// gateway died, or the close was lost), at most `limit`, with their presence now. Each
+    /// is handed to one caller only, whatever the number of projectors sweeping at once:
+    /// the one whose removal from the list succeeds.
+    pub async fn expired(
+        &self,
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<(UserId, UserPresence)>, PresenceError> {
+        let mut conn = self.conn.clone();
+        let due: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(EXPIRING_KEY)
+            .arg("-inf")
+            .arg(now_ms)
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async(&mut conn)
+            .await?;
+        let mut expired = Vec::new();
+        for id in due {
+            let claimed: u32 = redis::cmd("ZREM")
+                .arg(EXPIRING_KEY)
+                .arg(&id)
+                .query_async(&mut conn)
+                .await?;
+            let Ok(user) = UserId::parse(id) else {
+                continue;
+            };
+            if claimed == 0 {
+                continue;
+            }
+            // Still online: a heartbeat came in since the list was read; the user's next
+            // heartbeat puts them back on it.
+            let now = self.status(&user, now_ms).await?;
+            if !now.online() {
+                expired.push((user, now));
+            }
+        }
+        Ok(expired)
     }
 
     /// The user's presence as of `now_ms`.

@@ -40,7 +40,10 @@ const MAX_PULL_BACKOFF: Duration = Duration::from_secs(1);
 /// Longest pause between retries of a batch the store refused: a retry costs one batch of
 /// writes, and a store back from an outage should not wait long to be fed.
 const MAX_APPLY_BACKOFF: Duration = Duration::from_secs(5);
-/// How often the presence projector asks Redis whether it answers.
+/// Most users one expiry sweep (one per [`REDIS_CHECK_INTERVAL`]) announces offline.
+const SWEEP_LIMIT: usize = 1000;
+/// How often the presence projector asks Redis whether it answers, and sweeps expired
+/// presence.
 const REDIS_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// A store further behind the log than this many events when projection starts is
 /// replaying: it is reported not ready until it has caught up.
@@ -416,9 +419,9 @@ pub async fn run_presence(
         store.clone(),
         shutdown.clone(),
     ));
-    let result = record_updates(&client, &store, &readiness, &mut updates, &shutdown).await;
+    record_updates(&client, &store, &readiness, &mut updates, &shutdown).await;
     queries.abort();
-    result
+    Ok(())
 }
 
 async fn record_updates(
@@ -427,21 +430,22 @@ async fn record_updates(
     readiness: &Readiness,
     updates: &mut async_nats::Subscriber,
     shutdown: &CancellationToken,
-) -> Result<(), async_nats::SubscribeError> {
+) {
     // Updates alone would notice Redis gone only at the next one (a heartbeat may be
     // seconds away); the check keeps readiness true meanwhile.
     let mut redis_check = tokio::time::interval(REDIS_CHECK_INTERVAL);
     loop {
         let message = tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
+            () = shutdown.cancelled() => return,
             _ = redis_check.tick() => {
                 match store.check().await {
                     Ok(()) => readiness.ready(PRESENCE_READY_CHECK),
                     Err(e) => readiness.not_ready(PRESENCE_READY_CHECK, Reason::RedisUnavailable, e.to_string()),
                 }
+                sweep(client, store).await;
                 continue;
             }
-            message = updates.next() => match message { Some(message) => message, None => return Ok(()) },
+            message = updates.next() => match message { Some(message) => message, None => return },
         };
         let update = match PresenceUpdate::from_bytes(&message.payload) {
             Ok(update) => update,
@@ -475,6 +479,19 @@ async fn record_updates(
                 metrics::counter!(telemetry::PRESENCE_ERRORS_TOTAL, "kind" => "redis").increment(1);
             }
         }
+    }
+}
+
+/// Announce the users whose records all expired without a close (their gateway died): no
+/// update says so, and their watchers would otherwise go on showing them online.
+async fn sweep(client: &async_nats::Client, store: &PresenceStore) {
+    match store.expired(unix_millis(), SWEEP_LIMIT).await {
+        Ok(expired) => {
+            for (user, now) in expired {
+                announce(client, user, now).await;
+            }
+        }
+        Err(e) => warn!(error = %e, "cannot sweep expired presence"),
     }
 }
 

@@ -239,3 +239,52 @@ async fn presence_is_answered_pushed_private_and_rebuilt_after_redis_is_wiped() 
     alice.expect_silence(Duration::from_secs(1)).await;
     drop(bob);
 }
+
+#[tokio::test]
+async fn a_user_whose_gateway_died_is_pushed_offline_once_the_record_expires() {
+    let platform = Platform::start(1).await;
+    let mut alice = platform.connect_v2(0, "alice").await;
+    alice
+        .send(json!({"type": "create_direct", "id": "dm", "peer": "carol"}))
+        .await;
+    let created = alice.next_of(&["ack", "event"]).await;
+    if created["type"] == "ack" {
+        alice.next_of(&["event"]).await;
+    } else {
+        alice.reply_to("dm").await;
+    }
+    alice
+        .send(json!({"type": "presence", "id": "p", "users": ["carol"]}))
+        .await;
+    let answer = alice.reply_to("p").await;
+    assert_eq!(answer["users"][0]["online"], false, "{answer}");
+
+    // A gateway (played here) says carol's socket opened, then dies without a word.
+    let nats = parley_services::node::connect_nats(
+        &platform.config,
+        &parley_services::admin::Readiness::default(),
+    )
+    .await
+    .unwrap();
+    let update = parley_events::presence::PresenceUpdate {
+        user: parley_events::UserId::parse("carol").unwrap(),
+        connection: "gw-gone-1".into(),
+        state: parley_events::presence::ConnectionState::Open,
+        at: parley_services::unix_millis(),
+        ttl_secs: 3,
+    };
+    nats.client
+        .publish(
+            parley_events::subjects::PRESENCE_SUBJECT,
+            update.to_bytes().into(),
+        )
+        .await
+        .unwrap();
+    let online = alice.next_of(&["presence_changed"]).await;
+    assert_eq!(online["online"], true, "{online}");
+    let offline = alice.next_of(&["presence_changed"]).await;
+    assert_eq!(
+        (offline["online"].clone(), offline["last_seen"].clone()),
+        (json!(false), json!(update.at))
+    );
+}
