@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::ErrorCode;
+use crate::event::{ConversationKind, Event, EventEnvelope};
 use crate::ids::{ClientMsgId, CommandId, ConversationId, EventId, UserId};
 
 /// A client request a handler must validate before anything is appended.
@@ -35,6 +36,11 @@ pub enum Action {
         conversation: ConversationId,
         body: String,
     },
+    /// Move the actor's read marker in `conversation` forward to `seq`.
+    MarkRead {
+        conversation: ConversationId,
+        seq: u64,
+    },
 }
 
 impl Command {
@@ -60,8 +66,31 @@ impl Command {
         match &self.action {
             Action::CreateDirect { peer } => ConversationId::direct(&self.actor, peer),
             Action::CreateGroup { .. } => ConversationId::group(self.id),
-            Action::PostMessage { conversation, .. } => *conversation,
+            Action::PostMessage { conversation, .. } | Action::MarkRead { conversation, .. } => {
+                *conversation
+            }
         }
+    }
+
+    /// What this request asks for; see [`Fingerprint`].
+    pub fn fingerprint(&self) -> Fingerprint {
+        match &self.action {
+            Action::CreateDirect { .. } => Request::Direct {
+                conversation: self.conversation(),
+            },
+            Action::CreateGroup { title, members } => {
+                Request::group(title.as_deref(), members.iter(), &self.actor)
+            }
+            Action::PostMessage { conversation, body } => Request::Post {
+                conversation: *conversation,
+                body,
+            },
+            Action::MarkRead { conversation, seq } => Request::Read {
+                conversation: *conversation,
+                seq: *seq,
+            },
+        }
+        .fingerprint()
     }
 
     /// The id of the `index`-th event this command causes.
@@ -75,6 +104,87 @@ impl Command {
 
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, serde_json::Error> {
         serde_json::from_slice(bytes)
+    }
+}
+
+/// What a request asks for, reduced to what decides its effect, so two requests under one
+/// id can be told apart: a repeat (same fingerprint) gets the original answer, a different
+/// request reusing the id (another fingerprint) gets `id_reused`. It is derived alike from a
+/// command and from the event the command appended ([`Fingerprint::of_event`]), so a handler
+/// that rebuilt its memory from the log answers as the one that appended. Stable across
+/// builds: it is kept in handler snapshots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Fingerprint(u64);
+
+/// Namespace of the name-based UUID whose first 64 bits are a fingerprint.
+const FINGERPRINT_NAMESPACE: uuid::Uuid =
+    uuid::Uuid::from_u128(0x6a5f_0d3c_7c1e_4f0b_9a57_2f1e_8c3d_0005);
+
+impl Fingerprint {
+    /// The fingerprint of the command that appended `envelope`.
+    pub fn of_event(envelope: &EventEnvelope) -> Fingerprint {
+        match &envelope.event {
+            Event::ConversationCreated(created) => match created.kind {
+                ConversationKind::Direct => Request::Direct {
+                    conversation: envelope.conversation,
+                },
+                ConversationKind::Group => Request::group(
+                    created.title.as_deref(),
+                    created.members.iter().map(|member| &member.user),
+                    &envelope.actor,
+                ),
+            },
+            Event::MessagePosted(posted) => Request::Post {
+                conversation: envelope.conversation,
+                body: &posted.body,
+            },
+            Event::ConversationRead(read) => Request::Read {
+                conversation: envelope.conversation,
+                seq: read.seq,
+            },
+        }
+        .fingerprint()
+    }
+}
+
+/// The canonical form a fingerprint is taken of: what a command and its event agree on.
+#[derive(Serialize)]
+#[serde(tag = "request", rename_all = "snake_case")]
+enum Request<'a> {
+    /// A direct conversation is named by its two users, so its id says it all.
+    Direct { conversation: ConversationId },
+    /// The creator is the owner whatever the list says; the others in order, once each.
+    Group {
+        title: Option<&'a str>,
+        others: Vec<&'a UserId>,
+    },
+    Post {
+        conversation: ConversationId,
+        body: &'a str,
+    },
+    Read {
+        conversation: ConversationId,
+        seq: u64,
+    },
+}
+
+impl<'a> Request<'a> {
+    fn group(
+        title: Option<&'a str>,
+        members: impl Iterator<Item = &'a UserId>,
+        creator: &UserId,
+    ) -> Self {
+        let mut others: Vec<&UserId> = members.filter(|user| *user != creator).collect();
+        others.sort();
+        others.dedup();
+        Request::Group { title, others }
+    }
+
+    fn fingerprint(&self) -> Fingerprint {
+        let canonical = serde_json::to_vec(self).expect("a request always serializes");
+        let digest = uuid::Uuid::new_v5(&FINGERPRINT_NAMESPACE, &canonical);
+        Fingerprint(digest.as_u64_pair().0)
     }
 }
 
@@ -144,6 +254,104 @@ mod tests {
         assert_eq!(first.event_id(0), again.event_id(0));
         let bytes = first.to_bytes();
         assert_eq!(Command::from_bytes(&bytes).unwrap(), first);
+    }
+
+    #[test]
+    fn a_command_and_its_event_have_one_fingerprint_and_other_requests_another() {
+        use crate::event::{ConversationCreated, Member, MessagePosted, Role};
+        let user = |name: &str| UserId::parse(name).unwrap();
+        let command = |action| {
+            Command::new(
+                user("alice"),
+                ClientMsgId::parse("c1").unwrap(),
+                10,
+                "parley.outcome.gw".into(),
+                action,
+            )
+        };
+        let appended = |command: &Command, event| EventEnvelope {
+            id: command.event_id(0),
+            conversation: command.conversation(),
+            prev: 0,
+            command: command.id,
+            actor: command.actor.clone(),
+            at: command.issued_at,
+            event,
+        };
+        let member = |name: &str, role| Member {
+            user: user(name),
+            role,
+        };
+        let group = command(Action::CreateGroup {
+            title: Some("team".into()),
+            members: vec![user("carol"), user("bob"), user("alice"), user("bob")],
+        });
+        let group_event = appended(
+            &group,
+            Event::ConversationCreated(ConversationCreated {
+                kind: ConversationKind::Group,
+                title: Some("team".into()),
+                members: vec![
+                    member("alice", Role::Owner),
+                    member("bob", Role::Member),
+                    member("carol", Role::Member),
+                ],
+            }),
+        );
+        assert_eq!(group.fingerprint(), Fingerprint::of_event(&group_event));
+        let direct = command(Action::CreateDirect { peer: user("bob") });
+        let direct_event = appended(
+            &direct,
+            Event::ConversationCreated(ConversationCreated {
+                kind: ConversationKind::Direct,
+                title: None,
+                members: vec![member("alice", Role::Member), member("bob", Role::Member)],
+            }),
+        );
+        assert_eq!(direct.fingerprint(), Fingerprint::of_event(&direct_event));
+        let conversation = direct.conversation();
+        let post = command(Action::PostMessage {
+            conversation,
+            body: "hi \u{0} \"there\"".into(),
+        });
+        let post_event = appended(
+            &post,
+            Event::MessagePosted(MessagePosted {
+                client_id: post.client_id.clone(),
+                body: "hi \u{0} \"there\"".into(),
+            }),
+        );
+        assert_eq!(post.fingerprint(), Fingerprint::of_event(&post_event));
+
+        let others = [
+            command(Action::CreateGroup {
+                title: None,
+                members: vec![user("bob"), user("carol")],
+            }),
+            command(Action::CreateGroup {
+                title: Some("team".into()),
+                members: vec![user("bob")],
+            }),
+            command(Action::CreateDirect {
+                peer: user("carol"),
+            }),
+            command(Action::PostMessage {
+                conversation,
+                body: "hi".into(),
+            }),
+            command(Action::PostMessage {
+                conversation: ConversationId::direct(&user("alice"), &user("carol")),
+                body: "hi \u{0} \"there\"".into(),
+            }),
+        ];
+        let mut seen: Vec<Fingerprint> = [&group, &direct, &post]
+            .into_iter()
+            .chain(&others)
+            .map(Command::fingerprint)
+            .collect();
+        seen.sort_by_key(|fingerprint| fingerprint.0);
+        seen.dedup();
+        assert_eq!(seen.len(), 3 + others.len(), "every request has its own");
     }
 
     #[test]

@@ -36,10 +36,13 @@ pub enum ErrorCode {
     Timeout,
     /// A dependency is unavailable; retry with the same id.
     Unavailable,
+    /// The request's id was already used by this user for a different request; the
+    /// request was not applied. Send it with a fresh id.
+    IdReused,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 13] = [
+    pub const ALL: [ErrorCode; 14] = [
         ErrorCode::BadFrame,
         ErrorCode::UnknownFrameType,
         ErrorCode::MessageTooLarge,
@@ -53,6 +56,7 @@ impl ErrorCode {
         ErrorCode::OriginNotAllowed,
         ErrorCode::Timeout,
         ErrorCode::Unavailable,
+        ErrorCode::IdReused,
     ];
 
     /// The code as it appears on the wire.
@@ -71,6 +75,7 @@ impl ErrorCode {
             ErrorCode::OriginNotAllowed => "origin_not_allowed",
             ErrorCode::Timeout => "timeout",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::IdReused => "id_reused",
         }
     }
 

@@ -52,6 +52,7 @@ pub struct EventEnvelope {
 pub enum Event {
     ConversationCreated(ConversationCreated),
     MessagePosted(MessagePosted),
+    ConversationRead(ConversationRead),
 }
 
 /// `conversation.created` v1: a direct conversation (exactly two members) or a group (its
@@ -115,6 +116,14 @@ pub struct MessagePosted {
     pub body: String,
 }
 
+/// `conversation.read` v1: the actor has read the conversation up to `seq` (inclusive).
+/// Appended only when it moves the actor's marker forward.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConversationRead {
+    pub seq: u64,
+}
+
 /// Why stored bytes could not be read as an event.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
@@ -136,11 +145,12 @@ pub enum DecodeError {
 
 pub const CONVERSATION_CREATED: &str = "conversation.created";
 pub const MESSAGE_POSTED: &str = "message.posted";
+pub const CONVERSATION_READ: &str = "conversation.read";
 
 /// The current version of each event type this build writes.
 fn current_version(type_name: &str) -> Option<u32> {
     match type_name {
-        CONVERSATION_CREATED | MESSAGE_POSTED => Some(1),
+        CONVERSATION_CREATED | MESSAGE_POSTED | CONVERSATION_READ => Some(1),
         _ => None,
     }
 }
@@ -150,6 +160,7 @@ impl Event {
         match self {
             Event::ConversationCreated(_) => CONVERSATION_CREATED,
             Event::MessagePosted(_) => MESSAGE_POSTED,
+            Event::ConversationRead(_) => CONVERSATION_READ,
         }
     }
 
@@ -162,7 +173,14 @@ impl Event {
     pub fn since_protocol(&self) -> u32 {
         match self {
             Event::ConversationCreated(_) | Event::MessagePosted(_) => 1,
+            Event::ConversationRead(_) => 2,
         }
+    }
+
+    /// Whether only the actor's own sockets are sent it live (a read marker is for the
+    /// reader's other devices, not for the other members).
+    pub fn only_for_actor(&self) -> bool {
+        matches!(self, Event::ConversationRead(_))
     }
 
     /// Decode the data of a stored event of any known version.
@@ -171,6 +189,7 @@ impl Event {
         Ok(match type_name {
             CONVERSATION_CREATED => Event::ConversationCreated(serde_json::from_value(data)?),
             MESSAGE_POSTED => Event::MessagePosted(serde_json::from_value(data)?),
+            CONVERSATION_READ => Event::ConversationRead(serde_json::from_value(data)?),
             _ => {
                 return Err(DecodeError::UnknownType {
                     type_name: type_name.to_owned(),

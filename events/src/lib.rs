@@ -40,10 +40,10 @@ pub mod protocol;
 pub mod subjects;
 pub mod typing;
 
-pub use command::{Action, Command, Outcome, OutcomeResult};
+pub use command::{Action, Command, Fingerprint, Outcome, OutcomeResult};
 pub use error::ErrorCode;
 pub use event::{
-    ConversationCreated, ConversationKind, DecodeError, Event, EventEnvelope, Member,
-    MessagePosted, RecordedEvent, Role,
+    ConversationCreated, ConversationKind, ConversationRead, DecodeError, Event, EventEnvelope,
+    Member, MessagePosted, RecordedEvent, Role,
 };
 pub use ids::{ClientMsgId, CommandId, ConversationId, EventId, IdError, UserId};

@@ -3,11 +3,13 @@
 //! The full description, with examples, is `docs/protocol.md`; this module is its source of
 //! truth for shapes and names.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::ErrorCode;
-use crate::event::{ConversationKind, RecordedEvent, Role};
+use crate::event::{ConversationKind, Member, RecordedEvent, Role};
 use crate::ids::{ClientMsgId, ConversationId, EventId, UserId};
 use crate::presence::UserStatus;
 use crate::typing::{TypingNotice, TypingState};
@@ -55,6 +57,9 @@ pub mod close {
     pub const MESSAGE_TOO_BIG: u16 = 1009;
     /// The server hit an unexpected condition.
     pub const INTERNAL_ERROR: u16 = 1011;
+    /// (v2) The socket fell too far behind one of its conversations to be caught up in
+    /// place: reconnect and resume.
+    pub const TRY_AGAIN_LATER: u16 = 1013;
 }
 
 /// A frame from the client.
@@ -78,12 +83,15 @@ pub enum ClientFrame {
         members: Vec<UserId>,
     },
     /// Page backwards through a conversation's messages, newest first, starting below
-    /// `before` (a sequence; omitted = from the newest).
+    /// `before` (a sequence; omitted = from the newest); or, with `after` (v2), forwards,
+    /// oldest first, starting above it. Not both.
     History {
         id: ClientMsgId,
         conversation: ConversationId,
         #[serde(default)]
         before: Option<u64>,
+        #[serde(default)]
+        after: Option<u64>,
         #[serde(default)]
         limit: Option<u32>,
     },
@@ -95,6 +103,33 @@ pub enum ClientFrame {
         before: Option<u64>,
         #[serde(default)]
         limit: Option<u32>,
+    },
+    /// (v2) Catch up after a reconnect: every event of the user's conversations after the
+    /// given points, then live delivery. A conversation named in `conversations` resumes
+    /// after that sequence; any other conversation after `cursor`, or, without a cursor,
+    /// from now (nothing old is sent for it).
+    Resume {
+        id: ClientMsgId,
+        #[serde(default)]
+        cursor: Option<ResumeCursor>,
+        #[serde(default)]
+        conversations: BTreeMap<ConversationId, u64>,
+    },
+    /// (v2) A conversation's details and a page of its members, ordered by user id; with
+    /// `after` (a user id from the previous page), the next page.
+    Members {
+        id: ClientMsgId,
+        conversation: ConversationId,
+        #[serde(default)]
+        after: Option<UserId>,
+        #[serde(default)]
+        limit: Option<u32>,
+    },
+    /// (v2) Mark the conversation read up to `seq` (inclusive); markers only move forward.
+    MarkRead {
+        id: ClientMsgId,
+        conversation: ConversationId,
+        seq: u64,
     },
     /// Application-level keepalive for clients that cannot send WebSocket pings.
     Ping {
@@ -121,12 +156,15 @@ pub enum ClientFrame {
 }
 
 /// The `type` names [`ClientFrame`] accepts.
-pub const CLIENT_FRAME_TYPES: [&str; 9] = [
+pub const CLIENT_FRAME_TYPES: [&str; 12] = [
     "send",
     "create_direct",
     "create_group",
     "history",
     "conversations",
+    "resume",
+    "members",
+    "mark_read",
     "ping",
     "typing",
     "presence",
@@ -135,71 +173,49 @@ pub const CLIENT_FRAME_TYPES: [&str; 9] = [
 
 /// Why a text frame is not a [`ClientFrame`].
 #[derive(Debug, thiserror::Error)]
-pub enum FrameError {
+#[error("{problem}")]
+pub struct FrameError {
+    /// The frame's `id`, when it was a JSON object with a valid one, so the error can name
+    /// the request.
+    pub id: Option<ClientMsgId>,
+    pub problem: FrameProblem,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrameProblem {
     #[error("frame is not a JSON object with a string \"type\": {0}")]
     Malformed(String),
     #[error("unknown frame type {0:?}")]
     UnknownType(String),
     #[error("invalid {frame_type} frame: {reason}")]
-    Invalid {
-        frame_type: String,
-        reason: String,
-        /// The frame's `id`, when it had a readable one, so the error can name the request.
-        id: Option<ClientMsgId>,
-    },
+    Invalid { frame_type: String, reason: String },
 }
 
 impl FrameError {
     pub fn code(&self) -> ErrorCode {
-        match self {
-            FrameError::UnknownType(_) => ErrorCode::UnknownFrameType,
-            FrameError::Malformed(_) | FrameError::Invalid { .. } => ErrorCode::BadFrame,
+        match self.problem {
+            FrameProblem::UnknownType(_) => ErrorCode::UnknownFrameType,
+            FrameProblem::Malformed(_) | FrameProblem::Invalid { .. } => ErrorCode::BadFrame,
         }
     }
 
     pub fn request_id(&self) -> Option<&ClientMsgId> {
-        match self {
-            FrameError::Invalid { id, .. } => id.as_ref(),
-            _ => None,
-        }
+        self.id.as_ref()
     }
 }
 
 impl ClientFrame {
-    /// The first protocol version with this frame; a socket speaking an older one treats
-    /// it as an unknown type.
-    pub fn since_protocol(&self) -> u32 {
-        match self {
-            ClientFrame::Typing { .. }
-            | ClientFrame::Presence { .. }
-            | ClientFrame::PresenceUnsubscribe { .. } => 2,
-            _ => 1,
-        }
-    }
-
-    /// The frame's `type` name, as on the wire.
-    pub fn type_name(&self) -> &'static str {
-        match self {
-            ClientFrame::Send { .. } => "send",
-            ClientFrame::CreateDirect { .. } => "create_direct",
-            ClientFrame::CreateGroup { .. } => "create_group",
-            ClientFrame::History { .. } => "history",
-            ClientFrame::Conversations { .. } => "conversations",
-            ClientFrame::Ping { .. } => "ping",
-            ClientFrame::Typing { .. } => "typing",
-            ClientFrame::Presence { .. } => "presence",
-            ClientFrame::PresenceUnsubscribe { .. } => "presence_unsubscribe",
-        }
-    }
-
-    /// The request `id`, when the frame has one.
-    pub fn request_id(&self) -> Option<&ClientMsgId> {
+    /// The request's `id` (a `ping` may have none).
+    pub fn id(&self) -> Option<&ClientMsgId> {
         match self {
             ClientFrame::Send { id, .. }
             | ClientFrame::CreateDirect { id, .. }
             | ClientFrame::CreateGroup { id, .. }
             | ClientFrame::History { id, .. }
             | ClientFrame::Conversations { id, .. }
+            | ClientFrame::Resume { id, .. }
+            | ClientFrame::Members { id, .. }
+            | ClientFrame::MarkRead { id, .. }
             | ClientFrame::Presence { id, .. } => Some(id),
             ClientFrame::Ping { id }
             | ClientFrame::Typing { id, .. }
@@ -207,25 +223,53 @@ impl ClientFrame {
         }
     }
 
+    /// The oldest protocol version that has this frame type: a socket speaking an older one
+    /// is answered `unknown_frame_type`, as a server of that version would.
+    pub fn since_protocol(&self) -> u32 {
+        match self {
+            ClientFrame::Resume { .. }
+            | ClientFrame::Members { .. }
+            | ClientFrame::MarkRead { .. }
+            | ClientFrame::Typing { .. }
+            | ClientFrame::Presence { .. }
+            | ClientFrame::PresenceUnsubscribe { .. } => 2,
+            ClientFrame::Send { .. }
+            | ClientFrame::CreateDirect { .. }
+            | ClientFrame::CreateGroup { .. }
+            | ClientFrame::History { .. }
+            | ClientFrame::Conversations { .. }
+            | ClientFrame::Ping { .. } => 1,
+        }
+    }
+
     /// Parse a text frame, telling malformed JSON, unknown types and invalid fields apart.
     pub fn parse(text: &str) -> Result<Self, FrameError> {
-        let value: Value =
-            serde_json::from_str(text).map_err(|e| FrameError::Malformed(e.to_string()))?;
-        let frame_type = match value.get("type") {
-            Some(Value::String(t)) => t.clone(),
-            _ => return Err(FrameError::Malformed("missing \"type\"".into())),
-        };
-        if !CLIENT_FRAME_TYPES.contains(&frame_type.as_str()) {
-            return Err(FrameError::UnknownType(frame_type));
-        }
+        let value: Value = serde_json::from_str(text).map_err(|e| FrameError {
+            id: None,
+            problem: FrameProblem::Malformed(e.to_string()),
+        })?;
+        // Read before anything else is checked: every error about an object names the
+        // request when it can.
         let id = value
             .get("id")
             .and_then(Value::as_str)
             .and_then(|id| ClientMsgId::parse(id).ok());
-        serde_json::from_value(value).map_err(|e| FrameError::Invalid {
-            frame_type,
-            reason: e.to_string(),
-            id,
+        let fail = |problem| FrameError {
+            id: id.clone(),
+            problem,
+        };
+        let frame_type = match value.get("type") {
+            Some(Value::String(t)) => t.clone(),
+            _ => return Err(fail(FrameProblem::Malformed("missing \"type\"".into()))),
+        };
+        if !CLIENT_FRAME_TYPES.contains(&frame_type.as_str()) {
+            return Err(fail(FrameProblem::UnknownType(frame_type)));
+        }
+        serde_json::from_value(value).map_err(|e| {
+            fail(FrameProblem::Invalid {
+                frame_type,
+                reason: e.to_string(),
+            })
         })
     }
 }
@@ -270,13 +314,31 @@ pub enum ServerFrame {
         id: ClientMsgId,
         conversation: ConversationId,
         messages: Vec<HistoryMessage>,
-        /// Whether older messages exist below the last one returned.
+        /// Whether more messages exist beyond the last one returned: older ones when paging
+        /// backwards, newer ones when paging forwards (`after`).
         has_more: bool,
     },
     Conversations {
         id: ClientMsgId,
         conversations: Vec<ConversationSummary>,
         /// Whether less recently active conversations exist beyond the last one returned.
+        has_more: bool,
+    },
+    /// (v2) The answer to `members`.
+    Members {
+        id: ClientMsgId,
+        conversation: ConversationId,
+        kind: ConversationKind,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        title: Option<String>,
+        /// Milliseconds since the Unix epoch of its creation.
+        created_at: u64,
+        member_count: u64,
+        /// The requester's role in it.
+        role: Role,
+        /// Ordered by user id.
+        members: Vec<Member>,
+        /// Whether members with greater user ids exist beyond the last one returned.
         has_more: bool,
     },
     Pong {
@@ -295,6 +357,66 @@ pub enum ServerFrame {
     },
     /// (v2) A watched user came online or went offline.
     PresenceChanged(UserStatus),
+    /// (v2) The end of a resume's events. Conversations not listed are live and complete:
+    /// nothing was missed, and what follows arrives live.
+    Resumed {
+        id: ClientMsgId,
+        /// Where the user's conversations stand now; send it with the next `resume`.
+        cursor: ResumeCursor,
+        conversations: Vec<ResumeStatus>,
+    },
+}
+
+/// A position in the log, handed out by the server in `resumed` and sent back in `resume`.
+/// Opaque to clients: a string they store and return as it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ResumeCursor(pub u64);
+
+const CURSOR_PREFIX: &str = "c1-";
+
+impl Serialize for ResumeCursor {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&format!("{CURSOR_PREFIX}{:x}", self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for ResumeCursor {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.strip_prefix(CURSOR_PREFIX)
+            .filter(|hex| !hex.is_empty() && hex.len() <= 16)
+            .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+            .map(ResumeCursor)
+            .ok_or_else(|| serde::de::Error::custom("not a cursor this server issued"))
+    }
+}
+
+/// How one conversation stands at the end of a resume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumeStatus {
+    pub conversation: ConversationId,
+    pub state: ResumeState,
+    /// The sequence the client has now reached in this conversation: for `more`, where to
+    /// resume it from; for `truncated`, the newest one delivered.
+    pub seq: u64,
+    /// For `truncated`: the oldest sequence the log still holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_seq: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResumeState {
+    /// Caught up and followed live, after events that were sent by this resume.
+    Live,
+    /// Not caught up: the resume's bounds were reached. Nothing arrives live for it until a
+    /// later `resume` names it with `seq`.
+    More,
+    /// The point asked for is older than the log still holds; events from `first_seq` on
+    /// were sent, older ones are gone from the log (page `history` for what the store kept).
+    Truncated,
+    /// Named in the request, but not one of the user's conversations (or none at all).
+    NotMember,
 }
 
 /// One of the user's conversations in a `conversations` reply.
@@ -310,6 +432,43 @@ pub struct ConversationSummary {
     pub last_seq: u64,
     /// Milliseconds since the Unix epoch of its newest event.
     pub last_activity_at: u64,
+    /// (v2) Its newest message, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_message: Option<MessagePreview>,
+    /// (v2) The user's read marker (0: never marked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_seq: Option<u64>,
+    /// (v2) Messages by others after the marker, counted among the first 1,000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unread: Option<u32>,
+}
+
+/// (v2) What a conversation list shows of a message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessagePreview {
+    pub seq: u64,
+    pub sender: UserId,
+    /// The body's first [`PREVIEW_CHARS`] characters.
+    pub body: String,
+    pub at: u64,
+}
+
+/// Characters (Unicode scalar values) of a body a [`MessagePreview`] keeps.
+pub const PREVIEW_CHARS: usize = 140;
+
+impl From<HistoryMessage> for MessagePreview {
+    fn from(message: HistoryMessage) -> Self {
+        let body = match message.body.char_indices().nth(PREVIEW_CHARS) {
+            Some((end, _)) => message.body[..end].to_owned(),
+            None => message.body,
+        };
+        MessagePreview {
+            seq: message.seq,
+            sender: message.sender,
+            body,
+            at: message.at,
+        }
+    }
 }
 
 impl ServerFrame {
@@ -381,20 +540,22 @@ mod tests {
 
     #[test]
     fn tells_bad_frames_apart() {
-        assert!(matches!(
-            ClientFrame::parse("{not json"),
-            Err(FrameError::Malformed(_))
-        ));
-        assert!(matches!(
-            ClientFrame::parse("[1,2]"),
-            Err(FrameError::Malformed(_))
-        ));
-        assert!(matches!(
-            ClientFrame::parse(r#"{"type":7}"#),
-            Err(FrameError::Malformed(_))
-        ));
+        for malformed in ["{not json", "[1,2]", r#"{"type":7}"#] {
+            assert!(matches!(
+                ClientFrame::parse(malformed),
+                Err(FrameError {
+                    problem: FrameProblem::Malformed(_),
+                    id: None
+                })
+            ));
+        }
         let unknown = ClientFrame::parse(r#"{"type":"teleport"}"#).unwrap_err();
         assert_eq!(unknown.code(), ErrorCode::UnknownFrameType);
+        let named = ClientFrame::parse(r#"{"type":"teleport","id":"t1"}"#).unwrap_err();
+        assert_eq!(named.request_id().map(|id| id.as_str()), Some("t1"));
+        let untyped = ClientFrame::parse(r#"{"id":"t2"}"#).unwrap_err();
+        assert_eq!(untyped.code(), ErrorCode::BadFrame);
+        assert_eq!(untyped.request_id().map(|id| id.as_str()), Some("t2"));
         let invalid = ClientFrame::parse(r#"{"type":"send","id":"m2","body":"x"}"#).unwrap_err();
         assert_eq!(invalid.code(), ErrorCode::BadFrame);
         assert_eq!(invalid.request_id().map(|id| id.as_str()), Some("m2"));
@@ -407,7 +568,13 @@ mod tests {
         for frame_type in CLIENT_FRAME_TYPES {
             let err = ClientFrame::parse(&format!(r#"{{"type":"{frame_type}"}}"#)).err();
             assert!(
-                !matches!(err, Some(FrameError::UnknownType(_))),
+                !matches!(
+                    err,
+                    Some(FrameError {
+                        problem: FrameProblem::UnknownType(_),
+                        ..
+                    })
+                ),
                 "{frame_type} is declared but not parsed"
             );
         }
@@ -420,18 +587,21 @@ mod tests {
             r#"{{"type":"typing","conversation":"{conversation}","state":"started"}}"#
         ))
         .unwrap();
-        assert_eq!((typing.since_protocol(), typing.request_id()), (2, None));
+        assert_eq!((typing.since_protocol(), typing.id()), (2, None));
         let presence =
             ClientFrame::parse(r#"{"type":"presence","id":"p1","users":["bob"]}"#).unwrap();
         assert_eq!(presence.since_protocol(), 2);
-        assert_eq!(presence.request_id().map(|id| id.as_str()), Some("p1"));
-        assert_eq!(presence.type_name(), "presence");
+        assert_eq!(presence.id().map(|id| id.as_str()), Some("p1"));
         let ping = ClientFrame::parse(r#"{"type":"ping"}"#).unwrap();
         assert_eq!(ping.since_protocol(), 1);
         for frame_type in CLIENT_FRAME_TYPES {
             let wrong = format!(r#"{{"type":"{frame_type}","id":"x","surprise":1}}"#);
-            let Err(FrameError::Invalid {
-                frame_type: named, ..
+            let Err(FrameError {
+                problem:
+                    FrameProblem::Invalid {
+                        frame_type: named, ..
+                    },
+                ..
             }) = ClientFrame::parse(&wrong)
             else {
                 panic!("{wrong} parses");
@@ -472,6 +642,67 @@ mod tests {
             let refused = protocol_version(Some(wrong)).unwrap_err();
             assert!(refused.contains("not served"), "{wrong}: {refused}");
         }
+    }
+
+    #[test]
+    fn a_cursor_is_an_opaque_string_that_round_trips() {
+        let json = serde_json::to_string(&ResumeCursor(0x1f4a)).unwrap();
+        assert_eq!(json, r#""c1-1f4a""#);
+        assert_eq!(
+            serde_json::from_str::<ResumeCursor>(&json).unwrap(),
+            ResumeCursor(0x1f4a)
+        );
+        for wrong in [
+            r#""1f4a""#,
+            r#""c1-""#,
+            r#""c1-xyz""#,
+            r#""c1-11111111111111111""#,
+            "7",
+        ] {
+            assert!(
+                serde_json::from_str::<ResumeCursor>(wrong).is_err(),
+                "{wrong}"
+            );
+        }
+        let conversation = ConversationId::from_uuid(uuid::Uuid::from_u128(7));
+        let frame = ClientFrame::parse(&format!(
+            r#"{{"type":"resume","id":"r","cursor":"c1-a","conversations":{{"{conversation}":4}}}}"#
+        ))
+        .unwrap();
+        assert_eq!(
+            frame,
+            ClientFrame::Resume {
+                id: ClientMsgId::parse("r").unwrap(),
+                cursor: Some(ResumeCursor(10)),
+                conversations: BTreeMap::from([(conversation, 4)]),
+            }
+        );
+        let frame = ClientFrame::parse(r#"{"type":"resume","id":"r","cursor":"c1-zz"}"#);
+        let refused = frame.unwrap_err();
+        assert_eq!(refused.code(), ErrorCode::BadFrame);
+        assert_eq!(refused.request_id().map(|id| id.as_str()), Some("r"));
+    }
+
+    #[test]
+    fn a_preview_keeps_the_first_140_characters_on_a_char_boundary() {
+        let message = |body: &str| HistoryMessage {
+            seq: 5,
+            id: EventId::from_uuid(uuid::Uuid::nil()),
+            sender: UserId::parse("bob").unwrap(),
+            client_id: ClientMsgId::parse("m").unwrap(),
+            body: body.into(),
+            at: 7,
+        };
+        let long = "é".repeat(200);
+        let preview = MessagePreview::from(message(&long));
+        assert_eq!(preview.body, "é".repeat(140));
+        assert_eq!(
+            (preview.seq, preview.at, preview.sender.as_str()),
+            (5, 7, "bob")
+        );
+        let exact = "x".repeat(140);
+        assert_eq!(MessagePreview::from(message(&exact)).body, exact);
+        assert_eq!(MessagePreview::from(message("hi")).body, "hi");
     }
 
     #[test]

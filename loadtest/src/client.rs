@@ -393,6 +393,8 @@ async fn read(
                     Event::ConversationCreated(_) => {
                         live.created_seen.fetch_add(1, Ordering::Relaxed);
                     }
+                    // The ledger counts it as foreign; nothing to time.
+                    Event::ConversationRead(_) => {}
                 }
             }
             _ => {}

@@ -34,7 +34,8 @@ pub enum Content {
     Created,
     /// A message the harness sent.
     Message(SendKey),
-    /// A message whose client id is not one of the harness's.
+    /// An event the harness did not cause: a message whose client id is not one of the
+    /// harness's, or a read marker (the harness never sets one).
     Foreign,
 }
 
@@ -46,6 +47,7 @@ impl Content {
                 Some(RequestId::Send { key, .. }) => Content::Message(key),
                 _ => Content::Foreign,
             },
+            Event::ConversationRead(_) => Content::Foreign,
         }
     }
 }

@@ -127,6 +127,11 @@ async fn pair(
     peer: &UserId,
 ) -> Result<(Option<Duration>, Option<Duration>), &'static str> {
     let mut watcher = connect(watcher_url).await?;
+    // A version 2 socket is sent events only once it has resumed (here: from now).
+    send(&mut watcher, json!({"type": "resume", "id": "r"})).await?;
+    reply(&mut watcher, |f| f["id"] == "r" && f["type"] == "resumed")
+        .await
+        .map_err(|_| "no resumed")?;
     send(
         &mut watcher,
         json!({"type": "create_direct", "id": "dm", "peer": peer}),

@@ -32,8 +32,9 @@ use crate::resources::{Machine, Sampler};
 use crate::scenario::{Durability, Fault, FaultRole, Scenario};
 use crate::{LoadtestError, chart, unix_secs};
 
-/// The gateway's default `limits.max_frame_bytes`.
-const DEFAULT_MAX_FRAME_BYTES: usize = 16_384;
+/// The gateway's default frame limit: derived from the default `limits.max_message_bytes`
+/// (6 × 4,096 + 1,024).
+const DEFAULT_MAX_FRAME_BYTES: usize = 25_600;
 /// How long the drain waits for outstanding acks and deliveries.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long baselines run, each.

@@ -2,9 +2,9 @@
 //! raise doing it: one definition, so the two stores cannot drift apart in what they accept.
 
 use parley_events::protocol::HistoryMessage;
-use parley_events::{ClientMsgId, ConversationKind, EventId, Member, Role, UserId};
+use parley_events::{ClientMsgId, ConversationKind, EventEnvelope, EventId, Member, Role, UserId};
 
-use crate::store::{StoreError, StoreErrorKind};
+use crate::store::{EventsPage, MembersPage, StoreError, StoreErrorKind};
 
 pub(crate) fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::new(StoreErrorKind::Unavailable, e.to_string())
@@ -71,4 +71,47 @@ pub(crate) fn history_message(
         body,
         at: u64_of(at),
     })
+}
+
+/// A page of stored events from rows of (sequence, envelope bytes), read one row beyond
+/// `limit` to know whether more follow. An event this build cannot decode is corrupt here:
+/// the projector stops at such an event before storing it.
+pub(crate) fn events_page(rows: Vec<(i64, Vec<u8>)>, limit: u32) -> Result<EventsPage, StoreError> {
+    let has_more = rows.len() > limit as usize;
+    let events = rows
+        .into_iter()
+        .take(limit as usize)
+        .map(|(seq, bytes)| {
+            EventEnvelope::from_bytes(&bytes)
+                .map(|envelope| envelope.recorded(u64_of(seq)))
+                .map_err(corrupt)
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(EventsPage { events, has_more })
+}
+
+/// When the event whose stored bytes these are happened, without decoding all of it (a
+/// large group's creation lists every member).
+pub(crate) fn event_at(bytes: &[u8]) -> Result<u64, StoreError> {
+    #[derive(serde::Deserialize)]
+    struct At {
+        at: u64,
+    }
+    serde_json::from_slice::<At>(bytes)
+        .map(|e| e.at)
+        .map_err(corrupt)
+}
+
+/// A page of members from (user, role) rows read one beyond `limit`.
+pub(crate) fn members_page(
+    rows: Vec<(String, String)>,
+    limit: u32,
+) -> Result<MembersPage, StoreError> {
+    let has_more = rows.len() > limit as usize;
+    let members = rows
+        .into_iter()
+        .take(limit as usize)
+        .map(|(user, role)| parse_member(user, &role))
+        .collect::<Result<_, _>>()?;
+    Ok(MembersPage { members, has_more })
 }

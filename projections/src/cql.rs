@@ -33,16 +33,17 @@ use uuid::Uuid;
 pub use scylla::statement::Consistency;
 
 use crate::columns::{
-    corrupt, history_message, i64_of, kind_str, parse_kind, parse_member, parse_role, schema,
-    u64_of, unavailable,
+    corrupt, event_at, events_page, history_message, i64_of, kind_str, members_page, parse_kind,
+    parse_member, parse_role, schema, u64_of, unavailable,
 };
 use crate::store::{
-    ConversationStore, ConversationView, HistoryPage, InboxEntry, StoreError, StoreErrorKind,
+    ConversationDetails, ConversationStore, ConversationView, EventsPage, HistoryPage, InboxEntry,
+    MembersPage, StoreError, StoreErrorKind, UNREAD_CAP,
 };
 use crate::tls::TlsClient;
 
 /// Schema version this build writes, kept in the keyspace's `schema_version` table.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// Log sequences per history bucket. A `(conversation, bucket)` partition holds at most this
 /// many messages (every sequence in its range would have to be one of the conversation's
@@ -53,6 +54,11 @@ pub const DEFAULT_HISTORY_BUCKET_SEQS: u64 = 16_384;
 /// Rows of one partition sent in one unlogged batch.
 const BATCH_ROWS: usize = 64;
 const POSITION_NAME: &str = "conversations";
+/// The position's row. Schema 2 added the events table, empty for events applied before:
+/// a keyspace upgraded from schema 1 has no position under this name, so the projector
+/// replays the log into it. (Deleting the old row instead would leave a tombstone newer
+/// than every `USING TIMESTAMP <seq>` write that follows.)
+const POSITION_ROW: &str = "conversations.2";
 
 /// Where and how to reach the CQL cluster.
 #[derive(Clone)]
@@ -195,14 +201,27 @@ struct Statements {
     membership: PreparedStatement,
     message: PreparedStatement,
     bucket: PreparedStatement,
+    event: PreparedStatement,
+    event_bucket: PreparedStatement,
+    set_read: PreparedStatement,
+    read_marker: PreparedStatement,
+    senders_after: PreparedStatement,
     set_position: PreparedStatement,
     position: PreparedStatement,
     conversation: PreparedStatement,
     members: PreparedStatement,
+    members_after: PreparedStatement,
+    member_count: PreparedStatement,
+    details: PreparedStatement,
+    event_at: PreparedStatement,
     role_of: PreparedStatement,
     memberships: PreparedStatement,
     buckets: PreparedStatement,
     history: PreparedStatement,
+    buckets_after: PreparedStatement,
+    history_after: PreparedStatement,
+    event_buckets: PreparedStatement,
+    events: PreparedStatement,
     check: PreparedStatement,
 }
 
@@ -255,13 +274,38 @@ fn schema_v1(ks: &str) -> Vec<String> {
     ]
 }
 
+/// Schema version 2: every event as recorded, for resuming clients, bucketed like history;
+/// read markers.
+fn schema_v2(ks: &str) -> Vec<String> {
+    vec![
+        format!(
+            "CREATE TABLE IF NOT EXISTS {ks}.events (conversation uuid, bucket bigint, seq bigint, envelope blob, PRIMARY KEY ((conversation, bucket), seq))"
+        ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {ks}.event_buckets (conversation uuid, bucket bigint, PRIMARY KEY (conversation, bucket))"
+        ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {ks}.read_markers (conversation uuid, user_id text, seq bigint, PRIMARY KEY (conversation, user_id))"
+        ),
+    ]
+}
+
 /// Migrations by version: entry `n` brings a keyspace from version `n` to `n + 1`.
 fn migrations(ks: &str) -> Vec<Vec<String>> {
-    vec![schema_v1(ks)]
+    vec![schema_v1(ks), schema_v2(ks)]
 }
 
 type ConversationRow = (Option<String>, Option<String>, Option<i64>, Option<i64>);
 type MessageRow = (i64, Uuid, String, String, String, i64);
+
+/// Reading rows of one conversation across its buckets: the bucket index query
+/// (conversation, first bucket) returns buckets in the order to read them, the row query
+/// (conversation, bucket, sequence bound, limit) a bucket's rows beyond the bound, in the
+/// same order.
+struct BucketWalk<'a> {
+    index: &'a PreparedStatement,
+    rows: &'a PreparedStatement,
+}
 
 impl CqlStore {
     /// Connect, create the keyspace if it does not exist, bring its schema up to date and
@@ -318,6 +362,46 @@ impl CqlStore {
         i64_of(seq / self.bucket_seqs)
     }
 
+    /// Up to `wanted` rows of conversation `id` beyond sequence `bound`, from bucket `first`
+    /// on, reading each bucket the index lists until enough are in hand. Both reads page
+    /// through the driver, so short pages (ScyllaDB may return them) change nothing.
+    async fn walk<R>(
+        &self,
+        walk: BucketWalk<'_>,
+        id: Uuid,
+        first: i64,
+        bound: i64,
+        wanted: usize,
+    ) -> Result<Vec<R>, StoreError>
+    where
+        R: for<'f, 'm> scylla::deserialize::row::DeserializeRow<'f, 'm>,
+    {
+        let mut rows = Vec::with_capacity(wanted);
+        let mut buckets = self
+            .session
+            .execute_iter(walk.index.clone(), (id, first))
+            .await?
+            .rows_stream::<(i64,)>()
+            .map_err(corrupt)?;
+        while rows.len() < wanted {
+            let Some(bucket) = buckets.next().await else {
+                break;
+            };
+            let (bucket,) = bucket.map_err(unavailable)?;
+            let left = i32::try_from(wanted - rows.len()).unwrap_or(i32::MAX);
+            let mut page = self
+                .session
+                .execute_iter(walk.rows.clone(), (id, bucket, bound, left))
+                .await?
+                .rows_stream::<R>()
+                .map_err(corrupt)?;
+            while let Some(row) = page.next().await {
+                rows.push(row.map_err(unavailable)?);
+            }
+        }
+        Ok(rows)
+    }
+
     fn write(
         &self,
         statement: &PreparedStatement,
@@ -370,11 +454,17 @@ impl CqlStore {
         // the newest event of each conversation in the batch needs to write them.
         let mut newest: HashMap<ConversationId, &RecordedEvent> = HashMap::new();
         let mut messages: HashMap<(ConversationId, i64), Vec<_>> = HashMap::new();
+        let mut recorded_events: HashMap<(ConversationId, i64), Vec<_>> = HashMap::new();
         for recorded in events {
             let envelope = &recorded.envelope;
             let conversation = envelope.conversation;
             let id = *conversation.as_uuid();
             let seq = i64_of(recorded.seq);
+            let bucket = self.bucket_of(recorded.seq);
+            recorded_events
+                .entry((conversation, bucket))
+                .or_default()
+                .push((id, bucket, seq, envelope.to_bytes(), seq));
             newest
                 .entry(conversation)
                 .and_modify(|e| {
@@ -407,8 +497,14 @@ impl CqlStore {
                         ));
                     }
                 }
+                Event::ConversationRead(read) => {
+                    let marker = i64_of(read.seq);
+                    writes.push(self.write(
+                        &s.set_read,
+                        (id, envelope.actor.as_str().to_owned(), marker, marker),
+                    ));
+                }
                 Event::MessagePosted(posted) => {
-                    let bucket = self.bucket_of(recorded.seq);
                     messages.entry((conversation, bucket)).or_default().push((
                         id,
                         bucket,
@@ -442,6 +538,11 @@ impl CqlStore {
             writes.push(self.write(&s.bucket, (*conversation.as_uuid(), bucket, newest)));
             writes.extend(self.partition_batches(&s.message, rows));
         }
+        for ((conversation, bucket), rows) in recorded_events {
+            let newest = rows.iter().map(|r| r.2).max().unwrap_or(0);
+            writes.push(self.write(&s.event_bucket, (*conversation.as_uuid(), bucket, newest)));
+            writes.extend(self.partition_batches(&s.event, rows));
+        }
         writes
     }
 
@@ -465,6 +566,26 @@ impl CqlStore {
             .map_err(corrupt)?;
         result.maybe_first_row::<ConversationRow>().map_err(corrupt)
     }
+}
+
+/// A page of history from rows read one beyond `limit`, to know whether more follow.
+fn history_page(rows: Vec<MessageRow>, limit: u32) -> Result<HistoryPage, StoreError> {
+    let has_more = rows.len() > limit as usize;
+    let messages = rows
+        .into_iter()
+        .take(limit as usize)
+        .map(|(seq, event_id, sender, client_id, body, at)| {
+            history_message((
+                seq,
+                EventId::from_uuid(event_id),
+                sender,
+                client_id,
+                body,
+                at,
+            ))
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    Ok(HistoryPage { messages, has_more })
 }
 
 async fn detect_dialect(session: &Session) -> Result<Dialect, StoreError> {
@@ -628,6 +749,28 @@ async fn prepare_all(session: &Session, ks: &str) -> Result<Statements, StoreErr
             "INSERT INTO {ks}.message_buckets (conversation, bucket) VALUES (?, ?) USING TIMESTAMP ?"
         ))
         .await?,
+        event: prepare(format!(
+            "INSERT INTO {ks}.events (conversation, bucket, seq, envelope) VALUES (?, ?, ?, ?) USING TIMESTAMP ?"
+        ))
+        .await?,
+        // Timestamped by the marker itself, not the event's sequence: the cell keeps the
+        // highest marker whatever order the events arrive in.
+        set_read: prepare(format!(
+            "INSERT INTO {ks}.read_markers (conversation, user_id, seq) VALUES (?, ?, ?) USING TIMESTAMP ?"
+        ))
+        .await?,
+        read_marker: prepare(format!(
+            "SELECT seq FROM {ks}.read_markers WHERE conversation = ? AND user_id = ?"
+        ))
+        .await?,
+        senders_after: prepare(format!(
+            "SELECT seq, sender FROM {ks}.messages WHERE conversation = ? AND bucket = ? AND seq > ? ORDER BY seq ASC LIMIT ?"
+        ))
+        .await?,
+        event_bucket: prepare(format!(
+            "INSERT INTO {ks}.event_buckets (conversation, bucket) VALUES (?, ?) USING TIMESTAMP ?"
+        ))
+        .await?,
         set_position: prepare(format!(
             "INSERT INTO {ks}.projection_position (name, seq) VALUES (?, ?) USING TIMESTAMP ?"
         ))
@@ -644,6 +787,22 @@ async fn prepare_all(session: &Session, ks: &str) -> Result<Statements, StoreErr
             "SELECT user_id, role FROM {ks}.members WHERE conversation = ?"
         ))
         .await?,
+        members_after: prepare(format!(
+            "SELECT user_id, role FROM {ks}.members WHERE conversation = ? AND user_id > ? LIMIT ?"
+        ))
+        .await?,
+        member_count: prepare(format!(
+            "SELECT COUNT(*) FROM {ks}.members WHERE conversation = ?"
+        ))
+        .await?,
+        details: prepare(format!(
+            "SELECT kind, title, last_seq, created_seq FROM {ks}.conversations WHERE id = ?"
+        ))
+        .await?,
+        event_at: prepare(format!(
+            "SELECT envelope FROM {ks}.events WHERE conversation = ? AND bucket = ? AND seq = ?"
+        ))
+        .await?,
         role_of: prepare(format!(
             "SELECT role FROM {ks}.members WHERE conversation = ? AND user_id = ?"
         ))
@@ -658,6 +817,22 @@ async fn prepare_all(session: &Session, ks: &str) -> Result<Statements, StoreErr
         .await?,
         history: prepare(format!(
             "SELECT seq, id, sender, client_id, body, at FROM {ks}.messages WHERE conversation = ? AND bucket = ? AND seq < ? LIMIT ?"
+        ))
+        .await?,
+        buckets_after: prepare(format!(
+            "SELECT bucket FROM {ks}.message_buckets WHERE conversation = ? AND bucket >= ? ORDER BY bucket ASC"
+        ))
+        .await?,
+        history_after: prepare(format!(
+            "SELECT seq, id, sender, client_id, body, at FROM {ks}.messages WHERE conversation = ? AND bucket = ? AND seq > ? ORDER BY seq ASC LIMIT ?"
+        ))
+        .await?,
+        event_buckets: prepare(format!(
+            "SELECT bucket FROM {ks}.event_buckets WHERE conversation = ? AND bucket >= ?"
+        ))
+        .await?,
+        events: prepare(format!(
+            "SELECT seq, envelope FROM {ks}.events WHERE conversation = ? AND bucket = ? AND seq > ? LIMIT ?"
         ))
         .await?,
         check: prepare(format!(
@@ -683,7 +858,7 @@ impl ConversationStore for CqlStore {
         self.session
             .execute_unpaged(
                 &self.statements.set_position,
-                (POSITION_NAME, position, position),
+                (POSITION_ROW, position, position),
             )
             .await?;
         Ok(())
@@ -692,7 +867,7 @@ impl ConversationStore for CqlStore {
     async fn position(&self) -> Result<u64, StoreError> {
         let row = self
             .session
-            .execute_unpaged(&self.statements.position, (POSITION_NAME,))
+            .execute_unpaged(&self.statements.position, (POSITION_ROW,))
             .await?
             .into_rows_result()
             .map_err(corrupt)?
@@ -730,6 +905,75 @@ impl ConversationStore for CqlStore {
         rows.into_iter()
             .map(|(user, role)| parse_member(user, &role))
             .collect()
+    }
+
+    /// Three single-partition reads: the conversation, its creation event, its member count.
+    async fn details(&self, id: ConversationId) -> Result<Option<ConversationDetails>, StoreError> {
+        let uuid = *id.as_uuid();
+        let row = self
+            .session
+            .execute_unpaged(&self.statements.details, (uuid,))
+            .await?
+            .into_rows_result()
+            .map_err(corrupt)?
+            .maybe_first_row::<(Option<String>, Option<String>, Option<i64>, Option<i64>)>()
+            .map_err(corrupt)?;
+        let Some((Some(kind), title, last_seq, Some(created_seq))) = row else {
+            return Ok(None);
+        };
+        let created = self
+            .session
+            .execute_unpaged(
+                &self.statements.event_at,
+                (uuid, self.bucket_of(u64_of(created_seq)), created_seq),
+            )
+            .await?
+            .into_rows_result()
+            .map_err(corrupt)?
+            .maybe_first_row::<(Vec<u8>,)>()
+            .map_err(corrupt)?
+            .ok_or_else(|| corrupt("the creation event is missing"))?;
+        let (members,) = self
+            .session
+            .execute_unpaged(&self.statements.member_count, (uuid,))
+            .await?
+            .into_rows_result()
+            .map_err(corrupt)?
+            .first_row::<(i64,)>()
+            .map_err(corrupt)?;
+        Ok(Some(ConversationDetails {
+            view: ConversationView {
+                id,
+                kind: parse_kind(&kind)?,
+                title,
+                last_seq: last_seq.map(u64_of).unwrap_or(0),
+            },
+            created_at: event_at(&created.0)?,
+            member_count: u64_of(members),
+        }))
+    }
+
+    async fn members_page(
+        &self,
+        id: ConversationId,
+        after: Option<&UserId>,
+        limit: u32,
+    ) -> Result<MembersPage, StoreError> {
+        let after = after.map_or("", |u| u.as_str()).to_owned();
+        let wanted = i32::try_from(u64::from(limit) + 1).unwrap_or(i32::MAX);
+        let rows: Vec<(String, String)> = self
+            .session
+            .execute_iter(
+                self.statements.members_after.clone(),
+                (*id.as_uuid(), after, wanted),
+            )
+            .await?
+            .rows_stream::<(String, String)>()
+            .map_err(corrupt)?
+            .map_err(unavailable)
+            .try_collect()
+            .await?;
+        members_page(rows, limit)
     }
 
     async fn role_of(&self, id: ConversationId, user: &UserId) -> Result<Option<Role>, StoreError> {
@@ -802,6 +1046,9 @@ impl ConversationStore for CqlStore {
                 role: parse_role(&role)?,
                 last_seq,
                 last_activity_at: last_activity_at.map(u64_of).unwrap_or(0),
+                read_seq: 0,
+                unread: 0,
+                last_message: None,
             });
         }
         entries.sort_by_key(|e| std::cmp::Reverse(e.last_seq));
@@ -810,8 +1057,7 @@ impl ConversationStore for CqlStore {
     }
 
     /// Walks the conversation's non-empty buckets newest first, reading each until the page
-    /// (plus one row, to know whether more exist) is full. Both reads page through the
-    /// driver, so short pages (ScyllaDB may return them) change nothing.
+    /// (plus one row, to know whether more exist) is full.
     async fn history(
         &self,
         id: ConversationId,
@@ -819,55 +1065,114 @@ impl ConversationStore for CqlStore {
         limit: u32,
     ) -> Result<HistoryPage, StoreError> {
         let before = before.unwrap_or(u64::MAX);
-        let wanted = limit as usize + 1;
-        let mut rows: Vec<MessageRow> = Vec::with_capacity(wanted);
-        if before > 0 {
-            let uuid = *id.as_uuid();
-            let mut buckets = self
-                .session
-                .execute_iter(
-                    self.statements.buckets.clone(),
-                    (uuid, self.bucket_of(before - 1)),
-                )
-                .await?
-                .rows_stream::<(i64,)>()
-                .map_err(corrupt)?;
-            while rows.len() < wanted {
-                let Some(bucket) = buckets.next().await else {
-                    break;
-                };
-                let (bucket,) = bucket.map_err(unavailable)?;
-                let left = i32::try_from(wanted - rows.len()).unwrap_or(i32::MAX);
-                let mut page = self
-                    .session
-                    .execute_iter(
-                        self.statements.history.clone(),
-                        (uuid, bucket, i64_of(before), left),
-                    )
-                    .await?
-                    .rows_stream::<MessageRow>()
-                    .map_err(corrupt)?;
-                while let Some(row) = page.next().await {
-                    rows.push(row.map_err(unavailable)?);
-                }
-            }
-        }
-        let has_more = rows.len() > limit as usize;
-        let messages = rows
+        let rows: Vec<MessageRow> = if before == 0 {
+            Vec::new()
+        } else {
+            let walk = BucketWalk {
+                index: &self.statements.buckets,
+                rows: &self.statements.history,
+            };
+            let first = self.bucket_of(before - 1);
+            self.walk(
+                walk,
+                *id.as_uuid(),
+                first,
+                i64_of(before),
+                limit as usize + 1,
+            )
+            .await?
+        };
+        history_page(rows, limit)
+    }
+
+    /// Walks the conversation's non-empty buckets oldest first, from the one holding
+    /// `after + 1`.
+    async fn history_after(
+        &self,
+        id: ConversationId,
+        after: u64,
+        limit: u32,
+    ) -> Result<HistoryPage, StoreError> {
+        let walk = BucketWalk {
+            index: &self.statements.buckets_after,
+            rows: &self.statements.history_after,
+        };
+        let first = self.bucket_of(after.saturating_add(1));
+        let rows = self
+            .walk(
+                walk,
+                *id.as_uuid(),
+                first,
+                i64_of(after),
+                limit as usize + 1,
+            )
+            .await?;
+        history_page(rows, limit)
+    }
+
+    /// Walks the conversation's event buckets oldest first, from the one holding `after + 1`.
+    async fn events_after(
+        &self,
+        id: ConversationId,
+        after: u64,
+        limit: u32,
+    ) -> Result<EventsPage, StoreError> {
+        let walk = BucketWalk {
+            index: &self.statements.event_buckets,
+            rows: &self.statements.events,
+        };
+        let first = self.bucket_of(after.saturating_add(1));
+        let rows: Vec<(i64, Vec<u8>)> = self
+            .walk(
+                walk,
+                *id.as_uuid(),
+                first,
+                i64_of(after),
+                limit as usize + 1,
+            )
+            .await?;
+        events_page(rows, limit)
+    }
+
+    async fn read_marker(&self, id: ConversationId, user: &UserId) -> Result<u64, StoreError> {
+        let row = self
+            .session
+            .execute_unpaged(&self.statements.read_marker, (*id.as_uuid(), user.as_str()))
+            .await?
+            .into_rows_result()
+            .map_err(corrupt)?
+            .maybe_first_row::<(Option<i64>,)>()
+            .map_err(corrupt)?;
+        Ok(row.and_then(|(seq,)| seq).map_or(0, u64_of))
+    }
+
+    /// Walks the message buckets after the marker like forward history, reading senders
+    /// only.
+    async fn unread(
+        &self,
+        id: ConversationId,
+        user: &UserId,
+        after: u64,
+    ) -> Result<u32, StoreError> {
+        let walk = BucketWalk {
+            index: &self.statements.buckets_after,
+            rows: &self.statements.senders_after,
+        };
+        let first = self.bucket_of(after.saturating_add(1));
+        let rows: Vec<(i64, String)> = self
+            .walk(
+                walk,
+                *id.as_uuid(),
+                first,
+                i64_of(after),
+                UNREAD_CAP as usize,
+            )
+            .await?;
+        let unread = rows
             .into_iter()
-            .take(limit as usize)
-            .map(|(seq, event_id, sender, client_id, body, at)| {
-                history_message((
-                    seq,
-                    EventId::from_uuid(event_id),
-                    sender,
-                    client_id,
-                    body,
-                    at,
-                ))
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        Ok(HistoryPage { messages, has_more })
+            .filter(|(_, sender)| sender != user.as_str())
+            .count();
+        Ok(u32::try_from(unread).unwrap_or(UNREAD_CAP))
     }
 
     async fn check(&self) -> Result<(), StoreError> {

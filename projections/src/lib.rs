@@ -26,6 +26,7 @@ pub use cql::{Consistency, CqlOptions, CqlStore};
 pub use presence::{PresenceClient, PresenceError, PresenceStore, Recorded, UserPresence};
 pub use sqlite::SqliteStore;
 pub use store::{
-    ConversationStore, ConversationView, HistoryPage, InboxEntry, StoreError, StoreErrorKind,
+    ConversationDetails, ConversationStore, ConversationView, EventsPage, HistoryPage, InboxEntry,
+    MembersPage, StoreError, StoreErrorKind,
 };
 pub use tls::{ClientCert, TlsClient, TlsError};

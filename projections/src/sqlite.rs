@@ -15,15 +15,16 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use std::sync::Mutex;
 
 use crate::columns::{
-    corrupt, history_message, i64_of, kind_str, parse_kind, parse_member, parse_role, parse_user,
-    u64_of, unavailable,
+    corrupt, event_at, events_page, history_message, i64_of, kind_str, members_page, parse_kind,
+    parse_member, parse_role, parse_user, u64_of, unavailable,
 };
 use crate::store::{
-    ConversationStore, ConversationView, HistoryPage, InboxEntry, StoreError, StoreErrorKind,
+    ConversationDetails, ConversationStore, ConversationView, EventsPage, HistoryPage, InboxEntry,
+    MembersPage, StoreError, StoreErrorKind, UNREAD_CAP,
 };
 
 /// Schema version this build writes, kept in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 const READERS: usize = 4;
 
 const SCHEMA: &str = "
@@ -52,6 +53,18 @@ CREATE TABLE IF NOT EXISTS messages (
     body TEXT NOT NULL,
     at INTEGER NOT NULL,
     PRIMARY KEY (conversation, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS events (
+    conversation TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    envelope BLOB NOT NULL,          -- the event as appended to the log (EventEnvelope::to_bytes)
+    PRIMARY KEY (conversation, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS read_markers (
+    conversation TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,            -- read up to here; only ever raised
+    PRIMARY KEY (conversation, user_id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS position (
     name TEXT PRIMARY KEY,
@@ -188,6 +201,11 @@ fn migrate(conn: &Connection) -> Result<(), SetupError> {
     }
     if version < SCHEMA_VERSION {
         conn.execute_batch(SCHEMA)?;
+        if version > 0 {
+            // Rows of tables this version added are missing for events applied before:
+            // forgetting the position makes the projector replay the log into them.
+            conn.execute("DELETE FROM position", [])?;
+        }
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     }
     Ok(())
@@ -206,6 +224,11 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, recorded: &RecordedEvent) -> rusqli
          WHERE excluded.last_seq > conversations.last_seq",
     )?
     .execute(params![conversation, seq, at])?;
+    tx.prepare_cached(
+        "INSERT INTO events (conversation, seq, envelope) VALUES (?1, ?2, ?3)
+         ON CONFLICT (conversation, seq) DO NOTHING",
+    )?
+    .execute(params![conversation, seq, envelope.to_bytes()])?;
     match &envelope.event {
         Event::ConversationCreated(created) => {
             tx.prepare_cached(
@@ -232,6 +255,18 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, recorded: &RecordedEvent) -> rusqli
                 ])?;
             }
         }
+        Event::ConversationRead(read) => {
+            tx.prepare_cached(
+                "INSERT INTO read_markers (conversation, user_id, seq) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (conversation, user_id) DO UPDATE SET seq = excluded.seq
+                 WHERE excluded.seq > read_markers.seq",
+            )?
+            .execute(params![
+                conversation,
+                envelope.actor.as_str(),
+                i64_of(read.seq)
+            ])?;
+        }
         Event::MessagePosted(posted) => {
             tx.prepare_cached(
                 "INSERT INTO messages (conversation, seq, id, sender, client_id, body, at)
@@ -250,6 +285,46 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, recorded: &RecordedEvent) -> rusqli
         }
     }
     Ok(())
+}
+
+/// A page of history read by `query` (conversation, sequence bound, row limit), one row
+/// beyond `limit` to know whether more follow.
+fn history_page(
+    conn: &Connection,
+    query: &str,
+    id: ConversationId,
+    bound: i64,
+    limit: u32,
+) -> Result<HistoryPage, StoreError> {
+    let rows = conn
+        .prepare_cached(query)
+        .and_then(|mut stmt| {
+            stmt.query_map(
+                params![id.to_string(), bound, i64::from(limit) + 1],
+                |row| {
+                    Ok((
+                        row.get::<_, i64>(0)?,
+                        row.get::<_, String>(1)?,
+                        row.get::<_, String>(2)?,
+                        row.get::<_, String>(3)?,
+                        row.get::<_, String>(4)?,
+                        row.get::<_, i64>(5)?,
+                    ))
+                },
+            )?
+            .collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .map_err(unavailable)?;
+    let has_more = rows.len() > limit as usize;
+    let messages = rows
+        .into_iter()
+        .take(limit as usize)
+        .map(|(seq, event_id, sender, client_id, body, at)| {
+            let id = event_id.parse::<EventId>().map_err(corrupt)?;
+            history_message((seq, id, sender, client_id, body, at))
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    Ok(HistoryPage { messages, has_more })
 }
 
 #[async_trait]
@@ -343,6 +418,74 @@ impl ConversationStore for SqliteStore {
         .await
     }
 
+    async fn details(&self, id: ConversationId) -> Result<Option<ConversationDetails>, StoreError> {
+        self.read(move |conn| {
+            let row = conn
+                .prepare_cached(
+                    "SELECT c.kind, c.title, c.last_seq, e.envelope,
+                         (SELECT count(*) FROM members m WHERE m.conversation = c.id)
+                     FROM conversations c
+                     LEFT JOIN events e ON e.conversation = c.id AND e.seq = c.created_seq
+                     WHERE c.id = ?1 AND c.kind IS NOT NULL",
+                )
+                .and_then(|mut stmt| {
+                    stmt.query_row(params![id.to_string()], |row| {
+                        Ok((
+                            row.get::<_, String>(0)?,
+                            row.get::<_, Option<String>>(1)?,
+                            row.get::<_, i64>(2)?,
+                            row.get::<_, Option<Vec<u8>>>(3)?,
+                            row.get::<_, i64>(4)?,
+                        ))
+                    })
+                    .optional()
+                })
+                .map_err(unavailable)?;
+            row.map(|(kind, title, last_seq, created, members)| {
+                let created = created.ok_or_else(|| corrupt("the creation event is missing"))?;
+                Ok(ConversationDetails {
+                    view: ConversationView {
+                        id,
+                        kind: parse_kind(&kind)?,
+                        title,
+                        last_seq: u64_of(last_seq),
+                    },
+                    created_at: event_at(&created)?,
+                    member_count: u64_of(members),
+                })
+            })
+            .transpose()
+        })
+        .await
+    }
+
+    async fn members_page(
+        &self,
+        id: ConversationId,
+        after: Option<&UserId>,
+        limit: u32,
+    ) -> Result<MembersPage, StoreError> {
+        // User ids are never empty, so "" is below every one of them.
+        let after = after.map_or_else(String::new, |u| u.as_str().to_owned());
+        self.read(move |conn| {
+            let rows = conn
+                .prepare_cached(
+                    "SELECT user_id, role FROM members WHERE conversation = ?1 AND user_id > ?2
+                     ORDER BY user_id LIMIT ?3",
+                )
+                .and_then(|mut stmt| {
+                    stmt.query_map(
+                        params![id.to_string(), after, i64::from(limit) + 1],
+                        |row| Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?)),
+                    )?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+                })
+                .map_err(unavailable)?;
+            members_page(rows, limit)
+        })
+        .await
+    }
+
     async fn role_of(&self, id: ConversationId, user: &UserId) -> Result<Option<Role>, StoreError> {
         let user = user.as_str().to_owned();
         self.read(move |conn| {
@@ -428,6 +571,9 @@ impl ConversationStore for SqliteStore {
                         role: parse_role(&role)?,
                         last_seq: u64_of(last_seq),
                         last_activity_at: u64_of(last_activity_at),
+                        read_seq: 0,
+                        unread: 0,
+                        last_message: None,
                     })
                 })
                 .collect()
@@ -443,39 +589,101 @@ impl ConversationStore for SqliteStore {
     ) -> Result<HistoryPage, StoreError> {
         let before = before.map(i64_of).unwrap_or(i64::MAX);
         self.read(move |conn| {
-            // One row more than asked tells whether an older page exists.
+            history_page(
+                conn,
+                "SELECT seq, id, sender, client_id, body, at FROM messages
+                 WHERE conversation = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3",
+                id,
+                before,
+                limit,
+            )
+        })
+        .await
+    }
+
+    async fn history_after(
+        &self,
+        id: ConversationId,
+        after: u64,
+        limit: u32,
+    ) -> Result<HistoryPage, StoreError> {
+        let after = i64_of(after);
+        self.read(move |conn| {
+            history_page(
+                conn,
+                "SELECT seq, id, sender, client_id, body, at FROM messages
+                 WHERE conversation = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+                id,
+                after,
+                limit,
+            )
+        })
+        .await
+    }
+
+    async fn events_after(
+        &self,
+        id: ConversationId,
+        after: u64,
+        limit: u32,
+    ) -> Result<EventsPage, StoreError> {
+        let after = i64_of(after);
+        self.read(move |conn| {
+            // One row more than asked tells whether a newer page exists.
             let rows = conn
                 .prepare_cached(
-                    "SELECT seq, id, sender, client_id, body, at FROM messages
-                     WHERE conversation = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3",
+                    "SELECT seq, envelope FROM events
+                     WHERE conversation = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
                 )
                 .and_then(|mut stmt| {
                     stmt.query_map(
-                        params![id.to_string(), before, i64::from(limit) + 1],
-                        |row| {
-                            Ok((
-                                row.get::<_, i64>(0)?,
-                                row.get::<_, String>(1)?,
-                                row.get::<_, String>(2)?,
-                                row.get::<_, String>(3)?,
-                                row.get::<_, String>(4)?,
-                                row.get::<_, i64>(5)?,
-                            ))
-                        },
+                        params![id.to_string(), after, i64::from(limit) + 1],
+                        |row| Ok((row.get::<_, i64>(0)?, row.get::<_, Vec<u8>>(1)?)),
                     )?
                     .collect::<rusqlite::Result<Vec<_>>>()
                 })
                 .map_err(unavailable)?;
-            let has_more = rows.len() > limit as usize;
-            let messages = rows
-                .into_iter()
-                .take(limit as usize)
-                .map(|(seq, event_id, sender, client_id, body, at)| {
-                    let id = event_id.parse::<EventId>().map_err(corrupt)?;
-                    history_message((seq, id, sender, client_id, body, at))
+            events_page(rows, limit)
+        })
+        .await
+    }
+
+    async fn read_marker(&self, id: ConversationId, user: &UserId) -> Result<u64, StoreError> {
+        let user = user.as_str().to_owned();
+        self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT seq FROM read_markers WHERE conversation = ?1 AND user_id = ?2",
+            )
+            .and_then(|mut stmt| {
+                stmt.query_row(params![id.to_string(), user], |row| row.get::<_, i64>(0))
+                    .optional()
+            })
+            .map(|seq| seq.map_or(0, u64_of))
+            .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn unread(
+        &self,
+        id: ConversationId,
+        user: &UserId,
+        after: u64,
+    ) -> Result<u32, StoreError> {
+        let user = user.as_str().to_owned();
+        let after = i64_of(after);
+        self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT count(*) FROM (SELECT sender FROM messages
+                     WHERE conversation = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3)
+                 WHERE sender != ?4",
+            )
+            .and_then(|mut stmt| {
+                stmt.query_row(params![id.to_string(), after, UNREAD_CAP, user], |row| {
+                    row.get::<_, u32>(0)
                 })
-                .collect::<Result<Vec<_>, StoreError>>()?;
-            Ok(HistoryPage { messages, has_more })
+            })
+            .map_err(unavailable)
         })
         .await
     }

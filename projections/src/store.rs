@@ -56,6 +56,23 @@ pub struct ConversationView {
     pub last_seq: u64,
 }
 
+/// What a conversation's detail view shows beyond [`ConversationView`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConversationDetails {
+    pub view: ConversationView,
+    /// Milliseconds since the Unix epoch of its `conversation.created`.
+    pub created_at: u64,
+    pub member_count: u64,
+}
+
+/// A page of a conversation's members, ordered by user id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MembersPage {
+    pub members: Vec<Member>,
+    /// Whether members with greater user ids exist beyond the last one returned.
+    pub has_more: bool,
+}
+
 /// One line of a user's inbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InboxEntry {
@@ -66,13 +83,36 @@ pub struct InboxEntry {
     pub last_seq: u64,
     /// Milliseconds since the Unix epoch of the newest event.
     pub last_activity_at: u64,
+    /// The user's read marker (0: none). Left 0 by `inbox`; see
+    /// [`ConversationStore::list_view`].
+    pub read_seq: u64,
+    /// Messages by others after the marker, at most [`UNREAD_CAP`]. Left 0 by `inbox`.
+    pub unread: u32,
+    /// The newest message. Left `None` by `inbox`.
+    pub last_message: Option<HistoryMessage>,
 }
 
-/// A page of history, newest first.
+/// Unread counts look at no more than this many messages after the marker, so a user away
+/// for a month costs a bounded read: a count of `UNREAD_CAP` means "at least that many".
+pub const UNREAD_CAP: u32 = 1000;
+
+/// Conversations whose list-view details one `list_view` reads at once.
+const LIST_VIEW_CONCURRENCY: usize = 16;
+
+/// A page of history: newest first when paging backwards, oldest first when forwards.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HistoryPage {
     pub messages: Vec<HistoryMessage>,
-    /// Whether older messages exist below the last one returned.
+    /// Whether more messages exist beyond the last one returned, in the page's direction.
+    pub has_more: bool,
+}
+
+/// A page of a conversation's events, oldest first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventsPage {
+    /// Exactly as recorded in the log, every type.
+    pub events: Vec<RecordedEvent>,
+    /// Whether newer events exist after the last one returned.
     pub has_more: bool,
 }
 
@@ -95,6 +135,18 @@ pub trait ConversationStore: Send + Sync + 'static {
     ) -> Result<Option<ConversationView>, StoreError>;
 
     async fn members(&self, id: ConversationId) -> Result<Vec<Member>, StoreError>;
+
+    /// The conversation with its creation time and member count; `None` when unknown.
+    async fn details(&self, id: ConversationId) -> Result<Option<ConversationDetails>, StoreError>;
+
+    /// Members with a user id greater than `after` (from the first when `None`), ordered by
+    /// user id, at most `limit`.
+    async fn members_page(
+        &self,
+        id: ConversationId,
+        after: Option<&UserId>,
+        limit: u32,
+    ) -> Result<MembersPage, StoreError>;
 
     async fn role_of(&self, id: ConversationId, user: &UserId) -> Result<Option<Role>, StoreError>;
 
@@ -119,6 +171,70 @@ pub trait ConversationStore: Send + Sync + 'static {
         before: Option<u64>,
         limit: u32,
     ) -> Result<HistoryPage, StoreError>;
+
+    /// Messages with a sequence above `after`, oldest first, at most `limit`.
+    async fn history_after(
+        &self,
+        id: ConversationId,
+        after: u64,
+        limit: u32,
+    ) -> Result<HistoryPage, StoreError>;
+
+    /// Every event of the conversation with a sequence above `after`, oldest first, at most
+    /// `limit`: the resume index. Only what the store has applied; an event still on its way
+    /// through the projector is not there yet, so a caller that must not miss one reads the
+    /// log above [`position`](Self::position).
+    async fn events_after(
+        &self,
+        id: ConversationId,
+        after: u64,
+        limit: u32,
+    ) -> Result<EventsPage, StoreError>;
+
+    /// The user's read marker in the conversation: the `seq` of their newest
+    /// `conversation.read`, 0 when they never set one.
+    async fn read_marker(&self, id: ConversationId, user: &UserId) -> Result<u64, StoreError>;
+
+    /// How many of the first [`UNREAD_CAP`] messages after `after` were sent by someone
+    /// other than `user`.
+    async fn unread(
+        &self,
+        id: ConversationId,
+        user: &UserId,
+        after: u64,
+    ) -> Result<u32, StoreError>;
+
+    /// Fill in what a conversation list shows beyond the inbox (`read_seq`, `unread`,
+    /// `last_message`) for the user's `entries`: a separate step, because it costs a few
+    /// reads per entry, up to [`UNREAD_CAP`] message rows for an unread one, which
+    /// following the user's conversations at connect does not need.
+    async fn list_view(&self, user: &UserId, entries: &mut [InboxEntry]) -> Result<(), StoreError> {
+        use futures::{StreamExt, TryStreamExt};
+        let wanted: Vec<(ConversationId, u64)> = entries
+            .iter()
+            .map(|e| (e.conversation, e.last_seq))
+            .collect();
+        let filled: Vec<(u64, u32, Option<HistoryMessage>)> = futures::stream::iter(wanted)
+            .map(|(id, last_seq)| async move {
+                let read_seq = self.read_marker(id, user).await?;
+                let unread = if last_seq > read_seq {
+                    self.unread(id, user, read_seq).await?
+                } else {
+                    0
+                };
+                let last = self.history(id, None, 1).await?.messages.pop();
+                Ok::<_, StoreError>((read_seq, unread, last))
+            })
+            .buffered(LIST_VIEW_CONCURRENCY)
+            .try_collect()
+            .await?;
+        for (entry, (read_seq, unread, last_message)) in entries.iter_mut().zip(filled) {
+            entry.read_seq = read_seq;
+            entry.unread = unread;
+            entry.last_message = last_message;
+        }
+        Ok(())
+    }
 
     /// Cheap check that the store answers, for readiness.
     async fn check(&self) -> Result<(), StoreError>;

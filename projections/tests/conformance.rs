@@ -27,7 +27,7 @@ use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 
 mod support;
-use support::{direct, group, log_with, user};
+use support::{direct, group, log_with, then_read, user};
 
 const TEST_BUCKET_SEQS: u64 = 4;
 
@@ -186,6 +186,12 @@ conformance!(
     applies_conversations_members_messages_and_inbox,
     co_members_are_those_sharing_a_conversation,
     history_pages_backwards_exactly_once_in_order_across_buckets,
+    history_pages_forwards_exactly_once_in_order_across_buckets,
+    events_after_pages_forward_exactly_once_in_order_across_buckets,
+    events_after_is_the_same_whatever_the_order_and_repeats_of_apply,
+    details_and_members_in_pages,
+    read_markers_only_move_forward_and_drive_unread_counts,
+    unread_counts_look_at_a_bounded_number_of_messages,
     position_only_moves_forward,
     duplicates_and_reordering_within_and_across_conversations_converge,
     a_crash_in_the_middle_of_a_batch_resumes_from_the_position,
@@ -211,6 +217,11 @@ async fn snapshot(store: &dyn ConversationStore, events: &[RecordedEvent]) -> St
             store.members(id).await.unwrap()
         );
         out += &format!("{:?}\n", store.history(id, None, 1000).await.unwrap());
+        out += &format!("{:?}\n", store.events_after(id, 0, 1000).await.unwrap());
+        out += &format!("{:?}\n", store.details(id).await.unwrap());
+        for name in ["alice", "bob", "carol"] {
+            out += &format!("{}\n", store.read_marker(id, &user(name)).await.unwrap());
+        }
     }
     for name in ["alice", "bob", "carol"] {
         out += &format!("{:?}\n", store.inbox(&user(name), None, 100).await.unwrap());
@@ -245,6 +256,37 @@ async fn all_history(store: &dyn ConversationStore, id: ConversationId, page: u3
             return seqs;
         }
     }
+}
+
+/// Every event of conversation `id` after `after`, read in pages of `page`.
+async fn all_events_after(
+    store: &dyn ConversationStore,
+    id: ConversationId,
+    mut after: u64,
+    page: u32,
+) -> Vec<RecordedEvent> {
+    let mut events = Vec::new();
+    loop {
+        let got = store.events_after(id, after, page).await.unwrap();
+        assert!(got.events.len() <= page as usize);
+        assert!(
+            got.events.iter().all(|e| e.seq > after),
+            "`after` is exclusive"
+        );
+        after = got.events.last().map_or(after, |e| e.seq);
+        events.extend(got.events);
+        if !got.has_more {
+            return events;
+        }
+    }
+}
+
+fn events_of(events: &[RecordedEvent], id: ConversationId) -> Vec<RecordedEvent> {
+    events
+        .iter()
+        .filter(|e| e.envelope.conversation == id)
+        .cloned()
+        .collect()
 }
 
 // --- the test bodies -------------------------------------------------------------------
@@ -385,6 +427,244 @@ async fn history_pages_backwards_exactly_once_in_order_across_buckets(backend: B
     assert!(
         !exact.has_more,
         "exactly the whole history is not followed by more"
+    );
+}
+
+async fn history_pages_forwards_exactly_once_in_order_across_buckets(backend: Backend) {
+    let events = log_with(40);
+    let store = backend.open("s").await;
+    store.apply(&events).await.unwrap();
+    let expected: Vec<u64> = events
+        .iter()
+        .filter(|e| {
+            e.envelope.conversation == direct()
+                && matches!(e.envelope.event, Event::MessagePosted(_))
+        })
+        .map(|e| e.seq)
+        .collect();
+    for page in [1, 3, 4, 7, 40, 100] {
+        let mut seqs = Vec::new();
+        let mut after = 0;
+        loop {
+            let got = store.history_after(direct(), after, page).await.unwrap();
+            assert!(got.messages.len() <= page as usize);
+            after = got.messages.last().map_or(after, |m| m.seq);
+            seqs.extend(got.messages.iter().map(|m| m.seq));
+            if !got.has_more {
+                break;
+            }
+        }
+        assert_eq!(seqs, expected, "page size {page}: oldest first, each once");
+    }
+    let oldest = store.history_after(direct(), 0, 2).await.unwrap();
+    let bodies: Vec<_> = oldest.messages.iter().map(|m| m.body.as_str()).collect();
+    assert_eq!(bodies, ["direct 0", "direct 1"]);
+    assert!(oldest.has_more);
+    // `after` in the middle of a bucket is exclusive; so is the newest message.
+    let page = store
+        .history_after(direct(), expected[10], 3)
+        .await
+        .unwrap();
+    assert_eq!(
+        page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        expected[11..14]
+    );
+    let newest = *expected.last().unwrap();
+    for after in [newest, u64::MAX] {
+        let empty = store.history_after(direct(), after, 10).await.unwrap();
+        assert!(
+            empty.messages.is_empty() && !empty.has_more,
+            "after {after}"
+        );
+    }
+    let exact = store.history_after(direct(), 0, 40).await.unwrap();
+    assert_eq!(exact.messages.len(), 40);
+    assert!(!exact.has_more);
+}
+
+async fn events_after_pages_forward_exactly_once_in_order_across_buckets(backend: Backend) {
+    // As for history: each conversation's events are spread over every bucket.
+    let events = log_with(40);
+    let store = backend.open("s").await;
+    store.apply(&events).await.unwrap();
+    let expected = events_of(&events, direct());
+    assert_eq!(expected.len(), 41, "the creation and 40 messages");
+    for page in [1, 3, 4, 7, 41, 100] {
+        assert_eq!(
+            all_events_after(&*store, direct(), 0, page).await,
+            expected,
+            "page size {page}: every event as recorded, oldest first"
+        );
+    }
+    // `after` in the middle of a bucket, and limits that end in one.
+    let middle = expected[10].seq;
+    let page = store.events_after(direct(), middle, 3).await.unwrap();
+    assert_eq!(page.events, expected[11..14]);
+    assert!(page.has_more);
+    assert_eq!(
+        all_events_after(&*store, group(), expected[20].seq, 5).await,
+        events_of(&events, group())
+            .into_iter()
+            .filter(|e| e.seq > expected[20].seq)
+            .collect::<Vec<_>>(),
+        "`after` need not be one of the conversation's sequences"
+    );
+    let exact = store.events_after(direct(), 0, 41).await.unwrap();
+    assert_eq!(exact.events.len(), 41);
+    assert!(
+        !exact.has_more,
+        "exactly the remaining events are not followed by more"
+    );
+    let newest = expected.last().unwrap().seq;
+    for after in [newest, newest + 1, u64::MAX] {
+        let empty = store.events_after(direct(), after, 10).await.unwrap();
+        assert!(empty.events.is_empty() && !empty.has_more, "after {after}");
+    }
+    let unknown = ConversationId::from_uuid(uuid::Uuid::from_u128(99));
+    let none = store.events_after(unknown, 0, 10).await.unwrap();
+    assert!(none.events.is_empty() && !none.has_more);
+}
+
+async fn events_after_is_the_same_whatever_the_order_and_repeats_of_apply(backend: Backend) {
+    let events = log_with(12);
+    let store = backend.open("s").await;
+    // Newest first, then a redelivered overlap, then everything again.
+    let reversed: Vec<_> = events.iter().rev().cloned().collect();
+    apply_in_batches(&*store, &reversed, 5).await;
+    apply_in_batches(&*store, &events[3..9], 2).await;
+    apply_in_batches(&*store, &events, 7).await;
+    for id in [direct(), group()] {
+        assert_eq!(
+            all_events_after(&*store, id, 0, 4).await,
+            events_of(&events, id)
+        );
+    }
+}
+
+async fn details_and_members_in_pages(backend: Backend) {
+    let events = log();
+    let store = backend.open("s").await;
+    store.apply(&events).await.unwrap();
+    let details = store.details(group()).await.unwrap().unwrap();
+    assert_eq!(
+        details.view,
+        store.conversation(group()).await.unwrap().unwrap()
+    );
+    assert_eq!(
+        details.created_at, events[1].envelope.at,
+        "the time of its conversation.created"
+    );
+    assert_eq!(details.member_count, 2);
+    let unknown = ConversationId::from_uuid(uuid::Uuid::from_u128(99));
+    assert_eq!(store.details(unknown).await.unwrap(), None);
+
+    let first = store.members_page(group(), None, 1).await.unwrap();
+    assert_eq!(
+        first.members,
+        [Member {
+            user: user("alice"),
+            role: Role::Member
+        }]
+    );
+    assert!(first.has_more);
+    let rest = store
+        .members_page(group(), Some(&user("alice")), 1)
+        .await
+        .unwrap();
+    assert_eq!(
+        rest.members,
+        [Member {
+            user: user("carol"),
+            role: Role::Owner
+        }]
+    );
+    assert!(!rest.has_more, "exactly the remaining members");
+    let all = store.members_page(group(), None, 100).await.unwrap();
+    assert_eq!(all.members, store.members(group()).await.unwrap());
+    assert!(!all.has_more);
+    // `after` need not be a member; past the last one the page is empty.
+    let from_b = store
+        .members_page(group(), Some(&user("b")), 100)
+        .await
+        .unwrap();
+    assert_eq!(from_b.members, rest.members);
+    let past = store
+        .members_page(group(), Some(&user("zed")), 100)
+        .await
+        .unwrap();
+    assert!(past.members.is_empty() && !past.has_more);
+}
+
+async fn read_markers_only_move_forward_and_drive_unread_counts(backend: Backend) {
+    // Direct messages are at sequences 3, 5, ..., 21: alice sends the 1st, 3rd, ...
+    let mut events = log_with(10);
+    then_read(&mut events, direct(), "bob", 7);
+    then_read(&mut events, direct(), "alice", 21);
+    // Not something the handler appends (markers only move forward there), but the
+    // projection must not move back for it either.
+    then_read(&mut events, direct(), "bob", 5);
+    let expected = reference(&events).await;
+    let store = backend.open("s").await;
+    let reversed: Vec<_> = events.iter().rev().cloned().collect();
+    apply_in_batches(&*store, &reversed, 3).await;
+    assert_eq!(
+        snapshot(&*store, &events).await,
+        expected,
+        "order-insensitive"
+    );
+    assert_eq!(store.read_marker(direct(), &user("bob")).await.unwrap(), 7);
+    assert_eq!(
+        store.read_marker(direct(), &user("alice")).await.unwrap(),
+        21
+    );
+    assert_eq!(store.read_marker(group(), &user("alice")).await.unwrap(), 0);
+    assert_eq!(
+        store.unread(direct(), &user("bob"), 7).await.unwrap(),
+        3,
+        "alice's messages at 11, 15 and 19"
+    );
+    assert_eq!(
+        store.unread(direct(), &user("alice"), 0).await.unwrap(),
+        5,
+        "only others' messages count"
+    );
+    assert_eq!(store.unread(direct(), &user("alice"), 21).await.unwrap(), 0);
+
+    let mut inbox = store.inbox(&user("bob"), None, 10).await.unwrap();
+    assert_eq!(
+        (inbox[0].read_seq, inbox[0].unread),
+        (0, 0),
+        "inbox leaves them"
+    );
+    store.list_view(&user("bob"), &mut inbox).await.unwrap();
+    assert_eq!((inbox[0].read_seq, inbox[0].unread), (7, 3));
+    let last = inbox[0].last_message.as_ref().unwrap();
+    assert_eq!((last.seq, last.body.as_str()), (21, "direct 9"));
+    let mut inbox = store.inbox(&user("alice"), None, 10).await.unwrap();
+    store.list_view(&user("alice"), &mut inbox).await.unwrap();
+    let team = inbox.iter().find(|e| e.conversation == group()).unwrap();
+    assert_eq!((team.read_seq, team.unread), (0, 10));
+    let dm = inbox.iter().find(|e| e.conversation == direct()).unwrap();
+    assert_eq!((dm.read_seq, dm.unread), (21, 0));
+}
+
+async fn unread_counts_look_at_a_bounded_number_of_messages(backend: Backend) {
+    // 1,010 direct messages, half of them bob's: alice has 505 unread, of which the first
+    // 1,000 messages hold 500.
+    let events = log_with(1010);
+    let store = backend.open("s").await;
+    apply_in_batches(&*store, &events, 512).await;
+    assert_eq!(
+        store.unread(direct(), &user("alice"), 0).await.unwrap(),
+        500
+    );
+    let near_the_end = events[events.len() - 20].seq;
+    assert_eq!(
+        store
+            .unread(direct(), &user("alice"), near_the_end)
+            .await
+            .unwrap(),
+        5
     );
 }
 
@@ -543,7 +823,7 @@ async fn a_store_from_a_newer_build_is_refused(backend: Backend) {
     let err = backend.try_open("s").await.err().expect("refused");
     assert_eq!(err.kind, StoreErrorKind::Schema);
     assert!(err.to_string().contains("99"), "{err}");
-    backend.set_schema_version("s", 1).await;
+    backend.set_schema_version("s", 2).await;
     let store = backend.open("s").await;
     assert_eq!(
         store.position().await.unwrap(),
@@ -640,4 +920,39 @@ async fn cql_the_history_bucket_size_cannot_change_under_existing_history() {
     let err = CqlStore::open(&options).await.err().expect("refused");
     assert_eq!(err.kind, StoreErrorKind::Schema);
     assert!(err.to_string().contains("bucket"), "{err}");
+}
+
+// --- SQLite only ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn sqlite_a_store_from_schema_1_starts_over_so_the_log_fills_the_new_tables() {
+    let events = log();
+    let backend = Backend::sqlite();
+    let store = backend.open("s").await;
+    store.apply(&events).await.unwrap();
+    drop(store);
+    let Backend::Sqlite(dir) = &backend else {
+        unreachable!()
+    };
+    // What schema 1 left: no events table, the position at the end of the log.
+    let conn = rusqlite::Connection::open(dir.path().join("s.db")).unwrap();
+    conn.execute_batch("DROP TABLE events").unwrap();
+    conn.pragma_update(None, "user_version", 1).unwrap();
+    drop(conn);
+    let store = backend.open("s").await;
+    assert_eq!(
+        store.position().await.unwrap(),
+        0,
+        "the projector replays from the start"
+    );
+    assert!(
+        store
+            .events_after(direct(), 0, 10)
+            .await
+            .unwrap()
+            .events
+            .is_empty()
+    );
+    apply_in_batches(&*store, &events, 4).await;
+    assert_eq!(snapshot(&*store, &events).await, reference(&events).await);
 }

@@ -187,7 +187,9 @@ impl Default for AuthConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     /// Largest WebSocket frame (and message) a client may send; larger closes with 1009.
-    pub max_frame_bytes: usize,
+    /// Unset, it is the least that carries every legal `send`
+    /// ([`LimitsConfig::min_frame_bytes`]); set, it must be at least that.
+    pub max_frame_bytes: Option<usize>,
     /// Largest message body in bytes; larger gets `message_too_large`.
     pub max_message_bytes: usize,
     /// Most members a group may have.
@@ -201,12 +203,36 @@ pub struct LimitsConfig {
 impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
-            max_frame_bytes: 16 * 1024,
+            max_frame_bytes: None,
             max_message_bytes: 4 * 1024,
             max_group_members: 10_000,
             max_title_bytes: 256,
             max_history_page: 100,
         }
+    }
+}
+
+/// Bytes a body byte may take in a JSON frame: a control character is escaped `\u00XX`.
+const MAX_ESCAPED_BYTES_PER_BYTE: usize = 6;
+/// Room in a frame for all but its body: `type`, a 64-byte `id`, the conversation, the
+/// keys and quotes, with room to spare for a client that escapes or spaces them too.
+const FRAME_ENVELOPE_BYTES: usize = 1024;
+/// The largest frame a gateway accepts, whatever the configuration.
+const MAX_FRAME_BYTES: usize = 1024 * 1024;
+
+impl LimitsConfig {
+    /// The least frame size that carries every legal `send`: the largest body with every
+    /// byte escaped at worst, and the rest of the frame.
+    pub fn min_frame_bytes(&self) -> usize {
+        self.max_message_bytes
+            .saturating_mul(MAX_ESCAPED_BYTES_PER_BYTE)
+            .saturating_add(FRAME_ENVELOPE_BYTES)
+    }
+
+    /// The frame size limit in force, as `welcome` announces it.
+    pub fn frame_bytes(&self) -> usize {
+        self.max_frame_bytes
+            .unwrap_or_else(|| self.min_frame_bytes())
     }
 }
 
@@ -227,6 +253,10 @@ pub struct GatewayConfig {
     pub command_timeout_secs: u64,
     /// Most conversations of one user a gateway subscribes to at connect.
     pub max_conversations_per_user: u32,
+    /// Most events one `resume` sends; the conversations left over are reported `more`.
+    pub resume_max_events: u32,
+    /// Most bytes of event frames one `resume` sends.
+    pub resume_max_bytes: usize,
     /// Most sockets one gateway holds.
     pub max_connections: usize,
     /// Seconds a presence record lives without a heartbeat; heartbeats go out every third.
@@ -245,6 +275,8 @@ impl Default for GatewayConfig {
             allowed_origins: Vec::new(),
             command_timeout_secs: 10,
             max_conversations_per_user: 10_000,
+            resume_max_events: 1000,
+            resume_max_bytes: 1 << 20,
             max_connections: 100_000,
             presence_ttl_secs: 60,
             drain_secs: 10,
@@ -631,12 +663,23 @@ impl Config {
             "limits.max_message_bytes must be at least 1",
         );
         require(
-            limits.max_frame_bytes > limits.max_message_bytes,
-            "limits.max_frame_bytes must be larger than limits.max_message_bytes (a frame carries the message and its envelope)",
+            limits.frame_bytes() >= limits.min_frame_bytes(),
+            &format!(
+                "limits.max_frame_bytes must be at least {} for limits.max_message_bytes = {} \
+                 (a body byte takes up to {MAX_ESCAPED_BYTES_PER_BYTE} bytes escaped in JSON, \
+                 plus {FRAME_ENVELOPE_BYTES} for the rest of the frame); leave it unset to \
+                 get that",
+                limits.min_frame_bytes(),
+                limits.max_message_bytes
+            ),
         );
         require(
-            limits.max_frame_bytes <= 1024 * 1024,
-            "limits.max_frame_bytes must be at most 1 MiB",
+            limits.frame_bytes() <= MAX_FRAME_BYTES,
+            &format!(
+                "limits.max_frame_bytes must be at most 1 MiB ({MAX_FRAME_BYTES}), so \
+                 limits.max_message_bytes at most {}",
+                (MAX_FRAME_BYTES - FRAME_ENVELOPE_BYTES) / MAX_ESCAPED_BYTES_PER_BYTE
+            ),
         );
         require(
             limits.max_group_members >= 2,
@@ -666,6 +709,14 @@ impl Config {
         require(
             gateway.max_connections >= 1,
             "gateway.max_connections must be at least 1",
+        );
+        require(
+            (1..=100_000).contains(&gateway.resume_max_events),
+            "gateway.resume_max_events must be between 1 and 100000",
+        );
+        require(
+            (64 * 1024..=64 << 20).contains(&gateway.resume_max_bytes),
+            "gateway.resume_max_bytes must be between 65536 and 67108864",
         );
         require(
             gateway.presence_ttl_secs >= 3,
@@ -917,19 +968,44 @@ mod tests {
     #[test]
     fn out_of_range_values_are_refused_with_every_problem_listed() {
         let err = Config::from_toml(
-            "[log]\nshards = 0\n[intake]\nmax_bytes = 4096\n[limits]\nmax_frame_bytes = 100\nmax_message_bytes = 200\n[auth]\nsecret = \"short\"\n[gateway]\nallowed_origins = [\"example.com\"]\n",
+            "[log]\nshards = 0\n[intake]\nmax_bytes = 4096\n[limits]\nmax_frame_bytes = 100\nmax_message_bytes = 200\n[auth]\nsecret = \"short\"\n[gateway]\nallowed_origins = [\"example.com\"]\nresume_max_events = 0\nresume_max_bytes = 1000\n",
         )
         .unwrap_err();
         let text = err.to_string();
         for expected in [
             "log.shards",
             "intake.max_bytes must be at least 1048576",
-            "limits.max_frame_bytes must be larger",
+            "limits.max_frame_bytes must be at least 2224 for limits.max_message_bytes = 200",
             "auth.secret must be at least 32 bytes",
             "allowed_origins",
+            "gateway.resume_max_events must be between 1 and 100000",
+            "gateway.resume_max_bytes must be between 65536",
         ] {
             assert!(text.contains(expected), "missing {expected:?} in {text}");
         }
+    }
+
+    #[test]
+    fn the_frame_limit_carries_the_largest_body_escaped_at_worst() {
+        let limits = Config::default().limits;
+        assert_eq!(limits.frame_bytes(), 6 * 4096 + 1024, "derived when unset");
+        let raised = Config::from_toml("[limits]\nmax_message_bytes = 10000\n").unwrap();
+        assert_eq!(raised.limits.frame_bytes(), 61_024);
+        let set = Config::from_toml("[limits]\nmax_frame_bytes = 65536\n").unwrap();
+        assert_eq!(set.limits.frame_bytes(), 65_536);
+        let err = Config::from_toml("[limits]\nmax_frame_bytes = 16384\n").unwrap_err();
+        assert!(
+            err.to_string().contains(
+                "limits.max_frame_bytes must be at least 25600 for limits.max_message_bytes = 4096"
+            ),
+            "{err}"
+        );
+        let err = Config::from_toml("[limits]\nmax_message_bytes = 200000\n").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("limits.max_message_bytes at most 174592"),
+            "{err}"
+        );
     }
 
     #[test]

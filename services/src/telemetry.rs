@@ -17,6 +17,10 @@ pub const GATEWAY_FRAME_ERRORS_TOTAL: &str = "parley_gateway_frame_errors_total"
 pub const GATEWAY_CLOSES_TOTAL: &str = "parley_gateway_closes_total";
 pub const GATEWAY_EVENTS_DELIVERED_TOTAL: &str = "parley_gateway_events_delivered_total";
 pub const GATEWAY_GAP_FILLS_TOTAL: &str = "parley_gateway_gap_fills_total";
+pub const GATEWAY_CATCH_UPS_TOTAL: &str = "parley_gateway_catch_ups_total";
+pub const GATEWAY_RESUMES_TOTAL: &str = "parley_gateway_resumes_total";
+pub const GATEWAY_RESUME_SECONDS: &str = "parley_gateway_resume_seconds";
+pub const GATEWAY_RESUMED_EVENTS_TOTAL: &str = "parley_gateway_resumed_events_total";
 pub const GATEWAY_CONVERSATION_SUBSCRIPTIONS: &str = "parley_gateway_conversation_subscriptions";
 pub const GATEWAY_COMMAND_SECONDS: &str = "parley_gateway_command_seconds";
 pub const GATEWAY_COMMAND_OUTCOMES_TOTAL: &str = "parley_gateway_command_outcomes_total";
@@ -128,6 +132,26 @@ fn describe() {
         GATEWAY_GAP_FILLS_TOTAL,
         Unit::Count,
         "Gaps in live delivery filled from the log."
+    );
+    describe_counter!(
+        GATEWAY_CATCH_UPS_TOTAL,
+        Unit::Count,
+        "Sockets that joined a followed conversation behind it, caught up from the log, by result (caught_up, closed: too far behind)."
+    );
+    describe_counter!(
+        GATEWAY_RESUMES_TOTAL,
+        Unit::Count,
+        "Resumes (a version 1 socket's connect counts as one), by result (live, more, unavailable)."
+    );
+    describe_histogram!(
+        GATEWAY_RESUME_SECONDS,
+        Unit::Seconds,
+        "From a resume's start to its last event queued."
+    );
+    describe_counter!(
+        GATEWAY_RESUMED_EVENTS_TOTAL,
+        Unit::Count,
+        "Events sent to sockets by resumes, by source (store, log)."
     );
     describe_gauge!(
         GATEWAY_CONVERSATION_SUBSCRIPTIONS,

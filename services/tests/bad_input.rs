@@ -103,7 +103,14 @@ async fn a_protocol_version_not_served_is_refused_and_none_asked_means_version_1
     let mut plain = Client::open(with_bearer(&platform.url(0), &token))
         .await
         .unwrap();
-    assert_eq!(plain.next_of(&["welcome"]).await["protocol"], 1);
+    let welcome = plain.next_of(&["welcome"]).await;
+    assert_eq!(welcome["protocol"], 1);
+    // The frame limit in force, derived from the message limit when not set.
+    assert_eq!(
+        welcome["limits"]["max_frame_bytes"],
+        platform.config.limits.frame_bytes()
+    );
+    assert!(platform.config.limits.max_frame_bytes.is_none());
     let url = format!("{}?access_token={token}&protocol=2", platform.url(0));
     let mut newer = Client::open(url.into_client_request().unwrap())
         .await
@@ -121,7 +128,10 @@ async fn bad_frames_and_commands_get_their_error_codes_and_append_nothing() {
     let cases: Vec<(String, &str, Option<&str>)> = vec![
         ("{not json".into(), "bad_frame", None),
         (json!(["not", "an", "object"]).to_string(), "bad_frame", None),
-        (json!({"type": "teleport", "id": "t"}).to_string(), "unknown_frame_type", None),
+        (json!({"type": "teleport", "id": "t"}).to_string(), "unknown_frame_type", Some("t")),
+        (json!({"type": "teleport", "id": "bad id!"}).to_string(), "unknown_frame_type", None),
+        (json!({"id": "untyped"}).to_string(), "bad_frame", Some("untyped")),
+        (json!({"type": 7, "id": "typed-7"}).to_string(), "bad_frame", Some("typed-7")),
         (json!({"type": "send", "id": "no-conv", "body": "x"}).to_string(), "bad_frame", Some("no-conv")),
         (json!({"type": "send", "id": "bad id!", "conversation": conversation, "body": "x"}).to_string(), "bad_frame", None),
         (json!({"type": "send", "id": "big", "conversation": conversation, "body": "x".repeat(max + 1)}).to_string(), "message_too_large", Some("big")),
@@ -165,7 +175,7 @@ async fn bad_frames_and_commands_get_their_error_codes_and_append_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protocol_violations_close_with_rfc_6455_codes() {
     let platform = Platform::start(1).await;
-    let max_frame = platform.config.limits.max_frame_bytes;
+    let max_frame = platform.config.limits.frame_bytes();
 
     let mut client = platform.connect(0, "alice").await;
     let oversized = json!({"type": "ping", "pad": "x".repeat(max_frame)}).to_string();

@@ -144,6 +144,63 @@ async fn the_same_client_message_id_twice_appends_once_and_acks_the_same() {
     assert_eq!(platform.posted().await.len(), 1);
 }
 
+/// `frame` is the `id_reused` error for `id`.
+fn assert_id_reused(frame: &serde_json::Value, id: &str) {
+    assert_eq!(frame["type"], "error", "{frame}");
+    assert_eq!(frame["id"], id, "{frame}");
+    assert_eq!(frame["code"], "id_reused", "{frame}");
+    assert_eq!(frame["retryable"], false, "{frame}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_id_reused_for_a_different_request_is_refused_wherever_the_repeat_arrives() {
+    let mut platform = Platform::start_with(2, |c| c.gateway.command_timeout_secs = 60).await;
+    let (mut alice, _bob, conversation) = platform.alice_and_bob().await;
+    let send =
+        |body: &str| json!({"type": "send", "id": "x", "conversation": conversation, "body": body});
+    let group = |id: &str, title: &str| json!({"type": "create_group", "id": id, "title": title, "members": ["bob"]});
+
+    // While the first is in flight on this gateway (no handler takes it), a different
+    // request under its id (another conversation's line, so it does not wait) is refused.
+    platform.stop_handler().await;
+    alice.send(send("first")).await;
+    alice.send(group("x", "team")).await;
+    assert_id_reused(&alice.reply_to("x").await, "x");
+    platform.start_handler().await;
+    let first = alice.reply_to("x").await;
+    assert_eq!(first["type"], "ack", "{first}");
+    alice.send(group("g", "team")).await;
+    let group_ack = alice.reply_to("g").await;
+    assert_eq!(group_ack["type"], "ack", "{group_ack}");
+
+    // Once it took effect, through the intake's dedupe and the handlers' answer, on this
+    // gateway and on another one.
+    let mut alice_phone = platform.connect(1, "alice").await;
+    for client in [&mut alice, &mut alice_phone] {
+        client.send(send("second")).await;
+        assert_id_reused(&client.reply_to("x").await, "x");
+        client.send(group("g", "other team")).await;
+        assert_id_reused(&client.reply_to("g").await, "g");
+        client.send(send("first")).await;
+        assert_eq!(client.reply_to("x").await, first);
+    }
+
+    // After a restart, from the command memory the handler rebuilt from the log.
+    platform.stop_handler().await;
+    platform.start_handler().await;
+    alice.send(send("third")).await;
+    assert_id_reused(&alice.reply_to("x").await, "x");
+    alice.send(group("g", "other team")).await;
+    assert_id_reused(&alice.reply_to("g").await, "g");
+    alice.send(send("first")).await;
+    assert_eq!(alice.reply_to("x").await, first);
+    alice.send(group("g", "team")).await;
+    assert_eq!(alice.reply_to("g").await, group_ack);
+
+    assert_eq!(platform.posted_bodies().await, ["first"]);
+    assert_eq!(platform.log().await.len(), 3, "creations and one message");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn creating_a_direct_conversation_twice_yields_the_same_one() {
     let platform = Platform::start(1).await;
@@ -306,6 +363,69 @@ async fn a_live_event_the_gateway_missed_is_filled_from_the_log() {
         "the handler chained after the event it found in the log"
     );
     bob.expect_silence(Duration::from_millis(300)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_largest_legal_bodies_are_accepted_delivered_and_kept_byte_for_byte_however_escaped() {
+    let platform = Platform::start(1).await;
+    let (mut alice, mut bob, conversation) = platform.alice_and_bob().await;
+    let max = platform.config.limits.max_message_bytes;
+    // Control characters JSON escapes as `\u00XX` (6 bytes each: 24 KiB for the body, more
+    // than the old 16 KiB frame limit), 4-byte emoji sent as UTF-16 escape pairs (12 bytes each), quotes and backslashes.
+    let escaped_6: String = (0u8..0x20)
+        .filter(|b| !b"\x08\x09\x0a\x0c\x0d".contains(b))
+        .map(char::from)
+        .cycle()
+        .take(max)
+        .collect();
+    let emoji = "\u{1F600}".repeat(max / 4);
+    let quotes: String = "\"\\".repeat(max / 2);
+    let frames = [
+        ("controls", escaped_6.clone(), None),
+        (
+            "emoji",
+            emoji.clone(),
+            Some("\\ud83d\\ude00".repeat(max / 4)),
+        ),
+        ("quotes", quotes.clone(), None),
+    ];
+    for (id, body, written) in &frames {
+        assert_eq!(body.len(), max);
+        let mut text =
+            json!({"type": "send", "id": id, "conversation": conversation, "body": body})
+                .to_string();
+        if let Some(written) = written {
+            let encoded = serde_json::to_string(body).unwrap();
+            text = text.replace(&encoded, &format!("\"{written}\""));
+            assert_eq!(
+                serde_json::from_str::<serde_json::Value>(&text).unwrap()["body"],
+                *body
+            );
+        }
+        assert!(text.len() <= platform.config.limits.frame_bytes());
+        alice
+            .send_raw(tokio_tungstenite::tungstenite::Message::Text(text.into()))
+            .await;
+        let ack = alice.reply_to(id).await;
+        assert_eq!(ack["type"], "ack", "{id}: {ack}");
+        let event = bob.next_of(&["event"]).await;
+        assert_eq!(event["event"]["data"]["body"], *body, "{id}");
+    }
+
+    platform.projected().await;
+    bob.send(json!({"type": "history", "id": "h", "conversation": conversation}))
+        .await;
+    let history = bob.reply_to("h").await;
+    let bodies: Vec<&str> = history["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|message| message["body"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        bodies,
+        [quotes.as_str(), emoji.as_str(), escaped_6.as_str()]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

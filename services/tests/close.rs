@@ -1,5 +1,6 @@
 //! Close frames reach the client: a slow consumer reads why it was dropped, and a client's
 //! own close frame is answered with one, whatever the socket was doing (RFC 6455 5.5.1).
+//! Answers to a client's own requests never make it a slow consumer.
 
 mod support;
 
@@ -24,7 +25,6 @@ const MORE_THAN_BUFFERED: usize = 150;
 /// Limits that let a message carry [`BODY_BYTES`].
 fn large_messages(config: &mut Config) {
     config.limits.max_message_bytes = BODY_BYTES;
-    config.limits.max_frame_bytes = 2 * BODY_BYTES;
 }
 
 /// Send one message as `client` and read until its ack, dropping the events in between
@@ -65,6 +65,39 @@ async fn carol_is_online(platform: &Platform) {
 
 async fn carol_is_offline(platform: &Platform) -> bool {
     !platform.presence("carol").await.online()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_pipelining_far_more_requests_than_the_send_queue_gets_every_answer() {
+    let platform = Platform::start(1).await;
+    let pipelined = 4 * platform.config.gateway.send_queue;
+    let (mut alice, mut bob, conversation) = platform.alice_and_bob().await;
+    alice
+        .send_pipelined((0..pipelined).map(|i| json!({"type": "ping", "id": format!("p{i}")})))
+        .await;
+    for i in 0..pipelined {
+        assert_eq!(
+            alice.next().await,
+            json!({"type": "pong", "id": format!("p{i}")})
+        );
+    }
+    // Pages of history, each a store read, and sends, each waiting for its outcome.
+    bob.send_pipelined((0..pipelined).map(|i| {
+        if i % 8 == 0 {
+            json!({"type": "send", "id": format!("s{i}"), "conversation": conversation, "body": "hi"})
+        } else {
+            json!({"type": "history", "id": format!("h{i}"), "conversation": conversation, "limit": 1})
+        }
+    }))
+    .await;
+    for i in 0..pipelined {
+        let id = format!("{}{i}", if i % 8 == 0 { "s" } else { "h" });
+        let reply = bob.reply_to(&id).await;
+        assert!(
+            ["ack", "history"].contains(&reply["type"].as_str().unwrap()),
+            "{reply}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

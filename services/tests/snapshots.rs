@@ -55,6 +55,16 @@ async fn a_restarted_handler_resumes_from_its_snapshot() {
         .send(json!({"type": "send", "id": "m0", "conversation": conversation, "body": "0"}))
         .await;
     assert_eq!(alice.reply_to("m0").await, first_ack.unwrap());
+    // ...with what it asked for, so a different request under its id is refused.
+    alice
+        .send(json!({"type": "send", "id": "m0", "conversation": conversation, "body": "not 0"}))
+        .await;
+    let reused = alice.reply_to("m0").await;
+    assert_eq!(
+        (&reused["code"], &reused["retryable"]),
+        (&json!("id_reused"), &json!(false)),
+        "{reused}"
+    );
     // ...and a new one chains after the log's real last event.
     alice
         .send(json!({"type": "send", "id": "new", "conversation": conversation, "body": "new"}))

@@ -3,8 +3,9 @@
 use std::collections::HashMap;
 
 use parley_events::{
-    ClientMsgId, CommandId, ConversationCreated, ConversationId, ConversationKind, Event,
-    EventEnvelope, EventId, Member, MessagePosted, RecordedEvent, Role, UserId,
+    ClientMsgId, CommandId, ConversationCreated, ConversationId, ConversationKind,
+    ConversationRead, Event, EventEnvelope, EventId, Member, MessagePosted, RecordedEvent, Role,
+    UserId,
 };
 
 pub fn user(name: &str) -> UserId {
@@ -94,4 +95,30 @@ pub fn log_with(messages: u32) -> Vec<RecordedEvent> {
         push(group(), "carol", posted(100_000 + n, &format!("group {n}")));
     }
     events
+}
+
+/// `events` followed by a `conversation.read` of `conversation` up to `marker` by `actor`.
+#[allow(dead_code)] // Not every test binary that shares this module writes read markers.
+pub fn then_read(
+    events: &mut Vec<RecordedEvent>,
+    conversation: ConversationId,
+    actor: &str,
+    marker: u64,
+) {
+    let seq = events.len() as u64 + 1;
+    let prev = events
+        .iter()
+        .rev()
+        .find(|e| e.envelope.conversation == conversation)
+        .map_or(0, |e| e.seq);
+    events.push(
+        envelope(
+            conversation,
+            actor,
+            seq,
+            prev,
+            Event::ConversationRead(ConversationRead { seq: marker }),
+        )
+        .recorded(seq),
+    );
 }

@@ -34,7 +34,9 @@ use async_nats::jetstream::publish::PublishAck;
 use parley_events::command::OutcomeQuery;
 use parley_events::protocol::ServerFrame;
 use parley_events::subjects::{INTAKE_SUBJECT, OUTCOME_QUERY_SUBJECT};
-use parley_events::{Command, CommandId, ConversationId, ErrorCode, Outcome, OutcomeResult};
+use parley_events::{
+    Command, CommandId, ConversationId, ErrorCode, Fingerprint, Outcome, OutcomeResult,
+};
 use tokio::sync::{OwnedSemaphorePermit, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -53,36 +55,59 @@ const MAX_PUBLISH_RETRY: Duration = Duration::from_millis(250);
 /// How soon a command whose publish got no acknowledgement is published again.
 const UNCERTAIN_RESUBMIT: Duration = Duration::from_millis(500);
 
+/// A command waiting for its outcome: what it asked for, and where its outcome goes.
+struct Waiting {
+    fingerprint: Fingerprint,
+    outcome: watch::Sender<Option<OutcomeResult>>,
+}
+
 /// Commands waiting for their outcome, by id. Several sockets (a user's devices retrying
 /// the same send) may wait on one command.
 #[derive(Default)]
 pub struct Pending {
-    waiting: Mutex<HashMap<CommandId, watch::Sender<Option<OutcomeResult>>>>,
+    waiting: Mutex<HashMap<CommandId, Waiting>>,
+}
+
+/// How a command joins [`Pending`].
+enum Watch {
+    /// The first to wait for it: this caller publishes it.
+    First(watch::Receiver<Option<OutcomeResult>>),
+    /// The same request is already in flight: its outcome is this one's too.
+    Joined(watch::Receiver<Option<OutcomeResult>>),
+    /// A different request with the same id is in flight.
+    Reused,
 }
 
 impl Pending {
-    fn waiting(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<CommandId, watch::Sender<Option<OutcomeResult>>>> {
+    fn waiting(&self) -> std::sync::MutexGuard<'_, HashMap<CommandId, Waiting>> {
         self.waiting.lock().expect("pending lock is never poisoned")
     }
 
-    /// Wait for `command`; `true` when this caller is the first to wait and must publish.
-    fn watch(&self, command: CommandId) -> (watch::Receiver<Option<OutcomeResult>>, bool) {
+    fn watch(&self, command: &Command) -> Watch {
+        let fingerprint = command.fingerprint();
         let mut waiting = self.waiting();
-        match waiting.get(&command) {
-            Some(sender) => (sender.subscribe(), false),
+        match waiting.get(&command.id) {
+            Some(first) if first.fingerprint == fingerprint => {
+                Watch::Joined(first.outcome.subscribe())
+            }
+            Some(_) => Watch::Reused,
             None => {
-                let (sender, receiver) = watch::channel(None);
-                waiting.insert(command, sender);
-                (receiver, true)
+                let (outcome, receiver) = watch::channel(None);
+                waiting.insert(
+                    command.id,
+                    Waiting {
+                        fingerprint,
+                        outcome,
+                    },
+                );
+                Watch::First(receiver)
             }
         }
     }
 
     pub fn resolve(&self, outcome: Outcome) {
-        if let Some(sender) = self.waiting().remove(&outcome.command) {
-            sender.send_replace(Some(outcome.result));
+        if let Some(waiting) = self.waiting().remove(&outcome.command) {
+            waiting.outcome.send_replace(Some(outcome.result));
         }
     }
 
@@ -143,7 +168,14 @@ pub async fn run(
         let _ = before.wait_for(|settled| *settled).await;
     }
     let started = Instant::now();
-    let (mut outcome, first) = shared.pending.watch(command.id);
+    let (mut outcome, first) = match shared.pending.watch(&command) {
+        Watch::First(outcome) => (outcome, true),
+        Watch::Joined(outcome) => (outcome, false),
+        Watch::Reused => {
+            answer(&outbox, &command, started, id_reused(&command)).await;
+            return;
+        }
+    };
     let mut reconnects = shared.nats.reconnects();
     let mut next_submit = if first {
         submit(&shared, &command).await.next_attempt(&shared)
@@ -161,7 +193,7 @@ pub async fn run(
             }
             () = tokio::time::sleep_until(answer_by), if !timed_out => {
                 timed_out = true;
-                answer(&outbox, &command, started, timeout_result());
+                answer(&outbox, &command, started, timeout_result()).await;
             }
             Ok(()) = reconnects.changed(), if first => {
                 metrics::counter!(telemetry::GATEWAY_COMMANDS_RESUBMITTED_TOTAL, "trigger" => "reconnect").increment(1);
@@ -185,13 +217,23 @@ pub async fn run(
             if timed_out {
                 metrics::counter!(telemetry::GATEWAY_LATE_OUTCOMES_TOTAL).increment(1);
             }
-            answer(&outbox, &command, started, result);
+            answer(&outbox, &command, started, result).await;
         }
-        None if !timed_out => answer(&outbox, &command, started, timeout_result()),
+        None if !timed_out => answer(&outbox, &command, started, timeout_result()).await,
         None => {}
     }
     drop(settled);
     drop(permit);
+}
+
+fn id_reused(command: &Command) -> OutcomeResult {
+    OutcomeResult::Rejected {
+        code: ErrorCode::IdReused,
+        message: format!(
+            "id {:?} is in use by a different request; send this one with a fresh id",
+            command.client_id.as_str()
+        ),
+    }
 }
 
 fn timeout_result() -> OutcomeResult {
@@ -204,7 +246,7 @@ fn timeout_result() -> OutcomeResult {
 }
 
 /// Send the client the `ack` or `error` for `command`.
-fn answer(outbox: &Outbox, command: &Command, started: Instant, result: OutcomeResult) {
+async fn answer(outbox: &Outbox, command: &Command, started: Instant, result: OutcomeResult) {
     let (frame, label) = match result {
         OutcomeResult::Accepted {
             conversation,
@@ -226,7 +268,7 @@ fn answer(outbox: &Outbox, command: &Command, started: Instant, result: OutcomeR
     };
     metrics::histogram!(telemetry::GATEWAY_COMMAND_SECONDS).record(started.elapsed().as_secs_f64());
     metrics::counter!(telemetry::GATEWAY_COMMAND_OUTCOMES_TOTAL, "outcome" => label).increment(1);
-    outbox.send(&frame);
+    outbox.answer(&frame).await;
 }
 
 fn unavailable(command: CommandId) -> Outcome {

@@ -6,29 +6,38 @@
 //! out to the sockets in process. The follower of a conversation delivers its events in
 //! log order: it drops what it has already delivered and, when an event's `prev` shows it
 //! missed some (the live path is at most once), fetches the missing ones from the log first.
+//!
+//! Each socket has its own position in each conversation it follows: the newest sequence it
+//! has been sent. A socket is sent an event only when it has the event's `prev`, so it never
+//! sees a gap or a repeat: a socket that joins a followed conversation behind the follower
+//! (it resumed from an older point) is caught up from the log by the follower first, and
+//! one that joins ahead of it (the store gave it newer events) skips what it already has.
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
 
-use async_nats::jetstream::stream::Stream as LogStream;
 use axum::extract::ws::Utf8Bytes;
 use futures::StreamExt;
 use parley_events::protocol::{ServerFrame, close};
 use parley_events::subjects::live_subject;
-use parley_events::{ConversationId, EventEnvelope, RecordedEvent, UserId};
-use tokio::sync::mpsc;
+use parley_events::{ConversationId, Event, RecordedEvent, UserId};
 use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, warn};
+use tracing::{Instrument, warn};
 
+use super::log::LogReader;
 use super::typing;
 use crate::telemetry;
 
-/// Most events fetched from the log to fill one gap; a longer gap is left to the client's
-/// history request.
-const MAX_GAP_FILL: usize = 256;
+/// Most events fetched from the log to fill one gap or catch one socket up. A version 2
+/// socket further behind than this is closed (1013) to resume again; a version 1 socket
+/// sees the gap and reads it with `history`.
+pub const MAX_GAP_FILL: usize = 256;
+/// Most creations kept for a socket while it resumes; more, and the oldest are dropped.
+const MAX_CREATIONS_WHILE_RESUMING: usize = 1024;
 
 pub type ConnectionId = u64;
 
@@ -72,29 +81,70 @@ impl SocketControl {
     }
 }
 
-/// The sending side of one socket: a bounded queue of serialized frames.
+/// Answers to a socket's own requests that may wait in its queue; past this, whoever answers
+/// waits, and the socket's reader with it, which pushes back on the client through TCP.
+pub const MAX_QUEUED_ANSWERS: usize = 32;
+
+/// A frame waiting for its socket; an answer holds one of the socket's answer slots until
+/// the writer takes it.
+pub type Queued = (Utf8Bytes, Option<OwnedSemaphorePermit>);
+
+/// The sending side of one socket: a bounded queue of serialized frames, with room for
+/// `capacity` frames pushed to it (events) beside [`MAX_QUEUED_ANSWERS`] answers.
 #[derive(Clone)]
 pub struct Outbox {
-    tx: mpsc::Sender<Utf8Bytes>,
+    tx: mpsc::Sender<Queued>,
+    answers: Arc<Semaphore>,
     pub control: Arc<SocketControl>,
 }
 
 impl Outbox {
-    pub fn new(capacity: usize) -> (Outbox, mpsc::Receiver<Utf8Bytes>) {
-        let (tx, rx) = mpsc::channel(capacity);
+    pub fn new(capacity: usize) -> (Outbox, mpsc::Receiver<Queued>) {
+        let (tx, rx) = mpsc::channel(capacity + MAX_QUEUED_ANSWERS);
         (
             Outbox {
                 tx,
+                answers: Arc::new(Semaphore::new(MAX_QUEUED_ANSWERS)),
                 control: Arc::new(SocketControl::new()),
             },
             rx,
         )
     }
 
-    /// Queue a frame. A full queue means the client reads too slowly to keep up: it is
-    /// closed rather than allowed to make the process grow.
+    /// Queue a frame the server pushes. A full queue means the client reads too slowly to
+    /// keep up with its conversations: it is closed rather than allowed to make the process
+    /// grow.
     pub fn push(&self, frame: Utf8Bytes) {
-        match self.tx.try_send(frame) {
+        self.queue((frame, None));
+    }
+
+    pub fn send(&self, frame: &ServerFrame) {
+        self.push(Utf8Bytes::from(frame.to_json()));
+    }
+
+    /// Queue the answer to one of the client's requests, once one of its answer slots is
+    /// free: a client that sends requests faster than it reads their answers is slowed
+    /// down, not closed. Answers always find room: the queue is full only when pushed
+    /// frames overflowed it, which closes the socket.
+    pub async fn answer(&self, frame: &ServerFrame) {
+        self.answer_with(Utf8Bytes::from(frame.to_json())).await;
+    }
+
+    /// [`answer`](Self::answer) with a frame already serialized (the events a resume
+    /// sends are its answer); false when the socket is closing.
+    pub async fn answer_with(&self, frame: Utf8Bytes) -> bool {
+        let slot = tokio::select! {
+            () = self.control.closing() => return false,
+            slot = Arc::clone(&self.answers).acquire_owned() => {
+                slot.expect("the answer slots are never closed")
+            }
+        };
+        self.queue((frame, Some(slot)));
+        true
+    }
+
+    fn queue(&self, queued: Queued) {
+        match self.tx.try_send(queued) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
                 self.control
@@ -102,10 +152,6 @@ impl Outbox {
             }
             Err(TrySendError::Closed(_)) => {}
         }
-    }
-
-    pub fn send(&self, frame: &ServerFrame) {
-        self.push(Utf8Bytes::from(frame.to_json()));
     }
 }
 
@@ -115,10 +161,27 @@ struct SocketEntry {
     protocol: u32,
     outbox: Outbox,
     conversations: HashSet<ConversationId>,
+    phase: Phase,
+}
+
+/// Where a socket stands in receiving its user's events.
+enum Phase {
+    /// Version 2, before its first resume: it is sent nothing yet.
+    Waiting,
+    /// Its resume is running: creations naming its user wait here until the resume ends,
+    /// which hands over those the resume did not cover.
+    Resuming(Vec<RecordedEvent>),
+    /// Sent every event of the conversations it follows.
+    Live,
 }
 
 struct ConversationRoute {
-    sockets: HashSet<ConnectionId>,
+    /// Local sockets following the conversation, each with the newest sequence it was sent.
+    sockets: HashMap<ConnectionId, u64>,
+    /// The newest sequence the follower has handled.
+    last: u64,
+    /// Wakes the follower to catch up sockets that joined behind `last`.
+    behind: Arc<Notify>,
     follower: JoinHandle<()>,
 }
 
@@ -140,11 +203,11 @@ struct Table {
 pub struct Routes {
     table: Mutex<Table>,
     client: async_nats::Client,
-    log: LogStream,
+    log: LogReader,
 }
 
 impl Routes {
-    pub fn new(client: async_nats::Client, log: LogStream) -> Arc<Routes> {
+    pub fn new(client: async_nats::Client, log: LogReader) -> Arc<Routes> {
         Arc::new(Routes {
             table: Mutex::new(Table::default()),
             client,
@@ -158,9 +221,16 @@ impl Routes {
             .expect("routing table lock is never poisoned")
     }
 
+    /// Add a socket. A version 1 socket resumes at once (from now); a version 2 socket waits
+    /// for its client's `resume`.
     pub fn register(&self, conn: ConnectionId, user: UserId, protocol: u32, outbox: Outbox) {
         let mut table = self.table();
         table.users.entry(user.clone()).or_default().insert(conn);
+        let phase = if protocol >= 2 {
+            Phase::Waiting
+        } else {
+            Phase::Resuming(Vec::new())
+        };
         table.sockets.insert(
             conn,
             SocketEntry {
@@ -168,6 +238,7 @@ impl Routes {
                 protocol,
                 outbox,
                 conversations: HashSet::new(),
+                phase,
             },
         );
     }
@@ -207,23 +278,6 @@ impl Routes {
             .decrement(dropped.len() as f64);
     }
 
-    pub fn connections_of(&self, user: &UserId) -> Vec<ConnectionId> {
-        self.table()
-            .users
-            .get(user)
-            .map(|conns| conns.iter().copied().collect())
-            .unwrap_or_default()
-    }
-
-    /// Whether socket `conn` follows `conversation`: then its user is a member, as the
-    /// store or a live creation said.
-    pub fn follows(&self, conn: ConnectionId, conversation: ConversationId) -> bool {
-        self.table()
-            .sockets
-            .get(&conn)
-            .is_some_and(|entry| entry.conversations.contains(&conversation))
-    }
-
     /// Every open socket with its user, for presence heartbeats.
     pub fn snapshot(&self) -> Vec<(ConnectionId, UserId)> {
         self.table()
@@ -233,105 +287,157 @@ impl Routes {
             .collect()
     }
 
-    /// Make `conns` follow `conversation`. `baseline` is the newest sequence the caller
-    /// knows these sockets have (or will have) seen; later events are delivered, and a
-    /// gap after it is filled from the log.
-    pub async fn follow(
-        self: &Arc<Self>,
-        conns: &[ConnectionId],
-        conversation: ConversationId,
-        baseline: u64,
-    ) -> Result<(), async_nats::SubscribeError> {
-        let needs_subscription = !self.table().conversations.contains_key(&conversation);
-        let subscription = if needs_subscription {
-            Some(self.client.subscribe(live_subject(conversation)).await?)
-        } else {
-            None
-        };
+    /// Whether the socket follows `conversation` (it is live in it).
+    pub fn follows(&self, conn: ConnectionId, conversation: ConversationId) -> bool {
+        self.table()
+            .sockets
+            .get(&conn)
+            .is_some_and(|entry| entry.conversations.contains(&conversation))
+    }
+
+    /// Start the socket's first resume; false when it has had one (it is live, and a
+    /// further resume only continues conversations it does not follow yet).
+    pub fn begin_resume(&self, conn: ConnectionId) -> bool {
         let mut table = self.table();
-        let table = &mut *table;
-        let conns: Vec<ConnectionId> = conns
-            .iter()
-            .copied()
-            .filter(|conn| table.sockets.contains_key(conn))
-            .collect();
-        if conns.is_empty() {
+        let Some(entry) = table.sockets.get_mut(&conn) else {
+            return false;
+        };
+        match entry.phase {
+            Phase::Waiting => {
+                entry.phase = Phase::Resuming(Vec::new());
+                true
+            }
+            Phase::Resuming(_) => true,
+            Phase::Live => false,
+        }
+    }
+
+    /// End the socket's first resume, which covered the log up to `head`: from now on it is
+    /// live, and it is handed the conversations created after `head` that it did not follow.
+    pub async fn finish_resume(self: &Arc<Self>, conn: ConnectionId, head: u64) {
+        let creations = {
+            let mut table = self.table();
+            let Some(entry) = table.sockets.get_mut(&conn) else {
+                return;
+            };
+            match std::mem::replace(&mut entry.phase, Phase::Live) {
+                Phase::Resuming(creations) => creations
+                    .into_iter()
+                    .filter(|created| {
+                        created.seq > head
+                            && !entry.conversations.contains(&created.envelope.conversation)
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            }
+        };
+        for created in creations {
+            self.join_created(&[conn], created).await;
+        }
+    }
+
+    /// A conversation was created: its members' live sockets follow it from its creation
+    /// event; sockets still resuming get it when their resume ends.
+    pub async fn on_created(self: &Arc<Self>, created: RecordedEvent) {
+        let Event::ConversationCreated(creation) = &created.envelope.event else {
+            return;
+        };
+        let live: Vec<ConnectionId> = {
+            let mut table = self.table();
+            let Table { sockets, users, .. } = &mut *table;
+            let mut live = Vec::new();
+            for member in &creation.members {
+                for conn in users.get(&member.user).into_iter().flatten() {
+                    let Some(entry) = sockets.get_mut(conn) else {
+                        continue;
+                    };
+                    match &mut entry.phase {
+                        Phase::Waiting => {}
+                        Phase::Resuming(creations) => {
+                            if creations.len() == MAX_CREATIONS_WHILE_RESUMING {
+                                warn!(
+                                    "too many creations while a socket resumes; dropping the oldest"
+                                );
+                                creations.remove(0);
+                            }
+                            creations.push(created.clone());
+                        }
+                        Phase::Live => live.push(*conn),
+                    }
+                }
+            }
+            live
+        };
+        if !live.is_empty() {
+            self.join_created(&live, created).await;
+        }
+    }
+
+    /// Send sockets a conversation's creation event, then follow the conversation from it.
+    async fn join_created(self: &Arc<Self>, conns: &[ConnectionId], created: RecordedEvent) {
+        let conversation = created.envelope.conversation;
+        let seq = created.seq;
+        let delivered = self.send_to(conns, &event_frame(created));
+        metrics::counter!(telemetry::GATEWAY_EVENTS_DELIVERED_TOTAL).increment(delivered);
+        for conn in conns {
+            if let Err(e) = self.attach(*conn, conversation, seq).await {
+                warn!(error = %e, "cannot subscribe to a new conversation");
+            }
+        }
+    }
+
+    /// Make the socket follow `conversation`, having been sent everything up to `seen`.
+    /// Later events are delivered; if the follower is already past `seen`, it first catches
+    /// the socket up from the log. A conversation new to this gateway is subscribed to, and
+    /// what was appended after `seen` before the subscription existed is read from the log.
+    pub async fn attach(
+        self: &Arc<Self>,
+        conn: ConnectionId,
+        conversation: ConversationId,
+        seen: u64,
+    ) -> Result<(), async_nats::SubscribeError> {
+        loop {
+            let subscription = if self.table().conversations.contains_key(&conversation) {
+                None
+            } else {
+                Some(self.client.subscribe(live_subject(conversation)).await?)
+            };
+            let mut table = self.table();
+            let table = &mut *table;
+            let Some(entry) = table.sockets.get_mut(&conn) else {
+                return Ok(());
+            };
+            let route = match table.conversations.entry(conversation) {
+                Entry::Occupied(route) => route.into_mut(),
+                Entry::Vacant(slot) => {
+                    let Some(subscription) = subscription else {
+                        // The route went away between the two looks: subscribe after all.
+                        continue;
+                    };
+                    let behind = Arc::new(Notify::new());
+                    let follower = tokio::spawn(follow_conversation(
+                        Arc::downgrade(self),
+                        conversation,
+                        subscription,
+                        Arc::clone(&behind),
+                        seen,
+                    ));
+                    metrics::gauge!(telemetry::GATEWAY_CONVERSATION_SUBSCRIPTIONS).increment(1.0);
+                    slot.insert(ConversationRoute {
+                        sockets: HashMap::new(),
+                        last: seen,
+                        behind,
+                        follower,
+                    })
+                }
+            };
+            entry.conversations.insert(conversation);
+            route.sockets.insert(conn, seen);
+            if seen < route.last {
+                route.behind.notify_one();
+            }
             return Ok(());
         }
-        let route = match table.conversations.entry(conversation) {
-            Entry::Occupied(route) => route.into_mut(),
-            Entry::Vacant(slot) => {
-                let Some(subscription) = subscription else {
-                    // Another caller created and then dropped the route between our checks;
-                    // the next event of this conversation will bring the socket back in.
-                    return Ok(());
-                };
-                let follower = tokio::spawn(follow_conversation(
-                    Arc::downgrade(self),
-                    conversation,
-                    subscription,
-                    baseline,
-                ));
-                metrics::gauge!(telemetry::GATEWAY_CONVERSATION_SUBSCRIPTIONS).increment(1.0);
-                slot.insert(ConversationRoute {
-                    sockets: HashSet::new(),
-                    follower,
-                })
-            }
-        };
-        for conn in conns {
-            route.sockets.insert(conn);
-            if let Some(entry) = table.sockets.get_mut(&conn) {
-                entry.conversations.insert(conversation);
-            }
-        }
-        Ok(())
-    }
-
-    /// Make sure the server has every subscription made so far before events that depend
-    /// on them are delivered to clients.
-    pub async fn flush(&self) {
-        if let Err(e) = self.client.flush().await {
-            debug!(error = %e, "flush after subscribing failed");
-        }
-    }
-
-    /// Queue `event` on every local socket following its conversation that speaks a
-    /// protocol version knowing its type.
-    fn fan_out(&self, event: RecordedEvent) {
-        let since = event.envelope.event.since_protocol();
-        let conversation = event.envelope.conversation;
-        let delivered = self.push_to_followers(conversation, &event_frame(event), |_, protocol| {
-            protocol >= since
-        });
-        metrics::counter!(telemetry::GATEWAY_EVENTS_DELIVERED_TOTAL).increment(delivered);
-    }
-
-    /// Queue `frame` on the local sockets following `conversation` that `wants`, given the
-    /// socket's user and protocol version; how many.
-    pub fn push_to_followers(
-        &self,
-        conversation: ConversationId,
-        frame: &Utf8Bytes,
-        wants: impl Fn(&UserId, u32) -> bool,
-    ) -> u64 {
-        let outboxes: Vec<Outbox> = {
-            let table = self.table();
-            let Some(route) = table.conversations.get(&conversation) else {
-                return 0;
-            };
-            route
-                .sockets
-                .iter()
-                .filter_map(|conn| table.sockets.get(conn))
-                .filter(|entry| wants(&entry.user, entry.protocol))
-                .map(|entry| entry.outbox.clone())
-                .collect()
-        };
-        for outbox in &outboxes {
-            outbox.push(frame.clone());
-        }
-        outboxes.len() as u64
     }
 
     /// Queue `frame` on the given sockets only; how many are still open.
@@ -345,34 +451,180 @@ impl Routes {
         delivered
     }
 
-    /// Read the events between `after` and `prev` (inclusive) from the log by walking the
-    /// `prev` chain backwards; oldest first.
-    async fn fill_gap(&self, after: u64, prev: u64) -> Vec<RecordedEvent> {
-        let mut missing = Vec::new();
-        let mut seq = prev;
-        while seq > after && missing.len() < MAX_GAP_FILL {
-            match self.log.direct_get(seq).await {
-                Ok(message) => match EventEnvelope::from_bytes(&message.payload) {
-                    Ok(envelope) => {
-                        let next = envelope.prev;
-                        missing.push(envelope.recorded(seq));
-                        seq = next;
-                    }
-                    Err(e) => {
-                        warn!(seq, error = %e, "cannot read an event while filling a gap");
-                        break;
-                    }
-                },
-                Err(e) => {
-                    warn!(seq, error = %e, "cannot fetch an event while filling a gap");
-                    break;
+    /// Queue an ephemeral `frame` (no sequence, no position) on the local sockets following
+    /// `conversation` that `wants`, given the socket's user and protocol; how many.
+    pub fn push_to_followers(
+        &self,
+        conversation: ConversationId,
+        frame: &Utf8Bytes,
+        wants: impl Fn(&UserId, u32) -> bool,
+    ) -> u64 {
+        let outboxes: Vec<Outbox> = {
+            let table = self.table();
+            let Some(route) = table.conversations.get(&conversation) else {
+                return 0;
+            };
+            route
+                .sockets
+                .keys()
+                .filter_map(|conn| table.sockets.get(conn))
+                .filter(|entry| wants(&entry.user, entry.protocol))
+                .map(|entry| entry.outbox.clone())
+                .collect()
+        };
+        for outbox in &outboxes {
+            outbox.push(frame.clone());
+        }
+        outboxes.len() as u64
+    }
+
+    /// Deliver a live event after the events it shows the follower missed.
+    async fn deliver(&self, conversation: ConversationId, event: RecordedEvent) {
+        let Some(last) = self
+            .table()
+            .conversations
+            .get(&conversation)
+            .map(|r| r.last)
+        else {
+            return;
+        };
+        if event.seq <= last {
+            return;
+        }
+        let mut batch = if event.envelope.prev > last {
+            metrics::counter!(telemetry::GATEWAY_GAP_FILLS_TOTAL).increment(1);
+            self.log
+                .chain_back(last, event.envelope.prev, MAX_GAP_FILL)
+                .await
+                .events
+        } else {
+            Vec::new()
+        };
+        batch.push(event);
+        for event in batch {
+            self.fan_out(event);
+        }
+    }
+
+    /// Queue `event` on every socket following its conversation that has the event before
+    /// it and speaks a version knowing its type. Sockets that lack the event before it are
+    /// left for a catch-up.
+    fn fan_out(&self, event: RecordedEvent) {
+        let conversation = event.envelope.conversation;
+        let outboxes: Vec<Outbox> = {
+            let mut table = self.table();
+            let Table {
+                sockets,
+                conversations,
+                ..
+            } = &mut *table;
+            let Some(route) = conversations.get_mut(&conversation) else {
+                return;
+            };
+            if event.seq <= route.last {
+                return;
+            }
+            route.last = event.seq;
+            let mut behind = false;
+            let mut outboxes = Vec::new();
+            for (conn, sent) in &mut route.sockets {
+                if *sent >= event.seq {
+                    continue;
+                }
+                if *sent < event.envelope.prev {
+                    behind = true;
+                    continue;
+                }
+                *sent = event.seq;
+                if let Some(entry) = sockets.get(conn)
+                    && is_sent_to(&event, &entry.user, entry.protocol)
+                {
+                    outboxes.push(entry.outbox.clone());
                 }
             }
+            if behind {
+                route.behind.notify_one();
+            }
+            outboxes
+        };
+        if outboxes.is_empty() {
+            return;
         }
-        missing.reverse();
-        metrics::counter!(telemetry::GATEWAY_GAP_FILLS_TOTAL).increment(1);
-        missing
+        let frame = event_frame(event);
+        for outbox in &outboxes {
+            outbox.push(frame.clone());
+        }
+        metrics::counter!(telemetry::GATEWAY_EVENTS_DELIVERED_TOTAL)
+            .increment(outboxes.len() as u64);
     }
+
+    /// Send the sockets of `conversation` that are behind the follower what they lack, read
+    /// from the log. One that is too far behind is closed, to resume again.
+    async fn catch_up(&self, conversation: ConversationId) {
+        let (furthest_behind, last) = {
+            let table = self.table();
+            let Some(route) = table.conversations.get(&conversation) else {
+                return;
+            };
+            let Some(furthest_behind) = route.sockets.values().copied().min() else {
+                return;
+            };
+            (furthest_behind, route.last)
+        };
+        if furthest_behind >= last {
+            return;
+        }
+        let chain = self
+            .log
+            .chain_back(furthest_behind, last, MAX_GAP_FILL)
+            .await;
+        let first_prev = chain.events.first().map(|e| e.envelope.prev);
+        let mut table = self.table();
+        let Table {
+            sockets,
+            conversations,
+            ..
+        } = &mut *table;
+        let Some(route) = conversations.get_mut(&conversation) else {
+            return;
+        };
+        for (conn, sent) in &mut route.sockets {
+            if *sent >= route.last {
+                continue;
+            }
+            let Some(entry) = sockets.get(conn) else {
+                continue;
+            };
+            let reachable = chain.complete || first_prev.is_some_and(|prev| *sent >= prev);
+            // A version 2 client resumes exactly; a version 1 client never could, and
+            // reads the gap with `history` as it always has.
+            if !reachable && entry.protocol >= 2 {
+                metrics::counter!(telemetry::GATEWAY_CATCH_UPS_TOTAL, "result" => "closed")
+                    .increment(1);
+                entry
+                    .outbox
+                    .control
+                    .close(close::TRY_AGAIN_LATER, "fell behind a conversation: resume");
+                continue;
+            }
+            for event in chain.events.iter().filter(|e| e.seq > *sent) {
+                if is_sent_to(event, &entry.user, entry.protocol) {
+                    entry.outbox.push(event_frame(event.clone()));
+                }
+            }
+            *sent = route.last;
+            metrics::counter!(telemetry::GATEWAY_CATCH_UPS_TOTAL, "result" => "caught_up")
+                .increment(1);
+        }
+    }
+}
+
+/// Whether a socket of `user` speaking `protocol` is sent `event` at all, live or by a
+/// resume: only event types its version knows, and a read marker only to its reader.
+pub fn is_sent_to(event: &RecordedEvent, user: &UserId, protocol: u32) -> bool {
+    let envelope = &event.envelope;
+    envelope.event.since_protocol() <= protocol
+        && (!envelope.event.only_for_actor() || envelope.actor == *user)
 }
 
 /// Give back a table's memory once most of it is empty: a map keeps the capacity of its
@@ -393,49 +645,61 @@ async fn follow_conversation(
     routes: Weak<Routes>,
     conversation: ConversationId,
     mut subscription: async_nats::Subscriber,
-    mut last: u64,
+    behind: Arc<Notify>,
+    subscribed_after: u64,
 ) {
-    while let Some(message) = subscription.next().await {
-        if typing::is_ephemeral(&message) {
-            if let Some(routes) = routes.upgrade() {
-                typing::deliver(&routes, conversation, &message);
+    // What was appended after `subscribed_after` went out live before this subscription
+    // existed. The subscription is on the same connection as these reads, so the server
+    // has it before it answers them: anything appended later arrives live.
+    if let Some(routes) = routes.upgrade() {
+        match routes
+            .log
+            .conversation_after(conversation, subscribed_after, MAX_GAP_FILL)
+            .await
+        {
+            Ok(missed) => {
+                for event in missed {
+                    routes.deliver(conversation, event).await;
+                }
             }
-            continue;
-        }
-        let event = match RecordedEvent::from_bytes(&message.payload) {
-            Ok(event) => event,
             Err(e) => {
-                warn!(%conversation, error = %e, "unreadable live event");
-                continue;
+                warn!(%conversation, error = %e, "cannot read what a new subscription missed")
             }
-        };
-        if event.seq <= last {
-            continue;
         }
-        let Some(routes) = routes.upgrade() else {
-            return;
-        };
-        let span = tracing::debug_span!("event", %conversation, seq = event.seq);
-        last = deliver(&routes, event, last).instrument(span).await;
     }
-}
-
-/// Deliver `event` after any events it shows were missed; the new newest sequence.
-async fn deliver(routes: &Routes, event: RecordedEvent, mut last: u64) -> u64 {
-    let mut batch = if last > 0 && event.envelope.prev > last {
-        routes.fill_gap(last, event.envelope.prev).await
-    } else {
-        Vec::new()
-    };
-    batch.push(event);
-    for event in batch {
-        if event.seq <= last {
-            continue;
+    loop {
+        tokio::select! {
+            message = subscription.next() => {
+                let Some(message) = message else {
+                    return;
+                };
+                if typing::is_ephemeral(&message) {
+                    if let Some(routes) = routes.upgrade() {
+                        typing::deliver(&routes, conversation, &message);
+                    }
+                    continue;
+                }
+                let event = match RecordedEvent::from_bytes(&message.payload) {
+                    Ok(event) => event,
+                    Err(e) => {
+                        warn!(%conversation, error = %e, "unreadable live event");
+                        continue;
+                    }
+                };
+                let Some(routes) = routes.upgrade() else {
+                    return;
+                };
+                let span = tracing::debug_span!("event", %conversation, seq = event.seq);
+                routes.deliver(conversation, event).instrument(span).await;
+            }
+            () = behind.notified() => {
+                let Some(routes) = routes.upgrade() else {
+                    return;
+                };
+                routes.catch_up(conversation).await;
+            }
         }
-        last = event.seq;
-        routes.fan_out(event);
     }
-    last
 }
 
 #[cfg(test)]
@@ -445,18 +709,39 @@ mod tests {
     #[tokio::test]
     async fn a_full_send_queue_closes_the_socket_as_a_slow_consumer() {
         let (outbox, mut queue) = Outbox::new(2);
-        outbox.push(Utf8Bytes::from_static("1"));
-        outbox.push(Utf8Bytes::from_static("2"));
+        let pushed = 2 + MAX_QUEUED_ANSWERS;
+        for n in 0..pushed {
+            outbox.push(Utf8Bytes::from(n.to_string()));
+        }
         assert_eq!(outbox.control.reason(), None);
-        outbox.push(Utf8Bytes::from_static("3"));
+        outbox.push(Utf8Bytes::from_static("one too many"));
         assert_eq!(
             outbox.control.reason(),
             Some((close::POLICY_VIOLATION, "slow consumer: send queue full"))
         );
         // The queue never grew past its bound.
-        assert_eq!(queue.recv().await.as_deref(), Some("1"));
-        assert_eq!(queue.recv().await.as_deref(), Some("2"));
+        for n in 0..pushed {
+            assert_eq!(queue.recv().await.unwrap().0.as_str(), n.to_string());
+        }
         assert!(queue.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn answers_wait_for_room_instead_of_closing_the_socket() {
+        let (outbox, mut queue) = Outbox::new(2);
+        let pong = ServerFrame::Pong { id: None };
+        for _ in 0..MAX_QUEUED_ANSWERS {
+            outbox.answer(&pong).await;
+        }
+        let mut waiting = std::pin::pin!(outbox.answer(&pong));
+        assert!(futures::poll!(waiting.as_mut()).is_pending());
+        // Pushed frames still have their own room.
+        outbox.push(Utf8Bytes::from_static("event"));
+        outbox.push(Utf8Bytes::from_static("event"));
+        assert_eq!(outbox.control.reason(), None);
+        drop(queue.recv().await);
+        waiting.await;
+        assert_eq!(outbox.control.reason(), None);
     }
 
     #[test]

@@ -7,13 +7,16 @@
 //! - [`socket`]: one connection's reader and writer.
 //! - [`commands`]: publishing commands and routing their outcomes back.
 //! - [`delivery`]: the routing table and the per-conversation followers.
+//! - [`resume`]: bringing a socket up to date before it goes live.
+//! - [`log`]: single events read from the log.
 //! - [`typing`]: typing indicators, carried on the conversations' live subjects.
 //! - [`presence`]: presence pushed to the sockets that asked for it.
 
 mod commands;
 mod delivery;
+mod log;
 mod presence;
-mod recent;
+mod resume;
 mod socket;
 mod typing;
 
@@ -32,7 +35,7 @@ use futures::StreamExt;
 use parley_events::presence::{ConnectionState, PresenceUpdate};
 use parley_events::protocol::{HttpError, protocol_version};
 use parley_events::subjects::{LIVE_MEMBERSHIP_SUBJECT, PRESENCE_SUBJECT, outcome_subject};
-use parley_events::{ErrorCode, Event, Outcome, RecordedEvent, UserId};
+use parley_events::{ErrorCode, Outcome, RecordedEvent, UserId};
 use parley_projections::ConversationStore;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -45,7 +48,9 @@ use crate::config::Config;
 use crate::node::Nats;
 use crate::topology::Topology;
 use crate::{telemetry, unix_millis};
-use delivery::{ConnectionId, Routes, event_frame};
+use delivery::{ConnectionId, Routes};
+use log::LogReader;
+use resume::StoreProgress;
 use socket::Session;
 
 pub(crate) const READY_CHECK: &str = "gateway";
@@ -77,11 +82,13 @@ pub(crate) struct Shared {
     readiness: Readiness,
     topology: Topology,
     store: Arc<dyn ConversationStore>,
+    /// The store's position, watched while resumes wait for it.
+    progress: Arc<StoreProgress>,
+    log: LogReader,
     verifier: Verifier,
     routes: Arc<Routes>,
     watchers: Arc<presence::Watchers>,
     pending: commands::Pending,
-    recent: recent::RecentCreations,
     connections: Arc<Semaphore>,
     next_connection: AtomicU64,
     /// Whether a task is creating (or finding) the intake after a publish found none.
@@ -117,12 +124,15 @@ impl Gateway {
         };
         let outcomes = subscribe(outcome_subject.clone()).await?;
         let membership = subscribe(LIVE_MEMBERSHIP_SUBJECT.to_owned()).await?;
-        let routes = Routes::new(client.clone(), topology.log.clone());
+        let log = LogReader::new(topology.log.clone(), topology.shards);
+        let routes = Routes::new(client.clone(), log.clone());
         let shared = Arc::new(Shared {
             verifier: Verifier::new(&secret, &config.auth),
             connections: Arc::new(Semaphore::new(config.gateway.max_connections)),
             watchers: presence::Watchers::new(client.clone(), Arc::clone(&routes)),
             routes,
+            progress: StoreProgress::new(Arc::clone(&store)),
+            log,
             config,
             name,
             outcome_subject,
@@ -131,7 +141,6 @@ impl Gateway {
             topology,
             store,
             pending: commands::Pending::default(),
-            recent: recent::RecentCreations::default(),
             next_connection: AtomicU64::new(1),
             ensuring_intake: AtomicBool::new(false),
             intake_missing: AtomicBool::new(false),
@@ -166,6 +175,7 @@ impl Gateway {
             tokio::spawn(route_outcomes(Arc::clone(&shared), outcomes)),
             tokio::spawn(follow_membership(Arc::clone(&shared), membership)),
             tokio::spawn(heartbeat_presence(Arc::clone(&shared))),
+            tokio::spawn(Arc::clone(&shared.progress).run()),
         ];
         let app = Router::new()
             .route("/ws", get(upgrade))
@@ -295,7 +305,7 @@ async fn upgrade(
         expires_at: tokio::time::Instant::now() + remaining,
         typing: Default::default(),
     };
-    let max_frame = shared.config.limits.max_frame_bytes;
+    let max_frame = shared.config.limits.frame_bytes();
     ws.max_frame_size(max_frame)
         .max_message_size(max_frame)
         .read_buffer_size(READ_BUFFER_BYTES)
@@ -315,40 +325,13 @@ async fn route_outcomes(shared: Arc<Shared>, mut outcomes: async_nats::Subscribe
     }
 }
 
-/// New conversations: subscribe the local sockets of their members, then hand them the
-/// creation event.
+/// New conversations: the local sockets of their members follow them.
 async fn follow_membership(shared: Arc<Shared>, mut membership: async_nats::Subscriber) {
     while let Some(message) = membership.next().await {
-        let event = match RecordedEvent::from_bytes(&message.payload) {
-            Ok(event) => event,
-            Err(e) => {
-                warn!(error = %e, "unreadable membership event");
-                continue;
-            }
-        };
-        let Event::ConversationCreated(created) = &event.envelope.event else {
-            continue;
-        };
-        shared.recent.record(
-            event.envelope.conversation,
-            event.seq,
-            created.members.iter().map(|member| &member.user),
-        );
-        let conns: Vec<ConnectionId> = created
-            .members
-            .iter()
-            .flat_map(|member| shared.routes.connections_of(&member.user))
-            .collect();
-        if conns.is_empty() {
-            continue;
+        match RecordedEvent::from_bytes(&message.payload) {
+            Ok(event) => shared.routes.on_created(event).await,
+            Err(e) => warn!(error = %e, "unreadable membership event"),
         }
-        let conversation = event.envelope.conversation;
-        if let Err(e) = shared.routes.follow(&conns, conversation, event.seq).await {
-            warn!(error = %e, "cannot subscribe to a new conversation");
-        }
-        shared.routes.flush().await;
-        let delivered = shared.routes.send_to(&conns, &event_frame(event));
-        metrics::counter!(telemetry::GATEWAY_EVENTS_DELIVERED_TOTAL).increment(delivered);
     }
 }
 

@@ -1,8 +1,8 @@
 //! Presence to clients (protocol version 2), subscribed on demand.
 //!
 //! A socket asks for the presence of some users (`presence`); the gateway keeps those that
-//! share a conversation with the socket's user (one store query per request, plus the
-//! creations of the last minutes the store may not hold yet), answers their
+//! share a conversation with the socket's user (one store query per request, plus the direct
+//! conversations the socket follows, which the store may not hold yet), answers their
 //! current status and pushes their changes from then on, until `presence_unsubscribe` or
 //! the socket closes. A user with 10,000 contacts is sent only the changes of the users its
 //! client asked about.
@@ -279,7 +279,7 @@ pub async fn handle_watch(
         metrics::counter!(telemetry::GATEWAY_FRAME_ERRORS_TOTAL, "code" => code.as_str())
             .increment(1);
     }
-    outbox.send(&frame);
+    outbox.answer(&frame).await;
 }
 
 async fn answer(
@@ -319,24 +319,15 @@ async fn answer(
             warn!(error = %e, "conversation store read failed");
             Refusal::Unavailable("the conversation store cannot say who may be watched")
         })?;
-    // Conversations created too recently for the store to have them yet count too.
-    let recent: HashSet<ConversationId> = shared
-        .recent
-        .of(&session.user)
-        .into_iter()
-        .map(|(conversation, _)| conversation)
-        .collect();
-    let recently_met = new.iter().filter(|user| {
-        !recent.is_empty()
-            && shared
-                .recent
-                .of(user)
-                .iter()
-                .any(|(conversation, _)| recent.contains(conversation))
+    // A direct conversation the socket follows counts even before the store has it.
+    let direct_peers = new.iter().filter(|user| {
+        shared
+            .routes
+            .follows(session.conn, ConversationId::direct(&session.user, user))
     });
     let visible: HashSet<UserId> = stored
         .into_iter()
-        .chain(recently_met.cloned())
+        .chain(direct_peers.cloned())
         .chain(already)
         .collect();
     let (watched, not_visible): (Vec<UserId>, Vec<UserId>) =

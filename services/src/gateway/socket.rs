@@ -1,26 +1,26 @@
 //! One WebSocket: a reader loop that turns frames into commands and queries, and a writer
 //! task that drains the socket's bounded queue, pings, and sends the close frame.
 
-use std::collections::HashSet;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures::stream::{SplitSink, SplitStream};
 use futures::{Sink, SinkExt, StreamExt};
 use parley_events::presence::ConnectionState;
-use parley_events::protocol::{ClientFrame, ConversationSummary, Limits, ServerFrame, close};
-use parley_events::{Action, ClientMsgId, Command, ConversationId, ErrorCode, UserId};
+use parley_events::protocol::{
+    ClientFrame, ConversationSummary, Limits, MessagePreview, ServerFrame, close,
+};
+use parley_events::{Action, ClientMsgId, Command, ConversationId, ErrorCode, Role, UserId};
 use parley_projections::StoreError;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{Instrument, debug, info_span, warn};
 
 use super::Shared;
-use super::commands;
-use super::delivery::{ConnectionId, Outbox, SocketControl};
-use super::{presence, typing};
+use super::delivery::{ConnectionId, Outbox, Queued, SocketControl};
+use super::{commands, presence, resume, typing};
 use crate::handler::check_body;
 use crate::{telemetry, unix_millis};
 
@@ -28,10 +28,12 @@ use crate::{telemetry, unix_millis};
 /// pushes back on the client through TCP.
 const MAX_IN_FLIGHT: usize = 32;
 /// A write that takes longer than this means the peer stopped reading.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_HISTORY_PAGE: u32 = 50;
 const DEFAULT_CONVERSATIONS_PAGE: u32 = 100;
 const MAX_CONVERSATIONS_PAGE: u32 = 1000;
+const DEFAULT_MEMBERS_PAGE: u32 = 100;
+const MAX_MEMBERS_PAGE: u32 = 1000;
 /// Largest frame the server sends: a history page is trimmed to fit, and the socket's write
 /// buffer is sized for one such frame.
 pub const MAX_SERVER_FRAME_BYTES: usize = 512 * 1024;
@@ -63,12 +65,19 @@ pub async fn serve(
             Arc::clone(&outbox.control),
             shared.config.ping_interval(),
         ));
+        // Where "from now" starts for a version 1 socket: before its welcome, so whatever
+        // happens once the client holds the welcome reaches it, by its resume or live.
+        let connected_at = if session.protocol < 2 {
+            shared.log.bounds().await.ok().map(|bounds| bounds.last)
+        } else {
+            None
+        };
         outbox.send(&ServerFrame::Welcome {
             protocol: session.protocol,
             user: session.user.clone(),
             connection: shared.connection_name(session.conn),
             limits: Limits {
-                max_frame_bytes: shared.config.limits.max_frame_bytes,
+                max_frame_bytes: shared.config.limits.frame_bytes(),
                 max_message_bytes: shared.config.limits.max_message_bytes,
                 max_history_page: shared.config.limits.max_history_page,
             },
@@ -82,7 +91,9 @@ pub async fn serve(
         shared
             .publish_presence(&session.user, session.conn, ConnectionState::Open)
             .await;
-        follow_inbox(&shared, &session).await;
+        if session.protocol < 2 {
+            resume::connect_v1(&shared, &session, &outbox, connected_at).await;
+        }
 
         read_loop(&shared, &session, &mut stream, &outbox).await;
 
@@ -106,40 +117,6 @@ pub async fn serve(
     }
     .instrument(span)
     .await
-}
-
-/// Subscribe the socket to the conversations the store lists for its user, and to those
-/// created too recently for the store to have them yet.
-async fn follow_inbox(shared: &Arc<Shared>, session: &Session) {
-    let limit = shared.config.gateway.max_conversations_per_user;
-    let inbox = shared
-        .store
-        .inbox(&session.user, None, limit)
-        .await
-        .unwrap_or_else(|e| {
-            warn!(error = %e, "cannot read the user's conversations; following only new ones");
-            Vec::new()
-        });
-    let stored: HashSet<ConversationId> = inbox.iter().map(|entry| entry.conversation).collect();
-    let recent = shared
-        .recent
-        .of(&session.user)
-        .into_iter()
-        .filter(|(conversation, _)| !stored.contains(conversation));
-    let follows = inbox
-        .iter()
-        .map(|entry| (entry.conversation, entry.last_seq))
-        .chain(recent);
-    for (conversation, last_seq) in follows {
-        if let Err(e) = shared
-            .routes
-            .follow(&[session.conn], conversation, last_seq)
-            .await
-        {
-            warn!(error = %e, "cannot subscribe to a conversation");
-        }
-    }
-    shared.routes.flush().await;
 }
 
 /// Read the client's frames until the socket is closing, for whatever reason.
@@ -249,11 +226,13 @@ async fn handle_text(
         Err(e) => {
             metrics::counter!(telemetry::GATEWAY_FRAME_ERRORS_TOTAL, "code" => e.code().as_str())
                 .increment(1);
-            outbox.send(&ServerFrame::error(
-                e.request_id().cloned(),
-                e.code(),
-                e.to_string(),
-            ));
+            outbox
+                .answer(&ServerFrame::error(
+                    e.request_id().cloned(),
+                    e.code(),
+                    e.to_string(),
+                ))
+                .await;
             return;
         }
     };
@@ -261,15 +240,16 @@ async fn handle_text(
         let code = ErrorCode::UnknownFrameType;
         metrics::counter!(telemetry::GATEWAY_FRAME_ERRORS_TOTAL, "code" => code.as_str())
             .increment(1);
-        outbox.send(&ServerFrame::error(
-            frame.request_id().cloned(),
-            code,
-            format!(
-                "unknown frame type {:?} in protocol version {}",
-                frame.type_name(),
-                session.protocol
-            ),
-        ));
+        outbox
+            .answer(&ServerFrame::error(
+                frame.id().cloned(),
+                code,
+                format!(
+                    "this frame type needs protocol version {}; ask for it at the upgrade",
+                    frame.since_protocol()
+                ),
+            ))
+            .await;
         return;
     }
     let (frame_type, action) = match frame {
@@ -282,7 +262,9 @@ async fn handle_text(
             if let Err((code, message)) = check_body(&body, &shared.config.limits) {
                 metrics::counter!(telemetry::GATEWAY_FRAME_ERRORS_TOTAL, "code" => code.as_str())
                     .increment(1);
-                outbox.send(&ServerFrame::error(Some(id), code, message));
+                outbox
+                    .answer(&ServerFrame::error(Some(id), code, message))
+                    .await;
                 return;
             }
             (
@@ -301,17 +283,61 @@ async fn handle_text(
             id,
             conversation,
             before,
+            after,
             limit,
         } => {
-            history(shared, session, outbox, id, conversation, before, limit).await;
+            let from = match (before, after) {
+                (Some(_), Some(_)) => {
+                    outbox
+                        .answer(&ServerFrame::error(
+                            Some(id),
+                            ErrorCode::InvalidRequest,
+                            "`before` and `after` page in opposite directions; send one of them",
+                        ))
+                        .await;
+                    return;
+                }
+                (before, None) => HistoryFrom::Before(before),
+                (None, Some(after)) => HistoryFrom::After(after),
+            };
+            history(shared, session, outbox, id, conversation, from, limit).await;
             ("history", None)
         }
         ClientFrame::Conversations { id, before, limit } => {
             conversations(shared, session, outbox, id, before, limit).await;
             ("conversations", None)
         }
+        ClientFrame::Resume {
+            id,
+            cursor,
+            conversations,
+        } => {
+            let point = resume::ResumePoint {
+                cursor,
+                conversations,
+            };
+            resume::answer(shared, session, outbox, id, point).await;
+            ("resume", None)
+        }
+        ClientFrame::Members {
+            id,
+            conversation,
+            after,
+            limit,
+        } => {
+            members(shared, session, outbox, id, conversation, after, limit).await;
+            ("members", None)
+        }
+        ClientFrame::MarkRead {
+            id,
+            conversation,
+            seq,
+        } => (
+            "mark_read",
+            Some((id, Action::MarkRead { conversation, seq })),
+        ),
         ClientFrame::Ping { id } => {
-            outbox.send(&ServerFrame::Pong { id });
+            outbox.answer(&ServerFrame::Pong { id }).await;
             ("ping", None)
         }
         ClientFrame::Typing {
@@ -354,20 +380,31 @@ async fn handle_text(
     );
 }
 
+/// Where a history page starts, and so which way it goes.
+#[derive(Clone, Copy)]
+enum HistoryFrom {
+    /// Backwards, newest first, below the sequence (from the newest when `None`).
+    Before(Option<u64>),
+    /// Forwards, oldest first, above the sequence.
+    After(u64),
+}
+
 async fn history(
     shared: &Arc<Shared>,
     session: &Session,
     outbox: &Outbox,
     id: ClientMsgId,
     conversation: ConversationId,
-    before: Option<u64>,
+    from: HistoryFrom,
     limit: Option<u32>,
 ) {
     let limit = limit
         .unwrap_or(DEFAULT_HISTORY_PAGE)
         .clamp(1, shared.config.limits.max_history_page);
-    let page = history_page(shared, session, &id, conversation, before, limit).await;
-    outbox.send(&page.unwrap_or_else(|e| store_unavailable(id, "history", e)));
+    let page = history_page(shared, session, &id, conversation, from, limit).await;
+    outbox
+        .answer(&page.unwrap_or_else(|e| store_unavailable(id, "history", e)))
+        .await;
 }
 
 async fn history_page(
@@ -375,29 +412,101 @@ async fn history_page(
     session: &Session,
     id: &ClientMsgId,
     conversation: ConversationId,
-    before: Option<u64>,
+    from: HistoryFrom,
     limit: u32,
 ) -> Result<ServerFrame, StoreError> {
-    let store = &shared.store;
-    if store.role_of(conversation, &session.user).await?.is_none() {
-        return Ok(match store.conversation(conversation).await? {
-            Some(_) => ServerFrame::error(
-                Some(id.clone()),
-                ErrorCode::NotMember,
-                "you are not a member of this conversation",
-            ),
-            None => ServerFrame::error(
-                Some(id.clone()),
-                ErrorCode::ConversationNotFound,
-                "no such conversation",
-            ),
-        });
+    if let Err(refused) = member_role(shared, session, id, conversation).await? {
+        return Ok(refused);
     }
-    let page = store.history(conversation, before, limit).await?;
+    let store = &shared.store;
+    let page = match from {
+        HistoryFrom::Before(before) => store.history(conversation, before, limit).await?,
+        HistoryFrom::After(after) => store.history_after(conversation, after, limit).await?,
+    };
     Ok(fit_frame(ServerFrame::History {
         id: id.clone(),
         conversation,
         messages: page.messages,
+        has_more: page.has_more,
+    }))
+}
+
+/// The user's role in the conversation, or the error frame for a user who may not read it:
+/// `not_member`, or `conversation_not_found` when the store does not know it.
+async fn member_role(
+    shared: &Shared,
+    session: &Session,
+    id: &ClientMsgId,
+    conversation: ConversationId,
+) -> Result<Result<Role, ServerFrame>, StoreError> {
+    let store = &shared.store;
+    if let Some(role) = store.role_of(conversation, &session.user).await? {
+        return Ok(Ok(role));
+    }
+    Ok(Err(match store.conversation(conversation).await? {
+        Some(_) => ServerFrame::error(
+            Some(id.clone()),
+            ErrorCode::NotMember,
+            "you are not a member of this conversation",
+        ),
+        None => ServerFrame::error(
+            Some(id.clone()),
+            ErrorCode::ConversationNotFound,
+            "no such conversation",
+        ),
+    }))
+}
+
+async fn members(
+    shared: &Arc<Shared>,
+    session: &Session,
+    outbox: &Outbox,
+    id: ClientMsgId,
+    conversation: ConversationId,
+    after: Option<UserId>,
+    limit: Option<u32>,
+) {
+    let limit = limit
+        .unwrap_or(DEFAULT_MEMBERS_PAGE)
+        .clamp(1, MAX_MEMBERS_PAGE);
+    let page = members_page(shared, session, &id, conversation, after.as_ref(), limit).await;
+    outbox
+        .answer(&page.unwrap_or_else(|e| store_unavailable(id, "the member list", e)))
+        .await;
+}
+
+async fn members_page(
+    shared: &Shared,
+    session: &Session,
+    id: &ClientMsgId,
+    conversation: ConversationId,
+    after: Option<&UserId>,
+    limit: u32,
+) -> Result<ServerFrame, StoreError> {
+    let role = match member_role(shared, session, id, conversation).await? {
+        Ok(role) => role,
+        Err(refused) => return Ok(refused),
+    };
+    let store = &shared.store;
+    // A member of a conversation the store has no details of yet: its creation is being
+    // applied right now. Answered as when it is not there at all.
+    let Some(details) = store.details(conversation).await? else {
+        return Ok(ServerFrame::error(
+            Some(id.clone()),
+            ErrorCode::ConversationNotFound,
+            "no such conversation",
+        ));
+    };
+    let page = store.members_page(conversation, after, limit).await?;
+    Ok(fit_frame(ServerFrame::Members {
+        id: id.clone(),
+        conversation,
+        kind: details.view.kind,
+        title: details.view.title,
+        created_at: details.created_at,
+        member_count: details.member_count,
+        role,
+        members: page.members,
         has_more: page.has_more,
     }))
 }
@@ -412,8 +521,8 @@ fn store_unavailable(id: ClientMsgId, what: &str, cause: StoreError) -> ServerFr
     )
 }
 
-/// Trim a list frame from its end (the oldest messages of a history page, the least recently
-/// active conversations) until it fits in [`MAX_SERVER_FRAME_BYTES`]. A trimmed page says
+/// Trim a list frame from its end (the messages furthest from where a history page starts,
+/// the least recently active conversations, the greatest user ids of a member page) until it fits in [`MAX_SERVER_FRAME_BYTES`]. A trimmed page says
 /// `has_more`, so the client pages on from where it stops.
 fn fit_frame(mut frame: ServerFrame) -> ServerFrame {
     while frame.to_json().len() > MAX_SERVER_FRAME_BYTES {
@@ -431,6 +540,12 @@ fn fit_frame(mut frame: ServerFrame) -> ServerFrame {
             } if conversations.len() > 1 => {
                 *has_more = true;
                 conversations.pop().is_some()
+            }
+            ServerFrame::Members {
+                members, has_more, ..
+            } if members.len() > 1 => {
+                *has_more = true;
+                members.pop().is_some()
             }
             _ => false,
         };
@@ -452,30 +567,46 @@ async fn conversations(
     let limit = limit
         .unwrap_or(DEFAULT_CONVERSATIONS_PAGE)
         .clamp(1, MAX_CONVERSATIONS_PAGE);
+    let frame = conversations_page(shared, session, &id, before, limit)
+        .await
+        .unwrap_or_else(|e| store_unavailable(id, "the conversation list", e));
+    outbox.answer(&frame).await;
+}
+
+async fn conversations_page(
+    shared: &Shared,
+    session: &Session,
+    id: &ClientMsgId,
+    before: Option<u64>,
+    limit: u32,
+) -> Result<ServerFrame, StoreError> {
     // One row more than asked tells whether another page exists.
-    let frame = match shared.store.inbox(&session.user, before, limit + 1).await {
-        Ok(mut inbox) => {
-            let has_more = inbox.len() > limit as usize;
-            inbox.truncate(limit as usize);
-            fit_frame(ServerFrame::Conversations {
-                id,
-                conversations: inbox
-                    .into_iter()
-                    .map(|entry| ConversationSummary {
-                        conversation: entry.conversation,
-                        kind: entry.kind,
-                        title: entry.title,
-                        role: entry.role,
-                        last_seq: entry.last_seq,
-                        last_activity_at: entry.last_activity_at,
-                    })
-                    .collect(),
-                has_more,
+    let mut inbox = shared.store.inbox(&session.user, before, limit + 1).await?;
+    let has_more = inbox.len() > limit as usize;
+    inbox.truncate(limit as usize);
+    // What a list view shows costs reads per entry: only for sockets that are sent it.
+    let list_view = session.protocol >= 2;
+    if list_view {
+        shared.store.list_view(&session.user, &mut inbox).await?;
+    }
+    Ok(fit_frame(ServerFrame::Conversations {
+        id: id.clone(),
+        conversations: inbox
+            .into_iter()
+            .map(|entry| ConversationSummary {
+                conversation: entry.conversation,
+                kind: entry.kind,
+                title: entry.title,
+                role: entry.role,
+                last_seq: entry.last_seq,
+                last_activity_at: entry.last_activity_at,
+                last_message: entry.last_message.map(MessagePreview::from),
+                read_seq: list_view.then_some(entry.read_seq),
+                unread: list_view.then_some(entry.unread),
             })
-        }
-        Err(e) => store_unavailable(id, "the conversation list", e),
-    };
-    outbox.send(&frame);
+            .collect(),
+        has_more,
+    }))
 }
 
 /// Send the socket's queued frames and pings until it is closing; the sink goes back to
@@ -484,7 +615,7 @@ async fn conversations(
 /// be sent.
 async fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
-    mut queue: mpsc::Receiver<Utf8Bytes>,
+    mut queue: mpsc::Receiver<Queued>,
     control: Arc<SocketControl>,
     ping_interval: Duration,
 ) -> SplitSink<WebSocket, Message> {
@@ -493,8 +624,9 @@ async fn write_loop(
         let message = tokio::select! {
             biased;
             () = control.closing() => break,
+            // An answer's slot is free once the writer has it.
             frame = queue.recv() => match frame {
-                Some(frame) => Message::Text(frame),
+                Some((frame, _answer_slot)) => Message::Text(frame),
                 None => break,
             },
             _ = ping.tick() => Message::Ping(bytes::Bytes::new()),

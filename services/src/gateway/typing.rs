@@ -160,22 +160,26 @@ pub async fn handle(
             Err(e) => {
                 warn!(error = %e, "cannot check membership for typing");
                 count("refused");
-                outbox.send(&ServerFrame::error(
-                    id,
-                    ErrorCode::Unavailable,
-                    "typing is temporarily unavailable",
-                ));
+                outbox
+                    .answer(&ServerFrame::error(
+                        id,
+                        ErrorCode::Unavailable,
+                        "typing is temporarily unavailable",
+                    ))
+                    .await;
                 return;
             }
         },
     };
     if !member {
         count("refused");
-        outbox.send(&ServerFrame::error(
-            id,
-            ErrorCode::NotMember,
-            "you are not a member of this conversation",
-        ));
+        outbox
+            .answer(&ServerFrame::error(
+                id,
+                ErrorCode::NotMember,
+                "you are not a member of this conversation",
+            ))
+            .await;
         return;
     }
     let verdict = session.typing.judge(conversation, state, now);

@@ -543,6 +543,7 @@ fn action_name(command: &Command) -> &'static str {
         parley_events::Action::CreateDirect { .. } => "create_direct",
         parley_events::Action::CreateGroup { .. } => "create_group",
         parley_events::Action::PostMessage { .. } => "post_message",
+        parley_events::Action::MarkRead { .. } => "mark_read",
     }
 }
 

@@ -2,20 +2,23 @@
 //! its event in order. Built by tailing the event log from its start, so any handler
 //! instance can take any command; nothing here is stored anywhere but the log.
 //!
-//! Per conversation it keeps the kind, the members and the sequence of the newest event
-//! (the next event's `prev`); per shard, the newest sequence (the append's expected last
+//! Per conversation it keeps the kind, the members, the sequence of the newest event
+//! (the next event's `prev`) and each member's read marker (only for members who ever set
+//! one: at most one entry per member, ~100 bytes, so 1 MB for a 10,000-member group whose
+//! every member reads it); per shard, the newest sequence (the append's expected last
 //! subject sequence); and a bounded memory of which commands already produced which event,
-//! so a repeated or redelivered command is answered with its original outcome.
+//! so a repeated or redelivered command is answered with its original outcome, and a
+//! different request reusing a command's id (another [`Fingerprint`]) with `id_reused`.
 
 use std::collections::{HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use parley_events::event::{ConversationCreated, MessagePosted};
+use parley_events::event::{ConversationCreated, ConversationRead, MessagePosted};
 use parley_events::subjects::Shards;
 use parley_events::{
-    Action, Command, ConversationId, ConversationKind, ErrorCode, Event, EventEnvelope, EventId,
-    Member, OutcomeResult, RecordedEvent, Role, UserId,
+    Action, Command, CommandId, ConversationId, ConversationKind, ErrorCode, Event, EventEnvelope,
+    EventId, Fingerprint, Member, OutcomeResult, RecordedEvent, Role, UserId,
 };
 
 use crate::config::LimitsConfig;
@@ -45,19 +48,56 @@ pub struct Accepted {
     pub event: EventId,
 }
 
+/// What a command that appended an event is remembered by: its outcome, and what it asked
+/// for, to tell a repeat from a different request under the same id.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct Remembered {
+    accepted: Accepted,
+    fingerprint: Fingerprint,
+}
+
+impl Remembered {
+    /// The answer to `command`, which has this one's id (or, for a creation, names the
+    /// conversation this one created).
+    fn answer(&self, command: &Command) -> Decision {
+        if command.fingerprint() == self.fingerprint {
+            Decision::Known(self.accepted)
+        } else {
+            reject(
+                ErrorCode::IdReused,
+                format!(
+                    "id {:?} was already used for a different request; send this one with a fresh id",
+                    command.client_id.as_str()
+                ),
+            )
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 struct Aggregate {
     members: HashMap<UserId, Role>,
     last_seq: u64,
-    created: Accepted,
+    created: Remembered,
+    /// Each member's newest read marker. Absent from snapshots of builds before markers:
+    /// those builds could not have read a log holding any.
+    #[serde(default)]
+    read: HashMap<UserId, Marker>,
+}
+
+/// A member's read marker and the `conversation.read` event that set it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct Marker {
+    seq: u64,
+    set_by: Accepted,
 }
 
 pub struct WriteModel {
     shards: Shards,
     conversations: HashMap<ConversationId, Aggregate>,
     shard_last: Vec<u64>,
-    commands: HashMap<parley_events::CommandId, Accepted>,
-    command_order: VecDeque<parley_events::CommandId>,
+    commands: HashMap<CommandId, Remembered>,
+    command_order: VecDeque<CommandId>,
     remembered_commands: usize,
     /// Highest sequence applied from the log tail.
     position: u64,
@@ -89,7 +129,9 @@ impl From<Accepted> for OutcomeResult {
     }
 }
 
-const SNAPSHOT_FORMAT: u32 = 1;
+/// Format 2 added the fingerprints; a format 1 snapshot is refused, which costs one replay
+/// of the whole log.
+const SNAPSHOT_FORMAT: u32 = 2;
 
 #[derive(Serialize)]
 struct SnapshotRef<'a> {
@@ -99,17 +141,16 @@ struct SnapshotRef<'a> {
     shard_last: &'a [u64],
     conversations: &'a HashMap<ConversationId, Aggregate>,
     /// Oldest first, so a restore forgets the same ones first.
-    commands: Vec<(parley_events::CommandId, Accepted)>,
+    commands: Vec<(CommandId, Remembered)>,
 }
 
 #[derive(Deserialize)]
 struct Snapshot {
-    format: u32,
     shards: u32,
     position: u64,
     shard_last: Vec<u64>,
     conversations: HashMap<ConversationId, Aggregate>,
-    commands: Vec<(parley_events::CommandId, Accepted)>,
+    commands: Vec<(CommandId, Remembered)>,
 }
 
 fn reject(code: ErrorCode, message: impl Into<String>) -> Decision {
@@ -120,6 +161,24 @@ fn reject(code: ErrorCode, message: impl Into<String>) -> Decision {
 }
 
 impl WriteModel {
+    /// The conversation, if it exists and `user` is a member of it.
+    fn member_of(
+        &self,
+        conversation: ConversationId,
+        user: &UserId,
+    ) -> Result<&Aggregate, (ErrorCode, &'static str)> {
+        let Some(aggregate) = self.conversations.get(&conversation) else {
+            return Err((ErrorCode::ConversationNotFound, "no such conversation"));
+        };
+        if !aggregate.members.contains_key(user) {
+            return Err((
+                ErrorCode::NotMember,
+                "you are not a member of this conversation",
+            ));
+        }
+        Ok(aggregate)
+    }
+
     pub fn new(shards: Shards, remembered_commands: usize) -> Self {
         WriteModel {
             shards,
@@ -161,13 +220,16 @@ impl WriteModel {
         shards: Shards,
         remembered_commands: usize,
     ) -> Result<Self, String> {
-        let snapshot: Snapshot = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
-        if snapshot.format != SNAPSHOT_FORMAT {
-            return Err(format!(
-                "snapshot format {} is not {SNAPSHOT_FORMAT}",
-                snapshot.format
-            ));
+        // The format first: another format's fields need not parse as this one's.
+        #[derive(Deserialize)]
+        struct Format {
+            format: u32,
         }
+        let Format { format } = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        if format != SNAPSHOT_FORMAT {
+            return Err(format!("snapshot format {format} is not {SNAPSHOT_FORMAT}"));
+        }
+        let snapshot: Snapshot = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
         if snapshot.shards != shards.count() || snapshot.shard_last.len() != shards.count() as usize
         {
             return Err(format!(
@@ -186,8 +248,10 @@ impl WriteModel {
         Ok(model)
     }
 
-    pub fn outcome_of(&self, command: parley_events::CommandId) -> Option<Accepted> {
-        self.commands.get(&command).copied()
+    pub fn outcome_of(&self, command: CommandId) -> Option<Accepted> {
+        self.commands
+            .get(&command)
+            .map(|remembered| remembered.accepted)
     }
 
     /// Apply an event from the log tail, or one this handler just appended. Idempotent:
@@ -200,10 +264,13 @@ impl WriteModel {
         if from_tail {
             self.position = self.position.max(seq);
         }
-        let accepted = Accepted {
-            conversation: envelope.conversation,
-            seq,
-            event: envelope.id,
+        let remembered = Remembered {
+            accepted: Accepted {
+                conversation: envelope.conversation,
+                seq,
+                event: envelope.id,
+            },
+            fingerprint: Fingerprint::of_event(envelope),
         };
         match &envelope.event {
             Event::ConversationCreated(created) => {
@@ -216,20 +283,36 @@ impl WriteModel {
                             .map(|m| (m.user.clone(), m.role))
                             .collect(),
                         last_seq: seq,
-                        created: accepted,
+                        created: remembered,
+                        read: HashMap::new(),
                     });
             }
-            Event::MessagePosted(_) => {
+            Event::MessagePosted(_) | Event::ConversationRead(_) => {
                 if let Some(aggregate) = self.conversations.get_mut(&envelope.conversation) {
                     aggregate.last_seq = aggregate.last_seq.max(seq);
+                    if let Event::ConversationRead(read) = &envelope.event {
+                        let marker = Marker {
+                            seq: read.seq,
+                            set_by: remembered.accepted,
+                        };
+                        aggregate
+                            .read
+                            .entry(envelope.actor.clone())
+                            .and_modify(|m| {
+                                if read.seq > m.seq {
+                                    *m = marker;
+                                }
+                            })
+                            .or_insert(marker);
+                    }
                 }
             }
         }
-        self.remember(envelope.command, accepted);
+        self.remember(envelope.command, remembered);
     }
 
-    fn remember(&mut self, command: parley_events::CommandId, accepted: Accepted) {
-        if self.commands.insert(command, accepted).is_none() {
+    fn remember(&mut self, command: CommandId, remembered: Remembered) {
+        if self.commands.insert(command, remembered).is_none() {
             self.command_order.push_back(command);
             while self.command_order.len() > self.remembered_commands {
                 if let Some(oldest) = self.command_order.pop_front() {
@@ -241,8 +324,8 @@ impl WriteModel {
 
     /// Validate `command` against the current state and say what to do with it.
     pub fn decide(&self, command: &Command, limits: &LimitsConfig) -> Decision {
-        if let Some(accepted) = self.commands.get(&command.id) {
-            return Decision::Known(*accepted);
+        if let Some(remembered) = self.commands.get(&command.id) {
+            return remembered.answer(command);
         }
         let conversation = command.conversation();
         let event = match &command.action {
@@ -253,8 +336,10 @@ impl WriteModel {
                         "a direct conversation needs two different users",
                     );
                 }
+                // Whoever asks, with any id, gets its creation: a direct conversation's
+                // fingerprint is its id.
                 if let Some(existing) = self.conversations.get(&conversation) {
-                    return Decision::Known(existing.created);
+                    return existing.created.answer(command);
                 }
                 let mut members = [command.actor.clone(), peer.clone()];
                 members.sort();
@@ -271,8 +356,10 @@ impl WriteModel {
                 })
             }
             Action::CreateGroup { title, members } => {
+                // A group's id derives from its creating command's: this id created it,
+                // which this catches even after the command memory forgot the command.
                 if let Some(existing) = self.conversations.get(&conversation) {
-                    return Decision::Known(existing.created);
+                    return existing.created.answer(command);
                 }
                 if let Some(title) = title {
                     if title.trim().is_empty() {
@@ -317,14 +404,8 @@ impl WriteModel {
                 })
             }
             Action::PostMessage { body, .. } => {
-                let Some(aggregate) = self.conversations.get(&conversation) else {
-                    return reject(ErrorCode::ConversationNotFound, "no such conversation");
-                };
-                if !aggregate.members.contains_key(&command.actor) {
-                    return reject(
-                        ErrorCode::NotMember,
-                        "you are not a member of this conversation",
-                    );
+                if let Err((code, message)) = self.member_of(conversation, &command.actor) {
+                    return reject(code, message);
                 }
                 if let Err((code, message)) = check_body(body, limits) {
                     return reject(code, message);
@@ -333,6 +414,28 @@ impl WriteModel {
                     client_id: command.client_id.clone(),
                     body: body.clone(),
                 })
+            }
+            Action::MarkRead { seq, .. } => {
+                let aggregate = match self.member_of(conversation, &command.actor) {
+                    Ok(aggregate) => aggregate,
+                    Err((code, message)) => return reject(code, message),
+                };
+                if *seq == 0 || *seq > aggregate.last_seq {
+                    return reject(
+                        ErrorCode::InvalidRequest,
+                        format!(
+                            "seq must be between 1 and the conversation's newest event ({})",
+                            aggregate.last_seq
+                        ),
+                    );
+                }
+                // Markers only move forward: one at or past `seq` already says it.
+                if let Some(marker) = aggregate.read.get(&command.actor)
+                    && marker.seq >= *seq
+                {
+                    return Decision::Known(marker.set_by);
+                }
+                Event::ConversationRead(ConversationRead { seq: *seq })
             }
         };
         let shard = self.shards.of(conversation);
@@ -591,6 +694,157 @@ mod tests {
             .unwrap();
         assert!(err.contains("shards"), "{err}");
         assert!(WriteModel::restore(b"{}", Shards::new(4).unwrap(), 100).is_err());
+    }
+
+    #[test]
+    fn read_markers_only_move_forward_and_survive_a_snapshot() {
+        let conversation = ConversationId::direct(&user("alice"), &user("bob"));
+        let mark = |id: &str, seq| command("alice", id, Action::MarkRead { conversation, seq });
+        let limits = LimitsConfig::default();
+        let model = given(&[
+            direct("alice", "bob"),
+            post("bob", "m1", conversation, "hi"),
+            mark("r1", 2),
+        ]);
+        let marker = Accepted {
+            conversation,
+            seq: 3,
+            event: mark("r1", 2).event_id(0),
+        };
+        for behind in [mark("r2", 1), mark("r3", 2)] {
+            assert_eq!(model.decide(&behind, &limits), Decision::Known(marker));
+        }
+        assert!(
+            matches!(
+                model.decide(&mark("r4", 3), &limits),
+                Decision::Append { .. }
+            ),
+            "the marker's own event may be marked read"
+        );
+        for out_of_range in [mark("r5", 0), mark("r6", 4)] {
+            assert_eq!(
+                rejected_with(model.decide(&out_of_range, &limits)),
+                ErrorCode::InvalidRequest
+            );
+        }
+        let outsider = command(
+            "carol",
+            "r7",
+            Action::MarkRead {
+                conversation,
+                seq: 1,
+            },
+        );
+        assert_eq!(
+            rejected_with(model.decide(&outsider, &limits)),
+            ErrorCode::NotMember
+        );
+        let restored =
+            WriteModel::restore(&model.snapshot(), Shards::new(4).unwrap(), 100).unwrap();
+        assert_eq!(
+            restored.decide(&mark("r8", 1), &limits),
+            Decision::Known(marker)
+        );
+    }
+
+    #[test]
+    fn a_different_request_reusing_an_id_is_refused_by_the_model_the_snapshot_and_a_replay() {
+        let conversation = ConversationId::direct(&user("alice"), &user("bob"));
+        let send = post("alice", "m1", conversation, "hi");
+        let group = command(
+            "alice",
+            "g1",
+            Action::CreateGroup {
+                title: Some("team".into()),
+                members: vec![user("bob")],
+            },
+        );
+        let original = given(&[direct("alice", "bob"), send.clone(), group.clone()]);
+        let restored =
+            WriteModel::restore(&original.snapshot(), Shards::new(4).unwrap(), 100).unwrap();
+        let limits = LimitsConfig::default();
+        // Rebuilt from the log alone, with a memory too short to hold the group's command.
+        let mut replayed = WriteModel::new(Shards::new(4).unwrap(), 1);
+        let log = [
+            direct("alice", "bob"),
+            send.clone(),
+            group.clone(),
+            post("alice", "m9", conversation, "pushes g1 out"),
+        ];
+        for (seq, command) in (1..).zip(log) {
+            let Decision::Append { event, .. } = replayed.decide(&command, &limits) else {
+                panic!()
+            };
+            replayed.apply(&event.recorded(seq), true);
+        }
+        assert!(replayed.outcome_of(group.id).is_none());
+        let reused = [
+            post("alice", "m1", conversation, "another body"),
+            command(
+                "alice",
+                "m1",
+                Action::CreateDirect {
+                    peer: user("carol"),
+                },
+            ),
+            command(
+                "alice",
+                "g1",
+                Action::CreateGroup {
+                    title: Some("other team".into()),
+                    members: vec![user("bob")],
+                },
+            ),
+        ];
+        for (model, forgot_m1) in [(&original, false), (&restored, false), (&replayed, true)] {
+            for command in reused.iter().skip(if forgot_m1 { 2 } else { 0 }) {
+                assert_eq!(
+                    rejected_with(model.decide(command, &limits)),
+                    ErrorCode::IdReused,
+                    "{command:?}"
+                );
+            }
+            let same_group = command(
+                "alice",
+                "g1",
+                Action::CreateGroup {
+                    title: Some("team".into()),
+                    members: vec![user("bob"), user("alice"), user("bob")],
+                },
+            );
+            assert!(matches!(
+                model.decide(&same_group, &limits),
+                Decision::Known(Accepted { seq: 3, .. })
+            ));
+        }
+        for model in [&original, &restored] {
+            assert!(matches!(
+                model.decide(&send, &limits),
+                Decision::Known(Accepted { seq: 2, .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn a_snapshot_of_the_format_without_fingerprints_is_refused() {
+        let model = given(&[direct("alice", "bob")]);
+        let mut old: serde_json::Value = serde_json::from_slice(&model.snapshot()).unwrap();
+        // Format 1 remembered a command's outcome alone.
+        old["format"] = 1.into();
+        for remembered in old["commands"].as_array_mut().unwrap() {
+            remembered[1] = remembered[1]["accepted"].clone();
+        }
+        for aggregate in old["conversations"].as_object_mut().unwrap().values_mut() {
+            aggregate["created"] = aggregate["created"]["accepted"].clone();
+        }
+        let err = WriteModel::restore(
+            &serde_json::to_vec(&old).unwrap(),
+            Shards::new(4).unwrap(),
+            100,
+        )
+        .err()
+        .unwrap();
+        assert!(err.contains("format 1"), "{err}");
     }
 
     #[test]

@@ -367,11 +367,24 @@ impl<N> Platform<N> {
         user: &str,
         receive_buffer: u32,
     ) -> Client {
+        self.connect_speaking_with_receive_buffer(gateway, user, 1, receive_buffer)
+            .await
+    }
+
+    /// [`connect_with_receive_buffer`](Self::connect_with_receive_buffer) speaking
+    /// `protocol`.
+    pub async fn connect_speaking_with_receive_buffer(
+        &self,
+        gateway: usize,
+        user: &str,
+        protocol: u32,
+        receive_buffer: u32,
+    ) -> Client {
         let tcp = tokio::net::TcpSocket::new_v4().unwrap();
         tcp.set_recv_buffer_size(receive_buffer).unwrap();
         let tcp = tcp.connect(self.gateways[gateway]).await.unwrap();
         let (socket, _) = tokio_tungstenite::client_async(
-            self.request(gateway, user),
+            self.request_speaking(gateway, user, protocol),
             tokio_tungstenite::MaybeTlsStream::Plain(tcp),
         )
         .await
@@ -389,8 +402,21 @@ impl<N> Platform<N> {
         self.connect_speaking(gateway, user, 1).await
     }
 
-    /// Connect `user` to `gateway` speaking protocol version 2, and read the welcome.
+    /// Connect `user` to `gateway` speaking protocol version 2 and resume from now, as a
+    /// new device does: the socket is live when this returns.
     pub async fn connect_v2(&self, gateway: usize, user: &str) -> Client {
+        let mut client = self.open_v2(gateway, user).await;
+        client
+            .send(json!({"type": "resume", "id": "connect"}))
+            .await;
+        let resumed = client.reply_to("connect").await;
+        assert_eq!(resumed["type"], "resumed", "{resumed}");
+        client
+    }
+
+    /// Connect `user` to `gateway` speaking protocol version 2 and read the welcome; the
+    /// socket gets no events until it sends `resume`.
+    pub async fn open_v2(&self, gateway: usize, user: &str) -> Client {
         self.connect_speaking(gateway, user, 2).await
     }
 
@@ -626,6 +652,26 @@ impl Client {
 
     pub async fn send_raw(&mut self, message: Message) {
         self.socket.send(message).await.expect("send succeeds");
+    }
+
+    /// The next text frame (queued ones first), or `None` when none comes within `limit`.
+    pub async fn next_within(&mut self, limit: Duration) -> Option<Value> {
+        match self.stash.pop_front() {
+            Some(frame) => Some(frame),
+            None => self.read_within(limit).await,
+        }
+    }
+
+    /// Send `frames` back to back, written to the socket together (one write while they
+    /// fit in the client's write buffer, 128 KiB).
+    pub async fn send_pipelined(&mut self, frames: impl IntoIterator<Item = Value>) {
+        for frame in frames {
+            self.socket
+                .feed(Message::Text(frame.to_string().into()))
+                .await
+                .expect("send succeeds");
+        }
+        self.socket.flush().await.expect("send succeeds");
     }
 
     /// The next text frame, as JSON.
