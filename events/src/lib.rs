@@ -9,10 +9,27 @@
 //! - [`protocol`]: the client protocol, JSON frames over WebSocket text frames.
 //! - [`error`]: the stable error codes clients see.
 //! - [`subjects`]: NATS subject and stream names, and the conversation-to-shard mapping.
-//! - [`presence`]: the ephemeral presence updates gateways publish.
+//! - [`presence`]: the ephemeral presence updates gateways publish, and the per-user status
+//!   derived from them.
+//! - [`typing`]: ephemeral typing indicators.
 //!
 //! Invariant: this crate depends on serde and uuid only. Nothing here is async or knows
 //! about NATS, Redis or any store; every other crate speaks through these types.
+
+/// `to_bytes`/`from_bytes` (JSON) for types that travel on core NATS subjects.
+macro_rules! json_bytes {
+    ($($kind:ty),*) => {$(
+        impl $kind {
+            pub fn to_bytes(&self) -> Vec<u8> {
+                serde_json::to_vec(self).expect("plain data always serializes")
+            }
+
+            pub fn from_bytes(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+                serde_json::from_slice(bytes)
+            }
+        }
+    )*};
+}
 
 pub mod command;
 pub mod error;
@@ -21,6 +38,7 @@ pub mod ids;
 pub mod presence;
 pub mod protocol;
 pub mod subjects;
+pub mod typing;
 
 pub use command::{Action, Command, Fingerprint, Outcome, OutcomeResult};
 pub use error::ErrorCode;

@@ -27,12 +27,29 @@ pub enum ConnectionState {
     Closed,
 }
 
-impl PresenceUpdate {
-    pub fn to_bytes(&self) -> Vec<u8> {
-        serde_json::to_vec(self).expect("a presence update always serializes")
-    }
-
-    pub fn from_bytes(bytes: &[u8]) -> Result<Self, serde_json::Error> {
-        serde_json::from_slice(bytes)
-    }
+/// A user's aggregate presence: online while any of their connections is. Answers a
+/// presence query, and is what the projector publishes when a user comes online or goes
+/// offline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserStatus {
+    pub user: UserId,
+    pub online: bool,
+    /// Milliseconds since the Unix epoch of the newest update from any of the user's
+    /// connections; absent when never seen (or presence was wiped since).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<u64>,
 }
+
+/// A gateway asking the projectors for the current status of some users.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceQuery {
+    pub users: Vec<UserId>,
+}
+
+/// The projectors' answer to a [`PresenceQuery`], in the query's order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceAnswer {
+    pub users: Vec<UserStatus>,
+}
+
+json_bytes!(PresenceUpdate, UserStatus, PresenceQuery, PresenceAnswer);

@@ -11,6 +11,8 @@ use serde_json::Value;
 use crate::error::ErrorCode;
 use crate::event::{ConversationKind, Member, RecordedEvent, Role};
 use crate::ids::{ClientMsgId, ConversationId, EventId, UserId};
+use crate::presence::UserStatus;
+use crate::typing::{TypingNotice, TypingState};
 
 /// Newest version of the protocol described here. A client asks for it at the upgrade
 /// (`?protocol=2`); without asking it gets [`OLDEST_PROTOCOL_VERSION`], so clients written
@@ -134,10 +136,27 @@ pub enum ClientFrame {
         #[serde(default)]
         id: Option<ClientMsgId>,
     },
+    /// (v2) The sender started or stopped typing in `conversation`. Not answered; `id` only
+    /// names the request in an `error`.
+    Typing {
+        #[serde(default)]
+        id: Option<ClientMsgId>,
+        conversation: ConversationId,
+        state: TypingState,
+    },
+    /// (v2) The current presence of `users`, and their changes from now on.
+    Presence { id: ClientMsgId, users: Vec<UserId> },
+    /// (v2) Stop the changes of `users`. Not answered; `id` only names the request in an
+    /// `error`.
+    PresenceUnsubscribe {
+        #[serde(default)]
+        id: Option<ClientMsgId>,
+        users: Vec<UserId>,
+    },
 }
 
 /// The `type` names [`ClientFrame`] accepts.
-pub const CLIENT_FRAME_TYPES: [&str; 9] = [
+pub const CLIENT_FRAME_TYPES: [&str; 12] = [
     "send",
     "create_direct",
     "create_group",
@@ -147,6 +166,9 @@ pub const CLIENT_FRAME_TYPES: [&str; 9] = [
     "members",
     "mark_read",
     "ping",
+    "typing",
+    "presence",
+    "presence_unsubscribe",
 ];
 
 /// Why a text frame is not a [`ClientFrame`].
@@ -193,8 +215,11 @@ impl ClientFrame {
             | ClientFrame::Conversations { id, .. }
             | ClientFrame::Resume { id, .. }
             | ClientFrame::Members { id, .. }
-            | ClientFrame::MarkRead { id, .. } => Some(id),
-            ClientFrame::Ping { id } => id.as_ref(),
+            | ClientFrame::MarkRead { id, .. }
+            | ClientFrame::Presence { id, .. } => Some(id),
+            ClientFrame::Ping { id }
+            | ClientFrame::Typing { id, .. }
+            | ClientFrame::PresenceUnsubscribe { id, .. } => id.as_ref(),
         }
     }
 
@@ -204,7 +229,10 @@ impl ClientFrame {
         match self {
             ClientFrame::Resume { .. }
             | ClientFrame::Members { .. }
-            | ClientFrame::MarkRead { .. } => 2,
+            | ClientFrame::MarkRead { .. }
+            | ClientFrame::Typing { .. }
+            | ClientFrame::Presence { .. }
+            | ClientFrame::PresenceUnsubscribe { .. } => 2,
             ClientFrame::Send { .. }
             | ClientFrame::CreateDirect { .. }
             | ClientFrame::CreateGroup { .. }
@@ -317,6 +345,18 @@ pub enum ServerFrame {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<ClientMsgId>,
     },
+    /// (v2) Another member started or stopped typing.
+    Typing(TypingNotice),
+    /// (v2) The answer to a `presence` request.
+    Presence {
+        id: ClientMsgId,
+        users: Vec<UserStatus>,
+        /// Users asked for who share no conversation with the requester: not watched.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        not_visible: Vec<UserId>,
+    },
+    /// (v2) A watched user came online or went offline.
+    PresenceChanged(UserStatus),
     /// (v2) The end of a resume's events. Conversations not listed are live and complete:
     /// nothing was missed, and what follows arrives live.
     Resumed {
@@ -555,6 +595,59 @@ mod tests {
                 "{frame_type} is declared but not parsed"
             );
         }
+    }
+
+    #[test]
+    fn version_2_frames_say_so() {
+        let conversation = ConversationId::from_uuid(uuid::Uuid::nil());
+        let typing = ClientFrame::parse(&format!(
+            r#"{{"type":"typing","conversation":"{conversation}","state":"started"}}"#
+        ))
+        .unwrap();
+        assert_eq!((typing.since_protocol(), typing.id()), (2, None));
+        let presence =
+            ClientFrame::parse(r#"{"type":"presence","id":"p1","users":["bob"]}"#).unwrap();
+        assert_eq!(presence.since_protocol(), 2);
+        assert_eq!(presence.id().map(|id| id.as_str()), Some("p1"));
+        let ping = ClientFrame::parse(r#"{"type":"ping"}"#).unwrap();
+        assert_eq!(ping.since_protocol(), 1);
+        for frame_type in CLIENT_FRAME_TYPES {
+            let wrong = format!(r#"{{"type":"{frame_type}","id":"x","surprise":1}}"#);
+            let Err(FrameError {
+                problem:
+                    FrameProblem::Invalid {
+                        frame_type: named, ..
+                    },
+                ..
+            }) = ClientFrame::parse(&wrong)
+            else {
+                panic!("{wrong} parses");
+            };
+            assert_eq!(named, frame_type);
+        }
+    }
+
+    #[test]
+    fn typing_and_presence_frames_are_flat() {
+        let notice = ServerFrame::Typing(TypingNotice {
+            conversation: ConversationId::from_uuid(uuid::Uuid::nil()),
+            user: UserId::parse("bob").unwrap(),
+            state: TypingState::Started,
+            expires_in_ms: 6000,
+        });
+        assert_eq!(
+            notice.to_json(),
+            r#"{"type":"typing","conversation":"00000000-0000-0000-0000-000000000000","user":"bob","state":"started","expires_in_ms":6000}"#
+        );
+        let changed = ServerFrame::PresenceChanged(UserStatus {
+            user: UserId::parse("bob").unwrap(),
+            online: false,
+            last_seen: Some(7),
+        });
+        assert_eq!(
+            changed.to_json(),
+            r#"{"type":"presence_changed","user":"bob","online":false,"last_seen":7}"#
+        );
     }
 
     #[test]

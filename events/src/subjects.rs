@@ -5,7 +5,7 @@
 //! same size with ten conversations or ten million. Per-conversation names appear only on
 //! core NATS subjects for live delivery, which are never stored.
 
-use crate::ids::ConversationId;
+use crate::ids::{ConversationId, UserId};
 
 /// Work-queue stream of commands from gateways to handlers.
 pub const INTAKE_STREAM: &str = "PARLEY_INTAKE";
@@ -31,6 +31,8 @@ pub const LIVE_MEMBERSHIP_SUBJECT: &str = "parley.live.membership";
 pub const PRESENCE_SUBJECT: &str = "parley.presence";
 /// Queue group the presence projector instances share.
 pub const PRESENCE_QUEUE: &str = "presence";
+/// Request subject on which the presence projectors answer the status of some users.
+pub const PRESENCE_QUERY_SUBJECT: &str = "parley.query.presence";
 /// Request subject on which handlers answer what became of a command.
 pub const OUTCOME_QUERY_SUBJECT: &str = "parley.query.outcome";
 pub const HANDLER_QUEUE: &str = "handlers";
@@ -43,6 +45,23 @@ pub fn log_subject(shard: u32) -> String {
 /// Subject of the live copy of a conversation's events, published after each append.
 pub fn live_subject(conversation: ConversationId) -> String {
     format!("parley.live.conv.{conversation}")
+}
+
+/// Subject on which the presence projector announces that `user` came online or went
+/// offline. A user id may hold characters that mean something in a subject (`.`, `*`,
+/// `>`); such an id is spelled as `~` and its bytes in hex, and `~` is never kept as it
+/// is, so two users never share a subject.
+pub fn presence_user_subject(user: &UserId) -> String {
+    let id = user.as_str();
+    if id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        format!("parley.presence.user.{id}")
+    } else {
+        let hex: String = id.bytes().map(|b| format!("{b:02x}")).collect();
+        format!("parley.presence.user.~{hex}")
+    }
 }
 
 /// Prefix of every gateway's outcome subject.
@@ -89,7 +108,6 @@ impl Shards {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ids::UserId;
 
     const FIXED_SHARD: u32 = 690;
 
@@ -112,6 +130,14 @@ mod tests {
         // Part of the log format: this value must never change.
         let fixed = ConversationId::from_uuid(uuid::Uuid::from_u128(1));
         assert_eq!(Shards::new(1024).unwrap().of(fixed), FIXED_SHARD);
+    }
+
+    #[test]
+    fn a_user_subject_is_one_plain_token() {
+        let subject = |id: &str| presence_user_subject(&UserId::parse(id).unwrap());
+        assert_eq!(subject("alice-1_b"), "parley.presence.user.alice-1_b");
+        assert_eq!(subject("a.>"), "parley.presence.user.~612e3e");
+        assert_eq!(subject("~612e3e"), "parley.presence.user.~7e363132653365");
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod live;
 pub mod log;
 pub mod plan;
 pub mod platform;
+pub mod presence;
 pub mod report;
 pub mod resources;
 pub mod run;

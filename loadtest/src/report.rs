@@ -9,6 +9,7 @@ use crate::baseline::Baselines;
 use crate::latency::Summary;
 use crate::ledger::{self, LedgerReport};
 use crate::live::{Counters, TimelinePoint};
+use crate::presence::PresenceFigures;
 use crate::resources::Machine;
 use crate::scenario::{Fault, FaultRole, Scenario};
 
@@ -39,6 +40,9 @@ pub struct Report {
     /// Drops, reconnects and resumes.
     #[serde(default)]
     pub resume: ResumeFigures,
+    /// The presence probe's figures, when the scenario has one.
+    #[serde(default)]
+    pub presence: Option<PresenceFigures>,
     pub baselines: Option<Baselines>,
     pub ratios: Option<Ratios>,
     pub marks: Marks,
@@ -548,6 +552,15 @@ pub fn render_table(report: &Report) -> String {
             .collect();
         let _ = writeln!(out, "Errors: {}", codes.join(", "));
     }
+    if let Some(p) = &report.presence {
+        let _ = writeln!(
+            out,
+            "\nPresence probe: {} pairs; missed online {}, missed offline {}, failed {:?}",
+            p.pairs, p.missed_online, p.missed_offline, p.failed
+        );
+        summary_row(&mut out, "open -> seen online", &p.open_to_seen_online);
+        summary_row(&mut out, "close -> seen offline", &p.close_to_seen_offline);
+    }
     if !report.faults.is_empty() {
         let _ = writeln!(
             out,
@@ -709,6 +722,7 @@ pub(crate) mod tests {
             ramp: None,
             faults: Vec::new(),
             resume: ResumeFigures::default(),
+            presence: None,
             baselines: None,
             ratios: None,
             marks: Marks::default(),

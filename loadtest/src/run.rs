@@ -26,6 +26,7 @@ use crate::live::{Live, TimelinePoint, Window};
 use crate::log::LogReader;
 use crate::plan::{ConvKind, Plan};
 use crate::platform::{SpawnOptions, SpawnedPlatform};
+use crate::presence;
 use crate::report::{self, Report};
 use crate::resources::{Machine, Sampler};
 use crate::scenario::{Durability, Fault, FaultRole, Reconnects, Scenario};
@@ -348,6 +349,10 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
         sending_start,
         sending_end,
     ));
+    let presence_probe = scenario.presence.clone().map(|probe| {
+        let (gateways, secret, tag) = (gateways.clone(), secret.clone(), tag.to_owned());
+        tokio::spawn(async move { presence::run(&probe, &gateways, &secret, &tag).await })
+    });
     *phase.lock().unwrap() = if scenario.warmup_secs > 0.0 {
         "warming up"
     } else {
@@ -371,6 +376,14 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
 
     *phase.lock().unwrap() = "draining";
     drain(&live).await;
+    let presence = match presence_probe {
+        Some(probe) => Some(
+            probe
+                .await
+                .map_err(|e| LoadtestError::Setup(format!("the presence probe failed: {e}")))?,
+        ),
+        None => None,
+    };
     let mut fault_records = Vec::with_capacity(faults.len());
     for fault in faults {
         fault_records.push(
@@ -503,6 +516,7 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
         ramp,
         faults,
         resume,
+        presence,
         baselines,
         ratios,
         marks,

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::presence::PresenceProbe;
+
 /// How the NATS server of a spawned platform makes JetStream writes durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -87,6 +89,9 @@ pub struct Scenario {
     /// Devices dropping their sockets during sending, and how every lost socket comes back.
     #[serde(default)]
     pub reconnects: Reconnects,
+    /// Measure presence during the sending: see [`crate::presence`].
+    #[serde(default)]
+    pub presence: Option<PresenceProbe>,
 }
 
 /// Sockets the run drops on purpose while sending, and the backoff of every reconnect.
@@ -418,6 +423,13 @@ impl Scenario {
             }
         };
         check(!self.name.trim().is_empty(), "name must not be empty");
+        if let Some(probe) = &self.presence {
+            check(probe.pairs >= 1, "presence.pairs must be at least 1");
+            check(
+                probe.per_sec.is_finite() && probe.per_sec > 0.0,
+                "presence.per_sec must be a positive number",
+            );
+        }
         check(self.users >= 1, "users must be at least 1");
         check(
             self.connections_per_user >= 1,

@@ -988,6 +988,31 @@ impl ConversationStore for CqlStore {
         row.map(|(role,)| parse_role(&role)).transpose()
     }
 
+    /// Two partitions per candidate at most: the requester's memberships once, then each
+    /// candidate's (CQL has no join).
+    async fn co_members(&self, user: &UserId, among: &[UserId]) -> Result<Vec<UserId>, StoreError> {
+        if among.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mine: std::collections::HashSet<Uuid> = self
+            .memberships(user)
+            .await?
+            .into_iter()
+            .map(|(conversation, _)| conversation)
+            .collect();
+        let mut shared = Vec::new();
+        for other in among {
+            let theirs = self.memberships(other).await?;
+            if theirs
+                .iter()
+                .any(|(conversation, _)| mine.contains(conversation))
+            {
+                shared.push(other.clone());
+            }
+        }
+        Ok(shared)
+    }
+
     /// Computed at read time from the user's memberships and each conversation's newest
     /// sequence: a materialized inbox would cost one write per member per message.
     async fn inbox(

@@ -23,7 +23,7 @@ pub mod store;
 pub mod tls;
 
 pub use cql::{Consistency, CqlOptions, CqlStore};
-pub use presence::{PresenceClient, PresenceError, PresenceStore, UserPresence};
+pub use presence::{PresenceClient, PresenceError, PresenceStore, Recorded, UserPresence};
 pub use sqlite::SqliteStore;
 pub use store::{
     ConversationDetails, ConversationStore, ConversationView, EventsPage, HistoryPage, InboxEntry,

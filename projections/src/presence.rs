@@ -6,11 +6,14 @@
 //! second key, `parley:last_seen:{user}`, keeps the newest time the user was seen. The
 //! braces are Redis Cluster hash tags: both keys of a user live in one slot.
 //!
+//! A third key, `parley:presence:expiring`, lists every user with an open record by its
+//! latest expiry, so a sweep finds the users whose records all expired without a close.
+//!
 //! Nothing here is precious: wiping Redis empties presence until the next heartbeat round
 //! (at most one heartbeat interval) rebuilds it from live connections.
 
 use parley_events::UserId;
-use parley_events::presence::{ConnectionState, PresenceUpdate};
+use parley_events::presence::{ConnectionState, PresenceUpdate, UserStatus};
 use redis::aio::ConnectionManager;
 use redis::{ConnectionAddr, IntoConnectionInfo};
 
@@ -39,6 +42,31 @@ impl UserPresence {
     pub fn online(&self) -> bool {
         self.connections > 0
     }
+
+    /// As gateways and clients see it.
+    pub fn of(self, user: UserId) -> UserStatus {
+        UserStatus {
+            user,
+            online: self.online(),
+            last_seen: self.last_seen,
+        }
+    }
+}
+
+/// What recording one update did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recorded {
+    /// Whether the user had a live connection just before the update.
+    pub was_online: bool,
+    /// The user's presence just after it.
+    pub now: UserPresence,
+}
+
+impl Recorded {
+    /// Whether the update brought the user online or took them offline.
+    pub fn changed(&self) -> bool {
+        self.was_online != self.now.online()
+    }
 }
 
 /// Where Redis is and how to reach it, checked but not connected yet.
@@ -54,6 +82,11 @@ pub struct PresenceStore {
 const KEEP_NEWEST: &str = "local current = tonumber(redis.call('GET', KEYS[1]))
 if current == nil or current < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end
 return 0";
+
+/// Every user with an open connection record, scored with the latest expiry among them: the
+/// expiry sweep's work list. One key for all users, written outside each user's
+/// transaction, so it never shares a transaction with keys of another Redis Cluster slot.
+const EXPIRING_KEY: &str = "parley:presence:expiring";
 
 fn connections_key(user: &UserId) -> String {
     format!("parley:presence:{{{user}}}")
@@ -71,10 +104,14 @@ impl PresenceStore {
     pub fn client(url: &str, tls: Option<&TlsClient>) -> Result<PresenceClient, PresenceError> {
         // The redis client builds its TLS configuration from the process default.
         tls::install_process_provider();
+        // Without TCP_NODELAY, a command written while the previous one is unacknowledged
+        // (heartbeats and queries share the connection) waits out Redis' delayed ACK: 40 ms.
+        let info = url
+            .into_connection_info()?
+            .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
         let Some(settings) = tls else {
-            return Ok(PresenceClient(redis::Client::open(url)?));
+            return Ok(PresenceClient(redis::Client::open(info)?));
         };
-        let info = url.into_connection_info()?;
         if !matches!(info.addr(), ConnectionAddr::TcpTls { .. }) {
             return Err(TlsError::new("TLS settings for Redis need a rediss:// URL").into());
         }
@@ -110,13 +147,18 @@ impl PresenceStore {
         Ok(PresenceStore { conn })
     }
 
-    /// Record one update. Updates may arrive late or twice; an open record only ever
-    /// extends a connection's expiry, and a close removes it.
-    pub async fn record(&self, update: &PresenceUpdate) -> Result<(), PresenceError> {
+    /// Record one update; whether it brought the user online or offline. Updates may
+    /// arrive late or twice; an open record only ever extends a connection's expiry, and a
+    /// close removes it.
+    ///
+    /// The connections alive at `update.at` are counted before and after, in the same
+    /// transaction as the change, so of several projector instances recording updates of
+    /// one user at once exactly one sees each transition.
+    pub async fn record(&self, update: &PresenceUpdate) -> Result<Recorded, PresenceError> {
         let key = connections_key(&update.user);
         let ttl_ms = u64::from(update.ttl_secs) * 1000;
         let mut pipe = redis::pipe();
-        pipe.atomic();
+        pipe.atomic().zcount(&key, update.at, "+inf");
         match update.state {
             ConnectionState::Open => {
                 let expires = update.at + ttl_ms;
@@ -141,24 +183,115 @@ impl PresenceStore {
             .arg(1)
             .arg(last_seen_key(&update.user))
             .arg(update.at)
-            .ignore();
+            .ignore()
+            .zcount(&key, update.at, "+inf")
+            .get(last_seen_key(&update.user));
         let mut conn = self.conn.clone();
-        pipe.query_async::<()>(&mut conn).await?;
-        Ok(())
+        let (before, connections, last_seen): (u32, u32, Option<u64>) =
+            pipe.query_async(&mut conn).await?;
+        let recorded = Recorded {
+            was_online: before > 0,
+            now: UserPresence {
+                connections,
+                last_seen,
+            },
+        };
+        // Keep the sweep's list: each open extends the user's latest expiry; a user gone
+        // offline by a close needs no sweeping.
+        match update.state {
+            ConnectionState::Open => {
+                redis::cmd("ZADD")
+                    .arg(EXPIRING_KEY)
+                    .arg("GT")
+                    .arg(update.at + ttl_ms)
+                    .arg(update.user.as_str())
+                    .query_async::<()>(&mut conn)
+                    .await?;
+            }
+            ConnectionState::Closed if !recorded.now.online() => {
+                redis::cmd("ZREM")
+                    .arg(EXPIRING_KEY)
+                    .arg(update.user.as_str())
+                    .query_async::<()>(&mut conn)
+                    .await?;
+            }
+            ConnectionState::Closed => {}
+        }
+        Ok(recorded)
+    }
+
+    /// Users whose every connection record has expired by `now_ms` without a close (their
+    /// gateway died, or the close was lost), at most `limit`, with their presence now. Each
+    /// is handed to one caller only, whatever the number of projectors sweeping at once:
+    /// the one whose removal from the list succeeds.
+    pub async fn expired(
+        &self,
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<(UserId, UserPresence)>, PresenceError> {
+        let mut conn = self.conn.clone();
+        let due: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(EXPIRING_KEY)
+            .arg("-inf")
+            .arg(now_ms)
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async(&mut conn)
+            .await?;
+        let mut expired = Vec::new();
+        for id in due {
+            let claimed: u32 = redis::cmd("ZREM")
+                .arg(EXPIRING_KEY)
+                .arg(&id)
+                .query_async(&mut conn)
+                .await?;
+            let Ok(user) = UserId::parse(id) else {
+                continue;
+            };
+            if claimed == 0 {
+                continue;
+            }
+            // Still online: a heartbeat came in since the list was read; the user's next
+            // heartbeat puts them back on it.
+            let now = self.status(&user, now_ms).await?;
+            if !now.online() {
+                expired.push((user, now));
+            }
+        }
+        Ok(expired)
     }
 
     /// The user's presence as of `now_ms`.
     pub async fn status(&self, user: &UserId, now_ms: u64) -> Result<UserPresence, PresenceError> {
+        let mut statuses = self.statuses(std::slice::from_ref(user), now_ms).await?;
+        Ok(statuses.remove(0))
+    }
+
+    /// The presence of each of `users` as of `now_ms`, in order, in one round trip.
+    pub async fn statuses(
+        &self,
+        users: &[UserId],
+        now_ms: u64,
+    ) -> Result<Vec<UserPresence>, PresenceError> {
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for user in users {
+            pipe.zcount(connections_key(user), now_ms, "+inf")
+                .get(last_seen_key(user));
+        }
         let mut conn = self.conn.clone();
-        let (connections, last_seen): (u32, Option<u64>) = redis::pipe()
-            .zcount(connections_key(user), now_ms, "+inf")
-            .get(last_seen_key(user))
-            .query_async(&mut conn)
-            .await?;
-        Ok(UserPresence {
-            connections,
-            last_seen,
-        })
+        // Flat: each user's connection count, then its last seen (nil when never seen).
+        let values: Vec<Option<u64>> = pipe.query_async(&mut conn).await?;
+        Ok(values
+            .chunks(2)
+            .map(|pair| UserPresence {
+                connections: u32::try_from(pair[0].unwrap_or(0)).unwrap_or(u32::MAX),
+                last_seen: pair.get(1).copied().flatten(),
+            })
+            .collect())
     }
 
     /// Cheap check that Redis answers, for readiness.

@@ -16,7 +16,7 @@ use std::sync::Mutex;
 
 use crate::columns::{
     corrupt, event_at, events_page, history_message, i64_of, kind_str, members_page, parse_kind,
-    parse_member, parse_role, u64_of, unavailable,
+    parse_member, parse_role, parse_user, u64_of, unavailable,
 };
 use crate::store::{
     ConversationDetails, ConversationStore, ConversationView, EventsPage, HistoryPage, InboxEntry,
@@ -497,6 +497,37 @@ impl ConversationStore for SqliteStore {
                 })
                 .map_err(unavailable)?;
             role.as_deref().map(parse_role).transpose()
+        })
+        .await
+    }
+
+    async fn co_members(&self, user: &UserId, among: &[UserId]) -> Result<Vec<UserId>, StoreError> {
+        if among.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut values: Vec<String> = vec![user.as_str().to_owned()];
+        values.extend(among.iter().map(|other| other.as_str().to_owned()));
+        self.read(move |conn| {
+            let candidates: Vec<String> = (2..=values.len()).map(|n| format!("?{n}")).collect();
+            let candidates = candidates.join(", ");
+            // Probes the requester's memberships for each candidate's conversations through
+            // the primary key: one statement, whatever the number of candidates.
+            let sql = format!(
+                "SELECT DISTINCT theirs.user_id FROM members theirs
+                 WHERE theirs.user_id IN ({candidates})
+                   AND EXISTS (SELECT 1 FROM members mine
+                               WHERE mine.conversation = theirs.conversation AND mine.user_id = ?1)"
+            );
+            let rows = conn
+                .prepare(&sql)
+                .and_then(|mut stmt| {
+                    stmt.query_map(rusqlite::params_from_iter(&values), |row| {
+                        row.get::<_, String>(0)
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+                })
+                .map_err(unavailable)?;
+            rows.into_iter().map(parse_user).collect()
         })
         .await
     }

@@ -150,6 +150,10 @@ pub trait ConversationStore: Send + Sync + 'static {
 
     async fn role_of(&self, id: ConversationId, user: &UserId) -> Result<Option<Role>, StoreError>;
 
+    /// Those of `among` who share at least one conversation with `user` (in any order;
+    /// `user` itself when it is a member of anything): whose presence `user` may see.
+    async fn co_members(&self, user: &UserId, among: &[UserId]) -> Result<Vec<UserId>, StoreError>;
+
     /// The user's conversations, most recently active first, at most `limit`; with
     /// `before`, only those whose newest event is older than that sequence (the next page).
     async fn inbox(

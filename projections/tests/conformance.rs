@@ -184,6 +184,7 @@ macro_rules! conformance {
 
 conformance!(
     applies_conversations_members_messages_and_inbox,
+    co_members_are_those_sharing_a_conversation,
     history_pages_backwards_exactly_once_in_order_across_buckets,
     history_pages_forwards_exactly_once_in_order_across_buckets,
     events_after_pages_forward_exactly_once_in_order_across_buckets,
@@ -358,6 +359,30 @@ async fn applies_conversations_members_messages_and_inbox(backend: Backend) {
             .is_empty()
     );
     store.check().await.unwrap();
+}
+
+async fn co_members_are_those_sharing_a_conversation(backend: Backend) {
+    let store = backend.open("co").await;
+    store.apply(&log()).await.unwrap();
+    let among = [user("bob"), user("carol"), user("dave"), user("alice")];
+    let mut shared = store.co_members(&user("alice"), &among).await.unwrap();
+    shared.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    assert_eq!(shared, vec![user("alice"), user("bob"), user("carol")]);
+    assert!(
+        store
+            .co_members(&user("bob"), &[user("carol")])
+            .await
+            .unwrap()
+            .is_empty(),
+        "bob and carol share nothing"
+    );
+    assert!(
+        store
+            .co_members(&user("bob"), &[])
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 async fn history_pages_backwards_exactly_once_in_order_across_buckets(backend: Backend) {

@@ -76,6 +76,108 @@ async fn several_devices_expiry_and_last_seen() {
     assert_eq!((never.online(), never.last_seen), (false, None));
 }
 
+#[tokio::test]
+async fn recording_tells_when_a_user_comes_online_or_goes_offline() {
+    let redis = RedisServer::start(RedisOptions::default()).unwrap();
+    let store = PresenceStore::connect(&PresenceStore::client(&redis.url(), None).unwrap())
+        .await
+        .unwrap();
+    let now = 1_800_000_000_000;
+    let record = |connection: &'static str, state, at| {
+        let store = store.clone();
+        async move {
+            store
+                .record(&update("bob", connection, state, at))
+                .await
+                .unwrap()
+        }
+    };
+    let first = record("phone", ConnectionState::Open, now).await;
+    assert!(first.changed() && first.now.online());
+    // A second device, heartbeats, and closing one of two devices change nothing.
+    assert!(
+        !record("laptop", ConnectionState::Open, now + 1)
+            .await
+            .changed()
+    );
+    assert!(
+        !record("phone", ConnectionState::Open, now + 2)
+            .await
+            .changed()
+    );
+    assert!(
+        !record("phone", ConnectionState::Closed, now + 3)
+            .await
+            .changed()
+    );
+    let last = record("laptop", ConnectionState::Closed, now + 4).await;
+    assert!(last.changed() && !last.now.online());
+    assert_eq!(last.now.last_seen, Some(now + 4));
+    // A late close of a connection already gone is no change either.
+    assert!(
+        !record("phone", ConnectionState::Closed, now + 5)
+            .await
+            .changed()
+    );
+
+    let statuses = store
+        .statuses(
+            &[
+                UserId::parse("bob").unwrap(),
+                UserId::parse("nobody").unwrap(),
+            ],
+            now + 6,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        statuses
+            .iter()
+            .map(|s| (s.online(), s.last_seen))
+            .collect::<Vec<_>>(),
+        vec![(false, Some(now + 5)), (false, None)]
+    );
+    assert!(store.statuses(&[], now).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn the_sweep_finds_users_whose_records_expired_without_a_close() {
+    let redis = RedisServer::start(RedisOptions::default()).unwrap();
+    let store = PresenceStore::connect(&PresenceStore::client(&redis.url(), None).unwrap())
+        .await
+        .unwrap();
+    let now = 1_800_000_000_000;
+    for (user, connection) in [("crashed", "c1"), ("closed", "c2"), ("alive", "c3")] {
+        store
+            .record(&update(user, connection, ConnectionState::Open, now))
+            .await
+            .unwrap();
+    }
+    store
+        .record(&update("closed", "c2", ConnectionState::Closed, now + 1000))
+        .await
+        .unwrap();
+    store
+        .record(&update("alive", "c3", ConnectionState::Open, now + 30_000))
+        .await
+        .unwrap();
+    assert!(store.expired(now + 59_000, 100).await.unwrap().is_empty());
+    // 60 s records: `crashed` expired, `alive` heartbeat at +30 s holds until +90 s, and
+    // `closed` said goodbye, so it is not swept.
+    let expired = store.expired(now + 61_000, 100).await.unwrap();
+    assert_eq!(expired.len(), 1, "{expired:?}");
+    assert_eq!(expired[0].0, UserId::parse("crashed").unwrap());
+    assert_eq!(
+        (expired[0].1.online(), expired[0].1.last_seen),
+        (false, Some(now))
+    );
+    // Handed out once.
+    assert!(store.expired(now + 62_000, 100).await.unwrap().is_empty());
+    let later = store.expired(now + 91_000, 100).await.unwrap();
+    assert_eq!(later.len(), 1);
+    assert_eq!(later[0].0, UserId::parse("alive").unwrap());
+}
+
 /// TLS trusting `ca`'s CA, presenting `client`'s certificate.
 fn tls(ca: &Authority, client: Option<&Authority>) -> TlsClient {
     TlsClient {

@@ -13,10 +13,15 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
 use futures::StreamExt;
-use parley_events::presence::{ConnectionState, PresenceUpdate};
-use parley_events::subjects::{PRESENCE_QUEUE, PRESENCE_SUBJECT, PROJECTOR_CONSUMER};
-use parley_events::{EventEnvelope, RecordedEvent};
-use parley_projections::{ConversationStore, PresenceClient, PresenceStore, StoreErrorKind};
+use parley_events::presence::{ConnectionState, PresenceAnswer, PresenceQuery, PresenceUpdate};
+use parley_events::subjects::{
+    PRESENCE_QUERY_SUBJECT, PRESENCE_QUEUE, PRESENCE_SUBJECT, PROJECTOR_CONSUMER,
+    presence_user_subject,
+};
+use parley_events::{EventEnvelope, RecordedEvent, UserId};
+use parley_projections::{
+    ConversationStore, PresenceClient, PresenceStore, StoreErrorKind, UserPresence,
+};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span, warn};
 
@@ -24,8 +29,8 @@ use crate::admin::{Readiness, Reason};
 use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::node::Nats;
-use crate::telemetry;
 use crate::topology::{self, Topology};
+use crate::{telemetry, unix_millis};
 
 pub(crate) const READY_CHECK: &str = "projector";
 pub(crate) const PRESENCE_READY_CHECK: &str = "presence";
@@ -35,7 +40,10 @@ const MAX_PULL_BACKOFF: Duration = Duration::from_secs(1);
 /// Longest pause between retries of a batch the store refused: a retry costs one batch of
 /// writes, and a store back from an outage should not wait long to be fed.
 const MAX_APPLY_BACKOFF: Duration = Duration::from_secs(5);
-/// How often the presence projector asks Redis whether it answers.
+/// Most users one expiry sweep (one per [`REDIS_CHECK_INTERVAL`]) announces offline.
+const SWEEP_LIMIT: usize = 1000;
+/// How often the presence projector asks Redis whether it answers, and sweeps expired
+/// presence.
 const REDIS_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// A store further behind the log than this many events when projection starts is
 /// replaying: it is reported not ready until it has caught up.
@@ -366,8 +374,10 @@ impl Projector {
     }
 }
 
-/// Record presence updates from every gateway until `shutdown`. Instances share a queue
-/// group, so each update is recorded once.
+/// Record presence updates from every gateway until `shutdown`, announce each user who
+/// comes online or goes offline on the user's subject, and answer gateways' queries.
+/// Instances share a queue group, so each update is recorded once and each query answered
+/// once.
 ///
 /// Redis unreachable at start does not stop the node: presence is ephemeral and must not
 /// hold up the conversation projection, so this retries with backoff (not ready meanwhile).
@@ -404,20 +414,38 @@ pub async fn run_presence(
         }
     };
     readiness.ready(PRESENCE_READY_CHECK);
+    let queries = tokio::spawn(answer_queries(
+        client.clone(),
+        store.clone(),
+        shutdown.clone(),
+    ));
+    record_updates(&client, &store, &readiness, &mut updates, &shutdown).await;
+    queries.abort();
+    Ok(())
+}
+
+async fn record_updates(
+    client: &async_nats::Client,
+    store: &PresenceStore,
+    readiness: &Readiness,
+    updates: &mut async_nats::Subscriber,
+    shutdown: &CancellationToken,
+) {
     // Updates alone would notice Redis gone only at the next one (a heartbeat may be
     // seconds away); the check keeps readiness true meanwhile.
     let mut redis_check = tokio::time::interval(REDIS_CHECK_INTERVAL);
     loop {
         let message = tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
+            () = shutdown.cancelled() => return,
             _ = redis_check.tick() => {
                 match store.check().await {
                     Ok(()) => readiness.ready(PRESENCE_READY_CHECK),
                     Err(e) => readiness.not_ready(PRESENCE_READY_CHECK, Reason::RedisUnavailable, e.to_string()),
                 }
+                sweep(client, store).await;
                 continue;
             }
-            message = updates.next() => match message { Some(message) => message, None => return Ok(()) },
+            message = updates.next() => match message { Some(message) => message, None => return },
         };
         let update = match PresenceUpdate::from_bytes(&message.payload) {
             Ok(update) => update,
@@ -433,9 +461,12 @@ pub async fn run_presence(
             ConnectionState::Closed => "closed",
         };
         match store.record(&update).await {
-            Ok(()) => {
+            Ok(recorded) => {
                 readiness.ready(PRESENCE_READY_CHECK);
                 metrics::counter!(telemetry::PRESENCE_UPDATES_TOTAL, "state" => state).increment(1);
+                if recorded.changed() {
+                    announce(client, update.user, recorded.now).await;
+                }
             }
             Err(e) => {
                 // Presence repairs itself with the next heartbeat; say so once per failure.
@@ -447,6 +478,90 @@ pub async fn run_presence(
                 );
                 metrics::counter!(telemetry::PRESENCE_ERRORS_TOTAL, "kind" => "redis").increment(1);
             }
+        }
+    }
+}
+
+/// Announce the users whose records all expired without a close (their gateway died): no
+/// update says so, and their watchers would otherwise go on showing them online.
+async fn sweep(client: &async_nats::Client, store: &PresenceStore) {
+    match store.expired(unix_millis(), SWEEP_LIMIT).await {
+        Ok(expired) => {
+            for (user, now) in expired {
+                announce(client, user, now).await;
+            }
+        }
+        Err(e) => warn!(error = %e, "cannot sweep expired presence"),
+    }
+}
+
+/// Tell the gateways watching `user` that it came online or went offline. At most once, like
+/// all of core NATS: a gateway that misses it is corrected by its sockets' next query.
+async fn announce(client: &async_nats::Client, user: UserId, now: UserPresence) {
+    let subject = presence_user_subject(&user);
+    let status = now.of(user);
+    let state = if status.online { "online" } else { "offline" };
+    match client.publish(subject, status.to_bytes().into()).await {
+        Ok(()) => {
+            metrics::counter!(telemetry::PRESENCE_CHANGES_TOTAL, "state" => state).increment(1);
+        }
+        Err(e) => warn!(error = %e, "cannot announce a presence change"),
+    }
+}
+
+/// Answer gateways' presence queries from Redis until `shutdown`. A query that cannot be
+/// answered gets an empty reply, so the gateway says `unavailable` at once instead of
+/// waiting out its request.
+async fn answer_queries(
+    client: async_nats::Client,
+    store: PresenceStore,
+    shutdown: CancellationToken,
+) {
+    let mut queries = match client
+        .queue_subscribe(PRESENCE_QUERY_SUBJECT, PRESENCE_QUEUE.into())
+        .await
+    {
+        Ok(queries) => queries,
+        Err(e) => {
+            error!(error = %e, "cannot subscribe to presence queries");
+            return;
+        }
+    };
+    loop {
+        let message = tokio::select! {
+            () = shutdown.cancelled() => return,
+            message = queries.next() => match message { Some(message) => message, None => return },
+        };
+        let Some(reply) = message.reply else { continue };
+        let answer = match PresenceQuery::from_bytes(&message.payload) {
+            Ok(query) => store
+                .statuses(&query.users, unix_millis())
+                .await
+                .map(|statuses| PresenceAnswer {
+                    users: query
+                        .users
+                        .into_iter()
+                        .zip(statuses)
+                        .map(|(user, now)| now.of(user))
+                        .collect(),
+                })
+                .map_err(|e| ("redis", e.to_string())),
+            Err(e) => Err(("decode", e.to_string())),
+        };
+        let payload = match answer {
+            Ok(answer) => {
+                metrics::counter!(telemetry::PRESENCE_QUERIES_TOTAL, "result" => "answered")
+                    .increment(1);
+                answer.to_bytes()
+            }
+            Err((kind, cause)) => {
+                warn!(error = %cause, "cannot answer a presence query");
+                metrics::counter!(telemetry::PRESENCE_QUERIES_TOTAL, "result" => kind).increment(1);
+                Vec::new()
+            }
+        };
+        if let Err(e) = client.publish(reply, payload.into()).await {
+            warn!(error = %e, "cannot answer a presence query");
         }
     }
 }

@@ -28,6 +28,11 @@ pub const GATEWAY_LATE_OUTCOMES_TOTAL: &str = "parley_gateway_late_outcomes_tota
 pub const GATEWAY_COMMANDS_RESUBMITTED_TOTAL: &str = "parley_gateway_commands_resubmitted_total";
 pub const GATEWAY_INTAKE_PUBLISH_RETRIES_TOTAL: &str =
     "parley_gateway_intake_publish_retries_total";
+pub const GATEWAY_TYPING_RECEIVED_TOTAL: &str = "parley_gateway_typing_received_total";
+pub const GATEWAY_TYPING_DELIVERED_TOTAL: &str = "parley_gateway_typing_delivered_total";
+pub const GATEWAY_PRESENCE_WATCHED_USERS: &str = "parley_gateway_presence_watched_users";
+pub const GATEWAY_PRESENCE_WATCHES: &str = "parley_gateway_presence_watches";
+pub const GATEWAY_PRESENCE_PUSHES_TOTAL: &str = "parley_gateway_presence_pushes_total";
 
 pub const HANDLER_COMMANDS_TOTAL: &str = "parley_handler_commands_total";
 pub const HANDLER_APPEND_CONFLICTS_TOTAL: &str = "parley_handler_append_conflicts_total";
@@ -45,6 +50,8 @@ pub const PROJECTOR_APPLY_RETRIES_TOTAL: &str = "parley_projector_apply_retries_
 pub const STORE_ERRORS_TOTAL: &str = "parley_store_errors_total";
 pub const PRESENCE_UPDATES_TOTAL: &str = "parley_presence_updates_total";
 pub const PRESENCE_ERRORS_TOTAL: &str = "parley_presence_errors_total";
+pub const PRESENCE_CHANGES_TOTAL: &str = "parley_presence_changes_total";
+pub const PRESENCE_QUERIES_TOTAL: &str = "parley_presence_queries_total";
 
 const LATENCY_BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
@@ -177,6 +184,31 @@ fn describe() {
         "Intake publishes retried, by failure kind (stream_not_found, timed_out, other)."
     );
     describe_counter!(
+        GATEWAY_TYPING_RECEIVED_TOTAL,
+        Unit::Count,
+        "Typing frames from clients, by result (forwarded, rate_limited, redundant, refused)."
+    );
+    describe_counter!(
+        GATEWAY_TYPING_DELIVERED_TOTAL,
+        Unit::Count,
+        "Typing frames queued to sockets."
+    );
+    describe_gauge!(
+        GATEWAY_PRESENCE_WATCHED_USERS,
+        Unit::Count,
+        "Users whose presence this gateway follows (one NATS subscription each)."
+    );
+    describe_gauge!(
+        GATEWAY_PRESENCE_WATCHES,
+        Unit::Count,
+        "Presence subscriptions of sockets (socket and watched user pairs)."
+    );
+    describe_counter!(
+        GATEWAY_PRESENCE_PUSHES_TOTAL,
+        Unit::Count,
+        "Presence changes queued to sockets."
+    );
+    describe_counter!(
         HANDLER_COMMANDS_TOTAL,
         Unit::Count,
         "Commands handled, by action and result."
@@ -250,6 +282,16 @@ fn describe() {
         PRESENCE_ERRORS_TOTAL,
         Unit::Count,
         "Presence updates not recorded, by kind."
+    );
+    describe_counter!(
+        PRESENCE_CHANGES_TOTAL,
+        Unit::Count,
+        "Users who came online or went offline, published to gateways, by state."
+    );
+    describe_counter!(
+        PRESENCE_QUERIES_TOTAL,
+        Unit::Count,
+        "Presence queries answered, by result."
     );
 }
 

@@ -50,6 +50,15 @@ async fn send_many(
     seqs
 }
 
+/// Send a create frame and return the conversation its ack names.
+async fn create(client: &mut Client, frame: Value) -> ConversationId {
+    let id = frame["id"].as_str().unwrap().to_owned();
+    client.send(frame).await;
+    let ack = client.reply_to(&id).await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    ack["conversation"].as_str().unwrap().parse().unwrap()
+}
+
 fn seqs(events: &[Value]) -> Vec<u64> {
     events.iter().map(|e| e["seq"].as_u64().unwrap()).collect()
 }
@@ -124,14 +133,11 @@ async fn a_cursor_brings_the_conversations_created_while_away_with_their_events(
     bob.close().await;
 
     let mut carol = platform.connect(0, "carol").await;
-    carol
-        .send(json!({"type": "create_group", "id": "g", "title": "away", "members": ["bob"]}))
-        .await;
-    let group: ConversationId = carol.reply_to("g").await["conversation"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let group = create(
+        &mut carol,
+        json!({"type": "create_group", "id": "g", "title": "away", "members": ["bob"]}),
+    )
+    .await;
     let sent = send_many(&mut carol, group, "while-away", 2).await;
 
     let mut bob = platform.open_v2(0, "bob").await;
@@ -224,14 +230,11 @@ async fn a_resume_reads_what_the_store_has_not_projected_from_the_log() {
 
     platform.stop_projector().await;
     let mut alice = platform.connect(0, "alice").await;
-    alice
-        .send(json!({"type": "create_direct", "id": "dm", "peer": "bob"}))
-        .await;
-    let conversation: ConversationId = alice.reply_to("dm").await["conversation"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let conversation = create(
+        &mut alice,
+        json!({"type": "create_direct", "id": "dm", "peer": "bob"}),
+    )
+    .await;
     let sent = send_many(&mut alice, conversation, "unprojected", 3).await;
 
     let mut bob = platform.open_v2(0, "bob").await;

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, warn};
 
 use super::log::LogReader;
+use super::typing;
 use crate::telemetry;
 
 /// Most events fetched from the log to fill one gap or catch one socket up. A version 2
@@ -376,7 +377,8 @@ impl Routes {
     async fn join_created(self: &Arc<Self>, conns: &[ConnectionId], created: RecordedEvent) {
         let conversation = created.envelope.conversation;
         let seq = created.seq;
-        self.send_to(conns, &event_frame(created));
+        let delivered = self.send_to(conns, &event_frame(created));
+        metrics::counter!(telemetry::GATEWAY_EVENTS_DELIVERED_TOTAL).increment(delivered);
         for conn in conns {
             if let Err(e) = self.attach(*conn, conversation, seq).await {
                 warn!(error = %e, "cannot subscribe to a new conversation");
@@ -438,15 +440,42 @@ impl Routes {
         }
     }
 
-    /// Queue `frame` on the given sockets only.
-    pub fn send_to(&self, conns: &[ConnectionId], frame: &Utf8Bytes) {
+    /// Queue `frame` on the given sockets only; how many are still open.
+    pub fn send_to(&self, conns: &[ConnectionId], frame: &Utf8Bytes) -> u64 {
         let table = self.table();
         let mut delivered = 0;
         for entry in conns.iter().filter_map(|conn| table.sockets.get(conn)) {
             entry.outbox.push(frame.clone());
             delivered += 1;
         }
-        metrics::counter!(telemetry::GATEWAY_EVENTS_DELIVERED_TOTAL).increment(delivered);
+        delivered
+    }
+
+    /// Queue an ephemeral `frame` (no sequence, no position) on the local sockets following
+    /// `conversation` that `wants`, given the socket's user and protocol; how many.
+    pub fn push_to_followers(
+        &self,
+        conversation: ConversationId,
+        frame: &Utf8Bytes,
+        wants: impl Fn(&UserId, u32) -> bool,
+    ) -> u64 {
+        let outboxes: Vec<Outbox> = {
+            let table = self.table();
+            let Some(route) = table.conversations.get(&conversation) else {
+                return 0;
+            };
+            route
+                .sockets
+                .keys()
+                .filter_map(|conn| table.sockets.get(conn))
+                .filter(|entry| wants(&entry.user, entry.protocol))
+                .map(|entry| entry.outbox.clone())
+                .collect()
+        };
+        for outbox in &outboxes {
+            outbox.push(frame.clone());
+        }
+        outboxes.len() as u64
     }
 
     /// Deliver a live event after the events it shows the follower missed.
@@ -644,6 +673,12 @@ async fn follow_conversation(
                 let Some(message) = message else {
                     return;
                 };
+                if typing::is_ephemeral(&message) {
+                    if let Some(routes) = routes.upgrade() {
+                        typing::deliver(&routes, conversation, &message);
+                    }
+                    continue;
+                }
                 let event = match RecordedEvent::from_bytes(&message.payload) {
                     Ok(event) => event,
                     Err(e) => {

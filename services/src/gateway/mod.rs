@@ -9,12 +9,16 @@
 //! - [`delivery`]: the routing table and the per-conversation followers.
 //! - [`resume`]: bringing a socket up to date before it goes live.
 //! - [`log`]: single events read from the log.
+//! - [`typing`]: typing indicators, carried on the conversations' live subjects.
+//! - [`presence`]: presence pushed to the sockets that asked for it.
 
 mod commands;
 mod delivery;
 mod log;
+mod presence;
 mod resume;
 mod socket;
+mod typing;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -26,6 +30,7 @@ use axum::extract::ws::WebSocketUpgrade;
 use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use futures::StreamExt;
 use parley_events::presence::{ConnectionState, PresenceUpdate};
 use parley_events::protocol::{HttpError, protocol_version};
@@ -35,7 +40,7 @@ use parley_projections::ConversationStore;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::admin::Readiness;
 use crate::auth::{AuthError, Verifier};
@@ -82,6 +87,7 @@ pub(crate) struct Shared {
     log: LogReader,
     verifier: Verifier,
     routes: Arc<Routes>,
+    watchers: Arc<presence::Watchers>,
     pending: commands::Pending,
     connections: Arc<Semaphore>,
     next_connection: AtomicU64,
@@ -119,10 +125,12 @@ impl Gateway {
         let outcomes = subscribe(outcome_subject.clone()).await?;
         let membership = subscribe(LIVE_MEMBERSHIP_SUBJECT.to_owned()).await?;
         let log = LogReader::new(topology.log.clone(), topology.shards);
+        let routes = Routes::new(client.clone(), log.clone());
         let shared = Arc::new(Shared {
             verifier: Verifier::new(&secret, &config.auth),
             connections: Arc::new(Semaphore::new(config.gateway.max_connections)),
-            routes: Routes::new(client.clone(), log.clone()),
+            watchers: presence::Watchers::new(client.clone(), Arc::clone(&routes)),
+            routes,
             progress: StoreProgress::new(Arc::clone(&store)),
             log,
             config,
@@ -175,6 +183,13 @@ impl Gateway {
         let address = listener.local_addr()?;
         info!(%address, gateway = %shared.name, "gateway listening");
         let sockets_closing = shared.shutdown.clone();
+        // Without TCP_NODELAY, a frame written within 40 ms of the previous one waits for the
+        // client's delayed ACK of that one (a presence push right after its answer did).
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                debug!(error = %e, "cannot set TCP_NODELAY on a socket");
+            }
+        });
         let result = axum::serve(listener, app)
             .with_graceful_shutdown(async move {
                 shutdown.cancelled().await;
@@ -288,6 +303,7 @@ async fn upgrade(
         protocol,
         conn: shared.next_connection.fetch_add(1, Ordering::Relaxed),
         expires_at: tokio::time::Instant::now() + remaining,
+        typing: Default::default(),
     };
     let max_frame = shared.config.limits.frame_bytes();
     ws.max_frame_size(max_frame)

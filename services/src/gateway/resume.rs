@@ -166,15 +166,7 @@ pub async fn connect_v1(
         Ok(_) | Err(ResumeError::Closed) => {}
         Err(e) => {
             warn!(error = %e, "cannot resume a new socket; following what the store lists");
-            let inbox = shared
-                .store
-                .inbox(
-                    &session.user,
-                    None,
-                    shared.config.gateway.max_conversations_per_user,
-                )
-                .await
-                .unwrap_or_default();
+            let inbox = followed(shared, session).await.unwrap_or_default();
             for entry in &inbox {
                 attach(shared, session, entry.conversation, entry.last_seq).await;
             }
@@ -348,14 +340,7 @@ async fn conversations_at_head(
     session: &Session,
     window: &[RecordedEvent],
 ) -> Result<(Vec<(ConversationId, u64)>, Vec<InboxEntry>), StoreError> {
-    let inbox = shared
-        .store
-        .inbox(
-            &session.user,
-            None,
-            shared.config.gateway.max_conversations_per_user,
-        )
-        .await?;
+    let inbox = followed(shared, session).await?;
     let mut newest: HashMap<ConversationId, u64> = inbox
         .iter()
         .map(|entry| (entry.conversation, entry.last_seq))
@@ -371,6 +356,13 @@ async fn conversations_at_head(
     let mut conversations: Vec<(ConversationId, u64)> = newest.into_iter().collect();
     conversations.sort_unstable_by_key(|&(_, last_seq)| std::cmp::Reverse(last_seq));
     Ok((conversations, inbox))
+}
+
+/// The user's conversations a socket follows, as the store lists them: the most recently
+/// active `gateway.max_conversations_per_user`.
+async fn followed(shared: &Shared, session: &Session) -> Result<Vec<InboxEntry>, StoreError> {
+    let limit = shared.config.gateway.max_conversations_per_user;
+    shared.store.inbox(&session.user, None, limit).await
 }
 
 /// How far a resume has gone through its bounds.

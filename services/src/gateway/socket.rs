@@ -20,7 +20,7 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use super::Shared;
 use super::delivery::{ConnectionId, Outbox, Queued, SocketControl};
-use super::{commands, resume};
+use super::{commands, presence, resume, typing};
 use crate::handler::check_body;
 use crate::{telemetry, unix_millis};
 
@@ -45,6 +45,7 @@ pub struct Session {
     pub conn: ConnectionId,
     /// When the token expires; the session ends then (close 1008).
     pub expires_at: Instant,
+    pub typing: typing::SocketTyping,
 }
 
 pub async fn serve(
@@ -97,6 +98,7 @@ pub async fn serve(
         read_loop(&shared, &session, &mut stream, &outbox).await;
 
         shared.routes.unregister(session.conn);
+        shared.watchers.unwatch(session.conn, None);
         shared
             .publish_presence(&session.user, session.conn, ConnectionState::Closed)
             .await;
@@ -337,6 +339,22 @@ async fn handle_text(
         ClientFrame::Ping { id } => {
             outbox.answer(&ServerFrame::Pong { id }).await;
             ("ping", None)
+        }
+        ClientFrame::Typing {
+            id,
+            conversation,
+            state,
+        } => {
+            typing::handle(shared, session, outbox, id, conversation, state).await;
+            ("typing", None)
+        }
+        ClientFrame::Presence { id, users } => {
+            presence::handle_watch(shared, session, outbox, id, users).await;
+            ("presence", None)
+        }
+        ClientFrame::PresenceUnsubscribe { users, .. } => {
+            shared.watchers.unwatch(session.conn, Some(&users));
+            ("presence_unsubscribe", None)
         }
     };
     metrics::counter!(telemetry::GATEWAY_FRAMES_RECEIVED_TOTAL, "type" => frame_type).increment(1);
