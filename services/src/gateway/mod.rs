@@ -60,8 +60,12 @@ const WRITE_BUFFER_BYTES: usize = 4 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
-    #[error("auth.secret is not configured; the gateway cannot verify tokens")]
-    NoSecret,
+    #[error(
+        "neither auth.secret nor auth.jwks_file is configured; the gateway cannot verify tokens"
+    )]
+    NoKeys,
+    #[error("auth.jwks_file: {0}")]
+    Keys(#[from] crate::auth::KeysError),
     #[error("cannot subscribe to {subject}: {cause}")]
     Subscribe { subject: String, cause: String },
     #[error("serving failed: {0}")]
@@ -85,7 +89,7 @@ pub(crate) struct Shared {
     /// The store's position, watched while resumes wait for it.
     progress: Arc<StoreProgress>,
     log: LogReader,
-    verifier: Verifier,
+    verifier: Arc<Verifier>,
     routes: Arc<Routes>,
     watchers: Arc<presence::Watchers>,
     pending: commands::Pending,
@@ -106,7 +110,7 @@ impl Gateway {
         store: Arc<dyn ConversationStore>,
         readiness: Readiness,
     ) -> Result<Gateway, GatewayError> {
-        let secret = config.auth.secret.clone().ok_or(GatewayError::NoSecret)?;
+        let verifier = Verifier::new(&config.auth)?.ok_or(GatewayError::NoKeys)?;
         let client = nats.client.clone();
         let name = format!("gw-{}", uuid::Uuid::new_v4().simple());
         let outcome_subject = outcome_subject(&name);
@@ -127,7 +131,7 @@ impl Gateway {
         let log = LogReader::new(topology.log.clone(), topology.shards);
         let routes = Routes::new(client.clone(), log.clone());
         let shared = Arc::new(Shared {
-            verifier: Verifier::new(&secret, &config.auth),
+            verifier: Arc::new(verifier),
             connections: Arc::new(Semaphore::new(config.gateway.max_connections)),
             watchers: presence::Watchers::new(client.clone(), Arc::clone(&routes)),
             routes,
@@ -176,6 +180,7 @@ impl Gateway {
             tokio::spawn(follow_membership(Arc::clone(&shared), membership)),
             tokio::spawn(heartbeat_presence(Arc::clone(&shared))),
             tokio::spawn(Arc::clone(&shared.progress).run()),
+            tokio::spawn(watch_key_file(Arc::clone(&shared))),
         ];
         let app = Router::new()
             .route("/ws", get(upgrade))
@@ -333,6 +338,11 @@ async fn follow_membership(shared: Arc<Shared>, mut membership: async_nats::Subs
             Err(e) => warn!(error = %e, "unreadable membership event"),
         }
     }
+}
+
+async fn watch_key_file(shared: Arc<Shared>) {
+    let period = Duration::from_secs(shared.config.auth.jwks_poll_secs);
+    shared.verifier.watch_key_file(period).await;
 }
 
 /// Refresh every open socket's presence record well before it expires.
