@@ -35,6 +35,9 @@ pub struct Claims {
     pub iss: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aud: Option<String>,
+    /// The token's id, which `parley revoke --token` names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
 }
 
 /// Why a token was refused; each maps to a stable client error code.
@@ -46,6 +49,8 @@ pub enum AuthError {
     Expired,
     #[error("token invalid: {0}")]
     Invalid(String),
+    #[error("token revoked")]
+    Revoked,
 }
 
 impl AuthError {
@@ -54,6 +59,7 @@ impl AuthError {
             AuthError::Missing => ErrorCode::TokenMissing,
             AuthError::Expired => ErrorCode::TokenExpired,
             AuthError::Invalid(_) => ErrorCode::TokenInvalid,
+            AuthError::Revoked => ErrorCode::TokenRevoked,
         }
     }
 }
@@ -283,6 +289,7 @@ pub fn mint(secret: &Secret, user: &UserId, now_secs: u64, ttl_secs: u64) -> Str
         iat: Some(now_secs),
         iss: None,
         aud: None,
+        jti: None,
     };
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),

@@ -169,6 +169,8 @@ pub struct AuthConfig {
     pub jwks_file: Option<PathBuf>,
     /// Seconds between checks of whether `jwks_file` changed.
     pub jwks_poll_secs: u64,
+    /// Seconds a revocation is kept: at least the longest lifetime of the tokens issued.
+    pub revocation_ttl_secs: u64,
     /// Seconds of clock skew allowed when checking `exp` and `nbf`.
     pub leeway_secs: u64,
     /// Required `iss` claim, if set.
@@ -183,6 +185,7 @@ impl Default for AuthConfig {
             secret: None,
             jwks_file: None,
             jwks_poll_secs: 5,
+            revocation_ttl_secs: 7 * 86_400,
             leeway_secs: 5,
             issuer: None,
             audience: None,
@@ -667,6 +670,10 @@ impl Config {
         require(
             self.auth.jwks_poll_secs >= 1,
             "auth.jwks_poll_secs must be at least 1",
+        );
+        require(
+            self.auth.revocation_ttl_secs >= 60,
+            "auth.revocation_ttl_secs must be at least 60",
         );
         if let Some(path) = &self.auth.jwks_file
             && let Err(e) = crate::auth::check_key_file(path)
