@@ -29,6 +29,8 @@ pub enum ErrorCode {
     TokenInvalid,
     /// The token has expired.
     TokenExpired,
+    /// The token was revoked (its `jti`, or every token of its user issued until then).
+    TokenRevoked,
     /// The page's origin is not allowed to open a socket.
     OriginNotAllowed,
     /// The request did not complete in time; it may still take effect, so retry with the
@@ -42,7 +44,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 14] = [
+    pub const ALL: [ErrorCode; 15] = [
         ErrorCode::BadFrame,
         ErrorCode::UnknownFrameType,
         ErrorCode::MessageTooLarge,
@@ -53,6 +55,7 @@ impl ErrorCode {
         ErrorCode::TokenMissing,
         ErrorCode::TokenInvalid,
         ErrorCode::TokenExpired,
+        ErrorCode::TokenRevoked,
         ErrorCode::OriginNotAllowed,
         ErrorCode::Timeout,
         ErrorCode::Unavailable,
@@ -72,6 +75,7 @@ impl ErrorCode {
             ErrorCode::TokenMissing => "token_missing",
             ErrorCode::TokenInvalid => "token_invalid",
             ErrorCode::TokenExpired => "token_expired",
+            ErrorCode::TokenRevoked => "token_revoked",
             ErrorCode::OriginNotAllowed => "origin_not_allowed",
             ErrorCode::Timeout => "timeout",
             ErrorCode::Unavailable => "unavailable",

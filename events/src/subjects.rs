@@ -25,6 +25,10 @@ pub const PROJECTOR_CONSUMER: &str = "projector-conversations";
 /// Object store bucket holding the handlers' latest write-model snapshot.
 pub const HANDLER_SNAPSHOT_BUCKET: &str = "PARLEY_HANDLER_SNAPSHOTS";
 
+/// Key-value bucket of token revocations, watched by every gateway; entries expire on
+/// their own once no token they cover can still be valid.
+pub const REVOCATIONS_BUCKET: &str = "PARLEY_REVOCATIONS";
+
 /// Core subject carrying live membership events (conversation created) to every gateway.
 pub const LIVE_MEMBERSHIP_SUBJECT: &str = "parley.live.membership";
 /// Core subject on which gateways publish presence updates for the presence projector.

@@ -162,8 +162,15 @@ impl Default for IntakeConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// HS256 shared secret, at least 32 bytes. Unset: `parley up` creates a development
-    /// secret in its data directory; the gateway refuses to start.
+    /// secret in its data directory; a gateway without it needs `jwks_file`.
     pub secret: Option<Secret>,
+    /// A JWKS file (JSON) of the public keys RS256 and EdDSA tokens are verified with,
+    /// chosen by the token's `kid`; re-read when it changes.
+    pub jwks_file: Option<PathBuf>,
+    /// Seconds between checks of whether `jwks_file` changed.
+    pub jwks_poll_secs: u64,
+    /// Seconds a revocation is kept: at least the longest lifetime of the tokens issued.
+    pub revocation_ttl_secs: u64,
     /// Seconds of clock skew allowed when checking `exp` and `nbf`.
     pub leeway_secs: u64,
     /// Required `iss` claim, if set.
@@ -176,6 +183,9 @@ impl Default for AuthConfig {
     fn default() -> Self {
         AuthConfig {
             secret: None,
+            jwks_file: None,
+            jwks_poll_secs: 5,
+            revocation_ttl_secs: 7 * 86_400,
             leeway_secs: 5,
             issuer: None,
             audience: None,
@@ -657,6 +667,19 @@ impl Config {
                 .is_none_or(|s| s.expose().len() >= MIN_SECRET_BYTES),
             "auth.secret must be at least 32 bytes",
         );
+        require(
+            self.auth.jwks_poll_secs >= 1,
+            "auth.jwks_poll_secs must be at least 1",
+        );
+        require(
+            self.auth.revocation_ttl_secs >= 60,
+            "auth.revocation_ttl_secs must be at least 60",
+        );
+        if let Some(path) = &self.auth.jwks_file
+            && let Err(e) = crate::auth::check_key_file(path)
+        {
+            require(false, &format!("auth.jwks_file: {e}"));
+        }
         let limits = &self.limits;
         require(
             limits.max_message_bytes >= 1,
@@ -983,6 +1006,42 @@ mod tests {
         ] {
             assert!(text.contains(expected), "missing {expected:?} in {text}");
         }
+    }
+
+    #[test]
+    fn a_key_file_that_is_missing_or_unusable_is_refused() {
+        let err = Config::from_toml("[auth]\njwks_file = \"/nonexistent/keys.json\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("auth.jwks_file: cannot read /nonexistent/keys.json"),
+            "{err}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("keys.json");
+        for (content, expected) in [
+            ("not json", "is not a JWKS document"),
+            (
+                r#"{"keys":[{"kty":"OKP","crv":"Ed25519","x":"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}]}"#,
+                "every key needs a kid",
+            ),
+            (
+                r#"{"keys":[{"kty":"OKP","crv":"Ed25519","alg":"RS256","kid":"k","x":"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}]}"#,
+                "only RSA keys for RS256",
+            ),
+        ] {
+            std::fs::write(&file, content).unwrap();
+            let toml = format!("[auth]\njwks_file = {:?}\n", file.display().to_string());
+            let err = Config::from_toml(&toml).unwrap_err().to_string();
+            assert!(err.contains(expected), "missing {expected:?} in {err}");
+        }
+        std::fs::write(
+            &file,
+            r#"{"keys":[{"kty":"OKP","crv":"Ed25519","kid":"k","x":"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}]}"#,
+        )
+        .unwrap();
+        let toml = format!("[auth]\njwks_file = {:?}\n", file.display().to_string());
+        Config::from_toml(&toml).unwrap();
     }
 
     #[test]

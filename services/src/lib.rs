@@ -8,7 +8,8 @@
 //! - [`projector`]: feeds the conversation store and presence from the log and gateways.
 //! - [`node`]: runs any set of roles in one process, with admin endpoints.
 //! - [`local`]: `parley up`: local servers, a dev secret, every role in one process.
-//! - [`auth`], [`admin`], [`telemetry`]: tokens, health/readiness/metrics, metric names.
+//! - [`auth`], [`revocation`], [`admin`], [`telemetry`]: tokens and their revocation,
+//!   health/readiness/metrics, metric names.
 //!
 //! Every role is built from the configuration and run with a listener (where it serves one)
 //! and a shutdown token, so tests start them in-process on port 0.
@@ -22,6 +23,7 @@ pub mod handler;
 pub mod local;
 pub mod node;
 pub mod projector;
+pub mod revocation;
 pub mod telemetry;
 pub mod topology;
 

@@ -12,6 +12,8 @@ pub const NOT_READY: &str = "parley_not_ready";
 
 pub const GATEWAY_CONNECTIONS: &str = "parley_gateway_connections";
 pub const GATEWAY_UPGRADES_TOTAL: &str = "parley_gateway_upgrades_total";
+pub const AUTH_KEY_RELOADS_TOTAL: &str = "parley_auth_key_reloads_total";
+pub const GATEWAY_REVOCATIONS_TOTAL: &str = "parley_gateway_revocations_total";
 pub const GATEWAY_FRAMES_RECEIVED_TOTAL: &str = "parley_gateway_frames_received_total";
 pub const GATEWAY_FRAME_ERRORS_TOTAL: &str = "parley_gateway_frame_errors_total";
 pub const GATEWAY_CLOSES_TOTAL: &str = "parley_gateway_closes_total";
@@ -107,6 +109,16 @@ fn describe() {
         GATEWAY_UPGRADES_TOTAL,
         Unit::Count,
         "Upgrade requests by result (accepted or the refusal's error code)."
+    );
+    describe_counter!(
+        GATEWAY_REVOCATIONS_TOTAL,
+        Unit::Count,
+        "Revocations a gateway took in while running, by kind (user or token)."
+    );
+    describe_counter!(
+        AUTH_KEY_RELOADS_TOTAL,
+        Unit::Count,
+        "Re-reads of the changed JWKS file by result (ok, or error: the previous keys stay)."
     );
     describe_counter!(
         GATEWAY_FRAMES_RECEIVED_TOTAL,

@@ -7,9 +7,10 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, stream};
+use async_nats::jetstream::{self, kv, stream};
 use parley_events::subjects::{
-    INTAKE_STREAM, INTAKE_SUBJECT, LOG_SHARDS_METADATA, LOG_STREAM, LOG_SUBJECTS, Shards,
+    INTAKE_STREAM, INTAKE_SUBJECT, LOG_SHARDS_METADATA, LOG_STREAM, LOG_SUBJECTS,
+    REVOCATIONS_BUCKET, Shards,
 };
 
 use crate::config::{Config, IntakeStorage};
@@ -108,6 +109,20 @@ pub fn intake_stream_config(config: &Config) -> stream::Config {
         // A full intake refuses new commands instead of dropping queued ones.
         discard: stream::DiscardPolicy::New,
         max_message_size: MAX_STREAM_MESSAGE_BYTES,
+        ..Default::default()
+    }
+}
+
+/// The revocations bucket: one record per key, each dropped once it is older than any
+/// token it could cover.
+pub fn revocations_bucket_config(config: &Config) -> kv::Config {
+    kv::Config {
+        bucket: REVOCATIONS_BUCKET.into(),
+        description: "Parley token revocations, watched by every gateway".into(),
+        history: 1,
+        max_age: Duration::from_secs(config.auth.revocation_ttl_secs),
+        storage: stream::StorageType::File,
+        num_replicas: config.log.replicas,
         ..Default::default()
     }
 }

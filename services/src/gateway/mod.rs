@@ -11,12 +11,14 @@
 //! - [`log`]: single events read from the log.
 //! - [`typing`]: typing indicators, carried on the conversations' live subjects.
 //! - [`presence`]: presence pushed to the sockets that asked for it.
+//! - [`revocations`]: revoked tokens refused, and their live sockets closed.
 
 mod commands;
 mod delivery;
 mod log;
 mod presence;
 mod resume;
+mod revocations;
 mod socket;
 mod typing;
 
@@ -46,11 +48,13 @@ use crate::admin::Readiness;
 use crate::auth::{AuthError, Verifier};
 use crate::config::Config;
 use crate::node::Nats;
+use crate::revocation::{self, Revoked};
 use crate::topology::Topology;
 use crate::{telemetry, unix_millis};
 use delivery::{ConnectionId, Routes};
 use log::LogReader;
 use resume::StoreProgress;
+use revocations::Revocations;
 use socket::Session;
 
 pub(crate) const READY_CHECK: &str = "gateway";
@@ -60,16 +64,23 @@ const WRITE_BUFFER_BYTES: usize = 4 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
-    #[error("auth.secret is not configured; the gateway cannot verify tokens")]
-    NoSecret,
+    #[error(
+        "neither auth.secret nor auth.jwks_file is configured; the gateway cannot verify tokens"
+    )]
+    NoKeys,
+    #[error("auth.jwks_file: {0}")]
+    Keys(#[from] crate::auth::KeysError),
     #[error("cannot subscribe to {subject}: {cause}")]
     Subscribe { subject: String, cause: String },
+    #[error(transparent)]
+    Revocations(#[from] crate::revocation::RevocationError),
     #[error("serving failed: {0}")]
     Serve(#[from] std::io::Error),
 }
 
 pub struct Gateway {
     shared: Arc<Shared>,
+    revocations: async_nats::jetstream::kv::Watch,
     outcomes: async_nats::Subscriber,
     membership: async_nats::Subscriber,
 }
@@ -85,7 +96,8 @@ pub(crate) struct Shared {
     /// The store's position, watched while resumes wait for it.
     progress: Arc<StoreProgress>,
     log: LogReader,
-    verifier: Verifier,
+    verifier: Arc<Verifier>,
+    revocations: Arc<Revocations>,
     routes: Arc<Routes>,
     watchers: Arc<presence::Watchers>,
     pending: commands::Pending,
@@ -106,7 +118,7 @@ impl Gateway {
         store: Arc<dyn ConversationStore>,
         readiness: Readiness,
     ) -> Result<Gateway, GatewayError> {
-        let secret = config.auth.secret.clone().ok_or(GatewayError::NoSecret)?;
+        let verifier = Verifier::new(&config.auth)?.ok_or(GatewayError::NoKeys)?;
         let client = nats.client.clone();
         let name = format!("gw-{}", uuid::Uuid::new_v4().simple());
         let outcome_subject = outcome_subject(&name);
@@ -122,12 +134,16 @@ impl Gateway {
                     })
             }
         };
+        let bucket = revocation::bucket(&topology.js, &config).await?;
+        let (revoked, revocations) =
+            Revoked::load(&bucket, config.auth.revocation_ttl_secs).await?;
         let outcomes = subscribe(outcome_subject.clone()).await?;
         let membership = subscribe(LIVE_MEMBERSHIP_SUBJECT.to_owned()).await?;
         let log = LogReader::new(topology.log.clone(), topology.shards);
         let routes = Routes::new(client.clone(), log.clone());
         let shared = Arc::new(Shared {
-            verifier: Verifier::new(&secret, &config.auth),
+            verifier: Arc::new(verifier),
+            revocations: Revocations::new(revoked),
             connections: Arc::new(Semaphore::new(config.gateway.max_connections)),
             watchers: presence::Watchers::new(client.clone(), Arc::clone(&routes)),
             routes,
@@ -149,6 +165,7 @@ impl Gateway {
         readiness.ready(READY_CHECK);
         Ok(Gateway {
             shared,
+            revocations,
             outcomes,
             membership,
         })
@@ -168,6 +185,7 @@ impl Gateway {
     ) -> Result<(), GatewayError> {
         let Gateway {
             shared,
+            revocations,
             outcomes,
             membership,
         } = self;
@@ -176,6 +194,8 @@ impl Gateway {
             tokio::spawn(follow_membership(Arc::clone(&shared), membership)),
             tokio::spawn(heartbeat_presence(Arc::clone(&shared))),
             tokio::spawn(Arc::clone(&shared.progress).run()),
+            tokio::spawn(watch_key_file(Arc::clone(&shared))),
+            tokio::spawn(Arc::clone(&shared.revocations).follow(revocations)),
         ];
         let app = Router::new()
             .route("/ws", get(upgrade))
@@ -278,7 +298,14 @@ async fn upgrade(
     }
     let verified = token_of(&headers, &uri)
         .ok_or(AuthError::Missing)
-        .and_then(|token| shared.verifier.verify(token));
+        .and_then(|token| shared.verifier.verify(token))
+        .and_then(|(user, claims)| {
+            if shared.revocations.covers(&user, &claims) {
+                Err(AuthError::Revoked)
+            } else {
+                Ok((user, claims))
+            }
+        });
     let (user, claims) = match verified {
         Ok(verified) => verified,
         Err(e) => return refuse(StatusCode::UNAUTHORIZED, e.code(), &e.to_string()),
@@ -303,6 +330,7 @@ async fn upgrade(
         protocol,
         conn: shared.next_connection.fetch_add(1, Ordering::Relaxed),
         expires_at: tokio::time::Instant::now() + remaining,
+        claims,
         typing: Default::default(),
     };
     let max_frame = shared.config.limits.frame_bytes();
@@ -333,6 +361,11 @@ async fn follow_membership(shared: Arc<Shared>, mut membership: async_nats::Subs
             Err(e) => warn!(error = %e, "unreadable membership event"),
         }
     }
+}
+
+async fn watch_key_file(shared: Arc<Shared>) {
+    let period = Duration::from_secs(shared.config.auth.jwks_poll_secs);
+    shared.verifier.watch_key_file(period).await;
 }
 
 /// Refresh every open socket's presence record well before it expires.

@@ -45,6 +45,8 @@ pub struct Session {
     pub conn: ConnectionId,
     /// When the token expires; the session ends then (close 1008).
     pub expires_at: Instant,
+    /// The token's claims, which a revocation may cover.
+    pub claims: crate::auth::Claims,
     pub typing: typing::SocketTyping,
 }
 
@@ -88,6 +90,12 @@ pub async fn serve(
             session.protocol,
             outbox.clone(),
         );
+        shared.revocations.track(
+            session.conn,
+            session.user.clone(),
+            session.claims.clone(),
+            Arc::clone(&outbox.control),
+        );
         shared
             .publish_presence(&session.user, session.conn, ConnectionState::Open)
             .await;
@@ -98,6 +106,7 @@ pub async fn serve(
         read_loop(&shared, &session, &mut stream, &outbox).await;
 
         shared.routes.unregister(session.conn);
+        shared.revocations.untrack(session.conn);
         shared.watchers.unwatch(session.conn, None);
         shared
             .publish_presence(&session.user, session.conn, ConnectionState::Closed)
