@@ -579,6 +579,8 @@ impl Routes {
             .chain_back(furthest_behind, last, MAX_GAP_FILL)
             .await;
         let first_prev = chain.events.first().map(|e| e.envelope.prev);
+        // Serialized once, however many sockets this catches up.
+        let frames: Vec<Utf8Bytes> = chain.events.iter().cloned().map(event_frame).collect();
         let mut table = self.table();
         let Table {
             sockets,
@@ -607,9 +609,9 @@ impl Routes {
                     .close(close::TRY_AGAIN_LATER, "fell behind a conversation: resume");
                 continue;
             }
-            for event in chain.events.iter().filter(|e| e.seq > *sent) {
-                if is_sent_to(event, &entry.user, entry.protocol) {
-                    entry.outbox.push(event_frame(event.clone()));
+            for (event, frame) in chain.events.iter().zip(&frames) {
+                if event.seq > *sent && is_sent_to(event, &entry.user, entry.protocol) {
+                    entry.outbox.push(frame.clone());
                 }
             }
             *sent = route.last;

@@ -228,9 +228,10 @@ async fn resume_conversations(
 
     let cursor = point.cursor.filter(|_| first);
     let named = point.conversations;
+    let theirs: HashSet<ConversationId> = conversations.iter().map(|&(c, _)| c).collect();
     let mut statuses: Vec<ResumeStatus> = named
         .keys()
-        .filter(|conversation| !conversations.iter().any(|(c, _)| c == *conversation))
+        .filter(|conversation| !theirs.contains(conversation))
         .map(|conversation| ResumeStatus {
             conversation: *conversation,
             state: ResumeState::NotMember,
