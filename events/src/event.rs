@@ -183,6 +183,25 @@ impl Event {
         matches!(self, Event::ConversationRead(_))
     }
 
+    /// The members this event brings into its conversation: their sockets start following
+    /// it from this event.
+    pub fn joining(&self) -> &[Member] {
+        match self {
+            Event::ConversationCreated(created) => &created.members,
+            Event::MessagePosted(_) | Event::ConversationRead(_) => &[],
+        }
+    }
+
+    /// Whether this event, issued by `actor`, takes `user` out of its conversation: it is
+    /// the last event of the conversation the user's sockets are sent.
+    pub fn departs(&self, _user: &UserId, _actor: &UserId) -> bool {
+        match self {
+            Event::ConversationCreated(_)
+            | Event::MessagePosted(_)
+            | Event::ConversationRead(_) => false,
+        }
+    }
+
     /// Decode the data of a stored event of any known version.
     pub fn decode(type_name: &str, version: u32, data: Value) -> Result<Self, DecodeError> {
         let data = upcast(type_name, version, data)?;

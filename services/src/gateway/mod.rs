@@ -353,11 +353,12 @@ async fn route_outcomes(shared: Arc<Shared>, mut outcomes: async_nats::Subscribe
     }
 }
 
-/// New conversations: the local sockets of their members follow them.
+/// New conversations and new members: the local sockets of the members joining follow
+/// the conversation from then on.
 async fn follow_membership(shared: Arc<Shared>, mut membership: async_nats::Subscriber) {
     while let Some(message) = membership.next().await {
         match RecordedEvent::from_bytes(&message.payload) {
-            Ok(event) => shared.routes.on_created(event).await,
+            Ok(event) => shared.routes.on_joined(event).await,
             Err(e) => warn!(error = %e, "unreadable membership event"),
         }
     }
