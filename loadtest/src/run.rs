@@ -841,7 +841,15 @@ fn ledger_input(
         }
     }
     LedgerInput {
-        members: members.to_vec(),
+        members: members
+            .iter()
+            .map(|conns| {
+                conns
+                    .iter()
+                    .map(|&conn| ledger::Joined { conn, seq: 0 })
+                    .collect()
+            })
+            .collect(),
         connections: outcomes
             .iter()
             .map(|o| ConnRecord {
