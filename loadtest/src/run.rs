@@ -1094,6 +1094,9 @@ async fn sample_every_second(
     progress: Progress,
 ) {
     let mut ticks = tokio::time::interval(Duration::from_secs(1));
+    // A busy harness must not fire missed ticks back to back: near-empty intervals would
+    // read as seconds in the timeline.
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticks.tick().await;
     let mut before = live.counters();
     loop {
