@@ -545,7 +545,7 @@ pub fn render_table(report: &Report) -> String {
         }
     }
     if let Some(b) = &report.baselines {
-        let _ = writeln!(out);
+        let _ = writeln!(out, "\nBaselines measured {}", b.how);
         for t in [&b.jetstream, &b.jetstream_consume, &b.websocket_echo]
             .into_iter()
             .flatten()
@@ -834,6 +834,7 @@ pub(crate) mod tests {
             }),
             jetstream_consume: None,
             websocket_echo: None,
+            how: String::new(),
         };
         let latency = Latencies {
             send_to_ack: Summary {

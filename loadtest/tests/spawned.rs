@@ -75,6 +75,15 @@ async fn a_short_run_has_a_clean_ledger() {
             report.processes
         );
     }
+    // Messages were acknowledged in the measured window, so every process has a CPU cost
+    // per message, from its CPU time.
+    for process in &report.processes {
+        let per_message = process.cpu_us_per_message;
+        assert!(
+            per_message.is_some_and(|us| us.is_finite() && us >= 0.0),
+            "{process:?}"
+        );
+    }
     assert!(outcome.dir.join("report.json").is_file());
     assert!(outcome.dir.join("report.svg").is_file());
 }
