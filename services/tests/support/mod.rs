@@ -129,6 +129,17 @@ impl Platform {
         let url = nats.url();
         Platform::launch(nats, url, redis, gateways, adjust).await
     }
+
+    /// [`start_with`](Self::start_with) on a nats-server the test started and filled first
+    /// (an old log loaded before any role runs).
+    pub async fn start_on_server(
+        nats: NatsServer,
+        gateways: usize,
+        adjust: impl FnOnce(&mut Config),
+    ) -> Platform {
+        let url = nats.url();
+        Platform::launch(nats, url, RedisOptions::default(), gateways, adjust).await
+    }
 }
 
 impl Platform<NatsCluster> {
