@@ -189,6 +189,11 @@ impl<N> Platform<N> {
         config.handler.lanes = 4;
         config.projector.store.path = dir.path().join("conversations.db");
         config.gateway.command_timeout_secs = 5;
+        // Tests send far faster than people do (hundreds of requests by one user in a
+        // moment); rate_limits.rs sets the limits it tests. The per-address limits spare
+        // loopback by default.
+        config.gateway.rate_limits.user_per_sec = 1_000_000;
+        config.gateway.rate_limits.user_burst = 1_000_000;
         adjust(&mut config);
         config.validate().expect("test configuration is valid");
         let config = Arc::new(config);
