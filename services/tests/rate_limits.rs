@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::{Client, Platform};
+use support::{Client, Platform, eventually, http_get};
 use tokio_tungstenite::tungstenite;
 
 /// Send `count` pings on `client` at once; their answers by id, in order.
@@ -25,6 +25,21 @@ async fn pipelined_pings(client: &mut Client, prefix: &str, count: usize) -> Vec
         answers.push(client.reply_to(id).await);
     }
     answers
+}
+
+/// Wait until some gateway of `platform` reports refusals by the limit of `scope` (the
+/// metrics are shared by every test of this process: only their presence is telling).
+async fn counted(platform: &Platform, scope: &str) {
+    let line = format!("parley_gateway_rate_limited_total{{scope=\"{scope}\"}}");
+    let admin = platform.admin_addresses()[0];
+    eventually(|| async {
+        http_get(admin, "/metrics")
+            .await
+            .1
+            .contains(&line)
+            .then_some(())
+    })
+    .await;
 }
 
 /// The `retry_after_ms` of a `rate_limited` error, checked for the fields every such error
@@ -128,6 +143,7 @@ async fn an_address_shares_one_budget_over_its_users_unless_exempt() {
     }
     // Bob had sent nothing before: what held him back is alice's use of the address.
     assert!(rate_limited(&answers[7]).is_some(), "{answers:?}");
+    counted(&platform, "ip").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -209,6 +225,7 @@ async fn upgrades_past_an_addresss_limit_get_429_with_retry_after() {
     assert_eq!(body["retryable"], true, "{body}");
     let wait = body["retry_after_ms"].as_u64().expect("retry_after_ms");
     assert!((1..=1000).contains(&wait), "{body}");
+    counted(&platform, "upgrade").await;
 
     tokio::time::sleep(Duration::from_millis(wait)).await;
     let mut client = upgrade(&platform, "alice")

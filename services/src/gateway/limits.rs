@@ -144,13 +144,17 @@ fn take_from<K: Hash + Eq + Clone>(
             retry_after: rate.wait_for_one(level),
         });
     }
-    map.insert(
-        key.clone(),
-        Bucket {
-            tokens: level - 1.0,
-            at: now,
-        },
-    );
+    let taken = Bucket {
+        tokens: level - 1.0,
+        at: now,
+    };
+    // The key is cloned (a user id allocates) only for a bucket that is new.
+    match map.get_mut(key) {
+        Some(bucket) => *bucket = taken,
+        None => {
+            map.insert(key.clone(), taken);
+        }
+    }
     Ok(())
 }
 
