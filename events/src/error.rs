@@ -41,10 +41,13 @@ pub enum ErrorCode {
     /// The request's id was already used by this user for a different request; the
     /// request was not applied. Send it with a fresh id.
     IdReused,
+    /// Too many requests from this user or address; nothing was done. Retry after
+    /// `retry_after_ms`.
+    RateLimited,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 16] = [
         ErrorCode::BadFrame,
         ErrorCode::UnknownFrameType,
         ErrorCode::MessageTooLarge,
@@ -60,6 +63,7 @@ impl ErrorCode {
         ErrorCode::Timeout,
         ErrorCode::Unavailable,
         ErrorCode::IdReused,
+        ErrorCode::RateLimited,
     ];
 
     /// The code as it appears on the wire.
@@ -80,12 +84,16 @@ impl ErrorCode {
             ErrorCode::Timeout => "timeout",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::IdReused => "id_reused",
+            ErrorCode::RateLimited => "rate_limited",
         }
     }
 
     /// Whether the same request, retried with the same id, can succeed.
     pub fn retryable(self) -> bool {
-        matches!(self, ErrorCode::Timeout | ErrorCode::Unavailable)
+        matches!(
+            self,
+            ErrorCode::Timeout | ErrorCode::Unavailable | ErrorCode::RateLimited
+        )
     }
 }
 

@@ -35,6 +35,8 @@ pub const GATEWAY_TYPING_DELIVERED_TOTAL: &str = "parley_gateway_typing_delivere
 pub const GATEWAY_PRESENCE_WATCHED_USERS: &str = "parley_gateway_presence_watched_users";
 pub const GATEWAY_PRESENCE_WATCHES: &str = "parley_gateway_presence_watches";
 pub const GATEWAY_PRESENCE_PUSHES_TOTAL: &str = "parley_gateway_presence_pushes_total";
+pub const GATEWAY_RATE_LIMITED_TOTAL: &str = "parley_gateway_rate_limited_total";
+pub const GATEWAY_RATE_LIMIT_BUCKETS: &str = "parley_gateway_rate_limit_buckets";
 
 pub const HANDLER_COMMANDS_TOTAL: &str = "parley_handler_commands_total";
 pub const HANDLER_APPEND_CONFLICTS_TOTAL: &str = "parley_handler_append_conflicts_total";
@@ -219,6 +221,16 @@ fn describe() {
         GATEWAY_PRESENCE_PUSHES_TOTAL,
         Unit::Count,
         "Presence changes queued to sockets."
+    );
+    describe_counter!(
+        GATEWAY_RATE_LIMITED_TOTAL,
+        Unit::Count,
+        "Requests and upgrades refused by a rate limit, by scope (user, ip, upgrade)."
+    );
+    describe_gauge!(
+        GATEWAY_RATE_LIMIT_BUCKETS,
+        Unit::Count,
+        "Rate-limit buckets held after the last sweep, by scope (user, ip, upgrade)."
     );
     describe_counter!(
         HANDLER_COMMANDS_TOTAL,

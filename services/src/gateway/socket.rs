@@ -20,7 +20,7 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use super::Shared;
 use super::delivery::{ConnectionId, Outbox, Queued, SocketControl};
-use super::{commands, presence, resume, typing};
+use super::{commands, limits, presence, resume, typing};
 use crate::handler::check_body;
 use crate::{telemetry, unix_millis};
 
@@ -43,6 +43,8 @@ pub struct Session {
     /// The protocol version the socket speaks, chosen at the upgrade.
     pub protocol: u32,
     pub conn: ConnectionId,
+    /// The peer's address, which the per-address rate limits count.
+    pub ip: std::net::IpAddr,
     /// When the token expires; the session ends then (close 1008).
     pub expires_at: Instant,
     /// The token's claims, which a revocation may cover.
@@ -141,6 +143,7 @@ async fn read_loop(
     let mut idle_check = tokio::time::interval(shared.config.ping_interval());
     idle_check.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let control = Arc::clone(&outbox.control);
+    let mut flood = limits::Flood::new(&shared.config.gateway.rate_limits);
     loop {
         let message = tokio::select! {
             () = control.closing() => return,
@@ -174,7 +177,17 @@ async fn read_loop(
                 return;
             }
             Some(Ok(Message::Text(text))) => {
-                handle_text(shared, session, outbox, &in_flight, &mut sequencer, &text).await;
+                match flood.check(&shared.limits, &session.user, session.ip, &text) {
+                    limits::Verdict::Pass => {
+                        handle_text(shared, session, outbox, &in_flight, &mut sequencer, &text)
+                            .await;
+                    }
+                    limits::Verdict::Refuse(frame) => outbox.answer(&frame).await,
+                    limits::Verdict::Close(reason) => {
+                        control.close(close::POLICY_VIOLATION, reason);
+                        return;
+                    }
+                }
             }
             Some(Ok(Message::Binary(_))) => {
                 control.close(close::UNSUPPORTED_DATA, "only text frames are accepted");
