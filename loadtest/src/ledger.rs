@@ -14,7 +14,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use parley_events::Event;
+use parley_events::{Event, event};
 use serde::{Deserialize, Serialize};
 
 use crate::client::RequestId;
@@ -45,13 +45,22 @@ pub enum Content {
 
 impl Content {
     pub fn of(event: &Event) -> Content {
-        match event {
-            Event::ConversationCreated(_) => Content::Created,
-            Event::MessagePosted(posted) => match RequestId::parse(posted.client_id.as_str()) {
+        let client_id = match event {
+            Event::MessagePosted(posted) => Some(posted.client_id.as_str()),
+            _ => None,
+        };
+        Content::classify(event.type_name(), client_id)
+    }
+
+    /// By the event's type name and, for a message, its client id: what a receiver that
+    /// parses no more of the event than that can tell.
+    pub fn classify(type_name: &str, client_id: Option<&str>) -> Content {
+        match type_name {
+            event::CONVERSATION_CREATED => Content::Created,
+            event::MESSAGE_POSTED => match client_id.and_then(RequestId::parse) {
                 Some(RequestId::Send { key, .. }) => Content::Message(key),
                 _ => Content::Foreign,
             },
-            _ if !event.joining().is_empty() => Content::Joined,
             _ => Content::Foreign,
         }
     }
