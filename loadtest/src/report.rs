@@ -84,6 +84,10 @@ pub struct SendFigures {
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Rates {
+    /// The schedule's rate, for a steady run: what a saturated run could not send shows
+    /// as the difference to `sent_per_sec`.
+    #[serde(default)]
+    pub offered_per_sec: Option<f64>,
     pub sent_per_sec: f64,
     /// Acknowledged messages per second: the end-to-end message rate, since the ledger
     /// checks each of them reached every member.
@@ -326,6 +330,7 @@ pub fn rates(points: &[TimelinePoint]) -> Rates {
         _ => return Rates::default(),
     };
     Rates {
+        offered_per_sec: None,
         sent_per_sec: total.sent as f64 / secs,
         acked_per_sec: total.acked as f64 / secs,
         delivered_per_sec: total.delivered as f64 / secs,
@@ -456,8 +461,12 @@ pub fn render_table(report: &Report) -> String {
     let t = &report.throughput;
     let _ = writeln!(
         out,
-        "Throughput  sent {:.0}/s, acked {:.0}/s (end-to-end messages), delivered {:.0}/s (events to recipients)",
-        t.sent_per_sec, t.acked_per_sec, t.delivered_per_sec
+        "Throughput  {}sent {:.0}/s, acked {:.0}/s (end-to-end messages), delivered {:.0}/s (events to recipients)",
+        t.offered_per_sec
+            .map_or(String::new(), |r| format!("offered {r:.0}/s, ")),
+        t.sent_per_sec,
+        t.acked_per_sec,
+        t.delivered_per_sec
     );
     let _ = writeln!(
         out,

@@ -474,7 +474,13 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
         measured
     };
     let processes = report::process_figures(resource_window);
-    let throughput = report::rates(measured);
+    let throughput = report::Rates {
+        offered_per_sec: match plan.phases.as_slice() {
+            [steady] => Some(steady.rate),
+            _ => None,
+        },
+        ..report::rates(measured)
+    };
     let window = live.measured();
     let latency = report::Latencies {
         send_to_ack: window.ack.summary(),

@@ -61,6 +61,7 @@ async fn a_short_run_has_a_clean_ledger() {
         "{ledger:?}"
     );
     assert!(report.environment.durability.contains("lazy"));
+    assert_eq!(report.throughput.offered_per_sec, Some(150.0));
     for name in [
         "gateway-0",
         "gateway-1",
