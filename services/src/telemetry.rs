@@ -18,6 +18,7 @@ pub const GATEWAY_FRAMES_RECEIVED_TOTAL: &str = "parley_gateway_frames_received_
 pub const GATEWAY_FRAME_ERRORS_TOTAL: &str = "parley_gateway_frame_errors_total";
 pub const GATEWAY_CLOSES_TOTAL: &str = "parley_gateway_closes_total";
 pub const GATEWAY_EVENTS_DELIVERED_TOTAL: &str = "parley_gateway_events_delivered_total";
+pub const GATEWAY_SOCKET_FLUSHES_TOTAL: &str = "parley_gateway_socket_flushes_total";
 pub const GATEWAY_GAP_FILLS_TOTAL: &str = "parley_gateway_gap_fills_total";
 pub const GATEWAY_CATCH_UPS_TOTAL: &str = "parley_gateway_catch_ups_total";
 pub const GATEWAY_RESUMES_TOTAL: &str = "parley_gateway_resumes_total";
@@ -141,6 +142,11 @@ fn describe() {
         GATEWAY_EVENTS_DELIVERED_TOTAL,
         Unit::Count,
         "Event frames queued to sockets."
+    );
+    describe_counter!(
+        GATEWAY_SOCKET_FLUSHES_TOTAL,
+        Unit::Count,
+        "Socket writes flushed; each carries every frame that was ready (frames per flush = frames sent / this)."
     );
     describe_counter!(
         GATEWAY_GAP_FILLS_TOTAL,
