@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The project's test command: installs the local servers, checks k8s/, then format check, clippy and
-# the whole workspace's tests (integration tests start real nats-server / redis-server
-# from .parley/bin through the parley-localstack crate, and a local Cassandra node for the
-# CQL store's conformance suite and fault tests).
+# The project's test command: installs the local servers, checks k8s/ and the dashboard
+# and alerts, then format check, clippy and the whole workspace's tests (integration tests
+# start real nats-server / redis-server from .parley/bin through the parley-localstack
+# crate, and a local Cassandra node for the CQL store's conformance suite and fault tests).
+
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
