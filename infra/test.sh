@@ -14,6 +14,8 @@ infra/install.sh
 # broken copies of it (tools cached under .parley/tools after the first run).
 infra/k8s-check.sh
 infra/k8s-check-test.sh
+# The Grafana dashboard and the Prometheus alerts: metric names, PromQL, alert unit tests.
+infra/observability-check.sh
 # The CQL store's tests must run in CI, never skip: cassandra.sh fails without Java, and
 # the tests fail instead of skipping.
 export PARLEY_REQUIRE_CQL=1

@@ -12,18 +12,18 @@ mkdir -p "$TOOLS/bin"
 
 tools_log() { printf '%s: %s\n' "$(basename "$0")" "$*" >&2; }
 
-# go_tool NAME PACKAGE VERSION: $TOOLS/bin/NAME built from PACKAGE@VERSION, rebuilt when the
-# version changes. Prints the binary's path.
+# go_tool NAME PACKAGE VERSION [TAGS]: $TOOLS/bin/NAME built from PACKAGE@VERSION with the
+# build tags TAGS, rebuilt when the version or the tags change. Prints the binary's path.
 go_tool() {
-    local name="$1" package="$2" version="$3"
+    local name="$1" package="$2" version="$3" tags="${4:-}"
     local bin="$TOOLS/bin/$name" stamp="$TOOLS/bin/$name.version"
-    if [ ! -x "$bin" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$version" ]; then
+    if [ ! -x "$bin" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$version $tags" ]; then
         local go
         go="$(command -v go || echo /usr/local/go/bin/go)"
         [ -x "$go" ] || { tools_log "error: go is needed to install $name"; return 1; }
         tools_log "go install $package@$version (once; cached in $TOOLS/bin)"
-        GOBIN="$TOOLS/bin" "$go" install "$package@$version" >&2 || return 1
-        echo "$version" >"$stamp"
+        GOBIN="$TOOLS/bin" "$go" install -tags "$tags" "$package@$version" >&2 || return 1
+        echo "$version $tags" >"$stamp"
     fi
     echo "$bin"
 }
