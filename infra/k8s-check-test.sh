@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Proves infra/k8s-check.sh fails on broken manifests: copies k8s/, breaks the copy in one
 # way per case, and expects the check to fail naming the problem; the unbroken copy must
-# pass. A check that passed a broken manifest would make this script fail.
+# pass. A check that passed a broken manifest would make this script fail. Needs the
+# nats-server infra/install.sh installs (infra/test.sh runs that first).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
@@ -55,6 +56,10 @@ case_ "a Service selecting nothing" base/redis.yaml \
     '/^kind: Service/,$ s/app.kubernetes.io\/name: redis/app.kubernetes.io\/name: rediss/' "selects no pod template"
 case_ "a drain longer than the grace period" base/parley.toml \
     's/drain_secs = 20/drain_secs = 60/' "sockets are killed mid-drain"
+case_ "NATS without fsync on every write" base/nats.conf \
+    's/sync_interval: always/sync_interval: 2m/' "lacks \`sync_interval: always\`"
+case_ "a nats.conf nats-server refuses" overlays/dev/nats.conf \
+    's/jetstream {/jetstrem {/' 'unknown field "jetstrem"'
 case_ "a kustomization naming a missing file" base/kustomization.yaml \
     's/- redis.yaml/- redis-missing.yaml/' "redis-missing.yaml"
 

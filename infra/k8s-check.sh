@@ -28,6 +28,16 @@ for overlay in "$K8S"/overlays/*/; do
 done
 [ "${#overlays[@]}" -gt 0 ] || { echo "k8s-check.sh: no overlays in $K8S/overlays" >&2; exit 1; }
 
+# The nats-server infra/install.sh installs (infra/test.sh runs it first) tests nats.conf.
+nats_server="${PARLEY_HOME:-$REPO/.parley}/bin/nats-server"
+[ -x "$nats_server" ] || nats_server="$(command -v nats-server || true)"
+nats_args=()
+if [ -n "$nats_server" ]; then
+    nats_args=(--nats-server "$nats_server")
+else
+    echo "k8s-check.sh: no nats-server installed (infra/install.sh): nats.conf is not tested by it" >&2
+fi
+
 "$python" "$REPO/infra/k8s_check.py" --kubernetes-version "$KUBERNETES_VERSION" \
-    --schemas "$K8S/schemas" "${overlays[@]}"
+    --schemas "$K8S/schemas" "${nats_args[@]}" "${overlays[@]}"
 echo "k8s-check.sh: ${#overlays[@]} overlays rendered and valid (Kubernetes $KUBERNETES_VERSION)"

@@ -11,14 +11,20 @@ command line, and checks every object:
 - what no schema sees: every ConfigMap and Secret a pod uses, every Deployment an HPA scales
   and every pod set a Service or PodDisruptionBudget selects exists in the same rendering,
   and the gateway's termination grace period covers its preStop sleep plus
-  gateway.drain_secs from the rendered parley.toml.
+  gateway.drain_secs from the rendered parley.toml;
+- every rendered nats.conf fsyncs every write (`sync_interval: always`: an acknowledged
+  append must survive a crash) and, given --nats-server, passes `nats-server -t`.
 
 Prints one line per problem and exits 1 if there is any.
 """
 
 import argparse
+import os
 import pathlib
+import re
+import subprocess
 import sys
+import tempfile
 import tomllib
 
 import jsonschema
@@ -128,10 +134,30 @@ def drain_problems(objects):
     return problems
 
 
+def nats_config_problems(objects, nats_server):
+    problems = []
+    for obj in objects:
+        conf = obj.get("data", {}).get("nats.conf") if obj["kind"] == "ConfigMap" else None
+        if conf is None:
+            continue
+        if not re.search(r"^\s*sync_interval:\s*always\s*$", conf, re.MULTILINE):
+            problems.append((obj, "nats.conf lacks `sync_interval: always` in its jetstream block"))
+        if nats_server:
+            with tempfile.NamedTemporaryFile("w", suffix=".conf") as file:
+                file.write(conf)
+                file.flush()
+                env = dict(os.environ, POD_NAME="nats-0")  # the StatefulSet sets it
+                run = subprocess.run([nats_server, "-t", "-c", file.name], env=env, capture_output=True, text=True)
+            if run.returncode != 0:
+                problems.append((obj, f"nats-server -t refuses nats.conf: {run.stderr.strip()}"))
+    return problems
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kubernetes-version", required=True)
     parser.add_argument("--schemas", required=True, help="directory of custom resource schemas")
+    parser.add_argument("--nats-server", help="a nats-server binary to test nats.conf with")
     parser.add_argument("rendered", nargs="+", help="files printed by kustomize build")
     args = parser.parse_args()
     schemas = load_schemas(args.schemas)
@@ -146,6 +172,7 @@ def main():
         for obj in objects:
             problems += [(obj, p) for p in schema_problems(obj, args.kubernetes_version, schemas)]
         problems += reference_problems(objects) + drain_problems(objects)
+        problems += nats_config_problems(objects, args.nats_server)
         for obj, problem in problems:
             print(f"{path}: {obj.get('kind')} {obj.get('metadata', {}).get('name')}: {problem}")
         failed += len(problems)
