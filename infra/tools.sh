@@ -1,9 +1,12 @@
+# shellcheck shell=bash
 # Sourced by the infra/*-check.sh scripts: installs the checking tools they use into
 # $PARLEY_HOME/tools (default <repo>/.parley/tools, ignored by git) once, then reuses them.
 # Only package registries are used: the Go module proxy (go install) and PyPI (pip).
 
+# shellcheck disable=SC2034 # the versions are read by the scripts that source this file
 KUSTOMIZE_VERSION="v5.7.1"
-PROMTOOL_VERSION="v0.316.0"   # the Go module version of Prometheus 3.x's promtool
+# shellcheck disable=SC2034
+PROMTOOL_VERSION="v0.316.0"   # the version of the Go module github.com/prometheus/prometheus
 PYTHON_PACKAGES="kubernetes-validate==1.37.0 jsonschema==4.26.0 pyyaml==6.0.3"
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
