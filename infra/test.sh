@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
-# The project's test command: installs the local servers, then format check, clippy and
-# the whole workspace's tests (integration tests start real nats-server / redis-server
-# from .parley/bin through the parley-localstack crate, and a local Cassandra node for the
-# CQL store's conformance suite and fault tests).
+# The project's test command: installs the local servers, checks k8s/ and the dashboard
+# and alerts, then format check, clippy and the whole workspace's tests (integration tests
+# start real nats-server / redis-server from .parley/bin through the parley-localstack
+# crate, and a local Cassandra node for the CQL store's conformance suite and fault tests).
+
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 start=$SECONDS
 
 infra/install.sh
+# k8s/: every overlay rendered and validated offline, and the check shown to fail on
+# broken copies of it (tools cached under .parley/tools after the first run).
+infra/k8s-check.sh
+infra/k8s-check-test.sh
+# The Grafana dashboard and the Prometheus alerts: metric names, PromQL, alert unit tests.
+infra/observability-check.sh
 # The CQL store's tests must run in CI, never skip: cassandra.sh fails without Java, and
 # the tests fail instead of skipping.
 export PARLEY_REQUIRE_CQL=1
