@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::ErrorCode;
-use crate::event::{ConversationKind, Event, EventEnvelope};
+use crate::event::{ConversationKind, Event, EventEnvelope, Role};
 use crate::ids::{ClientMsgId, CommandId, ConversationId, EventId, UserId};
 
 /// A client request a handler must validate before anything is appended.
@@ -41,6 +41,41 @@ pub enum Action {
         conversation: ConversationId,
         seq: u64,
     },
+    /// Add `users` to a group as plain members.
+    AddMembers {
+        conversation: ConversationId,
+        users: Vec<UserId>,
+    },
+    /// Remove `users` from a group.
+    RemoveMembers {
+        conversation: ConversationId,
+        users: Vec<UserId>,
+    },
+    /// The actor leaves a group.
+    Leave { conversation: ConversationId },
+    /// Give `user` the role `role` in a group.
+    SetRole {
+        conversation: ConversationId,
+        user: UserId,
+        role: Role,
+    },
+    /// Set a group's title (`None` clears it).
+    Rename {
+        conversation: ConversationId,
+        #[serde(default)]
+        title: Option<String>,
+    },
+    /// Keep `user` from posting to a group for `seconds` from the command's `issued_at`.
+    Mute {
+        conversation: ConversationId,
+        user: UserId,
+        seconds: u64,
+    },
+    /// Lift `user`'s mute.
+    Unmute {
+        conversation: ConversationId,
+        user: UserId,
+    },
 }
 
 impl Command {
@@ -69,6 +104,13 @@ impl Command {
             Action::PostMessage { conversation, .. } | Action::MarkRead { conversation, .. } => {
                 *conversation
             }
+            Action::AddMembers { conversation, .. }
+            | Action::RemoveMembers { conversation, .. }
+            | Action::Leave { conversation }
+            | Action::SetRole { conversation, .. }
+            | Action::Rename { conversation, .. }
+            | Action::Mute { conversation, .. }
+            | Action::Unmute { conversation, .. } => *conversation,
         }
     }
 
@@ -88,6 +130,44 @@ impl Command {
             Action::MarkRead { conversation, seq } => Request::Read {
                 conversation: *conversation,
                 seq: *seq,
+            },
+            Action::AddMembers { conversation, .. } => Request::AddMembers {
+                conversation: *conversation,
+            },
+            Action::RemoveMembers { conversation, .. } => Request::RemoveMembers {
+                conversation: *conversation,
+            },
+            Action::Leave { conversation } => Request::Leave {
+                conversation: *conversation,
+            },
+            Action::SetRole {
+                conversation,
+                user,
+                role,
+            } => Request::SetRole {
+                conversation: *conversation,
+                user,
+                role: *role,
+            },
+            Action::Rename {
+                conversation,
+                title,
+            } => Request::Rename {
+                conversation: *conversation,
+                title: title.as_deref(),
+            },
+            Action::Mute {
+                conversation,
+                user,
+                seconds,
+            } => Request::Mute {
+                conversation: *conversation,
+                user,
+                seconds: *seconds,
+            },
+            Action::Unmute { conversation, user } => Request::Unmute {
+                conversation: *conversation,
+                user,
             },
         }
         .fingerprint()
@@ -143,6 +223,34 @@ impl Fingerprint {
                 conversation: envelope.conversation,
                 seq: read.seq,
             },
+            Event::MembersAdded(_) => Request::AddMembers {
+                conversation: envelope.conversation,
+            },
+            Event::MembersRemoved(_) => Request::RemoveMembers {
+                conversation: envelope.conversation,
+            },
+            Event::MemberLeft(_) => Request::Leave {
+                conversation: envelope.conversation,
+            },
+            Event::MemberRoleChanged(changed) => Request::SetRole {
+                conversation: envelope.conversation,
+                user: &changed.user,
+                role: changed.role,
+            },
+            Event::ConversationRenamed(renamed) => Request::Rename {
+                conversation: envelope.conversation,
+                title: renamed.title.as_deref(),
+            },
+            // A mute lasts from the command's `issued_at`, which is the event's `at`.
+            Event::MemberMuted(muted) => Request::Mute {
+                conversation: envelope.conversation,
+                user: &muted.user,
+                seconds: muted.until.saturating_sub(envelope.at) / 1000,
+            },
+            Event::MemberUnmuted(unmuted) => Request::Unmute {
+                conversation: envelope.conversation,
+                user: &unmuted.user,
+            },
         }
         .fingerprint()
     }
@@ -153,7 +261,9 @@ impl Fingerprint {
 #[serde(tag = "request", rename_all = "snake_case")]
 enum Request<'a> {
     /// A direct conversation is named by its two users, so its id says it all.
-    Direct { conversation: ConversationId },
+    Direct {
+        conversation: ConversationId,
+    },
     /// The creator is the owner whatever the list says; the others in order, once each.
     Group {
         title: Option<&'a str>,
@@ -166,6 +276,37 @@ enum Request<'a> {
     Read {
         conversation: ConversationId,
         seq: u64,
+    },
+    /// A batch add or removal is named by its conversation alone: its event leaves out the
+    /// users it did not change (already members, or not members), so the users asked for
+    /// cannot be recovered from the log. Another batch under the same id and conversation
+    /// is taken for a repeat.
+    AddMembers {
+        conversation: ConversationId,
+    },
+    RemoveMembers {
+        conversation: ConversationId,
+    },
+    Leave {
+        conversation: ConversationId,
+    },
+    SetRole {
+        conversation: ConversationId,
+        user: &'a UserId,
+        role: Role,
+    },
+    Rename {
+        conversation: ConversationId,
+        title: Option<&'a str>,
+    },
+    Mute {
+        conversation: ConversationId,
+        user: &'a UserId,
+        seconds: u64,
+    },
+    Unmute {
+        conversation: ConversationId,
+        user: &'a UserId,
     },
 }
 

@@ -41,10 +41,18 @@ pub enum ErrorCode {
     /// The request's id was already used by this user for a different request; the
     /// request was not applied. Send it with a fresh id.
     IdReused,
+    /// The actor's role in the conversation does not allow the request (the permission
+    /// table in docs/protocol.md).
+    Forbidden,
+    /// The last owner of a group may not leave or step down; make another member an owner
+    /// first.
+    LastOwner,
+    /// The member is muted in this conversation; the message says until when.
+    Muted,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 18] = [
         ErrorCode::BadFrame,
         ErrorCode::UnknownFrameType,
         ErrorCode::MessageTooLarge,
@@ -60,6 +68,9 @@ impl ErrorCode {
         ErrorCode::Timeout,
         ErrorCode::Unavailable,
         ErrorCode::IdReused,
+        ErrorCode::Forbidden,
+        ErrorCode::LastOwner,
+        ErrorCode::Muted,
     ];
 
     /// The code as it appears on the wire.
@@ -80,6 +91,9 @@ impl ErrorCode {
             ErrorCode::Timeout => "timeout",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::IdReused => "id_reused",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::LastOwner => "last_owner",
+            ErrorCode::Muted => "muted",
         }
     }
 

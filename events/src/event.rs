@@ -53,6 +53,13 @@ pub enum Event {
     ConversationCreated(ConversationCreated),
     MessagePosted(MessagePosted),
     ConversationRead(ConversationRead),
+    MembersAdded(MembersAdded),
+    MembersRemoved(MembersRemoved),
+    MemberLeft(MemberLeft),
+    MemberRoleChanged(MemberRoleChanged),
+    ConversationRenamed(ConversationRenamed),
+    MemberMuted(MemberMuted),
+    MemberUnmuted(MemberUnmuted),
 }
 
 /// `conversation.created` v1: a direct conversation (exactly two members) or a group (its
@@ -124,6 +131,56 @@ pub struct ConversationRead {
     pub seq: u64,
 }
 
+/// `member.added` v1: the actor added these users to a group. Users who were already
+/// members are not in it, so it never holds an empty list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MembersAdded {
+    pub members: Vec<Member>,
+}
+
+/// `member.removed` v1: the actor removed these members from a group.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MembersRemoved {
+    pub users: Vec<UserId>,
+}
+
+/// `member.left` v1: the actor left the group.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberLeft {}
+
+/// `member.role_changed` v1: the actor gave `user` the role `role`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberRoleChanged {
+    pub user: UserId,
+    pub role: Role,
+}
+
+/// `conversation.renamed` v1: the group's title is now `title` (`null`: no title).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConversationRenamed {
+    pub title: Option<String>,
+}
+
+/// `member.muted` v1: `user` may not post until `until` (milliseconds since the Unix epoch).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberMuted {
+    pub user: UserId,
+    pub until: u64,
+}
+
+/// `member.unmuted` v1: `user`'s mute was lifted before it ran out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberUnmuted {
+    pub user: UserId,
+}
+
 /// Why stored bytes could not be read as an event.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
@@ -146,11 +203,20 @@ pub enum DecodeError {
 pub const CONVERSATION_CREATED: &str = "conversation.created";
 pub const MESSAGE_POSTED: &str = "message.posted";
 pub const CONVERSATION_READ: &str = "conversation.read";
+pub const MEMBER_ADDED: &str = "member.added";
+pub const MEMBER_REMOVED: &str = "member.removed";
+pub const MEMBER_LEFT: &str = "member.left";
+pub const MEMBER_ROLE_CHANGED: &str = "member.role_changed";
+pub const CONVERSATION_RENAMED: &str = "conversation.renamed";
+pub const MEMBER_MUTED: &str = "member.muted";
+pub const MEMBER_UNMUTED: &str = "member.unmuted";
 
 /// The current version of each event type this build writes.
 fn current_version(type_name: &str) -> Option<u32> {
     match type_name {
         CONVERSATION_CREATED | MESSAGE_POSTED | CONVERSATION_READ => Some(1),
+        MEMBER_ADDED | MEMBER_REMOVED | MEMBER_LEFT | MEMBER_ROLE_CHANGED
+        | CONVERSATION_RENAMED | MEMBER_MUTED | MEMBER_UNMUTED => Some(1),
         _ => None,
     }
 }
@@ -161,6 +227,13 @@ impl Event {
             Event::ConversationCreated(_) => CONVERSATION_CREATED,
             Event::MessagePosted(_) => MESSAGE_POSTED,
             Event::ConversationRead(_) => CONVERSATION_READ,
+            Event::MembersAdded(_) => MEMBER_ADDED,
+            Event::MembersRemoved(_) => MEMBER_REMOVED,
+            Event::MemberLeft(_) => MEMBER_LEFT,
+            Event::MemberRoleChanged(_) => MEMBER_ROLE_CHANGED,
+            Event::ConversationRenamed(_) => CONVERSATION_RENAMED,
+            Event::MemberMuted(_) => MEMBER_MUTED,
+            Event::MemberUnmuted(_) => MEMBER_UNMUTED,
         }
     }
 
@@ -174,6 +247,13 @@ impl Event {
         match self {
             Event::ConversationCreated(_) | Event::MessagePosted(_) => 1,
             Event::ConversationRead(_) => 2,
+            Event::MembersAdded(_)
+            | Event::MembersRemoved(_)
+            | Event::MemberLeft(_)
+            | Event::MemberRoleChanged(_)
+            | Event::ConversationRenamed(_)
+            | Event::MemberMuted(_)
+            | Event::MemberUnmuted(_) => 2,
         }
     }
 
@@ -190,6 +270,13 @@ impl Event {
             CONVERSATION_CREATED => Event::ConversationCreated(serde_json::from_value(data)?),
             MESSAGE_POSTED => Event::MessagePosted(serde_json::from_value(data)?),
             CONVERSATION_READ => Event::ConversationRead(serde_json::from_value(data)?),
+            MEMBER_ADDED => Event::MembersAdded(serde_json::from_value(data)?),
+            MEMBER_REMOVED => Event::MembersRemoved(serde_json::from_value(data)?),
+            MEMBER_LEFT => Event::MemberLeft(serde_json::from_value(data)?),
+            MEMBER_ROLE_CHANGED => Event::MemberRoleChanged(serde_json::from_value(data)?),
+            CONVERSATION_RENAMED => Event::ConversationRenamed(serde_json::from_value(data)?),
+            MEMBER_MUTED => Event::MemberMuted(serde_json::from_value(data)?),
+            MEMBER_UNMUTED => Event::MemberUnmuted(serde_json::from_value(data)?),
             _ => {
                 return Err(DecodeError::UnknownType {
                     type_name: type_name.to_owned(),

@@ -421,7 +421,7 @@ async fn resume(
                 Err(_) => return Err("harness:resume_timed_out".to_owned()),
             };
             match serde_json::from_str::<ServerFrame>(&text) {
-                Ok(ServerFrame::Event { event }) => {
+                Ok(ServerFrame::Event { event, .. }) => {
                     record.events += 1;
                     live.resumed_events.fetch_add(1, Ordering::Relaxed);
                     deliver(live, outcome, position, &event, true);
@@ -516,7 +516,14 @@ fn deliver(
             live.created_seen.fetch_add(1, Ordering::Relaxed);
         }
         // The ledger counts it as foreign; nothing to time.
-        Event::ConversationRead(_) => {}
+        Event::ConversationRead(_)
+        | Event::MembersAdded(_)
+        | Event::MembersRemoved(_)
+        | Event::MemberLeft(_)
+        | Event::MemberRoleChanged(_)
+        | Event::ConversationRenamed(_)
+        | Event::MemberMuted(_)
+        | Event::MemberUnmuted(_) => {}
     }
 }
 
@@ -708,7 +715,7 @@ async fn read(
                     _ => {}
                 }
             }
-            ServerFrame::Event { event } => deliver(live, outcome, position, &event, false),
+            ServerFrame::Event { event, .. } => deliver(live, outcome, position, &event, false),
             _ => {}
         }
     }

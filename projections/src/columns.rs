@@ -1,8 +1,10 @@
 //! How both stores turn read-model values into column values and back, and the errors they
 //! raise doing it: one definition, so the two stores cannot drift apart in what they accept.
 
-use parley_events::protocol::HistoryMessage;
-use parley_events::{ClientMsgId, ConversationKind, EventEnvelope, EventId, Member, Role, UserId};
+use parley_events::protocol::{HistoryMessage, SystemEntry};
+use parley_events::{
+    ClientMsgId, ConversationKind, EventEnvelope, EventId, Member, RecordedEvent, Role, UserId,
+};
 
 use crate::store::{EventsPage, MembersPage, StoreError, StoreErrorKind};
 
@@ -58,19 +60,34 @@ pub(crate) fn parse_member(user: String, role: &str) -> Result<Member, StoreErro
     })
 }
 
-/// A history row as both stores read it: sequence, event id, sender, client message id,
-/// body, time.
+/// A history row as both stores read it: sequence, event id, sender, client message id
+/// (empty on a system entry), body, time, and the system entry as JSON (on system entries
+/// only).
+pub(crate) type HistoryRow = (i64, EventId, String, String, String, i64, Option<String>);
+
 pub(crate) fn history_message(
-    (seq, id, sender, client_id, body, at): (i64, EventId, String, String, String, i64),
+    (seq, id, sender, client_id, body, at, system): HistoryRow,
 ) -> Result<HistoryMessage, StoreError> {
     Ok(HistoryMessage {
         seq: u64_of(seq),
         id,
         sender: parse_user(sender)?,
-        client_id: ClientMsgId::parse(client_id).map_err(corrupt)?,
+        client_id: match system {
+            Some(_) => None,
+            None => Some(ClientMsgId::parse(client_id).map_err(corrupt)?),
+        },
         body,
         at: u64_of(at),
+        system: system
+            .map(|json| serde_json::from_str::<SystemEntry>(&json).map_err(corrupt))
+            .transpose()?,
     })
+}
+
+/// The history row of a membership event, if it has one: its system entry as JSON.
+pub(crate) fn system_json(recorded: &RecordedEvent) -> Option<String> {
+    SystemEntry::of(recorded)
+        .map(|entry| serde_json::to_string(&entry).expect("a system entry always serializes"))
 }
 
 /// A page of stored events from rows of (sequence, envelope bytes), read one row beyond

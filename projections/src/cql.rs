@@ -34,7 +34,7 @@ pub use scylla::statement::Consistency;
 
 use crate::columns::{
     corrupt, event_at, events_page, history_message, i64_of, kind_str, members_page, parse_kind,
-    parse_member, parse_role, schema, u64_of, unavailable,
+    parse_member, parse_role, schema, system_json, u64_of, unavailable,
 };
 use crate::store::{
     ConversationDetails, ConversationStore, ConversationView, EventsPage, HistoryPage, InboxEntry,
@@ -43,7 +43,7 @@ use crate::store::{
 use crate::tls::TlsClient;
 
 /// Schema version this build writes, kept in the keyspace's `schema_version` table.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// Log sequences per history bucket. A `(conversation, bucket)` partition holds at most this
 /// many messages (every sequence in its range would have to be one of the conversation's
@@ -216,6 +216,9 @@ struct Statements {
     event_at: PreparedStatement,
     role_of: PreparedStatement,
     memberships: PreparedStatement,
+    unmember: PreparedStatement,
+    unmembership: PreparedStatement,
+    rename: PreparedStatement,
     buckets: PreparedStatement,
     history: PreparedStatement,
     buckets_after: PreparedStatement,
@@ -290,13 +293,22 @@ fn schema_v2(ks: &str) -> Vec<String> {
     ]
 }
 
+/// Schema 3: history rows of membership changes carry their system entry (JSON).
+fn schema_v3(ks: &str) -> Vec<String> {
+    vec![format!(
+        "ALTER TABLE {ks}.messages ADD {SYSTEM_COLUMN} text"
+    )]
+}
+
+const SYSTEM_COLUMN: &str = "system";
+
 /// Migrations by version: entry `n` brings a keyspace from version `n` to `n + 1`.
 fn migrations(ks: &str) -> Vec<Vec<String>> {
-    vec![schema_v1(ks), schema_v2(ks)]
+    vec![schema_v1(ks), schema_v2(ks), schema_v3(ks)]
 }
 
 type ConversationRow = (Option<String>, Option<String>, Option<i64>, Option<i64>);
-type MessageRow = (i64, Uuid, String, String, String, i64);
+type MessageRow = (i64, Uuid, String, String, String, i64, Option<String>);
 
 /// Reading rows of one conversation across its buckets: the bucket index query
 /// (conversation, first bucket) returns buckets in the order to read them, the row query
@@ -479,23 +491,7 @@ impl CqlStore {
                         &s.created,
                         (seq, kind_str(created.kind), created.title.clone(), seq, id),
                     ));
-                    let members: Vec<_> = created
-                        .members
-                        .iter()
-                        .map(|m| (id, m.user.as_str().to_owned(), m.role.as_str(), seq))
-                        .collect();
-                    writes.extend(self.partition_batches(&s.member, members));
-                    for member in &created.members {
-                        writes.push(self.write(
-                            &s.membership,
-                            (
-                                member.user.as_str().to_owned(),
-                                id,
-                                member.role.as_str(),
-                                seq,
-                            ),
-                        ));
-                    }
+                    writes.extend(self.member_writes(id, &created.members, seq));
                 }
                 Event::ConversationRead(read) => {
                     let marker = i64_of(read.seq);
@@ -514,9 +510,56 @@ impl CqlStore {
                         posted.client_id.as_str().to_owned(),
                         posted.body.clone(),
                         i64_of(envelope.at),
+                        None,
                         seq,
                     ));
                 }
+                Event::MembersAdded(added) => {
+                    writes.extend(self.member_writes(id, &added.members, seq));
+                }
+                Event::MembersRemoved(removed) => {
+                    let gone: Vec<_> = removed
+                        .users
+                        .iter()
+                        .map(|user| (seq, id, user.as_str().to_owned()))
+                        .collect();
+                    writes.extend(self.partition_batches(&s.unmember, gone));
+                    for user in &removed.users {
+                        writes
+                            .push(self.write(&s.unmembership, (seq, user.as_str().to_owned(), id)));
+                    }
+                }
+                Event::MemberLeft(_) => {
+                    let actor = envelope.actor.as_str().to_owned();
+                    writes.push(self.write(&s.unmember, (seq, id, actor.clone())));
+                    writes.push(self.write(&s.unmembership, (seq, actor, id)));
+                }
+                Event::MemberRoleChanged(changed) => {
+                    let member = Member {
+                        user: changed.user.clone(),
+                        role: changed.role,
+                    };
+                    writes.extend(self.member_writes(id, &[member], seq));
+                }
+                Event::ConversationRenamed(renamed) => {
+                    writes.push(self.write(&s.rename, (seq, renamed.title.clone(), id)));
+                }
+                // Mutes concern the write model only.
+                Event::MemberMuted(_) | Event::MemberUnmuted(_) => {}
+            }
+            if let Some(system) = system_json(recorded) {
+                messages.entry((conversation, bucket)).or_default().push((
+                    id,
+                    bucket,
+                    seq,
+                    *envelope.id.as_uuid(),
+                    envelope.actor.as_str().to_owned(),
+                    String::new(),
+                    String::new(),
+                    i64_of(envelope.at),
+                    Some(system),
+                    seq,
+                ));
             }
         }
         for recorded in newest.values() {
@@ -542,6 +585,34 @@ impl CqlStore {
             let newest = rows.iter().map(|r| r.2).max().unwrap_or(0);
             writes.push(self.write(&s.event_bucket, (*conversation.as_uuid(), bucket, newest)));
             writes.extend(self.partition_batches(&s.event, rows));
+        }
+        writes
+    }
+
+    /// The rows of `members` as of event `seq`: the conversation's members partition in
+    /// batches, and each user's own partition of their conversations.
+    fn member_writes(
+        &self,
+        id: Uuid,
+        members: &[Member],
+        seq: i64,
+    ) -> Vec<BoxFuture<'static, Result<(), StoreError>>> {
+        let s = &self.statements;
+        let rows: Vec<_> = members
+            .iter()
+            .map(|m| (id, m.user.as_str().to_owned(), m.role.as_str(), seq))
+            .collect();
+        let mut writes = self.partition_batches(&s.member, rows);
+        for member in members {
+            writes.push(self.write(
+                &s.membership,
+                (
+                    member.user.as_str().to_owned(),
+                    id,
+                    member.role.as_str(),
+                    seq,
+                ),
+            ));
         }
         writes
     }
@@ -574,7 +645,7 @@ fn history_page(rows: Vec<MessageRow>, limit: u32) -> Result<HistoryPage, StoreE
     let messages = rows
         .into_iter()
         .take(limit as usize)
-        .map(|(seq, event_id, sender, client_id, body, at)| {
+        .map(|(seq, event_id, sender, client_id, body, at, system)| {
             history_message((
                 seq,
                 EventId::from_uuid(event_id),
@@ -582,6 +653,7 @@ fn history_page(rows: Vec<MessageRow>, limit: u32) -> Result<HistoryPage, StoreE
                 client_id,
                 body,
                 at,
+                system,
             ))
         })
         .collect::<Result<Vec<_>, StoreError>>()?;
@@ -689,8 +761,23 @@ async fn migrate(
         session.query_unpaged(ddl, ()).await?;
     }
     let current = usize::try_from(version).unwrap_or(0);
+    // CQL has no `ADD ... IF NOT EXISTS`: a migration cut short after adding the column
+    // finds it there when it runs again.
+    let system_added = session
+        .query_unpaged(
+            "SELECT column_name FROM system_schema.columns WHERE keyspace_name = ? AND table_name = 'messages' AND column_name = ?",
+            (ks, SYSTEM_COLUMN),
+        )
+        .await?
+        .into_rows_result()
+        .map_err(corrupt)?
+        .rows_num()
+        > 0;
     for statements in migrations(ks).into_iter().skip(current) {
         for ddl in statements {
+            if system_added && ddl.starts_with("ALTER TABLE") {
+                continue;
+            }
             session.query_unpaged(ddl, ()).await?;
         }
     }
@@ -742,7 +829,7 @@ async fn prepare_all(session: &Session, ks: &str) -> Result<Statements, StoreErr
         ))
         .await?,
         message: prepare(format!(
-            "INSERT INTO {ks}.messages (conversation, bucket, seq, id, sender, client_id, body, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
+            "INSERT INTO {ks}.messages (conversation, bucket, seq, id, sender, client_id, body, at, system) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
         ))
         .await?,
         bucket: prepare(format!(
@@ -764,7 +851,7 @@ async fn prepare_all(session: &Session, ks: &str) -> Result<Statements, StoreErr
         ))
         .await?,
         senders_after: prepare(format!(
-            "SELECT seq, sender FROM {ks}.messages WHERE conversation = ? AND bucket = ? AND seq > ? ORDER BY seq ASC LIMIT ?"
+            "SELECT seq, sender, system FROM {ks}.messages WHERE conversation = ? AND bucket = ? AND seq > ? ORDER BY seq ASC LIMIT ?"
         ))
         .await?,
         event_bucket: prepare(format!(
@@ -811,12 +898,26 @@ async fn prepare_all(session: &Session, ks: &str) -> Result<Statements, StoreErr
             "SELECT conversation, role FROM {ks}.conversations_by_user WHERE user_id = ?"
         ))
         .await?,
+        // A removal is a tombstone timestamped by its event: an add or role change with an
+        // older sequence, applied later, stays shadowed; a later add wins.
+        unmember: prepare(format!(
+            "DELETE FROM {ks}.members USING TIMESTAMP ? WHERE conversation = ? AND user_id = ?"
+        ))
+        .await?,
+        unmembership: prepare(format!(
+            "DELETE FROM {ks}.conversations_by_user USING TIMESTAMP ? WHERE user_id = ? AND conversation = ?"
+        ))
+        .await?,
+        rename: prepare(format!(
+            "UPDATE {ks}.conversations USING TIMESTAMP ? SET title = ? WHERE id = ?"
+        ))
+        .await?,
         buckets: prepare(format!(
             "SELECT bucket FROM {ks}.message_buckets WHERE conversation = ? AND bucket <= ?"
         ))
         .await?,
         history: prepare(format!(
-            "SELECT seq, id, sender, client_id, body, at FROM {ks}.messages WHERE conversation = ? AND bucket = ? AND seq < ? LIMIT ?"
+            "SELECT seq, id, sender, client_id, body, at, system FROM {ks}.messages WHERE conversation = ? AND bucket = ? AND seq < ? LIMIT ?"
         ))
         .await?,
         buckets_after: prepare(format!(
@@ -824,7 +925,7 @@ async fn prepare_all(session: &Session, ks: &str) -> Result<Statements, StoreErr
         ))
         .await?,
         history_after: prepare(format!(
-            "SELECT seq, id, sender, client_id, body, at FROM {ks}.messages WHERE conversation = ? AND bucket = ? AND seq > ? ORDER BY seq ASC LIMIT ?"
+            "SELECT seq, id, sender, client_id, body, at, system FROM {ks}.messages WHERE conversation = ? AND bucket = ? AND seq > ? ORDER BY seq ASC LIMIT ?"
         ))
         .await?,
         event_buckets: prepare(format!(
@@ -1159,7 +1260,7 @@ impl ConversationStore for CqlStore {
             rows: &self.statements.senders_after,
         };
         let first = self.bucket_of(after.saturating_add(1));
-        let rows: Vec<(i64, String)> = self
+        let rows: Vec<(i64, String, Option<String>)> = self
             .walk(
                 walk,
                 *id.as_uuid(),
@@ -1170,7 +1271,7 @@ impl ConversationStore for CqlStore {
             .await?;
         let unread = rows
             .into_iter()
-            .filter(|(_, sender)| sender != user.as_str())
+            .filter(|(_, sender, system)| sender != user.as_str() && system.is_none())
             .count();
         Ok(u32::try_from(unread).unwrap_or(UNREAD_CAP))
     }

@@ -16,7 +16,7 @@ use std::sync::Mutex;
 
 use crate::columns::{
     corrupt, event_at, events_page, history_message, i64_of, kind_str, members_page, parse_kind,
-    parse_member, parse_role, parse_user, u64_of, unavailable,
+    parse_member, parse_role, parse_user, system_json, u64_of, unavailable,
 };
 use crate::store::{
     ConversationDetails, ConversationStore, ConversationView, EventsPage, HistoryPage, InboxEntry,
@@ -24,7 +24,7 @@ use crate::store::{
 };
 
 /// Schema version this build writes, kept in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 const READERS: usize = 4;
 
 const SCHEMA: &str = "
@@ -32,6 +32,7 @@ CREATE TABLE IF NOT EXISTS conversations (
     id TEXT PRIMARY KEY,
     kind TEXT,                       -- NULL until conversation.created is applied
     title TEXT,
+    title_seq INTEGER NOT NULL DEFAULT 0, -- the event that last set the title
     created_seq INTEGER,
     last_seq INTEGER NOT NULL DEFAULT 0,
     last_activity_at INTEGER NOT NULL DEFAULT 0
@@ -41,6 +42,7 @@ CREATE TABLE IF NOT EXISTS members (
     user_id TEXT NOT NULL,
     role TEXT NOT NULL,
     seq INTEGER NOT NULL,            -- the event that last set this row
+    present INTEGER NOT NULL DEFAULT 1, -- 0: removed or left (kept so an older add loses)
     PRIMARY KEY (conversation, user_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS members_by_user ON members (user_id, conversation);
@@ -49,9 +51,10 @@ CREATE TABLE IF NOT EXISTS messages (
     seq INTEGER NOT NULL,
     id TEXT NOT NULL,
     sender TEXT NOT NULL,
-    client_id TEXT NOT NULL,
+    client_id TEXT NOT NULL,         -- '' on system entries
     body TEXT NOT NULL,
     at INTEGER NOT NULL,
+    system TEXT,                     -- a membership change's SystemEntry (JSON); NULL on messages
     PRIMARY KEY (conversation, seq)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS events (
@@ -188,6 +191,13 @@ fn open_writer(path: &Path) -> Result<Connection, SetupError> {
     Ok(conn)
 }
 
+/// Columns version 3 added to tables of earlier versions.
+const ADDED_IN_3: &str = "
+ALTER TABLE conversations ADD COLUMN title_seq INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE members ADD COLUMN present INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE messages ADD COLUMN system TEXT;
+";
+
 /// Create the schema, or check an existing one; writes only when something is missing.
 fn migrate(conn: &Connection) -> Result<(), SetupError> {
     let version: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
@@ -200,13 +210,18 @@ fn migrate(conn: &Connection) -> Result<(), SetupError> {
         )));
     }
     if version < SCHEMA_VERSION {
+        // In one transaction, so a crash cannot leave some columns added and the version
+        // behind.
+        let tx = conn.unchecked_transaction()?;
         conn.execute_batch(SCHEMA)?;
         if version > 0 {
+            conn.execute_batch(ADDED_IN_3)?;
             // Rows of tables this version added are missing for events applied before:
             // forgetting the position makes the projector replay the log into them.
             conn.execute("DELETE FROM position", [])?;
         }
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        tx.commit()?;
     }
     Ok(())
 }
@@ -232,7 +247,10 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, recorded: &RecordedEvent) -> rusqli
     match &envelope.event {
         Event::ConversationCreated(created) => {
             tx.prepare_cached(
-                "UPDATE conversations SET kind = ?2, title = ?3, created_seq = ?4 WHERE id = ?1",
+                "UPDATE conversations SET kind = ?2, created_seq = ?4,
+                     title = CASE WHEN title_seq < ?4 THEN ?3 ELSE title END,
+                     title_seq = max(title_seq, ?4)
+                 WHERE id = ?1",
             )?
             .execute(params![
                 conversation,
@@ -240,20 +258,7 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, recorded: &RecordedEvent) -> rusqli
                 created.title,
                 seq
             ])?;
-            let mut upsert = tx.prepare_cached(
-                "INSERT INTO members (conversation, user_id, role, seq) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (conversation, user_id) DO UPDATE SET role = excluded.role,
-                     seq = excluded.seq
-                 WHERE excluded.seq > members.seq",
-            )?;
-            for member in &created.members {
-                upsert.execute(params![
-                    conversation,
-                    member.user.as_str(),
-                    member.role.as_str(),
-                    seq
-                ])?;
-            }
+            set_members(tx, &conversation, &created.members, seq)?;
         }
         Event::ConversationRead(read) => {
             tx.prepare_cached(
@@ -283,7 +288,87 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, recorded: &RecordedEvent) -> rusqli
                 at
             ])?;
         }
+        Event::MembersAdded(added) => set_members(tx, &conversation, &added.members, seq)?,
+        Event::MembersRemoved(removed) => {
+            for user in &removed.users {
+                set_gone(tx, &conversation, user, seq)?;
+            }
+        }
+        Event::MemberLeft(_) => set_gone(tx, &conversation, &envelope.actor, seq)?,
+        Event::MemberRoleChanged(changed) => {
+            let member = Member {
+                user: changed.user.clone(),
+                role: changed.role,
+            };
+            set_members(tx, &conversation, &[member], seq)?;
+        }
+        Event::ConversationRenamed(renamed) => {
+            tx.prepare_cached(
+                "UPDATE conversations SET title = ?2, title_seq = ?3
+                 WHERE id = ?1 AND title_seq < ?3",
+            )?
+            .execute(params![conversation, renamed.title, seq])?;
+        }
+        // Mutes concern the write model only.
+        Event::MemberMuted(_) | Event::MemberUnmuted(_) => {}
     }
+    if let Some(system) = system_json(recorded) {
+        tx.prepare_cached(
+            "INSERT INTO messages (conversation, seq, id, sender, client_id, body, at, system)
+             VALUES (?1, ?2, ?3, ?4, '', '', ?5, ?6)
+             ON CONFLICT (conversation, seq) DO NOTHING",
+        )?
+        .execute(params![
+            conversation,
+            seq,
+            envelope.id.to_string(),
+            envelope.actor.as_str(),
+            at,
+            system
+        ])?;
+    }
+    Ok(())
+}
+
+/// Members (with their roles) as of event `seq`, unless a newer event set them already.
+fn set_members(
+    tx: &rusqlite::Transaction<'_>,
+    conversation: &str,
+    members: &[Member],
+    seq: i64,
+) -> rusqlite::Result<()> {
+    let mut upsert = tx.prepare_cached(
+        "INSERT INTO members (conversation, user_id, role, seq, present) VALUES (?1, ?2, ?3, ?4, 1)
+         ON CONFLICT (conversation, user_id) DO UPDATE SET role = excluded.role,
+             seq = excluded.seq, present = 1
+         WHERE excluded.seq > members.seq",
+    )?;
+    for member in members {
+        upsert.execute(params![
+            conversation,
+            member.user.as_str(),
+            member.role.as_str(),
+            seq
+        ])?;
+    }
+    Ok(())
+}
+
+/// `user` is no longer a member as of event `seq`. The row stays, marked, so an older
+/// event applied later (a replay in another order) cannot bring the member back.
+fn set_gone(
+    tx: &rusqlite::Transaction<'_>,
+    conversation: &str,
+    user: &UserId,
+    seq: i64,
+) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO members (conversation, user_id, role, seq, present)
+         VALUES (?1, ?2, 'member', ?3, 0)
+         ON CONFLICT (conversation, user_id) DO UPDATE SET seq = excluded.seq, present = 0
+         WHERE excluded.seq > members.seq",
+    )?
+    .execute(params![conversation, user.as_str(), seq])?;
     Ok(())
 }
 
@@ -309,6 +394,7 @@ fn history_page(
                         row.get::<_, String>(3)?,
                         row.get::<_, String>(4)?,
                         row.get::<_, i64>(5)?,
+                        row.get::<_, Option<String>>(6)?,
                     ))
                 },
             )?
@@ -319,9 +405,9 @@ fn history_page(
     let messages = rows
         .into_iter()
         .take(limit as usize)
-        .map(|(seq, event_id, sender, client_id, body, at)| {
+        .map(|(seq, event_id, sender, client_id, body, at, system)| {
             let id = event_id.parse::<EventId>().map_err(corrupt)?;
-            history_message((seq, id, sender, client_id, body, at))
+            history_message((seq, id, sender, client_id, body, at, system))
         })
         .collect::<Result<Vec<_>, StoreError>>()?;
     Ok(HistoryPage { messages, has_more })
@@ -402,7 +488,8 @@ impl ConversationStore for SqliteStore {
         self.read(move |conn| {
             let rows = conn
                 .prepare_cached(
-                    "SELECT user_id, role FROM members WHERE conversation = ?1 ORDER BY user_id",
+                    "SELECT user_id, role FROM members WHERE conversation = ?1 AND present = 1
+                     ORDER BY user_id",
                 )
                 .and_then(|mut stmt| {
                     stmt.query_map(params![id.to_string()], |row| {
@@ -423,7 +510,7 @@ impl ConversationStore for SqliteStore {
             let row = conn
                 .prepare_cached(
                     "SELECT c.kind, c.title, c.last_seq, e.envelope,
-                         (SELECT count(*) FROM members m WHERE m.conversation = c.id)
+                         (SELECT count(*) FROM members m WHERE m.conversation = c.id AND m.present = 1)
                      FROM conversations c
                      LEFT JOIN events e ON e.conversation = c.id AND e.seq = c.created_seq
                      WHERE c.id = ?1 AND c.kind IS NOT NULL",
@@ -470,7 +557,8 @@ impl ConversationStore for SqliteStore {
         self.read(move |conn| {
             let rows = conn
                 .prepare_cached(
-                    "SELECT user_id, role FROM members WHERE conversation = ?1 AND user_id > ?2
+                    "SELECT user_id, role FROM members
+                     WHERE conversation = ?1 AND user_id > ?2 AND present = 1
                      ORDER BY user_id LIMIT ?3",
                 )
                 .and_then(|mut stmt| {
@@ -490,7 +578,10 @@ impl ConversationStore for SqliteStore {
         let user = user.as_str().to_owned();
         self.read(move |conn| {
             let role = conn
-                .prepare_cached("SELECT role FROM members WHERE conversation = ?1 AND user_id = ?2")
+                .prepare_cached(
+                    "SELECT role FROM members
+                     WHERE conversation = ?1 AND user_id = ?2 AND present = 1",
+                )
                 .and_then(|mut stmt| {
                     stmt.query_row(params![id.to_string(), user], |row| row.get::<_, String>(0))
                         .optional()
@@ -514,9 +605,10 @@ impl ConversationStore for SqliteStore {
             // the primary key: one statement, whatever the number of candidates.
             let sql = format!(
                 "SELECT DISTINCT theirs.user_id FROM members theirs
-                 WHERE theirs.user_id IN ({candidates})
+                 WHERE theirs.user_id IN ({candidates}) AND theirs.present = 1
                    AND EXISTS (SELECT 1 FROM members mine
-                               WHERE mine.conversation = theirs.conversation AND mine.user_id = ?1)"
+                               WHERE mine.conversation = theirs.conversation AND mine.user_id = ?1
+                                 AND mine.present = 1)"
             );
             let rows = conn
                 .prepare(&sql)
@@ -545,7 +637,8 @@ impl ConversationStore for SqliteStore {
                 .prepare_cached(
                     "SELECT c.id, c.kind, c.title, m.role, c.last_seq, c.last_activity_at
                      FROM members m JOIN conversations c ON c.id = m.conversation
-                     WHERE m.user_id = ?1 AND c.kind IS NOT NULL AND c.last_seq < ?2
+                     WHERE m.user_id = ?1 AND m.present = 1 AND c.kind IS NOT NULL
+                       AND c.last_seq < ?2
                      ORDER BY c.last_seq DESC LIMIT ?3",
                 )
                 .and_then(|mut stmt| {
@@ -591,7 +684,7 @@ impl ConversationStore for SqliteStore {
         self.read(move |conn| {
             history_page(
                 conn,
-                "SELECT seq, id, sender, client_id, body, at FROM messages
+                "SELECT seq, id, sender, client_id, body, at, system FROM messages
                  WHERE conversation = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3",
                 id,
                 before,
@@ -611,7 +704,7 @@ impl ConversationStore for SqliteStore {
         self.read(move |conn| {
             history_page(
                 conn,
-                "SELECT seq, id, sender, client_id, body, at FROM messages
+                "SELECT seq, id, sender, client_id, body, at, system FROM messages
                  WHERE conversation = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
                 id,
                 after,
@@ -674,9 +767,9 @@ impl ConversationStore for SqliteStore {
         let after = i64_of(after);
         self.read(move |conn| {
             conn.prepare_cached(
-                "SELECT count(*) FROM (SELECT sender FROM messages
+                "SELECT count(*) FROM (SELECT sender, system FROM messages
                      WHERE conversation = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3)
-                 WHERE sender != ?4",
+                 WHERE sender != ?4 AND system IS NULL",
             )
             .and_then(|mut stmt| {
                 stmt.query_row(params![id.to_string(), after, UNREAD_CAP, user], |row| {

@@ -32,10 +32,11 @@ use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::publish::PublishAck;
 use parley_events::command::OutcomeQuery;
-use parley_events::protocol::ServerFrame;
+use parley_events::protocol::{ClientFrame, ServerFrame};
 use parley_events::subjects::{INTAKE_SUBJECT, OUTCOME_QUERY_SUBJECT};
 use parley_events::{
-    Command, CommandId, ConversationId, ErrorCode, Fingerprint, Outcome, OutcomeResult,
+    Action, ClientMsgId, Command, CommandId, ConversationId, ErrorCode, Fingerprint, Outcome,
+    OutcomeResult,
 };
 use tokio::sync::{OwnedSemaphorePermit, watch};
 use tokio::time::Instant;
@@ -45,6 +46,8 @@ use super::Shared;
 use super::delivery::Outbox;
 use crate::admin::Reason;
 use crate::backoff::Backoff;
+use crate::config::LimitsConfig;
+use crate::handler::{check_batch, check_mute_seconds, check_title};
 use crate::{telemetry, topology};
 
 /// How long a publish to the intake is retried before the client is told `unavailable`:
@@ -224,6 +227,102 @@ pub async fn run(
     }
     drop(settled);
     drop(permit);
+}
+
+/// A membership frame's type name, request id and command, after the checks the gateway
+/// can make alone (batch size, title, mute length); or the request id and why it is
+/// refused. Takes membership frames only.
+pub fn membership_action(
+    frame: ClientFrame,
+    limits: &LimitsConfig,
+) -> Result<(&'static str, ClientMsgId, Action), (ClientMsgId, ErrorCode, String)> {
+    let (frame_type, id, action) = match frame {
+        ClientFrame::AddMembers {
+            id,
+            conversation,
+            users,
+        } => (
+            "add_members",
+            id,
+            Action::AddMembers {
+                conversation,
+                users,
+            },
+        ),
+        ClientFrame::RemoveMembers {
+            id,
+            conversation,
+            users,
+        } => (
+            "remove_members",
+            id,
+            Action::RemoveMembers {
+                conversation,
+                users,
+            },
+        ),
+        ClientFrame::Leave { id, conversation } => ("leave", id, Action::Leave { conversation }),
+        ClientFrame::SetRole {
+            id,
+            conversation,
+            user,
+            role,
+        } => (
+            "set_role",
+            id,
+            Action::SetRole {
+                conversation,
+                user,
+                role,
+            },
+        ),
+        ClientFrame::Rename {
+            id,
+            conversation,
+            title,
+        } => (
+            "rename",
+            id,
+            Action::Rename {
+                conversation,
+                title,
+            },
+        ),
+        ClientFrame::Mute {
+            id,
+            conversation,
+            user,
+            seconds,
+        } => (
+            "mute",
+            id,
+            Action::Mute {
+                conversation,
+                user,
+                seconds,
+            },
+        ),
+        ClientFrame::Unmute {
+            id,
+            conversation,
+            user,
+        } => ("unmute", id, Action::Unmute { conversation, user }),
+        other => unreachable!("not a membership frame: {other:?}"),
+    };
+    let checked = match &action {
+        Action::AddMembers { users, .. } | Action::RemoveMembers { users, .. } => {
+            check_batch(users, limits)
+        }
+        Action::Rename {
+            title: Some(title), ..
+        } => check_title(title, limits),
+        Action::Mute { seconds, .. } => check_mute_seconds(*seconds),
+        _ => Ok(()),
+    };
+    match checked {
+        Ok(()) => Ok((frame_type, id, action)),
+        Err((code, message)) => Err((id, code, message)),
+    }
 }
 
 fn id_reused(command: &Command) -> OutcomeResult {

@@ -365,6 +365,25 @@ async fn handle_text(
             shared.watchers.unwatch(session.conn, Some(&users));
             ("presence_unsubscribe", None)
         }
+        frame @ (ClientFrame::AddMembers { .. }
+        | ClientFrame::RemoveMembers { .. }
+        | ClientFrame::Leave { .. }
+        | ClientFrame::SetRole { .. }
+        | ClientFrame::Rename { .. }
+        | ClientFrame::Mute { .. }
+        | ClientFrame::Unmute { .. }) => {
+            match commands::membership_action(frame, &shared.config.limits) {
+                Ok((frame_type, id, action)) => (frame_type, Some((id, action))),
+                Err((id, code, message)) => {
+                    metrics::counter!(telemetry::GATEWAY_FRAME_ERRORS_TOTAL, "code" => code.as_str())
+                        .increment(1);
+                    outbox
+                        .answer(&ServerFrame::error(Some(id), code, message))
+                        .await;
+                    return;
+                }
+            }
+        }
     };
     metrics::counter!(telemetry::GATEWAY_FRAMES_RECEIVED_TOTAL, "type" => frame_type).increment(1);
     let Some((client_id, action)) = action else {
@@ -428,10 +447,14 @@ async fn history_page(
         return Ok(refused);
     }
     let store = &shared.store;
-    let page = match from {
+    let mut page = match from {
         HistoryFrom::Before(before) => store.history(conversation, before, limit).await?,
         HistoryFrom::After(after) => store.history_after(conversation, after, limit).await?,
     };
+    // Version 1 has no system entries: its page leaves them out (and may come out short).
+    if session.protocol < 2 {
+        page.messages.retain(|message| message.system.is_none());
+    }
     Ok(fit_frame(ServerFrame::History {
         id: id.clone(),
         conversation,

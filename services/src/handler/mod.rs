@@ -39,7 +39,9 @@ use crate::config::Config;
 use crate::node::Nats;
 use crate::telemetry;
 use crate::topology::{self, Topology};
-pub use write_model::{Accepted, Decision, WriteModel, check_body};
+pub use write_model::{
+    Accepted, Decision, WriteModel, check_batch, check_body, check_mute_seconds, check_title,
+};
 
 /// How long a command waits for this instance's log tail to catch up after a conflict.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -544,6 +546,13 @@ fn action_name(command: &Command) -> &'static str {
         parley_events::Action::CreateGroup { .. } => "create_group",
         parley_events::Action::PostMessage { .. } => "post_message",
         parley_events::Action::MarkRead { .. } => "mark_read",
+        parley_events::Action::AddMembers { .. } => "add_members",
+        parley_events::Action::RemoveMembers { .. } => "remove_members",
+        parley_events::Action::Leave { .. } => "leave",
+        parley_events::Action::SetRole { .. } => "set_role",
+        parley_events::Action::Rename { .. } => "rename",
+        parley_events::Action::Mute { .. } => "mute",
+        parley_events::Action::Unmute { .. } => "unmute",
     }
 }
 
@@ -706,12 +715,16 @@ async fn publish_live(inner: &Inner, recorded: &RecordedEvent) {
     {
         debug!(error = %e, "live publish failed");
     }
-    if matches!(recorded.envelope.event, Event::ConversationCreated(_))
-        && let Err(e) = inner
-            .nats
-            .client
-            .publish(LIVE_MEMBERSHIP_SUBJECT, payload)
-            .await
+    // Gateways learn here of conversations their sockets' users joined: by creation, or by
+    // being added.
+    if matches!(
+        recorded.envelope.event,
+        Event::ConversationCreated(_) | Event::MembersAdded(_)
+    ) && let Err(e) = inner
+        .nats
+        .client
+        .publish(LIVE_MEMBERSHIP_SUBJECT, payload)
+        .await
     {
         debug!(error = %e, "live membership publish failed");
     }

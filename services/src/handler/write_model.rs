@@ -10,6 +10,8 @@
 //! so a repeated or redelivered command is answered with its original outcome, and a
 //! different request reusing a command's id (another [`Fingerprint`]) with `id_reused`.
 
+mod membership;
+
 use std::collections::{HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
@@ -22,6 +24,7 @@ use parley_events::{
 };
 
 use crate::config::LimitsConfig;
+pub use membership::{check_batch, check_mute_seconds, check_title};
 
 /// What the write model says about a command.
 #[derive(Debug, Clone, PartialEq)]
@@ -76,6 +79,7 @@ impl Remembered {
 
 #[derive(Serialize, Deserialize)]
 struct Aggregate {
+    kind: ConversationKind,
     members: HashMap<UserId, Role>,
     last_seq: u64,
     created: Remembered,
@@ -83,6 +87,10 @@ struct Aggregate {
     /// those builds could not have read a log holding any.
     #[serde(default)]
     read: HashMap<UserId, Marker>,
+    /// Members muted, with when their mute ends (ms since the Unix epoch); a mute that ran
+    /// out stays until it is lifted, replaced or its member goes.
+    #[serde(default)]
+    mutes: HashMap<UserId, u64>,
 }
 
 /// A member's read marker and the `conversation.read` event that set it.
@@ -129,9 +137,9 @@ impl From<Accepted> for OutcomeResult {
     }
 }
 
-/// Format 2 added the fingerprints; a format 1 snapshot is refused, which costs one replay
-/// of the whole log.
-const SNAPSHOT_FORMAT: u32 = 2;
+/// Format 2 added the fingerprints, format 3 each conversation's kind and mutes; a snapshot
+/// of another format is refused, which costs one replay of the whole log.
+const SNAPSHOT_FORMAT: u32 = 3;
 
 #[derive(Serialize)]
 struct SnapshotRef<'a> {
@@ -277,6 +285,7 @@ impl WriteModel {
                 self.conversations
                     .entry(envelope.conversation)
                     .or_insert_with(|| Aggregate {
+                        kind: created.kind,
                         members: created
                             .members
                             .iter()
@@ -285,6 +294,7 @@ impl WriteModel {
                         last_seq: seq,
                         created: remembered,
                         read: HashMap::new(),
+                        mutes: HashMap::new(),
                     });
             }
             Event::MessagePosted(_) | Event::ConversationRead(_) => {
@@ -305,6 +315,18 @@ impl WriteModel {
                             })
                             .or_insert(marker);
                     }
+                }
+            }
+            Event::MembersAdded(_)
+            | Event::MembersRemoved(_)
+            | Event::MemberLeft(_)
+            | Event::MemberRoleChanged(_)
+            | Event::ConversationRenamed(_)
+            | Event::MemberMuted(_)
+            | Event::MemberUnmuted(_) => {
+                if let Some(aggregate) = self.conversations.get_mut(&envelope.conversation) {
+                    aggregate.last_seq = aggregate.last_seq.max(seq);
+                    membership::apply(aggregate, &envelope.actor, &envelope.event);
                 }
             }
         }
@@ -361,19 +383,10 @@ impl WriteModel {
                 if let Some(existing) = self.conversations.get(&conversation) {
                     return existing.created.answer(command);
                 }
-                if let Some(title) = title {
-                    if title.trim().is_empty() {
-                        return reject(
-                            ErrorCode::InvalidRequest,
-                            "a group title must not be blank",
-                        );
-                    }
-                    if title.len() > limits.max_title_bytes {
-                        return reject(
-                            ErrorCode::InvalidRequest,
-                            format!("a group title is at most {} bytes", limits.max_title_bytes),
-                        );
-                    }
+                if let Some(title) = title
+                    && let Err((code, message)) = check_title(title, limits)
+                {
+                    return reject(code, message);
                 }
                 let mut others: Vec<UserId> = members
                     .iter()
@@ -404,7 +417,13 @@ impl WriteModel {
                 })
             }
             Action::PostMessage { body, .. } => {
-                if let Err((code, message)) = self.member_of(conversation, &command.actor) {
+                let aggregate = match self.member_of(conversation, &command.actor) {
+                    Ok(aggregate) => aggregate,
+                    Err((code, message)) => return reject(code, message),
+                };
+                if let Err((code, message)) =
+                    membership::check_not_muted(aggregate, &command.actor, command.issued_at)
+                {
                     return reject(code, message);
                 }
                 if let Err((code, message)) = check_body(body, limits) {
@@ -436,6 +455,23 @@ impl WriteModel {
                     return Decision::Known(marker.set_by);
                 }
                 Event::ConversationRead(ConversationRead { seq: *seq })
+            }
+            Action::AddMembers { .. }
+            | Action::RemoveMembers { .. }
+            | Action::Leave { .. }
+            | Action::SetRole { .. }
+            | Action::Rename { .. }
+            | Action::Mute { .. }
+            | Action::Unmute { .. } => {
+                let aggregate = match self.member_of(conversation, &command.actor) {
+                    Ok(aggregate) => aggregate,
+                    Err((code, message)) => return reject(code, message),
+                };
+                let role = aggregate.members[&command.actor];
+                match membership::decide(aggregate, role, command, limits) {
+                    Ok(event) => event,
+                    Err((code, message)) => return reject(code, message),
+                }
             }
         };
         let shard = self.shards.of(conversation);
