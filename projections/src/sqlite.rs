@@ -191,12 +191,29 @@ fn open_writer(path: &Path) -> Result<Connection, SetupError> {
     Ok(conn)
 }
 
-/// Columns version 3 added to tables of earlier versions.
-const ADDED_IN_3: &str = "
-ALTER TABLE conversations ADD COLUMN title_seq INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE members ADD COLUMN present INTEGER NOT NULL DEFAULT 1;
-ALTER TABLE messages ADD COLUMN system TEXT;
-";
+/// Columns version 3 added to tables of earlier versions: (table, column, declaration).
+const ADDED_IN_3: [(&str, &str, &str); 3] = [
+    ("conversations", "title_seq", "INTEGER NOT NULL DEFAULT 0"),
+    ("members", "present", "INTEGER NOT NULL DEFAULT 1"),
+    ("messages", "system", "TEXT"),
+];
+
+/// Add the columns of [`ADDED_IN_3`] that `conn`'s tables lack.
+fn add_columns(conn: &Connection) -> rusqlite::Result<()> {
+    for (table, column, declaration) in ADDED_IN_3 {
+        let present: bool = conn.query_row(
+            "SELECT count(*) > 0 FROM pragma_table_info(?1) WHERE name = ?2",
+            params![table, column],
+            |row| row.get(0),
+        )?;
+        if !present {
+            conn.execute_batch(&format!(
+                "ALTER TABLE {table} ADD COLUMN {column} {declaration}"
+            ))?;
+        }
+    }
+    Ok(())
+}
 
 /// Create the schema, or check an existing one; writes only when something is missing.
 fn migrate(conn: &Connection) -> Result<(), SetupError> {
@@ -215,7 +232,7 @@ fn migrate(conn: &Connection) -> Result<(), SetupError> {
         let tx = conn.unchecked_transaction()?;
         conn.execute_batch(SCHEMA)?;
         if version > 0 {
-            conn.execute_batch(ADDED_IN_3)?;
+            add_columns(conn)?;
             // Rows of tables this version added are missing for events applied before:
             // forgetting the position makes the projector replay the log into them.
             conn.execute("DELETE FROM position", [])?;

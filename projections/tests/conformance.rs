@@ -16,8 +16,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use parley_events::event::{
+    ConversationRenamed, MemberLeft, MemberMuted, MemberRoleChanged, MemberUnmuted, MembersAdded,
+    MembersRemoved,
+};
 use parley_events::{
-    ConversationId, ConversationKind, Event, EventEnvelope, Member, RecordedEvent, Role,
+    ClientMsgId, ConversationId, ConversationKind, Event, EventEnvelope, Member, MessagePosted,
+    RecordedEvent, Role,
 };
 use parley_localstack::CassandraNode;
 use parley_projections::{
@@ -27,7 +32,7 @@ use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 
 mod support;
-use support::{direct, group, log_with, then_read, user};
+use support::{direct, group, log_with, then, then_read, user};
 
 const TEST_BUCKET_SEQS: u64 = 4;
 
@@ -200,6 +205,9 @@ conformance!(
     an_unknown_event_type_or_version_stops_the_projection,
     a_store_from_a_newer_build_is_refused,
     permutations_and_duplicates_converge,
+    membership_changes_reach_members_roles_title_inbox_and_counts,
+    membership_changes_are_system_entries_in_history_not_unread,
+    membership_permutations_and_duplicates_converge,
 );
 
 // --- helpers ---------------------------------------------------------------------------
@@ -222,9 +230,21 @@ async fn snapshot(store: &dyn ConversationStore, events: &[RecordedEvent]) -> St
         for name in ["alice", "bob", "carol"] {
             out += &format!("{}\n", store.read_marker(id, &user(name)).await.unwrap());
         }
+        for name in ["alice", "bob", "carol", "dave"] {
+            out += &format!("{:?}\n", store.role_of(id, &user(name)).await.unwrap());
+        }
     }
-    for name in ["alice", "bob", "carol"] {
+    for name in ["alice", "bob", "carol", "dave"] {
         out += &format!("{:?}\n", store.inbox(&user(name), None, 100).await.unwrap());
+        let mut shared = store
+            .co_members(
+                &user(name),
+                &[user("alice"), user("bob"), user("carol"), user("dave")],
+            )
+            .await
+            .unwrap();
+        shared.sort();
+        out += &format!("{shared:?}\n");
     }
     out
 }
@@ -823,7 +843,8 @@ async fn a_store_from_a_newer_build_is_refused(backend: Backend) {
     let err = backend.try_open("s").await.err().expect("refused");
     assert_eq!(err.kind, StoreErrorKind::Schema);
     assert!(err.to_string().contains("99"), "{err}");
-    backend.set_schema_version("s", 2).await;
+    // Back to this build's version (both stores are at 3).
+    backend.set_schema_version("s", 3).await;
     let store = backend.open("s").await;
     assert_eq!(
         store.position().await.unwrap(),
@@ -835,7 +856,10 @@ async fn a_store_from_a_newer_build_is_refused(backend: Backend) {
 /// Any order, any duplicates, any batching: the same state as the log applied once. Cases
 /// are generated up front so both stores see the same ones.
 async fn permutations_and_duplicates_converge(backend: Backend) {
-    let events = log();
+    permutations_of_converge(backend, log()).await;
+}
+
+async fn permutations_of_converge(backend: Backend, events: Vec<RecordedEvent>) {
     let expected = reference(&events).await;
     let strategy = (
         Just((0..events.len()).collect::<Vec<_>>()).prop_shuffle(),
@@ -861,6 +885,225 @@ async fn permutations_and_duplicates_converge(backend: Backend) {
             "order {order:?}, duplicates {duplicates:?}, batch {batch}"
         );
     }
+}
+
+/// The small log, then the group's membership changing: carol (owner) adds bob and dave,
+/// makes alice an admin, alice renames the group, bob leaves, carol removes dave and adds
+/// him back, mutes and unmutes alice; messages in between. Sequences 15 to 25.
+fn membership_log() -> Vec<RecordedEvent> {
+    let mut events = log();
+    let member = |name: &str| Member {
+        user: user(name),
+        role: Role::Member,
+    };
+    let changes = [
+        (
+            "carol",
+            Event::MembersAdded(MembersAdded {
+                members: vec![member("bob"), member("dave")],
+            }),
+        ),
+        (
+            "bob",
+            Event::MessagePosted(MessagePosted {
+                client_id: ClientMsgId::parse("hello-from-bob").unwrap(),
+                body: "hi all".into(),
+            }),
+        ),
+        (
+            "carol",
+            Event::MemberRoleChanged(MemberRoleChanged {
+                user: user("alice"),
+                role: Role::Admin,
+            }),
+        ),
+        (
+            "alice",
+            Event::ConversationRenamed(ConversationRenamed {
+                title: Some("renamed".into()),
+            }),
+        ),
+        ("bob", Event::MemberLeft(MemberLeft {})),
+        (
+            "carol",
+            Event::MembersRemoved(MembersRemoved {
+                users: vec![user("dave")],
+            }),
+        ),
+        (
+            "carol",
+            Event::MembersAdded(MembersAdded {
+                members: vec![member("dave")],
+            }),
+        ),
+        (
+            "carol",
+            Event::MemberMuted(MemberMuted {
+                user: user("alice"),
+                until: 1_796_058_577_250,
+            }),
+        ),
+        (
+            "carol",
+            Event::MemberUnmuted(MemberUnmuted {
+                user: user("alice"),
+            }),
+        ),
+        (
+            "dave",
+            Event::MessagePosted(MessagePosted {
+                client_id: ClientMsgId::parse("back-again").unwrap(),
+                body: "back".into(),
+            }),
+        ),
+    ];
+    for (actor, event) in changes {
+        then(&mut events, group(), actor, event);
+    }
+    events
+}
+
+async fn membership_changes_reach_members_roles_title_inbox_and_counts(backend: Backend) {
+    let events = membership_log();
+    let store = backend.open("m").await;
+    apply_in_batches(&*store, &events, 5).await;
+    let member = |name: &str, role| Member {
+        user: user(name),
+        role,
+    };
+    let members = vec![
+        member("alice", Role::Admin),
+        member("carol", Role::Owner),
+        member("dave", Role::Member),
+    ];
+    assert_eq!(store.members(group()).await.unwrap(), members);
+    let page = store.members_page(group(), None, 10).await.unwrap();
+    assert_eq!((page.members, page.has_more), (members, false));
+    let details = store.details(group()).await.unwrap().unwrap();
+    assert_eq!(details.member_count, 3);
+    assert_eq!(details.view.title.as_deref(), Some("renamed"));
+    assert_eq!(
+        store
+            .conversation(group())
+            .await
+            .unwrap()
+            .unwrap()
+            .title
+            .as_deref(),
+        Some("renamed")
+    );
+    assert_eq!(store.role_of(group(), &user("bob")).await.unwrap(), None);
+    assert_eq!(
+        store.role_of(group(), &user("alice")).await.unwrap(),
+        Some(Role::Admin)
+    );
+    let inbox = |name: &'static str| {
+        let store = Arc::clone(&store);
+        async move {
+            store
+                .inbox(&user(name), None, 10)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|entry| (entry.conversation, entry.role, entry.title))
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        inbox("bob").await,
+        vec![(direct(), Role::Member, None)],
+        "bob left the group"
+    );
+    assert_eq!(
+        inbox("dave").await,
+        vec![(group(), Role::Member, Some("renamed".into()))],
+        "dave is back"
+    );
+    assert_eq!(
+        inbox("alice").await[0],
+        (group(), Role::Admin, Some("renamed".into()))
+    );
+    assert!(
+        store
+            .co_members(&user("bob"), &[user("carol"), user("dave")])
+            .await
+            .unwrap()
+            .is_empty(),
+        "bob shares nothing with carol or dave any more"
+    );
+    assert_eq!(
+        store
+            .co_members(&user("dave"), &[user("carol")])
+            .await
+            .unwrap(),
+        vec![user("carol")]
+    );
+}
+
+async fn membership_changes_are_system_entries_in_history_not_unread(backend: Backend) {
+    let events = membership_log();
+    let store = backend.open("h").await;
+    apply_in_batches(&*store, &events, 3).await;
+    let page = store.history_after(group(), 14, 100).await.unwrap();
+    let rows: Vec<(u64, &str, Option<&str>, &str)> = page
+        .messages
+        .iter()
+        .map(|m| {
+            (
+                m.seq,
+                m.sender.as_str(),
+                m.system.as_ref().map(|s| s.text.as_str()),
+                m.body.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            (15, "carol", Some("carol added bob and dave"), ""),
+            (16, "bob", None, "hi all"),
+            (17, "carol", Some("carol made alice an admin"), ""),
+            (
+                18,
+                "alice",
+                Some("alice renamed the group to \u{201c}renamed\u{201d}"),
+                ""
+            ),
+            (19, "bob", Some("bob left"), ""),
+            (20, "carol", Some("carol removed dave"), ""),
+            (21, "carol", Some("carol added dave"), ""),
+            (
+                22,
+                "carol",
+                Some("carol muted alice until 2026-11-30T17:09:37.250Z"),
+                ""
+            ),
+            (23, "carol", Some("carol unmuted alice"), ""),
+            (24, "dave", None, "back"),
+        ]
+    );
+    let system = page.messages[0].system.as_ref().unwrap();
+    assert_eq!(
+        (system.event.as_str(), system.users.clone()),
+        ("member.added", vec![user("bob"), user("dave")])
+    );
+    assert!(
+        page.messages
+            .iter()
+            .all(|m| m.client_id.is_some() == m.system.is_none())
+    );
+    let backwards = store.history(group(), None, 100).await.unwrap();
+    assert_eq!(
+        backwards.messages.len(),
+        6 + 10,
+        "the group's messages and entries"
+    );
+    // Alice's unread after 14: bob's and dave's messages, not the eight entries.
+    assert_eq!(store.unread(group(), &user("alice"), 14).await.unwrap(), 2);
+}
+
+async fn membership_permutations_and_duplicates_converge(backend: Backend) {
+    permutations_of_converge(backend, membership_log()).await;
 }
 
 // --- CQL only: what the embedded store has no counterpart for ----------------------------

@@ -105,20 +105,27 @@ pub fn then_read(
     actor: &str,
     marker: u64,
 ) {
+    then(
+        events,
+        conversation,
+        actor,
+        Event::ConversationRead(ConversationRead { seq: marker }),
+    );
+}
+
+/// `events` followed by `event` of `conversation` by `actor`, at the next sequence.
+#[allow(dead_code)] // Not every test binary that shares this module appends other events.
+pub fn then(
+    events: &mut Vec<RecordedEvent>,
+    conversation: ConversationId,
+    actor: &str,
+    event: Event,
+) {
     let seq = events.len() as u64 + 1;
     let prev = events
         .iter()
         .rev()
         .find(|e| e.envelope.conversation == conversation)
         .map_or(0, |e| e.seq);
-    events.push(
-        envelope(
-            conversation,
-            actor,
-            seq,
-            prev,
-            Event::ConversationRead(ConversationRead { seq: marker }),
-        )
-        .recorded(seq),
-    );
+    events.push(envelope(conversation, actor, seq, prev, event).recorded(seq));
 }
