@@ -4,6 +4,13 @@
 
 mod support;
 
+use std::time::Duration;
+
+use futures::StreamExt;
+use parley_events::subjects::LIVE_MEMBERSHIP_SUBJECT;
+use parley_events::{Event, RecordedEvent};
+use parley_services::admin::Readiness;
+use parley_services::node;
 use serde_json::{Value, json};
 use support::{Client, Platform};
 
@@ -407,4 +414,52 @@ async fn history_shows_system_entries_on_version_2_only() {
         })
         .collect();
     assert_eq!(bodies, [&json!("welcome"), &json!("hello")]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_added_goes_to_every_gateway_on_the_membership_subject_like_a_creation() {
+    let platform = Platform::start(1).await;
+    let nats = node::connect_nats(&platform.config, &Readiness::default())
+        .await
+        .unwrap();
+    let mut membership = nats
+        .client
+        .subscribe(LIVE_MEMBERSHIP_SUBJECT)
+        .await
+        .unwrap();
+    nats.client.flush().await.unwrap();
+    let mut alice = platform.connect_v2(0, "alice").await;
+    let g = group(&mut alice, "g", &["bob"]).await;
+    acked(
+        &mut alice,
+        json!({"type": "add_members", "id": "a1", "conversation": g, "users": ["carol"]}),
+    )
+    .await;
+    acked(
+        &mut alice,
+        json!({"type": "rename", "id": "a2", "conversation": g, "title": "not membership"}),
+    )
+    .await;
+    acked(
+        &mut alice,
+        json!({"type": "add_members", "id": "a3", "conversation": g, "users": ["dave"]}),
+    )
+    .await;
+    let mut types = Vec::new();
+    while types.len() < 3 {
+        let message = tokio::time::timeout(Duration::from_secs(10), membership.next())
+            .await
+            .unwrap_or_else(|_| panic!("no membership publish after {types:?}"))
+            .unwrap();
+        let event = RecordedEvent::from_bytes(&message.payload).unwrap();
+        types.push(match &event.envelope.event {
+            Event::MembersAdded(added) => format!("added {}", added.members[0].user),
+            other => other.type_name().to_owned(),
+        });
+    }
+    assert_eq!(
+        types,
+        ["conversation.created", "added carol", "added dave"],
+        "the rename between them is not a membership publish"
+    );
 }
