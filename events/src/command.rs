@@ -496,6 +496,120 @@ mod tests {
     }
 
     #[test]
+    fn a_membership_command_and_its_event_have_one_fingerprint() {
+        use crate::event::{
+            ConversationRenamed, Member, MemberMuted, MemberRoleChanged, MembersAdded,
+        };
+        let user = |name: &str| UserId::parse(name).unwrap();
+        let conversation = ConversationId::from_uuid(uuid::Uuid::from_u128(9));
+        let command = |issued_at, action| {
+            Command::new(
+                user("alice"),
+                ClientMsgId::parse("c1").unwrap(),
+                issued_at,
+                "parley.outcome.gw".into(),
+                action,
+            )
+        };
+        let appended = |command: &Command, event| EventEnvelope {
+            id: command.event_id(0),
+            conversation,
+            prev: 1,
+            command: command.id,
+            actor: command.actor.clone(),
+            at: command.issued_at,
+            event,
+        };
+        let mute = command(
+            5_000,
+            Action::Mute {
+                conversation,
+                user: user("bob"),
+                seconds: 60,
+            },
+        );
+        let muted = appended(
+            &mute,
+            Event::MemberMuted(MemberMuted {
+                user: user("bob"),
+                until: 65_000,
+            }),
+        );
+        assert_eq!(mute.fingerprint(), Fingerprint::of_event(&muted));
+        // A retry received later is the same request; a mute of another length is not.
+        let later = command(
+            9_000,
+            Action::Mute {
+                conversation,
+                user: user("bob"),
+                seconds: 60,
+            },
+        );
+        assert_eq!(later.fingerprint(), mute.fingerprint());
+        let longer = command(
+            5_000,
+            Action::Mute {
+                conversation,
+                user: user("bob"),
+                seconds: 61,
+            },
+        );
+        assert_ne!(longer.fingerprint(), mute.fingerprint());
+        let promote = command(
+            5_000,
+            Action::SetRole {
+                conversation,
+                user: user("bob"),
+                role: Role::Admin,
+            },
+        );
+        let promoted = appended(
+            &promote,
+            Event::MemberRoleChanged(MemberRoleChanged {
+                user: user("bob"),
+                role: Role::Admin,
+            }),
+        );
+        assert_eq!(promote.fingerprint(), Fingerprint::of_event(&promoted));
+        let rename = command(
+            5_000,
+            Action::Rename {
+                conversation,
+                title: None,
+            },
+        );
+        let renamed = appended(
+            &rename,
+            Event::ConversationRenamed(ConversationRenamed { title: None }),
+        );
+        assert_eq!(rename.fingerprint(), Fingerprint::of_event(&renamed));
+        // A batch is named by its conversation: its event lists only the users it changed.
+        let add = command(
+            5_000,
+            Action::AddMembers {
+                conversation,
+                users: vec![user("bob"), user("carol")],
+            },
+        );
+        let added = appended(
+            &add,
+            Event::MembersAdded(MembersAdded {
+                members: vec![Member {
+                    user: user("carol"),
+                    role: Role::Member,
+                }],
+            }),
+        );
+        assert_eq!(add.fingerprint(), Fingerprint::of_event(&added));
+        let fingerprints = [&mute, &promote, &rename, &add].map(Command::fingerprint);
+        for (i, a) in fingerprints.iter().enumerate() {
+            for b in &fingerprints[i + 1..] {
+                assert_ne!(a, b, "every action has its own");
+            }
+        }
+    }
+
+    #[test]
     fn outcome_round_trips() {
         let outcome = Outcome {
             command: CommandId::from_uuid(uuid::Uuid::nil()),
