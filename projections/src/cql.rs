@@ -250,7 +250,8 @@ fn check_keyspace_name(name: &str) -> Result<(), StoreError> {
     }
 }
 
-/// The tables of schema version 1, in creation order.
+/// The tables of schema version 1, in creation order (`messages` with the column schema 3
+/// added, see [`schema_v3`]).
 fn schema_v1(ks: &str) -> Vec<String> {
     vec![
         format!(
@@ -266,7 +267,7 @@ fn schema_v1(ks: &str) -> Vec<String> {
             "CREATE TABLE IF NOT EXISTS {ks}.conversations_by_user (user_id text, conversation uuid, role text, PRIMARY KEY (user_id, conversation))"
         ),
         format!(
-            "CREATE TABLE IF NOT EXISTS {ks}.messages (conversation uuid, bucket bigint, seq bigint, id uuid, sender text, client_id text, body text, at bigint, PRIMARY KEY ((conversation, bucket), seq)) WITH CLUSTERING ORDER BY (seq DESC)"
+            "CREATE TABLE IF NOT EXISTS {ks}.messages (conversation uuid, bucket bigint, seq bigint, id uuid, sender text, client_id text, body text, at bigint, {SYSTEM_COLUMN} text, PRIMARY KEY ((conversation, bucket), seq)) WITH CLUSTERING ORDER BY (seq DESC)"
         ),
         format!(
             "CREATE TABLE IF NOT EXISTS {ks}.message_buckets (conversation uuid, bucket bigint, PRIMARY KEY (conversation, bucket)) WITH CLUSTERING ORDER BY (bucket DESC)"
@@ -293,7 +294,11 @@ fn schema_v2(ks: &str) -> Vec<String> {
     ]
 }
 
-/// Schema 3: history rows of membership changes carry their system entry (JSON).
+/// Schema 3: history rows of membership changes carry their system entry (JSON). A new
+/// keyspace has the column from its `CREATE TABLE` already (above): processes setting up a
+/// keyspace at once may each create a table, the last definition winning, so the column
+/// must not depend on an `ALTER` that one of them made in between. This adds it to a
+/// keyspace of an earlier version.
 fn schema_v3(ks: &str) -> Vec<String> {
     vec![format!(
         "ALTER TABLE {ks}.messages ADD {SYSTEM_COLUMN} text"
@@ -761,24 +766,13 @@ async fn migrate(
         session.query_unpaged(ddl, ()).await?;
     }
     let current = usize::try_from(version).unwrap_or(0);
-    // CQL has no `ADD ... IF NOT EXISTS`: a migration cut short after adding the column
-    // finds it there when it runs again.
-    let system_added = session
-        .query_unpaged(
-            "SELECT column_name FROM system_schema.columns WHERE keyspace_name = ? AND table_name = 'messages' AND column_name = ?",
-            (ks, SYSTEM_COLUMN),
-        )
-        .await?
-        .into_rows_result()
-        .map_err(corrupt)?
-        .rows_num()
-        > 0;
     for statements in migrations(ks).into_iter().skip(current) {
         for ddl in statements {
-            if system_added && ddl.starts_with("ALTER TABLE") {
-                continue;
+            if ddl.starts_with("ALTER TABLE") {
+                add_system_column(session, ks, ddl).await?;
+            } else {
+                session.query_unpaged(ddl, ()).await?;
             }
-            session.query_unpaged(ddl, ()).await?;
         }
     }
     if current < migrations(ks).len() {
@@ -801,6 +795,50 @@ async fn migrate(
         );
     }
     Ok(())
+}
+
+/// Whether `messages` has the `system` column.
+async fn has_system_column(session: &Session, ks: &str) -> Result<bool, StoreError> {
+    Ok(session
+        .query_unpaged(
+            "SELECT column_name FROM system_schema.columns WHERE keyspace_name = ? AND table_name = 'messages' AND column_name = ?",
+            (ks, SYSTEM_COLUMN),
+        )
+        .await?
+        .into_rows_result()
+        .map_err(corrupt)?
+        .rows_num()
+        > 0)
+}
+
+/// How long a process waits for a `system` column another process added to become usable.
+const COLUMN_SETTLE: Duration = Duration::from_secs(10);
+const COLUMN_SETTLE_POLL: Duration = Duration::from_millis(50);
+
+/// Run schema 3's `ALTER TABLE ... ADD`, which CQL cannot make conditional: a migration
+/// cut short after adding the column finds it there, and of two processes migrating at
+/// once (a projector and gateways starting together) the second is refused as adding it
+/// again. Either way the column is there but, seen from the second, not necessarily usable
+/// yet (Cassandra lists it in `system_schema` before statements may name it): wait until a
+/// statement naming it prepares.
+async fn add_system_column(session: &Session, ks: &str, ddl: String) -> Result<(), StoreError> {
+    if !has_system_column(session, ks).await?
+        && let Err(e) = session.query_unpaged(ddl, ()).await
+        && !has_system_column(session, ks).await?
+    {
+        return Err(e.into());
+    }
+    let probe = format!("SELECT {SYSTEM_COLUMN} FROM {ks}.messages LIMIT 1");
+    let started = std::time::Instant::now();
+    loop {
+        match session.prepare(probe.as_str()).await {
+            Ok(_) => return Ok(()),
+            Err(_) if started.elapsed() < COLUMN_SETTLE => {
+                tokio::time::sleep(COLUMN_SETTLE_POLL).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 async fn prepare_all(session: &Session, ks: &str) -> Result<Statements, StoreError> {

@@ -1192,6 +1192,65 @@ async fn cql_a_keyspace_holding_other_tables_is_refused_and_left_untouched() {
 }
 
 #[tokio::test]
+async fn cql_a_keyspace_of_schema_2_gains_the_system_column_even_opened_twice_at_once() {
+    let Some(backend) = Backend::cql() else {
+        return;
+    };
+    let Backend::Cql { target, .. } = &backend else {
+        unreachable!()
+    };
+    let options = backend.cql_options("v2");
+    let ks = &options.keyspace;
+    let session = cql_session(target).await;
+    // The tables of schema 2 as its build created them: `messages` without `system`.
+    for ddl in [
+        format!(
+            "CREATE KEYSPACE {ks} WITH replication = {{'class': 'NetworkTopologyStrategy', '{}': 1}}",
+            target.datacenter
+        ),
+        format!(
+            "CREATE TABLE {ks}.schema_version (name text PRIMARY KEY, version int, history_bucket_seqs bigint)"
+        ),
+        format!(
+            "CREATE TABLE {ks}.conversations (id uuid PRIMARY KEY, kind text, title text, created_seq bigint, last_seq bigint, last_activity_at bigint)"
+        ),
+        format!(
+            "CREATE TABLE {ks}.members (conversation uuid, user_id text, role text, PRIMARY KEY (conversation, user_id))"
+        ),
+        format!(
+            "CREATE TABLE {ks}.conversations_by_user (user_id text, conversation uuid, role text, PRIMARY KEY (user_id, conversation))"
+        ),
+        format!(
+            "CREATE TABLE {ks}.messages (conversation uuid, bucket bigint, seq bigint, id uuid, sender text, client_id text, body text, at bigint, PRIMARY KEY ((conversation, bucket), seq)) WITH CLUSTERING ORDER BY (seq DESC)"
+        ),
+        format!(
+            "CREATE TABLE {ks}.message_buckets (conversation uuid, bucket bigint, PRIMARY KEY (conversation, bucket)) WITH CLUSTERING ORDER BY (bucket DESC)"
+        ),
+        format!("CREATE TABLE {ks}.projection_position (name text PRIMARY KEY, seq bigint)"),
+        format!(
+            "CREATE TABLE {ks}.events (conversation uuid, bucket bigint, seq bigint, envelope blob, PRIMARY KEY ((conversation, bucket), seq))"
+        ),
+        format!(
+            "CREATE TABLE {ks}.event_buckets (conversation uuid, bucket bigint, PRIMARY KEY (conversation, bucket))"
+        ),
+        format!(
+            "CREATE TABLE {ks}.read_markers (conversation uuid, user_id text, seq bigint, PRIMARY KEY (conversation, user_id))"
+        ),
+        format!(
+            "INSERT INTO {ks}.schema_version (name, version, history_bucket_seqs) VALUES ('conversations', 2, {TEST_BUCKET_SEQS})"
+        ),
+    ] {
+        session.query_unpaged(ddl, ()).await.unwrap();
+    }
+    // A projector and a gateway starting together both find the column missing.
+    let (first, second) = tokio::join!(CqlStore::open(&options), CqlStore::open(&options));
+    let (first, _second) = (first.unwrap(), second.unwrap());
+    let events = membership_log();
+    apply_in_batches(&first, &events, 6).await;
+    assert_eq!(snapshot(&first, &events).await, reference(&events).await);
+}
+
+#[tokio::test]
 async fn cql_the_history_bucket_size_cannot_change_under_existing_history() {
     let Some(backend) = Backend::cql() else {
         return;
