@@ -540,6 +540,9 @@ pub struct MessagePreview {
     /// The body's first [`PREVIEW_CHARS`] characters.
     pub body: String,
     pub at: u64,
+    /// When the newest entry is a membership change: its system entry (the body is empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<SystemEntry>,
 }
 
 /// Characters (Unicode scalar values) of a body a [`MessagePreview`] keeps.
@@ -556,6 +559,7 @@ impl From<HistoryMessage> for MessagePreview {
             sender: message.sender,
             body,
             at: message.at,
+            system: message.system,
         }
     }
 }
@@ -835,6 +839,37 @@ mod tests {
             };
             assert_eq!(named, frame_type);
         }
+    }
+
+    #[test]
+    fn membership_frames_are_version_2_requests() {
+        let conversation = ConversationId::from_uuid(uuid::Uuid::nil());
+        for frame in [
+            format!(
+                r#"{{"type":"add_members","id":"a","conversation":"{conversation}","users":["bob"]}}"#
+            ),
+            format!(
+                r#"{{"type":"remove_members","id":"a","conversation":"{conversation}","users":["bob"]}}"#
+            ),
+            format!(r#"{{"type":"leave","id":"a","conversation":"{conversation}"}}"#),
+            format!(
+                r#"{{"type":"set_role","id":"a","conversation":"{conversation}","user":"bob","role":"admin"}}"#
+            ),
+            format!(r#"{{"type":"rename","id":"a","conversation":"{conversation}","title":null}}"#),
+            format!(
+                r#"{{"type":"mute","id":"a","conversation":"{conversation}","user":"bob","seconds":60}}"#
+            ),
+            format!(r#"{{"type":"unmute","id":"a","conversation":"{conversation}","user":"bob"}}"#),
+        ] {
+            let parsed = ClientFrame::parse(&frame).unwrap();
+            assert_eq!(parsed.since_protocol(), 2, "{frame}");
+            assert_eq!(parsed.id().map(|id| id.as_str()), Some("a"), "{frame}");
+        }
+        let bad_role = ClientFrame::parse(&format!(
+            r#"{{"type":"set_role","id":"a","conversation":"{conversation}","user":"bob","role":"king"}}"#
+        ))
+        .unwrap_err();
+        assert_eq!(bad_role.code(), ErrorCode::BadFrame);
     }
 
     #[test]

@@ -289,6 +289,12 @@ async fn each_membership_frame_is_acked_or_refused_by_the_rules() {
         json!({"type": "unmute", "id": "c5", "conversation": g, "user": "bob"}),
     )
     .await;
+    refused(
+        &mut carol,
+        json!({"type": "unmute", "id": "c8", "conversation": g, "user": "bob"}),
+        "invalid_request",
+    )
+    .await;
     acked(
         &mut bob,
         json!({"type": "send", "id": "b4", "conversation": g, "body": "thanks"}),
@@ -414,6 +420,25 @@ async fn history_shows_system_entries_on_version_2_only() {
         })
         .collect();
     assert_eq!(bodies, [&json!("welcome"), &json!("hello")]);
+
+    // A conversation list whose newest entry is a change shows that entry.
+    acked(
+        &mut alice,
+        json!({"type": "rename", "id": "a3", "conversation": g, "title": null}),
+    )
+    .await;
+    platform.projected().await;
+    alice
+        .send(json!({"type": "conversations", "id": "c"}))
+        .await;
+    let list = alice.reply_to("c").await;
+    let last = &list["conversations"][0]["last_message"];
+    assert_eq!(last["body"], "", "{list}");
+    assert_eq!(
+        last["system"]["text"], "alice removed the group's name",
+        "{list}"
+    );
+    assert_eq!(list["conversations"][0].get("title"), None, "{list}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
