@@ -2,10 +2,11 @@
 //! its event in order. Built by tailing the event log from its start, so any handler
 //! instance can take any command; nothing here is stored anywhere but the log.
 //!
-//! Per conversation it keeps the kind, the members, the sequence of the newest event
-//! (the next event's `prev`) and each member's read marker (only for members who ever set
-//! one: at most one entry per member, ~100 bytes, so 1 MB for a 10,000-member group whose
-//! every member reads it); per shard, the newest sequence (the append's expected last
+//! Per conversation it keeps the kind, the members with their roles, the sequence of the
+//! newest event (the next event's `prev`), each member's read marker (only for members who
+//! ever set one: at most one entry per member, ~100 bytes, so 1 MB for a 10,000-member group
+//! whose every member reads it) and the mutes of muted members (the rules that use them are
+//! in [`membership`]); per shard, the newest sequence (the append's expected last
 //! subject sequence); and a bounded memory of which commands already produced which event,
 //! so a repeated or redelivered command is answered with its original outcome, and a
 //! different request reusing a command's id (another [`Fingerprint`]) with `id_reused`.
@@ -88,7 +89,7 @@ struct Aggregate {
     #[serde(default)]
     read: HashMap<UserId, Marker>,
     /// Members muted, with when their mute ends (ms since the Unix epoch); a mute that ran
-    /// out stays until it is lifted, replaced or its member goes.
+    /// out stays until it is replaced or its member goes.
     #[serde(default)]
     mutes: HashMap<UserId, u64>,
 }

@@ -583,6 +583,64 @@ mod tests {
     }
 
     #[test]
+    fn a_group_fills_to_10000_members_in_batches_of_1000_and_no_further() {
+        let limits = limits();
+        assert_eq!(
+            (limits.max_group_members, limits.max_members_per_add),
+            (10_000, 1_000)
+        );
+        let alone = command(
+            "alice",
+            "big",
+            Action::CreateGroup {
+                title: None,
+                members: vec![],
+            },
+        );
+        let conversation = alone.conversation();
+        let batch = |id: &str, from: usize, count: usize| {
+            command(
+                "alice",
+                id,
+                Action::AddMembers {
+                    conversation,
+                    users: (from..from + count)
+                        .map(|i| user(&format!("u{i}")))
+                        .collect(),
+                },
+            )
+        };
+        let mut commands = vec![alone];
+        for n in 0..9 {
+            commands.push(batch(&format!("b{n}"), n * 1000, 1000));
+        }
+        commands.push(batch("b9", 9000, 999));
+        let full = given_with(&commands, &limits);
+        assert_eq!(
+            full.conversations[&conversation].members.len(),
+            10_000,
+            "the owner and 9,999 added"
+        );
+        assert!(matches!(
+            full.decide(&batch("b10", 20_000, 1), &limits),
+            Decision::Reject {
+                code: ErrorCode::InvalidRequest,
+                ..
+            }
+        ));
+        assert!(
+            matches!(
+                full.decide(&batch("b11", 0, 1000), &limits),
+                Decision::Reject {
+                    code: ErrorCode::InvalidRequest,
+                    ..
+                }
+            ),
+            "all already members"
+        );
+    }
+
+    #[test]
     fn removals_follow_the_permission_table() {
         let model = given(&[]);
         assert_eq!(
