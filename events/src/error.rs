@@ -49,10 +49,13 @@ pub enum ErrorCode {
     LastOwner,
     /// The member is muted in this conversation; the message says until when.
     Muted,
+    /// Too many requests from this user or address; nothing was done. Retry after
+    /// `retry_after_ms`.
+    RateLimited,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 18] = [
+    pub const ALL: [ErrorCode; 19] = [
         ErrorCode::BadFrame,
         ErrorCode::UnknownFrameType,
         ErrorCode::MessageTooLarge,
@@ -71,6 +74,7 @@ impl ErrorCode {
         ErrorCode::Forbidden,
         ErrorCode::LastOwner,
         ErrorCode::Muted,
+        ErrorCode::RateLimited,
     ];
 
     /// The code as it appears on the wire.
@@ -94,12 +98,16 @@ impl ErrorCode {
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::LastOwner => "last_owner",
             ErrorCode::Muted => "muted",
+            ErrorCode::RateLimited => "rate_limited",
         }
     }
 
     /// Whether the same request, retried with the same id, can succeed.
     pub fn retryable(self) -> bool {
-        matches!(self, ErrorCode::Timeout | ErrorCode::Unavailable)
+        matches!(
+            self,
+            ErrorCode::Timeout | ErrorCode::Unavailable | ErrorCode::RateLimited
+        )
     }
 }
 

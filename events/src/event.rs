@@ -263,6 +263,40 @@ impl Event {
         matches!(self, Event::ConversationRead(_))
     }
 
+    /// The members this event brings into its conversation: their sockets start following
+    /// it from this event.
+    pub fn joining(&self) -> &[Member] {
+        match self {
+            Event::ConversationCreated(created) => &created.members,
+            Event::MembersAdded(added) => &added.members,
+            Event::MessagePosted(_)
+            | Event::ConversationRead(_)
+            | Event::MembersRemoved(_)
+            | Event::MemberLeft(_)
+            | Event::MemberRoleChanged(_)
+            | Event::ConversationRenamed(_)
+            | Event::MemberMuted(_)
+            | Event::MemberUnmuted(_) => &[],
+        }
+    }
+
+    /// Whether this event, issued by `actor`, takes `user` out of its conversation: it is
+    /// the last event of the conversation the user's sockets are sent.
+    pub fn departs(&self, user: &UserId, actor: &UserId) -> bool {
+        match self {
+            Event::MembersRemoved(removed) => removed.users.contains(user),
+            Event::MemberLeft(_) => actor == user,
+            Event::ConversationCreated(_)
+            | Event::MessagePosted(_)
+            | Event::ConversationRead(_)
+            | Event::MembersAdded(_)
+            | Event::MemberRoleChanged(_)
+            | Event::ConversationRenamed(_)
+            | Event::MemberMuted(_)
+            | Event::MemberUnmuted(_) => false,
+        }
+    }
+
     /// Decode the data of a stored event of any known version.
     pub fn decode(type_name: &str, version: u32, data: Value) -> Result<Self, DecodeError> {
         let data = upcast(type_name, version, data)?;

@@ -374,6 +374,9 @@ pub enum ServerFrame {
         code: ErrorCode,
         message: String,
         retryable: bool,
+        /// (`rate_limited`) Milliseconds to wait before the request can succeed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
     },
     /// An event of one of the user's conversations (including the user's own sends); with
     /// `system` (v2), how a membership change reads in the conversation.
@@ -571,6 +574,19 @@ impl ServerFrame {
             code,
             message: message.into(),
             retryable: code.retryable(),
+            retry_after_ms: None,
+        }
+    }
+
+    /// `rate_limited`: the request `id` was refused, and may be sent again after
+    /// `retry_after_ms`.
+    pub fn rate_limited(id: Option<ClientMsgId>, retry_after_ms: u64) -> Self {
+        ServerFrame::Error {
+            id,
+            code: ErrorCode::RateLimited,
+            message: rate_limited_message(retry_after_ms),
+            retryable: true,
+            retry_after_ms: Some(retry_after_ms),
         }
     }
 
@@ -736,6 +752,10 @@ pub struct HttpError {
     pub code: ErrorCode,
     pub message: String,
     pub retryable: bool,
+    /// (`rate_limited`) Milliseconds to wait before trying again; the `Retry-After` header
+    /// says the same in whole seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
 }
 
 impl HttpError {
@@ -744,8 +764,21 @@ impl HttpError {
             code,
             message: message.into(),
             retryable: code.retryable(),
+            retry_after_ms: None,
         }
     }
+
+    /// `rate_limited`, to be tried again after `retry_after_ms`.
+    pub fn rate_limited(retry_after_ms: u64) -> Self {
+        HttpError {
+            retry_after_ms: Some(retry_after_ms),
+            ..HttpError::new(ErrorCode::RateLimited, rate_limited_message(retry_after_ms))
+        }
+    }
+}
+
+fn rate_limited_message(retry_after_ms: u64) -> String {
+    format!("too many requests; retry after {retry_after_ms} ms")
 }
 
 #[cfg(test)]
@@ -1071,5 +1104,29 @@ mod tests {
             json,
             r#"{"type":"error","code":"unavailable","message":"later","retryable":true}"#
         );
+    }
+
+    #[test]
+    fn a_rate_limited_error_says_when_to_retry_and_others_leave_it_out() {
+        let id = ClientMsgId::parse("m1").unwrap();
+        let json = ServerFrame::rate_limited(Some(id), 250).to_json();
+        assert_eq!(
+            json,
+            r#"{"type":"error","id":"m1","code":"rate_limited","message":"too many requests; retry after 250 ms","retryable":true,"retry_after_ms":250}"#
+        );
+        let parsed: ServerFrame = serde_json::from_str(&json).unwrap();
+        assert!(matches!(
+            parsed,
+            ServerFrame::Error {
+                retry_after_ms: Some(250),
+                ..
+            }
+        ));
+        let http = serde_json::to_value(HttpError::rate_limited(1500)).unwrap();
+        assert_eq!(http["code"], "rate_limited");
+        assert_eq!(http["retryable"], true);
+        assert_eq!(http["retry_after_ms"], 1500);
+        let other = serde_json::to_value(HttpError::new(ErrorCode::TokenMissing, "no")).unwrap();
+        assert!(other.get("retry_after_ms").is_none(), "{other}");
     }
 }

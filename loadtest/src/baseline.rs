@@ -31,6 +31,9 @@ pub struct Baselines {
     #[serde(default)]
     pub jetstream_consume: Option<Throughput>,
     pub websocket_echo: Option<Throughput>,
+    /// Where and when they were measured, so a reader knows what they competed with.
+    #[serde(default)]
+    pub how: String,
 }
 
 /// Operations per second and the latency of each.

@@ -1,4 +1,4 @@
-//! The picture: throughput and latency percentiles over time, as SVG.
+//! The picture: message rates, delivery rates and latency percentiles over time, as SVG.
 
 use std::path::Path;
 
@@ -19,21 +19,31 @@ fn draw_inner(
     title: &str,
     timeline: &[TimelinePoint],
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let root = SVGBackend::new(path, (1000, 720)).into_drawing_area();
+    let root = SVGBackend::new(path, (1000, 1000)).into_drawing_area();
     root.fill(&WHITE)?;
     let root = root.titled(title, ("sans-serif", 20))?;
-    let (top, bottom) = root.split_vertically(340);
-    let rates: [Series; 3] = [
+    let (messages_area, rest) = root.split_vertically(320);
+    let (deliveries_area, latency_area) = rest.split_vertically(320);
+    // Messages and deliveries on separate axes: a group's deliveries are its messages times
+    // its members, which would flatten the message lines to the floor of a shared axis.
+    let messages: [Series; 2] = [
         ("sent", BLUE, |p| Some(p.counts.sent as f64)),
         ("acked", GREEN, |p| Some(p.counts.acked as f64)),
-        ("delivered", RED, |p| Some(p.counts.delivered as f64)),
     ];
     panel(
-        &top,
-        "throughput (per second)",
-        "per second",
+        &messages_area,
+        "messages (per second)",
+        "messages/s",
         timeline,
-        &rates,
+        &messages,
+    )?;
+    let deliveries: [Series; 1] = [("delivered", RED, |p| Some(p.counts.delivered as f64))];
+    panel(
+        &deliveries_area,
+        "deliveries to recipients (per second)",
+        "deliveries/s",
+        timeline,
+        &deliveries,
     )?;
     let latencies: [Series; 4] = [
         ("delivery p50", BLUE, |p| {
@@ -50,7 +60,7 @@ fn draw_inner(
         }),
     ];
     panel(
-        &bottom,
+        &latency_area,
         "latency from scheduled send (ms)",
         "ms",
         timeline,
@@ -109,7 +119,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn draws_both_panels_as_svg() {
+    fn draws_every_panel_as_svg() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("run.svg");
         let report = crate::report::tests::sample_report();
@@ -117,7 +127,8 @@ mod tests {
         let svg = std::fs::read_to_string(&path).unwrap();
         assert!(svg.starts_with("<svg"), "{}", &svg[..100.min(svg.len())]);
         for text in [
-            "throughput",
+            "messages (per second)",
+            "deliveries to recipients",
             "latency from scheduled send",
             "delivery p99",
             "acked",

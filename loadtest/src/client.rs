@@ -10,6 +10,7 @@
 //! device keeps its cursor and the last sequence of each conversation it received an event in
 //! since, across its sockets, so a reconnect delivers exactly what it missed.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
@@ -19,7 +20,7 @@ use std::time::{Duration, Instant};
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use parley_events::protocol::{ClientFrame, HttpError, ResumeCursor, ResumeState, ServerFrame};
-use parley_events::{ClientMsgId, ConversationId, Event, UserId};
+use parley_events::{ClientMsgId, ConversationId, UserId};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -420,12 +421,18 @@ async fn resume(
                 Ok(None) => return Err("connection:ended".to_owned()),
                 Err(_) => return Err("harness:resume_timed_out".to_owned()),
             };
-            match serde_json::from_str::<ServerFrame>(&text) {
-                Ok(ServerFrame::Event { event, .. }) => {
-                    record.events += 1;
-                    live.resumed_events.fetch_add(1, Ordering::Relaxed);
-                    deliver(live, outcome, position, &event, true);
+            if let Some(event) = event_view(&text) {
+                match event {
+                    Ok(event) => {
+                        record.events += 1;
+                        live.resumed_events.fetch_add(1, Ordering::Relaxed);
+                        deliver(live, outcome, position, &event, true);
+                    }
+                    Err(_) => live.record_error("harness:unreadable_frame"),
                 }
+                continue;
+            }
+            match serde_json::from_str::<ServerFrame>(&text) {
                 Ok(ServerFrame::Resumed {
                     id: answered,
                     cursor: reached,
@@ -484,27 +491,62 @@ async fn resume(
     }
 }
 
+/// The part of an `event` frame the harness reads: where the event sits, what it is, and
+/// for a message its client id and body, borrowed from the frame. A fan-out run receives
+/// every message once per member, so the receive path parses no more than this.
+#[derive(Debug, serde::Deserialize)]
+struct EventFrame<'a> {
+    #[serde(borrow)]
+    event: EventView<'a>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct EventView<'a> {
+    seq: u64,
+    prev: u64,
+    conversation: ConversationId,
+    #[serde(rename = "type", borrow)]
+    type_name: Cow<'a, str>,
+    #[serde(borrow, default)]
+    data: DataView<'a>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+struct DataView<'a> {
+    #[serde(borrow, default)]
+    client_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    body: Option<Cow<'a, str>>,
+}
+
+/// The frame's event, when it is an `event` frame (the server writes the `type` first).
+fn event_view(text: &str) -> Option<Result<EventView<'_>, serde_json::Error>> {
+    text.starts_with(r#"{"type":"event","#)
+        .then(|| serde_json::from_str::<EventFrame>(text).map(|frame| frame.event))
+}
+
 /// Log an `event` frame's event into the outcome's last session and the device's position.
 fn deliver(
     live: &Live,
     outcome: &mut ConnOutcome,
     position: &mut Position,
-    event: &parley_events::RecordedEvent,
+    event: &EventView,
     resumed: bool,
 ) {
-    let conversation = event.envelope.conversation;
+    let conversation = event.conversation;
     position.since_cursor.insert(conversation, event.seq);
+    let content = Content::classify(&event.type_name, event.data.client_id.as_deref());
     if let Some(session) = outcome.sessions.last_mut() {
         session.push(Received {
             conversation,
             seq: event.seq,
-            prev: event.envelope.prev,
-            content: Content::of(&event.envelope.event),
+            prev: event.prev,
+            content,
             resumed,
         });
     }
-    match &event.envelope.event {
-        Event::MessagePosted(posted) => match read_stamp(&posted.body) {
+    match content {
+        Content::Message(_) => match event.data.body.as_deref().and_then(read_stamp) {
             // Latency is the live path's: a resumed message waited for its device to come back.
             Some(scheduled_us) if !resumed => live.record_delivery(scheduled_us),
             Some(_) => {
@@ -512,18 +554,11 @@ fn deliver(
             }
             None => live.record_error("harness:unstamped_message"),
         },
-        Event::ConversationCreated(_) => {
+        Content::Created | Content::Joined => {
             live.created_seen.fetch_add(1, Ordering::Relaxed);
         }
         // The ledger counts it as foreign; nothing to time.
-        Event::ConversationRead(_)
-        | Event::MembersAdded(_)
-        | Event::MembersRemoved(_)
-        | Event::MemberLeft(_)
-        | Event::MemberRoleChanged(_)
-        | Event::ConversationRenamed(_)
-        | Event::MemberMuted(_)
-        | Event::MemberUnmuted(_) => {}
+        Content::Foreign => {}
     }
 }
 
@@ -666,6 +701,13 @@ async fn read(
             Some(Err(e)) => return ended(format!("connection:{}", error_kind(&e))),
             None => return ended("connection:ended".to_owned()),
         };
+        if let Some(event) = event_view(&text) {
+            match event {
+                Ok(event) => deliver(live, outcome, position, &event, false),
+                Err(_) => live.record_error("harness:unreadable_frame"),
+            }
+            continue;
+        }
         let frame = match serde_json::from_str::<ServerFrame>(&text) {
             Ok(frame) => frame,
             Err(_) => {
@@ -715,7 +757,6 @@ async fn read(
                     _ => {}
                 }
             }
-            ServerFrame::Event { event, .. } => deliver(live, outcome, position, &event, false),
             _ => {}
         }
     }
@@ -969,6 +1010,45 @@ pub fn read_stamp(body: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_receive_path_reads_what_the_server_writes() {
+        use parley_events::event::MessagePosted;
+        use parley_events::{CommandId, Event, EventEnvelope, EventId, RecordedEvent};
+        let key = SendKey { slot: 3, n: 8 };
+        let alice = UserId::parse("alice").unwrap();
+        let client_id = RequestId::send_id(key, 1_234);
+        let command = CommandId::from_client(&alice, &client_id);
+        let conversation = ConversationId::direct(&alice, &UserId::parse("bob").unwrap());
+        let event = RecordedEvent {
+            seq: 12,
+            envelope: EventEnvelope {
+                id: EventId::derive(command, 0, 1),
+                conversation,
+                prev: 9,
+                command,
+                actor: alice,
+                at: 1,
+                event: Event::MessagePosted(MessagePosted {
+                    client_id,
+                    body: stamped_body(1_234, 64),
+                }),
+            },
+        };
+        let text = ServerFrame::Event { event }.to_json();
+        let view = event_view(&text).expect("an event frame").unwrap();
+        assert_eq!(
+            (view.seq, view.prev, view.conversation),
+            (12, 9, conversation)
+        );
+        assert_eq!(
+            Content::classify(&view.type_name, view.data.client_id.as_deref()),
+            Content::Message(key)
+        );
+        assert_eq!(view.data.body.as_deref().and_then(read_stamp), Some(1_234));
+        let pong = ServerFrame::Pong { id: None }.to_json();
+        assert!(event_view(&pong).is_none());
+    }
 
     #[test]
     fn request_ids_round_trip() {

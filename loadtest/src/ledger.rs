@@ -14,7 +14,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use parley_events::Event;
+use parley_events::{Event, event};
 use serde::{Deserialize, Serialize};
 
 use crate::client::RequestId;
@@ -34,6 +34,8 @@ pub struct SendKey {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Content {
     Created,
+    /// An event that made users members after the creation (an addition the harness made).
+    Joined,
     /// A message the harness sent.
     Message(SendKey),
     /// An event the harness did not cause: a message whose client id is not one of the
@@ -43,20 +45,24 @@ pub enum Content {
 
 impl Content {
     pub fn of(event: &Event) -> Content {
-        match event {
-            Event::ConversationCreated(_) => Content::Created,
-            Event::MessagePosted(posted) => match RequestId::parse(posted.client_id.as_str()) {
+        let client_id = match event {
+            Event::MessagePosted(posted) => Some(posted.client_id.as_str()),
+            _ => None,
+        };
+        Content::classify(event.type_name(), client_id)
+    }
+
+    /// By the event's type name and, for a message, its client id: what a receiver that
+    /// parses no more of the event than that can tell.
+    pub fn classify(type_name: &str, client_id: Option<&str>) -> Content {
+        match type_name {
+            event::CONVERSATION_CREATED => Content::Created,
+            event::MEMBER_ADDED => Content::Joined,
+            event::MESSAGE_POSTED => match client_id.and_then(RequestId::parse) {
                 Some(RequestId::Send { key, .. }) => Content::Message(key),
                 _ => Content::Foreign,
             },
-            Event::ConversationRead(_)
-            | Event::MembersAdded(_)
-            | Event::MembersRemoved(_)
-            | Event::MemberLeft(_)
-            | Event::MemberRoleChanged(_)
-            | Event::ConversationRenamed(_)
-            | Event::MemberMuted(_)
-            | Event::MemberUnmuted(_) => Content::Foreign,
+            _ => Content::Foreign,
         }
     }
 }
@@ -113,11 +119,20 @@ pub struct LogRead {
     pub intake_pending: u64,
 }
 
+/// A member connection of a conversation, from the event that made its user a member (its
+/// creation, or an addition); 0 when that event is not known (the creation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Joined {
+    pub conn: usize,
+    pub seq: u64,
+}
+
 /// What the run knows, gathered after the drain.
 #[derive(Debug, Default)]
 pub struct LedgerInput {
-    /// Per conversation, the connections of its members.
-    pub members: Vec<Vec<usize>>,
+    /// Per conversation, the connections of its members, each with the sequence of the
+    /// event that made its user a member: it receives that event and everything after.
+    pub members: Vec<Vec<Joined>>,
     pub connections: Vec<ConnRecord>,
     /// Every send of the run.
     pub sends: Vec<SendRecord>,
@@ -325,10 +340,11 @@ pub fn check(input: &LedgerInput) -> LedgerReport {
         })
         .collect();
 
-    let mut conversations_of: Vec<Vec<ConvIndex>> = vec![Vec::new(); input.connections.len()];
+    let mut conversations_of: Vec<HashMap<ConvIndex, u64>> =
+        vec![HashMap::new(); input.connections.len()];
     for (conv, members) in input.members.iter().enumerate() {
-        for &conn in members {
-            conversations_of[conn].push(conv as ConvIndex);
+        for member in members {
+            conversations_of[member.conn].insert(conv as ConvIndex, member.seq);
         }
     }
 
@@ -357,6 +373,11 @@ pub fn check(input: &LedgerInput) -> LedgerReport {
             check_explained(conn, conv, d, &sent, &acked_by_key, &log, &mut report);
             let path = if d.resumed { "by resume" } else { "live" };
             let (newest, set) = seen.entry(conv).or_insert((0, HashSet::new()));
+            // A member added later starts at the event that added it, whatever its `prev`.
+            let joined = conversations_of[conn].get(&conv).copied().unwrap_or(0);
+            if set.is_empty() && d.seq == joined {
+                *newest = d.prev;
+            }
             let n = *newest;
             if !set.insert(d.seq) {
                 report.duplicated += 1;
@@ -390,9 +411,9 @@ pub fn check(input: &LedgerInput) -> LedgerReport {
         }
         // Everything of its conversations, whether its sockets stayed up or not: the run
         // brings every device back and resumes it before the check.
-        for &conv in &conversations_of[conn] {
+        for (&conv, &joined) in &conversations_of[conn] {
             let got = seen.get(&conv).map(|(_, set)| set);
-            for seq in &expected[conv as usize] {
+            for seq in expected[conv as usize].iter().filter(|&&seq| seq >= joined) {
                 report.expected_deliveries += 1;
                 if !got.is_some_and(|set| set.contains(seq)) {
                     report.lost += 1;
@@ -422,7 +443,7 @@ fn check_explained(
             Some(&seq) if seq != d.seq => Some(format!("send {key:?} was acknowledged as {seq}")),
             _ => None,
         },
-        Content::Created => None,
+        Content::Created | Content::Joined => None,
     };
     let why = why.or_else(|| {
         let (_, index) = log.as_ref()?;
@@ -504,7 +525,7 @@ mod tests {
 
     fn input(second: Vec<Observed>) -> LedgerInput {
         LedgerInput {
-            members: vec![vec![0, 1]],
+            members: vec![vec![Joined { conn: 0, seq: 0 }, Joined { conn: 1, seq: 0 }]],
             connections: vec![
                 ConnRecord {
                     sessions: vec![history()],
@@ -618,7 +639,7 @@ mod tests {
             msg(0, 7, 3, 1),
             msg(0, 9, 7, 2),
         ]);
-        run.members.push(vec![1]);
+        run.members.push(vec![Joined { conn: 1, seq: 0 }]);
         run.log.as_mut().unwrap().events.insert(1, created(1, 2));
         let report = check(&run);
         assert!(report.clean(), "{report:?}");
@@ -744,5 +765,50 @@ mod tests {
         let report = check(&run);
         assert_eq!(report.lost, 2, "7 and 9: {report:?}");
         assert!(!report.clean());
+    }
+
+    #[test]
+    fn a_member_added_later_gets_everything_from_its_addition_on() {
+        let joined = Observed {
+            conversation: Some(0),
+            seq: 5,
+            prev: 3,
+            content: Content::Joined,
+            resumed: false,
+        };
+        let log = vec![
+            created(0, 1),
+            msg(0, 3, 1, 0),
+            joined,
+            msg(0, 7, 5, 1),
+            msg(0, 9, 7, 2),
+        ];
+        let run = |second: Vec<Observed>| {
+            check(&LedgerInput {
+                members: vec![vec![Joined { conn: 0, seq: 0 }, Joined { conn: 1, seq: 5 }]],
+                connections: vec![
+                    ConnRecord {
+                        sessions: vec![log.clone()],
+                        closed: false,
+                    },
+                    ConnRecord {
+                        sessions: vec![second],
+                        closed: false,
+                    },
+                ],
+                sends: vec![acked(0, 0, 3), acked(0, 1, 7), acked(0, 2, 9)],
+                log: Some(LogRead {
+                    events: log.clone(),
+                    intake_pending: 0,
+                }),
+            })
+        };
+        let report = run(vec![joined, msg(0, 7, 5, 1), msg(0, 9, 7, 2)]);
+        assert!(report.clean(), "{report:?}");
+        // Five events to the first member, three to the one added at 5.
+        assert_eq!(report.expected_deliveries, 8);
+
+        let report = run(vec![joined, msg(0, 9, 7, 2)]);
+        assert_eq!((report.lost, report.gaps), (1, 1), "{report:?}");
     }
 }

@@ -215,7 +215,12 @@ pub struct TimelinePoint {
 pub struct ProcessSample {
     pub name: String,
     pub rss_bytes: u64,
+    /// Over the interval since the previous sample.
     pub cpu_percent: f32,
+    /// CPU time the process has used since it started, milliseconds: differences of it give
+    /// time-weighted means, whatever the spacing of the samples.
+    #[serde(default)]
+    pub cpu_ms: u64,
 }
 
 #[cfg(test)]

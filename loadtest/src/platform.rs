@@ -275,6 +275,9 @@ impl SpawnedPlatform {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
             )
+            // An error a role exits with is its log's last lines: a backtrace captured
+            // because RUST_BACKTRACE is set for panics would push the cause out of the tail.
+            .env("RUST_LIB_BACKTRACE", "0")
             .stdin(Stdio::null())
             .stdout(file.try_clone().map_err(LoadtestError::io("log file"))?)
             .stderr(file)

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::baseline::Baselines;
 use crate::latency::Summary;
 use crate::ledger::{self, LedgerReport};
-use crate::live::{Counters, TimelinePoint};
+use crate::live::{Counters, ProcessSample, TimelinePoint};
 use crate::presence::PresenceFigures;
 use crate::resources::Machine;
 use crate::scenario::{Fault, FaultRole, Scenario};
@@ -84,6 +84,10 @@ pub struct SendFigures {
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Rates {
+    /// The schedule's rate, for a steady run: what a saturated run could not send shows
+    /// as the difference to `sent_per_sec`.
+    #[serde(default)]
+    pub offered_per_sec: Option<f64>,
     pub sent_per_sec: f64,
     /// Acknowledged messages per second: the end-to-end message rate, since the ledger
     /// checks each of them reached every member.
@@ -104,9 +108,13 @@ pub struct ProcessFigures {
     pub rss_start_bytes: u64,
     pub rss_peak_bytes: u64,
     pub rss_end_bytes: u64,
-    /// Percent of one core; a multi-threaded process can exceed 100.
+    /// Percent of one core; a multi-threaded process can exceed 100. The CPU time used
+    /// between the window's first and last samples over the time between them.
     pub cpu_mean_percent: f64,
     pub cpu_max_percent: f64,
+    /// CPU time per acknowledged message over the same span, microseconds.
+    #[serde(default)]
+    pub cpu_us_per_message: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -322,6 +330,7 @@ pub fn rates(points: &[TimelinePoint]) -> Rates {
         _ => return Rates::default(),
     };
     Rates {
+        offered_per_sec: None,
         sent_per_sec: total.sent as f64 / secs,
         acked_per_sec: total.acked as f64 / secs,
         delivered_per_sec: total.delivered as f64 / secs,
@@ -329,27 +338,55 @@ pub fn rates(points: &[TimelinePoint]) -> Rates {
 }
 
 pub fn process_figures(points: &[TimelinePoint]) -> Vec<ProcessFigures> {
-    let mut by_name: BTreeMap<&str, Vec<(u64, f32)>> = BTreeMap::new();
+    let mut by_name: BTreeMap<&str, Vec<(f64, &ProcessSample)>> = BTreeMap::new();
     for point in points {
         for sample in &point.processes {
             by_name
                 .entry(&sample.name)
                 .or_default()
-                .push((sample.rss_bytes, sample.cpu_percent));
+                .push((point.t_secs, sample));
         }
     }
     by_name
         .into_iter()
-        .map(|(name, samples)| ProcessFigures {
-            name: name.to_owned(),
-            rss_start_bytes: samples[0].0,
-            rss_peak_bytes: samples.iter().map(|s| s.0).max().unwrap_or(0),
-            rss_end_bytes: samples[samples.len() - 1].0,
-            cpu_mean_percent: samples.iter().map(|s| f64::from(s.1)).sum::<f64>()
-                / samples.len() as f64,
-            cpu_max_percent: samples.iter().map(|s| f64::from(s.1)).fold(0.0, f64::max),
+        .map(|(name, samples)| {
+            let (first_t, first) = samples[0];
+            let (last_t, last) = samples[samples.len() - 1];
+            let cpu_ms = last.cpu_ms.saturating_sub(first.cpu_ms) as f64;
+            // Messages acknowledged in the intervals after the first sample.
+            let acked: u64 = points
+                .iter()
+                .filter(|p| p.t_secs > first_t && p.t_secs <= last_t)
+                .map(|p| p.counts.acked)
+                .sum();
+            let span = last_t - first_t;
+            ProcessFigures {
+                name: name.to_owned(),
+                rss_start_bytes: first.rss_bytes,
+                rss_peak_bytes: samples.iter().map(|s| s.1.rss_bytes).max().unwrap_or(0),
+                rss_end_bytes: last.rss_bytes,
+                cpu_mean_percent: if span > 0.0 {
+                    cpu_ms / 10.0 / span
+                } else {
+                    f64::from(first.cpu_percent)
+                },
+                cpu_max_percent: samples
+                    .iter()
+                    .map(|s| f64::from(s.1.cpu_percent))
+                    .fold(0.0, f64::max),
+                cpu_us_per_message: (acked > 0).then(|| cpu_ms * 1000.0 / acked as f64),
+            }
         })
         .collect()
+}
+
+/// CPU time per acknowledged message summed over the processes that report it.
+pub fn total_cpu_us_per_message(processes: &[ProcessFigures]) -> Option<f64> {
+    let per: Vec<f64> = processes
+        .iter()
+        .filter_map(|p| p.cpu_us_per_message)
+        .collect();
+    (!per.is_empty()).then(|| per.iter().sum())
 }
 
 /// The process with the highest mean CPU, with its figure.
@@ -357,7 +394,17 @@ pub fn busiest(processes: &[ProcessFigures]) -> Option<String> {
     processes
         .iter()
         .max_by(|a, b| a.cpu_mean_percent.total_cmp(&b.cpu_mean_percent))
-        .map(|p| format!("{} ({:.0} % of a core)", p.name, p.cpu_mean_percent))
+        .map(|p| {
+            let warning = if p.name == "harness" {
+                ": the harness, not the platform, is what limits this run"
+            } else {
+                ""
+            };
+            format!(
+                "{} ({:.0} % of a core){warning}",
+                p.name, p.cpu_mean_percent
+            )
+        })
 }
 
 pub fn ratios(rates: &Rates, latency: &Latencies, baselines: &Baselines) -> Ratios {
@@ -414,8 +461,12 @@ pub fn render_table(report: &Report) -> String {
     let t = &report.throughput;
     let _ = writeln!(
         out,
-        "Throughput  sent {:.0}/s, acked {:.0}/s (end-to-end messages), delivered {:.0}/s (events to recipients)",
-        t.sent_per_sec, t.acked_per_sec, t.delivered_per_sec
+        "Throughput  {}sent {:.0}/s, acked {:.0}/s (end-to-end messages), delivered {:.0}/s (events to recipients)",
+        t.offered_per_sec
+            .map_or(String::new(), |r| format!("offered {r:.0}/s, ")),
+        t.sent_per_sec,
+        t.acked_per_sec,
+        t.delivered_per_sec
     );
     let _ = writeln!(
         out,
@@ -440,21 +491,30 @@ pub fn render_table(report: &Report) -> String {
     if !report.processes.is_empty() {
         let _ = writeln!(
             out,
-            "\n  {:<14} {:>10} {:>10} {:>10} {:>9} {:>9}",
-            "process", "RSS start", "RSS peak", "RSS end", "CPU mean", "CPU max"
+            "\n  {:<14} {:>10} {:>10} {:>10} {:>9} {:>9} {:>12}",
+            "process", "RSS start", "RSS peak", "RSS end", "CPU mean", "CPU max", "CPU us/msg"
         );
+        let per_message = |us: Option<f64>| us.map_or("-".to_owned(), |us| format!("{us:.1}"));
         for p in &report.processes {
             let _ = writeln!(
                 out,
-                "  {:<14} {:>7.1} MiB {:>6.1} MiB {:>6.1} MiB {:>8.0}% {:>8.0}%",
+                "  {:<14} {:>7.1} MiB {:>6.1} MiB {:>6.1} MiB {:>8.0}% {:>8.0}% {:>12}",
                 p.name,
                 mib(p.rss_start_bytes),
                 mib(p.rss_peak_bytes),
                 mib(p.rss_end_bytes),
                 p.cpu_mean_percent,
-                p.cpu_max_percent
+                p.cpu_max_percent,
+                per_message(p.cpu_us_per_message)
             );
         }
+        let _ = writeln!(
+            out,
+            "  {:<14} {:>63} {:>12}",
+            "all",
+            "",
+            per_message(total_cpu_us_per_message(&report.processes))
+        );
     }
     if let Some(busiest) = &report.busiest_process {
         let _ = writeln!(out, "Busiest process: {busiest}");
@@ -494,7 +554,7 @@ pub fn render_table(report: &Report) -> String {
         }
     }
     if let Some(b) = &report.baselines {
-        let _ = writeln!(out);
+        let _ = writeln!(out, "\nBaselines measured {}", b.how);
         for t in [&b.jetstream, &b.jetstream_consume, &b.websocket_echo]
             .into_iter()
             .flatten()
@@ -643,7 +703,6 @@ pub fn render_table(report: &Report) -> String {
 pub(crate) mod tests {
     use super::*;
     use crate::baseline::Throughput;
-    use crate::live::ProcessSample;
 
     pub(crate) fn point(t: f64, acked: u64, cpu: &[(&str, f32, u64)]) -> TimelinePoint {
         TimelinePoint {
@@ -671,6 +730,8 @@ pub(crate) mod tests {
                     name: (*name).to_owned(),
                     rss_bytes: *rss,
                     cpu_percent: *cpu,
+                    // `cpu` percent of a core for every second so far.
+                    cpu_ms: (f64::from(*cpu) * 10.0 * t) as u64,
                 })
                 .collect(),
         }
@@ -757,6 +818,12 @@ pub(crate) mod tests {
         assert_eq!(gw.rss_peak_bytes, 36 << 20);
         assert_eq!(gw.rss_end_bytes, 36 << 20);
         assert!((gw.cpu_mean_percent - 40.0).abs() < 1e-6);
+        // 400 ms of CPU a second while 200, 300, .. 600 messages a second are acked: the
+        // five seconds after the first sample used 2,000 ms for 2,000 messages.
+        let per_message = gw.cpu_us_per_message.unwrap();
+        assert!((per_message - 1000.0).abs() < 1e-6, "{per_message}");
+        let total = total_cpu_us_per_message(&report.processes).unwrap();
+        assert!((total - 1000.0 * 13.0 / 4.0).abs() < 1e-6, "{total}");
         assert_eq!(
             report.busiest_process.as_deref(),
             Some("handler (90 % of a core)")
@@ -776,6 +843,7 @@ pub(crate) mod tests {
             }),
             jetstream_consume: None,
             websocket_echo: None,
+            how: String::new(),
         };
         let latency = Latencies {
             send_to_ack: Summary {

@@ -40,6 +40,7 @@ impl Sampler {
                     name: name.clone(),
                     rss_bytes: process.memory(),
                     cpu_percent: process.cpu_usage(),
+                    cpu_ms: process.accumulated_cpu_time(),
                 })
             })
             .collect()

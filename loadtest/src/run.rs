@@ -121,6 +121,28 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
     let killed = |role: FaultRole| scenario.faults.iter().any(|f| f.role == role);
     let handlers = if killed(FaultRole::Handler) { 2 } else { 1 };
 
+    // Measured on a nats-server of their own before the platform starts, so the platform's
+    // idle work does not move them. A cluster's baselines need the cluster: they are
+    // measured on it, beside the platform, below.
+    let separate_baselines = scenario.baselines
+        && scenario.nats_nodes == 1
+        && matches!(options.target, Target::Spawn { .. });
+    let mut baselines = if separate_baselines {
+        if options.progress {
+            eprintln!(
+                "measuring the baselines ({} s each) on a separate nats-server ...",
+                BASELINE_TIME.as_secs()
+            );
+        }
+        Some(
+            baselines(None, scenario.durability, scenario.message_bytes)
+                .await?
+                .0,
+        )
+    } else {
+        None
+    };
+
     let (platform, gateways, secret, nats_url, platform_text) = match &options.target {
         Target::Spawn { parley } => {
             if options.progress {
@@ -177,17 +199,19 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
     // Shared with the fault plan while the run goes on.
     let platform = platform.map(|p| Arc::new(Mutex::new(p)));
 
-    let baselines = if scenario.baselines {
+    if scenario.baselines && !separate_baselines {
         if options.progress {
             eprintln!(
-                "measuring the baselines ({} s each) ...",
+                "measuring the baselines ({} s each) beside the idle platform ...",
                 BASELINE_TIME.as_secs()
             );
         }
-        Some(measure_baselines(nats_url.as_deref(), scenario.message_bytes).await?)
-    } else {
-        None
-    };
+        let mut measured = measure_baselines(nats_url.as_deref(), scenario.message_bytes).await?;
+        measured.how =
+            "on the platform's own NATS server, beside the idle platform, before the clients connected"
+                .to_owned();
+        baselines = Some(measured);
+    }
 
     processes.push(("harness".to_owned(), std::process::id()));
     let live = Arc::new(Live::new(Instant::now()));
@@ -450,7 +474,13 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
         measured
     };
     let processes = report::process_figures(resource_window);
-    let throughput = report::rates(measured);
+    let throughput = report::Rates {
+        offered_per_sec: match plan.phases.as_slice() {
+            [steady] => Some(steady.rate),
+            _ => None,
+        },
+        ..report::rates(measured)
+    };
     let window = live.measured();
     let latency = report::Latencies {
         send_to_ack: window.ack.summary(),
@@ -535,16 +565,24 @@ pub async fn baselines(
     message_bytes: usize,
 ) -> Result<(Baselines, String), LoadtestError> {
     match nats_url {
-        Some(url) => Ok((
-            measure_baselines(Some(&url), message_bytes).await?,
-            "external NATS: its own setting (not verified)".to_owned(),
-        )),
+        Some(url) => {
+            let mut measured = measure_baselines(Some(&url), message_bytes).await?;
+            measured.how = "on the given NATS server".to_owned();
+            Ok((
+                measured,
+                "external NATS: its own setting (not verified)".to_owned(),
+            ))
+        }
         None => {
             let nats = parley_localstack::NatsServer::start(parley_localstack::NatsOptions {
                 sync_always: durability == Durability::Always,
                 ..Default::default()
             })?;
-            let measured = measure_baselines(Some(&nats.url()), message_bytes).await?;
+            let mut measured = measure_baselines(Some(&nats.url()), message_bytes).await?;
+            measured.how = format!(
+                "on a separate nats-server ({}) with nothing else running on it",
+                durability.describe()
+            );
             Ok((measured, durability.describe().to_owned()))
         }
     }
@@ -570,6 +608,7 @@ async fn measure_baselines(
         jetstream,
         jetstream_consume,
         websocket_echo,
+        how: String::new(),
     })
 }
 
@@ -841,7 +880,15 @@ fn ledger_input(
         }
     }
     LedgerInput {
-        members: members.to_vec(),
+        members: members
+            .iter()
+            .map(|conns| {
+                conns
+                    .iter()
+                    .map(|&conn| ledger::Joined { conn, seq: 0 })
+                    .collect()
+            })
+            .collect(),
         connections: outcomes
             .iter()
             .map(|o| ConnRecord {
@@ -1086,6 +1133,9 @@ async fn sample_every_second(
     progress: Progress,
 ) {
     let mut ticks = tokio::time::interval(Duration::from_secs(1));
+    // A busy harness must not fire missed ticks back to back: near-empty intervals would
+    // read as seconds in the timeline.
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticks.tick().await;
     let mut before = live.counters();
     loop {

@@ -61,6 +61,7 @@ async fn a_short_run_has_a_clean_ledger() {
         "{ledger:?}"
     );
     assert!(report.environment.durability.contains("lazy"));
+    assert_eq!(report.throughput.offered_per_sec, Some(150.0));
     for name in [
         "gateway-0",
         "gateway-1",
@@ -73,6 +74,15 @@ async fn a_short_run_has_a_clean_ledger() {
             report.processes.iter().any(|p| p.name == name),
             "no figures for {name}: {:?}",
             report.processes
+        );
+    }
+    // Messages were acknowledged in the measured window, so every process has a CPU cost
+    // per message, from its CPU time.
+    for process in &report.processes {
+        let per_message = process.cpu_us_per_message;
+        assert!(
+            per_message.is_some_and(|us| us.is_finite() && us >= 0.0),
+            "{process:?}"
         );
     }
     assert!(outcome.dir.join("report.json").is_file());

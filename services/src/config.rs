@@ -276,6 +276,8 @@ pub struct GatewayConfig {
     pub presence_ttl_secs: u32,
     /// Seconds given to open sockets to close when the gateway shuts down.
     pub drain_secs: u64,
+    /// Token buckets on requests and upgrades.
+    pub rate_limits: RateLimitsConfig,
 }
 
 impl Default for GatewayConfig {
@@ -293,6 +295,91 @@ impl Default for GatewayConfig {
             max_connections: 100_000,
             presence_ttl_secs: 60,
             drain_secs: 10,
+            rate_limits: RateLimitsConfig::default(),
+        }
+    }
+}
+
+/// Token buckets, kept by each gateway process on its own: N gateways let a user or an
+/// address through N times over, at most (clients spread over them). Rates are per second,
+/// bursts are the bucket sizes. None can be 0: a limit is turned down by raising it, and an
+/// address is spared the per-address limits by `exempt_networks`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitsConfig {
+    /// Requests (frames of every kind) one user may send, over all their sockets.
+    pub user_per_sec: u32,
+    pub user_burst: u32,
+    /// Requests from one IP address (IPv6: one /64), over all its sockets and users.
+    pub ip_per_sec: u32,
+    pub ip_burst: u32,
+    /// WebSocket upgrades (refused ones too) from one IP address (IPv6: one /64).
+    pub upgrades_per_ip_per_sec: u32,
+    pub upgrades_per_ip_burst: u32,
+    /// Networks the per-address limits do not apply to (per-user limits still do): by
+    /// default loopback, where a reverse proxy on the gateway's machine (or a load test)
+    /// brings every client from one address.
+    pub exempt_networks: Vec<ipnet::IpNet>,
+    /// A socket whose requests are refused this many times within `flood_window_secs` is
+    /// closed (1008).
+    pub flood_limited_requests: u32,
+    pub flood_window_secs: u64,
+    /// Seconds between sweeps that drop the buckets of users and addresses gone idle.
+    pub sweep_secs: u64,
+}
+
+impl Default for RateLimitsConfig {
+    fn default() -> Self {
+        RateLimitsConfig {
+            user_per_sec: 20,
+            user_burst: 100,
+            ip_per_sec: 200,
+            ip_burst: 1000,
+            upgrades_per_ip_per_sec: 10,
+            upgrades_per_ip_burst: 50,
+            exempt_networks: vec![
+                "127.0.0.0/8".parse().expect("a network"),
+                "::1/128".parse().expect("a network"),
+            ],
+            flood_limited_requests: 50,
+            flood_window_secs: 10,
+            sweep_secs: 10,
+        }
+    }
+}
+
+/// The highest rate or burst a limit may be set to: far above what one user or address
+/// should ever need, and small enough for the buckets' arithmetic to stay exact.
+const MAX_RATE_LIMIT: u32 = 1_000_000;
+
+impl RateLimitsConfig {
+    fn problems(&self, require: &mut impl FnMut(bool, &str)) {
+        for (key, value) in [
+            ("user_per_sec", self.user_per_sec),
+            ("user_burst", self.user_burst),
+            ("ip_per_sec", self.ip_per_sec),
+            ("ip_burst", self.ip_burst),
+            ("upgrades_per_ip_per_sec", self.upgrades_per_ip_per_sec),
+            ("upgrades_per_ip_burst", self.upgrades_per_ip_burst),
+            ("flood_limited_requests", self.flood_limited_requests),
+        ] {
+            require(
+                (1..=MAX_RATE_LIMIT).contains(&value),
+                &format!(
+                    "gateway.rate_limits.{key} must be between 1 and {MAX_RATE_LIMIT} (limits \
+                     cannot be turned off with 0: raise them, or list networks in \
+                     gateway.rate_limits.exempt_networks)"
+                ),
+            );
+        }
+        for (key, value) in [
+            ("flood_window_secs", self.flood_window_secs),
+            ("sweep_secs", self.sweep_secs),
+        ] {
+            require(
+                (1..=3600).contains(&value),
+                &format!("gateway.rate_limits.{key} must be between 1 and 3600"),
+            );
         }
     }
 }
@@ -759,6 +846,7 @@ impl Config {
                 .all(|o| o.starts_with("http://") || o.starts_with("https://")),
             "gateway.allowed_origins entries must start with http:// or https://",
         );
+        gateway.rate_limits.problems(&mut require);
         require(self.handler.lanes >= 1, "handler.lanes must be at least 1");
         require(
             self.handler.remembered_commands >= 1,
@@ -1237,6 +1325,52 @@ mod tests {
                 .contains("nats.tls settings are given but nats.tls.enabled is false"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn rate_limits_are_read_from_file_and_environment_and_never_zero() {
+        let config = Config::load(
+            None,
+            env(&[
+                ("PARLEY_GATEWAY__RATE_LIMITS__USER_PER_SEC", "5"),
+                (
+                    "PARLEY_GATEWAY__RATE_LIMITS__EXEMPT_NETWORKS",
+                    "[\"10.0.0.0/8\", \"fd00::/8\"]",
+                ),
+            ]),
+        )
+        .unwrap();
+        let limits = &config.gateway.rate_limits;
+        assert_eq!(limits.user_per_sec, 5);
+        assert_eq!(limits.user_burst, 100, "the default");
+        assert_eq!(
+            limits.exempt_networks,
+            ["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()]
+        );
+
+        let err = Config::from_toml(
+            "[gateway.rate_limits]\nuser_per_sec = 0\nupgrades_per_ip_burst = 0\nflood_window_secs = 0\n",
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        for expected in [
+            "gateway.rate_limits.user_per_sec must be between 1 and 1000000 (limits cannot be turned off with 0",
+            "gateway.rate_limits.upgrades_per_ip_burst must be between 1",
+            "gateway.rate_limits.flood_window_secs must be between 1 and 3600",
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in {text}");
+        }
+        for (toml, key) in [
+            ("ip_per_sec = -1", "ip_per_sec"),
+            ("ip_burst = 2.5", "ip_burst"),
+            ("user_burst = \"lots\"", "user_burst"),
+            ("exempt_networks = [\"localhost\"]", "exempt_networks"),
+            ("exempt_networks = [\"10.0.0.1\"]", "exempt_networks"),
+            ("per_user = 3", "per_user"),
+        ] {
+            let err = Config::from_toml(&format!("[gateway.rate_limits]\n{toml}\n")).unwrap_err();
+            assert!(err.to_string().contains(key), "{toml}: {err}");
+        }
     }
 
     #[test]

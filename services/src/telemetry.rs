@@ -18,6 +18,7 @@ pub const GATEWAY_FRAMES_RECEIVED_TOTAL: &str = "parley_gateway_frames_received_
 pub const GATEWAY_FRAME_ERRORS_TOTAL: &str = "parley_gateway_frame_errors_total";
 pub const GATEWAY_CLOSES_TOTAL: &str = "parley_gateway_closes_total";
 pub const GATEWAY_EVENTS_DELIVERED_TOTAL: &str = "parley_gateway_events_delivered_total";
+pub const GATEWAY_SOCKET_FLUSHES_TOTAL: &str = "parley_gateway_socket_flushes_total";
 pub const GATEWAY_GAP_FILLS_TOTAL: &str = "parley_gateway_gap_fills_total";
 pub const GATEWAY_CATCH_UPS_TOTAL: &str = "parley_gateway_catch_ups_total";
 pub const GATEWAY_RESUMES_TOTAL: &str = "parley_gateway_resumes_total";
@@ -35,6 +36,8 @@ pub const GATEWAY_TYPING_DELIVERED_TOTAL: &str = "parley_gateway_typing_delivere
 pub const GATEWAY_PRESENCE_WATCHED_USERS: &str = "parley_gateway_presence_watched_users";
 pub const GATEWAY_PRESENCE_WATCHES: &str = "parley_gateway_presence_watches";
 pub const GATEWAY_PRESENCE_PUSHES_TOTAL: &str = "parley_gateway_presence_pushes_total";
+pub const GATEWAY_RATE_LIMITED_TOTAL: &str = "parley_gateway_rate_limited_total";
+pub const GATEWAY_RATE_LIMIT_BUCKETS: &str = "parley_gateway_rate_limit_buckets";
 
 pub const HANDLER_COMMANDS_TOTAL: &str = "parley_handler_commands_total";
 pub const HANDLER_APPEND_CONFLICTS_TOTAL: &str = "parley_handler_append_conflicts_total";
@@ -141,6 +144,11 @@ fn describe() {
         "Event frames queued to sockets."
     );
     describe_counter!(
+        GATEWAY_SOCKET_FLUSHES_TOTAL,
+        Unit::Count,
+        "Socket writes flushed; each carries every frame that was ready (frames per flush = frames sent / this)."
+    );
+    describe_counter!(
         GATEWAY_GAP_FILLS_TOTAL,
         Unit::Count,
         "Gaps in live delivery filled from the log."
@@ -219,6 +227,16 @@ fn describe() {
         GATEWAY_PRESENCE_PUSHES_TOTAL,
         Unit::Count,
         "Presence changes queued to sockets."
+    );
+    describe_counter!(
+        GATEWAY_RATE_LIMITED_TOTAL,
+        Unit::Count,
+        "Requests and upgrades refused by a rate limit, by scope (user, ip, upgrade)."
+    );
+    describe_gauge!(
+        GATEWAY_RATE_LIMIT_BUCKETS,
+        Unit::Count,
+        "Rate-limit buckets held after the last sweep, by scope (user, ip, upgrade)."
     );
     describe_counter!(
         HANDLER_COMMANDS_TOTAL,

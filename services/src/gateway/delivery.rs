@@ -21,7 +21,7 @@ use axum::extract::ws::Utf8Bytes;
 use futures::StreamExt;
 use parley_events::protocol::{ServerFrame, SystemEntry, close};
 use parley_events::subjects::live_subject;
-use parley_events::{ConversationId, Event, RecordedEvent, UserId};
+use parley_events::{ConversationId, RecordedEvent, UserId};
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinHandle;
@@ -36,8 +36,9 @@ use crate::telemetry;
 /// socket further behind than this is closed (1013) to resume again; a version 1 socket
 /// sees the gap and reads it with `history`.
 pub const MAX_GAP_FILL: usize = 256;
-/// Most creations kept for a socket while it resumes; more, and the oldest are dropped.
-const MAX_CREATIONS_WHILE_RESUMING: usize = 1024;
+/// Most joins (creations, additions) kept for a socket while it resumes; more, and the
+/// oldest are dropped.
+const MAX_JOINS_WHILE_RESUMING: usize = 1024;
 
 pub type ConnectionId = u64;
 
@@ -168,8 +169,8 @@ struct SocketEntry {
 enum Phase {
     /// Version 2, before its first resume: it is sent nothing yet.
     Waiting,
-    /// Its resume is running: creations naming its user wait here until the resume ends,
-    /// which hands over those the resume did not cover.
+    /// Its resume is running: events making its user a member wait here until the resume
+    /// ends, which hands over those the resume did not cover.
     Resuming(Vec<RecordedEvent>),
     /// Sent every event of the conversations it follows.
     Live,
@@ -189,6 +190,7 @@ impl Drop for ConversationRoute {
     fn drop(&mut self) {
         // Dropping the follower drops its subscription, which unsubscribes from NATS.
         self.follower.abort();
+        metrics::gauge!(telemetry::GATEWAY_CONVERSATION_SUBSCRIPTIONS).decrement(1.0);
     }
 }
 
@@ -197,6 +199,31 @@ struct Table {
     sockets: HashMap<ConnectionId, SocketEntry>,
     users: HashMap<UserId, HashSet<ConnectionId>>,
     conversations: HashMap<ConversationId, ConversationRoute>,
+}
+
+impl Table {
+    /// Take `conns` out of `conversation`; its route when no local socket is left in it,
+    /// for the caller to drop (which unsubscribes) outside the lock.
+    fn leave(
+        &mut self,
+        conversation: ConversationId,
+        conns: &[ConnectionId],
+    ) -> Option<ConversationRoute> {
+        for conn in conns {
+            if let Some(entry) = self.sockets.get_mut(conn) {
+                entry.conversations.remove(&conversation);
+            }
+        }
+        let route = self.conversations.get_mut(&conversation)?;
+        for conn in conns {
+            route.sockets.remove(conn);
+        }
+        if route.sockets.is_empty() {
+            self.conversations.remove(&conversation)
+        } else {
+            None
+        }
+    }
 }
 
 /// The gateway's routing table.
@@ -245,7 +272,7 @@ impl Routes {
 
     /// Forget a socket; conversations left without local sockets are unsubscribed.
     pub fn unregister(&self, conn: ConnectionId) {
-        let dropped: Vec<ConversationRoute> = {
+        let _dropped: Vec<ConversationRoute> = {
             let mut table = self.table();
             let Some(entry) = table.sockets.remove(&conn) else {
                 return;
@@ -259,23 +286,13 @@ impl Routes {
             let dropped = entry
                 .conversations
                 .iter()
-                .filter_map(|conversation| {
-                    let route = table.conversations.get_mut(conversation)?;
-                    route.sockets.remove(&conn);
-                    if route.sockets.is_empty() {
-                        table.conversations.remove(conversation)
-                    } else {
-                        None
-                    }
-                })
+                .filter_map(|conversation| table.leave(*conversation, &[conn]))
                 .collect();
             shrink_if_sparse(&mut table.sockets);
             shrink_if_sparse(&mut table.users);
             shrink_if_sparse(&mut table.conversations);
             dropped
         };
-        metrics::gauge!(telemetry::GATEWAY_CONVERSATION_SUBSCRIPTIONS)
-            .decrement(dropped.len() as f64);
     }
 
     /// Every open socket with its user, for presence heartbeats.
@@ -315,52 +332,45 @@ impl Routes {
     /// End the socket's first resume, which covered the log up to `head`: from now on it is
     /// live, and it is handed the conversations created after `head` that it did not follow.
     pub async fn finish_resume(self: &Arc<Self>, conn: ConnectionId, head: u64) {
-        let creations = {
+        let joins = {
             let mut table = self.table();
             let Some(entry) = table.sockets.get_mut(&conn) else {
                 return;
             };
             match std::mem::replace(&mut entry.phase, Phase::Live) {
-                Phase::Resuming(creations) => creations
+                Phase::Resuming(joins) => joins
                     .into_iter()
-                    .filter(|created| {
-                        created.seq > head
-                            && !entry.conversations.contains(&created.envelope.conversation)
-                    })
+                    .filter(|joined| joined.seq > head)
                     .collect(),
                 _ => Vec::new(),
             }
         };
-        for created in creations {
-            self.join_created(&[conn], created).await;
+        for joined in joins {
+            self.join(&[conn], joined).await;
         }
     }
 
-    /// A conversation was created: its members' live sockets follow it from its creation
-    /// event; sockets still resuming get it when their resume ends.
-    pub async fn on_created(self: &Arc<Self>, created: RecordedEvent) {
-        let Event::ConversationCreated(creation) = &created.envelope.event else {
-            return;
-        };
+    /// An event brought members into a conversation (its creation, or an addition): their
+    /// live sockets follow it from that event; sockets still resuming get it when their
+    /// resume ends.
+    pub async fn on_joined(self: &Arc<Self>, joined: RecordedEvent) {
         let live: Vec<ConnectionId> = {
             let mut table = self.table();
             let Table { sockets, users, .. } = &mut *table;
             let mut live = Vec::new();
-            for member in &creation.members {
+            for member in joined.envelope.event.joining() {
                 for conn in users.get(&member.user).into_iter().flatten() {
                     let Some(entry) = sockets.get_mut(conn) else {
                         continue;
                     };
                     match &mut entry.phase {
                         Phase::Waiting => {}
-                        Phase::Resuming(creations) => {
-                            if creations.len() == MAX_CREATIONS_WHILE_RESUMING {
-                                warn!(
-                                    "too many creations while a socket resumes; dropping the oldest"
-                                );
-                                creations.remove(0);
+                        Phase::Resuming(joins) => {
+                            if joins.len() == MAX_JOINS_WHILE_RESUMING {
+                                warn!("too many joins while a socket resumes; dropping the oldest");
+                                joins.remove(0);
                             }
-                            creations.push(created.clone());
+                            joins.push(joined.clone());
                         }
                         Phase::Live => live.push(*conn),
                     }
@@ -369,19 +379,26 @@ impl Routes {
             live
         };
         if !live.is_empty() {
-            self.join_created(&live, created).await;
+            self.join(&live, joined).await;
         }
     }
 
-    /// Send sockets a conversation's creation event, then follow the conversation from it.
-    async fn join_created(self: &Arc<Self>, conns: &[ConnectionId], created: RecordedEvent) {
-        let conversation = created.envelope.conversation;
-        let seq = created.seq;
-        let delivered = self.send_to(conns, &event_frame(created));
+    /// Send sockets the event that made their user a member, then follow the conversation
+    /// from it. A socket already following it (its resume found the membership) is left as
+    /// it is.
+    async fn join(self: &Arc<Self>, conns: &[ConnectionId], joined: RecordedEvent) {
+        let conversation = joined.envelope.conversation;
+        let seq = joined.seq;
+        let conns: Vec<ConnectionId> = conns
+            .iter()
+            .copied()
+            .filter(|conn| !self.follows(*conn, conversation))
+            .collect();
+        let delivered = self.send_to(&conns, &event_frame(joined));
         metrics::counter!(telemetry::GATEWAY_EVENTS_DELIVERED_TOTAL).increment(delivered);
         for conn in conns {
-            if let Err(e) = self.attach(*conn, conversation, seq).await {
-                warn!(error = %e, "cannot subscribe to a new conversation");
+            if let Err(e) = self.attach(conn, conversation, seq).await {
+                warn!(error = %e, "cannot subscribe to a conversation joined");
             }
         }
     }
@@ -511,7 +528,7 @@ impl Routes {
     /// left for a catch-up.
     fn fan_out(&self, event: RecordedEvent) {
         let conversation = event.envelope.conversation;
-        let outboxes: Vec<Outbox> = {
+        let (outboxes, dropped) = {
             let mut table = self.table();
             let Table {
                 sockets,
@@ -527,6 +544,7 @@ impl Routes {
             route.last = event.seq;
             let mut behind = false;
             let mut outboxes = Vec::new();
+            let mut departed = Vec::new();
             for (conn, sent) in &mut route.sockets {
                 if *sent >= event.seq {
                     continue;
@@ -536,17 +554,22 @@ impl Routes {
                     continue;
                 }
                 *sent = event.seq;
-                if let Some(entry) = sockets.get(conn)
-                    && is_sent_to(&event, &entry.user, entry.protocol)
-                {
-                    outboxes.push(entry.outbox.clone());
+                if let Some(entry) = sockets.get(conn) {
+                    if is_sent_to(&event, &entry.user, entry.protocol) {
+                        outboxes.push(entry.outbox.clone());
+                    }
+                    if departs(&event, &entry.user) {
+                        departed.push(*conn);
+                    }
                 }
             }
             if behind {
                 route.behind.notify_one();
             }
-            outboxes
+            let dropped = table.leave(conversation, &departed);
+            (outboxes, dropped)
         };
+        drop(dropped);
         if outboxes.is_empty() {
             return;
         }
@@ -590,6 +613,7 @@ impl Routes {
         let Some(route) = conversations.get_mut(&conversation) else {
             return;
         };
+        let mut departed = Vec::new();
         for (conn, sent) in &mut route.sockets {
             if *sent >= route.last {
                 continue;
@@ -610,15 +634,31 @@ impl Routes {
                 continue;
             }
             for (event, frame) in chain.events.iter().zip(&frames) {
-                if event.seq > *sent && is_sent_to(event, &entry.user, entry.protocol) {
+                if event.seq <= *sent {
+                    continue;
+                }
+                if is_sent_to(event, &entry.user, entry.protocol) {
                     entry.outbox.push(frame.clone());
+                }
+                if departs(event, &entry.user) {
+                    departed.push(*conn);
+                    break;
                 }
             }
             *sent = route.last;
             metrics::counter!(telemetry::GATEWAY_CATCH_UPS_TOTAL, "result" => "caught_up")
                 .increment(1);
         }
+        let dropped = table.leave(conversation, &departed);
+        drop(table);
+        drop(dropped);
     }
+}
+
+/// Whether `event` is the last one of its conversation that `user`'s sockets get: it
+/// removes the user from it. Sent, and then they stop following.
+fn departs(event: &RecordedEvent, user: &UserId) -> bool {
+    event.envelope.event.departs(user, &event.envelope.actor)
 }
 
 /// Whether a socket of `user` speaking `protocol` is sent `event` at all, live or by a

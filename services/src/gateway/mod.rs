@@ -12,9 +12,11 @@
 //! - [`typing`]: typing indicators, carried on the conversations' live subjects.
 //! - [`presence`]: presence pushed to the sockets that asked for it.
 //! - [`revocations`]: revoked tokens refused, and their live sockets closed.
+//! - [`limits`]: rate limits on requests and upgrades.
 
 mod commands;
 mod delivery;
+mod limits;
 mod log;
 mod presence;
 mod resume;
@@ -22,13 +24,14 @@ mod revocations;
 mod socket;
 mod typing;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::State;
 use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -52,6 +55,7 @@ use crate::revocation::{self, Revoked};
 use crate::topology::Topology;
 use crate::{telemetry, unix_millis};
 use delivery::{ConnectionId, Routes};
+use limits::RateLimits;
 use log::LogReader;
 use resume::StoreProgress;
 use revocations::Revocations;
@@ -102,6 +106,7 @@ pub(crate) struct Shared {
     watchers: Arc<presence::Watchers>,
     pending: commands::Pending,
     connections: Arc<Semaphore>,
+    limits: Arc<RateLimits>,
     next_connection: AtomicU64,
     /// Whether a task is creating (or finding) the intake after a publish found none.
     ensuring_intake: AtomicBool,
@@ -145,6 +150,7 @@ impl Gateway {
             verifier: Arc::new(verifier),
             revocations: Revocations::new(revoked),
             connections: Arc::new(Semaphore::new(config.gateway.max_connections)),
+            limits: RateLimits::new(&config.gateway.rate_limits),
             watchers: presence::Watchers::new(client.clone(), Arc::clone(&routes)),
             routes,
             progress: StoreProgress::new(Arc::clone(&store)),
@@ -196,6 +202,7 @@ impl Gateway {
             tokio::spawn(Arc::clone(&shared.progress).run()),
             tokio::spawn(watch_key_file(Arc::clone(&shared))),
             tokio::spawn(Arc::clone(&shared.revocations).follow(revocations)),
+            tokio::spawn(Arc::clone(&shared.limits).sweep_forever()),
         ];
         let app = Router::new()
             .route("/ws", get(upgrade))
@@ -210,6 +217,8 @@ impl Gateway {
                 debug!(error = %e, "cannot set TCP_NODELAY on a socket");
             }
         });
+        // The peer's address is what the per-address rate limits count.
+        let app = app.into_make_service_with_connect_info::<SocketAddr>();
         let result = axum::serve(listener, app)
             .with_graceful_shutdown(async move {
                 shutdown.cancelled().await;
@@ -258,8 +267,13 @@ impl Shared {
 }
 
 fn refuse(status: StatusCode, code: ErrorCode, message: &str) -> Response {
-    metrics::counter!(telemetry::GATEWAY_UPGRADES_TOTAL, "result" => code.as_str()).increment(1);
-    (status, axum::Json(HttpError::new(code, message))).into_response()
+    refuse_with(status, HttpError::new(code, message))
+}
+
+fn refuse_with(status: StatusCode, error: HttpError) -> Response {
+    metrics::counter!(telemetry::GATEWAY_UPGRADES_TOTAL, "result" => error.code.as_str())
+        .increment(1);
+    (status, axum::Json(error)).into_response()
 }
 
 /// The token from `Authorization: Bearer …`, else from the `access_token` query parameter.
@@ -281,10 +295,22 @@ fn query_param<'a>(uri: &'a Uri, name: &str) -> Option<&'a str> {
 
 async fn upgrade(
     State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     uri: Uri,
     ws: WebSocketUpgrade,
 ) -> Response {
+    // First, before any work: refused upgrades count too, so guessing tokens is limited.
+    if let Err(limited) = shared.limits.upgrade(peer.ip()) {
+        let mut response = refuse_with(
+            StatusCode::TOO_MANY_REQUESTS,
+            HttpError::rate_limited(limited.retry_after_ms()),
+        );
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, limited.retry_after_secs().into());
+        return response;
+    }
     let allowed = &shared.config.gateway.allowed_origins;
     if let Some(origin) = headers.get(header::ORIGIN)
         && !allowed.is_empty()
@@ -329,6 +355,7 @@ async fn upgrade(
         user,
         protocol,
         conn: shared.next_connection.fetch_add(1, Ordering::Relaxed),
+        ip: peer.ip(),
         expires_at: tokio::time::Instant::now() + remaining,
         claims,
         typing: Default::default(),
@@ -353,11 +380,12 @@ async fn route_outcomes(shared: Arc<Shared>, mut outcomes: async_nats::Subscribe
     }
 }
 
-/// New conversations: the local sockets of their members follow them.
+/// New conversations and new members: the local sockets of the members joining follow
+/// the conversation from then on.
 async fn follow_membership(shared: Arc<Shared>, mut membership: async_nats::Subscriber) {
     while let Some(message) = membership.next().await {
         match RecordedEvent::from_bytes(&message.payload) {
-            Ok(event) => shared.routes.on_created(event).await,
+            Ok(event) => shared.routes.on_joined(event).await,
             Err(e) => warn!(error = %e, "unreadable membership event"),
         }
     }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use parley_events::protocol::{
     MAX_RESUME_UNREAD, ResumeCursor, ResumeState, ResumeStatus, ServerFrame, UnreadCount,
 };
-use parley_events::{ClientMsgId, ConversationId, ErrorCode, Event, RecordedEvent, UserId};
+use parley_events::{ClientMsgId, ConversationId, ErrorCode, RecordedEvent, UserId};
 use parley_projections::{ConversationStore, InboxEntry, StoreError};
 use tokio::sync::{Notify, watch};
 use tracing::{debug, warn};
@@ -348,9 +348,15 @@ async fn conversations_at_head(
         .collect();
     for event in window {
         let conversation = event.envelope.conversation;
-        let names_user = matches!(&event.envelope.event, Event::ConversationCreated(created)
-            if created.members.iter().any(|member| member.user == session.user));
-        if names_user || newest.contains_key(&conversation) {
+        let joins = (event.envelope.event.joining().iter()).any(|m| m.user == session.user);
+        if event
+            .envelope
+            .event
+            .departs(&session.user, &event.envelope.actor)
+        {
+            // Not a member at the head: nothing of it is sent, and it is not followed.
+            newest.remove(&conversation);
+        } else if joins || newest.contains_key(&conversation) {
             newest.insert(conversation, event.seq);
         }
     }

@@ -129,6 +129,17 @@ impl Platform {
         let url = nats.url();
         Platform::launch(nats, url, redis, gateways, adjust).await
     }
+
+    /// [`start_with`](Self::start_with) on a nats-server the test started and filled first
+    /// (an old log loaded before any role runs).
+    pub async fn start_on_server(
+        nats: NatsServer,
+        gateways: usize,
+        adjust: impl FnOnce(&mut Config),
+    ) -> Platform {
+        let url = nats.url();
+        Platform::launch(nats, url, RedisOptions::default(), gateways, adjust).await
+    }
 }
 
 impl Platform<NatsCluster> {
@@ -178,6 +189,11 @@ impl<N> Platform<N> {
         config.handler.lanes = 4;
         config.projector.store.path = dir.path().join("conversations.db");
         config.gateway.command_timeout_secs = 5;
+        // Tests send far faster than people do (hundreds of requests by one user in a
+        // moment); rate_limits.rs sets the limits it tests. The per-address limits spare
+        // loopback by default.
+        config.gateway.rate_limits.user_per_sec = 1_000_000;
+        config.gateway.rate_limits.user_burst = 1_000_000;
         adjust(&mut config);
         config.validate().expect("test configuration is valid");
         let config = Arc::new(config);
