@@ -439,6 +439,33 @@ async fn history_shows_system_entries_on_version_2_only() {
         "{list}"
     );
     assert_eq!(list["conversations"][0].get("title"), None, "{list}");
+
+    // Version 1 pages on past system entries: a page of one is the newest message, not an
+    // empty page with nothing to page on from.
+    let mut pages = Vec::new();
+    let mut before = Value::Null;
+    for n in 0..3 {
+        let id = format!("p{n}");
+        v1.send(
+            json!({"type": "history", "id": id, "conversation": g, "before": before, "limit": 1}),
+        )
+        .await;
+        let page = v1.reply_to(&id).await;
+        let messages = page["messages"].as_array().unwrap();
+        assert_eq!(messages.len(), 1, "{page}");
+        pages.push((messages[0]["body"].clone(), page["has_more"].clone()));
+        before = messages[0]["seq"].clone();
+        if page["has_more"] == false {
+            break;
+        }
+    }
+    assert_eq!(
+        pages,
+        [
+            (json!("welcome"), json!(true)),
+            (json!("hello"), json!(false))
+        ]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,7 +13,7 @@ use parley_events::protocol::{
     ClientFrame, ConversationSummary, Limits, MessagePreview, ServerFrame, close,
 };
 use parley_events::{Action, ClientMsgId, Command, ConversationId, ErrorCode, Role, UserId};
-use parley_projections::StoreError;
+use parley_projections::{ConversationStore, HistoryPage, StoreError};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{Instrument, debug, info_span, warn};
@@ -461,21 +461,63 @@ async fn history_page(
     if let Err(refused) = member_role(shared, session, id, conversation).await? {
         return Ok(refused);
     }
-    let store = &shared.store;
-    let mut page = match from {
-        HistoryFrom::Before(before) => store.history(conversation, before, limit).await?,
-        HistoryFrom::After(after) => store.history_after(conversation, after, limit).await?,
+    let page = if session.protocol < 2 {
+        messages_only(&*shared.store, conversation, from, limit).await?
+    } else {
+        store_page(&*shared.store, conversation, from, limit).await?
     };
-    // Version 1 has no system entries: its page leaves them out (and may come out short).
-    if session.protocol < 2 {
-        page.messages.retain(|message| message.system.is_none());
-    }
     Ok(fit_frame(ServerFrame::History {
         id: id.clone(),
         conversation,
         messages: page.messages,
         has_more: page.has_more,
     }))
+}
+
+async fn store_page(
+    store: &dyn ConversationStore,
+    conversation: ConversationId,
+    from: HistoryFrom,
+    limit: u32,
+) -> Result<HistoryPage, StoreError> {
+    match from {
+        HistoryFrom::Before(before) => store.history(conversation, before, limit).await,
+        HistoryFrom::After(after) => store.history_after(conversation, after, limit).await,
+    }
+}
+
+/// A version 1 page: version 1 has no system entries, so they are left out, and the store
+/// is read on past them until the page has `limit` messages or the history ends. Else a
+/// page of system entries alone would come back empty with `has_more`, leaving the client
+/// no sequence to page on from.
+async fn messages_only(
+    store: &dyn ConversationStore,
+    conversation: ConversationId,
+    mut from: HistoryFrom,
+    limit: u32,
+) -> Result<HistoryPage, StoreError> {
+    let mut messages = Vec::new();
+    loop {
+        let wanted = limit - u32::try_from(messages.len()).unwrap_or(limit);
+        let page = store_page(store, conversation, from, wanted).await?;
+        let Some(last) = page.messages.last().map(|m| m.seq) else {
+            return Ok(HistoryPage {
+                messages,
+                has_more: false,
+            });
+        };
+        messages.extend(page.messages.into_iter().filter(|m| m.system.is_none()));
+        if messages.len() >= limit as usize || !page.has_more {
+            return Ok(HistoryPage {
+                messages,
+                has_more: page.has_more,
+            });
+        }
+        from = match from {
+            HistoryFrom::Before(_) => HistoryFrom::Before(Some(last)),
+            HistoryFrom::After(_) => HistoryFrom::After(last),
+        };
+    }
 }
 
 /// The user's role in the conversation, or the error frame for a user who may not read it:
