@@ -1035,7 +1035,11 @@ mod tests {
                 }),
             },
         };
-        let text = ServerFrame::Event { event }.to_json();
+        let text = ServerFrame::Event {
+            event,
+            system: None,
+        }
+        .to_json();
         let view = event_view(&text).expect("an event frame").unwrap();
         assert_eq!(
             (view.seq, view.prev, view.conversation),
