@@ -41,10 +41,13 @@ pub enum ErrorCode {
     /// The request's id was already used by this user for a different request; the
     /// request was not applied. Send it with a fresh id.
     IdReused,
+    /// The referenced sequence is not a message of this conversation, or the message was
+    /// deleted (for edits, reactions and replies).
+    MessageNotFound,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 16] = [
         ErrorCode::BadFrame,
         ErrorCode::UnknownFrameType,
         ErrorCode::MessageTooLarge,
@@ -60,6 +63,7 @@ impl ErrorCode {
         ErrorCode::Timeout,
         ErrorCode::Unavailable,
         ErrorCode::IdReused,
+        ErrorCode::MessageNotFound,
     ];
 
     /// The code as it appears on the wire.
@@ -80,6 +84,7 @@ impl ErrorCode {
             ErrorCode::Timeout => "timeout",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::IdReused => "id_reused",
+            ErrorCode::MessageNotFound => "message_not_found",
         }
     }
 
