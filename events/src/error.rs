@@ -41,13 +41,16 @@ pub enum ErrorCode {
     /// The request's id was already used by this user for a different request; the
     /// request was not applied. Send it with a fresh id.
     IdReused,
+    /// The actor's role does not allow the request (for example deleting someone else's
+    /// message as a plain member, or editing someone else's message).
+    Forbidden,
     /// The referenced sequence is not a message of this conversation, or the message was
     /// deleted (for edits, reactions and replies).
     MessageNotFound,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 16] = [
+    pub const ALL: [ErrorCode; 17] = [
         ErrorCode::BadFrame,
         ErrorCode::UnknownFrameType,
         ErrorCode::MessageTooLarge,
@@ -63,6 +66,7 @@ impl ErrorCode {
         ErrorCode::Timeout,
         ErrorCode::Unavailable,
         ErrorCode::IdReused,
+        ErrorCode::Forbidden,
         ErrorCode::MessageNotFound,
     ];
 
@@ -84,6 +88,7 @@ impl ErrorCode {
             ErrorCode::Timeout => "timeout",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::IdReused => "id_reused",
+            ErrorCode::Forbidden => "forbidden",
             ErrorCode::MessageNotFound => "message_not_found",
         }
     }
