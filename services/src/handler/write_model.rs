@@ -21,6 +21,7 @@ use parley_events::{
     EventId, Fingerprint, Member, OutcomeResult, RecordedEvent, Role, UserId,
 };
 
+use super::messages::{MessageRef, MessageState, NotAppended};
 use crate::config::LimitsConfig;
 
 /// What the write model says about a command.
@@ -83,6 +84,9 @@ struct Aggregate {
     /// those builds could not have read a log holding any.
     #[serde(default)]
     read: HashMap<UserId, Marker>,
+    /// Deleted messages and reactions.
+    #[serde(default)]
+    messages: MessageState,
 }
 
 /// A member's read marker and the `conversation.read` event that set it.
@@ -129,9 +133,9 @@ impl From<Accepted> for OutcomeResult {
     }
 }
 
-/// Format 2 added the fingerprints; a format 1 snapshot is refused, which costs one replay
-/// of the whole log.
-const SNAPSHOT_FORMAT: u32 = 2;
+/// Format 2 added the fingerprints, format 3 deleted messages and reactions; a snapshot of
+/// another format is refused, which costs one replay of the whole log.
+const SNAPSHOT_FORMAT: u32 = 3;
 
 #[derive(Serialize)]
 struct SnapshotRef<'a> {
@@ -151,6 +155,15 @@ struct Snapshot {
     shard_last: Vec<u64>,
     conversations: HashMap<ConversationId, Aggregate>,
     commands: Vec<(CommandId, Remembered)>,
+}
+
+impl From<NotAppended> for Decision {
+    fn from(not: NotAppended) -> Self {
+        match not {
+            NotAppended::Known(accepted) => Decision::Known(accepted),
+            NotAppended::Refused(code, message) => Decision::Reject { code, message },
+        }
+    }
 }
 
 fn reject(code: ErrorCode, message: impl Into<String>) -> Decision {
@@ -285,6 +298,7 @@ impl WriteModel {
                         last_seq: seq,
                         created: remembered,
                         read: HashMap::new(),
+                        messages: MessageState::default(),
                     });
             }
             Event::MessagePosted(_) | Event::ConversationRead(_) => {
@@ -307,6 +321,15 @@ impl WriteModel {
                     }
                 }
             }
+            Event::MessageEdited(_)
+            | Event::MessageDeleted(_)
+            | Event::ReactionAdded(_)
+            | Event::ReactionRemoved(_) => {
+                if let Some(aggregate) = self.conversations.get_mut(&envelope.conversation) {
+                    aggregate.last_seq = aggregate.last_seq.max(seq);
+                    aggregate.messages.apply(envelope, remembered.accepted);
+                }
+            }
         }
         self.remember(envelope.command, remembered);
     }
@@ -322,8 +345,22 @@ impl WriteModel {
         }
     }
 
-    /// Validate `command` against the current state and say what to do with it.
+    /// Validate `command` against the current state and say what to do with it. A command
+    /// that refers to a message ([`Command::target_message`]) is refused here as referring
+    /// to none: decide it with [`WriteModel::decide_with`].
     pub fn decide(&self, command: &Command, limits: &LimitsConfig) -> Decision {
+        self.decide_with(command, limits, None)
+    }
+
+    /// [`WriteModel::decide`], with the message the command refers to as the log holds it
+    /// at [`Command::target_message`] (`None` when that is not a message of the
+    /// conversation).
+    pub fn decide_with(
+        &self,
+        command: &Command,
+        limits: &LimitsConfig,
+        target: Option<&MessageRef>,
+    ) -> Decision {
         if let Some(remembered) = self.commands.get(&command.id) {
             return remembered.answer(command);
         }
@@ -403,16 +440,21 @@ impl WriteModel {
                         .collect(),
                 })
             }
-            Action::PostMessage { body, .. } => {
-                if let Err((code, message)) = self.member_of(conversation, &command.actor) {
-                    return reject(code, message);
-                }
+            Action::PostMessage { body, reply_to, .. } => {
+                let aggregate = match self.member_of(conversation, &command.actor) {
+                    Ok(aggregate) => aggregate,
+                    Err((code, message)) => return reject(code, message),
+                };
                 if let Err((code, message)) = check_body(body, limits) {
                     return reject(code, message);
+                }
+                if let Err(not) = aggregate.messages.check_reply(*reply_to, target) {
+                    return not.into();
                 }
                 Event::MessagePosted(MessagePosted {
                     client_id: command.client_id.clone(),
                     body: body.clone(),
+                    reply_to: *reply_to,
                 })
             }
             Action::MarkRead { seq, .. } => {
@@ -436,6 +478,20 @@ impl WriteModel {
                     return Decision::Known(marker.set_by);
                 }
                 Event::ConversationRead(ConversationRead { seq: *seq })
+            }
+            Action::EditMessage { .. }
+            | Action::DeleteMessage { .. }
+            | Action::React { .. }
+            | Action::Unreact { .. } => {
+                let aggregate = match self.member_of(conversation, &command.actor) {
+                    Ok(aggregate) => aggregate,
+                    Err((code, message)) => return reject(code, message),
+                };
+                let role = aggregate.members[&command.actor];
+                match aggregate.messages.decide(command, role, target, limits) {
+                    Ok(event) => event,
+                    Err(not) => return not.into(),
+                }
             }
         };
         let shard = self.shards.of(conversation);
@@ -504,6 +560,7 @@ mod tests {
             Action::PostMessage {
                 conversation,
                 body: body.into(),
+                reply_to: None,
             },
         )
     }
