@@ -33,8 +33,9 @@ use uuid::Uuid;
 pub use scylla::statement::Consistency;
 
 use crate::columns::{
-    corrupt, event_at, events_page, history_message, i64_of, kind_str, members_page, parse_kind,
-    parse_member, parse_role, schema, u64_of, unavailable,
+    Changes, carried_body, corrupt, event_at, events_page, history_message, i64_of, kind_str,
+    members_page, parse_kind, parse_member, parse_role, reaction_counts, schema, u64_of,
+    unavailable, with_body,
 };
 use crate::store::{
     ConversationDetails, ConversationStore, ConversationView, EventsPage, HistoryPage, InboxEntry,
@@ -43,7 +44,7 @@ use crate::store::{
 use crate::tls::TlsClient;
 
 /// Schema version this build writes, kept in the keyspace's `schema_version` table.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// Log sequences per history bucket. A `(conversation, bucket)` partition holds at most this
 /// many messages (every sequence in its range would have to be one of the conversation's
@@ -54,11 +55,12 @@ pub const DEFAULT_HISTORY_BUCKET_SEQS: u64 = 16_384;
 /// Rows of one partition sent in one unlogged batch.
 const BATCH_ROWS: usize = 64;
 const POSITION_NAME: &str = "conversations";
-/// The position's row. Schema 2 added the events table, empty for events applied before:
-/// a keyspace upgraded from schema 1 has no position under this name, so the projector
-/// replays the log into it. (Deleting the old row instead would leave a tombstone newer
-/// than every `USING TIMESTAMP <seq>` write that follows.)
-const POSITION_ROW: &str = "conversations.2";
+/// The position's row, named after the schema that last needed the log replayed into it:
+/// a keyspace upgraded from an older schema has no position under this name, so the
+/// projector replays the log (schema 2 added the events table, schema 3 message changes and
+/// events stored without their bodies). Deleting the old row instead would leave a tombstone
+/// newer than every `USING TIMESTAMP <seq>` write that follows.
+const POSITION_ROW: &str = "conversations.3";
 
 /// Where and how to reach the CQL cluster.
 #[derive(Clone)]
@@ -200,6 +202,16 @@ struct Statements {
     member: PreparedStatement,
     membership: PreparedStatement,
     message: PreparedStatement,
+    edit_message: PreparedStatement,
+    delete_message: PreparedStatement,
+    mark_reacted: PreparedStatement,
+    body: PreparedStatement,
+    delete_bodies: PreparedStatement,
+    bodies: PreparedStatement,
+    react: PreparedStatement,
+    unreact: PreparedStatement,
+    clear_reactions: PreparedStatement,
+    reactions: PreparedStatement,
     bucket: PreparedStatement,
     event: PreparedStatement,
     event_bucket: PreparedStatement,
@@ -290,13 +302,49 @@ fn schema_v2(ks: &str) -> Vec<String> {
     ]
 }
 
+/// Schema version 3: message changes. A message row gains what it replies to and whether
+/// it was edited, deleted or reacted to (an edit or deletion writes the row's body, at its
+/// own sequence, so the newest wins). Bodies also go into `bodies`, one partition per
+/// message holding the post's and every edit's, which a deletion removes with one partition
+/// tombstone at its sequence: that also covers bodies that arrive after it. Stored events
+/// carry no body any more (it is read from `bodies`), so the events stored before, bodies
+/// included, are truncated and replayed. Reactions are one partition per message, bounded
+/// by its conversation's members times the emoji one user may hold.
+fn schema_v3(ks: &str) -> Vec<String> {
+    vec![
+        format!(
+            "ALTER TABLE {ks}.messages ADD (reply_to bigint, edited boolean, deleted boolean, reacted boolean)"
+        ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {ks}.bodies (conversation uuid, message bigint, seq bigint, body text, PRIMARY KEY ((conversation, message), seq))"
+        ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {ks}.reactions (conversation uuid, message bigint, emoji text, user_id text, PRIMARY KEY ((conversation, message), emoji, user_id))"
+        ),
+        format!("TRUNCATE {ks}.events"),
+    ]
+}
+
 /// Migrations by version: entry `n` brings a keyspace from version `n` to `n + 1`.
 fn migrations(ks: &str) -> Vec<Vec<String>> {
-    vec![schema_v1(ks), schema_v2(ks)]
+    vec![schema_v1(ks), schema_v2(ks), schema_v3(ks)]
 }
 
 type ConversationRow = (Option<String>, Option<String>, Option<i64>, Option<i64>);
-type MessageRow = (i64, Uuid, String, String, String, i64);
+/// A history row. Every cell but the sequence may be missing: an edit, deletion or reaction
+/// applied before its message writes a row of its cells alone, which reads skip.
+type MessageRow = (
+    i64,
+    Option<Uuid>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+    Option<i64>,
+    Option<bool>,
+    Option<bool>,
+    Option<bool>,
+);
 
 /// Reading rows of one conversation across its buckets: the bucket index query
 /// (conversation, first bucket) returns buckets in the order to read them, the row query
@@ -461,10 +509,20 @@ impl CqlStore {
             let id = *conversation.as_uuid();
             let seq = i64_of(recorded.seq);
             let bucket = self.bucket_of(recorded.seq);
+            // A body is stored in `bodies` only, where a deletion can reach it.
+            let stored = match carried_body(&envelope.event, recorded.seq) {
+                Some((message, body)) => {
+                    writes.push(
+                        self.write(&s.body, (id, i64_of(message), seq, body.to_owned(), seq)),
+                    );
+                    with_body(envelope, "")
+                }
+                None => envelope.clone(),
+            };
             recorded_events
                 .entry((conversation, bucket))
                 .or_default()
-                .push((id, bucket, seq, envelope.to_bytes(), seq));
+                .push((id, bucket, seq, stored.to_bytes(), seq));
             newest
                 .entry(conversation)
                 .and_modify(|e| {
@@ -514,7 +572,52 @@ impl CqlStore {
                         posted.client_id.as_str().to_owned(),
                         posted.body.clone(),
                         i64_of(envelope.at),
+                        posted.reply_to.map(i64_of),
                         seq,
+                    ));
+                }
+                Event::MessageEdited(edited) => {
+                    let (message, at) = (i64_of(edited.message), self.bucket_of(edited.message));
+                    writes.push(
+                        self.write(&s.edit_message, (seq, edited.body.clone(), id, at, message)),
+                    );
+                }
+                Event::MessageDeleted(deleted) => {
+                    let (message, at) = (i64_of(deleted.message), self.bucket_of(deleted.message));
+                    // Every body and reaction of the message comes from an event before its
+                    // deletion (the handler refuses them after), so tombstones at the
+                    // deletion's sequence cover them all, even those applied after it.
+                    writes.push(self.write(&s.delete_message, (seq, id, at, message)));
+                    writes.push(self.write(&s.delete_bodies, (seq, id, message)));
+                    writes.push(self.write(&s.clear_reactions, (seq, id, message)));
+                }
+                Event::ReactionAdded(reaction) => {
+                    let message = i64_of(reaction.message);
+                    let at = self.bucket_of(reaction.message);
+                    writes.push(self.write(
+                        &s.react,
+                        (
+                            id,
+                            message,
+                            reaction.emoji.clone(),
+                            envelope.actor.as_str().to_owned(),
+                            seq,
+                        ),
+                    ));
+                    writes.push(self.write(&s.mark_reacted, (seq, id, at, message)));
+                }
+                Event::ReactionRemoved(reaction) => {
+                    // Timestamped like the add: whichever of the two is newer wins, in any
+                    // order of arrival.
+                    writes.push(self.write(
+                        &s.unreact,
+                        (
+                            seq,
+                            id,
+                            i64_of(reaction.message),
+                            reaction.emoji.clone(),
+                            envelope.actor.as_str().to_owned(),
+                        ),
                     ));
                 }
             }
@@ -546,6 +649,82 @@ impl CqlStore {
         writes
     }
 
+    /// A page of history from rows read one beyond `limit`, to know whether more follow,
+    /// with the reactions of the messages that have any (one partition read each).
+    async fn history_page(
+        &self,
+        id: ConversationId,
+        rows: Vec<MessageRow>,
+        limit: u32,
+    ) -> Result<HistoryPage, StoreError> {
+        let has_more = rows.len() > limit as usize;
+        let read = history_messages(rows.into_iter().take(limit as usize).collect())?;
+        let messages = futures::stream::iter(read)
+            .map(|(mut message, reacted)| async move {
+                if reacted {
+                    let pairs: Vec<(String, String)> = self
+                        .session
+                        .execute_iter(
+                            self.statements.reactions.clone(),
+                            (*id.as_uuid(), i64_of(message.seq)),
+                        )
+                        .await?
+                        .rows_stream::<(String, String)>()
+                        .map_err(corrupt)?
+                        .map_err(unavailable)
+                        .try_collect()
+                        .await?;
+                    message.reactions = reaction_counts(pairs)?;
+                }
+                Ok::<_, StoreError>(message)
+            })
+            .buffered(self.max_in_flight)
+            .try_collect()
+            .await?;
+        Ok(HistoryPage { messages, has_more })
+    }
+
+    /// Put back the bodies stored events carry, from `bodies`: a deleted message's are gone
+    /// from there, so its events keep the empty body they were stored with.
+    async fn fill_bodies(
+        &self,
+        id: ConversationId,
+        events: &mut [RecordedEvent],
+    ) -> Result<(), StoreError> {
+        let mut messages: Vec<u64> = events
+            .iter()
+            .filter_map(|e| carried_body(&e.envelope.event, e.seq).map(|(message, _)| message))
+            .collect();
+        messages.sort_unstable();
+        messages.dedup();
+        let bodies: HashMap<i64, String> = futures::stream::iter(messages)
+            .map(|message| async move {
+                self.session
+                    .execute_iter(
+                        self.statements.bodies.clone(),
+                        (*id.as_uuid(), i64_of(message)),
+                    )
+                    .await?
+                    .rows_stream::<(i64, String)>()
+                    .map_err(corrupt)?
+                    .map_err(unavailable)
+                    .try_collect::<Vec<_>>()
+                    .await
+            })
+            .buffer_unordered(self.max_in_flight)
+            .try_collect::<Vec<_>>()
+            .await?
+            .into_iter()
+            .flatten()
+            .collect();
+        for event in events {
+            if let Some(body) = bodies.get(&i64_of(event.seq)) {
+                event.envelope = with_body(&event.envelope, body);
+            }
+        }
+        Ok(())
+    }
+
     async fn memberships(&self, user: &UserId) -> Result<Vec<(Uuid, String)>, StoreError> {
         self.session
             .execute_iter(self.statements.memberships.clone(), (user.as_str(),))
@@ -568,24 +747,47 @@ impl CqlStore {
     }
 }
 
-/// A page of history from rows read one beyond `limit`, to know whether more follow.
-fn history_page(rows: Vec<MessageRow>, limit: u32) -> Result<HistoryPage, StoreError> {
-    let has_more = rows.len() > limit as usize;
-    let messages = rows
-        .into_iter()
-        .take(limit as usize)
-        .map(|(seq, event_id, sender, client_id, body, at)| {
-            history_message((
+/// The messages of history rows, with whether each may have reactions; rows of a message
+/// whose post is not applied yet are left out.
+fn history_messages(
+    rows: Vec<MessageRow>,
+) -> Result<Vec<(parley_events::protocol::HistoryMessage, bool)>, StoreError> {
+    rows.into_iter()
+        .filter_map(|row| {
+            let (
                 seq,
-                EventId::from_uuid(event_id),
-                sender,
-                client_id,
+                Some(id),
+                Some(sender),
+                Some(client_id),
                 body,
-                at,
-            ))
+                Some(at),
+                reply_to,
+                edited,
+                deleted,
+                reacted,
+            ) = row
+            else {
+                return None;
+            };
+            let changes = Changes {
+                edited: edited.unwrap_or(false),
+                deleted: deleted.unwrap_or(false),
+                reply_to,
+            };
+            let message = history_message(
+                (
+                    seq,
+                    EventId::from_uuid(id),
+                    sender,
+                    client_id,
+                    body.unwrap_or_default(),
+                    at,
+                ),
+                changes,
+            );
+            Some(message.map(|m| (m, reacted.unwrap_or(false) && !changes.deleted)))
         })
-        .collect::<Result<Vec<_>, StoreError>>()?;
-    Ok(HistoryPage { messages, has_more })
+        .collect()
 }
 
 async fn detect_dialect(session: &Session) -> Result<Dialect, StoreError> {
@@ -691,6 +893,13 @@ async fn migrate(
     let current = usize::try_from(version).unwrap_or(0);
     for statements in migrations(ks).into_iter().skip(current) {
         for ddl in statements {
+            // The one migration step that is not idempotent by itself: a set-up interrupted
+            // after it runs it again.
+            if ddl.starts_with("ALTER TABLE")
+                && column_exists(session, ks, "messages", "reply_to").await?
+            {
+                continue;
+            }
             session.query_unpaged(ddl, ()).await?;
         }
     }
@@ -714,6 +923,24 @@ async fn migrate(
         );
     }
     Ok(())
+}
+
+async fn column_exists(
+    session: &Session,
+    ks: &str,
+    table: &str,
+    column: &str,
+) -> Result<bool, StoreError> {
+    Ok(session
+        .query_unpaged(
+            "SELECT column_name FROM system_schema.columns WHERE keyspace_name = ? AND table_name = ? AND column_name = ?",
+            (ks, table, column),
+        )
+        .await?
+        .into_rows_result()
+        .map_err(corrupt)?
+        .rows_num()
+        > 0)
 }
 
 async fn prepare_all(session: &Session, ks: &str) -> Result<Statements, StoreError> {
@@ -742,7 +969,47 @@ async fn prepare_all(session: &Session, ks: &str) -> Result<Statements, StoreErr
         ))
         .await?,
         message: prepare(format!(
-            "INSERT INTO {ks}.messages (conversation, bucket, seq, id, sender, client_id, body, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
+            "INSERT INTO {ks}.messages (conversation, bucket, seq, id, sender, client_id, body, at, reply_to) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
+        ))
+        .await?,
+        edit_message: prepare(format!(
+            "UPDATE {ks}.messages USING TIMESTAMP ? SET body = ?, edited = true WHERE conversation = ? AND bucket = ? AND seq = ?"
+        ))
+        .await?,
+        delete_message: prepare(format!(
+            "UPDATE {ks}.messages USING TIMESTAMP ? SET body = '', deleted = true WHERE conversation = ? AND bucket = ? AND seq = ?"
+        ))
+        .await?,
+        mark_reacted: prepare(format!(
+            "UPDATE {ks}.messages USING TIMESTAMP ? SET reacted = true WHERE conversation = ? AND bucket = ? AND seq = ?"
+        ))
+        .await?,
+        body: prepare(format!(
+            "INSERT INTO {ks}.bodies (conversation, message, seq, body) VALUES (?, ?, ?, ?) USING TIMESTAMP ?"
+        ))
+        .await?,
+        delete_bodies: prepare(format!(
+            "DELETE FROM {ks}.bodies USING TIMESTAMP ? WHERE conversation = ? AND message = ?"
+        ))
+        .await?,
+        bodies: prepare(format!(
+            "SELECT seq, body FROM {ks}.bodies WHERE conversation = ? AND message = ?"
+        ))
+        .await?,
+        react: prepare(format!(
+            "INSERT INTO {ks}.reactions (conversation, message, emoji, user_id) VALUES (?, ?, ?, ?) USING TIMESTAMP ?"
+        ))
+        .await?,
+        unreact: prepare(format!(
+            "DELETE FROM {ks}.reactions USING TIMESTAMP ? WHERE conversation = ? AND message = ? AND emoji = ? AND user_id = ?"
+        ))
+        .await?,
+        clear_reactions: prepare(format!(
+            "DELETE FROM {ks}.reactions USING TIMESTAMP ? WHERE conversation = ? AND message = ?"
+        ))
+        .await?,
+        reactions: prepare(format!(
+            "SELECT emoji, user_id FROM {ks}.reactions WHERE conversation = ? AND message = ?"
         ))
         .await?,
         bucket: prepare(format!(
@@ -816,7 +1083,7 @@ async fn prepare_all(session: &Session, ks: &str) -> Result<Statements, StoreErr
         ))
         .await?,
         history: prepare(format!(
-            "SELECT seq, id, sender, client_id, body, at FROM {ks}.messages WHERE conversation = ? AND bucket = ? AND seq < ? LIMIT ?"
+            "SELECT seq, id, sender, client_id, body, at, reply_to, edited, deleted, reacted FROM {ks}.messages WHERE conversation = ? AND bucket = ? AND seq < ? LIMIT ?"
         ))
         .await?,
         buckets_after: prepare(format!(
@@ -824,7 +1091,7 @@ async fn prepare_all(session: &Session, ks: &str) -> Result<Statements, StoreErr
         ))
         .await?,
         history_after: prepare(format!(
-            "SELECT seq, id, sender, client_id, body, at FROM {ks}.messages WHERE conversation = ? AND bucket = ? AND seq > ? ORDER BY seq ASC LIMIT ?"
+            "SELECT seq, id, sender, client_id, body, at, reply_to, edited, deleted, reacted FROM {ks}.messages WHERE conversation = ? AND bucket = ? AND seq > ? ORDER BY seq ASC LIMIT ?"
         ))
         .await?,
         event_buckets: prepare(format!(
@@ -1082,7 +1349,7 @@ impl ConversationStore for CqlStore {
             )
             .await?
         };
-        history_page(rows, limit)
+        self.history_page(id, rows, limit).await
     }
 
     /// Walks the conversation's non-empty buckets oldest first, from the one holding
@@ -1107,7 +1374,7 @@ impl ConversationStore for CqlStore {
                 limit as usize + 1,
             )
             .await?;
-        history_page(rows, limit)
+        self.history_page(id, rows, limit).await
     }
 
     /// Walks the conversation's event buckets oldest first, from the one holding `after + 1`.
@@ -1131,7 +1398,9 @@ impl ConversationStore for CqlStore {
                 limit as usize + 1,
             )
             .await?;
-        events_page(rows, limit)
+        let mut page = events_page(rows, limit)?;
+        self.fill_bodies(id, &mut page.events).await?;
+        Ok(page)
     }
 
     async fn read_marker(&self, id: ConversationId, user: &UserId) -> Result<u64, StoreError> {
@@ -1159,7 +1428,7 @@ impl ConversationStore for CqlStore {
             rows: &self.statements.senders_after,
         };
         let first = self.bucket_of(after.saturating_add(1));
-        let rows: Vec<(i64, String)> = self
+        let rows: Vec<(i64, Option<String>)> = self
             .walk(
                 walk,
                 *id.as_uuid(),
@@ -1168,9 +1437,10 @@ impl ConversationStore for CqlStore {
                 UNREAD_CAP as usize,
             )
             .await?;
+        // A row without a sender is a change to a message not applied yet: not a message.
         let unread = rows
             .into_iter()
-            .filter(|(_, sender)| sender != user.as_str())
+            .filter(|(_, sender)| sender.as_deref().is_some_and(|s| s != user.as_str()))
             .count();
         Ok(u32::try_from(unread).unwrap_or(UNREAD_CAP))
     }

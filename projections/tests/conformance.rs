@@ -16,8 +16,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use parley_events::protocol::ReactionCount;
 use parley_events::{
-    ConversationId, ConversationKind, Event, EventEnvelope, Member, RecordedEvent, Role,
+    ClientMsgId, ConversationId, ConversationKind, Event, EventEnvelope, Member, MessageDeleted,
+    MessageEdited, MessagePosted, Reaction, RecordedEvent, Role,
 };
 use parley_localstack::CassandraNode;
 use parley_projections::{
@@ -27,7 +29,7 @@ use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 
 mod support;
-use support::{direct, group, log_with, then_read, user};
+use support::{direct, group, log_with, then, then_read, user};
 
 const TEST_BUCKET_SEQS: u64 = 4;
 
@@ -200,6 +202,10 @@ conformance!(
     an_unknown_event_type_or_version_stops_the_projection,
     a_store_from_a_newer_build_is_refused,
     permutations_and_duplicates_converge,
+    edits_deletions_reactions_and_replies_show_in_history,
+    a_deleted_body_is_gone_from_history_and_the_resume_index,
+    reactions_keep_the_newest_add_or_remove_whatever_the_order,
+    message_changes_converge_whatever_the_order_and_repeats,
 );
 
 // --- helpers ---------------------------------------------------------------------------
@@ -823,7 +829,7 @@ async fn a_store_from_a_newer_build_is_refused(backend: Backend) {
     let err = backend.try_open("s").await.err().expect("refused");
     assert_eq!(err.kind, StoreErrorKind::Schema);
     assert!(err.to_string().contains("99"), "{err}");
-    backend.set_schema_version("s", 2).await;
+    backend.set_schema_version("s", 3).await;
     let store = backend.open("s").await;
     assert_eq!(
         store.position().await.unwrap(),
@@ -845,6 +851,268 @@ async fn permutations_and_duplicates_converge(backend: Backend) {
     let cases = match backend {
         Backend::Sqlite(_) => 24,
         Backend::Cql { .. } => 8,
+    };
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::default());
+    let generated: Vec<_> = (0..cases)
+        .map(|_| strategy.new_tree(&mut runner).unwrap().current())
+        .collect();
+    for (n, (order, duplicates, batch)) in generated.into_iter().enumerate() {
+        let mut shuffled: Vec<RecordedEvent> = order.iter().map(|&i| events[i].clone()).collect();
+        shuffled.extend(duplicates.iter().map(|&i| events[i].clone()));
+        let store = backend.open(&format!("case{n}")).await;
+        apply_in_batches(&*store, &shuffled, batch).await;
+        assert_eq!(
+            snapshot(&*store, &events).await,
+            expected,
+            "order {order:?}, duplicates {duplicates:?}, batch {batch}"
+        );
+    }
+}
+
+// --- message changes ----------------------------------------------------------------------
+
+fn reaction(message: u64, emoji: &str) -> Reaction {
+    Reaction {
+        message,
+        emoji: emoji.into(),
+    }
+}
+
+fn edited(message: u64, body: &str) -> Event {
+    Event::MessageEdited(MessageEdited {
+        message,
+        body: body.into(),
+    })
+}
+
+/// The small log, then (from sequence 15) a reply, edits, reactions and a deletion. In the
+/// direct conversation alice posted 3 and 7, bob 5.
+fn log_with_changes() -> Vec<RecordedEvent> {
+    let mut events = log();
+    let d = direct();
+    let reply = Event::MessagePosted(MessagePosted {
+        client_id: ClientMsgId::parse("r1").unwrap(),
+        body: "re: direct 0".into(),
+        reply_to: Some(3),
+    });
+    assert_eq!(then(&mut events, d, "bob", reply), 15);
+    then(&mut events, d, "alice", edited(3, "direct 0, edited"));
+    then(&mut events, d, "alice", edited(3, "direct 0, edited twice"));
+    then(
+        &mut events,
+        d,
+        "bob",
+        Event::ReactionAdded(reaction(3, "👍")),
+    );
+    then(
+        &mut events,
+        d,
+        "alice",
+        Event::ReactionAdded(reaction(3, "👍")),
+    );
+    then(
+        &mut events,
+        d,
+        "alice",
+        Event::ReactionAdded(reaction(3, "🎉")),
+    );
+    then(
+        &mut events,
+        d,
+        "alice",
+        Event::ReactionRemoved(reaction(3, "🎉")),
+    );
+    then(&mut events, d, "alice", edited(7, "secret edit"));
+    then(
+        &mut events,
+        d,
+        "bob",
+        Event::ReactionAdded(reaction(7, "👀")),
+    );
+    then(
+        &mut events,
+        d,
+        "alice",
+        Event::MessageDeleted(MessageDeleted { message: 7 }),
+    );
+    then(
+        &mut events,
+        group(),
+        "carol",
+        Event::ReactionAdded(reaction(4, "👀")),
+    );
+    then(
+        &mut events,
+        d,
+        "bob",
+        Event::ReactionAdded(reaction(5, "❤️")),
+    );
+    then(
+        &mut events,
+        d,
+        "bob",
+        Event::ReactionRemoved(reaction(5, "❤️")),
+    );
+    assert_eq!(
+        then(
+            &mut events,
+            d,
+            "bob",
+            Event::ReactionAdded(reaction(5, "❤️"))
+        ),
+        28
+    );
+    events
+}
+
+async fn edits_deletions_reactions_and_replies_show_in_history(backend: Backend) {
+    let events = log_with_changes();
+    let store = backend.open("s").await;
+    apply_in_batches(&*store, &events, 5).await;
+    let history = store.history(direct(), None, 100).await.unwrap().messages;
+    let at = |seq| history.iter().find(|m| m.seq == seq).unwrap().clone();
+    let edited = at(3);
+    assert_eq!(
+        (edited.body.as_str(), edited.edited, edited.deleted),
+        ("direct 0, edited twice", true, false)
+    );
+    assert_eq!(
+        edited.reactions,
+        vec![ReactionCount {
+            emoji: "👍".into(),
+            count: 2,
+            users: vec![user("alice"), user("bob")],
+        }],
+        "🎉 was removed"
+    );
+    let plain = at(5);
+    assert_eq!((plain.body.as_str(), plain.edited), ("direct 1", false));
+    assert_eq!(plain.reactions.len(), 1);
+    assert_eq!(
+        (plain.reactions[0].emoji.as_str(), plain.reactions[0].count),
+        ("❤️", 1)
+    );
+    let reply = at(15);
+    assert_eq!(
+        (reply.reply_to, reply.body.as_str()),
+        (Some(3), "re: direct 0")
+    );
+    assert_eq!(at(9).reply_to, None);
+    let team = store.history(group(), None, 100).await.unwrap().messages;
+    let seen = team.iter().find(|m| m.seq == 4).unwrap();
+    assert_eq!(seen.reactions[0].users, vec![user("carol")]);
+    // Changes are not messages: the history holds the posted ones only.
+    assert_eq!(history.len(), 7);
+    let forward = store
+        .history_after(direct(), 2, 100)
+        .await
+        .unwrap()
+        .messages;
+    assert_eq!(forward.iter().rev().cloned().collect::<Vec<_>>(), history);
+}
+
+async fn a_deleted_body_is_gone_from_history_and_the_resume_index(backend: Backend) {
+    let events = log_with_changes();
+    let store = backend.open("s").await;
+    store.apply(&events).await.unwrap();
+    let history = store.history(direct(), None, 100).await.unwrap().messages;
+    let tombstone = history.iter().find(|m| m.seq == 7).unwrap();
+    assert_eq!(
+        (
+            tombstone.body.as_str(),
+            tombstone.deleted,
+            tombstone.edited,
+            tombstone.reactions.len()
+        ),
+        ("", true, false, 0)
+    );
+    assert_eq!(
+        tombstone.sender,
+        user("alice"),
+        "the tombstone keeps who and when"
+    );
+    let indexed = all_events_after(&*store, direct(), 0, 4).await;
+    assert_eq!(
+        indexed.len(),
+        events_of(&events, direct()).len(),
+        "every event stays"
+    );
+    let body_of = |seq| {
+        let event = &indexed
+            .iter()
+            .find(|e| e.seq == seq)
+            .unwrap()
+            .envelope
+            .event;
+        match event {
+            Event::MessagePosted(posted) => posted.body.clone(),
+            Event::MessageEdited(edited) => edited.body.clone(),
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!((body_of(7), body_of(22)), (String::new(), String::new()));
+    assert_eq!(body_of(3), "direct 0", "other messages keep theirs");
+    assert_eq!(body_of(17), "direct 0, edited twice");
+    // Deleted first, posted and edited after (a replay out of order): never stored.
+    let late = backend.open("late").await;
+    let (deletion, rest): (Vec<RecordedEvent>, Vec<RecordedEvent>) = events
+        .iter()
+        .cloned()
+        .partition(|e| matches!(e.envelope.event, Event::MessageDeleted(_)));
+    late.apply(&deletion).await.unwrap();
+    late.apply(&rest).await.unwrap();
+    assert_eq!(
+        snapshot(&*late, &events).await,
+        snapshot(&*store, &events).await
+    );
+    let text = snapshot(&*late, &events).await;
+    assert!(
+        !text.contains("secret edit") && !text.contains("direct 2"),
+        "{text}"
+    );
+}
+
+async fn reactions_keep_the_newest_add_or_remove_whatever_the_order(backend: Backend) {
+    let events = log_with_changes();
+    let store = backend.open("s").await;
+    store.apply(&events[..17]).await.unwrap();
+    // 🎉 added at 20 and removed at 21, applied removal first; then everything twice.
+    store.apply(&events[20..21]).await.unwrap();
+    store.apply(&events[19..20]).await.unwrap();
+    let emojis = |history: &[parley_events::protocol::HistoryMessage]| {
+        history
+            .iter()
+            .find(|m| m.seq == 3)
+            .unwrap()
+            .reactions
+            .iter()
+            .map(|r| (r.emoji.clone(), r.count))
+            .collect::<Vec<_>>()
+    };
+    let history = store.history(direct(), None, 100).await.unwrap().messages;
+    assert_eq!(
+        emojis(&history),
+        [],
+        "the add does not bring back what its removal took"
+    );
+    store.apply(&events).await.unwrap();
+    store.apply(&events[17..19]).await.unwrap();
+    let history = store.history(direct(), None, 100).await.unwrap().messages;
+    assert_eq!(emojis(&history), [("👍".to_owned(), 2)]);
+}
+
+/// Like [`permutations_and_duplicates_converge`], over a log with every kind of change.
+async fn message_changes_converge_whatever_the_order_and_repeats(backend: Backend) {
+    let events = log_with_changes();
+    let expected = reference(&events).await;
+    let strategy = (
+        Just((0..events.len()).collect::<Vec<_>>()).prop_shuffle(),
+        proptest::collection::vec(0..events.len(), 0..10),
+        1..6usize,
+    );
+    let cases = match backend {
+        Backend::Sqlite(_) => 24,
+        Backend::Cql { .. } => 6,
     };
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::default());
     let generated: Vec<_> = (0..cases)
