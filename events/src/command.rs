@@ -106,7 +106,12 @@ impl Command {
     /// The sequence of the earlier message this command needs to see before it can be
     /// decided: the one it edits, deletes, reacts to or replies to.
     pub fn target_message(&self) -> Option<u64> {
-        match &self.action {
+        Self::target_of(&self.action)
+    }
+
+    /// [`Command::target_message`] of a command with this action.
+    pub fn target_of(action: &Action) -> Option<u64> {
+        match action {
             Action::PostMessage { reply_to, .. } => *reply_to,
             Action::EditMessage { message, .. }
             | Action::DeleteMessage { message, .. }

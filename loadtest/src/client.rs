@@ -515,8 +515,12 @@ fn deliver(
         Event::ConversationCreated(_) => {
             live.created_seen.fetch_add(1, Ordering::Relaxed);
         }
-        // The ledger counts it as foreign; nothing to time.
-        Event::ConversationRead(_) => {}
+        // The ledger counts them as foreign; nothing to time.
+        Event::ConversationRead(_)
+        | Event::MessageEdited(_)
+        | Event::MessageDeleted(_)
+        | Event::ReactionAdded(_)
+        | Event::ReactionRemoved(_) => {}
     }
 }
 
@@ -869,6 +873,7 @@ async fn send_scheduled(
             id: RequestId::send_id(key, scheduled_us),
             conversation: slot.conversation,
             body: stamped_body(scheduled_us, schedule.message_bytes),
+            reply_to: None,
         };
         *n += 1;
         // Counted before it goes: a write that fails part way may still have reached the

@@ -37,7 +37,7 @@ pub enum Content {
     /// A message the harness sent.
     Message(SendKey),
     /// An event the harness did not cause: a message whose client id is not one of the
-    /// harness's, or a read marker (the harness never sets one).
+    /// harness's, a read marker or a change to a message (the harness makes none).
     Foreign,
 }
 
@@ -49,7 +49,11 @@ impl Content {
                 Some(RequestId::Send { key, .. }) => Content::Message(key),
                 _ => Content::Foreign,
             },
-            Event::ConversationRead(_) => Content::Foreign,
+            Event::ConversationRead(_)
+            | Event::MessageEdited(_)
+            | Event::MessageDeleted(_)
+            | Event::ReactionAdded(_)
+            | Event::ReactionRemoved(_) => Content::Foreign,
         }
     }
 }

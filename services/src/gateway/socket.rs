@@ -21,7 +21,6 @@ use tracing::{Instrument, debug, info_span, warn};
 use super::Shared;
 use super::delivery::{ConnectionId, Outbox, Queued, SocketControl};
 use super::{commands, presence, resume, typing};
-use crate::handler::check_body;
 use crate::{telemetry, unix_millis};
 
 /// Commands one socket may have in flight; past this, the reader stops reading, which
@@ -262,24 +261,26 @@ async fn handle_text(
         return;
     }
     let (frame_type, action) = match frame {
-        ClientFrame::Send {
-            id,
-            conversation,
-            body,
-        } => {
-            // Refused here what the handler would refuse anyway, saving the round trip.
-            if let Err((code, message)) = check_body(&body, &shared.config.limits) {
-                metrics::counter!(telemetry::GATEWAY_FRAME_ERRORS_TOTAL, "code" => code.as_str())
-                    .increment(1);
-                outbox
-                    .answer(&ServerFrame::error(Some(id), code, message))
-                    .await;
-                return;
+        frame @ (ClientFrame::Send { .. }
+        | ClientFrame::Edit { .. }
+        | ClientFrame::Delete { .. }
+        | ClientFrame::React { .. }
+        | ClientFrame::Unreact { .. }) => {
+            match commands::message_action(frame, session.protocol, &shared.config.limits) {
+                Ok((frame_type, id, action)) => (frame_type, Some((id, action))),
+                Err(refused) => {
+                    metrics::counter!(telemetry::GATEWAY_FRAME_ERRORS_TOTAL, "code" => refused.code.as_str())
+                        .increment(1);
+                    outbox
+                        .answer(&ServerFrame::error(
+                            Some(refused.id),
+                            refused.code,
+                            refused.message,
+                        ))
+                        .await;
+                    return;
+                }
             }
-            (
-                "send",
-                Some((id, Action::PostMessage { conversation, body })),
-            )
         }
         ClientFrame::CreateDirect { id, peer } => {
             ("create_direct", Some((id, Action::CreateDirect { peer })))
