@@ -433,10 +433,21 @@ async fn history_page(
         HistoryFrom::Before(before) => store.history(conversation, before, limit).await?,
         HistoryFrom::After(after) => store.history_after(conversation, after, limit).await?,
     };
+    let mut messages = page.messages;
+    if session.protocol < 2 {
+        // In version 1's shape: a message there was never edited, deleted, a reply or
+        // reacted to (a deleted one's body is empty all the same).
+        for message in &mut messages {
+            message.edited = false;
+            message.deleted = false;
+            message.reply_to = None;
+            message.reactions = Vec::new();
+        }
+    }
     Ok(fit_frame(ServerFrame::History {
         id: id.clone(),
         conversation,
-        messages: page.messages,
+        messages,
         has_more: page.has_more,
     }))
 }
