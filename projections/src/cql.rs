@@ -311,10 +311,13 @@ fn schema_v2(ks: &str) -> Vec<String> {
 /// included, are truncated and replayed. Reactions are one partition per message, bounded
 /// by its conversation's members times the emoji one user may hold.
 fn schema_v3(ks: &str) -> Vec<String> {
+    let add =
+        |column: &str, cql_type: &str| format!("ALTER TABLE {ks}.messages ADD {column} {cql_type}");
     vec![
-        format!(
-            "ALTER TABLE {ks}.messages ADD (reply_to bigint, edited boolean, deleted boolean, reacted boolean)"
-        ),
+        add("reply_to", "bigint"),
+        add("edited", "boolean"),
+        add("deleted", "boolean"),
+        add("reacted", "boolean"),
         format!(
             "CREATE TABLE IF NOT EXISTS {ks}.bodies (conversation uuid, message bigint, seq bigint, body text, PRIMARY KEY ((conversation, message), seq))"
         ),
@@ -893,10 +896,10 @@ async fn migrate(
     let current = usize::try_from(version).unwrap_or(0);
     for statements in migrations(ks).into_iter().skip(current) {
         for ddl in statements {
-            // The one migration step that is not idempotent by itself: a set-up interrupted
-            // after it runs it again.
-            if ddl.starts_with("ALTER TABLE")
-                && column_exists(session, ks, "messages", "reply_to").await?
+            // Adding a column is the one step that is not idempotent by itself (a set-up
+            // interrupted after it runs it again): skipped when the column exists.
+            if let Some((table, column)) = added_column(&ddl, ks)
+                && column_exists(session, ks, table, column).await?
             {
                 continue;
             }
@@ -923,6 +926,19 @@ async fn migrate(
         );
     }
     Ok(())
+}
+
+/// The table and column an `ALTER TABLE <ks>.<table> ADD <column> <type>` of
+/// [`migrations`] adds.
+fn added_column<'a>(ddl: &'a str, ks: &str) -> Option<(&'a str, &'a str)> {
+    let rest = ddl
+        .strip_prefix("ALTER TABLE ")?
+        .strip_prefix(ks)?
+        .strip_prefix('.')?;
+    let mut words = rest.split_whitespace();
+    let table = words.next()?;
+    (words.next()? == "ADD").then_some(())?;
+    Some((table, words.next()?))
 }
 
 async fn column_exists(
@@ -1450,5 +1466,34 @@ impl ConversationStore for CqlStore {
             .execute_unpaged(&self.statements.check, (POSITION_NAME,))
             .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_added_column_is_one_the_migration_can_check_for() {
+        let all: Vec<String> = migrations("ks").into_iter().flatten().collect();
+        let added: Vec<(&str, &str)> = all
+            .iter()
+            .filter(|ddl| ddl.starts_with("ALTER"))
+            .map(|ddl| added_column(ddl, "ks").expect("an ALTER the migration can check"))
+            .collect();
+        assert_eq!(
+            added,
+            [
+                ("messages", "reply_to"),
+                ("messages", "edited"),
+                ("messages", "deleted"),
+                ("messages", "reacted")
+            ]
+        );
+        assert!(
+            all.iter()
+                .filter(|ddl| !ddl.starts_with("ALTER"))
+                .all(|ddl| added_column(ddl, "ks").is_none())
+        );
     }
 }
