@@ -206,6 +206,7 @@ conformance!(
     a_deleted_body_is_gone_from_history_and_the_resume_index,
     reactions_keep_the_newest_add_or_remove_whatever_the_order,
     message_changes_converge_whatever_the_order_and_repeats,
+    a_log_written_before_message_changes_projects_and_takes_changes,
 );
 
 // --- helpers ---------------------------------------------------------------------------
@@ -1099,6 +1100,56 @@ async fn reactions_keep_the_newest_add_or_remove_whatever_the_order(backend: Bac
     store.apply(&events[17..19]).await.unwrap();
     let history = store.history(direct(), None, 100).await.unwrap().messages;
     assert_eq!(emojis(&history), [("👍".to_owned(), 2)]);
+}
+
+/// The log of a build before `message.posted` v2, as it appended it, then changes to its
+/// messages by this build.
+async fn a_log_written_before_message_changes_projects_and_takes_changes(backend: Backend) {
+    let mut events: Vec<RecordedEvent> =
+        include_str!("../../events/tests/fixtures/log-before-message-changes.jsonl")
+            .lines()
+            .map(|line| RecordedEvent::from_bytes(line.as_bytes()).unwrap())
+            .collect();
+    let d = events[0].envelope.conversation;
+    assert_eq!(d, direct());
+    then(&mut events, d, "alice", edited(2, "hello, edited"));
+    then(
+        &mut events,
+        d,
+        "alice",
+        Event::ReactionAdded(reaction(3, "👍")),
+    );
+    let reply = Event::MessagePosted(MessagePosted {
+        client_id: ClientMsgId::parse("m-3").unwrap(),
+        body: "to the old one".into(),
+        reply_to: Some(3),
+    });
+    then(&mut events, d, "alice", reply);
+    let store = backend.open("s").await;
+    store.apply(&events).await.unwrap();
+    let history = store.history(d, None, 10).await.unwrap().messages;
+    let shown: Vec<_> = history
+        .iter()
+        .map(|m| {
+            (
+                m.seq,
+                m.body.as_str(),
+                m.edited,
+                m.reply_to,
+                m.reactions.len(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            (7, "to the old one", false, Some(3), 0),
+            (3, "and back", false, None, 1),
+            (2, "hello, edited", true, None, 0),
+        ]
+    );
+    assert_eq!(store.read_marker(d, &user("bob")).await.unwrap(), 3);
+    assert_eq!(snapshot(&*store, &events).await, reference(&events).await);
 }
 
 /// Like [`permutations_and_duplicates_converge`], over a log with every kind of change.

@@ -359,3 +359,61 @@ async fn message_frames_sent_wrong_get_their_error_codes_and_append_nothing() {
     .await;
     eventually(|| async { (platform.log().await.len() == logged + 1).then_some(()) }).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_handler_restart_repeats_get_their_ack_and_reused_ids_are_refused() {
+    let mut platform = Platform::start(1).await;
+    let (_alice, mut bob, mut carol, group) = team(&platform).await;
+    let hello = acked(
+        &mut bob,
+        json!({"type": "send", "id": "b1", "conversation": group, "body": "hello"}),
+    )
+    .await;
+    let requests = [
+        json!({"type": "edit", "id": "b2", "conversation": group, "message": hello, "body": "hello!"}),
+        json!({"type": "react", "id": "c1", "conversation": group, "message": hello, "emoji": "👍"}),
+        json!({"type": "send", "id": "c2", "conversation": group, "body": "hi", "reply_to": hello}),
+    ];
+    let mut done = Vec::new();
+    for frame in requests {
+        let client = if frame["id"] == "b2" {
+            &mut bob
+        } else {
+            &mut carol
+        };
+        let seq = acked(client, frame.clone()).await;
+        done.push((frame, seq));
+    }
+    let logged = platform.log().await.len();
+
+    // The restarted handler knows them only from the log.
+    platform.stop_handler().await;
+    platform.start_handler().await;
+    for (frame, seq) in &done {
+        let client = if frame["id"] == "b2" {
+            &mut bob
+        } else {
+            &mut carol
+        };
+        assert_eq!(acked(client, frame.clone()).await, *seq, "{frame}");
+        let mut other = frame.clone();
+        other["message"] = hello.into();
+        other["type"] = "delete".into();
+        for field in ["body", "emoji", "reply_to"] {
+            other.as_object_mut().unwrap().remove(field);
+        }
+        client.send(other.clone()).await;
+        let reply = client.reply_to(frame["id"].as_str().unwrap()).await;
+        assert_eq!(reply["code"], "id_reused", "{other}: {reply}");
+    }
+    // And the reaction it holds, under a new id: already done.
+    assert_eq!(
+        acked(
+            &mut carol,
+            json!({"type": "react", "id": "c3", "conversation": group, "message": hello, "emoji": "👍"})
+        )
+        .await,
+        done[1].1
+    );
+    assert_eq!(platform.log().await.len(), logged, "nothing appended twice");
+}

@@ -625,6 +625,65 @@ mod tests {
     }
 
     #[test]
+    fn a_log_written_before_message_changes_loads_and_its_messages_can_be_changed() {
+        let old = include_str!("../../../events/tests/fixtures/log-before-message-changes.jsonl");
+        let mut log = Log {
+            model: WriteModel::new(Shards::new(4).unwrap(), 100),
+            events: Vec::new(),
+        };
+        for line in old.lines() {
+            let recorded = RecordedEvent::from_bytes(line.as_bytes()).unwrap();
+            log.record(recorded.envelope);
+        }
+        let conversation = dm_of("alice", "bob");
+        let change = |actor: &str, id: &str, action| command(actor, id, action);
+        // A send of the old log, retried: its original ack.
+        let retried = change(
+            "alice",
+            "m-1",
+            Action::PostMessage {
+                conversation,
+                body: "hello from before replies".into(),
+                reply_to: None,
+            },
+        );
+        assert_eq!(log.known(&retried), 2);
+        let edit_old = change(
+            "alice",
+            "e-1",
+            Action::EditMessage {
+                conversation,
+                message: 2,
+                body: "edited after the upgrade".into(),
+            },
+        );
+        assert!(matches!(log.when(&edit_old), Decision::Append { .. }));
+        let by_bob = change(
+            "bob",
+            "e-2",
+            Action::EditMessage {
+                conversation,
+                message: 2,
+                body: "x".into(),
+            },
+        );
+        assert_eq!(log.refused(&by_bob), ErrorCode::Forbidden);
+        log.append(&change(
+            "alice",
+            "p-1",
+            Action::PostMessage {
+                conversation,
+                body: "a reply to an old one".into(),
+                reply_to: Some(3),
+            },
+        ));
+    }
+
+    fn dm_of(a: &str, b: &str) -> ConversationId {
+        ConversationId::direct(&user(a), &user(b))
+    }
+
+    #[test]
     fn reactions_survive_a_snapshot_and_a_deleted_message_forgets_its_own() {
         let mut log = Log::new();
         let message = log.post("carol", "m1", team());
