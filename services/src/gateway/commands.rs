@@ -32,11 +32,10 @@ use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::publish::PublishAck;
 use parley_events::command::OutcomeQuery;
-use parley_events::protocol::{ClientFrame, ServerFrame};
+use parley_events::protocol::ServerFrame;
 use parley_events::subjects::{INTAKE_SUBJECT, OUTCOME_QUERY_SUBJECT};
 use parley_events::{
-    Action, ClientMsgId, Command, CommandId, ConversationId, ErrorCode, Fingerprint, Outcome,
-    OutcomeResult,
+    Action, Command, CommandId, ConversationId, ErrorCode, Fingerprint, Outcome, OutcomeResult,
 };
 use tokio::sync::{OwnedSemaphorePermit, watch};
 use tokio::time::Instant;
@@ -156,99 +155,15 @@ impl Sequencer {
     }
 }
 
-/// A message frame refused at the edge, before anything is published.
-#[derive(Debug)]
-pub struct Refused {
-    pub id: ClientMsgId,
-    pub code: ErrorCode,
-    pub message: String,
-}
-
-/// The command a message frame (`send`, `edit`, `delete`, `react`, `unreact`) asks for, with
-/// its frame type's name; or, refused here, what the handler would refuse anyway (saving
-/// the round trip): a bad body or emoji, a reference to sequence 0, a reply on a socket
-/// whose protocol has none.
-///
-/// # Panics
-///
-/// On any other frame: the caller dispatches only these here.
-pub fn message_action(
-    frame: ClientFrame,
+/// What the handler would refuse `action` for anyway, refused at the edge to save the round
+/// trip: a bad body or emoji, a reference to sequence 0, a reply on a socket whose protocol
+/// has none.
+pub fn check_at_edge(
+    action: &Action,
     protocol: u32,
     limits: &LimitsConfig,
-) -> Result<(&'static str, ClientMsgId, Action), Refused> {
-    let (frame_type, id, action) = match frame {
-        ClientFrame::Send {
-            id,
-            conversation,
-            body,
-            reply_to,
-        } => (
-            "send",
-            id,
-            Action::PostMessage {
-                conversation,
-                body,
-                reply_to,
-            },
-        ),
-        ClientFrame::Edit {
-            id,
-            conversation,
-            message,
-            body,
-        } => (
-            "edit",
-            id,
-            Action::EditMessage {
-                conversation,
-                message,
-                body,
-            },
-        ),
-        ClientFrame::Delete {
-            id,
-            conversation,
-            message,
-        } => (
-            "delete",
-            id,
-            Action::DeleteMessage {
-                conversation,
-                message,
-            },
-        ),
-        ClientFrame::React {
-            id,
-            conversation,
-            message,
-            emoji,
-        } => (
-            "react",
-            id,
-            Action::React {
-                conversation,
-                message,
-                emoji,
-            },
-        ),
-        ClientFrame::Unreact {
-            id,
-            conversation,
-            message,
-            emoji,
-        } => (
-            "unreact",
-            id,
-            Action::Unreact {
-                conversation,
-                message,
-                emoji,
-            },
-        ),
-        other => unreachable!("not a message frame: {other:?}"),
-    };
-    let checked = match &action {
+) -> Result<(), (ErrorCode, String)> {
+    match action {
         // Version 1's `send` has no such field, and refused unknown fields as bad frames.
         Action::PostMessage {
             reply_to: Some(_), ..
@@ -262,17 +177,13 @@ pub fn message_action(
         }
         Action::React { emoji, .. } | Action::Unreact { emoji, .. } => check_emoji(emoji),
         _ => Ok(()),
-    }
-    .and_then(|()| match Command::target_of(&action) {
+    }?;
+    match Command::target_of(action) {
         Some(0) => Err((
             ErrorCode::MessageNotFound,
             "messages are numbered from 1".to_owned(),
         )),
         _ => Ok(()),
-    });
-    match checked {
-        Ok(()) => Ok((frame_type, id, action)),
-        Err((code, message)) => Err(Refused { id, code, message }),
     }
 }
 

@@ -261,27 +261,84 @@ async fn handle_text(
         return;
     }
     let (frame_type, action) = match frame {
-        frame @ (ClientFrame::Send { .. }
-        | ClientFrame::Edit { .. }
-        | ClientFrame::Delete { .. }
-        | ClientFrame::React { .. }
-        | ClientFrame::Unreact { .. }) => {
-            match commands::message_action(frame, session.protocol, &shared.config.limits) {
-                Ok((frame_type, id, action)) => (frame_type, Some((id, action))),
-                Err(refused) => {
-                    metrics::counter!(telemetry::GATEWAY_FRAME_ERRORS_TOTAL, "code" => refused.code.as_str())
-                        .increment(1);
-                    outbox
-                        .answer(&ServerFrame::error(
-                            Some(refused.id),
-                            refused.code,
-                            refused.message,
-                        ))
-                        .await;
-                    return;
-                }
-            }
-        }
+        ClientFrame::Send {
+            id,
+            conversation,
+            body,
+            reply_to,
+        } => (
+            "send",
+            Some((
+                id,
+                Action::PostMessage {
+                    conversation,
+                    body,
+                    reply_to,
+                },
+            )),
+        ),
+        ClientFrame::Edit {
+            id,
+            conversation,
+            message,
+            body,
+        } => (
+            "edit",
+            Some((
+                id,
+                Action::EditMessage {
+                    conversation,
+                    message,
+                    body,
+                },
+            )),
+        ),
+        ClientFrame::Delete {
+            id,
+            conversation,
+            message,
+        } => (
+            "delete",
+            Some((
+                id,
+                Action::DeleteMessage {
+                    conversation,
+                    message,
+                },
+            )),
+        ),
+        ClientFrame::React {
+            id,
+            conversation,
+            message,
+            emoji,
+        } => (
+            "react",
+            Some((
+                id,
+                Action::React {
+                    conversation,
+                    message,
+                    emoji,
+                },
+            )),
+        ),
+        ClientFrame::Unreact {
+            id,
+            conversation,
+            message,
+            emoji,
+        } => (
+            "unreact",
+            Some((
+                id,
+                Action::Unreact {
+                    conversation,
+                    message,
+                    emoji,
+                },
+            )),
+        ),
         ClientFrame::CreateDirect { id, peer } => {
             ("create_direct", Some((id, Action::CreateDirect { peer })))
         }
@@ -367,6 +424,17 @@ async fn handle_text(
             ("presence_unsubscribe", None)
         }
     };
+    if let Some((id, action)) = &action
+        && let Err((code, message)) =
+            commands::check_at_edge(action, session.protocol, &shared.config.limits)
+    {
+        metrics::counter!(telemetry::GATEWAY_FRAME_ERRORS_TOTAL, "code" => code.as_str())
+            .increment(1);
+        outbox
+            .answer(&ServerFrame::error(Some(id.clone()), code, message))
+            .await;
+        return;
+    }
     metrics::counter!(telemetry::GATEWAY_FRAMES_RECEIVED_TOTAL, "type" => frame_type).increment(1);
     let Some((client_id, action)) = action else {
         return;

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 
 use parley_events::event::{MessageDeleted, MessageEdited, Reaction};
-use parley_events::{Action, Command, ErrorCode, Event, EventEnvelope, Role, UserId};
+use parley_events::{ErrorCode, Event, EventEnvelope, Role, UserId};
 
 use super::write_model::{Accepted, check_body};
 use crate::config::LimitsConfig;
@@ -150,78 +150,85 @@ impl MessageState {
         }
     }
 
-    /// The event an edit, deletion or reaction command of `actor` (whose role is `role`)
-    /// appends, or why none is.
-    pub(super) fn decide(
+    /// `actor` edits `message` (`target`, as the log holds it): its author only.
+    pub(super) fn edit(
         &self,
-        command: &Command,
-        role: Role,
+        actor: &UserId,
+        message: u64,
+        body: &str,
         target: Option<&MessageRef>,
         limits: &LimitsConfig,
     ) -> Result<Event, NotAppended> {
-        let actor = &command.actor;
-        match &command.action {
-            Action::EditMessage { message, body, .. } => {
-                check_body(body, limits).map_err(|(code, text)| refused(code, text))?;
-                let target = self.live(*message, target)?;
-                if target.author != *actor {
-                    return Err(refused(
-                        ErrorCode::Forbidden,
-                        "only a message's author may edit it",
-                    ));
-                }
-                Ok(Event::MessageEdited(MessageEdited {
-                    message: *message,
-                    body: body.clone(),
-                }))
+        check_body(body, limits).map_err(|(code, text)| refused(code, text))?;
+        if self.live(message, target)?.author != *actor {
+            return Err(refused(
+                ErrorCode::Forbidden,
+                "only a message's author may edit it",
+            ));
+        }
+        Ok(Event::MessageEdited(MessageEdited {
+            message,
+            body: body.to_owned(),
+        }))
+    }
+
+    /// `actor`, whose role is `role`, deletes `message`: its author, an owner or an admin.
+    pub(super) fn delete(
+        &self,
+        actor: &UserId,
+        role: Role,
+        message: u64,
+        target: Option<&MessageRef>,
+    ) -> Result<Event, NotAppended> {
+        // Deleting what is deleted is done already, whoever asks.
+        if let Some(deleted) = self.deleted.get(&message) {
+            return Err(NotAppended::Known(*deleted));
+        }
+        if self.live(message, target)?.author != *actor
+            && !matches!(role, Role::Owner | Role::Admin)
+        {
+            return Err(refused(
+                ErrorCode::Forbidden,
+                "only the author, an owner or an admin may delete a message",
+            ));
+        }
+        Ok(Event::MessageDeleted(MessageDeleted { message }))
+    }
+
+    /// `actor` adds (`add`) or removes `emoji` on `message`: one of each per user, and
+    /// what is already so appends nothing.
+    pub(super) fn react(
+        &self,
+        actor: &UserId,
+        message: u64,
+        emoji: &str,
+        add: bool,
+        target: Option<&MessageRef>,
+    ) -> Result<Event, NotAppended> {
+        check_emoji(emoji).map_err(|(code, text)| refused(code, text))?;
+        self.live(message, target)?;
+        let mine = self
+            .reactions
+            .get(&message)
+            .and_then(|users| users.get(actor));
+        let reaction = Reaction {
+            message,
+            emoji: emoji.to_owned(),
+        };
+        match (add, mine.and_then(|mine| mine.get(emoji))) {
+            (true, Some(added)) => Err(NotAppended::Known(*added)),
+            (true, None) if mine.is_some_and(|mine| mine.len() >= MAX_EMOJI_PER_USER) => {
+                Err(refused(
+                    ErrorCode::InvalidRequest,
+                    format!("one user holds at most {MAX_EMOJI_PER_USER} emoji on a message"),
+                ))
             }
-            Action::DeleteMessage { message, .. } => {
-                // Deleting what is deleted is done already, whoever asks.
-                if let Some(deleted) = self.deleted.get(message) {
-                    return Err(NotAppended::Known(*deleted));
-                }
-                let target = self.live(*message, target)?;
-                if target.author != *actor && !matches!(role, Role::Owner | Role::Admin) {
-                    return Err(refused(
-                        ErrorCode::Forbidden,
-                        "only the author, an owner or an admin may delete a message",
-                    ));
-                }
-                Ok(Event::MessageDeleted(MessageDeleted { message: *message }))
-            }
-            Action::React { message, emoji, .. } | Action::Unreact { message, emoji, .. } => {
-                check_emoji(emoji).map_err(|(code, text)| refused(code, text))?;
-                self.live(*message, target)?;
-                let mine = self
-                    .reactions
-                    .get(message)
-                    .and_then(|users| users.get(actor));
-                let held = mine.and_then(|mine| mine.get(emoji));
-                let reaction = Reaction {
-                    message: *message,
-                    emoji: emoji.clone(),
-                };
-                match (&command.action, held) {
-                    (Action::React { .. }, Some(added)) => Err(NotAppended::Known(*added)),
-                    (Action::React { .. }, None)
-                        if mine.is_some_and(|mine| mine.len() >= MAX_EMOJI_PER_USER) =>
-                    {
-                        Err(refused(
-                            ErrorCode::InvalidRequest,
-                            format!(
-                                "one user holds at most {MAX_EMOJI_PER_USER} emoji on a message"
-                            ),
-                        ))
-                    }
-                    (Action::React { .. }, None) => Ok(Event::ReactionAdded(reaction)),
-                    (_, Some(_)) => Ok(Event::ReactionRemoved(reaction)),
-                    (_, None) => Err(refused(
-                        ErrorCode::InvalidRequest,
-                        format!("you have no {emoji} on message {message}"),
-                    )),
-                }
-            }
-            other => unreachable!("not a message change: {other:?}"),
+            (true, None) => Ok(Event::ReactionAdded(reaction)),
+            (false, Some(_)) => Ok(Event::ReactionRemoved(reaction)),
+            (false, None) => Err(refused(
+                ErrorCode::InvalidRequest,
+                format!("you have no {emoji} on message {message}"),
+            )),
         }
     }
 }
@@ -235,7 +242,9 @@ mod tests {
     use crate::handler::write_model::{Decision, WriteModel};
     use parley_events::event::{ConversationCreated, MessagePosted};
     use parley_events::subjects::Shards;
-    use parley_events::{ClientMsgId, ConversationId, ConversationKind, Member, RecordedEvent};
+    use parley_events::{
+        Action, ClientMsgId, Command, ConversationId, ConversationKind, Member, RecordedEvent,
+    };
 
     fn user(name: &str) -> UserId {
         UserId::parse(name).unwrap()

@@ -192,6 +192,19 @@ impl WriteModel {
         Ok(aggregate)
     }
 
+    /// The event `change` decides on, given the conversation's message state and the
+    /// actor's role there; a refusal when the actor is not a member.
+    fn change_message(
+        &self,
+        command: &Command,
+        change: impl FnOnce(&MessageState, Role) -> Result<Event, NotAppended>,
+    ) -> Result<Event, NotAppended> {
+        let aggregate = self
+            .member_of(command.conversation(), &command.actor)
+            .map_err(|(code, message)| NotAppended::Refused(code, message.to_owned()))?;
+        change(&aggregate.messages, aggregate.members[&command.actor])
+    }
+
     pub fn new(shards: Shards, remembered_commands: usize) -> Self {
         WriteModel {
             shards,
@@ -479,16 +492,30 @@ impl WriteModel {
                 }
                 Event::ConversationRead(ConversationRead { seq: *seq })
             }
-            Action::EditMessage { .. }
-            | Action::DeleteMessage { .. }
-            | Action::React { .. }
-            | Action::Unreact { .. } => {
-                let aggregate = match self.member_of(conversation, &command.actor) {
-                    Ok(aggregate) => aggregate,
-                    Err((code, message)) => return reject(code, message),
+            Action::EditMessage { message, body, .. } => {
+                let edit = |messages: &MessageState, _| {
+                    messages.edit(&command.actor, *message, body, target, limits)
                 };
-                let role = aggregate.members[&command.actor];
-                match aggregate.messages.decide(command, role, target, limits) {
+                match self.change_message(command, edit) {
+                    Ok(event) => event,
+                    Err(not) => return not.into(),
+                }
+            }
+            Action::DeleteMessage { message, .. } => {
+                let delete = |messages: &MessageState, role| {
+                    messages.delete(&command.actor, role, *message, target)
+                };
+                match self.change_message(command, delete) {
+                    Ok(event) => event,
+                    Err(not) => return not.into(),
+                }
+            }
+            Action::React { message, emoji, .. } | Action::Unreact { message, emoji, .. } => {
+                let add = matches!(command.action, Action::React { .. });
+                let react = |messages: &MessageState, _| {
+                    messages.react(&command.actor, *message, emoji, add, target)
+                };
+                match self.change_message(command, react) {
                     Ok(event) => event,
                     Err(not) => return not.into(),
                 }
