@@ -115,6 +115,7 @@ impl MessageState {
                     }
                 }
             }
+            // An edit changes nothing kept here, and other events are not about messages.
             _ => {}
         }
     }
