@@ -4,7 +4,7 @@
 //!
 //! The CQL side runs on one local Apache Cassandra node per test binary, started on first
 //! use (parley-localstack's `CassandraNode`, installed by `infra/cassandra.sh`), each test in
-//! its own keyspace; or, when `PARLEY_TEST_SCYLLA` names contact points
+//! its own keyspaces (dropped when it passes); or, when `PARLEY_TEST_SCYLLA` names contact points
 //! (`host:port,host:port`), on that cluster (`PARLEY_TEST_SCYLLA_DC` names its datacenter,
 //! default `datacenter1`). Without Java or the jars the CQL tests print `skipped: ...` and
 //! pass, unless `CI` or `PARLEY_REQUIRE_CQL` is set: then they fail.
