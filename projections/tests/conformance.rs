@@ -4,9 +4,9 @@
 //!
 //! The CQL side runs on one local Apache Cassandra node per test binary, started on first
 //! use (parley-localstack's `CassandraNode`, installed by `infra/cassandra.sh`), each test in
-//! its own keyspaces (dropped when it passes); or, when `PARLEY_TEST_SCYLLA` names contact points
-//! (`host:port,host:port`), on that cluster (`PARLEY_TEST_SCYLLA_DC` names its datacenter,
-//! default `datacenter1`). Without Java or the jars the CQL tests print `skipped: ...` and
+//! its own keyspaces (dropped when it passes); or, when `PARLEY_TEST_SCYLLA` names contact
+//! points (`host:port,host:port`), on that cluster (`PARLEY_TEST_SCYLLA_DC` names its
+//! datacenter, default `datacenter1`). Without Java or the jars the CQL tests print `skipped: ...` and
 //! pass, unless `CI` or `PARLEY_REQUIRE_CQL` is set: then they fail.
 //!
 //! The CQL store runs with history buckets of 4 log sequences here, so every history test
