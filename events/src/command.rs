@@ -35,6 +35,9 @@ pub enum Action {
     PostMessage {
         conversation: ConversationId,
         body: String,
+        /// The sequence of the message this one replies to.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reply_to: Option<u64>,
     },
     /// Move the actor's read marker in `conversation` forward to `seq`.
     MarkRead {
@@ -76,6 +79,30 @@ pub enum Action {
         conversation: ConversationId,
         user: UserId,
     },
+    /// Replace the body of the actor's message at sequence `message`.
+    EditMessage {
+        conversation: ConversationId,
+        message: u64,
+        body: String,
+    },
+    /// Delete the message at sequence `message` (the actor's own, or anyone's for an owner
+    /// or admin).
+    DeleteMessage {
+        conversation: ConversationId,
+        message: u64,
+    },
+    /// Add the actor's `emoji` to the message at sequence `message`.
+    React {
+        conversation: ConversationId,
+        message: u64,
+        emoji: String,
+    },
+    /// Remove the actor's `emoji` from the message at sequence `message`.
+    Unreact {
+        conversation: ConversationId,
+        message: u64,
+        emoji: String,
+    },
 }
 
 impl Command {
@@ -111,6 +138,37 @@ impl Command {
             | Action::Rename { conversation, .. }
             | Action::Mute { conversation, .. }
             | Action::Unmute { conversation, .. } => *conversation,
+            Action::EditMessage { conversation, .. }
+            | Action::DeleteMessage { conversation, .. }
+            | Action::React { conversation, .. }
+            | Action::Unreact { conversation, .. } => *conversation,
+        }
+    }
+
+    /// The sequence of the earlier message this command needs to see before it can be
+    /// decided: the one it edits, deletes, reacts to or replies to.
+    pub fn target_message(&self) -> Option<u64> {
+        Self::target_of(&self.action)
+    }
+
+    /// [`Command::target_message`] of a command with this action.
+    pub fn target_of(action: &Action) -> Option<u64> {
+        match action {
+            Action::PostMessage { reply_to, .. } => *reply_to,
+            Action::EditMessage { message, .. }
+            | Action::DeleteMessage { message, .. }
+            | Action::React { message, .. }
+            | Action::Unreact { message, .. } => Some(*message),
+            Action::CreateDirect { .. }
+            | Action::CreateGroup { .. }
+            | Action::MarkRead { .. }
+            | Action::AddMembers { .. }
+            | Action::RemoveMembers { .. }
+            | Action::Leave { .. }
+            | Action::SetRole { .. }
+            | Action::Rename { .. }
+            | Action::Mute { .. }
+            | Action::Unmute { .. } => None,
         }
     }
 
@@ -123,9 +181,14 @@ impl Command {
             Action::CreateGroup { title, members } => {
                 Request::group(title.as_deref(), members.iter(), &self.actor)
             }
-            Action::PostMessage { conversation, body } => Request::Post {
+            Action::PostMessage {
+                conversation,
+                body,
+                reply_to,
+            } => Request::Post {
                 conversation: *conversation,
                 body,
+                reply_to: *reply_to,
             },
             Action::MarkRead { conversation, seq } => Request::Read {
                 conversation: *conversation,
@@ -168,6 +231,40 @@ impl Command {
             Action::Unmute { conversation, user } => Request::Unmute {
                 conversation: *conversation,
                 user,
+            },
+            Action::EditMessage {
+                conversation,
+                message,
+                body,
+            } => Request::Edit {
+                conversation: *conversation,
+                message: *message,
+                body,
+            },
+            Action::DeleteMessage {
+                conversation,
+                message,
+            } => Request::Delete {
+                conversation: *conversation,
+                message: *message,
+            },
+            Action::React {
+                conversation,
+                message,
+                emoji,
+            } => Request::React {
+                conversation: *conversation,
+                message: *message,
+                emoji,
+            },
+            Action::Unreact {
+                conversation,
+                message,
+                emoji,
+            } => Request::Unreact {
+                conversation: *conversation,
+                message: *message,
+                emoji,
             },
         }
         .fingerprint()
@@ -218,6 +315,7 @@ impl Fingerprint {
             Event::MessagePosted(posted) => Request::Post {
                 conversation: envelope.conversation,
                 body: &posted.body,
+                reply_to: posted.reply_to,
             },
             Event::ConversationRead(read) => Request::Read {
                 conversation: envelope.conversation,
@@ -251,6 +349,25 @@ impl Fingerprint {
                 conversation: envelope.conversation,
                 user: &unmuted.user,
             },
+            Event::MessageEdited(edited) => Request::Edit {
+                conversation: envelope.conversation,
+                message: edited.message,
+                body: &edited.body,
+            },
+            Event::MessageDeleted(deleted) => Request::Delete {
+                conversation: envelope.conversation,
+                message: deleted.message,
+            },
+            Event::ReactionAdded(reaction) => Request::React {
+                conversation: envelope.conversation,
+                message: reaction.message,
+                emoji: &reaction.emoji,
+            },
+            Event::ReactionRemoved(reaction) => Request::Unreact {
+                conversation: envelope.conversation,
+                message: reaction.message,
+                emoji: &reaction.emoji,
+            },
         }
         .fingerprint()
     }
@@ -269,9 +386,13 @@ enum Request<'a> {
         title: Option<&'a str>,
         others: Vec<&'a UserId>,
     },
+    /// A send that replies to nothing has the fingerprint it had before replies existed:
+    /// fingerprints are kept in handler snapshots.
     Post {
         conversation: ConversationId,
         body: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reply_to: Option<u64>,
     },
     Read {
         conversation: ConversationId,
@@ -307,6 +428,25 @@ enum Request<'a> {
     Unmute {
         conversation: ConversationId,
         user: &'a UserId,
+    },
+    Edit {
+        conversation: ConversationId,
+        message: u64,
+        body: &'a str,
+    },
+    Delete {
+        conversation: ConversationId,
+        message: u64,
+    },
+    React {
+        conversation: ConversationId,
+        message: u64,
+        emoji: &'a str,
+    },
+    Unreact {
+        conversation: ConversationId,
+        message: u64,
+        emoji: &'a str,
     },
 }
 
@@ -399,7 +539,10 @@ mod tests {
 
     #[test]
     fn a_command_and_its_event_have_one_fingerprint_and_other_requests_another() {
-        use crate::event::{ConversationCreated, Member, MessagePosted, Role};
+        use crate::event::{
+            ConversationCreated, Member, MessageDeleted, MessageEdited, MessagePosted, Reaction,
+            Role,
+        };
         let user = |name: &str| UserId::parse(name).unwrap();
         let command = |action| {
             Command::new(
@@ -454,15 +597,79 @@ mod tests {
         let post = command(Action::PostMessage {
             conversation,
             body: "hi \u{0} \"there\"".into(),
+            reply_to: None,
         });
         let post_event = appended(
             &post,
             Event::MessagePosted(MessagePosted {
                 client_id: post.client_id.clone(),
                 body: "hi \u{0} \"there\"".into(),
+                reply_to: None,
             }),
         );
         assert_eq!(post.fingerprint(), Fingerprint::of_event(&post_event));
+        let reaction = || Reaction {
+            message: 2,
+            emoji: "👍".into(),
+        };
+        let message_requests = [
+            (
+                Action::PostMessage {
+                    conversation,
+                    body: "re".into(),
+                    reply_to: Some(2),
+                },
+                Event::MessagePosted(MessagePosted {
+                    client_id: post.client_id.clone(),
+                    body: "re".into(),
+                    reply_to: Some(2),
+                }),
+            ),
+            (
+                Action::EditMessage {
+                    conversation,
+                    message: 2,
+                    body: "re".into(),
+                },
+                Event::MessageEdited(MessageEdited {
+                    message: 2,
+                    body: "re".into(),
+                }),
+            ),
+            (
+                Action::DeleteMessage {
+                    conversation,
+                    message: 2,
+                },
+                Event::MessageDeleted(MessageDeleted { message: 2 }),
+            ),
+            (
+                Action::React {
+                    conversation,
+                    message: 2,
+                    emoji: "👍".into(),
+                },
+                Event::ReactionAdded(reaction()),
+            ),
+            (
+                Action::Unreact {
+                    conversation,
+                    message: 2,
+                    emoji: "👍".into(),
+                },
+                Event::ReactionRemoved(reaction()),
+            ),
+        ];
+        let mut message_fingerprints = Vec::new();
+        for (action, event) in message_requests {
+            let request = command(action);
+            assert_eq!(
+                request.fingerprint(),
+                Fingerprint::of_event(&appended(&request, event)),
+                "{request:?}"
+            );
+            message_fingerprints.push(request.fingerprint());
+        }
 
         let others = [
             command(Action::CreateGroup {
@@ -479,20 +686,39 @@ mod tests {
             command(Action::PostMessage {
                 conversation,
                 body: "hi".into(),
+                reply_to: None,
             }),
             command(Action::PostMessage {
                 conversation: ConversationId::direct(&user("alice"), &user("carol")),
                 body: "hi \u{0} \"there\"".into(),
+                reply_to: None,
+            }),
+            command(Action::PostMessage {
+                conversation,
+                body: "re".into(),
+                reply_to: Some(3),
+            }),
+            command(Action::EditMessage {
+                conversation,
+                message: 3,
+                body: "re".into(),
+            }),
+            command(Action::React {
+                conversation,
+                message: 2,
+                emoji: "👎".into(),
             }),
         ];
         let mut seen: Vec<Fingerprint> = [&group, &direct, &post]
             .into_iter()
             .chain(&others)
             .map(Command::fingerprint)
+            .chain(message_fingerprints.iter().copied())
             .collect();
+        let expected = seen.len();
         seen.sort_by_key(|fingerprint| fingerprint.0);
         seen.dedup();
-        assert_eq!(seen.len(), 3 + others.len(), "every request has its own");
+        assert_eq!(seen.len(), expected, "every request has its own");
     }
 
     #[test]

@@ -52,10 +52,13 @@ pub enum ErrorCode {
     /// Too many requests from this user or address; nothing was done. Retry after
     /// `retry_after_ms`.
     RateLimited,
+    /// The referenced sequence is not a message of this conversation, or the message was
+    /// deleted (for edits, reactions and replies).
+    MessageNotFound,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 19] = [
+    pub const ALL: [ErrorCode; 20] = [
         ErrorCode::BadFrame,
         ErrorCode::UnknownFrameType,
         ErrorCode::MessageTooLarge,
@@ -75,6 +78,7 @@ impl ErrorCode {
         ErrorCode::LastOwner,
         ErrorCode::Muted,
         ErrorCode::RateLimited,
+        ErrorCode::MessageNotFound,
     ];
 
     /// The code as it appears on the wire.
@@ -99,6 +103,7 @@ impl ErrorCode {
             ErrorCode::LastOwner => "last_owner",
             ErrorCode::Muted => "muted",
             ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::MessageNotFound => "message_not_found",
         }
     }
 

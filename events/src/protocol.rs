@@ -72,6 +72,9 @@ pub enum ClientFrame {
         id: ClientMsgId,
         conversation: ConversationId,
         body: String,
+        /// (v2) The sequence of an earlier message of the conversation this one replies to.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reply_to: Option<u64>,
     },
     /// Open (or find) the direct conversation with `peer`.
     CreateDirect { id: ClientMsgId, peer: UserId },
@@ -196,13 +199,41 @@ pub enum ClientFrame {
         conversation: ConversationId,
         user: UserId,
     },
+    /// (v2) Replace the body of the sender's own message at sequence `message`.
+    Edit {
+        id: ClientMsgId,
+        conversation: ConversationId,
+        message: u64,
+        body: String,
+    },
+    /// (v2) Delete the message at sequence `message`: one's own, or anyone's as an owner or
+    /// admin of the group.
+    Delete {
+        id: ClientMsgId,
+        conversation: ConversationId,
+        message: u64,
+    },
+    /// (v2) Add `emoji` to the message at sequence `message`.
+    React {
+        id: ClientMsgId,
+        conversation: ConversationId,
+        message: u64,
+        emoji: String,
+    },
+    /// (v2) Remove the sender's `emoji` from the message at sequence `message`.
+    Unreact {
+        id: ClientMsgId,
+        conversation: ConversationId,
+        message: u64,
+        emoji: String,
+    },
 }
 
 /// Longest mute a `mute` frame may ask for: a year.
 pub const MAX_MUTE_SECONDS: u64 = 366 * 24 * 3600;
 
 /// The `type` names [`ClientFrame`] accepts.
-pub const CLIENT_FRAME_TYPES: [&str; 19] = [
+pub const CLIENT_FRAME_TYPES: [&str; 23] = [
     "send",
     "create_direct",
     "create_group",
@@ -222,6 +253,10 @@ pub const CLIENT_FRAME_TYPES: [&str; 19] = [
     "rename",
     "mute",
     "unmute",
+    "edit",
+    "delete",
+    "react",
+    "unreact",
 ];
 
 /// Why a text frame is not a [`ClientFrame`].
@@ -277,6 +312,10 @@ impl ClientFrame {
             | ClientFrame::Rename { id, .. }
             | ClientFrame::Mute { id, .. }
             | ClientFrame::Unmute { id, .. } => Some(id),
+            ClientFrame::Edit { id, .. }
+            | ClientFrame::Delete { id, .. }
+            | ClientFrame::React { id, .. }
+            | ClientFrame::Unreact { id, .. } => Some(id),
             ClientFrame::Ping { id }
             | ClientFrame::Typing { id, .. }
             | ClientFrame::PresenceUnsubscribe { id, .. } => id.as_ref(),
@@ -300,6 +339,10 @@ impl ClientFrame {
             | ClientFrame::Rename { .. }
             | ClientFrame::Mute { .. }
             | ClientFrame::Unmute { .. } => 2,
+            ClientFrame::Edit { .. }
+            | ClientFrame::Delete { .. }
+            | ClientFrame::React { .. }
+            | ClientFrame::Unreact { .. } => 2,
             ClientFrame::Send { .. }
             | ClientFrame::CreateDirect { .. }
             | ClientFrame::CreateGroup { .. }
@@ -605,13 +648,25 @@ pub struct HistoryMessage {
     /// Absent on system entries.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_id: Option<ClientMsgId>,
-    /// Empty on system entries.
+    /// The latest body; empty on system entries and once deleted.
     pub body: String,
     /// Milliseconds since the Unix epoch.
     pub at: u64,
     /// (v2) A membership change, not a message: `sender` is who made it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub system: Option<SystemEntry>,
+    /// (v2) Whether the body was edited since it was posted.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub edited: bool,
+    /// (v2) Whether the message was deleted: a tombstone, its body gone.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub deleted: bool,
+    /// (v2) The sequence of the message this one replies to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<u64>,
+    /// (v2) Each emoji on the message with how many users reacted with it, ordered by emoji.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reactions: Vec<ReactionCount>,
 }
 
 /// (v2) A membership change as a conversation shows it, derived from its event alone, so
@@ -649,7 +704,11 @@ impl SystemEntry {
         Some(match &envelope.event {
             Event::ConversationCreated(_)
             | Event::MessagePosted(_)
-            | Event::ConversationRead(_) => {
+            | Event::ConversationRead(_)
+            | Event::MessageEdited(_)
+            | Event::MessageDeleted(_)
+            | Event::ReactionAdded(_)
+            | Event::ReactionRemoved(_) => {
                 return None;
             }
             Event::MembersAdded(added) => {
@@ -746,6 +805,24 @@ pub fn rfc3339(millis: u64) -> String {
     )
 }
 
+fn is_false(value: &bool) -> bool {
+    !*value
+}
+
+/// Most users a [`ReactionCount`] names; `count` counts them all.
+pub const MAX_REACTION_USERS: usize = 20;
+
+/// (v2) One emoji's reactions on a message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReactionCount {
+    pub emoji: String,
+    pub count: u32,
+    /// Some of the users who reacted with it, ordered by user id, at most
+    /// [`MAX_REACTION_USERS`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub users: Vec<UserId>,
+}
+
 /// The JSON body of an HTTP error (for example a refused upgrade).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HttpError {
@@ -797,7 +874,8 @@ mod tests {
             ClientFrame::Send {
                 id: ClientMsgId::parse("m1").unwrap(),
                 conversation,
-                body: "hi".into()
+                body: "hi".into(),
+                reply_to: None,
             }
         );
     }
@@ -988,6 +1066,10 @@ mod tests {
             body: body.into(),
             at: 7,
             system: None,
+            edited: false,
+            deleted: false,
+            reply_to: None,
+            reactions: Vec::new(),
         };
         let long = "é".repeat(200);
         let preview = MessagePreview::from(message(&long));
@@ -1087,6 +1169,10 @@ mod tests {
             body: String::new(),
             at: 5,
             system: Some(muted),
+            edited: false,
+            deleted: false,
+            reply_to: None,
+            reactions: Vec::new(),
         };
         let json = serde_json::to_value(&row).unwrap();
         assert!(json.get("client_id").is_none());
@@ -1095,6 +1181,61 @@ mod tests {
             seq: 1,
         }));
         assert_eq!(SystemEntry::of(&posted), None);
+    }
+
+    #[test]
+    fn message_frames_are_version_2_and_history_leaves_out_what_is_unset() {
+        let conversation = ConversationId::from_uuid(uuid::Uuid::nil());
+        for frame in [
+            format!(
+                r#"{{"type":"edit","id":"e","conversation":"{conversation}","message":3,"body":"b"}}"#
+            ),
+            format!(r#"{{"type":"delete","id":"e","conversation":"{conversation}","message":3}}"#),
+            format!(
+                r#"{{"type":"react","id":"e","conversation":"{conversation}","message":3,"emoji":"👍"}}"#
+            ),
+            format!(
+                r#"{{"type":"unreact","id":"e","conversation":"{conversation}","message":3,"emoji":"👍"}}"#
+            ),
+        ] {
+            let parsed = ClientFrame::parse(&frame).unwrap();
+            assert_eq!(
+                (parsed.since_protocol(), parsed.id().map(|id| id.as_str())),
+                (2, Some("e"))
+            );
+        }
+        let reply = ClientFrame::parse(&format!(
+            r#"{{"type":"send","id":"s","conversation":"{conversation}","body":"b","reply_to":3}}"#
+        ))
+        .unwrap();
+        assert!(matches!(
+            reply,
+            ClientFrame::Send {
+                reply_to: Some(3),
+                ..
+            }
+        ));
+        let plain = HistoryMessage {
+            seq: 5,
+            id: EventId::from_uuid(uuid::Uuid::nil()),
+            sender: UserId::parse("bob").unwrap(),
+            client_id: Some(ClientMsgId::parse("m").unwrap()),
+            body: "hi".into(),
+            at: 7,
+            system: None,
+            edited: false,
+            deleted: false,
+            reply_to: None,
+            reactions: Vec::new(),
+        };
+        let json = serde_json::to_value(&plain).unwrap();
+        for absent in ["system", "edited", "deleted", "reply_to", "reactions"] {
+            assert!(json.get(absent).is_none(), "{absent} in {json}");
+        }
+        assert_eq!(
+            serde_json::from_value::<HistoryMessage>(json).unwrap(),
+            plain
+        );
     }
 
     #[test]

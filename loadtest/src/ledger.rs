@@ -39,7 +39,8 @@ pub enum Content {
     /// A message the harness sent.
     Message(SendKey),
     /// An event the harness did not cause: a message whose client id is not one of the
-    /// harness's, a read marker or a membership change (the harness makes neither).
+    /// harness's, a read marker, a membership change or a change to a message (the harness
+    /// makes none).
     Foreign,
 }
 

@@ -4,9 +4,9 @@
 //!
 //! The CQL side runs on one local Apache Cassandra node per test binary, started on first
 //! use (parley-localstack's `CassandraNode`, installed by `infra/cassandra.sh`), each test in
-//! its own keyspace; or, when `PARLEY_TEST_SCYLLA` names contact points
-//! (`host:port,host:port`), on that cluster (`PARLEY_TEST_SCYLLA_DC` names its datacenter,
-//! default `datacenter1`). Without Java or the jars the CQL tests print `skipped: ...` and
+//! its own keyspaces (dropped when it passes); or, when `PARLEY_TEST_SCYLLA` names contact
+//! points (`host:port,host:port`), on that cluster (`PARLEY_TEST_SCYLLA_DC` names its
+//! datacenter, default `datacenter1`). Without Java or the jars the CQL tests print `skipped: ...` and
 //! pass, unless `CI` or `PARLEY_REQUIRE_CQL` is set: then they fail.
 //!
 //! The CQL store runs with history buckets of 4 log sequences here, so every history test
@@ -20,9 +20,10 @@ use parley_events::event::{
     ConversationRenamed, MemberLeft, MemberMuted, MemberRoleChanged, MemberUnmuted, MembersAdded,
     MembersRemoved,
 };
+use parley_events::protocol::ReactionCount;
 use parley_events::{
-    ClientMsgId, ConversationId, ConversationKind, Event, EventEnvelope, Member, MessagePosted,
-    RecordedEvent, Role,
+    ClientMsgId, ConversationId, ConversationKind, Event, EventEnvelope, Member, MessageDeleted,
+    MessageEdited, MessagePosted, Reaction, RecordedEvent, Role,
 };
 use parley_localstack::CassandraNode;
 use parley_projections::{
@@ -156,6 +157,49 @@ impl Backend {
     }
 }
 
+/// Drops the keyspaces of a CQL test that passed. One node holds every test's keyspaces,
+/// and a table costs it heap whether it is used or not: kept, the suite's tables exhaust the
+/// local node's 1 GB heap.
+struct Cleanup {
+    target: &'static CqlTarget,
+    prefix: String,
+}
+
+impl Backend {
+    fn cleanup(&self) -> Cleanup {
+        let Backend::Cql { target, prefix } = self else {
+            unreachable!("only CQL backends have keyspaces")
+        };
+        Cleanup {
+            target,
+            prefix: format!("{prefix}_"),
+        }
+    }
+}
+
+impl Cleanup {
+    async fn run(self) {
+        let session = cql_session(self.target).await;
+        let keyspaces: Vec<String> = session
+            .query_unpaged("SELECT keyspace_name FROM system_schema.keyspaces", ())
+            .await
+            .unwrap()
+            .into_rows_result()
+            .unwrap()
+            .rows::<(String,)>()
+            .unwrap()
+            .map(|row| row.unwrap().0)
+            .filter(|name| name.starts_with(&self.prefix))
+            .collect();
+        for keyspace in keyspaces {
+            session
+                .query_unpaged(format!("DROP KEYSPACE IF EXISTS {keyspace}"), ())
+                .await
+                .unwrap();
+        }
+    }
+}
+
 async fn cql_session(target: &CqlTarget) -> scylla::client::session::Session {
     scylla::client::session_builder::SessionBuilder::new()
         .known_nodes(&target.contact_points)
@@ -179,7 +223,9 @@ macro_rules! conformance {
                 #[tokio::test]
                 async fn $test() {
                     if let Some(backend) = super::Backend::cql() {
+                        let cleanup = backend.cleanup();
                         super::$test(backend).await;
+                        cleanup.run().await;
                     }
                 }
             )*
@@ -209,6 +255,11 @@ conformance!(
     membership_changes_are_system_entries_in_history_not_unread,
     membership_permutations_and_duplicates_converge,
     a_store_of_schema_2_is_brought_to_schema_3,
+    edits_deletions_reactions_and_replies_show_in_history,
+    a_deleted_body_is_gone_from_history_and_the_resume_index,
+    reactions_keep_the_newest_add_or_remove_whatever_the_order,
+    message_changes_converge_whatever_the_order_and_repeats,
+    a_log_written_before_message_changes_projects_and_takes_changes,
 );
 
 // --- helpers ---------------------------------------------------------------------------
@@ -909,6 +960,7 @@ fn membership_log() -> Vec<RecordedEvent> {
             Event::MessagePosted(MessagePosted {
                 client_id: ClientMsgId::parse("hello-from-bob").unwrap(),
                 body: "hi all".into(),
+                reply_to: None,
             }),
         ),
         (
@@ -955,6 +1007,7 @@ fn membership_log() -> Vec<RecordedEvent> {
             Event::MessagePosted(MessagePosted {
                 client_id: ClientMsgId::parse("back-again").unwrap(),
                 body: "back".into(),
+                reply_to: None,
             }),
         ),
     ];
@@ -1145,6 +1198,318 @@ async fn a_store_of_schema_2_is_brought_to_schema_3(backend: Backend) {
     assert_eq!(snapshot(&*store, &events).await, expected);
 }
 
+// --- message changes ----------------------------------------------------------------------
+
+fn reaction(message: u64, emoji: &str) -> Reaction {
+    Reaction {
+        message,
+        emoji: emoji.into(),
+    }
+}
+
+fn edited(message: u64, body: &str) -> Event {
+    Event::MessageEdited(MessageEdited {
+        message,
+        body: body.into(),
+    })
+}
+
+/// The small log, then (from sequence 15) a reply, edits, reactions and a deletion. In the
+/// direct conversation alice posted 3 and 7, bob 5.
+fn log_with_changes() -> Vec<RecordedEvent> {
+    let mut events = log();
+    let d = direct();
+    let reply = Event::MessagePosted(MessagePosted {
+        client_id: ClientMsgId::parse("r1").unwrap(),
+        body: "re: direct 0".into(),
+        reply_to: Some(3),
+    });
+    assert_eq!(then(&mut events, d, "bob", reply), 15);
+    then(&mut events, d, "alice", edited(3, "direct 0, edited"));
+    then(&mut events, d, "alice", edited(3, "direct 0, edited twice"));
+    then(
+        &mut events,
+        d,
+        "bob",
+        Event::ReactionAdded(reaction(3, "👍")),
+    );
+    then(
+        &mut events,
+        d,
+        "alice",
+        Event::ReactionAdded(reaction(3, "👍")),
+    );
+    then(
+        &mut events,
+        d,
+        "alice",
+        Event::ReactionAdded(reaction(3, "🎉")),
+    );
+    then(
+        &mut events,
+        d,
+        "alice",
+        Event::ReactionRemoved(reaction(3, "🎉")),
+    );
+    then(&mut events, d, "alice", edited(7, "secret edit"));
+    then(
+        &mut events,
+        d,
+        "bob",
+        Event::ReactionAdded(reaction(7, "👀")),
+    );
+    then(
+        &mut events,
+        d,
+        "alice",
+        Event::MessageDeleted(MessageDeleted { message: 7 }),
+    );
+    then(
+        &mut events,
+        group(),
+        "carol",
+        Event::ReactionAdded(reaction(4, "👀")),
+    );
+    then(
+        &mut events,
+        d,
+        "bob",
+        Event::ReactionAdded(reaction(5, "❤️")),
+    );
+    then(
+        &mut events,
+        d,
+        "bob",
+        Event::ReactionRemoved(reaction(5, "❤️")),
+    );
+    assert_eq!(
+        then(
+            &mut events,
+            d,
+            "bob",
+            Event::ReactionAdded(reaction(5, "❤️"))
+        ),
+        28
+    );
+    events
+}
+
+async fn edits_deletions_reactions_and_replies_show_in_history(backend: Backend) {
+    let events = log_with_changes();
+    let store = backend.open("s").await;
+    apply_in_batches(&*store, &events, 5).await;
+    let history = store.history(direct(), None, 100).await.unwrap().messages;
+    let at = |seq| history.iter().find(|m| m.seq == seq).unwrap().clone();
+    let edited = at(3);
+    assert_eq!(
+        (edited.body.as_str(), edited.edited, edited.deleted),
+        ("direct 0, edited twice", true, false)
+    );
+    assert_eq!(
+        edited.reactions,
+        vec![ReactionCount {
+            emoji: "👍".into(),
+            count: 2,
+            users: vec![user("alice"), user("bob")],
+        }],
+        "🎉 was removed"
+    );
+    let plain = at(5);
+    assert_eq!((plain.body.as_str(), plain.edited), ("direct 1", false));
+    assert_eq!(plain.reactions.len(), 1);
+    assert_eq!(
+        (plain.reactions[0].emoji.as_str(), plain.reactions[0].count),
+        ("❤️", 1)
+    );
+    let reply = at(15);
+    assert_eq!(
+        (reply.reply_to, reply.body.as_str()),
+        (Some(3), "re: direct 0")
+    );
+    assert_eq!(at(9).reply_to, None);
+    let team = store.history(group(), None, 100).await.unwrap().messages;
+    let seen = team.iter().find(|m| m.seq == 4).unwrap();
+    assert_eq!(seen.reactions[0].users, vec![user("carol")]);
+    // Changes are not messages: the history holds the posted ones only.
+    assert_eq!(history.len(), 7);
+    let forward = store
+        .history_after(direct(), 2, 100)
+        .await
+        .unwrap()
+        .messages;
+    assert_eq!(forward.iter().rev().cloned().collect::<Vec<_>>(), history);
+}
+
+async fn a_deleted_body_is_gone_from_history_and_the_resume_index(backend: Backend) {
+    let events = log_with_changes();
+    let store = backend.open("s").await;
+    store.apply(&events).await.unwrap();
+    let history = store.history(direct(), None, 100).await.unwrap().messages;
+    let tombstone = history.iter().find(|m| m.seq == 7).unwrap();
+    assert_eq!(
+        (
+            tombstone.body.as_str(),
+            tombstone.deleted,
+            tombstone.edited,
+            tombstone.reactions.len()
+        ),
+        ("", true, false, 0)
+    );
+    assert_eq!(
+        tombstone.sender,
+        user("alice"),
+        "the tombstone keeps who and when"
+    );
+    let indexed = all_events_after(&*store, direct(), 0, 4).await;
+    assert_eq!(
+        indexed.len(),
+        events_of(&events, direct()).len(),
+        "every event stays"
+    );
+    let body_of = |seq| {
+        let event = &indexed
+            .iter()
+            .find(|e| e.seq == seq)
+            .unwrap()
+            .envelope
+            .event;
+        match event {
+            Event::MessagePosted(posted) => posted.body.clone(),
+            Event::MessageEdited(edited) => edited.body.clone(),
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!((body_of(7), body_of(22)), (String::new(), String::new()));
+    assert_eq!(body_of(3), "direct 0", "other messages keep theirs");
+    assert_eq!(body_of(17), "direct 0, edited twice");
+    // Deleted first, posted and edited after (a replay out of order): never stored.
+    let late = backend.open("late").await;
+    let (deletion, rest): (Vec<RecordedEvent>, Vec<RecordedEvent>) = events
+        .iter()
+        .cloned()
+        .partition(|e| matches!(e.envelope.event, Event::MessageDeleted(_)));
+    late.apply(&deletion).await.unwrap();
+    late.apply(&rest).await.unwrap();
+    assert_eq!(
+        snapshot(&*late, &events).await,
+        snapshot(&*store, &events).await
+    );
+    let text = snapshot(&*late, &events).await;
+    assert!(
+        !text.contains("secret edit") && !text.contains("direct 2"),
+        "{text}"
+    );
+}
+
+async fn reactions_keep_the_newest_add_or_remove_whatever_the_order(backend: Backend) {
+    let events = log_with_changes();
+    let store = backend.open("s").await;
+    store.apply(&events[..17]).await.unwrap();
+    // 🎉 added at 20 and removed at 21, applied removal first; then everything twice.
+    store.apply(&events[20..21]).await.unwrap();
+    store.apply(&events[19..20]).await.unwrap();
+    let emojis = |history: &[parley_events::protocol::HistoryMessage]| {
+        history
+            .iter()
+            .find(|m| m.seq == 3)
+            .unwrap()
+            .reactions
+            .iter()
+            .map(|r| (r.emoji.clone(), r.count))
+            .collect::<Vec<_>>()
+    };
+    let history = store.history(direct(), None, 100).await.unwrap().messages;
+    assert_eq!(
+        emojis(&history),
+        [],
+        "the add does not bring back what its removal took"
+    );
+    store.apply(&events).await.unwrap();
+    store.apply(&events[17..19]).await.unwrap();
+    let history = store.history(direct(), None, 100).await.unwrap().messages;
+    assert_eq!(emojis(&history), [("👍".to_owned(), 2)]);
+}
+
+/// The log of a build before `message.posted` v2, as it appended it, then changes to its
+/// messages by this build.
+async fn a_log_written_before_message_changes_projects_and_takes_changes(backend: Backend) {
+    let mut events: Vec<RecordedEvent> =
+        include_str!("../../events/tests/fixtures/log-before-message-changes.jsonl")
+            .lines()
+            .map(|line| RecordedEvent::from_bytes(line.as_bytes()).unwrap())
+            .collect();
+    let d = events[0].envelope.conversation;
+    assert_eq!(d, direct());
+    then(&mut events, d, "alice", edited(2, "hello, edited"));
+    then(
+        &mut events,
+        d,
+        "alice",
+        Event::ReactionAdded(reaction(3, "👍")),
+    );
+    let reply = Event::MessagePosted(MessagePosted {
+        client_id: ClientMsgId::parse("m-3").unwrap(),
+        body: "to the old one".into(),
+        reply_to: Some(3),
+    });
+    then(&mut events, d, "alice", reply);
+    let store = backend.open("s").await;
+    store.apply(&events).await.unwrap();
+    let history = store.history(d, None, 10).await.unwrap().messages;
+    let shown: Vec<_> = history
+        .iter()
+        .map(|m| {
+            (
+                m.seq,
+                m.body.as_str(),
+                m.edited,
+                m.reply_to,
+                m.reactions.len(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            (7, "to the old one", false, Some(3), 0),
+            (3, "and back", false, None, 1),
+            (2, "hello, edited", true, None, 0),
+        ]
+    );
+    assert_eq!(store.read_marker(d, &user("bob")).await.unwrap(), 3);
+    assert_eq!(snapshot(&*store, &events).await, reference(&events).await);
+}
+
+/// Like [`permutations_and_duplicates_converge`], over a log with every kind of change.
+async fn message_changes_converge_whatever_the_order_and_repeats(backend: Backend) {
+    let events = log_with_changes();
+    let expected = reference(&events).await;
+    let strategy = (
+        Just((0..events.len()).collect::<Vec<_>>()).prop_shuffle(),
+        proptest::collection::vec(0..events.len(), 0..10),
+        1..6usize,
+    );
+    let cases = match backend {
+        Backend::Sqlite(_) => 24,
+        Backend::Cql { .. } => 4,
+    };
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::default());
+    let generated: Vec<_> = (0..cases)
+        .map(|_| strategy.new_tree(&mut runner).unwrap().current())
+        .collect();
+    for (n, (order, duplicates, batch)) in generated.into_iter().enumerate() {
+        let mut shuffled: Vec<RecordedEvent> = order.iter().map(|&i| events[i].clone()).collect();
+        shuffled.extend(duplicates.iter().map(|&i| events[i].clone()));
+        let store = backend.open(&format!("case{n}")).await;
+        apply_in_batches(&*store, &shuffled, batch).await;
+        assert_eq!(
+            snapshot(&*store, &events).await,
+            expected,
+            "order {order:?}, duplicates {duplicates:?}, batch {batch}"
+        );
+    }
+}
+
 // --- CQL only: what the embedded store has no counterpart for ----------------------------
 
 #[tokio::test]
@@ -1296,4 +1661,75 @@ async fn sqlite_a_store_from_schema_1_starts_over_so_the_log_fills_the_new_table
     );
     apply_in_batches(&*store, &events, 4).await;
     assert_eq!(snapshot(&*store, &events).await, reference(&events).await);
+}
+
+#[tokio::test]
+async fn sqlite_a_store_from_schema_2_gains_message_changes_and_starts_over() {
+    let backend = Backend::sqlite();
+    let store = backend.open("s").await;
+    store.apply(&log()).await.unwrap();
+    drop(store);
+    let Backend::Sqlite(dir) = &backend else {
+        unreachable!()
+    };
+    // What schema 2 left: no change tables, messages without `reply_to`.
+    let conn = rusqlite::Connection::open(dir.path().join("s.db")).unwrap();
+    conn.execute_batch(
+        "DROP TABLE message_edits; DROP TABLE message_deletions; DROP TABLE reactions;
+         ALTER TABLE messages DROP COLUMN reply_to;",
+    )
+    .unwrap();
+    conn.pragma_update(None, "user_version", 2).unwrap();
+    drop(conn);
+    let store = backend.open("s").await;
+    assert_eq!(store.position().await.unwrap(), 0, "the log is replayed");
+    let events = log_with_changes();
+    store.apply(&events).await.unwrap();
+    assert_eq!(snapshot(&*store, &events).await, reference(&events).await);
+}
+
+#[tokio::test]
+async fn cql_a_keyspace_from_schema_2_gains_message_changes_and_replays() {
+    let Some(backend) = Backend::cql() else {
+        return;
+    };
+    let Backend::Cql { target, .. } = &backend else {
+        unreachable!()
+    };
+    let cleanup = backend.cleanup();
+    let store = backend.open("s").await;
+    store.apply(&log()).await.unwrap();
+    drop(store);
+    // What schema 2 left, as far as can be made without dropping columns (a column dropped
+    // and added again hides every cell older than the drop, and these are timestamped by
+    // log sequence): no `bodies` or `reactions`, its position under the old name.
+    let ks = backend.cql_options("s").keyspace;
+    let session = cql_session(target).await;
+    for cql in [
+        format!("DROP TABLE {ks}.bodies"),
+        format!("DROP TABLE {ks}.reactions"),
+        format!("UPDATE {ks}.schema_version SET version = 2 WHERE name = 'conversations'"),
+        format!(
+            "DELETE FROM {ks}.projection_position USING TIMESTAMP 14 WHERE name = 'conversations.3'"
+        ),
+        format!("INSERT INTO {ks}.projection_position (name, seq) VALUES ('conversations.2', 14)"),
+    ] {
+        session.query_unpaged(cql, ()).await.unwrap();
+    }
+    // The columns schema 3 adds are there already: the migration goes on past them.
+    let store = backend.open("s").await;
+    assert_eq!(store.position().await.unwrap(), 0, "the log is replayed");
+    assert!(
+        store
+            .events_after(direct(), 0, 100)
+            .await
+            .unwrap()
+            .events
+            .is_empty(),
+        "the events stored with their bodies are gone"
+    );
+    let events = log_with_changes();
+    store.apply(&events).await.unwrap();
+    assert_eq!(snapshot(&*store, &events).await, reference(&events).await);
+    cleanup.run().await;
 }

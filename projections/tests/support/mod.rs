@@ -59,6 +59,7 @@ pub fn log_with(messages: u32) -> Vec<RecordedEvent> {
         Event::MessagePosted(MessagePosted {
             client_id: ClientMsgId::parse(format!("m{n}")).unwrap(),
             body: body.into(),
+            reply_to: None,
         })
     };
     let mut events = Vec::new();
@@ -113,14 +114,14 @@ pub fn then_read(
     );
 }
 
-/// `events` followed by `event` of `conversation` by `actor`, at the next sequence.
+/// `events` followed by `event` of `conversation` by `actor`; its sequence.
 #[allow(dead_code)] // Not every test binary that shares this module appends other events.
 pub fn then(
     events: &mut Vec<RecordedEvent>,
     conversation: ConversationId,
     actor: &str,
     event: Event,
-) {
+) -> u64 {
     let seq = events.len() as u64 + 1;
     let prev = events
         .iter()
@@ -128,4 +129,5 @@ pub fn then(
         .find(|e| e.envelope.conversation == conversation)
         .map_or(0, |e| e.seq);
     events.push(envelope(conversation, actor, seq, prev, event).recorded(seq));
+    seq
 }

@@ -21,7 +21,6 @@ use tracing::{Instrument, debug, info_span, warn};
 use super::Shared;
 use super::delivery::{ConnectionId, Outbox, Queued, SocketControl};
 use super::{commands, limits, presence, resume, typing};
-use crate::handler::check_body;
 use crate::{telemetry, unix_millis};
 
 /// Commands one socket may have in flight; past this, the reader stops reading, which
@@ -281,21 +280,80 @@ async fn handle_text(
             id,
             conversation,
             body,
-        } => {
-            // Refused here what the handler would refuse anyway, saving the round trip.
-            if let Err((code, message)) = check_body(&body, &shared.config.limits) {
-                metrics::counter!(telemetry::GATEWAY_FRAME_ERRORS_TOTAL, "code" => code.as_str())
-                    .increment(1);
-                outbox
-                    .answer(&ServerFrame::error(Some(id), code, message))
-                    .await;
-                return;
-            }
-            (
-                "send",
-                Some((id, Action::PostMessage { conversation, body })),
-            )
-        }
+            reply_to,
+        } => (
+            "send",
+            Some((
+                id,
+                Action::PostMessage {
+                    conversation,
+                    body,
+                    reply_to,
+                },
+            )),
+        ),
+        ClientFrame::Edit {
+            id,
+            conversation,
+            message,
+            body,
+        } => (
+            "edit",
+            Some((
+                id,
+                Action::EditMessage {
+                    conversation,
+                    message,
+                    body,
+                },
+            )),
+        ),
+        ClientFrame::Delete {
+            id,
+            conversation,
+            message,
+        } => (
+            "delete",
+            Some((
+                id,
+                Action::DeleteMessage {
+                    conversation,
+                    message,
+                },
+            )),
+        ),
+        ClientFrame::React {
+            id,
+            conversation,
+            message,
+            emoji,
+        } => (
+            "react",
+            Some((
+                id,
+                Action::React {
+                    conversation,
+                    message,
+                    emoji,
+                },
+            )),
+        ),
+        ClientFrame::Unreact {
+            id,
+            conversation,
+            message,
+            emoji,
+        } => (
+            "unreact",
+            Some((
+                id,
+                Action::Unreact {
+                    conversation,
+                    message,
+                    emoji,
+                },
+            )),
+        ),
         ClientFrame::CreateDirect { id, peer } => {
             ("create_direct", Some((id, Action::CreateDirect { peer })))
         }
@@ -387,19 +445,21 @@ async fn handle_text(
         | ClientFrame::Rename { .. }
         | ClientFrame::Mute { .. }
         | ClientFrame::Unmute { .. }) => {
-            match commands::membership_action(frame, &shared.config.limits) {
-                Ok((frame_type, id, action)) => (frame_type, Some((id, action))),
-                Err((id, code, message)) => {
-                    metrics::counter!(telemetry::GATEWAY_FRAME_ERRORS_TOTAL, "code" => code.as_str())
-                        .increment(1);
-                    outbox
-                        .answer(&ServerFrame::error(Some(id), code, message))
-                        .await;
-                    return;
-                }
-            }
+            let (frame_type, id, action) = commands::membership_action(frame);
+            (frame_type, Some((id, action)))
         }
     };
+    if let Some((id, action)) = &action
+        && let Err((code, message)) =
+            commands::check_at_edge(action, session.protocol, &shared.config.limits)
+    {
+        metrics::counter!(telemetry::GATEWAY_FRAME_ERRORS_TOTAL, "code" => code.as_str())
+            .increment(1);
+        outbox
+            .answer(&ServerFrame::error(Some(id.clone()), code, message))
+            .await;
+        return;
+    }
     metrics::counter!(telemetry::GATEWAY_FRAMES_RECEIVED_TOTAL, "type" => frame_type).increment(1);
     let Some((client_id, action)) = action else {
         return;
@@ -466,10 +526,21 @@ async fn history_page(
     } else {
         store_page(&*shared.store, conversation, from, limit).await?
     };
+    let mut messages = page.messages;
+    if session.protocol < 2 {
+        // In version 1's shape: a message there was never edited, deleted, a reply or
+        // reacted to (a deleted one's body is empty all the same).
+        for message in &mut messages {
+            message.edited = false;
+            message.deleted = false;
+            message.reply_to = None;
+            message.reactions = Vec::new();
+        }
+    }
     Ok(fit_frame(ServerFrame::History {
         id: id.clone(),
         conversation,
-        messages: page.messages,
+        messages,
         has_more: page.has_more,
     }))
 }

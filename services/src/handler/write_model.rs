@@ -24,6 +24,7 @@ use parley_events::{
     EventId, Fingerprint, Member, OutcomeResult, RecordedEvent, Role, UserId,
 };
 
+use super::messages::{MessageRef, MessageState, NotAppended};
 use crate::config::LimitsConfig;
 pub use membership::{check_batch, check_mute_seconds, check_title};
 
@@ -92,6 +93,9 @@ struct Aggregate {
     /// out stays until it is replaced or its member goes.
     #[serde(default)]
     mutes: HashMap<UserId, u64>,
+    /// Deleted messages and reactions.
+    #[serde(default)]
+    messages: MessageState,
 }
 
 /// A member's read marker and the `conversation.read` event that set it.
@@ -138,8 +142,9 @@ impl From<Accepted> for OutcomeResult {
     }
 }
 
-/// Format 2 added the fingerprints, format 3 each conversation's kind and mutes; a snapshot
-/// of another format is refused, which costs one replay of the whole log.
+/// Format 2 added the fingerprints, format 3 each conversation's kind and mutes, deleted
+/// messages and reactions; a snapshot of another format is refused, which costs one replay
+/// of the whole log.
 const SNAPSHOT_FORMAT: u32 = 3;
 
 #[derive(Serialize)]
@@ -160,6 +165,15 @@ struct Snapshot {
     shard_last: Vec<u64>,
     conversations: HashMap<ConversationId, Aggregate>,
     commands: Vec<(CommandId, Remembered)>,
+}
+
+impl From<NotAppended> for Decision {
+    fn from(not: NotAppended) -> Self {
+        match not {
+            NotAppended::Known(accepted) => Decision::Known(accepted),
+            NotAppended::Refused(code, message) => Decision::Reject { code, message },
+        }
+    }
 }
 
 fn reject(code: ErrorCode, message: impl Into<String>) -> Decision {
@@ -186,6 +200,24 @@ impl WriteModel {
             ));
         }
         Ok(aggregate)
+    }
+
+    /// The event `change` decides on, given the conversation's message state and the
+    /// actor's role there; a refusal when the actor is not a member.
+    fn change_message(
+        &self,
+        command: &Command,
+        change: impl FnOnce(&MessageState, Role) -> Result<Event, NotAppended>,
+    ) -> Result<Event, NotAppended> {
+        let aggregate = self
+            .member_of(command.conversation(), &command.actor)
+            .map_err(|(code, message)| NotAppended::Refused(code, message.to_owned()))?;
+        // A muted member may still take their own messages down, not add to the conversation.
+        if !matches!(command.action, Action::DeleteMessage { .. }) {
+            membership::check_not_muted(aggregate, &command.actor, command.issued_at)
+                .map_err(|(code, message)| NotAppended::Refused(code, message))?;
+        }
+        change(&aggregate.messages, aggregate.members[&command.actor])
     }
 
     pub fn new(shards: Shards, remembered_commands: usize) -> Self {
@@ -296,6 +328,7 @@ impl WriteModel {
                         created: remembered,
                         read: HashMap::new(),
                         mutes: HashMap::new(),
+                        messages: MessageState::default(),
                     });
             }
             Event::MessagePosted(_) | Event::ConversationRead(_) => {
@@ -330,6 +363,15 @@ impl WriteModel {
                     membership::apply(aggregate, &envelope.actor, &envelope.event);
                 }
             }
+            Event::MessageEdited(_)
+            | Event::MessageDeleted(_)
+            | Event::ReactionAdded(_)
+            | Event::ReactionRemoved(_) => {
+                if let Some(aggregate) = self.conversations.get_mut(&envelope.conversation) {
+                    aggregate.last_seq = aggregate.last_seq.max(seq);
+                    aggregate.messages.apply(envelope, remembered.accepted);
+                }
+            }
         }
         self.remember(envelope.command, remembered);
     }
@@ -345,8 +387,22 @@ impl WriteModel {
         }
     }
 
-    /// Validate `command` against the current state and say what to do with it.
+    /// Validate `command` against the current state and say what to do with it. A command
+    /// that refers to a message ([`Command::target_message`]) is refused here as referring
+    /// to none: decide it with [`WriteModel::decide_with`].
     pub fn decide(&self, command: &Command, limits: &LimitsConfig) -> Decision {
+        self.decide_with(command, limits, None)
+    }
+
+    /// [`WriteModel::decide`], with the message the command refers to as the log holds it
+    /// at [`Command::target_message`] (`None` when that is not a message of the
+    /// conversation).
+    pub fn decide_with(
+        &self,
+        command: &Command,
+        limits: &LimitsConfig,
+        target: Option<&MessageRef>,
+    ) -> Decision {
         if let Some(remembered) = self.commands.get(&command.id) {
             return remembered.answer(command);
         }
@@ -417,7 +473,7 @@ impl WriteModel {
                         .collect(),
                 })
             }
-            Action::PostMessage { body, .. } => {
+            Action::PostMessage { body, reply_to, .. } => {
                 let aggregate = match self.member_of(conversation, &command.actor) {
                     Ok(aggregate) => aggregate,
                     Err((code, message)) => return reject(code, message),
@@ -430,9 +486,13 @@ impl WriteModel {
                 if let Err((code, message)) = check_body(body, limits) {
                     return reject(code, message);
                 }
+                if let Err(not) = aggregate.messages.check_reply(*reply_to, target) {
+                    return not.into();
+                }
                 Event::MessagePosted(MessagePosted {
                     client_id: command.client_id.clone(),
                     body: body.clone(),
+                    reply_to: *reply_to,
                 })
             }
             Action::MarkRead { seq, .. } => {
@@ -472,6 +532,34 @@ impl WriteModel {
                 match membership::decide(aggregate, role, command, limits) {
                     Ok(event) => event,
                     Err((code, message)) => return reject(code, message),
+                }
+            }
+            Action::EditMessage { message, body, .. } => {
+                let edit = |messages: &MessageState, _| {
+                    messages.edit(&command.actor, *message, body, target, limits)
+                };
+                match self.change_message(command, edit) {
+                    Ok(event) => event,
+                    Err(not) => return not.into(),
+                }
+            }
+            Action::DeleteMessage { message, .. } => {
+                let delete = |messages: &MessageState, role| {
+                    messages.delete(&command.actor, role, *message, target)
+                };
+                match self.change_message(command, delete) {
+                    Ok(event) => event,
+                    Err(not) => return not.into(),
+                }
+            }
+            Action::React { message, emoji, .. } | Action::Unreact { message, emoji, .. } => {
+                let add = matches!(command.action, Action::React { .. });
+                let react = |messages: &MessageState, _| {
+                    messages.react(&command.actor, *message, emoji, add, target)
+                };
+                match self.change_message(command, react) {
+                    Ok(event) => event,
+                    Err(not) => return not.into(),
                 }
             }
         };
@@ -541,6 +629,7 @@ mod tests {
             Action::PostMessage {
                 conversation,
                 body: body.into(),
+                reply_to: None,
             },
         )
     }

@@ -273,7 +273,11 @@ pub fn decide(
         Action::CreateDirect { .. }
         | Action::CreateGroup { .. }
         | Action::PostMessage { .. }
-        | Action::MarkRead { .. } => unreachable!("not a membership command"),
+        | Action::MarkRead { .. }
+        | Action::EditMessage { .. }
+        | Action::DeleteMessage { .. }
+        | Action::React { .. }
+        | Action::Unreact { .. } => unreachable!("not a membership command"),
     })
 }
 
@@ -311,7 +315,11 @@ pub fn apply(aggregate: &mut Aggregate, actor: &UserId, event: &Event) {
         Event::ConversationRenamed(_)
         | Event::ConversationCreated(_)
         | Event::MessagePosted(_)
-        | Event::ConversationRead(_) => {}
+        | Event::ConversationRead(_)
+        | Event::MessageEdited(_)
+        | Event::MessageDeleted(_)
+        | Event::ReactionAdded(_)
+        | Event::ReactionRemoved(_) => {}
     }
 }
 
@@ -452,6 +460,7 @@ mod tests {
             Action::PostMessage {
                 conversation: group(),
                 body: "hi".into(),
+                reply_to: None,
             },
         )
     }
