@@ -515,3 +515,92 @@ async fn member_added_goes_to_every_gateway_on_the_membership_subject_like_a_cre
         "the rename between them is not a membership publish"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_added_start_receiving_and_members_removed_or_leaving_stop_on_every_gateway() {
+    let platform = Platform::start(2).await;
+    let mut alice = platform.connect_v2(0, "alice").await;
+    // Bob is a member from the creation, on the other gateway; carol and dave are added
+    // later, one on each gateway.
+    let mut bob = platform.connect_v2(1, "bob").await;
+    let mut carol = platform.connect_v2(1, "carol").await;
+    let mut dave = platform.connect_v2(0, "dave").await;
+    let g = group(&mut alice, "g", &["bob"]).await;
+    assert_eq!(
+        bob.next_of(&["event"]).await["event"]["type"],
+        "conversation.created"
+    );
+
+    acked(
+        &mut alice,
+        json!({"type": "add_members", "id": "add", "conversation": g, "users": ["carol", "dave"]}),
+    )
+    .await;
+    for client in [&mut alice, &mut bob, &mut carol, &mut dave] {
+        let frame = client.next_of(&["event"]).await;
+        assert_eq!(frame["event"]["type"], "member.added", "{frame}");
+        assert_eq!(frame["system"]["text"], "alice added carol and dave");
+    }
+    // The new members follow the group from their addition on.
+    acked(
+        &mut alice,
+        json!({"type": "send", "id": "m1", "conversation": g, "body": "welcome"}),
+    )
+    .await;
+    for client in [&mut alice, &mut bob, &mut carol, &mut dave] {
+        let frame = client.next_of(&["event"]).await;
+        assert_eq!(frame["event"]["data"]["body"], "welcome", "{frame}");
+    }
+
+    // Bob is removed and dave leaves: each is sent that event, and nothing after it.
+    acked(
+        &mut alice,
+        json!({"type": "remove_members", "id": "rm", "conversation": g, "users": ["bob"]}),
+    )
+    .await;
+    for client in [&mut alice, &mut bob, &mut carol, &mut dave] {
+        let frame = client.next_of(&["event"]).await;
+        assert_eq!(frame["event"]["type"], "member.removed", "{frame}");
+    }
+    acked(
+        &mut dave,
+        json!({"type": "leave", "id": "bye", "conversation": g}),
+    )
+    .await;
+    for client in [&mut alice, &mut carol, &mut dave] {
+        let frame = client.next_of(&["event"]).await;
+        assert_eq!(frame["event"]["type"], "member.left", "{frame}");
+    }
+    acked(
+        &mut alice,
+        json!({"type": "send", "id": "m2", "conversation": g, "body": "after"}),
+    )
+    .await;
+    for client in [&mut alice, &mut carol] {
+        let frame = client.next_of(&["event"]).await;
+        assert_eq!(frame["event"]["data"]["body"], "after", "{frame}");
+    }
+    // Carol shares bob's gateway and alice dave's: each gateway queued "after" on every
+    // socket following the group at once, so a socket still following would have it before
+    // the answer to a ping sent now.
+    for (client, id) in [(&mut bob, "p-bob"), (&mut dave, "p-dave")] {
+        client.send(json!({"type": "ping", "id": id})).await;
+        let frame = client.next().await;
+        assert_eq!(frame["type"], "pong", "{frame}");
+    }
+
+    // A removed member's new socket asking to resume the group is told it is not a member.
+    let mut bob_again = platform.open_v2(1, "bob").await;
+    let mut named = serde_json::Map::new();
+    named.insert(g.as_str().unwrap().to_owned(), json!(0));
+    bob_again
+        .send(json!({"type": "resume", "id": "r", "conversations": named}))
+        .await;
+    let resumed = bob_again.reply_to("r").await;
+    assert_eq!(resumed["type"], "resumed", "{resumed}");
+    assert_eq!(
+        resumed["conversations"],
+        json!([{"conversation": g, "state": "not_member", "seq": 0}]),
+        "{resumed}"
+    );
+}
