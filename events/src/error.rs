@@ -41,13 +41,24 @@ pub enum ErrorCode {
     /// The request's id was already used by this user for a different request; the
     /// request was not applied. Send it with a fresh id.
     IdReused,
+    /// The actor's role in the conversation does not allow the request (the permission
+    /// table in docs/protocol.md).
+    Forbidden,
+    /// The last owner of a group may not leave or step down; make another member an owner
+    /// first.
+    LastOwner,
+    /// The member is muted in this conversation; the message says until when.
+    Muted,
     /// Too many requests from this user or address; nothing was done. Retry after
     /// `retry_after_ms`.
     RateLimited,
+    /// The referenced sequence is not a message of this conversation, or the message was
+    /// deleted (for edits, reactions and replies).
+    MessageNotFound,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 16] = [
+    pub const ALL: [ErrorCode; 20] = [
         ErrorCode::BadFrame,
         ErrorCode::UnknownFrameType,
         ErrorCode::MessageTooLarge,
@@ -63,7 +74,11 @@ impl ErrorCode {
         ErrorCode::Timeout,
         ErrorCode::Unavailable,
         ErrorCode::IdReused,
+        ErrorCode::Forbidden,
+        ErrorCode::LastOwner,
+        ErrorCode::Muted,
         ErrorCode::RateLimited,
+        ErrorCode::MessageNotFound,
     ];
 
     /// The code as it appears on the wire.
@@ -84,7 +99,11 @@ impl ErrorCode {
             ErrorCode::Timeout => "timeout",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::IdReused => "id_reused",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::LastOwner => "last_owner",
+            ErrorCode::Muted => "muted",
             ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::MessageNotFound => "message_not_found",
         }
     }
 

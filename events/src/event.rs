@@ -53,6 +53,17 @@ pub enum Event {
     ConversationCreated(ConversationCreated),
     MessagePosted(MessagePosted),
     ConversationRead(ConversationRead),
+    MembersAdded(MembersAdded),
+    MembersRemoved(MembersRemoved),
+    MemberLeft(MemberLeft),
+    MemberRoleChanged(MemberRoleChanged),
+    ConversationRenamed(ConversationRenamed),
+    MemberMuted(MemberMuted),
+    MemberUnmuted(MemberUnmuted),
+    MessageEdited(MessageEdited),
+    MessageDeleted(MessageDeleted),
+    ReactionAdded(Reaction),
+    ReactionRemoved(Reaction),
 }
 
 /// `conversation.created` v1: a direct conversation (exactly two members) or a group (its
@@ -107,13 +118,42 @@ impl Role {
     }
 }
 
-/// `message.posted` v1. The message's id is the event's id.
+/// `message.posted` v2 (v1 had no `reply_to`). The message's id is the event's id; other
+/// events refer to the message by its log sequence.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MessagePosted {
     /// The sender's id for the send, so the sender's other devices can match it up.
     pub client_id: ClientMsgId,
     pub body: String,
+    /// The sequence of the earlier message of the same conversation this one replies to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<u64>,
+}
+
+/// `message.edited` v1: the author replaced the body of the message at sequence `message`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessageEdited {
+    pub message: u64,
+    pub body: String,
+}
+
+/// `message.deleted` v1: the message at sequence `message` is a tombstone from here on; its
+/// body leaves every projection (the log keeps the events).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessageDeleted {
+    pub message: u64,
+}
+
+/// `reaction.added` v1 and `reaction.removed` v1: the actor's `emoji` on the message at
+/// sequence `message`. A user has each emoji on a message at most once.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reaction {
+    pub message: u64,
+    pub emoji: String,
 }
 
 /// `conversation.read` v1: the actor has read the conversation up to `seq` (inclusive).
@@ -122,6 +162,56 @@ pub struct MessagePosted {
 #[serde(deny_unknown_fields)]
 pub struct ConversationRead {
     pub seq: u64,
+}
+
+/// `member.added` v1: the actor added these users to a group. Users who were already
+/// members are not in it, so it never holds an empty list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MembersAdded {
+    pub members: Vec<Member>,
+}
+
+/// `member.removed` v1: the actor removed these members from a group.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MembersRemoved {
+    pub users: Vec<UserId>,
+}
+
+/// `member.left` v1: the actor left the group.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberLeft {}
+
+/// `member.role_changed` v1: the actor gave `user` the role `role`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberRoleChanged {
+    pub user: UserId,
+    pub role: Role,
+}
+
+/// `conversation.renamed` v1: the group's title is now `title` (`null`: no title).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConversationRenamed {
+    pub title: Option<String>,
+}
+
+/// `member.muted` v1: `user` may not post until `until` (milliseconds since the Unix epoch).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberMuted {
+    pub user: UserId,
+    pub until: u64,
+}
+
+/// `member.unmuted` v1: `user`'s mute was lifted before it ran out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberUnmuted {
+    pub user: UserId,
 }
 
 /// Why stored bytes could not be read as an event.
@@ -146,11 +236,26 @@ pub enum DecodeError {
 pub const CONVERSATION_CREATED: &str = "conversation.created";
 pub const MESSAGE_POSTED: &str = "message.posted";
 pub const CONVERSATION_READ: &str = "conversation.read";
+pub const MEMBER_ADDED: &str = "member.added";
+pub const MEMBER_REMOVED: &str = "member.removed";
+pub const MEMBER_LEFT: &str = "member.left";
+pub const MEMBER_ROLE_CHANGED: &str = "member.role_changed";
+pub const CONVERSATION_RENAMED: &str = "conversation.renamed";
+pub const MEMBER_MUTED: &str = "member.muted";
+pub const MEMBER_UNMUTED: &str = "member.unmuted";
+pub const MESSAGE_EDITED: &str = "message.edited";
+pub const MESSAGE_DELETED: &str = "message.deleted";
+pub const REACTION_ADDED: &str = "reaction.added";
+pub const REACTION_REMOVED: &str = "reaction.removed";
 
 /// The current version of each event type this build writes.
 fn current_version(type_name: &str) -> Option<u32> {
     match type_name {
-        CONVERSATION_CREATED | MESSAGE_POSTED | CONVERSATION_READ => Some(1),
+        CONVERSATION_CREATED | CONVERSATION_READ => Some(1),
+        MESSAGE_POSTED => Some(2),
+        MEMBER_ADDED | MEMBER_REMOVED | MEMBER_LEFT | MEMBER_ROLE_CHANGED
+        | CONVERSATION_RENAMED | MEMBER_MUTED | MEMBER_UNMUTED => Some(1),
+        MESSAGE_EDITED | MESSAGE_DELETED | REACTION_ADDED | REACTION_REMOVED => Some(1),
         _ => None,
     }
 }
@@ -161,6 +266,17 @@ impl Event {
             Event::ConversationCreated(_) => CONVERSATION_CREATED,
             Event::MessagePosted(_) => MESSAGE_POSTED,
             Event::ConversationRead(_) => CONVERSATION_READ,
+            Event::MembersAdded(_) => MEMBER_ADDED,
+            Event::MembersRemoved(_) => MEMBER_REMOVED,
+            Event::MemberLeft(_) => MEMBER_LEFT,
+            Event::MemberRoleChanged(_) => MEMBER_ROLE_CHANGED,
+            Event::ConversationRenamed(_) => CONVERSATION_RENAMED,
+            Event::MemberMuted(_) => MEMBER_MUTED,
+            Event::MemberUnmuted(_) => MEMBER_UNMUTED,
+            Event::MessageEdited(_) => MESSAGE_EDITED,
+            Event::MessageDeleted(_) => MESSAGE_DELETED,
+            Event::ReactionAdded(_) => REACTION_ADDED,
+            Event::ReactionRemoved(_) => REACTION_REMOVED,
         }
     }
 
@@ -174,6 +290,37 @@ impl Event {
         match self {
             Event::ConversationCreated(_) | Event::MessagePosted(_) => 1,
             Event::ConversationRead(_) => 2,
+            Event::MembersAdded(_)
+            | Event::MembersRemoved(_)
+            | Event::MemberLeft(_)
+            | Event::MemberRoleChanged(_)
+            | Event::ConversationRenamed(_)
+            | Event::MemberMuted(_)
+            | Event::MemberUnmuted(_) => 2,
+            Event::MessageEdited(_)
+            | Event::MessageDeleted(_)
+            | Event::ReactionAdded(_)
+            | Event::ReactionRemoved(_) => 2,
+        }
+    }
+
+    /// The sequence of the message this event changes (an edit, a deletion, a reaction).
+    pub fn target_message(&self) -> Option<u64> {
+        match self {
+            Event::MessageEdited(MessageEdited { message, .. })
+            | Event::MessageDeleted(MessageDeleted { message })
+            | Event::ReactionAdded(Reaction { message, .. })
+            | Event::ReactionRemoved(Reaction { message, .. }) => Some(*message),
+            Event::ConversationCreated(_)
+            | Event::MessagePosted(_)
+            | Event::ConversationRead(_)
+            | Event::MembersAdded(_)
+            | Event::MembersRemoved(_)
+            | Event::MemberLeft(_)
+            | Event::MemberRoleChanged(_)
+            | Event::ConversationRenamed(_)
+            | Event::MemberMuted(_)
+            | Event::MemberUnmuted(_) => None,
         }
     }
 
@@ -188,17 +335,40 @@ impl Event {
     pub fn joining(&self) -> &[Member] {
         match self {
             Event::ConversationCreated(created) => &created.members,
-            Event::MessagePosted(_) | Event::ConversationRead(_) => &[],
+            Event::MembersAdded(added) => &added.members,
+            Event::MessagePosted(_)
+            | Event::ConversationRead(_)
+            | Event::MembersRemoved(_)
+            | Event::MemberLeft(_)
+            | Event::MemberRoleChanged(_)
+            | Event::ConversationRenamed(_)
+            | Event::MemberMuted(_)
+            | Event::MemberUnmuted(_)
+            | Event::MessageEdited(_)
+            | Event::MessageDeleted(_)
+            | Event::ReactionAdded(_)
+            | Event::ReactionRemoved(_) => &[],
         }
     }
 
     /// Whether this event, issued by `actor`, takes `user` out of its conversation: it is
     /// the last event of the conversation the user's sockets are sent.
-    pub fn departs(&self, _user: &UserId, _actor: &UserId) -> bool {
+    pub fn departs(&self, user: &UserId, actor: &UserId) -> bool {
         match self {
+            Event::MembersRemoved(removed) => removed.users.contains(user),
+            Event::MemberLeft(_) => actor == user,
             Event::ConversationCreated(_)
             | Event::MessagePosted(_)
-            | Event::ConversationRead(_) => false,
+            | Event::ConversationRead(_)
+            | Event::MembersAdded(_)
+            | Event::MemberRoleChanged(_)
+            | Event::ConversationRenamed(_)
+            | Event::MemberMuted(_)
+            | Event::MemberUnmuted(_)
+            | Event::MessageEdited(_)
+            | Event::MessageDeleted(_)
+            | Event::ReactionAdded(_)
+            | Event::ReactionRemoved(_) => false,
         }
     }
 
@@ -209,6 +379,17 @@ impl Event {
             CONVERSATION_CREATED => Event::ConversationCreated(serde_json::from_value(data)?),
             MESSAGE_POSTED => Event::MessagePosted(serde_json::from_value(data)?),
             CONVERSATION_READ => Event::ConversationRead(serde_json::from_value(data)?),
+            MEMBER_ADDED => Event::MembersAdded(serde_json::from_value(data)?),
+            MEMBER_REMOVED => Event::MembersRemoved(serde_json::from_value(data)?),
+            MEMBER_LEFT => Event::MemberLeft(serde_json::from_value(data)?),
+            MEMBER_ROLE_CHANGED => Event::MemberRoleChanged(serde_json::from_value(data)?),
+            CONVERSATION_RENAMED => Event::ConversationRenamed(serde_json::from_value(data)?),
+            MEMBER_MUTED => Event::MemberMuted(serde_json::from_value(data)?),
+            MEMBER_UNMUTED => Event::MemberUnmuted(serde_json::from_value(data)?),
+            MESSAGE_EDITED => Event::MessageEdited(serde_json::from_value(data)?),
+            MESSAGE_DELETED => Event::MessageDeleted(serde_json::from_value(data)?),
+            REACTION_ADDED => Event::ReactionAdded(serde_json::from_value(data)?),
+            REACTION_REMOVED => Event::ReactionRemoved(serde_json::from_value(data)?),
             _ => {
                 return Err(DecodeError::UnknownType {
                     type_name: type_name.to_owned(),
@@ -241,13 +422,17 @@ pub fn upcast(type_name: &str, version: u32, mut data: Value) -> Result<Value, D
     Ok(data)
 }
 
-/// One upcasting step, from `version` to `version + 1`. Every event type is at version 1
-/// today, so no step exists yet and any request for one is an error.
-fn upcast_step(type_name: &str, version: u32, _data: Value) -> Result<Value, DecodeError> {
-    Err(DecodeError::NoUpcaster {
-        type_name: type_name.to_owned(),
-        version,
-    })
+/// One upcasting step, from `version` to `version + 1`; a step nobody wrote is an error.
+fn upcast_step(type_name: &str, version: u32, data: Value) -> Result<Value, DecodeError> {
+    match (type_name, version) {
+        // v2 added the optional `reply_to`; a v1 message replies to nothing, which v2 says
+        // by leaving the field out, so the data is already v2.
+        (MESSAGE_POSTED, 1) => Ok(data),
+        _ => Err(DecodeError::NoUpcaster {
+            type_name: type_name.to_owned(),
+            version,
+        }),
+    }
 }
 
 /// The stored form, as read: the data stays raw until its type and version are known.
@@ -372,6 +557,7 @@ mod tests {
             event: Event::MessagePosted(MessagePosted {
                 client_id,
                 body: "hello".into(),
+                reply_to: None,
             }),
         }
     }
@@ -382,7 +568,7 @@ mod tests {
         let bytes = envelope.to_bytes();
         let json: Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(json["type"], "message.posted");
-        assert_eq!(json["v"], 1);
+        assert_eq!(json["v"], 2);
         assert_eq!(json["data"]["body"], "hello");
         assert!(json.get("seq").is_none(), "the log assigns the sequence");
         assert_eq!(EventEnvelope::from_bytes(&bytes).unwrap(), envelope);
@@ -417,12 +603,12 @@ mod tests {
 
     #[test]
     fn newer_version_is_an_error_that_says_upgrade() {
-        let err = EventEnvelope::from_bytes(&with("v", 2.into())).unwrap_err();
+        let err = EventEnvelope::from_bytes(&with("v", 3.into())).unwrap_err();
         assert!(matches!(
             err,
             DecodeError::VersionTooNew {
-                version: 2,
-                current: 1,
+                version: 3,
+                current: 2,
                 ..
             }
         ));
@@ -433,6 +619,64 @@ mod tests {
     fn version_zero_has_no_upcaster() {
         let err = EventEnvelope::from_bytes(&with("v", 0.into())).unwrap_err();
         assert!(matches!(err, DecodeError::NoUpcaster { version: 0, .. }));
+    }
+
+    #[test]
+    fn a_stored_v1_message_decodes_as_v2_without_a_reply() {
+        // The bytes a build before message.posted v2 appended, as they sit in old logs.
+        let stored = br#"{"id":"0190a5d2-7c00-7000-8000-000000000001","conversation":"0190a5d2-7c00-7000-8000-000000000002","prev":3,"command":"0190a5d2-7c00-7000-8000-000000000003","actor":"alice","at":1700000000000,"type":"message.posted","v":1,"data":{"client_id":"m-1","body":"old"}}"#;
+        let envelope = EventEnvelope::from_bytes(stored).unwrap();
+        assert_eq!(
+            envelope.event,
+            Event::MessagePosted(MessagePosted {
+                client_id: ClientMsgId::parse("m-1").unwrap(),
+                body: "old".into(),
+                reply_to: None,
+            })
+        );
+        let rewritten: Value = serde_json::from_slice(&envelope.to_bytes()).unwrap();
+        assert_eq!(
+            (rewritten["v"].as_u64(), rewritten["data"].get("reply_to")),
+            (Some(2), None)
+        );
+        let reply = with(
+            "data",
+            serde_json::json!({"client_id": "m", "body": "x", "reply_to": 4}),
+        );
+        let Event::MessagePosted(posted) = EventEnvelope::from_bytes(&reply).unwrap().event else {
+            panic!()
+        };
+        assert_eq!(posted.reply_to, Some(4));
+    }
+
+    #[test]
+    fn message_changes_round_trip_and_name_their_message() {
+        for event in [
+            Event::MessageEdited(MessageEdited {
+                message: 5,
+                body: "fixed".into(),
+            }),
+            Event::MessageDeleted(MessageDeleted { message: 5 }),
+            Event::ReactionAdded(Reaction {
+                message: 5,
+                emoji: "👍".into(),
+            }),
+            Event::ReactionRemoved(Reaction {
+                message: 5,
+                emoji: "👍".into(),
+            }),
+        ] {
+            let envelope = EventEnvelope {
+                event: event.clone(),
+                ..sample()
+            };
+            let decoded = EventEnvelope::from_bytes(&envelope.to_bytes()).unwrap();
+            assert_eq!(decoded.event, event);
+            assert_eq!(
+                (event.target_message(), event.since_protocol()),
+                (Some(5), 2)
+            );
+        }
     }
 
     #[test]

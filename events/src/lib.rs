@@ -44,6 +44,6 @@ pub use command::{Action, Command, Fingerprint, Outcome, OutcomeResult};
 pub use error::ErrorCode;
 pub use event::{
     ConversationCreated, ConversationKind, ConversationRead, DecodeError, Event, EventEnvelope,
-    Member, MessagePosted, RecordedEvent, Role,
+    Member, MessageDeleted, MessageEdited, MessagePosted, Reaction, RecordedEvent, Role,
 };
 pub use ids::{ClientMsgId, CommandId, ConversationId, EventId, IdError, UserId};

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::ErrorCode;
-use crate::event::{ConversationKind, Member, RecordedEvent, Role};
+use crate::event::{ConversationKind, Event, Member, RecordedEvent, Role};
 use crate::ids::{ClientMsgId, ConversationId, EventId, UserId};
 use crate::presence::UserStatus;
 use crate::typing::{TypingNotice, TypingState};
@@ -72,6 +72,9 @@ pub enum ClientFrame {
         id: ClientMsgId,
         conversation: ConversationId,
         body: String,
+        /// (v2) The sequence of an earlier message of the conversation this one replies to.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reply_to: Option<u64>,
     },
     /// Open (or find) the direct conversation with `peer`.
     CreateDirect { id: ClientMsgId, peer: UserId },
@@ -153,10 +156,84 @@ pub enum ClientFrame {
         id: Option<ClientMsgId>,
         users: Vec<UserId>,
     },
+    /// (v2) Add `users` to a group as plain members (owners and admins).
+    AddMembers {
+        id: ClientMsgId,
+        conversation: ConversationId,
+        users: Vec<UserId>,
+    },
+    /// (v2) Remove `users` from a group (owners; admins remove plain members only).
+    RemoveMembers {
+        id: ClientMsgId,
+        conversation: ConversationId,
+        users: Vec<UserId>,
+    },
+    /// (v2) Leave a group.
+    Leave {
+        id: ClientMsgId,
+        conversation: ConversationId,
+    },
+    /// (v2) Give a member of a group a role (owners).
+    SetRole {
+        id: ClientMsgId,
+        conversation: ConversationId,
+        user: UserId,
+        role: Role,
+    },
+    /// (v2) Set a group's title; `null` clears it (owners and admins).
+    Rename {
+        id: ClientMsgId,
+        conversation: ConversationId,
+        title: Option<String>,
+    },
+    /// (v2) Keep a member from posting for `seconds` (owners; admins mute plain members only).
+    Mute {
+        id: ClientMsgId,
+        conversation: ConversationId,
+        user: UserId,
+        seconds: u64,
+    },
+    /// (v2) Lift a member's mute.
+    Unmute {
+        id: ClientMsgId,
+        conversation: ConversationId,
+        user: UserId,
+    },
+    /// (v2) Replace the body of the sender's own message at sequence `message`.
+    Edit {
+        id: ClientMsgId,
+        conversation: ConversationId,
+        message: u64,
+        body: String,
+    },
+    /// (v2) Delete the message at sequence `message`: one's own, or anyone's as an owner or
+    /// admin of the group.
+    Delete {
+        id: ClientMsgId,
+        conversation: ConversationId,
+        message: u64,
+    },
+    /// (v2) Add `emoji` to the message at sequence `message`.
+    React {
+        id: ClientMsgId,
+        conversation: ConversationId,
+        message: u64,
+        emoji: String,
+    },
+    /// (v2) Remove the sender's `emoji` from the message at sequence `message`.
+    Unreact {
+        id: ClientMsgId,
+        conversation: ConversationId,
+        message: u64,
+        emoji: String,
+    },
 }
 
+/// Longest mute a `mute` frame may ask for: a year.
+pub const MAX_MUTE_SECONDS: u64 = 366 * 24 * 3600;
+
 /// The `type` names [`ClientFrame`] accepts.
-pub const CLIENT_FRAME_TYPES: [&str; 12] = [
+pub const CLIENT_FRAME_TYPES: [&str; 23] = [
     "send",
     "create_direct",
     "create_group",
@@ -169,6 +246,17 @@ pub const CLIENT_FRAME_TYPES: [&str; 12] = [
     "typing",
     "presence",
     "presence_unsubscribe",
+    "add_members",
+    "remove_members",
+    "leave",
+    "set_role",
+    "rename",
+    "mute",
+    "unmute",
+    "edit",
+    "delete",
+    "react",
+    "unreact",
 ];
 
 /// Why a text frame is not a [`ClientFrame`].
@@ -216,7 +304,18 @@ impl ClientFrame {
             | ClientFrame::Resume { id, .. }
             | ClientFrame::Members { id, .. }
             | ClientFrame::MarkRead { id, .. }
-            | ClientFrame::Presence { id, .. } => Some(id),
+            | ClientFrame::Presence { id, .. }
+            | ClientFrame::AddMembers { id, .. }
+            | ClientFrame::RemoveMembers { id, .. }
+            | ClientFrame::Leave { id, .. }
+            | ClientFrame::SetRole { id, .. }
+            | ClientFrame::Rename { id, .. }
+            | ClientFrame::Mute { id, .. }
+            | ClientFrame::Unmute { id, .. } => Some(id),
+            ClientFrame::Edit { id, .. }
+            | ClientFrame::Delete { id, .. }
+            | ClientFrame::React { id, .. }
+            | ClientFrame::Unreact { id, .. } => Some(id),
             ClientFrame::Ping { id }
             | ClientFrame::Typing { id, .. }
             | ClientFrame::PresenceUnsubscribe { id, .. } => id.as_ref(),
@@ -232,7 +331,18 @@ impl ClientFrame {
             | ClientFrame::MarkRead { .. }
             | ClientFrame::Typing { .. }
             | ClientFrame::Presence { .. }
-            | ClientFrame::PresenceUnsubscribe { .. } => 2,
+            | ClientFrame::PresenceUnsubscribe { .. }
+            | ClientFrame::AddMembers { .. }
+            | ClientFrame::RemoveMembers { .. }
+            | ClientFrame::Leave { .. }
+            | ClientFrame::SetRole { .. }
+            | ClientFrame::Rename { .. }
+            | ClientFrame::Mute { .. }
+            | ClientFrame::Unmute { .. } => 2,
+            ClientFrame::Edit { .. }
+            | ClientFrame::Delete { .. }
+            | ClientFrame::React { .. }
+            | ClientFrame::Unreact { .. } => 2,
             ClientFrame::Send { .. }
             | ClientFrame::CreateDirect { .. }
             | ClientFrame::CreateGroup { .. }
@@ -311,8 +421,13 @@ pub enum ServerFrame {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         retry_after_ms: Option<u64>,
     },
-    /// An event of one of the user's conversations (including the user's own sends).
-    Event { event: RecordedEvent },
+    /// An event of one of the user's conversations (including the user's own sends); with
+    /// `system` (v2), how a membership change reads in the conversation.
+    Event {
+        event: RecordedEvent,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        system: Option<SystemEntry>,
+    },
     History {
         id: ClientMsgId,
         conversation: ConversationId,
@@ -471,6 +586,9 @@ pub struct MessagePreview {
     /// The body's first [`PREVIEW_CHARS`] characters.
     pub body: String,
     pub at: u64,
+    /// When the newest entry is a membership change: its system entry (the body is empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<SystemEntry>,
 }
 
 /// Characters (Unicode scalar values) of a body a [`MessagePreview`] keeps.
@@ -487,6 +605,7 @@ impl From<HistoryMessage> for MessagePreview {
             sender: message.sender,
             body,
             at: message.at,
+            system: message.system,
         }
     }
 }
@@ -526,10 +645,182 @@ pub struct HistoryMessage {
     /// The message's id (its event's id).
     pub id: EventId,
     pub sender: UserId,
-    pub client_id: ClientMsgId,
+    /// Absent on system entries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<ClientMsgId>,
+    /// The latest body; empty on system entries and once deleted.
     pub body: String,
     /// Milliseconds since the Unix epoch.
     pub at: u64,
+    /// (v2) A membership change, not a message: `sender` is who made it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<SystemEntry>,
+    /// (v2) Whether the body was edited since it was posted.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub edited: bool,
+    /// (v2) Whether the message was deleted: a tombstone, its body gone.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub deleted: bool,
+    /// (v2) The sequence of the message this one replies to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<u64>,
+    /// (v2) Each emoji on the message with how many users reacted with it, ordered by emoji.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reactions: Vec<ReactionCount>,
+}
+
+/// (v2) A membership change as a conversation shows it, derived from its event alone, so
+/// every client renders it alike: `text` is the canonical English rendering; the other
+/// fields let a client render it its own way.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SystemEntry {
+    /// The event's type, e.g. `member.added`.
+    pub event: String,
+    /// The users it is about (added, removed, who left, whose role or mute changed).
+    pub users: Vec<UserId>,
+    pub role: Option<Role>,
+    pub title: Option<String>,
+    /// Milliseconds since the Unix epoch.
+    pub until: Option<u64>,
+    pub text: String,
+}
+
+/// Users a [`SystemEntry`]'s text names before it says "and N others".
+const NAMED_USERS: usize = 3;
+
+impl SystemEntry {
+    /// The entry of a membership event; `None` for messages, creations and read markers.
+    pub fn of(recorded: &RecordedEvent) -> Option<SystemEntry> {
+        let envelope = &recorded.envelope;
+        let actor = envelope.actor.as_str();
+        let entry = |users: Vec<UserId>, text: String| SystemEntry {
+            event: envelope.event.type_name().to_owned(),
+            users,
+            role: None,
+            title: None,
+            until: None,
+            text,
+        };
+        Some(match &envelope.event {
+            Event::ConversationCreated(_)
+            | Event::MessagePosted(_)
+            | Event::ConversationRead(_)
+            | Event::MessageEdited(_)
+            | Event::MessageDeleted(_)
+            | Event::ReactionAdded(_)
+            | Event::ReactionRemoved(_) => {
+                return None;
+            }
+            Event::MembersAdded(added) => {
+                let users: Vec<UserId> = added.members.iter().map(|m| m.user.clone()).collect();
+                let text = format!("{actor} added {}", name_list(&users));
+                entry(users, text)
+            }
+            Event::MembersRemoved(removed) => {
+                let text = format!("{actor} removed {}", name_list(&removed.users));
+                entry(removed.users.clone(), text)
+            }
+            Event::MemberLeft(_) => entry(vec![envelope.actor.clone()], format!("{actor} left")),
+            Event::MemberRoleChanged(changed) => {
+                let role = match changed.role {
+                    Role::Owner => "an owner",
+                    Role::Admin => "an admin",
+                    Role::Member => "a member",
+                };
+                SystemEntry {
+                    role: Some(changed.role),
+                    ..entry(
+                        vec![changed.user.clone()],
+                        format!("{actor} made {} {role}", changed.user),
+                    )
+                }
+            }
+            Event::ConversationRenamed(renamed) => SystemEntry {
+                title: renamed.title.clone(),
+                ..entry(
+                    Vec::new(),
+                    match &renamed.title {
+                        Some(title) => {
+                            format!("{actor} renamed the group to \u{201c}{title}\u{201d}")
+                        }
+                        None => format!("{actor} removed the group's name"),
+                    },
+                )
+            },
+            Event::MemberMuted(muted) => SystemEntry {
+                until: Some(muted.until),
+                ..entry(
+                    vec![muted.user.clone()],
+                    format!(
+                        "{actor} muted {} until {}",
+                        muted.user,
+                        rfc3339(muted.until)
+                    ),
+                )
+            },
+            Event::MemberUnmuted(unmuted) => entry(
+                vec![unmuted.user.clone()],
+                format!("{actor} unmuted {}", unmuted.user),
+            ),
+        })
+    }
+}
+
+/// "bob", "bob and carol", "bob, carol and dave", "bob, carol and 998 others".
+fn name_list(users: &[UserId]) -> String {
+    let names: Vec<&str> = users.iter().map(UserId::as_str).collect();
+    match names.as_slice() {
+        [] => String::new(),
+        [one] => (*one).to_owned(),
+        all if all.len() <= NAMED_USERS => {
+            let (last, rest) = all.split_last().expect("not empty");
+            format!("{} and {last}", rest.join(", "))
+        }
+        all => format!("{} and {} others", all[..2].join(", "), all.len() - 2),
+    }
+}
+
+/// Milliseconds since the Unix epoch as an RFC 3339 UTC time, e.g.
+/// `2026-11-30T17:09:37.250Z` (this crate takes no date library for one format).
+pub fn rfc3339(millis: u64) -> String {
+    let secs = millis / 1000;
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    // Howard Hinnant's civil_from_days, for days since 1970-01-01 (never negative here).
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        millis % 1000
+    )
+}
+
+fn is_false(value: &bool) -> bool {
+    !*value
+}
+
+/// Most users a [`ReactionCount`] names; `count` counts them all.
+pub const MAX_REACTION_USERS: usize = 20;
+
+/// (v2) One emoji's reactions on a message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReactionCount {
+    pub emoji: String,
+    pub count: u32,
+    /// Some of the users who reacted with it, ordered by user id, at most
+    /// [`MAX_REACTION_USERS`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub users: Vec<UserId>,
 }
 
 /// The JSON body of an HTTP error (for example a refused upgrade).
@@ -583,7 +874,8 @@ mod tests {
             ClientFrame::Send {
                 id: ClientMsgId::parse("m1").unwrap(),
                 conversation,
-                body: "hi".into()
+                body: "hi".into(),
+                reply_to: None,
             }
         );
     }
@@ -658,6 +950,37 @@ mod tests {
             };
             assert_eq!(named, frame_type);
         }
+    }
+
+    #[test]
+    fn membership_frames_are_version_2_requests() {
+        let conversation = ConversationId::from_uuid(uuid::Uuid::nil());
+        for frame in [
+            format!(
+                r#"{{"type":"add_members","id":"a","conversation":"{conversation}","users":["bob"]}}"#
+            ),
+            format!(
+                r#"{{"type":"remove_members","id":"a","conversation":"{conversation}","users":["bob"]}}"#
+            ),
+            format!(r#"{{"type":"leave","id":"a","conversation":"{conversation}"}}"#),
+            format!(
+                r#"{{"type":"set_role","id":"a","conversation":"{conversation}","user":"bob","role":"admin"}}"#
+            ),
+            format!(r#"{{"type":"rename","id":"a","conversation":"{conversation}","title":null}}"#),
+            format!(
+                r#"{{"type":"mute","id":"a","conversation":"{conversation}","user":"bob","seconds":60}}"#
+            ),
+            format!(r#"{{"type":"unmute","id":"a","conversation":"{conversation}","user":"bob"}}"#),
+        ] {
+            let parsed = ClientFrame::parse(&frame).unwrap();
+            assert_eq!(parsed.since_protocol(), 2, "{frame}");
+            assert_eq!(parsed.id().map(|id| id.as_str()), Some("a"), "{frame}");
+        }
+        let bad_role = ClientFrame::parse(&format!(
+            r#"{{"type":"set_role","id":"a","conversation":"{conversation}","user":"bob","role":"king"}}"#
+        ))
+        .unwrap_err();
+        assert_eq!(bad_role.code(), ErrorCode::BadFrame);
     }
 
     #[test]
@@ -739,9 +1062,14 @@ mod tests {
             seq: 5,
             id: EventId::from_uuid(uuid::Uuid::nil()),
             sender: UserId::parse("bob").unwrap(),
-            client_id: ClientMsgId::parse("m").unwrap(),
+            client_id: Some(ClientMsgId::parse("m").unwrap()),
             body: body.into(),
             at: 7,
+            system: None,
+            edited: false,
+            deleted: false,
+            reply_to: None,
+            reactions: Vec::new(),
         };
         let long = "é".repeat(200);
         let preview = MessagePreview::from(message(&long));
@@ -753,6 +1081,161 @@ mod tests {
         let exact = "x".repeat(140);
         assert_eq!(MessagePreview::from(message(&exact)).body, exact);
         assert_eq!(MessagePreview::from(message("hi")).body, "hi");
+    }
+
+    #[test]
+    fn rfc3339_renders_utc_with_millis() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00.000Z");
+        assert_eq!(rfc3339(1_796_058_577_250), "2026-11-30T17:09:37.250Z");
+    }
+
+    #[test]
+    fn system_entries_read_the_same_for_everyone() {
+        use crate::event::{
+            ConversationRenamed, EventEnvelope, MemberLeft, MemberMuted, MemberRoleChanged,
+            MembersAdded, MembersRemoved,
+        };
+        use crate::ids::CommandId;
+        let user = |name: &str| UserId::parse(name).unwrap();
+        let recorded = |event| {
+            EventEnvelope {
+                id: EventId::from_uuid(uuid::Uuid::nil()),
+                conversation: ConversationId::from_uuid(uuid::Uuid::nil()),
+                prev: 1,
+                command: CommandId::from_uuid(uuid::Uuid::nil()),
+                actor: user("alice"),
+                at: 5,
+                event,
+            }
+            .recorded(2)
+        };
+        let added = |n: usize| {
+            recorded(Event::MembersAdded(MembersAdded {
+                members: (0..n)
+                    .map(|i| Member {
+                        user: user(&format!("u{i}")),
+                        role: Role::Member,
+                    })
+                    .collect(),
+            }))
+        };
+        let text = |event: &RecordedEvent| SystemEntry::of(event).unwrap().text;
+        assert_eq!(text(&added(1)), "alice added u0");
+        assert_eq!(text(&added(2)), "alice added u0 and u1");
+        assert_eq!(text(&added(3)), "alice added u0, u1 and u2");
+        assert_eq!(text(&added(1000)), "alice added u0, u1 and 998 others");
+        assert_eq!(SystemEntry::of(&added(1000)).unwrap().users.len(), 1000);
+        let removed = recorded(Event::MembersRemoved(MembersRemoved {
+            users: vec![user("bob")],
+        }));
+        assert_eq!(text(&removed), "alice removed bob");
+        let left = SystemEntry::of(&recorded(Event::MemberLeft(MemberLeft {}))).unwrap();
+        assert_eq!(
+            (left.text.as_str(), left.users[0].as_str()),
+            ("alice left", "alice")
+        );
+        let promoted = SystemEntry::of(&recorded(Event::MemberRoleChanged(MemberRoleChanged {
+            user: user("bob"),
+            role: Role::Admin,
+        })))
+        .unwrap();
+        assert_eq!(promoted.text, "alice made bob an admin");
+        assert_eq!(promoted.role, Some(Role::Admin));
+        let renamed = recorded(Event::ConversationRenamed(ConversationRenamed {
+            title: Some("X".into()),
+        }));
+        assert_eq!(
+            text(&renamed),
+            "alice renamed the group to \u{201c}X\u{201d}"
+        );
+        let muted = SystemEntry::of(&recorded(Event::MemberMuted(MemberMuted {
+            user: user("bob"),
+            until: 1_796_058_577_250,
+        })))
+        .unwrap();
+        assert_eq!(muted.text, "alice muted bob until 2026-11-30T17:09:37.250Z");
+        assert_eq!(
+            serde_json::to_value(&muted).unwrap(),
+            serde_json::json!({"event":"member.muted","users":["bob"],"role":null,
+                "title":null,"until":1_796_058_577_250u64,"text":muted.text})
+        );
+        // A system entry's history row has no client id and an empty body.
+        let row = HistoryMessage {
+            seq: 2,
+            id: EventId::from_uuid(uuid::Uuid::nil()),
+            sender: user("alice"),
+            client_id: None,
+            body: String::new(),
+            at: 5,
+            system: Some(muted),
+            edited: false,
+            deleted: false,
+            reply_to: None,
+            reactions: Vec::new(),
+        };
+        let json = serde_json::to_value(&row).unwrap();
+        assert!(json.get("client_id").is_none());
+        assert_eq!(json["system"]["event"], "member.muted");
+        let posted = recorded(Event::ConversationRead(crate::event::ConversationRead {
+            seq: 1,
+        }));
+        assert_eq!(SystemEntry::of(&posted), None);
+    }
+
+    #[test]
+    fn message_frames_are_version_2_and_history_leaves_out_what_is_unset() {
+        let conversation = ConversationId::from_uuid(uuid::Uuid::nil());
+        for frame in [
+            format!(
+                r#"{{"type":"edit","id":"e","conversation":"{conversation}","message":3,"body":"b"}}"#
+            ),
+            format!(r#"{{"type":"delete","id":"e","conversation":"{conversation}","message":3}}"#),
+            format!(
+                r#"{{"type":"react","id":"e","conversation":"{conversation}","message":3,"emoji":"👍"}}"#
+            ),
+            format!(
+                r#"{{"type":"unreact","id":"e","conversation":"{conversation}","message":3,"emoji":"👍"}}"#
+            ),
+        ] {
+            let parsed = ClientFrame::parse(&frame).unwrap();
+            assert_eq!(
+                (parsed.since_protocol(), parsed.id().map(|id| id.as_str())),
+                (2, Some("e"))
+            );
+        }
+        let reply = ClientFrame::parse(&format!(
+            r#"{{"type":"send","id":"s","conversation":"{conversation}","body":"b","reply_to":3}}"#
+        ))
+        .unwrap();
+        assert!(matches!(
+            reply,
+            ClientFrame::Send {
+                reply_to: Some(3),
+                ..
+            }
+        ));
+        let plain = HistoryMessage {
+            seq: 5,
+            id: EventId::from_uuid(uuid::Uuid::nil()),
+            sender: UserId::parse("bob").unwrap(),
+            client_id: Some(ClientMsgId::parse("m").unwrap()),
+            body: "hi".into(),
+            at: 7,
+            system: None,
+            edited: false,
+            deleted: false,
+            reply_to: None,
+            reactions: Vec::new(),
+        };
+        let json = serde_json::to_value(&plain).unwrap();
+        for absent in ["system", "edited", "deleted", "reply_to", "reactions"] {
+            assert!(json.get(absent).is_none(), "{absent} in {json}");
+        }
+        assert_eq!(
+            serde_json::from_value::<HistoryMessage>(json).unwrap(),
+            plain
+        );
     }
 
     #[test]

@@ -29,7 +29,8 @@ pub const HANDLER_SNAPSHOT_BUCKET: &str = "PARLEY_HANDLER_SNAPSHOTS";
 /// their own once no token they cover can still be valid.
 pub const REVOCATIONS_BUCKET: &str = "PARLEY_REVOCATIONS";
 
-/// Core subject carrying live membership events (conversation created) to every gateway.
+/// Core subject carrying live membership events (conversation created, members added) to
+/// every gateway.
 pub const LIVE_MEMBERSHIP_SUBJECT: &str = "parley.live.membership";
 /// Core subject on which gateways publish presence updates for the presence projector.
 pub const PRESENCE_SUBJECT: &str = "parley.presence";

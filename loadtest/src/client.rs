@@ -917,6 +917,7 @@ async fn send_scheduled(
             id: RequestId::send_id(key, scheduled_us),
             conversation: slot.conversation,
             body: stamped_body(scheduled_us, schedule.message_bytes),
+            reply_to: None,
         };
         *n += 1;
         // Counted before it goes: a write that fails part way may still have reached the
@@ -1032,10 +1033,15 @@ mod tests {
                 event: Event::MessagePosted(MessagePosted {
                     client_id,
                     body: stamped_body(1_234, 64),
+                    reply_to: None,
                 }),
             },
         };
-        let text = ServerFrame::Event { event }.to_json();
+        let text = ServerFrame::Event {
+            event,
+            system: None,
+        }
+        .to_json();
         let view = event_view(&text).expect("an event frame").unwrap();
         assert_eq!(
             (view.seq, view.prev, view.conversation),

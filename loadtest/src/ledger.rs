@@ -39,7 +39,8 @@ pub enum Content {
     /// A message the harness sent.
     Message(SendKey),
     /// An event the harness did not cause: a message whose client id is not one of the
-    /// harness's, or a read marker (the harness never sets one).
+    /// harness's, a read marker, a membership change or a change to a message (the harness
+    /// makes none).
     Foreign,
 }
 
@@ -57,6 +58,7 @@ impl Content {
     pub fn classify(type_name: &str, client_id: Option<&str>) -> Content {
         match type_name {
             event::CONVERSATION_CREATED => Content::Created,
+            event::MEMBER_ADDED => Content::Joined,
             event::MESSAGE_POSTED => match client_id.and_then(RequestId::parse) {
                 Some(RequestId::Send { key, .. }) => Content::Message(key),
                 _ => Content::Foreign,

@@ -1,8 +1,12 @@
 //! How both stores turn read-model values into column values and back, and the errors they
 //! raise doing it: one definition, so the two stores cannot drift apart in what they accept.
 
-use parley_events::protocol::HistoryMessage;
-use parley_events::{ClientMsgId, ConversationKind, EventEnvelope, EventId, Member, Role, UserId};
+use parley_events::event::{MessageEdited, MessagePosted};
+use parley_events::protocol::{HistoryMessage, MAX_REACTION_USERS, ReactionCount, SystemEntry};
+use parley_events::{
+    ClientMsgId, ConversationKind, Event, EventEnvelope, EventId, Member, RecordedEvent, Role,
+    UserId,
+};
 
 use crate::store::{EventsPage, MembersPage, StoreError, StoreErrorKind};
 
@@ -58,19 +62,98 @@ pub(crate) fn parse_member(user: String, role: &str) -> Result<Member, StoreErro
     })
 }
 
-/// A history row as both stores read it: sequence, event id, sender, client message id,
-/// body, time.
+/// What a history row says about a message's changes, beyond the posted message itself.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Changes {
+    pub edited: bool,
+    pub deleted: bool,
+    pub reply_to: Option<i64>,
+}
+
+/// A history row as both stores read it: sequence, event id, sender, client message id
+/// (empty on a system entry), body (the latest), time, and the system entry as JSON (on
+/// system entries only).
+pub(crate) type HistoryRow = (i64, EventId, String, String, String, i64, Option<String>);
+
+/// A history row and its changes as a history entry. A deleted message is a tombstone: no
+/// body, no edited marker (reactions are not read for it).
 pub(crate) fn history_message(
-    (seq, id, sender, client_id, body, at): (i64, EventId, String, String, String, i64),
+    (seq, id, sender, client_id, body, at, system): HistoryRow,
+    changes: Changes,
 ) -> Result<HistoryMessage, StoreError> {
     Ok(HistoryMessage {
         seq: u64_of(seq),
         id,
         sender: parse_user(sender)?,
-        client_id: ClientMsgId::parse(client_id).map_err(corrupt)?,
-        body,
+        client_id: match system {
+            Some(_) => None,
+            None => Some(ClientMsgId::parse(client_id).map_err(corrupt)?),
+        },
+        body: if changes.deleted { String::new() } else { body },
         at: u64_of(at),
+        system: system
+            .map(|json| serde_json::from_str::<SystemEntry>(&json).map_err(corrupt))
+            .transpose()?,
+        edited: changes.edited && !changes.deleted,
+        deleted: changes.deleted,
+        reply_to: changes.reply_to.map(u64_of),
+        reactions: Vec::new(),
     })
+}
+
+/// The history row of a membership event, if it has one: its system entry as JSON.
+pub(crate) fn system_json(recorded: &RecordedEvent) -> Option<String> {
+    SystemEntry::of(recorded)
+        .map(|entry| serde_json::to_string(&entry).expect("a system entry always serializes"))
+}
+
+/// A message's reactions from its (emoji, user) pairs in any order, each counted once:
+/// per emoji (in byte order) the count and the first [`MAX_REACTION_USERS`] users.
+pub(crate) fn reaction_counts(
+    mut pairs: Vec<(String, String)>,
+) -> Result<Vec<ReactionCount>, StoreError> {
+    pairs.sort();
+    pairs.dedup();
+    let mut counts: Vec<ReactionCount> = Vec::new();
+    for (emoji, user) in pairs {
+        let user = parse_user(user)?;
+        match counts.last_mut() {
+            Some(last) if last.emoji == emoji => {
+                last.count += 1;
+                if last.users.len() < MAX_REACTION_USERS {
+                    last.users.push(user);
+                }
+            }
+            _ => counts.push(ReactionCount {
+                emoji,
+                count: 1,
+                users: vec![user],
+            }),
+        }
+    }
+    Ok(counts)
+}
+
+/// The message whose body `event` carries (a post's own sequence `seq`, an edit's target),
+/// and the body.
+pub(crate) fn carried_body(event: &Event, seq: u64) -> Option<(u64, &str)> {
+    match event {
+        Event::MessagePosted(MessagePosted { body, .. }) => Some((seq, body)),
+        Event::MessageEdited(MessageEdited { message, body }) => Some((*message, body)),
+        _ => None,
+    }
+}
+
+/// `envelope` with the body it carries replaced by `body` (nothing changes for an event
+/// without one): how a deleted message's body leaves the stored events.
+pub(crate) fn with_body(envelope: &EventEnvelope, body: &str) -> EventEnvelope {
+    let mut envelope = envelope.clone();
+    match &mut envelope.event {
+        Event::MessagePosted(posted) => posted.body = body.to_owned(),
+        Event::MessageEdited(edited) => edited.body = body.to_owned(),
+        _ => {}
+    }
+    envelope
 }
 
 /// A page of stored events from rows of (sequence, envelope bytes), read one row beyond

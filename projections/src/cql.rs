@@ -33,8 +33,9 @@ use uuid::Uuid;
 pub use scylla::statement::Consistency;
 
 use crate::columns::{
-    corrupt, event_at, events_page, history_message, i64_of, kind_str, members_page, parse_kind,
-    parse_member, parse_role, schema, u64_of, unavailable,
+    Changes, carried_body, corrupt, event_at, events_page, history_message, i64_of, kind_str,
+    members_page, parse_kind, parse_member, parse_role, reaction_counts, schema, system_json,
+    u64_of, unavailable, with_body,
 };
 use crate::store::{
     ConversationDetails, ConversationStore, ConversationView, EventsPage, HistoryPage, InboxEntry,
@@ -43,7 +44,7 @@ use crate::store::{
 use crate::tls::TlsClient;
 
 /// Schema version this build writes, kept in the keyspace's `schema_version` table.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// Log sequences per history bucket. A `(conversation, bucket)` partition holds at most this
 /// many messages (every sequence in its range would have to be one of the conversation's
@@ -54,11 +55,12 @@ pub const DEFAULT_HISTORY_BUCKET_SEQS: u64 = 16_384;
 /// Rows of one partition sent in one unlogged batch.
 const BATCH_ROWS: usize = 64;
 const POSITION_NAME: &str = "conversations";
-/// The position's row. Schema 2 added the events table, empty for events applied before:
-/// a keyspace upgraded from schema 1 has no position under this name, so the projector
-/// replays the log into it. (Deleting the old row instead would leave a tombstone newer
-/// than every `USING TIMESTAMP <seq>` write that follows.)
-const POSITION_ROW: &str = "conversations.2";
+/// The position's row, named after the schema that last needed the log replayed into it:
+/// a keyspace upgraded from an older schema has no position under this name, so the
+/// projector replays the log (schema 2 added the events table, schema 3 message changes and
+/// events stored without their bodies). Deleting the old row instead would leave a tombstone
+/// newer than every `USING TIMESTAMP <seq>` write that follows.
+const POSITION_ROW: &str = "conversations.3";
 
 /// Where and how to reach the CQL cluster.
 #[derive(Clone)]
@@ -200,6 +202,16 @@ struct Statements {
     member: PreparedStatement,
     membership: PreparedStatement,
     message: PreparedStatement,
+    edit_message: PreparedStatement,
+    delete_message: PreparedStatement,
+    mark_reacted: PreparedStatement,
+    body: PreparedStatement,
+    delete_bodies: PreparedStatement,
+    bodies: PreparedStatement,
+    react: PreparedStatement,
+    unreact: PreparedStatement,
+    clear_reactions: PreparedStatement,
+    reactions: PreparedStatement,
     bucket: PreparedStatement,
     event: PreparedStatement,
     event_bucket: PreparedStatement,
@@ -216,6 +228,9 @@ struct Statements {
     event_at: PreparedStatement,
     role_of: PreparedStatement,
     memberships: PreparedStatement,
+    unmember: PreparedStatement,
+    unmembership: PreparedStatement,
+    rename: PreparedStatement,
     buckets: PreparedStatement,
     history: PreparedStatement,
     buckets_after: PreparedStatement,
@@ -247,7 +262,8 @@ fn check_keyspace_name(name: &str) -> Result<(), StoreError> {
     }
 }
 
-/// The tables of schema version 1, in creation order.
+/// The tables of schema version 1, in creation order (`messages` with the column schema 3
+/// added, see [`schema_v3`]).
 fn schema_v1(ks: &str) -> Vec<String> {
     vec![
         format!(
@@ -263,7 +279,7 @@ fn schema_v1(ks: &str) -> Vec<String> {
             "CREATE TABLE IF NOT EXISTS {ks}.conversations_by_user (user_id text, conversation uuid, role text, PRIMARY KEY (user_id, conversation))"
         ),
         format!(
-            "CREATE TABLE IF NOT EXISTS {ks}.messages (conversation uuid, bucket bigint, seq bigint, id uuid, sender text, client_id text, body text, at bigint, PRIMARY KEY ((conversation, bucket), seq)) WITH CLUSTERING ORDER BY (seq DESC)"
+            "CREATE TABLE IF NOT EXISTS {ks}.messages (conversation uuid, bucket bigint, seq bigint, id uuid, sender text, client_id text, body text, at bigint, system text, reply_to bigint, edited boolean, deleted boolean, reacted boolean, PRIMARY KEY ((conversation, bucket), seq)) WITH CLUSTERING ORDER BY (seq DESC)"
         ),
         format!(
             "CREATE TABLE IF NOT EXISTS {ks}.message_buckets (conversation uuid, bucket bigint, PRIMARY KEY (conversation, bucket)) WITH CLUSTERING ORDER BY (bucket DESC)"
@@ -290,13 +306,62 @@ fn schema_v2(ks: &str) -> Vec<String> {
     ]
 }
 
+/// Schema version 3: membership changes and message changes.
+///
+/// History rows of membership changes carry their system entry (JSON). A message row
+/// gains what it replies to and whether it was edited, deleted or reacted to (an edit or
+/// deletion writes the row's body, at its own sequence, so the newest wins). Bodies also
+/// go into `bodies`, one partition per message holding the post's and every edit's, which
+/// a deletion removes with one partition tombstone at its sequence: that also covers
+/// bodies that arrive after it. Stored events carry no body any more (it is read from
+/// `bodies`), so the events stored before, bodies included, are truncated and replayed.
+/// Reactions are one partition per message, bounded by its conversation's members times
+/// the emoji one user may hold.
+///
+/// A new keyspace has the new `messages` columns from its `CREATE TABLE` already (above):
+/// processes setting up a keyspace at once may each create a table, the last definition
+/// winning, so a column must not depend on an `ALTER` one of them made in between. The
+/// `ALTER`s add them to a keyspace of an earlier version.
+fn schema_v3(ks: &str) -> Vec<String> {
+    let add =
+        |column: &str, cql_type: &str| format!("ALTER TABLE {ks}.messages ADD {column} {cql_type}");
+    vec![
+        add("system", "text"),
+        add("reply_to", "bigint"),
+        add("edited", "boolean"),
+        add("deleted", "boolean"),
+        add("reacted", "boolean"),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {ks}.bodies (conversation uuid, message bigint, seq bigint, body text, PRIMARY KEY ((conversation, message), seq))"
+        ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {ks}.reactions (conversation uuid, message bigint, emoji text, user_id text, PRIMARY KEY ((conversation, message), emoji, user_id))"
+        ),
+        format!("TRUNCATE {ks}.events"),
+    ]
+}
+
 /// Migrations by version: entry `n` brings a keyspace from version `n` to `n + 1`.
 fn migrations(ks: &str) -> Vec<Vec<String>> {
-    vec![schema_v1(ks), schema_v2(ks)]
+    vec![schema_v1(ks), schema_v2(ks), schema_v3(ks)]
 }
 
 type ConversationRow = (Option<String>, Option<String>, Option<i64>, Option<i64>);
-type MessageRow = (i64, Uuid, String, String, String, i64);
+/// A history row. Every cell but the sequence may be missing: an edit, deletion or reaction
+/// applied before its message writes a row of its cells alone, which reads skip.
+type MessageRow = (
+    i64,
+    Option<Uuid>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+    Option<String>,
+    Option<i64>,
+    Option<bool>,
+    Option<bool>,
+    Option<bool>,
+);
 
 /// Reading rows of one conversation across its buckets: the bucket index query
 /// (conversation, first bucket) returns buckets in the order to read them, the row query
@@ -461,10 +526,20 @@ impl CqlStore {
             let id = *conversation.as_uuid();
             let seq = i64_of(recorded.seq);
             let bucket = self.bucket_of(recorded.seq);
+            // A body is stored in `bodies` only, where a deletion can reach it.
+            let stored = match carried_body(&envelope.event, recorded.seq) {
+                Some((message, body)) => {
+                    writes.push(
+                        self.write(&s.body, (id, i64_of(message), seq, body.to_owned(), seq)),
+                    );
+                    with_body(envelope, "")
+                }
+                None => envelope.clone(),
+            };
             recorded_events
                 .entry((conversation, bucket))
                 .or_default()
-                .push((id, bucket, seq, envelope.to_bytes(), seq));
+                .push((id, bucket, seq, stored.to_bytes(), seq));
             newest
                 .entry(conversation)
                 .and_modify(|e| {
@@ -479,23 +554,7 @@ impl CqlStore {
                         &s.created,
                         (seq, kind_str(created.kind), created.title.clone(), seq, id),
                     ));
-                    let members: Vec<_> = created
-                        .members
-                        .iter()
-                        .map(|m| (id, m.user.as_str().to_owned(), m.role.as_str(), seq))
-                        .collect();
-                    writes.extend(self.partition_batches(&s.member, members));
-                    for member in &created.members {
-                        writes.push(self.write(
-                            &s.membership,
-                            (
-                                member.user.as_str().to_owned(),
-                                id,
-                                member.role.as_str(),
-                                seq,
-                            ),
-                        ));
-                    }
+                    writes.extend(self.member_writes(id, &created.members, seq));
                 }
                 Event::ConversationRead(read) => {
                     let marker = i64_of(read.seq);
@@ -514,9 +573,102 @@ impl CqlStore {
                         posted.client_id.as_str().to_owned(),
                         posted.body.clone(),
                         i64_of(envelope.at),
+                        None,
+                        posted.reply_to.map(i64_of),
                         seq,
                     ));
                 }
+                Event::MembersAdded(added) => {
+                    writes.extend(self.member_writes(id, &added.members, seq));
+                }
+                Event::MembersRemoved(removed) => {
+                    let gone: Vec<_> = removed
+                        .users
+                        .iter()
+                        .map(|user| (seq, id, user.as_str().to_owned()))
+                        .collect();
+                    writes.extend(self.partition_batches(&s.unmember, gone));
+                    for user in &removed.users {
+                        writes
+                            .push(self.write(&s.unmembership, (seq, user.as_str().to_owned(), id)));
+                    }
+                }
+                Event::MemberLeft(_) => {
+                    let actor = envelope.actor.as_str().to_owned();
+                    writes.push(self.write(&s.unmember, (seq, id, actor.clone())));
+                    writes.push(self.write(&s.unmembership, (seq, actor, id)));
+                }
+                Event::MemberRoleChanged(changed) => {
+                    let member = Member {
+                        user: changed.user.clone(),
+                        role: changed.role,
+                    };
+                    writes.extend(self.member_writes(id, &[member], seq));
+                }
+                Event::ConversationRenamed(renamed) => {
+                    writes.push(self.write(&s.rename, (seq, renamed.title.clone(), id)));
+                }
+                // Mutes concern the write model only.
+                Event::MemberMuted(_) | Event::MemberUnmuted(_) => {}
+                Event::MessageEdited(edited) => {
+                    let (message, at) = (i64_of(edited.message), self.bucket_of(edited.message));
+                    writes.push(
+                        self.write(&s.edit_message, (seq, edited.body.clone(), id, at, message)),
+                    );
+                }
+                Event::MessageDeleted(deleted) => {
+                    let (message, at) = (i64_of(deleted.message), self.bucket_of(deleted.message));
+                    // Every body and reaction of the message comes from an event before its
+                    // deletion (the handler refuses them after), so tombstones at the
+                    // deletion's sequence cover them all, even those applied after it.
+                    writes.push(self.write(&s.delete_message, (seq, id, at, message)));
+                    writes.push(self.write(&s.delete_bodies, (seq, id, message)));
+                    writes.push(self.write(&s.clear_reactions, (seq, id, message)));
+                }
+                Event::ReactionAdded(reaction) => {
+                    let message = i64_of(reaction.message);
+                    let at = self.bucket_of(reaction.message);
+                    writes.push(self.write(
+                        &s.react,
+                        (
+                            id,
+                            message,
+                            reaction.emoji.clone(),
+                            envelope.actor.as_str().to_owned(),
+                            seq,
+                        ),
+                    ));
+                    writes.push(self.write(&s.mark_reacted, (seq, id, at, message)));
+                }
+                Event::ReactionRemoved(reaction) => {
+                    // Timestamped like the add: whichever of the two is newer wins, in any
+                    // order of arrival.
+                    writes.push(self.write(
+                        &s.unreact,
+                        (
+                            seq,
+                            id,
+                            i64_of(reaction.message),
+                            reaction.emoji.clone(),
+                            envelope.actor.as_str().to_owned(),
+                        ),
+                    ));
+                }
+            }
+            if let Some(system) = system_json(recorded) {
+                messages.entry((conversation, bucket)).or_default().push((
+                    id,
+                    bucket,
+                    seq,
+                    *envelope.id.as_uuid(),
+                    envelope.actor.as_str().to_owned(),
+                    String::new(),
+                    String::new(),
+                    i64_of(envelope.at),
+                    Some(system),
+                    None,
+                    seq,
+                ));
             }
         }
         for recorded in newest.values() {
@@ -546,6 +698,110 @@ impl CqlStore {
         writes
     }
 
+    /// The rows of `members` as of event `seq`: the conversation's members partition in
+    /// batches, and each user's own partition of their conversations.
+    fn member_writes(
+        &self,
+        id: Uuid,
+        members: &[Member],
+        seq: i64,
+    ) -> Vec<BoxFuture<'static, Result<(), StoreError>>> {
+        let s = &self.statements;
+        let rows: Vec<_> = members
+            .iter()
+            .map(|m| (id, m.user.as_str().to_owned(), m.role.as_str(), seq))
+            .collect();
+        let mut writes = self.partition_batches(&s.member, rows);
+        for member in members {
+            writes.push(self.write(
+                &s.membership,
+                (
+                    member.user.as_str().to_owned(),
+                    id,
+                    member.role.as_str(),
+                    seq,
+                ),
+            ));
+        }
+        writes
+    }
+
+    /// A page of history from rows read one beyond `limit`, to know whether more follow,
+    /// with the reactions of the messages that have any (one partition read each).
+    async fn history_page(
+        &self,
+        id: ConversationId,
+        rows: Vec<MessageRow>,
+        limit: u32,
+    ) -> Result<HistoryPage, StoreError> {
+        let has_more = rows.len() > limit as usize;
+        let read = history_messages(rows.into_iter().take(limit as usize).collect())?;
+        let messages = futures::stream::iter(read)
+            .map(|(mut message, reacted)| async move {
+                if reacted {
+                    let pairs: Vec<(String, String)> = self
+                        .session
+                        .execute_iter(
+                            self.statements.reactions.clone(),
+                            (*id.as_uuid(), i64_of(message.seq)),
+                        )
+                        .await?
+                        .rows_stream::<(String, String)>()
+                        .map_err(corrupt)?
+                        .map_err(unavailable)
+                        .try_collect()
+                        .await?;
+                    message.reactions = reaction_counts(pairs)?;
+                }
+                Ok::<_, StoreError>(message)
+            })
+            .buffered(self.max_in_flight)
+            .try_collect()
+            .await?;
+        Ok(HistoryPage { messages, has_more })
+    }
+
+    /// Put back the bodies stored events carry, from `bodies`: a deleted message's are gone
+    /// from there, so its events keep the empty body they were stored with.
+    async fn fill_bodies(
+        &self,
+        id: ConversationId,
+        events: &mut [RecordedEvent],
+    ) -> Result<(), StoreError> {
+        let mut messages: Vec<u64> = events
+            .iter()
+            .filter_map(|e| carried_body(&e.envelope.event, e.seq).map(|(message, _)| message))
+            .collect();
+        messages.sort_unstable();
+        messages.dedup();
+        let bodies: HashMap<i64, String> = futures::stream::iter(messages)
+            .map(|message| async move {
+                self.session
+                    .execute_iter(
+                        self.statements.bodies.clone(),
+                        (*id.as_uuid(), i64_of(message)),
+                    )
+                    .await?
+                    .rows_stream::<(i64, String)>()
+                    .map_err(corrupt)?
+                    .map_err(unavailable)
+                    .try_collect::<Vec<_>>()
+                    .await
+            })
+            .buffer_unordered(self.max_in_flight)
+            .try_collect::<Vec<_>>()
+            .await?
+            .into_iter()
+            .flatten()
+            .collect();
+        for event in events {
+            if let Some(body) = bodies.get(&i64_of(event.seq)) {
+                event.envelope = with_body(&event.envelope, body);
+            }
+        }
+        Ok(())
+    }
+
     async fn memberships(&self, user: &UserId) -> Result<Vec<(Uuid, String)>, StoreError> {
         self.session
             .execute_iter(self.statements.memberships.clone(), (user.as_str(),))
@@ -568,24 +824,49 @@ impl CqlStore {
     }
 }
 
-/// A page of history from rows read one beyond `limit`, to know whether more follow.
-fn history_page(rows: Vec<MessageRow>, limit: u32) -> Result<HistoryPage, StoreError> {
-    let has_more = rows.len() > limit as usize;
-    let messages = rows
-        .into_iter()
-        .take(limit as usize)
-        .map(|(seq, event_id, sender, client_id, body, at)| {
-            history_message((
+/// The messages of history rows, with whether each may have reactions; rows of a message
+/// whose post is not applied yet are left out.
+fn history_messages(
+    rows: Vec<MessageRow>,
+) -> Result<Vec<(parley_events::protocol::HistoryMessage, bool)>, StoreError> {
+    rows.into_iter()
+        .filter_map(|row| {
+            let (
                 seq,
-                EventId::from_uuid(event_id),
-                sender,
-                client_id,
+                Some(id),
+                Some(sender),
+                Some(client_id),
                 body,
-                at,
-            ))
+                Some(at),
+                system,
+                reply_to,
+                edited,
+                deleted,
+                reacted,
+            ) = row
+            else {
+                return None;
+            };
+            let changes = Changes {
+                edited: edited.unwrap_or(false),
+                deleted: deleted.unwrap_or(false),
+                reply_to,
+            };
+            let message = history_message(
+                (
+                    seq,
+                    EventId::from_uuid(id),
+                    sender,
+                    client_id,
+                    body.unwrap_or_default(),
+                    at,
+                    system,
+                ),
+                changes,
+            );
+            Some(message.map(|m| (m, reacted.unwrap_or(false) && !changes.deleted)))
         })
-        .collect::<Result<Vec<_>, StoreError>>()?;
-    Ok(HistoryPage { messages, has_more })
+        .collect()
 }
 
 async fn detect_dialect(session: &Session) -> Result<Dialect, StoreError> {
@@ -691,7 +972,12 @@ async fn migrate(
     let current = usize::try_from(version).unwrap_or(0);
     for statements in migrations(ks).into_iter().skip(current) {
         for ddl in statements {
-            session.query_unpaged(ddl, ()).await?;
+            match added_column(&ddl, ks) {
+                Some((table, column)) => add_column(session, ks, table, column, &ddl).await?,
+                None => {
+                    session.query_unpaged(ddl, ()).await?;
+                }
+            }
         }
     }
     if current < migrations(ks).len() {
@@ -714,6 +1000,73 @@ async fn migrate(
         );
     }
     Ok(())
+}
+
+/// The table and column an `ALTER TABLE <ks>.<table> ADD <column> <type>` of
+/// [`migrations`] adds.
+fn added_column<'a>(ddl: &'a str, ks: &str) -> Option<(&'a str, &'a str)> {
+    let rest = ddl
+        .strip_prefix("ALTER TABLE ")?
+        .strip_prefix(ks)?
+        .strip_prefix('.')?;
+    let mut words = rest.split_whitespace();
+    let table = words.next()?;
+    (words.next()? == "ADD").then_some(())?;
+    Some((table, words.next()?))
+}
+
+async fn column_exists(
+    session: &Session,
+    ks: &str,
+    table: &str,
+    column: &str,
+) -> Result<bool, StoreError> {
+    Ok(session
+        .query_unpaged(
+            "SELECT column_name FROM system_schema.columns WHERE keyspace_name = ? AND table_name = ? AND column_name = ?",
+            (ks, table, column),
+        )
+        .await?
+        .into_rows_result()
+        .map_err(corrupt)?
+        .rows_num()
+        > 0)
+}
+
+/// How long a process waits for a column another process added to become usable.
+const COLUMN_SETTLE: Duration = Duration::from_secs(10);
+const COLUMN_SETTLE_POLL: Duration = Duration::from_millis(50);
+
+/// Run an `ALTER TABLE ... ADD` of [`migrations`], which CQL cannot make conditional: a
+/// migration cut short after adding the column finds it there, and of two processes
+/// migrating at once (a projector and gateways starting together) the second is refused as
+/// adding it again. Either way the column is there but, seen from the second, not
+/// necessarily usable yet (Cassandra lists it in `system_schema` before statements may name
+/// it): wait until a statement naming it prepares.
+async fn add_column(
+    session: &Session,
+    ks: &str,
+    table: &str,
+    column: &str,
+    ddl: &str,
+) -> Result<(), StoreError> {
+    if !column_exists(session, ks, table, column).await?
+        && let Err(e) = session.query_unpaged(ddl, ()).await
+        && !column_exists(session, ks, table, column).await?
+    {
+        return Err(e.into());
+    }
+    let probe = format!("SELECT {column} FROM {ks}.{table} LIMIT 1");
+    let started = std::time::Instant::now();
+    loop {
+        match session.prepare(probe.as_str()).await {
+            Ok(_) => return Ok(()),
+            Err(_) if started.elapsed() < COLUMN_SETTLE => {
+                tokio::time::sleep(COLUMN_SETTLE_POLL).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 async fn prepare_all(session: &Session, ks: &str) -> Result<Statements, StoreError> {
@@ -742,7 +1095,47 @@ async fn prepare_all(session: &Session, ks: &str) -> Result<Statements, StoreErr
         ))
         .await?,
         message: prepare(format!(
-            "INSERT INTO {ks}.messages (conversation, bucket, seq, id, sender, client_id, body, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
+            "INSERT INTO {ks}.messages (conversation, bucket, seq, id, sender, client_id, body, at, system, reply_to) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
+        ))
+        .await?,
+        edit_message: prepare(format!(
+            "UPDATE {ks}.messages USING TIMESTAMP ? SET body = ?, edited = true WHERE conversation = ? AND bucket = ? AND seq = ?"
+        ))
+        .await?,
+        delete_message: prepare(format!(
+            "UPDATE {ks}.messages USING TIMESTAMP ? SET body = '', deleted = true WHERE conversation = ? AND bucket = ? AND seq = ?"
+        ))
+        .await?,
+        mark_reacted: prepare(format!(
+            "UPDATE {ks}.messages USING TIMESTAMP ? SET reacted = true WHERE conversation = ? AND bucket = ? AND seq = ?"
+        ))
+        .await?,
+        body: prepare(format!(
+            "INSERT INTO {ks}.bodies (conversation, message, seq, body) VALUES (?, ?, ?, ?) USING TIMESTAMP ?"
+        ))
+        .await?,
+        delete_bodies: prepare(format!(
+            "DELETE FROM {ks}.bodies USING TIMESTAMP ? WHERE conversation = ? AND message = ?"
+        ))
+        .await?,
+        bodies: prepare(format!(
+            "SELECT seq, body FROM {ks}.bodies WHERE conversation = ? AND message = ?"
+        ))
+        .await?,
+        react: prepare(format!(
+            "INSERT INTO {ks}.reactions (conversation, message, emoji, user_id) VALUES (?, ?, ?, ?) USING TIMESTAMP ?"
+        ))
+        .await?,
+        unreact: prepare(format!(
+            "DELETE FROM {ks}.reactions USING TIMESTAMP ? WHERE conversation = ? AND message = ? AND emoji = ? AND user_id = ?"
+        ))
+        .await?,
+        clear_reactions: prepare(format!(
+            "DELETE FROM {ks}.reactions USING TIMESTAMP ? WHERE conversation = ? AND message = ?"
+        ))
+        .await?,
+        reactions: prepare(format!(
+            "SELECT emoji, user_id FROM {ks}.reactions WHERE conversation = ? AND message = ?"
         ))
         .await?,
         bucket: prepare(format!(
@@ -764,7 +1157,7 @@ async fn prepare_all(session: &Session, ks: &str) -> Result<Statements, StoreErr
         ))
         .await?,
         senders_after: prepare(format!(
-            "SELECT seq, sender FROM {ks}.messages WHERE conversation = ? AND bucket = ? AND seq > ? ORDER BY seq ASC LIMIT ?"
+            "SELECT seq, sender, system FROM {ks}.messages WHERE conversation = ? AND bucket = ? AND seq > ? ORDER BY seq ASC LIMIT ?"
         ))
         .await?,
         event_bucket: prepare(format!(
@@ -811,12 +1204,26 @@ async fn prepare_all(session: &Session, ks: &str) -> Result<Statements, StoreErr
             "SELECT conversation, role FROM {ks}.conversations_by_user WHERE user_id = ?"
         ))
         .await?,
+        // A removal is a tombstone timestamped by its event: an add or role change with an
+        // older sequence, applied later, stays shadowed; a later add wins.
+        unmember: prepare(format!(
+            "DELETE FROM {ks}.members USING TIMESTAMP ? WHERE conversation = ? AND user_id = ?"
+        ))
+        .await?,
+        unmembership: prepare(format!(
+            "DELETE FROM {ks}.conversations_by_user USING TIMESTAMP ? WHERE user_id = ? AND conversation = ?"
+        ))
+        .await?,
+        rename: prepare(format!(
+            "UPDATE {ks}.conversations USING TIMESTAMP ? SET title = ? WHERE id = ?"
+        ))
+        .await?,
         buckets: prepare(format!(
             "SELECT bucket FROM {ks}.message_buckets WHERE conversation = ? AND bucket <= ?"
         ))
         .await?,
         history: prepare(format!(
-            "SELECT seq, id, sender, client_id, body, at FROM {ks}.messages WHERE conversation = ? AND bucket = ? AND seq < ? LIMIT ?"
+            "SELECT seq, id, sender, client_id, body, at, system, reply_to, edited, deleted, reacted FROM {ks}.messages WHERE conversation = ? AND bucket = ? AND seq < ? LIMIT ?"
         ))
         .await?,
         buckets_after: prepare(format!(
@@ -824,7 +1231,7 @@ async fn prepare_all(session: &Session, ks: &str) -> Result<Statements, StoreErr
         ))
         .await?,
         history_after: prepare(format!(
-            "SELECT seq, id, sender, client_id, body, at FROM {ks}.messages WHERE conversation = ? AND bucket = ? AND seq > ? ORDER BY seq ASC LIMIT ?"
+            "SELECT seq, id, sender, client_id, body, at, system, reply_to, edited, deleted, reacted FROM {ks}.messages WHERE conversation = ? AND bucket = ? AND seq > ? ORDER BY seq ASC LIMIT ?"
         ))
         .await?,
         event_buckets: prepare(format!(
@@ -1082,7 +1489,7 @@ impl ConversationStore for CqlStore {
             )
             .await?
         };
-        history_page(rows, limit)
+        self.history_page(id, rows, limit).await
     }
 
     /// Walks the conversation's non-empty buckets oldest first, from the one holding
@@ -1107,7 +1514,7 @@ impl ConversationStore for CqlStore {
                 limit as usize + 1,
             )
             .await?;
-        history_page(rows, limit)
+        self.history_page(id, rows, limit).await
     }
 
     /// Walks the conversation's event buckets oldest first, from the one holding `after + 1`.
@@ -1131,7 +1538,9 @@ impl ConversationStore for CqlStore {
                 limit as usize + 1,
             )
             .await?;
-        events_page(rows, limit)
+        let mut page = events_page(rows, limit)?;
+        self.fill_bodies(id, &mut page.events).await?;
+        Ok(page)
     }
 
     async fn read_marker(&self, id: ConversationId, user: &UserId) -> Result<u64, StoreError> {
@@ -1159,7 +1568,7 @@ impl ConversationStore for CqlStore {
             rows: &self.statements.senders_after,
         };
         let first = self.bucket_of(after.saturating_add(1));
-        let rows: Vec<(i64, String)> = self
+        let rows: Vec<(i64, Option<String>, Option<String>)> = self
             .walk(
                 walk,
                 *id.as_uuid(),
@@ -1168,9 +1577,12 @@ impl ConversationStore for CqlStore {
                 UNREAD_CAP as usize,
             )
             .await?;
+        // A row without a sender is a change to a message not applied yet: not a message.
         let unread = rows
             .into_iter()
-            .filter(|(_, sender)| sender != user.as_str())
+            .filter(|(_, sender, system)| {
+                system.is_none() && sender.as_deref().is_some_and(|s| s != user.as_str())
+            })
             .count();
         Ok(u32::try_from(unread).unwrap_or(UNREAD_CAP))
     }
@@ -1180,5 +1592,34 @@ impl ConversationStore for CqlStore {
             .execute_unpaged(&self.statements.check, (POSITION_NAME,))
             .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_added_column_is_one_the_migration_can_check_for() {
+        let all: Vec<String> = migrations("ks").into_iter().flatten().collect();
+        let added: Vec<(&str, &str)> = all
+            .iter()
+            .filter(|ddl| ddl.starts_with("ALTER"))
+            .map(|ddl| added_column(ddl, "ks").expect("an ALTER the migration can check"))
+            .collect();
+        assert_eq!(
+            added,
+            [
+                ("messages", "reply_to"),
+                ("messages", "edited"),
+                ("messages", "deleted"),
+                ("messages", "reacted")
+            ]
+        );
+        assert!(
+            all.iter()
+                .filter(|ddl| !ddl.starts_with("ALTER"))
+                .all(|ddl| added_column(ddl, "ks").is_none())
+        );
     }
 }

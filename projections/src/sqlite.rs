@@ -10,13 +10,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use async_trait::async_trait;
-use parley_events::{ConversationId, Event, EventId, Member, RecordedEvent, Role, UserId};
+use parley_events::{
+    ConversationId, Event, EventEnvelope, EventId, Member, MessageDeleted, RecordedEvent, Role,
+    UserId,
+};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use std::sync::Mutex;
 
 use crate::columns::{
-    corrupt, event_at, events_page, history_message, i64_of, kind_str, members_page, parse_kind,
-    parse_member, parse_role, parse_user, u64_of, unavailable,
+    Changes, carried_body, corrupt, event_at, events_page, history_message, i64_of, kind_str,
+    members_page, parse_kind, parse_member, parse_role, parse_user, reaction_counts, system_json,
+    u64_of, unavailable, with_body,
 };
 use crate::store::{
     ConversationDetails, ConversationStore, ConversationView, EventsPage, HistoryPage, InboxEntry,
@@ -24,7 +28,7 @@ use crate::store::{
 };
 
 /// Schema version this build writes, kept in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 const READERS: usize = 4;
 
 const SCHEMA: &str = "
@@ -32,6 +36,7 @@ CREATE TABLE IF NOT EXISTS conversations (
     id TEXT PRIMARY KEY,
     kind TEXT,                       -- NULL until conversation.created is applied
     title TEXT,
+    title_seq INTEGER NOT NULL DEFAULT 0, -- the event that last set the title
     created_seq INTEGER,
     last_seq INTEGER NOT NULL DEFAULT 0,
     last_activity_at INTEGER NOT NULL DEFAULT 0
@@ -41,6 +46,7 @@ CREATE TABLE IF NOT EXISTS members (
     user_id TEXT NOT NULL,
     role TEXT NOT NULL,
     seq INTEGER NOT NULL,            -- the event that last set this row
+    present INTEGER NOT NULL DEFAULT 1, -- 0: removed or left (kept so an older add loses)
     PRIMARY KEY (conversation, user_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS members_by_user ON members (user_id, conversation);
@@ -49,10 +55,34 @@ CREATE TABLE IF NOT EXISTS messages (
     seq INTEGER NOT NULL,
     id TEXT NOT NULL,
     sender TEXT NOT NULL,
-    client_id TEXT NOT NULL,
-    body TEXT NOT NULL,
+    client_id TEXT NOT NULL,         -- '' on system entries
+    body TEXT NOT NULL,              -- as posted; '' once deleted
     at INTEGER NOT NULL,
+    system TEXT,                     -- a membership change's SystemEntry (JSON); NULL on messages
+    reply_to INTEGER,                -- schema 3
     PRIMARY KEY (conversation, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS message_edits (
+    conversation TEXT NOT NULL,
+    message INTEGER NOT NULL,
+    seq INTEGER NOT NULL,            -- the edit's own sequence: the newest is the body shown
+    body TEXT NOT NULL,              -- '' once the message is deleted
+    PRIMARY KEY (conversation, message, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS message_deletions (
+    conversation TEXT NOT NULL,
+    message INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (conversation, message)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS reactions (
+    conversation TEXT NOT NULL,
+    message INTEGER NOT NULL,
+    emoji TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,            -- the newest reaction.added or .removed applied
+    present INTEGER NOT NULL,        -- whether that newest one is an add
+    PRIMARY KEY (conversation, message, emoji, user_id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS events (
     conversation TEXT NOT NULL,
@@ -188,6 +218,31 @@ fn open_writer(path: &Path) -> Result<Connection, SetupError> {
     Ok(conn)
 }
 
+/// Columns version 3 added to tables of earlier versions: (table, column, declaration).
+const ADDED_IN_3: [(&str, &str, &str); 4] = [
+    ("conversations", "title_seq", "INTEGER NOT NULL DEFAULT 0"),
+    ("members", "present", "INTEGER NOT NULL DEFAULT 1"),
+    ("messages", "system", "TEXT"),
+    ("messages", "reply_to", "INTEGER"),
+];
+
+/// Add the columns of [`ADDED_IN_3`] that `conn`'s tables lack.
+fn add_columns(conn: &Connection) -> rusqlite::Result<()> {
+    for (table, column, declaration) in ADDED_IN_3 {
+        let present: bool = conn.query_row(
+            "SELECT count(*) > 0 FROM pragma_table_info(?1) WHERE name = ?2",
+            params![table, column],
+            |row| row.get(0),
+        )?;
+        if !present {
+            conn.execute_batch(&format!(
+                "ALTER TABLE {table} ADD COLUMN {column} {declaration}"
+            ))?;
+        }
+    }
+    Ok(())
+}
+
 /// Create the schema, or check an existing one; writes only when something is missing.
 fn migrate(conn: &Connection) -> Result<(), SetupError> {
     let version: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
@@ -200,13 +255,18 @@ fn migrate(conn: &Connection) -> Result<(), SetupError> {
         )));
     }
     if version < SCHEMA_VERSION {
+        // In one transaction, so a crash cannot leave some columns added and the version
+        // behind.
+        let tx = conn.unchecked_transaction()?;
         conn.execute_batch(SCHEMA)?;
         if version > 0 {
+            add_columns(conn)?;
             // Rows of tables this version added are missing for events applied before:
             // forgetting the position makes the projector replay the log into them.
             conn.execute("DELETE FROM position", [])?;
         }
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        tx.commit()?;
     }
     Ok(())
 }
@@ -224,15 +284,30 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, recorded: &RecordedEvent) -> rusqli
          WHERE excluded.last_seq > conversations.last_seq",
     )?
     .execute(params![conversation, seq, at])?;
+    // A body whose message is already deleted (events may arrive in any order) is stored
+    // as a tombstone's: empty.
+    let carried = carried_body(&envelope.event, recorded.seq);
+    let deleted = match carried {
+        Some((message, _)) => is_deleted(tx, &conversation, i64_of(message))?,
+        None => false,
+    };
+    let stored = if deleted {
+        with_body(envelope, "")
+    } else {
+        envelope.clone()
+    };
     tx.prepare_cached(
         "INSERT INTO events (conversation, seq, envelope) VALUES (?1, ?2, ?3)
          ON CONFLICT (conversation, seq) DO NOTHING",
     )?
-    .execute(params![conversation, seq, envelope.to_bytes()])?;
+    .execute(params![conversation, seq, stored.to_bytes()])?;
     match &envelope.event {
         Event::ConversationCreated(created) => {
             tx.prepare_cached(
-                "UPDATE conversations SET kind = ?2, title = ?3, created_seq = ?4 WHERE id = ?1",
+                "UPDATE conversations SET kind = ?2, created_seq = ?4,
+                     title = CASE WHEN title_seq < ?4 THEN ?3 ELSE title END,
+                     title_seq = max(title_seq, ?4)
+                 WHERE id = ?1",
             )?
             .execute(params![
                 conversation,
@@ -240,20 +315,7 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, recorded: &RecordedEvent) -> rusqli
                 created.title,
                 seq
             ])?;
-            let mut upsert = tx.prepare_cached(
-                "INSERT INTO members (conversation, user_id, role, seq) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (conversation, user_id) DO UPDATE SET role = excluded.role,
-                     seq = excluded.seq
-                 WHERE excluded.seq > members.seq",
-            )?;
-            for member in &created.members {
-                upsert.execute(params![
-                    conversation,
-                    member.user.as_str(),
-                    member.role.as_str(),
-                    seq
-                ])?;
-            }
+            set_members(tx, &conversation, &created.members, seq)?;
         }
         Event::ConversationRead(read) => {
             tx.prepare_cached(
@@ -269,8 +331,8 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, recorded: &RecordedEvent) -> rusqli
         }
         Event::MessagePosted(posted) => {
             tx.prepare_cached(
-                "INSERT INTO messages (conversation, seq, id, sender, client_id, body, at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                "INSERT INTO messages (conversation, seq, id, sender, client_id, body, at, reply_to)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
                  ON CONFLICT (conversation, seq) DO NOTHING",
             )?
             .execute(params![
@@ -279,36 +341,227 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, recorded: &RecordedEvent) -> rusqli
                 envelope.id.to_string(),
                 envelope.actor.as_str(),
                 posted.client_id.as_str(),
-                posted.body,
-                at
+                if deleted { "" } else { posted.body.as_str() },
+                at,
+                posted.reply_to.map(i64_of)
+            ])?;
+        }
+        Event::MessageEdited(edited) => {
+            tx.prepare_cached(
+                "INSERT INTO message_edits (conversation, message, seq, body)
+                 VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
+            )?
+            .execute(params![
+                conversation,
+                i64_of(edited.message),
+                seq,
+                if deleted { "" } else { edited.body.as_str() }
+            ])?;
+        }
+        Event::MessageDeleted(deletion) => delete_message(tx, &conversation, deletion, seq)?,
+        Event::ReactionAdded(reaction) | Event::ReactionRemoved(reaction) => {
+            // Per user and emoji only the newest add or remove counts, whatever order they
+            // arrive in: an add applied after its removal does not bring it back.
+            tx.prepare_cached(
+                "INSERT INTO reactions (conversation, message, emoji, user_id, seq, present)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (conversation, message, emoji, user_id) DO UPDATE
+                     SET seq = excluded.seq, present = excluded.present
+                 WHERE excluded.seq > reactions.seq",
+            )?
+            .execute(params![
+                conversation,
+                i64_of(reaction.message),
+                reaction.emoji,
+                envelope.actor.as_str(),
+                seq,
+                matches!(envelope.event, Event::ReactionAdded(_))
+            ])?;
+        }
+        Event::MembersAdded(added) => set_members(tx, &conversation, &added.members, seq)?,
+        Event::MembersRemoved(removed) => {
+            for user in &removed.users {
+                set_gone(tx, &conversation, user, seq)?;
+            }
+        }
+        Event::MemberLeft(_) => set_gone(tx, &conversation, &envelope.actor, seq)?,
+        Event::MemberRoleChanged(changed) => {
+            let member = Member {
+                user: changed.user.clone(),
+                role: changed.role,
+            };
+            set_members(tx, &conversation, &[member], seq)?;
+        }
+        Event::ConversationRenamed(renamed) => {
+            tx.prepare_cached(
+                "UPDATE conversations SET title = ?2, title_seq = ?3
+                 WHERE id = ?1 AND title_seq < ?3",
+            )?
+            .execute(params![conversation, renamed.title, seq])?;
+        }
+        // Mutes concern the write model only.
+        Event::MemberMuted(_) | Event::MemberUnmuted(_) => {}
+    }
+    if let Some(system) = system_json(recorded) {
+        tx.prepare_cached(
+            "INSERT INTO messages (conversation, seq, id, sender, client_id, body, at, system)
+             VALUES (?1, ?2, ?3, ?4, '', '', ?5, ?6)
+             ON CONFLICT (conversation, seq) DO NOTHING",
+        )?
+        .execute(params![
+            conversation,
+            seq,
+            envelope.id.to_string(),
+            envelope.actor.as_str(),
+            at,
+            system
+        ])?;
+    }
+    Ok(())
+}
+
+/// Members (with their roles) as of event `seq`, unless a newer event set them already.
+fn set_members(
+    tx: &rusqlite::Transaction<'_>,
+    conversation: &str,
+    members: &[Member],
+    seq: i64,
+) -> rusqlite::Result<()> {
+    let mut upsert = tx.prepare_cached(
+        "INSERT INTO members (conversation, user_id, role, seq, present) VALUES (?1, ?2, ?3, ?4, 1)
+         ON CONFLICT (conversation, user_id) DO UPDATE SET role = excluded.role,
+             seq = excluded.seq, present = 1
+         WHERE excluded.seq > members.seq",
+    )?;
+    for member in members {
+        upsert.execute(params![
+            conversation,
+            member.user.as_str(),
+            member.role.as_str(),
+            seq
+        ])?;
+    }
+    Ok(())
+}
+
+/// `user` is no longer a member as of event `seq`. The row stays, marked, so an older
+/// event applied later (a replay in another order) cannot bring the member back.
+fn set_gone(
+    tx: &rusqlite::Transaction<'_>,
+    conversation: &str,
+    user: &UserId,
+    seq: i64,
+) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO members (conversation, user_id, role, seq, present)
+         VALUES (?1, ?2, 'member', ?3, 0)
+         ON CONFLICT (conversation, user_id) DO UPDATE SET seq = excluded.seq, present = 0
+         WHERE excluded.seq > members.seq",
+    )?
+    .execute(params![conversation, user.as_str(), seq])?;
+    Ok(())
+}
+
+fn is_deleted(
+    tx: &rusqlite::Transaction<'_>,
+    conversation: &str,
+    message: i64,
+) -> rusqlite::Result<bool> {
+    tx.prepare_cached("SELECT 1 FROM message_deletions WHERE conversation = ?1 AND message = ?2")?
+        .exists(params![conversation, message])
+}
+
+/// Record the deletion and take the message's body out of every row holding it: the
+/// message, its edits, and the stored events that posted and edited it.
+fn delete_message(
+    tx: &rusqlite::Transaction<'_>,
+    conversation: &str,
+    deletion: &MessageDeleted,
+    seq: i64,
+) -> rusqlite::Result<()> {
+    let message = i64_of(deletion.message);
+    tx.prepare_cached(
+        "INSERT INTO message_deletions (conversation, message, seq) VALUES (?1, ?2, ?3)
+         ON CONFLICT DO NOTHING",
+    )?
+    .execute(params![conversation, message, seq])?;
+    tx.prepare_cached("UPDATE messages SET body = '' WHERE conversation = ?1 AND seq = ?2")?
+        .execute(params![conversation, message])?;
+    tx.prepare_cached(
+        "UPDATE message_edits SET body = '' WHERE conversation = ?1 AND message = ?2",
+    )?
+    .execute(params![conversation, message])?;
+    let carriers: Vec<(i64, Vec<u8>)> = tx
+        .prepare_cached(
+            "SELECT seq, envelope FROM events WHERE conversation = ?1
+             AND (seq = ?2 OR seq IN (SELECT seq FROM message_edits
+                                      WHERE conversation = ?1 AND message = ?2))",
+        )?
+        .query_map(params![conversation, message], |row| {
+            Ok((row.get(0)?, row.get(1)?))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut scrub =
+        tx.prepare_cached("UPDATE events SET envelope = ?3 WHERE conversation = ?1 AND seq = ?2")?;
+    for (carrier, bytes) in carriers {
+        // Stored by this store, so readable; one that is not has no body to take out.
+        if let Ok(envelope) = EventEnvelope::from_bytes(&bytes) {
+            scrub.execute(params![
+                conversation,
+                carrier,
+                with_body(&envelope, "").to_bytes()
             ])?;
         }
     }
     Ok(())
 }
 
-/// A page of history read by `query` (conversation, sequence bound, row limit), one row
+/// What a history row reads: the message, its newest edit's body, whether it is edited or
+/// deleted, and what it replies to. `{where}` picks and orders the page (conversation,
+/// sequence bound, row limit).
+const HISTORY_SELECT: &str = "SELECT m.seq, m.id, m.sender, m.client_id,
+        COALESCE((SELECT e.body FROM message_edits e
+                  WHERE e.conversation = m.conversation AND e.message = m.seq
+                  ORDER BY e.seq DESC LIMIT 1), m.body),
+        m.at,
+        m.system,
+        EXISTS (SELECT 1 FROM message_edits e
+                WHERE e.conversation = m.conversation AND e.message = m.seq),
+        EXISTS (SELECT 1 FROM message_deletions d
+                WHERE d.conversation = m.conversation AND d.message = m.seq),
+        m.reply_to
+    FROM messages m";
+
+/// A page of history read with `filter` (conversation, sequence bound, row limit), one row
 /// beyond `limit` to know whether more follow.
 fn history_page(
     conn: &Connection,
-    query: &str,
+    filter: &str,
     id: ConversationId,
     bound: i64,
     limit: u32,
 ) -> Result<HistoryPage, StoreError> {
     let rows = conn
-        .prepare_cached(query)
+        .prepare_cached(&format!("{HISTORY_SELECT} {filter}"))
         .and_then(|mut stmt| {
             stmt.query_map(
                 params![id.to_string(), bound, i64::from(limit) + 1],
                 |row| {
                     Ok((
-                        row.get::<_, i64>(0)?,
-                        row.get::<_, String>(1)?,
-                        row.get::<_, String>(2)?,
-                        row.get::<_, String>(3)?,
-                        row.get::<_, String>(4)?,
-                        row.get::<_, i64>(5)?,
+                        (
+                            row.get::<_, i64>(0)?,
+                            row.get::<_, String>(1)?,
+                            row.get::<_, String>(2)?,
+                            row.get::<_, String>(3)?,
+                            row.get::<_, String>(4)?,
+                            row.get::<_, i64>(5)?,
+                            row.get::<_, Option<String>>(6)?,
+                        ),
+                        Changes {
+                            edited: row.get(7)?,
+                            deleted: row.get(8)?,
+                            reply_to: row.get(9)?,
+                        },
                     ))
                 },
             )?
@@ -316,14 +569,31 @@ fn history_page(
         })
         .map_err(unavailable)?;
     let has_more = rows.len() > limit as usize;
-    let messages = rows
+    let mut messages = rows
         .into_iter()
         .take(limit as usize)
-        .map(|(seq, event_id, sender, client_id, body, at)| {
-            let id = event_id.parse::<EventId>().map_err(corrupt)?;
-            history_message((seq, id, sender, client_id, body, at))
-        })
+        .map(
+            |((seq, event_id, sender, client_id, body, at, system), changes)| {
+                let id = event_id.parse::<EventId>().map_err(corrupt)?;
+                history_message((seq, id, sender, client_id, body, at, system), changes)
+            },
+        )
         .collect::<Result<Vec<_>, StoreError>>()?;
+    let mut reactions = conn
+        .prepare_cached(
+            "SELECT emoji, user_id FROM reactions
+             WHERE conversation = ?1 AND message = ?2 AND present",
+        )
+        .map_err(unavailable)?;
+    for message in messages.iter_mut().filter(|m| !m.deleted) {
+        let pairs = reactions
+            .query_map(params![id.to_string(), i64_of(message.seq)], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })
+            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+            .map_err(unavailable)?;
+        message.reactions = reaction_counts(pairs)?;
+    }
     Ok(HistoryPage { messages, has_more })
 }
 
@@ -402,7 +672,8 @@ impl ConversationStore for SqliteStore {
         self.read(move |conn| {
             let rows = conn
                 .prepare_cached(
-                    "SELECT user_id, role FROM members WHERE conversation = ?1 ORDER BY user_id",
+                    "SELECT user_id, role FROM members WHERE conversation = ?1 AND present = 1
+                     ORDER BY user_id",
                 )
                 .and_then(|mut stmt| {
                     stmt.query_map(params![id.to_string()], |row| {
@@ -423,7 +694,7 @@ impl ConversationStore for SqliteStore {
             let row = conn
                 .prepare_cached(
                     "SELECT c.kind, c.title, c.last_seq, e.envelope,
-                         (SELECT count(*) FROM members m WHERE m.conversation = c.id)
+                         (SELECT count(*) FROM members m WHERE m.conversation = c.id AND m.present = 1)
                      FROM conversations c
                      LEFT JOIN events e ON e.conversation = c.id AND e.seq = c.created_seq
                      WHERE c.id = ?1 AND c.kind IS NOT NULL",
@@ -470,7 +741,8 @@ impl ConversationStore for SqliteStore {
         self.read(move |conn| {
             let rows = conn
                 .prepare_cached(
-                    "SELECT user_id, role FROM members WHERE conversation = ?1 AND user_id > ?2
+                    "SELECT user_id, role FROM members
+                     WHERE conversation = ?1 AND user_id > ?2 AND present = 1
                      ORDER BY user_id LIMIT ?3",
                 )
                 .and_then(|mut stmt| {
@@ -490,7 +762,10 @@ impl ConversationStore for SqliteStore {
         let user = user.as_str().to_owned();
         self.read(move |conn| {
             let role = conn
-                .prepare_cached("SELECT role FROM members WHERE conversation = ?1 AND user_id = ?2")
+                .prepare_cached(
+                    "SELECT role FROM members
+                     WHERE conversation = ?1 AND user_id = ?2 AND present = 1",
+                )
                 .and_then(|mut stmt| {
                     stmt.query_row(params![id.to_string(), user], |row| row.get::<_, String>(0))
                         .optional()
@@ -514,9 +789,10 @@ impl ConversationStore for SqliteStore {
             // the primary key: one statement, whatever the number of candidates.
             let sql = format!(
                 "SELECT DISTINCT theirs.user_id FROM members theirs
-                 WHERE theirs.user_id IN ({candidates})
+                 WHERE theirs.user_id IN ({candidates}) AND theirs.present = 1
                    AND EXISTS (SELECT 1 FROM members mine
-                               WHERE mine.conversation = theirs.conversation AND mine.user_id = ?1)"
+                               WHERE mine.conversation = theirs.conversation AND mine.user_id = ?1
+                                 AND mine.present = 1)"
             );
             let rows = conn
                 .prepare(&sql)
@@ -545,7 +821,8 @@ impl ConversationStore for SqliteStore {
                 .prepare_cached(
                     "SELECT c.id, c.kind, c.title, m.role, c.last_seq, c.last_activity_at
                      FROM members m JOIN conversations c ON c.id = m.conversation
-                     WHERE m.user_id = ?1 AND c.kind IS NOT NULL AND c.last_seq < ?2
+                     WHERE m.user_id = ?1 AND m.present = 1 AND c.kind IS NOT NULL
+                       AND c.last_seq < ?2
                      ORDER BY c.last_seq DESC LIMIT ?3",
                 )
                 .and_then(|mut stmt| {
@@ -591,8 +868,7 @@ impl ConversationStore for SqliteStore {
         self.read(move |conn| {
             history_page(
                 conn,
-                "SELECT seq, id, sender, client_id, body, at FROM messages
-                 WHERE conversation = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3",
+                "WHERE m.conversation = ?1 AND m.seq < ?2 ORDER BY m.seq DESC LIMIT ?3",
                 id,
                 before,
                 limit,
@@ -611,8 +887,7 @@ impl ConversationStore for SqliteStore {
         self.read(move |conn| {
             history_page(
                 conn,
-                "SELECT seq, id, sender, client_id, body, at FROM messages
-                 WHERE conversation = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+                "WHERE m.conversation = ?1 AND m.seq > ?2 ORDER BY m.seq LIMIT ?3",
                 id,
                 after,
                 limit,
@@ -674,9 +949,9 @@ impl ConversationStore for SqliteStore {
         let after = i64_of(after);
         self.read(move |conn| {
             conn.prepare_cached(
-                "SELECT count(*) FROM (SELECT sender FROM messages
+                "SELECT count(*) FROM (SELECT sender, system FROM messages
                      WHERE conversation = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3)
-                 WHERE sender != ?4",
+                 WHERE sender != ?4 AND system IS NULL",
             )
             .and_then(|mut stmt| {
                 stmt.query_row(params![id.to_string(), after, UNREAD_CAP, user], |row| {

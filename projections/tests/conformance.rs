@@ -4,9 +4,9 @@
 //!
 //! The CQL side runs on one local Apache Cassandra node per test binary, started on first
 //! use (parley-localstack's `CassandraNode`, installed by `infra/cassandra.sh`), each test in
-//! its own keyspace; or, when `PARLEY_TEST_SCYLLA` names contact points
-//! (`host:port,host:port`), on that cluster (`PARLEY_TEST_SCYLLA_DC` names its datacenter,
-//! default `datacenter1`). Without Java or the jars the CQL tests print `skipped: ...` and
+//! its own keyspaces (dropped when it passes); or, when `PARLEY_TEST_SCYLLA` names contact
+//! points (`host:port,host:port`), on that cluster (`PARLEY_TEST_SCYLLA_DC` names its
+//! datacenter, default `datacenter1`). Without Java or the jars the CQL tests print `skipped: ...` and
 //! pass, unless `CI` or `PARLEY_REQUIRE_CQL` is set: then they fail.
 //!
 //! The CQL store runs with history buckets of 4 log sequences here, so every history test
@@ -16,8 +16,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use parley_events::event::{
+    ConversationRenamed, MemberLeft, MemberMuted, MemberRoleChanged, MemberUnmuted, MembersAdded,
+    MembersRemoved,
+};
+use parley_events::protocol::ReactionCount;
 use parley_events::{
-    ConversationId, ConversationKind, Event, EventEnvelope, Member, RecordedEvent, Role,
+    ClientMsgId, ConversationId, ConversationKind, Event, EventEnvelope, Member, MessageDeleted,
+    MessageEdited, MessagePosted, Reaction, RecordedEvent, Role,
 };
 use parley_localstack::CassandraNode;
 use parley_projections::{
@@ -27,7 +33,7 @@ use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 
 mod support;
-use support::{direct, group, log_with, then_read, user};
+use support::{direct, group, log_with, then, then_read, user};
 
 const TEST_BUCKET_SEQS: u64 = 4;
 
@@ -151,6 +157,49 @@ impl Backend {
     }
 }
 
+/// Drops the keyspaces of a CQL test that passed. One node holds every test's keyspaces,
+/// and a table costs it heap whether it is used or not: kept, the suite's tables exhaust the
+/// local node's 1 GB heap.
+struct Cleanup {
+    target: &'static CqlTarget,
+    prefix: String,
+}
+
+impl Backend {
+    fn cleanup(&self) -> Cleanup {
+        let Backend::Cql { target, prefix } = self else {
+            unreachable!("only CQL backends have keyspaces")
+        };
+        Cleanup {
+            target,
+            prefix: format!("{prefix}_"),
+        }
+    }
+}
+
+impl Cleanup {
+    async fn run(self) {
+        let session = cql_session(self.target).await;
+        let keyspaces: Vec<String> = session
+            .query_unpaged("SELECT keyspace_name FROM system_schema.keyspaces", ())
+            .await
+            .unwrap()
+            .into_rows_result()
+            .unwrap()
+            .rows::<(String,)>()
+            .unwrap()
+            .map(|row| row.unwrap().0)
+            .filter(|name| name.starts_with(&self.prefix))
+            .collect();
+        for keyspace in keyspaces {
+            session
+                .query_unpaged(format!("DROP KEYSPACE IF EXISTS {keyspace}"), ())
+                .await
+                .unwrap();
+        }
+    }
+}
+
 async fn cql_session(target: &CqlTarget) -> scylla::client::session::Session {
     scylla::client::session_builder::SessionBuilder::new()
         .known_nodes(&target.contact_points)
@@ -174,7 +223,9 @@ macro_rules! conformance {
                 #[tokio::test]
                 async fn $test() {
                     if let Some(backend) = super::Backend::cql() {
+                        let cleanup = backend.cleanup();
                         super::$test(backend).await;
+                        cleanup.run().await;
                     }
                 }
             )*
@@ -200,6 +251,15 @@ conformance!(
     an_unknown_event_type_or_version_stops_the_projection,
     a_store_from_a_newer_build_is_refused,
     permutations_and_duplicates_converge,
+    membership_changes_reach_members_roles_title_inbox_and_counts,
+    membership_changes_are_system_entries_in_history_not_unread,
+    membership_permutations_and_duplicates_converge,
+    a_store_of_schema_2_is_brought_to_schema_3,
+    edits_deletions_reactions_and_replies_show_in_history,
+    a_deleted_body_is_gone_from_history_and_the_resume_index,
+    reactions_keep_the_newest_add_or_remove_whatever_the_order,
+    message_changes_converge_whatever_the_order_and_repeats,
+    a_log_written_before_message_changes_projects_and_takes_changes,
 );
 
 // --- helpers ---------------------------------------------------------------------------
@@ -222,9 +282,21 @@ async fn snapshot(store: &dyn ConversationStore, events: &[RecordedEvent]) -> St
         for name in ["alice", "bob", "carol"] {
             out += &format!("{}\n", store.read_marker(id, &user(name)).await.unwrap());
         }
+        for name in ["alice", "bob", "carol", "dave"] {
+            out += &format!("{:?}\n", store.role_of(id, &user(name)).await.unwrap());
+        }
     }
-    for name in ["alice", "bob", "carol"] {
+    for name in ["alice", "bob", "carol", "dave"] {
         out += &format!("{:?}\n", store.inbox(&user(name), None, 100).await.unwrap());
+        let mut shared = store
+            .co_members(
+                &user(name),
+                &[user("alice"), user("bob"), user("carol"), user("dave")],
+            )
+            .await
+            .unwrap();
+        shared.sort();
+        out += &format!("{shared:?}\n");
     }
     out
 }
@@ -823,7 +895,8 @@ async fn a_store_from_a_newer_build_is_refused(backend: Backend) {
     let err = backend.try_open("s").await.err().expect("refused");
     assert_eq!(err.kind, StoreErrorKind::Schema);
     assert!(err.to_string().contains("99"), "{err}");
-    backend.set_schema_version("s", 2).await;
+    // Back to this build's version (both stores are at 3).
+    backend.set_schema_version("s", 3).await;
     let store = backend.open("s").await;
     assert_eq!(
         store.position().await.unwrap(),
@@ -835,7 +908,10 @@ async fn a_store_from_a_newer_build_is_refused(backend: Backend) {
 /// Any order, any duplicates, any batching: the same state as the log applied once. Cases
 /// are generated up front so both stores see the same ones.
 async fn permutations_and_duplicates_converge(backend: Backend) {
-    let events = log();
+    permutations_of_converge(backend, log()).await;
+}
+
+async fn permutations_of_converge(backend: Backend, events: Vec<RecordedEvent>) {
     let expected = reference(&events).await;
     let strategy = (
         Just((0..events.len()).collect::<Vec<_>>()).prop_shuffle(),
@@ -845,6 +921,577 @@ async fn permutations_and_duplicates_converge(backend: Backend) {
     let cases = match backend {
         Backend::Sqlite(_) => 24,
         Backend::Cql { .. } => 8,
+    };
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::default());
+    let generated: Vec<_> = (0..cases)
+        .map(|_| strategy.new_tree(&mut runner).unwrap().current())
+        .collect();
+    for (n, (order, duplicates, batch)) in generated.into_iter().enumerate() {
+        let mut shuffled: Vec<RecordedEvent> = order.iter().map(|&i| events[i].clone()).collect();
+        shuffled.extend(duplicates.iter().map(|&i| events[i].clone()));
+        let store = backend.open(&format!("case{n}")).await;
+        apply_in_batches(&*store, &shuffled, batch).await;
+        assert_eq!(
+            snapshot(&*store, &events).await,
+            expected,
+            "order {order:?}, duplicates {duplicates:?}, batch {batch}"
+        );
+    }
+}
+
+/// The small log, then the group's membership changing: carol (owner) adds bob and dave,
+/// makes alice an admin, alice renames the group, bob leaves, carol removes dave and adds
+/// him back, mutes and unmutes alice; messages in between. Sequences 15 to 25.
+fn membership_log() -> Vec<RecordedEvent> {
+    let mut events = log();
+    let member = |name: &str| Member {
+        user: user(name),
+        role: Role::Member,
+    };
+    let changes = [
+        (
+            "carol",
+            Event::MembersAdded(MembersAdded {
+                members: vec![member("bob"), member("dave")],
+            }),
+        ),
+        (
+            "bob",
+            Event::MessagePosted(MessagePosted {
+                client_id: ClientMsgId::parse("hello-from-bob").unwrap(),
+                body: "hi all".into(),
+                reply_to: None,
+            }),
+        ),
+        (
+            "carol",
+            Event::MemberRoleChanged(MemberRoleChanged {
+                user: user("alice"),
+                role: Role::Admin,
+            }),
+        ),
+        (
+            "alice",
+            Event::ConversationRenamed(ConversationRenamed {
+                title: Some("renamed".into()),
+            }),
+        ),
+        ("bob", Event::MemberLeft(MemberLeft {})),
+        (
+            "carol",
+            Event::MembersRemoved(MembersRemoved {
+                users: vec![user("dave")],
+            }),
+        ),
+        (
+            "carol",
+            Event::MembersAdded(MembersAdded {
+                members: vec![member("dave")],
+            }),
+        ),
+        (
+            "carol",
+            Event::MemberMuted(MemberMuted {
+                user: user("alice"),
+                until: 1_796_058_577_250,
+            }),
+        ),
+        (
+            "carol",
+            Event::MemberUnmuted(MemberUnmuted {
+                user: user("alice"),
+            }),
+        ),
+        (
+            "dave",
+            Event::MessagePosted(MessagePosted {
+                client_id: ClientMsgId::parse("back-again").unwrap(),
+                body: "back".into(),
+                reply_to: None,
+            }),
+        ),
+    ];
+    for (actor, event) in changes {
+        then(&mut events, group(), actor, event);
+    }
+    events
+}
+
+async fn membership_changes_reach_members_roles_title_inbox_and_counts(backend: Backend) {
+    let events = membership_log();
+    let store = backend.open("m").await;
+    apply_in_batches(&*store, &events, 5).await;
+    let member = |name: &str, role| Member {
+        user: user(name),
+        role,
+    };
+    let members = vec![
+        member("alice", Role::Admin),
+        member("carol", Role::Owner),
+        member("dave", Role::Member),
+    ];
+    assert_eq!(store.members(group()).await.unwrap(), members);
+    let page = store.members_page(group(), None, 10).await.unwrap();
+    assert_eq!((page.members, page.has_more), (members, false));
+    let details = store.details(group()).await.unwrap().unwrap();
+    assert_eq!(details.member_count, 3);
+    assert_eq!(details.view.title.as_deref(), Some("renamed"));
+    assert_eq!(
+        store
+            .conversation(group())
+            .await
+            .unwrap()
+            .unwrap()
+            .title
+            .as_deref(),
+        Some("renamed")
+    );
+    assert_eq!(store.role_of(group(), &user("bob")).await.unwrap(), None);
+    assert_eq!(
+        store.role_of(group(), &user("alice")).await.unwrap(),
+        Some(Role::Admin)
+    );
+    let inbox = |name: &'static str| {
+        let store = Arc::clone(&store);
+        async move {
+            store
+                .inbox(&user(name), None, 10)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|entry| (entry.conversation, entry.role, entry.title))
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        inbox("bob").await,
+        vec![(direct(), Role::Member, None)],
+        "bob left the group"
+    );
+    assert_eq!(
+        inbox("dave").await,
+        vec![(group(), Role::Member, Some("renamed".into()))],
+        "dave is back"
+    );
+    assert_eq!(
+        inbox("alice").await[0],
+        (group(), Role::Admin, Some("renamed".into()))
+    );
+    assert!(
+        store
+            .co_members(&user("bob"), &[user("carol"), user("dave")])
+            .await
+            .unwrap()
+            .is_empty(),
+        "bob shares nothing with carol or dave any more"
+    );
+    assert_eq!(
+        store
+            .co_members(&user("dave"), &[user("carol")])
+            .await
+            .unwrap(),
+        vec![user("carol")]
+    );
+}
+
+async fn membership_changes_are_system_entries_in_history_not_unread(backend: Backend) {
+    let events = membership_log();
+    let store = backend.open("h").await;
+    apply_in_batches(&*store, &events, 3).await;
+    let page = store.history_after(group(), 14, 100).await.unwrap();
+    let rows: Vec<(u64, &str, Option<&str>, &str)> = page
+        .messages
+        .iter()
+        .map(|m| {
+            (
+                m.seq,
+                m.sender.as_str(),
+                m.system.as_ref().map(|s| s.text.as_str()),
+                m.body.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            (15, "carol", Some("carol added bob and dave"), ""),
+            (16, "bob", None, "hi all"),
+            (17, "carol", Some("carol made alice an admin"), ""),
+            (
+                18,
+                "alice",
+                Some("alice renamed the group to \u{201c}renamed\u{201d}"),
+                ""
+            ),
+            (19, "bob", Some("bob left"), ""),
+            (20, "carol", Some("carol removed dave"), ""),
+            (21, "carol", Some("carol added dave"), ""),
+            (
+                22,
+                "carol",
+                Some("carol muted alice until 2026-11-30T17:09:37.250Z"),
+                ""
+            ),
+            (23, "carol", Some("carol unmuted alice"), ""),
+            (24, "dave", None, "back"),
+        ]
+    );
+    let system = page.messages[0].system.as_ref().unwrap();
+    assert_eq!(
+        (system.event.as_str(), system.users.clone()),
+        ("member.added", vec![user("bob"), user("dave")])
+    );
+    assert!(
+        page.messages
+            .iter()
+            .all(|m| m.client_id.is_some() == m.system.is_none())
+    );
+    let backwards = store.history(group(), None, 100).await.unwrap();
+    assert_eq!(
+        backwards.messages.len(),
+        6 + 10,
+        "the group's messages and entries"
+    );
+    // Alice's unread after 14: bob's and dave's messages, not the eight entries.
+    assert_eq!(store.unread(group(), &user("alice"), 14).await.unwrap(), 2);
+}
+
+async fn membership_permutations_and_duplicates_converge(backend: Backend) {
+    permutations_of_converge(backend, membership_log()).await;
+}
+
+/// A store written by this build made to look like schema 2: in SQLite, the columns
+/// schema 3 added are dropped. A CQL keyspace keeps its `system` column (every fresh
+/// keyspace runs the migration's `ALTER TABLE ... ADD` anyway): CQL hides every cell of a
+/// dropped and re-added column written with a timestamp before the drop, and this store's
+/// timestamps are log sequences, far below the clock's; so the column must never be
+/// dropped, and the test cannot simulate a keyspace without it that way.
+async fn as_schema_2(backend: &Backend, name: &str) {
+    if let Backend::Sqlite(dir) = backend {
+        let conn = rusqlite::Connection::open(dir.path().join(format!("{name}.db"))).unwrap();
+        conn.execute_batch(
+            "ALTER TABLE messages DROP COLUMN system;
+             ALTER TABLE members DROP COLUMN present;
+             ALTER TABLE conversations DROP COLUMN title_seq;",
+        )
+        .unwrap();
+    }
+    backend.set_schema_version(name, 2).await;
+}
+
+async fn a_store_of_schema_2_is_brought_to_schema_3(backend: Backend) {
+    let events = membership_log();
+    let expected = reference(&events).await;
+    let store = backend.open("old").await;
+    // What a schema 2 store held: the log before any membership event.
+    store.apply(&events[..14]).await.unwrap();
+    drop(store);
+    as_schema_2(&backend, "old").await;
+    let store = backend.open("old").await;
+    apply_in_batches(&*store, &events, 4).await;
+    assert_eq!(snapshot(&*store, &events).await, expected);
+    drop(store);
+    // A migration cut short after adding the columns runs again harmlessly.
+    backend.set_schema_version("old", 2).await;
+    let store = backend.open("old").await;
+    apply_in_batches(&*store, &events, 7).await;
+    assert_eq!(snapshot(&*store, &events).await, expected);
+}
+
+// --- message changes ----------------------------------------------------------------------
+
+fn reaction(message: u64, emoji: &str) -> Reaction {
+    Reaction {
+        message,
+        emoji: emoji.into(),
+    }
+}
+
+fn edited(message: u64, body: &str) -> Event {
+    Event::MessageEdited(MessageEdited {
+        message,
+        body: body.into(),
+    })
+}
+
+/// The small log, then (from sequence 15) a reply, edits, reactions and a deletion. In the
+/// direct conversation alice posted 3 and 7, bob 5.
+fn log_with_changes() -> Vec<RecordedEvent> {
+    let mut events = log();
+    let d = direct();
+    let reply = Event::MessagePosted(MessagePosted {
+        client_id: ClientMsgId::parse("r1").unwrap(),
+        body: "re: direct 0".into(),
+        reply_to: Some(3),
+    });
+    assert_eq!(then(&mut events, d, "bob", reply), 15);
+    then(&mut events, d, "alice", edited(3, "direct 0, edited"));
+    then(&mut events, d, "alice", edited(3, "direct 0, edited twice"));
+    then(
+        &mut events,
+        d,
+        "bob",
+        Event::ReactionAdded(reaction(3, "👍")),
+    );
+    then(
+        &mut events,
+        d,
+        "alice",
+        Event::ReactionAdded(reaction(3, "👍")),
+    );
+    then(
+        &mut events,
+        d,
+        "alice",
+        Event::ReactionAdded(reaction(3, "🎉")),
+    );
+    then(
+        &mut events,
+        d,
+        "alice",
+        Event::ReactionRemoved(reaction(3, "🎉")),
+    );
+    then(&mut events, d, "alice", edited(7, "secret edit"));
+    then(
+        &mut events,
+        d,
+        "bob",
+        Event::ReactionAdded(reaction(7, "👀")),
+    );
+    then(
+        &mut events,
+        d,
+        "alice",
+        Event::MessageDeleted(MessageDeleted { message: 7 }),
+    );
+    then(
+        &mut events,
+        group(),
+        "carol",
+        Event::ReactionAdded(reaction(4, "👀")),
+    );
+    then(
+        &mut events,
+        d,
+        "bob",
+        Event::ReactionAdded(reaction(5, "❤️")),
+    );
+    then(
+        &mut events,
+        d,
+        "bob",
+        Event::ReactionRemoved(reaction(5, "❤️")),
+    );
+    assert_eq!(
+        then(
+            &mut events,
+            d,
+            "bob",
+            Event::ReactionAdded(reaction(5, "❤️"))
+        ),
+        28
+    );
+    events
+}
+
+async fn edits_deletions_reactions_and_replies_show_in_history(backend: Backend) {
+    let events = log_with_changes();
+    let store = backend.open("s").await;
+    apply_in_batches(&*store, &events, 5).await;
+    let history = store.history(direct(), None, 100).await.unwrap().messages;
+    let at = |seq| history.iter().find(|m| m.seq == seq).unwrap().clone();
+    let edited = at(3);
+    assert_eq!(
+        (edited.body.as_str(), edited.edited, edited.deleted),
+        ("direct 0, edited twice", true, false)
+    );
+    assert_eq!(
+        edited.reactions,
+        vec![ReactionCount {
+            emoji: "👍".into(),
+            count: 2,
+            users: vec![user("alice"), user("bob")],
+        }],
+        "🎉 was removed"
+    );
+    let plain = at(5);
+    assert_eq!((plain.body.as_str(), plain.edited), ("direct 1", false));
+    assert_eq!(plain.reactions.len(), 1);
+    assert_eq!(
+        (plain.reactions[0].emoji.as_str(), plain.reactions[0].count),
+        ("❤️", 1)
+    );
+    let reply = at(15);
+    assert_eq!(
+        (reply.reply_to, reply.body.as_str()),
+        (Some(3), "re: direct 0")
+    );
+    assert_eq!(at(9).reply_to, None);
+    let team = store.history(group(), None, 100).await.unwrap().messages;
+    let seen = team.iter().find(|m| m.seq == 4).unwrap();
+    assert_eq!(seen.reactions[0].users, vec![user("carol")]);
+    // Changes are not messages: the history holds the posted ones only.
+    assert_eq!(history.len(), 7);
+    let forward = store
+        .history_after(direct(), 2, 100)
+        .await
+        .unwrap()
+        .messages;
+    assert_eq!(forward.iter().rev().cloned().collect::<Vec<_>>(), history);
+}
+
+async fn a_deleted_body_is_gone_from_history_and_the_resume_index(backend: Backend) {
+    let events = log_with_changes();
+    let store = backend.open("s").await;
+    store.apply(&events).await.unwrap();
+    let history = store.history(direct(), None, 100).await.unwrap().messages;
+    let tombstone = history.iter().find(|m| m.seq == 7).unwrap();
+    assert_eq!(
+        (
+            tombstone.body.as_str(),
+            tombstone.deleted,
+            tombstone.edited,
+            tombstone.reactions.len()
+        ),
+        ("", true, false, 0)
+    );
+    assert_eq!(
+        tombstone.sender,
+        user("alice"),
+        "the tombstone keeps who and when"
+    );
+    let indexed = all_events_after(&*store, direct(), 0, 4).await;
+    assert_eq!(
+        indexed.len(),
+        events_of(&events, direct()).len(),
+        "every event stays"
+    );
+    let body_of = |seq| {
+        let event = &indexed
+            .iter()
+            .find(|e| e.seq == seq)
+            .unwrap()
+            .envelope
+            .event;
+        match event {
+            Event::MessagePosted(posted) => posted.body.clone(),
+            Event::MessageEdited(edited) => edited.body.clone(),
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!((body_of(7), body_of(22)), (String::new(), String::new()));
+    assert_eq!(body_of(3), "direct 0", "other messages keep theirs");
+    assert_eq!(body_of(17), "direct 0, edited twice");
+    // Deleted first, posted and edited after (a replay out of order): never stored.
+    let late = backend.open("late").await;
+    let (deletion, rest): (Vec<RecordedEvent>, Vec<RecordedEvent>) = events
+        .iter()
+        .cloned()
+        .partition(|e| matches!(e.envelope.event, Event::MessageDeleted(_)));
+    late.apply(&deletion).await.unwrap();
+    late.apply(&rest).await.unwrap();
+    assert_eq!(
+        snapshot(&*late, &events).await,
+        snapshot(&*store, &events).await
+    );
+    let text = snapshot(&*late, &events).await;
+    assert!(
+        !text.contains("secret edit") && !text.contains("direct 2"),
+        "{text}"
+    );
+}
+
+async fn reactions_keep_the_newest_add_or_remove_whatever_the_order(backend: Backend) {
+    let events = log_with_changes();
+    let store = backend.open("s").await;
+    store.apply(&events[..17]).await.unwrap();
+    // 🎉 added at 20 and removed at 21, applied removal first; then everything twice.
+    store.apply(&events[20..21]).await.unwrap();
+    store.apply(&events[19..20]).await.unwrap();
+    let emojis = |history: &[parley_events::protocol::HistoryMessage]| {
+        history
+            .iter()
+            .find(|m| m.seq == 3)
+            .unwrap()
+            .reactions
+            .iter()
+            .map(|r| (r.emoji.clone(), r.count))
+            .collect::<Vec<_>>()
+    };
+    let history = store.history(direct(), None, 100).await.unwrap().messages;
+    assert_eq!(
+        emojis(&history),
+        [],
+        "the add does not bring back what its removal took"
+    );
+    store.apply(&events).await.unwrap();
+    store.apply(&events[17..19]).await.unwrap();
+    let history = store.history(direct(), None, 100).await.unwrap().messages;
+    assert_eq!(emojis(&history), [("👍".to_owned(), 2)]);
+}
+
+/// The log of a build before `message.posted` v2, as it appended it, then changes to its
+/// messages by this build.
+async fn a_log_written_before_message_changes_projects_and_takes_changes(backend: Backend) {
+    let mut events: Vec<RecordedEvent> =
+        include_str!("../../events/tests/fixtures/log-before-message-changes.jsonl")
+            .lines()
+            .map(|line| RecordedEvent::from_bytes(line.as_bytes()).unwrap())
+            .collect();
+    let d = events[0].envelope.conversation;
+    assert_eq!(d, direct());
+    then(&mut events, d, "alice", edited(2, "hello, edited"));
+    then(
+        &mut events,
+        d,
+        "alice",
+        Event::ReactionAdded(reaction(3, "👍")),
+    );
+    let reply = Event::MessagePosted(MessagePosted {
+        client_id: ClientMsgId::parse("m-3").unwrap(),
+        body: "to the old one".into(),
+        reply_to: Some(3),
+    });
+    then(&mut events, d, "alice", reply);
+    let store = backend.open("s").await;
+    store.apply(&events).await.unwrap();
+    let history = store.history(d, None, 10).await.unwrap().messages;
+    let shown: Vec<_> = history
+        .iter()
+        .map(|m| {
+            (
+                m.seq,
+                m.body.as_str(),
+                m.edited,
+                m.reply_to,
+                m.reactions.len(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            (7, "to the old one", false, Some(3), 0),
+            (3, "and back", false, None, 1),
+            (2, "hello, edited", true, None, 0),
+        ]
+    );
+    assert_eq!(store.read_marker(d, &user("bob")).await.unwrap(), 3);
+    assert_eq!(snapshot(&*store, &events).await, reference(&events).await);
+}
+
+/// Like [`permutations_and_duplicates_converge`], over a log with every kind of change.
+async fn message_changes_converge_whatever_the_order_and_repeats(backend: Backend) {
+    let events = log_with_changes();
+    let expected = reference(&events).await;
+    let strategy = (
+        Just((0..events.len()).collect::<Vec<_>>()).prop_shuffle(),
+        proptest::collection::vec(0..events.len(), 0..10),
+        1..6usize,
+    );
+    let cases = match backend {
+        Backend::Sqlite(_) => 24,
+        Backend::Cql { .. } => 4,
     };
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::default());
     let generated: Vec<_> = (0..cases)
@@ -910,6 +1557,65 @@ async fn cql_a_keyspace_holding_other_tables_is_refused_and_left_untouched() {
 }
 
 #[tokio::test]
+async fn cql_a_keyspace_of_schema_2_gains_the_system_column_even_opened_twice_at_once() {
+    let Some(backend) = Backend::cql() else {
+        return;
+    };
+    let Backend::Cql { target, .. } = &backend else {
+        unreachable!()
+    };
+    let options = backend.cql_options("v2");
+    let ks = &options.keyspace;
+    let session = cql_session(target).await;
+    // The tables of schema 2 as its build created them: `messages` without `system`.
+    for ddl in [
+        format!(
+            "CREATE KEYSPACE {ks} WITH replication = {{'class': 'NetworkTopologyStrategy', '{}': 1}}",
+            target.datacenter
+        ),
+        format!(
+            "CREATE TABLE {ks}.schema_version (name text PRIMARY KEY, version int, history_bucket_seqs bigint)"
+        ),
+        format!(
+            "CREATE TABLE {ks}.conversations (id uuid PRIMARY KEY, kind text, title text, created_seq bigint, last_seq bigint, last_activity_at bigint)"
+        ),
+        format!(
+            "CREATE TABLE {ks}.members (conversation uuid, user_id text, role text, PRIMARY KEY (conversation, user_id))"
+        ),
+        format!(
+            "CREATE TABLE {ks}.conversations_by_user (user_id text, conversation uuid, role text, PRIMARY KEY (user_id, conversation))"
+        ),
+        format!(
+            "CREATE TABLE {ks}.messages (conversation uuid, bucket bigint, seq bigint, id uuid, sender text, client_id text, body text, at bigint, PRIMARY KEY ((conversation, bucket), seq)) WITH CLUSTERING ORDER BY (seq DESC)"
+        ),
+        format!(
+            "CREATE TABLE {ks}.message_buckets (conversation uuid, bucket bigint, PRIMARY KEY (conversation, bucket)) WITH CLUSTERING ORDER BY (bucket DESC)"
+        ),
+        format!("CREATE TABLE {ks}.projection_position (name text PRIMARY KEY, seq bigint)"),
+        format!(
+            "CREATE TABLE {ks}.events (conversation uuid, bucket bigint, seq bigint, envelope blob, PRIMARY KEY ((conversation, bucket), seq))"
+        ),
+        format!(
+            "CREATE TABLE {ks}.event_buckets (conversation uuid, bucket bigint, PRIMARY KEY (conversation, bucket))"
+        ),
+        format!(
+            "CREATE TABLE {ks}.read_markers (conversation uuid, user_id text, seq bigint, PRIMARY KEY (conversation, user_id))"
+        ),
+        format!(
+            "INSERT INTO {ks}.schema_version (name, version, history_bucket_seqs) VALUES ('conversations', 2, {TEST_BUCKET_SEQS})"
+        ),
+    ] {
+        session.query_unpaged(ddl, ()).await.unwrap();
+    }
+    // A projector and a gateway starting together both find the column missing.
+    let (first, second) = tokio::join!(CqlStore::open(&options), CqlStore::open(&options));
+    let (first, _second) = (first.unwrap(), second.unwrap());
+    let events = membership_log();
+    apply_in_batches(&first, &events, 6).await;
+    assert_eq!(snapshot(&first, &events).await, reference(&events).await);
+}
+
+#[tokio::test]
 async fn cql_the_history_bucket_size_cannot_change_under_existing_history() {
     let Some(backend) = Backend::cql() else {
         return;
@@ -955,4 +1661,75 @@ async fn sqlite_a_store_from_schema_1_starts_over_so_the_log_fills_the_new_table
     );
     apply_in_batches(&*store, &events, 4).await;
     assert_eq!(snapshot(&*store, &events).await, reference(&events).await);
+}
+
+#[tokio::test]
+async fn sqlite_a_store_from_schema_2_gains_message_changes_and_starts_over() {
+    let backend = Backend::sqlite();
+    let store = backend.open("s").await;
+    store.apply(&log()).await.unwrap();
+    drop(store);
+    let Backend::Sqlite(dir) = &backend else {
+        unreachable!()
+    };
+    // What schema 2 left: no change tables, messages without `reply_to`.
+    let conn = rusqlite::Connection::open(dir.path().join("s.db")).unwrap();
+    conn.execute_batch(
+        "DROP TABLE message_edits; DROP TABLE message_deletions; DROP TABLE reactions;
+         ALTER TABLE messages DROP COLUMN reply_to;",
+    )
+    .unwrap();
+    conn.pragma_update(None, "user_version", 2).unwrap();
+    drop(conn);
+    let store = backend.open("s").await;
+    assert_eq!(store.position().await.unwrap(), 0, "the log is replayed");
+    let events = log_with_changes();
+    store.apply(&events).await.unwrap();
+    assert_eq!(snapshot(&*store, &events).await, reference(&events).await);
+}
+
+#[tokio::test]
+async fn cql_a_keyspace_from_schema_2_gains_message_changes_and_replays() {
+    let Some(backend) = Backend::cql() else {
+        return;
+    };
+    let Backend::Cql { target, .. } = &backend else {
+        unreachable!()
+    };
+    let cleanup = backend.cleanup();
+    let store = backend.open("s").await;
+    store.apply(&log()).await.unwrap();
+    drop(store);
+    // What schema 2 left, as far as can be made without dropping columns (a column dropped
+    // and added again hides every cell older than the drop, and these are timestamped by
+    // log sequence): no `bodies` or `reactions`, its position under the old name.
+    let ks = backend.cql_options("s").keyspace;
+    let session = cql_session(target).await;
+    for cql in [
+        format!("DROP TABLE {ks}.bodies"),
+        format!("DROP TABLE {ks}.reactions"),
+        format!("UPDATE {ks}.schema_version SET version = 2 WHERE name = 'conversations'"),
+        format!(
+            "DELETE FROM {ks}.projection_position USING TIMESTAMP 14 WHERE name = 'conversations.3'"
+        ),
+        format!("INSERT INTO {ks}.projection_position (name, seq) VALUES ('conversations.2', 14)"),
+    ] {
+        session.query_unpaged(cql, ()).await.unwrap();
+    }
+    // The columns schema 3 adds are there already: the migration goes on past them.
+    let store = backend.open("s").await;
+    assert_eq!(store.position().await.unwrap(), 0, "the log is replayed");
+    assert!(
+        store
+            .events_after(direct(), 0, 100)
+            .await
+            .unwrap()
+            .events
+            .is_empty(),
+        "the events stored with their bodies are gone"
+    );
+    let events = log_with_changes();
+    store.apply(&events).await.unwrap();
+    assert_eq!(snapshot(&*store, &events).await, reference(&events).await);
+    cleanup.run().await;
 }

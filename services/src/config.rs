@@ -206,6 +206,8 @@ pub struct LimitsConfig {
     pub max_group_members: usize,
     /// Longest group title in bytes.
     pub max_title_bytes: usize,
+    /// Most users one `add_members` or `remove_members` names.
+    pub max_members_per_add: usize,
     /// Most messages one `history` page returns.
     pub max_history_page: u32,
 }
@@ -217,6 +219,7 @@ impl Default for LimitsConfig {
             max_message_bytes: 4 * 1024,
             max_group_members: 10_000,
             max_title_bytes: 256,
+            max_members_per_add: 1000,
             max_history_page: 100,
         }
     }
@@ -794,6 +797,10 @@ impl Config {
         require(
             limits.max_group_members >= 2,
             "limits.max_group_members must be at least 2",
+        );
+        require(
+            limits.max_members_per_add >= 1,
+            "limits.max_members_per_add must be at least 1",
         );
         require(
             (1..=1000).contains(&limits.max_history_page),

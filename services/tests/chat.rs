@@ -338,6 +338,7 @@ async fn a_live_event_the_gateway_missed_is_filled_from_the_log() {
         event: Event::MessagePosted(MessagePosted {
             client_id,
             body: "lost on the live path".into(),
+            reply_to: None,
         }),
     };
     let js = async_nats::jetstream::new(async_nats::connect(platform.nats.url()).await.unwrap());

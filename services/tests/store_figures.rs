@@ -72,6 +72,7 @@ fn events(conversation: ConversationId) -> Vec<EventEnvelope> {
         let posted = Event::MessagePosted(MessagePosted {
             client_id: ClientMsgId::parse(format!("m{n}")).unwrap(),
             body: format!("message number {n}, about as long as a short chat line"),
+            reply_to: None,
         });
         envelope(n, if n % 2 == 0 { "alice" } else { "bob" }, posted)
     }));

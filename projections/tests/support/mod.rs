@@ -59,6 +59,7 @@ pub fn log_with(messages: u32) -> Vec<RecordedEvent> {
         Event::MessagePosted(MessagePosted {
             client_id: ClientMsgId::parse(format!("m{n}")).unwrap(),
             body: body.into(),
+            reply_to: None,
         })
     };
     let mut events = Vec::new();
@@ -105,20 +106,28 @@ pub fn then_read(
     actor: &str,
     marker: u64,
 ) {
+    then(
+        events,
+        conversation,
+        actor,
+        Event::ConversationRead(ConversationRead { seq: marker }),
+    );
+}
+
+/// `events` followed by `event` of `conversation` by `actor`; its sequence.
+#[allow(dead_code)] // Not every test binary that shares this module appends other events.
+pub fn then(
+    events: &mut Vec<RecordedEvent>,
+    conversation: ConversationId,
+    actor: &str,
+    event: Event,
+) -> u64 {
     let seq = events.len() as u64 + 1;
     let prev = events
         .iter()
         .rev()
         .find(|e| e.envelope.conversation == conversation)
         .map_or(0, |e| e.seq);
-    events.push(
-        envelope(
-            conversation,
-            actor,
-            seq,
-            prev,
-            Event::ConversationRead(ConversationRead { seq: marker }),
-        )
-        .recorded(seq),
-    );
+    events.push(envelope(conversation, actor, seq, prev, event).recorded(seq));
+    seq
 }

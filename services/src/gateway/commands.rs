@@ -32,10 +32,11 @@ use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::publish::PublishAck;
 use parley_events::command::OutcomeQuery;
-use parley_events::protocol::ServerFrame;
+use parley_events::protocol::{ClientFrame, ServerFrame};
 use parley_events::subjects::{INTAKE_SUBJECT, OUTCOME_QUERY_SUBJECT};
 use parley_events::{
-    Command, CommandId, ConversationId, ErrorCode, Fingerprint, Outcome, OutcomeResult,
+    Action, ClientMsgId, Command, CommandId, ConversationId, ErrorCode, Fingerprint, Outcome,
+    OutcomeResult,
 };
 use tokio::sync::{OwnedSemaphorePermit, watch};
 use tokio::time::Instant;
@@ -45,6 +46,8 @@ use super::Shared;
 use super::delivery::Outbox;
 use crate::admin::Reason;
 use crate::backoff::Backoff;
+use crate::config::LimitsConfig;
+use crate::handler::{check_batch, check_body, check_emoji, check_mute_seconds, check_title};
 use crate::{telemetry, topology};
 
 /// How long a publish to the intake is retried before the client is told `unavailable`:
@@ -153,6 +156,45 @@ impl Sequencer {
     }
 }
 
+/// What the handler would refuse `action` for anyway, refused at the edge to save the round
+/// trip: a bad body or emoji, a batch of members too large, a bad title or mute length, a
+/// reference to sequence 0, a reply on a socket whose protocol has none.
+pub fn check_at_edge(
+    action: &Action,
+    protocol: u32,
+    limits: &LimitsConfig,
+) -> Result<(), (ErrorCode, String)> {
+    match action {
+        // Version 1's `send` has no such field, and refused unknown fields as bad frames.
+        Action::PostMessage {
+            reply_to: Some(_), ..
+        } if protocol < 2 => Err((
+            ErrorCode::BadFrame,
+            "invalid send frame: `reply_to` needs protocol version 2; ask for it at the upgrade"
+                .to_owned(),
+        )),
+        Action::PostMessage { body, .. } | Action::EditMessage { body, .. } => {
+            check_body(body, limits)
+        }
+        Action::React { emoji, .. } | Action::Unreact { emoji, .. } => check_emoji(emoji),
+        Action::AddMembers { users, .. } | Action::RemoveMembers { users, .. } => {
+            check_batch(users, limits)
+        }
+        Action::Rename {
+            title: Some(title), ..
+        } => check_title(title, limits),
+        Action::Mute { seconds, .. } => check_mute_seconds(*seconds),
+        _ => Ok(()),
+    }?;
+    match Command::target_of(action) {
+        Some(0) => Err((
+            ErrorCode::MessageNotFound,
+            "messages are numbered from 1".to_owned(),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Follow `command` from its place in line to its outcome, answering on `outbox`. The
 /// `permit` (one of the socket's commands in flight) is held until the outcome is known.
 pub async fn run(
@@ -224,6 +266,85 @@ pub async fn run(
     }
     drop(settled);
     drop(permit);
+}
+
+/// A membership frame's type name, request id and command ([`check_at_edge`] checks it
+/// like every other command). Takes membership frames only.
+pub fn membership_action(frame: ClientFrame) -> (&'static str, ClientMsgId, Action) {
+    let (frame_type, id, action) = match frame {
+        ClientFrame::AddMembers {
+            id,
+            conversation,
+            users,
+        } => (
+            "add_members",
+            id,
+            Action::AddMembers {
+                conversation,
+                users,
+            },
+        ),
+        ClientFrame::RemoveMembers {
+            id,
+            conversation,
+            users,
+        } => (
+            "remove_members",
+            id,
+            Action::RemoveMembers {
+                conversation,
+                users,
+            },
+        ),
+        ClientFrame::Leave { id, conversation } => ("leave", id, Action::Leave { conversation }),
+        ClientFrame::SetRole {
+            id,
+            conversation,
+            user,
+            role,
+        } => (
+            "set_role",
+            id,
+            Action::SetRole {
+                conversation,
+                user,
+                role,
+            },
+        ),
+        ClientFrame::Rename {
+            id,
+            conversation,
+            title,
+        } => (
+            "rename",
+            id,
+            Action::Rename {
+                conversation,
+                title,
+            },
+        ),
+        ClientFrame::Mute {
+            id,
+            conversation,
+            user,
+            seconds,
+        } => (
+            "mute",
+            id,
+            Action::Mute {
+                conversation,
+                user,
+                seconds,
+            },
+        ),
+        ClientFrame::Unmute {
+            id,
+            conversation,
+            user,
+        } => ("unmute", id, Action::Unmute { conversation, user }),
+        other => unreachable!("not a membership frame: {other:?}"),
+    };
+    (frame_type, id, action)
 }
 
 fn id_reused(command: &Command) -> OutcomeResult {

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use axum::extract::ws::Utf8Bytes;
 use futures::StreamExt;
-use parley_events::protocol::{ServerFrame, close};
+use parley_events::protocol::{ServerFrame, SystemEntry, close};
 use parley_events::subjects::live_subject;
 use parley_events::{ConversationId, RecordedEvent, UserId};
 use tokio::sync::mpsc::error::TrySendError;
@@ -680,7 +680,8 @@ fn shrink_if_sparse<K: Eq + std::hash::Hash, V>(map: &mut HashMap<K, V>) {
 }
 
 pub fn event_frame(event: RecordedEvent) -> Utf8Bytes {
-    Utf8Bytes::from(ServerFrame::Event { event }.to_json())
+    let system = SystemEntry::of(&event);
+    Utf8Bytes::from(ServerFrame::Event { event, system }.to_json())
 }
 
 async fn follow_conversation(

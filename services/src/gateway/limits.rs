@@ -319,7 +319,7 @@ pub struct Flood {
 pub enum Verdict {
     Pass,
     /// Answer this frame instead.
-    Refuse(ServerFrame),
+    Refuse(Box<ServerFrame>),
     /// Close the socket (1008) with this reason.
     Close(&'static str),
 }
@@ -351,10 +351,10 @@ impl Flood {
         if self.refused >= self.limit {
             return Verdict::Close(FLOOD_CLOSE_REASON);
         }
-        Verdict::Refuse(ServerFrame::rate_limited(
+        Verdict::Refuse(Box::new(ServerFrame::rate_limited(
             request_id(text),
             limited.retry_after_ms(),
-        ))
+        )))
     }
 }
 
@@ -533,12 +533,15 @@ mod tests {
         ));
         for _ in 0..2 {
             match flood.check(&limits, &alice, from, send) {
-                Verdict::Refuse(ServerFrame::Error {
-                    id, retry_after_ms, ..
-                }) => {
-                    assert_eq!(id.unwrap().as_str(), "p-1");
-                    assert!(retry_after_ms.unwrap() <= 1000);
-                }
+                Verdict::Refuse(frame) => match *frame {
+                    ServerFrame::Error {
+                        id, retry_after_ms, ..
+                    } => {
+                        assert_eq!(id.unwrap().as_str(), "p-1");
+                        assert!(retry_after_ms.unwrap() <= 1000);
+                    }
+                    _ => panic!("refused with rate_limited"),
+                },
                 _ => panic!("refused with rate_limited"),
             }
         }

@@ -13,7 +13,7 @@ use parley_events::protocol::{
     ClientFrame, ConversationSummary, Limits, MessagePreview, ServerFrame, close,
 };
 use parley_events::{Action, ClientMsgId, Command, ConversationId, ErrorCode, Role, UserId};
-use parley_projections::StoreError;
+use parley_projections::{ConversationStore, HistoryPage, StoreError};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{Instrument, debug, info_span, warn};
@@ -21,7 +21,6 @@ use tracing::{Instrument, debug, info_span, warn};
 use super::Shared;
 use super::delivery::{ConnectionId, Outbox, Queued, SocketControl};
 use super::{commands, limits, presence, resume, typing};
-use crate::handler::check_body;
 use crate::{telemetry, unix_millis};
 
 /// Commands one socket may have in flight; past this, the reader stops reading, which
@@ -281,21 +280,80 @@ async fn handle_text(
             id,
             conversation,
             body,
-        } => {
-            // Refused here what the handler would refuse anyway, saving the round trip.
-            if let Err((code, message)) = check_body(&body, &shared.config.limits) {
-                metrics::counter!(telemetry::GATEWAY_FRAME_ERRORS_TOTAL, "code" => code.as_str())
-                    .increment(1);
-                outbox
-                    .answer(&ServerFrame::error(Some(id), code, message))
-                    .await;
-                return;
-            }
-            (
-                "send",
-                Some((id, Action::PostMessage { conversation, body })),
-            )
-        }
+            reply_to,
+        } => (
+            "send",
+            Some((
+                id,
+                Action::PostMessage {
+                    conversation,
+                    body,
+                    reply_to,
+                },
+            )),
+        ),
+        ClientFrame::Edit {
+            id,
+            conversation,
+            message,
+            body,
+        } => (
+            "edit",
+            Some((
+                id,
+                Action::EditMessage {
+                    conversation,
+                    message,
+                    body,
+                },
+            )),
+        ),
+        ClientFrame::Delete {
+            id,
+            conversation,
+            message,
+        } => (
+            "delete",
+            Some((
+                id,
+                Action::DeleteMessage {
+                    conversation,
+                    message,
+                },
+            )),
+        ),
+        ClientFrame::React {
+            id,
+            conversation,
+            message,
+            emoji,
+        } => (
+            "react",
+            Some((
+                id,
+                Action::React {
+                    conversation,
+                    message,
+                    emoji,
+                },
+            )),
+        ),
+        ClientFrame::Unreact {
+            id,
+            conversation,
+            message,
+            emoji,
+        } => (
+            "unreact",
+            Some((
+                id,
+                Action::Unreact {
+                    conversation,
+                    message,
+                    emoji,
+                },
+            )),
+        ),
         ClientFrame::CreateDirect { id, peer } => {
             ("create_direct", Some((id, Action::CreateDirect { peer })))
         }
@@ -380,7 +438,28 @@ async fn handle_text(
             shared.watchers.unwatch(session.conn, Some(&users));
             ("presence_unsubscribe", None)
         }
+        frame @ (ClientFrame::AddMembers { .. }
+        | ClientFrame::RemoveMembers { .. }
+        | ClientFrame::Leave { .. }
+        | ClientFrame::SetRole { .. }
+        | ClientFrame::Rename { .. }
+        | ClientFrame::Mute { .. }
+        | ClientFrame::Unmute { .. }) => {
+            let (frame_type, id, action) = commands::membership_action(frame);
+            (frame_type, Some((id, action)))
+        }
     };
+    if let Some((id, action)) = &action
+        && let Err((code, message)) =
+            commands::check_at_edge(action, session.protocol, &shared.config.limits)
+    {
+        metrics::counter!(telemetry::GATEWAY_FRAME_ERRORS_TOTAL, "code" => code.as_str())
+            .increment(1);
+        outbox
+            .answer(&ServerFrame::error(Some(id.clone()), code, message))
+            .await;
+        return;
+    }
     metrics::counter!(telemetry::GATEWAY_FRAMES_RECEIVED_TOTAL, "type" => frame_type).increment(1);
     let Some((client_id, action)) = action else {
         return;
@@ -442,17 +521,74 @@ async fn history_page(
     if let Err(refused) = member_role(shared, session, id, conversation).await? {
         return Ok(refused);
     }
-    let store = &shared.store;
-    let page = match from {
-        HistoryFrom::Before(before) => store.history(conversation, before, limit).await?,
-        HistoryFrom::After(after) => store.history_after(conversation, after, limit).await?,
+    let page = if session.protocol < 2 {
+        messages_only(&*shared.store, conversation, from, limit).await?
+    } else {
+        store_page(&*shared.store, conversation, from, limit).await?
     };
+    let mut messages = page.messages;
+    if session.protocol < 2 {
+        // In version 1's shape: a message there was never edited, deleted, a reply or
+        // reacted to (a deleted one's body is empty all the same).
+        for message in &mut messages {
+            message.edited = false;
+            message.deleted = false;
+            message.reply_to = None;
+            message.reactions = Vec::new();
+        }
+    }
     Ok(fit_frame(ServerFrame::History {
         id: id.clone(),
         conversation,
-        messages: page.messages,
+        messages,
         has_more: page.has_more,
     }))
+}
+
+async fn store_page(
+    store: &dyn ConversationStore,
+    conversation: ConversationId,
+    from: HistoryFrom,
+    limit: u32,
+) -> Result<HistoryPage, StoreError> {
+    match from {
+        HistoryFrom::Before(before) => store.history(conversation, before, limit).await,
+        HistoryFrom::After(after) => store.history_after(conversation, after, limit).await,
+    }
+}
+
+/// A version 1 page: version 1 has no system entries, so they are left out, and the store
+/// is read on past them until the page has `limit` messages or the history ends. Else a
+/// page of system entries alone would come back empty with `has_more`, leaving the client
+/// no sequence to page on from.
+async fn messages_only(
+    store: &dyn ConversationStore,
+    conversation: ConversationId,
+    mut from: HistoryFrom,
+    limit: u32,
+) -> Result<HistoryPage, StoreError> {
+    let mut messages = Vec::new();
+    loop {
+        let wanted = limit - u32::try_from(messages.len()).unwrap_or(limit);
+        let page = store_page(store, conversation, from, wanted).await?;
+        let Some(last) = page.messages.last().map(|m| m.seq) else {
+            return Ok(HistoryPage {
+                messages,
+                has_more: false,
+            });
+        };
+        messages.extend(page.messages.into_iter().filter(|m| m.system.is_none()));
+        if messages.len() >= limit as usize || !page.has_more {
+            return Ok(HistoryPage {
+                messages,
+                has_more: page.has_more,
+            });
+        }
+        from = match from {
+            HistoryFrom::Before(_) => HistoryFrom::Before(Some(last)),
+            HistoryFrom::After(_) => HistoryFrom::After(last),
+        };
+    }
 }
 
 /// The user's role in the conversation, or the error frame for a user who may not read it:

@@ -8,6 +8,7 @@
 //! parallel. Across instances, a conflicting append fails its expected-sequence check, the
 //! instance waits until its log tail has caught up with the shard, and decides again.
 
+mod messages;
 mod snapshots;
 mod write_model;
 
@@ -18,6 +19,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::stream::{DirectGetErrorKind, RawMessageErrorKind};
 use async_nats::jetstream::{AckKind, Message};
 use futures::StreamExt;
 use parley_events::command::OutcomeQuery;
@@ -39,7 +41,10 @@ use crate::config::Config;
 use crate::node::Nats;
 use crate::telemetry;
 use crate::topology::{self, Topology};
-pub use write_model::{Accepted, Decision, WriteModel, check_body};
+pub use messages::{MAX_EMOJI_BYTES, MessageRef, check_emoji};
+pub use write_model::{
+    Accepted, Decision, WriteModel, check_batch, check_body, check_mute_seconds, check_title,
+};
 
 /// How long a command waits for this instance's log tail to catch up after a conflict.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -516,7 +521,13 @@ async fn answer_queries(
             debug!("unreadable outcome query");
             continue;
         };
-        let decision = inner.model().decide(&query.command, &inner.config.limits);
+        let decision = match decide(&inner, &query.command).await {
+            Ok(decision) => decision,
+            Err(Transient(cause)) => {
+                debug!(%cause, "cannot answer an outcome query now");
+                continue;
+            }
+        };
         let result = match decision {
             Decision::Known(accepted) => Some(accepted.into()),
             Decision::Reject { code, message } => Some(OutcomeResult::Rejected { code, message }),
@@ -544,6 +555,17 @@ fn action_name(command: &Command) -> &'static str {
         parley_events::Action::CreateGroup { .. } => "create_group",
         parley_events::Action::PostMessage { .. } => "post_message",
         parley_events::Action::MarkRead { .. } => "mark_read",
+        parley_events::Action::AddMembers { .. } => "add_members",
+        parley_events::Action::RemoveMembers { .. } => "remove_members",
+        parley_events::Action::Leave { .. } => "leave",
+        parley_events::Action::SetRole { .. } => "set_role",
+        parley_events::Action::Rename { .. } => "rename",
+        parley_events::Action::Mute { .. } => "mute",
+        parley_events::Action::Unmute { .. } => "unmute",
+        parley_events::Action::EditMessage { .. } => "edit_message",
+        parley_events::Action::DeleteMessage { .. } => "delete_message",
+        parley_events::Action::React { .. } => "react",
+        parley_events::Action::Unreact { .. } => "unreact",
     }
 }
 
@@ -619,7 +641,7 @@ async fn handle_command(inner: &Inner, command: Command, message: Message, deliv
 /// Decide, append, retry on conflict; the outcome, or a transient failure.
 async fn execute(inner: &Inner, command: &Command) -> Result<OutcomeResult, Transient> {
     for _ in 0..=inner.config.handler.append_retries {
-        let decision = inner.model().decide(command, &inner.config.limits);
+        let decision = decide(inner, command).await?;
         let (event, shard, expected) = match decision {
             Decision::Known(accepted) => return Ok(accepted.into()),
             Decision::Reject { code, message } => {
@@ -683,6 +705,47 @@ async fn execute(inner: &Inner, command: &Command) -> Result<OutcomeResult, Tran
     Err(Transient("too many conflicting appends".into()))
 }
 
+/// The write model's decision on `command`, with the message it refers to read from the
+/// log first (outside the model's lock: a read is a round trip).
+async fn decide(inner: &Inner, command: &Command) -> Result<Decision, Transient> {
+    let target = match command.target_message() {
+        Some(seq) => target_message(inner, command, seq).await?,
+        None => None,
+    };
+    Ok(inner
+        .model()
+        .decide_with(command, &inner.config.limits, target.as_ref()))
+}
+
+/// The message of the command's conversation at `seq`, as the log holds it; `None` when the
+/// log holds no message of that conversation there.
+async fn target_message(
+    inner: &Inner,
+    command: &Command,
+    seq: u64,
+) -> Result<Option<MessageRef>, Transient> {
+    if seq == 0 {
+        return Ok(None);
+    }
+    let log = &inner.topology.log;
+    // A direct get may be answered by a replica that has not stored `seq` yet; "not found"
+    // is only believed from the stream's leader.
+    let payload = match log.direct_get(seq).await {
+        Ok(message) => message.payload,
+        Err(e) if e.kind() == DirectGetErrorKind::NotFound => {
+            match log.get_raw_message(seq).await {
+                Ok(message) => message.payload,
+                Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => return Ok(None),
+                Err(e) => return Err(Transient(format!("cannot read message {seq}: {e}"))),
+            }
+        }
+        Err(e) => return Err(Transient(format!("cannot read message {seq}: {e}"))),
+    };
+    Ok(EventEnvelope::from_bytes(&payload)
+        .ok()
+        .and_then(|envelope| MessageRef::of(&envelope, seq, command.conversation())))
+}
+
 async fn wait_for_tail(inner: &Inner, seq: u64) -> Result<(), Transient> {
     let mut position = inner.position.subscribe();
     match tokio::time::timeout(CATCH_UP_TIMEOUT, position.wait_for(|p| *p >= seq)).await {
@@ -706,12 +769,16 @@ async fn publish_live(inner: &Inner, recorded: &RecordedEvent) {
     {
         debug!(error = %e, "live publish failed");
     }
-    if matches!(recorded.envelope.event, Event::ConversationCreated(_))
-        && let Err(e) = inner
-            .nats
-            .client
-            .publish(LIVE_MEMBERSHIP_SUBJECT, payload)
-            .await
+    // Gateways learn here of conversations their sockets' users joined: by creation, or by
+    // being added.
+    if matches!(
+        recorded.envelope.event,
+        Event::ConversationCreated(_) | Event::MembersAdded(_)
+    ) && let Err(e) = inner
+        .nats
+        .client
+        .publish(LIVE_MEMBERSHIP_SUBJECT, payload)
+        .await
     {
         debug!(error = %e, "live membership publish failed");
     }

@@ -2,13 +2,16 @@
 //! its event in order. Built by tailing the event log from its start, so any handler
 //! instance can take any command; nothing here is stored anywhere but the log.
 //!
-//! Per conversation it keeps the kind, the members, the sequence of the newest event
-//! (the next event's `prev`) and each member's read marker (only for members who ever set
-//! one: at most one entry per member, ~100 bytes, so 1 MB for a 10,000-member group whose
-//! every member reads it); per shard, the newest sequence (the append's expected last
+//! Per conversation it keeps the kind, the members with their roles, the sequence of the
+//! newest event (the next event's `prev`), each member's read marker (only for members who
+//! ever set one: at most one entry per member, ~100 bytes, so 1 MB for a 10,000-member group
+//! whose every member reads it) and the mutes of muted members (the rules that use them are
+//! in [`membership`]); per shard, the newest sequence (the append's expected last
 //! subject sequence); and a bounded memory of which commands already produced which event,
 //! so a repeated or redelivered command is answered with its original outcome, and a
 //! different request reusing a command's id (another [`Fingerprint`]) with `id_reused`.
+
+mod membership;
 
 use std::collections::{HashMap, VecDeque};
 
@@ -21,7 +24,9 @@ use parley_events::{
     EventId, Fingerprint, Member, OutcomeResult, RecordedEvent, Role, UserId,
 };
 
+use super::messages::{MessageRef, MessageState, NotAppended};
 use crate::config::LimitsConfig;
+pub use membership::{check_batch, check_mute_seconds, check_title};
 
 /// What the write model says about a command.
 #[derive(Debug, Clone, PartialEq)]
@@ -76,6 +81,7 @@ impl Remembered {
 
 #[derive(Serialize, Deserialize)]
 struct Aggregate {
+    kind: ConversationKind,
     members: HashMap<UserId, Role>,
     last_seq: u64,
     created: Remembered,
@@ -83,6 +89,13 @@ struct Aggregate {
     /// those builds could not have read a log holding any.
     #[serde(default)]
     read: HashMap<UserId, Marker>,
+    /// Members muted, with when their mute ends (ms since the Unix epoch); a mute that ran
+    /// out stays until it is replaced or its member goes.
+    #[serde(default)]
+    mutes: HashMap<UserId, u64>,
+    /// Deleted messages and reactions.
+    #[serde(default)]
+    messages: MessageState,
 }
 
 /// A member's read marker and the `conversation.read` event that set it.
@@ -129,9 +142,10 @@ impl From<Accepted> for OutcomeResult {
     }
 }
 
-/// Format 2 added the fingerprints; a format 1 snapshot is refused, which costs one replay
+/// Format 2 added the fingerprints, format 3 each conversation's kind and mutes, deleted
+/// messages and reactions; a snapshot of another format is refused, which costs one replay
 /// of the whole log.
-const SNAPSHOT_FORMAT: u32 = 2;
+const SNAPSHOT_FORMAT: u32 = 3;
 
 #[derive(Serialize)]
 struct SnapshotRef<'a> {
@@ -151,6 +165,15 @@ struct Snapshot {
     shard_last: Vec<u64>,
     conversations: HashMap<ConversationId, Aggregate>,
     commands: Vec<(CommandId, Remembered)>,
+}
+
+impl From<NotAppended> for Decision {
+    fn from(not: NotAppended) -> Self {
+        match not {
+            NotAppended::Known(accepted) => Decision::Known(accepted),
+            NotAppended::Refused(code, message) => Decision::Reject { code, message },
+        }
+    }
 }
 
 fn reject(code: ErrorCode, message: impl Into<String>) -> Decision {
@@ -177,6 +200,24 @@ impl WriteModel {
             ));
         }
         Ok(aggregate)
+    }
+
+    /// The event `change` decides on, given the conversation's message state and the
+    /// actor's role there; a refusal when the actor is not a member.
+    fn change_message(
+        &self,
+        command: &Command,
+        change: impl FnOnce(&MessageState, Role) -> Result<Event, NotAppended>,
+    ) -> Result<Event, NotAppended> {
+        let aggregate = self
+            .member_of(command.conversation(), &command.actor)
+            .map_err(|(code, message)| NotAppended::Refused(code, message.to_owned()))?;
+        // A muted member may still take their own messages down, not add to the conversation.
+        if !matches!(command.action, Action::DeleteMessage { .. }) {
+            membership::check_not_muted(aggregate, &command.actor, command.issued_at)
+                .map_err(|(code, message)| NotAppended::Refused(code, message))?;
+        }
+        change(&aggregate.messages, aggregate.members[&command.actor])
     }
 
     pub fn new(shards: Shards, remembered_commands: usize) -> Self {
@@ -277,6 +318,7 @@ impl WriteModel {
                 self.conversations
                     .entry(envelope.conversation)
                     .or_insert_with(|| Aggregate {
+                        kind: created.kind,
                         members: created
                             .members
                             .iter()
@@ -285,6 +327,8 @@ impl WriteModel {
                         last_seq: seq,
                         created: remembered,
                         read: HashMap::new(),
+                        mutes: HashMap::new(),
+                        messages: MessageState::default(),
                     });
             }
             Event::MessagePosted(_) | Event::ConversationRead(_) => {
@@ -307,6 +351,27 @@ impl WriteModel {
                     }
                 }
             }
+            Event::MembersAdded(_)
+            | Event::MembersRemoved(_)
+            | Event::MemberLeft(_)
+            | Event::MemberRoleChanged(_)
+            | Event::ConversationRenamed(_)
+            | Event::MemberMuted(_)
+            | Event::MemberUnmuted(_) => {
+                if let Some(aggregate) = self.conversations.get_mut(&envelope.conversation) {
+                    aggregate.last_seq = aggregate.last_seq.max(seq);
+                    membership::apply(aggregate, &envelope.actor, &envelope.event);
+                }
+            }
+            Event::MessageEdited(_)
+            | Event::MessageDeleted(_)
+            | Event::ReactionAdded(_)
+            | Event::ReactionRemoved(_) => {
+                if let Some(aggregate) = self.conversations.get_mut(&envelope.conversation) {
+                    aggregate.last_seq = aggregate.last_seq.max(seq);
+                    aggregate.messages.apply(envelope, remembered.accepted);
+                }
+            }
         }
         self.remember(envelope.command, remembered);
     }
@@ -322,8 +387,22 @@ impl WriteModel {
         }
     }
 
-    /// Validate `command` against the current state and say what to do with it.
+    /// Validate `command` against the current state and say what to do with it. A command
+    /// that refers to a message ([`Command::target_message`]) is refused here as referring
+    /// to none: decide it with [`WriteModel::decide_with`].
     pub fn decide(&self, command: &Command, limits: &LimitsConfig) -> Decision {
+        self.decide_with(command, limits, None)
+    }
+
+    /// [`WriteModel::decide`], with the message the command refers to as the log holds it
+    /// at [`Command::target_message`] (`None` when that is not a message of the
+    /// conversation).
+    pub fn decide_with(
+        &self,
+        command: &Command,
+        limits: &LimitsConfig,
+        target: Option<&MessageRef>,
+    ) -> Decision {
         if let Some(remembered) = self.commands.get(&command.id) {
             return remembered.answer(command);
         }
@@ -361,19 +440,10 @@ impl WriteModel {
                 if let Some(existing) = self.conversations.get(&conversation) {
                     return existing.created.answer(command);
                 }
-                if let Some(title) = title {
-                    if title.trim().is_empty() {
-                        return reject(
-                            ErrorCode::InvalidRequest,
-                            "a group title must not be blank",
-                        );
-                    }
-                    if title.len() > limits.max_title_bytes {
-                        return reject(
-                            ErrorCode::InvalidRequest,
-                            format!("a group title is at most {} bytes", limits.max_title_bytes),
-                        );
-                    }
+                if let Some(title) = title
+                    && let Err((code, message)) = check_title(title, limits)
+                {
+                    return reject(code, message);
                 }
                 let mut others: Vec<UserId> = members
                     .iter()
@@ -403,16 +473,26 @@ impl WriteModel {
                         .collect(),
                 })
             }
-            Action::PostMessage { body, .. } => {
-                if let Err((code, message)) = self.member_of(conversation, &command.actor) {
+            Action::PostMessage { body, reply_to, .. } => {
+                let aggregate = match self.member_of(conversation, &command.actor) {
+                    Ok(aggregate) => aggregate,
+                    Err((code, message)) => return reject(code, message),
+                };
+                if let Err((code, message)) =
+                    membership::check_not_muted(aggregate, &command.actor, command.issued_at)
+                {
                     return reject(code, message);
                 }
                 if let Err((code, message)) = check_body(body, limits) {
                     return reject(code, message);
                 }
+                if let Err(not) = aggregate.messages.check_reply(*reply_to, target) {
+                    return not.into();
+                }
                 Event::MessagePosted(MessagePosted {
                     client_id: command.client_id.clone(),
                     body: body.clone(),
+                    reply_to: *reply_to,
                 })
             }
             Action::MarkRead { seq, .. } => {
@@ -436,6 +516,51 @@ impl WriteModel {
                     return Decision::Known(marker.set_by);
                 }
                 Event::ConversationRead(ConversationRead { seq: *seq })
+            }
+            Action::AddMembers { .. }
+            | Action::RemoveMembers { .. }
+            | Action::Leave { .. }
+            | Action::SetRole { .. }
+            | Action::Rename { .. }
+            | Action::Mute { .. }
+            | Action::Unmute { .. } => {
+                let aggregate = match self.member_of(conversation, &command.actor) {
+                    Ok(aggregate) => aggregate,
+                    Err((code, message)) => return reject(code, message),
+                };
+                let role = aggregate.members[&command.actor];
+                match membership::decide(aggregate, role, command, limits) {
+                    Ok(event) => event,
+                    Err((code, message)) => return reject(code, message),
+                }
+            }
+            Action::EditMessage { message, body, .. } => {
+                let edit = |messages: &MessageState, _| {
+                    messages.edit(&command.actor, *message, body, target, limits)
+                };
+                match self.change_message(command, edit) {
+                    Ok(event) => event,
+                    Err(not) => return not.into(),
+                }
+            }
+            Action::DeleteMessage { message, .. } => {
+                let delete = |messages: &MessageState, role| {
+                    messages.delete(&command.actor, role, *message, target)
+                };
+                match self.change_message(command, delete) {
+                    Ok(event) => event,
+                    Err(not) => return not.into(),
+                }
+            }
+            Action::React { message, emoji, .. } | Action::Unreact { message, emoji, .. } => {
+                let add = matches!(command.action, Action::React { .. });
+                let react = |messages: &MessageState, _| {
+                    messages.react(&command.actor, *message, emoji, add, target)
+                };
+                match self.change_message(command, react) {
+                    Ok(event) => event,
+                    Err(not) => return not.into(),
+                }
             }
         };
         let shard = self.shards.of(conversation);
@@ -504,6 +629,7 @@ mod tests {
             Action::PostMessage {
                 conversation,
                 body: body.into(),
+                reply_to: None,
             },
         )
     }

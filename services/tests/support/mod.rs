@@ -564,6 +564,7 @@ pub fn alice_posts(
         parley_events::Action::PostMessage {
             conversation,
             body: body.into(),
+            reply_to: None,
         },
     )
 }
