@@ -11,7 +11,7 @@
 //! since, across its sockets, so a reconnect delivers exactly what it missed.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -49,11 +49,13 @@ pub enum Create {
     Group { members: Vec<UserId> },
 }
 
-/// A conversation created by a connection during set-up.
+/// The answer to a set-up request: a conversation's creation (`batch` 0) or one of the
+/// additions of members after it (`batch` 1 on), with the sequence of the event it appended.
 #[derive(Debug)]
 pub struct Created {
     pub conversation_index: usize,
-    pub result: Result<ConversationId, String>,
+    pub batch: u32,
+    pub result: Result<(ConversationId, u64), String>,
 }
 
 /// A slot, once its conversation exists.
@@ -68,6 +70,13 @@ pub enum Control {
     Create {
         conversation_index: usize,
         create: Create,
+    },
+    /// Add `users` to the group, as the `batch`-th addition of its set-up.
+    Add {
+        conversation_index: usize,
+        batch: u32,
+        conversation: ConversationId,
+        users: Vec<UserId>,
     },
     /// Send on the schedule, from `start_us` (microseconds since the run's origin).
     Start {
@@ -215,6 +224,8 @@ struct Position {
     /// The last sequence of every conversation the device received an event in since that
     /// cursor was issued, and of those still `more`.
     since_cursor: BTreeMap<ConversationId, u64>,
+    /// Every conversation the device has received an event of.
+    joined: HashSet<ConversationId>,
 }
 
 /// One open socket: its halves, and a second handle on its TCP connection to cut it with.
@@ -535,6 +546,10 @@ fn deliver(
 ) {
     let conversation = event.conversation;
     position.since_cursor.insert(conversation, event.seq);
+    // A device's first event of a conversation is the one that made its user a member.
+    if position.joined.insert(conversation) {
+        live.joined_seen.fetch_add(1, Ordering::Relaxed);
+    }
     let content = Content::classify(&event.type_name, event.data.client_id.as_deref());
     if let Some(session) = outcome.sessions.last_mut() {
         session.push(Received {
@@ -554,11 +569,8 @@ fn deliver(
             }
             None => live.record_error("harness:unstamped_message"),
         },
-        Content::Created | Content::Joined => {
-            live.created_seen.fetch_add(1, Ordering::Relaxed);
-        }
-        // The ledger counts it as foreign; nothing to time.
-        Content::Foreign => {}
+        // The ledger counts the others as foreign; nothing to time.
+        Content::Created | Content::Joined | Content::Foreign => {}
     }
 }
 
@@ -732,10 +744,14 @@ async fn read(
                         at_us: live.now_us(),
                     });
                 }
-                Some(RequestId::Create { conversation_index }) => {
+                Some(RequestId::Create {
+                    conversation_index,
+                    batch,
+                }) => {
                     let _ = created.send(Created {
                         conversation_index,
-                        result: Ok(conversation),
+                        batch,
+                        result: Ok((conversation, seq)),
                     });
                 }
                 _ => live.record_error("harness:unknown_ack"),
@@ -748,9 +764,13 @@ async fn read(
                         sockets.lock().unwrap().answered += 1;
                         outcome.errors.push((key, code.as_str().to_owned()));
                     }
-                    Some(RequestId::Create { conversation_index }) => {
+                    Some(RequestId::Create {
+                        conversation_index,
+                        batch,
+                    }) => {
                         let _ = created.send(Created {
                             conversation_index,
+                            batch,
                             result: Err(code.as_str().to_owned()),
                         });
                     }
@@ -823,11 +843,21 @@ async fn write(
         };
         let frame = match command {
             None => break,
+            Some(Control::Add {
+                conversation_index,
+                batch,
+                conversation,
+                users,
+            }) => ClientFrame::AddMembers {
+                id: RequestId::create_id(conversation_index, batch),
+                conversation,
+                users,
+            },
             Some(Control::Create {
                 conversation_index,
                 create,
             }) => {
-                let id = RequestId::create_id(conversation_index);
+                let id = RequestId::create_id(conversation_index, 0);
                 match create {
                     Create::Direct { peer } => ClientFrame::CreateDirect { id, peer },
                     Create::Group { members } => ClientFrame::CreateGroup {
@@ -952,15 +982,19 @@ fn to_json(frame: &ClientFrame) -> String {
 pub enum RequestId {
     /// `m<slot>-<n>-<scheduled µs>`
     Send { key: SendKey, scheduled_us: u64 },
-    /// `c<conversation index>`
-    Create { conversation_index: usize },
+    /// `c<conversation index>-<batch>`: a conversation's creation (batch 0) or an
+    /// addition of members to it.
+    Create {
+        conversation_index: usize,
+        batch: u32,
+    },
     /// `r<round>`: the resume rounds of one socket.
     Resume { round: u32 },
 }
 
 impl RequestId {
-    fn create_id(conversation_index: usize) -> ClientMsgId {
-        ClientMsgId::parse(format!("c{conversation_index}")).expect("harness ids are valid")
+    fn create_id(conversation_index: usize, batch: u32) -> ClientMsgId {
+        ClientMsgId::parse(format!("c{conversation_index}-{batch}")).expect("harness ids are valid")
     }
 
     fn resume_id(round: u32) -> ClientMsgId {
@@ -987,8 +1021,11 @@ impl RequestId {
                 round: round.parse().ok()?,
             })
         } else {
-            let conversation_index = id.strip_prefix('c')?.parse().ok()?;
-            Some(RequestId::Create { conversation_index })
+            let (conversation_index, batch) = id.strip_prefix('c')?.split_once('-')?;
+            Some(RequestId::Create {
+                conversation_index: conversation_index.parse().ok()?,
+                batch: batch.parse().ok()?,
+            })
         }
     }
 }
@@ -1068,11 +1105,12 @@ mod tests {
                 scheduled_us: 12_345_678
             })
         );
-        let id = RequestId::create_id(9);
+        let id = RequestId::create_id(9, 2);
         assert_eq!(
             RequestId::parse(id.as_str()),
             Some(RequestId::Create {
-                conversation_index: 9
+                conversation_index: 9,
+                batch: 2
             })
         );
         let id = RequestId::resume_id(3);

@@ -36,8 +36,9 @@ pub struct Live {
     pub send_errors: AtomicU64,
     pub delivered: AtomicU64,
     pub errors: AtomicU64,
-    /// `conversation.created` events received: the set-up waits for all of them.
-    pub created_seen: AtomicU64,
+    /// Conversations member devices received their first event of (the one that made them
+    /// members): the set-up waits for all of them.
+    pub joined_seen: AtomicU64,
     pub connected: AtomicU64,
     pub connect_failed: AtomicU64,
     /// Sockets opened again after one was lost.
@@ -72,7 +73,7 @@ impl Live {
             send_errors: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
             errors: AtomicU64::new(0),
-            created_seen: AtomicU64::new(0),
+            joined_seen: AtomicU64::new(0),
             connected: AtomicU64::new(0),
             connect_failed: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),

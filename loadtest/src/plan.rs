@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use parley_events::UserId;
 
-use crate::ledger::ConvIndex;
+use crate::ledger::{ConvIndex, Joined};
 use crate::scenario::Scenario;
 use crate::schedule::{self, Phase, SlotShare};
 
@@ -27,6 +27,27 @@ pub struct ConvPlan {
     pub members: Vec<usize>,
     /// User indices that send in it.
     pub senders: Vec<usize>,
+}
+
+/// Members a `create_group` names besides its creator, and an `add_members` at most: the
+/// gateways' default `limits.max_members_per_add`, and well inside the default frame limit
+/// with the harness's user ids. A larger group is created, then filled by additions.
+pub const SETUP_BATCH: usize = 1000;
+
+impl ConvPlan {
+    /// The users each set-up request makes members: the creation's (its creator first),
+    /// then each addition's.
+    pub fn batches(&self) -> Vec<&[usize]> {
+        match self.kind {
+            ConvKind::Direct => vec![&self.members[..]],
+            ConvKind::Group => {
+                let created = self.members.len().min(1 + SETUP_BATCH);
+                std::iter::once(&self.members[..created])
+                    .chain(self.members[created..].chunks(SETUP_BATCH))
+                    .collect()
+            }
+        }
+    }
 }
 
 /// One user sending in one conversation over one of its connections.
@@ -147,14 +168,22 @@ impl Plan {
         }
     }
 
-    /// Per conversation, the connections of its members.
-    pub fn member_connections(&self, per_user: usize) -> Vec<Vec<usize>> {
+    /// Per conversation, the connections of its members, each with the sequence of the
+    /// set-up event that made its user a member: `joined[conversation][batch]`, the batches
+    /// of [`ConvPlan::batches`].
+    pub fn member_joins(&self, per_user: usize, joined: &[Vec<u64>]) -> Vec<Vec<Joined>> {
         self.conversations
             .iter()
-            .map(|conv| {
-                conv.members
+            .zip(joined)
+            .map(|(conv, seqs)| {
+                conv.batches()
                     .iter()
-                    .flat_map(|&u| u * per_user..(u + 1) * per_user)
+                    .zip(seqs)
+                    .flat_map(|(users, &seq)| {
+                        users.iter().flat_map(move |&u| {
+                            (u * per_user..(u + 1) * per_user).map(move |conn| Joined { conn, seq })
+                        })
+                    })
                     .collect()
             })
             .collect()
@@ -170,23 +199,6 @@ impl Plan {
                     .count()
             })
             .sum()
-    }
-
-    /// Size of the largest `create_group` frame this plan sends, to check it against the
-    /// gateway's `max_frame_bytes`.
-    pub fn largest_create_frame(&self) -> usize {
-        self.conversations
-            .iter()
-            .filter(|c| c.kind == ConvKind::Group)
-            .map(|c| {
-                c.members
-                    .iter()
-                    .map(|&u| self.users[u].as_str().len() + 3)
-                    .sum::<usize>()
-                    + 96
-            })
-            .max()
-            .unwrap_or(0)
     }
 }
 
@@ -226,8 +238,39 @@ mod tests {
         assert_eq!(plan.slots.len(), 6);
         assert_eq!(plan.scheduled_messages(Duration::MAX), 120);
         assert_eq!(plan.scheduled_messages(Duration::from_secs(1)), 60);
-        // Users 9..12 are idle; members' connections come in pairs.
-        assert_eq!(plan.member_connections(2)[0], vec![0, 1, 2, 3]);
+        // Users 9..12 are idle; members' connections come in pairs, from their creation.
+        let joins = plan.member_joins(2, &[vec![1], vec![2], vec![3]]);
+        let conns: Vec<usize> = joins[0].iter().map(|j| j.conn).collect();
+        assert_eq!(conns, vec![0, 1, 2, 3]);
+        assert!(joins[2].iter().all(|j| j.seq == 3));
+    }
+
+    #[test]
+    fn a_group_larger_than_a_batch_is_created_then_filled_by_additions() {
+        let s = scenario(
+            r#"
+            name = "big"
+            users = 2500
+            duration_secs = 1
+            [conversations]
+            groups = [{ size = 2500, count = 1, senders = 1 }]
+            [rate]
+            messages_per_sec = 1
+            "#,
+        );
+        let plan = Plan::build(&s, "t", 1);
+        let batches = plan.conversations[0].batches();
+        let sizes: Vec<usize> = batches.iter().map(|b| b.len()).collect();
+        // The creator and 1,000 others, then additions of 1,000 and the last 499.
+        assert_eq!(sizes, vec![1 + SETUP_BATCH, SETUP_BATCH, 499]);
+        assert_eq!(batches[0][0], 0, "the creator comes first");
+        let joins = plan.member_joins(1, &[vec![10, 11, 12]]);
+        let seq_of = |conn: usize| joins[0].iter().find(|j| j.conn == conn).unwrap().seq;
+        assert_eq!(
+            (seq_of(0), seq_of(1000), seq_of(1001), seq_of(2499)),
+            (10, 10, 11, 12)
+        );
+        assert_eq!(joins[0].len(), 2500);
     }
 
     #[test]

@@ -31,8 +31,6 @@ pub struct SpawnOptions {
     pub durability: Durability,
     /// NATS nodes: one server, or a cluster with the log and intake replicated on each.
     pub nats_nodes: usize,
-    /// Raised above the gateway's default when a scenario's group frames need it.
-    pub max_frame_bytes: Option<usize>,
     /// Where each role's log goes.
     pub log_dir: PathBuf,
     /// Handler processes: two when one of them is to be killed, so service continues.
@@ -180,12 +178,6 @@ impl SpawnedPlatform {
                 store.path().join("conversations.db").display().to_string(),
             ),
         ];
-        if let Some(bytes) = options.max_frame_bytes {
-            env.push((
-                "PARLEY_LIMITS__MAX_FRAME_BYTES".to_owned(),
-                bytes.to_string(),
-            ));
-        }
         if let Some(ttl) = options.presence_ttl_secs {
             env.push((
                 "PARLEY_GATEWAY__PRESENCE_TTL_SECS".to_owned(),

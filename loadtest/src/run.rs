@@ -32,9 +32,6 @@ use crate::resources::{Machine, Sampler};
 use crate::scenario::{Durability, Fault, FaultRole, Reconnects, Scenario};
 use crate::{LoadtestError, chart, unix_secs};
 
-/// The gateway's default frame limit: derived from the default `limits.max_message_bytes`
-/// (6 × 4,096 + 1,024).
-const DEFAULT_MAX_FRAME_BYTES: usize = 25_600;
 /// How long the drain waits for outstanding acks and deliveries.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long baselines run, each.
@@ -111,7 +108,6 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
         Target::External { gateways, .. } => gateways.len(),
     };
     let plan = Plan::build(&scenario, tag, gateway_count);
-    let frame_needed = plan.largest_create_frame();
     if !scenario.faults.is_empty() && !matches!(options.target, Target::Spawn { .. }) {
         return Err(LoadtestError::Fault(
             "a fault plan needs --spawn: the harness kills and restarts the processes it started"
@@ -153,8 +149,6 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
                 gateways: scenario.gateways,
                 durability: scenario.durability,
                 nats_nodes: scenario.nats_nodes,
-                max_frame_bytes: (frame_needed > DEFAULT_MAX_FRAME_BYTES)
-                    .then_some(frame_needed.next_power_of_two()),
                 log_dir: dir.join("logs"),
                 handlers,
                 presence_ttl_secs: killed(FaultRole::Redis).then_some(PRESENCE_TTL_UNDER_FAULT),
@@ -176,20 +170,13 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
             gateways,
             secret,
             nats_url,
-        } => {
-            if frame_needed > DEFAULT_MAX_FRAME_BYTES {
-                eprintln!(
-                    "note: create_group frames of up to {frame_needed} bytes need the gateways' limits.max_frame_bytes raised"
-                );
-            }
-            (
-                None,
-                gateways.clone(),
-                secret.clone(),
-                nats_url.clone(),
-                format!("external: {} gateway(s)", gateways.len()),
-            )
-        }
+        } => (
+            None,
+            gateways.clone(),
+            secret.clone(),
+            nats_url.clone(),
+            format!("external: {} gateway(s)", gateways.len()),
+        ),
     };
     let durability = match &platform {
         Some(p) => p.durability_text(),
@@ -300,17 +287,17 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
         None => None,
     };
     *phase.lock().unwrap() = "setting up";
-    let conversations = set_up(&plan, &controls, &mut created_rx).await?;
-    let members = plan.member_connections(scenario.connections_per_user);
-    let expected_created: u64 = members.iter().map(|m| m.len() as u64).sum();
+    let (conversations, joined) = set_up(&plan, &controls, &mut created_rx).await?;
+    let members = plan.member_joins(scenario.connections_per_user, &joined);
+    let expected_joins: u64 = members.iter().map(|m| m.len() as u64).sum();
     let all_seen = wait_for(Duration::from_secs(30), || {
-        live.created_seen.load(Ordering::Relaxed) >= expected_created
+        live.joined_seen.load(Ordering::Relaxed) >= expected_joins
     })
     .await;
     if !all_seen {
         return Err(LoadtestError::Setup(format!(
-            "{} of {expected_created} member connections received their conversation.created within 30 s",
-            live.created_seen.load(Ordering::Relaxed)
+            "{} of {expected_joins} member connections received the event that made them members within 30 s",
+            live.joined_seen.load(Ordering::Relaxed)
         )));
     }
 
@@ -628,13 +615,24 @@ fn raise_file_limit(connections: usize) -> Result<(), LoadtestError> {
     Ok(())
 }
 
+/// Create every conversation of the plan, a group larger than [`crate::plan::SETUP_BATCH`] members
+/// then filled by additions; the conversations' ids and, per conversation, the sequence of
+/// each of its set-up events (see [`Plan::member_joins`]).
 async fn set_up(
     plan: &Plan,
     controls: &[mpsc::Sender<Control>],
     created: &mut mpsc::UnboundedReceiver<client::Created>,
-) -> Result<Vec<ConversationId>, LoadtestError> {
+) -> Result<(Vec<ConversationId>, Vec<Vec<u64>>), LoadtestError> {
     let per_user = plan.connections.len() / plan.users.len().max(1);
+    let users = |members: &[usize]| -> Vec<UserId> {
+        members.iter().map(|&u| plan.users[u].clone()).collect()
+    };
     let mut ids: Vec<Option<ConversationId>> = vec![None; plan.conversations.len()];
+    let mut joined: Vec<Vec<u64>> = plan
+        .conversations
+        .iter()
+        .map(|conv| vec![0; conv.batches().len()])
+        .collect();
     let mut next = 0;
     let mut outstanding = 0;
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -646,10 +644,7 @@ async fn set_up(
                     peer: plan.users[conv.members[1]].clone(),
                 },
                 ConvKind::Group => Create::Group {
-                    members: conv.members[1..]
-                        .iter()
-                        .map(|&u| plan.users[u].clone())
-                        .collect(),
+                    members: users(&conv.batches()[0][1..]),
                 },
             };
             controls[conv.members[0] * per_user]
@@ -667,20 +662,39 @@ async fn set_up(
             .map_err(|_| LoadtestError::Setup("conversations not created within 60 s".into()))?
             .ok_or_else(|| LoadtestError::Setup("every connection closed".into()))?;
         outstanding -= 1;
-        match reply.result {
-            Ok(id) => ids[reply.conversation_index] = Some(id),
-            Err(code) => {
-                return Err(LoadtestError::Setup(format!(
-                    "creating conversation {} was refused: {code}",
-                    reply.conversation_index
-                )));
-            }
+        let index = reply.conversation_index;
+        let (id, seq) = reply.result.map_err(|code| {
+            LoadtestError::Setup(format!(
+                "setting up conversation {index} (request {}) was refused: {code}",
+                reply.batch
+            ))
+        })?;
+        joined[index][reply.batch as usize] = seq;
+        if reply.batch > 0 {
+            continue;
+        }
+        ids[index] = Some(id);
+        // The additions go out together from the creator's connection; the handlers append
+        // them in order, as one conversation's commands.
+        let conv = &plan.conversations[index];
+        for (batch, members) in conv.batches().iter().enumerate().skip(1) {
+            controls[conv.members[0] * per_user]
+                .send(Control::Add {
+                    conversation_index: index,
+                    batch: batch as u32,
+                    conversation: id,
+                    users: users(members),
+                })
+                .await
+                .map_err(|_| LoadtestError::Setup("a creator's connection is closed".into()))?;
+            outstanding += 1;
         }
     }
-    Ok(ids
+    let ids = ids
         .into_iter()
         .map(|id| id.expect("every create answered"))
-        .collect())
+        .collect();
+    Ok((ids, joined))
 }
 
 async fn run_ramp(
@@ -851,7 +865,7 @@ async fn drain(live: &Live) {
 }
 
 fn ledger_input(
-    members: &[Vec<usize>],
+    members: &[Vec<ledger::Joined>],
     conversations: &[ConversationId],
     outcomes: &[ConnOutcome],
     log: Option<LogRead>,
@@ -880,15 +894,7 @@ fn ledger_input(
         }
     }
     LedgerInput {
-        members: members
-            .iter()
-            .map(|conns| {
-                conns
-                    .iter()
-                    .map(|&conn| ledger::Joined { conn, seq: 0 })
-                    .collect()
-            })
-            .collect(),
+        members: members.to_vec(),
         connections: outcomes
             .iter()
             .map(|o| ConnRecord {

@@ -167,3 +167,41 @@ async fn devices_dropped_at_random_and_in_an_outage_resume_everything() {
     assert!(resume.resumed_events >= outage.events, "{resume:?}");
     assert_eq!(report.ledger.excluded_connections, 0, "{:?}", report.ledger);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_larger_than_a_creation_is_filled_by_additions_and_every_member_gets_every_message()
+{
+    let (outcome, _out) = spawned_run(
+        r#"
+        name = "batched-group"
+        users = 1050
+        connect_rate = 2000
+        duration_secs = 2
+        message_bytes = 64
+        durability = "lazy"
+        [conversations]
+        groups = [{ size = 1050, count = 1, senders = 2 }]
+        [rate]
+        messages_per_sec = 10
+        "#,
+        "batched-group",
+    )
+    .await;
+    let report = &outcome.report;
+    assert!(report.passed, "ledger: {:?}", report.ledger);
+    assert_eq!(report.connections.connected, 1050);
+    assert!(report.errors.is_empty(), "errors: {:?}", report.errors);
+    let ledger = &report.ledger;
+    assert!(
+        ledger.log_checked && ledger.acknowledged_messages > 0,
+        "{ledger:?}"
+    );
+    // The creation (1,001 members) and the addition (49) reach every member from the event
+    // that made it one, and every acknowledged message all 1,050: nothing before an
+    // addition is owed to the members it added.
+    assert_eq!(
+        ledger.expected_deliveries,
+        1001 * 2 + 49 + 1050 * ledger.acknowledged_messages,
+        "{ledger:?}"
+    );
+}
