@@ -245,6 +245,9 @@ pub struct Device {
     pub first: usize,
     pub connect_at: Instant,
     pub backoff: Backoff,
+    /// Whether the run may cut its sockets without a close frame: each then keeps a second
+    /// handle on its TCP connection (a second open file) to cut it with.
+    pub cuts: bool,
 }
 
 /// Open the connection at `connect_at` to `urls[first]` and resume, then serve it until
@@ -264,11 +267,21 @@ pub async fn run(
         first,
         connect_at,
         backoff,
+        cuts,
     } = device;
     tokio::time::sleep_until(connect_at.into()).await;
     let mut outcome = ConnOutcome::default();
     let mut position = Position::default();
-    let mut wire = match open(&live, &urls[first], &mut position, &mut outcome, false).await {
+    let mut wire = match open(
+        &live,
+        &urls[first],
+        &mut position,
+        &mut outcome,
+        false,
+        cuts,
+    )
+    .await
+    {
         Ok(wire) => wire,
         Err(code) => {
             live.record_error(code);
@@ -314,6 +327,7 @@ pub async fn run(
             next: first + session + 1,
             down,
             backoff,
+            cuts,
         };
         match reconnect
             .run(&live, &mut position, &mut outcome, &finish)
@@ -348,14 +362,12 @@ async fn open(
     position: &mut Position,
     outcome: &mut ConnOutcome,
     after_outage: bool,
+    cuts: bool,
 ) -> Result<Wire, String> {
     let socket = connect(url).await?;
-    let tcp = socket
-        .get_ref()
-        .get_ref()
-        .as_fd()
-        .try_clone_to_owned()
-        .ok()
+    let tcp = cuts
+        .then(|| socket.get_ref().get_ref().as_fd().try_clone_to_owned().ok())
+        .flatten()
         .map(std::net::TcpStream::from);
     let (sink, mut stream) = socket.split();
     let mut sink = Arc::new(tokio::sync::Mutex::new(sink));
@@ -582,6 +594,7 @@ struct Reconnect<'a> {
     /// Stay away this long first (a planned outage).
     down: Duration,
     backoff: Backoff,
+    cuts: bool,
 }
 
 impl Reconnect<'_> {
@@ -607,7 +620,7 @@ impl Reconnect<'_> {
             let url = &self.urls[(self.next + attempt as usize) % self.urls.len()];
             tokio::select! {
                 _ = finish.cancelled() => return None,
-                opened = open(live, url, position, outcome, outage) => match opened {
+                opened = open(live, url, position, outcome, outage, self.cuts) => match opened {
                     Ok(wire) => {
                         live.reconnects.fetch_add(1, Ordering::Relaxed);
                         return Some(wire);

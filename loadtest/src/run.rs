@@ -100,7 +100,8 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
         .join(format!("{}-{started_at_unix}", scenario.name));
     std::fs::create_dir_all(&dir)
         .map_err(LoadtestError::io(format!("creating {}", dir.display())))?;
-    raise_file_limit(scenario.connections())?;
+    let cuts = scenario.reconnects.cuts_abruptly();
+    raise_file_limit(scenario.connections(), cuts)?;
 
     let tag = &uuid::Uuid::new_v4().simple().to_string()[..4];
     let gateway_count = match &options.target {
@@ -244,6 +245,7 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
             first: conn.gateway,
             connect_at: live.origin + Duration::from_secs_f64(i as f64 / scenario.connect_rate),
             backoff,
+            cuts,
         };
         tasks.push(tokio::spawn(client::run(
             device,
@@ -599,10 +601,18 @@ async fn measure_baselines(
     })
 }
 
-fn raise_file_limit(connections: usize) -> Result<(), LoadtestError> {
-    // Each connection is a socket here, and another in a spawned gateway (which inherits
-    // this limit); the rest is room for NATS, logs and the runtime.
-    let needed_fds = connections as u64 + 1024;
+fn raise_file_limit(connections: usize, cuts: bool) -> Result<(), LoadtestError> {
+    // Each connection takes a descriptor here (two when the run cuts sockets: a second
+    // handle to cut it with) and one in a spawned gateway, which inherits this limit; the
+    // rest is room for NATS, logs and the runtime.
+    let per_connection = if cuts { 2 } else { 1 };
+    let needed_fds = per_connection * connections as u64 + 1024;
+    let (_, hard) = rlimit::getrlimit(rlimit::Resource::NOFILE)
+        .map_err(LoadtestError::io("reading the open-file limit"))?;
+    if hard < needed_fds {
+        // Allowed to a privileged process only; otherwise the check below says what to do.
+        let _ = rlimit::setrlimit(rlimit::Resource::NOFILE, needed_fds, needed_fds);
+    }
     let limit = rlimit::increase_nofile_limit(needed_fds)
         .map_err(LoadtestError::io("raising the open-file limit"))?;
     if limit < needed_fds {

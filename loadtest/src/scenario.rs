@@ -118,6 +118,13 @@ pub struct Reconnects {
     pub outage: Option<Outage>,
 }
 
+impl Reconnects {
+    /// Whether some drops cut a socket without a close frame.
+    pub fn cuts_abruptly(&self) -> bool {
+        (self.drops_per_sec > 0.0 && self.clean_ratio < 1.0) || self.outage.is_some()
+    }
+}
+
 impl Default for Reconnects {
     fn default() -> Reconnects {
         Reconnects {
