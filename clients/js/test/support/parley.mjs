@@ -71,7 +71,12 @@ export async function startParley() {
 export async function startProxy(target) {
   const { hostname, port } = new URL(target.replace(/^ws/, "http"));
   const pairs = new Set();
+  let paused = false;
   const server = net.createServer((client) => {
+    if (paused) {
+      client.resetAndDestroy();
+      return;
+    }
     const upstream = net.connect(Number(port), hostname);
     const pair = [client, upstream];
     pairs.add(pair);
@@ -97,6 +102,13 @@ export async function startProxy(target) {
       }
       pairs.clear();
       return count;
+    },
+    /** While paused, new connections are reset as soon as they are accepted. */
+    pause() {
+      paused = true;
+    },
+    resume() {
+      paused = false;
     },
     connections: () => pairs.size,
     close: () => new Promise((resolve) => { for (const [c, u] of pairs) { c.destroy(); u.destroy(); } server.close(resolve); }),
