@@ -173,3 +173,34 @@ test("a receiver cut off again and again under a steady stream sees every messag
   await receiverProxy.close();
   assert.deepEqual(logged, [...expected, "end"], "history holds each message once, in order");
 });
+
+test("a refused token and a session ended by its token's expiry both continue on a fresh token", { timeout: 60_000 }, async () => {
+  // The first token is refused at the upgrade (401); then a token that expires in 1 s, whose
+  // session the server ends (1008 token expired); then tokens good for an hour.
+  const tokens = ["not-a-jwt", await parley.token("dave", 1)];
+  const asked = [];
+  const dave = new Client({
+    url: parley.url,
+    WebSocket,
+    backoff: { baseMs: 20, capMs: 300 },
+    getToken: async () => {
+      const token = tokens.shift() ?? (await parley.token("dave"));
+      asked.push(token);
+      return token;
+    },
+  });
+  clients.push(dave);
+  const closes = [];
+  dave.on("error", (error) => closes.push(error.message));
+  await dave.connect();
+  assert.equal(asked.length, 2, "asked again after the 401");
+  await eventually(() => asked.length === 3 && dave.state === "live", "a third token after the session expired");
+  assert.ok(closes.some((m) => m.includes("401")), `the refusal was seen: ${closes}`);
+  assert.ok(closes.some((m) => m.includes("1008 token expired")), `the expiry was seen: ${closes}`);
+  const alice = connectAs("alice");
+  await alice.connect();
+  const { conversation } = await alice.createDirect("dave");
+  const atDave = bodies(dave, conversation);
+  await alice.send(conversation, "still there?");
+  await eventually(() => atDave.length === 1, "dave receives on the fresh session");
+});
