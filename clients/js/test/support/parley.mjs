@@ -17,8 +17,9 @@ export const PARLEY_BIN = path.resolve(process.env.PARLEY_BIN || path.join(repo,
 // nats-server and redis-server: $PARLEY_HOME/bin, else the repository's .parley/bin.
 const PARLEY_HOME = process.env.PARLEY_HOME || path.join(repo, ".parley");
 
-/** Starts `parley up`; resolves once its banner names the gateway's address. */
-export async function startParley() {
+/** Starts `parley up` with `settings` (PARLEY_<SECTION>__<KEY> variables) on top of the
+ * test defaults; resolves once its banner names the gateway's address. */
+export async function startParley(settings = {}) {
   const dir = await mkdtemp(path.join(tmpdir(), "parley-js-"));
   // parley refuses PARLEY_* variables that are not configuration keys (PARLEY_BIN is one).
   const inherited = Object.entries(process.env).filter(([name]) => !name.startsWith("PARLEY_"));
@@ -29,6 +30,7 @@ export async function startParley() {
     PARLEY_ADMIN__LISTEN: "127.0.0.1:0",
     // The dev store is fsynced on every write by default; the tests do not need the durability.
     PARLEY_LOCAL__FSYNC_ALWAYS: "false",
+    ...settings,
   };
   const child = spawn(PARLEY_BIN, ["up"], { cwd: dir, env, stdio: ["ignore", "pipe", "pipe"] });
   let output = "";
