@@ -116,8 +116,6 @@ interface Pending {
   frame: { type: string; id: string } & Record<string, unknown>;
   resolve: (frame: ServerFrame) => void;
   reject: (error: Error) => void;
-  /** The socket generation it was last written to; 0 when not written since a reconnect. */
-  sentOn: number;
   attempts: number;
   timer?: ReturnType<typeof setTimeout>;
 }
@@ -319,7 +317,6 @@ export class Client {
         frame: { type, id, ...withoutUndefined(fields) },
         resolve: resolve as (frame: ServerFrame) => void,
         reject,
-        sentOn: 0,
         attempts: 0,
       };
       const signal = options.signal;
@@ -382,7 +379,6 @@ export class Client {
       if (generation !== this.generation) return;
       this.lost(event.code, event.reason, refused);
     };
-    socket.onopen = null;
   }
 
   private async currentToken(): Promise<string> {
@@ -435,7 +431,6 @@ export class Client {
     for (const entry of this.pending.values()) {
       clearTimeout(entry.timer);
       entry.timer = undefined;
-      entry.sentOn = 0;
     }
   }
 
@@ -641,7 +636,6 @@ export class Client {
   private write(entry: Pending): void {
     if (!this.socket || !this.welcomeFrame) return;
     clearTimeout(entry.timer);
-    entry.sentOn = this.generation;
     entry.attempts++;
     this.transmit(entry.frame);
     const generation = this.generation;
