@@ -446,6 +446,8 @@ export class Client {
 
   /** Drops a socket that stopped answering and replaces it. */
   private drop(reason: string): void {
+    // A close handshake cannot complete on a dead connection: `ws` can let go at once.
+    (this.socket as { terminate?: () => void } | undefined)?.terminate?.();
     this.stopSocket(4000, reason);
     this.emitter.emit("error", new Error(`connection dropped: ${reason}`));
     this.scheduleReconnect();
