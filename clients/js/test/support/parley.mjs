@@ -44,6 +44,10 @@ export async function startParley(settings = {}) {
     child.stderr.on("data", onData);
     child.on("error", reject);
     child.on("exit", (code) => reject(new Error(`parley up exited with ${code}:\n${output}`)));
+  }).catch(async (error) => {
+    child.kill("SIGTERM");
+    await rm(dir, { recursive: true, force: true });
+    throw error;
   });
   const run = promisify(execFile);
   return {
