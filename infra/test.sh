@@ -2,8 +2,9 @@
 # The project's test command: installs the local servers, checks k8s/ and the dashboard
 # and alerts, then format check, clippy and the whole workspace's tests (integration tests
 # start real nats-server / redis-server from .parley/bin through the parley-localstack
-# crate, and a local Cassandra node for the CQL store's conformance suite and fault tests).
-
+# crate, and a local Cassandra node for the CQL store's conformance suite and fault tests),
+# then the TypeScript client's tests (clients/js/test.sh: npm ci, build, unit tests,
+# integration tests against target/debug/parley).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -29,5 +30,7 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
     cargo test --workspace
 fi
+# The TypeScript client's tests run against the parley binary the cargo tests just built.
+clients/js/test.sh
 
-echo "infra/test.sh: install, fmt, clippy and tests passed in $((SECONDS - start)) s"
+echo "infra/test.sh: install, fmt, clippy, Rust and JS tests passed in $((SECONDS - start)) s"
