@@ -30,6 +30,10 @@ export async function startParley(settings = {}) {
     PARLEY_ADMIN__LISTEN: "127.0.0.1:0",
     // The dev store is fsynced on every write by default; the tests do not need the durability.
     PARLEY_LOCAL__FSYNC_ALWAYS: "false",
+    // The streams here send hundreds of messages a second from one user, far past a chat
+    // user's default limit (20/s): a limited send is retried later, out of its order.
+    PARLEY_GATEWAY__RATE_LIMITS__USER_PER_SEC: "1000000",
+    PARLEY_GATEWAY__RATE_LIMITS__USER_BURST: "1000000",
     ...settings,
   };
   const child = spawn(PARLEY_BIN, ["up"], { cwd: dir, env, stdio: ["ignore", "pipe", "pipe"] });
