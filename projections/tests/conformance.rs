@@ -1482,32 +1482,7 @@ async fn a_log_written_before_message_changes_projects_and_takes_changes(backend
 
 /// Like [`permutations_and_duplicates_converge`], over a log with every kind of change.
 async fn message_changes_converge_whatever_the_order_and_repeats(backend: Backend) {
-    let events = log_with_changes();
-    let expected = reference(&events).await;
-    let strategy = (
-        Just((0..events.len()).collect::<Vec<_>>()).prop_shuffle(),
-        proptest::collection::vec(0..events.len(), 0..10),
-        1..6usize,
-    );
-    let cases = match backend {
-        Backend::Sqlite(_) => 24,
-        Backend::Cql { .. } => 4,
-    };
-    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::default());
-    let generated: Vec<_> = (0..cases)
-        .map(|_| strategy.new_tree(&mut runner).unwrap().current())
-        .collect();
-    for (n, (order, duplicates, batch)) in generated.into_iter().enumerate() {
-        let mut shuffled: Vec<RecordedEvent> = order.iter().map(|&i| events[i].clone()).collect();
-        shuffled.extend(duplicates.iter().map(|&i| events[i].clone()));
-        let store = backend.open(&format!("case{n}")).await;
-        apply_in_batches(&*store, &shuffled, batch).await;
-        assert_eq!(
-            snapshot(&*store, &events).await,
-            expected,
-            "order {order:?}, duplicates {duplicates:?}, batch {batch}"
-        );
-    }
+    permutations_of_converge(backend, log_with_changes()).await;
 }
 
 // --- CQL only: what the embedded store has no counterpart for ----------------------------
