@@ -1610,6 +1610,7 @@ mod tests {
         assert_eq!(
             added,
             [
+                ("messages", "system"),
                 ("messages", "reply_to"),
                 ("messages", "edited"),
                 ("messages", "deleted"),
