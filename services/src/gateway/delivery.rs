@@ -26,7 +26,7 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, warn};
+use tracing::{Instrument, debug, warn};
 
 use super::log::LogReader;
 use super::typing;
@@ -389,35 +389,45 @@ impl Routes {
     async fn join(self: &Arc<Self>, conns: &[ConnectionId], joined: RecordedEvent) {
         let conversation = joined.envelope.conversation;
         let seq = joined.seq;
-        let conns: Vec<ConnectionId> = conns
-            .iter()
-            .copied()
-            .filter(|conn| !self.follows(*conn, conversation))
-            .collect();
-        let delivered = self.send_to(&conns, &event_frame(joined));
-        metrics::counter!(telemetry::GATEWAY_EVENTS_DELIVERED_TOTAL).increment(delivered);
+        let frame = event_frame(joined);
         for conn in conns {
-            if let Err(e) = self.attach(conn, conversation, seq).await {
-                warn!(error = %e, "cannot subscribe to a conversation joined");
+            if self.follows(*conn, conversation) {
+                continue;
+            }
+            match self.attach(*conn, conversation, seq, Some(&frame)).await {
+                Ok(()) => {
+                    metrics::counter!(telemetry::GATEWAY_EVENTS_DELIVERED_TOTAL).increment(1);
+                }
+                Err(e) => warn!(error = %e, "cannot subscribe to a conversation joined"),
             }
         }
     }
 
-    /// Make the socket follow `conversation`, having been sent everything up to `seen`.
-    /// Later events are delivered; if the follower is already past `seen`, it first catches
-    /// the socket up from the log. A conversation new to this gateway is subscribed to, and
-    /// what was appended after `seen` before the subscription existed is read from the log.
+    /// Make the socket follow `conversation`, having been sent everything up to `seen`
+    /// (the event at `seen` itself being `first`, when given: it is queued on the socket
+    /// once the socket follows, ahead of anything later). Later events are delivered; if the
+    /// follower is already past `seen`, it first catches the socket up from the log. A
+    /// conversation new to this gateway is subscribed to, with the server holding the
+    /// subscription before the socket is sent anything (so ephemeral notices published
+    /// after reach it), and what was appended after `seen` before the subscription existed
+    /// is read from the log.
     pub async fn attach(
         self: &Arc<Self>,
         conn: ConnectionId,
         conversation: ConversationId,
         seen: u64,
+        first: Option<&Utf8Bytes>,
     ) -> Result<(), async_nats::SubscribeError> {
         loop {
             let subscription = if self.table().conversations.contains_key(&conversation) {
                 None
             } else {
-                Some(self.client.subscribe(live_subject(conversation)).await?)
+                let subscription = self.client.subscribe(live_subject(conversation)).await?;
+                // The server has the subscription once it answers a flush after it.
+                if let Err(e) = self.client.flush().await {
+                    debug!(error = %e, "flush after subscribing failed; continuing");
+                }
+                Some(subscription)
             };
             let mut table = self.table();
             let table = &mut *table;
@@ -450,6 +460,9 @@ impl Routes {
             };
             entry.conversations.insert(conversation);
             route.sockets.insert(conn, seen);
+            if let Some(first) = first {
+                entry.outbox.push(first.clone());
+            }
             if seen < route.last {
                 route.behind.notify_one();
             }

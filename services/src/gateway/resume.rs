@@ -477,7 +477,11 @@ async fn send_events(
 }
 
 async fn attach(shared: &Arc<Shared>, session: &Session, conversation: ConversationId, seen: u64) {
-    if let Err(e) = shared.routes.attach(session.conn, conversation, seen).await {
+    if let Err(e) = shared
+        .routes
+        .attach(session.conn, conversation, seen, None)
+        .await
+    {
         warn!(error = %e, "cannot subscribe to a conversation");
     }
 }
