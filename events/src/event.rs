@@ -289,15 +289,15 @@ impl Event {
     pub fn since_protocol(&self) -> u32 {
         match self {
             Event::ConversationCreated(_) | Event::MessagePosted(_) => 1,
-            Event::ConversationRead(_) => 2,
-            Event::MembersAdded(_)
+            Event::ConversationRead(_)
+            | Event::MembersAdded(_)
             | Event::MembersRemoved(_)
             | Event::MemberLeft(_)
             | Event::MemberRoleChanged(_)
             | Event::ConversationRenamed(_)
             | Event::MemberMuted(_)
-            | Event::MemberUnmuted(_) => 2,
-            Event::MessageEdited(_)
+            | Event::MemberUnmuted(_)
+            | Event::MessageEdited(_)
             | Event::MessageDeleted(_)
             | Event::ReactionAdded(_)
             | Event::ReactionRemoved(_) => 2,

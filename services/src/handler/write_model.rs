@@ -331,10 +331,12 @@ impl WriteModel {
                         messages: MessageState::default(),
                     });
             }
-            Event::MessagePosted(_) | Event::ConversationRead(_) => {
+            // Every later event moves the conversation on; each part of the state follows
+            // the events that concern it and ignores the others.
+            event => {
                 if let Some(aggregate) = self.conversations.get_mut(&envelope.conversation) {
                     aggregate.last_seq = aggregate.last_seq.max(seq);
-                    if let Event::ConversationRead(read) = &envelope.event {
+                    if let Event::ConversationRead(read) = event {
                         let marker = Marker {
                             seq: read.seq,
                             set_by: remembered.accepted,
@@ -349,26 +351,7 @@ impl WriteModel {
                             })
                             .or_insert(marker);
                     }
-                }
-            }
-            Event::MembersAdded(_)
-            | Event::MembersRemoved(_)
-            | Event::MemberLeft(_)
-            | Event::MemberRoleChanged(_)
-            | Event::ConversationRenamed(_)
-            | Event::MemberMuted(_)
-            | Event::MemberUnmuted(_) => {
-                if let Some(aggregate) = self.conversations.get_mut(&envelope.conversation) {
-                    aggregate.last_seq = aggregate.last_seq.max(seq);
-                    membership::apply(aggregate, &envelope.actor, &envelope.event);
-                }
-            }
-            Event::MessageEdited(_)
-            | Event::MessageDeleted(_)
-            | Event::ReactionAdded(_)
-            | Event::ReactionRemoved(_) => {
-                if let Some(aggregate) = self.conversations.get_mut(&envelope.conversation) {
-                    aggregate.last_seq = aggregate.last_seq.max(seq);
+                    membership::apply(aggregate, &envelope.actor, event);
                     aggregate.messages.apply(envelope, remembered.accepted);
                 }
             }
@@ -583,24 +566,35 @@ impl WriteModel {
     }
 }
 
+/// What the handler's given/when/then tests build their users and commands with.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use parley_events::ClientMsgId;
+pub(crate) mod test_support {
+    use parley_events::{Action, ClientMsgId, Command, UserId};
 
-    fn user(name: &str) -> UserId {
+    pub fn user(name: &str) -> UserId {
         UserId::parse(name).unwrap()
     }
 
-    fn command(actor: &str, id: &str, action: Action) -> Command {
+    /// A command of `actor`, issued at `at` (milliseconds since the Unix epoch).
+    pub fn command_at(actor: &str, id: &str, at: u64, action: Action) -> Command {
         Command::new(
             user(actor),
             ClientMsgId::parse(id).unwrap(),
-            1_000,
+            at,
             "parley.outcome.gw".into(),
             action,
         )
     }
+
+    pub fn command(actor: &str, id: &str, action: Action) -> Command {
+        command_at(actor, id, 1_000, action)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::{command, user};
+    use super::*;
 
     /// Given the events of `commands` appended in order, starting at sequence 1.
     fn given(commands: &[Command]) -> WriteModel {
