@@ -240,26 +240,11 @@ mod tests {
     //! message a command refers to is looked up in the given log, as the handler reads it.
 
     use super::*;
+    use crate::handler::write_model::test_support::{command, user};
     use crate::handler::write_model::{Decision, WriteModel};
     use parley_events::event::{ConversationCreated, MessagePosted};
     use parley_events::subjects::Shards;
-    use parley_events::{
-        Action, ClientMsgId, Command, ConversationId, ConversationKind, Member, RecordedEvent,
-    };
-
-    fn user(name: &str) -> UserId {
-        UserId::parse(name).unwrap()
-    }
-
-    fn command(actor: &str, id: &str, action: Action) -> Command {
-        Command::new(
-            user(actor),
-            ClientMsgId::parse(id).unwrap(),
-            1_000,
-            "parley.outcome.gw".into(),
-            action,
-        )
-    }
+    use parley_events::{Action, Command, ConversationId, ConversationKind, Member, RecordedEvent};
 
     /// A group with an owner (alice), an admin (bob) and two members (carol, dave), and
     /// the direct conversation of alice and erin.

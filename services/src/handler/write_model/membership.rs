@@ -328,32 +328,15 @@ mod tests {
     //! Given the events of some commands, when a membership command comes, then this event
     //! or this refusal.
 
+    use parley_events::ConversationId;
     use parley_events::subjects::Shards;
-    use parley_events::{ClientMsgId, ConversationId};
 
+    use super::super::test_support::{command, command_at, user};
     use super::super::{Accepted, Decision, WriteModel};
     use super::*;
 
-    fn user(name: &str) -> UserId {
-        UserId::parse(name).unwrap()
-    }
-
     fn users(names: &[&str]) -> Vec<UserId> {
         names.iter().map(|name| user(name)).collect()
-    }
-
-    fn command_at(actor: &str, id: &str, at: u64, action: Action) -> Command {
-        Command::new(
-            user(actor),
-            ClientMsgId::parse(id).unwrap(),
-            at,
-            "parley.outcome.gw".into(),
-            action,
-        )
-    }
-
-    fn command(actor: &str, id: &str, action: Action) -> Command {
-        command_at(actor, id, 1_000, action)
     }
 
     /// alice (owner) creates a group with bob, carol, dave, erin and fay; the setup then
