@@ -525,11 +525,23 @@ mod tests {
     }
 
     fn input(second: Vec<Observed>) -> LedgerInput {
+        input_joined(history(), 0, second)
+    }
+
+    /// Conversation 0 with `log`'s events, all received by connection 0, a member from the
+    /// creation; connection 1, a member from `second_joined`, received `second`.
+    fn input_joined(log: Vec<Observed>, second_joined: u64, second: Vec<Observed>) -> LedgerInput {
         LedgerInput {
-            members: vec![vec![Joined { conn: 0, seq: 0 }, Joined { conn: 1, seq: 0 }]],
+            members: vec![vec![
+                Joined { conn: 0, seq: 0 },
+                Joined {
+                    conn: 1,
+                    seq: second_joined,
+                },
+            ]],
             connections: vec![
                 ConnRecord {
-                    sessions: vec![history()],
+                    sessions: vec![log.clone()],
                     closed: false,
                 },
                 ConnRecord {
@@ -539,7 +551,7 @@ mod tests {
             ],
             sends: vec![acked(0, 0, 3), acked(0, 1, 7), acked(0, 2, 9)],
             log: Some(LogRead {
-                events: history(),
+                events: log,
                 intake_pending: 0,
             }),
         }
@@ -784,26 +796,7 @@ mod tests {
             msg(0, 7, 5, 1),
             msg(0, 9, 7, 2),
         ];
-        let run = |second: Vec<Observed>| {
-            check(&LedgerInput {
-                members: vec![vec![Joined { conn: 0, seq: 0 }, Joined { conn: 1, seq: 5 }]],
-                connections: vec![
-                    ConnRecord {
-                        sessions: vec![log.clone()],
-                        closed: false,
-                    },
-                    ConnRecord {
-                        sessions: vec![second],
-                        closed: false,
-                    },
-                ],
-                sends: vec![acked(0, 0, 3), acked(0, 1, 7), acked(0, 2, 9)],
-                log: Some(LogRead {
-                    events: log.clone(),
-                    intake_pending: 0,
-                }),
-            })
-        };
+        let run = |second: Vec<Observed>| check(&input_joined(log.clone(), 5, second));
         let report = run(vec![joined, msg(0, 7, 5, 1), msg(0, 9, 7, 2)]);
         assert!(report.clean(), "{report:?}");
         // Five events to the first member, three to the one added at 5.
