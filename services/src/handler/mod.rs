@@ -27,9 +27,7 @@ use parley_events::subjects::{
     HANDLER_CONSUMER, HANDLER_QUEUE, LIVE_MEMBERSHIP_SUBJECT, OUTCOME_QUERY_SUBJECT,
     OUTCOME_SUBJECT_PREFIX, live_subject, log_subject,
 };
-use parley_events::{
-    Command, ErrorCode, Event, EventEnvelope, Outcome, OutcomeResult, RecordedEvent,
-};
+use parley_events::{Command, ErrorCode, EventEnvelope, Outcome, OutcomeResult, RecordedEvent};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -640,8 +638,13 @@ async fn handle_command(inner: &Inner, command: Command, message: Message, deliv
 
 /// Decide, append, retry on conflict; the outcome, or a transient failure.
 async fn execute(inner: &Inner, command: &Command) -> Result<OutcomeResult, Transient> {
+    // A log entry never changes: the message the command refers to is read once, whatever
+    // the conflicts to retry.
+    let target = read_target(inner, command).await?;
     for _ in 0..=inner.config.handler.append_retries {
-        let decision = decide(inner, command).await?;
+        let decision = inner
+            .model()
+            .decide_with(command, &inner.config.limits, target.as_ref());
         let (event, shard, expected) = match decision {
             Decision::Known(accepted) => return Ok(accepted.into()),
             Decision::Reject { code, message } => {
@@ -706,15 +709,21 @@ async fn execute(inner: &Inner, command: &Command) -> Result<OutcomeResult, Tran
 }
 
 /// The write model's decision on `command`, with the message it refers to read from the
-/// log first (outside the model's lock: a read is a round trip).
+/// log first.
 async fn decide(inner: &Inner, command: &Command) -> Result<Decision, Transient> {
-    let target = match command.target_message() {
-        Some(seq) => target_message(inner, command, seq).await?,
-        None => None,
-    };
+    let target = read_target(inner, command).await?;
     Ok(inner
         .model()
         .decide_with(command, &inner.config.limits, target.as_ref()))
+}
+
+/// The message `command` refers to, read from the log outside the model's lock (a read is
+/// a round trip); `None` when it refers to none, or to no message of its conversation.
+async fn read_target(inner: &Inner, command: &Command) -> Result<Option<MessageRef>, Transient> {
+    match command.target_message() {
+        Some(seq) => target_message(inner, command, seq).await,
+        None => Ok(None),
+    }
 }
 
 /// The message of the command's conversation at `seq`, as the log holds it; `None` when the
@@ -771,14 +780,12 @@ async fn publish_live(inner: &Inner, recorded: &RecordedEvent) {
     }
     // Gateways learn here of conversations their sockets' users joined: by creation, or by
     // being added.
-    if matches!(
-        recorded.envelope.event,
-        Event::ConversationCreated(_) | Event::MembersAdded(_)
-    ) && let Err(e) = inner
-        .nats
-        .client
-        .publish(LIVE_MEMBERSHIP_SUBJECT, payload)
-        .await
+    if !recorded.envelope.event.joining().is_empty()
+        && let Err(e) = inner
+            .nats
+            .client
+            .publish(LIVE_MEMBERSHIP_SUBJECT, payload)
+            .await
     {
         debug!(error = %e, "live membership publish failed");
     }
