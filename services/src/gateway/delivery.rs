@@ -407,10 +407,10 @@ impl Routes {
     /// (the event at `seen` itself being `first`, when given: it is queued on the socket
     /// once the socket follows, ahead of anything later). Later events are delivered; if the
     /// follower is already past `seen`, it first catches the socket up from the log. A
-    /// conversation new to this gateway is subscribed to, with the server holding the
-    /// subscription before the socket is sent anything (so ephemeral notices published
-    /// after reach it), and what was appended after `seen` before the subscription existed
-    /// is read from the log.
+    /// conversation new to this gateway is subscribed to (for a `first` frame, with the
+    /// server holding the subscription before the socket is sent it, so ephemeral notices
+    /// published after reach it), and what was appended after `seen` before the
+    /// subscription existed is read from the log.
     pub async fn attach(
         self: &Arc<Self>,
         conn: ConnectionId,
@@ -423,8 +423,13 @@ impl Routes {
                 None
             } else {
                 let subscription = self.client.subscribe(live_subject(conversation)).await?;
-                // The server has the subscription once it answers a flush after it.
-                if let Err(e) = self.client.flush().await {
+                // The server has the subscription once it answers a flush after it. Only a
+                // join waits for that round trip: its socket is told it is a member now, and
+                // may be sent a typing notice at once; a resume attaching many
+                // conversations does not pay it per conversation.
+                if first.is_some()
+                    && let Err(e) = self.client.flush().await
+                {
                     debug!(error = %e, "flush after subscribing failed; continuing");
                 }
                 Some(subscription)
