@@ -740,16 +740,10 @@ impl CqlStore {
             .map(|(mut message, reacted)| async move {
                 if reacted {
                     let pairs: Vec<(String, String)> = self
-                        .session
-                        .execute_iter(
-                            self.statements.reactions.clone(),
+                        .all_rows(
+                            &self.statements.reactions,
                             (*id.as_uuid(), i64_of(message.seq)),
                         )
-                        .await?
-                        .rows_stream::<(String, String)>()
-                        .map_err(corrupt)?
-                        .map_err(unavailable)
-                        .try_collect()
                         .await?;
                     message.reactions = reaction_counts(pairs)?;
                 }
@@ -776,17 +770,11 @@ impl CqlStore {
         messages.dedup();
         let bodies: HashMap<i64, String> = futures::stream::iter(messages)
             .map(|message| async move {
-                self.session
-                    .execute_iter(
-                        self.statements.bodies.clone(),
-                        (*id.as_uuid(), i64_of(message)),
-                    )
-                    .await?
-                    .rows_stream::<(i64, String)>()
-                    .map_err(corrupt)?
-                    .map_err(unavailable)
-                    .try_collect::<Vec<_>>()
-                    .await
+                self.all_rows::<(i64, String)>(
+                    &self.statements.bodies,
+                    (*id.as_uuid(), i64_of(message)),
+                )
+                .await
             })
             .buffer_unordered(self.max_in_flight)
             .try_collect::<Vec<_>>()
@@ -802,14 +790,27 @@ impl CqlStore {
         Ok(())
     }
 
-    async fn memberships(&self, user: &UserId) -> Result<Vec<(Uuid, String)>, StoreError> {
+    /// Every row `statement` returns for `values`, read page by page.
+    async fn all_rows<R>(
+        &self,
+        statement: &PreparedStatement,
+        values: impl SerializeRow,
+    ) -> Result<Vec<R>, StoreError>
+    where
+        R: for<'f, 'm> scylla::deserialize::row::DeserializeRow<'f, 'm>,
+    {
         self.session
-            .execute_iter(self.statements.memberships.clone(), (user.as_str(),))
+            .execute_iter(statement.clone(), values)
             .await?
-            .rows_stream::<(Uuid, String)>()
+            .rows_stream::<R>()
             .map_err(corrupt)?
             .map_err(unavailable)
             .try_collect()
+            .await
+    }
+
+    async fn memberships(&self, user: &UserId) -> Result<Vec<(Uuid, String)>, StoreError> {
+        self.all_rows(&self.statements.memberships, (user.as_str(),))
             .await
     }
 
@@ -1301,13 +1302,7 @@ impl ConversationStore for CqlStore {
 
     async fn members(&self, id: ConversationId) -> Result<Vec<Member>, StoreError> {
         let rows: Vec<(String, String)> = self
-            .session
-            .execute_iter(self.statements.members.clone(), (*id.as_uuid(),))
-            .await?
-            .rows_stream::<(String, String)>()
-            .map_err(corrupt)?
-            .map_err(unavailable)
-            .try_collect()
+            .all_rows(&self.statements.members, (*id.as_uuid(),))
             .await?;
         rows.into_iter()
             .map(|(user, role)| parse_member(user, &role))
@@ -1369,16 +1364,10 @@ impl ConversationStore for CqlStore {
         let after = after.map_or("", |u| u.as_str()).to_owned();
         let wanted = i32::try_from(u64::from(limit) + 1).unwrap_or(i32::MAX);
         let rows: Vec<(String, String)> = self
-            .session
-            .execute_iter(
-                self.statements.members_after.clone(),
+            .all_rows(
+                &self.statements.members_after,
                 (*id.as_uuid(), after, wanted),
             )
-            .await?
-            .rows_stream::<(String, String)>()
-            .map_err(corrupt)?
-            .map_err(unavailable)
-            .try_collect()
             .await?;
         members_page(rows, limit)
     }
