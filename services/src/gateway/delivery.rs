@@ -209,6 +209,10 @@ impl Table {
         conversation: ConversationId,
         conns: &[ConnectionId],
     ) -> Option<ConversationRoute> {
+        // Every event's fan-out asks, and almost none takes anyone out.
+        if conns.is_empty() {
+            return None;
+        }
         for conn in conns {
             if let Some(entry) = self.sockets.get_mut(conn) {
                 entry.conversations.remove(&conversation);
