@@ -268,10 +268,89 @@ pub async fn run(
     drop(permit);
 }
 
-/// A membership frame's type name, request id and command ([`check_at_edge`] checks it
-/// like every other command). Takes membership frames only.
-pub fn membership_action(frame: ClientFrame) -> (&'static str, ClientMsgId, Action) {
-    let (frame_type, id, action) = match frame {
+/// A command frame's type name, request id and command ([`check_at_edge`] checks it);
+/// any other frame back, for the gateway to answer itself.
+pub fn command_of(frame: ClientFrame) -> Result<(&'static str, ClientMsgId, Action), ClientFrame> {
+    Ok(match frame {
+        ClientFrame::Send {
+            id,
+            conversation,
+            body,
+            reply_to,
+        } => (
+            "send",
+            id,
+            Action::PostMessage {
+                conversation,
+                body,
+                reply_to,
+            },
+        ),
+        ClientFrame::Edit {
+            id,
+            conversation,
+            message,
+            body,
+        } => (
+            "edit",
+            id,
+            Action::EditMessage {
+                conversation,
+                message,
+                body,
+            },
+        ),
+        ClientFrame::Delete {
+            id,
+            conversation,
+            message,
+        } => (
+            "delete",
+            id,
+            Action::DeleteMessage {
+                conversation,
+                message,
+            },
+        ),
+        ClientFrame::React {
+            id,
+            conversation,
+            message,
+            emoji,
+        } => (
+            "react",
+            id,
+            Action::React {
+                conversation,
+                message,
+                emoji,
+            },
+        ),
+        ClientFrame::Unreact {
+            id,
+            conversation,
+            message,
+            emoji,
+        } => (
+            "unreact",
+            id,
+            Action::Unreact {
+                conversation,
+                message,
+                emoji,
+            },
+        ),
+        ClientFrame::CreateDirect { id, peer } => {
+            ("create_direct", id, Action::CreateDirect { peer })
+        }
+        ClientFrame::CreateGroup { id, title, members } => {
+            ("create_group", id, Action::CreateGroup { title, members })
+        }
+        ClientFrame::MarkRead {
+            id,
+            conversation,
+            seq,
+        } => ("mark_read", id, Action::MarkRead { conversation, seq }),
         ClientFrame::AddMembers {
             id,
             conversation,
@@ -342,9 +421,8 @@ pub fn membership_action(frame: ClientFrame) -> (&'static str, ClientMsgId, Acti
             conversation,
             user,
         } => ("unmute", id, Action::Unmute { conversation, user }),
-        other => unreachable!("not a membership frame: {other:?}"),
-    };
-    (frame_type, id, action)
+        other => return Err(other),
+    })
 }
 
 fn id_reused(command: &Command) -> OutcomeResult {

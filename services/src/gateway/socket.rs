@@ -12,7 +12,7 @@ use parley_events::presence::ConnectionState;
 use parley_events::protocol::{
     ClientFrame, ConversationSummary, Limits, MessagePreview, ServerFrame, close,
 };
-use parley_events::{Action, ClientMsgId, Command, ConversationId, ErrorCode, Role, UserId};
+use parley_events::{ClientMsgId, Command, ConversationId, ErrorCode, Role, UserId};
 use parley_projections::{ConversationStore, HistoryPage, StoreError};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -275,178 +275,13 @@ async fn handle_text(
             .await;
         return;
     }
-    let (frame_type, action) = match frame {
-        ClientFrame::Send {
-            id,
-            conversation,
-            body,
-            reply_to,
-        } => (
-            "send",
-            Some((
-                id,
-                Action::PostMessage {
-                    conversation,
-                    body,
-                    reply_to,
-                },
-            )),
-        ),
-        ClientFrame::Edit {
-            id,
-            conversation,
-            message,
-            body,
-        } => (
-            "edit",
-            Some((
-                id,
-                Action::EditMessage {
-                    conversation,
-                    message,
-                    body,
-                },
-            )),
-        ),
-        ClientFrame::Delete {
-            id,
-            conversation,
-            message,
-        } => (
-            "delete",
-            Some((
-                id,
-                Action::DeleteMessage {
-                    conversation,
-                    message,
-                },
-            )),
-        ),
-        ClientFrame::React {
-            id,
-            conversation,
-            message,
-            emoji,
-        } => (
-            "react",
-            Some((
-                id,
-                Action::React {
-                    conversation,
-                    message,
-                    emoji,
-                },
-            )),
-        ),
-        ClientFrame::Unreact {
-            id,
-            conversation,
-            message,
-            emoji,
-        } => (
-            "unreact",
-            Some((
-                id,
-                Action::Unreact {
-                    conversation,
-                    message,
-                    emoji,
-                },
-            )),
-        ),
-        ClientFrame::CreateDirect { id, peer } => {
-            ("create_direct", Some((id, Action::CreateDirect { peer })))
-        }
-        ClientFrame::CreateGroup { id, title, members } => (
-            "create_group",
-            Some((id, Action::CreateGroup { title, members })),
-        ),
-        ClientFrame::History {
-            id,
-            conversation,
-            before,
-            after,
-            limit,
-        } => {
-            let from = match (before, after) {
-                (Some(_), Some(_)) => {
-                    outbox
-                        .answer(&ServerFrame::error(
-                            Some(id),
-                            ErrorCode::InvalidRequest,
-                            "`before` and `after` page in opposite directions; send one of them",
-                        ))
-                        .await;
-                    return;
-                }
-                (before, None) => HistoryFrom::Before(before),
-                (None, Some(after)) => HistoryFrom::After(after),
+    let (frame_type, action) = match commands::command_of(frame) {
+        Ok((frame_type, id, action)) => (frame_type, Some((id, action))),
+        Err(request) => {
+            let Some(frame_type) = answer_request(shared, session, outbox, request).await else {
+                return;
             };
-            history(shared, session, outbox, id, conversation, from, limit).await;
-            ("history", None)
-        }
-        ClientFrame::Conversations { id, before, limit } => {
-            conversations(shared, session, outbox, id, before, limit).await;
-            ("conversations", None)
-        }
-        ClientFrame::Resume {
-            id,
-            cursor,
-            conversations,
-        } => {
-            let point = resume::ResumePoint {
-                cursor,
-                conversations,
-            };
-            resume::answer(shared, session, outbox, id, point).await;
-            ("resume", None)
-        }
-        ClientFrame::Members {
-            id,
-            conversation,
-            after,
-            limit,
-        } => {
-            members(shared, session, outbox, id, conversation, after, limit).await;
-            ("members", None)
-        }
-        ClientFrame::MarkRead {
-            id,
-            conversation,
-            seq,
-        } => (
-            "mark_read",
-            Some((id, Action::MarkRead { conversation, seq })),
-        ),
-        ClientFrame::Ping { id } => {
-            outbox.answer(&ServerFrame::Pong { id }).await;
-            ("ping", None)
-        }
-        ClientFrame::Typing {
-            id,
-            conversation,
-            state,
-        } => {
-            typing::handle(shared, session, outbox, id, conversation, state).await;
-            ("typing", None)
-        }
-        ClientFrame::Presence { id, users } => {
-            presence::handle_watch(shared, session, outbox, id, users).await;
-            ("presence", None)
-        }
-        ClientFrame::PresenceUnsubscribe { users, .. } => {
-            shared.watchers.unwatch(session.conn, Some(&users));
-            ("presence_unsubscribe", None)
-        }
-        frame @ (ClientFrame::AddMembers { .. }
-        | ClientFrame::RemoveMembers { .. }
-        | ClientFrame::Leave { .. }
-        | ClientFrame::SetRole { .. }
-        | ClientFrame::Rename { .. }
-        | ClientFrame::Mute { .. }
-        | ClientFrame::Unmute { .. }) => {
-            let (frame_type, id, action) = commands::membership_action(frame);
-            (frame_type, Some((id, action)))
+            (frame_type, None)
         }
     };
     if let Some((id, action)) = &action
@@ -481,6 +316,102 @@ async fn handle_text(
     tokio::spawn(
         commands::run(Arc::clone(shared), outbox.clone(), command, place, permit).instrument(span),
     );
+}
+
+/// Answer a request the gateway serves itself (no command): reads, resume, pings, typing
+/// and presence. The frame's type name, for the metric; `None` when it was refused.
+async fn answer_request(
+    shared: &Arc<Shared>,
+    session: &Session,
+    outbox: &Outbox,
+    frame: ClientFrame,
+) -> Option<&'static str> {
+    Some(match frame {
+        ClientFrame::History {
+            id,
+            conversation,
+            before,
+            after,
+            limit,
+        } => {
+            let from = match (before, after) {
+                (Some(_), Some(_)) => {
+                    outbox
+                        .answer(&ServerFrame::error(
+                            Some(id),
+                            ErrorCode::InvalidRequest,
+                            "`before` and `after` page in opposite directions; send one of them",
+                        ))
+                        .await;
+                    return None;
+                }
+                (before, None) => HistoryFrom::Before(before),
+                (None, Some(after)) => HistoryFrom::After(after),
+            };
+            history(shared, session, outbox, id, conversation, from, limit).await;
+            "history"
+        }
+        ClientFrame::Conversations { id, before, limit } => {
+            conversations(shared, session, outbox, id, before, limit).await;
+            "conversations"
+        }
+        ClientFrame::Resume {
+            id,
+            cursor,
+            conversations,
+        } => {
+            let point = resume::ResumePoint {
+                cursor,
+                conversations,
+            };
+            resume::answer(shared, session, outbox, id, point).await;
+            "resume"
+        }
+        ClientFrame::Members {
+            id,
+            conversation,
+            after,
+            limit,
+        } => {
+            members(shared, session, outbox, id, conversation, after, limit).await;
+            "members"
+        }
+        ClientFrame::Ping { id } => {
+            outbox.answer(&ServerFrame::Pong { id }).await;
+            "ping"
+        }
+        ClientFrame::Typing {
+            id,
+            conversation,
+            state,
+        } => {
+            typing::handle(shared, session, outbox, id, conversation, state).await;
+            "typing"
+        }
+        ClientFrame::Presence { id, users } => {
+            presence::handle_watch(shared, session, outbox, id, users).await;
+            "presence"
+        }
+        ClientFrame::PresenceUnsubscribe { users, .. } => {
+            shared.watchers.unwatch(session.conn, Some(&users));
+            "presence_unsubscribe"
+        }
+        ClientFrame::Send { .. }
+        | ClientFrame::CreateDirect { .. }
+        | ClientFrame::CreateGroup { .. }
+        | ClientFrame::MarkRead { .. }
+        | ClientFrame::Edit { .. }
+        | ClientFrame::Delete { .. }
+        | ClientFrame::React { .. }
+        | ClientFrame::Unreact { .. }
+        | ClientFrame::AddMembers { .. }
+        | ClientFrame::RemoveMembers { .. }
+        | ClientFrame::Leave { .. }
+        | ClientFrame::SetRole { .. }
+        | ClientFrame::Rename { .. }
+        | ClientFrame::Mute { .. }
+        | ClientFrame::Unmute { .. } => unreachable!("command frames became commands above"),
+    })
 }
 
 /// Where a history page starts, and so which way it goes.
