@@ -8,6 +8,7 @@
 //! - [`projector`]: feeds the conversation store and presence from the log and gateways.
 //! - [`node`]: runs any set of roles in one process, with admin endpoints.
 //! - [`local`]: `parley up`: local servers, a dev secret, every role in one process.
+//! - [`progress`]: the progress bar (or plain lines) of long subcommands.
 //! - [`auth`], [`revocation`], [`admin`], [`telemetry`]: tokens and their revocation,
 //!   health/readiness/metrics, metric names.
 //!
@@ -22,6 +23,7 @@ pub mod gateway;
 pub mod handler;
 pub mod local;
 pub mod node;
+pub mod progress;
 pub mod projector;
 pub mod revocation;
 pub mod telemetry;
