@@ -98,6 +98,14 @@ pub struct Received {
     pub resumed: bool,
 }
 
+/// The harness's messages among `session`'s events.
+pub fn messages_in(session: &[Received]) -> u64 {
+    session
+        .iter()
+        .filter(|r| matches!(r.content, Content::Message(_)))
+        .count() as u64
+}
+
 /// One resume of a socket: its `resume` frames and what they brought.
 #[derive(Debug, Clone, Copy)]
 pub struct ResumeRecord {
@@ -153,6 +161,8 @@ pub struct ConnOutcome {
     /// Per socket opened, every `event` received on it, in arrival order. A socket the run
     /// ended while the client was reconnecting shows as a last, empty, session.
     pub sessions: Vec<Vec<Received>>,
+    /// The gateway (its index in the run's URLs) each session's socket was opened to.
+    pub gateways: Vec<usize>,
     /// Every send that went out (or may have: a write that failed part way), in order.
     pub sent: Vec<(SendKey, ConversationId)>,
     pub acks: Vec<Ack>,
@@ -252,8 +262,8 @@ pub struct Device {
 
 /// Open the connection at `connect_at` to `urls[first]` and resume, then serve it until
 /// `finish` is cancelled. A socket lost on the way (or dropped as `disconnects` says) is
-/// replaced after a backoff: by one to the next gateway in `urls` (the same one again when
-/// there is only one), retried until it opens, and resumed.
+/// replaced after a backoff: by one to another gateway in `urls`, picked at random (the same
+/// one again when there is only one), retried until it opens, and resumed.
 pub async fn run(
     device: Device,
     control: mpsc::Receiver<Control>,
@@ -274,7 +284,7 @@ pub async fn run(
     let mut position = Position::default();
     let mut wire = match open(
         &live,
-        &urls[first],
+        (first, &urls[first]),
         &mut position,
         &mut outcome,
         false,
@@ -322,9 +332,12 @@ pub async fn run(
         }
         sockets.lock().unwrap().lost(&live);
         live.down.fetch_add(1, Ordering::Relaxed);
+        // Any gateway but the one just lost, picked at random as a load balancer would: the
+        // sockets of a gateway that went away spread over all the others.
+        let current = outcome.gateways.last().copied().unwrap_or(first);
         let reconnect = Reconnect {
             urls: &urls,
-            next: first + session + 1,
+            next: current + 1 + fastrand::usize(..urls.len().saturating_sub(1).max(1)),
             down,
             backoff,
             cuts,
@@ -358,7 +371,7 @@ pub async fn run(
 /// to a new session of `outcome`, also when it fails part way through the resume.
 async fn open(
     live: &Live,
-    url: &str,
+    (gateway, url): (usize, &str),
     position: &mut Position,
     outcome: &mut ConnOutcome,
     after_outage: bool,
@@ -381,6 +394,7 @@ async fn open(
     }
     let welcomed = Instant::now();
     outcome.sessions.push(Vec::new());
+    outcome.gateways.push(gateway);
     let record = resume(live, &mut sink, &mut stream, position, outcome).await?;
     outcome.resumes.push(ResumeRecord {
         after_outage,
@@ -617,7 +631,8 @@ impl Reconnect<'_> {
                 _ = finish.cancelled() => return None,
                 () = tokio::time::sleep(self.backoff.pause(attempt)) => {}
             }
-            let url = &self.urls[(self.next + attempt as usize) % self.urls.len()];
+            let gateway = (self.next + attempt as usize) % self.urls.len();
+            let url = (gateway, self.urls[gateway].as_str());
             tokio::select! {
                 _ = finish.cancelled() => return None,
                 opened = open(live, url, position, outcome, outage, self.cuts) => match opened {

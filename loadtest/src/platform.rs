@@ -10,18 +10,22 @@ use futures::{SinkExt, StreamExt};
 use parley_events::protocol::{ClientFrame, ServerFrame};
 use parley_events::{ClientMsgId, UserId};
 use parley_localstack::{
-    NatsCluster, NatsClusterOptions, NatsOptions, NatsServer, RedisOptions, RedisServer, free_port,
-    log_tail,
+    CassandraNode, NatsCluster, NatsClusterOptions, NatsOptions, NatsServer, RedisOptions,
+    RedisServer, free_port, log_tail,
 };
+use parley_projections::{CqlOptions, CqlStore};
 use parley_services::auth;
 use parley_services::config::Secret;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::LoadtestError;
-use crate::scenario::{Durability, FaultRole};
+use crate::scenario::{Durability, FaultRole, StoreChoice};
 
 /// How long the spawned roles get to become ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a removed role gets to drain and exit after SIGTERM before it is killed: the
+/// gateway's default drain period and then some.
+const REMOVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 #[derive(Debug, Clone)]
 pub struct SpawnOptions {
@@ -35,6 +39,9 @@ pub struct SpawnOptions {
     pub log_dir: PathBuf,
     /// Handler processes: two when one of them is to be killed, so service continues.
     pub handlers: usize,
+    /// Projector processes, sharing one durable consumer.
+    pub projectors: usize,
+    pub store: StoreChoice,
     /// The gateways' `presence_ttl_secs` when not the default: shorter, so heartbeats
     /// rebuild presence within a short run after Redis lost it.
     pub presence_ttl_secs: Option<u32>,
@@ -48,6 +55,8 @@ struct Role {
     command: &'static str,
     /// Settings of this process alone (its listeners).
     env: Vec<(String, String)>,
+    /// Stopped for good by a scale-down: no longer watched, restarted or measured.
+    removed: bool,
 }
 
 /// The platform `--spawn` started. Dropping it kills every process (also on a panic or an
@@ -66,6 +75,8 @@ pub struct SpawnedPlatform {
     parley: PathBuf,
     env: Vec<(String, String)>,
     _store: tempfile::TempDir,
+    /// The CQL store's node, when the platform has one; dropped (and stopped) after the roles.
+    _cassandra: Option<CassandraNode>,
 }
 
 /// The NATS `--spawn` started.
@@ -162,6 +173,10 @@ impl SpawnedPlatform {
         let replicas = servers.len().to_string();
         let redis = RedisServer::start(RedisOptions::default())?;
         let store = tempfile::tempdir().map_err(LoadtestError::io("store directory"))?;
+        let cassandra = match options.store {
+            StoreChoice::Sqlite => None,
+            StoreChoice::Cql => Some(start_cql_store().await?),
+        };
         let secret = Secret::new(format!(
             "{}{}",
             uuid::Uuid::new_v4().simple(),
@@ -178,6 +193,9 @@ impl SpawnedPlatform {
                 store.path().join("conversations.db").display().to_string(),
             ),
         ];
+        if let Some(node) = &cassandra {
+            env.extend(cql_settings(node));
+        }
         if let Some(ttl) = options.presence_ttl_secs {
             env.push((
                 "PARLEY_GATEWAY__PRESENCE_TTL_SECS".to_owned(),
@@ -196,16 +214,15 @@ impl SpawnedPlatform {
             parley,
             env,
             _store: store,
+            _cassandra: cassandra,
         };
         // The projector creates the store the gateways read; the handler the streams.
-        let mut plan = vec![("projector".to_owned(), "projector", None)];
+        let mut plan = Vec::new();
+        for i in 0..options.projectors.max(1) {
+            plan.push((numbered("projector", i), "projector", None));
+        }
         for i in 0..options.handlers.max(1) {
-            let name = if i == 0 {
-                "handler".to_owned()
-            } else {
-                format!("handler-{i}")
-            };
-            plan.push((name, "handler", None));
+            plan.push((numbered("handler", i), "handler", None));
         }
         for i in 0..options.gateways {
             plan.push((format!("gateway-{i}"), "gateway", Some(free_port()?)));
@@ -232,6 +249,7 @@ impl SpawnedPlatform {
                 log,
                 command,
                 env,
+                removed: false,
             });
         }
         platform.wait_until_ready().await?;
@@ -292,6 +310,41 @@ impl SpawnedPlatform {
                 let _ = process.child.kill();
                 let _ = process.child.wait();
             }
+        }
+        Ok(())
+    }
+
+    /// Stop `role` for good with SIGTERM, as a scale-down does, and wait for it to drain
+    /// and exit (SIGKILL after [`REMOVE_TIMEOUT`]).
+    pub fn remove(&mut self, role: FaultRole) -> Result<(), LoadtestError> {
+        let process = self.role_mut(role)?;
+        process.removed = true;
+        let pid = process.child.id().to_string();
+        let signalled = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .map_err(LoadtestError::io("running kill -TERM"))?;
+        if !signalled.success() {
+            return Err(LoadtestError::Fault(format!(
+                "kill -TERM {pid} ({role}) failed: {signalled}"
+            )));
+        }
+        let deadline = Instant::now() + REMOVE_TIMEOUT;
+        while process
+            .child
+            .try_wait()
+            .map_err(LoadtestError::io("waiting for a removed role"))?
+            .is_none()
+        {
+            if Instant::now() > deadline {
+                let _ = process.child.kill();
+                let _ = process.child.wait();
+                return Err(LoadtestError::Fault(format!(
+                    "{role} did not exit within {} s of SIGTERM; killed",
+                    REMOVE_TIMEOUT.as_secs()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
         Ok(())
     }
@@ -357,6 +410,7 @@ impl SpawnedPlatform {
         let mut processes: Vec<(String, u32)> = self
             .roles
             .iter()
+            .filter(|r| !r.removed)
             .map(|r| (r.name.clone(), r.child.id()))
             .collect();
         let servers = self.nats.servers();
@@ -410,6 +464,9 @@ impl SpawnedPlatform {
 
     fn check_running(&mut self) -> Result<(), LoadtestError> {
         for i in 0..self.roles.len() {
+            if self.roles[i].removed {
+                continue;
+            }
             if let Ok(Some(status)) = self.roles[i].child.try_wait() {
                 return Err(LoadtestError::RoleExited {
                     role: self.roles[i].name.clone(),
@@ -428,6 +485,54 @@ impl SpawnedPlatform {
             .collect::<Vec<_>>()
             .join("\n")
     }
+}
+
+/// `base`, then `base-1`, `base-2`, ...: the names of a role's processes.
+fn numbered(base: &str, i: usize) -> String {
+    if i == 0 {
+        base.to_owned()
+    } else {
+        format!("{base}-{i}")
+    }
+}
+
+/// A Cassandra node with the store's keyspace and tables already made: created here, once,
+/// so that projectors and gateways starting together never race to create one schema.
+async fn start_cql_store() -> Result<CassandraNode, LoadtestError> {
+    let node = tokio::task::spawn_blocking(CassandraNode::start)
+        .await
+        .map_err(|e| LoadtestError::Setup(format!("starting Cassandra: {e}")))??;
+    let mut options = CqlOptions::new(vec![node.contact_point()], CQL_KEYSPACE);
+    options.replication = [(node.datacenter().to_owned(), 1)].into_iter().collect();
+    CqlStore::open(&options)
+        .await
+        .map_err(|e| LoadtestError::Setup(format!("creating the CQL store: {e}")))?;
+    Ok(node)
+}
+
+/// The keyspace of a spawned platform's CQL store (on a node of its own).
+const CQL_KEYSPACE: &str = "parley_loadtest";
+
+/// The settings every role gets for the CQL store on `node`.
+fn cql_settings(node: &CassandraNode) -> Vec<(String, String)> {
+    vec![
+        (
+            "PARLEY_PROJECTOR__STORE__KIND".to_owned(),
+            "scylla".to_owned(),
+        ),
+        (
+            "PARLEY_PROJECTOR__STORE__SCYLLA__CONTACT_POINTS".to_owned(),
+            format!("[\"{}\"]", node.contact_point()),
+        ),
+        (
+            "PARLEY_PROJECTOR__STORE__SCYLLA__KEYSPACE".to_owned(),
+            CQL_KEYSPACE.to_owned(),
+        ),
+        (
+            "PARLEY_PROJECTOR__STORE__SCYLLA__LOCAL_DATACENTER".to_owned(),
+            node.datacenter().to_owned(),
+        ),
+    ]
 }
 
 async fn probe_gateway(url: &str, token: &str, probe: &UserId) -> bool {

@@ -33,6 +33,9 @@ pub struct Report {
     pub busiest_process: Option<String>,
     /// Growth of the gateways' RSS while the clients connected, per connection.
     pub gateway_rss_per_connection_bytes: Option<f64>,
+    /// Per gateway, as the clients saw it: sockets opened to it and messages it delivered.
+    #[serde(default)]
+    pub gateways: Vec<GatewayFigures>,
     pub ramp: Option<RampFigures>,
     /// Per fault of the plan, the interruption it caused.
     #[serde(default)]
@@ -115,6 +118,44 @@ pub struct ProcessFigures {
     /// CPU time per acknowledged message over the same span, microseconds.
     #[serde(default)]
     pub cpu_us_per_message: Option<f64>,
+}
+
+/// One gateway's share of the run, counted by the clients.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct GatewayFigures {
+    pub name: String,
+    /// Sockets opened to it over the run, reconnects included.
+    pub sockets_opened: u64,
+    /// Connections whose last socket was on it when the run ended.
+    pub sockets_at_end: u64,
+    /// Messages received on its sockets, live and resumed.
+    pub messages_delivered: u64,
+}
+
+/// Per gateway of `count`, from every connection's sessions: `(gateway, messages received)`
+/// per session, in the order they were opened.
+pub fn gateway_figures<'a>(
+    count: usize,
+    connections: impl IntoIterator<Item = &'a [(usize, u64)]>,
+) -> Vec<GatewayFigures> {
+    let mut figures: Vec<GatewayFigures> = (0..count)
+        .map(|i| GatewayFigures {
+            name: format!("gateway-{i}"),
+            ..GatewayFigures::default()
+        })
+        .collect();
+    for sessions in connections {
+        for &(gateway, messages) in sessions {
+            if let Some(g) = figures.get_mut(gateway) {
+                g.sockets_opened += 1;
+                g.messages_delivered += messages;
+            }
+        }
+        if let Some(g) = sessions.last().and_then(|&(i, _)| figures.get_mut(i)) {
+            g.sockets_at_end += 1;
+        }
+    }
+    figures
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -519,6 +560,26 @@ pub fn render_table(report: &Report) -> String {
     if let Some(busiest) = &report.busiest_process {
         let _ = writeln!(out, "Busiest process: {busiest}");
     }
+    if report.gateways.len() > 1 {
+        let delivered: u64 = report.gateways.iter().map(|g| g.messages_delivered).sum();
+        let _ = writeln!(
+            out,
+            "\n  {:<14} {:>14} {:>14} {:>12} {:>7}",
+            "gateway", "sockets opened", "sockets at end", "delivered", "share"
+        );
+        for g in &report.gateways {
+            let share = if delivered > 0 {
+                100.0 * g.messages_delivered as f64 / delivered as f64
+            } else {
+                0.0
+            };
+            let _ = writeln!(
+                out,
+                "  {:<14} {:>14} {:>14} {:>12} {:>6.1}%",
+                g.name, g.sockets_opened, g.sockets_at_end, g.messages_delivered, share
+            );
+        }
+    }
     if let Some(per) = report.gateway_rss_per_connection_bytes {
         let _ = writeln!(out, "Gateway RSS per connection: {:.1} KiB", per / 1024.0);
     }
@@ -780,6 +841,7 @@ pub(crate) mod tests {
             busiest_process: busiest(&processes),
             processes,
             gateway_rss_per_connection_bytes: Some(10240.0),
+            gateways: Vec::new(),
             ramp: None,
             faults: Vec::new(),
             resume: ResumeFigures::default(),
@@ -896,6 +958,29 @@ pub(crate) mod tests {
         assert_eq!(figures[0].killed_at_secs, 1.05);
         assert_eq!(figures[1].first_ack_after_kill_ms, None);
         assert_eq!(figures[1].longest_ack_gap_ms, 3000.0);
+    }
+
+    #[test]
+    fn a_gateway_is_credited_with_the_sockets_opened_to_it_and_what_they_received() {
+        // Connection 0 moved from gateway 2 to gateway 0; connection 1 stayed on gateway 1.
+        let moved = [(2, 5), (0, 3)];
+        let stayed = [(1, 4)];
+        let figures = gateway_figures(3, [&moved[..], &stayed[..]]);
+        let summary: Vec<(u64, u64, u64)> = figures
+            .iter()
+            .map(|g| (g.sockets_opened, g.sockets_at_end, g.messages_delivered))
+            .collect();
+        assert_eq!(summary, [(1, 1, 3), (1, 1, 4), (1, 0, 5)]);
+        assert_eq!(figures[2].name, "gateway-2");
+
+        let mut report = sample_report();
+        report.gateways = figures;
+        let table = render_table(&report);
+        assert!(table.contains("sockets at end"), "{table}");
+        assert!(
+            table.contains("41.7%"),
+            "gateway-2's 5 of 12 messages: {table}"
+        );
     }
 
     #[test]

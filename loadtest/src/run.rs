@@ -116,7 +116,7 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
         ));
     }
     let killed = |role: FaultRole| scenario.faults.iter().any(|f| f.role == role);
-    let handlers = if killed(FaultRole::Handler) { 2 } else { 1 };
+    let handlers = scenario.handler_count();
 
     // Measured on a nats-server of their own before the platform starts, so the platform's
     // idle work does not move them. A cluster's baselines need the cluster: they are
@@ -152,12 +152,16 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
                 nats_nodes: scenario.nats_nodes,
                 log_dir: dir.join("logs"),
                 handlers,
+                projectors: scenario.projectors,
+                store: scenario.store,
                 presence_ttl_secs: killed(FaultRole::Redis).then_some(PRESENCE_TTL_UNDER_FAULT),
             })
             .await?;
             let text = format!(
-                "spawned on this machine: {} gateway(s), {handlers} handler(s), 1 projector, {}, redis",
+                "spawned on this machine: {} gateway(s), {handlers} handler(s), {} projector(s), {}, {}, redis",
                 scenario.gateways,
+                scenario.projectors,
+                scenario.store.describe(),
                 spawned.nats_text()
             );
             let (urls, secret, nats) = (
@@ -499,6 +503,20 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
         live.micros_since_origin(sending_end),
     );
     let resume = resume_figures(&live, &ledger, &outcomes, baselines.as_ref());
+    let sessions_by_connection: Vec<Vec<(usize, u64)>> = outcomes
+        .iter()
+        .map(|o| {
+            o.gateways
+                .iter()
+                .zip(&o.sessions)
+                .map(|(&gateway, session)| (gateway, client::messages_in(session)))
+                .collect()
+        })
+        .collect();
+    let gateways = report::gateway_figures(
+        gateway_count,
+        sessions_by_connection.iter().map(Vec::as_slice),
+    );
     let report = Report {
         environment: report::Environment {
             machine: Machine::describe(),
@@ -532,6 +550,7 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
         busiest_process: report::busiest(&processes),
         processes,
         gateway_rss_per_connection_bytes: gateway_rss_per_connection,
+        gateways,
         ramp,
         faults,
         resume,
@@ -1003,6 +1022,9 @@ async fn inject(
             flush_redis(&redis_url).await?;
         }
         record.killed_us = live.now_us();
+        if fault.removed {
+            return on_platform(&platform, move |p| p.remove(fault.role)).await;
+        }
         on_platform(&platform, move |p| p.kill(fault.role)).await?;
         let down = Duration::from_secs_f64(fault.down_secs);
         let watching = dependents

@@ -72,6 +72,17 @@ pub struct Scenario {
     /// intake replicated on every node.
     #[serde(default = "one")]
     pub nats_nodes: usize,
+    /// Handler processes `--spawn` starts; at least two when a fault kills the handler, so
+    /// service continues.
+    #[serde(default = "one")]
+    pub handlers: usize,
+    /// Projector processes `--spawn` starts: they share one durable consumer, each event
+    /// going to one of them. More than one needs the CQL store.
+    #[serde(default = "one")]
+    pub projectors: usize,
+    /// The conversation store of a spawned platform.
+    #[serde(default)]
+    pub store: StoreChoice,
     /// Measure the baselines in the same run and print ratios.
     #[serde(default)]
     pub baselines: bool,
@@ -146,6 +157,27 @@ pub struct Outage {
     pub down_secs: f64,
 }
 
+/// The conversation store `--spawn` gives the platform.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreChoice {
+    /// The embedded SQLite file, shared by the processes on this machine.
+    #[default]
+    Sqlite,
+    /// A local Cassandra node (`cassandra-node` under `PARLEY_HOME`), through the CQL store
+    /// that production runs on ScyllaDB.
+    Cql,
+}
+
+impl StoreChoice {
+    pub fn describe(self) -> &'static str {
+        match self {
+            StoreChoice::Sqlite => "embedded SQLite",
+            StoreChoice::Cql => "CQL store on a local Cassandra node",
+        }
+    }
+}
+
 /// A process of a spawned platform that a fault kills.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
@@ -216,7 +248,9 @@ impl From<FaultRole> for String {
 }
 
 /// Kill `role` with SIGKILL `at_secs` after sending starts; start it again, with the same
-/// ports, configuration and data, `down_secs` later.
+/// ports, configuration and data, `down_secs` later. A `removed` role is stopped with
+/// SIGTERM instead, as a scale-down would (a gateway drains its sockets, which move to the
+/// others), and never started again.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Fault {
@@ -224,6 +258,8 @@ pub struct Fault {
     pub at_secs: f64,
     #[serde(default = "default_down_secs")]
     pub down_secs: f64,
+    #[serde(default)]
+    pub removed: bool,
 }
 
 impl std::str::FromStr for Fault {
@@ -249,6 +285,7 @@ impl std::str::FromStr for Fault {
                 .map(number)
                 .transpose()?
                 .unwrap_or_else(default_down_secs),
+            removed: false,
         })
     }
 }
@@ -459,6 +496,12 @@ impl Scenario {
             &format!("message_bytes must be between {MIN_MESSAGE_BYTES} and {MAX_MESSAGE_BYTES}"),
         );
         check(self.gateways >= 1, "gateways must be at least 1");
+        check(self.handlers >= 1, "handlers must be at least 1");
+        check(self.projectors >= 1, "projectors must be at least 1");
+        check(
+            self.projectors == 1 || self.store == StoreChoice::Cql,
+            "projectors above 1 need store = \"cql\": processes of their own do not share one SQLite writer",
+        );
         check(
             (1..=5).contains(&self.nats_nodes),
             "nats_nodes must be between 1 and 5 (a stream has at most 5 replicas)",
@@ -537,6 +580,28 @@ impl Scenario {
                 fault.down_secs.is_finite() && fault.down_secs >= 0.0,
                 &format!("faults[{i}].down_secs must be zero or more"),
             );
+            if fault.removed {
+                let (kind, count) = match fault.role {
+                    FaultRole::Gateway(_) => ("gateways", self.gateways),
+                    FaultRole::Handler => ("handlers", self.handlers),
+                    FaultRole::Projector => ("projectors", self.projectors),
+                    _ => ("", 0),
+                };
+                check(
+                    !kind.is_empty(),
+                    &format!(
+                        "faults[{i}] removes {}: only a gateway, handler or projector can be removed",
+                        fault.role
+                    ),
+                );
+                check(
+                    kind.is_empty() || count >= 2,
+                    &format!(
+                        "faults[{i}] removes {}, the only one of the {kind}: nothing would be left to serve",
+                        fault.role
+                    ),
+                );
+            }
             match fault.role {
                 FaultRole::Gateway(g) => check(
                     g < self.gateways,
@@ -615,6 +680,19 @@ impl Scenario {
                 .iter()
                 .map(|g| g.count)
                 .sum::<usize>()
+    }
+
+    /// Handler processes to spawn: two at least when a fault kills the handler.
+    pub fn handler_count(&self) -> usize {
+        let killed = self
+            .faults
+            .iter()
+            .any(|f| f.role == FaultRole::Handler && !f.removed);
+        if killed {
+            self.handlers.max(2)
+        } else {
+            self.handlers
+        }
     }
 
     pub fn connections(&self) -> usize {
@@ -784,6 +862,56 @@ mod tests {
                 ..Overrides::default()
             });
         assert!(matches!(bad, Err(ScenarioError::Invalid { .. })));
+    }
+
+    #[test]
+    fn a_scaled_out_platform_is_checked() {
+        let s = Scenario::parse(DM, "t").unwrap();
+        assert_eq!(
+            (s.handlers, s.projectors, s.store),
+            (1, 1, StoreChoice::Sqlite)
+        );
+        let p = problems(&format!("handlers = 0\nprojectors = 2\n{DM}"));
+        assert!(p.iter().any(|p| p.contains("handlers must be")), "{p:?}");
+        assert!(
+            p.iter().any(|p| p.contains("need store = \"cql\"")),
+            "{p:?}"
+        );
+        let scaled = format!("projectors = 2\nstore = \"cql\"\ngateways = 3\n{DM}");
+        Scenario::parse(&scaled, "t").unwrap().validate().unwrap();
+
+        let removing = |role: &str| {
+            format!("{scaled}\n[[faults]]\nrole = \"{role}\"\nat_secs = 1\nremoved = true\n")
+        };
+        Scenario::parse(&removing("gateway-2"), "t")
+            .unwrap()
+            .validate()
+            .unwrap();
+        Scenario::parse(&removing("projector"), "t")
+            .unwrap()
+            .validate()
+            .unwrap();
+        let p = problems(&removing("handler"));
+        assert!(
+            p.iter().any(|p| p.contains("the only one of the handlers")),
+            "{p:?}"
+        );
+        let p = problems(&removing("redis"));
+        assert!(
+            p.iter()
+                .any(|p| p.contains("only a gateway, handler or projector")),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn a_killed_handler_gets_a_second_one_a_removed_one_does_not() {
+        let killed = format!("{DM}\n[[faults]]\nrole = \"handler\"\nat_secs = 1\n");
+        assert_eq!(Scenario::parse(&killed, "t").unwrap().handler_count(), 2);
+        let removed = format!(
+            "handlers = 3\n{DM}\n[[faults]]\nrole = \"handler\"\nat_secs = 1\nremoved = true\n"
+        );
+        assert_eq!(Scenario::parse(&removed, "t").unwrap().handler_count(), 3);
     }
 
     #[test]

@@ -164,6 +164,93 @@ fn clients_of_a_gateway_killed_with_sigkill_resume_on_the_other() {
     all_resumed(&report, 12);
 }
 
+/// Horizontal scale, scaled down mid-run: three gateways, two handlers and two projectors
+/// sharing the CQL store; gateway-2 is removed with SIGTERM, drains, and its clients resume
+/// on the other two.
+#[test]
+fn clients_of_a_removed_gateway_move_to_the_others_of_a_scaled_out_platform() {
+    if !parley_localstack::cql_required()
+        && parley_localstack::find_binary("cassandra-node").is_err()
+    {
+        println!("skipped: no cassandra-node here (infra/install.sh installs it)");
+        return;
+    }
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let scenario = Scenario::parse(
+        r#"
+        name = "scale-down"
+        users = 36
+        connect_rate = 400
+        duration_secs = 12
+        message_bytes = 64
+        gateways = 3
+        handlers = 2
+        projectors = 2
+        store = "cql"
+        [conversations]
+        direct_pairs = 12
+        groups = [{ size = 4, count = 3, senders = 2 }]
+        [rate]
+        messages_per_sec = 100
+        [[faults]]
+        role = "gateway-2"
+        at_secs = 4
+        removed = true
+        "#,
+        "faults",
+    )
+    .unwrap();
+    scenario.validate().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (outcome, _out) = runtime.block_on(support::spawned_run(scenario, "faults test"));
+    let report = outcome.report;
+    println!("{}", render_table(&report));
+    let ledger = &report.ledger;
+    assert!(ledger.log_checked, "the log was not read: {ledger:?}");
+    assert!(ledger.acknowledged_messages > 0, "{ledger:?}");
+    assert!(report.passed, "ledger: {ledger:?} {:?}", ledger.examples);
+    assert_eq!(ledger.excluded_connections, 0, "{ledger:?}");
+    let fault = &report.faults[0];
+    assert_eq!(fault.error, None, "{fault:?}");
+    assert_eq!(
+        fault.restarted_at_secs, None,
+        "a removed gateway stays away"
+    );
+    assert!(
+        fault.first_ack_after_kill_ms.is_some(),
+        "no ack after the removal: {fault:?}"
+    );
+    // Every connection ends on gateway-0 or gateway-1; those that started on gateway-2 (one
+    // in three) opened a second socket elsewhere.
+    let [g0, g1, g2] = &report.gateways[..] else {
+        panic!("three gateways: {:?}", report.gateways)
+    };
+    assert_eq!(g2.sockets_at_end, 0, "{:?}", report.gateways);
+    assert_eq!(
+        g0.sockets_at_end + g1.sockets_at_end,
+        report.connections.connected,
+        "{:?}",
+        report.gateways
+    );
+    assert!(g2.sockets_opened >= 12, "{:?}", report.gateways);
+    assert!(
+        report.connections.reconnects >= g2.sockets_opened,
+        "{:?} {:?}",
+        report.connections,
+        report.gateways
+    );
+    assert!(
+        report.environment.platform.contains("2 projector(s)")
+            && report.environment.platform.contains("CQL"),
+        "{}",
+        report.environment.platform
+    );
+}
+
 #[test]
 fn clients_of_the_only_gateway_resume_once_it_is_back() {
     let report = run_with("gateway@4:2", 1);
