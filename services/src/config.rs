@@ -53,6 +53,7 @@ pub struct Config {
     pub projector: ProjectorConfig,
     pub admin: AdminConfig,
     pub local: LocalConfig,
+    pub traces: TracesConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -635,6 +636,39 @@ impl Default for AdminConfig {
     }
 }
 
+/// OpenTelemetry traces (`[traces]`): off unless an OTLP endpoint is given.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TracesConfig {
+    /// The OTLP/HTTP traces endpoint of a collector, e.g. `http://otel-collector:4318/v1/traces`.
+    /// Unset: no spans are exported and no trace context travels with commands and events.
+    pub otlp_endpoint: Option<String>,
+    pub protocol: OtlpProtocol,
+    /// `service.name` of the exported spans; one per deployment, the role is an attribute.
+    pub service_name: String,
+    /// The share of new traces recorded (0 to 1); a command's trace is recorded by every role
+    /// when it was by the gateway that started it.
+    pub sample_ratio: f64,
+}
+
+impl Default for TracesConfig {
+    fn default() -> Self {
+        TracesConfig {
+            otlp_endpoint: None,
+            protocol: OtlpProtocol::HttpProtobuf,
+            service_name: "parley".into(),
+            sample_ratio: 1.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OtlpProtocol {
+    HttpProtobuf,
+    HttpJson,
+}
+
 /// What `parley up` starts when no servers are configured.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -897,6 +931,20 @@ impl Config {
                 .tls
                 .problems("projector.store.scylla.tls", &mut require);
         }
+        if let Some(endpoint) = &self.traces.otlp_endpoint {
+            require(
+                endpoint.starts_with("http://") && endpoint.len() > "http://".len(),
+                "traces.otlp_endpoint must be an http:// URL (send to a collector; TLS onwards is its job)",
+            );
+        }
+        require(
+            (0.0..=1.0).contains(&self.traces.sample_ratio),
+            "traces.sample_ratio must be between 0 and 1",
+        );
+        require(
+            !self.traces.service_name.trim().is_empty(),
+            "traces.service_name must not be empty",
+        );
         if problems.is_empty() {
             Ok(())
         } else {
@@ -1250,6 +1298,44 @@ mod tests {
         )
         .unwrap();
         assert_eq!(plaintext.projector.store.scylla.options().tls, None);
+    }
+
+    #[test]
+    fn traces_are_configured_from_the_environment_and_wrong_values_refused() {
+        let config = Config::load(
+            None,
+            env(&[
+                (
+                    "PARLEY_TRACES__OTLP_ENDPOINT",
+                    "http://otel-collector:4318/v1/traces",
+                ),
+                ("PARLEY_TRACES__PROTOCOL", "http_json"),
+                ("PARLEY_TRACES__SAMPLE_RATIO", "0.25"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            config.traces.otlp_endpoint.as_deref(),
+            Some("http://otel-collector:4318/v1/traces")
+        );
+        assert_eq!(config.traces.protocol, OtlpProtocol::HttpJson);
+        assert_eq!(config.traces.sample_ratio, 0.25);
+        assert_eq!(Config::default().traces.otlp_endpoint, None);
+
+        let err = Config::from_toml(
+            "[traces]\notlp_endpoint = \"https://collector:4318\"\nsample_ratio = 1.5\nservice_name = \" \"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        for expected in [
+            "traces.otlp_endpoint must be an http:// URL",
+            "traces.sample_ratio must be between 0 and 1",
+            "traces.service_name must not be empty",
+        ] {
+            assert!(err.contains(expected), "missing {expected:?} in {err}");
+        }
+        let err = Config::from_toml("[traces]\nprotocol = \"grpc\"\n").unwrap_err();
+        assert!(err.to_string().contains("protocol"), "{err}");
     }
 
     #[test]

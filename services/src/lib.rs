@@ -8,6 +8,7 @@
 //! - [`projector`]: feeds the conversation store and presence from the log and gateways.
 //! - [`node`]: runs any set of roles in one process, with admin endpoints.
 //! - [`local`]: `parley up`: local servers, a dev secret, every role in one process.
+//! - [`traces`]: OpenTelemetry span export and the trace context carried in NATS headers.
 //! - [`progress`]: the progress bar (or plain lines) of long subcommands.
 //! - [`auth`], [`revocation`], [`admin`], [`telemetry`]: tokens and their revocation,
 //!   health/readiness/metrics, metric names.
@@ -28,6 +29,7 @@ pub mod projector;
 pub mod revocation;
 pub mod telemetry;
 pub mod topology;
+pub mod traces;
 
 /// Milliseconds since the Unix epoch by this machine's clock.
 pub fn unix_millis() -> u64 {

@@ -109,7 +109,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Up => {
-            telemetry::init_logging(cli.log_json);
+            let _spans = telemetry::init_logging(cli.log_json, &config.traces)?;
             let local = LocalPlatform::prepare(config).context("starting local servers")?;
             let config = Arc::clone(&local.config);
             let listeners = bind(&config, true).await?;
@@ -117,7 +117,7 @@ async fn main() -> anyhow::Result<()> {
             serve(config, Roles::ALL, listeners).await
         }
         role => {
-            telemetry::init_logging(cli.log_json);
+            let _spans = telemetry::init_logging(cli.log_json, &config.traces)?;
             let roles = match role {
                 Command::Gateway => Roles::GATEWAY,
                 Command::Handler => Roles::HANDLER,

@@ -232,6 +232,9 @@ impl Projector {
                 },
             };
             let mut events = Vec::with_capacity(chunk.len());
+            // One span per traced event, open while its batch is applied: the last step of
+            // the trace its command started.
+            let mut traced = Vec::new();
             let mut last = None;
             for message in chunk {
                 let message = message.map_err(|e| ProjectorError::Consumer(e.to_string()))?;
@@ -245,6 +248,16 @@ impl Projector {
                         cause: e.to_string(),
                     }
                 })?;
+                if crate::traces::carries_trace(message.headers.as_ref()) {
+                    let span = info_span!(
+                        "event",
+                        otel.name = "projector event",
+                        seq,
+                        event = envelope.event.type_name()
+                    );
+                    crate::traces::continue_trace(&span, message.headers.as_ref());
+                    traced.push(span);
+                }
                 events.push(envelope.recorded(seq));
                 last = Some(message);
             }
@@ -260,6 +273,7 @@ impl Projector {
             last.ack()
                 .await
                 .map_err(|e| ProjectorError::Consumer(e.to_string()))?;
+            drop(traced);
             acknowledged = acknowledged.max(events.iter().map(|e| e.seq).max().unwrap_or(0));
             if replaying.is_some_and(|end| acknowledged >= end) {
                 info!(

@@ -325,16 +325,27 @@ fn describe() {
     );
 }
 
-/// Initialise structured logging for the binary. `RUST_LOG` filters; `json` picks JSON lines.
-pub fn init_logging(json: bool) {
-    use tracing_subscriber::EnvFilter;
+/// Initialise structured logging for the binary, and span export when `[traces]` names an
+/// OTLP endpoint. `RUST_LOG` filters the log lines; `json` picks JSON lines. Exported spans
+/// are Parley's own at info level whatever `RUST_LOG` says, so quiet logs never break a
+/// trace. Keep the returned value until exit: dropping it flushes the spans still queued.
+pub fn init_logging(
+    json: bool,
+    traces: &crate::config::TracesConfig,
+) -> Result<crate::traces::SpanExport, crate::traces::TracesError> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, Layer};
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(true);
-    if json {
-        builder.json().init();
+    let lines = tracing_subscriber::fmt::layer().with_target(true);
+    let lines = if json {
+        lines.json().with_filter(filter).boxed()
     } else {
-        builder.init();
-    }
+        lines.with_filter(filter).boxed()
+    };
+    let (export, spans) = crate::traces::SpanExport::start(traces)?;
+    let mut layers = vec![lines];
+    layers.extend(spans);
+    tracing_subscriber::registry().with(layers).init();
+    Ok(export)
 }

@@ -597,6 +597,7 @@ async fn to_intake(
 ) -> Result<PublishAck, PublishError> {
     let message = PublishMessage::build()
         .payload(command.to_bytes().into())
+        .headers(crate::traces::current_context_headers())
         .message_id(message_id);
     shared
         .topology

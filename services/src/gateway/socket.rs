@@ -312,7 +312,7 @@ async fn handle_text(
     // Joining the line here, in read order, is what keeps the socket's commands to one
     // conversation in the order it sent them.
     let place = sequencer.join(command.conversation());
-    let span = info_span!("command", command = %command.id);
+    let span = info_span!("command", otel.name = "gateway command", command = %command.id);
     tokio::spawn(
         commands::run(Arc::clone(shared), outbox.clone(), command, place, permit).instrument(span),
     );

@@ -570,8 +570,14 @@ fn action_name(command: &Command) -> &'static str {
 async fn run_lane(inner: Arc<Inner>, mut rx: mpsc::Receiver<(Command, Message)>) {
     while let Some((command, message)) = rx.recv().await {
         let delivered = message.info().map(|info| info.delivered).unwrap_or(1);
-        let span =
-            info_span!("command", command = %command.id, action = action_name(&command), delivered);
+        let span = info_span!(
+            "command",
+            otel.name = "handler command",
+            command = %command.id,
+            action = action_name(&command),
+            delivered
+        );
+        crate::traces::continue_trace(&span, message.headers.as_ref());
         handle_command(&inner, command, message, delivered)
             .instrument(span)
             .await;
@@ -660,6 +666,7 @@ async fn execute(inner: &Inner, command: &Command) -> Result<OutcomeResult, Tran
         let started = Instant::now();
         let publish = PublishMessage::build()
             .payload(event.to_bytes().into())
+            .headers(crate::traces::current_context_headers())
             .message_id(event.id.to_string())
             .expected_last_subject_sequence(expected);
         let ack = match inner
