@@ -1486,7 +1486,10 @@ mod tests {
         let config = Config::load(
             None,
             env(&[
-                ("PARLEY_PUSH__WEBHOOK_URL", "https://push.example.com/parley"),
+                (
+                    "PARLEY_PUSH__WEBHOOK_URL",
+                    "https://push.example.com/parley",
+                ),
                 ("PARLEY_PUSH__AUTH_HEADER", "0123456789"),
                 ("PARLEY_PUSH__MAX_ATTEMPTS", "8"),
             ]),
@@ -1507,19 +1510,58 @@ mod tests {
             "the auth header is never shown"
         );
         for (toml, expected) in [
-            ("webhook_url = \"ftp://push.example.com\"", "push.webhook_url must be an http:// or https:// URL"),
-            ("webhook_url = \"push.example.com/hook\"", "push.webhook_url must be an http:// or https:// URL"),
-            ("webhook_url = \"https://user:pw@push.example.com\"", "push.webhook_url must not carry credentials"),
-            ("timeout_ms = 10", "push.timeout_ms must be between 100 and 60000"),
-            ("max_attempts = 0", "push.max_attempts must be between 1 and 100"),
-            ("initial_backoff_ms = 0", "push.initial_backoff_ms must be between 1 and 60000"),
-            ("initial_backoff_ms = 2000\nmax_backoff_ms = 1000", "push.max_backoff_ms must be between push.initial_backoff_ms"),
-            ("concurrency = 0", "push.concurrency must be between 1 and 1024"),
-            ("auth_header = \"Bearer a\\nb\"", "push.auth_header must be a non-empty HTTP header value"),
-            ("auth_header = \" \"", "push.auth_header must be a non-empty HTTP header value"),
-            ("preview_chars = 5000", "push.preview_chars must be at most 4096"),
-            ("dead_letter_max_age_secs = 1", "push.dead_letter_max_age_secs must be between 60"),
-            ("dead_letter_max_bytes = 1000", "push.dead_letter_max_bytes must be at least 1048576"),
+            (
+                "webhook_url = \"ftp://push.example.com\"",
+                "push.webhook_url must be an http:// or https:// URL",
+            ),
+            (
+                "webhook_url = \"push.example.com/hook\"",
+                "push.webhook_url must be an http:// or https:// URL",
+            ),
+            (
+                "webhook_url = \"https://user:pw@push.example.com\"",
+                "push.webhook_url must not carry credentials",
+            ),
+            (
+                "timeout_ms = 10",
+                "push.timeout_ms must be between 100 and 60000",
+            ),
+            (
+                "max_attempts = 0",
+                "push.max_attempts must be between 1 and 100",
+            ),
+            (
+                "initial_backoff_ms = 0",
+                "push.initial_backoff_ms must be between 1 and 60000",
+            ),
+            (
+                "initial_backoff_ms = 2000\nmax_backoff_ms = 1000",
+                "push.max_backoff_ms must be between push.initial_backoff_ms",
+            ),
+            (
+                "concurrency = 0",
+                "push.concurrency must be between 1 and 1024",
+            ),
+            (
+                "auth_header = \"Bearer a\\nb\"",
+                "push.auth_header must be a non-empty HTTP header value",
+            ),
+            (
+                "auth_header = \" \"",
+                "push.auth_header must be a non-empty HTTP header value",
+            ),
+            (
+                "preview_chars = 5000",
+                "push.preview_chars must be at most 4096",
+            ),
+            (
+                "dead_letter_max_age_secs = 1",
+                "push.dead_letter_max_age_secs must be between 60",
+            ),
+            (
+                "dead_letter_max_bytes = 1000",
+                "push.dead_letter_max_bytes must be at least 1048576",
+            ),
             ("max_attempts = -1", "max_attempts"),
             ("webhok_url = \"http://x\"", "webhok_url"),
         ] {

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, kv, stream};
 use parley_events::subjects::{
-    INTAKE_STREAM, INTAKE_SUBJECT, LOG_SHARDS_METADATA, LOG_STREAM, LOG_SUBJECTS,
-    PUSH_DLQ_STREAM, PUSH_DLQ_SUBJECT, REVOCATIONS_BUCKET, Shards,
+    INTAKE_STREAM, INTAKE_SUBJECT, LOG_SHARDS_METADATA, LOG_STREAM, LOG_SUBJECTS, PUSH_DLQ_STREAM,
+    PUSH_DLQ_SUBJECT, REVOCATIONS_BUCKET, Shards,
 };
 
 use crate::config::{Config, IntakeStorage};
@@ -141,6 +141,9 @@ pub fn push_dead_letters_config(config: &Config) -> stream::Config {
         max_age: Duration::from_secs(config.push.dead_letter_max_age_secs),
         max_bytes: config.push.dead_letter_max_bytes,
         discard: stream::DiscardPolicy::Old,
+        // Stated, since the server's default (2 minutes) would exceed the shortest max age
+        // allowed and differ from what the check compares; dead letters are not deduped.
+        duplicate_window: Duration::from_secs(60),
         max_message_size: MAX_STREAM_MESSAGE_BYTES,
         allow_direct: true,
         ..Default::default()

@@ -247,7 +247,11 @@ async fn a_failing_webhook_is_retried_under_the_same_key_until_it_takes_the_noti
     notified_up_to(&platform, event.seq).await;
     let received = hook.received();
     let statuses: Vec<u16> = received.iter().map(|r| r.status).collect();
-    assert_eq!(statuses, [503, 503, 200], "delivered once, after two failures");
+    assert_eq!(
+        statuses,
+        [503, 503, 200],
+        "delivered once, after two failures"
+    );
     for r in &received {
         assert_eq!(r.headers["idempotency-key"], key(&event, "bob").as_str());
         assert_eq!(r.body["recipient"], "bob");
@@ -277,19 +281,40 @@ async fn refused_notifications_are_dead_lettered_listed_and_redriven() {
 
     let letters = dead_letters(&platform, &hook).await;
     assert_eq!(letters.len(), 2, "{letters:?}");
-    assert_eq!(letters[0]["notification"]["event_id"], failing.envelope.id.to_string());
+    assert_eq!(
+        letters[0]["notification"]["event_id"],
+        failing.envelope.id.to_string()
+    );
     assert_eq!(letters[0]["attempts"], 3);
-    assert!(letters[0]["error"].as_str().unwrap().starts_with("HTTP 503"), "{letters:?}");
+    assert!(
+        letters[0]["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("HTTP 503"),
+        "{letters:?}"
+    );
     assert_eq!(letters[1]["notification"]["recipient"], "bob");
     assert_eq!(letters[1]["attempts"], 1);
-    assert!(letters[1]["error"].as_str().unwrap().starts_with("HTTP 400"), "{letters:?}");
+    assert!(
+        letters[1]["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("HTTP 400"),
+        "{letters:?}"
+    );
     let (code, table, _) = parley_push(&platform, &hook, &["dead-letters"]).await;
     assert_eq!(code, 0);
-    assert!(table.contains("HTTP 400") && table.contains("bob"), "{table}");
+    assert!(
+        table.contains("HTTP 400") && table.contains("bob"),
+        "{table}"
+    );
 
     let (code, _, stderr) = parley_push(&platform, &hook, &["redrive", "--seq", "999"]).await;
     assert_eq!(code, 2, "no such dead letter: {stderr}");
-    assert!(stderr.contains("no dead letter at sequence 999"), "{stderr}");
+    assert!(
+        stderr.contains("no dead letter at sequence 999"),
+        "{stderr}"
+    );
 
     // Still refused: the letter stays, with its attempts added up.
     hook.answer(&[400], 503);
@@ -340,12 +365,21 @@ async fn a_projector_restart_loses_no_notification_and_keeps_its_key() {
         .filter(|r| r.status == 200)
         .map(|r| r.headers["idempotency-key"].to_str().unwrap())
         .collect();
-    assert!(delivered.contains(&key(&first, "bob").as_str()), "{received:?}");
-    assert!(delivered.contains(&key(&second, "bob").as_str()), "{received:?}");
+    assert!(
+        delivered.contains(&key(&first, "bob").as_str()),
+        "{received:?}"
+    );
+    assert!(
+        delivered.contains(&key(&second, "bob").as_str()),
+        "{received:?}"
+    );
     let keys = [key(&first, "bob"), key(&second, "bob")];
     for r in &received {
         let key = r.headers["idempotency-key"].to_str().unwrap();
-        assert!(keys.iter().any(|k| k == key), "only these two notifications: {key}");
+        assert!(
+            keys.iter().any(|k| k == key),
+            "only these two notifications: {key}"
+        );
     }
     assert!(dead_letters(&platform, &hook).await.is_empty());
 }
@@ -355,8 +389,16 @@ async fn bad_push_settings_and_arguments_get_clear_errors() {
     let hook = Hook::start(200).await;
     let platform = Platform::start(0).await;
     for (key, value, expected) in [
-        ("PARLEY_PUSH__WEBHOOK_URL", "ftp://push.example", "push.webhook_url must be an http:// or https:// URL"),
-        ("PARLEY_PUSH__MAX_ATTEMPTS", "0", "push.max_attempts must be between 1 and 100"),
+        (
+            "PARLEY_PUSH__WEBHOOK_URL",
+            "ftp://push.example",
+            "push.webhook_url must be an http:// or https:// URL",
+        ),
+        (
+            "PARLEY_PUSH__MAX_ATTEMPTS",
+            "0",
+            "push.max_attempts must be between 1 and 100",
+        ),
     ] {
         let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_parley"))
             .args(["push", "redrive", "--all"])

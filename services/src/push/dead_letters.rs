@@ -125,10 +125,11 @@ async fn stream(
     let js = jetstream::new(nats.client);
     let stream = match js.get_stream(PUSH_DLQ_STREAM).await {
         Ok(stream) => Some(stream),
-        Err(e) if matches!(
-            e.kind(),
-            GetStreamErrorKind::JetStream(ref e) if e.error_code() == ErrorCode::STREAM_NOT_FOUND
-        ) =>
+        Err(e)
+            if matches!(
+                e.kind(),
+                GetStreamErrorKind::JetStream(ref e) if e.error_code() == ErrorCode::STREAM_NOT_FOUND
+            ) =>
         {
             None
         }
@@ -208,7 +209,9 @@ async fn list(config: &Config, json: bool, limit: u64) -> Result<i32, Failure> {
 async fn redrive(config: &Config, seq: Option<u64>) -> Result<i32, Failure> {
     let webhook = Webhook::new(&config.push)
         .map_err(Failure::usage)?
-        .ok_or_else(|| Failure::usage("push.webhook_url is not configured: nowhere to redrive to"))?;
+        .ok_or_else(|| {
+            Failure::usage("push.webhook_url is not configured: nowhere to redrive to")
+        })?;
     let (js, Some(stream)) = stream(config).await? else {
         return match seq {
             Some(seq) => Err(Failure::usage(format!("no dead letter at sequence {seq}"))),
@@ -248,10 +251,9 @@ async fn redrive(config: &Config, seq: Option<u64>) -> Result<i32, Failure> {
         let recipient = letter.notification.recipient.clone();
         match webhook.deliver(&letter.notification, &never).await {
             Ok(attempts) => {
-                stream
-                    .delete_message(seq)
-                    .await
-                    .map_err(|e| Failure::runtime(format!("delivered {seq} but cannot delete it: {e}")))?;
+                stream.delete_message(seq).await.map_err(|e| {
+                    Failure::runtime(format!("delivered {seq} but cannot delete it: {e}"))
+                })?;
                 metrics::counter!(telemetry::PUSH_NOTIFICATIONS_TOTAL, "result" => "redriven")
                     .increment(1);
                 delivered += 1;

@@ -63,7 +63,9 @@ pub enum PushError {
     Presence(#[from] parley_projections::PresenceError),
     #[error("conversation store: {0}")]
     Store(#[from] parley_projections::StoreError),
-    #[error("the conversation store is at log position {position}, still behind event {seq} after {STORE_WAIT:?}")]
+    #[error(
+        "the conversation store is at log position {position}, still behind event {seq} after {STORE_WAIT:?}"
+    )]
     StoreBehind { position: u64, seq: u64 },
     #[error("dead-letter stream: {0}")]
     DeadLetters(String),
@@ -239,9 +241,13 @@ impl Pusher {
         let reconnected = {
             let stop = stop.clone();
             tokio::spawn(async move {
-                let changed = reconnects.changed().await.is_ok();
-                stop.cancel();
-                changed
+                tokio::select! {
+                    () = stop.cancelled() => false,
+                    changed = reconnects.changed() => {
+                        stop.cancel();
+                        changed.is_ok()
+                    }
+                }
             })
         };
         let processed = messages
@@ -303,7 +309,10 @@ impl Pusher {
         };
         match outcome {
             Ok(true) => self.finish(&message, AckKind::Ack, "notified").await,
-            Ok(false) => self.finish(&message, AckKind::Nak(None), "interrupted").await,
+            Ok(false) => {
+                self.finish(&message, AckKind::Nak(None), "interrupted")
+                    .await
+            }
             Err(e) => {
                 warn!(seq, error = %e, retry_in = ?DEFER, "cannot notify a message now; the log hands it out again later");
                 self.finish(&message, AckKind::Nak(Some(DEFER)), "deferred")
@@ -450,7 +459,11 @@ mod tests {
         );
         let recipients: Vec<&str> = sent.iter().map(|n| n.recipient.as_str()).collect();
         assert_eq!(recipients, ["carol", "dave"]);
-        assert_eq!(sent[0].preview.as_deref(), Some("héll"), "characters, not bytes");
+        assert_eq!(
+            sent[0].preview.as_deref(),
+            Some("héll"),
+            "characters, not bytes"
+        );
         assert_eq!(sent[0].seq, 42);
         assert_eq!(sent[0].sender.as_str(), "alice");
         assert_ne!(sent[0].idempotency_key(), sent[1].idempotency_key());

@@ -61,7 +61,9 @@ impl Webhook {
             return Ok(None);
         };
         let invalid = |e: String| PushError::Config(format!("push.webhook_url: {e}"));
-        let url: Uri = url.parse().map_err(|e: http::uri::InvalidUri| invalid(e.to_string()))?;
+        let url: Uri = url
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| invalid(e.to_string()))?;
         // Only an https webhook needs trust roots; reading the system's for a plain http one
         // would fail on a machine that has none for no reason.
         let tls = if url.scheme_str() == Some("https") {
@@ -93,8 +95,9 @@ impl Webhook {
             .auth_header
             .as_ref()
             .map(|value| {
-                let mut value = HeaderValue::from_str(value.expose())
-                    .map_err(|_| PushError::Config("push.auth_header is not a header value".into()))?;
+                let mut value = HeaderValue::from_str(value.expose()).map_err(|_| {
+                    PushError::Config("push.auth_header is not a header value".into())
+                })?;
                 value.set_sensitive(true);
                 Ok::<_, PushError>(value)
             })
@@ -118,7 +121,8 @@ impl Webhook {
         notification: &Notification,
         shutdown: &CancellationToken,
     ) -> Result<u32, Undelivered> {
-        let body = Bytes::from(serde_json::to_vec(notification).expect("a notification serializes"));
+        let body =
+            Bytes::from(serde_json::to_vec(notification).expect("a notification serializes"));
         let key = HeaderValue::from_str(&notification.idempotency_key().to_string())
             .expect("a UUID is a header value");
         let mut attempts = 0;
@@ -152,10 +156,17 @@ impl Webhook {
     }
 
     async fn post(&self, body: Bytes, key: &HeaderValue) -> Attempt {
-        let _permit = self.in_flight.acquire().await.expect("the semaphore is never closed");
+        let _permit = self
+            .in_flight
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
         let mut request = Request::post(self.url.clone())
             .header(header::CONTENT_TYPE, "application/json")
-            .header(header::USER_AGENT, concat!("parley/", env!("CARGO_PKG_VERSION")))
+            .header(
+                header::USER_AGENT,
+                concat!("parley/", env!("CARGO_PKG_VERSION")),
+            )
             .header(IDEMPOTENCY_KEY, key.clone());
         if let Some(auth) = &self.auth {
             request = request.header(header::AUTHORIZATION, auth.clone());
@@ -175,7 +186,8 @@ impl Webhook {
             Ok::<_, hyper_util::client::legacy::Error>((status, body))
         })
         .await;
-        metrics::histogram!(telemetry::PUSH_WEBHOOK_SECONDS).record(started.elapsed().as_secs_f64());
+        metrics::histogram!(telemetry::PUSH_WEBHOOK_SECONDS)
+            .record(started.elapsed().as_secs_f64());
         let (result, attempt) = match answered {
             Err(_) => (
                 "timeout",
