@@ -337,7 +337,7 @@ fn describe() {
     describe_counter!(
         PUSH_NOTIFICATIONS_TOTAL,
         Unit::Count,
-        "Push notifications, by result (delivered, dead_lettered, redriven: delivered by `parley push redrive`)."
+        "Push notifications sent by the push worker, by result (delivered, dead_lettered)."
     );
     describe_counter!(
         PUSH_WEBHOOK_REQUESTS_TOTAL,

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use super::{DeadLetter, PushError, Undelivered, Webhook};
 use crate::admin::Readiness;
 use crate::config::Config;
-use crate::{node, telemetry, unix_millis};
+use crate::{node, unix_millis};
 
 /// Longest `parley push` waits for NATS to answer at start.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -254,8 +254,6 @@ async fn redrive(config: &Config, seq: Option<u64>) -> Result<i32, Failure> {
                 stream.delete_message(seq).await.map_err(|e| {
                     Failure::runtime(format!("delivered {seq} but cannot delete it: {e}"))
                 })?;
-                metrics::counter!(telemetry::PUSH_NOTIFICATIONS_TOTAL, "result" => "redriven")
-                    .increment(1);
                 delivered += 1;
                 println!("delivered  {seq}  to {recipient} ({attempts} attempt(s))");
             }

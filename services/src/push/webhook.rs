@@ -199,7 +199,10 @@ impl Webhook {
             ),
             Ok(Ok((status, _))) if status.is_success() => ("success", Attempt::Delivered),
             Ok(Ok((status, body))) => {
-                let error = format!("HTTP {status}: {}", body.trim());
+                let error = match body.trim() {
+                    "" => format!("HTTP {status}"),
+                    body => format!("HTTP {status}: {body}"),
+                };
                 if retryable(status) {
                     ("retryable_status", Attempt::Retryable(error))
                 } else {
