@@ -131,7 +131,7 @@ fn notifications(
             conversation: envelope.conversation,
             sender: envelope.actor.clone(),
             recipient,
-            preview: Clone::clone(&preview),
+            preview: preview.clone(),
             sent_at: envelope.at,
         })
         .collect()
@@ -260,13 +260,13 @@ impl Pusher {
         stop.cancel();
         let reconnected = reconnected.await.unwrap_or(false) && !shutdown.is_cancelled();
         processed?;
-        Ok(if reconnected {
-            Stopped::Reconnected
+        if reconnected {
+            Ok(Stopped::Reconnected)
         } else if shutdown.is_cancelled() {
-            Stopped::Shutdown
+            Ok(Stopped::Shutdown)
         } else {
-            return Err(PushError::Consumer("consumer stream ended".into()));
-        })
+            Err(PushError::Consumer("consumer stream ended".into()))
+        }
     }
 
     /// Notify one log event's recipients, then acknowledge it; or hand it back to the log.
