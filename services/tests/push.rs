@@ -410,6 +410,21 @@ async fn bad_push_settings_and_arguments_get_clear_errors() {
         assert!(!output.status.success());
         assert!(stderr.contains(expected), "{stderr}");
     }
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_parley"))
+        .args(["push", "redrive", "--all"])
+        .env(
+            "PARLEY_NATS__URL",
+            platform.config.nats.url.as_ref().unwrap().expose(),
+        )
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("push.webhook_url is not configured"),
+        "{stderr}"
+    );
     let (code, _, stderr) = parley_push(&platform, &hook, &["redrive"]).await;
     assert_eq!(code, 2, "--all or --seq is required: {stderr}");
     let (code, _, stderr) = parley_push(&platform, &hook, &["dead-letters", "--limit", "0"]).await;
