@@ -21,6 +21,11 @@ pub const LOG_SUBJECTS: &str = "parley.log.*";
 pub const LOG_SHARDS_METADATA: &str = "parley.shards";
 /// Durable consumer of the conversation projection.
 pub const PROJECTOR_CONSUMER: &str = "projector-conversations";
+/// Durable consumer of the push-notification projection.
+pub const PUSH_CONSUMER: &str = "push-notifications";
+/// Stream of push notifications the webhook kept refusing, kept for inspection and redrive.
+pub const PUSH_DLQ_STREAM: &str = "PARLEY_PUSH_DLQ";
+pub const PUSH_DLQ_SUBJECT: &str = "parley.push.dlq";
 
 /// Object store bucket holding the handlers' latest write-model snapshot.
 pub const HANDLER_SNAPSHOT_BUCKET: &str = "PARLEY_HANDLER_SNAPSHOTS";

@@ -54,6 +54,7 @@ pub struct Config {
     pub admin: AdminConfig,
     pub local: LocalConfig,
     pub traces: TracesConfig,
+    pub push: PushConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -689,6 +690,111 @@ impl Default for LocalConfig {
     }
 }
 
+/// Push notifications for members with no live socket (`services/src/push`), POSTed to the
+/// operator's webhook. Off unless `webhook_url` is set. See `docs/operations.md`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PushConfig {
+    /// `http://` or `https://` URL each notification is POSTed to. Unset: push is off.
+    pub webhook_url: Option<String>,
+    /// Longest one POST may take, connection included, before it counts as failed.
+    pub timeout_ms: u64,
+    /// POSTs of one notification (the first included) before it is dead-lettered.
+    pub max_attempts: u32,
+    /// Backoff before the first retry; doubled per retry up to `max_backoff_ms`, each wait
+    /// drawn at random below that (full jitter).
+    pub initial_backoff_ms: u64,
+    pub max_backoff_ms: u64,
+    /// Most POSTs in flight at once, and most log events being notified at once.
+    pub concurrency: usize,
+    /// The `Authorization` header value sent with each POST (`Bearer …`); never logged.
+    pub auth_header: Option<Secret>,
+    /// Characters of the message body sent as `preview`; 0 sends no preview.
+    pub preview_chars: usize,
+    /// How long the dead-letter stream keeps a notification.
+    pub dead_letter_max_age_secs: u64,
+    /// Bytes the dead-letter stream holds before it drops its oldest notifications.
+    pub dead_letter_max_bytes: i64,
+}
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        PushConfig {
+            webhook_url: None,
+            timeout_ms: 5_000,
+            max_attempts: 5,
+            initial_backoff_ms: 500,
+            max_backoff_ms: 30_000,
+            concurrency: 16,
+            auth_header: None,
+            preview_chars: 100,
+            dead_letter_max_age_secs: 14 * 86_400,
+            dead_letter_max_bytes: 1 << 30,
+        }
+    }
+}
+
+impl PushConfig {
+    fn problems(&self, require: &mut impl FnMut(bool, &str)) {
+        if let Some(url) = &self.webhook_url {
+            let uri = url.parse::<http::Uri>().ok();
+            require(
+                uri.as_ref().is_some_and(|uri| {
+                    matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some()
+                }),
+                &format!(
+                    "push.webhook_url must be an http:// or https:// URL with a host, not {url:?}"
+                ),
+            );
+            require(
+                uri.as_ref()
+                    .and_then(|uri| uri.authority())
+                    .is_none_or(|authority| !authority.as_str().contains('@')),
+                "push.webhook_url must not carry credentials: put them in push.auth_header",
+            );
+        }
+        require(
+            (100..=60_000).contains(&self.timeout_ms),
+            "push.timeout_ms must be between 100 and 60000",
+        );
+        require(
+            (1..=100).contains(&self.max_attempts),
+            "push.max_attempts must be between 1 and 100",
+        );
+        require(
+            (1..=60_000).contains(&self.initial_backoff_ms),
+            "push.initial_backoff_ms must be between 1 and 60000",
+        );
+        require(
+            (self.initial_backoff_ms..=3_600_000).contains(&self.max_backoff_ms),
+            "push.max_backoff_ms must be between push.initial_backoff_ms and 3600000",
+        );
+        require(
+            (1..=1024).contains(&self.concurrency),
+            "push.concurrency must be between 1 and 1024",
+        );
+        require(
+            self.auth_header.as_ref().is_none_or(|value| {
+                !value.expose().trim().is_empty()
+                    && http::HeaderValue::from_str(value.expose()).is_ok()
+            }),
+            "push.auth_header must be a non-empty HTTP header value (visible ASCII, no line breaks)",
+        );
+        require(
+            self.preview_chars <= 4096,
+            "push.preview_chars must be at most 4096 (0: no preview)",
+        );
+        require(
+            (60..=365 * 86_400).contains(&self.dead_letter_max_age_secs),
+            "push.dead_letter_max_age_secs must be between 60 and 31536000",
+        );
+        require(
+            self.dead_letter_max_bytes >= i64::from(crate::topology::MAX_STREAM_MESSAGE_BYTES),
+            "push.dead_letter_max_bytes must be at least 1048576",
+        );
+    }
+}
+
 /// A secret value: deserializes from a string, never shows in `Debug` output or logs.
 #[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(transparent)]
@@ -945,6 +1051,7 @@ impl Config {
             !self.traces.service_name.trim().is_empty(),
             "traces.service_name must not be empty",
         );
+        self.push.problems(&mut require);
         if problems.is_empty() {
             Ok(())
         } else {
@@ -974,7 +1081,7 @@ impl Config {
 }
 
 /// Keys whose environment values are taken as written, never parsed as TOML scalars.
-const VERBATIM_KEYS: [&str; 3] = ["secret", "password", "url"];
+const VERBATIM_KEYS: [&str; 5] = ["secret", "password", "url", "webhook_url", "auth_header"];
 
 /// Turn `PARLEY_SECTION__KEY=value` pairs into a nested dictionary. Values are parsed like
 /// TOML scalars (numbers, booleans, arrays); anything else is a string.
@@ -1456,6 +1563,96 @@ mod tests {
         ] {
             let err = Config::from_toml(&format!("[gateway.rate_limits]\n{toml}\n")).unwrap_err();
             assert!(err.to_string().contains(key), "{toml}: {err}");
+        }
+    }
+
+    #[test]
+    fn push_is_off_by_default_and_each_wrong_push_setting_is_refused() {
+        assert_eq!(Config::default().push.webhook_url, None);
+        let config = Config::load(
+            None,
+            env(&[
+                (
+                    "PARLEY_PUSH__WEBHOOK_URL",
+                    "https://push.example.com/parley",
+                ),
+                ("PARLEY_PUSH__AUTH_HEADER", "0123456789"),
+                ("PARLEY_PUSH__MAX_ATTEMPTS", "8"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            config.push.webhook_url.as_deref(),
+            Some("https://push.example.com/parley")
+        );
+        assert_eq!(
+            config.push.auth_header.as_ref().map(Secret::expose),
+            Some("0123456789"),
+            "taken verbatim"
+        );
+        assert_eq!(config.push.max_attempts, 8);
+        assert!(
+            !format!("{config:?}").contains("0123456789"),
+            "the auth header is never shown"
+        );
+        for (toml, expected) in [
+            (
+                "webhook_url = \"ftp://push.example.com\"",
+                "push.webhook_url must be an http:// or https:// URL",
+            ),
+            (
+                "webhook_url = \"push.example.com/hook\"",
+                "push.webhook_url must be an http:// or https:// URL",
+            ),
+            (
+                "webhook_url = \"https://user:pw@push.example.com\"",
+                "push.webhook_url must not carry credentials",
+            ),
+            (
+                "timeout_ms = 10",
+                "push.timeout_ms must be between 100 and 60000",
+            ),
+            (
+                "max_attempts = 0",
+                "push.max_attempts must be between 1 and 100",
+            ),
+            (
+                "initial_backoff_ms = 0",
+                "push.initial_backoff_ms must be between 1 and 60000",
+            ),
+            (
+                "initial_backoff_ms = 2000\nmax_backoff_ms = 1000",
+                "push.max_backoff_ms must be between push.initial_backoff_ms",
+            ),
+            (
+                "concurrency = 0",
+                "push.concurrency must be between 1 and 1024",
+            ),
+            (
+                "auth_header = \"Bearer a\\nb\"",
+                "push.auth_header must be a non-empty HTTP header value",
+            ),
+            (
+                "auth_header = \" \"",
+                "push.auth_header must be a non-empty HTTP header value",
+            ),
+            (
+                "preview_chars = 5000",
+                "push.preview_chars must be at most 4096",
+            ),
+            (
+                "dead_letter_max_age_secs = 1",
+                "push.dead_letter_max_age_secs must be between 60",
+            ),
+            (
+                "dead_letter_max_bytes = 1000",
+                "push.dead_letter_max_bytes must be at least 1048576",
+            ),
+            ("max_attempts = -1", "max_attempts"),
+            ("webhok_url = \"http://x\"", "webhok_url"),
+        ] {
+            let err = Config::from_toml(&format!("[push]\n{toml}\n")).unwrap_err();
+            assert!(err.to_string().contains(expected), "{toml}: {err}");
         }
     }
 

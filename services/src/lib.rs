@@ -6,6 +6,8 @@
 //! - [`gateway`]: WebSocket endpoint; frames in, commands out, events back.
 //! - [`handler`]: validates commands and appends events with optimistic concurrency.
 //! - [`projector`]: feeds the conversation store and presence from the log and gateways.
+//! - [`push`]: push notifications to the operator's webhook for members with no live
+//!   socket, and `parley push` for its dead letters.
 //! - [`node`]: runs any set of roles in one process, with admin endpoints.
 //! - [`local`]: `parley up`: local servers, a dev secret, every role in one process.
 //! - [`traces`]: OpenTelemetry span export and the trace context carried in NATS headers.
@@ -26,6 +28,7 @@ pub mod local;
 pub mod node;
 pub mod progress;
 pub mod projector;
+pub mod push;
 pub mod revocation;
 pub mod telemetry;
 pub mod topology;

@@ -70,6 +70,9 @@ enum Command {
         #[arg(long, group = "what")]
         token: Option<String>,
     },
+    /// Push notifications: list the dead letters, redrive them to the webhook.
+    #[command(subcommand)]
+    Push(parley_services::push::PushCommand),
 }
 
 /// Longest `parley revoke` waits for NATS.
@@ -107,6 +110,9 @@ async fn main() -> anyhow::Result<()> {
             .context("NATS did not answer within 10 s")??;
             println!("revoked");
             Ok(())
+        }
+        Command::Push(command) => {
+            std::process::exit(parley_services::push::dead_letters::run(&config, command).await)
         }
         Command::Up => {
             let _spans = telemetry::init_logging(cli.log_json, &config.traces)?;

@@ -86,6 +86,8 @@ pub enum NodeError {
     RoleFailed { role: &'static str, cause: String },
     #[error("admin endpoint: {0}")]
     Admin(std::io::Error),
+    #[error("push: {0}")]
+    Push(#[from] crate::push::PushError),
 }
 
 /// A NATS client and the count of its connections: 1 after the first, one more after each
@@ -327,7 +329,7 @@ pub async fn run(
         .inspect_err(|e| error!(error = %e, "cannot set up the JetStream topology"))?;
     // Presence needs neither the store nor the log: it follows updates from the moment NATS
     // answers, so sockets that open while the rest of the node starts are not missed.
-    if let Some(presence) = presence {
+    if let Some(presence) = presence.clone() {
         let stop = shutdown.clone();
         let (client, readiness) = (client.clone(), readiness.clone());
         tasks.spawn(async move {
@@ -372,7 +374,7 @@ pub async fn run(
             Arc::clone(&config),
             nats.clone(),
             topology.clone(),
-            store,
+            Arc::clone(&store),
             readiness.clone(),
         );
         let stop = shutdown.clone();
@@ -380,6 +382,20 @@ pub async fn run(
             projector.run(stop).await;
             ("projector", Ok(()))
         });
+        let pusher = crate::push::Pusher::build(
+            Arc::clone(&config),
+            nats.clone(),
+            topology.clone(),
+            store,
+            presence.expect("built for the projector"),
+        )?;
+        if let Some(pusher) = pusher {
+            let stop = shutdown.clone();
+            tasks.spawn(async move {
+                pusher.run(stop).await;
+                ("push", Ok(()))
+            });
+        }
     }
     if roles.gateway {
         let listener = listeners.gateway.ok_or(NodeError::NoGatewayListener)?;

@@ -57,6 +57,12 @@ pub const PRESENCE_UPDATES_TOTAL: &str = "parley_presence_updates_total";
 pub const PRESENCE_ERRORS_TOTAL: &str = "parley_presence_errors_total";
 pub const PRESENCE_CHANGES_TOTAL: &str = "parley_presence_changes_total";
 pub const PRESENCE_QUERIES_TOTAL: &str = "parley_presence_queries_total";
+pub const PUSH_EVENTS_TOTAL: &str = "parley_push_events_total";
+pub const PUSH_NOTIFICATIONS_TOTAL: &str = "parley_push_notifications_total";
+pub const PUSH_WEBHOOK_REQUESTS_TOTAL: &str = "parley_push_webhook_requests_total";
+pub const PUSH_RETRIES_TOTAL: &str = "parley_push_retries_total";
+pub const PUSH_WEBHOOK_SECONDS: &str = "parley_push_webhook_seconds";
+pub const PUSH_CONSUMER_PENDING: &str = "parley_push_consumer_pending";
 
 const LATENCY_BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
@@ -322,6 +328,36 @@ fn describe() {
         PRESENCE_QUERIES_TOTAL,
         Unit::Count,
         "Presence queries answered, by result."
+    );
+    describe_counter!(
+        PUSH_EVENTS_TOTAL,
+        Unit::Count,
+        "Log events the push worker finished with, by result (notified, not_a_message, deferred: handed back to the log for later, interrupted, undecodable)."
+    );
+    describe_counter!(
+        PUSH_NOTIFICATIONS_TOTAL,
+        Unit::Count,
+        "Push notifications sent by the push worker, by result (delivered, dead_lettered)."
+    );
+    describe_counter!(
+        PUSH_WEBHOOK_REQUESTS_TOTAL,
+        Unit::Count,
+        "POSTs to the push webhook, by result (success, retryable_status: 5xx/408/429, refused: any other status, timeout, connection)."
+    );
+    describe_counter!(
+        PUSH_RETRIES_TOTAL,
+        Unit::Count,
+        "POSTs to the push webhook retried after a retryable failure."
+    );
+    describe_histogram!(
+        PUSH_WEBHOOK_SECONDS,
+        Unit::Seconds,
+        "One POST to the push webhook, connection included, until its answer or timeout."
+    );
+    describe_gauge!(
+        PUSH_CONSUMER_PENDING,
+        Unit::Count,
+        "Log events not yet handed to the push worker, as of the last one it took (its lag)."
     );
 }
 

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, kv, stream};
 use parley_events::subjects::{
-    INTAKE_STREAM, INTAKE_SUBJECT, LOG_SHARDS_METADATA, LOG_STREAM, LOG_SUBJECTS,
-    REVOCATIONS_BUCKET, Shards,
+    INTAKE_STREAM, INTAKE_SUBJECT, LOG_SHARDS_METADATA, LOG_STREAM, LOG_SUBJECTS, PUSH_DLQ_STREAM,
+    PUSH_DLQ_SUBJECT, REVOCATIONS_BUCKET, Shards,
 };
 
 use crate::config::{Config, IntakeStorage};
@@ -127,11 +127,38 @@ pub fn revocations_bucket_config(config: &Config) -> kv::Config {
     }
 }
 
-/// Create both streams if missing, then check that what exists matches `config`.
+/// The push notifications the webhook kept refusing, until an operator redrives them or
+/// they age out; bounded in age and bytes (oldest dropped first), and deletable one by one
+/// (a redriven notification leaves it).
+pub fn push_dead_letters_config(config: &Config) -> stream::Config {
+    stream::Config {
+        name: PUSH_DLQ_STREAM.into(),
+        description: Some("Parley push notifications the webhook kept refusing".into()),
+        subjects: vec![PUSH_DLQ_SUBJECT.into()],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        num_replicas: config.log.replicas,
+        max_age: Duration::from_secs(config.push.dead_letter_max_age_secs),
+        max_bytes: config.push.dead_letter_max_bytes,
+        discard: stream::DiscardPolicy::Old,
+        // Stated, since the server's default (2 minutes) would exceed the shortest max age
+        // allowed and differ from what the check compares; dead letters are not deduped.
+        duplicate_window: Duration::from_secs(60),
+        max_message_size: MAX_STREAM_MESSAGE_BYTES,
+        allow_direct: true,
+        ..Default::default()
+    }
+}
+
+/// Create the streams if missing (the push dead letters only when push is on), then check
+/// that what exists matches `config`.
 pub async fn ensure(js: jetstream::Context, config: &Config) -> Result<Topology, TopologyError> {
     let shards = Shards::new(config.log.shards).expect("validated by Config::validate");
     let log = ensure_stream(&js, LOG_STREAM, log_stream_config(config)).await?;
     let intake = ensure_intake(&js, config).await?;
+    if config.push.webhook_url.is_some() {
+        ensure_stream(&js, PUSH_DLQ_STREAM, push_dead_letters_config(config)).await?;
+    }
     Ok(Topology {
         js,
         log,
