@@ -11,6 +11,8 @@
 //! - [`node`]: runs any set of roles in one process, with admin endpoints.
 //! - [`local`]: `parley up`: local servers, a dev secret, every role in one process.
 //! - [`traces`]: OpenTelemetry span export and the trace context carried in NATS headers.
+//! - [`log_tools`]: `parley log …` and `parley conversation at`: the log read, exported,
+//!   imported, and a conversation as it was at a point.
 //! - [`progress`]: the progress bar (or plain lines) of long subcommands.
 //! - [`auth`], [`revocation`], [`admin`], [`telemetry`]: tokens and their revocation,
 //!   health/readiness/metrics, metric names.
@@ -25,6 +27,7 @@ pub mod config;
 pub mod gateway;
 pub mod handler;
 pub mod local;
+pub mod log_tools;
 pub mod node;
 pub mod progress;
 pub mod projector;

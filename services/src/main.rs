@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use parley_events::UserId;
 use parley_services::config::{Config, ENV_CONFIG_FILE, StoreKind};
 use parley_services::local::{LocalPlatform, dev_secret};
+use parley_services::log_tools::{self, ConversationCommand, LogCommand, LogToolsError};
 use parley_services::node::{self, Listeners, Roles};
 use parley_services::revocation::{self, Revocation};
 use parley_services::{auth, telemetry, unix_millis};
@@ -73,6 +74,14 @@ enum Command {
     /// Push notifications: list the dead letters, redrive them to the webhook.
     #[command(subcommand)]
     Push(parley_services::push::PushCommand),
+    /// Read and write the event log: tail, show, stats, export, import. Exit codes: 0 ok,
+    /// 1 NATS unreachable or nothing found, 2 bad arguments or a bad input file.
+    #[command(subcommand)]
+    Log(LogCommand),
+    /// Conversations from the log: `at`, a conversation as it was at a point. Exit codes as
+    /// for `log`.
+    #[command(subcommand)]
+    Conversation(ConversationCommand),
 }
 
 /// Longest `parley revoke` waits for NATS.
@@ -114,6 +123,10 @@ async fn main() -> anyhow::Result<()> {
         Command::Push(command) => {
             std::process::exit(parley_services::push::dead_letters::run(&config, command).await)
         }
+        Command::Log(command) => exit_on_error(log_tools::run_log(&config, command).await),
+        Command::Conversation(command) => {
+            exit_on_error(log_tools::run_conversation(&config, command).await)
+        }
         Command::Up => {
             let _spans = telemetry::init_logging(cli.log_json, &config.traces)?;
             let local = LocalPlatform::prepare(config).context("starting local servers")?;
@@ -134,6 +147,15 @@ async fn main() -> anyhow::Result<()> {
             serve(config, roles, listeners).await
         }
     }
+}
+
+/// A log tool's error on standard error, with its exit code.
+fn exit_on_error(result: Result<(), LogToolsError>) -> anyhow::Result<()> {
+    if let Err(e) = result {
+        eprintln!("Error: {e}");
+        std::process::exit(e.exit_code());
+    }
+    Ok(())
 }
 
 async fn bind(config: &Config, gateway: bool) -> anyhow::Result<Listeners> {
