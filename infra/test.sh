@@ -4,7 +4,8 @@
 # start real nats-server / redis-server from .parley/bin through the parley-localstack
 # crate, and a local Cassandra node for the CQL store's conformance suite and fault tests),
 # then the TypeScript client's tests (clients/js/test.sh: npm ci, build, unit tests,
-# integration tests against target/debug/parley).
+# integration tests against target/debug/parley) and the web chat's browser tests
+# (clients/web/test.sh: Debian's Chromium driven by playwright-core).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -32,5 +33,6 @@ else
 fi
 # The TypeScript client's tests run against the parley binary the cargo tests just built.
 clients/js/test.sh
+clients/web/test.sh
 
-echo "infra/test.sh: install, fmt, clippy, Rust and JS tests passed in $((SECONDS - start)) s"
+echo "infra/test.sh: install, fmt, clippy, Rust, JS and browser tests passed in $((SECONDS - start)) s"

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The web chat's tests: Debian's Chromium (installed from Debian's archive when missing),
+# the locked npm packages (playwright-core drives the system browser; it downloads none),
+# the page built over the client library (clients/js/test.sh builds it first), then two
+# users chatting in two browser contexts against a real `parley up` ($PARLEY_BIN, default
+# the workspace's target/debug/parley). Screenshots land in clients/web/test-artifacts/.
+set -euo pipefail
+
+cd "$(dirname "$0")"
+repo=$(cd ../.. && pwd)
+export PARLEY_BIN=${PARLEY_BIN:-$repo/target/debug/parley}
+if [ ! -x "$PARLEY_BIN" ]; then
+    echo "clients/web/test.sh: no parley binary at $PARLEY_BIN (cargo build -p parley-services, or set PARLEY_BIN)" >&2
+    exit 1
+fi
+
+export CHROMIUM=${CHROMIUM:-$(command -v chromium || true)}
+if [ -z "$CHROMIUM" ]; then
+    echo "clients/web/test.sh: installing Debian's chromium for the browser tests" >&2
+    as_root=()
+    [ "$(id -u)" -eq 0 ] || as_root=(sudo -n)
+    if ! "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null; then
+        "${as_root[@]}" apt-get update -q >/dev/null
+        "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null
+    fi
+    CHROMIUM=$(command -v chromium)
+fi
+
+if [ ! -f ../js/dist/index.js ]; then
+    (cd ../js && npm ci --no-audit --no-fund && npm run build)
+fi
+npm ci --no-audit --no-fund
+npm run build
+npm test
