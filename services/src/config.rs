@@ -280,6 +280,13 @@ pub struct GatewayConfig {
     pub drain_secs: u64,
     /// Token buckets on requests and upgrades.
     pub rate_limits: RateLimitsConfig,
+    /// A directory of static files served at `/` (the web chat's `clients/web/dist`), so
+    /// the page and its sockets share one origin. Unset: the gateway serves `/ws` only.
+    pub web_dir: Option<PathBuf>,
+    /// `POST /dev/token` mints a token for any user. Set only by `parley up` when it made
+    /// its own development secret; no file or variable can turn it on.
+    #[serde(skip)]
+    pub dev_tokens: bool,
 }
 
 impl Default for GatewayConfig {
@@ -298,6 +305,8 @@ impl Default for GatewayConfig {
             presence_ttl_secs: 60,
             drain_secs: 10,
             rate_limits: RateLimitsConfig::default(),
+            web_dir: None,
+            dev_tokens: false,
         }
     }
 }
@@ -986,6 +995,15 @@ impl Config {
                 .all(|o| o.starts_with("http://") || o.starts_with("https://")),
             "gateway.allowed_origins entries must start with http:// or https://",
         );
+        if let Some(dir) = &gateway.web_dir {
+            require(
+                dir.join("index.html").is_file(),
+                &format!(
+                    "gateway.web_dir must be a directory holding index.html: {} (build the web chat: cd clients/web && npm ci && npm run build)",
+                    dir.display()
+                ),
+            );
+        }
         gateway.rate_limits.problems(&mut require);
         require(self.handler.lanes >= 1, "handler.lanes must be at least 1");
         require(

@@ -59,9 +59,14 @@ impl LocalPlatform {
             None => {
                 let path = data_dir.join("dev-secret");
                 config.auth.secret = Some(dev_secret(&path)?);
+                // Only a secret of its own making: a configured one may sign real users.
+                config.gateway.dev_tokens = true;
                 Some(path)
             }
         };
+        if config.gateway.web_dir.is_none() && Path::new(WEB_CHAT).join("index.html").is_file() {
+            config.gateway.web_dir = Some(PathBuf::from(WEB_CHAT));
+        }
         Ok(LocalPlatform {
             config: Arc::new(config),
             nats,
@@ -70,6 +75,10 @@ impl LocalPlatform {
         })
     }
 }
+
+/// The web chat as `clients/web` builds it, from the repository's root (where
+/// `infra/up.sh` runs `parley up`): served at `/` unless `gateway.web_dir` says otherwise.
+const WEB_CHAT: &str = "clients/web/dist";
 
 /// The development secret stored at `path`, created (readable by the owner only) if
 /// missing.

@@ -41,6 +41,7 @@ async function signIn(url, token) {
   me = welcome.user;
   setStatus("live");
   $("signin").hidden = true;
+  $("dev-signin").hidden = true;
   $("chat").hidden = false;
   const page = await client.conversations({ limit: 100 });
   for (const entry of page.conversations) conversations.set(entry.conversation, entry);
@@ -236,6 +237,30 @@ $("signin").addEventListener("submit", (event) => {
   event.preventDefault();
   const form = new FormData(event.target);
   signIn(String(form.get("url")), String(form.get("token"))).catch((error) => setStatus(`sign-in failed: ${error.message}`));
+});
+
+// Served by a gateway, the page's sockets go to the same host; opened as a file, to the
+// address `parley up` listens on by default.
+const ownGateway = location.protocol.startsWith("http")
+  ? `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`
+  : "ws://127.0.0.1:8080/ws";
+$("signin-url").value = ownGateway;
+
+$("dev-signin").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const user = String(new FormData(event.target).get("user")).trim();
+  try {
+    const response = await fetch("dev/token", {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ user }),
+    });
+    const answer = await response.json().catch(() => ({}));
+    if (!response.ok) throw new Error(answer.message ?? `this server signs no development tokens (HTTP ${response.status})`);
+    await signIn(ownGateway, answer.token);
+  } catch (error) {
+    setStatus(`sign-in failed: ${error.message}`);
+  }
 });
 
 $("new-direct").addEventListener("submit", async (event) => {

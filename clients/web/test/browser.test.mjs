@@ -1,13 +1,13 @@
 /**
  * The web chat in a real browser: Debian's Chromium driven by playwright-core (no browser
- * download), against a real `parley up`. Two browser contexts are alice and bob; they
- * chat; bob's network drops, alice writes while he is away, and when bob is back his page
- * shows what he missed, in order, once. Screenshots go to test-artifacts/.
+ * download), served by a real `parley up` (`gateway.web_dir`) with its development sign-in.
+ * Two browser contexts are alice and bob; they chat; bob's network drops, alice writes
+ * while he is away, and when bob is back his page shows what he missed, in order, once.
+ * Screenshots go to test-artifacts/.
  */
 import assert from "node:assert/strict";
-import { createReadStream } from "node:fs";
 import { mkdir } from "node:fs/promises";
-import http from "node:http";
+import net from "node:net";
 import path from "node:path";
 import { after, before, test } from "node:test";
 import { fileURLToPath } from "node:url";
@@ -18,38 +18,35 @@ const here = path.dirname(fileURLToPath(import.meta.url));
 const dist = path.resolve(here, "../dist");
 const artifacts = path.resolve(here, "../test-artifacts");
 const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
-const TYPES = { ".html": "text/html", ".js": "text/javascript", ".css": "text/css", ".map": "application/json" };
 
-/** The built page on 127.0.0.1: only the files in dist/, by name. */
-async function servePage() {
-  const server = http.createServer((request, response) => {
-    const name = new URL(request.url, "http://page").pathname.slice(1) || "index.html";
-    if (!/^[a-z]+\.[a-z.]+$/.test(name)) {
-      response.writeHead(404).end();
-      return;
-    }
-    const stream = createReadStream(path.join(dist, name));
-    stream.on("error", () => response.writeHead(404).end());
-    stream.on("open", () => {
-      response.writeHead(200, { "content-type": TYPES[path.extname(name)] ?? "application/octet-stream" });
-      stream.pipe(response);
-    });
-  });
+/** A loopback port free now: the gateway's, fixed before it starts so that bob's proxy
+ * and the allowed origins can name it. */
+async function freePort() {
+  const server = net.createServer();
   await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
-  return { origin: `http://127.0.0.1:${server.address().port}`, close: () => new Promise((r) => server.close(r)) };
+  const { port } = server.address();
+  await new Promise((resolve) => server.close(resolve));
+  return port;
 }
 
-let page;
+let gateway;
 let parley;
 let bobsNetwork;
 let browser;
 
 before(async () => {
   await mkdir(artifacts, { recursive: true });
-  page = await servePage();
-  // `parley up` lets only its own origins open sockets unless told otherwise.
-  parley = await startParley({ PARLEY_GATEWAY__ALLOWED_ORIGINS: JSON.stringify([page.origin]) });
-  bobsNetwork = await startProxy(parley.url);
+  const port = await freePort();
+  gateway = `http://127.0.0.1:${port}`;
+  // Bob reaches the gateway, page and socket alike, through a proxy the test can cut.
+  bobsNetwork = await startProxy(`ws://127.0.0.1:${port}/ws`);
+  const bobsOrigin = bobsNetwork.url.replace(/^ws/, "http").replace(/\/ws$/, "");
+  parley = await startParley({
+    PARLEY_GATEWAY__LISTEN: `127.0.0.1:${port}`,
+    PARLEY_GATEWAY__WEB_DIR: dist,
+    PARLEY_GATEWAY__ALLOWED_ORIGINS: JSON.stringify([gateway, bobsOrigin]),
+  });
+  bobsNetwork.origin = bobsOrigin;
   browser = await chromium.launch({
     executablePath: CHROMIUM,
     // Root in CI containers has no user namespace for the sandbox; the page is our own.
@@ -61,17 +58,17 @@ after(async () => {
   await browser?.close();
   await bobsNetwork?.close();
   await parley?.stop();
-  await page?.close();
 });
 
-/** A signed-in chat page for `user`, its sockets going to `url`. */
-async function signedIn(user, url) {
+/** `user` signed in on the page served at `origin`, by the development sign-in. */
+async function signedIn(user, origin) {
   const context = await browser.newContext();
   const tab = await context.newPage();
   const problems = [];
   tab.on("pageerror", (error) => problems.push(error.message));
-  const token = await parley.token(user);
-  await tab.goto(`${page.origin}/#url=${encodeURIComponent(url)}&token=${encodeURIComponent(token)}`);
+  await tab.goto(`${origin}/`);
+  await tab.getByLabel("User name").fill(user);
+  await tab.getByRole("button", { name: "Sign in as this user" }).click();
   await tab.getByRole("status").filter({ hasText: `signed in as ${user}` }).waitFor();
   return { tab, problems };
 }
@@ -79,8 +76,8 @@ async function signedIn(user, url) {
 const messagesOf = (tab) => tab.locator("#messages li").evaluateAll((items) => items.map((li) => li.textContent));
 
 test("two users chat; one drops off the network and, back, sees what was missed in order, once", async () => {
-  const alice = await signedIn("alice", parley.url);
-  const bob = await signedIn("bob", bobsNetwork.url);
+  const alice = await signedIn("alice", gateway);
+  const bob = await signedIn("bob", bobsNetwork.origin);
 
   await alice.tab.getByLabel("Chat with user").fill("bob");
   await alice.tab.getByRole("button", { name: "Open" }).click();

@@ -23,6 +23,7 @@ mod resume;
 mod revocations;
 mod socket;
 mod typing;
+mod web;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -206,6 +207,7 @@ impl Gateway {
         ];
         let app = Router::new()
             .route("/ws", get(upgrade))
+            .merge(web::routes(&shared))
             .with_state(Arc::clone(&shared));
         let address = listener.local_addr()?;
         info!(%address, gateway = %shared.name, "gateway listening");
@@ -266,6 +268,19 @@ impl Shared {
     }
 }
 
+/// Whether a browser page of the request's origin may use the gateway: any when
+/// `gateway.allowed_origins` is empty, and requests without an `Origin` header (not from a
+/// browser page) always.
+fn origin_allowed(shared: &Shared, headers: &HeaderMap) -> bool {
+    let allowed = &shared.config.gateway.allowed_origins;
+    match headers.get(header::ORIGIN) {
+        Some(origin) if !allowed.is_empty() => {
+            allowed.iter().any(|a| origin.as_bytes() == a.as_bytes())
+        }
+        _ => true,
+    }
+}
+
 fn refuse(status: StatusCode, code: ErrorCode, message: &str) -> Response {
     refuse_with(status, HttpError::new(code, message))
 }
@@ -311,11 +326,7 @@ async fn upgrade(
             .insert(header::RETRY_AFTER, limited.retry_after_secs().into());
         return response;
     }
-    let allowed = &shared.config.gateway.allowed_origins;
-    if let Some(origin) = headers.get(header::ORIGIN)
-        && !allowed.is_empty()
-        && !allowed.iter().any(|a| origin.as_bytes() == a.as_bytes())
-    {
+    if !origin_allowed(&shared, &headers) {
         return refuse(
             StatusCode::FORBIDDEN,
             ErrorCode::OriginNotAllowed,

@@ -571,8 +571,26 @@ pub fn alice_posts(
 
 /// A plain HTTP GET, enough for the admin endpoints: (status, body).
 pub async fn http_get(address: SocketAddr, path: &str) -> (u16, String) {
+    http_request(address, "GET", path, &[], "").await
+}
+
+/// A plain HTTP/1.1 request with `headers` and `body`: (status, body).
+pub async fn http_request(
+    address: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
     let mut tcp = tokio::net::TcpStream::connect(address).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    let headers: String = headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{headers}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
     tcp.write_all(request.as_bytes()).await.unwrap();
     let mut response = String::new();
     tcp.read_to_string(&mut response).await.unwrap();
