@@ -110,9 +110,15 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Up => {
             telemetry::init_logging(cli.log_json);
-            let local = LocalPlatform::prepare(config).context("starting local servers")?;
+            let mut local = LocalPlatform::prepare(config).context("starting local servers")?;
+            let listeners = bind(&local.config, true).await?;
+            let gateway = listeners
+                .gateway
+                .as_ref()
+                .context("gateway listener")?
+                .local_addr()?;
+            local.allow_own_origins(gateway);
             let config = Arc::clone(&local.config);
-            let listeners = bind(&config, true).await?;
             print_banner(&local, &listeners)?;
             serve(config, Roles::ALL, listeners).await
         }
@@ -213,8 +219,17 @@ fn print_banner(local: &LocalPlatform, listeners: &Listeners) -> anyhow::Result<
             store.scylla.consistency
         ),
     };
+    let scheme = if config.gateway.tls.enabled {
+        "wss"
+    } else {
+        "ws"
+    };
     println!("Parley is up.");
-    println!("  WebSocket   ws://{gateway}/ws?access_token=<token>");
+    println!("  WebSocket   {scheme}://{gateway}/ws?access_token=<token>");
+    println!(
+        "  Origins     {} (gateway.allowed_origins; requests without Origin pass)",
+        config.gateway.allowed_origins.join(" ")
+    );
     println!("  Admin       http://{admin}/healthz  /readyz  /metrics");
     println!("  NATS        {nats}");
     println!("  Redis       {redis}");

@@ -57,6 +57,9 @@ pub const PRESENCE_UPDATES_TOTAL: &str = "parley_presence_updates_total";
 pub const PRESENCE_ERRORS_TOTAL: &str = "parley_presence_errors_total";
 pub const PRESENCE_CHANGES_TOTAL: &str = "parley_presence_changes_total";
 pub const PRESENCE_QUERIES_TOTAL: &str = "parley_presence_queries_total";
+pub const GATEWAY_CONNECTIONS_CLOSED_EARLY_TOTAL: &str =
+    "parley_gateway_connections_closed_early_total";
+pub const GATEWAY_TLS_RELOADS_TOTAL: &str = "parley_gateway_tls_reloads_total";
 
 const LATENCY_BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
