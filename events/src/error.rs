@@ -55,10 +55,13 @@ pub enum ErrorCode {
     /// The referenced sequence is not a message of this conversation, or the message was
     /// deleted (for edits, reactions and replies).
     MessageNotFound,
+    /// This address holds as many connections to the gateway as it may
+    /// (`gateway.max_connections_per_ip`); retry once one of them has closed.
+    TooManyConnections,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 20] = [
+    pub const ALL: [ErrorCode; 21] = [
         ErrorCode::BadFrame,
         ErrorCode::UnknownFrameType,
         ErrorCode::MessageTooLarge,
@@ -79,6 +82,7 @@ impl ErrorCode {
         ErrorCode::Muted,
         ErrorCode::RateLimited,
         ErrorCode::MessageNotFound,
+        ErrorCode::TooManyConnections,
     ];
 
     /// The code as it appears on the wire.
@@ -104,6 +108,7 @@ impl ErrorCode {
             ErrorCode::Muted => "muted",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::MessageNotFound => "message_not_found",
+            ErrorCode::TooManyConnections => "too_many_connections",
         }
     }
 
@@ -111,7 +116,10 @@ impl ErrorCode {
     pub fn retryable(self) -> bool {
         matches!(
             self,
-            ErrorCode::Timeout | ErrorCode::Unavailable | ErrorCode::RateLimited
+            ErrorCode::Timeout
+                | ErrorCode::Unavailable
+                | ErrorCode::RateLimited
+                | ErrorCode::TooManyConnections
         )
     }
 }

@@ -287,6 +287,14 @@ pub struct GatewayConfig {
     /// its own development secret; no file or variable can turn it on.
     #[serde(skip)]
     pub dev_tokens: bool,
+    /// Milliseconds a new connection has to complete its TLS handshake and to send the
+    /// upgrade request's line and headers; a slower one is closed.
+    pub header_timeout_ms: u64,
+    /// Most connections open at once from one IP address (IPv6: one /64), counted from
+    /// accept to close; `rate_limits.exempt_networks` are spared.
+    pub max_connections_per_ip: usize,
+    /// `wss://`: the listener speaks TLS.
+    pub tls: GatewayTlsConfig,
 }
 
 impl Default for GatewayConfig {
@@ -307,7 +315,68 @@ impl Default for GatewayConfig {
             rate_limits: RateLimitsConfig::default(),
             web_dir: None,
             dev_tokens: false,
+            header_timeout_ms: 10_000,
+            max_connections_per_ip: 1_000,
+            tls: GatewayTlsConfig::default(),
         }
+    }
+}
+
+/// TLS served by the gateway (`[gateway.tls]`). The certificate is read at start (a missing
+/// or malformed file stops the gateway there) and again whenever either file changes, so
+/// a rotated certificate takes effect without a restart; a replacement that cannot be used
+/// keeps the previous certificate in service.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayTlsConfig {
+    pub enabled: bool,
+    /// PEM certificate chain, leaf first.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`.
+    pub key_file: Option<PathBuf>,
+    /// Seconds between checks of the files' modification times.
+    pub reload_secs: u64,
+}
+
+impl Default for GatewayTlsConfig {
+    fn default() -> Self {
+        GatewayTlsConfig {
+            enabled: false,
+            cert_file: None,
+            key_file: None,
+            reload_secs: 5,
+        }
+    }
+}
+
+impl GatewayTlsConfig {
+    /// The certificate and key files, when TLS is on.
+    pub fn files(&self) -> Option<(&Path, &Path)> {
+        match (self.enabled, &self.cert_file, &self.key_file) {
+            (true, Some(cert), Some(key)) => Some((cert.as_path(), key.as_path())),
+            _ => None,
+        }
+    }
+
+    fn problems(&self, require: &mut impl FnMut(bool, &str)) {
+        require(
+            !self.enabled || (self.cert_file.is_some() && self.key_file.is_some()),
+            "gateway.tls.enabled needs both gateway.tls.cert_file and gateway.tls.key_file",
+        );
+        require(
+            self.enabled || (self.cert_file.is_none() && self.key_file.is_none()),
+            "gateway.tls files are given but gateway.tls.enabled is false: sockets would be plaintext",
+        );
+        require(
+            [&self.cert_file, &self.key_file]
+                .iter()
+                .all(|f| f.as_ref().is_none_or(|p| !p.as_os_str().is_empty())),
+            "gateway.tls file paths must not be empty (leave a key out instead)",
+        );
+        require(
+            (1..=3600).contains(&self.reload_secs),
+            "gateway.tls.reload_secs must be between 1 and 3600",
+        );
     }
 }
 
@@ -1005,6 +1074,17 @@ impl Config {
             );
         }
         gateway.rate_limits.problems(&mut require);
+        require(
+            (1..=600_000).contains(&gateway.header_timeout_ms),
+            "gateway.header_timeout_ms must be between 1 and 600000 (a connection that never \
+             sends its headers would be held forever)",
+        );
+        require(
+            gateway.max_connections_per_ip >= 1,
+            "gateway.max_connections_per_ip must be at least 1 (spare networks with \
+             gateway.rate_limits.exempt_networks instead)",
+        );
+        gateway.tls.problems(&mut require);
         require(self.handler.lanes >= 1, "handler.lanes must be at least 1");
         require(
             self.handler.remembered_commands >= 1,
@@ -1671,6 +1751,59 @@ mod tests {
         ] {
             let err = Config::from_toml(&format!("[push]\n{toml}\n")).unwrap_err();
             assert!(err.to_string().contains(expected), "{toml}: {err}");
+        }
+    }
+
+    #[test]
+    fn connection_hardening_keys_are_read_and_checked() {
+        let config = Config::from_toml(
+            "[gateway]\nheader_timeout_ms = 300\nmax_connections_per_ip = 2\n[gateway.tls]\nenabled = true\ncert_file = \"/etc/parley/gw.pem\"\nkey_file = \"/etc/parley/gw-key.pem\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.gateway.header_timeout_ms, 300);
+        assert_eq!(config.gateway.max_connections_per_ip, 2);
+        assert_eq!(
+            config.gateway.tls.files(),
+            Some((
+                Path::new("/etc/parley/gw.pem"),
+                Path::new("/etc/parley/gw-key.pem")
+            ))
+        );
+        assert_eq!(
+            Config::default().gateway.tls.files(),
+            None,
+            "off by default"
+        );
+
+        for (toml, expected) in [
+            (
+                "[gateway]\nheader_timeout_ms = 0\n",
+                "gateway.header_timeout_ms must be between 1 and 600000",
+            ),
+            (
+                "[gateway]\nmax_connections_per_ip = 0\n",
+                "gateway.max_connections_per_ip must be at least 1",
+            ),
+            (
+                "[gateway.tls]\nenabled = true\ncert_file = \"/etc/parley/gw.pem\"\n",
+                "gateway.tls.enabled needs both gateway.tls.cert_file and gateway.tls.key_file",
+            ),
+            (
+                "[gateway.tls]\ncert_file = \"/a.pem\"\nkey_file = \"/b.pem\"\n",
+                "gateway.tls.enabled is false",
+            ),
+            (
+                "[gateway.tls]\nenabled = true\ncert_file = \"\"\nkey_file = \"/b.pem\"\n",
+                "gateway.tls file paths must not be empty",
+            ),
+            (
+                "[gateway.tls]\nreload_secs = 0\n",
+                "gateway.tls.reload_secs must be between 1 and 3600",
+            ),
+            ("[gateway.tls]\ncert = \"/a.pem\"\n", "cert"),
+        ] {
+            let err = Config::from_toml(toml).unwrap_err().to_string();
+            assert!(err.contains(expected), "{toml}: {err}");
         }
     }
 

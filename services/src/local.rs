@@ -1,7 +1,9 @@
 //! `parley up`: the whole platform on one machine. Starts nats-server and redis-server as
 //! child processes when none is configured, keeps a development secret so tokens survive
-//! restarts, and runs every role in this process.
+//! restarts, and runs every role in this process. Browsers may open sockets only from its
+//! own origins unless `gateway.allowed_origins` says otherwise.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -79,6 +81,42 @@ impl LocalPlatform {
 /// The web chat as `clients/web` builds it, from the repository's root (where
 /// `infra/up.sh` runs `parley up`): served at `/` unless `gateway.web_dir` says otherwise.
 const WEB_CHAT: &str = "clients/web/dist";
+impl LocalPlatform {
+    /// Unless `gateway.allowed_origins` is configured, allow only the origins of the
+    /// gateway bound at `gateway` (its port is known only once bound): a page elsewhere
+    /// must not open sockets with the development token of whoever runs `parley up`.
+    pub fn allow_own_origins(&mut self, gateway: SocketAddr) {
+        if self.config.gateway.allowed_origins.is_empty() {
+            let tls = self.config.gateway.tls.enabled;
+            Arc::make_mut(&mut self.config).gateway.allowed_origins = local_origins(gateway, tls);
+        }
+    }
+}
+
+/// The origins a page served by the gateway at `gateway` has: its address, and
+/// `localhost` (with both loopback addresses) when it listens on loopback or everywhere.
+pub fn local_origins(gateway: SocketAddr, tls: bool) -> Vec<String> {
+    let scheme = if tls { "https" } else { "http" };
+    let port = gateway.port();
+    let ip = gateway.ip();
+    let mut hosts = Vec::new();
+    if ip.is_loopback() || ip.is_unspecified() {
+        hosts.extend([
+            IpAddr::V4(Ipv4Addr::LOCALHOST).to_string(),
+            format!("[{}]", Ipv6Addr::LOCALHOST),
+            "localhost".to_owned(),
+        ]);
+    } else {
+        hosts.push(match ip {
+            IpAddr::V4(v4) => v4.to_string(),
+            IpAddr::V6(v6) => format!("[{v6}]"),
+        });
+    }
+    hosts
+        .into_iter()
+        .map(|host| format!("{scheme}://{host}:{port}"))
+        .collect()
+}
 
 /// The development secret stored at `path`, created (readable by the owner only) if
 /// missing.
@@ -120,6 +158,26 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn own_origins_are_the_gateways_address_and_localhost() {
+        assert_eq!(
+            local_origins("127.0.0.1:8080".parse().unwrap(), false),
+            [
+                "http://127.0.0.1:8080",
+                "http://[::1]:8080",
+                "http://localhost:8080"
+            ]
+        );
+        assert_eq!(
+            local_origins("192.168.1.5:443".parse().unwrap(), true),
+            ["https://192.168.1.5:443"]
+        );
+        assert_eq!(
+            local_origins("[fd00::1]:8080".parse().unwrap(), false),
+            ["http://[fd00::1]:8080"]
+        );
+    }
 
     #[test]
     fn dev_secret_is_created_once_and_kept() {

@@ -129,9 +129,15 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Up => {
             let _spans = telemetry::init_logging(cli.log_json, &config.traces)?;
-            let local = LocalPlatform::prepare(config).context("starting local servers")?;
+            let mut local = LocalPlatform::prepare(config).context("starting local servers")?;
+            let listeners = bind(&local.config, true).await?;
+            let gateway = listeners
+                .gateway
+                .as_ref()
+                .context("gateway listener")?
+                .local_addr()?;
+            local.allow_own_origins(gateway);
             let config = Arc::clone(&local.config);
-            let listeners = bind(&config, true).await?;
             print_banner(&local, &listeners)?;
             serve(config, Roles::ALL, listeners).await
         }
@@ -241,8 +247,33 @@ fn print_banner(local: &LocalPlatform, listeners: &Listeners) -> anyhow::Result<
             store.scylla.consistency
         ),
     };
+    let scheme = if config.gateway.tls.enabled {
+        "wss"
+    } else {
+        "ws"
+    };
     println!("Parley is up.");
-    println!("  WebSocket   ws://{gateway}/ws?access_token=<token>");
+    println!("  WebSocket   {scheme}://{gateway}/ws?access_token=<token>");
+    if let Some(dir) = &config.gateway.web_dir {
+        let page = if config.gateway.tls.enabled {
+            "https"
+        } else {
+            "http"
+        };
+        let sign_in = if config.gateway.dev_tokens {
+            "sign in with any user name"
+        } else {
+            "sign in with a token"
+        };
+        println!(
+            "  Web chat    {page}://{gateway}/ ({sign_in}; files from {})",
+            dir.display()
+        );
+    }
+    println!(
+        "  Origins     {} (gateway.allowed_origins; requests without Origin pass)",
+        config.gateway.allowed_origins.join(" ")
+    );
     println!("  Admin       http://{admin}/healthz  /readyz  /metrics");
     println!("  NATS        {nats}");
     println!("  Redis       {redis}");

@@ -63,6 +63,9 @@ pub const PUSH_WEBHOOK_REQUESTS_TOTAL: &str = "parley_push_webhook_requests_tota
 pub const PUSH_RETRIES_TOTAL: &str = "parley_push_retries_total";
 pub const PUSH_WEBHOOK_SECONDS: &str = "parley_push_webhook_seconds";
 pub const PUSH_CONSUMER_PENDING: &str = "parley_push_consumer_pending";
+pub const GATEWAY_CONNECTIONS_CLOSED_EARLY_TOTAL: &str =
+    "parley_gateway_connections_closed_early_total";
+pub const GATEWAY_TLS_RELOADS_TOTAL: &str = "parley_gateway_tls_reloads_total";
 
 const LATENCY_BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,

@@ -1,15 +1,35 @@
 //! `parley up`, as a user runs it: the real binary starts its own servers, prints where to
-//! connect with a token that works, and stops everything on SIGTERM.
+//! connect with a token that works, lets only its own origins open sockets from a browser,
+//! and stops everything on SIGTERM.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{self, Message};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn parley_up_serves_a_chat_and_stops_cleanly_on_sigterm() {
+/// A running `parley up` and what its banner says.
+struct Up {
+    child: Child,
+    /// The socket URL with alice's token.
+    url: String,
+    /// NATS's `host:port`.
+    nats: String,
+    /// Kept open: `parley up` must not find its stdout closed.
+    _stdout: std::io::Lines<BufReader<ChildStdout>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn parley_up() -> Up {
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_parley"))
         .arg("up")
@@ -43,8 +63,19 @@ async fn parley_up_serves_a_chat_and_stops_cleanly_on_sigterm() {
         url.expect("banner names the socket URL"),
         token.unwrap()
     );
-    let nats = nats.expect("banner names NATS");
+    Up {
+        child,
+        url,
+        nats: nats.expect("banner names NATS"),
+        _stdout: lines,
+        _dir: dir,
+    }
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parley_up_serves_a_chat_and_stops_cleanly_on_sigterm() {
+    let mut up = parley_up();
+    let url = up.url.clone();
     let (mut socket, _) = tokio_tungstenite::connect_async(url)
         .await
         .expect("the printed URL and token work");
@@ -71,7 +102,7 @@ async fn parley_up_serves_a_chat_and_stops_cleanly_on_sigterm() {
     );
 
     let term = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &up.child.id().to_string()])
         .status()
         .unwrap();
     assert!(term.success());
@@ -85,13 +116,53 @@ async fn parley_up_serves_a_chat_and_stops_cleanly_on_sigterm() {
         ),
         other => panic!("expected a 1001 close, got {other:?}"),
     }
-    let status = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    let status = up.child.wait().unwrap();
     assert!(status.success(), "parley up exits cleanly: {status}");
     assert!(
-        std::net::TcpStream::connect(&nats).is_err(),
+        std::net::TcpStream::connect(&up.nats).is_err(),
         "the nats-server parley up started is gone"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parley_up_lets_only_its_own_origins_open_sockets() {
+    let up = parley_up();
+    let port = up
+        .url
+        .trim_start_matches("ws://")
+        .split_once('/')
+        .and_then(|(address, _)| address.rsplit_once(':'))
+        .map(|(_, port)| port.to_owned())
+        .expect("a port in the URL");
+    let with_origin = |origin: Option<&str>| {
+        let mut request = up.url.as_str().into_client_request().unwrap();
+        if let Some(origin) = origin {
+            request
+                .headers_mut()
+                .insert("Origin", origin.parse().unwrap());
+        }
+        request
+    };
+
+    match tokio_tungstenite::connect_async(with_origin(Some("https://evil.example"))).await {
+        Err(tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status().as_u16(), 403);
+            let body: serde_json::Value =
+                serde_json::from_slice(response.body().as_deref().unwrap_or_default()).unwrap();
+            assert_eq!(body["code"], "origin_not_allowed", "{body}");
+        }
+        Err(other) => panic!("expected a 403 for a foreign origin, got {other}"),
+        Ok(_) => panic!("a socket was opened from a foreign origin"),
+    }
+    for origin in [
+        Some(format!("http://127.0.0.1:{port}")),
+        Some(format!("http://localhost:{port}")),
+        None,
+    ] {
+        let (mut socket, _) = tokio_tungstenite::connect_async(with_origin(origin.as_deref()))
+            .await
+            .unwrap_or_else(|e| panic!("origin {origin:?} refused: {e}"));
+        let welcome = socket.next().await.unwrap().unwrap();
+        assert!(welcome.to_text().unwrap().contains("welcome"), "{welcome}");
+    }
 }

@@ -1,5 +1,6 @@
 //! Rate limits: token buckets on every request, per user and per IP address, and on
-//! upgrades, per IP address; a socket that keeps sending while limited is closed.
+//! upgrades, per IP address; a socket that keeps sending while limited is closed. And a
+//! count of the connections each address holds open, capped.
 //!
 //! The buckets live in this gateway process only, so N gateways let a user or an address
 //! through N times over at most. That is accepted: the limits are there to keep one client
@@ -203,8 +204,7 @@ impl RateLimits {
     }
 
     fn exempt(&self, ip: IpAddr) -> bool {
-        let ip = ip.to_canonical();
-        self.config.exempt_networks.iter().any(|n| n.contains(&ip))
+        exempt(&self.config.exempt_networks, ip)
     }
 
     /// An upgrade from `ip`: allowed, or refused (and counted).
@@ -301,6 +301,74 @@ impl RateLimits {
     }
 }
 
+fn exempt(networks: &[ipnet::IpNet], ip: IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    networks.iter().any(|n| n.contains(&ip))
+}
+
+/// The connections each address holds open, from accept to close, at most `max` each
+/// (`exempt_networks` are not counted). Addresses with none open take no memory.
+pub struct ConnectionCounts {
+    max: usize,
+    exempt_networks: Vec<ipnet::IpNet>,
+    open: Mutex<HashMap<AddressKey, usize>>,
+}
+
+/// One counted connection; dropping it (when the connection, upgraded or not, has closed)
+/// gives its place back.
+pub struct ConnectionSlot {
+    counts: Arc<ConnectionCounts>,
+    key: Option<AddressKey>,
+}
+
+impl ConnectionCounts {
+    pub fn new(max: usize, exempt_networks: &[ipnet::IpNet]) -> Arc<ConnectionCounts> {
+        Arc::new(ConnectionCounts {
+            max,
+            exempt_networks: exempt_networks.to_vec(),
+            open: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A place for a new connection from `ip`, or `None` when it holds `max` already.
+    pub fn open(self: &Arc<Self>, ip: IpAddr) -> Option<ConnectionSlot> {
+        let key = if exempt(&self.exempt_networks, ip) {
+            None
+        } else {
+            let key = AddressKey::of(ip);
+            let mut open = self.open.lock().expect("connection counts poisoned");
+            let count = open.entry(key).or_insert(0);
+            if *count >= self.max {
+                return None;
+            }
+            *count += 1;
+            Some(key)
+        };
+        Some(ConnectionSlot {
+            counts: Arc::clone(self),
+            key,
+        })
+    }
+
+    #[cfg(test)]
+    fn addresses(&self) -> usize {
+        self.open.lock().unwrap().len()
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let Some(key) = self.key else { return };
+        let mut open = self.counts.open.lock().expect("connection counts poisoned");
+        if let std::collections::hash_map::Entry::Occupied(mut entry) = open.entry(key) {
+            *entry.get_mut() -= 1;
+            if *entry.get() == 0 {
+                entry.remove();
+            }
+        }
+    }
+}
+
 fn count(limited: &Limited) {
     metrics::counter!(telemetry::GATEWAY_RATE_LIMITED_TOTAL, "scope" => limited.scope.as_str())
         .increment(1);
@@ -369,6 +437,30 @@ fn request_id(text: &str) -> Option<ClientMsgId> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_address_holds_at_most_max_connections_and_closing_one_frees_a_place() {
+        let counts = ConnectionCounts::new(2, &["127.0.0.0/8".parse().unwrap()]);
+        let first = counts.open(ip("10.0.0.1")).expect("first");
+        let _second = counts.open(ip("10.0.0.1")).expect("second");
+        assert!(counts.open(ip("10.0.0.1")).is_none(), "third over the cap");
+        let _other = counts
+            .open(ip("10.0.0.2"))
+            .expect("another address counts apart");
+        drop(first);
+        let _third = counts.open(ip("10.0.0.1")).expect("a place was freed");
+        let exempt: Vec<_> = (0..5)
+            .map(|_| counts.open(ip("127.0.0.1")).unwrap())
+            .collect();
+        assert_eq!(counts.addresses(), 2, "exempt addresses are not counted");
+        drop(exempt);
+        drop(_other);
+        assert_eq!(
+            counts.addresses(),
+            1,
+            "an address with none open is forgotten"
+        );
+    }
 
     fn config() -> RateLimitsConfig {
         RateLimitsConfig {

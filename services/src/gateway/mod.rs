@@ -12,8 +12,11 @@
 //! - [`typing`]: typing indicators, carried on the conversations' live subjects.
 //! - [`presence`]: presence pushed to the sockets that asked for it.
 //! - [`revocations`]: revoked tokens refused, and their live sockets closed.
-//! - [`limits`]: rate limits on requests and upgrades.
+//! - [`limits`]: rate limits on requests and upgrades, connections per address.
+//! - [`accept`]: the accept loop, TLS handshakes and the header timeout.
+//! - [`tls`]: the `wss://` certificate, reloaded when its files change.
 
+mod accept;
 mod commands;
 mod delivery;
 mod limits;
@@ -22,6 +25,7 @@ mod presence;
 mod resume;
 mod revocations;
 mod socket;
+mod tls;
 mod typing;
 mod web;
 
@@ -30,13 +34,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use axum::Extension;
 use axum::Router;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use futures::StreamExt;
 use parley_events::presence::{ConnectionState, PresenceUpdate};
 use parley_events::protocol::{HttpError, protocol_version};
@@ -46,7 +50,7 @@ use parley_projections::ConversationStore;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::admin::Readiness;
 use crate::auth::{AuthError, Verifier};
@@ -56,11 +60,12 @@ use crate::revocation::{self, Revoked};
 use crate::topology::Topology;
 use crate::{telemetry, unix_millis};
 use delivery::{ConnectionId, Routes};
-use limits::RateLimits;
+use limits::{ConnectionCounts, RateLimits};
 use log::LogReader;
 use resume::StoreProgress;
 use revocations::Revocations;
 use socket::Session;
+pub use tls::CertificateError;
 
 pub(crate) const READY_CHECK: &str = "gateway";
 /// Socket read buffer; small, because idle connections dominate a gateway's memory.
@@ -81,6 +86,8 @@ pub enum GatewayError {
     Revocations(#[from] crate::revocation::RevocationError),
     #[error("serving failed: {0}")]
     Serve(#[from] std::io::Error),
+    #[error(transparent)]
+    Certificate(#[from] CertificateError),
 }
 
 pub struct Gateway {
@@ -88,6 +95,8 @@ pub struct Gateway {
     revocations: async_nats::jetstream::kv::Watch,
     outcomes: async_nats::Subscriber,
     membership: async_nats::Subscriber,
+    /// `wss://`: the handshakes, and the certificate they serve.
+    tls: Option<(tokio_rustls::TlsAcceptor, Arc<tls::Certificate>)>,
 }
 
 pub(crate) struct Shared {
@@ -125,6 +134,7 @@ impl Gateway {
         readiness: Readiness,
     ) -> Result<Gateway, GatewayError> {
         let verifier = Verifier::new(&config.auth)?.ok_or(GatewayError::NoKeys)?;
+        let tls = tls::Certificate::load(&config.gateway.tls)?;
         let client = nats.client.clone();
         let name = format!("gw-{}", uuid::Uuid::new_v4().simple());
         let outcome_subject = outcome_subject(&name);
@@ -175,6 +185,7 @@ impl Gateway {
             revocations,
             outcomes,
             membership,
+            tls,
         })
     }
 
@@ -195,8 +206,10 @@ impl Gateway {
             revocations,
             outcomes,
             membership,
+            tls,
         } = self;
-        let background = [
+        let (tls, certificate) = tls.unzip();
+        let mut background = vec![
             tokio::spawn(route_outcomes(Arc::clone(&shared), outcomes)),
             tokio::spawn(follow_membership(Arc::clone(&shared), membership)),
             tokio::spawn(heartbeat_presence(Arc::clone(&shared))),
@@ -205,28 +218,32 @@ impl Gateway {
             tokio::spawn(Arc::clone(&shared.revocations).follow(revocations)),
             tokio::spawn(Arc::clone(&shared.limits).sweep_forever()),
         ];
+        background.extend(certificate.map(|c| tokio::spawn(c.watch())));
         let app = Router::new()
             .route("/ws", get(upgrade))
             .merge(web::routes(&shared))
             .with_state(Arc::clone(&shared));
         let address = listener.local_addr()?;
-        info!(%address, gateway = %shared.name, "gateway listening");
-        let sockets_closing = shared.shutdown.clone();
-        // Without TCP_NODELAY, a frame written within 40 ms of the previous one waits for the
-        // client's delayed ACK of that one (a presence push right after its answer did).
-        let listener = listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                debug!(error = %e, "cannot set TCP_NODELAY on a socket");
-            }
-        });
-        // The peer's address is what the per-address rate limits count.
-        let app = app.into_make_service_with_connect_info::<SocketAddr>();
-        let result = axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                shutdown.cancelled().await;
-                sockets_closing.cancel();
-            })
-            .await;
+        let scheme = if tls.is_some() { "wss" } else { "ws" };
+        info!(%address, scheme, gateway = %shared.name, "gateway listening");
+        let gateway = &shared.config.gateway;
+        let acceptor = accept::Acceptor {
+            router: app,
+            tls,
+            counts: ConnectionCounts::new(
+                gateway.max_connections_per_ip,
+                &gateway.rate_limits.exempt_networks,
+            ),
+            header_timeout: Duration::from_millis(gateway.header_timeout_ms),
+        };
+        let closing_sockets = async {
+            shutdown.cancelled().await;
+            shared.shutdown.cancel();
+        };
+        tokio::join!(
+            accept::serve(listener, acceptor, shutdown.clone()),
+            closing_sockets
+        );
         // Upgraded sockets outlive the HTTP server; each holds a connection permit until it
         // has closed, so holding every permit means every socket is gone.
         let drain = Duration::from_secs(shared.config.gateway.drain_secs);
@@ -240,7 +257,7 @@ impl Gateway {
         for task in background {
             task.abort();
         }
-        result.map_err(GatewayError::from)
+        Ok(())
     }
 }
 
@@ -311,6 +328,7 @@ fn query_param<'a>(uri: &'a Uri, name: &str) -> Option<&'a str> {
 async fn upgrade(
     State(shared): State<Arc<Shared>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(counted): Extension<accept::Counted>,
     headers: HeaderMap,
     uri: Uri,
     ws: WebSocketUpgrade,
@@ -379,7 +397,10 @@ async fn upgrade(
         // A blocked socket leaves at most one frame beyond the write buffer in tungstenite's
         // buffer; the rest is room for the close frame, queued behind it without waiting.
         .max_write_buffer_size(WRITE_BUFFER_BYTES + socket::MAX_SERVER_FRAME_BYTES * 2)
-        .on_upgrade(move |socket| socket::serve(shared, socket, session, permit))
+        .on_upgrade(move |socket| async move {
+            socket::serve(shared, socket, session, permit).await;
+            drop(counted);
+        })
 }
 
 async fn route_outcomes(shared: Arc<Shared>, mut outcomes: async_nats::Subscriber) {
