@@ -476,7 +476,14 @@ pub struct HandlerConfig {
     /// Log events between write-model snapshots; a starting handler loads the latest and
     /// replays only the log after it. 0: never snapshot, always replay the whole log.
     pub snapshot_every_events: u64,
+    /// Most events one lane appends as one atomic batch (one commit, one fsync); 1 appends
+    /// each event on its own. At most the server's batch limit (1,000).
+    pub max_batch: usize,
 }
+
+/// The most messages nats-server accepts in one atomic batch (`jetstream.limits.batch`
+/// can only lower it).
+pub const MAX_ATOMIC_BATCH: usize = 1_000;
 
 impl Default for HandlerConfig {
     fn default() -> Self {
@@ -485,6 +492,7 @@ impl Default for HandlerConfig {
             append_retries: 10,
             remembered_commands: 1_000_000,
             snapshot_every_events: 100_000,
+            max_batch: 1,
         }
     }
 }
@@ -1091,6 +1099,10 @@ impl Config {
             "handler.remembered_commands must be at least 1",
         );
         require(
+            (1..=MAX_ATOMIC_BATCH).contains(&self.handler.max_batch),
+            "handler.max_batch must be between 1 and 1000",
+        );
+        require(
             (1..=10_000).contains(&self.projector.batch),
             "projector.batch must be between 1 and 10000",
         );
@@ -1390,6 +1402,30 @@ mod tests {
         .unwrap();
         let toml = format!("[auth]\njwks_file = {:?}\n", file.display().to_string());
         Config::from_toml(&toml).unwrap();
+    }
+
+    #[test]
+    fn a_handler_batch_outside_the_servers_limit_is_refused() {
+        for wrong in [0, 1001] {
+            let err = Config::from_toml(&format!("[handler]\nmax_batch = {wrong}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("handler.max_batch must be between 1 and 1000"),
+                "{wrong}: {err}"
+            );
+        }
+        let err = Config::from_toml("[handler]\nmax_batch = -1\n").unwrap_err();
+        assert!(err.to_string().contains("max_batch"), "{err}");
+        for right in [1, 1000] {
+            let config = Config::from_toml(&format!("[handler]\nmax_batch = {right}\n")).unwrap();
+            assert_eq!(config.handler.max_batch, right);
+        }
+        assert_eq!(
+            Config::default().handler.max_batch,
+            1,
+            "group commit is opt-in"
+        );
     }
 
     #[test]

@@ -45,6 +45,7 @@ pub const HANDLER_APPEND_SECONDS: &str = "parley_handler_append_seconds";
 pub const HANDLER_COMMAND_SECONDS: &str = "parley_handler_command_seconds";
 pub const HANDLER_LOG_POSITION: &str = "parley_handler_log_position";
 pub const HANDLER_TAIL_EVENTS_TOTAL: &str = "parley_handler_tail_events_total";
+pub const HANDLER_BATCH_EVENTS: &str = "parley_handler_batch_events";
 
 pub const PROJECTOR_EVENTS_APPLIED_TOTAL: &str = "parley_projector_events_applied_total";
 pub const PROJECTOR_BATCH_EVENTS: &str = "parley_projector_batch_events";
@@ -84,6 +85,9 @@ pub fn prometheus() -> &'static PrometheusHandle {
                     Matcher::Full(PROJECTOR_BATCH_EVENTS.into()),
                     &BATCH_BUCKETS,
                 )
+            })
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Full(HANDLER_BATCH_EVENTS.into()), &BATCH_BUCKETS)
             })
             .expect("bucket lists are non-empty")
             .install_recorder()
@@ -261,6 +265,11 @@ fn describe() {
         HANDLER_APPEND_SECONDS,
         Unit::Seconds,
         "One append to the event log, publish to ack."
+    );
+    describe_histogram!(
+        HANDLER_BATCH_EVENTS,
+        Unit::Count,
+        "Events one lane appended with one commit (an atomic batch, or 1 for an event appended alone)."
     );
     describe_histogram!(
         HANDLER_COMMAND_SECONDS,

@@ -2,7 +2,10 @@
 //! whichever role starts first, and checked by every role that finds them already there.
 //!
 //! A stream whose existing configuration differs from what this deployment asks for is
-//! never changed silently: the role refuses to start and says which setting differs.
+//! never changed silently: the role refuses to start and says which setting differs. The
+//! one exception is a permission that adds to what the stream accepts without changing
+//! anything it holds: atomic batch publish, which a log created before group commit lacks,
+//! is switched on.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -82,6 +85,8 @@ pub fn log_stream_config(config: &Config) -> stream::Config {
         duplicate_window: LOG_DUPLICATE_WINDOW,
         max_message_size: MAX_STREAM_MESSAGE_BYTES,
         allow_direct: true,
+        // Handlers append what a lane has queued as one atomic batch (group commit).
+        allow_atomic_publish: true,
         deny_delete: true,
         deny_purge: true,
         metadata: HashMap::from([(
@@ -201,6 +206,19 @@ async fn ensure_stream(
         .config
         .clone();
     check_compatible(name, &found, &wanted)?;
+    if wanted.allow_atomic_publish && !found.allow_atomic_publish {
+        // Every role that finds the old stream may do this at once; the updates agree.
+        js.update_stream(stream::Config {
+            allow_atomic_publish: true,
+            ..found
+        })
+        .await
+        .map_err(|e| unavailable(format!("cannot allow atomic batches: {e}")))?;
+        tracing::info!(
+            stream = name,
+            "atomic batch publish allowed on the existing stream"
+        );
+    }
     Ok(stream)
 }
 

@@ -100,14 +100,14 @@ impl Drop for SpanExport {
     }
 }
 
-/// The trace context of the current span, as NATS headers to publish with; empty when no
-/// trace is being recorded.
-pub fn current_context_headers() -> HeaderMap {
+/// The trace context of `span`, as NATS headers to publish with; empty when no trace is
+/// being recorded.
+pub fn context_headers(span: &tracing::Span) -> HeaderMap {
     let mut headers = HeaderMap::new();
     if !EXPORTING.load(Ordering::Relaxed) {
         return headers;
     }
-    let context = tracing::Span::current().context();
+    let context = span.context();
     TraceContextPropagator::new().inject_context(&context, &mut NatsHeaders(&mut headers));
     headers
 }

@@ -80,3 +80,36 @@ async fn refused(nats: &NatsServer, config: &Config, setting: &str) -> String {
     );
     err.to_string()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_created_before_group_commit_is_allowed_atomic_batches_at_start() {
+    let nats = NatsServer::start(NatsOptions::default()).unwrap();
+    let config = config_for(&nats);
+    let js = jetstream(&nats).await;
+    let old = async_nats::jetstream::stream::Config {
+        allow_atomic_publish: false,
+        ..topology::log_stream_config(&config)
+    };
+    js.create_stream(old).await.unwrap();
+    let info = |js: async_nats::jetstream::Context| async move {
+        js.get_stream(parley_events::subjects::LOG_STREAM)
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .config
+            .clone()
+    };
+    assert!(!info(js.clone()).await.allow_atomic_publish);
+
+    topology::ensure(js.clone(), &config).await.unwrap();
+    let upgraded = info(js.clone()).await;
+    assert!(upgraded.allow_atomic_publish, "upgraded in place");
+    assert!(
+        upgraded.deny_delete && upgraded.allow_direct,
+        "nothing else changed"
+    );
+    // And a later start finds nothing to change.
+    topology::ensure(js.clone(), &config).await.unwrap();
+}

@@ -597,7 +597,7 @@ async fn to_intake(
 ) -> Result<PublishAck, PublishError> {
     let message = PublishMessage::build()
         .payload(command.to_bytes().into())
-        .headers(crate::traces::current_context_headers())
+        .headers(crate::traces::context_headers(&tracing::Span::current()))
         .message_id(message_id);
     shared
         .topology
