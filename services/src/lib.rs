@@ -25,6 +25,7 @@ pub mod local;
 pub mod node;
 pub mod progress;
 pub mod projector;
+pub mod replay;
 pub mod revocation;
 pub mod telemetry;
 pub mod topology;

@@ -70,6 +70,10 @@ enum Command {
         #[arg(long, group = "what")]
         token: Option<String>,
     },
+    /// Rebuild a projection into a new target, switch readers and projectors to it, and
+    /// compare targets.
+    #[command(subcommand)]
+    Replay(parley_services::replay::cli::ReplayCommand),
 }
 
 /// Longest `parley revoke` waits for NATS.
@@ -107,6 +111,10 @@ async fn main() -> anyhow::Result<()> {
             .context("NATS did not answer within 10 s")??;
             println!("revoked");
             Ok(())
+        }
+        Command::Replay(command) => {
+            telemetry::init_command_logging(cli.log_json);
+            std::process::exit(parley_services::replay::cli::run(&config, command).await)
         }
         Command::Up => {
             telemetry::init_logging(cli.log_json);

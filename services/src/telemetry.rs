@@ -327,11 +327,25 @@ fn describe() {
 
 /// Initialise structured logging for the binary. `RUST_LOG` filters; `json` picks JSON lines.
 pub fn init_logging(json: bool) {
+    init_logging_to(json, std::io::stdout);
+}
+
+/// Logging for a subcommand whose standard output is its result (`parley replay --json`):
+/// log lines go to standard error.
+pub fn init_command_logging(json: bool) {
+    init_logging_to(json, std::io::stderr);
+}
+
+fn init_logging_to<W>(json: bool, writer: W)
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_target(true);
+        .with_target(true)
+        .with_writer(writer);
     if json {
         builder.json().init();
     } else {
