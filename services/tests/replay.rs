@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parley_events::ConversationId;
-use parley_projections::ConversationStore;
 use parley_services::progress::Progress;
 use parley_services::replay::Target;
 use parley_services::replay::rebuild::{self, RebuildOptions};
@@ -69,12 +68,12 @@ async fn conversations(platform: &Platform) -> (Client, Client, ConversationId, 
         .await;
     bob.send(json!({"type": "mark_read", "id": "mr", "conversation": direct, "seq": seqs[5]}))
         .await;
-    for (client, id) in [
-        (&mut bob, "r"),
-        (&mut alice, "e"),
-        (&mut alice, "d"),
-        (&mut bob, "mr"),
-    ] {
+    for (client, id) in [("bob", "r"), ("alice", "e"), ("alice", "d"), ("bob", "mr")] {
+        let client = if client == "bob" {
+            &mut bob
+        } else {
+            &mut alice
+        };
         let reply = client.reply_to(id).await;
         assert_ne!(reply["type"], "error", "{reply}");
     }
