@@ -238,6 +238,8 @@ struct Statements {
     event_buckets: PreparedStatement,
     events: PreparedStatement,
     check: PreparedStatement,
+    conversations_first: PreparedStatement,
+    conversations_after: PreparedStatement,
 }
 
 pub struct CqlStore {
@@ -1247,6 +1249,12 @@ async fn prepare_all(session: &Session, ks: &str) -> Result<Statements, StoreErr
             "SELECT version FROM {ks}.schema_version WHERE name = ?"
         ))
         .await?,
+        conversations_first: prepare(format!("SELECT id FROM {ks}.conversations LIMIT ?")).await?,
+        // Token order: a full scan pages through the ring, not through ids.
+        conversations_after: prepare(format!(
+            "SELECT id FROM {ks}.conversations WHERE token(id) > token(?) LIMIT ?"
+        ))
+        .await?,
     })
 }
 
@@ -1574,6 +1582,31 @@ impl ConversationStore for CqlStore {
             })
             .count();
         Ok(u32::try_from(unread).unwrap_or(UNREAD_CAP))
+    }
+
+    async fn conversations_page(
+        &self,
+        after: Option<ConversationId>,
+        limit: u32,
+    ) -> Result<Vec<ConversationId>, StoreError> {
+        let limit = i32::try_from(limit).unwrap_or(i32::MAX);
+        let rows: Vec<(Uuid,)> = match after {
+            None => {
+                self.all_rows(&self.statements.conversations_first, (limit,))
+                    .await?
+            }
+            Some(after) => {
+                self.all_rows(
+                    &self.statements.conversations_after,
+                    (*after.as_uuid(), limit),
+                )
+                .await?
+            }
+        };
+        Ok(rows
+            .into_iter()
+            .map(|(id,)| ConversationId::from_uuid(id))
+            .collect())
     }
 
     async fn check(&self) -> Result<(), StoreError> {

@@ -963,6 +963,29 @@ impl ConversationStore for SqliteStore {
         .await
     }
 
+    async fn conversations_page(
+        &self,
+        after: Option<ConversationId>,
+        limit: u32,
+    ) -> Result<Vec<ConversationId>, StoreError> {
+        self.read(move |conn| {
+            let ids = conn
+                .prepare_cached("SELECT id FROM conversations WHERE id > ?1 ORDER BY id LIMIT ?2")
+                .and_then(|mut stmt| {
+                    stmt.query_map(
+                        params![after.map(|id| id.to_string()).unwrap_or_default(), limit],
+                        |row| row.get::<_, String>(0),
+                    )?
+                    .collect::<rusqlite::Result<Vec<String>>>()
+                })
+                .map_err(unavailable)?;
+            ids.iter()
+                .map(|id| id.parse::<ConversationId>().map_err(corrupt))
+                .collect()
+        })
+        .await
+    }
+
     async fn check(&self) -> Result<(), StoreError> {
         self.read(|conn| {
             conn.query_row("SELECT 1", [], |_| Ok(()))

@@ -236,6 +236,16 @@ pub trait ConversationStore: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Ids of the conversations the store holds rows for, at most `limit`, continuing after
+    /// `after` (from the first when `None`) in the store's own order (fewer than `limit`:
+    /// the last page). For tools that read everything (`parley replay verify`), not for
+    /// serving: the order is the store's, not the ids'.
+    async fn conversations_page(
+        &self,
+        after: Option<ConversationId>,
+        limit: u32,
+    ) -> Result<Vec<ConversationId>, StoreError>;
+
     /// Cheap check that the store answers, for readiness.
     async fn check(&self) -> Result<(), StoreError>;
 }

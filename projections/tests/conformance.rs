@@ -260,6 +260,7 @@ conformance!(
     reactions_keep_the_newest_add_or_remove_whatever_the_order,
     message_changes_converge_whatever_the_order_and_repeats,
     a_log_written_before_message_changes_projects_and_takes_changes,
+    conversations_page_lists_every_conversation_once,
 );
 
 // --- helpers ---------------------------------------------------------------------------
@@ -748,6 +749,53 @@ async fn position_only_moves_forward(backend: Backend) {
     assert_eq!(store.position().await.unwrap(), 14);
     store.apply(&[]).await.unwrap();
     assert_eq!(store.position().await.unwrap(), 14);
+}
+
+async fn conversations_page_lists_every_conversation_once(backend: Backend) {
+    // Five copies of the small log, each with conversations of its own: ten conversations,
+    // more than a few pages of two.
+    let events: Vec<RecordedEvent> = (0..5u64)
+        .flat_map(|copy| {
+            let renamed = move |id: ConversationId| {
+                let slot = if id == direct() { 0 } else { 1 };
+                ConversationId::from_uuid(uuid::Uuid::from_u128(u128::from(
+                    1_000 + 2 * copy + slot,
+                )))
+            };
+            log_with(3).into_iter().map(move |mut e| {
+                e.envelope.conversation = renamed(e.envelope.conversation);
+                e.seq += copy * 100;
+                if e.envelope.prev > 0 {
+                    e.envelope.prev += copy * 100;
+                }
+                e
+            })
+        })
+        .collect();
+    let expected: std::collections::BTreeSet<ConversationId> =
+        events.iter().map(|e| e.envelope.conversation).collect();
+    assert_eq!(expected.len(), 10, "the log spans ten conversations");
+    let store = backend.open("listing").await;
+    assert!(store.conversations_page(None, 2).await.unwrap().is_empty());
+    store.apply(&events).await.unwrap();
+    let mut listed = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store.conversations_page(after, 2).await.unwrap();
+        assert!(page.len() <= 2);
+        listed.extend(page.iter().copied());
+        if page.len() < 2 {
+            break;
+        }
+        after = page.last().copied();
+    }
+    let unique: std::collections::BTreeSet<ConversationId> = listed.iter().copied().collect();
+    assert_eq!(
+        unique.len(),
+        listed.len(),
+        "no conversation twice: {listed:?}"
+    );
+    assert_eq!(unique, expected);
 }
 
 async fn duplicates_and_reordering_within_and_across_conversations_converge(backend: Backend) {

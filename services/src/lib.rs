@@ -32,6 +32,7 @@ pub mod node;
 pub mod progress;
 pub mod projector;
 pub mod push;
+pub mod replay;
 pub mod revocation;
 pub mod telemetry;
 pub mod topology;

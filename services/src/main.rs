@@ -82,6 +82,10 @@ enum Command {
     /// for `log`.
     #[command(subcommand)]
     Conversation(ConversationCommand),
+    /// Rebuild a projection into a new target, switch readers and projectors to it, and
+    /// compare targets.
+    #[command(subcommand)]
+    Replay(parley_services::replay::cli::ReplayCommand),
 }
 
 /// Longest `parley revoke` waits for NATS.
@@ -126,6 +130,10 @@ async fn main() -> anyhow::Result<()> {
         Command::Log(command) => exit_on_error(log_tools::run_log(&config, command).await),
         Command::Conversation(command) => {
             exit_on_error(log_tools::run_conversation(&config, command).await)
+        }
+        Command::Replay(command) => {
+            telemetry::init_command_logging(cli.log_json);
+            std::process::exit(parley_services::replay::cli::run(&config, command).await)
         }
         Command::Up => {
             let _spans = telemetry::init_logging(cli.log_json, &config.traces)?;

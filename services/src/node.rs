@@ -18,6 +18,7 @@ use crate::config::{Config, StoreKind};
 use crate::gateway::Gateway;
 use crate::handler::Handler;
 use crate::projector::{self, Projector};
+use crate::replay::{self, ActiveStore, Target};
 use crate::{telemetry, topology};
 
 const NATS_READY_CHECK: &str = "nats";
@@ -88,6 +89,8 @@ pub enum NodeError {
     Admin(std::io::Error),
     #[error("push: {0}")]
     Push(#[from] crate::push::PushError),
+    #[error("projection target: {0}")]
+    Replay(crate::replay::ReplayError),
 }
 
 /// A NATS client and the count of its connections: 1 after the first, one more after each
@@ -337,16 +340,55 @@ pub async fn run(
             ("presence", result.map_err(|e| e.to_string()))
         });
     }
-    let store = if roles.gateway || roles.projector {
-        match open_store_patiently(&config, &readiness, &shutdown).await? {
-            Some(store) => Some(store),
-            None => return Ok(()),
+    // The store the roles start on: the one `parley replay switch` made active, if any.
+    let switching = if roles.gateway || roles.projector {
+        let bucket = replay::switch::bucket(&topology.js, &config)
+            .await
+            .map_err(NodeError::Replay)?;
+        let target = replay::switch::start_target(&bucket, &config)
+            .await
+            .map_err(NodeError::Replay)?;
+        if target != Target::configured(&config) {
+            info!(%target, "using the projection target `parley replay switch` made active");
         }
+        Some((bucket, target))
     } else {
         None
     };
-    if let Some(store) = &store {
-        let (store, readiness, stop) = (Arc::clone(store), readiness.clone(), shutdown.clone());
+    let store = match &switching {
+        Some((_, target)) => {
+            match open_store_patiently(&target.configure(&config), &readiness, &shutdown).await? {
+                Some(store) => Some(store),
+                None => return Ok(()),
+            }
+        }
+        None => None,
+    };
+    // One handle per role: a switch moves the projector at once and the gateway only once
+    // the new target has caught up.
+    let handle = |runs: bool| {
+        let (_, target) = switching.as_ref()?;
+        let store = Arc::clone(store.as_ref()?);
+        runs.then(|| ActiveStore::new(target.clone(), store))
+    };
+    let (gateway_store, projector_store) = (handle(roles.gateway), handle(roles.projector));
+    if let Some((bucket, _)) = switching {
+        let follower = replay::switch::Follower {
+            config: Arc::clone(&config),
+            topology: topology.clone(),
+            bucket,
+            node: uuid::Uuid::new_v4().simple().to_string(),
+            gateway: gateway_store.clone(),
+            projector: projector_store.clone(),
+        };
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            follower.run(stop).await;
+            ("replay", Ok(()))
+        });
+    }
+    if let Some(store) = gateway_store.clone().or(projector_store.clone()) {
+        let (readiness, stop) = (readiness.clone(), shutdown.clone());
         tasks.spawn(async move {
             watch_store(store, readiness, stop).await;
             ("store", Ok(()))
@@ -369,8 +411,8 @@ pub async fn run(
         });
     }
     if roles.projector {
-        let store = store.clone().expect("opened for the projector");
-        let projector = Projector::build(
+        let store = projector_store.expect("opened for the projector");
+        let projector = Projector::switchable(
             Arc::clone(&config),
             nats.clone(),
             topology.clone(),
@@ -399,7 +441,7 @@ pub async fn run(
     }
     if roles.gateway {
         let listener = listeners.gateway.ok_or(NodeError::NoGatewayListener)?;
-        let store = store.clone().expect("opened for the gateway");
+        let store = gateway_store.expect("opened for the gateway");
         let gateway = Gateway::build(
             Arc::clone(&config),
             nats.clone(),

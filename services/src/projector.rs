@@ -29,6 +29,7 @@ use crate::admin::{Readiness, Reason};
 use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::node::Nats;
+use crate::replay::{ActiveStore, Target};
 use crate::topology::{self, Topology};
 use crate::{telemetry, unix_millis};
 
@@ -74,6 +75,9 @@ enum Stopped {
     /// The NATS client reconnected: the server may have lost the pull request, so pull
     /// again now rather than when the client's own recovery notices.
     Reconnected,
+    /// `parley replay switch` moved the store: project into the new one from the switch's
+    /// position.
+    Switched,
 }
 
 impl ProjectorError {
@@ -100,8 +104,10 @@ pub struct Projector {
     config: Arc<Config>,
     nats: Nats,
     topology: Topology,
-    store: Arc<dyn ConversationStore>,
+    store: Arc<ActiveStore>,
     readiness: Readiness,
+    /// Swaps of `store`; the value is the sequence after which to project again.
+    swaps: std::sync::Mutex<tokio::sync::watch::Receiver<Option<u64>>>,
 }
 
 impl Projector {
@@ -112,13 +118,35 @@ impl Projector {
         store: Arc<dyn ConversationStore>,
         readiness: Readiness,
     ) -> Projector {
+        let target = Target::configured(&config);
+        Projector::switchable(
+            config,
+            nats,
+            topology,
+            ActiveStore::new(target, store),
+            readiness,
+        )
+    }
+
+    /// A projector writing through `store`, which `parley replay switch` may swap: it then
+    /// starts again on the new store.
+    pub fn switchable(
+        config: Arc<Config>,
+        nats: Nats,
+        topology: Topology,
+        store: Arc<ActiveStore>,
+        readiness: Readiness,
+    ) -> Projector {
         readiness.not_ready(READY_CHECK, Reason::Starting, "starting");
+        let mut swaps = store.swaps();
+        swaps.mark_unchanged();
         Projector {
             config,
             nats,
             topology,
             store,
             readiness,
+            swaps: std::sync::Mutex::new(swaps),
         }
     }
 
@@ -145,6 +173,10 @@ impl Projector {
                     info!("reconnected to NATS; pulling from the event log again");
                     continue;
                 }
+                Ok(Stopped::Switched) => {
+                    info!(target = %self.store.target(), "the projection moved to another target");
+                    continue;
+                }
                 Err(e) => {
                     let waiting = match e {
                         ProjectorError::Consumer(_) => &mut pull_backoff,
@@ -164,9 +196,14 @@ impl Projector {
         }
     }
 
-    /// The consumer's message stream, starting after the store's position (returned too).
-    async fn consumer(&self) -> Result<(pull::Stream, u64), ProjectorError> {
+    /// The consumer's message stream, starting after the store's position (returned too),
+    /// or after `switched_at` when the store was just switched (see [`ActiveStore::swap`]).
+    async fn consumer(
+        &self,
+        switched_at: Option<u64>,
+    ) -> Result<(pull::Stream, u64), ProjectorError> {
         let position = self.store.position().await?;
+        let position = switched_at.map_or(position, |at| at.min(position));
         let log = &self.topology.log;
         if let Ok(info) = log.consumer_info(PROJECTOR_CONSUMER).await
             && info.ack_floor.stream_sequence > position
@@ -214,10 +251,19 @@ impl Projector {
     }
 
     async fn project(&self, shutdown: &CancellationToken) -> Result<Stopped, ProjectorError> {
+        let (mut swaps, switched_at) = {
+            let mut swaps = self.swaps.lock().expect("never poisoned");
+            let switched_at = swaps
+                .has_changed()
+                .unwrap_or(false)
+                .then(|| *swaps.borrow_and_update())
+                .flatten();
+            (swaps.clone(), switched_at)
+        };
         self.store.check().await?;
         let mut reconnects = self.nats.reconnects();
         let (messages, mut acknowledged) =
-            topology::attempt(self.consumer(), ProjectorError::Consumer).await?;
+            topology::attempt(self.consumer(switched_at), ProjectorError::Consumer).await?;
         let mut messages = messages.ready_chunks(self.config.projector.batch);
         let mut checked = Instant::now();
         let mut replaying = self.replay_target(acknowledged).await?;
@@ -226,6 +272,7 @@ impl Projector {
             let chunk = tokio::select! {
                 () = shutdown.cancelled() => return Ok(Stopped::Shutdown),
                 Ok(()) = reconnects.changed() => return Ok(Stopped::Reconnected),
+                Ok(()) = swaps.changed() => return Ok(Stopped::Switched),
                 chunk = messages.next() => match chunk {
                     Some(chunk) => chunk,
                     None => return Err(ProjectorError::Consumer("consumer stream ended".into())),
@@ -238,27 +285,18 @@ impl Projector {
             let mut last = None;
             for message in chunk {
                 let message = message.map_err(|e| ProjectorError::Consumer(e.to_string()))?;
-                let seq = message
-                    .info()
-                    .map_err(|e| ProjectorError::Consumer(e.to_string()))?
-                    .stream_sequence;
-                let envelope = EventEnvelope::from_bytes(&message.payload).map_err(|e| {
-                    ProjectorError::Decode {
-                        seq,
-                        cause: e.to_string(),
-                    }
-                })?;
+                let event = decode(&message)?;
                 if crate::traces::carries_trace(message.headers.as_ref()) {
                     let span = info_span!(
                         "event",
                         otel.name = "projector event",
-                        seq,
-                        event = envelope.event.type_name()
+                        seq = event.seq,
+                        event = event.envelope.event.type_name()
                     );
                     crate::traces::continue_trace(&span, message.headers.as_ref());
                     traced.push(span);
                 }
-                events.push(envelope.recorded(seq));
+                events.push(event);
                 last = Some(message);
             }
             let Some(last) = last else { continue };
@@ -324,14 +362,14 @@ impl Projector {
     /// killed before its periodic commit-log sync), or been emptied for a rebuild, and
     /// going on would leave a hole. That is an error, and the restarted projection replays
     /// from the store's position.
-    async fn apply(
+    pub(crate) async fn apply(
         &self,
         events: &[RecordedEvent],
         acknowledged: u64,
         mut verify: bool,
         shutdown: &CancellationToken,
     ) -> Result<bool, ProjectorError> {
-        let store_kind = self.config.projector.store.kind.as_str();
+        let store_kind = self.store.target().kind();
         let mut backoff = Backoff::new(MAX_APPLY_BACKOFF);
         loop {
             let position = if verify {
@@ -386,6 +424,23 @@ impl Projector {
         }
         Ok(true)
     }
+}
+
+/// The event a log message carries, at its sequence: how the projector and `parley replay`
+/// read the log alike.
+pub(crate) fn decode(
+    message: &async_nats::jetstream::Message,
+) -> Result<RecordedEvent, ProjectorError> {
+    let seq = message
+        .info()
+        .map_err(|e| ProjectorError::Consumer(e.to_string()))?
+        .stream_sequence;
+    let envelope =
+        EventEnvelope::from_bytes(&message.payload).map_err(|e| ProjectorError::Decode {
+            seq,
+            cause: e.to_string(),
+        })?;
+    Ok(envelope.recorded(seq))
 }
 
 /// Record presence updates from every gateway until `shutdown`, announce each user who

@@ -381,11 +381,35 @@ pub fn init_logging(
     json: bool,
     traces: &crate::config::TracesConfig,
 ) -> Result<crate::traces::SpanExport, crate::traces::TracesError> {
+    init_logging_to(json, traces, std::io::stdout)
+}
+
+/// Logging for a subcommand whose standard output is its result (`parley replay --json`):
+/// log lines go to standard error, and no spans are exported.
+pub fn init_command_logging(json: bool) {
+    // Without an endpoint there is no exporter to fail.
+    let _ = init_logging_to(
+        json,
+        &crate::config::TracesConfig::default(),
+        std::io::stderr,
+    );
+}
+
+fn init_logging_to<W>(
+    json: bool,
+    traces: &crate::config::TracesConfig,
+    writer: W,
+) -> Result<crate::traces::SpanExport, crate::traces::TracesError>
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::{EnvFilter, Layer};
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let lines = tracing_subscriber::fmt::layer().with_target(true);
+    let lines = tracing_subscriber::fmt::layer()
+        .with_target(true)
+        .with_writer(writer);
     let lines = if json {
         lines.json().with_filter(filter).boxed()
     } else {

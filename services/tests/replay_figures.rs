@@ -1,0 +1,167 @@
+//! The rebuild figures of `docs/benchmarks.md` ("Rebuilding a projection"), in one run:
+//!
+//! ```text
+//! cargo test -p parley-services --test replay_figures -- --ignored --nocapture
+//! ```
+//!
+//! 200,000 events (100 direct conversations: each a creation and 1,999 messages) are
+//! appended to the log of a local nats-server (file storage, R1, lazy fsync; set-up, not
+//! measured). Then, on that log: the raw JetStream consume rate (a plain ordered consumer
+//! reading to the end, each event decoded, no store), and `parley replay rebuild` (its
+//! library function) into a new SQLite file.
+
+use std::time::Instant;
+
+use async_nats::jetstream::consumer::pull;
+use futures::StreamExt;
+use parley_events::{
+    ClientMsgId, CommandId, ConversationCreated, ConversationId, ConversationKind, Event,
+    EventEnvelope, EventId, Member, MessagePosted, Role, UserId,
+};
+use parley_localstack::{NatsOptions, NatsServer};
+use parley_services::admin::Readiness;
+use parley_services::config::{Config, Secret};
+use parley_services::progress::Progress;
+use parley_services::replay::Target;
+use parley_services::replay::rebuild::{self, RebuildOptions};
+use parley_services::{node, topology};
+use tokio_util::sync::CancellationToken;
+
+const CONVERSATIONS: u64 = 100;
+const PER_CONVERSATION: u64 = 2_000;
+
+fn user(name: &str) -> UserId {
+    UserId::parse(name).unwrap()
+}
+
+/// Conversation `c`'s events as a handler appends them: its creation, then messages.
+fn events(c: u64) -> (ConversationId, Vec<EventEnvelope>) {
+    let (a, b) = (format!("a{c}"), format!("b{c}"));
+    let conversation = ConversationId::direct(&user(&a), &user(&b));
+    let envelope = |n: u64, actor: &str, event: Event| {
+        let command =
+            CommandId::from_client(&user(actor), &ClientMsgId::parse(format!("c{n}")).unwrap());
+        EventEnvelope {
+            id: EventId::derive(command, 0, 1_700_000_000_000 + n),
+            conversation,
+            prev: n,
+            command,
+            actor: user(actor),
+            at: 1_700_000_000_000 + n,
+            event,
+        }
+    };
+    let created = Event::ConversationCreated(ConversationCreated {
+        kind: ConversationKind::Direct,
+        title: None,
+        members: [&a, &b]
+            .iter()
+            .map(|u| Member {
+                user: user(u),
+                role: Role::Member,
+            })
+            .collect(),
+    });
+    let mut all = vec![envelope(0, &a, created)];
+    all.extend((1..PER_CONVERSATION).map(|n| {
+        let posted = Event::MessagePosted(MessagePosted {
+            client_id: ClientMsgId::parse(format!("m{n}")).unwrap(),
+            body: format!("message number {n}, about as long as a short chat line"),
+            reply_to: None,
+        });
+        envelope(n, if n % 2 == 0 { &a } else { &b }, posted)
+    }));
+    (conversation, all)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: run it on a quiet machine with --ignored"]
+async fn rebuild_figures() {
+    let nats = NatsServer::start(NatsOptions {
+        sync_always: false,
+        ..NatsOptions::default()
+    })
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::default();
+    config.nats.url = Some(Secret::new(nats.url()));
+    config.log.shards = 16;
+    let connection = node::connect_nats(&config, &Readiness::default())
+        .await
+        .unwrap();
+    let topology = topology::ensure(
+        async_nats::jetstream::new(connection.client.clone()),
+        &config,
+    )
+    .await
+    .unwrap();
+    let started = Instant::now();
+    // Conversations interleaved, as a live log is.
+    let all: Vec<(ConversationId, Vec<EventEnvelope>)> = (0..CONVERSATIONS).map(events).collect();
+    let mut acks = Vec::new();
+    for n in 0..PER_CONVERSATION as usize {
+        for (conversation, events) in &all {
+            let subject = topology.shards.subject(*conversation);
+            acks.push(
+                topology
+                    .js
+                    .publish(subject, events[n].to_bytes().into())
+                    .await
+                    .unwrap(),
+            );
+            if acks.len() == 256 {
+                for ack in acks.drain(..) {
+                    ack.await.unwrap();
+                }
+            }
+        }
+    }
+    for ack in acks {
+        ack.await.unwrap();
+    }
+    let mut log = topology.log.clone();
+    let last = log.info().await.unwrap().state.last_sequence;
+    eprintln!(
+        "appended {last} events in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    // Raw: an ordered consumer reading the log to its end, each event decoded, no store.
+    let started = Instant::now();
+    let mut messages = topology
+        .log
+        .create_consumer(pull::OrderedConfig::default())
+        .await
+        .unwrap()
+        .messages()
+        .await
+        .unwrap();
+    let mut seen = 0;
+    while seen < last {
+        let message = messages.next().await.unwrap().unwrap();
+        EventEnvelope::from_bytes(&message.payload).unwrap();
+        seen = message.info().unwrap().stream_sequence;
+    }
+    let raw = last as f64 / started.elapsed().as_secs_f64();
+    drop(messages);
+
+    let target = Target::Sqlite(dir.path().join("rebuilt.db"));
+    let started = Instant::now();
+    let rebuilt = rebuild::rebuild(
+        &config,
+        &connection,
+        &topology,
+        &RebuildOptions::new(target),
+        |_| Progress::silent("rebuild"),
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let rate = rebuilt.applied as f64 / started.elapsed().as_secs_f64();
+    assert_eq!(rebuilt.position, last);
+    println!("| Raw ordered consume | {raw:.0} | 1.00 |");
+    println!(
+        "| Rebuild into a new SQLite file | {rate:.0} | {:.2} |",
+        rate / raw
+    );
+}
