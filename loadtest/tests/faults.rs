@@ -55,13 +55,7 @@ fn run_on(fault: &str, gateways: usize, nats_nodes: usize) -> Report {
         ..Overrides::default()
     })
     .unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let (outcome, _out) = runtime.block_on(support::spawned_run(scenario, "faults test"));
-    let report = outcome.report;
+    let report = spawned(scenario);
     // The whole table when a test fails; the interruption always (written past the test
     // harness's capture, so passing runs show it in CI).
     println!("{}", render_table(&report));
@@ -83,6 +77,17 @@ fn run_on(fault: &str, gateways: usize, nats_nodes: usize) -> Report {
     }
     check_correctness(&report);
     report
+}
+
+/// `scenario` run against a platform spawned for it, on a runtime of its own.
+fn spawned(scenario: Scenario) -> Report {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (outcome, _out) = runtime.block_on(support::spawned_run(scenario, "faults test"));
+    outcome.report
 }
 
 fn show(ms: Option<f64>) -> String {
@@ -201,13 +206,7 @@ fn clients_of_a_removed_gateway_move_to_the_others_of_a_scaled_out_platform() {
     )
     .unwrap();
     scenario.validate().unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let (outcome, _out) = runtime.block_on(support::spawned_run(scenario, "faults test"));
-    let report = outcome.report;
+    let report = spawned(scenario);
     println!("{}", render_table(&report));
     let ledger = &report.ledger;
     assert!(ledger.log_checked, "the log was not read: {ledger:?}");

@@ -10,14 +10,13 @@
 //! reading to the end, each event decoded, no store), and `parley replay rebuild` (its
 //! library function) into a new SQLite file.
 
+mod support;
+
 use std::time::Instant;
 
 use async_nats::jetstream::consumer::pull;
 use futures::StreamExt;
-use parley_events::{
-    ClientMsgId, CommandId, ConversationCreated, ConversationId, ConversationKind, Event,
-    EventEnvelope, EventId, Member, MessagePosted, Role, UserId,
-};
+use parley_events::{ConversationId, EventEnvelope};
 use parley_localstack::{NatsOptions, NatsServer};
 use parley_services::admin::Readiness;
 use parley_services::config::{Config, Secret};
@@ -29,50 +28,6 @@ use tokio_util::sync::CancellationToken;
 
 const CONVERSATIONS: u64 = 100;
 const PER_CONVERSATION: u64 = 2_000;
-
-fn user(name: &str) -> UserId {
-    UserId::parse(name).unwrap()
-}
-
-/// Conversation `c`'s events as a handler appends them: its creation, then messages.
-fn events(c: u64) -> (ConversationId, Vec<EventEnvelope>) {
-    let (a, b) = (format!("a{c}"), format!("b{c}"));
-    let conversation = ConversationId::direct(&user(&a), &user(&b));
-    let envelope = |n: u64, actor: &str, event: Event| {
-        let command =
-            CommandId::from_client(&user(actor), &ClientMsgId::parse(format!("c{n}")).unwrap());
-        EventEnvelope {
-            id: EventId::derive(command, 0, 1_700_000_000_000 + n),
-            conversation,
-            prev: n,
-            command,
-            actor: user(actor),
-            at: 1_700_000_000_000 + n,
-            event,
-        }
-    };
-    let created = Event::ConversationCreated(ConversationCreated {
-        kind: ConversationKind::Direct,
-        title: None,
-        members: [&a, &b]
-            .iter()
-            .map(|u| Member {
-                user: user(u),
-                role: Role::Member,
-            })
-            .collect(),
-    });
-    let mut all = vec![envelope(0, &a, created)];
-    all.extend((1..PER_CONVERSATION).map(|n| {
-        let posted = Event::MessagePosted(MessagePosted {
-            client_id: ClientMsgId::parse(format!("m{n}")).unwrap(),
-            body: format!("message number {n}, about as long as a short chat line"),
-            reply_to: None,
-        });
-        envelope(n, if n % 2 == 0 { &a } else { &b }, posted)
-    }));
-    (conversation, all)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a benchmark: run it on a quiet machine with --ignored"]
@@ -97,7 +52,9 @@ async fn rebuild_figures() {
     .unwrap();
     let started = Instant::now();
     // Conversations interleaved, as a live log is.
-    let all: Vec<(ConversationId, Vec<EventEnvelope>)> = (0..CONVERSATIONS).map(events).collect();
+    let all: Vec<(ConversationId, Vec<EventEnvelope>)> = (0..CONVERSATIONS)
+        .map(|c| support::direct_chat(&format!("a{c}"), &format!("b{c}"), PER_CONVERSATION - 1))
+        .collect();
     let mut acks = Vec::new();
     for n in 0..PER_CONVERSATION as usize {
         for (conversation, events) in &all {

@@ -14,16 +14,15 @@
 //! `before` anywhere in the conversation) read back from each store. Needs Java for the
 //! Cassandra node; run it on a quiet machine.
 
+mod support;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{AckPolicy, pull};
 use futures::StreamExt;
 use parley_events::subjects::LOG_STREAM;
-use parley_events::{
-    ClientMsgId, CommandId, ConversationCreated, ConversationId, ConversationKind, Event,
-    EventEnvelope, EventId, Member, MessagePosted, Role, UserId,
-};
+use parley_events::{ConversationId, EventEnvelope};
 use parley_localstack::{CassandraNode, NatsOptions, NatsServer};
 use parley_projections::ConversationStore;
 use parley_services::admin::Readiness;
@@ -36,48 +35,6 @@ use tokio_util::sync::CancellationToken;
 const MESSAGES: u64 = 100_000;
 const PAGE: u32 = 50;
 const PAGE_READS: usize = 2_000;
-
-fn user(name: &str) -> UserId {
-    UserId::parse(name).unwrap()
-}
-
-/// The conversation's creation, then its messages, as appended by a handler.
-fn events(conversation: ConversationId) -> Vec<EventEnvelope> {
-    let envelope = |n: u64, actor: &str, event: Event| {
-        let command =
-            CommandId::from_client(&user(actor), &ClientMsgId::parse(format!("c{n}")).unwrap());
-        EventEnvelope {
-            id: EventId::derive(command, 0, 1_700_000_000_000 + n),
-            conversation,
-            prev: n,
-            command,
-            actor: user(actor),
-            at: 1_700_000_000_000 + n,
-            event,
-        }
-    };
-    let created = Event::ConversationCreated(ConversationCreated {
-        kind: ConversationKind::Direct,
-        title: None,
-        members: ["alice", "bob"]
-            .iter()
-            .map(|u| Member {
-                user: user(u),
-                role: Role::Member,
-            })
-            .collect(),
-    });
-    let mut all = vec![envelope(0, "alice", created)];
-    all.extend((1..=MESSAGES).map(|n| {
-        let posted = Event::MessagePosted(MessagePosted {
-            client_id: ClientMsgId::parse(format!("m{n}")).unwrap(),
-            body: format!("message number {n}, about as long as a short chat line"),
-            reply_to: None,
-        });
-        envelope(n, if n % 2 == 0 { "alice" } else { "bob" }, posted)
-    }));
-    all
-}
 
 /// Consume the whole log as the projector's consumer does, without a store: events/s.
 async fn raw_consume_rate(topology: &topology::Topology, batch: usize, total: u64) -> f64 {
@@ -196,11 +153,11 @@ async fn projection_store_figures() {
     .await
     .unwrap();
 
-    let conversation = ConversationId::direct(&user("alice"), &user("bob"));
+    let (conversation, events) = support::direct_chat("alice", "bob", MESSAGES);
     let subject = topology.shards.subject(conversation);
     let started = Instant::now();
     let mut acks = Vec::new();
-    for envelope in events(conversation) {
+    for envelope in events {
         acks.push(
             topology
                 .js

@@ -836,3 +836,49 @@ impl Client {
         while let Some(Ok(_)) = self.socket.next().await {}
     }
 }
+
+/// A direct conversation between `a` and `b` as a handler appends it: its creation, then
+/// `messages` messages of about a chat line each, the two taking turns; for the figures'
+/// logs.
+pub fn direct_chat(a: &str, b: &str, messages: u64) -> (ConversationId, Vec<EventEnvelope>) {
+    use parley_events::{
+        ClientMsgId, CommandId, ConversationCreated, ConversationKind, Event, EventId, Member,
+        MessagePosted, Role,
+    };
+    let user = |name: &str| UserId::parse(name).unwrap();
+    let conversation = ConversationId::direct(&user(a), &user(b));
+    let envelope = |n: u64, actor: &str, event: Event| {
+        let command =
+            CommandId::from_client(&user(actor), &ClientMsgId::parse(format!("c{n}")).unwrap());
+        EventEnvelope {
+            id: EventId::derive(command, 0, 1_700_000_000_000 + n),
+            conversation,
+            prev: n,
+            command,
+            actor: user(actor),
+            at: 1_700_000_000_000 + n,
+            event,
+        }
+    };
+    let created = Event::ConversationCreated(ConversationCreated {
+        kind: ConversationKind::Direct,
+        title: None,
+        members: [a, b]
+            .iter()
+            .map(|u| Member {
+                user: user(u),
+                role: Role::Member,
+            })
+            .collect(),
+    });
+    let mut all = vec![envelope(0, a, created)];
+    all.extend((1..=messages).map(|n| {
+        let posted = Event::MessagePosted(MessagePosted {
+            client_id: ClientMsgId::parse(format!("m{n}")).unwrap(),
+            body: format!("message number {n}, about as long as a short chat line"),
+            reply_to: None,
+        });
+        envelope(n, if n % 2 == 0 { a } else { b }, posted)
+    }));
+    (conversation, all)
+}
