@@ -257,6 +257,34 @@ async fn open_store_patiently(
     }
 }
 
+/// The projection target in force and the bucket that records it, read again after a
+/// backoff while NATS cannot answer (a cluster electing the bucket's leader answers "no
+/// responders" for a moment); `None` on shutdown. A malformed record stops the node.
+async fn start_target_patiently(
+    topology: &topology::Topology,
+    config: &Config,
+    shutdown: &CancellationToken,
+) -> Result<Option<(async_nats::jetstream::kv::Store, Target)>, NodeError> {
+    let mut backoff = Backoff::new(projector::MAX_BACKOFF);
+    loop {
+        let attempt = async {
+            let bucket = replay::switch::bucket(&topology.js, config).await?;
+            let target = replay::switch::start_target(&bucket, config).await?;
+            Ok((bucket, target))
+        };
+        match attempt.await {
+            Ok(found) => return Ok(Some(found)),
+            Err(replay::ReplayError::Nats(cause)) => {
+                warn!(%cause, retry_in = ?backoff.delay(), "cannot read the projection target yet; retrying");
+            }
+            Err(e) => return Err(NodeError::Replay(e)),
+        }
+        if !backoff.wait(shutdown).await {
+            return Ok(None);
+        }
+    }
+}
+
 /// Keep the store's readiness check current while the node runs.
 async fn watch_store(
     store: Arc<dyn ConversationStore>,
@@ -342,12 +370,10 @@ pub async fn run(
     }
     // The store the roles start on: the one `parley replay switch` made active, if any.
     let switching = if roles.gateway || roles.projector {
-        let bucket = replay::switch::bucket(&topology.js, &config)
-            .await
-            .map_err(NodeError::Replay)?;
-        let target = replay::switch::start_target(&bucket, &config)
-            .await
-            .map_err(NodeError::Replay)?;
+        let Some((bucket, target)) = start_target_patiently(&topology, &config, &shutdown).await?
+        else {
+            return Ok(());
+        };
         if target != Target::configured(&config) {
             info!(%target, "using the projection target `parley replay switch` made active");
         }

@@ -209,62 +209,67 @@ pub struct Follower {
 }
 
 impl Follower {
-    /// Follow switches until `shutdown`.
+    /// Follow switches until `shutdown`. A watch that ends (NATS restarted, the bucket's
+    /// leader moved) is opened again; it starts with the record in force, which a node
+    /// already on that target ignores.
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut watch = loop {
-            match self.bucket.watch_with_history(TARGET_KEY).await {
-                Ok(watch) => break watch,
-                Err(e) => {
-                    warn!(error = %e, "cannot watch the projection target; retrying");
-                    tokio::select! {
-                        () = shutdown.cancelled() => return,
-                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    }
-                }
-            }
-        };
         let mut heartbeat = tokio::time::interval(HEARTBEAT);
         loop {
-            let entry = tokio::select! {
-                () = shutdown.cancelled() => return,
-                _ = heartbeat.tick() => {
-                    self.record().await;
+            let mut watch = loop {
+                match self.bucket.watch_with_history(TARGET_KEY).await {
+                    Ok(watch) => break watch,
+                    Err(e) => {
+                        warn!(error = %e, "cannot watch the projection target; retrying");
+                        tokio::select! {
+                            () = shutdown.cancelled() => return,
+                            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        }
+                    }
+                }
+            };
+            loop {
+                let entry = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    _ = heartbeat.tick() => {
+                        self.record().await;
+                        continue;
+                    }
+                    entry = watch.next() => match entry {
+                        Some(Ok(entry)) => entry,
+                        Some(Err(e)) => {
+                            warn!(error = %e, "the projection target's watch failed");
+                            continue;
+                        }
+                        None => break,
+                    },
+                };
+                let switch = match entry.operation {
+                    kv::Operation::Put => match parse_switch(&entry.value) {
+                        Ok(switch) => switch,
+                        Err(e) => {
+                            warn!(error = %e, "ignoring an unreadable projection target");
+                            continue;
+                        }
+                    },
+                    // Back to the configured store, from wherever it stands.
+                    kv::Operation::Delete | kv::Operation::Purge => Switch {
+                        target: Target::configured(&self.config).to_string(),
+                        from: u64::MAX,
+                    },
+                };
+                let target: Target = switch.target.parse().expect("checked by parse_switch");
+                let current = [&self.gateway, &self.projector]
+                    .into_iter()
+                    .flatten()
+                    .all(|handle| handle.target() == target);
+                if current {
                     continue;
                 }
-                entry = watch.next() => match entry {
-                    Some(Ok(entry)) => entry,
-                    Some(Err(e)) => {
-                        warn!(error = %e, "the projection target's watch failed");
-                        continue;
-                    }
-                    None => return,
-                },
-            };
-            let switch = match entry.operation {
-                kv::Operation::Put => match parse_switch(&entry.value) {
-                    Ok(switch) => switch,
-                    Err(e) => {
-                        warn!(error = %e, "ignoring an unreadable projection target");
-                        continue;
-                    }
-                },
-                // Back to the configured store, from wherever it stands.
-                kv::Operation::Delete | kv::Operation::Purge => Switch {
-                    target: Target::configured(&self.config).to_string(),
-                    from: u64::MAX,
-                },
-            };
-            let target: Target = switch.target.parse().expect("checked by parse_switch");
-            let current = [&self.gateway, &self.projector]
-                .into_iter()
-                .flatten()
-                .all(|handle| handle.target() == target);
-            if current {
-                continue;
+                if !self.move_to(target, switch.from, &shutdown).await {
+                    return;
+                }
             }
-            if !self.move_to(target, switch.from, &shutdown).await {
-                return;
-            }
+            warn!("the projection target's watch ended; watching again");
         }
     }
 
