@@ -29,6 +29,11 @@ impl TlsError {
     pub(crate) fn new(message: impl Into<String>) -> Self {
         TlsError(message.into())
     }
+
+    /// What is wrong, naming the file, without the `TLS:` prefix.
+    pub fn message(&self) -> &str {
+        &self.0
+    }
 }
 
 impl From<TlsError> for StoreError {
@@ -127,7 +132,8 @@ pub(crate) fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
 }
 
 /// Every certificate in a PEM file; a file with none is an error, not an empty trust list.
-fn certificates_in(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+/// The gateway reads its own serving chain with it too.
+pub fn certificates_in(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let unreadable = |e: rustls::pki_types::pem::Error| {
         TlsError(format!("certificate file {}: {e}", path.display()))
     };

@@ -13,8 +13,8 @@ use std::time::{Duration, SystemTime};
 
 use rustls::ServerConfig;
 use rustls::crypto::CryptoProvider;
+use rustls::pki_types::PrivateKeyDer;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tokio_rustls::TlsAcceptor;
@@ -130,19 +130,8 @@ fn certified_key(
     key_file: &Path,
     provider: &CryptoProvider,
 ) -> Result<CertifiedKey, CertificateError> {
-    let unreadable = |e: rustls::pki_types::pem::Error| {
-        CertificateError(format!("certificate file {}: {e}", cert_file.display()))
-    };
-    let chain = CertificateDer::pem_file_iter(cert_file)
-        .map_err(unreadable)?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(unreadable)?;
-    if chain.is_empty() {
-        return Err(CertificateError(format!(
-            "certificate file {} holds no PEM certificate",
-            cert_file.display()
-        )));
-    }
+    let chain = parley_projections::tls::certificates_in(cert_file)
+        .map_err(|e| CertificateError(e.message().to_owned()))?;
     let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| {
         CertificateError(format!(
             "key file {}: no usable PEM private key ({e})",
