@@ -18,12 +18,9 @@ use async_nats::jetstream::consumer::pull;
 use futures::StreamExt;
 use parley_events::{ConversationId, EventEnvelope};
 use parley_localstack::{NatsOptions, NatsServer};
-use parley_services::admin::Readiness;
-use parley_services::config::{Config, Secret};
 use parley_services::progress::Progress;
 use parley_services::replay::Target;
 use parley_services::replay::rebuild::{self, RebuildOptions};
-use parley_services::{node, topology};
 use tokio_util::sync::CancellationToken;
 
 const CONVERSATIONS: u64 = 100;
@@ -38,18 +35,7 @@ async fn rebuild_figures() {
     })
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut config = Config::default();
-    config.nats.url = Some(Secret::new(nats.url()));
-    config.log.shards = 16;
-    let connection = node::connect_nats(&config, &Readiness::default())
-        .await
-        .unwrap();
-    let topology = topology::ensure(
-        async_nats::jetstream::new(connection.client.clone()),
-        &config,
-    )
-    .await
-    .unwrap();
+    let (config, connection, topology) = support::topology_on(&nats.url()).await;
     let started = Instant::now();
     // Conversations interleaved, as a live log is.
     let all: Vec<(ConversationId, Vec<EventEnvelope>)> = (0..CONVERSATIONS)

@@ -26,7 +26,7 @@ use parley_events::{ConversationId, EventEnvelope};
 use parley_localstack::{CassandraNode, NatsOptions, NatsServer};
 use parley_projections::ConversationStore;
 use parley_services::admin::Readiness;
-use parley_services::config::{Config, Secret, StoreKind};
+use parley_services::config::{Config, StoreKind};
 use parley_services::node;
 use parley_services::projector::Projector;
 use parley_services::topology;
@@ -140,18 +140,7 @@ async fn projection_store_figures() {
     .unwrap();
     let cassandra = CassandraNode::start().expect("the figures need the local Cassandra node");
     let dir = tempfile::tempdir().unwrap();
-    let mut config = Config::default();
-    config.nats.url = Some(Secret::new(nats.url()));
-    config.log.shards = 16;
-    let connection = node::connect_nats(&config, &Readiness::default())
-        .await
-        .unwrap();
-    let topology = topology::ensure(
-        async_nats::jetstream::new(connection.client.clone()),
-        &config,
-    )
-    .await
-    .unwrap();
+    let (config, connection, topology) = support::topology_on(&nats.url()).await;
 
     let (conversation, events) = support::direct_chat("alice", "bob", MESSAGES);
     let subject = topology.shards.subject(conversation);

@@ -882,3 +882,20 @@ pub fn direct_chat(a: &str, b: &str, messages: u64) -> (ConversationId, Vec<Even
     }));
     (conversation, all)
 }
+
+/// A configuration for the nats-server at `url` (16 shards), connected, with the log and the
+/// intake set up: what the figures start from.
+pub async fn topology_on(url: &str) -> (Config, node::Nats, parley_services::topology::Topology) {
+    let mut config = Config::default();
+    config.nats.url = Some(Secret::new(url));
+    config.log.shards = 16;
+    let nats =
+        parley_services::node::connect_nats(&config, &parley_services::admin::Readiness::default())
+            .await
+            .unwrap();
+    let topology =
+        parley_services::topology::ensure(async_nats::jetstream::new(nats.client.clone()), &config)
+            .await
+            .unwrap();
+    (config, nats, topology)
+}
