@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use parley_events::UserId;
 use parley_services::config::{Config, ENV_CONFIG_FILE, StoreKind};
 use parley_services::local::{LocalPlatform, dev_secret};
-use parley_services::log_tools::{self, ConversationCommand, LogCommand, LogToolsError};
+use parley_services::log_tools::{self, ConversationCommand, LogCommand};
 use parley_services::node::{self, Listeners, Roles};
 use parley_services::revocation::{self, Revocation};
 use parley_services::{auth, telemetry, unix_millis};
@@ -125,15 +125,15 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Push(command) => {
-            std::process::exit(parley_services::push::dead_letters::run(&config, command).await)
+            exit_with(parley_services::push::dead_letters::run(&config, command).await)
         }
-        Command::Log(command) => exit_on_error(log_tools::run_log(&config, command).await),
+        Command::Log(command) => exit_with(log_tools::run_log(&config, command).await),
         Command::Conversation(command) => {
-            exit_on_error(log_tools::run_conversation(&config, command).await)
+            exit_with(log_tools::run_conversation(&config, command).await)
         }
         Command::Replay(command) => {
             telemetry::init_command_logging(cli.log_json);
-            std::process::exit(parley_services::replay::cli::run(&config, command).await)
+            exit_with(parley_services::replay::cli::run(&config, command).await)
         }
         Command::Up => {
             let _spans = telemetry::init_logging(cli.log_json, &config.traces)?;
@@ -163,11 +163,11 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-/// A log tool's error on standard error, with its exit code.
-fn exit_on_error(result: Result<(), LogToolsError>) -> anyhow::Result<()> {
-    if let Err(e) = result {
-        eprintln!("Error: {e}");
-        std::process::exit(e.exit_code());
+/// End with a subcommand's exit code: a failure exits at once (its message is printed);
+/// success returns, so everything is dropped and flushed as usual.
+fn exit_with(code: i32) -> anyhow::Result<()> {
+    if code != 0 {
+        std::process::exit(code);
     }
     Ok(())
 }

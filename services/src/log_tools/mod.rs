@@ -279,22 +279,30 @@ fn output(path: Option<&PathBuf>) -> Result<Box<dyn std::io::Write>, LogToolsErr
 }
 
 /// Run `parley log <command>`.
-pub async fn run_log(config: &Config, command: LogCommand) -> Result<(), LogToolsError> {
-    match command {
+pub async fn run_log(config: &Config, command: LogCommand) -> i32 {
+    exit_code(match command {
         LogCommand::Tail(args) => inspect::tail(config, args).await,
         LogCommand::Show(args) => inspect::show(config, args).await,
         LogCommand::Stats(args) => inspect::stats(config, args).await,
         LogCommand::Export(args) => transfer::export(config, args).await,
         LogCommand::Import(args) => transfer::import(config, args).await,
-    }
+    })
 }
 
 /// Run `parley conversation <command>`.
-pub async fn run_conversation(
-    config: &Config,
-    command: ConversationCommand,
-) -> Result<(), LogToolsError> {
-    match command {
+pub async fn run_conversation(config: &Config, command: ConversationCommand) -> i32 {
+    exit_code(match command {
         ConversationCommand::At(args) => at::at(config, args).await,
+    })
+}
+
+/// The exit code of a finished command, its error on standard error.
+fn exit_code(result: Result<(), LogToolsError>) -> i32 {
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("Error: {e}");
+            e.exit_code()
+        }
     }
 }
