@@ -476,10 +476,18 @@ pub struct HandlerConfig {
     /// Log events between write-model snapshots; a starting handler loads the latest and
     /// replays only the log after it. 0: never snapshot, always replay the whole log.
     pub snapshot_every_events: u64,
-    /// Most events one lane appends as one atomic batch (one commit, one fsync); 1 appends
-    /// each event on its own. At most the server's batch limit (1,000).
+    /// Most events appended as one atomic batch (one commit, one fsync), gathered from one
+    /// lane and across lanes; 1 appends each event on its own. At most the server's batch
+    /// limit (1,000).
     pub max_batch: usize,
+    /// With batching on, most appends (single events or batches) in flight at once: what
+    /// lanes hand over while all are in flight is merged into the next batch. At most the
+    /// server's limit of atomic batches in flight per stream (50).
+    pub commits_in_flight: usize,
 }
+
+/// The most atomic batches nats-server keeps in flight for one stream.
+pub const MAX_ATOMIC_BATCHES_IN_FLIGHT: usize = 50;
 
 /// The most messages nats-server accepts in one atomic batch (`jetstream.limits.batch`
 /// can only lower it).
@@ -493,6 +501,7 @@ impl Default for HandlerConfig {
             remembered_commands: 1_000_000,
             snapshot_every_events: 100_000,
             max_batch: 1,
+            commits_in_flight: 16,
         }
     }
 }
@@ -1103,6 +1112,10 @@ impl Config {
             "handler.max_batch must be between 1 and 1000",
         );
         require(
+            (1..=MAX_ATOMIC_BATCHES_IN_FLIGHT).contains(&self.handler.commits_in_flight),
+            "handler.commits_in_flight must be between 1 and 50",
+        );
+        require(
             (1..=10_000).contains(&self.projector.batch),
             "projector.batch must be between 1 and 10000",
         );
@@ -1402,6 +1415,23 @@ mod tests {
         .unwrap();
         let toml = format!("[auth]\njwks_file = {:?}\n", file.display().to_string());
         Config::from_toml(&toml).unwrap();
+    }
+
+    #[test]
+    fn commits_in_flight_outside_the_servers_limit_are_refused() {
+        for wrong in ["0", "51", "-1", "\"many\""] {
+            let err = Config::from_toml(&format!("[handler]\ncommits_in_flight = {wrong}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("commits_in_flight"), "{wrong}: {err}");
+        }
+        for right in [1, 50] {
+            let toml = format!("[handler]\ncommits_in_flight = {right}\n");
+            assert_eq!(
+                Config::from_toml(&toml).unwrap().handler.commits_in_flight,
+                right
+            );
+        }
     }
 
     #[test]

@@ -12,6 +12,7 @@ use parley_events::subjects::{INTAKE_SUBJECT, LOG_STREAM};
 use parley_events::{
     Action, ClientMsgId, Command, CommandId, ConversationId, Event, Outcome, OutcomeResult, UserId,
 };
+use parley_services::config::Config;
 use parley_services::unix_millis;
 use support::Platform;
 
@@ -161,11 +162,16 @@ async fn batched_events(platform: &Platform) -> usize {
 /// the intake twice), taken by one lane; checks everything and returns the events stored
 /// in batches.
 async fn burst(max_batch: usize) -> usize {
-    let mut platform = Platform::start_with(1, |config| {
+    burst_with(|config| {
         config.handler.lanes = 1;
         config.handler.max_batch = max_batch;
     })
-    .await;
+    .await
+}
+
+/// [`burst`] with the handler configured by `adjust`.
+async fn burst_with(adjust: impl FnOnce(&mut Config)) -> usize {
+    let mut platform = Platform::start_with(1, adjust).await;
     let client = async_nats::connect(platform.nats.url()).await.unwrap();
     let mut outcomes = client.subscribe("parley.outcome.test").await.unwrap();
     platform.stop_handler().await;
@@ -238,6 +244,21 @@ async fn commands_held_back_when_a_batch_fills_are_appended_in_later_batches() {
     assert!(batched > 0, "no event was appended in an atomic batch");
 }
 
+/// Forty conversations over 64 lanes: no lane ever holds the 16 events a batch of its own
+/// needs, so only merging what many lanes hand over while the one commit in flight is out
+/// makes batches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_events_of_many_lanes_are_merged_into_batches_with_every_chain_intact() {
+    let batched = burst_with(|config| {
+        config.handler.lanes = 64;
+        config.handler.max_batch = 256;
+        config.handler.commits_in_flight = 1;
+        config.log.shards = 64;
+    })
+    .await;
+    assert!(batched > 0, "no event was appended in an atomic batch");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_batch_of_one_every_event_is_appended_alone() {
     assert_eq!(burst(1).await, 0);
@@ -255,10 +276,13 @@ async fn conflicts(platform: &Platform) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_handlers_batching_the_same_shards_lose_and_duplicate_nothing() {
-    // Four shards: the two instances' batches meet on every shard, and a batch whose
-    // expected sequence the other instance made stale is refused as a whole.
+    // Four shards, a lane each: the two instances' batches (a lane's own, or merged across
+    // lanes) meet on every shard, and a batch whose expected sequence the other instance
+    // made stale is refused as a whole.
     let mut platform = Platform::start_with(1, |config| {
-        config.handler.lanes = 1;
+        config.handler.lanes = 4;
+        config.handler.max_batch = 256;
+        config.handler.commits_in_flight = 1;
         config.log.shards = 4;
     })
     .await;
@@ -297,5 +321,9 @@ async fn two_handlers_batching_the_same_shards_lose_and_duplicate_nothing() {
     assert!(
         conflicts(&platform).await > before,
         "the two instances never met on a shard"
+    );
+    assert!(
+        batched_events(&platform).await > 0,
+        "no event was appended in an atomic batch"
     );
 }

@@ -8,6 +8,7 @@
 //! parallel. Across instances, a conflicting append fails its expected-sequence check, the
 //! instance waits until its log tail has caught up with the shard, and decides again.
 
+mod commits;
 mod messages;
 mod snapshots;
 mod write_model;
@@ -24,7 +25,7 @@ use futures::StreamExt;
 use parley_events::command::OutcomeQuery;
 use parley_events::subjects::{
     HANDLER_CONSUMER, HANDLER_QUEUE, LIVE_MEMBERSHIP_SUBJECT, OUTCOME_QUERY_SUBJECT,
-    OUTCOME_SUBJECT_PREFIX, live_subject, log_subject,
+    OUTCOME_SUBJECT_PREFIX, live_subject,
 };
 use parley_events::{Command, ErrorCode, EventEnvelope, Outcome, OutcomeResult, RecordedEvent};
 use tokio::sync::{mpsc, watch};
@@ -38,6 +39,7 @@ use crate::config::Config;
 use crate::node::Nats;
 use crate::telemetry;
 use crate::topology::{self, Topology};
+use commits::{Append, Commits, Failed, MIN_ATOMIC_BATCH};
 pub use messages::{MAX_EMOJI_BYTES, MessageRef, check_emoji};
 pub use write_model::{
     Accepted, Decision, WriteModel, check_batch, check_body, check_mute_seconds, check_title,
@@ -187,12 +189,15 @@ impl Handler {
         // The consumer never hands out more than `max_ack_pending` commands, so a lane
         // that can hold them all never blocks the others: a slow shard delays only itself.
         let lane_queue = usize::try_from(inner.config.intake.max_ack_pending).unwrap_or(1);
+        let (commits, merging) = Commits::start(&inner);
         let (lanes, lane_tasks): (Vec<Lane>, Vec<JoinHandle<()>>) = (0..inner.config.handler.lanes)
             .map(|_| {
                 let (tx, rx) = mpsc::channel(lane_queue);
-                (tx, tokio::spawn(run_lane(Arc::clone(&inner), rx)))
+                let lane = run_lane(Arc::clone(&inner), commits.clone(), rx);
+                (tx, tokio::spawn(lane))
             })
             .unzip();
+        drop(commits);
         let mut failure = None;
         loop {
             let lost = tokio::select! {
@@ -241,6 +246,10 @@ impl Handler {
         drop(lanes);
         for lane in lane_tasks {
             let _ = lane.await;
+        }
+        // The lanes held the only ways in, so the merging ends once what it holds is appended.
+        if let Some(merging) = merging {
+            let _ = merging.await;
         }
         answering.abort();
         tail.abort();
@@ -566,7 +575,7 @@ fn action_name(command: &Command) -> &'static str {
     }
 }
 
-async fn run_lane(inner: Arc<Inner>, mut rx: mpsc::Receiver<(Command, Message)>) {
+async fn run_lane(inner: Arc<Inner>, commits: Commits, mut rx: mpsc::Receiver<(Command, Message)>) {
     let max_batch = inner.config.handler.max_batch;
     // Commands held back because their conversation already had one in the batch being
     // formed; they open the next batch, in the order they came.
@@ -597,7 +606,7 @@ async fn run_lane(inner: Arc<Inner>, mut rx: mpsc::Receiver<(Command, Message)>)
         // A conversation's commands held back stay ahead of its later ones.
         later.extend(earlier);
         held = later;
-        handle_commands(&inner, batch).await;
+        handle_commands(&inner, &commits, batch).await;
     }
 }
 
@@ -608,7 +617,7 @@ fn retry_delay(delivered: i64) -> Duration {
 }
 
 /// Execute a lane's batch, then answer and acknowledge each command on its own.
-async fn handle_commands(inner: &Inner, batch: Vec<(Command, Message)>) {
+async fn handle_commands(inner: &Inner, commits: &Commits, batch: Vec<(Command, Message)>) {
     let started = Instant::now();
     let commands: Vec<&Command> = batch.iter().map(|(command, _)| command).collect();
     // Each command's span continues the trace its gateway started; its event carries the
@@ -632,7 +641,7 @@ async fn handle_commands(inner: &Inner, batch: Vec<(Command, Message)>) {
         .iter()
         .map(|(span, _)| crate::traces::context_headers(span))
         .collect();
-    let results = execute(inner, &commands, &traces).await;
+    let results = execute(inner, commits, &commands, &traces).await;
     for (((command, message), result), (span, delivered)) in
         batch.into_iter().zip(results).zip(spans)
     {
@@ -700,27 +709,15 @@ async fn answer(
     }
 }
 
-/// Fewest events worth an atomic batch. nats-server 2.15.1 stages a batch of a file-stored
-/// R1 stream in a store of its own, which costs about as much as a dozen single appends
-/// (measured here: 4 to 9 ms a batch against 0.4 ms an append, `sync_interval: always`);
-/// fewer events are appended one at a time.
-const MIN_ATOMIC_BATCH: usize = 16;
-
-/// An event decided for the command at `index` of the batch.
-struct Append {
-    index: usize,
-    event: EventEnvelope,
-    shard: u32,
-    expected_shard_seq: u64,
-}
-
 /// Decide, append, retry on conflict: the outcome of each of `commands` (at most one per
 /// conversation), or a transient failure. The events decided together are appended with one
-/// commit, as one atomic batch; after a batch fails, or when too few are decided together
-/// for a batch to pay, they are appended one at a time, where a conflict or a duplicate
-/// concerns exactly one command.
+/// commit, as one atomic batch, which may carry other lanes' events too; when too few are
+/// decided together for a batch to pay, they are appended one at a time (and merged with
+/// other lanes' when enough wait); after a batch fails, one at a time and alone, where a
+/// conflict or a duplicate concerns exactly one command.
 async fn execute(
     inner: &Inner,
+    commits: &Commits,
     commands: &[&Command],
     traces: &[async_nats::HeaderMap],
 ) -> Vec<Result<OutcomeResult, Transient>> {
@@ -743,6 +740,9 @@ async fn execute(
         .collect();
     let mut conflicts = vec![0; commands.len()];
     let mut alone = false;
+    // Once a batch holding them was refused, this lane's events are appended on their own,
+    // not merged with other lanes' again.
+    let mut refused = false;
     while !waiting.is_empty() {
         let mut appends = Vec::new();
         let mut undecided = Vec::new();
@@ -776,6 +776,7 @@ async fn execute(
                         event,
                         shard,
                         expected_shard_seq,
+                        trace: traces[index].clone(),
                     }),
                 }
             }
@@ -790,8 +791,10 @@ async fn execute(
         if appends.is_empty() {
             continue;
         }
-        let indices = appends.iter().map(|append| append.index);
-        match append(inner, &appends, traces).await {
+        let indices: Vec<usize> = appends.iter().map(|append| append.index).collect();
+        let (appends, appended) = commits.append(inner, appends, refused).await;
+        let indices = indices.into_iter();
+        match appended {
             Ok(seqs) => {
                 for (append, seq) in appends.into_iter().zip(seqs) {
                     let recorded = append.event.recorded(seq);
@@ -819,8 +822,9 @@ async fn execute(
                 }
             }
             Err(Failed::Batch(cause)) => {
-                debug!(%cause, events = appends.len(), "atomic batch refused; appending its events one at a time");
+                debug!(%cause, events = indices.len(), "atomic batch refused; appending its events one at a time");
                 alone = true;
+                refused = true;
                 waiting.extend(indices);
             }
             Err(Failed::Transient(cause)) => {
@@ -832,146 +836,6 @@ async fn execute(
         .into_iter()
         .map(|result| result.expect("every command is decided or failed"))
         .collect()
-}
-
-/// Why an append did not go through.
-enum Failed {
-    /// The log holds something the write model has not seen, up to this sequence: the
-    /// event already (a duplicate), or another writer's append to its shard.
-    Behind(u64),
-    /// An atomic batch was refused as a whole (a stale expected sequence or an event
-    /// already stored, without saying which event); its events are retried one at a time.
-    Batch(String),
-    Transient(String),
-}
-
-/// The server's answer to an append, or to the commit of an atomic batch.
-#[derive(serde::Deserialize)]
-struct AppendAck {
-    #[serde(default)]
-    seq: u64,
-    #[serde(default)]
-    duplicate: bool,
-    /// Messages the committed batch stored.
-    count: Option<usize>,
-    error: Option<ApiError>,
-}
-
-#[derive(serde::Deserialize)]
-struct ApiError {
-    err_code: u64,
-    description: String,
-}
-
-/// JetStream's error code for a stale expected sequence.
-const WRONG_LAST_SEQUENCE: u64 = 10071;
-
-/// Append `appends` to the log with one commit: the sequences they were stored at. One
-/// event is a plain publish; several are an atomic batch (headers `Nats-Batch-Id`,
-/// `Nats-Batch-Sequence`, `Nats-Batch-Commit` on the last, whose request the server answers
-/// once the batch is stored). The server stores a batch's messages at consecutive
-/// sequences, so the commit's sequence and count give each event's. The first event of
-/// each shard carries the shard's expected last sequence; the server refuses that header
-/// on a later message of the same subject in one batch, and nothing can come between
-/// them anyway.
-async fn append(
-    inner: &Inner,
-    appends: &[Append],
-    traces: &[async_nats::HeaderMap],
-) -> Result<Vec<u64>, Failed> {
-    let started = Instant::now();
-    let batch = (appends.len() > 1).then(|| uuid::Uuid::new_v4().simple().to_string());
-    let mut checked = HashSet::new();
-    let mut commit = None;
-    for (position, append) in (1..).zip(appends) {
-        let mut headers = traces[append.index].clone();
-        headers.insert(
-            async_nats::header::NATS_MESSAGE_ID,
-            append.event.id.to_string().as_str(),
-        );
-        if checked.insert(append.shard) {
-            headers.insert(
-                async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
-                append.expected_shard_seq.to_string().as_str(),
-            );
-        }
-        if let Some(batch) = &batch {
-            headers.insert(async_nats::header::NATS_BATCH_ID, batch.as_str());
-            headers.insert(
-                async_nats::header::NATS_BATCH_SEQUENCE,
-                position.to_string().as_str(),
-            );
-        }
-        let subject = log_subject(append.shard);
-        let payload = append.event.to_bytes().into();
-        let client = &inner.nats.client;
-        if position < appends.len() {
-            client
-                .publish_with_headers(subject, headers, payload)
-                .await
-                .map_err(|e| Failed::Transient(format!("append failed: {e}")))?;
-        } else {
-            if batch.is_some() {
-                headers.insert(async_nats::header::NATS_BATCH_COMMIT, "1");
-            }
-            commit = Some(
-                client
-                    .request_with_headers(subject, headers, payload)
-                    .await
-                    .map_err(|e| Failed::Transient(format!("append failed: {e}")))?,
-            );
-        }
-    }
-    let reply = commit.expect("an append has at least one event");
-    metrics::histogram!(telemetry::HANDLER_APPEND_SECONDS).record(started.elapsed().as_secs_f64());
-    let ack: AppendAck = serde_json::from_slice(&reply.payload)
-        .map_err(|e| Failed::Transient(format!("unreadable append ack: {e}")))?;
-    match ack.error {
-        None if ack.duplicate => Err(Failed::Behind(ack.seq)),
-        None => {
-            let stored = ack.count.unwrap_or(1);
-            if stored != appends.len() || ack.seq < stored as u64 {
-                // Not what the server documents; whatever was stored, the tail brings it.
-                warn!(
-                    stored,
-                    events = appends.len(),
-                    seq = ack.seq,
-                    "batch ack does not match the batch"
-                );
-                return Err(Failed::Behind(ack.seq));
-            }
-            metrics::histogram!(telemetry::HANDLER_BATCH_EVENTS).record(stored as f64);
-            let first = ack.seq + 1 - stored as u64;
-            Ok((first..=ack.seq).collect())
-        }
-        Some(error) if batch.is_some() => {
-            if error.err_code == WRONG_LAST_SEQUENCE {
-                metrics::counter!(telemetry::HANDLER_APPEND_CONFLICTS_TOTAL).increment(1);
-            }
-            Err(Failed::Batch(error.description))
-        }
-        Some(error) if error.err_code == WRONG_LAST_SEQUENCE => {
-            metrics::counter!(telemetry::HANDLER_APPEND_CONFLICTS_TOTAL).increment(1);
-            let append = &appends[0];
-            let subject = log_subject(append.shard);
-            let last = inner
-                .topology
-                .log
-                .direct_get_last_for_subject(subject.as_str())
-                .await
-                .map_err(|e| Failed::Transient(format!("cannot read the shard's last event: {e}")))?
-                .sequence;
-            debug!(
-                expected = append.expected_shard_seq,
-                last, "append conflict; catching up"
-            );
-            Err(Failed::Behind(last))
-        }
-        Some(error) => Err(Failed::Transient(format!(
-            "append failed: {}",
-            error.description
-        ))),
-    }
 }
 
 /// The write model's decision on `command`, with the message it refers to read from the
