@@ -69,7 +69,7 @@ pub use tls::CertificateError;
 
 pub(crate) const READY_CHECK: &str = "gateway";
 /// Socket read buffer; small, because idle connections dominate a gateway's memory.
-const READ_BUFFER_BYTES: usize = 4 * 1024;
+const READ_BUFFER_BYTES: usize = 1024;
 const WRITE_BUFFER_BYTES: usize = 4 * 1024;
 
 #[derive(Debug, thiserror::Error)]

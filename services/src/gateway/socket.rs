@@ -103,7 +103,7 @@ pub async fn serve(
             .publish_presence(&session.user, session.conn, ConnectionState::Open)
             .await;
         if session.protocol < 2 {
-            resume::connect_v1(&shared, &session, &outbox, connected_at).await;
+            Box::pin(resume::connect_v1(&shared, &session, &outbox, connected_at)).await;
         }
 
         read_loop(&shared, &session, &mut stream, &outbox).await;
@@ -180,8 +180,17 @@ async fn read_loop(
             Some(Ok(Message::Text(text))) => {
                 match flood.check(&shared.limits, &session.user, session.ip, &text) {
                     limits::Verdict::Pass => {
-                        handle_text(shared, session, outbox, &in_flight, &mut sequencer, &text)
-                            .await;
+                        // Boxed: a request's state (a history page, a resume) lives only
+                        // while it is answered, not in every idle socket's task.
+                        Box::pin(handle_text(
+                            shared,
+                            session,
+                            outbox,
+                            &in_flight,
+                            &mut sequencer,
+                            &text,
+                        ))
+                        .await;
                     }
                     limits::Verdict::Refuse(frame) => outbox.answer(&frame).await,
                     limits::Verdict::Close(reason) => {
