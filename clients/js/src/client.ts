@@ -20,13 +20,20 @@ import {
   type ConversationId,
   type ConversationsPage,
   type ErrorFrame,
+  type EventFrame,
   type HistoryPage,
   type MembersPage,
+  type MembershipChanged,
+  type MessageDeleted,
+  type MessageEdited,
+  type MessagePosted,
   type Pong,
   type PresenceAnswer,
+  type ReactionChanged,
   type RecordedEvent,
   type ResumeStatus,
   type Resumed,
+  type Role,
   type ServerFrame,
   type Typing,
   type UserId,
@@ -86,6 +93,17 @@ export interface ResumeState {
 export interface ClientEvents {
   /** An event of one of the user's conversations: each once, in its conversation's order. */
   event: RecordedEvent;
+  /** The same events by type, typed, each right after its `event` notification: */
+  /** a message was posted (`message.posted`); */
+  message: MessagePosted;
+  /** its author replaced a message's body (`message.edited`); */
+  edited: MessageEdited;
+  /** a message was deleted (`message.deleted`): show it as a tombstone; */
+  deleted: MessageDeleted;
+  /** an emoji was added to or removed from a message (`reaction.added`, `reaction.removed`); */
+  reaction: ReactionChanged;
+  /** a group's members, roles, title or mutes changed: the event and its system entry. */
+  membership: MembershipChanged;
   /** Another member started or stopped typing. */
   typing: Typing;
   /** A watched user's status: from a `watchPresence` answer or a change. */
@@ -111,6 +129,20 @@ export interface RequestOptions {
   /** Gives up on the request (it may still take effect on the server). */
   signal?: AbortSignal;
 }
+
+export interface SendOptions extends RequestOptions {
+  /** The `seq` of an earlier message of the conversation this one replies to. */
+  replyTo?: number;
+}
+
+/** The typed notification each event type also makes (membership changes: by `system`). */
+const TYPED_EVENTS: Record<string, "message" | "edited" | "deleted" | "reaction"> = {
+  "message.posted": "message",
+  "message.edited": "edited",
+  "message.deleted": "deleted",
+  "reaction.added": "reaction",
+  "reaction.removed": "reaction",
+};
 
 interface Pending {
   frame: { type: string; id: string } & Record<string, unknown>;
@@ -230,8 +262,63 @@ export class Client {
   // ---- Requests: each frame type is one small method over `request`. ----
 
   /** Posts a message. Pass `id` to match the ack and the event with your own records. */
-  send(conversation: ConversationId, body: string, options?: RequestOptions): Promise<Ack> {
-    return this.request("send", { conversation, body }, options);
+  send(conversation: ConversationId, body: string, options: SendOptions = {}): Promise<Ack> {
+    return this.request("send", { conversation, body, reply_to: options.replyTo }, options);
+  }
+
+  /** Replaces the body of the user's own message `message` (its `seq`). */
+  edit(conversation: ConversationId, message: number, body: string, options?: RequestOptions): Promise<Ack> {
+    return this.request("edit", { conversation, message, body }, options);
+  }
+
+  /** Deletes message `message` (its `seq`): the user's own, or any as a group's owner or admin. */
+  deleteMessage(conversation: ConversationId, message: number, options?: RequestOptions): Promise<Ack> {
+    return this.request("delete", { conversation, message }, options);
+  }
+
+  /** Adds `emoji` to message `message` (its `seq`); adding one the user holds is a no-op. */
+  react(conversation: ConversationId, message: number, emoji: string, options?: RequestOptions): Promise<Ack> {
+    return this.request("react", { conversation, message, emoji }, options);
+  }
+
+  /** Removes the user's `emoji` from message `message` (its `seq`). */
+  unreact(conversation: ConversationId, message: number, emoji: string, options?: RequestOptions): Promise<Ack> {
+    return this.request("unreact", { conversation, message, emoji }, options);
+  }
+
+  /** Adds `users` to a group as plain members (use a fresh id for every batch). */
+  addMembers(conversation: ConversationId, users: UserId[], options?: RequestOptions): Promise<Ack> {
+    return this.request("add_members", { conversation, users }, options);
+  }
+
+  /** Removes `users` from a group (use a fresh id for every batch). */
+  removeMembers(conversation: ConversationId, users: UserId[], options?: RequestOptions): Promise<Ack> {
+    return this.request("remove_members", { conversation, users }, options);
+  }
+
+  /** The user leaves a group. */
+  leave(conversation: ConversationId, options?: RequestOptions): Promise<Ack> {
+    return this.request("leave", { conversation }, options);
+  }
+
+  /** Gives a member of a group the role `role` (owners only). */
+  setRole(conversation: ConversationId, user: UserId, role: Role, options?: RequestOptions): Promise<Ack> {
+    return this.request("set_role", { conversation, user, role }, options);
+  }
+
+  /** Sets a group's title; `null` clears it. */
+  rename(conversation: ConversationId, title: string | null, options?: RequestOptions): Promise<Ack> {
+    return this.request("rename", { conversation, title }, options);
+  }
+
+  /** Keeps `user` from posting in a group for `seconds` (1 s to a year). */
+  mute(conversation: ConversationId, user: UserId, seconds: number, options?: RequestOptions): Promise<Ack> {
+    return this.request("mute", { conversation, user, seconds }, options);
+  }
+
+  /** Lifts `user`'s mute before it ends. */
+  unmute(conversation: ConversationId, user: UserId, options?: RequestOptions): Promise<Ack> {
+    return this.request("unmute", { conversation, user }, options);
   }
 
   /** Opens (or finds) the direct conversation with `peer`. */
@@ -426,7 +513,10 @@ export class Client {
     this.welcomeFrame = undefined;
     this.resumeId = undefined;
     if (socket) {
-      socket.onmessage = socket.onclose = socket.onerror = socket.onopen = null;
+      socket.onmessage = socket.onclose = socket.onopen = null;
+      // Not null: `ws` reports closing a socket that is still connecting as an error
+      // event, which Node throws as uncaught when nobody listens.
+      socket.onerror = () => {};
     }
     for (const entry of this.pending.values()) {
       clearTimeout(entry.timer);
@@ -483,7 +573,7 @@ export class Client {
       case "welcome":
         return this.welcomed(frame as Welcome);
       case "event":
-        return this.deliver((frame as { event: RecordedEvent }).event);
+        return this.deliver(frame as EventFrame);
       case "resumed":
         if (frame.id === this.resumeId) return this.resumed(frame as Resumed);
         return;
@@ -625,12 +715,15 @@ export class Client {
     }
   }
 
-  /** Delivers `event` unless it was already: the one place dedupe happens. */
-  private deliver(event: RecordedEvent): void {
+  /** Delivers an event unless it was already: the one place dedupe happens. */
+  private deliver({ event, system }: EventFrame): void {
     if (event.seq <= (this.seqs.get(event.conversation) ?? 0)) return;
     this.seqs.set(event.conversation, event.seq);
     this.sinceCursor.add(event.conversation);
     this.emitter.emit("event", event);
+    const typed = TYPED_EVENTS[event.type];
+    if (typed) this.emitter.emit(typed, event as never);
+    else if (system) this.emitter.emit("membership", { event, system });
   }
 
   // ---- Writing. ----

@@ -357,3 +357,75 @@ test("a frame over max_frame_bytes is refused locally instead of getting the soc
   assert.deepEqual(socket.frames("send"), []);
   c.close();
 });
+
+test("edits, deletions, reactions and membership changes are one request frame each, as documented", async () => {
+  const c = client();
+  const socket = await live(c);
+  const calls = [
+    c.send(A, "agreed", { id: "s", replyTo: 41 }),
+    c.edit(A, 41, "hi bob, again", { id: "e" }),
+    c.deleteMessage(A, 41, { id: "d" }),
+    c.react(A, 41, "👍", { id: "r" }),
+    c.unreact(A, 41, "👍", { id: "u" }),
+    c.addMembers(A, ["bob", "carol"], { id: "a" }),
+    c.removeMembers(A, ["bob"], { id: "rm" }),
+    c.leave(A, { id: "l" }),
+    c.setRole(A, "carol", "admin", { id: "sr" }),
+    c.rename(A, "Launch", { id: "n" }),
+    c.rename(A, null, { id: "n0" }),
+    c.mute(A, "bob", 3600, { id: "m" }),
+    c.unmute(A, "bob", { id: "um" }),
+    c.createGroup(["bob"], "team", { id: "g" }),
+  ];
+  assert.deepEqual(socket.frames().slice(1), [
+    { type: "send", id: "s", conversation: A, body: "agreed", reply_to: 41 },
+    { type: "edit", id: "e", conversation: A, message: 41, body: "hi bob, again" },
+    { type: "delete", id: "d", conversation: A, message: 41 },
+    { type: "react", id: "r", conversation: A, message: 41, emoji: "👍" },
+    { type: "unreact", id: "u", conversation: A, message: 41, emoji: "👍" },
+    { type: "add_members", id: "a", conversation: A, users: ["bob", "carol"] },
+    { type: "remove_members", id: "rm", conversation: A, users: ["bob"] },
+    { type: "leave", id: "l", conversation: A },
+    { type: "set_role", id: "sr", conversation: A, user: "carol", role: "admin" },
+    { type: "rename", id: "n", conversation: A, title: "Launch" },
+    { type: "rename", id: "n0", conversation: A, title: null },
+    { type: "mute", id: "m", conversation: A, user: "bob", seconds: 3600 },
+    { type: "unmute", id: "um", conversation: A, user: "bob" },
+    { type: "create_group", id: "g", title: "team", members: ["bob"] },
+  ]);
+  for (const [i, frame] of socket.frames().slice(1).entries()) {
+    socket.push({ type: "ack", id: frame.id, conversation: A, seq: 50 + i, event: `e-${50 + i}` });
+  }
+  assert.deepEqual((await Promise.all(calls)).map((ack) => ack.seq), calls.map((_, i) => 50 + i));
+  c.close();
+});
+
+test("every event is also a typed notification by its type, right after it, once", async () => {
+  const c = client();
+  const seen = [];
+  c.on("event", (event) => seen.push(`event ${event.seq}`));
+  for (const kind of ["message", "edited", "deleted", "reaction"]) {
+    c.on(kind, (event) => seen.push(`${kind} ${event.seq} ${JSON.stringify(event.data)}`));
+  }
+  c.on("membership", ({ event, system }) => seen.push(`membership ${event.seq} ${system.text}`));
+  const socket = await live(c);
+  const added = { event: "member.added", users: ["carol"], role: null, title: null, until: null, text: "bob added carol" };
+  socket.typedEvent(A, 1, 0, "message.posted", { client_id: "m1", body: "hi" });
+  socket.typedEvent(A, 2, 1, "message.edited", { message: 1, body: "hi!" });
+  socket.typedEvent(A, 3, 2, "reaction.added", { message: 1, emoji: "🎉" });
+  socket.typedEvent(A, 3, 2, "reaction.added", { message: 1, emoji: "🎉" }); // a duplicate
+  socket.typedEvent(A, 4, 3, "reaction.removed", { message: 1, emoji: "🎉" });
+  socket.typedEvent(A, 5, 4, "member.added", { members: [{ user: "carol", role: "member" }] }, added);
+  socket.typedEvent(A, 6, 5, "message.deleted", { message: 1 });
+  socket.typedEvent(A, 7, 6, "conversation.read", { seq: 6 });
+  assert.deepEqual(seen, [
+    "event 1", 'message 1 {"client_id":"m1","body":"hi"}',
+    "event 2", 'edited 2 {"message":1,"body":"hi!"}',
+    "event 3", 'reaction 3 {"message":1,"emoji":"🎉"}',
+    "event 4", 'reaction 4 {"message":1,"emoji":"🎉"}',
+    "event 5", "membership 5 bob added carol",
+    "event 6", 'deleted 6 {"message":1}',
+    "event 7",
+  ]);
+  c.close();
+});
