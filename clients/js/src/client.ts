@@ -149,6 +149,8 @@ interface Pending {
   resolve: (frame: ServerFrame) => void;
   reject: (error: Error) => void;
   attempts: number;
+  /** Written to the current socket and not answered yet (or waiting to be resent). */
+  written: boolean;
   timer?: ReturnType<typeof setTimeout>;
 }
 
@@ -180,6 +182,12 @@ export class Client {
   private resumedOnSocket = false;
   private currentState: ConnectionState = "idle";
   private welcomeFrame: Welcome | undefined;
+  /** After a `rate_limited`: requests are written one at a time, oldest first, until none
+   * is left, so a later request never overtakes one waiting to be sent again. */
+  private limited = false;
+  /** While it runs, nothing is written: the server's `retry_after_ms` has not passed. */
+  private holdTimer: ReturnType<typeof setTimeout> | undefined;
+  private holdUntil = 0;
   private firstLive: { resolve: (w: Welcome) => void; reject: (e: Error) => void } | undefined;
 
   constructor(options: ClientOptions) {
@@ -221,6 +229,7 @@ export class Client {
     if (this.currentState === "closed") return;
     this.setState("closed");
     clearTimeout(this.reconnectTimer);
+    clearTimeout(this.holdTimer);
     this.stopSocket(1000, "client closed");
     const error = new ClientClosedError();
     for (const pending of this.pending.values()) {
@@ -405,6 +414,7 @@ export class Client {
         resolve: resolve as (frame: ServerFrame) => void,
         reject,
         attempts: 0,
+        written: false,
       };
       const signal = options.signal;
       if (signal) {
@@ -412,7 +422,7 @@ export class Client {
         signal.addEventListener("abort", () => this.settle(id)?.reject(signal.reason), { once: true });
       }
       this.pending.set(id, entry);
-      if (this.currentState === "live" || this.currentState === "resuming") this.write(entry);
+      this.pump();
     });
   }
 
@@ -521,6 +531,7 @@ export class Client {
     for (const entry of this.pending.values()) {
       clearTimeout(entry.timer);
       entry.timer = undefined;
+      entry.written = false;
     }
   }
 
@@ -598,7 +609,9 @@ export class Client {
     }
     if (frame.type === "error") {
       const error = frame as ErrorFrame;
-      if (error.retryable) {
+      if (error.code === "rate_limited") {
+        this.holdBack(entry, error.retry_after_ms);
+      } else if (error.retryable) {
         this.retryLater(entry);
       } else {
         this.settle(entry.frame.id)?.reject(new ParleyError(error.code, error.message, false));
@@ -623,7 +636,7 @@ export class Client {
       }, heartbeatMs);
     }
     this.sendResume(this.resumeFrame(welcome.limits.max_frame_bytes));
-    for (const entry of this.pending.values()) this.write(entry);
+    this.pump();
   }
 
   /** The first `resume` of a socket: the cursor, and the newest `seq` of every
@@ -705,7 +718,7 @@ export class Client {
       this.emitter.emit("error", new ParleyError(error.code, `resume refused the cursor: ${error.message}`));
       this.sendResume(this.resumeFrame(this.welcomeFrame?.limits.max_frame_bytes ?? 25_600));
     } else if (error.retryable) {
-      const delay = backoffDelay(this.attempt++, this.options.backoff, this.options.random);
+      const delay = error.retry_after_ms ?? backoffDelay(this.attempt++, this.options.backoff, this.options.random);
       const generation = this.generation;
       setTimeout(() => {
         if (generation === this.generation) this.sendResume(this.resumeFrame(this.welcomeFrame!.limits.max_frame_bytes));
@@ -728,9 +741,47 @@ export class Client {
 
   // ---- Writing. ----
 
+  /** Writes the requests not yet on the current socket, in the order they were made: all
+   * of them, or while `limited`, the oldest once no other is awaiting its answer. */
+  private pump(): void {
+    if (!this.socket || !this.welcomeFrame || this.holdTimer !== undefined) return;
+    if (!this.limited) {
+      for (const entry of this.pending.values()) if (!entry.written) this.write(entry);
+      return;
+    }
+    let oldest: Pending | undefined;
+    for (const entry of this.pending.values()) {
+      if (entry.written) return;
+      oldest ??= entry;
+    }
+    if (oldest) this.write(oldest);
+  }
+
+  /**
+   * `entry` was refused `rate_limited`: nothing is written until the server's hint has
+   * passed, then the requests go one at a time, oldest first. Requests written before the
+   * refusal arrived have already been decided by the server; every one refused with it is
+   * sent again in its place in the order, and nothing made later goes before it.
+   */
+  private holdBack(entry: Pending, retryAfterMs: number | undefined): void {
+    clearTimeout(entry.timer);
+    entry.written = false;
+    this.limited = true;
+    const wait = retryAfterMs ?? backoffDelay(entry.attempts - 1, this.options.backoff, this.options.random);
+    const until = Date.now() + wait;
+    if (this.holdTimer !== undefined && until <= this.holdUntil) return;
+    clearTimeout(this.holdTimer);
+    this.holdUntil = until;
+    this.holdTimer = setTimeout(() => {
+      this.holdTimer = undefined;
+      this.pump();
+    }, wait);
+  }
+
   private write(entry: Pending): void {
     if (!this.socket || !this.welcomeFrame) return;
     clearTimeout(entry.timer);
+    entry.written = true;
     entry.attempts++;
     this.transmit(entry.frame);
     const generation = this.generation;
@@ -773,6 +824,11 @@ export class Client {
     if (!entry) return undefined;
     clearTimeout(entry.timer);
     this.pending.delete(id);
+    if (this.limited) {
+      // Answered: the next request may go, and once none is left, all go at once again.
+      if (this.pending.size === 0) this.limited = false;
+      else this.pump();
+    }
     return entry;
   }
 

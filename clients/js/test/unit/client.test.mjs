@@ -429,3 +429,69 @@ test("every event is also a typed notification by its type, right after it, once
   ]);
   c.close();
 });
+
+test("a rate-limited send is sent again after the server's hint, and no later send overtakes it", async () => {
+  const c = client();
+  const socket = await live(c);
+  // The server's side: the log of the sends it applied, in order, and its answers.
+  const applied = [];
+  const accept = (frame) => {
+    applied.push(frame.body);
+    socket.push({ type: "ack", id: frame.id, conversation: A, seq: applied.length, event: `e-${applied.length}` });
+  };
+  const limit = (frame, retryAfterMs) =>
+    socket.push({ type: "error", id: frame.id, code: "rate_limited", message: "too many requests", retryable: true, retry_after_ms: retryAfterMs });
+  const written = () => socket.frames("send").map((frame) => frame.body);
+
+  const acks = ["1", "2", "3"].map((body) => c.send(A, body));
+  assert.deepEqual(written(), ["1", "2", "3"], "pipelined while nothing is limited");
+  const [one, two, three] = socket.frames("send");
+  limit(one, 300);
+  limit(two, 300);
+  limit(three, 300);
+  acks.push(c.send(A, "4"));
+  mock.timers.tick(299);
+  assert.deepEqual(written(), ["1", "2", "3"], "nothing is written before the hint has passed, 4 included");
+  mock.timers.tick(1);
+  assert.deepEqual(written().slice(3), ["1"], "then the oldest alone");
+  accept(socket.frames("send").at(-1));
+  assert.deepEqual(written().slice(3), ["1", "2"], "the next once it is answered");
+  limit(socket.frames("send").at(-1), 100);
+  mock.timers.tick(99);
+  assert.deepEqual(written().slice(3), ["1", "2"]);
+  mock.timers.tick(1);
+  for (const expected of ["2", "3", "4"]) {
+    const frame = socket.frames("send").at(-1);
+    assert.equal(frame.body, expected);
+    accept(frame);
+  }
+  assert.deepEqual(applied, ["1", "2", "3", "4"], "applied in the order the application sent them");
+  assert.deepEqual((await Promise.all(acks)).map((ack) => ack.seq), [1, 2, 3, 4]);
+  assert.equal(new Set(socket.frames("send").slice(3).map((frame) => frame.id)).size, 4, "each sent again with its own id");
+
+  // With nothing left waiting, sends are pipelined again.
+  const later = [c.send(A, "5"), c.send(A, "6")];
+  assert.deepEqual(written().slice(-2), ["5", "6"]);
+  socket.frames("send").slice(-2).forEach(accept);
+  await Promise.all(later);
+  c.close();
+});
+
+test("a hold for rate limiting outlasts a reconnect; the new socket gets the oldest request first", async () => {
+  const c = client();
+  const first = await live(c);
+  const acks = [c.send(A, "1"), c.send(A, "2")];
+  const [one, two] = first.frames("send");
+  first.push({ type: "error", id: one.id, code: "rate_limited", message: "limited", retryable: true, retry_after_ms: 500 });
+  // The socket drops while the second awaits its answer.
+  const second = await reconnect(first);
+  second.resumed("c1-1");
+  assert.deepEqual(second.frames("send"), [], "still held");
+  mock.timers.tick(450);
+  assert.deepEqual(second.frames("send"), [one], "the oldest alone, once the hint has passed");
+  second.push({ type: "ack", id: one.id, conversation: A, seq: 1, event: "e-1" });
+  assert.deepEqual(second.frames("send"), [one, two]);
+  second.push({ type: "ack", id: two.id, conversation: A, seq: 2, event: "e-2" });
+  assert.deepEqual((await Promise.all(acks)).map((ack) => ack.seq), [1, 2]);
+  c.close();
+});
