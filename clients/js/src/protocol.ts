@@ -36,10 +36,6 @@ export interface RecordedEvent {
 /** A recorded event whose `type` and `data` are known. */
 export type Recorded<T extends string, D> = Omit<RecordedEvent, "type" | "data"> & { type: T; data: D };
 
-export type ConversationCreated = Recorded<
-  "conversation.created",
-  { kind: ConversationKind; title?: string; members: { user: UserId; role: Role }[] }
->;
 export type MessagePosted = Recorded<"message.posted", { client_id: string; body: string; reply_to?: number }>;
 /** `message` is the `seq` of the message changed. */
 export type MessageEdited = Recorded<"message.edited", { message: number; body: string }>;

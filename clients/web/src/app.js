@@ -25,7 +25,7 @@ const conversations = new Map();
 /**
  * The conversation on screen: its id, its messages by seq ({ seq, sender, body, edited,
  * deleted, system, reactions: Map<emoji, { count, mine }>, item }), the oldest seq shown,
- * whether older pages remain, and its other members.
+ * whether older pages remain (and the one loading), and its other members.
  */
 let open;
 /** Who is typing in the open conversation: user -> the timer that clears them. */
@@ -115,7 +115,7 @@ function renderList() {
 
 async function openConversation(id) {
   clearTypists();
-  open = { id, messages: new Map(), oldest: undefined, hasMore: true, loading: false, members: [] };
+  open = { id, messages: new Map(), oldest: undefined, hasMore: true, loading: undefined, members: [] };
   $("conversation").hidden = false;
   $("messages").replaceChildren();
   $("presence").textContent = "";
@@ -126,7 +126,7 @@ async function openConversation(id) {
   await Promise.all([loadMembers(id), loadOlder()]);
   // A first page shorter than the view leaves nothing to scroll: fill the view.
   const view = $("messages");
-  while (open?.id === id && open.hasMore && view.scrollHeight <= view.clientHeight) await loadOlder();
+  while (open?.id === id && open.hasMore && view.scrollHeight <= view.clientHeight && (await loadOlder()));
   view.scrollTop = view.scrollHeight;
   $("compose-body").focus();
 }
@@ -151,16 +151,22 @@ async function loadMembers(id) {
   }
 }
 
-/** Loads the page before the oldest message shown, keeping what is on screen in place. */
-async function loadOlder() {
-  if (!open || open.loading || !open.hasMore) return;
+/** Loads the page before the oldest message shown, keeping what is on screen in place;
+ * while one is loading, that one is the answer (scrolling and the button both ask).
+ * Resolves with whether a page was shown. */
+function loadOlder() {
+  if (!open?.hasMore) return Promise.resolve(false);
   const current = open;
-  current.loading = true;
+  current.loading ??= loadPage(current).finally(() => (current.loading = undefined));
+  return current.loading;
+}
+
+async function loadPage(current) {
   const view = $("messages");
   view.setAttribute("aria-busy", "true");
   try {
     const page = await client.history(current.id, current.oldest === undefined ? { limit: PAGE } : { before: current.oldest, limit: PAGE });
-    if (open !== current) return;
+    if (open !== current) return false;
     // Prepending grows the list above the view: keep the distance to the bottom.
     const fromBottom = view.scrollHeight - view.scrollTop;
     for (const message of page.messages) {
@@ -182,8 +188,11 @@ async function loadOlder() {
     view.scrollTop = view.scrollHeight - fromBottom;
     $("older").hidden = !page.has_more;
     markReadUpTo(Math.max(0, ...current.messages.keys()));
+    return true;
+  } catch (error) {
+    setStatus(`could not load history: ${error.message}`);
+    return false;
   } finally {
-    current.loading = false;
     view.setAttribute("aria-busy", "false");
   }
 }
