@@ -26,7 +26,9 @@ if [ -z "$CHROMIUM" ]; then
     CHROMIUM=$(command -v chromium)
 fi
 
-if [ ! -f ../js/dist/index.js ]; then
+# The page bundles the library's dist/; the test seeds history with it over `ws`, a
+# devDependency of the library's.
+if [ ! -f ../js/dist/index.js ] || [ ! -d ../js/node_modules/ws ]; then
     (cd ../js && npm ci --no-audit --no-fund && npm run build)
 fi
 npm ci --no-audit --no-fund

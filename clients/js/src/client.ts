@@ -20,13 +20,20 @@ import {
   type ConversationId,
   type ConversationsPage,
   type ErrorFrame,
+  type EventFrame,
   type HistoryPage,
   type MembersPage,
+  type MembershipChanged,
+  type MessageDeleted,
+  type MessageEdited,
+  type MessagePosted,
   type Pong,
   type PresenceAnswer,
+  type ReactionChanged,
   type RecordedEvent,
   type ResumeStatus,
   type Resumed,
+  type Role,
   type ServerFrame,
   type Typing,
   type UserId,
@@ -86,6 +93,17 @@ export interface ResumeState {
 export interface ClientEvents {
   /** An event of one of the user's conversations: each once, in its conversation's order. */
   event: RecordedEvent;
+  /** The same events by type, typed, each right after its `event` notification: */
+  /** a message was posted (`message.posted`); */
+  message: MessagePosted;
+  /** its author replaced a message's body (`message.edited`); */
+  edited: MessageEdited;
+  /** a message was deleted (`message.deleted`): show it as a tombstone; */
+  deleted: MessageDeleted;
+  /** an emoji was added to or removed from a message (`reaction.added`, `reaction.removed`); */
+  reaction: ReactionChanged;
+  /** a group's members, roles, title or mutes changed: the event and its system entry. */
+  membership: MembershipChanged;
   /** Another member started or stopped typing. */
   typing: Typing;
   /** A watched user's status: from a `watchPresence` answer or a change. */
@@ -112,11 +130,27 @@ export interface RequestOptions {
   signal?: AbortSignal;
 }
 
+export interface SendOptions extends RequestOptions {
+  /** The `seq` of an earlier message of the conversation this one replies to. */
+  replyTo?: number;
+}
+
+/** The typed notification each event type also makes (membership changes: by `system`). */
+const TYPED_EVENTS: Record<string, "message" | "edited" | "deleted" | "reaction"> = {
+  "message.posted": "message",
+  "message.edited": "edited",
+  "message.deleted": "deleted",
+  "reaction.added": "reaction",
+  "reaction.removed": "reaction",
+};
+
 interface Pending {
   frame: { type: string; id: string } & Record<string, unknown>;
   resolve: (frame: ServerFrame) => void;
   reject: (error: Error) => void;
   attempts: number;
+  /** Written to the current socket and not answered yet (or waiting to be resent). */
+  written: boolean;
   timer?: ReturnType<typeof setTimeout>;
 }
 
@@ -148,6 +182,12 @@ export class Client {
   private resumedOnSocket = false;
   private currentState: ConnectionState = "idle";
   private welcomeFrame: Welcome | undefined;
+  /** After a `rate_limited`: requests are written one at a time, oldest first, until none
+   * is left, so a later request never overtakes one waiting to be sent again. */
+  private limited = false;
+  /** While it runs, nothing is written: the server's `retry_after_ms` has not passed. */
+  private holdTimer: ReturnType<typeof setTimeout> | undefined;
+  private holdUntil = 0;
   private firstLive: { resolve: (w: Welcome) => void; reject: (e: Error) => void } | undefined;
 
   constructor(options: ClientOptions) {
@@ -189,6 +229,7 @@ export class Client {
     if (this.currentState === "closed") return;
     this.setState("closed");
     clearTimeout(this.reconnectTimer);
+    clearTimeout(this.holdTimer);
     this.stopSocket(1000, "client closed");
     const error = new ClientClosedError();
     for (const pending of this.pending.values()) {
@@ -230,8 +271,63 @@ export class Client {
   // ---- Requests: each frame type is one small method over `request`. ----
 
   /** Posts a message. Pass `id` to match the ack and the event with your own records. */
-  send(conversation: ConversationId, body: string, options?: RequestOptions): Promise<Ack> {
-    return this.request("send", { conversation, body }, options);
+  send(conversation: ConversationId, body: string, options: SendOptions = {}): Promise<Ack> {
+    return this.request("send", { conversation, body, reply_to: options.replyTo }, options);
+  }
+
+  /** Replaces the body of the user's own message `message` (its `seq`). */
+  edit(conversation: ConversationId, message: number, body: string, options?: RequestOptions): Promise<Ack> {
+    return this.request("edit", { conversation, message, body }, options);
+  }
+
+  /** Deletes message `message` (its `seq`): the user's own, or any as a group's owner or admin. */
+  deleteMessage(conversation: ConversationId, message: number, options?: RequestOptions): Promise<Ack> {
+    return this.request("delete", { conversation, message }, options);
+  }
+
+  /** Adds `emoji` to message `message` (its `seq`); adding one the user holds is a no-op. */
+  react(conversation: ConversationId, message: number, emoji: string, options?: RequestOptions): Promise<Ack> {
+    return this.request("react", { conversation, message, emoji }, options);
+  }
+
+  /** Removes the user's `emoji` from message `message` (its `seq`). */
+  unreact(conversation: ConversationId, message: number, emoji: string, options?: RequestOptions): Promise<Ack> {
+    return this.request("unreact", { conversation, message, emoji }, options);
+  }
+
+  /** Adds `users` to a group as plain members (use a fresh id for every batch). */
+  addMembers(conversation: ConversationId, users: UserId[], options?: RequestOptions): Promise<Ack> {
+    return this.request("add_members", { conversation, users }, options);
+  }
+
+  /** Removes `users` from a group (use a fresh id for every batch). */
+  removeMembers(conversation: ConversationId, users: UserId[], options?: RequestOptions): Promise<Ack> {
+    return this.request("remove_members", { conversation, users }, options);
+  }
+
+  /** The user leaves a group. */
+  leave(conversation: ConversationId, options?: RequestOptions): Promise<Ack> {
+    return this.request("leave", { conversation }, options);
+  }
+
+  /** Gives a member of a group the role `role` (owners only). */
+  setRole(conversation: ConversationId, user: UserId, role: Role, options?: RequestOptions): Promise<Ack> {
+    return this.request("set_role", { conversation, user, role }, options);
+  }
+
+  /** Sets a group's title; `null` clears it. */
+  rename(conversation: ConversationId, title: string | null, options?: RequestOptions): Promise<Ack> {
+    return this.request("rename", { conversation, title }, options);
+  }
+
+  /** Keeps `user` from posting in a group for `seconds` (1 s to a year). */
+  mute(conversation: ConversationId, user: UserId, seconds: number, options?: RequestOptions): Promise<Ack> {
+    return this.request("mute", { conversation, user, seconds }, options);
+  }
+
+  /** Lifts `user`'s mute before it ends. */
+  unmute(conversation: ConversationId, user: UserId, options?: RequestOptions): Promise<Ack> {
+    return this.request("unmute", { conversation, user }, options);
   }
 
   /** Opens (or finds) the direct conversation with `peer`. */
@@ -318,6 +414,7 @@ export class Client {
         resolve: resolve as (frame: ServerFrame) => void,
         reject,
         attempts: 0,
+        written: false,
       };
       const signal = options.signal;
       if (signal) {
@@ -325,7 +422,7 @@ export class Client {
         signal.addEventListener("abort", () => this.settle(id)?.reject(signal.reason), { once: true });
       }
       this.pending.set(id, entry);
-      if (this.currentState === "live" || this.currentState === "resuming") this.write(entry);
+      this.pump();
     });
   }
 
@@ -426,11 +523,15 @@ export class Client {
     this.welcomeFrame = undefined;
     this.resumeId = undefined;
     if (socket) {
-      socket.onmessage = socket.onclose = socket.onerror = socket.onopen = null;
+      socket.onmessage = socket.onclose = socket.onopen = null;
+      // Not null: `ws` reports closing a socket that is still connecting as an error
+      // event, which Node throws as uncaught when nobody listens.
+      socket.onerror = () => {};
     }
     for (const entry of this.pending.values()) {
       clearTimeout(entry.timer);
       entry.timer = undefined;
+      entry.written = false;
     }
   }
 
@@ -483,7 +584,7 @@ export class Client {
       case "welcome":
         return this.welcomed(frame as Welcome);
       case "event":
-        return this.deliver((frame as { event: RecordedEvent }).event);
+        return this.deliver(frame as EventFrame);
       case "resumed":
         if (frame.id === this.resumeId) return this.resumed(frame as Resumed);
         return;
@@ -508,7 +609,9 @@ export class Client {
     }
     if (frame.type === "error") {
       const error = frame as ErrorFrame;
-      if (error.retryable) {
+      if (error.code === "rate_limited") {
+        this.holdBack(entry, error.retry_after_ms);
+      } else if (error.retryable) {
         this.retryLater(entry);
       } else {
         this.settle(entry.frame.id)?.reject(new ParleyError(error.code, error.message, false));
@@ -533,7 +636,7 @@ export class Client {
       }, heartbeatMs);
     }
     this.sendResume(this.resumeFrame(welcome.limits.max_frame_bytes));
-    for (const entry of this.pending.values()) this.write(entry);
+    this.pump();
   }
 
   /** The first `resume` of a socket: the cursor, and the newest `seq` of every
@@ -615,7 +718,7 @@ export class Client {
       this.emitter.emit("error", new ParleyError(error.code, `resume refused the cursor: ${error.message}`));
       this.sendResume(this.resumeFrame(this.welcomeFrame?.limits.max_frame_bytes ?? 25_600));
     } else if (error.retryable) {
-      const delay = backoffDelay(this.attempt++, this.options.backoff, this.options.random);
+      const delay = error.retry_after_ms ?? backoffDelay(this.attempt++, this.options.backoff, this.options.random);
       const generation = this.generation;
       setTimeout(() => {
         if (generation === this.generation) this.sendResume(this.resumeFrame(this.welcomeFrame!.limits.max_frame_bytes));
@@ -625,19 +728,60 @@ export class Client {
     }
   }
 
-  /** Delivers `event` unless it was already: the one place dedupe happens. */
-  private deliver(event: RecordedEvent): void {
+  /** Delivers an event unless it was already: the one place dedupe happens. */
+  private deliver({ event, system }: EventFrame): void {
     if (event.seq <= (this.seqs.get(event.conversation) ?? 0)) return;
     this.seqs.set(event.conversation, event.seq);
     this.sinceCursor.add(event.conversation);
     this.emitter.emit("event", event);
+    const typed = TYPED_EVENTS[event.type];
+    if (typed) this.emitter.emit(typed, event as never);
+    else if (system) this.emitter.emit("membership", { event, system });
   }
 
   // ---- Writing. ----
 
+  /** Writes the requests not yet on the current socket, in the order they were made: all
+   * of them, or while `limited`, the oldest once no other is awaiting its answer. */
+  private pump(): void {
+    if (!this.socket || !this.welcomeFrame || this.holdTimer !== undefined) return;
+    if (!this.limited) {
+      for (const entry of this.pending.values()) if (!entry.written) this.write(entry);
+      return;
+    }
+    let oldest: Pending | undefined;
+    for (const entry of this.pending.values()) {
+      if (entry.written) return;
+      oldest ??= entry;
+    }
+    if (oldest) this.write(oldest);
+  }
+
+  /**
+   * `entry` was refused `rate_limited`: nothing is written until the server's hint has
+   * passed, then the requests go one at a time, oldest first. Requests written before the
+   * refusal arrived have already been decided by the server; every one refused with it is
+   * sent again in its place in the order, and nothing made later goes before it.
+   */
+  private holdBack(entry: Pending, retryAfterMs: number | undefined): void {
+    clearTimeout(entry.timer);
+    entry.written = false;
+    this.limited = true;
+    const wait = retryAfterMs ?? backoffDelay(entry.attempts - 1, this.options.backoff, this.options.random);
+    const until = Date.now() + wait;
+    if (this.holdTimer !== undefined && until <= this.holdUntil) return;
+    clearTimeout(this.holdTimer);
+    this.holdUntil = until;
+    this.holdTimer = setTimeout(() => {
+      this.holdTimer = undefined;
+      this.pump();
+    }, wait);
+  }
+
   private write(entry: Pending): void {
     if (!this.socket || !this.welcomeFrame) return;
     clearTimeout(entry.timer);
+    entry.written = true;
     entry.attempts++;
     this.transmit(entry.frame);
     const generation = this.generation;
@@ -680,6 +824,11 @@ export class Client {
     if (!entry) return undefined;
     clearTimeout(entry.timer);
     this.pending.delete(id);
+    if (this.limited) {
+      // Answered: the next request may go, and once none is left, all go at once again.
+      if (this.pending.size === 0) this.limited = false;
+      else this.pump();
+    }
     return entry;
   }
 

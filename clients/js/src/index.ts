@@ -6,6 +6,7 @@ export type {
   ClientOptions,
   ConnectionState,
   RequestOptions,
+  SendOptions,
   ResumeState,
   SocketConstructor,
   SocketLike,

@@ -11,7 +11,7 @@ export const PROTOCOL_VERSION = 2;
 export type ConversationId = string;
 export type UserId = string;
 export type ConversationKind = "direct" | "group";
-export type Role = "owner" | "member" | (string & {});
+export type Role = "owner" | "admin" | "member" | (string & {});
 
 export interface Limits {
   max_frame_bytes: number;
@@ -31,6 +31,29 @@ export interface RecordedEvent {
   type: string;
   v: number;
   data: Record<string, unknown>;
+}
+
+/** A recorded event whose `type` and `data` are known. */
+export type Recorded<T extends string, D> = Omit<RecordedEvent, "type" | "data"> & { type: T; data: D };
+
+export type MessagePosted = Recorded<"message.posted", { client_id: string; body: string; reply_to?: number }>;
+/** `message` is the `seq` of the message changed. */
+export type MessageEdited = Recorded<"message.edited", { message: number; body: string }>;
+export type MessageDeleted = Recorded<"message.deleted", { message: number }>;
+export type ReactionChanged = Recorded<"reaction.added" | "reaction.removed", { message: number; emoji: string }>;
+/** A group's membership, roles, title or mutes changed (`member.added`, `member.removed`,
+ * `member.left`, `member.role_changed`, `conversation.renamed`, `member.muted`,
+ * `member.unmuted`): the event, and its system entry. */
+export interface MembershipChanged {
+  event: RecordedEvent;
+  system: SystemEntry;
+}
+
+export interface EventFrame {
+  type: "event";
+  event: RecordedEvent;
+  /** For a membership change: how it reads in the conversation. */
+  system?: SystemEntry;
 }
 
 export interface Welcome {
@@ -55,15 +78,42 @@ export interface ErrorFrame {
   code: string;
   message: string;
   retryable: boolean;
+  /** On `rate_limited`: how long to wait before the same request can pass. */
+  retry_after_ms?: number;
 }
 
+/** How a membership change reads in a conversation: the same for every client. */
+export interface SystemEntry {
+  event: string;
+  users: UserId[];
+  role: Role | null;
+  title: string | null;
+  until: number | null;
+  /** The canonical English rendering, e.g. "alice added bob and carol". */
+  text: string;
+}
+
+export interface ReactionCount {
+  emoji: string;
+  count: number;
+  /** The first 20 holders by user id. */
+  users: UserId[];
+}
+
+/** A message of a history page, as it stands now (or a membership change's entry, with
+ * `system`, an empty body and no `client_id`). */
 export interface HistoryMessage {
   seq: number;
   id: string;
   sender: UserId;
-  client_id: string;
+  client_id?: string;
   body: string;
   at: number;
+  edited?: boolean;
+  deleted?: boolean;
+  reply_to?: number;
+  reactions?: ReactionCount[];
+  system?: SystemEntry;
 }
 
 export interface HistoryPage {
@@ -162,7 +212,7 @@ export type ServerFrame =
   | Welcome
   | Ack
   | ErrorFrame
-  | { type: "event"; event: RecordedEvent }
+  | EventFrame
   | HistoryPage
   | ConversationsPage
   | MembersPage

@@ -3,21 +3,28 @@
  * download), served by a real `parley up` (`gateway.web_dir`) with its development sign-in.
  * Two browser contexts are alice and bob; they chat; bob's network drops, alice writes
  * while he is away, and when bob is back his page shows what he missed, in order, once.
- * Screenshots go to test-artifacts/.
+ * Then erin and frank: frank scrolls up through more than a page of history and sees the
+ * older messages in order, with what was on screen kept in place; erin edits a message and
+ * frank reacts to it, each seeing the other's change live; erin creates a group with frank
+ * and adds gina, which frank's page shows. Screenshots go to test-artifacts/.
  */
 import assert from "node:assert/strict";
 import { mkdir } from "node:fs/promises";
 import net from "node:net";
 import path from "node:path";
 import { after, before, test } from "node:test";
+import { createRequire } from "node:module";
 import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
+import { Client } from "@parley/client";
 import { eventually, startParley, startProxy } from "../../js/test/support/parley.mjs";
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const dist = path.resolve(here, "../dist");
 const artifacts = path.resolve(here, "../test-artifacts");
 const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
+// Node 20 has no global WebSocket: the client library's tests' `ws` serves here too.
+const WebSocket = createRequire(path.resolve(here, "../../js/package.json"))("ws");
 
 /** A loopback port free now: the gateway's, fixed before it starts so that bob's proxy
  * and the allowed origins can name it. */
@@ -118,4 +125,69 @@ test("two users chat; one drops off the network and, back, sees what was missed 
 
   assert.deepEqual(alice.problems, []);
   assert.deepEqual(bob.problems, []);
+});
+
+const bodiesOf = (tab) => tab.locator("#messages li .body").evaluateAll((items) => items.map((body) => body.textContent));
+/** The message of `tab` whose body is exactly `body`. */
+const messageIn = (tab, body) => tab.locator("#messages li", { has: tab.locator(".body", { hasText: new RegExp(`^${body}$`) }) });
+
+test("scrolling up pages in older history; edits and reactions go live both ways; a group gets a member", async () => {
+  // More than a page (30) of history, posted by erin through the client library.
+  const erinsClient = new Client({ url: parley.url.replace("http", "ws"), WebSocket, getToken: () => parley.token("erin") });
+  await erinsClient.connect();
+  const { conversation } = await erinsClient.createDirect("frank");
+  const posted = Array.from({ length: 45 }, (_, i) => `old ${i}`);
+  await Promise.all(posted.map((body) => erinsClient.send(conversation, body)));
+  await eventually(async () => (await erinsClient.history(conversation, { limit: 1 })).messages[0]?.body === "old 44", "the store has the last one");
+  erinsClient.close();
+
+  const erin = await signedIn("erin", gateway);
+  const frank = await signedIn("frank", gateway);
+  await frank.tab.locator("#conversations button", { hasText: "erin" }).click();
+  await eventually(async () => (await bodiesOf(frank.tab)).at(-1) === "old 44", "frank sees the newest page");
+  const firstPage = await bodiesOf(frank.tab);
+  assert.ok(firstPage.length < posted.length, `not all at once: ${firstPage.length}`);
+  assert.deepEqual(firstPage, posted.slice(-firstPage.length), "the newest page, oldest at the top");
+
+  // Scroll to the top: the older page loads above, and the message that was at the top
+  // stays where it was on screen, at the top of the list's view.
+  const view = frank.tab.locator("#messages");
+  await view.evaluate((list) => (list.scrollTop = 0));
+  await eventually(async () => (await bodiesOf(frank.tab)).length === posted.length, "frank's page loads the older messages");
+  assert.deepEqual(await bodiesOf(frank.tab), posted, "every message once, in order");
+  const viewTop = (await view.boundingBox()).y;
+  const wasTop = (await messageIn(frank.tab, firstPage[0]).boundingBox()).y;
+  assert.ok(Math.abs(wasTop - viewTop) < 40, `the message that was at the top stayed there (${wasTop} vs the view's ${viewTop})`);
+  assert.ok(await view.evaluate((list) => list.scrollTop > 0), "the older page is above the view");
+  await frank.tab.screenshot({ path: path.join(artifacts, "4-frank-scrolled-up.png") });
+
+  // Erin edits her newest message from the keyboard; frank sees the new text live.
+  await erin.tab.locator("#conversations button", { hasText: "frank" }).click();
+  await messageIn(erin.tab, "old 44").getByRole("button", { name: /^Edit/ }).click();
+  const editor = erin.tab.getByRole("textbox", { name: "Edit message" });
+  await editor.fill("old 44, edited");
+  await editor.press("Enter");
+  const edited = messageIn(frank.tab, "old 44, edited");
+  await edited.waitFor();
+  assert.match(await edited.textContent(), /\(edited\)/);
+
+  // Frank reacts; erin sees the count live, and frank's button shows it is his.
+  await edited.getByRole("button", { name: /^👍/ }).click();
+  await messageIn(erin.tab, "old 44, edited").getByRole("button", { name: "👍 1" }).waitFor();
+  await edited.locator('button[aria-pressed="true"]', { hasText: "👍" }).waitFor();
+  await erin.tab.screenshot({ path: path.join(artifacts, "5-erin-sees-the-reaction.png") });
+
+  // Erin creates a group with frank and adds gina; frank's page lists it and shows the change.
+  await erin.tab.getByLabel("Group name", { exact: true }).fill("launch");
+  await erin.tab.getByLabel("Members, separated by commas", { exact: true }).fill("frank");
+  await erin.tab.getByRole("button", { name: "Create group" }).click();
+  await erin.tab.getByRole("heading", { name: "launch" }).waitFor();
+  await frank.tab.locator("#conversations button", { hasText: "launch" }).click();
+  await erin.tab.getByLabel("Add members, separated by commas").fill("gina");
+  await erin.tab.getByRole("button", { name: "Add", exact: true }).click();
+  await frank.tab.locator("#messages li.system", { hasText: "erin added gina" }).waitFor();
+  await frank.tab.screenshot({ path: path.join(artifacts, "6-frank-sees-gina-added.png") });
+
+  assert.deepEqual(erin.problems, []);
+  assert.deepEqual(frank.problems, []);
 });

@@ -1,7 +1,9 @@
 /**
  * The client against a real `parley up` (started per file, on free ports in a temporary
- * directory): two users chat, and a receiver whose connection is cut again and again
- * under a steady stream sees every message exactly once, in order.
+ * directory): two users chat; three members of a group edit, react, reply, delete and change
+ * the membership, and each hears it through the typed notifications; and a receiver whose
+ * connection is cut again and again under a steady stream sees every message exactly once,
+ * in order.
  */
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
@@ -97,6 +99,78 @@ test("two users chat: a direct conversation, messages both ways, history, the li
 
   // A final refusal rejects with the server's code.
   await assert.rejects(alice.send(conversation, "   "), (error) => error.code === "empty_message");
+});
+
+test("a group: edits, reactions, a reply and a deletion, and membership changes reach every member, typed", { timeout: 60_000 }, async () => {
+  const alice = connectAs("alice");
+  const bob = connectAs("bob");
+  const carol = connectAs("carol");
+  await Promise.all([alice.connect(), bob.connect(), carol.connect()]);
+  /** What `client` is told through the typed notifications, as short strings. */
+  const told = (client) => {
+    const seen = [];
+    client.on("edited", (e) => seen.push(`edited ${e.data.message} ${e.data.body}`));
+    client.on("reaction", (e) => seen.push(`${e.type} ${e.data.message} ${e.data.emoji} by ${e.actor}`));
+    client.on("deleted", (e) => seen.push(`deleted ${e.data.message}`));
+    client.on("membership", ({ system }) => seen.push(system.text));
+    return seen;
+  };
+  const atBob = told(bob);
+  const atCarol = told(carol);
+  const group = await alice.createGroup(["bob"], "team");
+  const { conversation } = group;
+
+  const posted = await alice.send(conversation, "hi team");
+  await alice.edit(conversation, posted.seq, "hi team, again");
+  await bob.react(conversation, posted.seq, "👍");
+  const reply = await bob.send(conversation, "hello", { replyTo: posted.seq });
+  await assert.rejects(bob.edit(conversation, posted.seq, "mine now"), (error) => error.code === "forbidden");
+  await alice.addMembers(conversation, ["carol"]);
+  await alice.setRole(conversation, "bob", "admin");
+  await alice.rename(conversation, "Launch");
+  await carol.react(conversation, posted.seq, "🎉");
+  await carol.unreact(conversation, posted.seq, "🎉");
+  await bob.deleteMessage(conversation, reply.seq);
+
+  const expected = [
+    `edited ${posted.seq} hi team, again`,
+    `reaction.added ${posted.seq} 👍 by bob`,
+    "alice added carol",
+    "alice made bob an admin",
+    "alice renamed the group to “Launch”",
+    `reaction.added ${posted.seq} 🎉 by carol`,
+    `reaction.removed ${posted.seq} 🎉 by carol`,
+    `deleted ${reply.seq}`,
+  ];
+  await eventually(() => atBob.length === expected.length, `bob is told all ${expected.length}: ${atBob}`);
+  assert.deepEqual(atBob, expected);
+  // Carol hears from her own addition on.
+  await eventually(() => atCarol.length === 6, `carol is told the last 6: ${atCarol}`);
+  assert.deepEqual(atCarol, expected.slice(2));
+
+  // History shows each message as it stands now.
+  const page = await eventually(async () => {
+    const history = await carol.history(conversation);
+    return history.messages.some((m) => m.deleted) && history;
+  }, "history has the deletion");
+  const bySeq = new Map(page.messages.map((m) => [m.seq, m]));
+  assert.equal(bySeq.get(posted.seq).body, "hi team, again");
+  assert.equal(bySeq.get(posted.seq).edited, true);
+  assert.deepEqual(bySeq.get(posted.seq).reactions, [{ emoji: "👍", count: 1, users: ["bob"] }]);
+  assert.equal(bySeq.get(reply.seq).deleted, true);
+  assert.equal(bySeq.get(reply.seq).reply_to, posted.seq);
+  assert.ok(page.messages.some((m) => m.system?.text === "alice added carol"), "membership changes are history entries");
+
+  const members = await eventually(async () => {
+    const members = await carol.members(conversation);
+    return members.title === "Launch" && members;
+  }, "the store has the new title");
+  assert.deepEqual(members.members.map((m) => [m.user, m.role]), [["alice", "owner"], ["bob", "admin"], ["carol", "member"]]);
+  await alice.removeMembers(conversation, ["carol"]);
+  await carol.leave(conversation).then(
+    () => assert.fail("a removed member cannot leave"),
+    (error) => assert.equal(error.code, "not_member"),
+  );
 });
 
 test("a receiver cut off again and again under a steady stream sees every message once, in order", { timeout: 120_000 }, async () => {

@@ -64,10 +64,13 @@ export class FakeSocket {
   }
 
   event(conversation, seq, prev, data = { client_id: `m${seq}`, body: `message ${seq}` }) {
-    this.push({
-      type: "event",
-      event: { seq, id: `e-${seq}`, conversation, prev, command: `c-${seq}`, actor: "bob", at: seq, type: "message.posted", v: 1, data },
-    });
+    this.typedEvent(conversation, seq, prev, "message.posted", data);
+  }
+
+  /** An event of `type` by bob; `system` for a membership change. */
+  typedEvent(conversation, seq, prev, type, data, system) {
+    const event = { seq, id: `e-${seq}`, conversation, prev, command: `c-${seq}`, actor: "bob", at: seq, type, v: 1, data };
+    this.push(system === undefined ? { type: "event", event } : { type: "event", event, system });
   }
 
   /** The connection ends: an optional error event, then the close event. */

@@ -357,3 +357,141 @@ test("a frame over max_frame_bytes is refused locally instead of getting the soc
   assert.deepEqual(socket.frames("send"), []);
   c.close();
 });
+
+test("edits, deletions, reactions and membership changes are one request frame each, as documented", async () => {
+  const c = client();
+  const socket = await live(c);
+  const calls = [
+    c.send(A, "agreed", { id: "s", replyTo: 41 }),
+    c.edit(A, 41, "hi bob, again", { id: "e" }),
+    c.deleteMessage(A, 41, { id: "d" }),
+    c.react(A, 41, "👍", { id: "r" }),
+    c.unreact(A, 41, "👍", { id: "u" }),
+    c.addMembers(A, ["bob", "carol"], { id: "a" }),
+    c.removeMembers(A, ["bob"], { id: "rm" }),
+    c.leave(A, { id: "l" }),
+    c.setRole(A, "carol", "admin", { id: "sr" }),
+    c.rename(A, "Launch", { id: "n" }),
+    c.rename(A, null, { id: "n0" }),
+    c.mute(A, "bob", 3600, { id: "m" }),
+    c.unmute(A, "bob", { id: "um" }),
+    c.createGroup(["bob"], "team", { id: "g" }),
+  ];
+  assert.deepEqual(socket.frames().slice(1), [
+    { type: "send", id: "s", conversation: A, body: "agreed", reply_to: 41 },
+    { type: "edit", id: "e", conversation: A, message: 41, body: "hi bob, again" },
+    { type: "delete", id: "d", conversation: A, message: 41 },
+    { type: "react", id: "r", conversation: A, message: 41, emoji: "👍" },
+    { type: "unreact", id: "u", conversation: A, message: 41, emoji: "👍" },
+    { type: "add_members", id: "a", conversation: A, users: ["bob", "carol"] },
+    { type: "remove_members", id: "rm", conversation: A, users: ["bob"] },
+    { type: "leave", id: "l", conversation: A },
+    { type: "set_role", id: "sr", conversation: A, user: "carol", role: "admin" },
+    { type: "rename", id: "n", conversation: A, title: "Launch" },
+    { type: "rename", id: "n0", conversation: A, title: null },
+    { type: "mute", id: "m", conversation: A, user: "bob", seconds: 3600 },
+    { type: "unmute", id: "um", conversation: A, user: "bob" },
+    { type: "create_group", id: "g", title: "team", members: ["bob"] },
+  ]);
+  for (const [i, frame] of socket.frames().slice(1).entries()) {
+    socket.push({ type: "ack", id: frame.id, conversation: A, seq: 50 + i, event: `e-${50 + i}` });
+  }
+  assert.deepEqual((await Promise.all(calls)).map((ack) => ack.seq), calls.map((_, i) => 50 + i));
+  c.close();
+});
+
+test("every event is also a typed notification by its type, right after it, once", async () => {
+  const c = client();
+  const seen = [];
+  c.on("event", (event) => seen.push(`event ${event.seq}`));
+  for (const kind of ["message", "edited", "deleted", "reaction"]) {
+    c.on(kind, (event) => seen.push(`${kind} ${event.seq} ${JSON.stringify(event.data)}`));
+  }
+  c.on("membership", ({ event, system }) => seen.push(`membership ${event.seq} ${system.text}`));
+  const socket = await live(c);
+  const added = { event: "member.added", users: ["carol"], role: null, title: null, until: null, text: "bob added carol" };
+  socket.typedEvent(A, 1, 0, "message.posted", { client_id: "m1", body: "hi" });
+  socket.typedEvent(A, 2, 1, "message.edited", { message: 1, body: "hi!" });
+  socket.typedEvent(A, 3, 2, "reaction.added", { message: 1, emoji: "🎉" });
+  socket.typedEvent(A, 3, 2, "reaction.added", { message: 1, emoji: "🎉" }); // a duplicate
+  socket.typedEvent(A, 4, 3, "reaction.removed", { message: 1, emoji: "🎉" });
+  socket.typedEvent(A, 5, 4, "member.added", { members: [{ user: "carol", role: "member" }] }, added);
+  socket.typedEvent(A, 6, 5, "message.deleted", { message: 1 });
+  socket.typedEvent(A, 7, 6, "conversation.read", { seq: 6 });
+  assert.deepEqual(seen, [
+    "event 1", 'message 1 {"client_id":"m1","body":"hi"}',
+    "event 2", 'edited 2 {"message":1,"body":"hi!"}',
+    "event 3", 'reaction 3 {"message":1,"emoji":"🎉"}',
+    "event 4", 'reaction 4 {"message":1,"emoji":"🎉"}',
+    "event 5", "membership 5 bob added carol",
+    "event 6", 'deleted 6 {"message":1}',
+    "event 7",
+  ]);
+  c.close();
+});
+
+test("a rate-limited send is sent again after the server's hint, and no later send overtakes it", async () => {
+  const c = client();
+  const socket = await live(c);
+  // The server's side: the log of the sends it applied, in order, and its answers.
+  const applied = [];
+  const accept = (frame) => {
+    applied.push(frame.body);
+    socket.push({ type: "ack", id: frame.id, conversation: A, seq: applied.length, event: `e-${applied.length}` });
+  };
+  const limit = (frame, retryAfterMs) =>
+    socket.push({ type: "error", id: frame.id, code: "rate_limited", message: "too many requests", retryable: true, retry_after_ms: retryAfterMs });
+  const written = () => socket.frames("send").map((frame) => frame.body);
+
+  const acks = ["1", "2", "3"].map((body) => c.send(A, body));
+  assert.deepEqual(written(), ["1", "2", "3"], "pipelined while nothing is limited");
+  const [one, two, three] = socket.frames("send");
+  limit(one, 300);
+  limit(two, 300);
+  limit(three, 300);
+  acks.push(c.send(A, "4"));
+  mock.timers.tick(299);
+  assert.deepEqual(written(), ["1", "2", "3"], "nothing is written before the hint has passed, 4 included");
+  mock.timers.tick(1);
+  assert.deepEqual(written().slice(3), ["1"], "then the oldest alone");
+  accept(socket.frames("send").at(-1));
+  assert.deepEqual(written().slice(3), ["1", "2"], "the next once it is answered");
+  limit(socket.frames("send").at(-1), 100);
+  mock.timers.tick(99);
+  assert.deepEqual(written().slice(3), ["1", "2"]);
+  mock.timers.tick(1);
+  for (const expected of ["2", "3", "4"]) {
+    const frame = socket.frames("send").at(-1);
+    assert.equal(frame.body, expected);
+    accept(frame);
+  }
+  assert.deepEqual(applied, ["1", "2", "3", "4"], "applied in the order the application sent them");
+  assert.deepEqual((await Promise.all(acks)).map((ack) => ack.seq), [1, 2, 3, 4]);
+  assert.equal(new Set(socket.frames("send").slice(3).map((frame) => frame.id)).size, 4, "each sent again with its own id");
+
+  // With nothing left waiting, sends are pipelined again.
+  const later = [c.send(A, "5"), c.send(A, "6")];
+  assert.deepEqual(written().slice(-2), ["5", "6"]);
+  socket.frames("send").slice(-2).forEach(accept);
+  await Promise.all(later);
+  c.close();
+});
+
+test("a hold for rate limiting outlasts a reconnect; the new socket gets the oldest request first", async () => {
+  const c = client();
+  const first = await live(c);
+  const acks = [c.send(A, "1"), c.send(A, "2")];
+  const [one, two] = first.frames("send");
+  first.push({ type: "error", id: one.id, code: "rate_limited", message: "limited", retryable: true, retry_after_ms: 500 });
+  // The socket drops while the second awaits its answer.
+  const second = await reconnect(first);
+  second.resumed("c1-1");
+  assert.deepEqual(second.frames("send"), [], "still held");
+  mock.timers.tick(450);
+  assert.deepEqual(second.frames("send"), [one], "the oldest alone, once the hint has passed");
+  second.push({ type: "ack", id: one.id, conversation: A, seq: 1, event: "e-1" });
+  assert.deepEqual(second.frames("send"), [one, two]);
+  second.push({ type: "ack", id: two.id, conversation: A, seq: 2, event: "e-2" });
+  assert.deepEqual((await Promise.all(acks)).map((ack) => ack.seq), [1, 2]);
+  c.close();
+});
