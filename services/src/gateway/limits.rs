@@ -224,10 +224,6 @@ impl RateLimits {
     /// A request by `user` from `ip`: allowed (a token taken from both buckets), or refused
     /// (and counted) with no token taken from either, so a user held back by the address
     /// limit keeps their own budget.
-    pub fn request(&self, user: &UserId, ip: IpAddr) -> Result<(), Limited> {
-        self.request_at(user, ip, Instant::now())
-    }
-
     fn request_at(&self, user: &UserId, ip: IpAddr, now: Instant) -> Result<(), Limited> {
         let mut users = self.users.map.lock().expect("bucket lock poisoned");
         if self.exempt(ip) {
@@ -375,12 +371,14 @@ fn count(limited: &Limited) {
 }
 
 /// One socket's record of its refused requests, to tell a client that backs off from one
-/// that floods.
+/// that floods, and to hold the socket's requests until its refused one would pass.
 pub struct Flood {
     limit: u32,
     window: Duration,
     window_start: Instant,
     refused: u32,
+    /// Until when the socket's requests are refused, and which limit refused the first.
+    held: Option<(Instant, Scope)>,
 }
 
 /// What to do with a request of a socket.
@@ -392,6 +390,10 @@ pub enum Verdict {
     Close(&'static str),
 }
 
+/// Shortest time a socket's requests are held after one was refused: longer than the round
+/// trip in which a client still sends requests it wrote before the refusal reached it.
+const MIN_HOLD: Duration = Duration::from_secs(1);
+
 /// The close reason of a socket that kept sending while limited.
 pub const FLOOD_CLOSE_REASON: &str = "rate limit: too many requests while limited";
 
@@ -402,15 +404,48 @@ impl Flood {
             window: Duration::from_secs(config.flood_window_secs),
             window_start: Instant::now(),
             refused: 0,
+            held: None,
         }
     }
 
     /// The verdict on the text frame `text` of `user`'s socket from `ip`.
     pub fn check(&mut self, limits: &RateLimits, user: &UserId, ip: IpAddr, text: &str) -> Verdict {
-        let Err(limited) = limits.request(user, ip) else {
-            return Verdict::Pass;
+        self.check_at(limits, user, ip, text, Instant::now())
+    }
+
+    fn check_at(
+        &mut self,
+        limits: &RateLimits,
+        user: &UserId,
+        ip: IpAddr,
+        text: &str,
+        now: Instant,
+    ) -> Verdict {
+        // After a refusal the socket's later requests are refused too, for the wait and at
+        // least [`MIN_HOLD`]: those the client sent before it learned of the refusal must not
+        // pass once a token is back and overtake the refused one, which the client sends
+        // again only after the wait.
+        let limited = match self.held {
+            Some((until, scope)) if now < until => {
+                let limited = Limited {
+                    scope,
+                    retry_after: until - now,
+                };
+                count(&limited);
+                limited
+            }
+            _ => match limits.request_at(user, ip, now) {
+                Ok(()) => {
+                    self.held = None;
+                    return Verdict::Pass;
+                }
+                Err(mut limited) => {
+                    limited.retry_after = limited.retry_after.max(MIN_HOLD);
+                    self.held = Some((now + limited.retry_after, limited.scope));
+                    limited
+                }
+            },
         };
-        let now = Instant::now();
         if now.duration_since(self.window_start) > self.window {
             self.window_start = now;
             self.refused = 0;
@@ -604,6 +639,57 @@ mod tests {
         for _ in 0..2 {
             limits.upgrade_at(ip("10.0.0.1"), idle).unwrap();
         }
+    }
+
+    #[test]
+    fn a_refused_request_holds_the_sockets_later_ones_until_it_would_pass() {
+        let config = RateLimitsConfig {
+            user_burst: 1,
+            user_per_sec: 10,
+            ..config()
+        };
+        let limits = RateLimits::new(&config);
+        let mut flood = Flood::new(&config);
+        let mut other_socket = Flood::new(&config);
+        let alice = user("alice");
+        let from = ip("192.0.2.1");
+        let send = r#"{"type":"ping","id":"p-1"}"#;
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let waited = |verdict: Verdict| match verdict {
+            Verdict::Refuse(frame) => match *frame {
+                ServerFrame::Error { retry_after_ms, .. } => retry_after_ms.unwrap(),
+                _ => panic!("refused with rate_limited"),
+            },
+            _ => panic!("refused with rate_limited"),
+        };
+        assert!(matches!(
+            flood.check_at(&limits, &alice, from, send, at(0)),
+            Verdict::Pass
+        ));
+        // A token is back in 100 ms; the socket is held for a second.
+        assert_eq!(
+            waited(flood.check_at(&limits, &alice, from, send, at(0))),
+            1000
+        );
+        // A token is back, but the hold answers, and takes no token.
+        assert_eq!(
+            waited(flood.check_at(&limits, &alice, from, send, at(150))),
+            850
+        );
+        // The hold is the socket's own: another socket of the user meets only the bucket.
+        assert!(matches!(
+            other_socket.check_at(&limits, &alice, from, send, at(150)),
+            Verdict::Pass
+        ));
+        assert_eq!(
+            waited(other_socket.check_at(&limits, &alice, from, send, at(200))),
+            1000
+        );
+        assert!(matches!(
+            flood.check_at(&limits, &alice, from, send, at(1000)),
+            Verdict::Pass
+        ));
     }
 
     #[test]
