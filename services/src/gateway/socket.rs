@@ -145,14 +145,20 @@ async fn read_loop(
     idle_check.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let control = Arc::clone(&outbox.control);
     let mut flood = limits::Flood::new(&shared.config.gateway.rate_limits);
+    // Created once: a timer and two waits registered anew for every frame read would cost
+    // more than the frame.
+    let closing = control.closing();
+    let shutdown = shared.shutdown.cancelled();
+    let expiry = tokio::time::sleep_until(session.expires_at);
+    tokio::pin!(closing, shutdown, expiry);
     loop {
         let message = tokio::select! {
-            () = control.closing() => return,
-            () = shared.shutdown.cancelled() => {
+            () = &mut closing => return,
+            () = &mut shutdown => {
                 control.close(close::GOING_AWAY, "server shutting down");
                 return;
             }
-            () = tokio::time::sleep_until(session.expires_at) => {
+            () = &mut expiry => {
                 control.close(close::POLICY_VIOLATION, "token expired");
                 return;
             }
@@ -720,10 +726,15 @@ async fn write_loop(
     ping_interval: Duration,
 ) -> SplitSink<WebSocket, Message> {
     let mut ping = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
+    // One wait for the close and one counter handle for the socket's life, not one per
+    // frame: at high fan-out every socket loops here once per event.
+    let closing = control.closing();
+    tokio::pin!(closing);
+    let flushes = metrics::counter!(telemetry::GATEWAY_SOCKET_FLUSHES_TOTAL);
     loop {
         let message = tokio::select! {
             biased;
-            () = control.closing() => break,
+            () = &mut closing => break,
             // An answer's slot is free once the writer has it.
             frame = queue.recv() => match frame {
                 Some((frame, _answer_slot)) => Message::Text(frame),
@@ -736,9 +747,12 @@ async fn write_loop(
         // stays whole in its buffer and goes out before the close frame.
         let sent = tokio::select! {
             biased;
-            () = control.closing() => break,
+            () = &mut closing => break,
             sent = tokio::time::timeout(WRITE_TIMEOUT, write_ready(&mut sink, message, &mut queue)) => sent,
         };
+        if matches!(sent, Ok(Ok(()))) {
+            flushes.increment(1);
+        }
         match sent {
             Ok(Ok(())) => {}
             // The client's close frame has just been read: the reader records it.
@@ -780,7 +794,6 @@ async fn write_ready(
         };
         sink.feed(Message::Text(frame)).await?;
     }
-    metrics::counter!(telemetry::GATEWAY_SOCKET_FLUSHES_TOTAL).increment(1);
     sink.flush().await
 }
 
