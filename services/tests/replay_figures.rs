@@ -20,6 +20,7 @@ use async_nats::jetstream::consumer::pull;
 use futures::StreamExt;
 use parley_events::{ConversationId, EventEnvelope};
 use parley_localstack::{CassandraNode, NatsOptions, NatsServer};
+use parley_services::config::Config;
 use parley_services::progress::Progress;
 use parley_services::replay::Target;
 use parley_services::replay::rebuild::{self, RebuildOptions};
@@ -90,21 +91,12 @@ async fn rebuild_figures() {
     let raw = last as f64 / started.elapsed().as_secs_f64();
     drop(messages);
 
-    // Started before the SQLite rebuild, so its start-up does not share the cores with it.
-    let cassandra = CassandraNode::start_or_skip("the CQL rebuild figure");
-    let mut config = config;
-    if let Some(node) = &cassandra {
-        let scylla = &mut config.projector.store.scylla;
-        scylla.contact_points = vec![node.contact_point()];
-        scylla.local_datacenter = Some(node.datacenter().to_owned());
-        scylla.replication = [(node.datacenter().to_owned(), 1)].into();
-    }
-    let rebuild_rate = |target: Target| {
-        let (config, connection, topology) = (&config, &connection, &topology);
+    let rebuild_rate = |config: Config, target: Target| {
+        let (connection, topology) = (&connection, &topology);
         async move {
             let started = Instant::now();
             let rebuilt = rebuild::rebuild(
-                config,
+                &config,
                 connection,
                 topology,
                 &RebuildOptions::new(target),
@@ -117,14 +109,25 @@ async fn rebuild_figures() {
             rebuilt.applied as f64 / started.elapsed().as_secs_f64()
         }
     };
-    let sqlite = rebuild_rate(Target::Sqlite(dir.path().join("rebuilt.db"))).await;
+    let sqlite = rebuild_rate(
+        config.clone(),
+        Target::Sqlite(dir.path().join("rebuilt.db")),
+    )
+    .await;
     println!("| Raw ordered consume | {raw:.0} | 1.00 |");
     println!(
         "| Rebuild into a new SQLite file | {sqlite:.0} | {:.2} |",
         sqlite / raw
     );
-    if cassandra.is_some() {
-        let cql = rebuild_rate(Target::Cql("rebuilt".into())).await;
+    // Started after the SQLite rebuild, so its JVM's start-up work does not share the cores
+    // with it.
+    if let Some(node) = CassandraNode::start_or_skip("the CQL rebuild figure") {
+        let mut config = config.clone();
+        let scylla = &mut config.projector.store.scylla;
+        scylla.contact_points = vec![node.contact_point()];
+        scylla.local_datacenter = Some(node.datacenter().to_owned());
+        scylla.replication = [(node.datacenter().to_owned(), 1)].into();
+        let cql = rebuild_rate(config, Target::Cql("rebuilt".into())).await;
         println!(
             "| Rebuild into a new CQL keyspace | {cql:.0} | {:.2} |",
             cql / raw
