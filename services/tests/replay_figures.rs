@@ -1,7 +1,7 @@
 //! The rebuild figures of `docs/benchmarks.md` ("Rebuilding a projection"), in one run:
 //!
 //! ```text
-//! cargo test -p parley-services --test replay_figures -- --ignored --nocapture
+//! cargo test --release -p parley-services --test replay_figures -- --ignored --nocapture
 //! ```
 //!
 //! 200,000 events (100 direct conversations: each a creation and 1,999 messages) are
