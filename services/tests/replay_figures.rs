@@ -8,7 +8,9 @@
 //! appended to the log of a local nats-server (file storage, R1, lazy fsync; set-up, not
 //! measured). Then, on that log: the raw JetStream consume rate (a plain ordered consumer
 //! reading to the end, each event decoded, no store), and `parley replay rebuild` (its
-//! library function) into a new SQLite file, then into a new keyspace on a local Cassandra
+//! library function) into a new SQLite file, the same events applied straight to a new
+//! SQLite store (no NATS: the store's share of the rebuild's time), then the rebuild into a
+//! new keyspace on a local Cassandra
 //! node (started for the run; without Java that row is skipped, unless CI or
 //! `PARLEY_REQUIRE_CQL` requires it).
 
@@ -18,8 +20,9 @@ use std::time::Instant;
 
 use async_nats::jetstream::consumer::pull;
 use futures::StreamExt;
-use parley_events::{ConversationId, EventEnvelope};
+use parley_events::{ConversationId, EventEnvelope, RecordedEvent};
 use parley_localstack::{CassandraNode, NatsOptions, NatsServer};
+use parley_projections::{ConversationStore, SqliteStore};
 use parley_services::config::Config;
 use parley_services::progress::Progress;
 use parley_services::replay::Target;
@@ -118,6 +121,25 @@ async fn rebuild_figures() {
     println!(
         "| Rebuild into a new SQLite file | {sqlite:.0} | {:.2} |",
         sqlite / raw
+    );
+    // The same events applied straight to a new SQLite store in batches of `projector.batch`,
+    // no NATS: how much of the rebuild's time is the store's.
+    let store = SqliteStore::open(&dir.path().join("applied.db")).unwrap();
+    let recorded: Vec<RecordedEvent> = (0..PER_CONVERSATION as usize)
+        .flat_map(|n| all.iter().map(move |(_, events)| events[n].clone()))
+        .zip(1..)
+        .map(|(envelope, seq)| envelope.recorded(seq))
+        .collect();
+    let started = Instant::now();
+    for batch in recorded.chunks(config.projector.batch) {
+        store.apply(batch).await.unwrap();
+    }
+    let applied = recorded.len() as f64 / started.elapsed().as_secs_f64();
+    assert_eq!(store.position().await.unwrap(), last);
+    println!(
+        "| SQLite store's apply alone, same events, batches of {} | {applied:.0} | {:.2} |",
+        config.projector.batch,
+        applied / raw
     );
     // Started after the SQLite rebuild, so its JVM's start-up work does not share the cores
     // with it.
