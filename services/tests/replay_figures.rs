@@ -10,9 +10,8 @@
 //! reading to the end, each event decoded, no store), and `parley replay rebuild` (its
 //! library function) into a new SQLite file, the same events applied straight to a new
 //! SQLite store (no NATS: the store's share of the rebuild's time), then the rebuild into a
-//! new keyspace on a local Cassandra
-//! node (started for the run; without Java that row is skipped, unless CI or
-//! `PARLEY_REQUIRE_CQL` requires it).
+//! new keyspace on a local Cassandra node (started for the run; without Java that row is
+//! skipped, unless CI or `PARLEY_REQUIRE_CQL` requires it).
 
 mod support;
 
