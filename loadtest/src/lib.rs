@@ -15,6 +15,7 @@ pub mod log;
 pub mod plan;
 pub mod platform;
 pub mod presence;
+pub mod replay;
 pub mod report;
 pub mod resources;
 pub mod run;

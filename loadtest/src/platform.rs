@@ -26,6 +26,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a removed role gets to drain and exit after SIGTERM before it is killed: the
 /// gateway's default drain period and then some.
 const REMOVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// The embedded SQLite store's file name, in a directory of its own.
+const STORE_FILE: &str = "conversations.db";
 
 #[derive(Debug, Clone)]
 pub struct SpawnOptions {
@@ -74,7 +76,7 @@ pub struct SpawnedPlatform {
     /// What every role is started with: the binary and the shared settings.
     parley: PathBuf,
     env: Vec<(String, String)>,
-    _store: tempfile::TempDir,
+    store_dir: tempfile::TempDir,
     /// The CQL store's node, when the platform has one; dropped (and stopped) after the roles.
     _cassandra: Option<CassandraNode>,
 }
@@ -190,7 +192,7 @@ impl SpawnedPlatform {
             ("PARLEY_AUTH__SECRET".to_owned(), secret.expose().to_owned()),
             (
                 "PARLEY_PROJECTOR__STORE__PATH".to_owned(),
-                store.path().join("conversations.db").display().to_string(),
+                store.path().join(STORE_FILE).display().to_string(),
             ),
         ];
         if let Some(node) = &cassandra {
@@ -213,7 +215,7 @@ impl SpawnedPlatform {
             redis,
             parley,
             env,
-            _store: store,
+            store_dir: store,
             _cassandra: cassandra,
         };
         // The projector creates the store the gateways read; the handler the streams.
@@ -272,7 +274,20 @@ impl SpawnedPlatform {
             .truncate(!append)
             .open(log)
             .map_err(LoadtestError::io(format!("opening {}", log.display())))?;
-        Command::new(&self.parley)
+        self.command(command, env)
+            .stdout(file.try_clone().map_err(LoadtestError::io("log file"))?)
+            .stderr(file)
+            .spawn()
+            .map_err(|source| LoadtestError::Spawn {
+                binary: self.parley.clone(),
+                source,
+            })
+    }
+
+    /// `parley <command>` with the shared settings and `env`, standard input closed.
+    fn command(&self, command: &str, env: &[(String, String)]) -> Command {
+        let mut parley = Command::new(&self.parley);
+        parley
             .arg(command)
             .env_remove("PARLEY_CONFIG")
             .envs(
@@ -288,14 +303,20 @@ impl SpawnedPlatform {
             // An error a role exits with is its log's last lines: a backtrace captured
             // because RUST_BACKTRACE is set for panics would push the cause out of the tail.
             .env("RUST_LIB_BACKTRACE", "0")
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().map_err(LoadtestError::io("log file"))?)
-            .stderr(file)
-            .spawn()
-            .map_err(|source| LoadtestError::Spawn {
-                binary: self.parley.clone(),
-                source,
-            })
+            .stdin(Stdio::null());
+        parley
+    }
+
+    /// `parley <command>` (a tool: `replay`, `log`) with the platform's settings, to be
+    /// given its arguments and run by the caller.
+    pub fn tool(&self, command: &str) -> tokio::process::Command {
+        tokio::process::Command::from(self.command(command, &[]))
+    }
+
+    /// The embedded SQLite store's file (the configured one, whatever `parley replay
+    /// switch` later moved the roles to).
+    pub fn sqlite_store(&self) -> PathBuf {
+        self.store_dir.path().join(STORE_FILE)
     }
 
     /// Kill `role`'s process with SIGKILL, as a crash would, and reap it. Redis loses its

@@ -10,6 +10,7 @@ use crate::latency::Summary;
 use crate::ledger::{self, LedgerReport};
 use crate::live::{Counters, ProcessSample, TimelinePoint};
 use crate::presence::PresenceFigures;
+use crate::replay::ReplayFigures;
 use crate::resources::Machine;
 use crate::scenario::{Fault, FaultRole, Scenario};
 
@@ -46,6 +47,9 @@ pub struct Report {
     /// The presence probe's figures, when the scenario has one.
     #[serde(default)]
     pub presence: Option<PresenceFigures>,
+    /// What the `[replay]` plan did: the rebuild, the switch and where readers read after.
+    #[serde(default)]
+    pub replay: Option<ReplayFigures>,
     pub baselines: Option<Baselines>,
     pub ratios: Option<Ratios>,
     pub marks: Marks,
@@ -682,6 +686,9 @@ pub fn render_table(report: &Report) -> String {
         summary_row(&mut out, "open -> seen online", &p.open_to_seen_online);
         summary_row(&mut out, "close -> seen offline", &p.close_to_seen_offline);
     }
+    if let Some(replay) = &report.replay {
+        out.push_str(&replay.text());
+    }
     if !report.faults.is_empty() {
         let _ = writeln!(
             out,
@@ -846,6 +853,7 @@ pub(crate) mod tests {
             faults: Vec::new(),
             resume: ResumeFigures::default(),
             presence: None,
+            replay: None,
             baselines: None,
             ratios: None,
             marks: Marks::default(),

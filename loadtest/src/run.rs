@@ -27,6 +27,7 @@ use crate::log::LogReader;
 use crate::plan::{ConvKind, Plan};
 use crate::platform::{SpawnOptions, SpawnedPlatform};
 use crate::presence;
+use crate::replay;
 use crate::report::{self, Report};
 use crate::resources::{Machine, Sampler};
 use crate::scenario::{Durability, Fault, FaultRole, Reconnects, Scenario};
@@ -112,6 +113,12 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
     if !scenario.faults.is_empty() && !matches!(options.target, Target::Spawn { .. }) {
         return Err(LoadtestError::Fault(
             "a fault plan needs --spawn: the harness kills and restarts the processes it started"
+                .into(),
+        ));
+    }
+    if scenario.replay.is_some() && !matches!(options.target, Target::Spawn { .. }) {
+        return Err(LoadtestError::Fault(
+            "[replay] needs --spawn: the harness rebuilds and switches the platform it started"
                 .into(),
         ));
     }
@@ -359,6 +366,15 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
             .collect(),
         None => Vec::new(),
     };
+    let replay_task = match (&platform, scenario.replay) {
+        (Some(platform), Some(plan)) => Some(tokio::spawn(replay::rebuild_and_switch(
+            Arc::clone(platform),
+            plan,
+            sending_start,
+            dir.clone(),
+        ))),
+        _ => None,
+    };
     let churn = tokio::spawn(churn(
         scenario.reconnects.clone(),
         disconnects.clone(),
@@ -409,6 +425,34 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
                 .map_err(|e| LoadtestError::Fault(format!("a fault task failed: {e}")))?,
         );
     }
+    let replay = match (replay_task, &platform) {
+        (Some(task), Some(platform)) => {
+            let mut figures = task
+                .await
+                .map_err(|e| LoadtestError::Fault(format!("the replay task failed: {e}")))?;
+            match plan.slots.first() {
+                Some(slot) => {
+                    let old_store = platform.lock().unwrap().sqlite_store();
+                    let user = plan.connections[slot.connection].user;
+                    replay::check_reads(
+                        &mut figures,
+                        &old_store,
+                        &gateways[0],
+                        &tokens[user],
+                        conversations[slot.conversation as usize],
+                    )
+                    .await;
+                }
+                None => {
+                    figures
+                        .error
+                        .get_or_insert("no conversation to read history from".to_owned());
+                }
+            }
+            Some(figures)
+        }
+        _ => None,
+    };
     // Clients stay connected while the log is read: what is appended late must still reach
     // them.
     let log = match log_start {
@@ -555,6 +599,7 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
         faults,
         resume,
         presence,
+        replay,
         baselines,
         ratios,
         marks,

@@ -103,6 +103,19 @@ pub struct Scenario {
     /// Measure presence during the sending: see [`crate::presence`].
     #[serde(default)]
     pub presence: Option<PresenceProbe>,
+    /// `--spawn` only: rebuild the projection and switch to it during the sending: see
+    /// [`crate::replay`].
+    #[serde(default)]
+    pub replay: Option<ReplayPlan>,
+}
+
+/// `rebuild_at_secs` after sending starts, `parley replay rebuild --follow` into a new
+/// SQLite file in the run's directory; `switch_at_secs` after, `parley replay switch` to it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayPlan {
+    pub rebuild_at_secs: f64,
+    pub switch_at_secs: f64,
 }
 
 /// Sockets the run drops on purpose while sending, and the backoff of every reconnect.
@@ -627,6 +640,22 @@ impl Scenario {
                 _ => {}
             }
         }
+        if let Some(replay) = &self.replay {
+            check(
+                replay.rebuild_at_secs.is_finite()
+                    && replay.switch_at_secs.is_finite()
+                    && 0.0 <= replay.rebuild_at_secs
+                    && replay.rebuild_at_secs < replay.switch_at_secs
+                    && replay.switch_at_secs < sending,
+                &format!(
+                    "replay needs 0 <= rebuild_at_secs < switch_at_secs < the sending time ({sending} s)"
+                ),
+            );
+            check(
+                self.store == StoreChoice::Sqlite,
+                "replay rebuilds into a SQLite file: it needs store = \"sqlite\"",
+            );
+        }
         let r = &self.reconnects;
         check(
             r.drops_per_sec.is_finite() && r.drops_per_sec >= 0.0,
@@ -762,6 +791,37 @@ mod tests {
         assert_eq!(s.nats_nodes, 1);
         assert_eq!(s.users_in_conversations(), 100);
         assert_eq!(s.sending_time(), Duration::from_secs(10));
+    }
+
+    #[test]
+    fn a_replay_plan_is_checked() {
+        let with = |replay: &str| format!("{DM}\n[replay]\n{replay}\n");
+        let good = Scenario::parse(&with("rebuild_at_secs = 2\nswitch_at_secs = 5"), "t").unwrap();
+        good.validate().unwrap();
+        for bad in [
+            "rebuild_at_secs = 5\nswitch_at_secs = 2",
+            "rebuild_at_secs = -1\nswitch_at_secs = 2",
+            "rebuild_at_secs = 2\nswitch_at_secs = 10",
+            "rebuild_at_secs = 2\nswitch_at_secs = nan",
+        ] {
+            assert_eq!(
+                problems(&with(bad)),
+                ["replay needs 0 <= rebuild_at_secs < switch_at_secs < the sending time (10 s)"],
+                "{bad}"
+            );
+        }
+        let cql = with("rebuild_at_secs = 2\nswitch_at_secs = 5")
+            .replace("duration_secs = 10", "duration_secs = 10\nstore = \"cql\"");
+        assert_eq!(
+            problems(&cql),
+            ["replay rebuilds into a SQLite file: it needs store = \"sqlite\""]
+        );
+        for bad in [
+            "rebuild_at_secs = 2",
+            "rebuild_at_secs = 2\nswitch_at_secs = 5\nat = 1",
+        ] {
+            assert!(Scenario::parse(&with(bad), "t").is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! Progress of the `parley` subcommands that read or write many events (export, import,
-//! rebuild, verify): a bar with events done, rate and ETA on a terminal, and a plain line
+//! rebuild) or conversations (verify): a bar with what is done, rate and ETA on a terminal, and a plain line
 //! every few seconds otherwise, so CI logs and pipes get a record rather than escape codes.
 
 use std::io::IsTerminal;
@@ -15,6 +15,8 @@ const PLAIN_EVERY: Duration = Duration::from_secs(5);
 /// output stays the command's result (`--json`, an export).
 pub struct Progress {
     what: String,
+    /// What is counted, plural: `events` unless [`Progress::counting`] says otherwise.
+    unit: &'static str,
     total: Option<u64>,
     started: Instant,
     form: Form,
@@ -35,35 +37,41 @@ impl Progress {
     /// A bar on a terminal, plain lines otherwise. `total` is the number of events expected,
     /// when known (it gives the ETA).
     pub fn new(what: impl Into<String>, total: Option<u64>) -> Progress {
+        Progress::counting(what, total, "events")
+    }
+
+    /// [`new`](Self::new), counting `unit` (plural: `conversations`) rather than events.
+    pub fn counting(what: impl Into<String>, total: Option<u64>, unit: &'static str) -> Progress {
         let form = if std::io::stderr().is_terminal() {
-            Form::Bar(bar(total))
+            Form::Bar(bar(total, unit))
         } else {
             Form::Plain(Mutex::new(Plain {
                 done: 0,
                 printed_at: Instant::now(),
             }))
         };
-        Progress::with_form(what.into(), total, form)
+        Progress::with_form(what.into(), unit, total, form)
     }
 
     /// Progress that shows nothing (tests, `--quiet`).
     pub fn silent(what: impl Into<String>) -> Progress {
-        Progress::with_form(what.into(), None, Form::Silent)
+        Progress::with_form(what.into(), "events", None, Form::Silent)
     }
 
-    fn with_form(what: String, total: Option<u64>, form: Form) -> Progress {
+    fn with_form(what: String, unit: &'static str, total: Option<u64>, form: Form) -> Progress {
         if let Form::Bar(bar) = &form {
             bar.set_message(what.clone());
         }
         Progress {
             what,
+            unit,
             total,
             started: Instant::now(),
             form,
         }
     }
 
-    /// `n` more events done.
+    /// `n` more done.
     pub fn advance(&self, n: u64) {
         match &self.form {
             Form::Bar(bar) => bar.inc(n),
@@ -97,37 +105,33 @@ impl Progress {
         } else {
             0.0
         };
+        let (what, unit) = (&self.what, self.unit);
         match self.total {
             Some(total) if rate > 0.0 && done < total => format!(
-                "{}: {done} / {total} events, {rate:.0} events/s, ETA {:.0} s",
-                self.what,
+                "{what}: {done} / {total} {unit}, {rate:.0} {unit}/s, ETA {:.0} s",
                 (total - done) as f64 / rate
             ),
-            Some(total) => format!(
-                "{}: {done} / {total} events, {rate:.0} events/s, {elapsed:.1} s",
-                self.what
-            ),
-            None => format!(
-                "{}: {done} events, {rate:.0} events/s, {elapsed:.1} s",
-                self.what
-            ),
+            Some(total) => {
+                format!("{what}: {done} / {total} {unit}, {rate:.0} {unit}/s, {elapsed:.1} s")
+            }
+            None => format!("{what}: {done} {unit}, {rate:.0} {unit}/s, {elapsed:.1} s"),
         }
     }
 }
 
-fn bar(total: Option<u64>) -> ProgressBar {
+fn bar(total: Option<u64>, unit: &str) -> ProgressBar {
     let (bar, template) = match total {
         Some(total) => (
             ProgressBar::new(total),
-            "{msg} [{bar:30}] {pos}/{len} events, {per_sec}, ETA {eta}",
+            format!("{{msg}} [{{bar:30}}] {{pos}}/{{len}} {unit}, {{per_sec}}, ETA {{eta}}"),
         ),
         None => (
             ProgressBar::new_spinner(),
-            "{spinner} {msg}: {pos} events, {per_sec}",
+            format!("{{spinner}} {{msg}}: {{pos}} {unit}, {{per_sec}}"),
         ),
     };
     bar.set_draw_target(ProgressDrawTarget::stderr());
-    bar.set_style(ProgressStyle::with_template(template).expect("valid progress template"));
+    bar.set_style(ProgressStyle::with_template(&template).expect("valid progress template"));
     bar.enable_steady_tick(Duration::from_millis(200));
     bar
 }
@@ -151,5 +155,15 @@ mod tests {
         assert!(line.contains("ETA"), "{line}");
         let line = known.line(10);
         assert!(!line.contains("ETA"), "{line}");
+        let conversations = Progress {
+            unit: "conversations",
+            ..known
+        };
+        let line = conversations.line(10);
+        assert!(
+            line.starts_with("import: 10 / 10 conversations, ")
+                && line.contains(" conversations/s, "),
+            "{line}"
+        );
     }
 }

@@ -678,6 +678,8 @@ fn generated_log(events: u64, conversations: u64) -> Vec<(String, Vec<u8>)> {
 /// Export and import rates on a log of 200,000 events, each beside the raw JetStream rate
 /// measured in the same run on the same events: async publish with 256 in flight (as the
 /// import publishes, and as `parley-loadtest baseline` does) and an ordered consumer read.
+/// Both nats-servers fsync lazily (`sync_always: false`), so the import's own work shows
+/// rather than the disk's fsync latency, which bounds raw publish and import alike.
 /// Prints the figures for docs/benchmarks.md.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a benchmark: run by hand with --ignored --nocapture"]
@@ -688,7 +690,11 @@ async fn export_and_import_rates() {
     const EVENTS: u64 = 200_000;
     let log = generated_log(EVENTS, 1_000);
     let bytes: usize = log.iter().map(|(_, b)| b.len()).sum();
-    let source = NatsServer::start(NatsOptions::default()).unwrap();
+    let lazy = || NatsOptions {
+        sync_always: false,
+        ..NatsOptions::default()
+    };
+    let source = NatsServer::start(lazy()).unwrap();
     let js = async_nats::jetstream::new(async_nats::connect(source.url()).await.unwrap());
     let mut config = parley_services::config::Config::default();
     config.log.shards = 16;
@@ -739,7 +745,7 @@ async fn export_and_import_rates() {
     .await;
     let export = EVENTS as f64 / started.elapsed().as_secs_f64();
 
-    let target = NatsServer::start(NatsOptions::default()).unwrap();
+    let target = NatsServer::start(lazy()).unwrap();
     let target_config = config_file(dir.path(), &target.url());
     let started = Instant::now();
     ok(&target_config, &["log", "import", file.to_str().unwrap()]).await;

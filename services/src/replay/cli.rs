@@ -148,7 +148,7 @@ async fn execute(config: &Config, command: ReplayCommand) -> Result<i32, ReplayE
                 config,
                 &a,
                 &b,
-                |total| Progress::new("verify", total),
+                |total| Progress::counting("verify", total, "conversations"),
                 &shutdown,
             )
             .await?;

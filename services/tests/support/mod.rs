@@ -292,6 +292,22 @@ impl<N> Platform<N> {
             .push(Running::start(Arc::clone(&self.config), Roles::HANDLER, None).await);
     }
 
+    /// Start one more gateway, ready for sockets when this returns; it runs until the
+    /// platform drops. Its index, for [`connect`](Self::connect) and [`url`](Self::url).
+    pub async fn add_gateway(&mut self) -> usize {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        self.gateways.push(listener.local_addr().unwrap());
+        self.others
+            .push(Running::start(Arc::clone(&self.config), Roles::GATEWAY, Some(listener)).await);
+        let index = self.gateways.len() - 1;
+        eventually(|| async {
+            self.assert_roles_running().await;
+            self.try_connect(index, "probe").await.ok()
+        })
+        .await;
+        index
+    }
+
     /// The admin address of every role running now: gateways, extra handlers, the handler,
     /// the projector.
     pub fn admin_addresses(&self) -> Vec<SocketAddr> {
