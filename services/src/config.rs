@@ -500,8 +500,8 @@ impl Default for HandlerConfig {
             append_retries: 10,
             remembered_commands: 1_000_000,
             snapshot_every_events: 100_000,
-            max_batch: 1,
-            commits_in_flight: 16,
+            max_batch: 256,
+            commits_in_flight: 4,
         }
     }
 }
@@ -1453,8 +1453,8 @@ mod tests {
         }
         assert_eq!(
             Config::default().handler.max_batch,
-            1,
-            "group commit is opt-in"
+            256,
+            "group commit is on by default"
         );
     }
 

@@ -2,11 +2,18 @@
 //! live projector's durable one is left alone), through the projector's own apply path.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
-use futures::StreamExt;
+use futures::{FutureExt, Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
+
+/// How long a batch that is not full waits for the log's next event before it is applied:
+/// the consumer fetches the next events only while it is read, so a batch of what happened
+/// to be ready when the last one was applied held a quarter of `projector.batch` on
+/// average, and a store applies fewer, larger batches faster.
+const TOP_UP_WAIT: Duration = Duration::from_millis(20);
 
 use super::{ActiveStore, ReplayError, Target};
 use crate::admin::Readiness;
@@ -124,20 +131,20 @@ pub async fn rebuild(
         })
         .await
         .map_err(|e| ReplayError::Nats(e.to_string()))?;
-    let messages = consumer
+    let mut messages = consumer
         .messages()
         .await
         .map_err(|e| ReplayError::Nats(e.to_string()))?;
-    let mut batches = messages.ready_chunks(config.projector.batch);
     let (mut reached, mut applied, mut seen) = (position, 0u64, 0u64);
     loop {
-        let batch = tokio::select! {
+        let first = tokio::select! {
             () = shutdown.cancelled() => break,
-            batch = batches.next() => match batch {
-                Some(batch) => batch,
-                None => return Err(ReplayError::Nats("the log's consumer ended".into())),
-            },
+            first = messages.next() => first,
         };
+        let Some(first) = first else {
+            return Err(ReplayError::Nats("the log's consumer ended".into()));
+        };
+        let batch = topped_up(first, &mut messages, config.projector.batch).await;
         let mut events = Vec::with_capacity(batch.len());
         for message in batch {
             let message = message.map_err(|e| ReplayError::Nats(e.to_string()))?;
@@ -169,4 +176,48 @@ pub async fn rebuild(
         position: reached,
         applied,
     })
+}
+
+/// `first` and the events that follow it, up to `size`: those ready now, then more while
+/// each comes within [`TOP_UP_WAIT`].
+async fn topped_up<S: Stream + Unpin>(
+    first: S::Item,
+    messages: &mut S,
+    size: usize,
+) -> Vec<S::Item> {
+    let mut batch = Vec::with_capacity(size);
+    batch.push(first);
+    while batch.len() < size {
+        let next = match messages.next().now_or_never() {
+            Some(next) => next,
+            None => match tokio::time::timeout(TOP_UP_WAIT, messages.next()).await {
+                Ok(next) => next,
+                Err(_) => break,
+            },
+        };
+        // An ended stream is noticed by the next batch's first read.
+        let Some(message) = next else { break };
+        batch.push(message);
+    }
+    batch
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_batch_takes_what_is_ready_up_to_its_size_and_stops_when_the_log_pauses() {
+        let mut ready = futures::stream::iter(2..=10);
+        assert_eq!(topped_up(1, &mut ready, 4).await, [1, 2, 3, 4]);
+        assert_eq!(
+            ready.next().await,
+            Some(5),
+            "the rest stays for the next batch"
+        );
+        let mut pausing = futures::stream::iter(2..=3).chain(futures::stream::pending());
+        assert_eq!(topped_up(1, &mut pausing, 10).await, [1, 2, 3]);
+        let mut ended = futures::stream::iter(2..=3);
+        assert_eq!(topped_up(1, &mut ended, 10).await, [1, 2, 3]);
+    }
 }
