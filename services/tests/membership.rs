@@ -12,7 +12,7 @@ use parley_events::{Event, RecordedEvent};
 use parley_services::admin::Readiness;
 use parley_services::node;
 use serde_json::{Value, json};
-use support::{Client, Platform};
+use support::{Client, Platform, acked};
 
 /// A group created by `owner` with `members`, once its creation reached the owner's socket.
 async fn group(owner: &mut Client, id: &str, members: &[&str]) -> Value {
@@ -34,15 +34,6 @@ async fn refused(client: &mut Client, frame: Value, code: &str) -> Value {
     assert_eq!(reply["type"], "error", "{frame}: {reply}");
     assert_eq!(reply["code"], code, "{frame}: {reply}");
     assert_eq!(reply["retryable"], false, "{frame}: {reply}");
-    reply
-}
-
-/// `client` sends `frame` and gets its ack.
-async fn acked(client: &mut Client, frame: Value) -> Value {
-    let id = frame["id"].as_str().unwrap().to_owned();
-    client.send(frame.clone()).await;
-    let reply = client.reply_to(&id).await;
-    assert_eq!(reply["type"], "ack", "{frame}: {reply}");
     reply
 }
 

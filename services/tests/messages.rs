@@ -8,7 +8,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::{Client, Platform, eventually};
+use support::{Client, Platform, acked_seq as acked, eventually};
 
 /// A group of alice (its owner), bob and carol, each connected with protocol 2 and having
 /// seen its creation.
@@ -28,15 +28,6 @@ async fn team(platform: &Platform) -> (Client, Client, Client, Value) {
         );
     }
     (alice, bob, carol, ack["conversation"].clone())
-}
-
-/// Send `frame` and return its ack's sequence, failing on anything else.
-async fn acked(client: &mut Client, frame: Value) -> u64 {
-    let id = frame["id"].as_str().unwrap().to_owned();
-    client.send(frame).await;
-    let ack = client.reply_to(&id).await;
-    assert_eq!(ack["type"], "ack", "{ack}");
-    ack["seq"].as_u64().unwrap()
 }
 
 /// The live event at `seq`, passing over the earlier ones `client` has not read yet.

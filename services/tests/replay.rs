@@ -17,7 +17,7 @@ use parley_services::replay::Target;
 use parley_services::replay::rebuild::{self, RebuildOptions};
 use parley_services::replay::switch::{self, SwitchOptions};
 use serde_json::{Value, json};
-use support::{Client, Platform, eventually};
+use support::{Client, Platform, acked_seq as acked, eventually};
 use tokio_util::sync::CancellationToken;
 
 /// `parley replay ARGS` against the platform's NATS and store settings: exit code, stdout,
@@ -53,15 +53,6 @@ fn parley_with(
 
 fn sqlite(path: &Path) -> String {
     format!("sqlite:{}", path.display())
-}
-
-/// `frame` sent by `client`, acknowledged: the sequence of its event.
-async fn acked(client: &mut Client, frame: Value) -> u64 {
-    let id = frame["id"].as_str().unwrap().to_owned();
-    client.send(frame).await;
-    let ack = client.reply_to(&id).await;
-    assert_eq!(ack["type"], "ack", "{ack}");
-    ack["seq"].as_u64().unwrap()
 }
 
 /// A group and a direct conversation with everything a conversation can hold, all sent

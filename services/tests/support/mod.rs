@@ -635,6 +635,20 @@ pub async fn run_refused_projector(config: Config) -> Result<(), node::NodeError
         .expect("a refused node stops by itself at start")
 }
 
+/// `client` sends `frame` and gets its ack, failing on anything else.
+pub async fn acked(client: &mut Client, frame: Value) -> Value {
+    let id = frame["id"].as_str().unwrap().to_owned();
+    client.send(frame.clone()).await;
+    let reply = client.reply_to(&id).await;
+    assert_eq!(reply["type"], "ack", "{frame}: {reply}");
+    reply
+}
+
+/// [`acked`]: the sequence of the frame's event.
+pub async fn acked_seq(client: &mut Client, frame: Value) -> u64 {
+    acked(client, frame).await["seq"].as_u64().unwrap()
+}
+
 /// Poll `probe` until it yields something, failing the test after a deadline.
 pub async fn eventually<T, F, Fut>(probe: F) -> T
 where
