@@ -22,8 +22,23 @@ struct Up {
     _dir: tempfile::TempDir,
 }
 
+/// How long a `parley up` gets to stop its servers after SIGTERM before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl Drop for Up {
+    // SIGTERM, so that `parley up` stops the servers it started: killed outright, it would
+    // leave them running after the test.
     fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .status();
+            let deadline = std::time::Instant::now() + STOP_TIMEOUT;
+            while matches!(self.child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -77,6 +77,38 @@ pub enum LocalError {
         log_tail: String,
     },
 
+    /// A server on this directory is running, and the process that started it too.
+    #[error(
+        "{name} (pid {pid}, started by pid {owner}) already runs on {}: is another \
+         `parley up` using this directory?",
+        config.display()
+    )]
+    InUse {
+        /// `nats-server`.
+        name: String,
+        /// The running server.
+        pid: u32,
+        /// The live process that started it.
+        owner: u32,
+        /// The config file it was started with, in the directory both would use.
+        config: PathBuf,
+    },
+
+    /// A server an earlier run left on this directory did not stop when told to.
+    #[error(
+        "{name} (pid {pid}) from an earlier run still uses {}; it did not stop on SIGTERM or \
+         SIGKILL, and a second server on its files would corrupt them",
+        config.display()
+    )]
+    LeftoverRunning {
+        /// `nats-server`.
+        name: String,
+        /// The leftover process.
+        pid: u32,
+        /// The config file it was started with, in the directory both would use.
+        config: PathBuf,
+    },
+
     /// A file-system operation around the server failed (temp dir, config, log file).
     #[error("{what}")]
     Io {

@@ -27,6 +27,8 @@ pub const NATS_MAX_PAYLOAD: &str = "8MB";
 pub(crate) const NATS_NAME: &str = "nats-server";
 const CONFIG_FILE: &str = "nats.conf";
 const LOG_FILE: &str = "nats.log";
+/// The process id of whoever started the server on this directory.
+const OWNER_FILE: &str = "nats.owner";
 const STORE_DIR: &str = "store";
 
 static SERVER_SEQ: AtomicU64 = AtomicU64::new(0);
@@ -89,8 +91,8 @@ impl Default for NatsOptions {
 /// a temporary one.
 ///
 /// Directory layout (`dir()`): `nats.conf` (generated), `nats.log` (stdout and stderr,
-/// appended across restarts), `store/` (the JetStream `store_dir`; nats-server puts its
-/// data under `store/jetstream/`).
+/// appended across restarts), `nats.owner` (the starter's process id), `store/` (the
+/// JetStream `store_dir`; nats-server puts its data under `store/jetstream/`).
 pub struct NatsServer {
     child: Option<Spawned>,
     port: u16,
@@ -307,6 +309,9 @@ impl NatsServer {
 
     pub(crate) fn spawn_and_wait(&mut self) -> Result<(), LocalError> {
         let config = self.dir.join(CONFIG_FILE);
+        let owner = self.dir.join(OWNER_FILE);
+        process::stop_leftovers(NATS_NAME, &config, &owner)?;
+        process::record_owner(&owner)?;
         let log = self.log_path();
         let mut spawned = process::spawn(
             &self.binary,

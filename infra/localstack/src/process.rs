@@ -189,6 +189,104 @@ pub(crate) fn probe_connect(port: u16, left: Duration) -> Option<TcpStream> {
     Some(stream)
 }
 
+/// How long a leftover server gets to exit after SIGTERM, then after SIGKILL.
+const LEFTOVER_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Stops every process whose command line names `config` and whose starter is gone: a
+/// server that an earlier run started on this directory and could not stop, because it was
+/// killed (SIGKILL, the OOM killer) before it could. A server started again beside it would
+/// share its files: two nats-servers on one JetStream store both write it. One whose starter
+/// still runs (recorded in `owner_file` by [`record_owner`]) is another run's, and refused.
+/// Linux only (it reads `/proc`); elsewhere it finds nothing.
+pub(crate) fn stop_leftovers(
+    name: &str,
+    config: &Path,
+    owner_file: &Path,
+) -> Result<(), LocalError> {
+    let owner = fs::read_to_string(owner_file)
+        .ok()
+        .and_then(|pid| pid.trim().parse::<u32>().ok());
+    for pid in processes_naming(config) {
+        // A child's parent stays its starter while the starter lives; an orphan is adopted.
+        if let Some(owner) = owner.filter(|owner| parent(pid) == Some(*owner)) {
+            return Err(LocalError::InUse {
+                name: name.to_owned(),
+                pid,
+                owner,
+                config: config.to_owned(),
+            });
+        }
+        tracing::warn!(
+            name,
+            pid,
+            config = %config.display(),
+            "stopping a server an earlier run left running on this directory"
+        );
+        let stopped = ["-TERM", "-KILL"].into_iter().any(|signal| {
+            // The process may exit between the scan and the signal: only its exit counts.
+            let _ = Command::new("kill")
+                .args([signal, &pid.to_string()])
+                .stderr(Stdio::null())
+                .status();
+            let deadline = Instant::now() + LEFTOVER_STOP_TIMEOUT;
+            while running(pid) && Instant::now() < deadline {
+                thread::sleep(POLL_INTERVAL);
+            }
+            !running(pid)
+        });
+        if !stopped {
+            return Err(LocalError::LeftoverRunning {
+                name: name.to_owned(),
+                pid,
+                config: config.to_owned(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Records this process as the starter of the servers on a directory, for
+/// [`stop_leftovers`].
+pub(crate) fn record_owner(owner_file: &Path) -> Result<(), LocalError> {
+    fs::write(owner_file, std::process::id().to_string())
+        .map_err(LocalError::io(format!("writing {}", owner_file.display())))
+}
+
+/// The processes with `path` as one of their arguments.
+fn processes_naming(path: &Path) -> Vec<u32> {
+    use std::os::unix::ffi::OsStrExt;
+    let wanted = path.as_os_str().as_bytes();
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| *pid != std::process::id())
+        .filter(|pid| {
+            fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|cmdline| cmdline.split(|b| *b == 0).any(|arg| arg == wanted))
+        })
+        .collect()
+}
+
+/// Whether `pid` is a live process (a zombie has exited: it only waits for its parent).
+fn running(pid: u32) -> bool {
+    stat_fields(pid).is_some_and(|fields| fields.first().is_some_and(|s| *s != "Z" && *s != "X"))
+}
+
+/// The parent of `pid`.
+fn parent(pid: u32) -> Option<u32> {
+    stat_fields(pid)?.get(1)?.parse().ok()
+}
+
+/// The fields of `/proc/<pid>/stat` after the command name (state, parent, ...); the name is
+/// in parentheses and may hold spaces and parentheses itself.
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
 /// SIGKILLs the child (a no-op if it already exited) and waits for it, so no zombie stays.
 pub(crate) fn kill_and_reap(child: &mut Child) {
     let pid = child.id();

@@ -201,6 +201,108 @@ async fn nats_persistent_data_dir_is_kept() {
     assert_eq!(info["config"]["name"], "KEEP", "{info}");
 }
 
+/// SIGKILLs a process no test handle owns when the test ends, whichever way it ends.
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &self.0.to_string()])
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+/// Whether `pid` is a live process, not a zombie.
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        !matches!(
+            stat.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().as_bytes()[0]),
+            Some(b'Z' | b'X')
+        )
+    })
+}
+
+#[tokio::test]
+async fn a_server_left_on_the_directory_by_a_killed_starter_is_stopped_first() {
+    let parent = tempfile::tempdir().unwrap();
+    let data = parent.path().join("nats-data");
+    let first = NatsServer::start(NatsOptions {
+        data_dir: Some(data.clone()),
+        ..NatsOptions::default()
+    })
+    .unwrap();
+    let config = data.join("nats.conf");
+    // The same server again, started by a shell that exits at once: orphaned, as a server
+    // is when `parley up` is killed with SIGKILL. (The first one is stopped to free the
+    // store; the orphan takes its port from the config.)
+    let port = first.port();
+    let binary = find_binary("nats-server").unwrap();
+    drop(first);
+    let shell = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(r#""$0" -c "$1" >/dev/null 2>&1 & echo $!"#)
+        .arg(&binary)
+        .arg(&config)
+        .output()
+        .unwrap();
+    let orphan: u32 = String::from_utf8(shell.stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let _reaped_if_the_test_fails = KillOnDrop(orphan);
+    let deadline = Instant::now() + TIMEOUT;
+    while connect(port).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the orphaned server never listened"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let second = NatsServer::start(NatsOptions {
+        data_dir: Some(data.clone()),
+        ..NatsOptions::default()
+    })
+    .unwrap();
+    assert!(
+        !alive(orphan),
+        "the orphaned server {orphan} still runs beside the new one"
+    );
+    assert_eq!(nats_info(second.port())["jetstream"], true);
+}
+
+#[tokio::test]
+async fn a_second_server_on_a_directory_whose_starter_runs_is_refused() {
+    let parent = tempfile::tempdir().unwrap();
+    let data = parent.path().join("nats-data");
+    let first = NatsServer::start(NatsOptions {
+        data_dir: Some(data.clone()),
+        ..NatsOptions::default()
+    })
+    .unwrap();
+    let err = NatsServer::start(NatsOptions {
+        data_dir: Some(data.clone()),
+        ..NatsOptions::default()
+    })
+    .unwrap_err();
+    match &err {
+        LocalError::InUse { pid, owner, .. } => {
+            assert_eq!(Some(*pid), first.pid(), "{err}");
+            assert_eq!(*owner, std::process::id(), "{err}");
+        }
+        other => panic!("expected InUse, got {other}"),
+    }
+    assert!(err.to_string().contains("another `parley up`"), "{err}");
+    assert_eq!(
+        nats_info(first.port())["jetstream"],
+        true,
+        "the first server still serves"
+    );
+}
+
 #[tokio::test]
 async fn nats_on_a_taken_port_fails_with_the_log() {
     let first = NatsServer::start(NatsOptions::default()).unwrap();
