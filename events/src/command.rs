@@ -500,6 +500,20 @@ impl Outcome {
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, serde_json::Error> {
         serde_json::from_slice(bytes)
     }
+
+    /// Several outcomes for one gateway in one message: a JSON array of outcomes.
+    pub fn batch_to_bytes(outcomes: &[&Outcome]) -> Vec<u8> {
+        serde_json::to_vec(outcomes).expect("outcomes always serialize")
+    }
+
+    /// The outcomes in a message to a gateway: an array of them ([`Outcome::batch_to_bytes`])
+    /// or one alone ([`Outcome::to_bytes`]).
+    pub fn all_from_bytes(bytes: &[u8]) -> Result<Vec<Self>, serde_json::Error> {
+        match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+            Some(b'[') => serde_json::from_slice(bytes),
+            _ => Self::from_bytes(bytes).map(|outcome| vec![outcome]),
+        }
+    }
 }
 
 /// A gateway asking the handlers what became of a command the intake had already seen.
@@ -845,5 +859,15 @@ mod tests {
             },
         };
         assert_eq!(Outcome::from_bytes(&outcome.to_bytes()).unwrap(), outcome);
+        assert_eq!(
+            Outcome::all_from_bytes(&outcome.to_bytes()).unwrap(),
+            std::slice::from_ref(&outcome)
+        );
+        assert_eq!(
+            Outcome::all_from_bytes(&Outcome::batch_to_bytes(&[&outcome, &outcome])).unwrap(),
+            [outcome.clone(), outcome.clone()]
+        );
+        assert!(Outcome::all_from_bytes(b"[{}]").is_err());
+        assert!(Outcome::all_from_bytes(b"").is_err());
     }
 }

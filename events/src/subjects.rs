@@ -82,6 +82,10 @@ pub fn outcome_subject(gateway: &str) -> String {
     format!("{OUTCOME_SUBJECT_PREFIX}{gateway}")
 }
 
+/// Header a gateway puts on the commands it publishes to say that it reads several outcomes
+/// in one message (a JSON array); handlers send a gateway without it one outcome a message.
+pub const OUTCOME_BATCHES_HEADER: &str = "Parley-Outcome-Batches";
+
 /// The number of shards the event log is split into. Fixed when the log stream is created;
 /// appends are ordered (and checked for conflicts) per shard, which orders every
 /// conversation in it.

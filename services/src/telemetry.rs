@@ -46,6 +46,7 @@ pub const HANDLER_COMMAND_SECONDS: &str = "parley_handler_command_seconds";
 pub const HANDLER_LOG_POSITION: &str = "parley_handler_log_position";
 pub const HANDLER_TAIL_EVENTS_TOTAL: &str = "parley_handler_tail_events_total";
 pub const HANDLER_BATCH_EVENTS: &str = "parley_handler_batch_events";
+pub const HANDLER_OUTCOMES_PER_MESSAGE: &str = "parley_handler_outcomes_per_message";
 
 pub const PROJECTOR_EVENTS_APPLIED_TOTAL: &str = "parley_projector_events_applied_total";
 pub const PROJECTOR_BATCH_EVENTS: &str = "parley_projector_batch_events";
@@ -88,6 +89,12 @@ pub fn prometheus() -> &'static PrometheusHandle {
             })
             .and_then(|b| {
                 b.set_buckets_for_metric(Matcher::Full(HANDLER_BATCH_EVENTS.into()), &BATCH_BUCKETS)
+            })
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full(HANDLER_OUTCOMES_PER_MESSAGE.into()),
+                    &BATCH_BUCKETS,
+                )
             })
             .expect("bucket lists are non-empty")
             .install_recorder()
@@ -270,6 +277,11 @@ fn describe() {
         HANDLER_BATCH_EVENTS,
         Unit::Count,
         "Events one lane appended with one commit (an atomic batch, or 1 for an event appended alone)."
+    );
+    describe_histogram!(
+        HANDLER_OUTCOMES_PER_MESSAGE,
+        Unit::Count,
+        "Outcomes sent to a gateway in one message (answers that were ready together)."
     );
     describe_histogram!(
         HANDLER_COMMAND_SECONDS,

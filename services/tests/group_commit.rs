@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use futures::StreamExt;
-use parley_events::subjects::{INTAKE_SUBJECT, LOG_STREAM};
+use parley_events::subjects::{INTAKE_SUBJECT, LOG_STREAM, OUTCOME_BATCHES_HEADER};
 use parley_events::{
     Action, ClientMsgId, Command, CommandId, ConversationId, Event, Outcome, OutcomeResult, UserId,
 };
@@ -68,13 +68,19 @@ async fn intake_deliveries(platform: &Platform) -> u64 {
 
 /// Publish `commands` to the intake in order, each as its own message (a command listed
 /// twice is on the intake twice, as a gateway's resubmission would put it), all before
-/// waiting for the first ack: a burst.
+/// waiting for the first ack: a burst. Like a gateway from before outcome batches, they do
+/// not say that they read several outcomes in one message, so [`answers`] reads one.
 async fn enqueue(platform: &Platform, commands: &[Command]) {
+    enqueue_with(platform, commands, async_nats::HeaderMap::new()).await
+}
+
+/// [`enqueue`] with `headers` on every command.
+async fn enqueue_with(platform: &Platform, commands: &[Command], headers: async_nats::HeaderMap) {
     let js = platform.jetstream().await;
     let mut acks = Vec::new();
     for command in commands {
         acks.push(
-            js.publish(INTAKE_SUBJECT, command.to_bytes().into())
+            js.publish_with_headers(INTAKE_SUBJECT, headers.clone(), command.to_bytes().into())
                 .await
                 .unwrap(),
         );
@@ -257,6 +263,48 @@ async fn single_events_of_many_lanes_are_merged_into_batches_with_every_chain_in
     })
     .await;
     assert!(batched > 0, "no event was appended in an atomic batch");
+}
+
+/// A gateway that reads batches gets the outcomes answered together in one message: a
+/// merged commit answers many lanes at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outcomes_answered_together_reach_a_gateway_that_reads_batches_in_one_message() {
+    let mut platform = Platform::start_with(1, |config| {
+        config.handler.lanes = 64;
+        config.handler.max_batch = 256;
+        config.handler.commits_in_flight = 1;
+        config.log.shards = 64;
+    })
+    .await;
+    let client = async_nats::connect(platform.nats.url()).await.unwrap();
+    let mut outcomes = client.subscribe("parley.outcome.test").await.unwrap();
+    platform.stop_handler().await;
+    let creations: Vec<Command> = (0..40)
+        .map(|i| create_direct(&format!("peer{i}")))
+        .collect();
+    let mut batches = async_nats::HeaderMap::new();
+    batches.insert(OUTCOME_BATCHES_HEADER, "1");
+    enqueue_with(&platform, &creations, batches).await;
+    platform.start_handler().await;
+
+    let mut answered: HashMap<CommandId, OutcomeResult> = HashMap::new();
+    let mut largest = 0;
+    while answered.len() < creations.len() {
+        let message = tokio::time::timeout(Duration::from_secs(30), outcomes.next())
+            .await
+            .expect("every command is answered")
+            .unwrap();
+        let read = Outcome::all_from_bytes(&message.payload).unwrap();
+        largest = largest.max(read.len());
+        for outcome in read {
+            let again = answered.insert(outcome.command, outcome.result);
+            assert!(again.is_none(), "{:?} answered twice", outcome.command);
+        }
+    }
+    for creation in &creations {
+        acked_seq(&answered, creation);
+    }
+    assert!(largest > 1, "every outcome came alone");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

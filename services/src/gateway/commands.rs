@@ -33,7 +33,7 @@ use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::publish::PublishAck;
 use parley_events::command::OutcomeQuery;
 use parley_events::protocol::{ClientFrame, ServerFrame};
-use parley_events::subjects::{INTAKE_SUBJECT, OUTCOME_QUERY_SUBJECT};
+use parley_events::subjects::{INTAKE_SUBJECT, OUTCOME_BATCHES_HEADER, OUTCOME_QUERY_SUBJECT};
 use parley_events::{
     Action, ClientMsgId, Command, CommandId, ConversationId, ErrorCode, Fingerprint, Outcome,
     OutcomeResult,
@@ -595,9 +595,11 @@ async fn to_intake(
     command: &Command,
     message_id: String,
 ) -> Result<PublishAck, PublishError> {
+    let mut headers = crate::traces::context_headers(&tracing::Span::current());
+    headers.insert(OUTCOME_BATCHES_HEADER, "1");
     let message = PublishMessage::build()
         .payload(command.to_bytes().into())
-        .headers(crate::traces::context_headers(&tracing::Span::current()))
+        .headers(headers)
         .message_id(message_id);
     shared
         .topology

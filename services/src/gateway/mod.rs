@@ -405,8 +405,10 @@ async fn upgrade(
 
 async fn route_outcomes(shared: Arc<Shared>, mut outcomes: async_nats::Subscriber) {
     while let Some(message) = outcomes.next().await {
-        match Outcome::from_bytes(&message.payload) {
-            Ok(outcome) => shared.pending.resolve(outcome),
+        match Outcome::all_from_bytes(&message.payload) {
+            Ok(outcomes) => outcomes
+                .into_iter()
+                .for_each(|outcome| shared.pending.resolve(outcome)),
             Err(e) => warn!(error = %e, "unreadable outcome"),
         }
     }

@@ -10,6 +10,7 @@
 
 mod commits;
 mod messages;
+mod outcomes;
 mod snapshots;
 mod write_model;
 
@@ -41,6 +42,7 @@ use crate::telemetry;
 use crate::topology::{self, Topology};
 use commits::{Append, Commits, Failed, MIN_ATOMIC_BATCH};
 pub use messages::{MAX_EMOJI_BYTES, MessageRef, check_emoji};
+use outcomes::{Answered, Outcomes};
 pub use write_model::{
     Accepted, Decision, WriteModel, check_batch, check_body, check_mute_seconds, check_title,
 };
@@ -190,14 +192,16 @@ impl Handler {
         // that can hold them all never blocks the others: a slow shard delays only itself.
         let lane_queue = usize::try_from(inner.config.intake.max_ack_pending).unwrap_or(1);
         let (commits, merging) = Commits::start(&inner);
+        let (answers, answering_commands) = Outcomes::start(inner.nats.client.clone());
         let (lanes, lane_tasks): (Vec<Lane>, Vec<JoinHandle<()>>) = (0..inner.config.handler.lanes)
             .map(|_| {
                 let (tx, rx) = mpsc::channel(lane_queue);
-                let lane = run_lane(Arc::clone(&inner), commits.clone(), rx);
+                let lane = run_lane(Arc::clone(&inner), commits.clone(), answers.clone(), rx);
                 (tx, tokio::spawn(lane))
             })
             .unzip();
         drop(commits);
+        drop(answers);
         let mut failure = None;
         loop {
             let lost = tokio::select! {
@@ -251,6 +255,8 @@ impl Handler {
         if let Some(merging) = merging {
             let _ = merging.await;
         }
+        // And the answering once every answer the lanes gave is sent.
+        let _ = answering_commands.await;
         answering.abort();
         tail.abort();
         failure.unwrap_or(Ok(()))
@@ -575,7 +581,12 @@ fn action_name(command: &Command) -> &'static str {
     }
 }
 
-async fn run_lane(inner: Arc<Inner>, commits: Commits, mut rx: mpsc::Receiver<(Command, Message)>) {
+async fn run_lane(
+    inner: Arc<Inner>,
+    commits: Commits,
+    outcomes: Outcomes,
+    mut rx: mpsc::Receiver<(Command, Message)>,
+) {
     let max_batch = inner.config.handler.max_batch;
     // Commands held back because their conversation already had one in the batch being
     // formed; they open the next batch, in the order they came.
@@ -606,7 +617,7 @@ async fn run_lane(inner: Arc<Inner>, commits: Commits, mut rx: mpsc::Receiver<(C
         // A conversation's commands held back stay ahead of its later ones.
         later.extend(earlier);
         held = later;
-        handle_commands(&inner, &commits, batch).await;
+        handle_commands(&inner, &commits, &outcomes, batch).await;
     }
 }
 
@@ -617,7 +628,12 @@ fn retry_delay(delivered: i64) -> Duration {
 }
 
 /// Execute a lane's batch, then answer and acknowledge each command on its own.
-async fn handle_commands(inner: &Inner, commits: &Commits, batch: Vec<(Command, Message)>) {
+async fn handle_commands(
+    inner: &Inner,
+    commits: &Commits,
+    outcomes: &Outcomes,
+    batch: Vec<(Command, Message)>,
+) {
     let started = Instant::now();
     let commands: Vec<&Command> = batch.iter().map(|(command, _)| command).collect();
     // Each command's span continues the trace its gateway started; its event carries the
@@ -645,14 +661,17 @@ async fn handle_commands(inner: &Inner, commits: &Commits, batch: Vec<(Command, 
     for (((command, message), result), (span, delivered)) in
         batch.into_iter().zip(results).zip(spans)
     {
-        answer(inner, command, message, delivered, result, started)
-            .instrument(span)
-            .await;
+        answer(
+            inner, outcomes, command, message, delivered, result, started,
+        )
+        .instrument(span)
+        .await;
     }
 }
 
 async fn answer(
     inner: &Inner,
+    outcomes: &Outcomes,
     command: Command,
     message: Message,
     delivered: i64,
@@ -691,22 +710,19 @@ async fn answer(
         command: command.id,
         result,
     };
-    if command.reply_to.starts_with(OUTCOME_SUBJECT_PREFIX) {
-        if let Err(e) = inner
-            .nats
-            .client
-            .publish(command.reply_to.clone(), outcome.to_bytes().into())
-            .await
-        {
-            warn!(error = %e, "cannot send the outcome to the gateway");
-        }
+    let reply_to = if command.reply_to.starts_with(OUTCOME_SUBJECT_PREFIX) {
+        Some(command.reply_to)
     } else {
         warn!(reply_to = %command.reply_to, "command names no gateway outcome subject; outcome not sent");
-    }
-    if let Err(e) = message.ack_with(ack).await {
-        // The command will be redelivered and answered again from the write model.
-        warn!(error = %e, "cannot acknowledge the command");
-    }
+        None
+    };
+    outcomes.send(Answered {
+        reads_batches: outcomes::reads_batches(&message),
+        reply_to,
+        outcome,
+        message,
+        ack,
+    });
 }
 
 /// Decide, append, retry on conflict: the outcome of each of `commands` (at most one per
