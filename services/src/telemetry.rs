@@ -393,16 +393,18 @@ pub fn init_logging(
     json: bool,
     traces: &crate::config::TracesConfig,
 ) -> Result<crate::traces::SpanExport, crate::traces::TracesError> {
-    init_logging_to(json, traces, std::io::stdout)
+    init_logging_to(json, traces, "info", std::io::stdout)
 }
 
 /// Logging for a subcommand whose standard output is its result (`parley replay --json`):
-/// log lines go to standard error, and no spans are exported.
+/// log lines go to standard error, only warnings and errors unless `RUST_LOG` asks for more
+/// (what the tool does, it prints itself), and no spans are exported.
 pub fn init_command_logging(json: bool) {
     // Without an endpoint there is no exporter to fail.
     let _ = init_logging_to(
         json,
         &crate::config::TracesConfig::default(),
+        "warn",
         std::io::stderr,
     );
 }
@@ -410,6 +412,7 @@ pub fn init_command_logging(json: bool) {
 fn init_logging_to<W>(
     json: bool,
     traces: &crate::config::TracesConfig,
+    default_filter: &str,
     writer: W,
 ) -> Result<crate::traces::SpanExport, crate::traces::TracesError>
 where
@@ -418,7 +421,8 @@ where
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::{EnvFilter, Layer};
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let lines = tracing_subscriber::fmt::layer()
         .with_target(true)
         .with_writer(writer);
