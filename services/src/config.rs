@@ -512,6 +512,10 @@ pub struct ProjectorConfig {
     pub store: StoreConfig,
     /// Most events applied in one store transaction.
     pub batch: usize,
+    /// How long a transaction that is not full waits for more events, in all: a store
+    /// applies fewer, larger transactions for less work per event, and delivery to clients
+    /// does not wait for the store. 0 applies what is ready at once.
+    pub linger_ms: u64,
 }
 
 impl Default for ProjectorConfig {
@@ -519,6 +523,7 @@ impl Default for ProjectorConfig {
         ProjectorConfig {
             store: StoreConfig::default(),
             batch: 512,
+            linger_ms: 5,
         }
     }
 }
@@ -1119,6 +1124,10 @@ impl Config {
             (1..=10_000).contains(&self.projector.batch),
             "projector.batch must be between 1 and 10000",
         );
+        require(
+            self.projector.linger_ms <= 1_000,
+            "projector.linger_ms must be at most 1000",
+        );
         self.nats.tls.problems("nats.tls", &mut require);
         require(
             !self.nats.tls.enabled || self.nats.url.is_some(),
@@ -1431,6 +1440,27 @@ mod tests {
                 Config::from_toml(&toml).unwrap().handler.commits_in_flight,
                 right
             );
+        }
+    }
+
+    #[test]
+    fn a_projector_linger_past_a_second_or_not_a_count_of_milliseconds_is_refused() {
+        let err = Config::from_toml("[projector]\nlinger_ms = 1001\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("projector.linger_ms must be at most 1000"),
+            "{err}"
+        );
+        for wrong in ["-1", "\"5ms\"", "0.5"] {
+            let err = Config::from_toml(&format!("[projector]\nlinger_ms = {wrong}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("linger_ms"), "{wrong}: {err}");
+        }
+        for right in [0, 1000] {
+            let toml = format!("[projector]\nlinger_ms = {right}\n");
+            assert_eq!(Config::from_toml(&toml).unwrap().projector.linger_ms, right);
         }
     }
 

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
-use futures::StreamExt;
+use futures::{FutureExt, Stream, StreamExt};
 use parley_events::presence::{ConnectionState, PresenceAnswer, PresenceQuery, PresenceUpdate};
 use parley_events::subjects::{
     PRESENCE_QUERY_SUBJECT, PRESENCE_QUEUE, PRESENCE_SUBJECT, PROJECTOR_CONSUMER,
@@ -264,20 +264,25 @@ impl Projector {
         let mut reconnects = self.nats.reconnects();
         let (messages, mut acknowledged) =
             topology::attempt(self.consumer(switched_at), ProjectorError::Consumer).await?;
-        let mut messages = messages.ready_chunks(self.config.projector.batch);
+        let mut messages = std::pin::pin!(messages);
+        let top_up = TopUp {
+            gap: Duration::from_millis(self.config.projector.linger_ms),
+            within: Some(Duration::from_millis(self.config.projector.linger_ms)),
+        };
         let mut checked = Instant::now();
         let mut replaying = self.replay_target(acknowledged).await?;
         self.report_replay(replaying, acknowledged);
         loop {
-            let chunk = tokio::select! {
+            let first = tokio::select! {
                 () = shutdown.cancelled() => return Ok(Stopped::Shutdown),
                 Ok(()) = reconnects.changed() => return Ok(Stopped::Reconnected),
                 Ok(()) = swaps.changed() => return Ok(Stopped::Switched),
-                chunk = messages.next() => match chunk {
-                    Some(chunk) => chunk,
+                first = messages.next() => match first {
+                    Some(first) => first,
                     None => return Err(ProjectorError::Consumer("consumer stream ended".into())),
                 },
             };
+            let chunk = topped_up(first, &mut messages, self.config.projector.batch, top_up).await;
             let mut events = Vec::with_capacity(chunk.len());
             // One span per traced event, open while its batch is applied: the last step of
             // the trace its command started.
@@ -632,5 +637,96 @@ async fn answer_queries(
         if let Err(e) = client.publish(reply, payload.into()).await {
             warn!(error = %e, "cannot answer a presence query");
         }
+    }
+}
+
+/// How long a batch that is not full waits for more events before it is applied.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TopUp {
+    /// Longest wait for the next event.
+    pub gap: Duration,
+    /// Longest wait in all, from the first event; `None`: as long as events keep coming
+    /// within `gap`.
+    pub within: Option<Duration>,
+}
+
+/// `first` and the events that follow it, up to `size`: those ready now, then more as
+/// `top_up` allows. A store applies fewer, larger batches for less work per event.
+pub(crate) async fn topped_up<S: Stream + Unpin>(
+    first: S::Item,
+    messages: &mut S,
+    size: usize,
+    top_up: TopUp,
+) -> Vec<S::Item> {
+    let deadline = top_up
+        .within
+        .map(|within| tokio::time::Instant::now() + within);
+    let mut batch = Vec::new();
+    batch.push(first);
+    while batch.len() < size {
+        let next = match messages.next().now_or_never() {
+            Some(next) => next,
+            None => {
+                let gap = tokio::time::Instant::now() + top_up.gap;
+                let until = deadline.map_or(gap, |deadline| deadline.min(gap));
+                match tokio::time::timeout_at(until, messages.next()).await {
+                    Ok(next) => next,
+                    Err(_) => break,
+                }
+            }
+        };
+        // An ended stream is noticed by the next batch's first read.
+        let Some(message) = next else { break };
+        batch.push(message);
+    }
+    batch
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_batch_takes_what_is_ready_up_to_its_size_and_stops_when_the_log_pauses() {
+        let gaps = TopUp {
+            gap: Duration::from_millis(20),
+            within: None,
+        };
+        let mut ready = futures::stream::iter(2..=10);
+        assert_eq!(topped_up(1, &mut ready, 4, gaps).await, [1, 2, 3, 4]);
+        assert_eq!(
+            ready.next().await,
+            Some(5),
+            "the rest stays for the next batch"
+        );
+        let mut pausing = futures::stream::iter(2..=3).chain(futures::stream::pending());
+        assert_eq!(topped_up(1, &mut pausing, 10, gaps).await, [1, 2, 3]);
+        let mut ended = futures::stream::iter(2..=3);
+        assert_eq!(topped_up(1, &mut ended, 10, gaps).await, [1, 2, 3]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_waits_no_longer_in_all_than_its_top_up_allows() {
+        // One event every 4 ms: each comes within the gap, but after 10 ms the batch goes.
+        let mut steady = futures::stream::iter(2..)
+            .then(|n| async move {
+                tokio::time::sleep(Duration::from_millis(4)).await;
+                n
+            })
+            .boxed();
+        let within = TopUp {
+            gap: Duration::from_millis(5),
+            within: Some(Duration::from_millis(10)),
+        };
+        assert_eq!(topped_up(1, &mut steady, 100, within).await, [1, 2, 3]);
+        let nothing_more = TopUp {
+            gap: Duration::ZERO,
+            within: Some(Duration::ZERO),
+        };
+        assert_eq!(
+            topped_up(1, &mut futures::stream::iter(2..=3), 10, nothing_more).await,
+            [1, 2, 3],
+            "what is ready is taken even with no wait"
+        );
     }
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
-use futures::{FutureExt, Stream, StreamExt};
+use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -13,14 +13,17 @@ use tracing::info;
 /// the consumer fetches the next events only while it is read, so a batch of what happened
 /// to be ready when the last one was applied held a quarter of `projector.batch` on
 /// average, and a store applies fewer, larger batches faster.
-const TOP_UP_WAIT: Duration = Duration::from_millis(20);
+const TOP_UP: TopUp = TopUp {
+    gap: Duration::from_millis(20),
+    within: None,
+};
 
 use super::{ActiveStore, ReplayError, Target};
 use crate::admin::Readiness;
 use crate::config::Config;
 use crate::node::Nats;
 use crate::progress::Progress;
-use crate::projector::{self, Projector};
+use crate::projector::{self, Projector, TopUp, topped_up};
 use crate::topology::Topology;
 
 #[derive(Debug, Clone)]
@@ -144,7 +147,7 @@ pub async fn rebuild(
         let Some(first) = first else {
             return Err(ReplayError::Nats("the log's consumer ended".into()));
         };
-        let batch = topped_up(first, &mut messages, config.projector.batch).await;
+        let batch = topped_up(first, &mut messages, config.projector.batch, TOP_UP).await;
         let mut events = Vec::with_capacity(batch.len());
         for message in batch {
             let message = message.map_err(|e| ReplayError::Nats(e.to_string()))?;
@@ -176,48 +179,4 @@ pub async fn rebuild(
         position: reached,
         applied,
     })
-}
-
-/// `first` and the events that follow it, up to `size`: those ready now, then more while
-/// each comes within [`TOP_UP_WAIT`].
-async fn topped_up<S: Stream + Unpin>(
-    first: S::Item,
-    messages: &mut S,
-    size: usize,
-) -> Vec<S::Item> {
-    let mut batch = Vec::with_capacity(size);
-    batch.push(first);
-    while batch.len() < size {
-        let next = match messages.next().now_or_never() {
-            Some(next) => next,
-            None => match tokio::time::timeout(TOP_UP_WAIT, messages.next()).await {
-                Ok(next) => next,
-                Err(_) => break,
-            },
-        };
-        // An ended stream is noticed by the next batch's first read.
-        let Some(message) = next else { break };
-        batch.push(message);
-    }
-    batch
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn a_batch_takes_what_is_ready_up_to_its_size_and_stops_when_the_log_pauses() {
-        let mut ready = futures::stream::iter(2..=10);
-        assert_eq!(topped_up(1, &mut ready, 4).await, [1, 2, 3, 4]);
-        assert_eq!(
-            ready.next().await,
-            Some(5),
-            "the rest stays for the next batch"
-        );
-        let mut pausing = futures::stream::iter(2..=3).chain(futures::stream::pending());
-        assert_eq!(topped_up(1, &mut pausing, 10).await, [1, 2, 3]);
-        let mut ended = futures::stream::iter(2..=3);
-        assert_eq!(topped_up(1, &mut ended, 10).await, [1, 2, 3]);
-    }
 }
