@@ -79,26 +79,25 @@ const BATCH_BUCKETS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 2
 pub fn prometheus() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
-        let handle = PrometheusBuilder::new()
-            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS)
-            .and_then(|b| {
-                b.set_buckets_for_metric(
-                    Matcher::Full(PROJECTOR_BATCH_EVENTS.into()),
-                    &BATCH_BUCKETS,
-                )
-            })
-            .and_then(|b| {
-                b.set_buckets_for_metric(Matcher::Full(HANDLER_BATCH_EVENTS.into()), &BATCH_BUCKETS)
-            })
-            .and_then(|b| {
-                b.set_buckets_for_metric(
-                    Matcher::Full(HANDLER_OUTCOMES_PER_MESSAGE.into()),
-                    &BATCH_BUCKETS,
-                )
-            })
-            .expect("bucket lists are non-empty")
-            .install_recorder()
-            .expect("no other metrics recorder is installed in this process");
+        let handle = [
+            PROJECTOR_BATCH_EVENTS,
+            HANDLER_BATCH_EVENTS,
+            HANDLER_OUTCOMES_PER_MESSAGE,
+        ]
+        .into_iter()
+        .fold(
+            PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS),
+            |builder, batch_sizes| {
+                builder.and_then(|builder| {
+                    builder
+                        .set_buckets_for_metric(Matcher::Full(batch_sizes.into()), &BATCH_BUCKETS)
+                })
+            },
+        )
+        .expect("bucket lists are non-empty")
+        .install_recorder()
+        .expect("no other metrics recorder is installed in this process");
         describe();
         let upkeep = handle.clone();
         // Histograms are drained into their summaries by upkeep; without it they grow.

@@ -250,18 +250,21 @@ async fn commands_held_back_when_a_batch_fills_are_appended_in_later_batches() {
     assert!(batched > 0, "no event was appended in an atomic batch");
 }
 
+/// 64 lanes over 64 shards, one commit in flight: what lanes hand over while it is out is
+/// merged.
+fn merging_across_lanes(config: &mut Config) {
+    config.handler.lanes = 64;
+    config.handler.max_batch = 256;
+    config.handler.commits_in_flight = 1;
+    config.log.shards = 64;
+}
+
 /// Forty conversations over 64 lanes: no lane ever holds the 16 events a batch of its own
 /// needs, so only merging what many lanes hand over while the one commit in flight is out
 /// makes batches.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn single_events_of_many_lanes_are_merged_into_batches_with_every_chain_intact() {
-    let batched = burst_with(|config| {
-        config.handler.lanes = 64;
-        config.handler.max_batch = 256;
-        config.handler.commits_in_flight = 1;
-        config.log.shards = 64;
-    })
-    .await;
+    let batched = burst_with(merging_across_lanes).await;
     assert!(batched > 0, "no event was appended in an atomic batch");
 }
 
@@ -269,13 +272,7 @@ async fn single_events_of_many_lanes_are_merged_into_batches_with_every_chain_in
 /// merged commit answers many lanes at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outcomes_answered_together_reach_a_gateway_that_reads_batches_in_one_message() {
-    let mut platform = Platform::start_with(1, |config| {
-        config.handler.lanes = 64;
-        config.handler.max_batch = 256;
-        config.handler.commits_in_flight = 1;
-        config.log.shards = 64;
-    })
-    .await;
+    let mut platform = Platform::start_with(1, merging_across_lanes).await;
     let client = async_nats::connect(platform.nats.url()).await.unwrap();
     let mut outcomes = client.subscribe("parley.outcome.test").await.unwrap();
     platform.stop_handler().await;

@@ -173,15 +173,19 @@ async fn nats_restart_keeps_port_store_and_streams() {
     assert_eq!(nats_info(port)["jetstream"], true);
 }
 
+/// A nats-server keeping its config, log and store in `data`.
+fn start_on(data: &Path) -> Result<NatsServer, LocalError> {
+    NatsServer::start(NatsOptions {
+        data_dir: Some(data.to_owned()),
+        ..NatsOptions::default()
+    })
+}
+
 #[tokio::test]
 async fn nats_persistent_data_dir_is_kept() {
     let parent = tempfile::tempdir().unwrap();
     let data = parent.path().join("nats-data");
-    let nats = NatsServer::start(NatsOptions {
-        data_dir: Some(data.clone()),
-        ..NatsOptions::default()
-    })
-    .unwrap();
+    let nats = start_on(&data).unwrap();
     assert_eq!(nats.dir(), data);
     js_request(
         nats.port(),
@@ -192,11 +196,7 @@ async fn nats_persistent_data_dir_is_kept() {
     assert!(data.join("nats.log").exists());
 
     // A new server on the same directory (and a new port) finds the stream.
-    let nats = NatsServer::start(NatsOptions {
-        data_dir: Some(data.clone()),
-        ..NatsOptions::default()
-    })
-    .unwrap();
+    let nats = start_on(&data).unwrap();
     let info = js_request(nats.port(), "$JS.API.STREAM.INFO.KEEP", "");
     assert_eq!(info["config"]["name"], "KEEP", "{info}");
 }
@@ -228,11 +228,7 @@ fn alive(pid: u32) -> bool {
 async fn a_server_left_on_the_directory_by_a_killed_starter_is_stopped_first() {
     let parent = tempfile::tempdir().unwrap();
     let data = parent.path().join("nats-data");
-    let first = NatsServer::start(NatsOptions {
-        data_dir: Some(data.clone()),
-        ..NatsOptions::default()
-    })
-    .unwrap();
+    let first = start_on(&data).unwrap();
     let config = data.join("nats.conf");
     // The same server again, started by a shell that exits at once: orphaned, as a server
     // is when `parley up` is killed with SIGKILL. (The first one is stopped to free the
@@ -262,11 +258,7 @@ async fn a_server_left_on_the_directory_by_a_killed_starter_is_stopped_first() {
         std::thread::sleep(Duration::from_millis(20));
     }
 
-    let second = NatsServer::start(NatsOptions {
-        data_dir: Some(data.clone()),
-        ..NatsOptions::default()
-    })
-    .unwrap();
+    let second = start_on(&data).unwrap();
     assert!(
         !alive(orphan),
         "the orphaned server {orphan} still runs beside the new one"
@@ -278,16 +270,8 @@ async fn a_server_left_on_the_directory_by_a_killed_starter_is_stopped_first() {
 async fn a_second_server_on_a_directory_whose_starter_runs_is_refused() {
     let parent = tempfile::tempdir().unwrap();
     let data = parent.path().join("nats-data");
-    let first = NatsServer::start(NatsOptions {
-        data_dir: Some(data.clone()),
-        ..NatsOptions::default()
-    })
-    .unwrap();
-    let err = NatsServer::start(NatsOptions {
-        data_dir: Some(data.clone()),
-        ..NatsOptions::default()
-    })
-    .unwrap_err();
+    let first = start_on(&data).unwrap();
+    let err = start_on(&data).unwrap_err();
     match &err {
         LocalError::InUse { pid, owner, .. } => {
             assert_eq!(Some(*pid), first.pid(), "{err}");

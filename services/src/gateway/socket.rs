@@ -750,11 +750,8 @@ async fn write_loop(
             () = &mut closing => break,
             sent = tokio::time::timeout(WRITE_TIMEOUT, write_ready(&mut sink, message, &mut queue)) => sent,
         };
-        if matches!(sent, Ok(Ok(()))) {
-            flushes.increment(1);
-        }
         match sent {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => flushes.increment(1),
             // The client's close frame has just been read: the reader records it.
             Ok(Err(e))
                 if matches!(

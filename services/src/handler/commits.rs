@@ -189,14 +189,14 @@ async fn commit(inner: Arc<Inner>, commits: Vec<Commit>) {
     }
     let appended = append(&inner, &appends).await;
     let mut appends = appends.into_iter();
-    let mut seqs = appended.as_ref().ok().map(|seqs| seqs.iter().copied());
+    let mut first = 0;
     for (count, done) in lanes {
         let own: Vec<Append> = appends.by_ref().take(count).collect();
-        let result = match (&appended, seqs.as_mut()) {
-            (Ok(_), Some(seqs)) => Ok(seqs.by_ref().take(count).collect()),
-            (Err(failed), _) => Err(failed.clone()),
-            (Ok(_), None) => unreachable!("sequences exist when the append succeeded"),
+        let result = match &appended {
+            Ok(seqs) => Ok(seqs[first..first + count].to_vec()),
+            Err(failed) => Err(failed.clone()),
         };
+        first += count;
         // A lane that stopped waiting has nothing left to answer.
         let _ = done.send((own, result));
     }

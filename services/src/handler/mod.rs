@@ -717,7 +717,6 @@ async fn answer(
         None
     };
     outcomes.send(Answered {
-        reads_batches: outcomes::reads_batches(&message),
         reply_to,
         outcome,
         message,

@@ -24,8 +24,6 @@ const MAX_ROUND: usize = 256;
 pub(super) struct Answered {
     /// The gateway's outcome subject; `None` for a command that names none.
     pub reply_to: Option<String>,
-    /// The gateway reads several outcomes in one message.
-    pub reads_batches: bool,
     pub outcome: Outcome,
     pub message: Message,
     pub ack: AckKind,
@@ -56,7 +54,11 @@ async fn answer(client: async_nats::Client, mut answers: mpsc::UnboundedReceiver
     while answers.recv_many(&mut round, MAX_ROUND).await > 0 {
         let outcomes = round.iter().filter_map(|answered| {
             let reply_to = answered.reply_to.as_deref()?;
-            Some((reply_to, answered.reads_batches, &answered.outcome))
+            Some((
+                reply_to,
+                reads_batches(&answered.message),
+                &answered.outcome,
+            ))
         });
         for (reply_to, count, payload) in by_gateway(outcomes) {
             metrics::histogram!(telemetry::HANDLER_OUTCOMES_PER_MESSAGE).record(count as f64);
@@ -102,7 +104,7 @@ fn by_gateway<'a>(
 
 /// Whether the gateway that sent the command in `message` reads several outcomes in one
 /// message (gateways from before batching read one, and do not say this).
-pub(super) fn reads_batches(message: &Message) -> bool {
+fn reads_batches(message: &Message) -> bool {
     message
         .headers
         .as_ref()

@@ -9,6 +9,14 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use super::{ActiveStore, ReplayError, Target};
+use crate::admin::Readiness;
+use crate::config::Config;
+use crate::node::Nats;
+use crate::progress::Progress;
+use crate::projector::{self, Projector, TopUp, topped_up};
+use crate::topology::Topology;
+
 /// How long a batch that is not full waits for the log's next event before it is applied:
 /// the consumer fetches the next events only while it is read, so a batch of what happened
 /// to be ready when the last one was applied held a quarter of `projector.batch` on
@@ -17,14 +25,6 @@ const TOP_UP: TopUp = TopUp {
     gap: Duration::from_millis(20),
     within: None,
 };
-
-use super::{ActiveStore, ReplayError, Target};
-use crate::admin::Readiness;
-use crate::config::Config;
-use crate::node::Nats;
-use crate::progress::Progress;
-use crate::projector::{self, Projector, TopUp, topped_up};
-use crate::topology::Topology;
 
 #[derive(Debug, Clone)]
 pub struct RebuildOptions {
