@@ -46,6 +46,10 @@ pub const PRESENCE_QUERY_SUBJECT: &str = "parley.query.presence";
 /// Request subject on which handlers answer what became of a command.
 pub const OUTCOME_QUERY_SUBJECT: &str = "parley.query.outcome";
 pub const HANDLER_QUEUE: &str = "handlers";
+/// Subject nobody subscribes to. A request on it comes back "no responders" from the
+/// server, a round trip showing that the server has read everything the connection sent
+/// before it: a gateway's new subscriptions, before it tells a socket it is live in them.
+pub const BARRIER_SUBJECT: &str = "parley.barrier";
 
 /// The log subject of one shard.
 pub fn log_subject(shard: u32) -> String {

@@ -90,6 +90,31 @@ async fn typing_reaches_other_members_v2_sockets_once_and_never_the_log() {
 }
 
 #[tokio::test]
+async fn typing_sent_right_after_a_resume_answer_reaches_the_resumed_socket() {
+    // Dave's gateway subscribes to the conversation during his resume; its answer must wait
+    // until the server holds that subscription, or the notice below can pass it by.
+    let platform = Platform::start(2).await;
+    let mut alice = platform.connect_v2(0, "alice").await;
+    alice
+        .send(json!({"type": "create_group", "id": "g", "title": "t", "members": ["dave"]}))
+        .await;
+    let ack = alice.reply_to("g").await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    alice.next_of(&["event"]).await;
+    let conversation = ack["conversation"].as_str().unwrap().to_owned();
+
+    let mut dave = platform.connect_v2(1, "dave").await;
+    alice
+        .send(json!({"type": "typing", "conversation": conversation, "state": "started"}))
+        .await;
+    let typing = next_typing(&mut dave).await;
+    assert_eq!(
+        (typing["user"].clone(), typing["conversation"].clone()),
+        (json!("alice"), json!(conversation))
+    );
+}
+
+#[tokio::test]
 async fn typing_is_refused_to_non_members_old_protocols_and_bad_frames() {
     let platform = Platform::start(1).await;
     let (mut alice, _bob, conversation) = {

@@ -18,9 +18,10 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
 
 use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
 use futures::StreamExt;
 use parley_events::protocol::{ServerFrame, SystemEntry, close};
-use parley_events::subjects::live_subject;
+use parley_events::subjects::{BARRIER_SUBJECT, live_subject};
 use parley_events::{ConversationId, RecordedEvent, UserId};
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
@@ -399,7 +400,7 @@ impl Routes {
                 continue;
             }
             match self.attach(*conn, conversation, seq, Some(&frame)).await {
-                Ok(()) => {
+                Ok(_) => {
                     metrics::counter!(telemetry::GATEWAY_EVENTS_DELIVERED_TOTAL).increment(1);
                 }
                 Err(e) => warn!(error = %e, "cannot subscribe to a conversation joined"),
@@ -414,34 +415,33 @@ impl Routes {
     /// conversation new to this gateway is subscribed to (for a `first` frame, with the
     /// server holding the subscription before the socket is sent it, so ephemeral notices
     /// published after reach it), and what was appended after `seen` before the
-    /// subscription existed is read from the log.
+    /// subscription existed is read from the log. Whether this gateway subscribed to the
+    /// conversation just now.
     pub async fn attach(
         self: &Arc<Self>,
         conn: ConnectionId,
         conversation: ConversationId,
         seen: u64,
         first: Option<&Utf8Bytes>,
-    ) -> Result<(), async_nats::SubscribeError> {
+    ) -> Result<bool, async_nats::SubscribeError> {
         loop {
             let subscription = if self.table().conversations.contains_key(&conversation) {
                 None
             } else {
                 let subscription = self.client.subscribe(live_subject(conversation)).await?;
-                // The server has the subscription once it answers a flush after it. Only a
-                // join waits for that round trip: its socket is told it is a member now, and
-                // may be sent a typing notice at once; a resume attaching many
-                // conversations does not pay it per conversation.
-                if first.is_some()
-                    && let Err(e) = self.client.flush().await
-                {
-                    debug!(error = %e, "flush after subscribing failed; continuing");
+                // Only a join waits for the server to hold the subscription: its socket is
+                // told it is a member now, and may be sent a typing notice at once. A
+                // resume attaching many conversations waits once, before it answers.
+                if first.is_some() {
+                    self.reach_server().await;
                 }
                 Some(subscription)
             };
+            let subscribed = subscription.is_some();
             let mut table = self.table();
             let table = &mut *table;
             let Some(entry) = table.sockets.get_mut(&conn) else {
-                return Ok(());
+                return Ok(false);
             };
             let route = match table.conversations.entry(conversation) {
                 Entry::Occupied(route) => route.into_mut(),
@@ -475,7 +475,19 @@ impl Routes {
             if seen < route.last {
                 route.behind.notify_one();
             }
-            return Ok(());
+            return Ok(subscribed);
+        }
+    }
+
+    /// Wait until the server has read everything this gateway sent before (its
+    /// subscriptions): only then may a socket be told it is live in what they cover, since a
+    /// notice published elsewhere after that must reach it. A flush is not enough: it only
+    /// writes the bytes to the socket.
+    pub async fn reach_server(&self) {
+        match self.client.request(BARRIER_SUBJECT, Bytes::new()).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {}
+            Err(e) => debug!(error = %e, "no round trip to the server; continuing"),
         }
     }
 

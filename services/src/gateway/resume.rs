@@ -241,6 +241,7 @@ async fn resume_conversations(
         .collect();
     let mut budget = Budget::new(&shared.config.gateway);
     let mut touched = HashSet::new();
+    let mut subscribed = false;
     for &(conversation, last_seq) in &conversations {
         if !first && !named.contains_key(&conversation) {
             continue;
@@ -253,7 +254,7 @@ async fn resume_conversations(
             .copied()
             .or(cursor.map(|cursor| cursor.0))
         else {
-            attach(shared, session, conversation, last_seq).await;
+            subscribed |= attach(shared, session, conversation, last_seq).await;
             continue;
         };
         let truncated = asked + 1 < bounds.first;
@@ -281,11 +282,11 @@ async fn resume_conversations(
             touched.insert(conversation);
         }
         if sent.complete {
-            attach(shared, session, conversation, sent.seq).await;
+            subscribed |= attach(shared, session, conversation, sent.seq).await;
         } else if session.protocol < 2 {
             // A version 1 client cannot pull the rest: it follows from the newest event and
             // reads the gap with `history`, as it always has.
-            attach(shared, session, conversation, last_seq).await;
+            subscribed |= attach(shared, session, conversation, last_seq).await;
         } else {
             statuses.push(ResumeStatus {
                 conversation,
@@ -318,6 +319,10 @@ async fn resume_conversations(
     inbox.truncate(MAX_RESUME_UNREAD);
     if session.protocol >= 2 && !inbox.is_empty() {
         shared.store.list_view(&session.user, &mut inbox).await?;
+    }
+    // Typing notices sent once the client reads its answer must reach it.
+    if subscribed && session.protocol >= 2 {
+        shared.routes.reach_server().await;
     }
     Ok(Resumed {
         cursor: ResumeCursor(behind.map_or(head, |seq| seq.min(head))),
@@ -476,12 +481,19 @@ async fn send_events(
     })
 }
 
-async fn attach(shared: &Arc<Shared>, session: &Session, conversation: ConversationId, seen: u64) {
-    if let Err(e) = shared
+/// Follow `conversation`; whether this gateway subscribed to it just now.
+async fn attach(
+    shared: &Arc<Shared>,
+    session: &Session,
+    conversation: ConversationId,
+    seen: u64,
+) -> bool {
+    shared
         .routes
         .attach(session.conn, conversation, seen, None)
         .await
-    {
-        warn!(error = %e, "cannot subscribe to a conversation");
-    }
+        .unwrap_or_else(|e| {
+            warn!(error = %e, "cannot subscribe to a conversation");
+            false
+        })
 }
