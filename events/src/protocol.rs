@@ -36,6 +36,44 @@ pub fn protocol_version(asked: Option<&str>) -> Result<u32, String> {
     }
 }
 
+/// Whether a socket asked for packed frames with the value of the upgrade's `pack` query
+/// parameter: `1` on, `0` or absent off. Packing is part of version 2.
+pub fn packing(asked: Option<&str>, protocol: u32) -> Result<bool, String> {
+    match asked {
+        None | Some("0") => Ok(false),
+        Some("1") if protocol >= 2 => Ok(true),
+        Some("1") => Err("pack=1 needs protocol=2".to_owned()),
+        Some(other) => Err(format!("pack {other:?} is not understood; use 0 or 1")),
+    }
+}
+
+/// Several serialized server frames as one WebSocket message: a JSON array of them, in
+/// order. Only a socket that asked for `pack=1` is sent one, and it is sent frames alone too.
+pub fn pack_frames<S: std::ops::Deref<Target = str>>(frames: &[S]) -> String {
+    let bytes = frames.iter().map(|f| f.len() + 1).sum::<usize>() + 1;
+    let mut packed = String::with_capacity(bytes);
+    packed.push('[');
+    for (n, frame) in frames.iter().enumerate() {
+        if n > 0 {
+            packed.push(',');
+        }
+        packed.push_str(frame);
+    }
+    packed.push(']');
+    packed
+}
+
+/// The frames in one WebSocket message from the server, as the JSON text of each: the
+/// elements of a packed message ([`pack_frames`]), or the message itself.
+pub fn unpack_frames(text: &str) -> Result<Vec<&str>, serde_json::Error> {
+    if text.trim_start().starts_with('[') {
+        let frames: Vec<&serde_json::value::RawValue> = serde_json::from_str(text)?;
+        Ok(frames.into_iter().map(|frame| frame.get()).collect())
+    } else {
+        Ok(vec![text])
+    }
+}
+
 /// WebSocket close codes the server uses (RFC 6455 section 7.4.1, plus the 4000 range).
 pub mod close {
     /// Normal closure, also used when the server closes an idle socket.
@@ -403,6 +441,9 @@ pub enum ServerFrame {
         /// This connection's id, for support and logs.
         connection: String,
         limits: Limits,
+        /// Whether frames ready together may come packed in one message (`pack=1`).
+        #[serde(default, skip_serializing_if = "is_false")]
+        pack: bool,
     },
     /// The request `id` took effect: its event is in the log at `seq`.
     Ack {
@@ -861,6 +902,39 @@ fn rate_limited_message(retry_after_ms: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pack_is_asked_with_one_or_zero_and_only_on_version_2() {
+        assert_eq!(packing(None, 2), Ok(false));
+        assert_eq!(packing(Some("0"), 1), Ok(false));
+        assert_eq!(packing(Some("1"), 2), Ok(true));
+        assert_eq!(
+            packing(Some("1"), 1),
+            Err("pack=1 needs protocol=2".to_owned())
+        );
+        for wrong in ["", "true", "2", "01"] {
+            let refused = packing(Some(wrong), 2).unwrap_err();
+            assert!(refused.contains("use 0 or 1"), "{wrong:?}: {refused}");
+        }
+    }
+
+    #[test]
+    fn packed_frames_unpack_to_the_same_frames_in_order() {
+        let frames = [
+            ServerFrame::Pong { id: None }.to_json(),
+            r#"{"type":"event","body":"[a, b], {\"c\"}","list":[1,[2]]}"#.to_owned(),
+            ServerFrame::Pong { id: None }.to_json(),
+        ];
+        let packed = pack_frames(&frames);
+        assert_eq!(
+            serde_json::from_str::<Vec<Value>>(&packed).unwrap().len(),
+            3,
+            "{packed}"
+        );
+        assert_eq!(unpack_frames(&packed).unwrap(), frames.to_vec());
+        assert_eq!(unpack_frames(&frames[1]).unwrap(), vec![frames[1].as_str()]);
+        assert!(unpack_frames("[{\"type\":").is_err());
+    }
 
     #[test]
     fn parses_a_send() {

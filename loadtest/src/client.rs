@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
-use parley_events::protocol::{ClientFrame, HttpError, ResumeCursor, ResumeState, ServerFrame};
+use parley_events::protocol::{
+    ClientFrame, HttpError, ResumeCursor, ResumeState, ServerFrame, unpack_frames,
+};
 use parley_events::{ClientMsgId, ConversationId, UserId};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
@@ -469,6 +471,12 @@ async fn resume(
                 }
                 continue;
             }
+            if is_packed(&text) {
+                let events = deliver_packed(live, outcome, position, &text, true);
+                record.events += events;
+                live.resumed_events.fetch_add(events, Ordering::Relaxed);
+                continue;
+            }
             match serde_json::from_str::<ServerFrame>(&text) {
                 Ok(ServerFrame::Resumed {
                     id: answered,
@@ -560,6 +568,47 @@ struct DataView<'a> {
 fn event_view(text: &str) -> Option<Result<EventView<'_>, serde_json::Error>> {
     text.starts_with(r#"{"type":"event","#)
         .then(|| serde_json::from_str::<EventFrame>(text).map(|frame| frame.event))
+}
+
+/// Whether a message from the gateway packs several frames (`pack=1`).
+fn is_packed(text: &str) -> bool {
+    text.starts_with('[')
+}
+
+/// Deliver the events of a packed message; how many. It holds pushes only: an answer to a
+/// request in it is the gateway's error.
+fn deliver_packed(
+    live: &Live,
+    outcome: &mut ConnOutcome,
+    position: &mut Position,
+    text: &str,
+    resumed: bool,
+) -> u64 {
+    let Ok(frames) = unpack_frames(text) else {
+        live.record_error("harness:unreadable_frame");
+        return 0;
+    };
+    let mut events = 0;
+    for frame in frames {
+        match event_view(frame) {
+            Some(Ok(event)) => {
+                events += 1;
+                deliver(live, outcome, position, &event, resumed);
+            }
+            Some(Err(_)) => live.record_error("harness:unreadable_frame"),
+            None => {
+                if matches!(
+                    serde_json::from_str::<ServerFrame>(frame),
+                    Ok(ServerFrame::Ack { .. }
+                        | ServerFrame::Error { .. }
+                        | ServerFrame::Resumed { .. })
+                ) {
+                    live.record_error("harness:answer_in_pack");
+                }
+            }
+        }
+    }
+    events
 }
 
 /// Log an `event` frame's event into the outcome's last session and the device's position.
@@ -746,6 +795,10 @@ async fn read(
                 Ok(event) => deliver(live, outcome, position, &event, false),
                 Err(_) => live.record_error("harness:unreadable_frame"),
             }
+            continue;
+        }
+        if is_packed(&text) {
+            deliver_packed(live, outcome, position, &text, false);
             continue;
         }
         let frame = match serde_json::from_str::<ServerFrame>(&text) {

@@ -95,6 +95,9 @@ struct RunArgs {
     /// replicated on every node (3 for R3).
     #[arg(long, value_name = "N", requires = "spawn")]
     nats_cluster: Option<usize>,
+    /// Whether the clients ask for packed frames (replaces the file's `pack`).
+    #[arg(long, value_name = "BOOL")]
+    pack: Option<bool>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -193,6 +196,7 @@ async fn run_scenario(args: RunArgs) -> anyhow::Result<ExitCode> {
         gateways: args.gateways_to_spawn,
         nats_nodes: args.nats_cluster,
         baselines: args.baselines,
+        pack: args.pack,
         faults: args.faults,
     })?;
     let target = if args.spawn {

@@ -483,6 +483,12 @@ pub fn render_table(report: &Report) -> String {
     let _ = writeln!(out, "Scenario   {}", report.scenario.name);
     let _ = writeln!(out, "Platform   {}", report.environment.platform);
     let _ = writeln!(out, "Durability {}", report.environment.durability);
+    let packing = if report.scenario.pack {
+        "pushes ready together packed in one message (pack=1)"
+    } else {
+        "one message per frame (pack=0)"
+    };
+    let _ = writeln!(out, "Clients    protocol 2, {packing}");
     let m = &report.environment.machine;
     let _ = writeln!(
         out,

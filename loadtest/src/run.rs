@@ -248,7 +248,13 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
         disconnects.push(disconnect_tx);
         let urls: Arc<[String]> = gateways
             .iter()
-            .map(|gateway| format!("{gateway}?protocol=2&access_token={}", tokens[conn.user]))
+            .map(|gateway| {
+                format!(
+                    "{gateway}?protocol=2&pack={}&access_token={}",
+                    u8::from(scenario.pack),
+                    tokens[conn.user]
+                )
+            })
             .collect();
         let device = client::Device {
             live: Arc::clone(&live),

@@ -86,6 +86,10 @@ pub struct Scenario {
     /// Measure the baselines in the same run and print ratios.
     #[serde(default)]
     pub baselines: bool,
+    /// Whether the clients ask for packed frames (`pack=1`): pushes ready together come in
+    /// one WebSocket message. On by default, as a client built for load would run.
+    #[serde(default = "yes")]
+    pub pack: bool,
     #[serde(default)]
     pub conversations: Conversations,
     /// A steady open-loop rate. Exactly one of `rate` and `ramp` when there are
@@ -354,6 +358,9 @@ pub struct Ramp {
     pub min_acked_ratio: f64,
 }
 
+fn yes() -> bool {
+    true
+}
 fn one() -> usize {
     1
 }
@@ -395,6 +402,7 @@ pub struct Overrides {
     pub gateways: Option<usize>,
     pub nats_nodes: Option<usize>,
     pub baselines: bool,
+    pub pack: Option<bool>,
     /// Added to the file's.
     pub faults: Vec<Fault>,
 }
@@ -467,6 +475,9 @@ impl Scenario {
             self.ramp = None;
         }
         self.baselines |= o.baselines;
+        if let Some(v) = o.pack {
+            self.pack = v;
+        }
         self.faults.extend(o.faults.iter().copied());
         self.validate()?;
         Ok(self)
@@ -898,9 +909,15 @@ mod tests {
                 rate: Some(50.0),
                 durability: Some(Durability::Lazy),
                 nats_nodes: Some(3),
+                pack: Some(false),
                 ..Overrides::default()
             })
             .unwrap();
+        assert!(
+            Scenario::parse(DM, "t").unwrap().pack,
+            "packing is on unless turned off"
+        );
+        assert!(!s.pack);
         assert_eq!(s.duration_secs, 3.0);
         assert_eq!(s.rate.unwrap().messages_per_sec, Some(50.0));
         assert_eq!(s.durability, Durability::Lazy);

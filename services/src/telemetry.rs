@@ -19,6 +19,7 @@ pub const GATEWAY_FRAME_ERRORS_TOTAL: &str = "parley_gateway_frame_errors_total"
 pub const GATEWAY_CLOSES_TOTAL: &str = "parley_gateway_closes_total";
 pub const GATEWAY_EVENTS_DELIVERED_TOTAL: &str = "parley_gateway_events_delivered_total";
 pub const GATEWAY_SOCKET_FLUSHES_TOTAL: &str = "parley_gateway_socket_flushes_total";
+pub const GATEWAY_FRAMES_PER_MESSAGE: &str = "parley_gateway_frames_per_message";
 pub const GATEWAY_GAP_FILLS_TOTAL: &str = "parley_gateway_gap_fills_total";
 pub const GATEWAY_CATCH_UPS_TOTAL: &str = "parley_gateway_catch_ups_total";
 pub const GATEWAY_RESUMES_TOTAL: &str = "parley_gateway_resumes_total";
@@ -83,6 +84,7 @@ pub fn prometheus() -> &'static PrometheusHandle {
             PROJECTOR_BATCH_EVENTS,
             HANDLER_BATCH_EVENTS,
             HANDLER_OUTCOMES_PER_MESSAGE,
+            GATEWAY_FRAMES_PER_MESSAGE,
         ]
         .into_iter()
         .fold(
@@ -161,6 +163,11 @@ fn describe() {
         GATEWAY_EVENTS_DELIVERED_TOTAL,
         Unit::Count,
         "Event frames queued to sockets."
+    );
+    describe_histogram!(
+        GATEWAY_FRAMES_PER_MESSAGE,
+        Unit::Count,
+        "Frames in one WebSocket message to a socket that asked for packing (pack=1)."
     );
     describe_counter!(
         GATEWAY_SOCKET_FLUSHES_TOTAL,

@@ -93,7 +93,7 @@ async fn disallowed_origins_are_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_protocol_version_not_served_is_refused_and_none_asked_means_version_1() {
+async fn a_protocol_version_or_packing_not_served_is_refused_and_none_asked_means_version_1() {
     let platform = Platform::start(1).await;
     let token = platform.token("alice");
     for wrong in ["0", "3", "two", ""] {
@@ -115,7 +115,28 @@ async fn a_protocol_version_not_served_is_refused_and_none_asked_means_version_1
     let mut newer = Client::open(url.into_client_request().unwrap())
         .await
         .unwrap();
-    assert_eq!(newer.next_of(&["welcome"]).await["protocol"], 2);
+    let welcome = newer.next_of(&["welcome"]).await;
+    assert_eq!(welcome["protocol"], 2);
+    assert_eq!(welcome.get("pack"), None, "packing is off unless asked for");
+
+    // Packing: `pack=1` on version 2 only, and nothing but 0 or 1.
+    for wrong in [
+        "protocol=1&pack=1",
+        "pack=1",
+        "protocol=2&pack=2",
+        "protocol=2&pack=yes",
+    ] {
+        let url = format!("{}?{wrong}", platform.url(0));
+        refused(with_bearer(&url, &token), 400, "invalid_request").await;
+    }
+    let mut packed = Client::open(platform.request_with_query(0, "alice", "protocol=2&pack=1"))
+        .await
+        .unwrap();
+    let welcome = packed.next_of(&["welcome"]).await;
+    assert_eq!(
+        (welcome["protocol"].clone(), welcome["pack"].clone()),
+        (json!(2), json!(true))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -62,6 +62,8 @@ export interface Welcome {
   user: UserId;
   connection: string;
   limits: Limits;
+  /** Whether pushed frames ready together may come packed in one message (`pack=1`). */
+  pack?: boolean;
 }
 
 export interface Ack {

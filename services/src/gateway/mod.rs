@@ -43,7 +43,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures::StreamExt;
 use parley_events::presence::{ConnectionState, PresenceUpdate};
-use parley_events::protocol::{HttpError, protocol_version};
+use parley_events::protocol::{HttpError, packing, protocol_version};
 use parley_events::subjects::{LIVE_MEMBERSHIP_SUBJECT, PRESENCE_SUBJECT, outcome_subject};
 use parley_events::{ErrorCode, Outcome, RecordedEvent, UserId};
 use parley_projections::ConversationStore;
@@ -371,6 +371,12 @@ async fn upgrade(
             return refuse(StatusCode::BAD_REQUEST, ErrorCode::InvalidRequest, &refused);
         }
     };
+    let pack = match packing(query_param(&uri, "pack"), protocol) {
+        Ok(pack) => pack,
+        Err(refused) => {
+            return refuse(StatusCode::BAD_REQUEST, ErrorCode::InvalidRequest, &refused);
+        }
+    };
     let Ok(permit) = Arc::clone(&shared.connections).try_acquire_owned() else {
         return refuse(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -383,6 +389,7 @@ async fn upgrade(
     let session = Session {
         user,
         protocol,
+        pack,
         conn: shared.next_connection.fetch_add(1, Ordering::Relaxed),
         ip: peer.ip(),
         expires_at: tokio::time::Instant::now() + remaining,

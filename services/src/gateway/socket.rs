@@ -5,12 +5,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures::stream::{SplitSink, SplitStream};
 use futures::{Sink, SinkExt, StreamExt};
 use parley_events::presence::ConnectionState;
 use parley_events::protocol::{
-    ClientFrame, ConversationSummary, Limits, MessagePreview, ServerFrame, close,
+    ClientFrame, ConversationSummary, Limits, MessagePreview, ServerFrame, close, pack_frames,
 };
 use parley_events::{ClientMsgId, Command, ConversationId, ErrorCode, Role, UserId};
 use parley_projections::{ConversationStore, HistoryPage, StoreError};
@@ -43,6 +43,8 @@ pub struct Session {
     pub user: UserId,
     /// The protocol version the socket speaks, chosen at the upgrade.
     pub protocol: u32,
+    /// Whether frames ready together go out packed in one message (`pack=1`).
+    pub pack: bool,
     pub conn: ConnectionId,
     /// The peer's address, which the per-address rate limits count.
     pub ip: std::net::IpAddr,
@@ -69,6 +71,7 @@ pub async fn serve(
             queue,
             Arc::clone(&outbox.control),
             shared.config.ping_interval(),
+            session.pack,
         ));
         // Where "from now" starts for a version 1 socket: before its welcome, so whatever
         // happens once the client holds the welcome reaches it, by its resume or live.
@@ -86,6 +89,7 @@ pub async fn serve(
                 max_message_bytes: shared.config.limits.max_message_bytes,
                 max_history_page: shared.config.limits.max_history_page,
             },
+            pack: session.pack,
         });
         shared.routes.register(
             session.conn,
@@ -724,6 +728,7 @@ async fn write_loop(
     mut queue: mpsc::Receiver<Queued>,
     control: Arc<SocketControl>,
     ping_interval: Duration,
+    pack: bool,
 ) -> SplitSink<WebSocket, Message> {
     let mut ping = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
     // One wait for the close and one counter handle for the socket's life, not one per
@@ -731,16 +736,17 @@ async fn write_loop(
     let closing = control.closing();
     tokio::pin!(closing);
     let flushes = metrics::counter!(telemetry::GATEWAY_SOCKET_FLUSHES_TOTAL);
+    let packing = pack.then(|| metrics::histogram!(telemetry::GATEWAY_FRAMES_PER_MESSAGE));
     loop {
-        let message = tokio::select! {
+        let next = tokio::select! {
             biased;
             () = &mut closing => break,
             // An answer's slot is free once the writer has it.
             frame = queue.recv() => match frame {
-                Some((frame, _answer_slot)) => Message::Text(frame),
+                Some(queued) => Next::Frame(queued),
                 None => break,
             },
-            _ = ping.tick() => Message::Ping(bytes::Bytes::new()),
+            _ = ping.tick() => Next::Ping,
         };
         // A write blocked on a full socket is abandoned when the socket starts closing: the
         // close frame must not wait behind it. The part of a frame tungstenite already holds
@@ -748,7 +754,7 @@ async fn write_loop(
         let sent = tokio::select! {
             biased;
             () = &mut closing => break,
-            sent = tokio::time::timeout(WRITE_TIMEOUT, write_ready(&mut sink, message, &mut queue)) => sent,
+            sent = tokio::time::timeout(WRITE_TIMEOUT, write_ready(&mut sink, next, &mut queue, packing.as_ref())) => sent,
         };
         match sent {
             Ok(Ok(())) => flushes.increment(1),
@@ -776,22 +782,91 @@ async fn write_loop(
     sink
 }
 
+/// What a socket's writer sends next.
+enum Next {
+    Frame(Queued),
+    Ping,
+}
+
 /// Write `first` and every frame already queued behind it (up to [`MAX_FRAMES_PER_FLUSH`]),
 /// then flush once: under load a socket's events go out in one write (and, with Nagle off,
-/// one TCP segment) instead of one system call each.
+/// one TCP segment) instead of one system call each. On a socket that asked for packing,
+/// pushed frames ready together go as one message, which spares both ends the work of a
+/// WebSocket message per frame.
 async fn write_ready(
     sink: &mut SplitSink<WebSocket, Message>,
-    first: Message,
+    first: Next,
     queue: &mut mpsc::Receiver<Queued>,
+    packing: Option<&metrics::Histogram>,
 ) -> Result<(), axum::Error> {
-    sink.feed(first).await?;
-    for _ in 1..MAX_FRAMES_PER_FLUSH {
-        let Ok((frame, _answer_slot)) = queue.try_recv() else {
+    let first = match first {
+        Next::Frame(queued) => queued,
+        Next::Ping => {
+            sink.feed(Message::Ping(bytes::Bytes::new())).await?;
+            return sink.flush().await;
+        }
+    };
+    let Some(frames_per_message) = packing else {
+        sink.feed(Message::Text(first.0)).await?;
+        for _ in 1..MAX_FRAMES_PER_FLUSH {
+            let Ok((frame, _answer_slot)) = queue.try_recv() else {
+                break;
+            };
+            sink.feed(Message::Text(frame)).await?;
+        }
+        return sink.flush().await;
+    };
+    let mut ready = vec![first];
+    while ready.len() < MAX_FRAMES_PER_FLUSH {
+        let Ok(queued) = queue.try_recv() else {
             break;
         };
-        sink.feed(Message::Text(frame)).await?;
+        ready.push(queued);
+    }
+    for message in packed_messages(ready, MAX_SERVER_FRAME_BYTES, frames_per_message) {
+        sink.feed(Message::Text(message)).await?;
     }
     sink.flush().await
+}
+
+/// `ready` in as few messages as packing allows, in order: runs of pushed frames packed up
+/// to `max_bytes`; an answer (which holds an answer slot) always alone, so a client meets
+/// answers to its requests only as messages of their own.
+fn packed_messages(
+    ready: Vec<Queued>,
+    max_bytes: usize,
+    frames_per_message: &metrics::Histogram,
+) -> Vec<Utf8Bytes> {
+    let close_run = |run: &mut Vec<Utf8Bytes>, messages: &mut Vec<Utf8Bytes>| {
+        let frames = run.len();
+        match frames {
+            0 => return,
+            1 => messages.extend(run.pop()),
+            _ => messages.push(Utf8Bytes::from(pack_frames(&run[..]))),
+        }
+        frames_per_message.record(frames as f64);
+        run.clear();
+    };
+    let mut messages = Vec::with_capacity(1);
+    let mut run = Vec::new();
+    let mut run_bytes = 1;
+    for (frame, answer_slot) in ready {
+        if answer_slot.is_some() {
+            close_run(&mut run, &mut messages);
+            run_bytes = 1;
+            frames_per_message.record(1.0);
+            messages.push(frame);
+            continue;
+        }
+        if !run.is_empty() && run_bytes + frame.len() + 1 > max_bytes {
+            close_run(&mut run, &mut messages);
+            run_bytes = 1;
+        }
+        run_bytes += frame.len() + 1;
+        run.push(frame);
+    }
+    close_run(&mut run, &mut messages);
+    messages
 }
 
 /// End the socket the way RFC 6455 asks: send our close frame (or the reply to the client's),
@@ -826,5 +901,70 @@ async fn close_handshake(mut socket: WebSocket, control: &SocketControl) {
         .is_err()
     {
         debug!("the client did not complete the close handshake in time");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use parley_events::protocol::unpack_frames;
+
+    use super::*;
+
+    fn pushed(texts: &[&str]) -> Vec<Queued> {
+        texts
+            .iter()
+            .map(|text| (Utf8Bytes::from(*text), None))
+            .collect()
+    }
+
+    fn texts(messages: &[Utf8Bytes]) -> Vec<&str> {
+        messages.iter().map(|message| message.as_str()).collect()
+    }
+
+    #[test]
+    fn pushed_frames_ready_together_are_packed_in_order_within_the_size_bound() {
+        let noop = metrics::Histogram::noop();
+        let one = packed_messages(pushed(&[r#"{"n":1}"#]), 100, &noop);
+        assert_eq!(
+            texts(&one),
+            [r#"{"n":1}"#],
+            "a frame alone is sent as it is"
+        );
+
+        let frames = [r#"{"n":1}"#, r#"{"n":2}"#, r#"{"n":3}"#, r#"{"n":4}"#];
+        let all = packed_messages(pushed(&frames), 100, &noop);
+        assert_eq!(texts(&all), [r#"[{"n":1},{"n":2},{"n":3},{"n":4}]"#]);
+
+        // 7-byte frames: "[" and two frames, each with its separator, make 17 bytes.
+        let split = packed_messages(pushed(&frames[..3]), 17, &noop);
+        assert_eq!(texts(&split), [r#"[{"n":1},{"n":2}]"#, r#"{"n":3}"#]);
+        let unpacked: Vec<&str> = split
+            .iter()
+            .flat_map(|message| unpack_frames(message).unwrap())
+            .collect();
+        assert_eq!(unpacked, frames[..3]);
+
+        // A frame larger than the bound still goes, alone.
+        let big = "x".repeat(40);
+        let alone = packed_messages(pushed(&[r#"{"n":1}"#, &big]), 17, &noop);
+        assert_eq!(texts(&alone), [r#"{"n":1}"#, big.as_str()]);
+    }
+
+    #[test]
+    fn an_answer_is_never_packed_and_splits_the_pushes_around_it() {
+        let slots = Arc::new(Semaphore::new(1));
+        let mut ready = pushed(&["1", "2"]);
+        ready.push((
+            Utf8Bytes::from("answer"),
+            Some(Arc::clone(&slots).try_acquire_owned().unwrap()),
+        ));
+        ready.extend(pushed(&["3", "4"]));
+        let messages = packed_messages(ready, 100, &metrics::Histogram::noop());
+        assert_eq!(texts(&messages), ["[1,2]", "answer", "[3,4]"]);
+        assert_eq!(
+            slots.available_permits(),
+            1,
+            "the answer's slot is given back"
+        );
     }
 }

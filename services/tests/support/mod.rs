@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
+use parley_events::protocol::unpack_frames;
 use parley_events::subjects::{HANDLER_CONSUMER, INTAKE_STREAM};
 use parley_events::{ConversationId, EventEnvelope, RecordedEvent, UserId};
 use parley_localstack::{
@@ -373,7 +374,17 @@ impl<N> Platform<N> {
         user: &str,
         protocol: u32,
     ) -> tungstenite::handshake::client::Request {
-        let url = format!("{}?protocol={protocol}", self.url(gateway));
+        self.request_with_query(gateway, user, &format!("protocol={protocol}"))
+    }
+
+    /// An upgrade request for `user` with `query` (`protocol=2&pack=1`).
+    pub fn request_with_query(
+        &self,
+        gateway: usize,
+        user: &str,
+        query: &str,
+    ) -> tungstenite::handshake::client::Request {
+        let url = format!("{}?{query}", self.url(gateway));
         let mut request = url.into_client_request().unwrap();
         request.headers_mut().insert(
             "Authorization",
@@ -412,11 +423,29 @@ impl<N> Platform<N> {
         protocol: u32,
         receive_buffer: u32,
     ) -> Client {
+        self.connect_asking_with_receive_buffer(
+            gateway,
+            user,
+            &format!("protocol={protocol}"),
+            receive_buffer,
+        )
+        .await
+    }
+
+    /// [`connect_with_receive_buffer`](Self::connect_with_receive_buffer) with the upgrade's
+    /// `query`.
+    pub async fn connect_asking_with_receive_buffer(
+        &self,
+        gateway: usize,
+        user: &str,
+        query: &str,
+        receive_buffer: u32,
+    ) -> Client {
         let tcp = tokio::net::TcpSocket::new_v4().unwrap();
         tcp.set_recv_buffer_size(receive_buffer).unwrap();
         let tcp = tcp.connect(self.gateways[gateway]).await.unwrap();
         let (socket, _) = tokio_tungstenite::client_async(
-            self.request_speaking(gateway, user, protocol),
+            self.request_with_query(gateway, user, query),
             tokio_tungstenite::MaybeTlsStream::Plain(tcp),
         )
         .await
@@ -424,6 +453,8 @@ impl<N> Platform<N> {
         let mut client = Client {
             socket,
             stash: Default::default(),
+            unread: Default::default(),
+            packed: Vec::new(),
         };
         assert_eq!(client.next_of(&["welcome"]).await["user"], user);
         client
@@ -687,6 +718,10 @@ pub struct Client {
     socket: Socket,
     /// Frames read while looking for a reply, handed out by later reads in order.
     stash: std::collections::VecDeque<Value>,
+    /// The rest of the packed message read last (`pack=1`), not read yet.
+    unread: std::collections::VecDeque<Value>,
+    /// The types of the frames in each packed message received.
+    pub packed: Vec<Vec<String>>,
 }
 
 fn is_reply(frame: &Value, id: &str) -> bool {
@@ -708,6 +743,8 @@ impl Client {
         Ok(Client {
             socket,
             stash: Default::default(),
+            unread: Default::default(),
+            packed: Vec::new(),
         })
     }
 
@@ -806,11 +843,25 @@ impl Client {
     /// The next text frame or the server's close; `None` when neither comes within
     /// `limit`.
     async fn read_or_close(&mut self, limit: Duration) -> Option<Result<Value, Closed>> {
+        if let Some(frame) = self.unread.pop_front() {
+            return Some(Ok(frame));
+        }
         loop {
             let next = tokio::time::timeout(limit, self.socket.next()).await.ok()?;
             match next {
                 Some(Ok(Message::Text(text))) => {
-                    return Some(Ok(serde_json::from_str(&text).expect("server sends JSON")));
+                    let mut frames: std::collections::VecDeque<Value> = unpack_frames(&text)
+                        .expect("server sends JSON")
+                        .into_iter()
+                        .map(|frame| serde_json::from_str(frame).expect("server sends JSON"))
+                        .collect();
+                    if text.starts_with('[') {
+                        let types = frames.iter().map(|f| f["type"].to_string()).collect();
+                        self.packed.push(types);
+                    }
+                    let first = frames.pop_front().expect("a packed message is never empty");
+                    self.unread = frames;
+                    return Some(Ok(first));
                 }
                 Some(Ok(Message::Close(Some(frame)))) => {
                     return Some(Err(Closed {

@@ -62,6 +62,7 @@ test("connects with protocol 2 and the token, and resumes from now on a first co
   const socket = await live(c);
   const url = new URL(socket.url);
   assert.equal(url.searchParams.get("protocol"), "2");
+  assert.equal(url.searchParams.get("pack"), "1");
   assert.equal(url.searchParams.get("access_token"), "t1");
   assert.deepEqual(socket.frames("resume"), [{ type: "resume", id: "p-1", conversations: {} }]);
   assert.deepEqual(states, ["connecting", "resuming", "live"]);
@@ -493,5 +494,23 @@ test("a hold for rate limiting outlasts a reconnect; the new socket gets the old
   assert.deepEqual(second.frames("send"), [one, two]);
   second.push({ type: "ack", id: two.id, conversation: A, seq: 2, event: "e-2" });
   assert.deepEqual((await Promise.all(acks)).map((ack) => ack.seq), [1, 2]);
+  c.close();
+});
+
+test("a packed message's frames are taken in order, as if each had come alone", async () => {
+  const c = client();
+  const socket = await live(c);
+  const seen = [];
+  c.on("event", (event) => seen.push(`event ${event.seq}`));
+  c.on("typing", (t) => seen.push(`typing ${t.user}`));
+  const event = (seq, prev) => ({
+    type: "event",
+    event: { seq, id: `e-${seq}`, conversation: A, prev, command: `c-${seq}`, actor: "bob", at: seq,
+             type: "message.posted", v: 1, data: { client_id: `m${seq}`, body: `message ${seq}` } },
+  });
+  const typing = { type: "typing", conversation: A, user: "bob", state: "started", expires_in_ms: 6000 };
+  socket.onmessage({ data: JSON.stringify([event(7, 0), typing, event(8, 7)]) });
+  socket.event(A, 9, 8);
+  assert.deepEqual(seen, ["event 7", "typing bob", "event 8", "event 9"]);
   c.close();
 });
