@@ -87,8 +87,8 @@ pub struct Scenario {
     #[serde(default)]
     pub baselines: bool,
     /// Whether the clients ask for packed frames (`pack=1`): pushes ready together come in
-    /// one WebSocket message. On by default, as a client built for load would run.
-    #[serde(default = "yes")]
+    /// one WebSocket message. Off by default, so runs compare with earlier ones.
+    #[serde(default)]
     pub pack: bool,
     #[serde(default)]
     pub conversations: Conversations,
@@ -358,9 +358,6 @@ pub struct Ramp {
     pub min_acked_ratio: f64,
 }
 
-fn yes() -> bool {
-    true
-}
 fn one() -> usize {
     1
 }
@@ -909,15 +906,15 @@ mod tests {
                 rate: Some(50.0),
                 durability: Some(Durability::Lazy),
                 nats_nodes: Some(3),
-                pack: Some(false),
+                pack: Some(true),
                 ..Overrides::default()
             })
             .unwrap();
         assert!(
-            Scenario::parse(DM, "t").unwrap().pack,
-            "packing is on unless turned off"
+            !Scenario::parse(DM, "t").unwrap().pack,
+            "packing is off unless asked for"
         );
-        assert!(!s.pack);
+        assert!(s.pack);
         assert_eq!(s.duration_secs, 3.0);
         assert_eq!(s.rate.unwrap().messages_per_sec, Some(50.0));
         assert_eq!(s.durability, Durability::Lazy);

@@ -27,6 +27,8 @@ async fn a_short_run_has_a_clean_ledger() {
         message_bytes = 64
         durability = "lazy"
         gateways = 2
+        # The ledger reads packed messages as it reads frames that come alone.
+        pack = true
         [conversations]
         direct_pairs = 12
         groups = [{ size = 8, count = 2, senders = 3 }]

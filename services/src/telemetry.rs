@@ -19,7 +19,8 @@ pub const GATEWAY_FRAME_ERRORS_TOTAL: &str = "parley_gateway_frame_errors_total"
 pub const GATEWAY_CLOSES_TOTAL: &str = "parley_gateway_closes_total";
 pub const GATEWAY_EVENTS_DELIVERED_TOTAL: &str = "parley_gateway_events_delivered_total";
 pub const GATEWAY_SOCKET_FLUSHES_TOTAL: &str = "parley_gateway_socket_flushes_total";
-pub const GATEWAY_FRAMES_PER_MESSAGE: &str = "parley_gateway_frames_per_message";
+pub const GATEWAY_PACKED_MESSAGES_TOTAL: &str = "parley_gateway_packed_messages_total";
+pub const GATEWAY_PACKED_FRAMES_TOTAL: &str = "parley_gateway_packed_frames_total";
 pub const GATEWAY_GAP_FILLS_TOTAL: &str = "parley_gateway_gap_fills_total";
 pub const GATEWAY_CATCH_UPS_TOTAL: &str = "parley_gateway_catch_ups_total";
 pub const GATEWAY_RESUMES_TOTAL: &str = "parley_gateway_resumes_total";
@@ -84,7 +85,6 @@ pub fn prometheus() -> &'static PrometheusHandle {
             PROJECTOR_BATCH_EVENTS,
             HANDLER_BATCH_EVENTS,
             HANDLER_OUTCOMES_PER_MESSAGE,
-            GATEWAY_FRAMES_PER_MESSAGE,
         ]
         .into_iter()
         .fold(
@@ -164,10 +164,15 @@ fn describe() {
         Unit::Count,
         "Event frames queued to sockets."
     );
-    describe_histogram!(
-        GATEWAY_FRAMES_PER_MESSAGE,
+    describe_counter!(
+        GATEWAY_PACKED_MESSAGES_TOTAL,
         Unit::Count,
-        "Frames in one WebSocket message to a socket that asked for packing (pack=1)."
+        "WebSocket messages that packed several frames, to sockets that asked (pack=1)."
+    );
+    describe_counter!(
+        GATEWAY_PACKED_FRAMES_TOTAL,
+        Unit::Count,
+        "Frames sent inside packed messages (frames per packed message = this / messages)."
     );
     describe_counter!(
         GATEWAY_SOCKET_FLUSHES_TOTAL,

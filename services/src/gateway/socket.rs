@@ -736,7 +736,7 @@ async fn write_loop(
     let closing = control.closing();
     tokio::pin!(closing);
     let flushes = metrics::counter!(telemetry::GATEWAY_SOCKET_FLUSHES_TOTAL);
-    let packing = pack.then(|| metrics::histogram!(telemetry::GATEWAY_FRAMES_PER_MESSAGE));
+    let packing = pack.then(Packing::counted);
     loop {
         let next = tokio::select! {
             biased;
@@ -797,7 +797,7 @@ async fn write_ready(
     sink: &mut SplitSink<WebSocket, Message>,
     first: Next,
     queue: &mut mpsc::Receiver<Queued>,
-    packing: Option<&metrics::Histogram>,
+    packing: Option<&Packing>,
 ) -> Result<(), axum::Error> {
     let first = match first {
         Next::Frame(queued) => queued,
@@ -806,7 +806,7 @@ async fn write_ready(
             return sink.flush().await;
         }
     };
-    let Some(frames_per_message) = packing else {
+    let Some(packing) = packing else {
         sink.feed(Message::Text(first.0)).await?;
         for _ in 1..MAX_FRAMES_PER_FLUSH {
             let Ok((frame, _answer_slot)) = queue.try_recv() else {
@@ -816,36 +816,52 @@ async fn write_ready(
         }
         return sink.flush().await;
     };
-    let mut ready = vec![first];
+    // Most flushes carry one frame: it goes as it is, with nothing to gather.
+    let Ok(second) = queue.try_recv() else {
+        sink.feed(Message::Text(first.0)).await?;
+        return sink.flush().await;
+    };
+    let mut ready = vec![first, second];
     while ready.len() < MAX_FRAMES_PER_FLUSH {
         let Ok(queued) = queue.try_recv() else {
             break;
         };
         ready.push(queued);
     }
-    for message in packed_messages(ready, MAX_SERVER_FRAME_BYTES, frames_per_message) {
+    for message in packed_messages(ready, MAX_SERVER_FRAME_BYTES, packing) {
         sink.feed(Message::Text(message)).await?;
     }
     sink.flush().await
 }
 
+/// A packing socket's counts of the packed messages it sent and the frames in them.
+struct Packing {
+    messages: metrics::Counter,
+    frames: metrics::Counter,
+}
+
+impl Packing {
+    fn counted() -> Packing {
+        Packing {
+            messages: metrics::counter!(telemetry::GATEWAY_PACKED_MESSAGES_TOTAL),
+            frames: metrics::counter!(telemetry::GATEWAY_PACKED_FRAMES_TOTAL),
+        }
+    }
+}
+
 /// `ready` in as few messages as packing allows, in order: runs of pushed frames packed up
 /// to `max_bytes`; an answer (which holds an answer slot) always alone, so a client meets
 /// answers to its requests only as messages of their own.
-fn packed_messages(
-    ready: Vec<Queued>,
-    max_bytes: usize,
-    frames_per_message: &metrics::Histogram,
-) -> Vec<Utf8Bytes> {
-    let close_run = |run: &mut Vec<Utf8Bytes>, messages: &mut Vec<Utf8Bytes>| {
-        let frames = run.len();
-        match frames {
-            0 => return,
-            1 => messages.extend(run.pop()),
-            _ => messages.push(Utf8Bytes::from(pack_frames(&run[..]))),
+fn packed_messages(ready: Vec<Queued>, max_bytes: usize, packing: &Packing) -> Vec<Utf8Bytes> {
+    let close_run = |run: &mut Vec<Utf8Bytes>, messages: &mut Vec<Utf8Bytes>| match run.len() {
+        0 => {}
+        1 => messages.extend(run.pop()),
+        frames => {
+            messages.push(Utf8Bytes::from(pack_frames(&run[..])));
+            packing.messages.increment(1);
+            packing.frames.increment(frames as u64);
+            run.clear();
         }
-        frames_per_message.record(frames as f64);
-        run.clear();
     };
     let mut messages = Vec::with_capacity(1);
     let mut run = Vec::new();
@@ -854,7 +870,6 @@ fn packed_messages(
         if answer_slot.is_some() {
             close_run(&mut run, &mut messages);
             run_bytes = 1;
-            frames_per_message.record(1.0);
             messages.push(frame);
             continue;
         }
@@ -917,13 +932,22 @@ mod tests {
             .collect()
     }
 
+    impl Packing {
+        fn uncounted() -> Packing {
+            Packing {
+                messages: metrics::Counter::noop(),
+                frames: metrics::Counter::noop(),
+            }
+        }
+    }
+
     fn texts(messages: &[Utf8Bytes]) -> Vec<&str> {
         messages.iter().map(|message| message.as_str()).collect()
     }
 
     #[test]
     fn pushed_frames_ready_together_are_packed_in_order_within_the_size_bound() {
-        let noop = metrics::Histogram::noop();
+        let noop = Packing::uncounted();
         let one = packed_messages(pushed(&[r#"{"n":1}"#]), 100, &noop);
         assert_eq!(
             texts(&one),
@@ -959,7 +983,7 @@ mod tests {
             Some(Arc::clone(&slots).try_acquire_owned().unwrap()),
         ));
         ready.extend(pushed(&["3", "4"]));
-        let messages = packed_messages(ready, 100, &metrics::Histogram::noop());
+        let messages = packed_messages(ready, 100, &Packing::uncounted());
         assert_eq!(texts(&messages), ["[1,2]", "answer", "[3,4]"]);
         assert_eq!(
             slots.available_permits(),
