@@ -63,10 +63,16 @@ pub fn pack_frames<S: std::ops::Deref<Target = str>>(frames: &[S]) -> String {
     packed
 }
 
+/// Whether a message from the server packs several frames ([`pack_frames`]): a frame alone
+/// is an object.
+pub fn is_packed(text: &str) -> bool {
+    text.trim_start().starts_with('[')
+}
+
 /// The frames in one WebSocket message from the server, as the JSON text of each: the
 /// elements of a packed message ([`pack_frames`]), or the message itself.
 pub fn unpack_frames(text: &str) -> Result<Vec<&str>, serde_json::Error> {
-    if text.trim_start().starts_with('[') {
+    if is_packed(text) {
         let frames: Vec<&serde_json::value::RawValue> = serde_json::from_str(text)?;
         Ok(frames.into_iter().map(|frame| frame.get()).collect())
     } else {

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use parley_events::protocol::{
-    ClientFrame, HttpError, ResumeCursor, ResumeState, ServerFrame, unpack_frames,
+    ClientFrame, HttpError, ResumeCursor, ResumeState, ServerFrame, is_packed, unpack_frames,
 };
 use parley_events::{ClientMsgId, ConversationId, UserId};
 use tokio::net::TcpStream;
@@ -460,19 +460,7 @@ async fn resume(
                 Ok(None) => return Err("connection:ended".to_owned()),
                 Err(_) => return Err("harness:resume_timed_out".to_owned()),
             };
-            if let Some(event) = event_view(&text) {
-                match event {
-                    Ok(event) => {
-                        record.events += 1;
-                        live.resumed_events.fetch_add(1, Ordering::Relaxed);
-                        deliver(live, outcome, position, &event, true);
-                    }
-                    Err(_) => live.record_error("harness:unreadable_frame"),
-                }
-                continue;
-            }
-            if is_packed(&text) {
-                let events = deliver_packed(live, outcome, position, &text, true);
+            if let Some(events) = deliver_events(live, outcome, position, &text, true) {
                 record.events += events;
                 live.resumed_events.fetch_add(events, Ordering::Relaxed);
                 continue;
@@ -564,32 +552,41 @@ struct DataView<'a> {
     body: Option<Cow<'a, str>>,
 }
 
-/// The frame's event, when it is an `event` frame (the server writes the `type` first).
+/// The frame's event, when it is an `event` frame.
 fn event_view(text: &str) -> Option<Result<EventView<'_>, serde_json::Error>> {
+    is_event_frame(text).then(|| serde_json::from_str::<EventFrame>(text).map(|frame| frame.event))
+}
+
+/// Whether `text` is an `event` frame (the server writes the `type` first).
+fn is_event_frame(text: &str) -> bool {
     text.starts_with(r#"{"type":"event","#)
-        .then(|| serde_json::from_str::<EventFrame>(text).map(|frame| frame.event))
 }
 
-/// Whether a message from the gateway packs several frames (`pack=1`).
-fn is_packed(text: &str) -> bool {
-    text.starts_with('[')
-}
-
-/// Deliver the events of a packed message; how many. It holds pushes only: an answer to a
-/// request in it is the gateway's error.
-fn deliver_packed(
+/// Deliver the events in a message from the gateway, an `event` frame or a packed message
+/// (`pack=1`); how many, or `None` when it is neither. A packed message holds pushes only: an
+/// answer to a request in it is the gateway's error.
+fn deliver_events(
     live: &Live,
     outcome: &mut ConnOutcome,
     position: &mut Position,
     text: &str,
     resumed: bool,
-) -> u64 {
-    let Ok(frames) = unpack_frames(text) else {
-        live.record_error("harness:unreadable_frame");
-        return 0;
+) -> Option<u64> {
+    let packed;
+    let frames: &[&str] = if is_packed(text) {
+        let Ok(frames) = unpack_frames(text) else {
+            live.record_error("harness:unreadable_frame");
+            return Some(0);
+        };
+        packed = frames;
+        &packed
+    } else if is_event_frame(text) {
+        std::slice::from_ref(&text)
+    } else {
+        return None;
     };
     let mut events = 0;
-    for frame in frames {
+    for &frame in frames {
         match event_view(frame) {
             Some(Ok(event)) => {
                 events += 1;
@@ -608,7 +605,7 @@ fn deliver_packed(
             }
         }
     }
-    events
+    Some(events)
 }
 
 /// Log an `event` frame's event into the outcome's last session and the device's position.
@@ -790,15 +787,7 @@ async fn read(
             Some(Err(e)) => return ended(format!("connection:{}", error_kind(&e))),
             None => return ended("connection:ended".to_owned()),
         };
-        if let Some(event) = event_view(&text) {
-            match event {
-                Ok(event) => deliver(live, outcome, position, &event, false),
-                Err(_) => live.record_error("harness:unreadable_frame"),
-            }
-            continue;
-        }
-        if is_packed(&text) {
-            deliver_packed(live, outcome, position, &text, false);
+        if deliver_events(live, outcome, position, &text, false).is_some() {
             continue;
         }
         let frame = match serde_json::from_str::<ServerFrame>(&text) {

@@ -365,14 +365,11 @@ async fn upgrade(
         Ok(verified) => verified,
         Err(e) => return refuse(StatusCode::UNAUTHORIZED, e.code(), &e.to_string()),
     };
-    let protocol = match protocol_version(query_param(&uri, "protocol")) {
-        Ok(protocol) => protocol,
-        Err(refused) => {
-            return refuse(StatusCode::BAD_REQUEST, ErrorCode::InvalidRequest, &refused);
-        }
-    };
-    let pack = match packing(query_param(&uri, "pack"), protocol) {
-        Ok(pack) => pack,
+    let asked = protocol_version(query_param(&uri, "protocol")).and_then(|protocol| {
+        packing(query_param(&uri, "pack"), protocol).map(|pack| (protocol, pack))
+    });
+    let (protocol, pack) = match asked {
+        Ok(asked) => asked,
         Err(refused) => {
             return refuse(StatusCode::BAD_REQUEST, ErrorCode::InvalidRequest, &refused);
         }

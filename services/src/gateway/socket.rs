@@ -806,7 +806,9 @@ async fn write_ready(
             return sink.flush().await;
         }
     };
-    let Some(packing) = packing else {
+    // Most flushes carry one frame: it goes as it is, with nothing to gather.
+    let second = packing.and_then(|_| queue.try_recv().ok());
+    let (Some(packing), Some(second)) = (packing, second) else {
         sink.feed(Message::Text(first.0)).await?;
         for _ in 1..MAX_FRAMES_PER_FLUSH {
             let Ok((frame, _answer_slot)) = queue.try_recv() else {
@@ -814,11 +816,6 @@ async fn write_ready(
             };
             sink.feed(Message::Text(frame)).await?;
         }
-        return sink.flush().await;
-    };
-    // Most flushes carry one frame: it goes as it is, with nothing to gather.
-    let Ok(second) = queue.try_recv() else {
-        sink.feed(Message::Text(first.0)).await?;
         return sink.flush().await;
     };
     let mut ready = vec![first, second];

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use parley_events::protocol::unpack_frames;
+use parley_events::protocol::{is_packed, unpack_frames};
 use parley_events::subjects::{HANDLER_CONSUMER, INTAKE_STREAM};
 use parley_events::{ConversationId, EventEnvelope, RecordedEvent, UserId};
 use parley_localstack::{
@@ -855,7 +855,7 @@ impl Client {
                         .into_iter()
                         .map(|frame| serde_json::from_str(frame).expect("server sends JSON"))
                         .collect();
-                    if text.starts_with('[') {
+                    if is_packed(&text) {
                         let types = frames.iter().map(|f| f["type"].to_string()).collect();
                         self.packed.push(types);
                     }
