@@ -23,13 +23,13 @@ use futures::StreamExt;
 use parley_events::protocol::{ServerFrame, SystemEntry, close};
 use parley_events::subjects::{BARRIER_SUBJECT, live_subject};
 use parley_events::{ConversationId, RecordedEvent, UserId};
-use tokio::sync::mpsc::error::TrySendError;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, warn};
 
 use super::log::LogReader;
+use super::send_queue::{QueueReader, Queued, Refused, SendQueue};
 use super::typing;
 use crate::telemetry;
 
@@ -87,29 +87,25 @@ impl SocketControl {
 /// waits, and the socket's reader with it, which pushes back on the client through TCP.
 pub const MAX_QUEUED_ANSWERS: usize = 32;
 
-/// A frame waiting for its socket; an answer holds one of the socket's answer slots until
-/// the writer takes it.
-pub type Queued = (Utf8Bytes, Option<OwnedSemaphorePermit>);
-
 /// The sending side of one socket: a bounded queue of serialized frames, with room for
 /// `capacity` frames pushed to it (events) beside [`MAX_QUEUED_ANSWERS`] answers.
 #[derive(Clone)]
 pub struct Outbox {
-    tx: mpsc::Sender<Queued>,
+    frames: Arc<SendQueue>,
     answers: Arc<Semaphore>,
     pub control: Arc<SocketControl>,
 }
 
 impl Outbox {
-    pub fn new(capacity: usize) -> (Outbox, mpsc::Receiver<Queued>) {
-        let (tx, rx) = mpsc::channel(capacity + MAX_QUEUED_ANSWERS);
+    pub fn new(capacity: usize) -> (Outbox, QueueReader) {
+        let (frames, reader) = SendQueue::new(capacity + MAX_QUEUED_ANSWERS);
         (
             Outbox {
-                tx,
+                frames,
                 answers: Arc::new(Semaphore::new(MAX_QUEUED_ANSWERS)),
                 control: Arc::new(SocketControl::new()),
             },
-            rx,
+            reader,
         )
     }
 
@@ -146,13 +142,12 @@ impl Outbox {
     }
 
     fn queue(&self, queued: Queued) {
-        match self.tx.try_send(queued) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
+        match self.frames.try_push(queued) {
+            Ok(()) | Err(Refused::Closed) => {}
+            Err(Refused::Full) => {
                 self.control
                     .close(close::POLICY_VIOLATION, "slow consumer: send queue full");
             }
-            Err(TrySendError::Closed(_)) => {}
         }
     }
 }
@@ -798,9 +793,9 @@ mod tests {
         );
         // The queue never grew past its bound.
         for n in 0..pushed {
-            assert_eq!(queue.recv().await.unwrap().0.as_str(), n.to_string());
+            assert_eq!(queue.recv().await.0.as_str(), n.to_string());
         }
-        assert!(queue.try_recv().is_err());
+        assert!(queue.try_recv().is_none());
     }
 
     #[tokio::test]

@@ -24,6 +24,7 @@ mod log;
 mod presence;
 mod resume;
 mod revocations;
+mod send_queue;
 mod socket;
 mod tls;
 mod typing;
@@ -383,7 +384,7 @@ async fn upgrade(
     };
     metrics::counter!(telemetry::GATEWAY_UPGRADES_TOTAL, "result" => "accepted").increment(1);
     let remaining = Duration::from_secs(claims.exp.saturating_sub(unix_millis() / 1000));
-    let session = Session {
+    let session = Box::new(Session {
         user,
         protocol,
         pack,
@@ -392,7 +393,7 @@ async fn upgrade(
         expires_at: tokio::time::Instant::now() + remaining,
         claims,
         typing: Default::default(),
-    };
+    });
     let max_frame = shared.config.limits.frame_bytes();
     ws.max_frame_size(max_frame)
         .max_message_size(max_frame)
@@ -401,9 +402,12 @@ async fn upgrade(
         // A blocked socket leaves at most one frame beyond the write buffer in tungstenite's
         // buffer; the rest is room for the close frame, queued behind it without waiting.
         .max_write_buffer_size(WRITE_BUFFER_BYTES + socket::MAX_SERVER_FRAME_BYTES * 2)
-        .on_upgrade(move |socket| async move {
-            socket::serve(shared, socket, session, permit).await;
-            drop(counted);
+        .on_upgrade(move |socket| {
+            let serving = socket::serve(shared, socket, session, permit);
+            async move {
+                serving.await;
+                drop(counted);
+            }
         })
 }
 

@@ -14,12 +14,14 @@ use parley_events::protocol::{
 };
 use parley_events::{ClientMsgId, Command, ConversationId, ErrorCode, Role, UserId};
 use parley_projections::{ConversationStore, HistoryPage, StoreError};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{Instrument, debug, info_span, warn};
 
 use super::Shared;
-use super::delivery::{ConnectionId, Outbox, Queued, SocketControl};
+use super::delivery::{ConnectionId, Outbox, SocketControl};
+use super::send_queue::{QueueReader, Queued};
 use super::{commands, limits, presence, resume, typing};
 use crate::{telemetry, unix_millis};
 
@@ -55,84 +57,107 @@ pub struct Session {
     pub typing: typing::SocketTyping,
 }
 
-pub async fn serve(
+/// Serve one upgraded socket until it has closed.
+///
+/// Not an `async fn`, and its first and last steps boxed, because this future is most of an
+/// idle socket's memory: an `async fn` keeps its arguments for its whole life even once they
+/// are moved out, and every step awaited inline (a log lookup, a presence publish, the close
+/// handshake) would be laid out in every socket's task while only the read loop runs.
+pub fn serve(
     shared: Arc<Shared>,
     socket: WebSocket,
-    session: Session,
-    _permit: OwnedSemaphorePermit,
-) {
+    session: Box<Session>,
+    permit: OwnedSemaphorePermit,
+) -> impl Future<Output = ()> + Send + 'static {
     let span = info_span!("socket", conn = session.conn);
+    let (outbox, queue) = Outbox::new(shared.config.gateway.send_queue);
+    let (sink, mut stream) = socket.split();
+    let writer = tokio::spawn(write_loop(
+        sink,
+        queue,
+        Arc::clone(&outbox.control),
+        shared.config.ping_interval(),
+        session.pack,
+    ));
     async move {
         metrics::gauge!(telemetry::GATEWAY_CONNECTIONS).increment(1.0);
-        let (outbox, queue) = Outbox::new(shared.config.gateway.send_queue);
-        let (sink, mut stream) = socket.split();
-        let writer = tokio::spawn(write_loop(
-            sink,
-            queue,
-            Arc::clone(&outbox.control),
-            shared.config.ping_interval(),
-            session.pack,
-        ));
-        // Where "from now" starts for a version 1 socket: before its welcome, so whatever
-        // happens once the client holds the welcome reaches it, by its resume or live.
-        let connected_at = if session.protocol < 2 {
-            shared.log.bounds().await.ok().map(|bounds| bounds.last)
-        } else {
-            None
-        };
-        outbox.send(&ServerFrame::Welcome {
-            protocol: session.protocol,
-            user: session.user.clone(),
-            connection: shared.connection_name(session.conn),
-            limits: Limits {
-                max_frame_bytes: shared.config.limits.frame_bytes(),
-                max_message_bytes: shared.config.limits.max_message_bytes,
-                max_history_page: shared.config.limits.max_history_page,
-            },
-            pack: session.pack,
-        });
-        shared.routes.register(
-            session.conn,
-            session.user.clone(),
-            session.protocol,
-            outbox.clone(),
-        );
-        shared.revocations.track(
-            session.conn,
-            session.user.clone(),
-            session.claims.clone(),
-            Arc::clone(&outbox.control),
-        );
-        shared
-            .publish_presence(&session.user, session.conn, ConnectionState::Open)
-            .await;
-        if session.protocol < 2 {
-            Box::pin(resume::connect_v1(&shared, &session, &outbox, connected_at)).await;
-        }
-
+        Box::pin(start(&shared, &session, &outbox)).await;
         read_loop(&shared, &session, &mut stream, &outbox).await;
-
-        shared.routes.unregister(session.conn);
-        shared.revocations.untrack(session.conn);
-        shared.watchers.unwatch(session.conn, None);
-        shared
-            .publish_presence(&session.user, session.conn, ConnectionState::Closed)
-            .await;
-        // The writer stops as soon as the socket is closing, so this does not wait on a
-        // peer that stopped reading.
-        match writer.await {
-            Ok(sink) => {
-                let socket = sink
-                    .reunite(stream)
-                    .expect("the writer's sink and the reader's stream are one socket");
-                close_handshake(socket, &outbox.control).await;
-            }
-            Err(e) => warn!(error = %e, "socket writer failed"),
-        }
+        Box::pin(finish(&shared, &session, stream, &outbox, writer)).await;
         metrics::gauge!(telemetry::GATEWAY_CONNECTIONS).decrement(1.0);
+        // The gateway counts a socket until it has closed.
+        drop(permit);
     }
     .instrument(span)
-    .await
+}
+
+/// A new socket's first steps: its welcome, its routes, its presence, and a version 1
+/// socket's catch-up.
+async fn start(shared: &Arc<Shared>, session: &Session, outbox: &Outbox) {
+    // Where "from now" starts for a version 1 socket: before its welcome, so whatever
+    // happens once the client holds the welcome reaches it, by its resume or live.
+    let connected_at = if session.protocol < 2 {
+        shared.log.bounds().await.ok().map(|bounds| bounds.last)
+    } else {
+        None
+    };
+    outbox.send(&ServerFrame::Welcome {
+        protocol: session.protocol,
+        user: session.user.clone(),
+        connection: shared.connection_name(session.conn),
+        limits: Limits {
+            max_frame_bytes: shared.config.limits.frame_bytes(),
+            max_message_bytes: shared.config.limits.max_message_bytes,
+            max_history_page: shared.config.limits.max_history_page,
+        },
+        pack: session.pack,
+    });
+    shared.routes.register(
+        session.conn,
+        session.user.clone(),
+        session.protocol,
+        outbox.clone(),
+    );
+    shared.revocations.track(
+        session.conn,
+        session.user.clone(),
+        session.claims.clone(),
+        Arc::clone(&outbox.control),
+    );
+    shared
+        .publish_presence(&session.user, session.conn, ConnectionState::Open)
+        .await;
+    if session.protocol < 2 {
+        resume::connect_v1(shared, session, outbox, connected_at).await;
+    }
+}
+
+/// A closing socket's last steps: out of the routes, offline, and the close handshake once
+/// the writer has stopped.
+async fn finish(
+    shared: &Arc<Shared>,
+    session: &Session,
+    stream: SplitStream<WebSocket>,
+    outbox: &Outbox,
+    writer: JoinHandle<SplitSink<WebSocket, Message>>,
+) {
+    shared.routes.unregister(session.conn);
+    shared.revocations.untrack(session.conn);
+    shared.watchers.unwatch(session.conn, None);
+    shared
+        .publish_presence(&session.user, session.conn, ConnectionState::Closed)
+        .await;
+    // The writer stops as soon as the socket is closing, so this does not wait on a peer
+    // that stopped reading.
+    match writer.await {
+        Ok(sink) => {
+            let socket = sink
+                .reunite(stream)
+                .expect("the writer's sink and the reader's stream are one socket");
+            close_handshake(socket, &outbox.control).await;
+        }
+        Err(e) => warn!(error = %e, "socket writer failed"),
+    }
 }
 
 /// Read the client's frames until the socket is closing, for whatever reason.
@@ -202,7 +227,9 @@ async fn read_loop(
                         ))
                         .await;
                     }
-                    limits::Verdict::Refuse(frame) => outbox.answer(&frame).await,
+                    // Boxed like a request: refusals are rare, and every socket's task
+                    // would otherwise hold room for one.
+                    limits::Verdict::Refuse(frame) => Box::pin(outbox.answer(&frame)).await,
                     limits::Verdict::Close(reason) => {
                         control.close(close::POLICY_VIOLATION, reason);
                         return;
@@ -725,7 +752,7 @@ async fn conversations_page(
 /// be sent.
 async fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
-    mut queue: mpsc::Receiver<Queued>,
+    mut queue: QueueReader,
     control: Arc<SocketControl>,
     ping_interval: Duration,
     pack: bool,
@@ -742,10 +769,7 @@ async fn write_loop(
             biased;
             () = &mut closing => break,
             // An answer's slot is free once the writer has it.
-            frame = queue.recv() => match frame {
-                Some(queued) => Next::Frame(queued),
-                None => break,
-            },
+            queued = queue.recv() => Next::Frame(queued),
             _ = ping.tick() => Next::Ping,
         };
         // A write blocked on a full socket is abandoned when the socket starts closing: the
@@ -796,7 +820,7 @@ enum Next {
 async fn write_ready(
     sink: &mut SplitSink<WebSocket, Message>,
     first: Next,
-    queue: &mut mpsc::Receiver<Queued>,
+    queue: &mut QueueReader,
     packing: Option<&Packing>,
 ) -> Result<(), axum::Error> {
     let first = match first {
@@ -807,11 +831,11 @@ async fn write_ready(
         }
     };
     // Most flushes carry one frame: it goes as it is, with nothing to gather.
-    let second = packing.and_then(|_| queue.try_recv().ok());
+    let second = packing.and_then(|_| queue.try_recv());
     let (Some(packing), Some(second)) = (packing, second) else {
         sink.feed(Message::Text(first.0)).await?;
         for _ in 1..MAX_FRAMES_PER_FLUSH {
-            let Ok((frame, _answer_slot)) = queue.try_recv() else {
+            let Some((frame, _answer_slot)) = queue.try_recv() else {
                 break;
             };
             sink.feed(Message::Text(frame)).await?;
@@ -820,7 +844,7 @@ async fn write_ready(
     };
     let mut ready = vec![first, second];
     while ready.len() < MAX_FRAMES_PER_FLUSH {
-        let Ok(queued) = queue.try_recv() else {
+        let Some(queued) = queue.try_recv() else {
             break;
         };
         ready.push(queued);
