@@ -706,17 +706,17 @@ async fn connect(url: &str) -> Result<Socket, String> {
     // thousand idle clients must not cost the harness over a gigabyte.
     let config = WebSocketConfig::default().read_buffer_size(4096);
     let connected = match loopback_gateway(url) {
-        Some(gateway) => {
-            let tcp = connect_from_loopback(gateway)
+        Some(gateway) => match connect_from_loopback(gateway).await {
+            Ok(tcp) => {
+                tokio_tungstenite::client_async_with_config(
+                    url,
+                    MaybeTlsStream::Plain(tcp),
+                    Some(config),
+                )
                 .await
-                .map_err(|e| format!("connect:io:{:?}", e.kind()))?;
-            tokio_tungstenite::client_async_with_config(
-                url,
-                MaybeTlsStream::Plain(tcp),
-                Some(config),
-            )
-            .await
-        }
+            }
+            Err(e) => Err(tungstenite::Error::Io(e)),
+        },
         None => tokio_tungstenite::connect_async_with_config(url, Some(config), true).await,
     };
     match connected {

@@ -67,10 +67,9 @@ impl SendQueue {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        // A panic while holding the lock cannot leave the deque half-changed.
         self.state
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .expect("send queue lock is never poisoned")
     }
 }
 
