@@ -193,18 +193,15 @@ async fn ensure_stream(
     };
     // Roles starting together race to create the stream; the loser's create fails, and the
     // stream it then finds is checked like any existing one.
-    let mut stream = match js.get_or_create_stream(wanted.clone()).await {
+    let stream = match js.get_or_create_stream(wanted.clone()).await {
         Ok(stream) => stream,
         Err(create_error) => find_created(js, name)
             .await
             .ok_or_else(|| unavailable(create_error.to_string()))?,
     };
-    let found = stream
-        .info()
-        .await
-        .map_err(|e| unavailable(e.to_string()))?
-        .config
-        .clone();
+    // The info the create or the lookup answered with: asking again right after a create
+    // on a cluster can find no stream leader yet, and be answered "stream not found".
+    let found = stream.cached_info().config.clone();
     check_compatible(name, &found, &wanted)?;
     if wanted.allow_atomic_publish && !found.allow_atomic_publish {
         // Every role that finds the old stream may do this at once; the updates agree.
