@@ -5,7 +5,7 @@
 //! harness and a local reverse proxy connect from there), and limits set wrong stop the
 //! `parley` binary at start.
 
-mod support;
+use crate::support;
 
 use std::process::Command;
 use std::time::Duration;

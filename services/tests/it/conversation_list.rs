@@ -2,7 +2,7 @@
 //! message's preview, the user's read marker and unread count), and exactly the version 1
 //! shape for version 1 sockets; on real NATS and SQLite, through a gateway.
 
-mod support;
+use crate::support;
 
 use serde_json::json;
 use support::{Platform, eventually};

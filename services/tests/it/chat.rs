@@ -1,6 +1,6 @@
 //! The message path end to end, on real NATS, Redis and SQLite, with real WebSocket clients.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

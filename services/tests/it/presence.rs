@@ -2,7 +2,7 @@
 //! servers: who gets them, who does not, what is refused, that typing never reaches the
 //! log, and that presence comes back after Redis is wiped.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! a switch under live load moves gateways and the projector without losing an event, and
 //! a gateway started after a switch reads the switched target.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeSet;
 use std::path::Path;

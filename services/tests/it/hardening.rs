@@ -4,7 +4,7 @@
 //! most `gateway.max_connections_per_ip` connections, the next refused with HTTP 429
 //! `too_many_connections` until one closes.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -4,7 +4,7 @@
 //! chain. The interruption is measured and printed, not asserted (timing is the
 //! benchmarks' business).
 
-mod support;
+use crate::support;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};

@@ -2,7 +2,7 @@
 //! and their tokens refused at the upgrade, while a token issued after the revocation
 //! works; one token revoked by its `jti` with `parley revoke --token`.
 
-mod support;
+use crate::support;
 
 use std::process::Command;
 use std::time::Instant;

@@ -2,7 +2,7 @@
 //! through a gateway on real NATS and SQLite, and what it answers to requests it cannot
 //! serve.
 
-mod support;
+use crate::support;
 
 use serde_json::json;
 use support::{Platform, eventually};

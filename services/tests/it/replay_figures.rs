@@ -1,7 +1,7 @@
 //! The rebuild figures of `docs/benchmarks.md` ("Rebuilding a projection"), in one run:
 //!
 //! ```text
-//! cargo test --release -p parley-services --test replay_figures -- --ignored --nocapture
+//! cargo test --release -p parley-services --test it replay_figures:: -- --ignored --nocapture
 //! ```
 //!
 //! 200,000 events (100 direct conversations: each a creation and 1,999 messages) are
@@ -13,7 +13,7 @@
 //! new keyspace on a local Cassandra node (started for the run; without Java that row is
 //! skipped, unless CI or `PARLEY_REQUIRE_CQL` requires it).
 
-mod support;
+use crate::support;
 
 use std::time::Instant;
 

@@ -1,7 +1,7 @@
 //! The gateway's HTTP side besides `/ws`: the web chat's files from `gateway.web_dir`, and
 //! `parley up`'s development tokens, which only it can turn on.
 
-mod support;
+use crate::support;
 
 use futures::StreamExt;
 use parley_services::config::Config;

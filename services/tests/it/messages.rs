@@ -3,7 +3,7 @@
 //! live to the other members, shown in history; and every frame sent wrong answered with
 //! its error code, nothing appended.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

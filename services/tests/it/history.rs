@@ -1,7 +1,7 @@
 //! `history` both ways: backwards with `before`, forwards with `after`, through a gateway on
 //! real NATS and SQLite, and what it answers to requests it cannot serve.
 
-mod support;
+use crate::support;
 
 use serde_json::{Value, json};
 use support::{Client, Platform, eventually};

@@ -1,7 +1,7 @@
 //! The platform rides out a NATS restart: clients keep their sockets, and sends after the
 //! restart are appended, delivered and projected as before.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

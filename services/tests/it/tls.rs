@@ -2,7 +2,7 @@
 //! accept only TLS with a client certificate, from a throwaway CA
 //! (`parley_localstack::pki`); and TLS files that cannot work stopping a node at start.
 
-mod support;
+use crate::support;
 
 use parley_localstack::pki::TestPki;
 use parley_localstack::{NatsOptions, RedisOptions};

@@ -6,7 +6,7 @@
 //! each in its own keyspace. Without Java the tests print `skipped: ...`, unless CI or
 //! `PARLEY_REQUIRE_CQL` requires them.
 
-mod support;
+use crate::support;
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! in one WebSocket message, in order and each once; an answer never shares a message; a
 //! socket that did not ask gets one frame per message.
 
-mod support;
+use crate::support;
 
 use serde_json::json;
 use support::Platform;

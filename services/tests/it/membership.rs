@@ -2,7 +2,7 @@
 //! what the gateway refuses at the edge, the acks and errors of each frame, system entries
 //! in history and in live events, and a muted member's send.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! taking one socket's pipelined sends. What the client sees (ack, `timeout`, `unavailable`,
 //! a late ack, the order of its sends) and what the log holds afterwards.
 
-mod support;
+use crate::support;
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;

@@ -4,7 +4,7 @@
 //! served to new connections without a restart while open sockets stay up, and a bad
 //! replacement keeps the certificate in service.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

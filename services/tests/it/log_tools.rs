@@ -3,7 +3,7 @@
 //! show, stats, tail with filters, a conversation at an earlier point, and the old-log
 //! fixture read through the upcaster.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

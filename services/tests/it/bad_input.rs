@@ -1,6 +1,6 @@
 //! Everything a client can get wrong gets its documented answer, and nothing is appended.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

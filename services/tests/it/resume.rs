@@ -1,7 +1,7 @@
 //! Resume (protocol version 2): a client that reconnects gets every event it missed, in
 //! order, then live events, with nothing missing and nothing twice.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -25,10 +25,10 @@ use proc_macro2::{Delimiter, TokenStream, TokenTree};
 /// the file that will hold them; remove it when that file lands.
 const COVERED_ELSEWHERE: &[(&str, &str)] = &[
     // A command that gets no outcome within `gateway.command_timeout_secs`.
-    ("timeout", "services/tests/faults_commands.rs"),
+    ("timeout", "services/tests/it/faults_commands.rs"),
     // The intake refusing a publish, a handler failing every delivery, the store failing a
     // read (the full gateway's HTTP 503 is tested in bad_input.rs).
-    ("unavailable", "services/tests/faults_commands.rs"),
+    ("unavailable", "services/tests/it/faults_commands.rs"),
 ];
 
 /// Close rows no client can make the server send, with why.

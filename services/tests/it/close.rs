@@ -2,7 +2,7 @@
 //! own close frame is answered with one, whatever the socket was doing (RFC 6455 5.5.1).
 //! Answers to a client's own requests never make it a slow consumer.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

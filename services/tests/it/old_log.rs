@@ -11,10 +11,10 @@
 //!
 //! ```text
 //! PARLEY_FIXTURE_OUT=services/tests/fixtures/log-2026-11.jsonl \
-//!   cargo test -p parley-services --test old_log -- --ignored write_old_log_fixture
+//!   cargo test -p parley-services --test it old_log::write_old_log_fixture -- --ignored
 //! ```
 
-mod support;
+use crate::support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;

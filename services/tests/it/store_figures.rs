@@ -1,7 +1,7 @@
 //! The projection-store figures of `docs/benchmarks.md`, measured in one run:
 //!
 //! ```text
-//! cargo test --release -p parley-services --test store_figures -- --ignored --nocapture
+//! cargo test --release -p parley-services --test it store_figures:: -- --ignored --nocapture
 //! ```
 //!
 //! One conversation of 100,000 messages (plus its creation) is appended to the event log of
@@ -14,7 +14,7 @@
 //! `before` anywhere in the conversation) read back from each store. Needs Java for the
 //! Cassandra node; run it on a quiet machine.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

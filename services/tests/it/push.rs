@@ -1,7 +1,7 @@
 //! Push notifications: messages to members with no live socket become POSTs to a real HTTP
 //! server this test starts, retried, dead-lettered, listed and redriven with `parley push`.
 
-mod support;
+use crate::support;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;

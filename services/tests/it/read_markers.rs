@@ -2,7 +2,7 @@
 //! user's marker forward, the event reaches only the user's own sockets, and the store
 //! projects it; on real NATS and SQLite, through a gateway.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! The conversation projection is disposable: deleted, it is rebuilt from the log and equals
 //! what it was.
 
-mod support;
+use crate::support;
 
 use parley_events::{ConversationId, UserId};
 use parley_projections::ConversationStore;
