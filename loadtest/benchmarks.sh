@@ -14,6 +14,9 @@ if [ -n "$(git status --porcelain --untracked-files=no)" ]; then
     echo "loadtest/benchmarks.sh: the working tree has changes; the page names one commit, so commit first" >&2
     exit 2
 fi
+# The servers --spawn starts, and Cassandra for horizontal-scale's CQL store.
+infra/install.sh
+infra/cassandra.sh
 cargo build --release -p parley-services --bin parley -p parley-loadtest --bin parley-loadtest
 
 commit=$(git rev-parse --short=7 HEAD)

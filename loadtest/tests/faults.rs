@@ -175,9 +175,13 @@ fn clients_of_a_gateway_killed_with_sigkill_resume_on_the_other() {
 #[test]
 fn clients_of_a_removed_gateway_move_to_the_others_of_a_scaled_out_platform() {
     if !parley_localstack::cql_required()
-        && parley_localstack::find_binary("cassandra-node").is_err()
+        && parley_localstack::find_binary("cassandra-node", parley_localstack::CASSANDRA_INSTALLER)
+            .is_err()
     {
-        println!("skipped: no cassandra-node here (infra/install.sh installs it)");
+        println!(
+            "skipped: no cassandra-node here ({} installs it)",
+            parley_localstack::CASSANDRA_INSTALLER
+        );
         return;
     }
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());

@@ -6,7 +6,10 @@ use std::process::{Command, Stdio};
 
 use crate::LocalError;
 
-/// Finds the executable `name`.
+/// The script that installs nats-server and redis-server into `.parley/bin`.
+pub const SERVERS_INSTALLER: &str = "infra/install.sh";
+
+/// Finds the executable `name`, which `installer` (a script of this repository) installs.
 ///
 /// Search order, first executable file wins:
 /// 1. `$PARLEY_HOME/bin`, if the `PARLEY_HOME` environment variable is set;
@@ -15,8 +18,8 @@ use crate::LocalError;
 /// 3. each directory on `PATH`.
 ///
 /// Returns [`LocalError::BinaryNotFound`], listing every directory searched and telling the
-/// user to run `infra/install.sh`, when none has it.
-pub fn find_binary(name: &str) -> Result<PathBuf, LocalError> {
+/// user to run `installer`, when none has it.
+pub fn find_binary(name: &str, installer: &'static str) -> Result<PathBuf, LocalError> {
     let mut searched = Vec::new();
     if let Some(home) = env::var_os("PARLEY_HOME").filter(|h| !h.is_empty()) {
         searched.push(PathBuf::from(home).join("bin"));
@@ -36,6 +39,7 @@ pub fn find_binary(name: &str) -> Result<PathBuf, LocalError> {
     Err(LocalError::BinaryNotFound {
         name: name.to_owned(),
         searched,
+        installer,
     })
 }
 
@@ -58,9 +62,22 @@ fn is_executable(path: &Path) -> bool {
     }
 }
 
+/// Finds `name` (installed by `installer`), reads its version and checks it is at least
+/// `min_version`: the binary and its version.
+pub(crate) fn locate(
+    name: &str,
+    min_version: &str,
+    installer: &'static str,
+) -> Result<(PathBuf, String), LocalError> {
+    let binary = find_binary(name, installer)?;
+    let version = binary_version(&binary)?;
+    require_version(&binary, &version, min_version, installer)?;
+    Ok((binary, version))
+}
+
 /// Runs `<binary> --version` and returns the first dotted version number it prints
 /// (`nats-server: v2.15.1` gives `2.15.1`; `Redis server v=7.0.15 sha=...` gives `7.0.15`).
-pub(crate) fn binary_version(binary: &Path) -> Result<String, LocalError> {
+fn binary_version(binary: &Path) -> Result<String, LocalError> {
     let output = Command::new(binary)
         .arg("--version")
         .stdin(Stdio::null())
@@ -80,11 +97,12 @@ pub(crate) fn binary_version(binary: &Path) -> Result<String, LocalError> {
     }
 }
 
-/// Fails with [`LocalError::TooOld`] when `found` < `required`.
+/// Fails with [`LocalError::TooOld`], naming `installer`, when `found` < `required`.
 pub(crate) fn require_version(
     binary: &Path,
     found: &str,
     required: &str,
+    installer: &'static str,
 ) -> Result<(), LocalError> {
     if version_numbers(found) >= version_numbers(required) {
         Ok(())
@@ -93,6 +111,7 @@ pub(crate) fn require_version(
             binary: binary.to_owned(),
             found: found.to_owned(),
             required: required.to_owned(),
+            installer,
         })
     }
 }
@@ -156,13 +175,13 @@ mod tests {
     #[test]
     fn compares_versions() {
         let p = Path::new("x");
-        assert!(require_version(p, "2.15.1", "2.12.0").is_ok());
-        assert!(require_version(p, "2.12", "2.12.0").is_ok());
-        assert!(require_version(p, "2.12.0-beta", "2.12.0").is_ok());
+        assert!(require_version(p, "2.15.1", "2.12.0", SERVERS_INSTALLER).is_ok());
+        assert!(require_version(p, "2.12", "2.12.0", SERVERS_INSTALLER).is_ok());
+        assert!(require_version(p, "2.12.0-beta", "2.12.0", SERVERS_INSTALLER).is_ok());
         assert!(matches!(
-            require_version(p, "2.9.25", "2.12.0"),
+            require_version(p, "2.9.25", "2.12.0", SERVERS_INSTALLER),
             Err(LocalError::TooOld { .. })
         ));
-        assert!(require_version(p, "10.0.0", "6.0.0").is_ok());
+        assert!(require_version(p, "10.0.0", "6.0.0", SERVERS_INSTALLER).is_ok());
     }
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use tempfile::TempDir;
 
-use crate::binary::{binary_version, find_binary, require_version};
+use crate::binary::locate;
 use crate::process::{self, Spawned, free_port, kill_and_reap, probe_connect, temp_dir};
 use crate::{LocalError, ServerTls};
 
@@ -21,6 +21,8 @@ use crate::{LocalError, ServerTls};
 pub const CASSANDRA_MIN_VERSION: &str = "5.0.0";
 
 const NAME: &str = "cassandra-node";
+/// The script that installs Cassandra's jars and the `cassandra-node` launcher.
+pub const CASSANDRA_INSTALLER: &str = "infra/cassandra.sh";
 const LOG_FILE: &str = "node.log";
 /// In the node's `conf/`: appended by the launcher to the `cassandra.yaml` it writes (see
 /// `infra/cassandra-node.sh`).
@@ -91,9 +93,7 @@ impl CassandraNode {
 
     /// [`start`](Self::start), with the native port speaking TLS only when `tls` is given.
     pub fn start_with(tls: Option<&ServerTls>) -> Result<CassandraNode, LocalError> {
-        let binary = find_binary(NAME)?;
-        let version = binary_version(&binary)?;
-        require_version(&binary, &version, CASSANDRA_MIN_VERSION)?;
+        let (binary, version) = locate(NAME, CASSANDRA_MIN_VERSION, CASSANDRA_INSTALLER)?;
         let temp = temp_dir("parley-cassandra-")?;
         let dir = temp.path().to_owned();
         let native_port = free_port()?;

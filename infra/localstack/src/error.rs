@@ -10,7 +10,7 @@ use std::time::Duration;
 pub enum LocalError {
     /// No executable with this name in any searched directory.
     #[error(
-        "`{name}` not found (searched: {}); run `infra/install.sh` from the repository root \
+        "`{name}` not found (searched: {}); run `{installer}` from the repository root \
          to install it into .parley/bin, or set PARLEY_HOME to a directory whose bin/ holds it",
         display_paths(searched)
     )]
@@ -19,11 +19,13 @@ pub enum LocalError {
         name: String,
         /// The directories searched, in order.
         searched: Vec<PathBuf>,
+        /// The repository's script that installs it.
+        installer: &'static str,
     },
 
     /// The executable is older than Parley needs.
     #[error(
-        "{} is version {found}, Parley needs {required} or newer; run `infra/install.sh`",
+        "{} is version {found}, Parley needs {required} or newer; run `{installer}`",
         binary.display()
     )]
     TooOld {
@@ -33,6 +35,8 @@ pub enum LocalError {
         found: String,
         /// The oldest version Parley accepts.
         required: String,
+        /// The repository's script that installs a version it accepts.
+        installer: &'static str,
     },
 
     /// `<binary> --version` did not print a version this crate understands.

@@ -65,8 +65,8 @@ mod process;
 mod redis;
 mod tls;
 
-pub use binary::find_binary;
-pub use cassandra::{CASSANDRA_MIN_VERSION, CassandraNode, cql_required};
+pub use binary::{SERVERS_INSTALLER, find_binary};
+pub use cassandra::{CASSANDRA_INSTALLER, CASSANDRA_MIN_VERSION, CassandraNode, cql_required};
 pub use cluster::{NatsCluster, NatsClusterOptions};
 pub use error::LocalError;
 pub use nats::{NATS_MAX_PAYLOAD, NATS_MIN_VERSION, NatsOptions, NatsServer};

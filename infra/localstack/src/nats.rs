@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tempfile::TempDir;
 
-use crate::binary::{binary_version, find_binary, require_version};
+use crate::binary::{SERVERS_INSTALLER, locate};
 use crate::process::{
     self, Spawned, kill_and_reap, prepare_dir, probe_connect, start_with_retry, temp_dir,
 };
@@ -145,9 +145,7 @@ impl NatsServer {
         port: u16,
         cluster: Option<ClusterMembership>,
     ) -> Result<NatsServer, LocalError> {
-        let binary = find_binary(NATS_NAME)?;
-        let version = binary_version(&binary)?;
-        require_version(&binary, &version, NATS_MIN_VERSION)?;
+        let (binary, version) = locate(NATS_NAME, NATS_MIN_VERSION, SERVERS_INSTALLER)?;
 
         let (temp, dir) = match &opts.data_dir {
             None => {

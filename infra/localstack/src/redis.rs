@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tempfile::TempDir;
 
-use crate::binary::{binary_version, find_binary, require_version};
+use crate::binary::{SERVERS_INSTALLER, locate};
 use crate::process::{
     self, Spawned, free_port, kill_and_reap, probe_connect, start_with_retry, temp_dir,
 };
@@ -60,9 +60,7 @@ impl RedisServer {
     /// and `INFO server` reports this child's process id. Blocks for the startup, typically
     /// well under a second, at most about 10 s.
     pub fn start(opts: RedisOptions) -> Result<RedisServer, LocalError> {
-        let binary = find_binary(NAME)?;
-        let version = binary_version(&binary)?;
-        require_version(&binary, &version, REDIS_MIN_VERSION)?;
+        let (binary, version) = locate(NAME, REDIS_MIN_VERSION, SERVERS_INSTALLER)?;
         let temp = temp_dir("parley-redis-")?;
         let dir = temp.path().to_owned();
         let log = dir.join(LOG_FILE);

@@ -6,8 +6,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use parley_localstack::{
-    LocalError, NatsCluster, NatsClusterOptions, NatsOptions, NatsServer, RedisOptions,
-    RedisServer, find_binary,
+    CASSANDRA_INSTALLER, LocalError, NatsCluster, NatsClusterOptions, NatsOptions, NatsServer,
+    RedisOptions, RedisServer, SERVERS_INSTALLER, find_binary,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -234,7 +234,7 @@ async fn a_server_left_on_the_directory_by_a_killed_starter_is_stopped_first() {
     // is when `parley up` is killed with SIGKILL. (The first one is stopped to free the
     // store; the orphan takes its port from the config.)
     let port = first.port();
-    let binary = find_binary("nats-server").unwrap();
+    let binary = find_binary("nats-server", SERVERS_INSTALLER).unwrap();
     drop(first);
     let shell = std::process::Command::new("sh")
         .arg("-c")
@@ -418,19 +418,25 @@ async fn both_servers_side_by_side() {
 
 #[test]
 fn missing_binary_points_to_install_script() {
-    let err = find_binary("definitely-not-a-binary").unwrap_err();
+    let err = find_binary("definitely-not-a-binary", SERVERS_INSTALLER).unwrap_err();
     assert!(
-        matches!(&err, LocalError::BinaryNotFound { name, searched }
+        matches!(&err, LocalError::BinaryNotFound { name, searched, .. }
             if name == "definitely-not-a-binary" && !searched.is_empty()),
         "{err:?}"
     );
-    assert!(err.to_string().contains("infra/install.sh"), "{err}");
+    assert!(err.to_string().contains("run `infra/install.sh`"), "{err}");
+    // Cassandra's launcher comes from its own script, which the message must name.
+    let err = find_binary("definitely-not-a-binary", CASSANDRA_INSTALLER).unwrap_err();
+    assert!(
+        err.to_string().contains("run `infra/cassandra.sh`"),
+        "{err}"
+    );
 }
 
 #[test]
 fn installed_binaries_are_found() {
     for name in ["nats-server", "redis-server"] {
-        let path = find_binary(name).unwrap();
+        let path = find_binary(name, SERVERS_INSTALLER).unwrap();
         assert!(Path::new(&path).is_file(), "{}", path.display());
     }
 }
