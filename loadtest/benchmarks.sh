@@ -22,7 +22,8 @@ cargo build --release -p parley-services --bin parley -p parley-loadtest --bin p
 commit=$(git rev-parse --short=7 HEAD)
 out="loadtest-results/benchmarks-$commit-$(date -u +%Y%m%d)"
 mkdir -p "$out"
-{
+# A later call for some runs only adds their reports to the same directory.
+[ -f "$out/MACHINE" ] || {
     echo "commit $(git rev-parse HEAD)"
     echo "started $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "cpu $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"

@@ -257,12 +257,7 @@ def main():
     machine = dict(
         line.split(" ", 1) for line in (directory / "MACHINE").read_text().splitlines() if " " in line
     )
-    lines = [
-        f"Commit `{machine['commit'][:7]}`, runs started {machine['started']}, one after another "
-        f"on one machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory']}, "
-        f"Linux {machine['kernel']}.",
-        "",
-    ]
+    lines = []
     runs = []
     for run in (p for p in directory.iterdir() if p.is_dir()):
         reports = sorted(run.glob("*/report.json"))
@@ -271,9 +266,17 @@ def main():
         for path in reports:
             report = json.loads(path.read_text())
             runs.append((report["environment"]["started_at_unix"], run.name, report))
-    for _, name, report in sorted(runs, key=lambda run: run[0]):
+    runs.sort(key=lambda run: run[0])
+    first, last = (datetime.fromtimestamp(runs[i][0], timezone.utc) for i in (0, -1))
+    head = [
+        f"Commit `{machine['commit'][:7]}`; {len(runs)} runs started one after another between "
+        f"{first:%Y-%m-%d %H:%M} and {last:%H:%M} UTC on one machine: {machine['cpu']}, "
+        f"{machine['cores']} cores, {machine['memory']}, Linux {machine['kernel']}.",
+        "",
+    ]
+    for _, name, report in runs:
         lines += section(name, report)
-    print("\n".join(lines))
+    print("\n".join(head + lines))
 
 
 if __name__ == "__main__":
