@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every scenario once, back to back, against one release build of one commit, for
 # docs/benchmarks.md: the reports go to loadtest-results/benchmarks-<commit>-<date>/<run>/,
-# and loadtest/benchmarks_page.py turns them into the page's tables. About 30 minutes on
+# and loadtest/benchmarks_page.py turns them into the page's tables. About 25 minutes on
 # the 2-core build machine; run it with nothing else busy, since every figure is a ratio to
 # baselines measured on the same machine in the same run.
 #
@@ -25,7 +25,6 @@ mkdir -p "$out"
 # A later call for some runs only adds their reports to the same directory.
 [ -f "$out/MACHINE" ] || {
     echo "commit $(git rev-parse HEAD)"
-    echo "started $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "cpu $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
     echo "cores $(nproc)"
     echo "memory $(free -g | awk '/^Mem:/ {print $2}') GiB"

@@ -40,10 +40,9 @@ def latencies(report):
         if summary["count"]:
             rows.append(summary_row(label, summary))
     baselines = report.get("baselines") or {}
-    if baselines.get("jetstream"):
-        rows.append(summary_row("baseline: JetStream publish -> ack", baselines["jetstream"]["latency"]))
-    if baselines.get("websocket_echo"):
-        rows.append(summary_row("baseline: WebSocket echo", baselines["websocket_echo"]["latency"]))
+    for key, label in (("jetstream", "JetStream publish -> ack"), ("websocket_echo", "WebSocket echo")):
+        if baselines.get(key):
+            rows.append(summary_row(f"baseline: {label}", baselines[key]["latency"]))
     if not rows:
         return []
     return ["| Figure | p50 | p90 | p99 | p99.9 | max |", "|---|---|---|---|---|---|", *rows, ""]
@@ -228,13 +227,16 @@ def ledger(report):
     ]
 
 
+def started_at(report):
+    return datetime.fromtimestamp(report["environment"]["started_at_unix"], timezone.utc)
+
+
 def section(name, report):
     environment = report["environment"]
-    started = datetime.fromtimestamp(environment["started_at_unix"], timezone.utc)
     return [
         f"### `{name}`: {report['scenario']['description']}",
         "",
-        f"`{environment['command']}` at {started:%H:%M} UTC; "
+        f"`{environment['command']}` at {started_at(report):%H:%M} UTC; "
         f"{environment['durability']}; {environment['platform']}.",
         "",
         *latencies(report),
@@ -265,16 +267,16 @@ def main():
             lines += [f"### `{run.name}`: no report (see `{run.name}.txt`)", ""]
         for path in reports:
             report = json.loads(path.read_text())
-            runs.append((report["environment"]["started_at_unix"], run.name, report))
-    runs.sort(key=lambda run: run[0])
-    first, last = (datetime.fromtimestamp(runs[i][0], timezone.utc) for i in (0, -1))
+            runs.append((run.name, report))
+    runs.sort(key=lambda run: started_at(run[1]))
+    first, last = (started_at(runs[i][1]) for i in (0, -1))
     head = [
         f"Commit `{machine['commit'][:7]}`; {len(runs)} runs started one after another between "
         f"{first:%Y-%m-%d %H:%M} and {last:%H:%M} UTC on one machine: {machine['cpu']}, "
         f"{machine['cores']} cores, {machine['memory']}, Linux {machine['kernel']}.",
         "",
     ]
-    for _, name, report in runs:
+    for name, report in runs:
         lines += section(name, report)
     print("\n".join(head + lines))
 

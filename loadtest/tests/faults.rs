@@ -175,13 +175,9 @@ fn clients_of_a_gateway_killed_with_sigkill_resume_on_the_other() {
 #[test]
 fn clients_of_a_removed_gateway_move_to_the_others_of_a_scaled_out_platform() {
     if !parley_localstack::cql_required()
-        && parley_localstack::find_binary("cassandra-node", parley_localstack::CASSANDRA_INSTALLER)
-            .is_err()
+        && let Err(e) = parley_localstack::CassandraNode::find()
     {
-        println!(
-            "skipped: no cassandra-node here ({} installs it)",
-            parley_localstack::CASSANDRA_INSTALLER
-        );
+        println!("skipped: {e}");
         return;
     }
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use tempfile::TempDir;
 
-use crate::binary::locate;
+use crate::binary::{find_binary, locate};
 use crate::process::{self, Spawned, free_port, kill_and_reap, probe_connect, temp_dir};
 use crate::{LocalError, ServerTls};
 
@@ -89,6 +89,12 @@ impl CassandraNode {
     /// about 10 s on an idle machine, at most [`START_TIMEOUT`].
     pub fn start() -> Result<CassandraNode, LocalError> {
         CassandraNode::start_with(None)
+    }
+
+    /// The installed `cassandra-node` launcher, or why there is none (the error names the
+    /// script that installs it): for callers that start the node some other way.
+    pub fn find() -> Result<PathBuf, LocalError> {
+        find_binary(NAME, CASSANDRA_INSTALLER)
     }
 
     /// [`start`](Self::start), with the native port speaking TLS only when `tls` is given.
