@@ -7,11 +7,22 @@
 
 use crate::ids::{ConversationId, UserId};
 
-/// Work-queue stream of commands from gateways to handlers.
+/// Work-queue stream of commands from gateways to handlers, one subject per intake
+/// partition (`parley.intake.<partition>`).
 pub const INTAKE_STREAM: &str = "PARLEY_INTAKE";
-pub const INTAKE_SUBJECT: &str = "parley.intake";
-/// Durable consumer shared by every handler instance.
-pub const HANDLER_CONSUMER: &str = "handlers";
+pub const INTAKE_SUBJECT_PREFIX: &str = "parley.intake";
+pub const INTAKE_SUBJECTS: &str = "parley.intake.*";
+/// How many parts the intake is split into, each a contiguous range of log shards with a
+/// durable consumer of its own. Handler instances share the partitions out between them,
+/// so no more than this many instances have work; fixed, so that gateways and handlers of
+/// any configuration agree on where a command goes.
+pub const INTAKE_PARTITIONS: u32 = 16;
+/// Priority group of the intake partitions' consumers: an instance pulls the partitions it
+/// owns at the first priority and every other one at the next, as a standby.
+pub const HANDLER_PRIORITY_GROUP: &str = "handlers";
+/// Key-value bucket in which handler instances announce themselves, so that each can work
+/// out which intake partitions it owns.
+pub const HANDLERS_BUCKET: &str = "PARLEY_HANDLERS";
 
 /// The event log.
 pub const LOG_STREAM: &str = "PARLEY_LOG";
@@ -50,6 +61,16 @@ pub const HANDLER_QUEUE: &str = "handlers";
 /// server, a round trip showing that the server has read everything the connection sent
 /// before it: a gateway's new subscriptions, before it tells a socket it is live in them.
 pub const BARRIER_SUBJECT: &str = "parley.barrier";
+
+/// The intake subject of one partition.
+pub fn intake_subject(partition: u32) -> String {
+    format!("{INTAKE_SUBJECT_PREFIX}.{partition}")
+}
+
+/// The durable consumer of one intake partition.
+pub fn handler_consumer(partition: u32) -> String {
+    format!("handlers-{partition}")
+}
 
 /// The log subject of one shard.
 pub fn log_subject(shard: u32) -> String {
@@ -121,6 +142,17 @@ impl Shards {
     pub fn subject(self, conversation: ConversationId) -> String {
         log_subject(self.of(conversation))
     }
+
+    /// The intake partition of a shard: partitions are contiguous ranges of shards, so the
+    /// shards of one partition still spread over every lane of a handler (`shard % lanes`).
+    pub fn intake_partition(self, shard: u32) -> u32 {
+        (u64::from(shard) * u64::from(INTAKE_PARTITIONS) / u64::from(self.0)) as u32
+    }
+
+    /// The intake subject that commands to a conversation are published on.
+    pub fn intake_subject(self, conversation: ConversationId) -> String {
+        intake_subject(self.intake_partition(self.of(conversation)))
+    }
 }
 
 #[cfg(test)]
@@ -156,6 +188,32 @@ mod tests {
         assert_eq!(subject("alice-1_b"), "parley.presence.user.alice-1_b");
         assert_eq!(subject("a.>"), "parley.presence.user.~612e3e");
         assert_eq!(subject("~612e3e"), "parley.presence.user.~7e363132653365");
+    }
+
+    #[test]
+    fn intake_partitions_are_contiguous_ranges_of_shards() {
+        for count in [1, 7, 16, 100, 1024, Shards::MAX] {
+            let shards = Shards::new(count).unwrap();
+            let partitions: Vec<u32> = (0..count).map(|s| shards.intake_partition(s)).collect();
+            assert_eq!(partitions[0], 0, "{count} shards");
+            assert!(
+                partitions.windows(2).all(|w| w[0] <= w[1]),
+                "{count} shards: a partition is one range"
+            );
+            let used: std::collections::BTreeSet<u32> = partitions.iter().copied().collect();
+            assert_eq!(
+                used.len() as u32,
+                count.min(INTAKE_PARTITIONS),
+                "{count} shards: as many partitions used as there can be"
+            );
+            assert!(used.iter().all(|p| *p < INTAKE_PARTITIONS));
+        }
+        let shards = Shards::new(1024).unwrap();
+        assert_eq!(shards.intake_partition(63), 0);
+        assert_eq!(shards.intake_partition(64), 1);
+        assert_eq!(shards.intake_partition(1023), 15);
+        let fixed = ConversationId::from_uuid(uuid::Uuid::from_u128(1));
+        assert_eq!(shards.intake_subject(fixed), "parley.intake.10");
     }
 
     #[test]

@@ -484,6 +484,11 @@ pub struct HandlerConfig {
     /// lanes hand over while all are in flight is merged into the next batch. At most the
     /// server's limit of atomic batches in flight per stream (50).
     pub commits_in_flight: usize,
+    /// The name this instance announces itself under, to share the intake partitions out
+    /// with the other instances: unique per instance (a pod's name). Two instances with one
+    /// name both own its partitions, which is safe but as slow as sharing every shard.
+    /// Unset: `handler-<random>`, new at each start.
+    pub instance: Option<String>,
 }
 
 /// The most atomic batches nats-server keeps in flight for one stream.
@@ -502,6 +507,7 @@ impl Default for HandlerConfig {
             snapshot_every_events: 100_000,
             max_batch: 256,
             commits_in_flight: 4,
+            instance: None,
         }
     }
 }
@@ -1120,6 +1126,15 @@ impl Config {
             (1..=MAX_ATOMIC_BATCHES_IN_FLIGHT).contains(&self.handler.commits_in_flight),
             "handler.commits_in_flight must be between 1 and 50",
         );
+        if let Some(instance) = &self.handler.instance {
+            require(
+                (1..=64).contains(&instance.len())
+                    && instance
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_=".contains(&b)),
+                "handler.instance must be 1 to 64 characters of A-Z a-z 0-9 - _ =",
+            );
+        }
         require(
             (1..=10_000).contains(&self.projector.batch),
             "projector.batch must be between 1 and 10000",
@@ -1424,6 +1439,18 @@ mod tests {
         .unwrap();
         let toml = format!("[auth]\njwks_file = {:?}\n", file.display().to_string());
         Config::from_toml(&toml).unwrap();
+    }
+
+    #[test]
+    fn a_handler_instance_name_that_cannot_be_a_key_is_refused() {
+        for wrong in ["", "a.b", "pod 1", "a*", "é", &"x".repeat(65)] {
+            let err = Config::from_toml(&format!("[handler]\ninstance = {wrong:?}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("handler.instance"), "{wrong:?}: {err}");
+        }
+        let right = Config::from_toml("[handler]\ninstance = \"parley-handler-0\"\n").unwrap();
+        assert_eq!(right.handler.instance.as_deref(), Some("parley-handler-0"));
     }
 
     #[test]

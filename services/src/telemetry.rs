@@ -47,6 +47,9 @@ pub const HANDLER_APPEND_SECONDS: &str = "parley_handler_append_seconds";
 pub const HANDLER_COMMAND_SECONDS: &str = "parley_handler_command_seconds";
 pub const HANDLER_LOG_POSITION: &str = "parley_handler_log_position";
 pub const HANDLER_TAIL_EVENTS_TOTAL: &str = "parley_handler_tail_events_total";
+pub const HANDLER_INSTANCES: &str = "parley_handler_instances";
+pub const HANDLER_PARTITIONS_OWNED: &str = "parley_handler_partitions_owned";
+pub const HANDLER_PARTITION_MOVES_TOTAL: &str = "parley_handler_partition_moves_total";
 pub const HANDLER_BATCH_EVENTS: &str = "parley_handler_batch_events";
 pub const HANDLER_OUTCOMES_PER_MESSAGE: &str = "parley_handler_outcomes_per_message";
 
@@ -308,6 +311,21 @@ fn describe() {
         HANDLER_TAIL_EVENTS_TOTAL,
         Unit::Count,
         "Log events read by this handler's tail (after any snapshot it started from)."
+    );
+    describe_gauge!(
+        HANDLER_INSTANCES,
+        Unit::Count,
+        "Handler instances this one sees announced (itself included)."
+    );
+    describe_gauge!(
+        HANDLER_PARTITIONS_OWNED,
+        Unit::Count,
+        "Intake partitions this handler owns (pulls first); it stands by for the others."
+    );
+    describe_counter!(
+        HANDLER_PARTITION_MOVES_TOTAL,
+        Unit::Count,
+        "Intake partitions this handler took or gave up as instances came and went."
     );
     describe_counter!(
         PROJECTOR_EVENTS_APPLIED_TOTAL,

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, kv, stream};
 use parley_events::subjects::{
-    INTAKE_STREAM, INTAKE_SUBJECT, LOG_SHARDS_METADATA, LOG_STREAM, LOG_SUBJECTS, PUSH_DLQ_STREAM,
-    PUSH_DLQ_SUBJECT, REVOCATIONS_BUCKET, Shards,
+    HANDLERS_BUCKET, INTAKE_STREAM, INTAKE_SUBJECTS, LOG_SHARDS_METADATA, LOG_STREAM, LOG_SUBJECTS,
+    PUSH_DLQ_STREAM, PUSH_DLQ_SUBJECT, REVOCATIONS_BUCKET, Shards,
 };
 
 use crate::config::{Config, IntakeStorage};
@@ -101,12 +101,9 @@ pub fn intake_stream_config(config: &Config) -> stream::Config {
     stream::Config {
         name: INTAKE_STREAM.into(),
         description: Some("Parley commands from gateways to handlers".into()),
-        subjects: vec![INTAKE_SUBJECT.into()],
+        subjects: vec![INTAKE_SUBJECTS.into()],
         retention: stream::RetentionPolicy::WorkQueue,
-        storage: match config.intake.storage {
-            IntakeStorage::Memory => stream::StorageType::Memory,
-            IntakeStorage::File => stream::StorageType::File,
-        },
+        storage: intake_storage(config),
         num_replicas: config.intake.replicas,
         duplicate_window: Duration::from_secs(config.intake.duplicate_window_secs),
         max_messages: config.intake.max_messages,
@@ -128,6 +125,28 @@ pub fn revocations_bucket_config(config: &Config) -> kv::Config {
         max_age: Duration::from_secs(config.auth.revocation_ttl_secs),
         storage: stream::StorageType::File,
         num_replicas: config.log.replicas,
+        ..Default::default()
+    }
+}
+
+fn intake_storage(config: &Config) -> stream::StorageType {
+    match config.intake.storage {
+        IntakeStorage::Memory => stream::StorageType::Memory,
+        IntakeStorage::File => stream::StorageType::File,
+    }
+}
+
+/// The handler instances' announcements: one key per live instance, which it puts again
+/// every third of `lease`; a key not put for `lease` is gone. Kept like the intake (an
+/// announcement lost with a memory store is put again within a third of a lease).
+pub fn handlers_bucket_config(config: &Config, lease: Duration) -> kv::Config {
+    kv::Config {
+        bucket: HANDLERS_BUCKET.into(),
+        description: "Parley handler instances, each owning some intake partitions".into(),
+        history: 1,
+        max_age: lease,
+        storage: intake_storage(config),
+        num_replicas: config.intake.replicas,
         ..Default::default()
     }
 }

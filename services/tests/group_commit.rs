@@ -8,7 +8,9 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use futures::StreamExt;
-use parley_events::subjects::{INTAKE_SUBJECT, LOG_STREAM, OUTCOME_BATCHES_HEADER};
+use parley_events::subjects::{
+    INTAKE_PARTITIONS, LOG_STREAM, OUTCOME_BATCHES_HEADER, handler_consumer,
+};
 use parley_events::{
     Action, ClientMsgId, Command, CommandId, ConversationId, Event, Outcome, OutcomeResult, UserId,
 };
@@ -51,19 +53,24 @@ fn post(conversation: ConversationId, id: &str) -> Command {
     )
 }
 
-/// Messages the handlers' intake consumer has delivered so far, redeliveries included.
+/// Messages the handlers' intake consumers have delivered so far, redeliveries included.
 async fn intake_deliveries(platform: &Platform) -> u64 {
-    platform
+    let intake = platform
         .jetstream()
         .await
         .get_stream(parley_events::subjects::INTAKE_STREAM)
         .await
-        .unwrap()
-        .consumer_info(parley_events::subjects::HANDLER_CONSUMER)
-        .await
-        .unwrap()
-        .delivered
-        .consumer_sequence
+        .unwrap();
+    let mut delivered = 0;
+    for partition in 0..INTAKE_PARTITIONS {
+        delivered += intake
+            .consumer_info(handler_consumer(partition))
+            .await
+            .unwrap()
+            .delivered
+            .consumer_sequence;
+    }
+    delivered
 }
 
 /// Publish `commands` to the intake in order, each as its own message (a command listed
@@ -80,9 +87,13 @@ async fn enqueue_with(platform: &Platform, commands: &[Command], headers: async_
     let mut acks = Vec::new();
     for command in commands {
         acks.push(
-            js.publish_with_headers(INTAKE_SUBJECT, headers.clone(), command.to_bytes().into())
-                .await
-                .unwrap(),
+            js.publish_with_headers(
+                platform.intake_subject(command.conversation()),
+                headers.clone(),
+                command.to_bytes().into(),
+            )
+            .await
+            .unwrap(),
         );
     }
     for ack in acks {
@@ -309,6 +320,10 @@ async fn with_a_batch_of_one_every_event_is_appended_alone() {
     assert_eq!(burst(1).await, 0);
 }
 
+/// Held by the tests that count append conflicts, which every handler in this process adds
+/// to: one such test's handlers must not add to another's count.
+static CONFLICT_COUNT: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The count of append conflicts the process's handlers have met so far.
 async fn conflicts(platform: &Platform) -> u64 {
     let admin = platform.admin_addresses()[0];
@@ -321,13 +336,16 @@ async fn conflicts(platform: &Platform) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_handlers_batching_the_same_shards_lose_and_duplicate_nothing() {
+    let _counting = CONFLICT_COUNT.lock().await;
     // Four shards, a lane each: the two instances' batches (a lane's own, or merged across
     // lanes) meet on every shard, and a batch whose expected sequence the other instance
-    // made stale is refused as a whole.
+    // made stale is refused as a whole. Under one name both instances own every intake
+    // partition, as two instances do for a moment while one joins or leaves.
     let mut platform = Platform::start_with(1, |config| {
         config.handler.lanes = 4;
         config.handler.max_batch = 256;
         config.handler.commits_in_flight = 1;
+        config.handler.instance = Some("shared".into());
         config.log.shards = 4;
     })
     .await;
@@ -370,5 +388,59 @@ async fn two_handlers_batching_the_same_shards_lose_and_duplicate_nothing() {
     assert!(
         batched_events(&platform).await > 0,
         "no event was appended in an atomic batch"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_handlers_own_disjoint_partitions_and_their_appends_never_conflict() {
+    let _counting = CONFLICT_COUNT.lock().await;
+    let mut platform = Platform::start_with(1, |config| {
+        config.handler.max_batch = 256;
+    })
+    .await;
+    let client = async_nats::connect(platform.nats.url()).await.unwrap();
+    let mut outcomes = client.subscribe("parley.outcome.test").await.unwrap();
+    let peers: Vec<String> = (0..60).map(|i| format!("peer{i}")).collect();
+    let creations: Vec<Command> = peers.iter().map(|peer| create_direct(peer)).collect();
+    enqueue(&platform, &creations).await;
+    answers(&mut outcomes, &creations).await;
+    platform.add_handler().await;
+    platform.handlers_announced(2).await;
+
+    // Each burst touches every shard. Until both instances have set up their pulls at the
+    // priorities their ownership gives, they may still meet on a shard; once a burst passes
+    // without a conflict, the next ones must too.
+    let mut settled = None;
+    for round in 0..8 {
+        let before = conflicts(&platform).await;
+        let burst: Vec<Command> = creations
+            .iter()
+            .enumerate()
+            .flat_map(|(i, create)| {
+                (0..2).map(move |k| post(create.conversation(), &format!("c{i}-r{round}-{k}")))
+            })
+            .collect();
+        enqueue(&platform, &burst).await;
+        let answered = answers(&mut outcomes, &burst).await;
+        for command in &burst {
+            acked_seq(&answered, command);
+        }
+        let met = conflicts(&platform).await - before;
+        match settled {
+            None if met == 0 => settled = Some(round),
+            None => {}
+            Some(since) => assert_eq!(
+                met, 0,
+                "round {round}: the instances met on a shard after round {since} passed without"
+            ),
+        }
+    }
+    let since = settled.expect("no burst passed without a conflict");
+    assert!(since < 4, "the instances settled only at round {since}");
+    let appended: usize = checked_log(&platform).await.values().map(Vec::len).sum();
+    assert_eq!(
+        appended,
+        8 * 2 * creations.len(),
+        "every post appended once"
     );
 }

@@ -33,7 +33,7 @@ use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::publish::PublishAck;
 use parley_events::command::OutcomeQuery;
 use parley_events::protocol::{ClientFrame, ServerFrame};
-use parley_events::subjects::{INTAKE_SUBJECT, OUTCOME_BATCHES_HEADER, OUTCOME_QUERY_SUBJECT};
+use parley_events::subjects::{OUTCOME_BATCHES_HEADER, OUTCOME_QUERY_SUBJECT};
 use parley_events::{
     Action, ClientMsgId, Command, CommandId, ConversationId, ErrorCode, Fingerprint, Outcome,
     OutcomeResult,
@@ -604,7 +604,13 @@ async fn to_intake(
     shared
         .topology
         .js
-        .send_publish(INTAKE_SUBJECT, message)
+        .send_publish(
+            shared
+                .topology
+                .shards
+                .intake_subject(command.conversation()),
+            message,
+        )
         .await?
         .await
 }

@@ -2,15 +2,18 @@
 //! write model, appends their events to the log with optimistic concurrency, publishes the
 //! live copy, and tells the originating gateway the outcome.
 //!
-//! Every instance shares one durable consumer on the intake, so any instance takes any
-//! command. Within an instance, commands are spread over lanes by shard: commands of one
-//! shard run one after another (their appends would conflict anyway), different shards in
-//! parallel. Across instances, a conflicting append fails its expected-sequence check, the
-//! instance waits until its log tail has caught up with the shard, and decides again.
+//! The intake is split into partitions (ranges of shards) that the instances share out
+//! between them (`partitions`), so instances append to disjoint shards; any instance still
+//! takes any partition whose owner is gone. Within an instance, commands are spread over
+//! lanes by shard: commands of one shard run one after another (their appends would
+//! conflict anyway), different shards in parallel. Across instances, a conflicting append
+//! fails its expected-sequence check, the instance waits until its log tail has caught up
+//! with the shard, and decides again.
 
 mod commits;
 mod messages;
 mod outcomes;
+mod partitions;
 mod snapshots;
 mod write_model;
 
@@ -25,7 +28,7 @@ use async_nats::jetstream::{AckKind, Message};
 use futures::StreamExt;
 use parley_events::command::OutcomeQuery;
 use parley_events::subjects::{
-    HANDLER_CONSUMER, HANDLER_QUEUE, LIVE_MEMBERSHIP_SUBJECT, OUTCOME_QUERY_SUBJECT,
+    HANDLER_QUEUE, INTAKE_PARTITIONS, LIVE_MEMBERSHIP_SUBJECT, OUTCOME_QUERY_SUBJECT,
     OUTCOME_SUBJECT_PREFIX, live_subject,
 };
 use parley_events::{Command, ErrorCode, EventEnvelope, Outcome, OutcomeResult, RecordedEvent};
@@ -51,7 +54,7 @@ pub use write_model::{
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the tail considers a snapshot even when no event arrives.
 const SNAPSHOT_CHECK: Duration = Duration::from_secs(1);
-/// Longest wait between attempts to set up the intake consumer or the log tail again: short,
+/// Longest wait between attempts to set up an intake consumer or the log tail again: short,
 /// because on a cluster a stream answers again as soon as its new leader is elected, and
 /// an attempt costs one request.
 const MAX_SETUP_BACKOFF: Duration = Duration::from_secs(1);
@@ -90,6 +93,8 @@ pub struct Handler {
 
 struct Inner {
     config: Arc<Config>,
+    /// This instance's name among the handlers, new at each start.
+    instance: String,
     nats: Nats,
     topology: Topology,
     model: Mutex<WriteModel>,
@@ -119,9 +124,15 @@ impl Handler {
             "catching up with the event log",
         );
         let model = WriteModel::new(topology.shards, config.handler.remembered_commands);
+        let instance = config
+            .handler
+            .instance
+            .clone()
+            .unwrap_or_else(|| format!("handler-{}", uuid::Uuid::new_v4().simple()));
         Handler {
             inner: Arc::new(Inner {
                 config,
+                instance,
                 nats,
                 topology,
                 model: Mutex::new(model),
@@ -183,14 +194,18 @@ impl Handler {
             shutdown.clone(),
         ));
 
-        // Counted from here: a reconnect before this point is covered by setting up now.
-        let mut reconnects = inner.nats.reconnects();
-        let mut commands = intake_commands(&inner).await?;
-        inner.readiness.ready(READY_CHECK);
+        // An intake this configuration cannot use stops the role here, with the setting
+        // named; once running, a missing intake is created again by the partitions' pulls.
+        topology::ensure_intake(&inner.topology.js, &inner.config)
+            .await
+            .map_err(|e| HandlerError::Consumer(e.to_string()))?;
 
-        // The consumer never hands out more than `max_ack_pending` commands, so a lane
+        // The consumers never hand out more than their `max_ack_pending` together, so a lane
         // that can hold them all never blocks the others: a slow shard delays only itself.
-        let lane_queue = usize::try_from(inner.config.intake.max_ack_pending).unwrap_or(1);
+        let lane_queue = usize::try_from(
+            partitions::max_ack_pending_per_partition(&inner.config) * i64::from(INTAKE_PARTITIONS),
+        )
+        .unwrap_or(1);
         let (commits, merging) = Commits::start(&inner);
         let (answers, answering_commands) = Outcomes::start(inner.nats.client.clone());
         let (lanes, lane_tasks): (Vec<Lane>, Vec<JoinHandle<()>>) = (0..inner.config.handler.lanes)
@@ -202,52 +217,55 @@ impl Handler {
             .unzip();
         drop(commits);
         drop(answers);
-        let mut failure = None;
-        loop {
-            let lost = tokio::select! {
-                () = shutdown.cancelled() => break,
-                // Without its tail the write model goes stale: stop taking commands.
-                stopped = &mut tail => {
-                    failure = Some(tail_ended(stopped));
-                    break;
-                }
-                // A server restart loses a memory intake with its consumer and every pull
-                // request; the client's own recovery of a pull notices that only after its
-                // retries (about 15 s). Set it up again now instead (the tail does the same
-                // for its consumer).
-                Ok(()) = reconnects.changed() => {
-                    info!("reconnected to NATS; setting up the intake consumer again");
-                    Some((Reason::NoIntake, "reconnected to NATS".to_owned()))
-                }
-                next = commands.next() => match next {
-                    Some(Ok(message)) => {
-                        self::dispatch(&inner, &lanes, message).await;
-                        None
-                    }
-                    Some(Err(e)) if pull_lost(&e) => Some((Reason::PullFailing, e.to_string())),
-                    Some(Err(e)) => {
-                        warn!(error = %e, "intake consumer hiccup; continuing");
-                        None
-                    }
-                    None => Some((Reason::PullFailing, "the intake consumer's stream ended".to_owned())),
-                },
-            };
-            if let Some((reason, cause)) = lost {
-                warn!(%cause, "the intake consumer is gone or unreachable; setting it up again");
-                inner.readiness.not_ready(READY_CHECK, reason, cause);
-                match intake_commands_again(&inner, &shutdown).await {
-                    Some(again) => commands = again,
-                    None => break,
-                }
-                inner.readiness.ready(READY_CHECK);
-            }
+        let lanes: Arc<[Lane]> = lanes.into();
+
+        // Pulls start once this instance knows its partitions: a pull set up again for a
+        // new priority leaves behind what the server was sending to the old one. Should the
+        // others' announcements not be readable, it pulls every partition as a standby,
+        // which still takes every command no other instance takes.
+        let taking = shutdown.child_token();
+        let (owned, mut owned_rx) = watch::channel(None);
+        let following = tokio::spawn(partitions::follow_instances(
+            Arc::clone(&inner),
+            owned,
+            taking.clone(),
+        ));
+        let known = tokio::time::timeout(partitions::LEASE, owned_rx.wait_for(Option::is_some));
+        if known.await.is_err() {
+            warn!(
+                "the other handler instances are not known yet; standing by for every intake partition"
+            );
         }
+        let health = Arc::new(partitions::IntakeHealth::new(inner.readiness.clone()));
+        let pulls: Vec<JoinHandle<()>> = (0..INTAKE_PARTITIONS)
+            .map(|partition| {
+                tokio::spawn(partitions::take_partition(
+                    Arc::clone(&inner),
+                    partition,
+                    owned_rx.clone(),
+                    Arc::clone(&lanes),
+                    Arc::clone(&health),
+                    taking.clone(),
+                ))
+            })
+            .collect();
+        drop(lanes);
+
+        // Without its tail the write model goes stale: stop taking commands.
+        let failure = tokio::select! {
+            () = shutdown.cancelled() => None,
+            stopped = &mut tail => Some(tail_ended(stopped)),
+        };
         // Closing the lanes lets each finish what it holds; unacknowledged commands that
         // were never taken are redelivered to another instance.
         inner
             .readiness
             .not_ready(READY_CHECK, Reason::ShuttingDown, "shutting down");
-        drop(lanes);
+        taking.cancel();
+        for pull in pulls {
+            let _ = pull.await;
+        }
+        let _ = following.await;
         for lane in lane_tasks {
             let _ = lane.await;
         }
@@ -284,34 +302,6 @@ async fn dispatch(inner: &Inner, lanes: &[Lane], message: Message) {
     let _ = lanes[lane].send((command, message)).await;
 }
 
-/// The handlers' durable consumer on the intake, set up with the intake itself: after a
-/// server restart has lost a memory intake, both are created again here.
-async fn intake_commands(inner: &Inner) -> Result<pull::Stream, HandlerError> {
-    let intake = topology::ensure_intake(&inner.topology.js, &inner.config)
-        .await
-        .map_err(|e| HandlerError::Consumer(e.to_string()))?;
-    let consumer = intake
-        .create_consumer(pull::Config {
-            durable_name: Some(HANDLER_CONSUMER.into()),
-            ack_policy: AckPolicy::Explicit,
-            deliver_policy: DeliverPolicy::All,
-            ack_wait: Duration::from_secs(inner.config.intake.ack_wait_secs),
-            max_deliver: inner.config.intake.max_deliver,
-            max_ack_pending: inner.config.intake.max_ack_pending,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| HandlerError::Consumer(e.to_string()))?;
-    consumer
-        .stream()
-        .max_messages_per_batch(256)
-        .expires(topology::PULL_EXPIRES)
-        .heartbeat(topology::PULL_HEARTBEAT)
-        .messages()
-        .await
-        .map_err(|e| HandlerError::Consumer(e.to_string()))
-}
-
 /// Errors after which pulling from the current consumer cannot resume by itself: the
 /// consumer is gone, or the pull request was lost (no heartbeat).
 fn pull_lost(error: &pull::MessagesError) -> bool {
@@ -322,28 +312,6 @@ fn pull_lost(error: &pull::MessagesError) -> bool {
             | pull::MessagesErrorKind::Pull
             | pull::MessagesErrorKind::MissingHeartbeat
     )
-}
-
-/// Retry [`intake_commands`] with backoff until it succeeds; `None` on shutdown.
-async fn intake_commands_again(
-    inner: &Inner,
-    shutdown: &CancellationToken,
-) -> Option<pull::Stream> {
-    let mut backoff = Backoff::new(MAX_SETUP_BACKOFF);
-    loop {
-        match topology::attempt(intake_commands(inner), HandlerError::Consumer).await {
-            Ok(commands) => {
-                info!("intake consumer set up again");
-                return Some(commands);
-            }
-            Err(e) => {
-                warn!(error = %e, retry_in = ?backoff.delay(), "cannot set up the intake consumer yet")
-            }
-        }
-        if !backoff.wait(shutdown).await {
-            return None;
-        }
-    }
 }
 
 /// What the handler reports when its log tail stopped before the handler did.

@@ -432,7 +432,6 @@ async fn the_largest_legal_bodies_are_accepted_delivered_and_kept_byte_for_byte_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_delivered_twice_appends_once_and_gets_the_same_outcome_twice() {
     use parley_events::Outcome;
-    use parley_events::subjects::INTAKE_SUBJECT;
 
     let platform = Platform::start(1).await;
     let (_alice, mut bob, conversation) = platform.alice_and_bob().await;
@@ -447,7 +446,7 @@ async fn a_command_delivered_twice_appends_once_and_gets_the_same_outcome_twice(
         let message = async_nats::jetstream::message::PublishMessage::build()
             .payload(command.to_bytes().into())
             .message_id(attempt);
-        js.send_publish(INTAKE_SUBJECT, message)
+        js.send_publish(platform.intake_subject(command.conversation()), message)
             .await
             .unwrap()
             .await

@@ -8,7 +8,7 @@ use crate::support;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use parley_events::subjects::{INTAKE_SUBJECT, log_subject};
+use parley_events::subjects::log_subject;
 use parley_events::{ConversationId, Outcome};
 use parley_services::handler::{Decision, WriteModel};
 use serde_json::{Value, json};
@@ -142,6 +142,46 @@ async fn pipelined_sends_keep_their_order_with_three_handlers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_partitions_of_a_stopped_handler_are_taken_by_the_other_at_once() {
+    // A command handed to the stopped instance would wait out this ack wait, and the
+    // socket would see `timeout` first.
+    let mut platform = Platform::start_with(1, |c| {
+        c.intake.ack_wait_secs = 120;
+        c.gateway.command_timeout_secs = 30;
+    })
+    .await;
+    platform.add_handler().await;
+    platform.handlers_announced(2).await;
+    let mut alice = platform.connect(0, "alice").await;
+    // A conversation in every intake partition (16 shards, 16 partitions: one shard each).
+    let mut conversations = HashMap::new();
+    let mut peers = 0;
+    while conversations.len() < 16 {
+        let peer = format!("peer{peers}");
+        peers += 1;
+        alice
+            .send(json!({"type": "create_direct", "id": peer, "peer": peer}))
+            .await;
+        let ack = alice.reply_to(&peer).await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+        let conversation: ConversationId = ack["conversation"].as_str().unwrap().parse().unwrap();
+        conversations.insert(platform.intake_subject(conversation), conversation);
+    }
+
+    platform.stop_handler().await;
+    for (i, conversation) in conversations.values().enumerate() {
+        alice
+            .send(send(&format!("after-{i}"), *conversation, "after"))
+            .await;
+    }
+    for i in 0..conversations.len() {
+        let reply = alice.reply_to(&format!("after-{i}")).await;
+        assert_eq!(reply["type"], "ack", "{reply}");
+    }
+    assert_eq!(platform.posted_bodies().await.len(), conversations.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timeout_is_followed_by_the_late_ack_and_a_retry_gets_the_same_ack() {
     let mut platform = Platform::start_with(1, |c| c.gateway.command_timeout_secs = 1).await;
     let (mut alice, _bob, conversation) = platform.alice_and_bob().await;
@@ -233,7 +273,7 @@ async fn a_command_redelivered_after_a_crash_between_append_and_ack_gets_its_ori
         .await
         .unwrap();
     js.send_publish(
-        INTAKE_SUBJECT,
+        platform.intake_subject(command.conversation()),
         async_nats::jetstream::message::PublishMessage::build()
             .payload(command.to_bytes().into())
             .message_id(command.id.to_string()),

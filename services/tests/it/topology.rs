@@ -113,3 +113,19 @@ async fn a_log_created_before_group_commit_is_allowed_atomic_batches_at_start() 
     // And a later start finds nothing to change.
     topology::ensure(js.clone(), &config).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_intake_from_before_partitions_is_refused_with_its_subjects_named() {
+    let nats = NatsServer::start(NatsOptions::default()).unwrap();
+    let config = config_for(&nats);
+    let old = async_nats::jetstream::stream::Config {
+        subjects: vec!["parley.intake".into()],
+        ..topology::intake_stream_config(&config)
+    };
+    jetstream(&nats).await.create_stream(old).await.unwrap();
+    let message = refused(&nats, &config, "subjects").await;
+    assert!(
+        message.contains("[\"parley.intake\"]") && message.contains("parley.intake.*"),
+        "{message}"
+    );
+}

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use parley_events::protocol::{is_packed, unpack_frames};
-use parley_events::subjects::{HANDLER_CONSUMER, INTAKE_STREAM};
+use parley_events::subjects::{INTAKE_PARTITIONS, INTAKE_STREAM, Shards, handler_consumer};
 use parley_events::{ConversationId, EventEnvelope, RecordedEvent, UserId};
 use parley_localstack::{
     NatsCluster, NatsClusterOptions, NatsOptions, NatsServer, RedisOptions, RedisServer,
@@ -101,6 +101,8 @@ pub struct Platform<N = NatsServer> {
     handler: Option<Running>,
     projector: Option<Running>,
     others: Vec<Running>,
+    /// Handlers started by [`add_handler`](Self::add_handler), beside `handler`.
+    added_handlers: usize,
 }
 
 impl Platform {
@@ -217,6 +219,7 @@ impl<N> Platform<N> {
             handler: Some(handler),
             projector: Some(projector),
             others,
+            added_handlers: 0,
         };
         platform.wait_until_ready().await;
         platform
@@ -273,22 +276,54 @@ impl<N> Platform<N> {
             .expect("handler is running")
             .stop()
             .await;
+        if self.added_handlers > 0 {
+            // The others stand by for its partitions.
+            return;
+        }
         // The stopped handler's pull requests outlive it on the server for a moment; a
         // command published meanwhile would go to one and wait out the ack wait.
         let js = self.jetstream().await;
         eventually(|| async {
-            let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
-                .get_consumer_from_stream(HANDLER_CONSUMER, INTAKE_STREAM)
-                .await
-                .ok()?;
-            let waiting = consumer.info().await.ok()?.num_waiting;
-            (waiting == 0).then_some(())
+            for partition in 0..INTAKE_PARTITIONS {
+                let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
+                    .get_consumer_from_stream(handler_consumer(partition), INTAKE_STREAM)
+                    .await
+                    .ok()?;
+                if consumer.info().await.ok()?.num_waiting != 0 {
+                    return None;
+                }
+            }
+            Some(())
         })
         .await;
     }
 
+    /// Wait until `count` handler instances have announced themselves, the count each
+    /// works out its intake partitions from.
+    pub async fn handlers_announced(&self, count: usize) {
+        use futures::TryStreamExt;
+        let js = self.jetstream().await;
+        eventually(|| async {
+            let bucket = js
+                .get_key_value(parley_events::subjects::HANDLERS_BUCKET)
+                .await
+                .ok()?;
+            let keys: Vec<String> = bucket.keys().await.ok()?.try_collect().await.ok()?;
+            (keys.len() == count).then_some(())
+        })
+        .await;
+    }
+
+    /// The intake subject a gateway publishes commands to `conversation` on.
+    pub fn intake_subject(&self, conversation: ConversationId) -> String {
+        Shards::new(self.config.log.shards)
+            .expect("the test configuration's shard count is valid")
+            .intake_subject(conversation)
+    }
+
     /// Start one more handler instance; it runs until the platform drops.
     pub async fn add_handler(&mut self) {
+        self.added_handlers += 1;
         self.others
             .push(Running::start(Arc::clone(&self.config), Roles::HANDLER, None).await);
     }

@@ -1,0 +1,445 @@
+//! Which handler instance takes which commands.
+//!
+//! The intake is split into [`INTAKE_PARTITIONS`] partitions, each a contiguous range of log
+//! shards with a durable consumer of its own. Every instance announces itself in the
+//! handlers bucket and watches the others' announcements; from the same set of instances,
+//! each works out the same owner for every partition (rendezvous hashing), so instances own
+//! disjoint shards and their appends do not fail each other's expected-sequence checks.
+//!
+//! Ownership is a preference, never a condition of correctness: every instance pulls every
+//! partition, its own at priority 0 and the others at priority 1, and the server hands a
+//! command to the lowest priority pulling. So a partition whose owner stopped or crashed
+//! (its pull requests gone with its connection) is taken by a standby at once, before any
+//! announcement expires; and while two instances disagree about the set (one just came or
+//! went), a shard they both take is still appended to safely, with conflicts retried as
+//! before.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PriorityPolicy, pull};
+use async_nats::jetstream::kv;
+use futures::{FutureExt, StreamExt};
+use parley_events::subjects::{
+    HANDLER_PRIORITY_GROUP, HANDLERS_BUCKET, INTAKE_PARTITIONS, handler_consumer, intake_subject,
+};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::{HandlerError, Inner, Lane, MAX_SETUP_BACKOFF, READY_CHECK, pull_lost};
+use crate::admin::{Readiness, Reason};
+use crate::backoff::Backoff;
+use crate::config::Config;
+use crate::telemetry;
+use crate::topology;
+
+/// How long an instance's announcement counts after it was last put. An instance that
+/// stops without withdrawing it (a crash) keeps its partitions' preference this long, but
+/// not their commands: its standbys take those as soon as its pull requests are gone.
+pub(super) const LEASE: Duration = Duration::from_secs(6);
+/// Priorities of an instance's pull requests: first on its own partitions, next on the
+/// others'.
+const OWNER: usize = 0;
+const STANDBY: usize = 1;
+/// Commands one pull request asks for.
+const PULL_BATCH: usize = 256;
+
+/// The intake partitions an instance owns.
+pub(super) type Owned = BTreeSet<u32>;
+/// What an instance knows of its partitions: `None` until it has seen the others'
+/// announcements (it pulls everything as a standby meanwhile).
+pub(super) type Ownership = Option<Owned>;
+
+/// The partitions `instance` owns among `live` (which need not list it): for each
+/// partition, the instance with the highest score. Every instance that sees the same set
+/// agrees, and a set that gains or loses one instance moves only that instance's share.
+pub(super) fn owned_by<'a>(instance: &str, live: impl IntoIterator<Item = &'a str>) -> Owned {
+    let live: Vec<&str> = live.into_iter().filter(|id| *id != instance).collect();
+    (0..INTAKE_PARTITIONS)
+        .filter(|partition| {
+            let mine = score(instance, *partition);
+            live.iter()
+                .all(|other| (score(other, *partition), *other) < (mine, instance))
+        })
+        .collect()
+}
+
+/// FNV-1a of the instance and the partition, then a finalizer so that ids that differ in
+/// one character still score unrelated.
+fn score(instance: &str, partition: u32) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in instance.bytes().chain(partition.to_le_bytes()) {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash ^= hash >> 33;
+    hash = hash.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    hash ^= hash >> 33;
+    hash = hash.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    hash ^ (hash >> 33)
+}
+
+/// Commands a partition's consumer hands out before it waits for acknowledgements: the
+/// intake's `max_ack_pending` shared out, so all partitions together stay within it.
+pub(super) fn max_ack_pending_per_partition(config: &Config) -> i64 {
+    let partitions = i64::from(INTAKE_PARTITIONS);
+    (config.intake.max_ack_pending + partitions - 1) / partitions
+}
+
+/// Announce this instance until `shutdown`, follow the others' announcements, and keep
+/// `owned` up to date. Withdraws the announcement on the way out, so that the partitions
+/// move to the other instances at once.
+pub(super) async fn follow_instances(
+    inner: Arc<Inner>,
+    owned: watch::Sender<Ownership>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Backoff::new(MAX_SETUP_BACKOFF);
+    let mut bucket = None;
+    loop {
+        match announce_and_watch(&inner, &owned, &shutdown, &mut bucket).await {
+            Ok(()) => break,
+            Err(cause) => {
+                warn!(%cause, retry_in = ?backoff.delay(), "cannot follow the other handler instances; owned partitions stay as they were")
+            }
+        }
+        if !backoff.wait(&shutdown).await {
+            break;
+        }
+    }
+    if let Some(bucket) = bucket {
+        let withdrawn = tokio::time::timeout(
+            topology::SETUP_ATTEMPT,
+            bucket.delete(inner.instance.as_str()),
+        )
+        .await;
+        if !matches!(withdrawn, Ok(Ok(()))) {
+            debug!("could not withdraw this instance's announcement; it expires by itself");
+        }
+    }
+}
+
+/// One run of following the instances: returns `Ok` on shutdown, an error once the bucket
+/// or its watch fails (a server restart loses a memory bucket: it is created again).
+async fn announce_and_watch(
+    inner: &Inner,
+    owned: &watch::Sender<Ownership>,
+    shutdown: &CancellationToken,
+    bucket_slot: &mut Option<kv::Store>,
+) -> Result<(), String> {
+    let js = &inner.topology.js;
+    let bucket = match js.get_key_value(HANDLERS_BUCKET).await {
+        Ok(bucket) => bucket,
+        Err(_) => js
+            .create_key_value(topology::handlers_bucket_config(&inner.config, LEASE))
+            .await
+            .map_err(|e| format!("cannot create the handlers bucket: {e}"))?,
+    };
+    *bucket_slot = Some(bucket.clone());
+    let me = inner.instance.as_str();
+    bucket
+        .put(me, bytes::Bytes::new())
+        .await
+        .map_err(|e| format!("cannot announce this instance: {e}"))?;
+    let mut announcements = bucket
+        .watch_with_history(">")
+        .await
+        .map_err(|e| format!("cannot watch the handlers bucket: {e}"))?;
+    let mut reconnects = inner.nats.reconnects();
+    let mut seen: HashMap<String, Instant> = HashMap::new();
+    // Until the watch has delivered every current announcement, a partial set would claim
+    // other instances' partitions.
+    let mut complete = false;
+    let mut announce = tokio::time::interval(LEASE / 3);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            Ok(()) = reconnects.changed() => return Err("reconnected to NATS".into()),
+            _ = announce.tick() => {
+                bucket
+                    .put(me, bytes::Bytes::new())
+                    .await
+                    .map_err(|e| format!("cannot announce this instance: {e}"))?;
+                seen.retain(|_, at| at.elapsed() < LEASE);
+            }
+            entry = announcements.next() => match entry {
+                Some(Ok(entry)) => {
+                    match entry.operation {
+                        kv::Operation::Put => seen.insert(entry.key, Instant::now()),
+                        kv::Operation::Delete | kv::Operation::Purge => seen.remove(&entry.key),
+                    };
+                    complete |= entry.delta == 0;
+                }
+                Some(Err(e)) => return Err(format!("the handlers bucket's watch failed: {e}")),
+                None => return Err("the handlers bucket's watch ended".into()),
+            },
+        }
+        if complete {
+            let live = seen.keys().map(String::as_str).chain([me]);
+            metrics::gauge!(telemetry::HANDLER_INSTANCES)
+                .set(seen.keys().filter(|id| *id != me).count() as f64 + 1.0);
+            let now = owned_by(me, live);
+            owned.send_if_modified(|before| {
+                if before.as_ref() == Some(&now) {
+                    return false;
+                }
+                if let Some(before) = before {
+                    let moved = before.symmetric_difference(&now).count();
+                    metrics::counter!(telemetry::HANDLER_PARTITION_MOVES_TOTAL)
+                        .increment(moved as u64);
+                }
+                metrics::gauge!(telemetry::HANDLER_PARTITIONS_OWNED).set(now.len() as f64);
+                info!(owned = ?now, instances = seen.len().max(1), "intake partitions owned");
+                *before = Some(now);
+                true
+            });
+        }
+    }
+}
+
+/// Pull one intake partition until `shutdown`, at the priority its ownership gives, and hand
+/// its commands to the lanes. Set up again whenever ownership changes, the NATS client
+/// reconnects (a server restart loses a memory intake with its consumers and every pull
+/// request; the client's own recovery of a pull notices that only after its retries) or the
+/// pull is lost.
+pub(super) async fn take_partition(
+    inner: Arc<Inner>,
+    partition: u32,
+    mut owned: watch::Receiver<Ownership>,
+    lanes: Arc<[Lane]>,
+    health: Arc<IntakeHealth>,
+    shutdown: CancellationToken,
+) {
+    let mut reconnects = inner.nats.reconnects();
+    let mut backoff = Backoff::new(MAX_SETUP_BACKOFF);
+    'setup: loop {
+        let priority = priority_of(partition, &owned.borrow_and_update());
+        let setup = topology::attempt(
+            partition_commands(&inner, partition, priority),
+            HandlerError::Consumer,
+        );
+        let mut commands = tokio::select! {
+            () = shutdown.cancelled() => return,
+            setup = setup => match setup {
+                Ok(commands) => {
+                    backoff = Backoff::new(MAX_SETUP_BACKOFF);
+                    health.up(partition);
+                    commands
+                }
+                Err(e) => {
+                    warn!(partition, error = %e, retry_in = ?backoff.delay(), "cannot set up the intake partition's consumer yet");
+                    health.down(partition, Reason::NoIntake, e.to_string());
+                    if !backoff.wait(&shutdown).await {
+                        return;
+                    }
+                    continue 'setup;
+                }
+            },
+        };
+        loop {
+            let lost = tokio::select! {
+                () = shutdown.cancelled() => {
+                    take_buffered(&inner, &lanes, &mut commands).await;
+                    return;
+                }
+                Ok(()) = reconnects.changed() => {
+                    info!(partition, "reconnected to NATS; setting up the intake partition's consumer again");
+                    Some((Reason::NoIntake, "reconnected to NATS".to_owned()))
+                }
+                Ok(()) = owned.changed() => {
+                    if priority_of(partition, &owned.borrow_and_update()) == priority {
+                        continue;
+                    }
+                    take_buffered(&inner, &lanes, &mut commands).await;
+                    continue 'setup;
+                }
+                next = commands.next() => match next {
+                    Some(Ok(message)) => {
+                        super::dispatch(&inner, &lanes, message).await;
+                        None
+                    }
+                    Some(Err(e)) if pull_lost(&e) => Some((Reason::PullFailing, e.to_string())),
+                    Some(Err(e)) => {
+                        warn!(partition, error = %e, "intake consumer hiccup; continuing");
+                        None
+                    }
+                    None => Some((Reason::PullFailing, "the intake consumer's stream ended".to_owned())),
+                },
+            };
+            if let Some((reason, cause)) = lost {
+                warn!(partition, %cause, "the intake partition's consumer is gone or unreachable; setting it up again");
+                health.down(partition, reason, cause);
+                continue 'setup;
+            }
+        }
+    }
+}
+
+fn priority_of(partition: u32, owned: &Ownership) -> usize {
+    match owned {
+        Some(owned) if owned.contains(&partition) => OWNER,
+        _ => STANDBY,
+    }
+}
+
+/// Hand the lanes what the server already sent to a pull about to be dropped: dropped with
+/// it, those commands would wait out the ack wait. (What is still on the wire when the pull
+/// goes does.)
+async fn take_buffered(inner: &Inner, lanes: &[Lane], commands: &mut pull::Stream) {
+    while let Some(Some(Ok(message))) = commands.next().now_or_never() {
+        super::dispatch(inner, lanes, message).await;
+    }
+}
+
+/// A partition's durable consumer, set up with the intake itself (after a server restart
+/// has lost a memory intake, both are created again here), and a pull on it at `priority`.
+async fn partition_commands(
+    inner: &Inner,
+    partition: u32,
+    priority: usize,
+) -> Result<pull::Stream, HandlerError> {
+    let intake = topology::ensure_intake(&inner.topology.js, &inner.config)
+        .await
+        .map_err(|e| HandlerError::Consumer(e.to_string()))?;
+    let consumer = intake
+        .create_consumer(pull::Config {
+            durable_name: Some(handler_consumer(partition)),
+            filter_subject: intake_subject(partition),
+            ack_policy: AckPolicy::Explicit,
+            deliver_policy: DeliverPolicy::All,
+            ack_wait: Duration::from_secs(inner.config.intake.ack_wait_secs),
+            max_deliver: inner.config.intake.max_deliver,
+            max_ack_pending: max_ack_pending_per_partition(&inner.config),
+            priority_groups: vec![HANDLER_PRIORITY_GROUP.into()],
+            priority_policy: PriorityPolicy::Prioritized,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| HandlerError::Consumer(e.to_string()))?;
+    consumer
+        .stream()
+        .max_messages_per_batch(PULL_BATCH)
+        .expires(topology::PULL_EXPIRES)
+        .heartbeat(topology::PULL_HEARTBEAT)
+        .group(HANDLER_PRIORITY_GROUP)
+        .priority(priority)
+        .messages()
+        .await
+        .map_err(|e| HandlerError::Consumer(e.to_string()))
+}
+
+/// The handler is ready to take commands while every partition's pull is set up.
+pub(super) struct IntakeHealth {
+    readiness: Readiness,
+    down: Mutex<BTreeSet<u32>>,
+}
+
+impl IntakeHealth {
+    /// Every partition counts as down until its first pull is set up.
+    pub(super) fn new(readiness: Readiness) -> IntakeHealth {
+        IntakeHealth {
+            readiness,
+            down: Mutex::new((0..INTAKE_PARTITIONS).collect()),
+        }
+    }
+
+    fn up(&self, partition: u32) {
+        let mut down = self
+            .down
+            .lock()
+            .expect("intake health lock is never poisoned");
+        if down.remove(&partition) && down.is_empty() {
+            self.readiness.ready(READY_CHECK);
+        }
+    }
+
+    fn down(&self, partition: u32, reason: Reason, cause: String) {
+        let mut down = self
+            .down
+            .lock()
+            .expect("intake health lock is never poisoned");
+        down.insert(partition);
+        self.readiness.not_ready(
+            READY_CHECK,
+            reason,
+            format!("intake partition {partition}: {cause}"),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instances(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("handler-{i:032x}")).collect()
+    }
+
+    #[test]
+    fn every_partition_has_exactly_one_owner() {
+        for n in 1..=20 {
+            let ids = instances(n);
+            let mut owners = vec![0; INTAKE_PARTITIONS as usize];
+            for id in &ids {
+                for partition in owned_by(id, ids.iter().map(String::as_str)) {
+                    owners[partition as usize] += 1;
+                }
+            }
+            assert!(owners.iter().all(|o| *o == 1), "{n} instances: {owners:?}");
+        }
+    }
+
+    #[test]
+    fn an_instance_alone_owns_everything() {
+        let ids = instances(1);
+        assert_eq!(
+            owned_by(&ids[0], []).len(),
+            INTAKE_PARTITIONS as usize,
+            "whether or not it sees its own announcement"
+        );
+        assert_eq!(
+            owned_by(&ids[0], [ids[0].as_str()]).len(),
+            INTAKE_PARTITIONS as usize
+        );
+    }
+
+    #[test]
+    fn an_instance_joining_takes_partitions_only_for_itself() {
+        let ids = instances(5);
+        let before: Vec<Owned> = ids[..4]
+            .iter()
+            .map(|id| owned_by(id, ids[..4].iter().map(String::as_str)))
+            .collect();
+        let after: Vec<Owned> = ids
+            .iter()
+            .map(|id| owned_by(id, ids.iter().map(String::as_str)))
+            .collect();
+        for i in 0..4 {
+            assert!(
+                after[i].is_subset(&before[i]),
+                "instance {i} gained {:?}",
+                after[i].difference(&before[i])
+            );
+        }
+        assert!(!after[4].is_empty(), "the newcomer owns some partitions");
+    }
+
+    #[test]
+    fn two_instances_share_the_partitions() {
+        let ids = instances(2);
+        let first = owned_by(&ids[0], ids.iter().map(String::as_str)).len();
+        // Rendezvous hashing balances on average, not exactly; this pair's split is fixed.
+        assert!((4..=12).contains(&first), "the first owns {first} of 16");
+    }
+
+    #[test]
+    fn partitions_share_the_intake_limit() {
+        let mut config = Config::default();
+        config.intake.max_ack_pending = 4096;
+        assert_eq!(max_ack_pending_per_partition(&config), 256);
+        config.intake.max_ack_pending = 1;
+        assert_eq!(max_ack_pending_per_partition(&config), 1);
+    }
+}
