@@ -320,6 +320,29 @@ async fn with_a_batch_of_one_every_event_is_appended_alone() {
     assert_eq!(burst(1).await, 0);
 }
 
+/// Two posts in every conversation `creations` made, queued at once, each acknowledged;
+/// returns them.
+async fn post_round(
+    platform: &Platform,
+    outcomes: &mut async_nats::Subscriber,
+    creations: &[Command],
+    round: usize,
+) -> Vec<Command> {
+    let burst: Vec<Command> = creations
+        .iter()
+        .enumerate()
+        .flat_map(|(i, create)| {
+            (0..2).map(move |k| post(create.conversation(), &format!("c{i}-r{round}-{k}")))
+        })
+        .collect();
+    enqueue(platform, &burst).await;
+    let answered = answers(outcomes, &burst).await;
+    for command in &burst {
+        acked_seq(&answered, command);
+    }
+    burst
+}
+
 /// Held by the tests that count append conflicts, which every handler in this process adds
 /// to: one such test's handlers must not add to another's count.
 static CONFLICT_COUNT: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -361,19 +384,7 @@ async fn two_handlers_batching_the_same_shards_lose_and_duplicate_nothing() {
     let mut sent = Vec::new();
     // Rounds until the instances have met; the log is checked after every one.
     for round in 0..5 {
-        let burst: Vec<Command> = creations
-            .iter()
-            .enumerate()
-            .flat_map(|(i, create)| {
-                (0..2).map(move |k| post(create.conversation(), &format!("c{i}-r{round}-{k}")))
-            })
-            .collect();
-        enqueue(&platform, &burst).await;
-        let answered = answers(&mut outcomes, &burst).await;
-        for command in &burst {
-            acked_seq(&answered, command);
-        }
-        sent.extend(burst);
+        sent.extend(post_round(&platform, &mut outcomes, &creations, round).await);
         let posted = checked_log(&platform).await;
         let appended: usize = posted.values().map(Vec::len).sum();
         assert_eq!(appended, sent.len(), "every post appended once");
@@ -413,18 +424,7 @@ async fn two_handlers_own_disjoint_partitions_and_their_appends_never_conflict()
     let mut settled = None;
     for round in 0..8 {
         let before = conflicts(&platform).await;
-        let burst: Vec<Command> = creations
-            .iter()
-            .enumerate()
-            .flat_map(|(i, create)| {
-                (0..2).map(move |k| post(create.conversation(), &format!("c{i}-r{round}-{k}")))
-            })
-            .collect();
-        enqueue(&platform, &burst).await;
-        let answered = answers(&mut outcomes, &burst).await;
-        for command in &burst {
-            acked_seq(&answered, command);
-        }
+        post_round(&platform, &mut outcomes, &creations, round).await;
         let met = conflicts(&platform).await - before;
         match settled {
             None if met == 0 => settled = Some(round),
