@@ -343,6 +343,22 @@ async fn post_round(
     burst
 }
 
+/// A platform configured by `adjust`, 60 conversations created, then a second handler; with
+/// a subscription to the outcomes of commands queued by [`enqueue`].
+async fn two_handlers_and_conversations(
+    adjust: impl FnOnce(&mut Config),
+) -> (Platform, async_nats::Subscriber, Vec<Command>) {
+    let mut platform = Platform::start_with(1, adjust).await;
+    let client = async_nats::connect(platform.nats.url()).await.unwrap();
+    let mut outcomes = client.subscribe("parley.outcome.test").await.unwrap();
+    let peers: Vec<String> = (0..60).map(|i| format!("peer{i}")).collect();
+    let creations: Vec<Command> = peers.iter().map(|peer| create_direct(peer)).collect();
+    enqueue(&platform, &creations).await;
+    answers(&mut outcomes, &creations).await;
+    platform.add_handler().await;
+    (platform, outcomes, creations)
+}
+
 /// Held by the tests that count append conflicts, which every handler in this process adds
 /// to: one such test's handlers must not add to another's count.
 static CONFLICT_COUNT: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -364,7 +380,7 @@ async fn two_handlers_batching_the_same_shards_lose_and_duplicate_nothing() {
     // lanes) meet on every shard, and a batch whose expected sequence the other instance
     // made stale is refused as a whole. Under one name both instances own every intake
     // partition, as two instances do for a moment while one joins or leaves.
-    let mut platform = Platform::start_with(1, |config| {
+    let (platform, mut outcomes, creations) = two_handlers_and_conversations(|config| {
         config.handler.lanes = 4;
         config.handler.max_batch = 256;
         config.handler.commits_in_flight = 1;
@@ -372,13 +388,6 @@ async fn two_handlers_batching_the_same_shards_lose_and_duplicate_nothing() {
         config.log.shards = 4;
     })
     .await;
-    let client = async_nats::connect(platform.nats.url()).await.unwrap();
-    let mut outcomes = client.subscribe("parley.outcome.test").await.unwrap();
-    let peers: Vec<String> = (0..60).map(|i| format!("peer{i}")).collect();
-    let creations: Vec<Command> = peers.iter().map(|peer| create_direct(peer)).collect();
-    enqueue(&platform, &creations).await;
-    answers(&mut outcomes, &creations).await;
-    platform.add_handler().await;
 
     let before = conflicts(&platform).await;
     let mut sent = Vec::new();
@@ -405,17 +414,8 @@ async fn two_handlers_batching_the_same_shards_lose_and_duplicate_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_handlers_own_disjoint_partitions_and_their_appends_never_conflict() {
     let _counting = CONFLICT_COUNT.lock().await;
-    let mut platform = Platform::start_with(1, |config| {
-        config.handler.max_batch = 256;
-    })
-    .await;
-    let client = async_nats::connect(platform.nats.url()).await.unwrap();
-    let mut outcomes = client.subscribe("parley.outcome.test").await.unwrap();
-    let peers: Vec<String> = (0..60).map(|i| format!("peer{i}")).collect();
-    let creations: Vec<Command> = peers.iter().map(|peer| create_direct(peer)).collect();
-    enqueue(&platform, &creations).await;
-    answers(&mut outcomes, &creations).await;
-    platform.add_handler().await;
+    let (platform, mut outcomes, creations) =
+        two_handlers_and_conversations(|config| config.handler.max_batch = 256).await;
     platform.handlers_announced(2).await;
 
     // Each burst touches every shard. Until both instances have set up their pulls at the
