@@ -177,10 +177,9 @@ async fn announce_and_watch(
             },
         }
         if complete {
-            let live = seen.keys().map(String::as_str).chain([me]);
-            metrics::gauge!(telemetry::HANDLER_INSTANCES)
-                .set(seen.keys().filter(|id| *id != me).count() as f64 + 1.0);
-            let now = owned_by(me, live);
+            let instances = seen.keys().filter(|id| *id != me).count() + 1;
+            metrics::gauge!(telemetry::HANDLER_INSTANCES).set(instances as f64);
+            let now = owned_by(me, seen.keys().map(String::as_str));
             owned.send_if_modified(|before| {
                 if before.as_ref() == Some(&now) {
                     return false;
@@ -191,7 +190,7 @@ async fn announce_and_watch(
                         .increment(moved as u64);
                 }
                 metrics::gauge!(telemetry::HANDLER_PARTITIONS_OWNED).set(now.len() as f64);
-                info!(owned = ?now, instances = seen.len().max(1), "intake partitions owned");
+                info!(owned = ?now, instances, "intake partitions owned");
                 *before = Some(now);
                 true
             });
