@@ -93,7 +93,7 @@ pub struct Handler {
 
 struct Inner {
     config: Arc<Config>,
-    /// This instance's name among the handlers, new at each start.
+    /// This instance's name among the handlers: `handler.instance`, or new at each start.
     instance: String,
     nats: Nats,
     topology: Topology,
@@ -230,11 +230,13 @@ impl Handler {
             owned,
             taking.clone(),
         ));
-        let known = tokio::time::timeout(partitions::LEASE, owned_rx.wait_for(Option::is_some));
-        if known.await.is_err() {
-            warn!(
-                "the other handler instances are not known yet; standing by for every intake partition"
-            );
+        tokio::select! {
+            known = tokio::time::timeout(partitions::LEASE, owned_rx.wait_for(Option::is_some)) => {
+                if known.is_err() {
+                    warn!("the other handler instances are not known yet; standing by for every intake partition");
+                }
+            }
+            () = shutdown.cancelled() => {}
         }
         let health = Arc::new(partitions::IntakeHealth::new(inner.readiness.clone()));
         let pulls: Vec<JoinHandle<()>> = (0..INTAKE_PARTITIONS)
