@@ -253,9 +253,11 @@ test("a receiver cut off again and again under a steady stream sees every messag
 });
 
 test("a refused token and a session ended by its token's expiry both continue on a fresh token", { timeout: 60_000 }, async () => {
-  // The first token is refused at the upgrade (401); then a token that expires in 1 s, whose
-  // session the server ends (1008 token expired); then tokens good for an hour.
-  const tokens = ["not-a-jwt", await parley.token("dave", 1)];
+  // The first token is refused at the upgrade (401); then a token that expires within 2 s,
+  // whose session the server ends (1008 token expired); then tokens good for an hour. Expiry
+  // is in whole seconds from the second it was made, so a 1 s token could have only
+  // milliseconds left, and its session end before `connect` returns.
+  const tokens = ["not-a-jwt", await parley.token("dave", 2)];
   const asked = [];
   const dave = new Client({
     url: parley.url,
