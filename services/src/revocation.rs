@@ -69,13 +69,9 @@ pub async fn bucket(
     js: &jetstream::Context,
     config: &Config,
 ) -> Result<kv::Store, RevocationError> {
-    match js.get_key_value(REVOCATIONS_BUCKET).await {
-        Ok(store) => Ok(store),
-        Err(_) => js
-            .create_key_value(crate::topology::revocations_bucket_config(config))
-            .await
-            .map_err(|e| RevocationError::Bucket(e.to_string())),
-    }
+    crate::topology::key_value(js, crate::topology::revocations_bucket_config(config))
+        .await
+        .map_err(|e| RevocationError::Bucket(e.to_string()))
 }
 
 /// Connect to the configured NATS and record `revocation` as made at `now_secs`: what

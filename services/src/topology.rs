@@ -115,6 +115,18 @@ pub fn intake_stream_config(config: &Config) -> stream::Config {
     }
 }
 
+/// The key-value bucket `wanted` names, created with `wanted` if no role or command has
+/// yet (an existing bucket is taken as it is).
+pub async fn key_value(
+    js: &jetstream::Context,
+    wanted: kv::Config,
+) -> Result<kv::Store, jetstream::context::CreateKeyValueError> {
+    match js.get_key_value(&wanted.bucket).await {
+        Ok(store) => Ok(store),
+        Err(_) => js.create_key_value(wanted).await,
+    }
+}
+
 /// The revocations bucket: one record per key, each dropped once it is older than any
 /// token it could cover.
 pub fn revocations_bucket_config(config: &Config) -> kv::Config {

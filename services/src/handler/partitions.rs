@@ -22,7 +22,7 @@ use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PriorityPolicy, 
 use async_nats::jetstream::kv;
 use futures::{FutureExt, StreamExt};
 use parley_events::subjects::{
-    HANDLER_PRIORITY_GROUP, HANDLERS_BUCKET, INTAKE_PARTITIONS, handler_consumer, intake_subject,
+    HANDLER_PRIORITY_GROUP, INTAKE_PARTITIONS, handler_consumer, intake_subject,
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -129,14 +129,12 @@ async fn announce_and_watch(
     shutdown: &CancellationToken,
     bucket_slot: &mut Option<kv::Store>,
 ) -> Result<(), String> {
-    let js = &inner.topology.js;
-    let bucket = match js.get_key_value(HANDLERS_BUCKET).await {
-        Ok(bucket) => bucket,
-        Err(_) => js
-            .create_key_value(topology::handlers_bucket_config(&inner.config, LEASE))
-            .await
-            .map_err(|e| format!("cannot create the handlers bucket: {e}"))?,
-    };
+    let bucket = topology::key_value(
+        &inner.topology.js,
+        topology::handlers_bucket_config(&inner.config, LEASE),
+    )
+    .await
+    .map_err(|e| format!("cannot create the handlers bucket: {e}"))?;
     *bucket_slot = Some(bucket.clone());
     let me = inner.instance.as_str();
     bucket

@@ -54,20 +54,17 @@ pub struct Using {
 
 /// The projection bucket, created if no node or command has yet.
 pub async fn bucket(js: &jetstream::Context, config: &Config) -> Result<kv::Store, ReplayError> {
-    match js.get_key_value(BUCKET).await {
-        Ok(store) => Ok(store),
-        Err(_) => js
-            .create_key_value(kv::Config {
-                bucket: BUCKET.into(),
-                description: "Parley's active projection target (parley replay switch)".into(),
-                history: 1,
-                storage: jetstream::stream::StorageType::File,
-                num_replicas: config.log.replicas,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| ReplayError::Nats(format!("bucket {BUCKET}: {e}"))),
-    }
+    let wanted = kv::Config {
+        bucket: BUCKET.into(),
+        description: "Parley's active projection target (parley replay switch)".into(),
+        history: 1,
+        storage: jetstream::stream::StorageType::File,
+        num_replicas: config.log.replicas,
+        ..Default::default()
+    };
+    crate::topology::key_value(js, wanted)
+        .await
+        .map_err(|e| ReplayError::Nats(format!("bucket {BUCKET}: {e}")))
 }
 
 /// The switch in force, if any.
