@@ -111,6 +111,14 @@ pub fn outcome_subject(gateway: &str) -> String {
 /// in one message (a JSON array); handlers send a gateway without it one outcome a message.
 pub const OUTCOME_BATCHES_HEADER: &str = "Parley-Outcome-Batches";
 
+/// 64-bit FNV-1a of `bytes`: the same on every build, platform and language, which is what
+/// a mapping every process must agree on needs.
+pub fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    bytes.into_iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
 /// The number of shards the event log is split into. Fixed when the log stream is created;
 /// appends are ordered (and checked for conflicts) per shard, which orders every
 /// conversation in it.
@@ -131,12 +139,7 @@ impl Shards {
     /// The shard of a conversation: FNV-1a of its id's bytes, so the mapping is stable across
     /// builds, platforms and languages.
     pub fn of(self, conversation: ConversationId) -> u32 {
-        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-        for byte in conversation.as_uuid().as_bytes() {
-            hash ^= u64::from(*byte);
-            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        (hash % u64::from(self.0)) as u32
+        (fnv1a(conversation.as_uuid().as_bytes().iter().copied()) % u64::from(self.0)) as u32
     }
 
     pub fn subject(self, conversation: ConversationId) -> String {

@@ -22,7 +22,7 @@ use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PriorityPolicy, 
 use async_nats::jetstream::kv;
 use futures::{FutureExt, StreamExt};
 use parley_events::subjects::{
-    HANDLER_PRIORITY_GROUP, INTAKE_PARTITIONS, handler_consumer, intake_subject,
+    HANDLER_PRIORITY_GROUP, INTAKE_PARTITIONS, fnv1a, handler_consumer, intake_subject,
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -69,11 +69,7 @@ pub(super) fn owned_by<'a>(instance: &str, live: impl IntoIterator<Item = &'a st
 /// FNV-1a of the instance and the partition, then a finalizer so that ids that differ in
 /// one character still score unrelated.
 fn score(instance: &str, partition: u32) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in instance.bytes().chain(partition.to_le_bytes()) {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
+    let mut hash = fnv1a(instance.bytes().chain(partition.to_le_bytes()));
     hash ^= hash >> 33;
     hash = hash.wrapping_mul(0xff51_afd7_ed55_8ccd);
     hash ^= hash >> 33;
@@ -97,9 +93,8 @@ pub(super) async fn follow_instances(
     shutdown: CancellationToken,
 ) {
     let mut backoff = Backoff::new(MAX_SETUP_BACKOFF);
-    let mut bucket = None;
     loop {
-        match announce_and_watch(&inner, &owned, &shutdown, &mut bucket).await {
+        match announce_and_watch(&inner, &owned, &shutdown).await {
             Ok(()) => break,
             Err(cause) => {
                 warn!(%cause, retry_in = ?backoff.delay(), "cannot follow the other handler instances; owned partitions stay as they were")
@@ -109,25 +104,15 @@ pub(super) async fn follow_instances(
             break;
         }
     }
-    if let Some(bucket) = bucket {
-        let withdrawn = tokio::time::timeout(
-            topology::SETUP_ATTEMPT,
-            bucket.delete(inner.instance.as_str()),
-        )
-        .await;
-        if !matches!(withdrawn, Ok(Ok(()))) {
-            debug!("could not withdraw this instance's announcement; it expires by itself");
-        }
-    }
 }
 
-/// One run of following the instances: returns `Ok` on shutdown, an error once the bucket
-/// or its watch fails (a server restart loses a memory bucket: it is created again).
+/// One run of following the instances: returns `Ok` on shutdown, having withdrawn the
+/// announcement, and an error once the bucket or its watch fails (a server restart loses a
+/// memory bucket: it is created again).
 async fn announce_and_watch(
     inner: &Inner,
     owned: &watch::Sender<Ownership>,
     shutdown: &CancellationToken,
-    bucket_slot: &mut Option<kv::Store>,
 ) -> Result<(), String> {
     let bucket = topology::key_value(
         &inner.topology.js,
@@ -135,7 +120,6 @@ async fn announce_and_watch(
     )
     .await
     .map_err(|e| format!("cannot create the handlers bucket: {e}"))?;
-    *bucket_slot = Some(bucket.clone());
     let me = inner.instance.as_str();
     bucket
         .put(me, bytes::Bytes::new())
@@ -153,7 +137,13 @@ async fn announce_and_watch(
     let mut announce = tokio::time::interval(LEASE / 3);
     loop {
         tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
+            () = shutdown.cancelled() => {
+                let withdrawn = tokio::time::timeout(topology::SETUP_ATTEMPT, bucket.delete(me)).await;
+                if !matches!(withdrawn, Ok(Ok(()))) {
+                    debug!("could not withdraw this instance's announcement; it expires by itself");
+                }
+                return Ok(());
+            }
             Ok(()) = reconnects.changed() => return Err("reconnected to NATS".into()),
             _ = announce.tick() => {
                 bucket
