@@ -11,6 +11,7 @@
 //! with the shard, and decides again.
 
 mod commits;
+mod intake_pull;
 mod messages;
 mod outcomes;
 mod partitions;
@@ -164,7 +165,11 @@ impl Handler {
             inner.position.send_replace(model.position());
             *inner.model() = model;
         }
-        let mut tail = tokio::spawn(tail_log(Arc::clone(&inner), shutdown.clone()));
+        // The tail outlives `shutdown` until the lanes are done: a command they finish may
+        // have to wait for the tail to catch up after a conflict.
+        let tailing = CancellationToken::new();
+        let _stop_tailing = tailing.clone().drop_guard();
+        let mut tail = tokio::spawn(tail_log(Arc::clone(&inner), tailing));
         let mut caught_up = inner.position.subscribe();
         // `inner` holds the position's sender, so waiting for it can only end by reaching it.
         let reached = async {
@@ -219,16 +224,19 @@ impl Handler {
         drop(answers);
         let lanes: Arc<[Lane]> = lanes.into();
 
-        // Pulls start once this instance knows its partitions: a pull set up again for a
-        // new priority leaves behind what the server was sending to the old one. Should the
+        // Pulls start once this instance knows its partitions, at the priority that gives,
+        // rather than as a standby everywhere only to change moments later. Should the
         // others' announcements not be readable, it pulls every partition as a standby,
         // which still takes every command no other instance takes.
         let taking = shutdown.child_token();
+        // The announcement is withdrawn only once the pulls have finished: until then the
+        // others stay standbys, and do not take this instance's partitions alongside it.
+        let announcing = CancellationToken::new();
         let (owned, mut owned_rx) = watch::channel(None);
         let following = tokio::spawn(partitions::follow_instances(
             Arc::clone(&inner),
             owned,
-            taking.clone(),
+            announcing.clone(),
         ));
         tokio::select! {
             known = tokio::time::timeout(partitions::LEASE, owned_rx.wait_for(Option::is_some)) => {
@@ -267,6 +275,7 @@ impl Handler {
         for pull in pulls {
             let _ = pull.await;
         }
+        announcing.cancel();
         let _ = following.await;
         for lane in lane_tasks {
             let _ = lane.await;
@@ -278,7 +287,6 @@ impl Handler {
         // And the answering once every answer the lanes gave is sent.
         let _ = answering_commands.await;
         answering.abort();
-        tail.abort();
         failure.unwrap_or(Ok(()))
     }
 }

@@ -20,15 +20,17 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PriorityPolicy, pull};
 use async_nats::jetstream::kv;
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use parley_events::subjects::{
-    HANDLER_PRIORITY_GROUP, INTAKE_PARTITIONS, fnv1a, handler_consumer, intake_subject,
+    HANDLER_PRIORITY_GROUP, INTAKE_PARTITIONS, INTAKE_STREAM, fnv1a, handler_consumer,
+    intake_subject,
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{HandlerError, Inner, Lane, MAX_SETUP_BACKOFF, READY_CHECK, pull_lost};
+use super::intake_pull::IntakePull;
+use super::{HandlerError, Inner, Lane, MAX_SETUP_BACKOFF, READY_CHECK};
 use crate::admin::{Readiness, Reason};
 use crate::backoff::Backoff;
 use crate::config::Config;
@@ -43,8 +45,6 @@ pub(super) const LEASE: Duration = Duration::from_secs(6);
 /// others'.
 const OWNER: usize = 0;
 const STANDBY: usize = 1;
-/// Commands one pull request asks for.
-const PULL_BATCH: usize = 256;
 
 /// The intake partitions an instance owns.
 pub(super) type Owned = BTreeSet<u32>;
@@ -187,10 +187,9 @@ async fn announce_and_watch(
 }
 
 /// Pull one intake partition until `shutdown`, at the priority its ownership gives, and hand
-/// its commands to the lanes. Set up again whenever ownership changes, the NATS client
+/// its commands to the lanes. Set up again with its consumer whenever the NATS client
 /// reconnects (a server restart loses a memory intake with its consumers and every pull
-/// request; the client's own recovery of a pull notices that only after its retries) or the
-/// pull is lost.
+/// request) or the pull is lost.
 pub(super) async fn take_partition(
     inner: Arc<Inner>,
     partition: u32,
@@ -201,19 +200,19 @@ pub(super) async fn take_partition(
 ) {
     let mut reconnects = inner.nats.reconnects();
     let mut backoff = Backoff::new(MAX_SETUP_BACKOFF);
-    'setup: loop {
-        let priority = priority_of(partition, &owned.borrow_and_update());
+    loop {
+        let mut priority = priority_of(partition, &owned.borrow_and_update());
         let setup = topology::attempt(
-            partition_commands(&inner, partition, priority),
+            pull_partition(&inner, partition, priority),
             HandlerError::Consumer,
         );
-        let mut commands = tokio::select! {
+        let mut pull = tokio::select! {
             () = shutdown.cancelled() => return,
             setup = setup => match setup {
-                Ok(commands) => {
+                Ok(pull) => {
                     backoff = Backoff::new(MAX_SETUP_BACKOFF);
                     health.up(partition);
-                    commands
+                    pull
                 }
                 Err(e) => {
                     warn!(partition, error = %e, retry_in = ?backoff.delay(), "cannot set up the intake partition's consumer yet");
@@ -221,46 +220,40 @@ pub(super) async fn take_partition(
                     if !backoff.wait(&shutdown).await {
                         return;
                     }
-                    continue 'setup;
+                    continue;
                 }
             },
         };
-        loop {
-            let lost = tokio::select! {
+        let (reason, cause) = loop {
+            tokio::select! {
                 () = shutdown.cancelled() => {
-                    take_buffered(&inner, &lanes, &mut commands).await;
+                    pull.finish(&inner, &lanes).await;
                     return;
                 }
                 Ok(()) = reconnects.changed() => {
                     info!(partition, "reconnected to NATS; setting up the intake partition's consumer again");
-                    Some((Reason::NoIntake, "reconnected to NATS".to_owned()))
+                    break (Reason::NoIntake, "reconnected to NATS".to_owned());
                 }
                 Ok(()) = owned.changed() => {
-                    if priority_of(partition, &owned.borrow_and_update()) == priority {
-                        continue;
+                    let now = priority_of(partition, &owned.borrow_and_update());
+                    if now != priority {
+                        priority = now;
+                        if let Err(e) = pull.reprioritize(priority).await {
+                            break (Reason::PullFailing, e.to_string());
+                        }
                     }
-                    take_buffered(&inner, &lanes, &mut commands).await;
-                    continue 'setup;
                 }
-                next = commands.next() => match next {
-                    Some(Ok(message)) => {
-                        super::dispatch(&inner, &lanes, message).await;
-                        None
-                    }
-                    Some(Err(e)) if pull_lost(&e) => Some((Reason::PullFailing, e.to_string())),
-                    Some(Err(e)) => {
-                        warn!(partition, error = %e, "intake consumer hiccup; continuing");
-                        None
-                    }
-                    None => Some((Reason::PullFailing, "the intake consumer's stream ended".to_owned())),
+                next = pull.next() => match next {
+                    Ok(command) => super::dispatch(&inner, &lanes, command).await,
+                    Err(e) => break (Reason::PullFailing, e.to_string()),
                 },
-            };
-            if let Some((reason, cause)) = lost {
-                warn!(partition, %cause, "the intake partition's consumer is gone or unreachable; setting it up again");
-                health.down(partition, reason, cause);
-                continue 'setup;
             }
-        }
+        };
+        // The requests of a lost pull are gone, and so is whatever was on its way to them
+        // over a lost connection: it is redelivered after the ack wait.
+        drop(pull);
+        warn!(partition, %cause, "the intake partition's consumer is gone or unreachable; setting it up again");
+        health.down(partition, reason, cause);
     }
 }
 
@@ -271,50 +264,50 @@ fn priority_of(partition: u32, owned: &Ownership) -> usize {
     }
 }
 
-/// Hand the lanes what the server already sent to a pull about to be dropped: dropped with
-/// it, those commands would wait out the ack wait. (What is still on the wire when the pull
-/// goes does.)
-async fn take_buffered(inner: &Inner, lanes: &[Lane], commands: &mut pull::Stream) {
-    while let Some(Some(Ok(message))) = commands.next().now_or_never() {
-        super::dispatch(inner, lanes, message).await;
-    }
-}
-
-/// A partition's durable consumer, set up with the intake itself (after a server restart
-/// has lost a memory intake, both are created again here), and a pull on it at `priority`.
-async fn partition_commands(
+/// A pull at `priority` on the partition's durable consumer, created first. The intake is
+/// checked only when that fails: after a server restart has lost a memory intake, both are
+/// created again here.
+async fn pull_partition(
     inner: &Inner,
     partition: u32,
     priority: usize,
-) -> Result<pull::Stream, HandlerError> {
-    let intake = topology::ensure_intake(&inner.topology.js, &inner.config)
+) -> Result<IntakePull, HandlerError> {
+    let failed = |e: &dyn std::fmt::Display| HandlerError::Consumer(e.to_string());
+    let config = partition_consumer(&inner.config, partition);
+    let js = &inner.topology.js;
+    let consumer = match js
+        .create_consumer_on_stream(config.clone(), INTAKE_STREAM)
         .await
-        .map_err(|e| HandlerError::Consumer(e.to_string()))?;
-    let consumer = intake
-        .create_consumer(pull::Config {
-            durable_name: Some(handler_consumer(partition)),
-            filter_subject: intake_subject(partition),
-            ack_policy: AckPolicy::Explicit,
-            deliver_policy: DeliverPolicy::All,
-            ack_wait: Duration::from_secs(inner.config.intake.ack_wait_secs),
-            max_deliver: inner.config.intake.max_deliver,
-            max_ack_pending: max_ack_pending_per_partition(&inner.config),
-            priority_groups: vec![HANDLER_PRIORITY_GROUP.into()],
-            priority_policy: PriorityPolicy::Prioritized,
-            ..Default::default()
-        })
+    {
+        Ok(consumer) => consumer,
+        Err(missing) => {
+            debug!(partition, error = %missing, "cannot create the partition's consumer; checking the intake");
+            topology::ensure_intake(js, &inner.config)
+                .await
+                .map_err(|e| failed(&e))?
+                .create_consumer(config)
+                .await
+                .map_err(|e| failed(&e))?
+        }
+    };
+    IntakePull::start(js, &inner.nats.client, consumer, priority)
         .await
-        .map_err(|e| HandlerError::Consumer(e.to_string()))?;
-    consumer
-        .stream()
-        .max_messages_per_batch(PULL_BATCH)
-        .expires(topology::PULL_EXPIRES)
-        .heartbeat(topology::PULL_HEARTBEAT)
-        .group(HANDLER_PRIORITY_GROUP)
-        .priority(priority)
-        .messages()
-        .await
-        .map_err(|e| HandlerError::Consumer(e.to_string()))
+        .map_err(|e| failed(&e))
+}
+
+fn partition_consumer(config: &Config, partition: u32) -> pull::Config {
+    pull::Config {
+        durable_name: Some(handler_consumer(partition)),
+        filter_subject: intake_subject(partition),
+        ack_policy: AckPolicy::Explicit,
+        deliver_policy: DeliverPolicy::All,
+        ack_wait: Duration::from_secs(config.intake.ack_wait_secs),
+        max_deliver: config.intake.max_deliver,
+        max_ack_pending: max_ack_pending_per_partition(config),
+        priority_groups: vec![HANDLER_PRIORITY_GROUP.into()],
+        priority_policy: PriorityPolicy::Prioritized,
+        ..Default::default()
+    }
 }
 
 /// The handler is ready to take commands while every partition's pull is set up.

@@ -113,9 +113,7 @@ async fn pipelined_sends_keep_their_order_with_three_handlers() {
     let mut platform = Platform::start(1).await;
     platform.add_handler().await;
     platform.add_handler().await;
-    // Sends made while partitions still move between the instances can wait a command
-    // timeout (ARCHITECTURE.md, Known limitations); this test is about their order.
-    platform.handlers_announced(3).await;
+    // No wait for the instances to settle: the first bursts meet partitions moving.
     let (mut alice, _bob, conversation) = platform.alice_and_bob().await;
     let (bursts, per_burst) = (10, 20);
     let mut sent = Vec::new();
@@ -144,35 +142,51 @@ async fn pipelined_sends_keep_their_order_with_three_handlers() {
     );
 }
 
+/// `per_partition` direct conversations of `client`'s in every intake partition (16
+/// shards, 16 partitions: one shard each).
+async fn conversations_in_every_partition(
+    platform: &Platform,
+    client: &mut Client,
+    per_partition: usize,
+) -> Vec<ConversationId> {
+    let mut conversations: HashMap<String, Vec<ConversationId>> = HashMap::new();
+    let mut peers = 0;
+    while conversations.len() < 16 || conversations.values().any(|c| c.len() < per_partition) {
+        let peer = format!("peer{peers}");
+        peers += 1;
+        client
+            .send(json!({"type": "create_direct", "id": peer, "peer": peer}))
+            .await;
+        let ack = client.reply_to(&peer).await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+        let conversation: ConversationId = ack["conversation"].as_str().unwrap().parse().unwrap();
+        let partition = conversations
+            .entry(platform.intake_subject(conversation))
+            .or_default();
+        if partition.len() < per_partition {
+            partition.push(conversation);
+        }
+    }
+    conversations.into_values().flatten().collect()
+}
+
+/// A command stranded by a handler would wait out this ack wait, and the socket would see
+/// `timeout` after the command timeout: both are far longer than a reply is waited for.
+fn strandings_show(config: &mut parley_services::config::Config) {
+    config.intake.ack_wait_secs = 120;
+    config.gateway.command_timeout_secs = 30;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_partitions_of_a_stopped_handler_are_taken_by_the_other_at_once() {
-    // A command handed to the stopped instance would wait out this ack wait, and the
-    // socket would see `timeout` first.
-    let mut platform = Platform::start_with(1, |c| {
-        c.intake.ack_wait_secs = 120;
-        c.gateway.command_timeout_secs = 30;
-    })
-    .await;
+    let mut platform = Platform::start_with(1, strandings_show).await;
     platform.add_handler().await;
     platform.handlers_announced(2).await;
     let mut alice = platform.connect(0, "alice").await;
-    // A conversation in every intake partition (16 shards, 16 partitions: one shard each).
-    let mut conversations = HashMap::new();
-    let mut peers = 0;
-    while conversations.len() < 16 {
-        let peer = format!("peer{peers}");
-        peers += 1;
-        alice
-            .send(json!({"type": "create_direct", "id": peer, "peer": peer}))
-            .await;
-        let ack = alice.reply_to(&peer).await;
-        assert_eq!(ack["type"], "ack", "{ack}");
-        let conversation: ConversationId = ack["conversation"].as_str().unwrap().parse().unwrap();
-        conversations.insert(platform.intake_subject(conversation), conversation);
-    }
+    let conversations = conversations_in_every_partition(&platform, &mut alice, 1).await;
 
     platform.stop_handler().await;
-    for (i, conversation) in conversations.values().enumerate() {
+    for (i, conversation) in conversations.iter().enumerate() {
         alice
             .send(send(&format!("after-{i}"), *conversation, "after"))
             .await;
@@ -182,6 +196,51 @@ async fn the_partitions_of_a_stopped_handler_are_taken_by_the_other_at_once() {
         assert_eq!(reply["type"], "ack", "{reply}");
     }
     assert_eq!(platform.posted_bodies().await.len(), conversations.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_in_flight_while_partitions_change_hands_are_never_stranded() {
+    let mut platform = Platform::start_with(1, strandings_show).await;
+    let mut alice = platform.connect(0, "alice").await;
+    let conversations = conversations_in_every_partition(&platform, &mut alice, 4).await;
+
+    // Rounds of one send per conversation, until told to stop, while a second and a third
+    // instance join (partitions move to each) and then the first stops (its own move).
+    let stop = tokio_util::sync::CancellationToken::new();
+    let sending = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut sent = 0;
+            while !stop.is_cancelled() {
+                let ids: Vec<String> = (0..conversations.len())
+                    .map(|i| format!("m{}", sent + i))
+                    .collect();
+                for (id, conversation) in ids.iter().zip(&conversations) {
+                    alice.send(send(id, *conversation, id)).await;
+                }
+                for id in &ids {
+                    let reply = alice.reply_to_within(id, Duration::from_secs(10)).await;
+                    let reply = reply.unwrap_or_else(|| panic!("{id} is stranded"));
+                    assert_eq!(reply["type"], "ack", "{reply}");
+                }
+                sent += ids.len();
+            }
+            sent
+        }
+    });
+    for instances in 2..=3 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        platform.add_handler().await;
+        platform.handlers_announced(instances).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    platform.stop_handler().await;
+    platform.handlers_announced(2).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.cancel();
+    let sent = sending.await.expect("every send is acknowledged in time");
+    println!("{sent} sends while partitions changed hands");
+    assert_eq!(platform.posted_bodies().await.len(), sent);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
