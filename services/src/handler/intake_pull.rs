@@ -216,3 +216,62 @@ fn unfulfilled(status: &async_nats::Message) -> usize {
         .and_then(|value| value.as_str().parse().ok())
         .unwrap_or(BATCH)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(code: u16, description: &str, pending: Option<&str>) -> async_nats::Message {
+        let headers = pending.map(|pending| {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Pending-Messages", pending);
+            headers
+        });
+        async_nats::Message {
+            subject: Subject::from("_INBOX.x"),
+            reply: None,
+            payload: bytes::Bytes::new(),
+            headers,
+            status: Some(StatusCode::from_u16(code).expect("a status code")),
+            description: Some(description.to_owned()),
+            length: 0,
+        }
+    }
+
+    #[test]
+    fn an_ended_request_counts_what_it_left() {
+        assert_eq!(unfulfilled(&status(408, "Request Timeout", Some("37"))), 37);
+        assert_eq!(unfulfilled(&status(409, "Leadership Change", Some("0"))), 0);
+        assert_eq!(
+            unfulfilled(&status(408, "Request Timeout", None)),
+            BATCH,
+            "without the header, the whole request"
+        );
+        assert_eq!(
+            unfulfilled(&status(408, "Request Timeout", Some("many"))),
+            BATCH,
+            "an unreadable header counts as absent"
+        );
+    }
+
+    #[test]
+    fn only_requests_the_server_would_refuse_again_end_the_pull() {
+        for ends_the_pull in [
+            "Consumer Deleted",
+            "Consumer is push based",
+            "Exceeded MaxWaiting",
+            "Exceeded MaxRequestBatch of 100",
+        ] {
+            assert!(
+                refuses_again(&status(409, ends_the_pull, None)),
+                "{ends_the_pull}"
+            );
+        }
+        for asks_again in ["Request Timeout", "Leadership Change", "Server Shutdown"] {
+            assert!(
+                !refuses_again(&status(409, asks_again, None)),
+                "{asks_again}"
+            );
+        }
+    }
+}
