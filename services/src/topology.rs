@@ -25,9 +25,10 @@ pub const MAX_STREAM_MESSAGE_BYTES: i32 = 1024 * 1024;
 /// redelivered command can race its first delivery.
 pub const LOG_DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
-/// Pull requests on the durable consumers (handlers on the intake, the projector on the
-/// log): how long one waits on the server, and how often the server says it is alive while
-/// there is nothing to deliver. A pull request lost to a server restart or a leader change
+/// Pull requests on the log (the handlers' tails, the projector, the push worker): how long
+/// one waits on the server, and how often the server says it is alive while there is
+/// nothing to deliver; the handlers' intake pulls share the heartbeat, not the expiry
+/// (`handler/intake_pull.rs`). A pull request lost to a server restart or a leader change
 /// is noticed within two heartbeats, not when it would have expired.
 pub const PULL_EXPIRES: Duration = Duration::from_secs(10);
 pub const PULL_HEARTBEAT: Duration = Duration::from_secs(1);
