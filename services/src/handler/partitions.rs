@@ -249,8 +249,10 @@ pub(super) async fn take_partition(
                 },
             }
         };
-        // The requests of a lost pull are gone, and so is whatever was on its way to them
-        // over a lost connection: it is redelivered after the ack wait.
+        // A lost pull's requests are gone. A reconnect lost whatever was on its way over the
+        // old connection (redelivered after the ack wait); requests that outlived it on a
+        // cluster's consumer leader are abandoned here, a rare loss of the same kind, rather
+        // than waited out by every instance at once after a server restart.
         drop(pull);
         warn!(partition, %cause, "the intake partition's consumer is gone or unreachable; setting it up again");
         health.down(partition, reason, cause);
