@@ -280,8 +280,9 @@ impl<N> Platform<N> {
             // The others stand by for its partitions.
             return;
         }
-        // The stopped handler's pull requests outlive it on the server for a moment; a
-        // command published meanwhile would go to one and wait out the ack wait.
+        // A stopping handler reads its pull requests out before it returns, but gives up
+        // on a server that stops answering; one left behind would take the next command
+        // and hold it for the ack wait, so the server is asked to agree that none is left.
         let js = self.jetstream().await;
         eventually(|| async {
             for partition in 0..INTAKE_PARTITIONS {
