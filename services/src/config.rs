@@ -137,8 +137,11 @@ pub struct IntakeConfig {
     pub duplicate_window_secs: u64,
     /// Most commands held before publishes are refused (backpressure on gateways).
     pub max_messages: i64,
-    /// How long a handler may hold a command before it is redelivered.
+    /// How long a command taken by a handler that gives no sign of life waits before it is
+    /// redelivered; a live handler renews it for the commands it works on.
     pub ack_wait_secs: u64,
+    /// How long a live handler may hold one delivery of a command before it is redelivered.
+    pub max_hold_secs: u64,
     /// Deliveries of one command before it is given up (and its sender told).
     pub max_deliver: i64,
     /// Commands handed out to handlers and not yet acknowledged, across all instances.
@@ -153,7 +156,8 @@ impl Default for IntakeConfig {
             max_bytes: 256 * 1024 * 1024,
             duplicate_window_secs: 120,
             max_messages: 1_000_000,
-            ack_wait_secs: 30,
+            ack_wait_secs: 5,
+            max_hold_secs: 30,
             max_deliver: 5,
             max_ack_pending: 4096,
         }
@@ -985,8 +989,12 @@ impl Config {
             "intake.max_bytes must be at least 1048576 (one largest command)",
         );
         require(
-            self.intake.ack_wait_secs >= 1,
-            "intake.ack_wait_secs must be at least 1",
+            (1..=MAX_HOLD_SECS).contains(&self.intake.ack_wait_secs),
+            "intake.ack_wait_secs must be between 1 and 3600",
+        );
+        require(
+            (self.intake.ack_wait_secs..=MAX_HOLD_SECS).contains(&self.intake.max_hold_secs),
+            "intake.max_hold_secs must be at least intake.ack_wait_secs and at most 3600",
         );
         require(
             self.intake.max_deliver >= 1,
@@ -1219,13 +1227,25 @@ impl Config {
     }
 
     /// How long a gateway keeps following a command after its `timeout` for a late outcome:
-    /// as long as the handlers may still be trying it (every delivery the intake makes) and
-    /// one more command timeout for the answer to travel.
+    /// as long as the handlers may still be trying it (every delivery the intake makes, each
+    /// held at most `max_hold_secs` and then left for one ack wait) and one more command
+    /// timeout for the answer to travel.
     pub fn outcome_wait(&self) -> Duration {
         let deliveries = u32::try_from(self.intake.max_deliver).unwrap_or(u32::MAX);
-        Duration::from_secs(self.intake.ack_wait_secs) * deliveries + self.command_timeout()
+        let delivery = Duration::from_secs(
+            self.intake
+                .max_hold_secs
+                .saturating_add(self.intake.ack_wait_secs),
+        );
+        delivery
+            .checked_mul(deliveries)
+            .unwrap_or(Duration::MAX)
+            .saturating_add(self.command_timeout())
     }
 }
+
+/// Longest a command may wait on one handler: an hour is far past any append's retries.
+const MAX_HOLD_SECS: u64 = 3600;
 
 /// Keys whose environment values are taken as written, never parsed as TOML scalars.
 const VERBATIM_KEYS: [&str; 5] = ["secret", "password", "url", "webhook_url", "auth_header"];
@@ -1451,6 +1471,47 @@ mod tests {
         }
         let right = Config::from_toml("[handler]\ninstance = \"parley-handler-0\"\n").unwrap();
         assert_eq!(right.handler.instance.as_deref(), Some("parley-handler-0"));
+    }
+
+    #[test]
+    fn a_hold_shorter_than_the_ack_wait_is_refused_and_the_gateway_follows_every_hold() {
+        for (wrong, expected) in [
+            (
+                "ack_wait_secs = 10\nmax_hold_secs = 9",
+                "intake.max_hold_secs must be at least intake.ack_wait_secs",
+            ),
+            (
+                "ack_wait_secs = 0",
+                "intake.ack_wait_secs must be between 1 and 3600",
+            ),
+            (
+                "ack_wait_secs = 3601\nmax_hold_secs = 3601",
+                "intake.ack_wait_secs must be between 1 and 3600",
+            ),
+            ("max_hold_secs = 3601", "at most 3600"),
+            ("max_hold_secs = -1", "max_hold_secs"),
+            ("max_hold_secs = \"30s\"", "max_hold_secs"),
+        ] {
+            let err = Config::from_toml(&format!("[intake]\n{wrong}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expected), "{wrong}: {err}");
+        }
+        let config =
+            Config::from_toml("[intake]\nack_wait_secs = 10\nmax_hold_secs = 10\n").unwrap();
+        assert_eq!(config.intake.max_hold_secs, 10);
+        let defaults = Config::default();
+        assert_eq!(
+            (defaults.intake.ack_wait_secs, defaults.intake.max_hold_secs),
+            (5, 30),
+            "a dead handler's commands come back before the gateway's command timeout"
+        );
+        assert!(Duration::from_secs(defaults.intake.ack_wait_secs) < defaults.command_timeout());
+        // Five deliveries, each held 30 s and then left 5 s, and one command timeout.
+        assert_eq!(defaults.outcome_wait(), Duration::from_secs(5 * 35 + 10));
+        let mut huge = Config::default();
+        huge.intake.max_hold_secs = u64::MAX;
+        assert_eq!(huge.outcome_wait(), Duration::MAX);
     }
 
     #[test]

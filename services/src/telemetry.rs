@@ -52,6 +52,8 @@ pub const HANDLER_PARTITIONS_OWNED: &str = "parley_handler_partitions_owned";
 pub const HANDLER_PARTITION_MOVES_TOTAL: &str = "parley_handler_partition_moves_total";
 pub const HANDLER_BATCH_EVENTS: &str = "parley_handler_batch_events";
 pub const HANDLER_OUTCOMES_PER_MESSAGE: &str = "parley_handler_outcomes_per_message";
+pub const HANDLER_COMMANDS_HELD: &str = "parley_handler_commands_held";
+pub const HANDLER_COMMANDS_KEPT_TOTAL: &str = "parley_handler_commands_kept_total";
 
 pub const PROJECTOR_EVENTS_APPLIED_TOTAL: &str = "parley_projector_events_applied_total";
 pub const PROJECTOR_BATCH_EVENTS: &str = "parley_projector_batch_events";
@@ -311,6 +313,16 @@ fn describe() {
         HANDLER_TAIL_EVENTS_TOTAL,
         Unit::Count,
         "Log events read by this handler's tail (after any snapshot it started from)."
+    );
+    describe_gauge!(
+        HANDLER_COMMANDS_HELD,
+        Unit::Count,
+        "Intake commands this handler has taken and not yet answered."
+    );
+    describe_counter!(
+        HANDLER_COMMANDS_KEPT_TOTAL,
+        Unit::Count,
+        "Times this handler told the intake a command it held longer than a third of the ack wait was still in progress."
     );
     describe_gauge!(
         HANDLER_INSTANCES,

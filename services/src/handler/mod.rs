@@ -11,6 +11,7 @@
 //! with the shard, and decides again.
 
 mod commits;
+mod holding;
 mod intake_pull;
 mod messages;
 mod outcomes;
@@ -45,6 +46,7 @@ use crate::node::Nats;
 use crate::telemetry;
 use crate::topology::{self, Topology};
 use commits::{Append, Commits, Failed, MIN_ATOMIC_BATCH};
+use holding::{Holding, Taken};
 pub use messages::{MAX_EMOJI_BYTES, MessageRef, check_emoji};
 use outcomes::{Answered, Outcomes};
 pub use write_model::{
@@ -102,6 +104,8 @@ struct Inner {
     /// The log tail's position, for waiting until it has caught up with an append.
     position: watch::Sender<u64>,
     readiness: Readiness,
+    /// The intake messages taken and not yet answered.
+    holding: Arc<Holding>,
 }
 
 impl Inner {
@@ -139,6 +143,7 @@ impl Handler {
                 model: Mutex::new(model),
                 position: watch::channel(0).0,
                 readiness,
+                holding: Arc::default(),
             }),
         }
     }
@@ -223,6 +228,15 @@ impl Handler {
         drop(commits);
         drop(answers);
         let lanes: Arc<[Lane]> = lanes.into();
+        // Commands stay held until the last is answered, after `shutdown`.
+        let holding = CancellationToken::new();
+        let _stop_holding = holding.clone().drop_guard();
+        tokio::spawn(Arc::clone(&inner.holding).keep_alive(
+            inner.nats.client.clone(),
+            Duration::from_secs(inner.config.intake.ack_wait_secs),
+            Duration::from_secs(inner.config.intake.max_hold_secs),
+            holding,
+        ));
 
         // Pulls start once this instance knows its partitions, at the priority that gives,
         // rather than as a standby everywhere only to change moments later. Should the
@@ -292,7 +306,7 @@ impl Handler {
 }
 
 /// The queue of one lane: commands with the intake message that carried them.
-type Lane = mpsc::Sender<(Command, Message)>;
+type Lane = mpsc::Sender<(Command, Taken)>;
 
 /// Hand a command from the intake to the lane of its conversation's shard.
 async fn dispatch(inner: &Inner, lanes: &[Lane], message: Message) {
@@ -308,8 +322,9 @@ async fn dispatch(inner: &Inner, lanes: &[Lane], message: Message) {
         }
     };
     let lane = inner.topology.shards.of(command.conversation()) as usize % lanes.len();
+    let taken = inner.holding.take(message);
     // A lane ends only when its sender is dropped, at shutdown.
-    let _ = lanes[lane].send((command, message)).await;
+    let _ = lanes[lane].send((command, taken)).await;
 }
 
 /// Errors after which pulling from the current consumer cannot resume by itself: the
@@ -563,7 +578,7 @@ async fn run_lane(
     inner: Arc<Inner>,
     commits: Commits,
     outcomes: Outcomes,
-    mut rx: mpsc::Receiver<(Command, Message)>,
+    mut rx: mpsc::Receiver<(Command, Taken)>,
 ) {
     let max_batch = inner.config.handler.max_batch;
     // Commands held back because their conversation already had one in the batch being
@@ -610,7 +625,7 @@ async fn handle_commands(
     inner: &Inner,
     commits: &Commits,
     outcomes: &Outcomes,
-    batch: Vec<(Command, Message)>,
+    batch: Vec<(Command, Taken)>,
 ) {
     let started = Instant::now();
     let commands: Vec<&Command> = batch.iter().map(|(command, _)| command).collect();
@@ -651,7 +666,7 @@ async fn answer(
     inner: &Inner,
     outcomes: &Outcomes,
     command: Command,
-    message: Message,
+    message: Taken,
     delivered: i64,
     executed: Result<OutcomeResult, Transient>,
     started: Instant,

@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::warn;
 
+use super::Taken;
 use crate::telemetry;
 
 /// Most answers sent in one round.
@@ -25,7 +26,7 @@ pub(super) struct Answered {
     /// The gateway's outcome subject; `None` for a command that names none.
     pub reply_to: Option<String>,
     pub outcome: Outcome,
-    pub message: Message,
+    pub message: Taken,
     pub ack: AckKind,
 }
 

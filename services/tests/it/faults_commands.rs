@@ -174,6 +174,7 @@ async fn conversations_in_every_partition(
 /// `timeout` after the command timeout: both are far longer than a reply is waited for.
 fn strandings_show(config: &mut parley_services::config::Config) {
     config.intake.ack_wait_secs = 120;
+    config.intake.max_hold_secs = 120;
     config.gateway.command_timeout_secs = 30;
 }
 
@@ -241,6 +242,76 @@ async fn sends_in_flight_while_partitions_change_hands_are_never_stranded() {
     let sent = sending.await.expect("every send is acknowledged in time");
     println!("{sent} sends while partitions changed hands");
     assert_eq!(platform.posted_bodies().await.len(), sent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_taken_by_a_handler_that_died_is_acknowledged_before_the_command_timeout() {
+    use async_nats::jetstream::consumer::PullConsumer;
+    use async_nats::jetstream::consumer::pull::BatchConfig;
+    use futures::StreamExt;
+    use parley_events::subjects::{HANDLER_PRIORITY_GROUP, INTAKE_STREAM, Shards};
+    use parley_services::config::Config;
+
+    // The defaults: the intake's ack wait (5 s) is shorter than the command timeout (10 s,
+    // which the other tests shorten).
+    let mut platform = Platform::start_with(1, |config| {
+        config.gateway.command_timeout_secs = Config::default().gateway.command_timeout_secs;
+    })
+    .await;
+    let (mut alice, _bob, conversation) = platform.alice_and_bob().await;
+    platform.stop_handler().await;
+    alice
+        .send(send("taken", conversation, "taken by a handler that died"))
+        .await;
+
+    // A handler that takes the command, at the owner's priority, and dies before answering.
+    let shards = Shards::new(platform.config.log.shards).unwrap();
+    let partition = shards.intake_partition(shards.of(conversation));
+    let dying = async_nats::connect(platform.nats.url()).await.unwrap();
+    let consumer: PullConsumer = async_nats::jetstream::new(dying.clone())
+        .get_consumer_from_stream(
+            parley_events::subjects::handler_consumer(partition),
+            INTAKE_STREAM,
+        )
+        .await
+        .unwrap();
+    let inbox = dying.new_inbox();
+    let mut taken = dying.subscribe(inbox.clone()).await.unwrap();
+    consumer
+        .request_batch(
+            BatchConfig {
+                batch: 1,
+                expires: Some(Duration::from_secs(10)),
+                group: Some(HANDLER_PRIORITY_GROUP.to_owned()),
+                priority: Some(0),
+                ..BatchConfig::default()
+            },
+            inbox.into(),
+        )
+        .await
+        .unwrap();
+    let command = tokio::time::timeout(Duration::from_secs(10), taken.next())
+        .await
+        .expect("the dying handler takes the command")
+        .unwrap();
+    let command = parley_events::Command::from_bytes(&command.payload).unwrap();
+    assert_eq!(command.conversation(), conversation);
+    dying.drain().await.unwrap();
+    assert!(
+        taken.next().await.is_none(),
+        "the dying handler's connection is closed"
+    );
+
+    platform.start_handler().await;
+    let reply = alice.reply_to("taken").await;
+    assert_eq!(
+        reply["type"], "ack",
+        "redelivered after the ack wait, answered before the command timeout: {reply}"
+    );
+    assert_eq!(
+        platform.posted_bodies().await,
+        ["taken by a handler that died"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
