@@ -196,8 +196,9 @@ mod tests {
             })
             .await
             .unwrap();
-        let ack_wait = Duration::from_secs(1);
-        let max_hold = Duration::from_secs(5);
+        // Renewed every 667 ms: a keeper delayed by less than that still renews in time.
+        let ack_wait = Duration::from_secs(2);
+        let max_hold = Duration::from_secs(6);
         let consumer = stream
             .create_consumer(pull::Config {
                 durable_name: Some("held".into()),
@@ -233,7 +234,7 @@ mod tests {
         assert_eq!(let_go.subject.as_str(), "holding.let-go");
 
         assert!(
-            next_within(Duration::from_millis(2_500)).await.is_none(),
+            next_within(Duration::from_millis(4_500)).await.is_none(),
             "more than two ack waits pass, and neither command comes back while held"
         );
         assert_eq!(holding.lock().len(), 2);
