@@ -27,6 +27,7 @@ pub mod config;
 pub mod gateway;
 pub mod handler;
 pub mod local;
+mod log;
 pub mod log_tools;
 pub mod node;
 pub mod progress;

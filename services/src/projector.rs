@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
-use futures::{FutureExt, Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt, TryStreamExt};
 use parley_events::presence::{ConnectionState, PresenceAnswer, PresenceQuery, PresenceUpdate};
 use parley_events::subjects::{
     PRESENCE_QUERY_SUBJECT, PRESENCE_QUEUE, PRESENCE_SUBJECT, PROJECTOR_CONSUMER,
@@ -28,6 +28,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 use crate::admin::{Readiness, Reason};
 use crate::backoff::Backoff;
 use crate::config::Config;
+use crate::log::LogReader;
 use crate::node::Nats;
 use crate::replay::{ActiveStore, Target};
 use crate::topology::{self, Topology};
@@ -52,6 +53,12 @@ const REPLAY_LAG: usize = 1000;
 /// How often the projector checks that the store still holds what it acknowledged: a store
 /// that lost writes, or was emptied for a rebuild, is noticed within this.
 const POSITION_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+/// How long a batch that skips over events waits for another instance to apply them before
+/// reading them from the log, and how often it looks at the store's position meanwhile.
+const HOLE_WAIT: Duration = Duration::from_millis(500);
+const HOLE_POLL: Duration = Duration::from_millis(25);
+/// Direct gets in flight at once when reading a hole.
+const HOLE_READS: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectorError {
@@ -269,6 +276,7 @@ impl Projector {
             gap: Duration::from_millis(self.config.projector.linger_ms),
             within: Some(Duration::from_millis(self.config.projector.linger_ms)),
         };
+        let log = LogReader::new(self.topology.log.clone(), self.topology.shards);
         let mut checked = Instant::now();
         let mut replaying = self.replay_target(acknowledged).await?;
         self.report_replay(replaying, acknowledged);
@@ -287,7 +295,7 @@ impl Projector {
             // One span per traced event, open while its batch is applied: the last step of
             // the trace its command started.
             let mut traced = Vec::new();
-            let mut last = None;
+            let mut last: Option<async_nats::jetstream::Message> = None;
             for message in chunk {
                 let message = message.map_err(|e| ProjectorError::Consumer(e.to_string()))?;
                 let event = decode(&message)?;
@@ -301,10 +309,18 @@ impl Projector {
                     crate::traces::continue_trace(&span, message.headers.as_ref());
                     traced.push(span);
                 }
+                // The newest acknowledges the batch, whatever order redeliveries came in.
+                if last.as_ref().is_none_or(|newest| {
+                    newest
+                        .info()
+                        .is_ok_and(|info| info.stream_sequence < event.seq)
+                }) {
+                    last = Some(message);
+                }
                 events.push(event);
-                last = Some(message);
             }
             let Some(last) = last else { continue };
+            let events = self.without_holes(events, &log, acknowledged).await?;
             let verify = checked.elapsed() >= POSITION_CHECK_INTERVAL;
             if verify {
                 checked = Instant::now();
@@ -327,6 +343,70 @@ impl Projector {
             }
             self.report_replay(replaying, acknowledged);
         }
+    }
+
+    /// `events`, one batch as the consumer delivered it after `acknowledged`, with the log's
+    /// events that it skips over added, in order. With ack policy `all`, acknowledging a
+    /// batch acknowledges every event before it, including events delivered to a pull that
+    /// never applied them (this process before it reconnected, or another instance that
+    /// died): the consumer never delivers those again, so they are read from the log here.
+    /// Another instance may be applying the hole itself: the store's position is waited for
+    /// a moment first, and what is still missing then is applied twice, which the store
+    /// takes (every apply is idempotent).
+    async fn without_holes(
+        &self,
+        mut events: Vec<RecordedEvent>,
+        log: &LogReader,
+        acknowledged: u64,
+    ) -> Result<Vec<RecordedEvent>, ProjectorError> {
+        let mut delivered: Vec<u64> = events.iter().map(|e| e.seq).collect();
+        delivered.sort_unstable();
+        delivered.dedup();
+        let Some(&through) = delivered.last() else {
+            return Ok(events);
+        };
+        let missing = |after: u64| -> Vec<u64> {
+            (after + 1..through)
+                .filter(|seq| delivered.binary_search(seq).is_err())
+                .collect()
+        };
+        if missing(acknowledged).is_empty() {
+            return Ok(events);
+        }
+        let waiting_until = Instant::now() + HOLE_WAIT;
+        let mut holes = missing(acknowledged.max(self.store.position().await?));
+        while !holes.is_empty() && Instant::now() < waiting_until {
+            tokio::time::sleep(HOLE_POLL).await;
+            holes = missing(acknowledged.max(self.store.position().await?));
+        }
+        // What retention removed from the log's start is not a hole, and is not looked for.
+        let oldest = log
+            .bounds()
+            .await
+            .map_err(|e| ProjectorError::Consumer(e.to_string()))?
+            .first;
+        holes.retain(|seq| *seq >= oldest);
+        let Some(&first) = holes.first() else {
+            return Ok(events);
+        };
+        let skipped = holes.len();
+        let filled: Vec<Option<RecordedEvent>> = futures::stream::iter(holes)
+            .map(|seq| log.event(seq))
+            .buffered(HOLE_READS)
+            .try_collect()
+            .await
+            .map_err(|e| ProjectorError::Consumer(e.to_string()))?;
+        let filled: Vec<RecordedEvent> = filled.into_iter().flatten().collect();
+        warn!(
+            skipped,
+            read = filled.len(),
+            first,
+            "events before this batch were delivered and never applied; read them from the log"
+        );
+        metrics::counter!(telemetry::PROJECTOR_HOLES_FILLED_TOTAL).increment(filled.len() as u64);
+        events.extend(filled);
+        events.sort_by_key(|e| e.seq);
+        Ok(events)
     }
 
     /// Ready, or not while replaying up to the log end `replaying` (now at `position`).

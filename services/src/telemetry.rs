@@ -55,6 +55,7 @@ pub const HANDLER_OUTCOMES_PER_MESSAGE: &str = "parley_handler_outcomes_per_mess
 pub const HANDLER_COMMANDS_HELD: &str = "parley_handler_commands_held";
 pub const HANDLER_COMMANDS_KEPT_TOTAL: &str = "parley_handler_commands_kept_total";
 
+pub const PROJECTOR_HOLES_FILLED_TOTAL: &str = "parley_projector_holes_filled_total";
 pub const PROJECTOR_EVENTS_APPLIED_TOTAL: &str = "parley_projector_events_applied_total";
 pub const PROJECTOR_BATCH_EVENTS: &str = "parley_projector_batch_events";
 pub const PROJECTOR_APPLY_SECONDS: &str = "parley_projector_apply_seconds";
@@ -338,6 +339,11 @@ fn describe() {
         HANDLER_PARTITION_MOVES_TOTAL,
         Unit::Count,
         "Intake partitions this handler took or gave up as instances came and went."
+    );
+    describe_counter!(
+        PROJECTOR_HOLES_FILLED_TOTAL,
+        Unit::Count,
+        "Log events read directly because the batch after them was delivered and they never were again (a pull that died or reconnected with them)."
     );
     describe_counter!(
         PROJECTOR_EVENTS_APPLIED_TOTAL,

@@ -28,9 +28,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, warn};
 
-use super::log::LogReader;
 use super::send_queue::{QueueReader, Queued, Refused, SendQueue};
 use super::typing;
+use crate::log::LogReader;
 use crate::telemetry;
 
 /// Most events fetched from the log to fill one gap or catch one socket up. A version 2

@@ -25,9 +25,9 @@ use tracing::{debug, warn};
 
 use super::Shared;
 use super::delivery::{Outbox, event_frame, is_sent_to};
-use super::log::LogError;
 use super::socket::Session;
 use crate::config::GatewayConfig;
+use crate::log::LogError;
 use crate::telemetry;
 
 /// Most events of one conversation read from the store at once.

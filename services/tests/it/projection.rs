@@ -67,3 +67,52 @@ async fn a_deleted_store_is_rebuilt_from_the_log_and_equals_the_live_one() {
         live
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_a_projector_took_and_never_applied_still_reach_the_store() {
+    use async_nats::jetstream::consumer::PullConsumer;
+    use futures::StreamExt;
+    use parley_events::subjects::{LOG_STREAM, PROJECTOR_CONSUMER};
+
+    let mut platform = Platform::start(1).await;
+    let (mut alice, _bob, conversation) = platform.alice_and_bob().await;
+    platform.projected().await;
+    platform.stop_projector().await;
+    let bodies = ["taken 1", "taken 2", "after the taker died"];
+    for (i, body) in bodies.iter().enumerate() {
+        let id = format!("m{i}");
+        support::acked(
+            &mut alice,
+            json!({"type": "send", "id": id, "conversation": conversation, "body": body}),
+        )
+        .await;
+    }
+
+    // A projector instance (or this one before a reconnect) that took the first two and
+    // never applied them: delivered, unacknowledged, its connection gone.
+    let dying = async_nats::connect(platform.nats.url()).await.unwrap();
+    let consumer: PullConsumer = async_nats::jetstream::new(dying.clone())
+        .get_consumer_from_stream(PROJECTOR_CONSUMER, LOG_STREAM)
+        .await
+        .unwrap();
+    let mut taken = consumer.fetch().max_messages(2).messages().await.unwrap();
+    for _ in 0..2 {
+        taken.next().await.expect("a log event").unwrap();
+    }
+    dying.drain().await.unwrap();
+
+    // The next projector acknowledges what comes after them, which with ack policy `all`
+    // acknowledges them too: they are never delivered again.
+    platform.start_projector().await;
+    platform.projected().await;
+    let history = platform
+        .store()
+        .await
+        .history(conversation, None, 100)
+        .await
+        .unwrap();
+    let mut messages = history.messages;
+    messages.sort_by_key(|m| m.seq);
+    let projected: Vec<&str> = messages.iter().map(|m| m.body.as_str()).collect();
+    assert_eq!(projected, bodies, "the store holds every message, in order");
+}

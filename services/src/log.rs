@@ -1,6 +1,7 @@
-//! What a gateway reads from the log itself: single events by direct get, never through a
-//! consumer. Used to fill a conversation's gaps, to catch a socket up, and to cover what the
-//! conversation store has not projected yet when a socket resumes.
+//! What the roles read from the log itself: single events by direct get, never through a
+//! consumer. A gateway fills a conversation's gaps, catches a socket up, and covers what the
+//! conversation store has not projected yet when a socket resumes; the projector reads what
+//! its consumer will never deliver again (`projector.rs`).
 
 use async_nats::jetstream::stream::{DirectGetErrorKind, Stream as LogStream};
 use futures::{StreamExt, TryStreamExt};
