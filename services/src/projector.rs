@@ -53,10 +53,6 @@ const REPLAY_LAG: usize = 1000;
 /// How often the projector checks that the store still holds what it acknowledged: a store
 /// that lost writes, or was emptied for a rebuild, is noticed within this.
 const POSITION_CHECK_INTERVAL: Duration = Duration::from_secs(5);
-/// How long a batch that skips over events waits for another instance to apply them before
-/// reading them from the log, and how often it looks at the store's position meanwhile.
-const HOLE_WAIT: Duration = Duration::from_millis(500);
-const HOLE_POLL: Duration = Duration::from_millis(25);
 /// Direct gets in flight at once when reading a hole.
 const HOLE_READS: usize = 32;
 
@@ -291,11 +287,10 @@ impl Projector {
                 },
             };
             let chunk = topped_up(first, &mut messages, self.config.projector.batch, top_up).await;
-            let mut events = Vec::with_capacity(chunk.len());
+            let mut delivered = Vec::with_capacity(chunk.len());
             // One span per traced event, open while its batch is applied: the last step of
             // the trace its command started.
             let mut traced = Vec::new();
-            let mut last: Option<async_nats::jetstream::Message> = None;
             for message in chunk {
                 let message = message.map_err(|e| ProjectorError::Consumer(e.to_string()))?;
                 let event = decode(&message)?;
@@ -309,31 +304,19 @@ impl Projector {
                     crate::traces::continue_trace(&span, message.headers.as_ref());
                     traced.push(span);
                 }
-                // The newest acknowledges the batch, whatever order redeliveries came in.
-                if last.as_ref().is_none_or(|newest| {
-                    newest
-                        .info()
-                        .is_ok_and(|info| info.stream_sequence < event.seq)
-                }) {
-                    last = Some(message);
-                }
-                events.push(event);
+                delivered.push((event, message));
             }
-            let Some(last) = last else { continue };
-            let events = self.without_holes(events, &log, acknowledged).await?;
             let verify = checked.elapsed() >= POSITION_CHECK_INTERVAL;
             if verify {
                 checked = Instant::now();
             }
-            if !self.apply(&events, acknowledged, verify, shutdown).await? {
+            if !self
+                .apply_in_order(delivered, &mut acknowledged, &log, verify, shutdown)
+                .await?
+            {
                 return Ok(Stopped::Shutdown);
             }
-            // With AckPolicy::All, acknowledging the batch's last message acknowledges it all.
-            last.ack()
-                .await
-                .map_err(|e| ProjectorError::Consumer(e.to_string()))?;
             drop(traced);
-            acknowledged = acknowledged.max(events.iter().map(|e| e.seq).max().unwrap_or(0));
             if replaying.is_some_and(|end| acknowledged >= end) {
                 info!(
                     position = acknowledged,
@@ -345,68 +328,101 @@ impl Projector {
         }
     }
 
-    /// `events`, one batch as the consumer delivered it after `acknowledged`, with the log's
-    /// events that it skips over added, in order. With ack policy `all`, acknowledging a
-    /// batch acknowledges every event before it, including events delivered to a pull that
-    /// never applied them (this process before it reconnected, or another instance that
-    /// died): the consumer never delivers those again, so they are read from the log here.
-    /// Another instance may be applying the hole itself: the store's position is waited for
-    /// a moment first, and what is still missing then is applied twice, which the store
-    /// takes (every apply is idempotent).
-    async fn without_holes(
+    /// Apply `delivered` (one batch as the consumer delivered it) and acknowledge it with its
+    /// newest message (ack policy `all`), after whatever it skips over since `acknowledged`.
+    ///
+    /// Acknowledging also acknowledges every event before, including events delivered to a
+    /// pull that never applied them (this process before it reconnected, or an instance that
+    /// died), which the consumer then never delivers again. So the events between the
+    /// store's position and the batch that the batch lacks are read from the log by direct
+    /// get and applied with it, and the store's position is a watermark: every event at or
+    /// below it is in the store, whatever the number of instances. Instances sharing the
+    /// consumer are handed alternate events, so each applies most of the other's too (the
+    /// store takes an event twice); docs/operations.md says so.
+    async fn apply_in_order(
         &self,
-        mut events: Vec<RecordedEvent>,
+        delivered: Vec<(RecordedEvent, async_nats::jetstream::Message)>,
+        acknowledged: &mut u64,
         log: &LogReader,
-        acknowledged: u64,
+        verify: bool,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, ProjectorError> {
+        let (mut events, messages): (Vec<_>, Vec<_>) = delivered.into_iter().unzip();
+        // The newest acknowledges the batch, whatever order redeliveries came in.
+        let Some(newest) = messages
+            .iter()
+            .max_by_key(|message| message.info().map_or(0, |info| info.stream_sequence))
+        else {
+            return Ok(true);
+        };
+        events.sort_by_key(|event| event.seq);
+        if skips_over(events.iter().map(|event| event.seq), *acknowledged) {
+            let floor = (*acknowledged).max(self.store.position().await?);
+            let holes = self.read_holes(log, floor, &events).await?;
+            events.extend(holes);
+            events.sort_by_key(|event| event.seq);
+        }
+        self.commit(&events, newest, acknowledged, verify, shutdown)
+            .await
+    }
+
+    /// Apply `events`, then acknowledge them all with `newest`, their newest message.
+    async fn commit(
+        &self,
+        events: &[RecordedEvent],
+        newest: &async_nats::jetstream::Message,
+        acknowledged: &mut u64,
+        verify: bool,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, ProjectorError> {
+        if !self.apply(events, *acknowledged, verify, shutdown).await? {
+            return Ok(false);
+        }
+        newest
+            .ack()
+            .await
+            .map_err(|e| ProjectorError::Consumer(e.to_string()))?;
+        *acknowledged = (*acknowledged).max(events.iter().map(|e| e.seq).max().unwrap_or(0));
+        Ok(true)
+    }
+
+    /// The log's events after `floor` and before the last of `delivered` that `delivered`
+    /// lacks; sequences retention removed from the log's start are not looked for.
+    async fn read_holes(
+        &self,
+        log: &LogReader,
+        floor: u64,
+        delivered: &[RecordedEvent],
     ) -> Result<Vec<RecordedEvent>, ProjectorError> {
-        let mut delivered: Vec<u64> = events.iter().map(|e| e.seq).collect();
-        delivered.sort_unstable();
-        delivered.dedup();
-        let Some(&through) = delivered.last() else {
-            return Ok(events);
-        };
-        let missing = |after: u64| -> Vec<u64> {
-            (after + 1..through)
-                .filter(|seq| delivered.binary_search(seq).is_err())
-                .collect()
-        };
-        if missing(acknowledged).is_empty() {
-            return Ok(events);
-        }
-        let waiting_until = Instant::now() + HOLE_WAIT;
-        let mut holes = missing(acknowledged.max(self.store.position().await?));
-        while !holes.is_empty() && Instant::now() < waiting_until {
-            tokio::time::sleep(HOLE_POLL).await;
-            holes = missing(acknowledged.max(self.store.position().await?));
-        }
-        // What retention removed from the log's start is not a hole, and is not looked for.
+        let seqs: Vec<u64> = delivered.iter().map(|event| event.seq).collect();
+        let through = seqs.last().copied().unwrap_or(floor);
         let oldest = log
             .bounds()
             .await
             .map_err(|e| ProjectorError::Consumer(e.to_string()))?
             .first;
-        holes.retain(|seq| *seq >= oldest);
+        let holes: Vec<u64> = (floor.max(oldest.saturating_sub(1)) + 1..through)
+            .filter(|seq| seqs.binary_search(seq).is_err())
+            .collect();
         let Some(&first) = holes.first() else {
-            return Ok(events);
+            return Ok(Vec::new());
         };
         let skipped = holes.len();
-        let filled: Vec<Option<RecordedEvent>> = futures::stream::iter(holes)
+        let read: Vec<Option<RecordedEvent>> = futures::stream::iter(holes)
             .map(|seq| log.event(seq))
             .buffered(HOLE_READS)
             .try_collect()
             .await
             .map_err(|e| ProjectorError::Consumer(e.to_string()))?;
-        let filled: Vec<RecordedEvent> = filled.into_iter().flatten().collect();
+        let read: Vec<RecordedEvent> = read.into_iter().flatten().collect();
         warn!(
             skipped,
-            read = filled.len(),
+            read = read.len(),
             first,
             "events before this batch were delivered and never applied; read them from the log"
         );
-        metrics::counter!(telemetry::PROJECTOR_HOLES_FILLED_TOTAL).increment(filled.len() as u64);
-        events.extend(filled);
-        events.sort_by_key(|e| e.seq);
-        Ok(events)
+        metrics::counter!(telemetry::PROJECTOR_HOLES_FILLED_TOTAL).increment(read.len() as u64);
+        Ok(read)
     }
 
     /// Ready, or not while replaying up to the log end `replaying` (now at `position`).
@@ -509,6 +525,18 @@ impl Projector {
         }
         Ok(true)
     }
+}
+
+/// Whether the ascending sequences `seqs` leave one out after `after`.
+fn skips_over(seqs: impl IntoIterator<Item = u64>, after: u64) -> bool {
+    let mut end = after;
+    for seq in seqs {
+        if seq > end + 1 {
+            return true;
+        }
+        end = end.max(seq);
+    }
+    false
 }
 
 /// The event a log message carries, at its sequence: how the projector and `parley replay`
@@ -765,6 +793,19 @@ pub(crate) async fn topped_up<S: Stream + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_skips_over_a_sequence_only_when_one_after_the_last_applied_is_missing() {
+        assert!(!skips_over([4, 5, 6], 3));
+        assert!(
+            !skips_over([2, 3, 4, 5], 3),
+            "redelivered ones already applied"
+        );
+        assert!(!skips_over([], 3));
+        assert!(skips_over([5, 6], 3));
+        assert!(skips_over([4, 6], 3));
+        assert!(skips_over([1, 2, 5], 3));
+    }
 
     #[tokio::test]
     async fn a_batch_takes_what_is_ready_up_to_its_size_and_stops_when_the_log_pauses() {
