@@ -62,7 +62,15 @@ impl LogReader {
 
     /// Every event with a sequence in `after + 1 ..= through`, in order.
     pub async fn range(&self, after: u64, through: u64) -> Result<Vec<RecordedEvent>, LogError> {
-        let events: Vec<Option<RecordedEvent>> = futures::stream::iter(after + 1..=through)
+        self.events(after + 1..=through).await
+    }
+
+    /// The events at `seqs` that the log holds, in the order of `seqs`.
+    pub async fn events(
+        &self,
+        seqs: impl IntoIterator<Item = u64>,
+    ) -> Result<Vec<RecordedEvent>, LogError> {
+        let events: Vec<Option<RecordedEvent>> = futures::stream::iter(seqs)
             .map(|seq| self.event(seq))
             .buffered(CONCURRENT_GETS)
             .try_collect()

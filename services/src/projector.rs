@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
-use futures::{FutureExt, Stream, StreamExt, TryStreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use parley_events::presence::{ConnectionState, PresenceAnswer, PresenceQuery, PresenceUpdate};
 use parley_events::subjects::{
     PRESENCE_QUERY_SUBJECT, PRESENCE_QUEUE, PRESENCE_SUBJECT, PROJECTOR_CONSUMER,
@@ -53,8 +53,6 @@ const REPLAY_LAG: usize = 1000;
 /// How often the projector checks that the store still holds what it acknowledged: a store
 /// that lost writes, or was emptied for a rebuild, is noticed within this.
 const POSITION_CHECK_INTERVAL: Duration = Duration::from_secs(5);
-/// Direct gets in flight at once when reading a hole.
-const HOLE_READS: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectorError {
@@ -273,8 +271,12 @@ impl Projector {
             within: Some(Duration::from_millis(self.config.projector.linger_ms)),
         };
         let log = LogReader::new(self.topology.log.clone(), self.topology.shards);
+        let bounds = log
+            .bounds()
+            .await
+            .map_err(|e| ProjectorError::Consumer(e.to_string()))?;
         let mut checked = Instant::now();
-        let mut replaying = self.replay_target(acknowledged).await?;
+        let mut replaying = replay_target(bounds.last, acknowledged);
         self.report_replay(replaying, acknowledged);
         loop {
             let first = tokio::select! {
@@ -311,7 +313,14 @@ impl Projector {
                 checked = Instant::now();
             }
             if !self
-                .apply_in_order(delivered, &mut acknowledged, &log, verify, shutdown)
+                .apply_in_order(
+                    delivered,
+                    &mut acknowledged,
+                    &log,
+                    bounds.first,
+                    verify,
+                    shutdown,
+                )
                 .await?
             {
                 return Ok(Stopped::Shutdown);
@@ -338,91 +347,59 @@ impl Projector {
     /// get and applied with it, and the store's position is a watermark: every event at or
     /// below it is in the store, whatever the number of instances. Instances sharing the
     /// consumer are handed alternate events, so each applies most of the other's too (the
-    /// store takes an event twice); docs/operations.md says so.
+    /// store takes an event twice); docs/operations.md says so. Sequences below `oldest`,
+    /// the log's first when this projection started, were removed by retention and are not
+    /// looked for.
     async fn apply_in_order(
         &self,
-        delivered: Vec<(RecordedEvent, async_nats::jetstream::Message)>,
+        mut delivered: Vec<(RecordedEvent, async_nats::jetstream::Message)>,
         acknowledged: &mut u64,
         log: &LogReader,
+        oldest: u64,
         verify: bool,
         shutdown: &CancellationToken,
     ) -> Result<bool, ProjectorError> {
+        // In order, whatever order redeliveries came in: the newest acknowledges the batch.
+        delivered.sort_by_key(|(event, _)| event.seq);
         let (mut events, messages): (Vec<_>, Vec<_>) = delivered.into_iter().unzip();
-        // The newest acknowledges the batch, whatever order redeliveries came in.
-        let Some(newest) = messages
-            .iter()
-            .max_by_key(|message| message.info().map_or(0, |info| info.stream_sequence))
-        else {
+        let Some(newest) = messages.last() else {
             return Ok(true);
         };
-        events.sort_by_key(|event| event.seq);
         if skips_over(events.iter().map(|event| event.seq), *acknowledged) {
-            let floor = (*acknowledged).max(self.store.position().await?);
-            let holes = self.read_holes(log, floor, &events).await?;
-            events.extend(holes);
-            events.sort_by_key(|event| event.seq);
+            let floor = (*acknowledged)
+                .max(self.store.position().await?)
+                .max(oldest.saturating_sub(1));
+            let through = events.last().map_or(floor, |event| event.seq);
+            let holes: Vec<u64> = (floor + 1..through)
+                .filter(|seq| events.binary_search_by_key(seq, |event| event.seq).is_err())
+                .collect();
+            if let Some(&first) = holes.first() {
+                let skipped = holes.len();
+                let read = log
+                    .events(holes)
+                    .await
+                    .map_err(|e| ProjectorError::Consumer(e.to_string()))?;
+                warn!(
+                    skipped,
+                    read = read.len(),
+                    first,
+                    "events before this batch were delivered and never applied; read them from the log"
+                );
+                metrics::counter!(telemetry::PROJECTOR_HOLES_FILLED_TOTAL)
+                    .increment(read.len() as u64);
+                events.extend(read);
+                events.sort_by_key(|event| event.seq);
+            }
         }
-        self.commit(&events, newest, acknowledged, verify, shutdown)
-            .await
-    }
-
-    /// Apply `events`, then acknowledge them all with `newest`, their newest message.
-    async fn commit(
-        &self,
-        events: &[RecordedEvent],
-        newest: &async_nats::jetstream::Message,
-        acknowledged: &mut u64,
-        verify: bool,
-        shutdown: &CancellationToken,
-    ) -> Result<bool, ProjectorError> {
-        if !self.apply(events, *acknowledged, verify, shutdown).await? {
+        if !self.apply(&events, *acknowledged, verify, shutdown).await? {
             return Ok(false);
         }
         newest
             .ack()
             .await
             .map_err(|e| ProjectorError::Consumer(e.to_string()))?;
-        *acknowledged = (*acknowledged).max(events.iter().map(|e| e.seq).max().unwrap_or(0));
+        *acknowledged = (*acknowledged).max(events.last().map_or(0, |event| event.seq));
         Ok(true)
-    }
-
-    /// The log's events after `floor` and before the last of `delivered` that `delivered`
-    /// lacks; sequences retention removed from the log's start are not looked for.
-    async fn read_holes(
-        &self,
-        log: &LogReader,
-        floor: u64,
-        delivered: &[RecordedEvent],
-    ) -> Result<Vec<RecordedEvent>, ProjectorError> {
-        let seqs: Vec<u64> = delivered.iter().map(|event| event.seq).collect();
-        let through = seqs.last().copied().unwrap_or(floor);
-        let oldest = log
-            .bounds()
-            .await
-            .map_err(|e| ProjectorError::Consumer(e.to_string()))?
-            .first;
-        let holes: Vec<u64> = (floor.max(oldest.saturating_sub(1)) + 1..through)
-            .filter(|seq| seqs.binary_search(seq).is_err())
-            .collect();
-        let Some(&first) = holes.first() else {
-            return Ok(Vec::new());
-        };
-        let skipped = holes.len();
-        let read: Vec<Option<RecordedEvent>> = futures::stream::iter(holes)
-            .map(|seq| log.event(seq))
-            .buffered(HOLE_READS)
-            .try_collect()
-            .await
-            .map_err(|e| ProjectorError::Consumer(e.to_string()))?;
-        let read: Vec<RecordedEvent> = read.into_iter().flatten().collect();
-        warn!(
-            skipped,
-            read = read.len(),
-            first,
-            "events before this batch were delivered and never applied; read them from the log"
-        );
-        metrics::counter!(telemetry::PROJECTOR_HOLES_FILLED_TOTAL).increment(read.len() as u64);
-        Ok(read)
     }
 
     /// Ready, or not while replaying up to the log end `replaying` (now at `position`).
@@ -435,22 +412,6 @@ impl Projector {
             ),
             None => self.readiness.ready(READY_CHECK),
         }
-    }
-
-    /// The log's end, when the store at `position` is so far behind it that serving from
-    /// the store would show stale conversations: the projector is not ready until it has
-    /// replayed that far.
-    async fn replay_target(&self, position: u64) -> Result<Option<u64>, ProjectorError> {
-        let end = self
-            .topology
-            .log
-            .get_info()
-            .await
-            .map_err(|e| ProjectorError::Consumer(e.to_string()))?
-            .state
-            .last_sequence;
-        let lag = end.saturating_sub(position);
-        Ok((lag > REPLAY_LAG as u64).then_some(end))
     }
 
     /// Apply one batch, retrying with backoff while the store is unreachable: the batch
@@ -525,6 +486,14 @@ impl Projector {
         }
         Ok(true)
     }
+}
+
+/// The log's end `end`, when the store at `position` is so far behind it that serving from
+/// the store would show stale conversations: the projector is not ready until it has
+/// replayed that far.
+fn replay_target(end: u64, position: u64) -> Option<u64> {
+    let lag = end.saturating_sub(position);
+    (lag > REPLAY_LAG as u64).then_some(end)
 }
 
 /// Whether the ascending sequences `seqs` leave one out after `after`.
