@@ -32,6 +32,9 @@ pub const LOG_SUBJECTS: &str = "parley.log.*";
 pub const LOG_SHARDS_METADATA: &str = "parley.shards";
 /// Durable consumer of the conversation projection.
 pub const PROJECTOR_CONSUMER: &str = "projector-conversations";
+/// The projector consumer's one priority group: the server pins the instance it delivers to,
+/// and every other instance pulling it stands by.
+pub const PROJECTOR_PRIORITY_GROUP: &str = "projectors";
 /// Durable consumer of the push-notification projection.
 pub const PUSH_CONSUMER: &str = "push-notifications";
 /// Stream of push notifications the webhook kept refusing, kept for inspection and redrive.

@@ -526,6 +526,11 @@ pub struct ProjectorConfig {
     /// applies fewer, larger transactions for less work per event, and delivery to clients
     /// does not wait for the store. 0 applies what is ready at once.
     pub linger_ms: u64,
+    /// How long a projector may go without asking the log for events before a standby
+    /// instance takes over the projection (after a crash; a projector that stops cleanly
+    /// hands over at once). Instances beyond the first stand by: they apply nothing while
+    /// the active one pulls.
+    pub takeover_secs: u64,
 }
 
 impl Default for ProjectorConfig {
@@ -534,6 +539,7 @@ impl Default for ProjectorConfig {
             store: StoreConfig::default(),
             batch: 512,
             linger_ms: 5,
+            takeover_secs: 10,
         }
     }
 }
@@ -1151,6 +1157,10 @@ impl Config {
             self.projector.linger_ms <= 1_000,
             "projector.linger_ms must be at most 1000",
         );
+        require(
+            (3..=300).contains(&self.projector.takeover_secs),
+            "projector.takeover_secs must be between 3 and 300",
+        );
         self.nats.tls.problems("nats.tls", &mut require);
         require(
             !self.nats.tls.enabled || self.nats.url.is_some(),
@@ -1549,6 +1559,32 @@ mod tests {
         for right in [0, 1000] {
             let toml = format!("[projector]\nlinger_ms = {right}\n");
             assert_eq!(Config::from_toml(&toml).unwrap().projector.linger_ms, right);
+        }
+    }
+
+    #[test]
+    fn a_projector_takeover_too_short_to_renew_or_past_five_minutes_is_refused() {
+        for wrong in [0, 2, 301] {
+            let err = Config::from_toml(&format!("[projector]\ntakeover_secs = {wrong}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("projector.takeover_secs must be between 3 and 300"),
+                "{wrong}: {err}"
+            );
+        }
+        for wrong in ["-1", "\"10s\"", "2.5"] {
+            let err = Config::from_toml(&format!("[projector]\ntakeover_secs = {wrong}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("takeover_secs"), "{wrong}: {err}");
+        }
+        for right in [3, 300] {
+            let toml = format!("[projector]\ntakeover_secs = {right}\n");
+            assert_eq!(
+                Config::from_toml(&toml).unwrap().projector.takeover_secs,
+                right
+            );
         }
     }
 

@@ -7,16 +7,20 @@
 //! the batch, which the store's idempotent writes make harmless. The store's position is
 //! the truth: when the consumer is ahead of it (the store was deleted to be rebuilt), the
 //! consumer is recreated at the store's position and the log is replayed from there.
+//!
+//! The consumer pins one instance (priority policy `pinned_client`): the others stand by and
+//! take over when the pinned one stops pulling for `projector.takeover_secs`, or at once when
+//! it stops cleanly or pulls anew (it releases its own pin).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PriorityPolicy, pull};
 use futures::{FutureExt, Stream, StreamExt};
 use parley_events::presence::{ConnectionState, PresenceAnswer, PresenceQuery, PresenceUpdate};
 use parley_events::subjects::{
     PRESENCE_QUERY_SUBJECT, PRESENCE_QUEUE, PRESENCE_SUBJECT, PROJECTOR_CONSUMER,
-    presence_user_subject,
+    PROJECTOR_PRIORITY_GROUP, presence_user_subject,
 };
 use parley_events::{EventEnvelope, RecordedEvent, UserId};
 use parley_projections::{
@@ -27,7 +31,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::admin::{Readiness, Reason};
 use crate::backoff::Backoff;
-use crate::config::Config;
+use crate::config::{Config, ProjectorConfig};
 use crate::log::LogReader;
 use crate::node::Nats;
 use crate::replay::{ActiveStore, Target};
@@ -109,6 +113,10 @@ pub struct Projector {
     readiness: Readiness,
     /// Swaps of `store`; the value is the sequence after which to project again.
     swaps: std::sync::Mutex<tokio::sync::watch::Receiver<Option<u64>>>,
+    /// The `Nats-Pin-Id` the server last delivered to this instance with. A pull stream
+    /// dropped with its pin leaves every instance standing by until the pin times out, so
+    /// the instance releases its own pin before it pulls anew and when it stops.
+    pin: std::sync::Mutex<Option<String>>,
 }
 
 impl Projector {
@@ -148,6 +156,7 @@ impl Projector {
             store,
             readiness,
             swaps: std::sync::Mutex::new(swaps),
+            pin: std::sync::Mutex::new(None),
         }
     }
 
@@ -169,7 +178,10 @@ impl Projector {
                 pull_backoff = Backoff::new(MAX_PULL_BACKOFF);
             }
             let waiting = match attempt {
-                Ok(Stopped::Shutdown) => return,
+                Ok(Stopped::Shutdown) => {
+                    self.hand_over().await;
+                    return;
+                }
                 Ok(Stopped::Reconnected) => {
                     info!("reconnected to NATS; pulling from the event log again");
                     continue;
@@ -203,10 +215,12 @@ impl Projector {
         &self,
         switched_at: Option<u64>,
     ) -> Result<(pull::Stream, u64), ProjectorError> {
+        let failed = |e: &dyn std::fmt::Display| ProjectorError::Consumer(e.to_string());
         let position = self.store.position().await?;
         let position = switched_at.map_or(position, |at| at.min(position));
         let log = &self.topology.log;
-        if let Ok(info) = log.consumer_info(PROJECTOR_CONSUMER).await
+        let mut existing = log.consumer_info(PROJECTOR_CONSUMER).await.ok();
+        if let Some(info) = &existing
             && info.ack_floor.stream_sequence > position
         {
             warn!(
@@ -216,39 +230,108 @@ impl Projector {
             );
             log.delete_consumer(PROJECTOR_CONSUMER)
                 .await
-                .map_err(|e| ProjectorError::Consumer(e.to_string()))?;
+                .map_err(|e| failed(&e))?;
+            existing = None;
         }
-        let batch = self.config.projector.batch;
-        let consumer = log
-            .get_or_create_consumer(
-                PROJECTOR_CONSUMER,
-                pull::Config {
-                    durable_name: Some(PROJECTOR_CONSUMER.into()),
-                    ack_policy: AckPolicy::All,
-                    deliver_policy: if position == 0 {
-                        DeliverPolicy::All
-                    } else {
-                        DeliverPolicy::ByStartSequence {
-                            start_sequence: position + 1,
-                        }
-                    },
-                    ack_wait: Duration::from_secs(60),
-                    max_ack_pending: i64::try_from(batch * 4).unwrap_or(i64::MAX),
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(|e| ProjectorError::Consumer(e.to_string()))?;
+        let mut config = consumer_config(&self.config.projector, position);
+        let consumer = match existing {
+            None => log
+                .get_or_create_consumer(PROJECTOR_CONSUMER, config)
+                .await
+                .map_err(|e| failed(&e))?,
+            Some(info) => {
+                self.release_pin(&info).await?;
+                if same_delivery(&info.config, &config) {
+                    log.get_consumer(PROJECTOR_CONSUMER)
+                        .await
+                        .map_err(|e| failed(&e))?
+                } else {
+                    // A consumer from before standby instances, or from another configuration:
+                    // updated in place, its position kept (the server refuses to change it).
+                    info!(
+                        takeover_secs = self.config.projector.takeover_secs,
+                        "updating the projection's consumer to this configuration"
+                    );
+                    config.deliver_policy = info.config.deliver_policy;
+                    log.update_consumer(config).await.map_err(|e| failed(&e))?
+                }
+            }
+        };
         info!(position, "projecting from the event log");
+        // The pinned instance pulls again (and keeps its pin) two or three times in a
+        // takeover time.
+        let expires = Duration::from_secs(self.config.projector.takeover_secs) / 3;
         let messages = consumer
             .stream()
-            .max_messages_per_batch(batch)
-            .expires(topology::PULL_EXPIRES)
-            .heartbeat(topology::PULL_HEARTBEAT)
+            .group(PROJECTOR_PRIORITY_GROUP)
+            .max_messages_per_batch(self.config.projector.batch)
+            .expires(expires)
+            .heartbeat(topology::PULL_HEARTBEAT.min(expires / 2))
             .messages()
             .await
-            .map_err(|e| ProjectorError::Consumer(e.to_string()))?;
+            .map_err(|e| failed(&e))?;
         Ok((messages, position))
+    }
+
+    /// Release the consumer's pin if the server still holds it for this instance's previous
+    /// pull stream, so that the next pull (a standby's or this instance's own) takes it now
+    /// rather than when it times out.
+    async fn release_pin(
+        &self,
+        info: &async_nats::jetstream::consumer::Info,
+    ) -> Result<(), ProjectorError> {
+        let Some(ours) = self.pin.lock().expect("never poisoned").take() else {
+            return Ok(());
+        };
+        let pinned = info
+            .priority_groups
+            .iter()
+            .any(|group| group.pinned_client_id.as_deref() == Some(ours.as_str()));
+        if pinned {
+            self.topology
+                .log
+                .unpin_consumer(PROJECTOR_CONSUMER, PROJECTOR_PRIORITY_GROUP)
+                .await
+                .map_err(|e| ProjectorError::Consumer(e.to_string()))?;
+            info!("released this instance's pin on the projection");
+        }
+        Ok(())
+    }
+
+    /// On a clean stop, let a standby instance take over the projection at once.
+    async fn hand_over(&self) {
+        let released = topology::attempt(
+            async {
+                let info = self
+                    .topology
+                    .log
+                    .consumer_info(PROJECTOR_CONSUMER)
+                    .await
+                    .map_err(|e| ProjectorError::Consumer(e.to_string()))?;
+                self.release_pin(&info).await
+            },
+            ProjectorError::Consumer,
+        )
+        .await;
+        if let Err(e) = released {
+            warn!(error = %e, "could not release the projection's pin; a standby takes over when it times out");
+        }
+    }
+
+    /// Remember the pin `message` was delivered with.
+    fn note_pin(&self, message: &async_nats::jetstream::Message) {
+        let Some(pin) = message
+            .headers
+            .as_ref()
+            .and_then(|headers| headers.get(async_nats::header::NATS_PIN_ID))
+        else {
+            return;
+        };
+        let mut ours = self.pin.lock().expect("never poisoned");
+        if ours.as_deref() != Some(pin.as_str()) {
+            info!("the log delivers to this instance now; any other stands by");
+            *ours = Some(pin.as_str().to_owned());
+        }
     }
 
     async fn project(&self, shutdown: &CancellationToken) -> Result<Stopped, ProjectorError> {
@@ -307,6 +390,9 @@ impl Projector {
                     traced.push(span);
                 }
                 delivered.push((event, message));
+            }
+            if let Some((_, newest)) = delivered.last() {
+                self.note_pin(newest);
             }
             let verify = checked.elapsed() >= POSITION_CHECK_INTERVAL;
             if verify {
@@ -497,6 +583,44 @@ fn replay_target(end: u64, position: u64) -> Option<u64> {
 }
 
 /// Whether the ascending sequences `seqs` leave one out after `after`.
+/// The projection's consumer, delivering from after `position`.
+fn consumer_config(projector: &ProjectorConfig, position: u64) -> pull::Config {
+    pull::Config {
+        durable_name: Some(PROJECTOR_CONSUMER.into()),
+        ack_policy: AckPolicy::All,
+        deliver_policy: if position == 0 {
+            DeliverPolicy::All
+        } else {
+            DeliverPolicy::ByStartSequence {
+                start_sequence: position + 1,
+            }
+        },
+        // Events an instance took and never acknowledged come back after this, to whichever
+        // instance holds the pin by then: the pin of one that died moves within one takeover
+        // time, its events within two.
+        ack_wait: Duration::from_secs(projector.takeover_secs * 2),
+        max_ack_pending: i64::try_from(projector.batch * 4).unwrap_or(i64::MAX),
+        priority_policy: PriorityPolicy::PinnedClient,
+        priority_groups: vec![PROJECTOR_PRIORITY_GROUP.into()],
+        priority_timeout: Duration::from_secs(projector.takeover_secs),
+        ..Default::default()
+    }
+}
+
+/// Whether the consumer as it is (`existing`) delivers as `wanted` would, starting point
+/// aside.
+fn same_delivery(
+    existing: &async_nats::jetstream::consumer::Config,
+    wanted: &pull::Config,
+) -> bool {
+    existing.ack_policy == wanted.ack_policy
+        && existing.ack_wait == wanted.ack_wait
+        && existing.max_ack_pending == wanted.max_ack_pending
+        && existing.priority_policy == wanted.priority_policy
+        && existing.priority_groups == wanted.priority_groups
+        && existing.priority_timeout == wanted.priority_timeout
+}
+
 fn skips_over(seqs: impl IntoIterator<Item = u64>, after: u64) -> bool {
     let mut end = after;
     for seq in seqs {
@@ -762,6 +886,35 @@ pub(crate) async fn topped_up<S: Stream + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_consumer_from_before_standby_or_another_takeover_is_updated_and_its_start_is_not() {
+        use async_nats::jetstream::consumer::IntoConsumerConfig;
+        let projector = ProjectorConfig::default();
+        let wanted = consumer_config(&projector, 0);
+        let as_is = |config: pull::Config| config.into_consumer_config();
+        assert!(same_delivery(
+            &as_is(consumer_config(&projector, 42)),
+            &wanted
+        ));
+        let before_standby = pull::Config {
+            priority_policy: PriorityPolicy::None,
+            priority_groups: Vec::new(),
+            priority_timeout: Duration::ZERO,
+            ..consumer_config(&projector, 42)
+        };
+        assert!(!same_delivery(&as_is(before_standby), &wanted));
+        let slower = ProjectorConfig {
+            takeover_secs: 30,
+            ..ProjectorConfig::default()
+        };
+        assert!(!same_delivery(&as_is(consumer_config(&slower, 0)), &wanted));
+        let larger = ProjectorConfig {
+            batch: 1024,
+            ..ProjectorConfig::default()
+        };
+        assert!(!same_delivery(&as_is(consumer_config(&larger, 0)), &wanted));
+    }
 
     #[test]
     fn a_batch_skips_over_a_sequence_only_when_one_after_the_last_applied_is_missing() {

@@ -1,12 +1,16 @@
 //! The conversation projection is disposable: deleted, it is rebuilt from the log and equals
 //! what it was.
 
+use std::time::Duration;
+
 use crate::support;
 
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PriorityPolicy, pull};
+use parley_events::subjects::{LOG_STREAM, PROJECTOR_CONSUMER, PROJECTOR_PRIORITY_GROUP};
 use parley_events::{ConversationId, UserId};
 use parley_projections::ConversationStore;
 use serde_json::json;
-use support::Platform;
+use support::{Client, Platform, Running};
 
 async fn snapshot(
     store: &dyn ConversationStore,
@@ -70,11 +74,10 @@ async fn a_deleted_store_is_rebuilt_from_the_log_and_equals_the_live_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_a_projector_took_and_never_applied_still_reach_the_store() {
-    use async_nats::jetstream::consumer::PullConsumer;
     use futures::StreamExt;
-    use parley_events::subjects::{LOG_STREAM, PROJECTOR_CONSUMER};
 
-    let mut platform = Platform::start(1).await;
+    // The taker keeps its pin until it times out.
+    let mut platform = Platform::start_with(1, |config| config.projector.takeover_secs = 3).await;
     let (mut alice, _bob, conversation) = platform.alice_and_bob().await;
     platform.projected().await;
     platform.stop_projector().await;
@@ -90,14 +93,23 @@ async fn events_a_projector_took_and_never_applied_still_reach_the_store() {
 
     // A projector instance (or this one before a reconnect) that took the first two and
     // never applied them: delivered, unacknowledged, its connection gone.
+    // One pull request of two, as a projector's stream would send it.
     let dying = async_nats::connect(platform.nats.url()).await.unwrap();
-    let consumer: PullConsumer = async_nats::jetstream::new(dying.clone())
-        .get_consumer_from_stream(PROJECTOR_CONSUMER, LOG_STREAM)
+    let inbox = dying.new_inbox();
+    let mut taken = dying.subscribe(inbox.clone()).await.unwrap();
+    let request =
+        json!({"batch": 2, "expires": 5_000_000_000u64, "group": PROJECTOR_PRIORITY_GROUP});
+    dying
+        .publish_with_reply(
+            format!("$JS.API.CONSUMER.MSG.NEXT.{LOG_STREAM}.{PROJECTOR_CONSUMER}"),
+            inbox,
+            request.to_string().into(),
+        )
         .await
         .unwrap();
-    let mut taken = consumer.fetch().max_messages(2).messages().await.unwrap();
     for _ in 0..2 {
-        taken.next().await.expect("a log event").unwrap();
+        let event = taken.next().await.expect("a log event");
+        assert!(event.status.is_none(), "{event:?}");
     }
     dying.drain().await.unwrap();
 
@@ -105,14 +117,189 @@ async fn events_a_projector_took_and_never_applied_still_reach_the_store() {
     // acknowledges them too: they are never delivered again.
     platform.start_projector().await;
     platform.projected().await;
-    let history = platform
-        .store()
-        .await
+    assert_eq!(
+        bodies_in(&*platform.store().await, conversation).await,
+        bodies,
+        "the store holds every message, in order"
+    );
+}
+
+/// The bodies of `conversation`'s messages in `store`, in order.
+async fn bodies_in(store: &dyn ConversationStore, conversation: ConversationId) -> Vec<String> {
+    let mut messages = store
         .history(conversation, None, 100)
         .await
-        .unwrap();
-    let mut messages = history.messages;
+        .unwrap()
+        .messages;
     messages.sort_by_key(|m| m.seq);
-    let projected: Vec<&str> = messages.iter().map(|m| m.body.as_str()).collect();
-    assert_eq!(projected, bodies, "the store holds every message, in order");
+    messages.into_iter().map(|m| m.body).collect()
+}
+
+const STANDBY_STORE: &str = "standby.db";
+
+/// A platform whose projector has a second instance beside it, on a store of its own, both
+/// pulling before the log holds any event; and Alice with the sends that follow, all
+/// acknowledged and projected by whichever instance the server pinned.
+async fn two_projectors(takeover_secs: u64) -> (Platform, Running, Client, ConversationId) {
+    let platform = Platform::start_with(1, |config| {
+        config.projector.takeover_secs = takeover_secs;
+    })
+    .await;
+    let standby = platform.spawn_projector(STANDBY_STORE).await;
+    let log = platform
+        .jetstream()
+        .await
+        .get_stream(LOG_STREAM)
+        .await
+        .unwrap();
+    support::eventually(|| async {
+        let info = log.consumer_info(PROJECTOR_CONSUMER).await.ok()?;
+        (info.num_waiting >= 2).then_some(())
+    })
+    .await;
+    let (mut alice, _bob, conversation) = platform.alice_and_bob().await;
+    for i in 0..5 {
+        support::acked(
+            &mut alice,
+            json!({"type": "send", "id": format!("m{i}"), "conversation": conversation, "body": format!("message {i}")}),
+        )
+        .await;
+    }
+    (platform, standby, alice, conversation)
+}
+
+/// Which instance applied the events so far (`true`: the platform's own), once the other
+/// has had the time to apply any it was given: one instance applied all, the other none.
+async fn pinned_is_the_platforms(
+    platform: &Platform,
+    conversation: ConversationId,
+    sent: usize,
+) -> bool {
+    let own = platform.store().await;
+    let standby = platform.store_named(STANDBY_STORE).await;
+    let applied = support::eventually(|| async {
+        for (store, is_own) in [(&own, true), (&standby, false)] {
+            if bodies_in(&**store, conversation).await.len() == sent {
+                return Some(is_own);
+            }
+        }
+        None
+    })
+    .await;
+    // Instances sharing the consumer without a pin are handed alternate events within
+    // milliseconds of each other; a standby's store stays empty.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle = if applied { &standby } else { &own };
+    assert_eq!(
+        idle.position().await.unwrap(),
+        0,
+        "the instance not pinned applied nothing"
+    );
+    applied
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_projector_applies_nothing_and_takes_over_at_once_from_one_that_stops() {
+    // A takeover through the pin's timeout would take longer than the test waits.
+    let (mut platform, standby, mut alice, conversation) = two_projectors(300).await;
+    let own_pinned = pinned_is_the_platforms(&platform, conversation, 5).await;
+    let survivor = if own_pinned {
+        platform.stop_projector().await;
+        platform.store_named(STANDBY_STORE).await
+    } else {
+        standby.stop().await;
+        platform.store().await
+    };
+    support::acked(
+        &mut alice,
+        json!({"type": "send", "id": "after", "conversation": conversation, "body": "after the handover"}),
+    )
+    .await;
+    let mut all: Vec<String> = (0..5).map(|i| format!("message {i}")).collect();
+    all.push("after the handover".into());
+    support::eventually(|| async {
+        (bodies_in(&*survivor, conversation).await == all).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_projector_takes_over_from_one_that_crashed_when_its_pin_times_out() {
+    let (mut platform, standby, mut alice, conversation) = two_projectors(3).await;
+    let own_pinned = pinned_is_the_platforms(&platform, conversation, 5).await;
+    let survivor = if own_pinned {
+        platform.crash_projector().await;
+        platform.store_named(STANDBY_STORE).await
+    } else {
+        standby.crash().await;
+        platform.store().await
+    };
+    support::acked(
+        &mut alice,
+        json!({"type": "send", "id": "after", "conversation": conversation, "body": "after the crash"}),
+    )
+    .await;
+    let mut all: Vec<String> = (0..5).map(|i| format!("message {i}")).collect();
+    all.push("after the crash".into());
+    support::eventually(|| async {
+        (bodies_in(&*survivor, conversation).await == all).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_from_before_standby_projectors_is_updated_in_place_and_loses_nothing() {
+    let mut platform = Platform::start(1).await;
+    let (mut alice, _bob, conversation) = platform.alice_and_bob().await;
+    support::acked(
+        &mut alice,
+        json!({"type": "send", "id": "m0", "conversation": conversation, "body": "before the upgrade"}),
+    )
+    .await;
+    platform.projected().await;
+    platform.stop_projector().await;
+
+    // The consumer as earlier releases left it: no priority group, at the store's position.
+    let log = platform
+        .jetstream()
+        .await
+        .get_stream(LOG_STREAM)
+        .await
+        .unwrap();
+    let position = platform.store().await.position().await.unwrap();
+    log.delete_consumer(PROJECTOR_CONSUMER).await.unwrap();
+    log.create_consumer(pull::Config {
+        durable_name: Some(PROJECTOR_CONSUMER.into()),
+        ack_policy: AckPolicy::All,
+        deliver_policy: DeliverPolicy::ByStartSequence {
+            start_sequence: position + 1,
+        },
+        ack_wait: Duration::from_secs(60),
+        max_ack_pending: 2048,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    support::acked(
+        &mut alice,
+        json!({"type": "send", "id": "m1", "conversation": conversation, "body": "during the upgrade"}),
+    )
+    .await;
+
+    platform.start_projector().await;
+    platform.projected().await;
+    assert_eq!(
+        bodies_in(&*platform.store().await, conversation).await,
+        ["before the upgrade", "during the upgrade"]
+    );
+    let config = log.consumer_info(PROJECTOR_CONSUMER).await.unwrap().config;
+    assert_eq!(config.priority_policy, PriorityPolicy::PinnedClient);
+    assert_eq!(config.priority_groups, [PROJECTOR_PRIORITY_GROUP]);
+    assert_eq!(
+        config.deliver_policy,
+        DeliverPolicy::ByStartSequence {
+            start_sequence: position + 1
+        },
+        "its start kept"
+    );
 }

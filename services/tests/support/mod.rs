@@ -39,7 +39,7 @@ const STARTUP: Duration = Duration::from_secs(30);
 const PROBE_LIMIT: Duration = Duration::from_secs(3);
 
 /// A role running in this process, stoppable on its own.
-struct Running {
+pub struct Running {
     /// Where the role serves `/healthz`, `/readyz` and `/metrics`.
     admin: SocketAddr,
     shutdown: CancellationToken,
@@ -79,7 +79,7 @@ impl Running {
         }
     }
 
-    async fn stop(self) {
+    pub async fn stop(self) {
         self.shutdown.cancel();
         let result = tokio::time::timeout(WAIT, self.task)
             .await
@@ -87,6 +87,12 @@ impl Running {
         result
             .expect("role task does not panic")
             .expect("role stops cleanly");
+    }
+
+    /// Stop the role as a crash would: no clean-up, its NATS connection dropped.
+    pub async fn crash(self) {
+        self.task.abort();
+        let _ = self.task.await;
     }
 }
 
@@ -373,6 +379,29 @@ impl<N> Platform<N> {
         assert!(self.projector.is_none(), "projector is already running");
         self.projector =
             Some(Running::start(Arc::clone(&self.config), Roles::PROJECTOR, None).await);
+    }
+
+    /// Another projector instance, writing to its own SQLite file named `store` (so a test
+    /// can tell what each instance applied).
+    pub async fn spawn_projector(&self, store: &str) -> Running {
+        let mut config = Config::clone(&self.config);
+        config.projector.store.path = self.dir.path().join(store);
+        Running::start(Arc::new(config), Roles::PROJECTOR, None).await
+    }
+
+    /// The projector's store at `store`, a file [`Platform::spawn_projector`] was given.
+    pub async fn store_named(&self, store: &str) -> Arc<dyn ConversationStore> {
+        let mut config = Config::clone(&self.config);
+        config.projector.store.path = self.dir.path().join(store);
+        node::open_store(&config).await.unwrap()
+    }
+
+    pub async fn crash_projector(&mut self) {
+        self.projector
+            .take()
+            .expect("projector is running")
+            .crash()
+            .await;
     }
 
     /// Wait until the store has applied everything in the log.
