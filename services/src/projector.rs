@@ -360,12 +360,21 @@ impl Projector {
             .map_err(|e| ProjectorError::Consumer(e.to_string()))?;
         let mut checked = Instant::now();
         let mut replaying = replay_target(bounds.last, acknowledged);
-        self.report_replay(replaying, acknowledged);
+        self.report_replay(&mut replaying, acknowledged);
+        // A standby instance is handed no events: it follows the replay through the store's
+        // position, which the pinned instance advances.
+        let mut standing_by = tokio::time::interval(POSITION_CHECK_INTERVAL);
+        standing_by.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let first = tokio::select! {
                 () = shutdown.cancelled() => return Ok(Stopped::Shutdown),
                 Ok(()) = reconnects.changed() => return Ok(Stopped::Reconnected),
                 Ok(()) = swaps.changed() => return Ok(Stopped::Switched),
+                _ = standing_by.tick(), if replaying.is_some() => {
+                    acknowledged = acknowledged.max(self.store.position().await?);
+                    self.report_replay(&mut replaying, acknowledged);
+                    continue;
+                }
                 first = messages.next() => match first {
                     Some(first) => first,
                     None => return Err(ProjectorError::Consumer("consumer stream ended".into())),
@@ -412,14 +421,26 @@ impl Projector {
                 return Ok(Stopped::Shutdown);
             }
             drop(traced);
-            if replaying.is_some_and(|end| acknowledged >= end) {
-                info!(
-                    position = acknowledged,
-                    "the store has caught up with the log"
-                );
-                replaying = None;
+            self.report_replay(&mut replaying, acknowledged);
+            standing_by.reset();
+        }
+    }
+
+    /// Ready, or not while replaying up to the log end `replaying` (now at `position`); the
+    /// replay ends once there.
+    fn report_replay(&self, replaying: &mut Option<u64>, position: u64) {
+        match *replaying {
+            Some(end) if position >= end => {
+                info!(position, "the store has caught up with the log");
+                *replaying = None;
+                self.readiness.ready(READY_CHECK);
             }
-            self.report_replay(replaying, acknowledged);
+            Some(end) => self.readiness.not_ready(
+                READY_CHECK,
+                Reason::Replaying,
+                format!("replaying the log into the store: at {position} of {end}"),
+            ),
+            None => self.readiness.ready(READY_CHECK),
         }
     }
 
@@ -486,18 +507,6 @@ impl Projector {
             .map_err(|e| ProjectorError::Consumer(e.to_string()))?;
         *acknowledged = (*acknowledged).max(events.last().map_or(0, |event| event.seq));
         Ok(true)
-    }
-
-    /// Ready, or not while replaying up to the log end `replaying` (now at `position`).
-    fn report_replay(&self, replaying: Option<u64>, position: u64) {
-        match replaying {
-            Some(end) => self.readiness.not_ready(
-                READY_CHECK,
-                Reason::Replaying,
-                format!("replaying the log into the store: at {position} of {end}"),
-            ),
-            None => self.readiness.ready(READY_CHECK),
-        }
     }
 
     /// Apply one batch, retrying with backoff while the store is unreachable: the batch
@@ -582,7 +591,6 @@ fn replay_target(end: u64, position: u64) -> Option<u64> {
     (lag > REPLAY_LAG as u64).then_some(end)
 }
 
-/// Whether the ascending sequences `seqs` leave one out after `after`.
 /// The projection's consumer, delivering from after `position`.
 fn consumer_config(projector: &ProjectorConfig, position: u64) -> pull::Config {
     pull::Config {
@@ -621,6 +629,7 @@ fn same_delivery(
         && existing.priority_timeout == wanted.priority_timeout
 }
 
+/// Whether the ascending sequences `seqs` leave one out after `after`.
 fn skips_over(seqs: impl IntoIterator<Item = u64>, after: u64) -> bool {
     let mut end = after;
     for seq in seqs {

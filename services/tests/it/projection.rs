@@ -303,3 +303,35 @@ async fn a_consumer_from_before_standby_projectors_is_updated_in_place_and_loses
         "its start kept"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_projector_started_during_a_replay_is_ready_once_the_store_has_caught_up() {
+    let mut platform = Platform::start(1).await;
+    let (mut alice, _bob, conversation) = platform.alice_and_bob().await;
+    platform.stop_projector().await;
+    // Further behind than the lag (1,000 events) at which a starting projector says it is
+    // replaying, and is not ready until the store has caught up.
+    for round in 0..11 {
+        let ids: Vec<String> = (0..100).map(|i| format!("m{round}-{i}")).collect();
+        alice
+            .send_pipelined(ids.iter().map(
+                |id| json!({"type": "send", "id": id, "conversation": conversation, "body": id}),
+            ))
+            .await;
+        for id in &ids {
+            assert_eq!(alice.reply_to(id).await["type"], "ack");
+        }
+    }
+
+    // Two instances on the one store: the pinned one replays, the other is handed nothing.
+    let standby = platform.spawn_projector("conversations.db").await;
+    platform.start_projector().await;
+    for admin in [platform.projector_admin(), standby.admin()] {
+        support::eventually_within(Duration::from_secs(60), || async move {
+            let (status, _) = support::http_get(admin, "/readyz").await;
+            (status == 200).then_some(())
+        })
+        .await;
+    }
+    platform.projected().await;
+}

@@ -79,6 +79,11 @@ impl Running {
         }
     }
 
+    /// Where the role serves `/healthz`, `/readyz` and `/metrics`.
+    pub fn admin(&self) -> SocketAddr {
+        self.admin
+    }
+
     pub async fn stop(self) {
         self.shutdown.cancel();
         let result = tokio::time::timeout(WAIT, self.task)
@@ -381,8 +386,9 @@ impl<N> Platform<N> {
             Some(Running::start(Arc::clone(&self.config), Roles::PROJECTOR, None).await);
     }
 
-    /// Another projector instance, writing to its own SQLite file named `store` (so a test
-    /// can tell what each instance applied).
+    /// Another projector instance, writing to the SQLite file named `store` in the test's
+    /// directory: its own (so a test can tell what each instance applied), or the platform's
+    /// own, `conversations.db`.
     pub async fn spawn_projector(&self, store: &str) -> Running {
         let mut config = Config::clone(&self.config);
         config.projector.store.path = self.dir.path().join(store);
@@ -394,6 +400,10 @@ impl<N> Platform<N> {
         let mut config = Config::clone(&self.config);
         config.projector.store.path = self.dir.path().join(store);
         node::open_store(&config).await.unwrap()
+    }
+
+    pub fn projector_admin(&self) -> SocketAddr {
+        self.projector.as_ref().expect("projector is running").admin
     }
 
     pub async fn crash_projector(&mut self) {
