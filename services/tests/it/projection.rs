@@ -84,11 +84,7 @@ async fn events_a_projector_took_and_never_applied_still_reach_the_store() {
     let bodies = ["taken 1", "taken 2", "after the taker died"];
     for (i, body) in bodies.iter().enumerate() {
         let id = format!("m{i}");
-        support::acked(
-            &mut alice,
-            json!({"type": "send", "id": id, "conversation": conversation, "body": body}),
-        )
-        .await;
+        sent(&mut alice, conversation, &id, body).await;
     }
 
     // A projector instance (or this one before a reconnect) that took the first two and
@@ -124,6 +120,24 @@ async fn events_a_projector_took_and_never_applied_still_reach_the_store() {
     );
 }
 
+async fn log_stream(platform: &Platform) -> async_nats::jetstream::stream::Stream {
+    platform
+        .jetstream()
+        .await
+        .get_stream(LOG_STREAM)
+        .await
+        .unwrap()
+}
+
+/// Send `body` to `conversation` as `id`, and wait for its `ack`.
+async fn sent(client: &mut Client, conversation: ConversationId, id: &str, body: &str) {
+    support::acked(
+        client,
+        json!({"type": "send", "id": id, "conversation": conversation, "body": body}),
+    )
+    .await;
+}
+
 /// The bodies of `conversation`'s messages in `store`, in order.
 async fn bodies_in(store: &dyn ConversationStore, conversation: ConversationId) -> Vec<String> {
     let mut messages = store
@@ -146,12 +160,7 @@ async fn two_projectors(takeover_secs: u64) -> (Platform, Running, Client, Conve
     })
     .await;
     let standby = platform.spawn_projector(STANDBY_STORE).await;
-    let log = platform
-        .jetstream()
-        .await
-        .get_stream(LOG_STREAM)
-        .await
-        .unwrap();
+    let log = log_stream(&platform).await;
     support::eventually(|| async {
         let info = log.consumer_info(PROJECTOR_CONSUMER).await.ok()?;
         (info.num_waiting >= 2).then_some(())
@@ -159,9 +168,11 @@ async fn two_projectors(takeover_secs: u64) -> (Platform, Running, Client, Conve
     .await;
     let (mut alice, _bob, conversation) = platform.alice_and_bob().await;
     for i in 0..5 {
-        support::acked(
+        sent(
             &mut alice,
-            json!({"type": "send", "id": format!("m{i}"), "conversation": conversation, "body": format!("message {i}")}),
+            conversation,
+            &format!("m{i}"),
+            &format!("message {i}"),
         )
         .await;
     }
@@ -198,25 +209,27 @@ async fn pinned_is_the_platforms(
     applied
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_standby_projector_applies_nothing_and_takes_over_at_once_from_one_that_stops() {
-    // A takeover through the pin's timeout would take longer than the test waits.
-    let (mut platform, standby, mut alice, conversation) = two_projectors(300).await;
+/// Two projectors, the pinned one lost (`crash`: as a crash would, else stopped cleanly),
+/// then one more send: the other instance's store ends up with every message.
+async fn the_standby_takes_over(takeover_secs: u64, crash: bool) {
+    let (mut platform, standby, mut alice, conversation) = two_projectors(takeover_secs).await;
     let own_pinned = pinned_is_the_platforms(&platform, conversation, 5).await;
-    let survivor = if own_pinned {
-        platform.stop_projector().await;
-        platform.store_named(STANDBY_STORE).await
+    let (lost, survivor) = if own_pinned {
+        (
+            platform.take_projector(),
+            platform.store_named(STANDBY_STORE).await,
+        )
     } else {
-        standby.stop().await;
-        platform.store().await
+        (standby, platform.store().await)
     };
-    support::acked(
-        &mut alice,
-        json!({"type": "send", "id": "after", "conversation": conversation, "body": "after the handover"}),
-    )
-    .await;
+    if crash {
+        lost.crash().await;
+    } else {
+        lost.stop().await;
+    }
+    sent(&mut alice, conversation, "after", "after the takeover").await;
     let mut all: Vec<String> = (0..5).map(|i| format!("message {i}")).collect();
-    all.push("after the handover".into());
+    all.push("after the takeover".into());
     support::eventually(|| async {
         (bodies_in(&*survivor, conversation).await == all).then_some(())
     })
@@ -224,48 +237,26 @@ async fn a_standby_projector_applies_nothing_and_takes_over_at_once_from_one_tha
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_projector_applies_nothing_and_takes_over_at_once_from_one_that_stops() {
+    // A takeover through the pin's timeout would take longer than the test waits.
+    the_standby_takes_over(300, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_projector_takes_over_from_one_that_crashed_when_its_pin_times_out() {
-    let (mut platform, standby, mut alice, conversation) = two_projectors(3).await;
-    let own_pinned = pinned_is_the_platforms(&platform, conversation, 5).await;
-    let survivor = if own_pinned {
-        platform.crash_projector().await;
-        platform.store_named(STANDBY_STORE).await
-    } else {
-        standby.crash().await;
-        platform.store().await
-    };
-    support::acked(
-        &mut alice,
-        json!({"type": "send", "id": "after", "conversation": conversation, "body": "after the crash"}),
-    )
-    .await;
-    let mut all: Vec<String> = (0..5).map(|i| format!("message {i}")).collect();
-    all.push("after the crash".into());
-    support::eventually(|| async {
-        (bodies_in(&*survivor, conversation).await == all).then_some(())
-    })
-    .await;
+    the_standby_takes_over(3, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_from_before_standby_projectors_is_updated_in_place_and_loses_nothing() {
     let mut platform = Platform::start(1).await;
     let (mut alice, _bob, conversation) = platform.alice_and_bob().await;
-    support::acked(
-        &mut alice,
-        json!({"type": "send", "id": "m0", "conversation": conversation, "body": "before the upgrade"}),
-    )
-    .await;
+    sent(&mut alice, conversation, "m0", "before the upgrade").await;
     platform.projected().await;
     platform.stop_projector().await;
 
     // The consumer as earlier releases left it: no priority group, at the store's position.
-    let log = platform
-        .jetstream()
-        .await
-        .get_stream(LOG_STREAM)
-        .await
-        .unwrap();
+    let log = log_stream(&platform).await;
     let position = platform.store().await.position().await.unwrap();
     log.delete_consumer(PROJECTOR_CONSUMER).await.unwrap();
     log.create_consumer(pull::Config {
@@ -280,11 +271,7 @@ async fn a_consumer_from_before_standby_projectors_is_updated_in_place_and_loses
     })
     .await
     .unwrap();
-    support::acked(
-        &mut alice,
-        json!({"type": "send", "id": "m1", "conversation": conversation, "body": "during the upgrade"}),
-    )
-    .await;
+    sent(&mut alice, conversation, "m1", "during the upgrade").await;
 
     platform.start_projector().await;
     platform.projected().await;

@@ -406,12 +406,9 @@ impl<N> Platform<N> {
         self.projector.as_ref().expect("projector is running").admin
     }
 
-    pub async fn crash_projector(&mut self) {
-        self.projector
-            .take()
-            .expect("projector is running")
-            .crash()
-            .await;
+    /// The platform's projector, to be stopped or crashed by the test.
+    pub fn take_projector(&mut self) -> Running {
+        self.projector.take().expect("projector is running")
     }
 
     /// Wait until the store has applied everything in the log.
