@@ -78,7 +78,7 @@ pub struct SpawnedPlatform {
     env: Vec<(String, String)>,
     store_dir: tempfile::TempDir,
     /// The CQL store's node, when the platform has one; dropped (and stopped) after the roles.
-    _cassandra: Option<CassandraNode>,
+    cassandra: Option<CassandraNode>,
 }
 
 /// The NATS `--spawn` started.
@@ -216,7 +216,7 @@ impl SpawnedPlatform {
             parley,
             env,
             store_dir: store,
-            _cassandra: cassandra,
+            cassandra,
         };
         // The projector creates the store the gateways read; the handler the streams.
         let mut plan = Vec::new();
@@ -426,7 +426,7 @@ impl SpawnedPlatform {
     }
 
     /// `(name, pid)` of every process of the platform; the nodes of a NATS cluster are
-    /// `nats-server-0`, `nats-server-1`, ...
+    /// `nats-server-0`, `nats-server-1`, ..., and the CQL store's JVM is `cassandra`.
     pub fn processes(&self) -> Vec<(String, u32)> {
         let mut processes: Vec<(String, u32)> = self
             .roles
@@ -443,6 +443,12 @@ impl SpawnedPlatform {
             processes.extend(server.pid().map(|pid| (name, pid)));
         }
         processes.extend(crate::resources::children_named(&["redis-server"]));
+        processes.extend(
+            self.cassandra
+                .as_ref()
+                .and_then(CassandraNode::pid)
+                .map(|pid| ("cassandra".to_owned(), pid)),
+        );
         processes
     }
 

@@ -229,14 +229,26 @@ impl CassandraNode {
         &self.dir
     }
 
+    /// The JVM's process id while the node runs (its launcher's child, not this process's),
+    /// so that what it costs can be measured.
+    pub fn pid(&self) -> Option<u32> {
+        self.launcher.as_ref()?;
+        std::fs::read_to_string(self.dir.join("java.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
     /// SIGKILLs the JVM, as a crash would, and waits for the launcher. The data stays for
     /// [`restart`](Self::restart). Idempotent.
     pub fn kill(&mut self) {
+        let pid = self.pid();
         let Some(mut launcher) = self.launcher.take() else {
             return;
         };
-        if let Ok(pid) = std::fs::read_to_string(self.dir.join("java.pid")) {
-            let killed = Command::new("kill").args(["-9", pid.trim()]).status();
+        if let Some(pid) = pid {
+            let killed = Command::new("kill").args(["-9", &pid.to_string()]).status();
             if let Err(err) = killed {
                 tracing::warn!(%err, "could not run kill -9 on the cassandra JVM");
             }

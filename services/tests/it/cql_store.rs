@@ -207,8 +207,18 @@ async fn acked(platform: &Platform) -> u64 {
 async fn the_projector_waits_for_an_unreachable_store_and_survives_a_kill_9_mid_projection() {
     let Some(mut node) = node().await else { return };
 
+    // The load-test harness measures the node through its JVM's process id.
+    let jvm = node.pid().expect("a running node has a JVM");
+    assert_eq!(
+        std::fs::read_to_string(format!("/proc/{jvm}/comm"))
+            .unwrap()
+            .trim(),
+        "java"
+    );
+
     // Unreachable at start: the node runs, is not ready, says why, and retries.
     node.kill();
+    assert_eq!(node.pid(), None, "a killed node has no JVM");
     let (_nats, _redis, mut config) = servers();
     use_cql(&mut config, &node, "faults");
     let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
