@@ -210,6 +210,25 @@ pub struct TimelinePoint {
     pub delivery: Summary,
     /// Per platform process: (name, RSS bytes, CPU percent of one core).
     pub processes: Vec<ProcessSample>,
+    /// The log and the projector's consumer at the end of the interval; `None` when they
+    /// could not be read (no NATS address, no consumer yet).
+    #[serde(default)]
+    pub projection: Option<ProjectionSample>,
+}
+
+/// Where the log ended and where the projector's consumer had acknowledged up to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProjectionSample {
+    pub log_end: u64,
+    pub acknowledged: u64,
+}
+
+impl ProjectionSample {
+    /// Events in the log the projection has not acknowledged: how far the conversation
+    /// store trails the log, within a batch.
+    pub fn lag(&self) -> u64 {
+        self.log_end.saturating_sub(self.acknowledged)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -11,11 +11,12 @@ use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use async_nats::jetstream::context::GetStreamErrorKind;
 use async_nats::jetstream::{self, ErrorCode, stream};
 use futures::StreamExt;
-use parley_events::subjects::{INTAKE_STREAM, LOG_STREAM};
+use parley_events::subjects::{INTAKE_STREAM, LOG_STREAM, PROJECTOR_CONSUMER};
 use parley_events::{ConversationId, EventEnvelope};
 
 use crate::LoadtestError;
 use crate::ledger::{Content, ConvIndex, LogRead, Observed};
+use crate::live::ProjectionSample;
 
 /// How long reading the log may take before the run gives up on it.
 const READ_TIMEOUT: Duration = Duration::from_secs(60);
@@ -44,6 +45,18 @@ impl LogReader {
             .state(LOG_STREAM)
             .await?
             .map_or(0, |state| state.last_sequence))
+    }
+
+    /// The log's end and the projector consumer's acknowledged floor now; `None` when
+    /// either cannot be read.
+    pub async fn projection(&self) -> Option<ProjectionSample> {
+        let log = self.js.get_stream(LOG_STREAM).await.ok()?;
+        let log_end = log.cached_info().state.last_sequence;
+        let consumer = log.consumer_info(PROJECTOR_CONSUMER).await.ok()?;
+        Some(ProjectionSample {
+            log_end,
+            acknowledged: consumer.ack_floor.stream_sequence,
+        })
     }
 
     /// Commands in the intake now (queued, or taken by a handler and not yet done); 0 when

@@ -57,7 +57,8 @@ struct RunArgs {
     /// HS256 secret the gateways verify tokens with (without --spawn).
     #[arg(long, env = "PARLEY_AUTH__SECRET", hide_env_values = true)]
     secret: Option<String>,
-    /// NATS of the external platform, for the JetStream baseline.
+    /// NATS of the external platform: for the JetStream baseline, the ledger's log read and
+    /// the projection lag.
     #[arg(long, conflicts_with = "spawn")]
     nats_url: Option<String>,
     /// Measure the baselines too and print ratios.

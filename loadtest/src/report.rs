@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::baseline::Baselines;
 use crate::latency::Summary;
 use crate::ledger::{self, LedgerReport};
-use crate::live::{Counters, ProcessSample, TimelinePoint};
+use crate::live::{Counters, ProcessSample, ProjectionSample, TimelinePoint};
 use crate::presence::PresenceFigures;
 use crate::replay::ReplayFigures;
 use crate::resources::Machine;
@@ -34,6 +34,9 @@ pub struct Report {
     pub busiest_process: Option<String>,
     /// Growth of the gateways' RSS while the clients connected, per connection.
     pub gateway_rss_per_connection_bytes: Option<f64>,
+    /// How far the conversation store trailed the log over the measured window.
+    #[serde(default)]
+    pub projection: Option<ProjectionFigures>,
     /// Per gateway, as the clients saw it: sockets opened to it and messages it delivered.
     #[serde(default)]
     pub gateways: Vec<GatewayFigures>,
@@ -435,6 +438,58 @@ pub fn total_cpu_us_per_message(processes: &[ProcessFigures]) -> Option<f64> {
 }
 
 /// The process with the highest mean CPU, with its figure.
+/// The projection's lag behind the log (events the projector's consumer had not
+/// acknowledged), from the samples of a window of the timeline.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProjectionFigures {
+    pub samples: usize,
+    pub median_lag: u64,
+    pub max_lag: u64,
+    /// When the largest lag was sampled, seconds since the run's origin.
+    pub max_lag_at_secs: f64,
+    /// The longest time the acknowledged floor stood still with events behind it: the
+    /// projection stopped (a projector down, a standby not yet holding the consumer).
+    pub longest_stall_secs: f64,
+    /// The last sample of the window.
+    pub last_lag: u64,
+}
+
+/// `None` when the window has no sample (no NATS address to read them from).
+pub fn projection_figures(points: &[TimelinePoint]) -> Option<ProjectionFigures> {
+    let samples: Vec<(f64, ProjectionSample)> = points
+        .iter()
+        .filter_map(|p| p.projection.map(|sample| (p.t_secs, sample)))
+        .collect();
+    let last_lag = samples.last()?.1.lag();
+    let mut lags: Vec<u64> = samples.iter().map(|(_, sample)| sample.lag()).collect();
+    lags.sort_unstable();
+    let &(max_lag_at_secs, max) = samples
+        .iter()
+        .max_by_key(|(_, sample)| sample.lag())
+        .expect("at least one sample");
+    let mut longest_stall_secs: f64 = 0.0;
+    let mut stalled_since = None;
+    for pair in samples.windows(2) {
+        let [(since, before), (t, now)] = pair else {
+            continue;
+        };
+        if now.lag() > 0 && now.acknowledged <= before.acknowledged {
+            let since = *stalled_since.get_or_insert(*since);
+            longest_stall_secs = longest_stall_secs.max(t - since);
+        } else {
+            stalled_since = None;
+        }
+    }
+    Some(ProjectionFigures {
+        samples: samples.len(),
+        median_lag: lags[lags.len() / 2],
+        max_lag: max.lag(),
+        max_lag_at_secs,
+        longest_stall_secs,
+        last_lag,
+    })
+}
+
 pub fn busiest(processes: &[ProcessFigures]) -> Option<String> {
     processes
         .iter()
@@ -592,6 +647,13 @@ pub fn render_table(report: &Report) -> String {
     }
     if let Some(per) = report.gateway_rss_per_connection_bytes {
         let _ = writeln!(out, "Gateway RSS per connection: {:.1} KiB", per / 1024.0);
+    }
+    if let Some(p) = &report.projection {
+        let _ = writeln!(
+            out,
+            "Projection lag (log events not yet acknowledged by the projector, {} samples): median {}, max {} at {:.0} s, at the end {}; longest stall {:.0} s",
+            p.samples, p.median_lag, p.max_lag, p.max_lag_at_secs, p.last_lag, p.longest_stall_secs
+        );
     }
     if let Some(ramp) = &report.ramp {
         let _ = writeln!(
@@ -808,13 +870,21 @@ pub(crate) mod tests {
                     cpu_ms: (f64::from(*cpu) * 10.0 * t) as u64,
                 })
                 .collect(),
+            projection: None,
         }
     }
 
     pub(crate) fn sample_report() -> Report {
+        // The projection falls behind in seconds 3 and 4 (stands still for 2 s), then
+        // catches up.
+        let acknowledged = [50, 150, 150, 150, 490, 600];
         let timeline: Vec<_> = (1..=6)
-            .map(|t| {
-                point(
+            .map(|t| TimelinePoint {
+                projection: Some(ProjectionSample {
+                    log_end: 100 * t,
+                    acknowledged: acknowledged[t as usize - 1],
+                }),
+                ..point(
                     t as f64,
                     100 * t,
                     &[
@@ -854,6 +924,7 @@ pub(crate) mod tests {
             busiest_process: busiest(&processes),
             processes,
             gateway_rss_per_connection_bytes: Some(10240.0),
+            projection: projection_figures(&timeline),
             gateways: Vec::new(),
             ramp: None,
             faults: Vec::new(),
@@ -866,6 +937,31 @@ pub(crate) mod tests {
             timeline,
             passed: true,
         }
+    }
+
+    #[test]
+    fn the_projection_lag_and_its_longest_stall_come_from_the_timeline() {
+        let report = sample_report();
+        assert_eq!(
+            report.projection,
+            Some(ProjectionFigures {
+                samples: 6,
+                median_lag: 50,
+                max_lag: 250,
+                max_lag_at_secs: 4.0,
+                longest_stall_secs: 2.0,
+                last_lag: 0,
+            })
+        );
+        assert!(
+            render_table(&report).contains(
+                "Projection lag (log events not yet acknowledged by the projector, 6 samples): median 50, max 250 at 4 s, at the end 0; longest stall 2 s"
+            ),
+            "{}",
+            render_table(&report)
+        );
+        let unread = [point(1.0, 1, &[]), point(2.0, 1, &[])];
+        assert_eq!(projection_figures(&unread), None);
     }
 
     #[test]

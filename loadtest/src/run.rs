@@ -49,6 +49,9 @@ const PRESENCE_WAIT: Duration = Duration::from_secs(30);
 /// How long a role may take to notice that a server it depends on went away before its
 /// readiness is held to say so: a client sees a dropped connection within milliseconds.
 const DISCONNECT_GRACE: Duration = Duration::from_millis(250);
+/// Longest the per-second sample waits for the log and the projector's consumer to answer;
+/// a sample they miss records no projection.
+const PROJECTION_PROBE: Duration = Duration::from_millis(250);
 /// How often readiness is sampled around a fault, and how long one `/readyz` may take.
 const READYZ_POLL: Duration = Duration::from_millis(100);
 const READYZ_TIMEOUT: Duration = Duration::from_secs(1);
@@ -217,10 +220,15 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
     let recorded = Arc::new(Mutex::new(Recorded::default()));
     let phase = Arc::new(Mutex::new("connecting"));
     let progress = Progress::new(options.progress);
+    let projection = match &nats_url {
+        Some(url) => LogReader::connect(url).await.ok(),
+        None => None,
+    };
     let sampler = tokio::spawn(sample_every_second(
         Arc::clone(&live),
         Arc::clone(&recorded),
         Sampler::new(&processes)?,
+        projection,
         Arc::clone(&phase),
         progress.clone(),
     ));
@@ -600,6 +608,7 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
         busiest_process: report::busiest(&processes),
         processes,
         gateway_rss_per_connection_bytes: gateway_rss_per_connection,
+        projection: report::projection_figures(measured),
         gateways,
         ramp,
         faults,
@@ -1218,6 +1227,7 @@ async fn sample_every_second(
     live: Arc<Live>,
     recorded: Arc<Mutex<Recorded>>,
     mut sampler: Sampler,
+    projection: Option<LogReader>,
     phase: Arc<Mutex<&'static str>>,
     progress: Progress,
 ) {
@@ -1237,6 +1247,13 @@ async fn sample_every_second(
             ack: window.ack.summary(),
             delivery: window.delivery.summary(),
             processes: sampler.sample(),
+            projection: match &projection {
+                Some(log) => tokio::time::timeout(PROJECTION_PROBE, log.projection())
+                    .await
+                    .ok()
+                    .flatten(),
+                None => None,
+            },
         };
         before = now;
         let measured = live.measured();

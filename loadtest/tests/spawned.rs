@@ -87,6 +87,20 @@ async fn a_short_run_has_a_clean_ledger() {
             "{process:?}"
         );
     }
+    // The projection was sampled from the log and the projector's consumer every second:
+    // by the end of the run it had acknowledged what the run appended.
+    let projection = report.projection.as_ref().expect("projection figures");
+    assert!(projection.samples > 0, "{projection:?}");
+    let last = report
+        .timeline
+        .iter()
+        .rev()
+        .find_map(|p| p.projection)
+        .expect("a projection sample");
+    assert!(
+        last.acknowledged > 0 && last.log_end >= last.acknowledged,
+        "{last:?}"
+    );
     assert!(outcome.dir.join("report.json").is_file());
     assert!(outcome.dir.join("report.svg").is_file());
 }
