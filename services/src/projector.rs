@@ -54,6 +54,14 @@ const REDIS_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// A store further behind the log than this many events when projection starts is
 /// replaying: it is reported not ready until it has caught up.
 const REPLAY_LAG: usize = 1000;
+/// How often an instance that is handed no events looks at the projection's consumer: has
+/// the replay it follows ended, has the instance the consumer is pinned to stopped.
+const STANDBY_CHECK: Duration = Duration::from_secs(1);
+/// How long the instance the consumer is pinned to may leave events unacknowledged without
+/// acknowledging any before another instance releases its pin: one that crashed would
+/// keep it until `projector.takeover_secs`, and one that is alive acknowledges a batch every
+/// few milliseconds while events wait.
+const STALLED_PIN: Duration = Duration::from_secs(3);
 /// How often the projector checks that the store still holds what it acknowledged: a store
 /// that lost writes, or was emptied for a rebuild, is noticed within this.
 const POSITION_CHECK_INTERVAL: Duration = Duration::from_secs(5);
@@ -298,6 +306,47 @@ impl Projector {
         Ok(())
     }
 
+    /// Release the consumer's pin from another instance that has left events unacknowledged
+    /// for [`STALLED_PIN`] without acknowledging any: crashed, cut off or stuck. Its own pin
+    /// times out only after `projector.takeover_secs`, and nats-server does not tell a dead
+    /// instance's pull requests from a live one's. One that was merely slow loses nothing
+    /// (the events it holds come back, and every instance fills what it skips over).
+    async fn watch_pin(&self, watch: &mut PinWatch) {
+        let Ok(info) = self.topology.log.consumer_info(PROJECTOR_CONSUMER).await else {
+            return;
+        };
+        let ours = self.pin.lock().expect("never poisoned").clone();
+        let elsewhere = info
+            .priority_groups
+            .iter()
+            .any(|group| group.pinned_client_id.is_some() && group.pinned_client_id != ours);
+        let waiting = elsewhere && (info.num_pending > 0 || info.num_ack_pending > 0);
+        let floor = info.ack_floor.stream_sequence;
+        if !watch.stalled(floor, waiting, Instant::now()) {
+            return;
+        }
+        *watch = PinWatch::default();
+        match self
+            .topology
+            .log
+            .unpin_consumer(PROJECTOR_CONSUMER, PROJECTOR_PRIORITY_GROUP)
+            .await
+        {
+            Ok(()) => {
+                warn!(
+                    floor,
+                    pending = info.num_pending,
+                    unacknowledged = info.num_ack_pending,
+                    "the instance the projection is pinned to has acknowledged nothing for 3 s with events waiting; released its pin"
+                );
+                metrics::counter!(telemetry::PROJECTOR_PINS_TAKEN_TOTAL).increment(1);
+            }
+            Err(e) => {
+                warn!(error = %e, "could not release a stalled instance's pin on the projection")
+            }
+        }
+    }
+
     /// On a clean stop, let a standby instance take over the projection at once.
     async fn hand_over(&self) {
         let released = topology::attempt(
@@ -361,18 +410,22 @@ impl Projector {
         let mut checked = Instant::now();
         let mut replaying = replay_target(bounds.last, acknowledged);
         self.report_replay(&mut replaying, acknowledged);
-        // A standby instance is handed no events: it follows the replay through the store's
-        // position, which the pinned instance advances.
-        let mut standing_by = tokio::time::interval(POSITION_CHECK_INTERVAL);
+        let mut standing_by = tokio::time::interval(STANDBY_CHECK);
         standing_by.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut pinned = PinWatch::default();
         loop {
             let first = tokio::select! {
                 () = shutdown.cancelled() => return Ok(Stopped::Shutdown),
                 Ok(()) = reconnects.changed() => return Ok(Stopped::Reconnected),
                 Ok(()) = swaps.changed() => return Ok(Stopped::Switched),
-                _ = standing_by.tick(), if replaying.is_some() => {
-                    acknowledged = acknowledged.max(self.store.position().await?);
-                    self.report_replay(&mut replaying, acknowledged);
+                _ = standing_by.tick() => {
+                    // A standby follows a replay through the store's position, which the
+                    // pinned instance advances.
+                    if replaying.is_some() {
+                        acknowledged = acknowledged.max(self.store.position().await?);
+                        self.report_replay(&mut replaying, acknowledged);
+                    }
+                    self.watch_pin(&mut pinned).await;
                     continue;
                 }
                 first = messages.next() => match first {
@@ -589,6 +642,28 @@ impl Projector {
 fn replay_target(end: u64, position: u64) -> Option<u64> {
     let lag = end.saturating_sub(position);
     (lag > REPLAY_LAG as u64).then_some(end)
+}
+
+/// What an instance handed no events has seen of the instance the consumer is pinned to.
+#[derive(Debug, Default)]
+struct PinWatch {
+    floor: u64,
+    /// Since when events have waited with the acknowledged floor at `floor`.
+    waiting_since: Option<Instant>,
+}
+
+impl PinWatch {
+    /// Whether events have waited on another instance's pin for [`STALLED_PIN`] with the
+    /// acknowledged floor at `floor` all along.
+    fn stalled(&mut self, floor: u64, waiting: bool, now: Instant) -> bool {
+        if !waiting || floor != self.floor {
+            self.floor = floor;
+            self.waiting_since = waiting.then_some(now);
+            return false;
+        }
+        let since = *self.waiting_since.get_or_insert(now);
+        now.duration_since(since) >= STALLED_PIN
+    }
 }
 
 /// The projection's consumer, delivering from after `position`.
@@ -923,6 +998,35 @@ mod tests {
             ..ProjectorConfig::default()
         };
         assert!(!same_delivery(&as_is(consumer_config(&larger, 0)), &wanted));
+    }
+
+    #[test]
+    fn a_pin_is_stalled_after_events_waited_on_it_with_no_progress_for_the_whole_time() {
+        let start = Instant::now();
+        let at = |secs: u64| start + Duration::from_secs(secs);
+        let mut watch = PinWatch::default();
+        assert!(!watch.stalled(10, true, at(0)), "just seen waiting");
+        assert!(!watch.stalled(10, true, at(2)));
+        assert!(watch.stalled(10, true, at(3)), "3 s at one floor");
+
+        let mut watch = PinWatch::default();
+        assert!(!watch.stalled(10, true, at(0)));
+        assert!(
+            !watch.stalled(11, true, at(2)),
+            "progress starts the wait anew"
+        );
+        assert!(!watch.stalled(11, true, at(4)));
+        assert!(watch.stalled(11, true, at(5)));
+
+        let mut watch = PinWatch::default();
+        assert!(!watch.stalled(10, true, at(0)));
+        assert!(
+            !watch.stalled(10, false, at(2)),
+            "nothing waiting: nothing stalled"
+        );
+        assert!(!watch.stalled(10, true, at(4)));
+        assert!(!watch.stalled(10, true, at(6)));
+        assert!(watch.stalled(10, true, at(7)));
     }
 
     #[test]

@@ -56,6 +56,7 @@ pub const HANDLER_COMMANDS_HELD: &str = "parley_handler_commands_held";
 pub const HANDLER_COMMANDS_KEPT_TOTAL: &str = "parley_handler_commands_kept_total";
 
 pub const PROJECTOR_HOLES_FILLED_TOTAL: &str = "parley_projector_holes_filled_total";
+pub const PROJECTOR_PINS_TAKEN_TOTAL: &str = "parley_projector_pins_taken_total";
 pub const PROJECTOR_EVENTS_APPLIED_TOTAL: &str = "parley_projector_events_applied_total";
 pub const PROJECTOR_BATCH_EVENTS: &str = "parley_projector_batch_events";
 pub const PROJECTOR_APPLY_SECONDS: &str = "parley_projector_apply_seconds";
@@ -339,6 +340,11 @@ fn describe() {
         HANDLER_PARTITION_MOVES_TOTAL,
         Unit::Count,
         "Intake partitions this handler took or gave up as instances came and went."
+    );
+    describe_counter!(
+        PROJECTOR_PINS_TAKEN_TOTAL,
+        Unit::Count,
+        "Times this instance released the projection's pin from another instance that had left events unacknowledged without progress (crashed, cut off, or stuck)."
     );
     describe_counter!(
         PROJECTOR_HOLES_FILLED_TOTAL,
