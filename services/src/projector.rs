@@ -94,6 +94,10 @@ enum Stopped {
 }
 
 impl ProjectorError {
+    fn consumer(cause: impl std::fmt::Display) -> ProjectorError {
+        ProjectorError::Consumer(cause.to_string())
+    }
+
     fn reason(&self) -> Reason {
         match self {
             ProjectorError::Store(_) => Reason::StoreUnavailable,
@@ -223,7 +227,6 @@ impl Projector {
         &self,
         switched_at: Option<u64>,
     ) -> Result<(pull::Stream, u64), ProjectorError> {
-        let failed = |e: &dyn std::fmt::Display| ProjectorError::Consumer(e.to_string());
         let position = self.store.position().await?;
         let position = switched_at.map_or(position, |at| at.min(position));
         let log = &self.topology.log;
@@ -238,7 +241,7 @@ impl Projector {
             );
             log.delete_consumer(PROJECTOR_CONSUMER)
                 .await
-                .map_err(|e| failed(&e))?;
+                .map_err(ProjectorError::consumer)?;
             existing = None;
         }
         let mut config = consumer_config(&self.config.projector, position);
@@ -246,13 +249,13 @@ impl Projector {
             None => log
                 .get_or_create_consumer(PROJECTOR_CONSUMER, config)
                 .await
-                .map_err(|e| failed(&e))?,
+                .map_err(ProjectorError::consumer)?,
             Some(info) => {
                 self.release_pin(&info).await?;
                 if same_delivery(&info.config, &config) {
                     log.get_consumer(PROJECTOR_CONSUMER)
                         .await
-                        .map_err(|e| failed(&e))?
+                        .map_err(ProjectorError::consumer)?
                 } else {
                     // A consumer from before standby instances, or from another configuration:
                     // updated in place, its position kept (the server refuses to change it).
@@ -261,7 +264,9 @@ impl Projector {
                         "updating the projection's consumer to this configuration"
                     );
                     config.deliver_policy = info.config.deliver_policy;
-                    log.update_consumer(config).await.map_err(|e| failed(&e))?
+                    log.update_consumer(config)
+                        .await
+                        .map_err(ProjectorError::consumer)?
                 }
             }
         };
@@ -277,7 +282,7 @@ impl Projector {
             .heartbeat(topology::PULL_HEARTBEAT.min(expires / 2))
             .messages()
             .await
-            .map_err(|e| failed(&e))?;
+            .map_err(ProjectorError::consumer)?;
         Ok((messages, position))
     }
 
@@ -291,19 +296,19 @@ impl Projector {
         let Some(ours) = self.pin.lock().expect("never poisoned").take() else {
             return Ok(());
         };
-        let pinned = info
-            .priority_groups
-            .iter()
-            .any(|group| group.pinned_client_id.as_deref() == Some(ours.as_str()));
-        if pinned {
-            self.topology
-                .log
-                .unpin_consumer(PROJECTOR_CONSUMER, PROJECTOR_PRIORITY_GROUP)
-                .await
-                .map_err(|e| ProjectorError::Consumer(e.to_string()))?;
+        if pinned_to(info) == Some(ours.as_str()) {
+            self.unpin().await?;
             info!("released this instance's pin on the projection");
         }
         Ok(())
+    }
+
+    async fn unpin(&self) -> Result<(), ProjectorError> {
+        self.topology
+            .log
+            .unpin_consumer(PROJECTOR_CONSUMER, PROJECTOR_PRIORITY_GROUP)
+            .await
+            .map_err(ProjectorError::consumer)
     }
 
     /// Release the consumer's pin from another instance that has left events unacknowledged
@@ -316,22 +321,14 @@ impl Projector {
             return;
         };
         let ours = self.pin.lock().expect("never poisoned").clone();
-        let elsewhere = info
-            .priority_groups
-            .iter()
-            .any(|group| group.pinned_client_id.is_some() && group.pinned_client_id != ours);
+        let elsewhere = pinned_to(&info).is_some_and(|pinned| Some(pinned) != ours.as_deref());
         let waiting = elsewhere && (info.num_pending > 0 || info.num_ack_pending > 0);
         let floor = info.ack_floor.stream_sequence;
         if !watch.stalled(floor, waiting, Instant::now()) {
             return;
         }
         *watch = PinWatch::default();
-        match self
-            .topology
-            .log
-            .unpin_consumer(PROJECTOR_CONSUMER, PROJECTOR_PRIORITY_GROUP)
-            .await
-        {
+        match self.unpin().await {
             Ok(()) => {
                 warn!(
                     floor,
@@ -356,7 +353,7 @@ impl Projector {
                     .log
                     .consumer_info(PROJECTOR_CONSUMER)
                     .await
-                    .map_err(|e| ProjectorError::Consumer(e.to_string()))?;
+                    .map_err(ProjectorError::consumer)?;
                 self.release_pin(&info).await
             },
             ProjectorError::Consumer,
@@ -403,10 +400,7 @@ impl Projector {
             within: Some(Duration::from_millis(self.config.projector.linger_ms)),
         };
         let log = LogReader::new(self.topology.log.clone(), self.topology.shards);
-        let bounds = log
-            .bounds()
-            .await
-            .map_err(|e| ProjectorError::Consumer(e.to_string()))?;
+        let bounds = log.bounds().await.map_err(ProjectorError::consumer)?;
         let mut checked = Instant::now();
         let mut replaying = replay_target(bounds.last, acknowledged);
         self.report_replay(&mut replaying, acknowledged);
@@ -439,7 +433,7 @@ impl Projector {
             // the trace its command started.
             let mut traced = Vec::new();
             for message in chunk {
-                let message = message.map_err(|e| ProjectorError::Consumer(e.to_string()))?;
+                let message = message.map_err(ProjectorError::consumer)?;
                 let event = decode(&message)?;
                 if crate::traces::carries_trace(message.headers.as_ref()) {
                     let span = info_span!(
@@ -505,9 +499,7 @@ impl Projector {
     /// died), which the consumer then never delivers again. So the events between the
     /// store's position and the batch that the batch lacks are read from the log by direct
     /// get and applied with it, and the store's position is a watermark: every event at or
-    /// below it is in the store, whatever the number of instances. Instances sharing the
-    /// consumer are handed alternate events, so each applies most of the other's too (the
-    /// store takes an event twice); docs/operations.md says so. Sequences below `oldest`,
+    /// below it is in the store, whatever the number of instances. Sequences below `oldest`,
     /// the log's first when this projection started, were removed by retention and are not
     /// looked for.
     async fn apply_in_order(
@@ -535,10 +527,7 @@ impl Projector {
                 .collect();
             if let Some(&first) = holes.first() {
                 let skipped = holes.len();
-                let read = log
-                    .events(holes)
-                    .await
-                    .map_err(|e| ProjectorError::Consumer(e.to_string()))?;
+                let read = log.events(holes).await.map_err(ProjectorError::consumer)?;
                 warn!(
                     skipped,
                     read = read.len(),
@@ -554,10 +543,7 @@ impl Projector {
         if !self.apply(&events, *acknowledged, verify, shutdown).await? {
             return Ok(false);
         }
-        newest
-            .ack()
-            .await
-            .map_err(|e| ProjectorError::Consumer(e.to_string()))?;
+        newest.ack().await.map_err(ProjectorError::consumer)?;
         *acknowledged = (*acknowledged).max(events.last().map_or(0, |event| event.seq));
         Ok(true)
     }
@@ -644,6 +630,15 @@ fn replay_target(end: u64, position: u64) -> Option<u64> {
     (lag > REPLAY_LAG as u64).then_some(end)
 }
 
+/// The `Nats-Pin-Id` of the instance the projection's consumer delivers to, if any.
+fn pinned_to(info: &async_nats::jetstream::consumer::Info) -> Option<&str> {
+    info.priority_groups
+        .iter()
+        .find(|group| group.group == PROJECTOR_PRIORITY_GROUP)?
+        .pinned_client_id
+        .as_deref()
+}
+
 /// What an instance handed no events has seen of the instance the consumer is pinned to.
 #[derive(Debug, Default)]
 struct PinWatch {
@@ -723,7 +718,7 @@ pub(crate) fn decode(
 ) -> Result<RecordedEvent, ProjectorError> {
     let seq = message
         .info()
-        .map_err(|e| ProjectorError::Consumer(e.to_string()))?
+        .map_err(ProjectorError::consumer)?
         .stream_sequence;
     let envelope =
         EventEnvelope::from_bytes(&message.payload).map_err(|e| ProjectorError::Decode {
