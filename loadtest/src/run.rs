@@ -220,15 +220,26 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
     let recorded = Arc::new(Mutex::new(Recorded::default()));
     let phase = Arc::new(Mutex::new("connecting"));
     let progress = Progress::new(options.progress);
-    let projection = match &nats_url {
-        Some(url) => LogReader::connect(url).await.ok(),
+    // One connection to the log: sampled each second for the projection's lag, and read
+    // back after the run for the ledger.
+    let unreadable = |e: LoadtestError| {
+        eprintln!("note: the log cannot be read, so unacknowledged sends stay unclassified: {e}");
+    };
+    let log_reader = match &nats_url {
+        Some(url) => match LogReader::connect(url).await {
+            Ok(reader) => Some(Arc::new(reader)),
+            Err(e) => {
+                unreadable(e);
+                None
+            }
+        },
         None => None,
     };
     let sampler = tokio::spawn(sample_every_second(
         Arc::clone(&live),
         Arc::clone(&recorded),
         Sampler::new(&processes)?,
-        projection,
+        log_reader.clone(),
         Arc::clone(&phase),
         progress.clone(),
     ));
@@ -301,13 +312,11 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, LoadtestError> {
         };
 
     // The log is read back from here after the run.
-    let log_start = match &nats_url {
-        Some(url) => match log_position(url).await {
-            Ok(start) => Some(start),
+    let log_start = match log_reader {
+        Some(reader) => match reader.last_sequence().await {
+            Ok(last) => Some((reader, last)),
             Err(e) => {
-                eprintln!(
-                    "note: the log cannot be read, so unacknowledged sends stay unclassified: {e}"
-                );
+                unreadable(e);
                 None
             }
         },
@@ -1019,13 +1028,6 @@ fn conversation_index(conversations: &[ConversationId]) -> HashMap<ConversationI
         .collect()
 }
 
-/// A reader of the log, and the log's last sequence before the run creates anything.
-async fn log_position(nats_url: &str) -> Result<(LogReader, u64), LoadtestError> {
-    let reader = LogReader::connect(nats_url).await?;
-    let last = reader.last_sequence().await?;
-    Ok((reader, last))
-}
-
 /// The run's events, once the intake is empty (or [`INTAKE_WAIT`] has passed) and
 /// deliveries have gone quiet again.
 async fn read_log(
@@ -1227,7 +1229,7 @@ async fn sample_every_second(
     live: Arc<Live>,
     recorded: Arc<Mutex<Recorded>>,
     mut sampler: Sampler,
-    projection: Option<LogReader>,
+    projection: Option<Arc<LogReader>>,
     phase: Arc<Mutex<&'static str>>,
     progress: Progress,
 ) {
