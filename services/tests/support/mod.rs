@@ -390,16 +390,20 @@ impl<N> Platform<N> {
     /// directory: its own (so a test can tell what each instance applied), or the platform's
     /// own, `conversations.db`.
     pub async fn spawn_projector(&self, store: &str) -> Running {
-        let mut config = Config::clone(&self.config);
-        config.projector.store.path = self.dir.path().join(store);
-        Running::start(Arc::new(config), Roles::PROJECTOR, None).await
+        Running::start(Arc::new(self.config_on(store)), Roles::PROJECTOR, None).await
     }
 
     /// The projector's store at `store`, a file [`Platform::spawn_projector`] was given.
     pub async fn store_named(&self, store: &str) -> Arc<dyn ConversationStore> {
+        node::open_store(&self.config_on(store)).await.unwrap()
+    }
+
+    /// The platform's configuration with the SQLite file named `store` in the test's
+    /// directory.
+    fn config_on(&self, store: &str) -> Config {
         let mut config = Config::clone(&self.config);
         config.projector.store.path = self.dir.path().join(store);
-        node::open_store(&config).await.unwrap()
+        config
     }
 
     pub fn projector_admin(&self) -> SocketAddr {
