@@ -316,16 +316,23 @@ impl Projector {
     /// times out only after `projector.takeover_secs`, and nats-server does not tell a dead
     /// instance's pull requests from a live one's. One that was merely slow loses nothing
     /// (the events it holds come back, and every instance fills what it skips over).
-    async fn watch_pin(&self, watch: &mut PinWatch) {
-        let Ok(info) = self.topology.log.consumer_info(PROJECTOR_CONSUMER).await else {
-            return;
-        };
+    ///
+    /// Returns the newest sequence the consumer had delivered when this instance released
+    /// the pin: the stalled instance may hold events up to there that come back only after
+    /// the ack wait, and this instance reads them from the log instead.
+    async fn watch_pin(&self, watch: &mut PinWatch) -> Option<u64> {
+        let info = self
+            .topology
+            .log
+            .consumer_info(PROJECTOR_CONSUMER)
+            .await
+            .ok()?;
         let ours = self.pin.lock().expect("never poisoned").clone();
         let elsewhere = pinned_to(&info).is_some_and(|pinned| Some(pinned) != ours.as_deref());
         let waiting = elsewhere && (info.num_pending > 0 || info.num_ack_pending > 0);
         let floor = info.ack_floor.stream_sequence;
         if !watch.stalled(floor, waiting, Instant::now()) {
-            return;
+            return None;
         }
         *watch = PinWatch::default();
         match self.unpin().await {
@@ -337,9 +344,11 @@ impl Projector {
                     "the instance the projection is pinned to has acknowledged nothing for 3 s with events waiting; released its pin"
                 );
                 metrics::counter!(telemetry::PROJECTOR_PINS_TAKEN_TOTAL).increment(1);
+                Some(info.delivered.stream_sequence)
             }
             Err(e) => {
-                warn!(error = %e, "could not release a stalled instance's pin on the projection")
+                warn!(error = %e, "could not release a stalled instance's pin on the projection");
+                None
             }
         }
     }
@@ -401,6 +410,10 @@ impl Projector {
         };
         let log = LogReader::new(self.topology.log.clone(), self.topology.shards);
         let bounds = log.bounds().await.map_err(ProjectorError::consumer)?;
+        let backfill = Backfill {
+            log,
+            oldest: bounds.first,
+        };
         let mut checked = Instant::now();
         let mut replaying = replay_target(bounds.last, acknowledged);
         self.report_replay(&mut replaying, acknowledged);
@@ -419,7 +432,24 @@ impl Projector {
                         acknowledged = acknowledged.max(self.store.position().await?);
                         self.report_replay(&mut replaying, acknowledged);
                     }
-                    self.watch_pin(&mut pinned).await;
+                    let Some(delivered) = self.watch_pin(&mut pinned).await else {
+                        continue;
+                    };
+                    // What the stalled instance took is in the store now, not after the
+                    // ack wait or whenever a later event arrives.
+                    if !self
+                        .apply_in_order(
+                            Vec::new(),
+                            delivered,
+                            &mut acknowledged,
+                            &backfill,
+                            false,
+                            shutdown,
+                        )
+                        .await?
+                    {
+                        return Ok(Stopped::Shutdown);
+                    }
                     continue;
                 }
                 first = messages.next() => match first {
@@ -455,14 +485,7 @@ impl Projector {
                 checked = Instant::now();
             }
             if !self
-                .apply_in_order(
-                    delivered,
-                    &mut acknowledged,
-                    &log,
-                    bounds.first,
-                    verify,
-                    shutdown,
-                )
+                .apply_in_order(delivered, 0, &mut acknowledged, &backfill, verify, shutdown)
                 .await?
             {
                 return Ok(Stopped::Shutdown);
@@ -491,48 +514,53 @@ impl Projector {
         }
     }
 
-    /// Apply `delivered` (one batch as the consumer delivered it) and acknowledge it with its
-    /// newest message (ack policy `all`), after whatever it skips over since `acknowledged`.
+    /// Apply `delivered` (one batch as the consumer delivered it, or none) and acknowledge it
+    /// with its newest message (ack policy `all`), after whatever it skips over since
+    /// `acknowledged`, up to its newest event or `through`, whichever is later.
     ///
     /// Acknowledging also acknowledges every event before, including events delivered to a
     /// pull that never applied them (this process before it reconnected, or an instance that
     /// died), which the consumer then never delivers again. So the events between the
     /// store's position and the batch that the batch lacks are read from the log by direct
     /// get and applied with it, and the store's position is a watermark: every event at or
-    /// below it is in the store, whatever the number of instances. Sequences below `oldest`,
-    /// the log's first when this projection started, were removed by retention and are not
-    /// looked for.
+    /// below it is in the store, whatever the number of instances. Events read up to a `through` beyond the batch stay unacknowledged: the
+    /// consumer delivers them again after its ack wait, and applying them again changes
+    /// nothing.
     async fn apply_in_order(
         &self,
         mut delivered: Vec<(RecordedEvent, async_nats::jetstream::Message)>,
+        through: u64,
         acknowledged: &mut u64,
-        log: &LogReader,
-        oldest: u64,
+        log: &Backfill,
         verify: bool,
         shutdown: &CancellationToken,
     ) -> Result<bool, ProjectorError> {
         // In order, whatever order redeliveries came in: the newest acknowledges the batch.
         delivered.sort_by_key(|(event, _)| event.seq);
         let (mut events, messages): (Vec<_>, Vec<_>) = delivered.into_iter().unzip();
-        let Some(newest) = messages.last() else {
-            return Ok(true);
-        };
-        if skips_over(events.iter().map(|event| event.seq), *acknowledged) {
+        let through = events
+            .last()
+            .map_or(through, |event| event.seq.max(through));
+        let seqs = events.iter().map(|event| event.seq).chain([through]);
+        if skips_over(seqs, *acknowledged) {
             let floor = (*acknowledged)
                 .max(self.store.position().await?)
-                .max(oldest.saturating_sub(1));
-            let through = events.last().map_or(floor, |event| event.seq);
-            let holes: Vec<u64> = (floor + 1..through)
+                .max(log.oldest.saturating_sub(1));
+            let holes: Vec<u64> = (floor + 1..=through)
                 .filter(|seq| events.binary_search_by_key(seq, |event| event.seq).is_err())
                 .collect();
             if let Some(&first) = holes.first() {
                 let skipped = holes.len();
-                let read = log.events(holes).await.map_err(ProjectorError::consumer)?;
+                let read = log
+                    .log
+                    .events(holes)
+                    .await
+                    .map_err(ProjectorError::consumer)?;
                 warn!(
                     skipped,
                     read = read.len(),
                     first,
-                    "events before this batch were delivered and never applied; read them from the log"
+                    "events delivered before were never applied; read them from the log"
                 );
                 metrics::counter!(telemetry::PROJECTOR_HOLES_FILLED_TOTAL)
                     .increment(read.len() as u64);
@@ -540,11 +568,16 @@ impl Projector {
                 events.sort_by_key(|event| event.seq);
             }
         }
+        let Some(last) = events.last().map(|event| event.seq) else {
+            return Ok(true);
+        };
         if !self.apply(&events, *acknowledged, verify, shutdown).await? {
             return Ok(false);
         }
-        newest.ack().await.map_err(ProjectorError::consumer)?;
-        *acknowledged = (*acknowledged).max(events.last().map_or(0, |event| event.seq));
+        if let Some(newest) = messages.last() {
+            newest.ack().await.map_err(ProjectorError::consumer)?;
+        }
+        *acknowledged = (*acknowledged).max(last);
         Ok(true)
     }
 
@@ -628,6 +661,14 @@ impl Projector {
 fn replay_target(end: u64, position: u64) -> Option<u64> {
     let lag = end.saturating_sub(position);
     (lag > REPLAY_LAG as u64).then_some(end)
+}
+
+/// Where events delivered and never applied are read from: the log, down to its first
+/// sequence when this projection run started (those before were removed by retention and
+/// are not looked for).
+struct Backfill {
+    log: LogReader,
+    oldest: u64,
 }
 
 /// The `Nats-Pin-Id` of the instance the projection's consumer delivers to, if any.

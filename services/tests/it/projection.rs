@@ -72,29 +72,28 @@ async fn a_deleted_store_is_rebuilt_from_the_log_and_equals_the_live_one() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn events_a_projector_took_and_never_applied_still_reach_the_store() {
+/// `bodies` sent while no projector runs, the first `taken` of them delivered to a projector
+/// instance (or this one before a reconnect) that never applied them: one pull request, as a
+/// projector's stream would send it, from a connection then gone, which keeps the
+/// consumer's pin for `takeover_secs`. Then a projector starts: its store ends up with every
+/// message, in order.
+async fn taken_and_never_applied(takeover_secs: u64, bodies: &[&str], taken: usize) {
     use futures::StreamExt;
 
-    // The taker keeps its pin until it times out.
-    let mut platform = Platform::start_with(1, |config| config.projector.takeover_secs = 3).await;
+    let mut platform =
+        Platform::start_with(1, |config| config.projector.takeover_secs = takeover_secs).await;
     let (mut alice, _bob, conversation) = platform.alice_and_bob().await;
     platform.projected().await;
     platform.stop_projector().await;
-    let bodies = ["taken 1", "taken 2", "after the taker died"];
     for (i, body) in bodies.iter().enumerate() {
-        let id = format!("m{i}");
-        sent(&mut alice, conversation, &id, body).await;
+        sent(&mut alice, conversation, &format!("m{i}"), body).await;
     }
 
-    // A projector instance (or this one before a reconnect) that took the first two and
-    // never applied them: delivered, unacknowledged, its connection gone.
-    // One pull request of two, as a projector's stream would send it.
     let dying = async_nats::connect(platform.nats.url()).await.unwrap();
     let inbox = dying.new_inbox();
-    let mut taken = dying.subscribe(inbox.clone()).await.unwrap();
+    let mut delivered = dying.subscribe(inbox.clone()).await.unwrap();
     let request =
-        json!({"batch": 2, "expires": 5_000_000_000u64, "group": PROJECTOR_PRIORITY_GROUP});
+        json!({"batch": taken, "expires": 5_000_000_000u64, "group": PROJECTOR_PRIORITY_GROUP});
     dying
         .publish_with_reply(
             format!("$JS.API.CONSUMER.MSG.NEXT.{LOG_STREAM}.{PROJECTOR_CONSUMER}"),
@@ -103,14 +102,12 @@ async fn events_a_projector_took_and_never_applied_still_reach_the_store() {
         )
         .await
         .unwrap();
-    for _ in 0..2 {
-        let event = taken.next().await.expect("a log event");
+    for _ in 0..taken {
+        let event = delivered.next().await.expect("a log event");
         assert!(event.status.is_none(), "{event:?}");
     }
     dying.drain().await.unwrap();
 
-    // The next projector acknowledges what comes after them, which with ack policy `all`
-    // acknowledges them too: they are never delivered again.
     platform.start_projector().await;
     platform.projected().await;
     assert_eq!(
@@ -118,6 +115,20 @@ async fn events_a_projector_took_and_never_applied_still_reach_the_store() {
         bodies,
         "the store holds every message, in order"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_a_projector_took_and_never_applied_still_reach_the_store() {
+    // The next projector acknowledges what comes after them, which with ack policy `all`
+    // acknowledges them too: they are never delivered again.
+    taken_and_never_applied(3, &["taken 1", "taken 2", "after the taker died"], 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_a_crashed_projector_took_reach_the_store_with_nothing_sent_after_them() {
+    // Redelivered only after the ack wait (600 s here), and nothing later to skip over
+    // them: the projector that takes the stalled pin reads them from the log.
+    taken_and_never_applied(300, &["taken 1", "taken 2"], 2).await;
 }
 
 async fn log_stream(platform: &Platform) -> async_nats::jetstream::stream::Stream {
