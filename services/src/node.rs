@@ -440,7 +440,6 @@ pub async fn run(
         let store = projector_store.expect("opened for the projector");
         let projector = Projector::switchable(
             Arc::clone(&config),
-            nats.clone(),
             topology.clone(),
             Arc::clone(&store),
             readiness.clone(),

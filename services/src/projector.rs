@@ -33,7 +33,6 @@ use crate::admin::{Readiness, Reason};
 use crate::backoff::Backoff;
 use crate::config::{Config, ProjectorConfig};
 use crate::log::LogReader;
-use crate::node::Nats;
 use crate::replay::{ActiveStore, Target};
 use crate::topology::{self, Topology};
 use crate::{telemetry, unix_millis};
@@ -85,9 +84,6 @@ pub enum ProjectorError {
 /// Why a projection attempt ended without an error.
 enum Stopped {
     Shutdown,
-    /// The NATS client reconnected: the server may have lost the pull request, so pull
-    /// again now rather than when the client's own recovery notices.
-    Reconnected,
     /// `parley replay switch` moved the store: project into the new one from the switch's
     /// position.
     Switched,
@@ -119,7 +115,6 @@ impl ProjectorError {
 
 pub struct Projector {
     config: Arc<Config>,
-    nats: Nats,
     topology: Topology,
     store: Arc<ActiveStore>,
     readiness: Readiness,
@@ -134,26 +129,18 @@ pub struct Projector {
 impl Projector {
     pub fn build(
         config: Arc<Config>,
-        nats: Nats,
         topology: Topology,
         store: Arc<dyn ConversationStore>,
         readiness: Readiness,
     ) -> Projector {
         let target = Target::configured(&config);
-        Projector::switchable(
-            config,
-            nats,
-            topology,
-            ActiveStore::new(target, store),
-            readiness,
-        )
+        Projector::switchable(config, topology, ActiveStore::new(target, store), readiness)
     }
 
     /// A projector writing through `store`, which `parley replay switch` may swap: it then
     /// starts again on the new store.
     pub fn switchable(
         config: Arc<Config>,
-        nats: Nats,
         topology: Topology,
         store: Arc<ActiveStore>,
         readiness: Readiness,
@@ -163,7 +150,6 @@ impl Projector {
         swaps.mark_unchanged();
         Projector {
             config,
-            nats,
             topology,
             store,
             readiness,
@@ -193,10 +179,6 @@ impl Projector {
                 Ok(Stopped::Shutdown) => {
                     self.hand_over().await;
                     return;
-                }
-                Ok(Stopped::Reconnected) => {
-                    info!("reconnected to NATS; pulling from the event log again");
-                    continue;
                 }
                 Ok(Stopped::Switched) => {
                     info!(target = %self.store.target(), "the projection moved to another target");
@@ -400,7 +382,6 @@ impl Projector {
             (swaps.clone(), switched_at)
         };
         self.store.check().await?;
-        let mut reconnects = self.nats.reconnects();
         let (messages, mut acknowledged) =
             topology::attempt(self.consumer(switched_at), ProjectorError::Consumer).await?;
         let mut messages = std::pin::pin!(messages);
@@ -423,7 +404,6 @@ impl Projector {
         loop {
             let first = tokio::select! {
                 () = shutdown.cancelled() => return Ok(Stopped::Shutdown),
-                Ok(()) = reconnects.changed() => return Ok(Stopped::Reconnected),
                 Ok(()) = swaps.changed() => return Ok(Stopped::Switched),
                 _ = standing_by.tick() => {
                     // A standby follows a replay through the store's position, which the
@@ -452,7 +432,16 @@ impl Projector {
                     }
                     continue;
                 }
+                // The stream outlives a reconnect: the client pulls again by itself on the
+                // same inbox once it is back, so the consumer's pin goes to a pull this
+                // instance reads. Another stream would leave the old one's last pull request
+                // at the server, where it can take the pin and a batch that nobody reads
+                // (until the pin times out), after every restart of nats-server.
                 first = messages.next() => match first {
+                    Some(Err(e)) if heartbeat_missed(&e) => {
+                        warn!(error = %e, "the event log's pull missed a heartbeat (NATS unreachable?); the client pulls again when it is back");
+                        continue;
+                    }
                     Some(first) => first,
                     None => return Err(ProjectorError::Consumer("consumer stream ended".into())),
                 },
@@ -463,7 +452,11 @@ impl Projector {
             // the trace its command started.
             let mut traced = Vec::new();
             for message in chunk {
-                let message = message.map_err(ProjectorError::consumer)?;
+                let message = match message {
+                    Ok(message) => message,
+                    Err(e) if heartbeat_missed(&e) => continue,
+                    Err(e) => return Err(ProjectorError::consumer(e)),
+                };
                 let event = decode(&message)?;
                 if crate::traces::carries_trace(message.headers.as_ref()) {
                     let span = info_span!(
@@ -669,6 +662,11 @@ fn replay_target(end: u64, position: u64) -> Option<u64> {
 struct Backfill {
     log: LogReader,
     oldest: u64,
+}
+
+/// Whether the pull stream only missed its idle heartbeats, which it recovers from itself.
+fn heartbeat_missed(error: &pull::MessagesError) -> bool {
+    error.kind() == pull::MessagesErrorKind::MissingHeartbeat
 }
 
 /// The `Nats-Pin-Id` of the instance the projection's consumer delivers to, if any.

@@ -12,7 +12,6 @@ use tracing::info;
 use super::{ActiveStore, ReplayError, Target};
 use crate::admin::Readiness;
 use crate::config::Config;
-use crate::node::Nats;
 use crate::progress::Progress;
 use crate::projector::{self, Projector, TopUp, topped_up};
 use crate::topology::Topology;
@@ -67,8 +66,8 @@ pub async fn run(
     progress: impl FnOnce(Option<u64>) -> Progress,
     shutdown: &CancellationToken,
 ) -> Result<Rebuilt, ReplayError> {
-    let (nats, topology) = super::connect(config).await?;
-    rebuild(config, &nats, &topology, options, progress, shutdown).await
+    let (_nats, topology) = super::connect(config).await?;
+    rebuild(config, &topology, options, progress, shutdown).await
 }
 
 /// Apply the log into `options.target` in batches of `projector.batch`, from the target's
@@ -76,7 +75,6 @@ pub async fn run(
 /// until `shutdown`. `progress` is given the number of events expected.
 pub async fn rebuild(
     config: &Config,
-    nats: &Nats,
     topology: &Topology,
     options: &RebuildOptions,
     progress: impl FnOnce(Option<u64>) -> Progress,
@@ -119,7 +117,6 @@ pub async fn rebuild(
     // The projector's apply path, on a projector of its own writing to the target.
     let applier = Projector::switchable(
         Arc::new(target.configure(config)),
-        nats.clone(),
         topology.clone(),
         ActiveStore::new(target.clone(), store),
         Readiness::default(),

@@ -40,7 +40,7 @@ async fn rebuild_figures() {
     })
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (config, connection, topology) = support::topology_on(&nats.url()).await;
+    let (config, _connection, topology) = support::topology_on(&nats.url()).await;
     let started = Instant::now();
     // Conversations interleaved, as a live log is.
     let all: Vec<(ConversationId, Vec<EventEnvelope>)> = (0..CONVERSATIONS)
@@ -94,12 +94,11 @@ async fn rebuild_figures() {
     drop(messages);
 
     let rebuild_rate = |config: Config, target: Target| {
-        let (connection, topology) = (&connection, &topology);
+        let topology = &topology;
         async move {
             let started = Instant::now();
             let rebuilt = rebuild::rebuild(
                 &config,
-                connection,
                 topology,
                 &RebuildOptions::new(target),
                 |_| Progress::silent("rebuild"),

@@ -76,7 +76,6 @@ async fn raw_consume_rate(topology: &topology::Topology, batch: usize, total: u6
 /// Replay the whole log into the configured (empty) store with the projector role: events/s.
 async fn projection_rate(
     config: &Arc<Config>,
-    nats: &node::Nats,
     topology: &topology::Topology,
     store: Arc<dyn ConversationStore>,
     last: u64,
@@ -84,7 +83,6 @@ async fn projection_rate(
     let shutdown = CancellationToken::new();
     let projector = Projector::build(
         Arc::clone(config),
-        nats.clone(),
         topology.clone(),
         Arc::clone(&store),
         Readiness::default(),
@@ -140,7 +138,7 @@ async fn projection_store_figures() {
     .unwrap();
     let cassandra = CassandraNode::start().expect("the figures need the local Cassandra node");
     let dir = tempfile::tempdir().unwrap();
-    let (config, connection, topology) = support::topology_on(&nats.url()).await;
+    let (config, _connection, topology) = support::topology_on(&nats.url()).await;
 
     let (conversation, events) = support::direct_chat("alice", "bob", MESSAGES);
     let subject = topology.shards.subject(conversation);
@@ -193,7 +191,7 @@ async fn projection_store_figures() {
         scylla.replication = [(cassandra.datacenter().to_owned(), 1)].into();
         let config = Arc::new(config);
         let store = node::open_store(&config).await.unwrap();
-        let rate = projection_rate(&config, &connection, &topology, Arc::clone(&store), last).await;
+        let rate = projection_rate(&config, &topology, Arc::clone(&store), last).await;
         let (p50, p99) = history_latency(&*store, conversation, last).await;
         results.push((kind, rate, p50, p99));
     }
