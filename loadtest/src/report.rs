@@ -437,7 +437,6 @@ pub fn total_cpu_us_per_message(processes: &[ProcessFigures]) -> Option<f64> {
     (!per.is_empty()).then(|| per.iter().sum())
 }
 
-/// The process with the highest mean CPU, with its figure.
 /// The projection's lag behind the log (events the projector's consumer had not
 /// acknowledged), from the samples of a window of the timeline.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -490,6 +489,7 @@ pub fn projection_figures(points: &[TimelinePoint]) -> Option<ProjectionFigures>
     })
 }
 
+/// The process with the highest mean CPU, with its figure.
 pub fn busiest(processes: &[ProcessFigures]) -> Option<String> {
     processes
         .iter()

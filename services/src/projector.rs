@@ -384,6 +384,22 @@ impl Projector {
         self.store.check().await?;
         let (messages, mut acknowledged) =
             topology::attempt(self.consumer(switched_at), ProjectorError::Consumer).await?;
+        // The stream outlives a reconnect: the client pulls again by itself on the same inbox
+        // once NATS is back, so the consumer's pin goes to a pull this instance reads. Another
+        // stream would leave the old one's last pull request at the server, where it can take
+        // the pin and a batch that nobody reads (until the pin times out), after every restart
+        // of nats-server. So missed heartbeats are noted, and the stream is kept.
+        let messages = messages.filter(|message| {
+            let missed = message
+                .as_ref()
+                .is_err_and(|e| e.kind() == pull::MessagesErrorKind::MissingHeartbeat);
+            if missed {
+                warn!(
+                    "the event log's pull missed a heartbeat (NATS unreachable?); the client pulls again when it is back"
+                );
+            }
+            std::future::ready(!missed)
+        });
         let mut messages = std::pin::pin!(messages);
         let top_up = TopUp {
             gap: Duration::from_millis(self.config.projector.linger_ms),
@@ -432,16 +448,7 @@ impl Projector {
                     }
                     continue;
                 }
-                // The stream outlives a reconnect: the client pulls again by itself on the
-                // same inbox once it is back, so the consumer's pin goes to a pull this
-                // instance reads. Another stream would leave the old one's last pull request
-                // at the server, where it can take the pin and a batch that nobody reads
-                // (until the pin times out), after every restart of nats-server.
                 first = messages.next() => match first {
-                    Some(Err(e)) if heartbeat_missed(&e) => {
-                        warn!(error = %e, "the event log's pull missed a heartbeat (NATS unreachable?); the client pulls again when it is back");
-                        continue;
-                    }
                     Some(first) => first,
                     None => return Err(ProjectorError::Consumer("consumer stream ended".into())),
                 },
@@ -452,11 +459,7 @@ impl Projector {
             // the trace its command started.
             let mut traced = Vec::new();
             for message in chunk {
-                let message = match message {
-                    Ok(message) => message,
-                    Err(e) if heartbeat_missed(&e) => continue,
-                    Err(e) => return Err(ProjectorError::consumer(e)),
-                };
+                let message = message.map_err(ProjectorError::consumer)?;
                 let event = decode(&message)?;
                 if crate::traces::carries_trace(message.headers.as_ref()) {
                     let span = info_span!(
@@ -516,15 +519,15 @@ impl Projector {
     /// died), which the consumer then never delivers again. So the events between the
     /// store's position and the batch that the batch lacks are read from the log by direct
     /// get and applied with it, and the store's position is a watermark: every event at or
-    /// below it is in the store, whatever the number of instances. Events read up to a `through` beyond the batch stay unacknowledged: the
-    /// consumer delivers them again after its ack wait, and applying them again changes
-    /// nothing.
+    /// below it is in the store, whatever the number of instances. Events read up to a
+    /// `through` beyond the batch stay unacknowledged: the consumer delivers them again after
+    /// its ack wait, and applying them again changes nothing.
     async fn apply_in_order(
         &self,
         mut delivered: Vec<(RecordedEvent, async_nats::jetstream::Message)>,
         through: u64,
         acknowledged: &mut u64,
-        log: &Backfill,
+        backfill: &Backfill,
         verify: bool,
         shutdown: &CancellationToken,
     ) -> Result<bool, ProjectorError> {
@@ -538,13 +541,13 @@ impl Projector {
         if skips_over(seqs, *acknowledged) {
             let floor = (*acknowledged)
                 .max(self.store.position().await?)
-                .max(log.oldest.saturating_sub(1));
+                .max(backfill.oldest.saturating_sub(1));
             let holes: Vec<u64> = (floor + 1..=through)
                 .filter(|seq| events.binary_search_by_key(seq, |event| event.seq).is_err())
                 .collect();
             if let Some(&first) = holes.first() {
                 let skipped = holes.len();
-                let read = log
+                let read = backfill
                     .log
                     .events(holes)
                     .await
@@ -662,11 +665,6 @@ fn replay_target(end: u64, position: u64) -> Option<u64> {
 struct Backfill {
     log: LogReader,
     oldest: u64,
-}
-
-/// Whether the pull stream only missed its idle heartbeats, which it recovers from itself.
-fn heartbeat_missed(error: &pull::MessagesError) -> bool {
-    error.kind() == pull::MessagesErrorKind::MissingHeartbeat
 }
 
 /// The `Nats-Pin-Id` of the instance the projection's consumer delivers to, if any.
