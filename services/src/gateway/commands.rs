@@ -197,10 +197,26 @@ pub fn check_at_edge(
 
 /// Follow `command` from its place in line to its outcome, answering on `outbox`. The
 /// `permit` (one of the socket's commands in flight) is held until the outcome is known.
-pub async fn run(
+///
+/// The command's id is claimed now, not when the returned future first runs: of two
+/// different requests under one id, the one the socket read first goes ahead and the other
+/// is refused, whichever line each waits in and whichever task the runtime polls first.
+pub fn follow(
     shared: Arc<Shared>,
     outbox: Outbox,
     command: Command,
+    place: Place,
+    permit: OwnedSemaphorePermit,
+) -> impl Future<Output = ()> + Send + 'static {
+    let watch = shared.pending.watch(&command);
+    run(shared, outbox, command, watch, place, permit)
+}
+
+async fn run(
+    shared: Arc<Shared>,
+    outbox: Outbox,
+    command: Command,
+    watch: Watch,
     place: Place,
     permit: OwnedSemaphorePermit,
 ) {
@@ -210,7 +226,7 @@ pub async fn run(
         let _ = before.wait_for(|settled| *settled).await;
     }
     let started = Instant::now();
-    let (mut outcome, first) = match shared.pending.watch(&command) {
+    let (mut outcome, first) = match watch {
         Watch::First(outcome) => (outcome, true),
         Watch::Joined(outcome) => (outcome, false),
         Watch::Reused => {

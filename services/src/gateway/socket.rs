@@ -360,7 +360,8 @@ async fn handle_text(
     let place = sequencer.join(command.conversation());
     let span = info_span!("command", otel.name = "gateway command", command = %command.id);
     tokio::spawn(
-        commands::run(Arc::clone(shared), outbox.clone(), command, place, permit).instrument(span),
+        commands::follow(Arc::clone(shared), outbox.clone(), command, place, permit)
+            .instrument(span),
     );
 }
 

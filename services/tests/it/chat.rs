@@ -161,10 +161,12 @@ async fn an_id_reused_for_a_different_request_is_refused_wherever_the_repeat_arr
     let group = |id: &str, title: &str| json!({"type": "create_group", "id": id, "title": title, "members": ["bob"]});
 
     // While the first is in flight on this gateway (no handler takes it), a different
-    // request under its id (another conversation's line, so it does not wait) is refused.
+    // request under its id (another conversation's line, so it does not wait) is refused;
+    // sent in one write, so the gateway reads both before either's task first runs.
     platform.stop_handler().await;
-    alice.send(send("first")).await;
-    alice.send(group("x", "team")).await;
+    alice
+        .send_pipelined([send("first"), group("x", "team")])
+        .await;
     assert_id_reused(&alice.reply_to("x").await, "x");
     platform.start_handler().await;
     let first = alice.reply_to("x").await;
