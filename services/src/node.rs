@@ -26,6 +26,9 @@ pub(crate) const STORE_READY_CHECK: &str = "store";
 /// How often a running node asks its conversation store whether it answers.
 const STORE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 const SUBSCRIPTION_CAPACITY: usize = 4096;
+/// How long a stopping node waits for NATS to take what its client still buffers (live
+/// copies, outcomes, presence: nothing a client was told is stored).
+const FLUSH_AT_EXIT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Roles {
@@ -493,7 +496,14 @@ pub async fn run(
             shutdown.cancel();
         }
     }
-    // Publishes still buffered in the client go out before the process ends.
-    let _ = client.flush().await;
+    // Publishes still buffered in the client go out before the process ends, if NATS is
+    // there to take them: a flush waits for a connection, and one that never comes back
+    // (NATS stopped with the node) must not keep the process from exiting.
+    if tokio::time::timeout(FLUSH_AT_EXIT, client.flush())
+        .await
+        .is_err()
+    {
+        warn!("NATS did not take the last buffered publishes; exiting without them");
+    }
     first_failure.map_or(Ok(()), Err)
 }

@@ -784,8 +784,14 @@ pub async fn run_presence(
     let mut updates = client
         .queue_subscribe(PRESENCE_SUBJECT, PRESENCE_QUEUE.into())
         .await?;
-    if let Err(e) = client.flush().await {
-        warn!(error = %e, "cannot flush the presence subscription");
+    // A flush waits for a connection, so a node stopped while NATS is away is not held.
+    tokio::select! {
+        flushed = client.flush() => {
+            if let Err(e) = flushed {
+                warn!(error = %e, "cannot flush the presence subscription");
+            }
+        }
+        () = shutdown.cancelled() => return Ok(()),
     }
     let mut backoff = Backoff::new(MAX_BACKOFF);
     let store = loop {

@@ -146,10 +146,13 @@ async fn announce_and_watch(
             }
             Ok(()) = reconnects.changed() => return Err("reconnected to NATS".into()),
             _ = announce.tick() => {
-                bucket
-                    .put(me, bytes::Bytes::new())
-                    .await
-                    .map_err(|e| format!("cannot announce this instance: {e}"))?;
+                // A put waits out its ack timeout when NATS is gone; stopping must not.
+                tokio::select! {
+                    put = bucket.put(me, bytes::Bytes::new()) => {
+                        put.map_err(|e| format!("cannot announce this instance: {e}"))?;
+                    }
+                    () = shutdown.cancelled() => continue,
+                }
                 seen.retain(|_, at| at.elapsed() < LEASE);
             }
             entry = announcements.next() => match entry {

@@ -1,5 +1,6 @@
 //! The platform rides out a NATS restart: clients keep their sockets, and sends after the
-//! restart are appended, delivered and projected as before.
+//! restart are appended, delivered and projected as before. And it can be stopped while
+//! NATS is down.
 
 use crate::support;
 
@@ -59,6 +60,24 @@ async fn chat_continues_after_nats_restarts() {
     platform.projected().await;
     let bodies = platform.posted_bodies().await;
     assert_eq!(bodies, ["before", "after"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_role_stops_when_told_to_while_nats_is_down() {
+    let mut platform = Platform::start(1).await;
+    let (mut alice, mut bob, conversation) = platform.alice_and_bob().await;
+    alice
+        .send(json!({"type": "send", "id": "m", "conversation": conversation, "body": "hi"}))
+        .await;
+    assert_eq!(alice.reply_to("m").await["type"], "ack");
+    bob.next_of(&["event"]).await;
+
+    // As when a whole deployment is stopped and NATS goes first: nothing a role still
+    // wants to tell NATS on its way out may keep it from stopping.
+    // Its clients gone first, the gateway need not wait out its drain period for them.
+    drop((alice, bob));
+    platform.nats.stop();
+    platform.stop_roles().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -356,6 +356,12 @@ impl<N> Platform<N> {
         index
     }
 
+    /// Shut every role down at once, as a node's SIGTERM does; each must stop cleanly
+    /// within [`WAIT`], whatever state NATS is in.
+    pub async fn stop_roles(&mut self) {
+        futures::future::join_all(self.take_roles().map(Running::stop)).await;
+    }
+
     /// The admin address of every role running now: gateways, extra handlers, the handler,
     /// the projector.
     pub fn admin_addresses(&self) -> Vec<SocketAddr> {
@@ -658,14 +664,19 @@ impl<N> Platform<N> {
     }
 }
 
-impl<N> Drop for Platform<N> {
-    fn drop(&mut self) {
-        for running in self
-            .others
+impl<N> Platform<N> {
+    /// Every role running now, no longer the platform's.
+    fn take_roles(&mut self) -> impl Iterator<Item = Running> + use<'_, N> {
+        self.others
             .drain(..)
             .chain(self.handler.take())
             .chain(self.projector.take())
-        {
+    }
+}
+
+impl<N> Drop for Platform<N> {
+    fn drop(&mut self) {
+        for running in self.take_roles() {
             running.shutdown.cancel();
             running.task.abort();
         }
