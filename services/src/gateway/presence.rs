@@ -98,13 +98,19 @@ impl Watchers {
         self: &Arc<Self>,
         conn: ConnectionId,
         users: &[UserId],
-    ) -> Result<(), async_nats::SubscribeError> {
+    ) -> Result<(), &'static str> {
+        // While NATS is away nothing could be asked or followed; saying so at once keeps
+        // the socket's reader (and its pings) from waiting for NATS to come back.
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            return Err("NATS is not connected");
+        }
         let mut added = 0;
         let mut subscribed = 0;
         for user in users {
             let needs_subscription = !self.table().users.contains_key(user);
             let subscription = if needs_subscription {
-                Some(self.client.subscribe(presence_user_subject(user)).await?)
+                let subscription = self.client.subscribe(presence_user_subject(user)).await;
+                Some(subscription.map_err(|_| "cannot subscribe to presence changes")?)
             } else {
                 None
             };
@@ -133,10 +139,14 @@ impl Watchers {
         }
         metrics::gauge!(telemetry::GATEWAY_PRESENCE_WATCHED_USERS).increment(subscribed as f64);
         metrics::gauge!(telemetry::GATEWAY_PRESENCE_WATCHES).increment(added as f64);
-        if subscribed > 0
-            && let Err(e) = self.client.flush().await
-        {
-            debug!(error = %e, "flush after subscribing to presence failed");
+        if subscribed > 0 {
+            // A flush waits for a connection: one lost since the check above is given up on
+            // like an unanswered query.
+            match tokio::time::timeout(QUERY_TIMEOUT, self.client.flush()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => debug!(error = %e, "flush after subscribing to presence failed"),
+                Err(_) => return Err("NATS did not confirm the presence subscriptions in time"),
+            }
         }
         Ok(())
     }
@@ -335,7 +345,7 @@ async fn answer(
     watchers
         .watch(session.conn, &watched)
         .await
-        .map_err(|_| Refusal::Unavailable("cannot subscribe to presence changes"))?;
+        .map_err(Refusal::Unavailable)?;
     let statuses = if watched.is_empty() {
         Vec::new()
     } else {

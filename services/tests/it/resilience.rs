@@ -127,3 +127,23 @@ async fn redis_down_at_start_holds_up_presence_only() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_asked_for_while_nats_is_down_is_unavailable_and_the_socket_still_answers() {
+    let mut platform = Platform::start(1).await;
+    let mut alice = platform.connect_v2(0, "alice").await;
+    let mut bob = platform.connect_v2(0, "bob").await;
+    platform.direct(&mut alice, &mut bob, "bob").await;
+
+    platform.nats.stop();
+    alice
+        .send_pipelined([
+            json!({"type": "presence", "id": "p", "users": ["bob"]}),
+            json!({"type": "ping", "id": "q"}),
+        ])
+        .await;
+    let refused = alice.reply_to("p").await;
+    assert_eq!(refused["code"], "unavailable", "{refused}");
+    assert_eq!(refused["retryable"], true, "{refused}");
+    assert_eq!(alice.reply_to("q").await["type"], "pong");
+}
