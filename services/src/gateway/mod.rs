@@ -50,7 +50,7 @@ use parley_projections::ConversationStore;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::admin::Readiness;
 use crate::auth::{AuthError, Verifier};
@@ -70,6 +70,8 @@ pub use tls::CertificateError;
 pub(crate) const READY_CHECK: &str = "gateway";
 /// Socket read buffer; small, because idle connections dominate a gateway's memory.
 const READ_BUFFER_BYTES: usize = 1024;
+/// Longest a best-effort publish waits for room in the NATS client's queue.
+const BEST_EFFORT_PUBLISH_WAIT: Duration = Duration::from_millis(500);
 const WRITE_BUFFER_BYTES: usize = 4 * 1024;
 
 #[derive(Debug, thiserror::Error)]
@@ -274,13 +276,31 @@ impl Shared {
             at: unix_millis(),
             ttl_secs: self.config.gateway.presence_ttl_secs,
         };
-        if let Err(e) = self
+        // A presence update lost now is made good by the socket's next heartbeat, or its
+        // record's expiry.
+        let publish = self
             .nats
             .client
-            .publish(PRESENCE_SUBJECT, update.to_bytes().into())
-            .await
-        {
-            warn!(error = %e, "cannot publish presence");
+            .publish(PRESENCE_SUBJECT, update.to_bytes().into());
+        if let Err(cause) = self.best_effort(publish).await {
+            debug!(%cause, "presence update not published");
+        }
+    }
+
+    /// Publish something the platform can do without (typing, presence), unless NATS is
+    /// away. While the client reconnects nothing drains its queue of outgoing messages;
+    /// once that is full a publish waits for room, and with it the task that made it (a
+    /// socket's reader, which then answers nothing, pings included) until NATS is back.
+    async fn best_effort<E: std::fmt::Display>(
+        &self,
+        publish: impl Future<Output = Result<(), E>>,
+    ) -> Result<(), String> {
+        if self.nats.client.connection_state() != async_nats::connection::State::Connected {
+            return Err("NATS is not connected".to_owned());
+        }
+        match tokio::time::timeout(BEST_EFFORT_PUBLISH_WAIT, publish).await {
+            Ok(published) => published.map_err(|e| e.to_string()),
+            Err(_) => Err("the NATS client's queue stayed full".to_owned()),
         }
     }
 }

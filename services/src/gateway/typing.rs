@@ -19,7 +19,7 @@ use parley_events::subjects::live_subject;
 use parley_events::typing::{EPHEMERAL_HEADER, TYPING, TypingNotice, TypingState};
 use parley_events::{ClientMsgId, ConversationId, ErrorCode};
 use tokio::time::Instant;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::Shared;
 use super::delivery::{Outbox, Routes};
@@ -198,17 +198,14 @@ pub async fn handle(
     };
     let mut headers = async_nats::HeaderMap::new();
     headers.insert(EPHEMERAL_HEADER, TYPING);
-    if let Err(e) = shared
-        .nats
-        .client
-        .publish_with_headers(
-            live_subject(conversation),
-            headers,
-            notice.to_bytes().into(),
-        )
-        .await
-    {
-        warn!(error = %e, "cannot publish a typing notice");
+    let publish = shared.nats.client.publish_with_headers(
+        live_subject(conversation),
+        headers,
+        notice.to_bytes().into(),
+    );
+    // A typing notice is only worth its few seconds: one NATS cannot take now is dropped.
+    if let Err(cause) = shared.best_effort(publish).await {
+        debug!(%cause, "typing notice not published");
     }
 }
 

@@ -147,3 +147,45 @@ async fn presence_asked_for_while_nats_is_down_is_unavailable_and_the_socket_sti
     assert_eq!(refused["retryable"], true, "{refused}");
     assert_eq!(alice.reply_to("q").await["type"], "pong");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sockets_keep_answering_while_nats_is_down_and_commands_pile_up() {
+    let mut platform = Platform::start(1).await;
+    let mut alice = platform.connect_v2(0, "alice").await;
+    let mut bob = platform.connect_v2(0, "bob").await;
+    let conversation = platform.direct(&mut alice, &mut bob, "bob").await;
+    let mut senders = Vec::new();
+    for i in 0..70 {
+        senders.push(platform.connect(0, &format!("sender-{i}")).await);
+    }
+
+    // More commands than the gateway's NATS client queues while it reconnects (2,048): each
+    // socket's 32 in flight, each to a conversation of its own so that none waits its turn.
+    platform.nats.stop();
+    for (i, sender) in senders.iter_mut().enumerate() {
+        sender
+            .send_pipelined((0..32).map(|j| {
+                let conversation = format!("00000000-0000-4000-8000-{:012}", i * 100 + j);
+                json!({"type": "send", "id": format!("m{j}"), "conversation": conversation, "body": "hi"})
+            }))
+            .await;
+    }
+
+    // The last one queued is still told it has no outcome yet, not only once NATS is back
+    // (a JetStream publish gives up on the full queue after its timeout).
+    let last = senders
+        .last_mut()
+        .unwrap()
+        .reply_to_within("m31", Duration::from_secs(30))
+        .await
+        .expect("the command is answered while NATS is down");
+    assert_eq!(last["code"], "timeout", "{last}");
+    // A typing notice NATS cannot take is dropped, not waited on by the socket's reader.
+    alice
+        .send_pipelined([
+            json!({"type": "typing", "conversation": conversation, "state": "started"}),
+            json!({"type": "ping", "id": "q"}),
+        ])
+        .await;
+    assert_eq!(alice.reply_to("q").await["type"], "pong");
+}
