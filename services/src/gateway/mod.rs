@@ -70,9 +70,9 @@ pub use tls::CertificateError;
 pub(crate) const READY_CHECK: &str = "gateway";
 /// Socket read buffer; small, because idle connections dominate a gateway's memory.
 const READ_BUFFER_BYTES: usize = 1024;
+const WRITE_BUFFER_BYTES: usize = 4 * 1024;
 /// Longest a best-effort publish waits for room in the NATS client's queue.
 const BEST_EFFORT_PUBLISH_WAIT: Duration = Duration::from_millis(500);
-const WRITE_BUFFER_BYTES: usize = 4 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {

@@ -362,6 +362,14 @@ impl<N> Platform<N> {
         futures::future::join_all(self.take_roles().map(Running::stop)).await;
     }
 
+    /// Every role running now, no longer the platform's.
+    fn take_roles(&mut self) -> impl Iterator<Item = Running> + use<'_, N> {
+        self.others
+            .drain(..)
+            .chain(self.handler.take())
+            .chain(self.projector.take())
+    }
+
     /// The admin address of every role running now: gateways, extra handlers, the handler,
     /// the projector.
     pub fn admin_addresses(&self) -> Vec<SocketAddr> {
@@ -661,16 +669,6 @@ impl<N> Platform<N> {
         let created = a.next_of(&["event"]).await;
         assert_eq!(created["event"]["type"], "conversation.created");
         conversation
-    }
-}
-
-impl<N> Platform<N> {
-    /// Every role running now, no longer the platform's.
-    fn take_roles(&mut self) -> impl Iterator<Item = Running> + use<'_, N> {
-        self.others
-            .drain(..)
-            .chain(self.handler.take())
-            .chain(self.projector.take())
     }
 }
 
