@@ -115,6 +115,12 @@ impl Nats {
     }
 }
 
+/// Whether `client` has a connection now. While it has none, nothing drains its queue of
+/// outgoing messages, so work that must not wait for NATS to come back asks this first.
+pub(crate) fn connected(client: &async_nats::Client) -> bool {
+    client.connection_state() == async_nats::connection::State::Connected
+}
+
 /// Longest pause between two attempts to reconnect to NATS. Short, so a restarted server is
 /// found again within this; attempts to a loopback or LAN address that refuses are cheap.
 const MAX_RECONNECT_DELAY: Duration = Duration::from_millis(250);
@@ -196,7 +202,7 @@ pub async fn connect_nats(config: &Config, readiness: &Readiness) -> Result<Nats
         .map_err(|e| NodeError::Nats(e.to_string()))?;
     // retry_on_initial_connect returns at once; wait for the first connection, bounded.
     let connected = async {
-        while client.connection_state() != async_nats::connection::State::Connected {
+        while !connected(&client) {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };

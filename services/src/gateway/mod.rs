@@ -295,7 +295,7 @@ impl Shared {
         &self,
         publish: impl Future<Output = Result<(), E>>,
     ) -> Result<(), String> {
-        if self.nats.client.connection_state() != async_nats::connection::State::Connected {
+        if !crate::node::connected(&self.nats.client) {
             return Err("NATS is not connected".to_owned());
         }
         match tokio::time::timeout(BEST_EFFORT_PUBLISH_WAIT, publish).await {

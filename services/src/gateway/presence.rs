@@ -101,7 +101,7 @@ impl Watchers {
     ) -> Result<(), &'static str> {
         // While NATS is away nothing could be asked or followed; saying so at once keeps
         // the socket's reader (and its pings) from waiting for NATS to come back.
-        if self.client.connection_state() != async_nats::connection::State::Connected {
+        if !crate::node::connected(&self.client) {
             return Err("NATS is not connected");
         }
         let mut added = 0;
