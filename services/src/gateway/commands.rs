@@ -24,6 +24,7 @@
 //! they do not know.
 
 use std::collections::HashMap;
+use std::pin::pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -31,6 +32,7 @@ use std::time::Duration;
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::publish::PublishAck;
+use futures::future::OptionFuture;
 use parley_events::command::OutcomeQuery;
 use parley_events::protocol::{ClientFrame, ServerFrame};
 use parley_events::subjects::{OUTCOME_BATCHES_HEADER, OUTCOME_QUERY_SUBJECT};
@@ -235,11 +237,11 @@ async fn run(
         }
     };
     let mut reconnects = shared.nats.reconnects();
-    let mut next_submit = if first {
-        submit(&shared, &command).await.next_attempt(&shared)
-    } else {
-        None
-    };
+    // A publish runs beside the timers: one that waits out NATS's answer (up to the
+    // JetStream timeout, then its retries) holds back neither the `timeout` answer nor an
+    // outcome that arrives meanwhile.
+    let mut submission = pin!(first.then(|| submit(&shared, &command)));
+    let mut next_submit = None;
     let answer_by = started + shared.config.command_timeout();
     let give_up = started + shared.config.outcome_wait();
     let mut timed_out = false;
@@ -253,13 +255,21 @@ async fn run(
                 timed_out = true;
                 answer(&outbox, &command, started, timeout_result()).await;
             }
+            Some(submitted) = OptionFuture::from(submission.as_mut().as_pin_mut()) => {
+                submission.set(None);
+                next_submit = submitted.next_attempt(&shared);
+            }
+            // A publish still waiting for an answer on the lost connection is dropped: the
+            // intake dedupes whichever copy got in.
             Ok(()) = reconnects.changed(), if first => {
                 metrics::counter!(telemetry::GATEWAY_COMMANDS_RESUBMITTED_TOTAL, "trigger" => "reconnect").increment(1);
-                next_submit = submit(&shared, &command).await.next_attempt(&shared);
+                next_submit = None;
+                submission.set(Some(submit(&shared, &command)));
             }
             () = sleep_until_some(next_submit) => {
                 metrics::counter!(telemetry::GATEWAY_COMMANDS_RESUBMITTED_TOTAL, "trigger" => "interval").increment(1);
-                next_submit = submit(&shared, &command).await.next_attempt(&shared);
+                next_submit = None;
+                submission.set(Some(submit(&shared, &command)));
             }
             () = tokio::time::sleep_until(give_up) => {
                 if first {

@@ -191,3 +191,33 @@ async fn sockets_keep_answering_while_nats_is_down_and_commands_pile_up() {
         .await;
     assert_eq!(alice.reply_to("q").await["type"], "pong");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_sent_while_nats_is_down_is_told_timeout_on_time_and_acked_once_it_is_back() {
+    let mut platform = Platform::start_with(1, |c| c.gateway.command_timeout_secs = 1).await;
+    let (mut alice, mut bob, conversation) = platform.alice_and_bob().await;
+
+    platform.nats.stop();
+    alice
+        .send(json!({"type": "send", "id": "m", "conversation": conversation, "body": "hi"}))
+        .await;
+    // Its publish waits out the JetStream timeout (5 s) for an answer that cannot come; the
+    // client hears at its command timeout (1 s) that the outcome is not known yet.
+    let told = alice
+        .reply_to_within("m", Duration::from_secs(4))
+        .await
+        .expect("told before the publish gives up");
+    assert_eq!(told["code"], "timeout", "{told}");
+
+    // Published again when the gateway reconnects; the ack follows on the same socket.
+    platform
+        .nats
+        .restart()
+        .expect("nats-server restarts on its port and store");
+    let acked = alice
+        .reply_to_within("m", Duration::from_secs(30))
+        .await
+        .expect("the outcome follows once NATS is back");
+    assert_eq!(acked["type"], "ack", "{acked}");
+    assert_eq!(bob.next_of(&["event"]).await["event"]["data"]["body"], "hi");
+}
