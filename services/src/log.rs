@@ -9,6 +9,8 @@ use parley_events::subjects::Shards;
 use parley_events::{ConversationId, EventEnvelope, RecordedEvent};
 use tracing::warn;
 
+use crate::topology::Topology;
+
 /// Direct gets in flight at once when reading a range of the log.
 const CONCURRENT_GETS: usize = 32;
 /// Most messages of a shard looked at by one forward read of a conversation: the other
@@ -32,14 +34,31 @@ pub struct LogBounds {
 pub struct LogReader {
     log: LogStream,
     shards: Shards,
+    client: async_nats::Client,
 }
 
 impl LogReader {
-    pub fn new(log: LogStream, shards: Shards) -> Self {
-        LogReader { log, shards }
+    pub fn new(topology: &Topology) -> Self {
+        LogReader {
+            log: topology.log.clone(),
+            shards: topology.shards,
+            client: topology.js.client(),
+        }
+    }
+
+    /// Refused at once while the client is not connected: a read would wait out the
+    /// JetStream timeout, and a socket's reader (a resume, a version 1 socket's start)
+    /// with it, for an answer that cannot come.
+    fn check_connected(&self) -> Result<(), LogError> {
+        if crate::node::connected(&self.client) {
+            Ok(())
+        } else {
+            Err(LogError("not connected to NATS".to_owned()))
+        }
     }
 
     pub async fn bounds(&self) -> Result<LogBounds, LogError> {
+        self.check_connected()?;
         let info = self
             .log
             .get_info()
@@ -53,6 +72,7 @@ impl LogReader {
 
     /// The event at `seq`; `None` when the log no longer (or does not yet) hold it.
     pub async fn event(&self, seq: u64) -> Result<Option<RecordedEvent>, LogError> {
+        self.check_connected()?;
         match self.log.direct_get(seq).await {
             Ok(message) => decode(&message.payload, seq).map(Some),
             Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
@@ -116,6 +136,7 @@ impl LogReader {
         after: u64,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, LogError> {
+        self.check_connected()?;
         let subject = self.shards.subject(conversation);
         let mut events = Vec::new();
         let mut next = after + 1;

@@ -405,7 +405,7 @@ impl Projector {
             gap: Duration::from_millis(self.config.projector.linger_ms),
             within: Some(Duration::from_millis(self.config.projector.linger_ms)),
         };
-        let log = LogReader::new(self.topology.log.clone(), self.topology.shards);
+        let log = LogReader::new(&self.topology);
         let bounds = log.bounds().await.map_err(ProjectorError::consumer)?;
         let backfill = Backfill {
             log,

@@ -157,7 +157,7 @@ impl Gateway {
             Revoked::load(&bucket, config.auth.revocation_ttl_secs).await?;
         let outcomes = subscribe(outcome_subject.clone()).await?;
         let membership = subscribe(LIVE_MEMBERSHIP_SUBJECT.to_owned()).await?;
-        let log = LogReader::new(topology.log.clone(), topology.shards);
+        let log = LogReader::new(&topology);
         let routes = Routes::new(client.clone(), log.clone());
         let shared = Arc::new(Shared {
             verifier: Arc::new(verifier),

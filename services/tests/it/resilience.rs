@@ -221,3 +221,38 @@ async fn a_command_sent_while_nats_is_down_is_told_timeout_on_time_and_acked_onc
     assert_eq!(acked["type"], "ack", "{acked}");
     assert_eq!(bob.next_of(&["event"]).await["event"]["data"]["body"], "hi");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_of_the_log_while_nats_is_down_fail_at_once_and_the_socket_still_answers() {
+    let mut platform = Platform::start(1).await;
+    let mut alice = platform.connect_v2(0, "alice").await;
+    let mut bob = platform.connect_v2(0, "bob").await;
+    platform.direct(&mut alice, &mut bob, "bob").await;
+
+    // Each read of the log would wait out the JetStream timeout (5 s), and the socket's
+    // reader with it.
+    platform.nats.stop();
+    alice
+        .send_pipelined([
+            json!({"type": "resume", "id": "r"}),
+            json!({"type": "ping", "id": "q"}),
+        ])
+        .await;
+    let refused = alice
+        .reply_to_within("r", Duration::from_secs(4))
+        .await
+        .expect("the resume is answered before a log read would give up");
+    assert_eq!(refused["code"], "unavailable", "{refused}");
+    assert_eq!(refused["retryable"], true, "{refused}");
+    assert_eq!(alice.reply_to("q").await["type"], "pong");
+
+    // A version 1 socket reads the log's head before its welcome and again to catch up.
+    let opened = tokio::time::timeout(Duration::from_secs(4), async {
+        let mut carol = platform.connect(0, "carol").await;
+        carol.send(json!({"type": "ping", "id": "q"})).await;
+        carol.reply_to("q").await
+    })
+    .await
+    .expect("a version 1 socket opens and answers before a log read would give up");
+    assert_eq!(opened["type"], "pong");
+}
