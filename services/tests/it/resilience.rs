@@ -131,26 +131,6 @@ async fn redis_down_at_start_holds_up_presence_only() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn presence_asked_for_while_nats_is_down_is_unavailable_and_the_socket_still_answers() {
-    let mut platform = Platform::start(1).await;
-    let mut alice = platform.connect_v2(0, "alice").await;
-    let mut bob = platform.connect_v2(0, "bob").await;
-    platform.direct(&mut alice, &mut bob, "bob").await;
-
-    platform.nats.stop();
-    alice
-        .send_pipelined([
-            json!({"type": "presence", "id": "p", "users": ["bob"]}),
-            json!({"type": "ping", "id": "q"}),
-        ])
-        .await;
-    let refused = alice.reply_to("p").await;
-    assert_eq!(refused["code"], "unavailable", "{refused}");
-    assert_eq!(refused["retryable"], true, "{refused}");
-    assert_eq!(alice.reply_to("q").await["type"], "pong");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sockets_keep_answering_while_nats_is_down_and_commands_pile_up() {
     let mut platform = Platform::start(1).await;
     let mut alice = platform.connect_v2(0, "alice").await;
@@ -223,28 +203,34 @@ async fn a_command_sent_while_nats_is_down_is_told_timeout_on_time_and_acked_onc
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reads_of_the_log_while_nats_is_down_fail_at_once_and_the_socket_still_answers() {
+async fn requests_that_need_nats_are_refused_at_once_while_it_is_down_and_the_socket_still_answers()
+{
     let mut platform = Platform::start(1).await;
     let mut alice = platform.connect_v2(0, "alice").await;
     let mut bob = platform.connect_v2(0, "bob").await;
     platform.direct(&mut alice, &mut bob, "bob").await;
 
-    // Each read of the log would wait out the JetStream timeout (5 s), and the socket's
-    // reader with it.
+    // A presence request's flush waited for NATS to come back, and each read of the log a
+    // resume makes waited out the JetStream timeout (5 s): the socket's reader with them.
     platform.nats.stop();
-    alice
-        .send_pipelined([
-            json!({"type": "resume", "id": "r"}),
-            json!({"type": "ping", "id": "q"}),
-        ])
-        .await;
-    let refused = alice
-        .reply_to_within("r", Duration::from_secs(4))
-        .await
-        .expect("the resume is answered before a log read would give up");
-    assert_eq!(refused["code"], "unavailable", "{refused}");
-    assert_eq!(refused["retryable"], true, "{refused}");
-    assert_eq!(alice.reply_to("q").await["type"], "pong");
+    for (id, request) in [
+        (
+            "p",
+            json!({"type": "presence", "id": "p", "users": ["bob"]}),
+        ),
+        ("r", json!({"type": "resume", "id": "r"})),
+    ] {
+        alice
+            .send_pipelined([request, json!({"type": "ping", "id": "q"})])
+            .await;
+        let refused = alice
+            .reply_to_within(id, Duration::from_secs(4))
+            .await
+            .expect("refused at once, not once NATS is back or a log read gives up");
+        assert_eq!(refused["code"], "unavailable", "{refused}");
+        assert_eq!(refused["retryable"], true, "{refused}");
+        assert_eq!(alice.reply_to("q").await["type"], "pong");
+    }
 
     // A version 1 socket reads the log's head before its welcome and again to catch up.
     let opened = tokio::time::timeout(Duration::from_secs(4), async {
