@@ -242,8 +242,14 @@ async fn run(
     // outcome that arrives meanwhile.
     let mut submission = pin!(first.then(|| submit(&shared, &command)));
     let mut next_submit = None;
-    let answer_by = started + shared.config.command_timeout();
-    let give_up = started + shared.config.outcome_wait();
+    // Armed once, not in each round of the loop: a command goes round it at least twice
+    // (its publish's answer, then its outcome).
+    let mut answer_by = pin!(tokio::time::sleep_until(
+        started + shared.config.command_timeout()
+    ));
+    let mut give_up = pin!(tokio::time::sleep_until(
+        started + shared.config.outcome_wait()
+    ));
     let mut timed_out = false;
     let result = loop {
         tokio::select! {
@@ -251,7 +257,7 @@ async fn run(
             result = async { outcome.wait_for(Option::is_some).await.ok().and_then(|r| r.clone()) } => {
                 break result;
             }
-            () = tokio::time::sleep_until(answer_by), if !timed_out => {
+            () = answer_by.as_mut(), if !timed_out => {
                 timed_out = true;
                 answer(&outbox, &command, started, timeout_result()).await;
             }
@@ -271,7 +277,7 @@ async fn run(
                 next_submit = None;
                 submission.set(Some(submit(&shared, &command)));
             }
-            () = tokio::time::sleep_until(give_up) => {
+            () = give_up.as_mut() => {
                 if first {
                     shared.pending.forget(command.id);
                 }
