@@ -49,9 +49,11 @@
 //!
 //! # Free ports
 //!
-//! A free port is found by binding `127.0.0.1:0` and closing the listener; another process
-//! may take the port before the server binds it. A start that fails that way is retried on
-//! a new port, three attempts in all. Readiness checks that the answering process is ours
+//! A free port is chosen at random below the kernel's ephemeral range (so no bind to port 0
+//! and no outgoing connection is ever given it), checked by binding it, and never handed out
+//! twice by one process: a server killed and restarted on its port finds it still free.
+//! Another process may still take a port before the server binds it; a start that fails
+//! that way is retried on a new port, three attempts in all. Readiness checks that the answering process is ours
 //! (NATS: the `server_name` in its INFO line; Redis: `process_id` in `INFO server`).
 
 mod binary;
@@ -70,6 +72,6 @@ pub use cassandra::{CASSANDRA_INSTALLER, CASSANDRA_MIN_VERSION, CassandraNode, c
 pub use cluster::{NatsCluster, NatsClusterOptions};
 pub use error::LocalError;
 pub use nats::{NATS_MAX_PAYLOAD, NATS_MIN_VERSION, NatsOptions, NatsServer};
-pub use process::{free_port, log_tail};
+pub use process::{ephemeral_floor, free_port, log_tail};
 pub use redis::{REDIS_MIN_VERSION, RedisOptions, RedisServer};
 pub use tls::ServerTls;

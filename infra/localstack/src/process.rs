@@ -1,10 +1,12 @@
 //! Shared machinery: free ports, spawning with a log file, readiness polling, killing.
 
+use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -26,17 +28,56 @@ const LOG_TAIL_BYTES: u64 = 16 * 1024;
 /// The loopback address every server binds.
 pub(crate) const LOOPBACK: Ipv4Addr = Ipv4Addr::LOCALHOST;
 
-/// Asks the kernel for a free loopback port: binds `127.0.0.1:0`, reads the port, closes the
-/// listener. Another process may take the port before the server binds it; callers retry
-/// (see [`start_with_retry`]).
+/// How many ports below the kernel's ephemeral range [`free_port`] chooses from.
+const CHOSEN_PORTS: u16 = 12_000;
+
+/// How many random ports [`free_port`] tries before it asks the kernel for one.
+const CHOICE_ATTEMPTS: usize = 64;
+
+/// Where the kernel's ephemeral range starts when `/proc` does not say (Linux's default).
+const DEFAULT_EPHEMERAL_FLOOR: u16 = 32_768;
+
+/// The ports [`free_port`] has handed out in this process, never handed out again.
+static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+
+/// A free loopback port for a server, which stays its own for the life of this process.
+///
+/// A server killed and started again on its port (a fault test) leaves the port free
+/// meanwhile. Chosen by the kernel, the port was in the range it hands to every bind to
+/// port 0 and every outgoing connection, and tests running beside this one took it while
+/// its server was down (CI: "address already in use" on a restart). So the port is chosen
+/// at random below that range, checked by binding it, and never handed out twice by this
+/// process. Falls back to the kernel's choice when no port there is free.
 pub fn free_port() -> Result<u16, LocalError> {
+    let floor = ephemeral_floor();
+    let lowest = floor.saturating_sub(CHOSEN_PORTS).max(1024);
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(PoisonError::into_inner);
+    for _ in 0..CHOICE_ATTEMPTS {
+        if lowest >= floor {
+            break;
+        }
+        let port = fastrand::u16(lowest..floor);
+        if !handed_out.contains(&port) && TcpListener::bind((LOOPBACK, port)).is_ok() {
+            handed_out.insert(port);
+            return Ok(port);
+        }
+    }
     let listener = TcpListener::bind((LOOPBACK, 0))
         .map_err(LocalError::io("binding 127.0.0.1:0 to find a free port"))?;
     let port = listener
         .local_addr()
         .map_err(LocalError::io("reading the port of a 127.0.0.1:0 listener"))?
         .port();
+    handed_out.insert(port);
     Ok(port)
+}
+
+/// The first port of the kernel's ephemeral range (`net.ipv4.ip_local_port_range`).
+pub fn ephemeral_floor() -> u16 {
+    fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse().ok())
+        .unwrap_or(DEFAULT_EPHEMERAL_FLOOR)
 }
 
 /// Runs `attempt` on `fixed_port`, or on a fresh free port; with a free port, tries again on

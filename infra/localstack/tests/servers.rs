@@ -305,6 +305,22 @@ async fn nats_on_a_taken_port_fails_with_the_log() {
     assert_eq!(nats_info(first.port())["jetstream"], true);
 }
 
+#[test]
+fn free_ports_lie_below_the_ephemeral_range_and_are_never_handed_out_twice() {
+    let floor = parley_localstack::ephemeral_floor();
+    let ports: Vec<u16> = (0..200)
+        .map(|_| parley_localstack::free_port().unwrap())
+        .collect();
+    for port in &ports {
+        assert!(
+            *port < floor,
+            "{port} is in the ephemeral range from {floor}"
+        );
+    }
+    let distinct: std::collections::HashSet<_> = ports.iter().collect();
+    assert_eq!(distinct.len(), ports.len(), "{ports:?}");
+}
+
 #[tokio::test]
 async fn nats_on_a_chosen_port() {
     let port = {
