@@ -53,8 +53,9 @@
 //! and no outgoing connection is ever given it), checked by binding it, and never handed out
 //! twice by one process: a server killed and restarted on its port finds it still free.
 //! Another process may still take a port before the server binds it; a start that fails
-//! that way is retried on a new port, three attempts in all. Readiness checks that the answering process is ours
-//! (NATS: the `server_name` in its INFO line; Redis: `process_id` in `INFO server`).
+//! that way is retried on a new port, three attempts in all. Readiness checks that the
+//! answering process is ours (NATS: the `server_name` in its INFO line; Redis:
+//! `process_id` in `INFO server`).
 
 mod binary;
 mod cassandra;

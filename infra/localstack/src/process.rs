@@ -6,7 +6,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Mutex, OnceLock, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -52,10 +52,9 @@ pub fn free_port() -> Result<u16, LocalError> {
     let floor = ephemeral_floor();
     let lowest = floor.saturating_sub(CHOSEN_PORTS).max(1024);
     let mut handed_out = HANDED_OUT.lock().unwrap_or_else(PoisonError::into_inner);
-    for _ in 0..CHOICE_ATTEMPTS {
-        if lowest >= floor {
-            break;
-        }
+    // No room below the range (a floor under 1024): straight to the kernel's choice.
+    let attempts = if lowest < floor { CHOICE_ATTEMPTS } else { 0 };
+    for _ in 0..attempts {
         let port = fastrand::u16(lowest..floor);
         if !handed_out.contains(&port) && TcpListener::bind((LOOPBACK, port)).is_ok() {
             handed_out.insert(port);
@@ -72,12 +71,16 @@ pub fn free_port() -> Result<u16, LocalError> {
     Ok(port)
 }
 
-/// The first port of the kernel's ephemeral range (`net.ipv4.ip_local_port_range`).
+/// The first port of the kernel's ephemeral range (`net.ipv4.ip_local_port_range`), read
+/// once per process.
 pub fn ephemeral_floor() -> u16 {
-    fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|range| range.split_whitespace().next()?.parse().ok())
-        .unwrap_or(DEFAULT_EPHEMERAL_FLOOR)
+    static FLOOR: OnceLock<u16> = OnceLock::new();
+    *FLOOR.get_or_init(|| {
+        fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|range| range.split_whitespace().next()?.parse().ok())
+            .unwrap_or(DEFAULT_EPHEMERAL_FLOOR)
+    })
 }
 
 /// Runs `attempt` on `fixed_port`, or on a fresh free port; with a free port, tries again on

@@ -85,12 +85,9 @@ async fn redis_down_at_start_holds_up_presence_only() {
     use parley_localstack::{RedisOptions, RedisServer};
     use parley_services::config::Secret;
 
-    // Bound but not listening: a connection to it is refused, as to a Redis that is down, and
-    // no other test's server can take the port before this test's Redis starts on it (a port
-    // only chosen, then left free, was taken in CI during the platform's start).
-    let reserved = tokio::net::TcpSocket::new_v4().unwrap();
-    reserved.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let port = reserved.local_addr().unwrap().port();
+    // Nothing listens on it until this test's Redis starts; free_port keeps it from every
+    // other socket meanwhile (a port from the kernel was taken in CI during the start).
+    let port = parley_localstack::free_port().unwrap();
     let platform = Platform::start_with(1, |c| {
         c.redis.url = Some(Secret::new(format!("redis://127.0.0.1:{port}")));
         c.gateway.presence_ttl_secs = 3;
@@ -108,7 +105,6 @@ async fn redis_down_at_start_holds_up_presence_only() {
     platform.projected().await;
 
     // Redis comes up: the presence projector connects, and the next heartbeat records Bob.
-    drop(reserved);
     let redis = RedisServer::start(RedisOptions {
         port: Some(port),
         ..RedisOptions::default()
